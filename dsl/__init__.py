@@ -1,0 +1,7 @@
+"""The spec language: grammar, parser, IR and checker."""
+
+from .checker import Plan, check
+from .errors import SpecError
+from .loader import load_spec, parse_spec
+
+__all__ = ["Plan", "SpecError", "check", "load_spec", "parse_spec"]

@@ -1,0 +1,130 @@
+"""Binding a spec's parameters to a Hugging Face config.json.
+
+Each parameter tries its config keys in order (dotted paths reach into nested
+objects such as `rope_scaling.factor`); the first key present and not null wins.
+A binding without a trailing `?` is required whenever a config is given; without a
+config (`kiln check SPEC`) every parameter takes its default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from . import ir
+from .errors import SpecError
+from .exprs import evaluate
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling, normalised from HF's `rope_scaling` / `rope_parameters`."""
+
+    kind: str  # linear | dynamic | llama3 | yarn
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+
+
+ROPE_KINDS = ("linear", "dynamic", "llama3")
+
+
+class ConfigError(SpecError):
+    """A config.json that does not fit the spec (the file is named in the message)."""
+
+
+def lookup(config: Mapping[str, Any], path: str) -> Any:
+    node: Any = config
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def bind_params(spec: ir.Spec, config: Mapping[str, Any] | None,
+                config_file: str = "config.json") -> dict[str, Any]:
+    env: dict[str, Any] = {}
+    for p in spec.params:
+        raw, key = None, None
+        if config is not None:
+            for k in p.keys:
+                v = lookup(config, k)
+                if v is not None:
+                    raw, key = v, k
+                    break
+            if key is None and p.keys and not p.key_optional:
+                raise ConfigError(
+                    f"{config_file}: missing config key '{' or '.join(p.keys)}' "
+                    f"(parameter '{p.name}')", p.pos,
+                    "add the key to config.json, or end the binding with ? to fall back to the default")
+        if key is None:
+            raw = evaluate(p.default, env)
+            where = f"default of parameter '{p.name}'"
+        else:
+            where = f"{config_file}: key '{key}' (parameter '{p.name}')"
+        env[p.name] = coerce(p, raw, where)
+    return env
+
+
+def coerce(p: ir.Param, v: Any, where: str) -> Any:
+    if v is None:
+        if p.optional:
+            return None
+        raise SpecError(f"{where} is none but '{p.name}' has type {p.type}", p.pos,
+                        f"declare it as {p.type}? to allow none")
+    t = p.type
+    if t == "int":
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise SpecError(f"{where} is {v!r}, expected an int", p.pos)
+        return v
+    if t == "float":
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SpecError(f"{where} is {v!r}, expected a float", p.pos)
+        return float(v)
+    if t == "bool":
+        if not isinstance(v, bool):
+            raise SpecError(f"{where} is {v!r}, expected true or false", p.pos)
+        return v
+    if t == "str":
+        if not isinstance(v, str):
+            raise SpecError(f"{where} is {v!r}, expected a string", p.pos)
+        return v
+    if t == "list":
+        if not isinstance(v, list):
+            raise SpecError(f"{where} is {v!r}, expected a list", p.pos)
+        return v
+    if t == "rope_scaling":
+        return rope_scaling(v, p, where)
+    raise SpecError(f"unknown parameter type '{t}'", p.pos)  # the parser rejects these earlier
+
+
+def rope_scaling(v: Any, p: ir.Param, where: str) -> RopeScaling | None:
+    if isinstance(v, RopeScaling):
+        return v
+    if not isinstance(v, Mapping):
+        raise SpecError(f"{where} is {v!r}, expected an object like rope_scaling", p.pos)
+    kind = v.get("rope_type", v.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ROPE_KINDS:
+        raise SpecError(f"{where}: rope type '{kind}' is not supported", p.pos,
+                        "supported: default, " + ", ".join(ROPE_KINDS))
+    fields = {}
+    for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                 "attention_factor"):
+        if v.get(name) is not None:
+            if isinstance(v[name], bool) or not isinstance(v[name], (int, float)):
+                raise SpecError(f"{where}: '{name}' is {v[name]!r}, expected a number", p.pos)
+            fields[name] = float(v[name])
+    if v.get("original_max_position_embeddings") is not None:
+        fields["original_max_position_embeddings"] = int(v["original_max_position_embeddings"])
+    if kind == "llama3" and "original_max_position_embeddings" not in fields:
+        raise SpecError(f"{where}: llama3 rope scaling needs original_max_position_embeddings", p.pos)
+    return RopeScaling(kind, **fields)

@@ -1,0 +1,358 @@
+"""The checker: binds parameters, unrolls blocks, infers shapes and dtypes, and
+produces the `Plan` every backend executes.
+
+Unrolling makes each repeated block one copy per index, with attributes evaluated
+for that index (so `window = w if layer % 2 == 0 else none` is just a value here),
+weights named by their path (`layer.3.wq`) and values by frame (`layer.3/h`).
+Errors found on the way (unknown names in patterns, shape mismatches, unused
+weights or blocks) are SpecErrors at the op or declaration that caused them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from . import ir
+from .bind import RopeScaling, bind_params
+from .errors import SpecError
+from .exprs import evaluate
+from .ops import HF_ACTIVATIONS, OPS, ShapeError, TType, T
+from .sources import Alias, Source, resolve
+
+INPUTS = {"tokens": TType((T,), "int"), "positions": TType((T,), "int")}
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    name: str  # full name: "embed", "layer.3.wq", "layer.3.expert.5.w1"
+    decl: ir.Weight
+    shape: tuple[int, ...]
+    source: Source | None  # None: the weight is absent (an optional operand)
+    scope: str  # frame path of the block that declared it ("" for globals)
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention op after unrolling: it owns one slice of the paged KV cache."""
+
+    index: int
+    path: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
+class Instr:
+    kind: str
+    inputs: tuple[str | None, ...]  # value ids ("layer.3/h") or weight names ("w:layer.3.wq")
+    attrs: Mapping[str, Any]
+    outputs: tuple[str, ...]
+    op: ir.Op  # where it came from (position and source text, for messages and comments)
+    site: int | None = None  # attention: its KV cache site
+    experts: tuple["Program", ...] = ()  # moe: one program per expert
+
+
+@dataclass(frozen=True)
+class Program:
+    inputs: tuple[str, ...]
+    instrs: tuple[Instr, ...]
+    output: str
+
+
+@dataclass
+class Plan:
+    spec: ir.Spec
+    params: dict[str, Any]
+    program: Program
+    weights: dict[str, WeightSlot]
+    sites: list[AttentionSite]
+    types: dict[str, TType]
+    op_counts: Counter = field(default_factory=Counter)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.types[self.program.output].shape[1]
+
+    def num_parameters(self) -> int:
+        n = 0
+        for w in self.weights.values():
+            if w.source is not None and not isinstance(w.source, Alias):
+                size = 1
+                for d in w.shape:
+                    size *= d
+                n += size
+        return n
+
+
+def check(spec: ir.Spec, config: Mapping[str, Any] | None = None,
+          config_file: str = "config.json") -> Plan:
+    params = bind_params(spec, config, config_file)
+    return _Checker(spec, params).run()
+
+
+class _Checker:
+    def __init__(self, spec: ir.Spec, params: dict[str, Any]):
+        self.spec = spec
+        self.params = params
+        self.weights: dict[str, WeightSlot] = {}
+        self.sites: list[AttentionSite] = []
+        self.types: dict[str, TType] = {}
+        self.counts: Counter = Counter()
+        self.used_weights: set[tuple[str, str]] = set()  # (declaring block or "", weight name)
+        self.used_blocks: set[str] = set()
+        self.global_names = {w.name for w in spec.weights}
+
+    def run(self) -> Plan:
+        g = self.spec.graph
+        for name in g.inputs:
+            if name not in INPUTS:
+                raise SpecError(f"top-level forward input '{name}' is not provided", self.spec.graph.ops[0].pos
+                                if g.ops else None, "the inputs are: tokens, positions")
+        env = dict(self.params)
+        for w in self.spec.weights:
+            self._declare(w, "", "", env)
+        frame = _Frame("", None, env, {})
+        for name in g.inputs:
+            self.types[name] = INPUTS[name]
+        program = self._program(g, frame, list(g.inputs))
+        out = self.types[program.output]
+        if out.dtype != "float" or len(out.shape) != 2:
+            raise SpecError(f"the forward must return logits float[T, vocab], got {out}",
+                            self._output_pos(g))
+        self._unused()
+        return Plan(self.spec, self.params, program, self.weights, self.sites, self.types, self.counts)
+
+    def _output_pos(self, g: ir.Graph):
+        for op in reversed(g.ops):
+            if g.output in op.outputs:
+                return op.pos
+        return None
+
+    # ---- weights
+    def _declare(self, w: ir.Weight, path: str, block: str, env) -> None:
+        full = f"{path}.{w.name}" if path else w.name
+        shape = []
+        for d in w.shape:
+            v = evaluate(d, env)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise SpecError(f"dimension of weight '{w.name}' is {v!r}, expected a positive int", d.pos)
+            shape.append(v)
+        names = self.global_names | {x.name for x in (self._block(block).weights if block else ())}
+        source = resolve(w, env, names)
+        self.weights[full] = WeightSlot(full, w, tuple(shape), source, path)
+
+    def _block(self, name: str) -> ir.Block:
+        b = self.spec.block(name)
+        assert b is not None  # lowering resolved every block name
+        return b
+
+    def _weight_type(self, name: str, frame: "_Frame") -> tuple[str, TType | None]:
+        if frame.block and any(w.name == name for w in self._block(frame.block).weights):
+            full, owner = (f"{frame.path}.{name}" if frame.path else name), frame.block
+        else:
+            full, owner = name, ""
+        self.used_weights.add((owner, name))
+        slot = self.weights[full]
+        while isinstance(slot.source, Alias):
+            target = slot.source.weight
+            tfull = f"{slot.scope}.{target}" if slot.scope and f"{slot.scope}.{target}" in self.weights else target
+            self.used_weights.add((owner if tfull != target else "", target))
+            tslot = self.weights[tfull]
+            if tslot.shape != slot.shape:
+                raise SpecError(f"weight '{name}' {list(slot.shape)} is tied to '{target}' "
+                                f"{list(tslot.shape)}: shapes differ", slot.decl.pos)
+            slot = tslot
+        if slot.source is None:
+            return "w:" + full, None
+        return "w:" + full, TType(slot.shape)
+
+    # ---- graphs
+    def _program(self, g: ir.Graph, frame: "_Frame", inputs: list[str]) -> Program:
+        values: dict[str, str] = {}
+        for name, vid in zip(g.inputs, inputs):
+            values[name] = vid
+        instrs: list[Instr] = []
+        for op in g.ops:
+            self._op(op, frame, values, instrs)
+        return Program(tuple(inputs), tuple(instrs), values[g.output])
+
+    def _op(self, op: ir.Op, frame: "_Frame", values: dict[str, str], instrs: list[Instr]) -> None:
+        ins: list[str | None] = []
+        types: list[TType | None] = []
+        for x in op.inputs:
+            if isinstance(x, ir.Val):
+                ins.append(values[x.name])
+                types.append(self.types[values[x.name]])
+            elif isinstance(x, ir.WeightRef):
+                ref, t = self._weight_type(x.name, frame)
+                ins.append(ref if t is not None else None)
+                types.append(t)
+            else:
+                ins.append(None)
+                types.append(None)
+        if op.kind == "call":
+            self._call(op, frame, values, instrs, ins, types)
+            return
+        sig = OPS[op.kind]
+        for name, t, x in zip(sig.inputs, types, op.inputs):
+            if t is None and not name.endswith("?"):
+                raise SpecError(f"operand '{name}' of {op.kind} is absent (its weight source is none)", op.pos)
+        attrs = self._attrs(op, frame)
+        try:
+            out_types = sig.infer(types, attrs)
+        except ShapeError as e:
+            raise SpecError(f"{op.kind}: {e}", op.pos) from None
+        if len(out_types) != len(op.outputs):
+            raise SpecError(f"{op.kind} gives {len(out_types)} outputs, {len(op.outputs)} names on the left",
+                            op.pos)
+        outs = tuple(frame.value(o) for o in op.outputs)
+        for o, vid, t in zip(op.outputs, outs, out_types):
+            values[o] = vid
+            self.types[vid] = t
+        self.counts[op.kind] += 1
+        site = None
+        experts: tuple[Program, ...] = ()
+        if op.kind == "attention":
+            site = self._site(frame, types, attrs)
+        elif op.kind == "moe":
+            experts = self._experts(op, frame, attrs, ins[0], types)
+        instrs.append(Instr(op.kind, tuple(ins), attrs, outs, op, site, experts))
+
+    def _attrs(self, op: ir.Op, frame: "_Frame") -> dict[str, Any]:
+        sig = OPS[op.kind]
+        out: dict[str, Any] = {}
+        given = dict(op.attrs)
+        for name, a in sig.attrs.items():
+            if name in given:
+                v = evaluate(given[name], frame.env) if a.type != "block" else given[name].value
+                pos = given[name].pos
+            else:
+                v, pos = a.default, op.pos
+            out[name] = _typed(op.kind, name, a.type, v, pos)
+        return out
+
+    def _site(self, frame, types, attrs) -> int:
+        q, k, v = types
+        hd = attrs["head_dim"]
+        kvh = k.shape[1] // hd
+        site = AttentionSite(len(self.sites), frame.path or "forward", q.shape[1] // hd, kvh, hd,
+                             v.shape[1] // kvh)
+        self.sites.append(site)
+        return site.index
+
+    def _call(self, op, frame, values, instrs, ins, types) -> None:
+        block = self._block(op.attr("block").value)
+        self.used_blocks.add(block.name)
+        if len(ins) != len(block.graph.inputs):
+            raise SpecError(f"block '{block.name}' takes {len(block.graph.inputs)} input(s), "
+                            f"got {len(ins)}", op.pos)
+        if block.count is None:
+            out = self._inline(block, frame.child(block.name, None), list(ins))
+            instrs.extend(out.instrs)
+            result = out.output
+        else:
+            n = evaluate(block.count, frame.env)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise SpecError(f"block '{block.name}' repeats {n!r} times, expected a positive int",
+                                block.count.pos)
+            if len(ins) != 1:
+                raise SpecError(f"repeated block '{block.name}' must take exactly one input", op.pos,
+                                "its output feeds the next copy")
+            carried = ins[0]
+            for i in range(n):
+                out = self._inline(block, frame.child(block.name, i), [carried])
+                if self.types[out.output] != self.types[carried]:
+                    raise SpecError(f"block '{block.name}' returns {self.types[out.output]} but takes "
+                                    f"{self.types[carried]}; a repeated block must keep the shape",
+                                    block.pos)
+                instrs.extend(out.instrs)
+                carried = out.output
+            result = carried
+        values[op.outputs[0]] = result
+
+    def _inline(self, block: ir.Block, frame: "_Frame", ins: list[str]) -> Program:
+        for w in block.weights:
+            self._declare(w, frame.path, block.name, frame.env)
+        return self._program(block.graph, frame, ins)
+
+    def _experts(self, op, frame, attrs, x_id, types) -> tuple[Program, ...]:
+        block = self._block(attrs["experts"])
+        self.used_blocks.add(block.name)
+        if block.count is None:
+            raise SpecError(f"experts block '{block.name}' needs a count: block {block.name}[n]", block.pos)
+        n = evaluate(block.count, frame.env)
+        if types[1].shape[1] != n:
+            raise SpecError(f"router gives {types[1].shape[1]} logits per token but block "
+                            f"'{block.name}' has {n} experts", op.pos)
+        if len(block.graph.inputs) != 1:
+            raise SpecError(f"experts block '{block.name}' must take one input", block.pos)
+        progs = []
+        for e in range(n):
+            f = frame.child(block.name, e)
+            xin = f.value("__in")
+            self.types[xin] = types[0]
+            prog = self._inline(block, f, [xin])
+            if self.types[prog.output] != types[0]:
+                raise SpecError(f"expert returns {self.types[prog.output]}, expected {types[0]}", block.pos)
+            progs.append(prog)
+        return tuple(progs)
+
+    def _unused(self) -> None:
+        for w in self.spec.weights:
+            if ("", w.name) not in self.used_weights:
+                raise SpecError(f"weight '{w.name}' is declared but never used", w.pos,
+                                "use it in a forward, or remove it")
+        for b in self.spec.blocks:
+            if b.name not in self.used_blocks:
+                raise SpecError(f"block '{b.name}' is never called", b.pos, "call it, or remove it")
+            for w in b.weights:
+                if (b.name, w.name) not in self.used_weights:
+                    raise SpecError(f"weight '{w.name}' of block '{b.name}' is declared but never used",
+                                    w.pos, "use it in the block's forward, or remove it")
+
+
+@dataclass(frozen=True)
+class _Frame:
+    path: str  # "layer.3", "layer.3.expert.5", "" at top level
+    block: str | None
+    env: dict
+    _unused: dict
+
+    def child(self, block: str, index: int | None) -> "_Frame":
+        part = block if index is None else f"{block}.{index}"
+        env = dict(self.env)
+        if index is not None:
+            env[block] = index
+        return _Frame(f"{self.path}.{part}" if self.path else part, block, env, {})
+
+    def value(self, name: str) -> str:
+        return f"{self.path}/{name}" if self.path else name
+
+
+def _typed(op: str, name: str, typ: str, v: Any, pos) -> Any:
+    optional = typ.endswith("?")
+    base = typ.rstrip("?")
+    if v is None:
+        if optional:
+            return None
+        raise SpecError(f"{op}() attribute '{name}' cannot be none", pos)
+    ok = {
+        "int": isinstance(v, int) and not isinstance(v, bool),
+        "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": isinstance(v, bool),
+        "str": isinstance(v, str),
+        "list": isinstance(v, list),
+        "rope_scaling": isinstance(v, RopeScaling),
+        "block": isinstance(v, str),
+    }[base]
+    if not ok:
+        raise SpecError(f"{op}() attribute '{name}' must be {base}, got {v!r}", pos)
+    if base == "float":
+        v = float(v)
+    if op == "act" and name == "fn" and v not in HF_ACTIVATIONS:
+        raise SpecError(f"unknown activation '{v}'", pos, "known: " + ", ".join(sorted(HF_ACTIVATIONS)))
+    return v

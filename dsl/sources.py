@@ -1,0 +1,131 @@
+"""Weight sources: where a weight's tensor comes from in a checkpoint.
+
+A source expression is evaluated (per block index) into a small tree:
+`"name"` a checkpoint tensor (`{layer}` filled in, the section prefix prepended),
+`other` another weight (tying), `src.T` a transpose, `src[a:b]` / `src[:, a:b]` a slice,
+`concat(a, b, dim=0)` a concatenation, `a if cond else b`, and `none` (absent).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+from . import ir
+from .errors import SpecError
+from .exprs import evaluate
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str  # full checkpoint tensor name
+
+
+@dataclass(frozen=True)
+class Alias:
+    weight: str  # a weight's name in the spec (resolved in the same scope)
+
+
+@dataclass(frozen=True)
+class Transpose:
+    src: "Source"
+
+
+@dataclass(frozen=True)
+class SliceOf:
+    src: "Source"
+    dim: int
+    start: int | None
+    stop: int | None
+
+
+@dataclass(frozen=True)
+class Concat:
+    srcs: tuple["Source", ...]
+    dim: int
+
+
+Source = Union[Tensor, Alias, Transpose, SliceOf, Concat]
+
+_FIELD = re.compile(r"\{([A-Za-z][A-Za-z0-9_]*)\}")
+
+
+def fill(pattern: str, env: Mapping[str, Any], pos) -> str:
+    def sub(m):
+        key = m.group(1)
+        if key not in env or not isinstance(env[key], int) or isinstance(env[key], bool):
+            raise SpecError(f"'{{{key}}}' in tensor name {pattern!r} is not a block index here", pos,
+                            "use the name of an enclosing repeated block, e.g. {layer}")
+        return str(env[key])
+
+    if "{" in _FIELD.sub("", pattern) or "}" in _FIELD.sub("", pattern):
+        raise SpecError(f"unbalanced braces in tensor name {pattern!r}", pos)
+    return _FIELD.sub(sub, pattern)
+
+
+def resolve(w: ir.Weight, env: Mapping[str, Any], weights: set[str]) -> Source | None:
+    return _resolve(w.source, w.prefix, env, weights)
+
+
+def _resolve(e: ir.Expr, prefix: str, env, weights) -> Source | None:
+    if isinstance(e, ir.Const):
+        if e.value is None:
+            return None
+        if isinstance(e.value, str):
+            return Tensor(fill(prefix + e.value, env, e.pos))
+        raise SpecError(f"a weight source cannot be {e.value!r}", e.pos,
+                        'give a checkpoint tensor name ("...weight"), another weight, or none')
+    if isinstance(e, ir.Name):
+        if e.id in weights:
+            return Alias(e.id)
+        raise SpecError(f"'{e.id}' is not a weight", e.pos, "tie to a weight declared in this spec")
+    if isinstance(e, ir.Cond):
+        branch = e.then if _truth(evaluate(e.test, env)) else e.other
+        return _resolve(branch, prefix, env, weights)
+    if isinstance(e, ir.Attr):
+        if e.name != "T":
+            raise SpecError(f"unknown weight transform '.{e.name}'", e.pos, "use .T to transpose")
+        inner = _need(_resolve(e.base, prefix, env, weights), e)
+        return Transpose(inner)
+    if isinstance(e, ir.Index):
+        src = _need(_resolve(e.base, prefix, env, weights), e)
+        for dim, s in enumerate(e.subs):
+            if not isinstance(s, ir.Slice):
+                raise SpecError("weights are sliced with ranges like [a:b] or [:, a:b]", s.pos)
+            if s.start is None and s.stop is None:
+                continue
+            start = _int(s.start, env)
+            stop = _int(s.stop, env)
+            src = SliceOf(src, dim, start, stop)
+        return src
+    if isinstance(e, ir.Call) and e.fn == "concat":
+        dims = [v for k, v, _ in e.kwargs if k == "dim"]
+        if len(e.kwargs) != len(dims):
+            raise SpecError("concat() takes only dim=", e.pos)
+        dim = _int(dims[0], env) if dims else 0
+        parts = [_need(_resolve(a, prefix, env, weights), a) for a in e.args]
+        if len(parts) < 2:
+            raise SpecError("concat() needs at least two sources", e.pos)
+        return Concat(tuple(parts), dim)
+    raise SpecError("not a weight source", getattr(e, "pos", None),
+                    'sources are "tensor.name", another weight, .T, [a:b], concat(...), a if c else b, none')
+
+
+def _need(src: Source | None, e) -> Source:
+    if src is None:
+        raise SpecError("cannot transform an absent (none) weight", e.pos)
+    return src
+
+
+def _int(e: ir.Expr | None, env) -> int | None:
+    if e is None:
+        return None
+    v = evaluate(e, env)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SpecError(f"slice bounds must be ints, got {v!r}", e.pos)
+    return v
+
+
+def _truth(v) -> bool:
+    return v is not None and v is not False and v != 0

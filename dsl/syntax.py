@@ -1,0 +1,350 @@
+"""Source text -> surface syntax tree (`SpecAst`), with positions on every node.
+
+Grammar rule aliases are the methods of `ToAst`; syntax errors are classified by
+lark's `match_examples` into messages a spec author can act on.
+"""
+
+from __future__ import annotations
+
+import ast as pyast
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from . import ir
+from .errors import Pos, SpecError
+
+_PARSER = Lark(
+    (Path(__file__).parent / "grammar.lark").read_text(),
+    parser="lalr",
+    propagate_positions=True,
+    maybe_placeholders=True,
+)
+
+
+@dataclass(frozen=True)
+class Assign:
+    targets: tuple[str, ...]
+    value: ir.Expr
+    pos: Pos
+    text: str
+
+
+@dataclass(frozen=True)
+class Return:
+    value: ir.Expr
+    pos: Pos
+    text: str
+
+
+@dataclass(frozen=True)
+class ForwardDecl:
+    inputs: tuple[str, ...]
+    stmts: tuple[Assign | Return, ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class BlockDecl:
+    name: str
+    count: ir.Expr | None
+    weights: tuple[ir.Weight, ...]
+    forward: ForwardDecl | None
+    pos: Pos
+
+
+@dataclass
+class SpecAst:
+    name: str
+    extends: str | None
+    pos: Pos
+    file: str
+    architectures: tuple[str, ...] | None = None
+    gguf: tuple[str, tuple[str, ...]] | None = None
+    ignore: list[str] = field(default_factory=list)
+    params: list[ir.Param] = field(default_factory=list)
+    weights: list[ir.Weight] = field(default_factory=list)
+    blocks: list[BlockDecl] = field(default_factory=list)
+    forward: ForwardDecl | None = None
+
+
+def _pos(file: str, meta_or_tok) -> Pos:
+    if isinstance(meta_or_tok, Token):
+        end = meta_or_tok.end_column if meta_or_tok.end_line == meta_or_tok.line else None
+        return Pos(file, meta_or_tok.line, meta_or_tok.column, end)
+    m = meta_or_tok
+    if getattr(m, "empty", False):
+        return Pos(file, 0, 0)
+    end = m.end_column if m.end_line == m.line else None
+    return Pos(file, m.line, m.column, end)
+
+
+@v_args(meta=True)
+class ToAst(Transformer):
+    def __init__(self, file: str, text: str):
+        super().__init__()
+        self.file = file
+        self.text = text
+
+    def p(self, x) -> Pos:
+        return _pos(self.file, x)
+
+    # ---- expressions
+    def name(self, meta, c):
+        return ir.Name(str(c[0]), self.p(c[0]))
+
+    def number(self, meta, c):
+        s = str(c[0])
+        value = int(s) if s.isdigit() else float(s)
+        return ir.Const(value, self.p(c[0]))
+
+    def string(self, meta, c):
+        return ir.Const(pyast.literal_eval(str(c[0])), self.p(c[0]))
+
+    def true(self, meta, c):
+        return ir.Const(True, self.p(meta))
+
+    def false(self, meta, c):
+        return ir.Const(False, self.p(meta))
+
+    def none(self, meta, c):
+        return ir.Const(None, self.p(meta))
+
+    def list(self, meta, c):
+        return ir.ListExpr(tuple(x for x in c if x is not None), self.p(meta))
+
+    def cond(self, meta, c):
+        then, test, other = c
+        return ir.Cond(test, then, other, self.p(meta))
+
+    def or_(self, meta, c):
+        return ir.BinOp("or", c[0], c[1], self.p(meta))
+
+    def and_(self, meta, c):
+        return ir.BinOp("and", c[0], c[1], self.p(meta))
+
+    def not_(self, meta, c):
+        return ir.UnOp("not", c[0], self.p(meta))
+
+    def neg(self, meta, c):
+        return ir.UnOp("-", c[0], self.p(meta))
+
+    def compare(self, meta, c):
+        return ir.BinOp(str(c[1]), c[0], c[2], self.p(c[1]))
+
+    def binop(self, meta, c):
+        return ir.BinOp(str(c[1]), c[0], c[2], self.p(c[1]))
+
+    def pow(self, meta, c):
+        return ir.BinOp("**", c[0], c[1], self.p(meta))
+
+    def call(self, meta, c):
+        fn, rest = c[0], [x for x in c[1:] if x is not None]
+        args = tuple(a for a in rest if not isinstance(a, tuple))
+        kwargs = tuple(a for a in rest if isinstance(a, tuple))
+        seen = set()
+        for k, _, kpos in kwargs:
+            if k in seen:
+                raise SpecError(f"keyword argument '{k}' given twice", kpos)
+            seen.add(k)
+        if any(isinstance(a, tuple) for a in rest[: len(args)]):
+            pass
+        first_kw = next((i for i, a in enumerate(rest) if isinstance(a, tuple)), len(rest))
+        if any(not isinstance(a, tuple) for a in rest[first_kw:]):
+            bad = next(a for a in rest[first_kw:] if not isinstance(a, tuple))
+            raise SpecError("positional argument after a keyword argument", bad.pos,
+                            "put tensor operands first, then attributes as name=value")
+        return ir.Call(str(fn), args, kwargs, self.p(fn))
+
+    def kwarg(self, meta, c):
+        return (str(c[0]), c[1], self.p(c[0]))
+
+    def index(self, meta, c):
+        return ir.Index(c[0], tuple(c[1:]), self.p(meta))
+
+    def slice(self, meta, c):
+        return ir.Slice(c[0], c[1], self.p(meta))
+
+    def attr(self, meta, c):
+        return ir.Attr(c[0], str(c[1]), self.p(c[1]))
+
+    # ---- statements
+    def _text(self, meta) -> str:
+        return " ".join(self.text[meta.start_pos:meta.end_pos].split())
+
+    def assign(self, meta, c):
+        return Assign(tuple(str(t) for t in c[:-1]), c[-1], self.p(meta), self._text(meta))
+
+    def ret(self, meta, c):
+        return Return(c[0], self.p(meta), self._text(meta))
+
+    def forward(self, meta, c):
+        names = tuple(str(t) for t in c if isinstance(t, Token))
+        stmts = tuple(s for s in c if isinstance(s, (Assign, Return)))
+        return ForwardDecl(names, stmts, self.p(meta))
+
+    # ---- declarations
+    def header(self, meta, c):
+        return ("header", str(c[0]), str(c[1]) if c[1] is not None else None, self.p(c[0]))
+
+    def architectures(self, meta, c):
+        return ("architectures", tuple(pyast.literal_eval(str(t)) for t in c), self.p(meta))
+
+    def gguf(self, meta, c):
+        return ("gguf", pyast.literal_eval(str(c[0])), tuple(str(t) for t in c[1:]), self.p(meta))
+
+    def ignore(self, meta, c):
+        return ("ignore", tuple(pyast.literal_eval(str(t)) for t in c), self.p(meta))
+
+    def type(self, meta, c):
+        return (str(c[0]), c[1] is not None, self.p(c[0]))
+
+    def keypath(self, meta, c):
+        return ".".join(str(t) for t in c)
+
+    def binding(self, meta, c):
+        *keys, optional = c[1:]
+        return tuple(keys), optional is not None
+
+    def param(self, meta, c):
+        name, (tname, optional, tpos), default, binding = c
+        keys, key_optional = binding if binding else ((), True)
+        if tname not in ir.PARAM_TYPES:
+            raise SpecError(f"unknown parameter type '{tname}'", tpos,
+                            "types are " + ", ".join(ir.PARAM_TYPES) + " (append ? to allow none)")
+        return ir.Param(str(name), tname, optional, default, keys, key_optional, self.p(name))
+
+    def shape(self, meta, c):
+        return tuple(x for x in c if x is not None)
+
+    def weight(self, meta, c):
+        name, shape, dtype, _, source = c
+        dt = str(dtype) if dtype is not None else "float"
+        if dt not in ir.WEIGHT_DTYPES:
+            raise SpecError(f"unknown weight dtype '{dt}'", self.p(dtype),
+                            "dtypes are " + ", ".join(ir.WEIGHT_DTYPES))
+        return ir.Weight(str(name), shape, dt, source, "", self.p(name))
+
+    def weights(self, meta, c):
+        prefix = pyast.literal_eval(str(c[0])) if c[0] is not None else ""
+        return ("weights", prefix, [
+            ir.Weight(w.name, w.shape, w.dtype, w.source, prefix, w.pos) for w in c[1:]
+        ], self.p(meta))
+
+    def block(self, meta, c):
+        name, count, *body = c
+        weights = [w for sec in body if isinstance(sec, tuple) for w in sec[2]]
+        forwards = [f for f in body if isinstance(f, ForwardDecl)]
+        if len(forwards) > 1:
+            raise SpecError(f"block '{name}' has two forward sections", forwards[1].pos)
+        return BlockDecl(str(name), count, tuple(weights), forwards[0] if forwards else None,
+                         self.p(name))
+
+    def start(self, meta, c):
+        _, name, extends, pos = c[0]
+        spec = SpecAst(name, extends, pos, self.file)
+        for item in c[1:]:
+            if isinstance(item, ir.Param):
+                spec.params.append(item)
+            elif isinstance(item, BlockDecl):
+                spec.blocks.append(item)
+            elif isinstance(item, ForwardDecl):
+                if spec.forward is not None:
+                    raise SpecError("a spec has one top-level forward", item.pos,
+                                    "repeated computation belongs in a block")
+                spec.forward = item
+            elif item[0] == "architectures":
+                spec.architectures = item[1]
+            elif item[0] == "gguf":
+                spec.gguf = (item[1], item[2])
+            elif item[0] == "ignore":
+                spec.ignore.extend(item[1])
+            elif item[0] == "weights":
+                spec.weights.extend(item[2])
+        return spec
+
+    def __default__(self, data, children, meta):  # pragma: no cover - grammar and ToAst agree
+        raise SpecError(f"internal: unhandled grammar rule '{data}'", self.p(meta))
+
+
+# Examples of broken specs, each classified into one message (lark's match_examples).
+_SYNTAX_EXAMPLES = {
+    "a spec starts with `spec NAME`": ["param x: int = 1", "weights {}"],
+    "parameter needs a type: `param NAME: TYPE = DEFAULT`": [
+        "spec a param x = 1", "spec a param x int = 1",
+    ],
+    "parameter needs a default value: `param NAME: TYPE = DEFAULT <- config_key`": [
+        "spec a param x: int <- key", "spec a param x: int", "spec a param x: int param",
+        "spec a param x: int = ",
+    ],
+    "a weight is `name: [dims] <- source`": [
+        "spec a weights { w <- \"x\" }", "spec a weights { w: [1] \"x\" }",
+        "spec a weights { w: 1 <- \"x\" }", "spec a weights { w: [1] }",
+        "spec a weights { w: [1] float }",
+    ],
+    "unbalanced brackets or parentheses": [
+        "spec a forward(x) { y = f(x }", "spec a forward(x) { y = f(x)) }",
+        "spec a param x: int = (1", "spec a weights { w: [1, 2 <- \"x\" }",
+    ],
+    "missing closing brace `}`": [
+        "spec a forward(x) { return x", "spec a weights { w: [1] <- \"x\"",
+        "spec a block b { forward(x) { return x }",
+    ],
+    "a statement is `name = expression` or `return expression`": [
+        "spec a forward(x) { f(x) }", "spec a forward(x) { y == x }",
+        "spec a forward(x) { 1 = x }", "spec a forward(x) { y = }",
+    ],
+    "a reserved word cannot be used as a name": [
+        "spec a param if: int = 1", "spec a forward(x) { return = x }",
+        "spec a param none: int = 1", "spec a weights { block: [1] <- \"x\" }",
+    ],
+}
+
+
+def parse_text(text: str, file: str = "<string>") -> SpecAst:
+    try:
+        tree = _PARSER.parse(text)
+    except UnexpectedInput as e:
+        raise _syntax_error(e, text, file) from None
+    try:
+        return ToAst(file, text).transform(tree)
+    except VisitError as e:
+        if isinstance(e.orig_exc, SpecError):
+            raise e.orig_exc.with_source(text) from None
+        raise
+
+
+def _syntax_error(e: UnexpectedInput, text: str, file: str) -> SpecError:
+    label = None
+    try:
+        label = e.match_examples(_PARSER.parse, _SYNTAX_EXAMPLES, use_accepts=True)
+    except Exception:  # noqa: BLE001 - classification is best effort; the raw position stays exact
+        label = None
+    line, col = getattr(e, "line", 0) or 0, getattr(e, "column", 0) or 0
+    if isinstance(e, UnexpectedEOF) or line <= 0:
+        lines = text.rstrip().splitlines() or [""]
+        line, col = len(lines), len(lines[-1]) + 1
+    if isinstance(e, UnexpectedCharacters):
+        found = f"unexpected character {text[e.pos_in_stream]!r}"
+    elif isinstance(e, UnexpectedToken):
+        tok = e.token
+        found = "unexpected end of file" if tok.type == "$END" else f"unexpected {str(tok)!r}"
+    else:
+        found = "unexpected end of file"
+    expected = sorted(getattr(e, "expected", None) or getattr(e, "allowed", None) or [])
+    hint = None
+    if expected:
+        shown = [_TOKEN_NAMES.get(t, t.lower()) for t in expected][:8]
+        hint = "expected " + ", ".join(shown)
+    message = f"syntax error: {found}" + (f" ({label})" if label else "")
+    return SpecError(message, Pos(file, line, col), hint, source=text)
+
+
+_TOKEN_NAMES = {
+    "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "LBRACE": "'{'",
+    "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
+    "COLON": "':'", "ADD_OP": "'+' or '-'", "MUL_OP": "'*', '/', '//' or '%'",
+    "CMP_OP": "a comparison", "DOT": "'.'", "IF": "if", "AND": "and", "OR": "or", "EQUAL": "'='", "COMMA": "','", "ARROW": "'<-'", "$END": "end of file",
+}

@@ -1,0 +1,86 @@
+"""Loading a model (spec + checkpoint -> backend) and driving one sequence through it.
+
+`load_model` is the one entry point every command uses; `SingleSequence` is the
+smallest possible driver (one sequence, its own KV store and block table) used by
+`kiln verify` and `kiln generate` — the batched engine lives in runtime/engine.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.dsl import Plan, check, load_spec
+from kiln.dsl.errors import SpecError
+from kiln.dsl.loader import MODELS_DIR
+
+from .batch import SeqSlice, StepBatch
+from .checkpoint import Checkpoint, open_checkpoint
+from .kv_store import KVStore
+from .reference import ReferenceModel
+from .weights import load_weights
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def spec_for_config(config: dict[str, Any], config_file: str = "config.json") -> Path:
+    """The spec in models/ that declares one of the config's `architectures` (or its GGUF arch)."""
+    wanted = list(config.get("architectures") or [])
+    gguf_arch = config.get("gguf_architecture")
+    for path in sorted(MODELS_DIR.glob("*.kiln")):
+        spec = load_spec(path)
+        if any(a in spec.architectures for a in wanted) or (gguf_arch and spec.gguf_arch == gguf_arch):
+            return path
+    what = ", ".join(wanted) or (f"GGUF architecture '{gguf_arch}'" if gguf_arch else "no architectures")
+    raise SpecError(f"{config_file}: no spec in {MODELS_DIR} declares {what}", None,
+                    "pass --spec, or write a spec (see README: Adding an architecture)")
+
+
+@dataclass
+class LoadedModel:
+    plan: Plan
+    model: ReferenceModel
+    checkpoint: Checkpoint
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: str = "fp32",
+               device: str = "cpu", backend: str = "reference") -> LoadedModel:
+    ckpt = open_checkpoint(checkpoint)
+    spec_path = spec if spec is not None else spec_for_config(ckpt.config, str(ckpt.path))
+    plan = check(load_spec(spec_path), ckpt.config, _config_name(ckpt))
+    torch_dtype = DTYPES[dtype]
+    weights = load_weights(plan, ckpt, torch_dtype, device)
+    if backend != "reference":
+        raise SpecError(f"backend '{backend}' is not available in this build", None,
+                        "backends: reference")
+    return LoadedModel(plan, ReferenceModel(plan, weights), ckpt, torch_dtype, torch.device(device))
+
+
+def _config_name(ckpt: Checkpoint) -> str:
+    return str(ckpt.path) if ckpt.format == "gguf" else str(Path(ckpt.path) / "config.json")
+
+
+class SingleSequence:
+    """One sequence with a private KV store: prefill, then one token at a time."""
+
+    def __init__(self, loaded: LoadedModel, max_tokens: int, page_size: int = 16):
+        pages = -(-max_tokens // page_size)
+        self.model = loaded.model
+        self.kv = KVStore(loaded.plan.sites, pages, page_size, loaded.dtype, loaded.device)
+        # Deliberately non-contiguous pages: the reference must follow the block table.
+        self.block_table = tuple(reversed(range(pages)))
+        self.length = 0
+        self.device = loaded.device
+
+    def step(self, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
+        batch = StepBatch(torch.tensor(tokens, dtype=torch.long, device=self.device),
+                          [SeqSlice(0, len(tokens), self.length, self.block_table)])
+        logits = self.model.forward(batch, self.kv, all_logits=all_logits)
+        self.length += len(tokens)
+        return logits

@@ -1,0 +1,146 @@
+"""Weights for a Plan from a checkpoint, through the spec's mapping.
+
+Each weight slot's source tree (checkpoint tensor, tie, transpose, slice, concat) is
+materialised, checked against the declared shape and dtype, and converted to the run
+dtype. Every failure names the tensor, the checkpoint file and the spec line; tensors
+the spec neither uses nor ignores are reported too, so a wrong spec cannot load
+silently.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+
+from kiln.dsl.checker import Plan, WeightSlot
+from kiln.dsl.sources import Alias, Concat, SliceOf, Source, Tensor, Transpose
+
+from .checkpoint import Checkpoint, CheckpointError
+
+_FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
+
+
+def load_weights(plan: Plan, ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    permuted = _rope_permuted_tensors(plan) if (
+        ckpt.format == "gguf" and "rope_permuted" in plan.spec.gguf_flags) else {}
+    used: set[str] = set()
+    cache: dict[str, torch.Tensor] = {}
+
+    def fetch(name: str, slot: WeightSlot) -> torch.Tensor:
+        if name not in cache:
+            if name not in ckpt:
+                raise CheckpointError(
+                    f"missing tensor '{name}' in checkpoint {ckpt.path} "
+                    f"(weight '{slot.name}', declared at {slot.decl.pos})")
+            info = ckpt.info(name)
+            if slot.decl.dtype == "float" and info.dtype not in _FLOAT_DTYPES and ckpt.format != "gguf":
+                raise CheckpointError(
+                    f"tensor '{name}' in {info.file} has dtype {info.dtype}; weight '{slot.name}' "
+                    f"({slot.decl.pos}) needs a floating-point tensor")
+            t = ckpt.get(name)
+            if name in permuted:
+                from .gguf_file import unpermute_rope_rows
+                t = unpermute_rope_rows(t, permuted[name])
+            cache[name] = t
+            used.add(name)
+        return cache[name]
+
+    def build(src: Source, slot: WeightSlot) -> torch.Tensor:
+        if isinstance(src, Tensor):
+            return fetch(src.name, slot)
+        if isinstance(src, Transpose):
+            t = build(src.src, slot)
+            if t.dim() != 2:
+                raise CheckpointError(f"weight '{slot.name}' ({slot.decl.pos}): .T needs a 2-D tensor, "
+                                      f"got shape {list(t.shape)} from {_names(src)}")
+            return t.t()
+        if isinstance(src, SliceOf):
+            t = build(src.src, slot)
+            size = t.shape[src.dim] if src.dim < t.dim() else 0
+            start, stop = src.start or 0, size if src.stop is None else src.stop
+            if src.dim >= t.dim() or not 0 <= start < stop <= size:
+                raise CheckpointError(
+                    f"weight '{slot.name}' ({slot.decl.pos}): slice [{start}:{stop}] of dim {src.dim} "
+                    f"is outside tensor {_names(src)} of shape {list(t.shape)}")
+            return t.narrow(src.dim, start, stop - start)
+        if isinstance(src, Concat):
+            parts = [build(s, slot) for s in src.srcs]
+            try:
+                return torch.cat(parts, dim=src.dim)
+            except RuntimeError:
+                raise CheckpointError(
+                    f"weight '{slot.name}' ({slot.decl.pos}): cannot concatenate "
+                    f"{[list(p.shape) for p in parts]} along dim {src.dim}") from None
+        raise CheckpointError(f"weight '{slot.name}': unhandled source {src!r}")
+
+    out: dict[str, torch.Tensor] = {}
+    for slot in plan.weights.values():
+        if slot.source is None or isinstance(slot.source, Alias):
+            continue
+        t = build(slot.source, slot)
+        if tuple(t.shape) != slot.shape:
+            raise CheckpointError(
+                f"tensor {_names(slot.source)} in {_files(ckpt, slot.source)} has shape {list(t.shape)}, "
+                f"but weight '{slot.name}' is declared {list(slot.shape)} at {slot.decl.pos}")
+        out[slot.name] = t.to(device=device, dtype=dtype).contiguous()
+    for slot in plan.weights.values():  # ties share the tensor they name
+        if isinstance(slot.source, Alias):
+            out[slot.name] = out[_alias_target(plan, slot)]
+    extra = [n for n in ckpt.unexpected(used) if not any(fnmatch.fnmatchcase(n, g) for g in plan.spec.ignore)]
+    if extra:
+        shown = ", ".join(f"'{n}'" for n in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise CheckpointError(
+            f"unexpected tensor(s) {shown} in {_files(ckpt, Tensor(extra[0]))}: the spec "
+            f"{plan.spec.file} does not use them (list them under `ignore` if they are not weights)")
+    return out
+
+
+def _alias_target(plan: Plan, slot: WeightSlot) -> str:
+    while isinstance(slot.source, Alias):
+        scoped = f"{slot.scope}.{slot.source.weight}" if slot.scope else slot.source.weight
+        slot = plan.weights.get(scoped) or plan.weights[slot.source.weight]
+    return slot.name
+
+
+def _names(src: Source) -> str:
+    if isinstance(src, Tensor):
+        return f"'{src.name}'"
+    if isinstance(src, (Transpose, SliceOf)):
+        return _names(src.src)
+    if isinstance(src, Concat):
+        return " + ".join(_names(s) for s in src.srcs)
+    return repr(src)
+
+
+def _files(ckpt: Checkpoint, src: Source) -> str:
+    while not isinstance(src, Tensor):
+        src = src.srcs[0] if isinstance(src, Concat) else src.src
+    try:
+        return ckpt.file_of(src.name)
+    except CheckpointError:
+        return str(ckpt.path)
+
+
+def _rope_permuted_tensors(plan: Plan) -> dict[str, int]:
+    """Checkpoint tensors whose rows llama.cpp permuted: the weights (and biases) of
+    linear ops that feed a rope op, found by following the dataflow; value -> heads."""
+    producers = {}
+    for ins in plan.program.instrs:
+        for o in ins.outputs:
+            producers[o] = ins
+    out: dict[str, int] = {}
+    for ins in plan.program.instrs:
+        if ins.kind != "rope":
+            continue
+        src = producers.get(ins.inputs[0])
+        if src is None or src.kind != "linear":
+            continue
+        for ref in src.inputs[1:]:
+            if ref is None:
+                continue
+            slot = plan.weights[ref[2:]]
+            if isinstance(slot.source, Tensor):
+                out[slot.source.name] = slot.shape[0] // ins.attrs["head_dim"]
+    return out
