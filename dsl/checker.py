@@ -21,6 +21,8 @@ from .exprs import evaluate
 from .ops import HF_ACTIVATIONS, OPS, ShapeError, TType, T
 from .sources import Alias, Source, resolve
 
+MAX_REPEAT = 4096  # copies of one block (layers, experts): beyond this a count is a mistake
+
 INPUTS = {"tokens": TType((T,), "int"), "positions": TType((T,), "int")}
 
 
@@ -90,8 +92,14 @@ class Plan:
 
 def check(spec: ir.Spec, config: Mapping[str, Any] | None = None,
           config_file: str = "config.json") -> Plan:
-    params = bind_params(spec, config, config_file)
-    return _Checker(spec, params).run()
+    try:
+        params = bind_params(spec, config, config_file)
+        return _Checker(spec, params).run()
+    except SpecError as e:
+        text = dict(spec.sources).get(e.pos.file) if e.pos else None
+        if text is not None:
+            e.with_source(text)
+        raise
 
 
 class _Checker:
@@ -256,8 +264,8 @@ class _Checker:
             result = out.output
         else:
             n = evaluate(block.count, frame.env)
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise SpecError(f"block '{block.name}' repeats {n!r} times, expected a positive int",
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_REPEAT:
+                raise SpecError(f"block '{block.name}' repeats {n!r} times, expected an int in 1..{MAX_REPEAT}",
                                 block.count.pos)
             if len(ins) != 1:
                 raise SpecError(f"repeated block '{block.name}' must take exactly one input", op.pos,
@@ -285,6 +293,9 @@ class _Checker:
         if block.count is None:
             raise SpecError(f"experts block '{block.name}' needs a count: block {block.name}[n]", block.pos)
         n = evaluate(block.count, frame.env)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_REPEAT:
+            raise SpecError(f"experts block '{block.name}' has {n!r} copies, expected an int in 1..{MAX_REPEAT}",
+                            block.count.pos)
         if types[1].shape[1] != n:
             raise SpecError(f"router gives {types[1].shape[1]} logits per token but block "
                             f"'{block.name}' has {n} experts", op.pos)
@@ -302,6 +313,9 @@ class _Checker:
         return tuple(progs)
 
     def _unused(self) -> None:
+        for b in self.spec.blocks:
+            if b.name not in self.used_blocks:
+                raise SpecError(f"block '{b.name}' is never called", b.pos, "call it, or remove it")
         for w in self.spec.weights:
             if ("", w.name) not in self.used_weights:
                 raise SpecError(f"weight '{w.name}' is declared but never used", w.pos,

@@ -98,6 +98,8 @@ def evaluate(e: ir.Expr, env: Mapping[str, Any]) -> Any:
         _numeric(b, e.right, e.op)
         if e.op in ("/", "//", "%") and b == 0:
             raise SpecError("division by zero", e.pos)
+        if e.op == "**" and (abs(b) > 64 or abs(a) > 2 ** 64):
+            raise SpecError(f"{a!r} ** {b!r} is out of range", e.pos, "exponents are limited to 64")
         try:
             return _ARITH[e.op](a, b)
         except (OverflowError, ValueError) as err:

@@ -203,6 +203,7 @@ class Spec:
     blocks: tuple[Block, ...]
     graph: Graph
     files: tuple[str, ...] = field(default=())  # this spec and the ones it extends
+    sources: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (file, text) for messages
 
     def block(self, name: str) -> Block | None:
         for b in self.blocks:

@@ -35,7 +35,7 @@ def load_spec(path: str | Path) -> ir.Spec:
     if not p.is_file():
         raise SpecError(f"spec file not found: {p}")
     ast, files = _load_ast(p, ())
-    return lower(ast, files)
+    return lower(ast, files, tuple((f, Path(f).read_text(encoding="utf-8")) for f in files))
 
 
 def parse_spec(text: str, file: str = "<string>") -> ir.Spec:
@@ -49,7 +49,8 @@ def parse_spec(text: str, file: str = "<string>") -> ir.Spec:
                 raise SpecError(f"spec '{ast.extends}' to extend was not found", ast.pos)
             base, base_files = _load_ast(base_path, (file,))
             ast, files = merge(base, ast), (file,) + base_files
-        return lower(ast, files)
+        sources = ((file, text),) + tuple((f, Path(f).read_text(encoding="utf-8")) for f in files[1:])
+        return lower(ast, files, sources)
     except SpecError as e:
         if e.pos is not None and e.pos.file == file:
             raise e.with_source(text) from None

@@ -52,7 +52,7 @@ def merge(base: SpecAst, child: SpecAst) -> SpecAst:
     )
 
 
-def lower(spec: SpecAst, files: tuple[str, ...]) -> ir.Spec:
+def lower(spec: SpecAst, files: tuple[str, ...], sources: tuple[tuple[str, str], ...] = ()) -> ir.Spec:
     check_name(spec.name, spec.pos, "spec")
     seen: dict[str, str] = {}
 
@@ -100,7 +100,7 @@ def lower(spec: SpecAst, files: tuple[str, ...]) -> ir.Spec:
         name=spec.name, file=spec.file, architectures=spec.architectures or (),
         gguf_arch=gguf_arch, gguf_flags=gguf_flags, ignore=tuple(spec.ignore),
         params=tuple(spec.params), weights=tuple(spec.weights), blocks=tuple(blocks),
-        graph=graph, files=files,
+        graph=graph, files=files, sources=sources,
     )
 
 

@@ -167,7 +167,9 @@ OPS: dict[str, OpSig] = {
     }, _attention, "multi-head attention over the sequence so far (reads and appends the KV cache)"),
     "act": OpSig(("x",), {"fn": Attr("str")}, _same, "an activation named by a string (HF names accepted)"),
     "softcap": OpSig(("x",), {"cap": Attr("float")}, _same, "cap * tanh(x / cap)"),
-    "scale": OpSig(("x",), {"factor": Attr("float")}, _same, "x * factor (written `x * c` in specs)"),
+    "scale": OpSig(("x",), {"factor": Attr("float"), "round_factor": Attr("bool", False)}, _same,
+                   "x * factor (written `x * c` in specs); round_factor=true first rounds factor to the "
+                   "run dtype, as a framework does that multiplies by a constant tensor of that dtype"),
     "add": OpSig(("a", "b"), {}, _binary, "a + b (written `a + b`)"),
     "sub": OpSig(("a", "b"), {}, _binary, "a - b (written `a - b`)"),
     "mul": OpSig(("a", "b"), {}, _binary, "a * b (written `a * b`)"),

@@ -3,7 +3,12 @@
 A source expression is evaluated (per block index) into a small tree:
 `"name"` a checkpoint tensor (`{layer}` filled in, the section prefix prepended),
 `other` another weight (tying), `src.T` a transpose, `src[a:b]` / `src[:, a:b]` a slice,
-`concat(a, b, dim=0)` a concatenation, `a if cond else b`, and `none` (absent).
+`concat(a, b, dim=0)` a concatenation, `reshape(src, [d0, d1, ...])` a row-major view
+with new dimensions (one may be -1), `a if cond else b`, and `none` (absent).
+
+`reshape` is what un-interleaves fused tensors whose rows are grouped per head: viewing
+`[heads * 3 * head_dim, in]` as `[heads, 3, -1]`, slicing `[:, 0:1]` and reshaping to
+`[heads * head_dim, in]` picks every head's query rows.
 """
 
 from __future__ import annotations
@@ -46,7 +51,13 @@ class Concat:
     dim: int
 
 
-Source = Union[Tensor, Alias, Transpose, SliceOf, Concat]
+@dataclass(frozen=True)
+class Reshape:
+    src: "Source"
+    shape: tuple[int, ...]  # -1 at most once: inferred from the element count
+
+
+Source = Union[Tensor, Alias, Transpose, SliceOf, Concat, Reshape]
 
 _FIELD = re.compile(r"\{([A-Za-z][A-Za-z0-9_]*)\}")
 
@@ -108,8 +119,20 @@ def _resolve(e: ir.Expr, prefix: str, env, weights) -> Source | None:
         if len(parts) < 2:
             raise SpecError("concat() needs at least two sources", e.pos)
         return Concat(tuple(parts), dim)
+    if isinstance(e, ir.Call) and e.fn == "reshape":
+        if len(e.args) != 2 or e.kwargs:
+            raise SpecError("reshape() takes a source and a list of dimensions", e.pos,
+                            'e.g. reshape("qkv.weight", [heads, 3, -1])')
+        dims = evaluate(e.args[1], env)
+        ok = isinstance(dims, list) and dims and all(
+            isinstance(d, int) and not isinstance(d, bool) and (d > 0 or d == -1) for d in dims)
+        if not ok or dims.count(-1) > 1:
+            raise SpecError(f"reshape() dimensions must be positive ints (one may be -1), got {dims!r}",
+                            e.args[1].pos)
+        return Reshape(_need(_resolve(e.args[0], prefix, env, weights), e.args[0]), tuple(dims))
     raise SpecError("not a weight source", getattr(e, "pos", None),
-                    'sources are "tensor.name", another weight, .T, [a:b], concat(...), a if c else b, none')
+                    'sources are "tensor.name", another weight, .T, [a:b], concat(...), reshape(...), '
+                    'a if c else b, none')
 
 
 def _need(src: Source | None, e) -> Source:

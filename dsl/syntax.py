@@ -286,6 +286,8 @@ _SYNTAX_EXAMPLES = {
     ],
     "unbalanced brackets or parentheses": [
         "spec a forward(x) { y = f(x }", "spec a forward(x) { y = f(x)) }",
+        "spec a forward(x) { return f(g(x, y) }", "spec a forward(x) { return f(g(x), y }",
+        "spec a forward(x) { y = f(x, a=1 }", "spec a forward(x) { y = (x }",
         "spec a param x: int = (1", "spec a weights { w: [1, 2 <- \"x\" }",
     ],
     "missing closing brace `}`": [
@@ -316,12 +318,47 @@ def parse_text(text: str, file: str = "<string>") -> SpecAst:
         raise
 
 
+def _state_key(e: UnexpectedInput) -> tuple | None:
+    state = getattr(e, "state", None)
+    position = getattr(state, "position", None)
+    if position is None:
+        return None
+    token = getattr(e, "token", None)
+    return position, getattr(token, "type", None)
+
+
+def _example_table() -> dict:
+    """Like lark's match_examples, keyed on the LALR state at the error (the top of the
+    stack, not the whole stack), so an example matches wherever in a spec it occurs."""
+    exact: dict = {}
+    by_state: dict = {}
+    for label, examples in _SYNTAX_EXAMPLES.items():
+        for text in examples:
+            try:
+                _PARSER.parse(text)
+            except UnexpectedInput as e:
+                key = _state_key(e)
+                if key is not None:
+                    exact.setdefault(key, label)
+                    by_state.setdefault(key[0], label)
+    return {"exact": exact, "state": by_state}
+
+
+_TABLE: dict | None = None
+
+
+def _classify(e: UnexpectedInput) -> str | None:
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = _example_table()
+    key = _state_key(e)
+    if key is None:
+        return None
+    return _TABLE["exact"].get(key) or _TABLE["state"].get(key[0])
+
+
 def _syntax_error(e: UnexpectedInput, text: str, file: str) -> SpecError:
-    label = None
-    try:
-        label = e.match_examples(_PARSER.parse, _SYNTAX_EXAMPLES, use_accepts=True)
-    except Exception:  # noqa: BLE001 - classification is best effort; the raw position stays exact
-        label = None
+    label = _classify(e)
     line, col = getattr(e, "line", 0) or 0, getattr(e, "column", 0) or 0
     if isinstance(e, UnexpectedEOF) or line <= 0:
         lines = text.rstrip().splitlines() or [""]

@@ -74,6 +74,8 @@ class ReferenceModel:
         if k == "softcap":
             return torch.tanh(a[0] / at["cap"]) * at["cap"]
         if k == "scale":
+            if at["round_factor"]:
+                return a[0] * torch.tensor(at["factor"], dtype=a[0].dtype, device=a[0].device)
             return a[0] * at["factor"]
         if k == "add":
             return a[0] + a[1]

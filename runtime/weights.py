@@ -1,6 +1,6 @@
 """Weights for a Plan from a checkpoint, through the spec's mapping.
 
-Each weight slot's source tree (checkpoint tensor, tie, transpose, slice, concat) is
+Each weight slot's source tree (checkpoint tensor, tie, transpose, slice, concat, reshape) is
 materialised, checked against the declared shape and dtype, and converted to the run
 dtype. Every failure names the tensor, the checkpoint file and the spec line; tensors
 the spec neither uses nor ignores are reported too, so a wrong spec cannot load
@@ -14,7 +14,7 @@ import fnmatch
 import torch
 
 from kiln.dsl.checker import Plan, WeightSlot
-from kiln.dsl.sources import Alias, Concat, SliceOf, Source, Tensor, Transpose
+from kiln.dsl.sources import Alias, Concat, Reshape, SliceOf, Source, Tensor, Transpose
 
 from .checkpoint import Checkpoint, CheckpointError
 
@@ -73,6 +73,14 @@ def load_weights(plan: Plan, ckpt: Checkpoint, dtype: torch.dtype = torch.float3
                 raise CheckpointError(
                     f"weight '{slot.name}' ({slot.decl.pos}): cannot concatenate "
                     f"{[list(p.shape) for p in parts]} along dim {src.dim}") from None
+        if isinstance(src, Reshape):
+            t = build(src.src, slot)
+            try:
+                return t.reshape(src.shape)
+            except RuntimeError:
+                raise CheckpointError(
+                    f"weight '{slot.name}' ({slot.decl.pos}): cannot reshape {_names(src)} of shape "
+                    f"{list(t.shape)} to {list(src.shape)}") from None
         raise CheckpointError(f"weight '{slot.name}': unhandled source {src!r}")
 
     out: dict[str, torch.Tensor] = {}
@@ -107,7 +115,7 @@ def _alias_target(plan: Plan, slot: WeightSlot) -> str:
 def _names(src: Source) -> str:
     if isinstance(src, Tensor):
         return f"'{src.name}'"
-    if isinstance(src, (Transpose, SliceOf)):
+    if isinstance(src, (Transpose, SliceOf, Reshape)):
         return _names(src.src)
     if isinstance(src, Concat):
         return " + ".join(_names(s) for s in src.srcs)

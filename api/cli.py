@@ -1,0 +1,143 @@
+"""The `kiln` command line.
+
+Every user error (a bad spec, config, checkpoint or argument) ends in a one-paragraph
+message and exit status 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from kiln.dsl import SpecError, check, load_spec
+from kiln.dsl.loader import MODELS_DIR
+
+
+class UsageError(Exception):
+    """A bad command-line argument or file, reported without a traceback."""
+
+
+def _read_config(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    from kiln.runtime.checkpoint import read_json
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise UsageError(f"config file not found: {p}")
+    return read_json(p, "config file")
+
+
+def cmd_check(args) -> int:
+    if args.spec is None:
+        print(f"Specs in {MODELS_DIR}:")
+        for path in sorted(MODELS_DIR.glob("*.kiln")):
+            spec = load_spec(path)
+            lines = len(path.read_text().splitlines())
+            archs = ", ".join(spec.architectures) or "-"
+            print(f"  {spec.name:<10} {lines:>4} lines  {archs}")
+        return 0
+    spec = load_spec(args.spec)
+    plan = check(spec, _read_config(args.config), args.config or "config.json")
+    print(f"spec {spec.name} ({' <- '.join(spec.files)})")
+    print(f"  architectures: {', '.join(spec.architectures) or '-'}")
+    shown = {p.name: plan.params[p.name] for p in spec.params}
+    print("  parameters: " + ", ".join(f"{k}={v!r}" for k, v in shown.items()))
+    print(f"  ops ({sum(plan.op_counts.values())} after unrolling): "
+          + ", ".join(f"{k} x{n}" for k, n in sorted(plan.op_counts.items())))
+    present = [w for w in plan.weights.values() if w.source is not None]
+    print(f"  weights: {len(present)} tensors, {plan.num_parameters():,} parameters")
+    if args.verbose:
+        for w in present:
+            print(f"    {w.name:<28} {list(w.shape)}  <- {w.source}")
+    sites = plan.sites
+    if sites:
+        s = sites[0]
+        print(f"  attention: {len(sites)} KV sites, {s.heads} heads / {s.kv_heads} kv heads x {s.head_dim}")
+    print(f"  logits: [T, {plan.vocab_size}]")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from kiln.runtime.model import spec_for_config
+    from kiln.runtime.verify import verify
+
+    config = _read_config(args.config)
+    spec = args.spec or spec_for_config(config, args.config)
+    t0 = time.time()
+    report = verify(config, spec, steps=args.steps)
+    print(f"verify {report.architecture} with {spec}: prefill + {args.steps} decode steps, fp32, CPU")
+    print(f"  {'step':>5} {'max abs':>12} {'max rel':>12}  token")
+    for s in report.steps:
+        if args.verbose or s.step in (0, 1, len(report.steps) - 1) or not s.same_token or s.max_rel > args.tol:
+            print(f"  {s.step:>5} {s.max_abs:>12.3e} {s.max_rel:>12.3e}  {'same' if s.same_token else 'DIFFERENT'}")
+    ok = report.ok(args.tol)
+    print(f"  max abs {report.max_abs:.3e}, max rel {report.max_rel:.3e} (tolerance {args.tol:g}), "
+          f"greedy tokens agree {report.tokens_agree}/{len(report.steps)}, {time.time() - t0:.1f} s")
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+def cmd_generate(args) -> int:
+    from kiln.runtime.generate import generate_cli
+
+    return generate_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kiln", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="parse and check a spec, print its IR summary (no SPEC: list specs)")
+    p.add_argument("spec", nargs="?", help="a .kiln file or the name of a spec in models/")
+    p.add_argument("--config", help="a Hugging Face config.json (or its folder) to bind parameters")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every weight")
+    p.set_defaults(fn=cmd_check)
+
+    p = sub.add_parser("verify", help="compare a spec with Hugging Face transformers on random weights")
+    p.add_argument("spec", nargs="?", help="spec (default: chosen by the config's architectures)")
+    p.add_argument("--config", required=True, help="a Hugging Face config.json")
+    p.add_argument("--steps", type=int, default=32, help="greedy decode steps after the prefill")
+    p.add_argument("--tol", type=float, default=1e-4, help="max relative logit error")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every step")
+    p.set_defaults(fn=cmd_verify)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint (HF folder or .gguf)")
+    p.add_argument("checkpoint", nargs="?", help="HF folder or .gguf file (default: the embedded SmolLM2)")
+    p.add_argument("--spec", help="spec (default: chosen by the checkpoint's architecture)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="plain text prompt")
+    g.add_argument("--chat", help="a user message, formatted with the model's chat template")
+    p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="reference", choices=["reference", "cuda"])
+    p.set_defaults(fn=cmd_generate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kiln.runtime.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (SpecError, CheckpointError, UsageError) as e:
+        print(f"kiln {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
