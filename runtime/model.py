@@ -44,7 +44,7 @@ def spec_for_config(config: dict[str, Any], config_file: str = "config.json") ->
 class LoadedModel:
     plan: Plan
     model: ReferenceModel
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint | None
     dtype: torch.dtype
     device: torch.device
 
@@ -60,6 +60,31 @@ def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: st
         raise SpecError(f"backend '{backend}' is not available in this build", None,
                         "backends: reference")
     return LoadedModel(plan, ReferenceModel(plan, weights), ckpt, torch_dtype, torch.device(device))
+
+
+def random_model(spec: str | Path, config: dict[str, Any] | None = None, dtype: str = "fp32",
+                 device: str = "cpu", seed: int = 0, backend: str = "reference") -> LoadedModel:
+    """A model with random weights made directly on the device (no checkpoint, no download):
+    for benchmarks and runtime tests. Norm weights are near 1, others N(0, 0.02)."""
+    plan = check(load_spec(spec), config)
+    torch_dtype = DTYPES[dtype]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weights: dict[str, torch.Tensor] = {}
+    for slot in plan.weights.values():
+        if slot.source is None or slot.name in weights:
+            continue
+        t = torch.randn(slot.shape, generator=gen, device=device, dtype=torch.float32) * 0.02
+        if len(slot.shape) == 1:
+            t += 1.0
+        weights[slot.name] = t.to(torch_dtype)
+    from .weights import _alias_target
+    from kiln.dsl.sources import Alias
+    for slot in plan.weights.values():
+        if isinstance(slot.source, Alias):
+            weights[slot.name] = weights[_alias_target(plan, slot)]
+    if backend != "reference":
+        raise SpecError(f"backend '{backend}' is not available in this build", None, "backends: reference")
+    return LoadedModel(plan, ReferenceModel(plan, weights), None, torch_dtype, torch.device(device))
 
 
 def _config_name(ckpt: Checkpoint) -> str:

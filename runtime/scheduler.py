@@ -177,6 +177,10 @@ class Scheduler:
         request.stop_reason = stop_reason
         self._finish(request, reason)
 
+    def get(self, request_id: str) -> Request | None:
+        """The live (waiting or running) request with this id, if any."""
+        return self._live.get(request_id)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
