@@ -123,7 +123,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="reference", choices=["reference", "cuda"])
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("bench", help="benchmarks on the GPU (latency, throughput, kernels)")
+    p.add_argument("mode", choices=["latency", "throughput", "kernels"])
+    p.add_argument("--spec", help="spec (default: chosen by the config's architectures)")
+    p.add_argument("--config", help="a Hugging Face config.json, e.g. configs/llama-3-8b.json")
+    p.add_argument("--backend", default="cuda", choices=["reference", "cuda"])
+    p.add_argument("--prompt", type=int, default=2048, help="latency: prompt tokens (TTFT)")
+    p.add_argument("--steps", type=int, default=64, help="latency: decode steps timed")
+    p.add_argument("--hf", action="store_true", help="latency: also time HF transformers generate()")
+    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--input-len", type=int, default=1000)
+    p.add_argument("--output-len", type=int, default=1000)
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--max-tokens-per-step", type=int, default=8192)
+    p.add_argument("--hf-batch", type=int, default=0, help="throughput: HF generate() baseline batch")
+    p.set_defaults(fn=cmd_bench)
     return ap
+
+
+def cmd_bench(args) -> int:
+    if args.mode == "kernels":
+        from kiln.codegen.bench_kernels import main as bench_kernels
+        return bench_kernels([]) or 0
+    from kiln.runtime.bench import main as bench_main
+    from kiln.runtime.model import spec_for_config
+
+    if args.config is None:
+        raise UsageError("kiln bench latency/throughput needs --config (e.g. configs/llama-3-8b.json)")
+    if args.spec is None:
+        args.spec = spec_for_config(_read_config(args.config), args.config)
+    return bench_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,8 +48,34 @@ def lookup(config: Mapping[str, Any], path: str) -> Any:
 
 def bind_params(spec: ir.Spec, config: Mapping[str, Any] | None,
                 config_file: str = "config.json") -> dict[str, Any]:
+    """Every parameter's value. Defaults may use other parameters in any order (a child spec's
+    new parameter can feed an inherited default); a cycle is an error."""
+    params = {p.name: p for p in spec.params}
     env: dict[str, Any] = {}
-    for p in spec.params:
+    active: list[str] = []
+
+    class Lazy(Mapping):
+        def __getitem__(self, name: str) -> Any:
+            if name not in env:
+                if name not in params:
+                    raise KeyError(name)
+                bind(params[name])
+            return env[name]
+
+        def __contains__(self, name: object) -> bool:
+            return name in params
+
+        def __iter__(self):
+            return iter(params)
+
+        def __len__(self) -> int:
+            return len(params)
+
+    def bind(p: ir.Param) -> None:
+        if p.name in active:
+            cycle = " -> ".join(active[active.index(p.name):] + [p.name])
+            raise SpecError(f"parameter defaults refer to each other in a cycle: {cycle}", p.pos)
+        active.append(p.name)
         raw, key = None, None
         if config is not None:
             for k in p.keys:
@@ -63,12 +89,17 @@ def bind_params(spec: ir.Spec, config: Mapping[str, Any] | None,
                     f"(parameter '{p.name}')", p.pos,
                     "add the key to config.json, or end the binding with ? to fall back to the default")
         if key is None:
-            raw = evaluate(p.default, env)
+            raw = evaluate(p.default, Lazy())
             where = f"default of parameter '{p.name}'"
         else:
             where = f"{config_file}: key '{key}' (parameter '{p.name}')"
         env[p.name] = coerce(p, raw, where)
-    return env
+        active.pop()
+
+    for p in spec.params:
+        if p.name not in env:
+            bind(p)
+    return {name: env[name] for name in params}
 
 
 def coerce(p: ir.Param, v: Any, where: str) -> Any:

@@ -1,7 +1,7 @@
 """load_spec: file -> parse -> resolve `extends` -> lower -> ir.Spec.
 
 Specs are found by path, or by name in the spec's own folder and then in Kiln's
-`models/` folder (so `extends llama` finds `models/llama.kiln`).
+`models/` folder (so `extends base` finds `models/base.kiln`).
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ class ToAst(Transformer):
         return ir.BinOp(str(c[1]), c[0], c[2], self.p(c[1]))
 
     def pow(self, meta, c):
-        return ir.BinOp("**", c[0], c[1], self.p(meta))
+        return ir.BinOp("**", c[0], c[2], self.p(c[1]))
 
     def call(self, meta, c):
         fn, rest = c[0], [x for x in c[1:] if x is not None]

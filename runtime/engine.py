@@ -135,9 +135,8 @@ class LLMEngine:
         step = self.scheduler.schedule()
         changed: set[str] = set()
         if step.batch.num_tokens:
-            batch = replace(step.batch, tokens=step.batch.tokens.to(self.loaded.device))
-            with torch.no_grad():
-                logits = self.model.forward(batch, self.kv)
+            with torch.no_grad():  # tokens stay on the host: each backend moves what it needs
+                logits = self.model.forward(step.batch, self.kv)
             rows = step.sampled_requests
             out = self.sampler.sample(logits, [
                 SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, self._tracks[r.request_id].generator)

@@ -56,10 +56,22 @@ def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: st
     plan = check(load_spec(spec_path), ckpt.config, _config_name(ckpt))
     torch_dtype = DTYPES[dtype]
     weights = load_weights(plan, ckpt, torch_dtype, device)
-    if backend != "reference":
-        raise SpecError(f"backend '{backend}' is not available in this build", None,
-                        "backends: reference")
-    return LoadedModel(plan, ReferenceModel(plan, weights), ckpt, torch_dtype, torch.device(device))
+    return LoadedModel(plan, make_backend(plan, weights, backend, device), ckpt, torch_dtype, torch.device(device))
+
+
+BACKENDS = ("reference", "cuda")
+
+
+def make_backend(plan: Plan, weights: dict[str, torch.Tensor], backend: str, device: str):
+    if backend == "reference":
+        return ReferenceModel(plan, weights)
+    if backend == "cuda":
+        if not str(device).startswith("cuda") or not torch.cuda.is_available():
+            raise SpecError("the cuda backend needs a CUDA GPU (--device cuda)", None,
+                            "use --backend reference on a machine without a GPU")
+        from .cuda_backend import CudaModel
+        return CudaModel(plan, weights)
+    raise SpecError(f"unknown backend '{backend}'", None, "backends: " + ", ".join(BACKENDS))
 
 
 def random_model(spec: str | Path, config: dict[str, Any] | None = None, dtype: str = "fp32",
@@ -82,9 +94,7 @@ def random_model(spec: str | Path, config: dict[str, Any] | None = None, dtype: 
     for slot in plan.weights.values():
         if isinstance(slot.source, Alias):
             weights[slot.name] = weights[_alias_target(plan, slot)]
-    if backend != "reference":
-        raise SpecError(f"backend '{backend}' is not available in this build", None, "backends: reference")
-    return LoadedModel(plan, ReferenceModel(plan, weights), None, torch_dtype, torch.device(device))
+    return LoadedModel(plan, make_backend(plan, weights, backend, device), None, torch_dtype, torch.device(device))
 
 
 def _config_name(ckpt: Checkpoint) -> str:

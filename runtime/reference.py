@@ -33,6 +33,9 @@ class ReferenceModel:
 
     def forward(self, batch: StepBatch, kv: KVStore, all_logits: bool = False) -> torch.Tensor:
         """Logits [rows, vocab] of the sampled tokens (all tokens with all_logits)."""
+        device = kv.k[0].device if kv.k else batch.tokens.device
+        if batch.tokens.device != device:
+            batch = StepBatch(batch.tokens.to(device), batch.seqs)
         ctx = _Step(batch, kv)
         env: dict[str, torch.Tensor] = {"tokens": batch.tokens, "positions": ctx.positions}
         out = self._run(self.plan.program, env, ctx)
@@ -94,14 +97,13 @@ class ReferenceModel:
         weights, chosen = torch.topk(probs, ins.attrs["top_k"], dim=-1)  # [T, k]
         if ins.attrs["renormalize"]:
             weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         for e, prog in enumerate(ins.experts):
             rows, slot = torch.nonzero(chosen == e, as_tuple=True)
             if rows.numel() == 0:
                 continue
             y = self._run(prog, {prog.inputs[0]: x[rows]}, ctx)
-            out.index_add_(0, rows, y * weights[rows, slot, None])
+            out.index_add_(0, rows, (y.float() * weights[rows, slot, None]).to(x.dtype))
         return out
 
 

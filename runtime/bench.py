@@ -1,0 +1,188 @@
+"""`kiln bench latency | throughput`: speed of a model made from a spec + config with random
+weights directly on the GPU, beside the physical limits and a baseline measured in the same run.
+
+latency:    copy bandwidth and bf16 matmul rate (measured now), batch-1 decode step time vs the
+            roofline (weight bytes / copy bandwidth), TTFT of one prompt vs 2 * params * tokens /
+            matmul rate, and Hugging Face transformers `generate()` per-step time (--hf).
+throughput: N requests with fixed input/output lengths submitted at once through the engine:
+            output tok/s, requests/s, TTFT and TPOT percentiles; HF `generate()` at a batch size
+            in the same run (--hf-batch).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .batch import SeqSlice, StepBatch
+from .engine import EngineConfig, LLMEngine
+from .kv_store import KVStore
+from .model import random_model
+from .sampling_params import SamplingParams
+
+
+def _events_ms(fn, reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return times
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms = statistics.median(_events_ms(lambda: dst.copy_(src), 20))
+    return 2 * nbytes / (ms / 1e3)
+
+
+def matmul_rate(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a @ b
+    ms = statistics.median(_events_ms(lambda: a @ b, 20))
+    return 2 * n ** 3 / (ms / 1e3)
+
+
+def _config(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def weight_bytes(model) -> int:
+    seen, n = set(), 0
+    for t in model.model.weights.values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
+
+
+def latency(args) -> dict:
+    bw, mm = copy_bandwidth(), matmul_rate()
+    m = random_model(args.spec, _config(args.config), dtype="bf16", device="cuda", backend=args.backend)
+    params = m.plan.num_parameters()
+    wbytes = weight_bytes(m)
+    kv = KVStore(m.plan.sites, -(-(args.prompt + args.steps + 8) // 16) + 1, 16, m.dtype, "cuda")
+    table = tuple(range(kv.num_pages))
+    prompt = torch.randint(0, m.plan.vocab_size, (args.prompt,))
+    with torch.no_grad():
+        run_prefill = lambda: m.model.forward(StepBatch(prompt, [SeqSlice(0, args.prompt, 0, table)]), kv)  # noqa: E731
+        run_prefill()
+        ttft = statistics.median(_events_ms(run_prefill, 5))
+        ctx = args.prompt
+        tok = torch.tensor([1])
+
+        def decode():
+            nonlocal ctx
+            m.model.forward(StepBatch(tok, [SeqSlice(0, 1, ctx, table)]), kv)
+            ctx += 1
+
+        for _ in range(3):
+            decode()
+        step = statistics.median(_events_ms(decode, args.steps))
+    result = {
+        "copy_bw_TBps": bw / 1e12, "matmul_TFLOPs": mm / 1e12, "params": params, "weight_GB": wbytes / 1e9,
+        "roofline_ms": wbytes / bw * 1e3, "decode_ms": step, "ttft_ms": ttft,
+        "ttft_floor_ms": 2 * params * args.prompt / mm * 1e3,
+    }
+    if args.hf:
+        result["hf_decode_ms"] = hf_decode_ms(args.config, args.steps)
+    del m, kv
+    torch.cuda.empty_cache()
+    return result
+
+
+def hf_decode_ms(config_path: str, steps: int, batch: int = 1, prompt: int = 128) -> float:
+    """Per-step time of HF transformers generate() (eager, dynamic cache) on random weights."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(**_config(config_path))
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device="cuda")
+    kw = dict(do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+    del model
+    torch.cuda.empty_cache()
+    return ((t2 - t1) - (t1 - t0)) / steps * 1e3
+
+
+def throughput(args) -> dict:
+    m = random_model(args.spec, _config(args.config), dtype="bf16", device="cuda", backend=args.backend)
+    engine = LLMEngine(m, None, EngineConfig(page_size=16, max_num_seqs=args.max_batch,
+                                             max_tokens_per_step=args.max_tokens_per_step,
+                                             max_model_len=args.input_len + args.output_len))
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, m.plan.vocab_size, (args.requests, args.input_len), generator=gen).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    start = time.perf_counter()
+    first: dict[str, float] = {}
+    end: dict[str, float] = {}
+    for p in prompts:
+        engine.add_request(p, params)
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            first.setdefault(o.request_id, now)
+            if o.finished:
+                end[o.request_id] = now
+    total = time.perf_counter() - start
+    ttft = sorted(first[r] - start for r in first)
+    tpot = sorted((end[r] - first[r]) / max(1, args.output_len - 1) for r in end)
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3  # noqa: E731
+    result = {
+        "requests": args.requests, "input_len": args.input_len, "output_len": args.output_len,
+        "output_tok_s": args.requests * args.output_len / total, "req_s": args.requests / total,
+        "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
+        "tpot_p50_ms": pct(tpot, 0.5), "tpot_p99_ms": pct(tpot, 0.99), "seconds": total,
+        "kv": engine.capacity, "preemptions": engine.scheduler.num_preemptions,
+    }
+    del engine, m
+    torch.cuda.empty_cache()
+    if args.hf_batch:
+        ms = hf_decode_ms(args.config, 16, batch=args.hf_batch, prompt=args.input_len)
+        result["hf_batch"] = args.hf_batch
+        result["hf_output_tok_s"] = args.hf_batch / (ms / 1e3)
+    return result
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        print("kiln bench needs a CUDA GPU")
+        return 2
+    name = torch.cuda.get_device_name()
+    print(f"# {name}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, spec {args.spec}, "
+          f"config {args.config}, backend {args.backend}, bf16")
+    r = latency(args) if args.mode == "latency" else throughput(args)
+    print(json.dumps(r, indent=1, default=str))
+    print("| metric | value |\n| --- | --- |")
+    for k, v in r.items():
+        print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    if args.mode == "latency":
+        print(f"decode / roofline = {r['decode_ms'] / r['roofline_ms']:.3f} (target <= 1.10); "
+              f"TTFT / floor = {r['ttft_ms'] / r['ttft_floor_ms']:.3f} (target <= 1.3)"
+              + (f"; HF generate / kiln = {r['hf_decode_ms'] / r['decode_ms']:.1f}x" if "hf_decode_ms" in r else ""))
+    elif "hf_output_tok_s" in r:
+        print(f"kiln / HF generate(batch {r['hf_batch']}) = {r['output_tok_s'] / r['hf_output_tok_s']:.2f}x "
+              f"(target >= 8); TensorRT-LLM published: 15,220 tok/s (1000/1000, FP8, H100 SXM)")
+    return 0

@@ -1,0 +1,337 @@
+"""An OpenAI-compatible HTTP server (FastAPI + uvicorn) over AsyncLLMEngine.
+
+    app = build_app([ServedModel("name", AsyncLLMEngine(engine), tokenizer, max_model_len=4096)])
+
+Routes: POST /v1/completions and /v1/chat/completions (streaming as server-sent events
+`data: {...}` ... `data: [DONE]`, or one JSON body), GET /v1/models, /health, /metrics.
+Protection: bounded admission (429), a per-request deadline (504, or an error event in a
+stream), a body size limit (413), prompt and max_tokens checked against the model's context
+length (400), an optional API key (401). A client that disconnects has its request aborted,
+which frees its KV pages. Every error body is OpenAI's `{"error": {...}}` (see server_protocol).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .async_engine import AsyncLLMEngine, EngineDead, QueueFull, RequestStream
+from .outputs import RequestOutput
+from .server_metrics import ServerMetrics
+from .server_protocol import APIError, ChatRequest, CompletionRequest, parse_body, sampling_params, unsupported
+from .server_stream import EventStream, Renderer, wait_disconnect
+from .tokenizer import Tokenizer, TokenizerError
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass
+class ServedModel:
+    name: str
+    engine: AsyncLLMEngine
+    tokenizer: Tokenizer
+    max_model_len: int  # prompt + generated tokens
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.engine.loaded.plan.vocab_size  # fixed at load time
+
+
+@dataclass
+class ServerConfig:
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 600.0  # seconds from arrival to the last token
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Guard:
+    """ASGI middleware: API key and body size on /v1, and responses counted by status."""
+
+    def __init__(self, app, config: ServerConfig, metrics: ServerMetrics):
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in _ENDPOINTS else "other"
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.http.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        if path.startswith("/v1"):
+            headers = dict(scope["headers"])
+            key = self.config.api_key
+            if key is not None and headers.get(b"authorization", b"") != f"Bearer {key}".encode():
+                return await _error_response(APIError(401, "invalid or missing API key: send 'Authorization: "
+                                                      "Bearer KEY'", "authentication_error", code="invalid_api_key"),
+                                             scope, receive, counted_send)
+            limit = self.config.max_body_bytes
+            length = headers.get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > limit:
+                return await _error_response(_too_large(limit), scope, receive, counted_send)
+            seen = 0
+            inner = receive
+
+            async def receive():  # a chunked body has no content-length: count what arrives
+                nonlocal seen
+                message = await inner()
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge()
+                return message
+
+        await self.app(scope, receive, counted_send)
+
+
+_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"request body exceeds the limit of {limit} bytes", param="body", code="body_too_large")
+
+
+async def _error_response(err: APIError, scope, receive, send):
+    await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+
+
+def build_app(models: Sequence[ServedModel], config: ServerConfig | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    if not models:
+        raise ValueError("build_app needs at least one model")
+    by_name = {m.name: m for m in models}
+    if len(by_name) != len(models):
+        raise ValueError(f"model names must be unique, got {[m.name for m in models]}")
+    metrics = ServerMetrics()
+    for m in models:
+        m.engine.hooks = metrics.hooks(m.name)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        for m in models:
+            m.engine.start()
+        try:
+            yield
+        finally:
+            for m in models:
+                await m.engine.shutdown()
+
+    app = FastAPI(title="kiln", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, config=config, metrics=metrics)
+    app.state.metrics = metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(_BodyTooLarge)
+    async def _body_error(request, e):
+        return JSONResponse(_too_large(config.max_body_bytes).body(), status_code=413)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        return JSONResponse(APIError(400, f"{where}: {err.get('msg')}", param=where or None).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail), code=str(e.status_code)).body(),
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request, e: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error").body(),
+                            status_code=500)
+
+    def pick(name: str | None) -> ServedModel:
+        if name is None:
+            if len(models) == 1:
+                return models[0]
+            raise APIError(400, f"model is required; served models: {sorted(by_name)}", param="model")
+        if name not in by_name:
+            raise APIError(404, f"model {name!r} does not exist; served models: {sorted(by_name)}",
+                           param="model", code="model_not_found")
+        return by_name[name]
+
+    @app.get("/health")
+    async def health():
+        body = {name: {**m.engine.stats.__dict__, "in_flight": m.engine.num_in_flight, "alive": m.engine.alive}
+                for name, m in by_name.items()}
+        ok = all(m.engine.alive for m in models)
+        return JSONResponse({"status": "ok" if ok else "error", "models": body}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_route():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": m.created, "owned_by": "kiln",
+             "max_model_len": m.max_model_len} for m in models]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        arrival = time.monotonic()
+        req: CompletionRequest = parse_body(CompletionRequest, await request.body())
+        served = pick(req.model)
+        unsupported(req, echo=False, suffix=None)
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, f"best_of must equal n (got best_of={req.best_of}, n={req.n})", param="best_of")
+        prompt_ids = _completion_prompt(req.prompt, served)
+        max_tokens = _max_tokens(served, len(prompt_ids), req.max_tokens, "prompt",
+                                 COMPLETIONS_DEFAULT_MAX_TOKENS)
+        params = sampling_params(req, max_tokens, req.logprobs)
+        render = Renderer("cmpl", served.name, served.tokenizer, chat=False, token_ids=req.return_token_ids)
+        return await _run(request, served, prompt_ids, params, render, req, arrival + config.request_timeout)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        arrival = time.monotonic()
+        req: ChatRequest = parse_body(ChatRequest, await request.body())
+        served = pick(req.model)
+        prompt_ids = _chat_prompt(req, served)
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        field_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = _max_tokens(served, len(prompt_ids), limit, "messages", None, field_name)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        render = Renderer("chatcmpl", served.name, served.tokenizer, chat=True, token_ids=req.return_token_ids)
+        return await _run(request, served, prompt_ids, params, render, req, arrival + config.request_timeout)
+
+    return app
+
+
+def _completion_prompt(prompt, served: ServedModel) -> list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(400, f"prompt: a batch of {len(prompt)} prompts is not supported; send one request "
+                           "per prompt", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = served.tokenizer.encode(prompt)
+    else:
+        ids = prompt
+        if bad := [t for t in ids if not 0 <= t < served.vocab_size]:
+            raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {served.vocab_size})",
+                           param="prompt")
+    if not ids:
+        raise APIError(400, "prompt is empty", param="prompt")
+    return ids
+
+
+def _chat_prompt(req: ChatRequest, served: ServedModel) -> list[int]:
+    if not req.messages:
+        raise APIError(400, "messages must contain at least one message", param="messages")
+    messages = []
+    for i, m in enumerate(req.messages):
+        msg = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported "
+                                   f"(got type {part.type!r})", param="messages")
+            msg["content"] = "".join(p.text for p in m.content)
+        msg.setdefault("content", "")
+        messages.append(msg)
+    try:
+        text = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except TokenizerError as e:
+        raise APIError(400, f"messages: {e}", param="messages") from None
+    return served.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _max_tokens(served: ServedModel, num_prompt: int, requested: int | None, prompt_field: str,
+                default: int | None, field_name: str = "max_tokens") -> int:
+    """The request's max_tokens, checked against the context length (vLLM's rule); when not
+    given, `default` (None: all the room the prompt leaves)."""
+    limit = served.max_model_len
+    if num_prompt >= limit:
+        raise APIError(400, f"{prompt_field}: the prompt has {num_prompt} tokens; the maximum context length of "
+                       f"{served.name!r} is {limit} tokens, which leaves no room to generate",
+                       param=prompt_field, code="context_length_exceeded")
+    if requested is None:
+        return limit - num_prompt if default is None else min(default, limit - num_prompt)
+    if requested < 1:
+        raise APIError(400, f"{field_name} must be >= 1, got {requested}", param=field_name)
+    if num_prompt + requested > limit:
+        raise APIError(400, f"{field_name} ({requested}) + prompt ({num_prompt} tokens) exceeds the maximum "
+                       f"context length of {served.name!r} ({limit} tokens)", param=field_name,
+                       code="context_length_exceeded")
+    return requested
+
+
+def _admit(served: ServedModel, prompt_ids: list[int], params) -> RequestStream:
+    try:
+        return served.engine.add_request(prompt_ids, params, uuid.uuid4().hex)
+    except QueueFull as e:
+        raise APIError(429, f"server busy, retry later: {e}", "rate_limit_error", code="queue_full") from None
+    except EngineDead as e:
+        raise APIError(503, str(e), "server_error", code="engine_dead") from None
+
+
+async def _run(request: Request, served: ServedModel, prompt_ids, params, render: Renderer, req, deadline: float):
+    stream = _admit(served, prompt_ids, params)
+    if req.stream:
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        return EventStream(render.events(stream, deadline, usage, params.n), stream)
+    try:
+        final = await _collect(stream, request.receive, deadline)
+    finally:
+        stream.close()
+    if final is None:  # the client went away: nobody reads this
+        return Response(status_code=499)
+    if final.error:
+        raise APIError(400, final.error, param="max_tokens")
+    return JSONResponse(render.response(final))
+
+
+async def _collect(stream: RequestStream, receive, deadline: float) -> RequestOutput | None:
+    """The final output, or None if the client disconnected first; APIError 504 after the deadline."""
+
+    async def last() -> RequestOutput:
+        out = None
+        async for out in stream:
+            pass
+        return out
+
+    consume = asyncio.ensure_future(last())
+    gone = asyncio.ensure_future(wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({consume, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if consume in done:
+            try:
+                return consume.result()
+            except EngineDead as e:
+                raise APIError(503, str(e), "server_error", code="engine_dead") from None
+        if gone in done:
+            return None
+        raise APIError(504, "the request timed out", "timeout_error", code="timeout")
+    finally:
+        for t in (consume, gone):
+            t.cancel()
+        await asyncio.gather(consume, gone, return_exceptions=True)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))

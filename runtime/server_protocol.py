@@ -1,0 +1,141 @@
+"""The OpenAI request bodies the server accepts, and how they become SamplingParams.
+
+Bodies are validated strictly (a string is not a number, a float is not an integer) and
+every error becomes `APIError`: an HTTP status plus OpenAI's error JSON
+`{"error": {"message", "type", "param", "code"}}` whose `param` names the offending field.
+Unknown fields are ignored, as vLLM does. Extensions with vLLM's names: top_k, min_p,
+repetition_penalty, ignore_eos, stop_token_ids, return_token_ids.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .sampling_params import SamplingParams
+
+MAX_LOGPROBS = 20
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Body):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    return_token_ids: bool = False  # token_ids in every choice (and chunk)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: passed to the template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _where(loc: tuple) -> str:
+    """('messages', 0, 'content') -> 'messages[0].content'; union branch names are dropped."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier() and part not in _TYPE_NAMES:
+            out += f".{part}" if out else part
+    return out
+
+
+def parse_body(cls: type[_Body], body: bytes):
+    if not body.strip():
+        raise APIError(400, "the request body is empty; send a JSON object")
+    try:
+        return cls.model_validate_json(body, strict=True)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            raise APIError(400, f"malformed JSON body: {err['msg']}") from None
+        if err["type"] == "model_type" and not err["loc"]:
+            raise APIError(400, "the request body must be a JSON object") from None
+        where = _where(err["loc"])
+        got = f" (got {err['input']!r:.80})" if err["type"] != "missing" else ""
+        raise APIError(400, f"{where}: {err['msg']}{got}", param=where.split(".")[0].split("[")[0] or None) from None
+
+
+def unsupported(req: _SamplingFields, **defaults) -> None:
+    """Fields we accept only at their default value (e.g. echo=False)."""
+    for name, default in defaults.items():
+        value = getattr(req, name)
+        if value is not None and value != default:
+            raise APIError(400, f"{name} is not supported by this server (got {value!r})", param=name)
+
+
+def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """The request's sampling fields as SamplingParams; an invalid value -> 400 naming it."""
+    unsupported(req, logit_bias={})
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
+    given = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                 repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                 frequency_penalty=req.frequency_penalty)
+    try:
+        return SamplingParams(
+            n=req.n, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+            max_tokens=max_tokens, logprobs=logprobs, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        raise APIError(400, str(e), param=field if field in SamplingParams.__dataclass_fields__ else None) from None
