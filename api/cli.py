@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks on the GPU (latency, throughput, kernels)")
     p.add_argument("mode", choices=["latency", "throughput", "kernels"])
     p.add_argument("--spec", help="spec (default: chosen by the config's architectures)")
-    p.add_argument("--config", help="a Hugging Face config.json, e.g. configs/llama-3-8b.json")
+    p.add_argument("--config", help="a Hugging Face config.json, one of configs/*.json")
     p.add_argument("--backend", default="cuda", choices=["reference", "cuda"])
     p.add_argument("--prompt", type=int, default=2048, help="latency: prompt tokens (TTFT)")
     p.add_argument("--steps", type=int, default=64, help="latency: decode steps timed")
@@ -149,7 +149,7 @@ def cmd_bench(args) -> int:
     from kiln.runtime.model import spec_for_config
 
     if args.config is None:
-        raise UsageError("kiln bench latency/throughput needs --config (e.g. configs/llama-3-8b.json)")
+        raise UsageError("kiln bench latency/throughput needs --config (one of configs/*.json)")
     if args.spec is None:
         args.spec = spec_for_config(_read_config(args.config), args.config)
     return bench_main(args)

@@ -13,7 +13,6 @@ which frees its KV pages. Every error body is OpenAI's `{"error": {...}}` (see s
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -200,7 +199,7 @@ def build_app(models: Sequence[ServedModel], config: ServerConfig | None = None)
         max_tokens = _max_tokens(served, len(prompt_ids), req.max_tokens, "prompt",
                                  COMPLETIONS_DEFAULT_MAX_TOKENS)
         params = sampling_params(req, max_tokens, req.logprobs)
-        render = Renderer("cmpl", served.name, served.tokenizer, chat=False, token_ids=req.return_token_ids)
+        render = Renderer("cmpl", served.name, served.tokenizer, False, req.return_token_ids, params.logprobs)
         return await _run(request, served, prompt_ids, params, render, req, arrival + config.request_timeout)
 
     @app.post("/v1/chat/completions")
@@ -215,7 +214,7 @@ def build_app(models: Sequence[ServedModel], config: ServerConfig | None = None)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        render = Renderer("chatcmpl", served.name, served.tokenizer, chat=True, token_ids=req.return_token_ids)
+        render = Renderer("chatcmpl", served.name, served.tokenizer, True, req.return_token_ids, params.logprobs)
         return await _run(request, served, prompt_ids, params, render, req, arrival + config.request_timeout)
 
     return app
@@ -331,7 +330,3 @@ async def _collect(stream: RequestStream, receive, deadline: float) -> RequestOu
         for t in (consume, gone):
             t.cancel()
         await asyncio.gather(consume, gone, return_exceptions=True)
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
