@@ -63,6 +63,14 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from kiln.codegen.show import show_ir, show_kernels
+
+    plan = check(load_spec(args.spec), _read_config(args.config), args.config or "config.json")
+    sys.stdout.write(show_kernels(plan, args.dtype, args.page_size) if args.kernels else show_ir(plan))
+    return 0
+
+
 def cmd_verify(args) -> int:
     from kiln.runtime.model import spec_for_config
     from kiln.runtime.verify import verify
@@ -98,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a Hugging Face config.json (or its folder) to bind parameters")
     p.add_argument("-v", "--verbose", action="store_true", help="list every weight")
     p.set_defaults(fn=cmd_check)
+
+    p = sub.add_parser("show", help="print generated artefacts: the unrolled IR, or the CUDA kernels")
+    p.add_argument("spec")
+    p.add_argument("--config", help="a Hugging Face config.json (default: the spec's defaults)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--kernels", action="store_true", help="the rendered CUDA kernels")
+    g.add_argument("--ir", action="store_true", help="the unrolled, typed op program")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--page-size", type=int, default=16)
+    p.set_defaults(fn=cmd_show)
 
     p = sub.add_parser("verify", help="compare a spec with Hugging Face transformers on random weights")
     p.add_argument("spec", nargs="?", help="spec (default: chosen by the config's architectures)")

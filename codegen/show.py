@@ -1,0 +1,35 @@
+"""`kiln show`: the generated artefacts of a spec, as text — the IR program and the kernels."""
+
+from __future__ import annotations
+
+from kiln.dsl.checker import Plan
+
+from .fuse import fuse
+
+
+def kernel_specs(plan: Plan, dtype: str = "bf16", page_size: int = 16) -> list:
+    """Each distinct kernel spec the cuda backend would compile, first occurrence first."""
+    seen, out = set(), []
+    for op in fuse(plan, dtype, page_size):
+        for spec in (op.spec if isinstance(op.spec, tuple) else (op.spec,)):
+            if spec is not None and spec.key() not in seen:
+                seen.add(spec.key())
+                out.append(spec)
+    return out
+
+
+def show_kernels(plan: Plan, dtype: str = "bf16", page_size: int = 16) -> str:
+    from .render import render  # jinja templates; imported here so `kiln show --ir` needs none
+
+    return "\n\n".join(render(spec).source.rstrip() for spec in kernel_specs(plan, dtype, page_size)) + "\n"
+
+
+def show_ir(plan: Plan) -> str:
+    lines = []
+    for ins in plan.program.instrs:
+        attrs = ", ".join(f"{k}={v!r}" for k, v in ins.attrs.items() if v is not None)
+        ins_ = ", ".join(i or "none" for i in ins.inputs)
+        t = ", ".join(str(plan.types[o]) for o in ins.outputs)
+        lines.append(f"{', '.join(ins.outputs)}: {t} = {ins.kind}({ins_}{', ' + attrs if attrs else ''})"
+                     f"    # {ins.op.pos.line}")
+    return "\n".join(lines) + "\n"
