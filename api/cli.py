@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=1000)
     p.add_argument("--output-len", type=int, default=1000)
     p.add_argument("--max-batch", type=int, default=256)
-    p.add_argument("--max-tokens-per-step", type=int, default=8192)
+    p.add_argument("--max-tokens-per-step", type=int, default=2048)
     p.add_argument("--hf-batch", type=int, default=0, help="throughput: HF generate() baseline batch")
     p.set_defaults(fn=cmd_bench)
     return ap

@@ -128,7 +128,7 @@ def hf_decode_ms(config_path: str, steps: int, batch: int = 1, prompt: int = 128
 
 def throughput(args) -> dict:
     m = random_model(args.spec, _config(args.config), dtype="bf16", device="cuda", backend=args.backend)
-    engine = LLMEngine(m, None, EngineConfig(page_size=16, max_num_seqs=args.max_batch,
+    engine = LLMEngine(m, None, EngineConfig(page_size=16, max_num_seqs=args.max_batch, kv_memory_fraction=0.7,
                                              max_tokens_per_step=args.max_tokens_per_step,
                                              max_model_len=args.input_len + args.output_len))
     gen = torch.Generator().manual_seed(0)
