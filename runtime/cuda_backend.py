@@ -40,6 +40,7 @@ class _Meta:
     decode: bool  # every sequence has exactly one new token
     max_q_len: int
     max_context: int
+    fresh: list[tuple[int, int]] | None = None  # (start, length) of each sequence, if none has context
 
 
 class CudaModel:
@@ -79,6 +80,10 @@ class CudaModel:
                     self._scratch[dspec.key()] = K.decode_scratch(dspec, max_batch, max_context, self.device)
             elif op.spec is not None:
                 op.spec = canon(op.spec)
+        # Every op but attention treats rows (tokens) independently, so after the last attention
+        # only the rows whose logits are wanted need computing (a prefill samples one row).
+        attn_at = [n for n, op in enumerate(self.ops) if op.kind == "attn"]
+        self._rows_from = attn_at[-1] + 1 if attn_at else 0
         self.use_graphs = use_graphs and not any(op.kind == "torch" and op.instrs[0].kind == "moe" for op in self.ops)
         self._graphs: dict[int, _Graph] = {}
 
@@ -109,7 +114,9 @@ class CudaModel:
 
         return _Meta(up(positions), up(slots), up(tables), up(kv_lens), up(cu),
                      up(kv_lens.max().reshape(1)), all(s.length == 1 for s in seqs),
-                     int(lengths.max()), self.max_context)
+                     int(lengths.max()), self.max_context,
+                     [(s.start, s.length) for s in seqs] if all(s.context == 0 and s.length > 1 for s in seqs)
+                     else None)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, batch: StepBatch, kv: KVStore, all_logits: bool = False) -> torch.Tensor:
@@ -127,16 +134,21 @@ class CudaModel:
                     graph = self._graphs[bucket] = _Graph(self, kv, bucket)
                 return graph.replay(batch, tokens)[: len(batch.seqs)].float()
         meta = self._meta(batch)
-        out = self._run(tokens, meta, kv, batch)
-        if not all_logits:
-            out = out[torch.tensor(batch.sample_rows(), device=self.device)]
-        return out.float()
+        rows = None if all_logits else torch.tensor(batch.sample_rows(), device=self.device)
+        return self._run(tokens, meta, kv, batch, rows=rows).float()
 
-    def _run(self, tokens: torch.Tensor, meta: _Meta, kv: KVStore, batch: StepBatch | None) -> torch.Tensor:
+    def _run(self, tokens: torch.Tensor, meta: _Meta, kv: KVStore, batch: StepBatch | None,
+             trace: dict | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of all rows, or of `rows` only. `trace`, if given, receives every value by
+        name (tests use it to find where two backends first differ)."""
         env: dict[str, torch.Tensor] = {"tokens": tokens, "positions": meta.positions}
         T = tokens.shape[0]
         ctx = None
         for n, op in enumerate(self.ops):
+            if n == self._rows_from and rows is not None:
+                env = {name: v.index_select(0, rows) if v.dim() and v.shape[0] == T else v
+                       for name, v in env.items()}
+                T = rows.shape[0]
             k = op.kind
             if k == "gemm":
                 w, b = self._gemm[n]
@@ -187,6 +199,8 @@ class CudaModel:
                     env[name] = value
             else:
                 raise NotImplementedError(f"cuda backend: unhandled kernel op '{k}' ({op.instrs[0].op.pos})")
+            if trace is not None:
+                trace.update((o, env[o].clone()) for o in op.outs)
         return env[self.plan.program.output]
 
     def _attention(self, op: KOp, env, meta: _Meta, kv: KVStore, T: int) -> torch.Tensor:
@@ -196,7 +210,18 @@ class CudaModel:
         K.rope_write_kv(rope, q, k, v, meta.positions, meta.slots, kc, vc,
                         seq_len=meta.seq_len if rope.scaling == "dynamic" else None)
         out = torch.empty(T, dspec.heads * dspec.head_dim, dtype=self.dtype, device=self.device)
-        if meta.decode:
+        if meta.fresh is not None and not pspec.window and not pspec.softcap and pspec.causal:
+            # Whole prompts (no cached context): their K/V are exactly this step's k and v, so
+            # torch's flash attention (SDPA) can read them directly; the cache was written above.
+            hd, hq, hk = dspec.head_dim, dspec.heads, dspec.kv_heads
+            for start, length in meta.fresh:
+                qs = q[start:start + length].unflatten(1, (hq, hd)).transpose(0, 1)
+                ks = k[start:start + length].unflatten(1, (hk, hd)).transpose(0, 1)
+                vs = v[start:start + length].unflatten(1, (hk, hd)).transpose(0, 1)
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    qs[None], ks[None], vs[None], is_causal=True, scale=dspec.scale, enable_gqa=hq != hk)
+                out[start:start + length] = o[0].transpose(0, 1).flatten(1)
+        elif meta.decode:
             K.paged_decode_attention(dspec, q, kc, vc, meta.block_tables, meta.kv_lens, out,
                                      self._scratch[dspec.key()], meta.max_context)
         else:

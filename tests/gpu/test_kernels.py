@@ -1,0 +1,436 @@
+"""Every generated kernel against plain torch math (float64) on fresh random inputs: odd
+lengths, lengths crossing page boundaries, mixed batches, shuffled page ids. Outputs are
+poisoned (NaN) first so an unwritten element fails."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("cuda.bindings")
+
+from kiln.codegen import kernels as K, rope  # noqa: E402
+from kiln.codegen.specs import (  # noqa: E402
+    ActSpec,
+    DecodeAttnSpec,
+    EmbedSpec,
+    NormSpec,
+    PrefillAttnSpec,
+    RopeCacheSpec,
+    SamplingSpec,
+    SoftcapSpec,
+)
+
+pytestmark = pytest.mark.usefixtures("fresh_seed")
+DEV = "cuda"
+TOL = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-5}
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "output has NaNs: an element was never written"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def nan_like(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+
+
+# ---- norms -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("kind, hidden, res, off", [
+    ("rms", 4096, True, 0.0), ("rms", 80, False, 1.0), ("rms", 5120, True, 1.0),
+    ("layer", 768, True, 0.0), ("layer", 4100, False, 0.0),
+])
+@pytest.mark.parametrize("T", [1, 7, 301])
+def test_norm(dtype, kind, hidden, res, off, T):
+    dt = DT[dtype]
+    spec = NormSpec(kind, hidden, 1e-5, weight_offset=off, has_bias=kind == "layer", has_residual=res,
+                    dtype=dtype, origin="test")
+    x = torch.randn(T, hidden, device=DEV).to(dt)
+    r = torch.randn(T, hidden, device=DEV).to(dt) if res else None
+    w = (torch.rand(hidden, device=DEV) + 0.5).to(dt)
+    b = torch.randn(hidden, device=DEV).to(dt) if kind == "layer" else None
+    out, r_out = nan_like((T, hidden), dt), (nan_like((T, hidden), dt) if res else None)
+    K.norm(spec, x, w, out, residual=r, residual_out=r_out, bias=b)
+    h = (x + r) if res else x  # an eager dtype add: what residual_out must hold, bit for bit
+    if res:
+        assert torch.equal(r_out, h)
+    hd = h.double()
+    if kind == "rms":
+        y = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    else:
+        y = (hd - hd.mean(-1, keepdim=True)) * torch.rsqrt(hd.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    y = y * (w.double() + off) + (b.double() if b is not None else 0)
+    assert rel_err(out, y) <= TOL[dtype]
+
+
+def test_norm_residual_in_place():
+    spec = NormSpec("rms", 4096, 1e-6, dtype="bf16", origin="test")
+    x, r = torch.randn(33, 4096, device=DEV).bfloat16(), torch.randn(33, 4096, device=DEV).bfloat16()
+    w, h = torch.randn(4096, device=DEV).bfloat16(), x + r
+    out = nan_like((33, 4096), torch.bfloat16)
+    K.norm(spec, x, w, out, residual=r, residual_out=r)
+    assert torch.equal(r, h)
+
+
+# ---- paged cache helpers -----------------------------------------------------------------
+
+def paged_layout(lens, page_size, spare=5):
+    """Block tables over a shuffled page pool: [S, max_pages] int32, total pages."""
+    need = [math.ceil(n / page_size) for n in lens]
+    total = sum(need) + spare
+    perm = torch.randperm(total).tolist()
+    tables = torch.zeros(len(lens), max(need), dtype=torch.int32)
+    at = 0
+    for s, n in enumerate(need):
+        tables[s, :n] = torch.tensor(perm[at : at + n])
+        at += n
+    return tables.to(DEV), total
+
+
+def gather(cache, table, n, page_size):
+    """Dense [kv_heads, n, head_dim] of a sequence's first n cached tokens."""
+    pages = cache[table[: math.ceil(n / page_size)].long()]  # [p, kv, P, D]
+    return pages.permute(1, 0, 2, 3).reshape(cache.shape[1], -1, cache.shape[3])[:, :n]
+
+
+# ---- rotary + cache write ----------------------------------------------------------------
+
+def rotate_ref(x, pos, freq, rot, layout, attn_factor=1.0):
+    """x [T, H, D] -> float64 rotated like HF (angles in float32, as HF's matmul)."""
+    x = x.double().clone()
+    if rot == 0:
+        return x
+    ang = (pos.float()[:, None] * freq.to(pos.device)[None, :]).double()[:, None, :]  # [T, 1, rot/2]
+    c, s = ang.cos() * attn_factor, ang.sin() * attn_factor
+    if layout == "half":
+        x1, x2 = x[..., : rot // 2].clone(), x[..., rot // 2 : rot].clone()
+        x[..., : rot // 2], x[..., rot // 2 : rot] = x1 * c - x2 * s, x2 * c + x1 * s
+    else:
+        x1, x2 = x[..., 0:rot:2].clone(), x[..., 1:rot:2].clone()
+        x[..., 0:rot:2], x[..., 1:rot:2] = x1 * c - x2 * s, x2 * c + x1 * s
+    return x
+
+
+ROPE_CASES = [
+    dict(heads=32, kv_heads=8, head_dim=128, rotary_dim=128, layout="half", scaling="smooth", factor=8.0,
+         original_max_position=8192, theta=500000.0),
+    dict(heads=32, kv_heads=32, head_dim=80, rotary_dim=32, layout="half", scaling="none"),
+    dict(heads=16, kv_heads=2, head_dim=64, rotary_dim=64, layout="interleaved", scaling="linear", factor=4.0),
+    dict(heads=8, kv_heads=4, head_dim=256, rotary_dim=128, layout="interleaved", scaling="dynamic", factor=2.0,
+         original_max_position=512),
+    dict(heads=12, kv_heads=12, head_dim=64, rotary_dim=0),
+    dict(heads=4, kv_heads=2, head_dim=128, rotary_dim=96, layout="half", attention_factor=1.25),
+]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", range(len(ROPE_CASES)))
+@pytest.mark.parametrize("page_size", [16, 5])
+def test_rope_write_kv(dtype, case, page_size):
+    c = ROPE_CASES[case]
+    dt = DT[dtype]
+    spec = RopeCacheSpec(page_size=page_size, dtype=dtype, origin="test", **c)
+    H, KV, D, rot = spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim
+    ctx, new = [0, 3, 700, 31], [17, 1, 1, 40]  # prefill chunks and decodes, crossing pages
+    tables, pages = paged_layout([a + b for a, b in zip(ctx, new)], page_size)
+    seq = torch.cat([torch.full((n,), i) for i, n in enumerate(new)]).to(DEV)
+    pos = torch.cat([torch.arange(a, a + b) for a, b in zip(ctx, new)]).to(DEV)
+    T = pos.shape[0]
+    slots = K.slot_mapping(tables, seq, pos, page_size)
+    slots[5] = -1  # a padding token: rotated q, no cache write
+    qkv = torch.randn(T, (H + 2 * KV) * D, device=DEV).to(dt)  # a fused QKV output; q, k, v are views
+    q, k, v = qkv[:, : H * D], qkv[:, H * D : (H + KV) * D], qkv[:, (H + KV) * D :]
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    kc, vc = nan_like((pages, KV, page_size, D), dt), nan_like((pages, KV, page_size, D), dt)
+    seq_len = torch.tensor([int(pos.max()) + 1], dtype=torch.int32, device=DEV)
+    K.rope_write_kv(spec, q, k, v, pos, slots, kc, vc, seq_len=seq_len)
+
+    freq = rope.dynamic_inv_freq(spec, int(seq_len)) if spec.scaling == "dynamic" else (
+        rope.inv_freq(spec) if rot else None)
+    q_ref = rotate_ref(q0.view(T, H, D), pos, freq, rot, spec.layout, spec.attention_factor)
+    assert rel_err(q.reshape(T, H, D), q_ref) <= TOL[dtype]
+    k_ref = rotate_ref(k0.view(T, KV, D), pos, freq, rot, spec.layout, spec.attention_factor)
+    keep = slots >= 0
+    s = slots[keep].long()
+    k_got = kc[s // page_size, :, s % page_size]  # [T', KV, D]
+    v_got = vc[s // page_size, :, s % page_size]
+    assert rel_err(k_got, k_ref[keep]) <= TOL[dtype]
+    assert torch.equal(v_got, v0.view(T, KV, D)[keep])
+    written = torch.zeros(pages * page_size, dtype=torch.bool, device=DEV)
+    written[s] = True
+    untouched = kc.permute(0, 2, 1, 3).reshape(pages * page_size, -1)[~written]
+    assert torch.isnan(untouched).all(), "a slot outside slot_mapping was written"
+
+
+# ---- attention -------------------------------------------------------------------------
+
+def attention_ref(q, k, v, positions, scale, window, softcap, causal=True):
+    """q [n, H, D] at `positions`; k, v [KV, L, D] -> [n, H, D] float64."""
+    H, KV = q.shape[1], k.shape[0]
+    k = k.double().repeat_interleave(H // KV, 0)
+    v = v.double().repeat_interleave(H // KV, 0)
+    s = torch.einsum("nhd,hld->hnl", q.double(), k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    j = torch.arange(k.shape[1], device=q.device)[None, :]
+    p = positions[:, None]
+    ok = (j <= p) if causal else torch.ones_like(j <= p)
+    if window:
+        ok &= j > p - window
+    s = s.masked_fill(~ok[None], float("-inf"))
+    return torch.einsum("hnl,hld->nhd", torch.softmax(s, -1), v)
+
+
+ATTN_CASES = [  # heads, kv_heads, head_dim, window, softcap
+    (32, 8, 128, 0, 0.0), (8, 8, 64, 0, 0.0), (16, 2, 256, 37, 0.0), (12, 4, 80, 0, 30.0),
+    (64, 4, 128, 100, 20.0), (8, 1, 128, 0, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", ATTN_CASES)
+@pytest.mark.parametrize("page_size", [16, 7])
+def test_paged_decode_attention(dtype, case, page_size):
+    H, KV, D, window, cap = case
+    dt = DT[dtype]
+    spec = DecodeAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, softcap=cap, dtype=dtype, origin="test")
+    ctx = [1, 17, 100, 513, 1000, 2049, 33]
+    B = len(ctx)
+    tables, pages = paged_layout(ctx, page_size)
+    kc = torch.randn(pages, KV, page_size, D, device=DEV).to(dt)
+    vc = torch.randn(pages, KV, page_size, D, device=DEV).to(dt)
+    q = torch.randn(B, H * D, device=DEV).to(dt)
+    out = nan_like((B, H * D), dt)
+    scratch = K.decode_scratch(spec, B, 4096, DEV)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, scratch, max_context=max(ctx))
+    for b, n in enumerate(ctx):
+        ref = attention_ref(q[b].view(1, H, D), gather(kc, tables[b], n, page_size),
+                            gather(vc, tables[b], n, page_size), torch.tensor([n - 1], device=DEV),
+                            spec.scale, window, cap)
+        assert rel_err(out[b].view(1, H, D), ref) <= TOL[dtype], f"sequence {b} (context {n})"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", ATTN_CASES)
+@pytest.mark.parametrize("page_size", [16, 7])
+def test_prefill_attention(dtype, case, page_size):
+    H, KV, D, window, cap = case
+    dt = DT[dtype]
+    spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, softcap=cap, dtype=dtype, origin="test")
+    ctx, new = [0, 5, 100, 0, 64], [37, 64, 1, 130, 3]  # fresh prompts, chunked prefill, a decode
+    kv_lens = [a + b for a, b in zip(ctx, new)]
+    tables, pages = paged_layout(kv_lens, page_size)
+    kc = torch.randn(pages, KV, page_size, D, device=DEV).to(dt)
+    vc = torch.randn(pages, KV, page_size, D, device=DEV).to(dt)
+    T = sum(new)
+    q = torch.randn(T, H * D, device=DEV).to(dt)
+    out = nan_like((T, H * D), dt)
+    cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
+    K.prefill_attention(spec, q, kc, vc, tables, cu, torch.tensor(kv_lens, dtype=torch.int32, device=DEV),
+                        out, max_q_len=max(new))
+    for s, (c, n) in enumerate(zip(ctx, new)):
+        rows = slice(int(cu[s]), int(cu[s + 1]))
+        ref = attention_ref(q[rows].view(n, H, D), gather(kc, tables[s], c + n, page_size),
+                            gather(vc, tables[s], c + n, page_size), torch.arange(c, c + n, device=DEV),
+                            spec.scale, window, cap)
+        assert rel_err(out[rows].view(n, H, D), ref) <= TOL[dtype], f"sequence {s}"
+
+
+def test_prefill_not_causal():
+    spec = PrefillAttnSpec(8, 2, 64, 16, 0.125, causal=False, dtype="fp32", origin="test")
+    n = [19, 40]
+    tables, pages = paged_layout(n, 16)
+    kc, vc = torch.randn(pages, 2, 16, 64, device=DEV), torch.randn(pages, 2, 16, 64, device=DEV)
+    q = torch.randn(sum(n), 8 * 64, device=DEV)
+    out = nan_like(q.shape, torch.float32)
+    cu = torch.tensor([0, 19, 59], dtype=torch.int32, device=DEV)
+    K.prefill_attention(spec, q, kc, vc, tables, cu, torch.tensor(n, dtype=torch.int32, device=DEV), out, 40)
+    for s in range(2):
+        rows = slice(int(cu[s]), int(cu[s + 1]))
+        ref = attention_ref(q[rows].view(-1, 8, 64), gather(kc, tables[s], n[s], 16),
+                            gather(vc, tables[s], n[s], 16), torch.arange(n[s], device=DEV), 0.125, 0, 0, causal=False)
+        assert rel_err(out[rows].view(-1, 8, 64), ref) <= 1e-5
+
+
+# ---- activations, embedding, softcap -------------------------------------------------------
+
+ACTS = {
+    "silu": torch.nn.functional.silu, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("kind", list(ACTS))
+@pytest.mark.parametrize("gated, F, T, two_inputs", [
+    (True, 14336, 9, False), (True, 1000, 77, True), (False, 3072, 13, False), (False, 12, 5, False),
+])
+def test_activation(dtype, kind, gated, F, T, two_inputs):
+    dt = DT[dtype]
+    spec = ActSpec(kind, gated, F, dtype=dtype, origin="test")
+    out = nan_like((T, F), dt)
+    if gated:
+        x = torch.randn(T, 2 * F, device=DEV).to(dt) * 3
+        if two_inputs:
+            gate, up = x[:, :F].contiguous(), x[:, F:].contiguous()
+            K.activation(spec, out, gate=gate, up=up)
+        else:
+            K.activation(spec, out, x=x)
+        ref = ACTS[kind](x[:, :F].double()) * x[:, F:].double()
+    else:
+        x = torch.randn(T, F, device=DEV).to(dt) * 3
+        K.activation(spec, out, x=x)
+        ref = ACTS[kind](x.double())
+    assert rel_err(out, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("scale, positions", [(1.0, False), (64.0, False), (1.0, True)])
+def test_embed(dtype, scale, positions):
+    dt = DT[dtype]
+    V, Hd, T = 1031, 768, 29
+    spec = EmbedSpec(V, Hd, scale=scale, has_positions=positions, dtype=dtype, origin="test")
+    table = torch.randn(V, Hd, device=DEV).to(dt)
+    tokens = torch.randint(0, V, (T,), device=DEV)
+    tokens[3] = V + 5  # out of range: a zero row, never a fault
+    out = nan_like((T, Hd), dt)
+    if positions:
+        pos_table = torch.randn(64, Hd, device=DEV).to(dt)
+        pos = torch.randint(0, 64, (T,), device=DEV)
+        K.embed(spec, tokens, table, out, positions=pos, pos_table=pos_table)
+    else:
+        K.embed(spec, tokens, table, out)
+    ok = tokens < V
+    ref = torch.zeros(T, Hd, dtype=torch.float64, device=DEV)
+    ref[ok] = (table[tokens[ok]] * torch.tensor(scale, dtype=dt)).double()  # HF: a dtype multiply
+    if positions:
+        ref += pos_table[pos].double()
+    assert rel_err(out, ref) <= TOL[dtype]
+    if not positions:
+        assert (out[3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(4, 32000), (3, 50257), (1, 7)])
+def test_softcap(dtype, shape):
+    dt = DT[dtype]
+    spec = SoftcapSpec(30.0, dtype=dtype, origin="test")
+    x = (torch.randn(*shape, device=DEV) * 40).to(dt)
+    ref = 30.0 * torch.tanh(x.double() / 30.0)
+    out = nan_like(shape, dt)
+    K.softcap(spec, x, out)
+    assert rel_err(out, ref) <= TOL[dtype]
+    K.softcap(spec, x)  # in place
+    assert rel_err(x, ref) <= TOL[dtype]
+
+
+# ---- sampling ------------------------------------------------------------------------------
+
+def sample_ref(x, temp, k, p, u):
+    """(chosen index, kept mask, cdf) for one row, float64, in the kernel's documented semantics."""
+    x = x.double()
+    if temp <= 0 or k == 1:
+        return int(torch.argmax(x)), None, None
+    w = torch.exp((x - x.max()) / temp)
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if 0 < k < x.numel():
+        keep = x >= torch.topk(x, k).values[-1]
+    if p < 1:
+        ws = torch.where(keep, w, 0)
+        order = torch.argsort(x, descending=True, stable=True)
+        cum = ws[order].cumsum(0)
+        n = int(torch.searchsorted(cum, p * ws.sum()))
+        keep &= x >= x[order[min(n, x.numel() - 1)]]
+    cdf = torch.where(keep, w, 0).cumsum(0)
+    return int(torch.searchsorted(cdf, u * cdf[-1], right=True)), keep, cdf
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("V", [1000, 50257, 128256])
+def test_sample(dtype, V):
+    dt = DT[dtype]
+    spec = SamplingSpec(V, dtype=dtype, origin="test")
+    rows = [(0.0, 0, 1.0), (1.0, 1, 1.0), (0.7, 50, 1.0), (1.0, 0, 0.9), (1.3, 40, 0.8), (1.0, 0, 1.0),
+            (0.5, 5, 0.5), (1.0, V, 1.0), (2.0, 0, 0.05)]
+    B = len(rows)
+    for trial in range(3):
+        logits = (torch.randn(B, V + 3, device=DEV) * 3).to(dt)[:, :V]  # a row-strided view
+        temp = torch.tensor([r[0] for r in rows], device=DEV)
+        top_k = torch.tensor([r[1] for r in rows], dtype=torch.int32, device=DEV)
+        top_p = torch.tensor([r[2] for r in rows], device=DEV)
+        u = torch.rand(B, device=DEV)
+        out = torch.full((B,), -7, dtype=torch.int64, device=DEV)
+        K.sample(spec, logits, temp, top_k, top_p, u, out)
+        for b, (t, k, p) in enumerate(rows):
+            got = int(out[b])
+            want, keep, cdf = sample_ref(logits[b].cpu(), t, k, p, float(u[b]))
+            if got == want:
+                continue
+            # Only a draw at a rounding boundary of the float32 CDF may differ.
+            assert keep is not None and keep[got], f"row {b}: token {got} is outside the kept set"
+            target = float(u[b]) * float(cdf[-1])
+            before, after = (float(cdf[got - 1]) if got else 0.0), float(cdf[got])
+            edge = min(abs(before - target), abs(after - target))
+            assert edge <= 1e-4 * float(cdf[-1]), f"row {b}: drew {got}, expected {want}"
+
+
+# ---- a decode step in a CUDA graph ---------------------------------------------------------
+
+def test_decode_step_captures_in_cuda_graph():
+    H, KV, D, P, B = 32, 8, 128, 16, 4
+    rope_spec = RopeCacheSpec(H, KV, D, D, P, theta=500000.0, origin="test")
+    attn = DecodeAttnSpec(H, KV, D, P, D ** -0.5, origin="test")
+    samp = SamplingSpec(1000, origin="test")
+    max_ctx = 256
+    tables, pages = paged_layout([max_ctx] * B, P)
+    kc = torch.randn(pages, KV, P, D, device=DEV).bfloat16()
+    vc = torch.randn(pages, KV, P, D, device=DEV).bfloat16()
+    # persistent inputs, refilled before each replay
+    qkv = torch.empty(B, (H + 2 * KV) * D, device=DEV, dtype=torch.bfloat16)
+    pos = torch.empty(B, dtype=torch.int64, device=DEV)
+    lens = torch.empty(B, dtype=torch.int32, device=DEV)
+    slots = torch.empty(B, dtype=torch.int32, device=DEV)
+    w_out = torch.randn(H * D, 1000, device=DEV).bfloat16()
+    out = torch.empty(B, H * D, device=DEV, dtype=torch.bfloat16)
+    scratch = K.decode_scratch(attn, B, max_ctx, DEV)
+    temp, top_k = torch.ones(B, device=DEV), torch.full((B,), 20, dtype=torch.int32, device=DEV)
+    top_p, u = torch.full((B,), 0.9, device=DEV), torch.empty(B, device=DEV)
+    tok = torch.empty(B, dtype=torch.int64, device=DEV)
+
+    def step():
+        q, k, v = qkv[:, : H * D], qkv[:, H * D : (H + KV) * D], qkv[:, (H + KV) * D :]
+        K.rope_write_kv(rope_spec, q, k, v, pos, slots, kc, vc)
+        K.paged_decode_attention(attn, q, kc, vc, tables, lens, out, scratch, max_context=max_ctx)
+        K.sample(samp, (out @ w_out).float(), temp, top_k, top_p, u, tok)
+
+    def refill(seed):
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        qkv.copy_(torch.randn(qkv.shape, device=DEV, generator=g))
+        pos.copy_(torch.randint(10, max_ctx - 1, (B,), device=DEV, generator=g))
+        lens.copy_((pos + 1).int())
+        slots.copy_(K.slot_mapping(tables, torch.arange(B, device=DEV), pos, P))
+        u.copy_(torch.rand(B, device=DEV, generator=g))
+
+    refill(0)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up: load modules, cuBLAS handles
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in (1, 2):
+        refill(seed)
+        kc0, vc0 = kc.clone(), vc.clone()
+        graph.replay()
+        got_out, got_tok = out.clone(), tok.clone()
+        kc.copy_(kc0), vc.copy_(vc0)
+        refill(seed)
+        step()
+        assert torch.equal(got_out, out) and torch.equal(got_tok, tok)
