@@ -141,8 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="reference", choices=["reference", "cuda"])
     p.set_defaults(fn=cmd_generate)
-    p = sub.add_parser("bench", help="benchmarks on the GPU (latency, throughput, kernels)")
-    p.add_argument("mode", choices=["latency", "throughput", "kernels"])
+
+    from kiln.runtime import bench_serve, server_cli  # argument declarations only: cheap imports
+
+    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    server_cli.add_arguments(p)
+    p.set_defaults(fn=server_cli.cmd_serve)
+
+    p = sub.add_parser("bench", help="benchmarks on the GPU (latency, throughput, kernels), "
+                       "or of a running server (serve)")
+    p.add_argument("mode", choices=["latency", "throughput", "kernels", "serve"])
     p.add_argument("--spec", help="spec (default: chosen by the config's architectures)")
     p.add_argument("--config", help="a Hugging Face config.json, one of configs/*.json")
     p.add_argument("--backend", default="cuda", choices=["reference", "cuda"])
@@ -155,11 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--max-tokens-per-step", type=int, default=2048)
     p.add_argument("--hf-batch", type=int, default=0, help="throughput: HF generate() baseline batch")
+    bench_serve.add_arguments(p, lengths=False)  # serve: --url, --rates, --num-requests, ...
     p.set_defaults(fn=cmd_bench)
+
+    from kiln.codegen.cli_build import add_build_parsers
+    add_build_parsers(sub)
     return ap
 
 
 def cmd_bench(args) -> int:
+    if args.mode == "serve":
+        from kiln.runtime.bench_serve import cmd_bench_serve
+        return cmd_bench_serve(args)
     if args.mode == "kernels":
         from kiln.codegen.bench_kernels import main as bench_kernels
         return bench_kernels([]) or 0
@@ -174,12 +189,14 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kiln.codegen.build import BuildError
     from kiln.runtime.checkpoint import CheckpointError
+    from kiln.runtime.trt_backend import TrtRuntimeError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (SpecError, CheckpointError, UsageError) as e:
+    except (SpecError, CheckpointError, UsageError, BuildError, TrtRuntimeError) as e:
         print(f"kiln {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

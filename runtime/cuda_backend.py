@@ -57,8 +57,8 @@ class CudaModel:
         self.max_context = max_context
         self.max_batch = max_batch
         self.ops = fuse(plan, _DT[self.dtype], page_size)
-        self.ref = ReferenceModel(plan, weights)  # op implementations for what no kernel covers
-        self.weights = weights
+        self.weights = dict(weights)  # a copy: entries are dropped below, the caller's stay
+        self.ref = ReferenceModel(plan, self.weights)  # op implementations for what no kernel covers
         canonical: dict = {}  # one compiled kernel per distinct spec (origins differ per layer)
 
         def canon(spec):
@@ -84,6 +84,14 @@ class CudaModel:
         # only the rows whose logits are wanted need computing (a prefill samples one row).
         attn_at = [n for n, op in enumerate(self.ops) if op.kind == "attn"]
         self._rows_from = attn_at[-1] + 1 if attn_at else 0
+        # Weights that only fed a fused GEMM live on in its concatenation: drop the originals.
+        needed = {i[2:] for op in self.ops if op.kind != "gemm" for ins in op.instrs for i in ins.inputs
+                  if i and i.startswith("w:")}
+        for n, op in enumerate(self.ops):
+            if op.kind == "gemm" and op.extra["fused"]:
+                for w in op.extra["weights"] + op.extra["biases"]:
+                    if w and w[2:] not in needed:
+                        self.weights.pop(w[2:], None)
         self.use_graphs = use_graphs and not any(op.kind == "torch" and op.instrs[0].kind == "moe" for op in self.ops)
         self._graphs: dict[int, _Graph] = {}
 
