@@ -219,13 +219,14 @@ class CudaModel:
                         seq_len=meta.seq_len if rope.scaling == "dynamic" else None)
         out = torch.empty(T, dspec.heads * dspec.head_dim, dtype=self.dtype, device=self.device)
         if meta.fresh is not None and not pspec.window and not pspec.softcap and pspec.causal:
-            # Whole prompts (no cached context): their K/V are exactly this step's k and v, so
-            # torch's flash attention (SDPA) can read them directly; the cache was written above.
-            hd, hq, hk = dspec.head_dim, dspec.heads, dspec.kv_heads
-            for start, length in meta.fresh:
-                qs = q[start:start + length].unflatten(1, (hq, hd)).transpose(0, 1)
-                ks = k[start:start + length].unflatten(1, (hk, hd)).transpose(0, 1)
-                vs = v[start:start + length].unflatten(1, (hk, hd)).transpose(0, 1)
+            # Whole prompts (no cached context): torch's flash attention (SDPA) over the rotated
+            # K/V just written to the cache, gathered page by page.
+            hd, hq, hk, ps = dspec.head_dim, dspec.heads, dspec.kv_heads, dspec.page_size
+            for i, (start, length) in enumerate(meta.fresh):
+                pages = meta.block_tables[i, : -(-length // ps)].long()
+                ks = kc[pages].transpose(0, 1).reshape(hk, -1, hd)[:, :length]  # [Hk, L, D]
+                vs = vc[pages].transpose(0, 1).reshape(hk, -1, hd)[:, :length]
+                qs = q[start:start + length].unflatten(1, (hq, hd)).transpose(0, 1)  # [H, L, D]
                 o = torch.nn.functional.scaled_dot_product_attention(
                     qs[None], ks[None], vs[None], is_causal=True, scale=dspec.scale, enable_gqa=hq != hk)
                 out[start:start + length] = o[0].transpose(0, 1).flatten(1)
