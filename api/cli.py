@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_arguments(p, lengths=False)  # serve: --url, --rates, --num-requests, ...
     p.set_defaults(fn=cmd_bench)
 
-    from kiln.codegen.cli_build import add_build_parsers
+    from kiln.codegen.build import add_build_parsers
     add_build_parsers(sub)
     return ap
 

@@ -60,8 +60,8 @@ def step_inputs(batch: StepBatch, page_size: int, num_pages: int, attention: boo
     expect = start[pages[order]] + (torch.arange(t) - torch.repeat_interleave(
         torch.cumsum(counts, 0) - counts, counts))
     if not torch.equal(written, expect):
-        raise TrtRuntimeError("two sequences write the same KV page in one step (pages must not be shared "
-                              "while written)")
+        raise TrtRuntimeError("a step's writes to one KV page are not one run of consecutive slots "
+                              "(is a page shared by two sequences while written?)")
     out["write_order"] = order.to(i32)
     out["page_write_start"] = start.to(i32)
     out["page_write_cu"] = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(i32)

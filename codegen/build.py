@@ -1,0 +1,397 @@
+"""`kiln build`: spec + checkpoint -> an engine directory; `load_engine`: engine directory -> model.
+
+An engine directory holds everything needed to run without the checkpoint:
+
+    manifest.json        spec name and sha256, Kiln / TensorRT versions, target archs, dtype,
+                         limits, I/O tensors with their profile ranges
+    config.json          the checkpoint's config (binds the spec's parameters again at load)
+    spec/*.kiln          the spec and the specs it extends
+    weights.safetensors  converted weights under Kiln's names, in the run dtype
+    tokenizer files      when the checkpoint folder has them
+    kernels/*.cu         generated CUDA sources (cuda backend)
+    network.py           generated TensorRT network module (tensorrt backend)
+    model.engine         serialized TensorRT engine (tensorrt backend)
+
+The build writes into a temporary sibling directory and renames it at the end, so a
+failure leaves nothing at ENGINE_DIR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from kiln.dsl import check, load_spec
+from kiln.dsl.checker import Plan
+from kiln.runtime.checkpoint import open_checkpoint
+from kiln.runtime.weights import _alias_target, load_weights
+
+from .trt_api import BF16_MIN_SM, DTYPES, RTX_ARCHS, TensorRTMissing, arch_number, load_tensorrt
+from .trt_layers import TORCH_DTYPES, TrtLoweringError
+from .trt_network import Limits, io_tensors, render_network
+
+FORMAT = 1
+BACKENDS = ("cuda", "tensorrt")
+DEFAULT_RTX_ARCHS = ("sm80", "sm86", "sm89", "sm120")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "tokenizer.model")
+
+
+class BuildError(Exception):
+    """A build or engine directory that cannot be made or read; one clear message."""
+
+
+def build(spec: str | Path | None, checkpoint: str | Path, out: str | Path, backend: str = "tensorrt",
+          dtype: str = "fp16", max_batch: int = 8, max_tokens: int = 2048, max_seq_len: int = 4096,
+          page_size: int = 16, archs: tuple[str, ...] | None = None, progress: bool = True) -> Path:
+    out = Path(out)
+    if backend not in BACKENDS:
+        raise BuildError(f"unknown backend '{backend}' (backends: {', '.join(BACKENDS)})")
+    if dtype not in DTYPES:
+        raise BuildError(f"dtype '{dtype}' is not supported by the {backend} backend (supported: "
+                         f"{', '.join(DTYPES)})")
+    for name, v in (("max_batch", max_batch), ("max_tokens", max_tokens), ("max_seq_len", max_seq_len),
+                    ("page_size", page_size)):
+        if not isinstance(v, int) or v < 1:
+            raise BuildError(f"{name} must be a positive integer, got {v!r}")
+    if out.exists():
+        raise BuildError(f"{out} already exists; remove it or choose another --out")
+    if not out.parent.is_dir():
+        raise BuildError(f"parent folder of {out} does not exist")
+    limits = Limits(max_batch, max_tokens, max_seq_len, page_size)
+    trt = _tensorrt(dtype, archs) if backend == "tensorrt" else None
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    steps = ["check spec", "convert weights", "write sources"] + (["build TensorRT engine"] if trt else [])
+    bar = _progress(steps, progress)
+    try:
+        tmp.mkdir()
+        ckpt = open_checkpoint(checkpoint)
+        if spec is None:
+            from kiln.runtime.model import spec_for_config
+            spec = spec_for_config(ckpt.config, str(ckpt.path))
+        ir_spec = load_spec(spec)
+        plan = check(ir_spec, ckpt.config, str(Path(ckpt.path) / "config.json"))
+        bar.advance()
+        weights = load_weights(plan, ckpt, TORCH_DTYPES[dtype])
+        _save_weights(plan, weights, tmp / "weights.safetensors")
+        bar.advance()
+        files = _copy_sources(plan, ckpt, tmp)
+        manifest = _manifest(plan, backend, dtype, limits, files)
+        if backend == "cuda":
+            manifest["kernels"] = _write_kernels(plan, dtype, page_size, tmp / "kernels")
+        else:
+            (tmp / "network.py").write_text(render_network(plan, dtype, limits))
+        bar.advance()
+        if trt is not None:
+            refit = torch.cuda.is_available()
+            engine = build_engine(trt, tmp / "network.py", weights, archs or DEFAULT_RTX_ARCHS if trt.rtx else None,
+                                  refit)
+            manifest["refittable"] = refit
+            (tmp / "model.engine").write_bytes(engine)
+            manifest["tensorrt"] = {"module": trt.name, "flavor": trt.flavor, "version": trt.version}
+            manifest["target_archs"] = list(archs or DEFAULT_RTX_ARCHS) if trt.rtx else [_current_arch()]
+            manifest["files"] += ["network.py", "model.engine"]
+            bar.advance()
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.rename(out)
+    except TrtLoweringError as e:
+        raise BuildError(f"cannot build a TensorRT engine for {plan.spec.file}: {e}") from None
+    finally:
+        bar.close()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _tensorrt(dtype: str, archs: tuple[str, ...] | None):
+    try:
+        trt = load_tensorrt()
+    except TensorRTMissing as e:
+        raise BuildError(str(e)) from None
+    if not hasattr(trt.module, DTYPES[dtype]):
+        raise BuildError(f"dtype '{dtype}' is not supported by {trt.flavor} {trt.version}")
+    if trt.rtx:
+        for a in archs or DEFAULT_RTX_ARCHS:
+            if a not in RTX_ARCHS:
+                raise BuildError(f"{trt.flavor} cannot target '{a}' (targets: {', '.join(RTX_ARCHS)})")
+            if dtype == "bf16" and arch_number(a) < BF16_MIN_SM:
+                raise BuildError(f"dtype 'bf16' is not supported on target {a} (needs sm{BF16_MIN_SM} or newer); "
+                                 f"use --dtype fp16 or drop {a} from --arch")
+    elif archs:
+        raise BuildError(f"{trt.flavor} builds for the GPU it runs on; --arch is for TensorRT-RTX only")
+    missing = [f for f in ("add_kv_cache_update", "add_rotary_embedding", "KVCacheMode") if not trt.has(f)]
+    if missing:
+        raise BuildError(f"{trt.flavor} {trt.version} lacks {', '.join(missing)} (the paged KV cache and rotary "
+                         f"layers Kiln's networks use); install a newer TensorRT or TensorRT-RTX")
+    return trt
+
+
+def build_engine(trt, network_py: Path, weights: dict[str, torch.Tensor], archs, refit: bool = False) -> bytes:
+    """Import the generated module, define the network, build and serialize the engine.
+
+    `refit` needs a GPU at build time: TensorRT-RTX 1.7's ahead-of-time builder fails inside
+    its graph compiler (a CUDA call) when weights are refittable and no GPU is present."""
+    mod = import_network(network_py)
+    t = trt.module
+    log = _Logger(t)
+    builder = t.Builder(log)
+    net = builder.create_network(1 << int(t.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    owner = mod.build_network(t, net, weights)  # owns the constants' host memory until the build ends
+    config = builder.create_builder_config()
+    if refit:  # named weights can then be replaced from weights.safetensors
+        config.set_flag(t.BuilderFlag.REFIT)
+    if archs:
+        config.num_compute_capabilities = len(archs)
+        for i, a in enumerate(archs):
+            config.set_compute_capability(getattr(t.ComputeCapability, RTX_ARCHS[a]), i)
+    profile = builder.create_optimization_profile()
+    for name, (_, _, (lo, opt, hi)) in mod.INPUTS.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(net, config)
+    del owner
+    if serialized is None:
+        raise BuildError("TensorRT could not build the engine: " + ("; ".join(log.errors) or "no message"))
+    return bytes(serialized)
+
+
+def import_network(path: Path):
+    spec = importlib.util.spec_from_file_location(f"kiln_network_{abs(hash(str(path)))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _Logger(t):
+    class Logger(t.ILogger):
+        def __init__(self):
+            t.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (t.ILogger.Severity.ERROR, t.ILogger.Severity.INTERNAL_ERROR):
+                self.errors.append(msg)
+    return Logger()
+
+
+def _save_weights(plan: Plan, weights: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+    own = {n: t.contiguous() for n, t in weights.items() if _alias_target(plan, plan.weights[n]) == n}
+    save_file(own, str(path), metadata={"format": "pt", "producer": "kiln build"})
+
+
+def _copy_sources(plan: Plan, ckpt, tmp: Path) -> list[str]:
+    files = ["weights.safetensors", "config.json"]
+    (tmp / "config.json").write_text(json.dumps(ckpt.config, indent=2, sort_keys=True, default=str) + "\n")
+    (tmp / "spec").mkdir()
+    for f in plan.spec.files:
+        dest = tmp / "spec" / Path(f).name
+        if dest.exists():
+            raise BuildError(f"spec files {f} and {dest.name} of the extends chain share a file name")
+        shutil.copyfile(f, dest)
+        files.append(f"spec/{dest.name}")
+    folder = Path(ckpt.path)
+    for name in TOKENIZER_FILES if folder.is_dir() else ():
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, tmp / name)
+            files.append(name)
+    return files
+
+
+def _write_kernels(plan: Plan, dtype: str, page_size: int, folder: Path) -> list[str]:
+    from .render import render
+    from .show import kernel_specs
+    from .specs import KernelSpecError
+
+    folder.mkdir()
+    names = []
+    try:
+        for ks in kernel_specs(plan, dtype, page_size):
+            src = render(ks)
+            if src.name not in names:
+                (folder / f"{src.name}.cu").write_text(src.source)
+                names.append(src.name)
+    except KernelSpecError as e:
+        raise BuildError(f"cannot generate CUDA kernels for {plan.spec.file}: {e}") from None
+    return [f"kernels/{n}.cu" for n in names]
+
+
+def _manifest(plan: Plan, backend: str, dtype: str, limits: Limits, files: list[str]) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        kiln_version = version("kiln")
+    except PackageNotFoundError:
+        kiln_version = "unknown"
+    spec_files = [{"path": f"spec/{Path(f).name}", "sha256": _sha256(Path(f))} for f in plan.spec.files]
+    return {
+        "format": FORMAT, "backend": backend, "kiln_version": kiln_version,
+        "spec": {"name": plan.spec.name, "main": spec_files[0]["path"], "files": spec_files,
+                 "sha256": hashlib.sha256("".join(s["sha256"] for s in spec_files).encode()).hexdigest()},
+        "dtype": dtype, **asdict(limits), "max_pages": limits.max_pages,
+        "vocab_size": plan.vocab_size, "attention_sites": len(plan.sites), "parameters": plan.num_parameters(),
+        "io": [{"name": io.name, "mode": "output" if io.output else "input", "dtype": io.dtype,
+                "shape": list(io.shape),
+                "profile": None if io.profile is None else dict(zip(("min", "opt", "max"), map(list, io.profile)))}
+               for io in io_tensors(plan, dtype, limits)] if backend == "tensorrt" else [],
+        "files": files,
+    }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _current_arch() -> str:
+    if not torch.cuda.is_available():
+        raise BuildError("full TensorRT builds for the present GPU, and there is none")
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm{major}{minor}"
+
+
+class _Bar:
+    def __init__(self, steps: list[str], enabled: bool):
+        self.steps, self.i = steps, 0
+        self.tq = None
+        try:
+            from tqdm import tqdm
+        except ImportError:  # the bar is a nicety; building works without it
+            enabled = False
+        if enabled:
+            self.tq = tqdm(total=len(steps), desc=steps[0], unit="step", leave=False)
+
+    def advance(self):
+        self.i += 1
+        if self.tq is not None:
+            self.tq.update(1)
+            if self.i < len(self.steps):
+                self.tq.set_description(self.steps[self.i])
+
+    def close(self):
+        if self.tq is not None:
+            self.tq.close()
+
+
+def _progress(steps: list[str], enabled: bool) -> _Bar:
+    return _Bar(steps, enabled)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def read_manifest(engine_dir: str | Path) -> dict:
+    d = Path(engine_dir)
+    path = d / "manifest.json"
+    if not path.is_file():
+        raise BuildError(f"{d} is not a Kiln engine directory (no manifest.json)")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BuildError(f"invalid JSON in {path}:{e.lineno}:{e.colno}: {e.msg}") from None
+    if m.get("format") != FORMAT:
+        raise BuildError(f"{path}: engine format {m.get('format')!r}, this Kiln reads format {FORMAT}")
+    for f in m["files"]:
+        if not (d / f).is_file():
+            raise BuildError(f"{d}: file '{f}' listed in manifest.json is missing")
+    for s in m["spec"]["files"]:
+        if _sha256(d / s["path"]) != s["sha256"]:
+            raise BuildError(f"{d / s['path']} was changed after the build (sha256 differs from manifest.json)")
+    return m
+
+
+def load_engine(engine_dir: str | Path, device: str = "cuda"):
+    """A `LoadedModel` from an engine directory of either backend."""
+    from kiln.runtime.model import LoadedModel, make_backend
+    from safetensors.torch import load_file
+
+    d = Path(engine_dir)
+    m = read_manifest(d)
+    config = json.loads((d / "config.json").read_text())
+    plan = check(load_spec(d / m["spec"]["main"]), config, str(d / "config.json"))
+    dtype = TORCH_DTYPES[m["dtype"]]
+    if m["backend"] == "tensorrt":
+        from kiln.runtime.trt_backend import TrtModel
+        model = TrtModel(plan, d, m, device)
+    else:
+        weights = {n: t.to(device) for n, t in load_file(str(d / "weights.safetensors")).items()}
+        for slot in plan.weights.values():
+            if slot.source is not None and slot.name not in weights:
+                weights[slot.name] = weights[_alias_target(plan, slot)]
+        model = make_backend(plan, weights, "cuda" if str(device).startswith("cuda") else "reference", device)
+    return LoadedModel(plan, model, None, dtype, torch.device(device))
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_build_parsers(sub) -> None:
+    p = sub.add_parser("build", help="build an engine directory (cuda or tensorrt) from a spec and checkpoint")
+    p.add_argument("spec", nargs="?", help="spec (default: chosen by the checkpoint's architectures)")
+    p.add_argument("--checkpoint", required=True, help="HF folder or .gguf file")
+    p.add_argument("--backend", default="tensorrt", choices=list(BACKENDS))
+    p.add_argument("--out", required=True, help="engine directory to create (must not exist)")
+    p.add_argument("--dtype", default="fp16", help=f"run dtype: {', '.join(DTYPES)}")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--max-tokens", type=int, default=2048, help="new tokens per step, all sequences")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="positions per sequence")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
+    p.add_argument("--arch", help="TensorRT-RTX targets, comma-separated (default: "
+                   f"{','.join(DEFAULT_RTX_ARCHS)}; known: {', '.join(RTX_ARCHS)})")
+    p.set_defaults(fn=cmd_build)
+
+    p = sub.add_parser("run", help="generate from an engine directory made by `kiln build`")
+    p.add_argument("engine", help="engine directory")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="plain text prompt (needs the tokenizer files in the engine directory)")
+    g.add_argument("--tokens", help="comma-separated prompt token ids")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--device", default="cuda")
+    p.set_defaults(fn=cmd_run)
+
+
+def cmd_build(args) -> int:
+    archs = tuple(a.strip() for a in args.arch.split(",")) if args.arch else None
+    out = build(args.spec, args.checkpoint, args.out, args.backend, args.dtype, args.max_batch, args.max_tokens,
+                args.max_seq_len, args.page_size, archs)
+    m = json.loads((out / "manifest.json").read_text())
+    where = f", {m['tensorrt']['flavor']} {m['tensorrt']['version']} for {', '.join(m['target_archs'])}" \
+        if "tensorrt" in m else ""
+    print(f"built {out}: {m['spec']['name']}, {m['backend']} backend, {m['dtype']}{where}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from kiln.runtime.generate import generate
+    from kiln.runtime.sampling_params import SamplingParams
+    from kiln.runtime.tokenizer import Tokenizer
+
+    loaded = load_engine(args.engine, args.device)
+    if args.tokens is not None:
+        try:
+            ids = [int(x) for x in args.tokens.split(",")]
+        except ValueError:
+            raise BuildError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
+        tokenizer = None
+    else:
+        if not (Path(args.engine) / "tokenizer.json").is_file():
+            raise BuildError(f"{args.engine} has no tokenizer.json; pass --tokens instead of --prompt")
+        tokenizer = Tokenizer.from_folder(args.engine)
+        ids = tokenizer.encode(args.prompt)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    if tokenizer is None:
+        from kiln.runtime.model import SingleSequence
+        seq = SingleSequence(loaded, len(ids) + args.max_tokens)
+        out, logits = [], seq.step(ids)
+        for _ in range(args.max_tokens):
+            out.append(int(logits[-1].argmax()))
+            logits = seq.step([out[-1]])
+        print(",".join(map(str, out)))
+        return 0
+    print(generate(loaded, tokenizer, ids, params).text)
+    return 0
