@@ -149,10 +149,7 @@ class LLMEngine:
         for req in self.scheduler.take_finished():
             self._on_finish(req)
             changed.add(self._tracks[req.request_id].parent)
-        return [self._output(pid) for pid in sorted(changed, key=self._order)]
-
-    def _order(self, parent: str):
-        return list(self._groups).index(parent) if parent in self._groups else -1
+        return [self._output(pid) for pid in list(self._groups) if pid in changed]  # arrival order
 
     def _on_token(self, req: Request, row: int, out) -> None:
         track = self._tracks[req.request_id]
@@ -193,6 +190,7 @@ class LLMEngine:
         finished = True
         for child in group.children:
             track = self._tracks[child]
+            # While running: the live list (it grows; copy it to keep a snapshot).
             req_tokens = track.done.token_ids if track.done else self._live_tokens(child)
             outs.append(CompletionOutput(track.index, track.text, req_tokens,
                                          track.done.finish_reason if track.done else None,
@@ -209,4 +207,4 @@ class LLMEngine:
 
     def _live_tokens(self, child: str) -> list[int]:
         req = self.scheduler.get(child)
-        return list(req.output_token_ids) if req is not None else []
+        return req.output_token_ids if req is not None else []
