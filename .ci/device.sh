@@ -12,7 +12,7 @@ for what in "$@"; do
   case $what in
     tests) timeout 300 python3 -m pytest tests/gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
     latency) timeout 300 kiln bench latency --config configs/llama-3-8b.json --hf --steps 64 2>&1 | tee "$OUT/latency.log" | tail -16 ;;
-    throughput) timeout 400 kiln bench throughput --config configs/llama-3-8b.json ${TP_ARGS:-} 2>&1 | tee "$OUT/throughput.log" | tail -18 ;;
+    throughput) timeout 480 kiln bench throughput --config configs/llama-3-8b.json ${TP_ARGS:-} 2>&1 | tee "$OUT/throughput.log" | tail -18 ;;
     kernels) timeout 200 kiln bench kernels 2>&1 | tee "$OUT/kernels.log" | tail -14 ;;
   esac
 done
