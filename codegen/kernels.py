@@ -1,0 +1,349 @@
+"""Typed wrappers around the generated kernels: check arguments, then launch.
+
+Every wrapper takes the kernel's spec first, then torch CUDA tensors; outputs are passed in
+(nothing is allocated on a launch path, so a decode step can be captured in a CUDA graph).
+Index tensors: token ids and positions int64; slot mappings, block tables, sequence lengths
+and cu_seqlens int32. Paged cache: [num_pages, kv_heads, page_size, head_dim], run dtype.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .launch import LoadedKernel, get_kernel, i32, i64, ptr
+from .render import KernelSource, render  # noqa: F401  (re-exported)
+from .specs import (  # noqa: F401  (re-exported)
+    ActSpec,
+    DecodeAttnSpec,
+    EmbedSpec,
+    KernelSpecError,
+    NormSpec,
+    PrefillAttnSpec,
+    RopeCacheSpec,
+    SamplingSpec,
+    SoftcapSpec,
+)
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class KernelArgError(ValueError):
+    """A tensor handed to a kernel wrapper has the wrong shape, dtype, device or layout."""
+
+
+def _check(name, t, dtype=None, shape=None, device=None, rows_aligned=False, contiguous=True, aligned=True,
+           align=16):
+    if not isinstance(t, torch.Tensor):
+        raise KernelArgError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_cuda:
+        raise KernelArgError(f"{name}: must be on a CUDA device, is on {t.device}")
+    if device is not None and t.device != device:
+        raise KernelArgError(f"{name}: on {t.device}, other arguments on {device}")
+    if dtype is not None and t.dtype != dtype:
+        raise KernelArgError(f"{name}: dtype {t.dtype}, expected {dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise KernelArgError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if contiguous and not t.is_contiguous():
+        raise KernelArgError(f"{name}: must be contiguous")
+    if rows_aligned:  # a [rows, cols] view read with `align`-byte vectors
+        if t.dim() != 2 or t.stride(1) != 1:
+            raise KernelArgError(f"{name}: must be a 2-D tensor with unit column stride")
+        if t.data_ptr() % align or (t.stride(0) * t.element_size()) % align:
+            raise KernelArgError(f"{name}: rows must start on {align}-byte boundaries")
+    elif aligned and t.data_ptr() % align:
+        raise KernelArgError(f"{name}: data must be {align}-byte aligned")
+    return t
+
+
+def _rows(name, t, dtype, cols, device, align=16):
+    _check(name, t, dtype, device=device, rows_aligned=True, contiguous=False, align=align)
+    if t.shape[1] != cols:
+        raise KernelArgError(f"{name}: {t.shape[1]} columns, expected {cols}")
+    return t
+
+
+def _kernel(spec, device) -> LoadedKernel:
+    return get_kernel(spec, device)
+
+
+def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=None):
+    """out = norm(x [+ residual]) * (weight + offset) [+ bias]; residual_out = x + residual.
+
+    x, residual, out, residual_out: [T, hidden]; residual_out may be residual (in place).
+    """
+    dt, h = TORCH_DTYPES[spec.dtype], spec.hidden
+    _check("x", x, dt)
+    dev, T = x.device, x.shape[0]
+    _check("x", x, dt, (T, h))
+    _check("weight", weight, dt, (h,), dev)
+    _check("out", out, dt, (T, h), dev)
+    args = [ptr(x)]
+    if spec.has_residual:
+        if residual is None or residual_out is None:
+            raise KernelArgError("residual, residual_out: required by a fused residual norm")
+        _check("residual", residual, dt, (T, h), dev)
+        _check("residual_out", residual_out, dt, (T, h), dev)
+        args += [ptr(residual), ptr(residual_out)]
+    args.append(ptr(weight))
+    if spec.has_bias:
+        if bias is None:
+            raise KernelArgError("bias: required by this layer norm")
+        args.append(ptr(_check("bias", bias, dt, (h,), dev)))
+    args += [ptr(out), i32(T)]
+    k = _kernel(spec, dev)
+    k.launch(k.source.entries[0], (T,), (k.source.meta["threads"],), args)
+
+
+def slot_mapping(block_tables, seq_ids, positions, page_size: int):
+    """[T] int32 cache slots (page * page_size + offset) of tokens at `positions` of `seq_ids`."""
+    pages = block_tables[seq_ids.long(), (positions // page_size).long()]
+    return (pages * page_size + positions % page_size).to(torch.int32)
+
+
+def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache, v_cache, seq_len=None):
+    """Rotate q in place; rotate k and write it, and v, into the paged cache.
+
+    q [T, heads*head_dim], k and v [T, kv_heads*head_dim] (row-strided views of a fused QKV
+    output work); positions [T] int64; slot_mapping [T] int32 (negative: skip the token);
+    seq_len [1] int32, the step's max position + 1, only for dynamic scaling.
+    """
+    dt, d = TORCH_DTYPES[spec.dtype], spec.head_dim
+    dev = q.device
+    _rows("q", q, dt, spec.heads * d, dev)
+    T = q.shape[0]
+    _rows("k", k, dt, spec.kv_heads * d, dev)
+    _rows("v", v, dt, spec.kv_heads * d, dev)
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != T:
+            raise KernelArgError(f"{name}: {t.shape[0]} rows, q has {T}")
+    _check("positions", positions, torch.int64, (T,), dev, aligned=False)
+    _check("slot_mapping", slot_mapping, torch.int32, (T,), dev, aligned=False)
+    _check_cache(spec, k_cache, v_cache, dt, dev)
+    args = [ptr(q), ptr(k), ptr(v), ptr(positions), ptr(slot_mapping), ptr(k_cache), ptr(v_cache)]
+    kern = _kernel(spec, dev)
+    if kern.source.meta["dynamic"]:
+        if seq_len is None:
+            raise KernelArgError("seq_len: dynamic rotary scaling needs the step's length ([1] int32)")
+        args.append(ptr(_check("seq_len", seq_len, torch.int32, (1,), dev, aligned=False)))
+    args += [i64(q.stride(0)), i64(k.stride(0)), i64(v.stride(0)), i32(T)]
+    kern.launch(kern.source.entries[0], (T,), (kern.source.meta["threads"],), args)
+
+
+def _check_cache(spec, k_cache, v_cache, dt, dev):
+    _check("k_cache", k_cache, dt, device=dev)
+    shape = (k_cache.shape[0], spec.kv_heads, spec.page_size, spec.head_dim)
+    _check("k_cache", k_cache, dt, shape, dev)
+    _check("v_cache", v_cache, dt, shape, dev)
+
+
+@dataclass
+class DecodeScratch:
+    """Split-K partials for paged decode attention, allocated once up front."""
+
+    partial_out: torch.Tensor  # [max_seqs, heads, max_splits, head_dim] float32
+    partial_ml: torch.Tensor  # [max_seqs, heads, max_splits, 2] float32
+    max_splits: int
+
+
+def decode_scratch(spec: DecodeAttnSpec, max_seqs: int, max_context: int, device, min_partition=128):
+    max_splits = max(1, math.ceil(max_context / min_partition))
+    shape = (max_seqs, spec.heads, max_splits)
+    return DecodeScratch(
+        torch.empty(*shape, spec.head_dim, dtype=torch.float32, device=device),
+        torch.empty(*shape, 2, dtype=torch.float32, device=device),
+        max_splits,
+    )
+
+
+DECODE_BLOCK_OVERHEAD = 64  # a block's fixed cost (launch, first loads, merge), in tokens of work
+
+
+def decode_partition(spec: DecodeAttnSpec, num_seqs: int, max_context: int, resident: int, max_splits: int):
+    """Tokens per split (whole tiles), minimizing the modeled time: waves of `resident` blocks
+    (as many as the GPU holds at once), each as long as its partition plus a fixed overhead."""
+    meta = render(spec).meta
+    tile = meta["tile"]
+    base = max(1, num_seqs * spec.kv_heads * meta["chunks"])
+    tiles = max(1, math.ceil(max_context / tile))
+    best = None
+    for want in range(1, min(tiles, max_splits) + 1):
+        part = math.ceil(tiles / want) * tile
+        splits = math.ceil(max_context / part)
+        cost = math.ceil(base * splits / resident) * (part + DECODE_BLOCK_OVERHEAD)
+        if best is None or cost < best[0]:
+            best = (cost, part)
+    return best[1]
+
+
+def paged_decode_attention(
+    spec: DecodeAttnSpec, q, k_cache, v_cache, block_tables, context_lens, out, scratch: DecodeScratch,
+    max_context: int, partition: int | None = None,
+):
+    """One new token per sequence: out[b] = attention(q[b], its cached K/V).
+
+    q, out [B, heads*head_dim]; block_tables [B, max_pages] int32; context_lens [B] int32
+    (the new token's K/V already in the cache); max_context: a host bound on context_lens
+    (a fixed capacity when capturing a graph); partition: tokens per split (default: modeled).
+    """
+    dt, d = TORCH_DTYPES[spec.dtype], spec.head_dim
+    dev = q.device
+    _rows("q", q, dt, spec.heads * d, dev)
+    B = q.shape[0]
+    _rows("out", out, dt, spec.heads * d, dev)
+    _check_cache(spec, k_cache, v_cache, dt, dev)
+    _check("block_tables", block_tables, torch.int32, device=dev, aligned=False)
+    if block_tables.dim() != 2 or block_tables.shape[0] != B:
+        raise KernelArgError(f"block_tables: shape {tuple(block_tables.shape)}, expected [{B}, max_pages]")
+    if block_tables.shape[1] * spec.page_size < max_context:
+        raise KernelArgError(f"block_tables: {block_tables.shape[1]} pages cannot hold max_context={max_context}")
+    _check("context_lens", context_lens, torch.int32, (B,), dev, aligned=False)
+    if out.shape[0] != B or scratch.partial_out.shape[0] < B or scratch.partial_out.shape[1] != spec.heads:
+        raise KernelArgError("out / scratch: sized for a different batch or head count")
+    kern = _kernel(spec, dev)
+    meta = kern.source.meta
+    if partition is None:
+        resident = kern.num_sms * kern.blocks_per_sm(kern.source.entries[0], meta["threads"], meta["smem"])
+        partition = decode_partition(spec, B, max_context, resident, scratch.max_splits)
+    elif partition % meta["tile"] or math.ceil(max_context / partition) > scratch.max_splits:
+        raise KernelArgError(f"partition: {partition} must be a multiple of {meta['tile']} giving at most "
+                             f"{scratch.max_splits} splits of max_context={max_context}")
+    part = partition
+    splits = math.ceil(max_context / part)
+    ms = scratch.max_splits
+    kern.launch(
+        kern.source.entries[0], (splits, spec.kv_heads * meta["chunks"], B), (meta["threads"],),
+        [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(context_lens),
+         ptr(scratch.partial_out), ptr(scratch.partial_ml), i64(q.stride(0)),
+         i32(block_tables.shape[1]), i32(part), i32(ms)],
+        smem=meta["smem"],
+    )
+    kern.launch(
+        kern.source.entries[1], (spec.heads, B), (meta["reduce_threads"],),
+        [ptr(scratch.partial_out), ptr(scratch.partial_ml), ptr(context_lens), ptr(out),
+         i64(out.stride(0)), i32(part), i32(ms)],
+    )
+
+
+def prefill_attention(
+    spec: PrefillAttnSpec, q, k_cache, v_cache, block_tables, cu_seqlens, kv_lens, out, max_q_len: int
+):
+    """Packed variable-length prefill: the queries of sequence s are rows cu_seqlens[s]:cu_seqlens[s+1]
+    of q and out ([T, heads*head_dim]); query i of s sits at position kv_lens[s] - q_len_s + i, and
+    the K/V of all kv_lens[s] tokens are in the cache. max_q_len: a host bound on the q lengths."""
+    dt, d = TORCH_DTYPES[spec.dtype], spec.head_dim
+    dev = q.device
+    _rows("q", q, dt, spec.heads * d, dev)
+    _rows("out", out, dt, spec.heads * d, dev)
+    if out.shape[0] != q.shape[0]:
+        raise KernelArgError(f"out: {out.shape[0]} rows, q has {q.shape[0]}")
+    _check_cache(spec, k_cache, v_cache, dt, dev)
+    _check("block_tables", block_tables, torch.int32, device=dev, aligned=False)
+    S = block_tables.shape[0]
+    _check("cu_seqlens", cu_seqlens, torch.int32, (S + 1,), dev, aligned=False)
+    _check("kv_lens", kv_lens, torch.int32, (S,), dev, aligned=False)
+    kern = _kernel(spec, dev)
+    meta = kern.source.meta
+    grid = (math.ceil(max_q_len / meta["bm_tok"]), spec.kv_heads * meta["chunks"], S)
+    kern.launch(
+        kern.source.entries[0], grid, (meta["threads"],),
+        [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(cu_seqlens), ptr(kv_lens),
+         ptr(out), i64(q.stride(0)), i64(out.stride(0)), i32(block_tables.shape[1])],
+        smem=meta["smem"],
+    )
+
+
+def activation(spec: ActSpec, out, x=None, gate=None, up=None):
+    """Plain: out = act(x). Gated: out = act(gate) * up, from x = [gate | up] ([T, 2F]) or from
+    two [T, F] tensors. out [T, F] contiguous."""
+    dt, F = TORCH_DTYPES[spec.dtype], spec.features
+    ref = x if x is not None else gate
+    if ref is None:
+        raise KernelArgError("x or gate: an input is required")
+    dev = ref.device
+    kern = _kernel(spec, dev)
+    meta = kern.source.meta
+    align = meta["vec"] * ref.element_size()  # the kernel's access width
+    _check("out", out, dt, device=dev, align=align)
+    T = out.shape[0]
+    _check("out", out, dt, (T, F), dev, align=align)
+    if spec.gated:
+        if x is not None:
+            _rows("x", x, dt, 2 * F, dev, align)
+            g_ptr, u_ptr, gs, us = x.data_ptr(), x.data_ptr() + F * x.element_size(), x.stride(0), x.stride(0)
+            rows = x.shape[0]
+        else:
+            if up is None:
+                raise KernelArgError("up: required with gate")
+            _rows("gate", gate, dt, F, dev, align)
+            _rows("up", up, dt, F, dev, align)
+            g_ptr, u_ptr, gs, us, rows = gate.data_ptr(), up.data_ptr(), gate.stride(0), up.stride(0), gate.shape[0]
+        args = [(g_ptr, ctypes.c_void_p), (u_ptr, ctypes.c_void_p), ptr(out), i64(gs), i64(us), i32(T)]
+    else:
+        _rows("x", x, dt, F, dev, align)
+        rows = x.shape[0]
+        args = [ptr(x), ptr(out), i64(x.stride(0)), i32(T)]
+    if rows != T:
+        raise KernelArgError(f"input: {rows} rows, out has {T}")
+    blocks = min(math.ceil(T * F // meta["vec"] / meta["threads"]), kern.num_sms * 8)
+    kern.launch(kern.source.entries[0], (blocks,), (meta["threads"],), args)
+
+
+def embed(spec: EmbedSpec, tokens, table, out, positions=None, pos_table=None):
+    """out[t] = table[tokens[t]] * scale (+ pos_table[positions[t]]). tokens, positions: [T] int64."""
+    dt, h = TORCH_DTYPES[spec.dtype], spec.hidden
+    dev = tokens.device
+    _check("tokens", tokens, torch.int64, device=dev, aligned=False)
+    T = tokens.shape[0]
+    _check("table", table, dt, (spec.vocab, h), dev)
+    _check("out", out, dt, (T, h), dev)
+    args = [ptr(tokens), ptr(table)]
+    if spec.has_positions:
+        if positions is None or pos_table is None:
+            raise KernelArgError("positions, pos_table: required by this embedding")
+        _check("positions", positions, torch.int64, (T,), dev, aligned=False)
+        _check("pos_table", pos_table, dt, device=dev)
+        if pos_table.dim() != 2 or pos_table.shape[1] != h:
+            raise KernelArgError(f"pos_table: shape {tuple(pos_table.shape)}, expected [max_positions, {h}]")
+        args += [ptr(positions), ptr(pos_table), i32(pos_table.shape[0])]
+    args += [ptr(out), i32(T)]
+    kern = _kernel(spec, dev)
+    kern.launch(kern.source.entries[0], (T,), (kern.source.meta["threads"],), args)
+
+
+def softcap(spec: SoftcapSpec, x, out=None):
+    """out = cap * tanh(x / cap), elementwise; in place when out is None."""
+    dt = TORCH_DTYPES[spec.dtype]
+    _check("x", x, dt)
+    out = x if out is None else _check("out", out, dt, tuple(x.shape), x.device)
+    kern = _kernel(spec, x.device)
+    n = x.numel()
+    blocks = max(1, min(math.ceil(n / kern.source.meta["vec"] / 256), kern.num_sms * 8))
+    kern.launch(kern.source.entries[0], (blocks,), (256,), [ptr(x), ptr(out), i64(n)])
+
+
+def sample(spec: SamplingSpec, logits, temperature, top_k, top_p, uniforms, out):
+    """out[b] = a token drawn from row b of logits ([B, vocab], row-strided ok).
+
+    temperature [B] float32 (<= 0: greedy), top_k [B] int32 (<= 0: off), top_p [B] float32
+    (>= 1: off), uniforms [B] float32 in [0, 1) (the caller's random numbers); out [B] int64.
+    """
+    dt = TORCH_DTYPES[spec.dtype]
+    dev = logits.device
+    _check("logits", logits, dt, device=dev, contiguous=False, aligned=False)
+    if logits.dim() != 2 or logits.shape[1] != spec.vocab or logits.stride(1) != 1:
+        raise KernelArgError(f"logits: shape {tuple(logits.shape)}, expected [B, {spec.vocab}] with unit column stride")
+    B = logits.shape[0]
+    _check("temperature", temperature, torch.float32, (B,), dev, aligned=False)
+    _check("top_k", top_k, torch.int32, (B,), dev, aligned=False)
+    _check("top_p", top_p, torch.float32, (B,), dev, aligned=False)
+    _check("uniforms", uniforms, torch.float32, (B,), dev, aligned=False)
+    _check("out", out, torch.int64, (B,), dev, aligned=False)
+    kern = _kernel(spec, dev)
+    kern.launch(
+        kern.source.entries[0], (B,), (kern.source.meta["threads"],),
+        [ptr(logits), ptr(temperature), ptr(top_k), ptr(top_p), ptr(uniforms), ptr(out), i64(logits.stride(0))],
+    )

@@ -1,0 +1,317 @@
+"""Render a kernel spec to CUDA source: Python derives every number, Jinja lays out the text.
+
+`render(spec)` returns a `KernelSource`: the kernel's name, its full source (one NVRTC compile
+unit, headed by `// ==== name`, the origin comment and the constants it was specialized on),
+its entry points, and `meta`, the launch constants (threads, shared memory, tile sizes) the
+wrapper in kernels.py needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+import torch
+
+from . import rope
+from .specs import (
+    DTYPES,
+    ActSpec,
+    DecodeAttnSpec,
+    EmbedSpec,
+    KernelSpecError,
+    NormSpec,
+    PrefillAttnSpec,
+    RopeCacheSpec,
+    SamplingSpec,
+    SoftcapSpec,
+)
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+LOG2E = math.log2(math.e)
+SMEM_BUDGET = 110 * 1024  # prefill tiles are shrunk until they fit (two blocks per SM at most sizes)
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    name: str
+    source: str
+    origin: str
+    entries: tuple[str, ...]
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def f32(x: float) -> str:
+    """A C float literal holding float32(x) exactly."""
+    v = float(torch.tensor(x, dtype=torch.float32))
+    if not math.isfinite(v):
+        raise KernelSpecError(f"constant {x!r} is not finite in float32")
+    s = f"{v:.9g}"
+    return (s if any(c in s for c in ".en") else s + ".0") + "f"
+
+
+def f64(x: float) -> str:
+    s = repr(float(x))
+    return s if any(c in s for c in ".en") else s + ".0"
+
+
+def _vec(itemsize: int, *dims: int) -> int:
+    """Widest power-of-2 vector (at most 16 bytes) dividing every dim."""
+    v = 16 // itemsize
+    while v > 1 and any(d % v for d in dims):
+        v //= 2
+    return v
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _name(prefix: str, spec) -> str:
+    digest = hashlib.sha1(repr(spec.key()).encode()).hexdigest()[:6]
+    return f"kiln_{prefix}_{spec.dtype}_{digest}"
+
+
+def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> KernelSource:
+    derived = " ".join(f"{k}={v}" for k, v in meta.items())
+    ctype, itemsize = DTYPES[spec.dtype]
+    text = _env().get_template(template).render(
+        name=name, origin=spec.origin or "?", constants=spec.constants(), derived=derived,
+        ctype=ctype, **params,
+    )
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return KernelSource(name, text, spec.origin or "?", tuple(entries), meta)
+
+
+def _norm(s: NormSpec) -> KernelSource:
+    itemsize = DTYPES[s.dtype][1]
+    vec = _vec(itemsize, s.hidden)
+    n_vec = s.hidden // vec
+    iters = max(1, math.ceil(n_vec / 256))
+    threads = _round_up(math.ceil(n_vec / iters), 32)
+    meta = dict(threads=threads, vec=vec, iters=iters)
+    name = _name(f"{s.kind}norm{'_res' if s.has_residual else ''}_h{s.hidden}", s)
+    params = dict(
+        title="RMSNorm" if s.kind == "rms" else "LayerNorm", kind=s.kind, hidden=s.hidden,
+        vec=vec, iters=iters, threads=threads, warps=threads // 32,
+        tail=threads * iters != n_vec, eps=f32(s.eps), inv_hidden=f32(1.0 / s.hidden),
+        weight_offset=f32(s.weight_offset) if s.weight_offset else "",
+        has_bias=s.has_bias, has_residual=s.has_residual,
+    )
+    return _emit("norm.cu.j2", name, s, params, [name], meta)
+
+
+def _rope(s: RopeCacheSpec) -> KernelSource:
+    itemsize = DTYPES[s.dtype][1]
+    rot, d = s.rotary_dim, s.head_dim
+    if not rot:
+        vec = _vec(itemsize, d)
+    elif s.layout == "half":
+        vec = _vec(itemsize, rot // 2, d - rot if d > rot else d, d)
+    else:
+        vec = _vec(itemsize, rot, d - rot if d > rot else d, d)
+        if vec < 2:
+            raise KernelSpecError(f"RopeCacheSpec.head_dim: {d} cannot hold interleaved pairs in vectors")
+    rot_units = (rot // 2 if s.layout == "half" else rot) // vec
+    vec_per_head = d // vec
+    q_units, kv_units = s.heads * rot_units, s.kv_heads * vec_per_head
+    threads = min(256, max(64, _round_up(max(q_units, kv_units), 32)))
+    params = dict(
+        heads=s.heads, kv_heads=s.kv_heads, head_dim=d, rot=rot, half=rot // 2, n_freq=max(1, rot // 2),
+        layout=s.layout, vec=vec, pairs_per_vec=vec // 2, threads=threads, page_size=s.page_size,
+        page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d,
+        rot_units=rot_units, rot_span=rot_units * vec, vec_per_head=vec_per_head,
+        q_units=q_units, kv_units=kv_units, dynamic=s.scaling == "dynamic",
+        attention_factor=f32(s.attention_factor) if s.attention_factor != 1.0 else "",
+        inv_freq_rows=[], theta=f64(s.theta), factor=f64(s.factor), factor_minus_one=f64(s.factor - 1),
+        original_max_position=s.original_max_position, dyn_exponent="",
+    )
+    if rot and s.scaling == "dynamic":
+        params["dyn_exponent"] = f64(rope.dynamic_exponent(s))
+    elif rot:
+        lits = [f32(x) for x in rope.inv_freq(s).tolist()]
+        params["inv_freq_rows"] = [", ".join(lits[i : i + 4]) + "," for i in range(0, len(lits), 4)]
+    meta = dict(threads=threads, vec=vec, dynamic=params["dynamic"])
+    name = _name(f"rope_cache_{s.layout[0]}{rot}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    return _emit("rope_cache.cu.j2", name, s, params, [name], meta)
+
+
+def _largest_divisor(n: int, cap: int, pow2: bool = False) -> int:
+    return max(x for x in range(1, min(n, cap) + 1) if n % x == 0 and (not pow2 or x & (x - 1) == 0))
+
+
+def _decode(s: DecodeAttnSpec) -> KernelSource:
+    itemsize = DTYPES[s.dtype][1]
+    d, group = s.head_dim, s.heads // s.kv_heads
+    tile, threads, warps = 32, 128, 4
+    gc = _largest_divisor(group, 8)
+    vec = 16 // itemsize
+    kpad = d + vec  # a 16-byte pad per row keeps lanes reading different rows off one bank
+    stages = 3 if 3 * 2 * tile * kpad * itemsize <= 64 * 1024 else 2
+    pvw = 8 // itemsize
+    while d // pvw > threads:
+        pvw *= 2
+    dt = d // pvw
+    tg = threads // dt
+    gp = _round_up(gc, 4)
+    stage_elems = 2 * tile * kpad
+    off_q = stages * stage_elems * itemsize
+    off_s = off_q + gc * d * 4
+    off_p = off_s + gc * tile * 4
+    off_alpha = off_p + tile * gp * 4
+    off_red = _round_up(off_alpha + gp * 4, 16)
+    smem = off_red + tg * gc * d * 4
+    qk_rounds = math.ceil(gc * tile / threads)
+    log_scale = s.scale * LOG2E
+    params = dict(
+        heads=s.heads, kv_heads=s.kv_heads, head_dim=d, page_size=s.page_size, group=group, gc=gc,
+        chunks=group // gc, tile=tile, tile_m1=tile - 1, threads=threads, warps=warps, vec=vec,
+        kpad=kpad, stages=stages, wait_n=stages - 2, ahead=stages - 1,
+        prologue_stages=list(range(stages - 1)), chunks16=d * itemsize // 16,
+        tile_chunks=tile * d * itemsize // 16, kv_elems=tile * kpad, stage_elems=stage_elems,
+        page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d,
+        off_q=off_q, off_s=off_s, off_p=off_p, off_alpha=off_alpha, off_red=off_red,
+        gp=gp, gpw=math.ceil(gc / warps), pvw=pvw, dt=dt, tg=tg, pv_guard=tg * dt != threads,
+        qk_rounds=qk_rounds, qk_guard=qk_rounds * threads != gc * tile, gc_tile=gc * tile, gc_d=gc * d,
+        window=s.window, softcap=bool(s.softcap), softcap_log2=f32(s.softcap * LOG2E),
+        q_scale=f32(s.scale / s.softcap if s.softcap else log_scale),
+        q_scale_doc="scale / softcap (tanh, then softcap * log2 e)" if s.softcap else "scale * log2 e",
+        reduce_threads=min(128, _round_up(d, 32)),
+    )
+    name = _name(f"decode_attn_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    meta = dict(threads=threads, smem=smem, tile=tile, stages=stages, gc=gc, chunks=group // gc,
+                reduce_threads=params["reduce_threads"])
+    return _emit("decode_attn.cu.j2", name, s, params, [name, name + "_reduce"], meta)
+
+
+def _prefill_tiles(d: int, itemsize: int, gc: int):
+    tx = ty = 16
+    vec = 16 // itemsize
+    kpad = d + vec
+    for m in (64, 32):
+        for bn in (64, 32, 16):
+            if m % gc:
+                continue
+            off_kv = _round_up(m * kpad * itemsize, 16)
+            off_p = off_kv + 2 * 2 * bn * kpad * itemsize
+            smem = off_p + bn * (m + 4) * 4
+            if smem <= SMEM_BUDGET:
+                return dict(tx=tx, ty=ty, m=m, bn=bn, vec=vec, kpad=kpad, off_kv=off_kv, off_p=off_p, smem=smem)
+    raise KernelSpecError(f"PrefillAttnSpec.head_dim: {d} too large for the shared-memory budget")
+
+
+def _attn_common(s, d: int, gc: int, group: int) -> dict:
+    return dict(
+        heads=s.heads, kv_heads=s.kv_heads, head_dim=d, page_size=s.page_size, group=group, gc=gc,
+        chunks=group // gc, page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d,
+        causal=s.causal, window=s.window, window_m1=max(0, s.window - 1), softcap=bool(s.softcap),
+        softcap_log2=f32(s.softcap * LOG2E), pre_cap_scale=f32(s.scale / s.softcap) if s.softcap else "",
+        score_scale=f32(s.scale * LOG2E),
+    )
+
+
+def _prefill_mma(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
+    """Tensor-core variant: 4 warps x 16 rows, 64-key tiles, fragments in registers."""
+    d, bn, kpad = s.head_dim, 64, s.head_dim + 8
+    off_kv = 64 * kpad * 2
+    smem = off_kv + 2 * 2 * bn * kpad * 2
+    params = dict(
+        _attn_common(s, d, gc, group), mma_type="bf16" if s.dtype == "bf16" else "f16", bm_tok=64 // gc,
+        bn=bn, bn_m1=bn - 1, kpad=kpad, off_kv=off_kv, chunks16=d // 8, q_chunks=64 * d // 8,
+        kv_chunks=bn * d // 8, kv_elems=bn * kpad, stage_elems=2 * bn * kpad, d_tiles=d // 8,
+        k_steps=d // 16, n_tiles=bn // 8, key_steps=bn // 16,
+    )
+    name = _name(f"prefill_attn_mma_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    meta = dict(threads=128, smem=smem, bm_tok=64 // gc, chunks=group // gc, bn=bn, mma=True)
+    return _emit("prefill_attn_mma.cu.j2", name, s, params, [name], meta)
+
+
+def _prefill(s: PrefillAttnSpec) -> KernelSource:
+    itemsize = DTYPES[s.dtype][1]
+    d, group = s.head_dim, s.heads // s.kv_heads
+    gc = _largest_divisor(group, 8, pow2=True)
+    if s.dtype != "fp32" and d % 16 == 0 and d <= 128:  # fp32 keeps full precision on CUDA cores
+        return _prefill_mma(s, gc, group)
+    t = _prefill_tiles(d, itemsize, gc)
+    tx, m, bn, vec = t["tx"], t["m"], t["bn"], t["vec"]
+    pvv = vec
+    while d % (tx * pvv):
+        pvv //= 2
+    params = dict(
+        _attn_common(s, d, gc, group), m=m, bm_tok=m // gc, bn=bn, bn_m1=bn - 1, tx=tx, ty=t["ty"],
+        tx_half=tx // 2, threads=tx * t["ty"], rpt=m // t["ty"], kpt=bn // tx, vec=vec, kpad=t["kpad"],
+        pvv=pvv, pv_chunks=d // (tx * pvv), ocols=d // tx, mp=m + 4, stages=2, wait_n=0, ahead=1,
+        prologue_stages=[0], chunks16=d * itemsize // 16, q_chunks=m * d * itemsize // 16,
+        kv_chunks=bn * d * itemsize // 16, kv_elems=bn * t["kpad"], stage_elems=2 * bn * t["kpad"],
+        off_kv=t["off_kv"], off_p=t["off_p"], qk_unroll=2,
+    )
+    name = _name(f"prefill_attn_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    meta = dict(threads=params["threads"], smem=t["smem"], bm_tok=m // gc, chunks=group // gc, bn=bn, mma=False)
+    return _emit("prefill_attn.cu.j2", name, s, params, [name], meta)
+
+
+def _act(s: ActSpec) -> KernelSource:
+    itemsize = DTYPES[s.dtype][1]
+    vec = _vec(itemsize, s.features)
+    params = dict(kind=s.kind, gated=s.gated, features=s.features, vec=vec,
+                  vec_per_row=s.features // vec, threads=256)
+    name = _name(f"{'gated_' if s.gated else ''}{s.kind}_f{s.features}", s)
+    return _emit("act.cu.j2", name, s, params, [name], dict(threads=256, vec=vec))
+
+
+def _embed(s: EmbedSpec) -> KernelSource:
+    itemsize = DTYPES[s.dtype][1]
+    vec = _vec(itemsize, s.hidden)
+    threads = min(256, _round_up(s.hidden // vec, 32))
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.dtype]
+    scale = float(torch.tensor(s.scale, dtype=torch_dtype).float())  # an eager dtype multiply rounds it
+    params = dict(vocab=s.vocab, hidden=s.hidden, vec=vec, threads=threads, step=threads * vec,
+                  scale=f32(scale) if scale != 1.0 else "", has_positions=s.has_positions)
+    name = _name(f"embed_v{s.vocab}_h{s.hidden}", s)
+    return _emit("embed.cu.j2", name, s, params, [name], dict(threads=threads, vec=vec))
+
+
+def _softcap(s: SoftcapSpec) -> KernelSource:
+    vec = 16 // DTYPES[s.dtype][1]
+    params = dict(cap=f32(s.cap), inv_cap=f32(1.0 / s.cap), vec=vec, threads=256)
+    return _emit("softcap.cu.j2", _name("softcap", s), s, params, [_name("softcap", s)],
+                 dict(threads=256, vec=vec))
+
+
+def _sampling(s: SamplingSpec) -> KernelSource:
+    threads = 1024
+    params = dict(vocab=s.vocab, threads=threads, warps=threads // 32, bins=256, bins_m1=255,
+                  bin_mask=255, radix_bits=8, radix_passes=4, top_shift=24,
+                  chunk=math.ceil(s.vocab / threads), log2e=f32(LOG2E))
+    name = _name(f"sample_v{s.vocab}", s)
+    return _emit("sampling.cu.j2", name, s, params, [name], dict(threads=threads))
+
+
+_RENDERERS = {
+    NormSpec: _norm, RopeCacheSpec: _rope, DecodeAttnSpec: _decode, PrefillAttnSpec: _prefill,
+    ActSpec: _act, EmbedSpec: _embed, SoftcapSpec: _softcap, SamplingSpec: _sampling,
+}
+
+
+@lru_cache(maxsize=None)
+def render(spec) -> KernelSource:
+    fn = _RENDERERS.get(type(spec))
+    if fn is None:
+        raise KernelSpecError(f"no kernel template for {type(spec).__name__}")
+    return fn(spec)

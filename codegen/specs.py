@@ -1,0 +1,200 @@
+"""Kernel specs: the frozen constants each CUDA kernel is specialized on.
+
+A spec is what the IR hands codegen for one op: sizes, variants, dtype, and `origin`, the spec
+op it came from (rendered as a comment). Specs validate themselves at construction, so a bad
+value fails here with the field named rather than as a compile error in generated source.
+`key()` is the spec without its origin: equal keys compile to the same kernel code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+DTYPES = {"bf16": ("__nv_bfloat16", 2), "fp16": ("__half", 2), "fp32": ("float", 4)}
+ROPE_LAYOUTS = ("half", "interleaved")
+# "smooth": HF's frequency-band rope_type (low/high_freq_factor): low frequencies divided by
+# `factor`, high ones kept, a smooth blend between (bands set over original_max_position).
+ROPE_SCALINGS = ("none", "linear", "smooth", "dynamic")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+class KernelSpecError(ValueError):
+    """A kernel spec has a value no kernel can be generated for."""
+
+
+def _fail(spec, field: str, why: str):
+    raise KernelSpecError(f"{type(spec).__name__}.{field}: {why} (from {spec.origin or '?'})")
+
+
+def _positive(spec, *fields):
+    for f in fields:
+        v = getattr(spec, f)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            _fail(spec, f, f"must be a positive int, got {v!r}")
+
+
+def _dtype(spec):
+    if spec.dtype not in DTYPES:
+        _fail(spec, "dtype", f"must be one of {sorted(DTYPES)}, got {spec.dtype!r}")
+
+
+class _Spec:
+    def key(self):
+        return dataclasses.replace(self, origin="")
+
+    def constants(self) -> str:
+        """'field=value' for every constant but origin, for the kernel's header comment."""
+        return " ".join(
+            f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if f.name != "origin"
+        )
+
+
+@dataclass(frozen=True)
+class NormSpec(_Spec):
+    kind: str  # "rms" | "layer"
+    hidden: int
+    eps: float
+    weight_offset: float = 0.0  # y = norm(x) * (w + offset): 1.0 where weights are stored as w - 1
+    has_bias: bool = False  # layer norm only
+    has_residual: bool = True  # fused h = x + residual first
+    dtype: str = "bf16"
+    origin: str = ""
+
+    def __post_init__(self):
+        if self.kind not in ("rms", "layer"):
+            _fail(self, "kind", f"must be 'rms' or 'layer', got {self.kind!r}")
+        _positive(self, "hidden")
+        _dtype(self)
+        if not self.eps > 0:
+            _fail(self, "eps", f"must be > 0, got {self.eps!r}")
+        if self.has_bias and self.kind != "layer":
+            _fail(self, "has_bias", "only a layer norm has a bias")
+
+
+@dataclass(frozen=True)
+class RopeCacheSpec(_Spec):
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rotary_dim: int  # leading dims of each head that rotate; 0 = write K/V with no rotation
+    page_size: int
+    layout: str = "half"  # "half": pairs (i, i + rot/2); "interleaved": pairs (2i, 2i + 1)
+    theta: float = 10000.0
+    scaling: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # "smooth" only
+    high_freq_factor: float = 4.0  # "smooth" only
+    original_max_position: int = 0  # "smooth" and "dynamic"
+    attention_factor: float = 1.0  # multiplies cos and sin
+    dtype: str = "bf16"
+    origin: str = ""
+
+    def __post_init__(self):
+        _positive(self, "heads", "kv_heads", "head_dim", "page_size")
+        _dtype(self)
+        if self.heads % self.kv_heads:
+            _fail(self, "kv_heads", f"{self.kv_heads} does not divide heads={self.heads}")
+        if self.layout not in ROPE_LAYOUTS:
+            _fail(self, "layout", f"must be one of {ROPE_LAYOUTS}, got {self.layout!r}")
+        if not (0 <= self.rotary_dim <= self.head_dim) or self.rotary_dim % 2:
+            _fail(self, "rotary_dim", f"must be even and in [0, head_dim={self.head_dim}]")
+        if self.scaling not in ROPE_SCALINGS:
+            _fail(self, "scaling", f"must be one of {ROPE_SCALINGS}, got {self.scaling!r}")
+        if self.rotary_dim and not self.theta > 0:
+            _fail(self, "theta", f"must be > 0, got {self.theta!r}")
+        if self.scaling != "none" and not self.factor > 0:
+            _fail(self, "factor", f"must be > 0, got {self.factor!r}")
+        if self.scaling in ("smooth", "dynamic") and self.original_max_position <= 0:
+            _fail(self, "original_max_position", f"scaling {self.scaling!r} needs it > 0")
+        if self.scaling == "smooth" and not self.high_freq_factor > self.low_freq_factor:
+            _fail(self, "high_freq_factor", "must exceed low_freq_factor")
+        if self.scaling == "dynamic" and self.rotary_dim <= 2:
+            _fail(self, "rotary_dim", "dynamic scaling needs rotary_dim > 2")
+
+
+@dataclass(frozen=True)
+class _AttnSpec(_Spec):
+    heads: int
+    kv_heads: int
+    head_dim: int
+    page_size: int
+    scale: float  # softmax(q k^T * scale)
+    window: int = 0  # sliding window: a query at p sees keys in (p - window, p]; 0 = none
+    softcap: float = 0.0  # scores -> softcap * tanh(scores / softcap); 0 = none
+    dtype: str = "bf16"
+    origin: str = ""
+
+    def __post_init__(self):
+        _positive(self, "heads", "kv_heads", "head_dim", "page_size")
+        _dtype(self)
+        if self.heads % self.kv_heads:
+            _fail(self, "kv_heads", f"{self.kv_heads} does not divide heads={self.heads}")
+        if self.head_dim * {"bf16": 2, "fp16": 2, "fp32": 4}[self.dtype] % 16:
+            _fail(self, "head_dim", "a head must be a whole number of 16-byte chunks")
+        if not self.scale > 0:
+            _fail(self, "scale", f"must be > 0, got {self.scale!r}")
+        if self.window < 0 or self.softcap < 0:
+            _fail(self, "window" if self.window < 0 else "softcap", "must be >= 0 (0 = off)")
+
+
+@dataclass(frozen=True)
+class DecodeAttnSpec(_AttnSpec):
+    pass
+
+
+@dataclass(frozen=True)
+class PrefillAttnSpec(_AttnSpec):
+    causal: bool = True
+
+
+@dataclass(frozen=True)
+class ActSpec(_Spec):
+    kind: str
+    gated: bool
+    features: int  # F: output width (the gated input is 2F wide)
+    dtype: str = "bf16"
+    origin: str = ""
+
+    def __post_init__(self):
+        if self.kind not in ACTIVATIONS:
+            _fail(self, "kind", f"must be one of {ACTIVATIONS}, got {self.kind!r}")
+        _positive(self, "features")
+        _dtype(self)
+
+
+@dataclass(frozen=True)
+class EmbedSpec(_Spec):
+    vocab: int
+    hidden: int
+    scale: float = 1.0  # rows multiplied by it (rounded to dtype first, as an eager dtype multiply)
+    has_positions: bool = False  # also add a learned position table row
+    dtype: str = "bf16"
+    origin: str = ""
+
+    def __post_init__(self):
+        _positive(self, "vocab", "hidden")
+        _dtype(self)
+
+
+@dataclass(frozen=True)
+class SoftcapSpec(_Spec):
+    cap: float
+    dtype: str = "fp32"
+    origin: str = ""
+
+    def __post_init__(self):
+        _dtype(self)
+        if not self.cap > 0:
+            _fail(self, "cap", f"must be > 0, got {self.cap!r}")
+
+
+@dataclass(frozen=True)
+class SamplingSpec(_Spec):
+    vocab: int
+    dtype: str = "fp32"
+    origin: str = ""
+
+    def __post_init__(self):
+        _positive(self, "vocab")
+        _dtype(self)

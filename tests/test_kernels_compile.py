@@ -1,0 +1,217 @@
+"""CPU checks of the kernel library: every kernel renders and NVRTC compiles it to a cubin for
+sm_80 and sm_90a (no GPU needed); compile errors point at the generated source; rotary
+frequencies match HF transformers; specs reject bad values with the field named."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("cuda.bindings")
+
+from kiln.codegen import nvrtc, render as render_mod, rope  # noqa: E402
+from kiln.codegen.render import render  # noqa: E402
+from kiln.codegen.specs import (  # noqa: E402
+    ActSpec,
+    DecodeAttnSpec,
+    EmbedSpec,
+    KernelSpecError,
+    NormSpec,
+    PrefillAttnSpec,
+    RopeCacheSpec,
+    SamplingSpec,
+    SoftcapSpec,
+)
+
+DTYPES = ("bf16", "fp16", "fp32")
+ARCHS = ("sm_80", "sm_90a")
+
+
+def _origin(i, what):
+    return f"models/test.kiln:{i} {what}"
+
+
+def _specs(full: bool):
+    """A representative grid; `full` adds every combination the core grid samples from."""
+    out = []
+    dt = itertools.cycle(DTYPES)
+    for kind, hidden, res, off in [("rms", 4096, True, 0.0), ("rms", 80, False, 1.0), ("rms", 5120, True, 0.0),
+                                   ("layer", 768, True, 0.0), ("layer", 4100, False, 0.0)]:
+        for d in DTYPES if full else (next(dt),):
+            out.append(NormSpec(kind, hidden, 1e-5, weight_offset=off, has_bias=kind == "layer",
+                                has_residual=res, dtype=d, origin=_origin(1, f"{kind}norm(x, w)")))
+    rope_cases = [
+        dict(heads=32, kv_heads=8, head_dim=128, rotary_dim=128, layout="half", scaling="smooth", factor=8.0,
+             original_max_position=8192, theta=500000.0),
+        dict(heads=32, kv_heads=32, head_dim=80, rotary_dim=32, layout="half", scaling="none"),
+        dict(heads=16, kv_heads=2, head_dim=64, rotary_dim=64, layout="interleaved", scaling="linear", factor=4.0),
+        dict(heads=8, kv_heads=4, head_dim=256, rotary_dim=128, layout="interleaved", scaling="dynamic",
+             factor=2.0, original_max_position=4096),
+        dict(heads=12, kv_heads=12, head_dim=64, rotary_dim=0),  # a plain K/V cache write
+    ]
+    for i, c in enumerate(rope_cases):
+        for d in DTYPES if full else (next(dt),):
+            out.append(RopeCacheSpec(page_size=16, dtype=d, origin=_origin(2, f"rope#{i}"), **c))
+    attn_cases = [(32, 8, 128, 0, 0.0), (32, 32, 64, 0, 0.0), (16, 8, 256, 4096, 50.0),
+                  (12, 4, 80, 0, 30.0), (64, 4, 128, 128, 0.0), (8, 1, 128, 0, 0.0)]
+    for (h, kv, hd, win, cap), cls in itertools.product(attn_cases, (DecodeAttnSpec, PrefillAttnSpec)):
+        for d in DTYPES if full else (next(dt),):
+            out.append(cls(h, kv, hd, 16, hd ** -0.5, window=win, softcap=cap, dtype=d,
+                           origin=_origin(3, "attention(q, k, v)")))
+    for kind, gated in itertools.product(("silu", "gelu", "gelu_tanh", "relu"), (True, False)):
+        for d in DTYPES if full else (next(dt),):
+            out.append(ActSpec(kind, gated, 14336 if gated else 3072, dtype=d, origin=_origin(4, kind)))
+    for d in DTYPES:
+        out.append(EmbedSpec(32000, 4096, scale=64.0, dtype=d, origin=_origin(5, "embed(tokens)")))
+        out.append(EmbedSpec(50257, 768, has_positions=True, dtype=d, origin=_origin(5, "embed(tokens) + pos")))
+        out.append(SoftcapSpec(30.0, dtype=d, origin=_origin(6, "softcap(logits)")))
+        out.append(SamplingSpec(128256, dtype=d, origin=_origin(7, "sample(logits)")))
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KILN_CACHE", str(tmp_path_factory.mktemp("kernels")))  # compile for real, not from ~/.cache
+    yield
+    mp.undo()
+
+
+def _compile_all(spec):
+    ks = render(spec)
+    lines = ks.source.splitlines()
+    assert lines[0] == f"// ==== {ks.name}"
+    assert f"// origin: {spec.origin}" in lines[1]
+    # the origin comment sits right above every entry point too
+    for entry in ks.entries:
+        at = next(i for i, l in enumerate(lines) if f" {entry}(" in l and "__global__" in l)
+        assert lines[at - 1] == f"// origin: {spec.origin}"
+    for arch in ARCHS:
+        img = nvrtc.compile_source(ks.source, ks.name, arch, ks.origin)
+        assert img.kind == "cubin" and img.data[:4] == b"\x7fELF" and len(img.data) > 1000
+        for entry in ks.entries:
+            assert entry.encode() in img.data
+
+
+@pytest.mark.parametrize("spec", _specs(full=False), ids=lambda s: render(s).name)
+def test_every_kernel_compiles(spec):
+    _compile_all(spec)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", [s for s in _specs(full=True) if s not in _specs(full=False)],
+                         ids=lambda s: render(s).name)
+def test_every_kernel_compiles_full_grid(spec):
+    _compile_all(spec)
+
+
+def test_rendered_source_is_specialized_and_readable():
+    spec = DecodeAttnSpec(32, 8, 128, 16, 128 ** -0.5, window=4096, softcap=50.0, origin=_origin(9, "attn"))
+    src = render(spec).source
+    assert "heads=32 kv_heads=8 head_dim=128 page_size=16" in src  # the constants it was specialized on
+    assert "ctx - 4096" in src and "tanhf" in src
+    assert "{{" not in src and "{%" not in src
+    assert "\n\n\n" not in src
+    plain = render(DecodeAttnSpec(32, 8, 128, 16, 128 ** -0.5, origin=_origin(9, "attn"))).source
+    assert "tanhf" not in plain and "4096" not in plain
+
+
+def test_prefill_picks_tensor_cores_for_16_bit():
+    mk = lambda d, dt: render(PrefillAttnSpec(32, 8, d, 16, 0.1, dtype=dt, origin="t"))  # noqa: E731
+    assert mk(128, "bf16").meta["mma"] and mk(80, "fp16").meta["mma"]
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in mk(128, "bf16").source
+    assert not mk(128, "fp32").meta["mma"] and not mk(256, "bf16").meta["mma"]
+    assert "mma.sync" not in mk(128, "fp32").source
+
+
+def test_compile_error_shows_generated_source(monkeypatch):
+    monkeypatch.setattr(render_mod, "f32", lambda x: "1.0.0f")  # every float constant is now malformed
+    spec = NormSpec("rms", 4096, 1e-6, origin="models/broken.kiln:7 rmsnorm(x, w)")
+    ks = render_mod._norm(spec)
+    with pytest.raises(nvrtc.KernelCompileError) as err:
+        nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin)
+    msg = str(err.value)
+    assert "models/broken.kiln:7 rmsnorm(x, w)" in msg
+    marked = [l for l in msg.splitlines() if l.startswith(">")]
+    assert marked and "1.0.0f" in marked[0]
+    n = int(marked[0][1:].split("|")[0])
+    assert ks.source.splitlines()[n - 1] in marked[0]
+
+
+def test_ptx_fallback_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
+    assert nvrtc.arch_for_capability(9, 0) == ("sm_90a", "cubin")
+    assert nvrtc.arch_for_capability(8, 0) == ("sm_80", "cubin")
+    arch, kind = nvrtc.arch_for_capability(99, 9)  # a future GPU: PTX the driver can JIT
+    assert kind == "ptx" and arch == f"compute_{max(nvrtc.supported_archs())}"
+    ks = render(SoftcapSpec(30.0, origin=_origin(1, "softcap")))
+    img = nvrtc.compile_source(ks.source, ks.name, arch, ks.origin)
+    assert img.kind == "ptx" and b".entry " + ks.entries[0].encode() in img.data
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1
+    again = nvrtc.compile_source(ks.source, ks.name, arch, ks.origin)
+    assert again.data == img.data and list(tmp_path.iterdir()) == files
+
+
+def test_strict_templates():
+    env = render_mod._env()
+    with pytest.raises(Exception, match="undefined"):
+        env.get_template("norm.cu.j2").render(name="x")
+
+
+def _hf_config(rope_parameters, head_dim=128, max_pos=4096):
+    transformers = pytest.importorskip("transformers")
+    return transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, head_dim=head_dim,
+                                    max_position_embeddings=max_pos, rope_parameters=rope_parameters)
+
+
+@pytest.mark.parametrize("case", [
+    (dict(scaling="none"), {"rope_type": "default"}, 128, 128),
+    (dict(scaling="linear", factor=4.0), {"rope_type": "linear", "factor": 4.0, "partial_rotary_factor": 0.5}, 128, 64),
+    (dict(scaling="smooth", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192),
+     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, 128, 128),
+])
+def test_inv_freq_matches_hf(case):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    ours, theirs, hd, rot = case
+    theta = 500000.0
+    spec = RopeCacheSpec(32, 8, hd, rot, 16, theta=theta, **ours)
+    cfg = _hf_config({"rope_theta": theta, **theirs}, head_dim=hd)
+    rope_type = theirs["rope_type"]
+    fn = ROPE_INIT_FUNCTIONS.get(rope_type)
+    expected = fn(cfg, "cpu")[0] if fn else 1.0 / (theta ** (torch.arange(0, rot, 2).float() / rot))
+    assert torch.equal(rope.inv_freq(spec), expected)  # the same float32 values, bit for bit
+
+
+@pytest.mark.parametrize("seq_len", [100, 4096, 10000, 33333])
+def test_dynamic_ntk_matches_hf(seq_len):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    spec = RopeCacheSpec(32, 8, 128, 128, 16, scaling="dynamic", factor=2.0, original_max_position=4096)
+    cfg = _hf_config({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    expected = ROPE_INIT_FUNCTIONS["dynamic"](cfg, "cpu", seq_len=seq_len)[0]
+    torch.testing.assert_close(rope.dynamic_inv_freq(spec, seq_len), expected, rtol=1e-6, atol=0)
+    # the kernel's formula constants: base and exponent, evaluated in double on the device
+    base = 10000.0 * (2.0 * max(seq_len, 4096) / 4096 - 1.0) ** (128 / 126)
+    assert math.isclose(rope.dynamic_base(spec, seq_len), base, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: NormSpec("rms", 4096, 0.0), "eps"),
+    (lambda: NormSpec("batch", 4096, 1e-5), "kind"),
+    (lambda: NormSpec("rms", 4096, 1e-5, has_bias=True), "has_bias"),
+    (lambda: RopeCacheSpec(32, 6, 128, 128, 16), "kv_heads"),
+    (lambda: RopeCacheSpec(32, 8, 128, 129, 16), "rotary_dim"),
+    (lambda: RopeCacheSpec(32, 8, 128, 128, 16, scaling="yarn"), "scaling"),
+    (lambda: RopeCacheSpec(32, 8, 128, 128, 16, scaling="smooth", factor=8.0), "original_max_position"),
+    (lambda: DecodeAttnSpec(32, 8, 100, 16, 0.1), "head_dim"),
+    (lambda: PrefillAttnSpec(32, 8, 128, 0, 0.1), "page_size"),
+    (lambda: ActSpec("swish", True, 128), "kind"),
+    (lambda: SamplingSpec(128256, dtype="int8"), "dtype"),
+])
+def test_spec_errors_name_the_field(make, field):
+    with pytest.raises(KernelSpecError, match=rf"\.{field}:"):
+        make()
