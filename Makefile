@@ -18,7 +18,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
-	$(PIP) install -q -e ".[dev,cuda]"
+	$(PIP) install -q -e ".[dev,cuda,tensorrt,serve]"
 	touch $@
 
 setup: $(VENV)/.base

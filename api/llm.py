@@ -27,7 +27,10 @@ class LLM:
             from kiln.runtime.gguf_file import default_model_path
             model = default_model_path()
         loaded = load_model(model, spec=spec, dtype=dtype, device=device, backend=backend)
-        self.tokenizer = Tokenizer.from_checkpoint(loaded.checkpoint)
+        if loaded.checkpoint is not None:
+            self.tokenizer = Tokenizer.from_checkpoint(loaded.checkpoint)
+        else:  # an engine directory: its tokenizer files were copied in by `kiln build`
+            self.tokenizer = Tokenizer.from_folder(model)
         self.engine = LLMEngine(loaded, self.tokenizer, EngineConfig(**engine_options))
 
     def generate(self, prompts: Prompt | Sequence[Prompt],

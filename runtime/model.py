@@ -51,6 +51,9 @@ class LoadedModel:
 
 def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: str = "fp32",
                device: str = "cpu", backend: str = "reference") -> LoadedModel:
+    if Path(checkpoint).is_dir() and (Path(checkpoint) / "manifest.json").is_file():
+        from kiln.codegen.build import load_engine  # an engine directory from `kiln build`
+        return load_engine(checkpoint, device)
     ckpt = open_checkpoint(checkpoint)
     spec_path = spec if spec is not None else spec_for_config(ckpt.config, str(ckpt.path))
     plan = check(load_spec(spec_path), ckpt.config, _config_name(ckpt))
