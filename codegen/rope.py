@@ -1,54 +1,38 @@
-"""Rotary inverse frequencies, computed the way HF transformers' ROPE_INIT_FUNCTIONS do.
-
-Same float32 torch ops in the same order, so the table baked into a kernel holds the very
-float32 values HF multiplies positions by. Dynamic NTK depends on the step's sequence length,
-so its kernel evaluates the formula on the device; `dynamic_inv_freq` is that formula on the
-host, for tests and the reference.
+"""Rotary frequencies for a kernel spec: the runtime's one implementation (runtime/rope.py,
+the same float32 torch ops as HF transformers' ROPE_INIT_FUNCTIONS), so the table baked into a
+kernel holds the very values the reference multiplies positions by. Dynamic NTK depends on the
+step's sequence length, so its kernel evaluates the base on the device from `dynamic_exponent`.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from kiln.dsl.bind import RopeScaling
+from kiln.runtime import rope as _rope
 
 from .specs import RopeCacheSpec
 
+# Kernel spec scaling names -> the spec language's rope_scaling kinds ("smooth" is HF's llama3).
+_KINDS = {"linear": "linear", "smooth": "llama3", "dynamic": "dynamic"}
 
-def _default(theta: float, dim: int) -> torch.Tensor:
-    # [dim / 2] float32
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+
+def _scaling(spec: RopeCacheSpec) -> RopeScaling | None:
+    if spec.scaling == "none":
+        return None
+    return RopeScaling(_KINDS[spec.scaling], spec.factor, spec.low_freq_factor, spec.high_freq_factor,
+                       spec.original_max_position or None)
 
 
 def inv_freq(spec: RopeCacheSpec) -> torch.Tensor:
-    """[rotary_dim / 2] float32 inverse frequencies for a static scaling."""
-    dim = spec.rotary_dim
-    if spec.scaling == "dynamic":
-        return dynamic_inv_freq(spec, spec.original_max_position)
-    freq = _default(spec.theta, dim)
-    if spec.scaling == "linear":
-        freq /= spec.factor
-    elif spec.scaling == "smooth":
-        old_len = spec.original_max_position
-        low_wavelen = old_len / spec.low_freq_factor
-        high_wavelen = old_len / spec.high_freq_factor
-        wavelen = 2 * math.pi / freq
-        scaled = torch.where(wavelen > low_wavelen, freq / spec.factor, freq)
-        smooth = (old_len / wavelen - spec.low_freq_factor) / (
-            spec.high_freq_factor - spec.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / spec.factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-        freq = torch.where(medium, smoothed, scaled)
-    return freq
+    """[rotary_dim / 2] float32 inverse frequencies (dynamic: at the original length)."""
+    return _rope.inv_freq(spec.rotary_dim, spec.theta, _scaling(spec), spec.original_max_position,
+                          spec.original_max_position)
 
 
 def dynamic_base(spec: RopeCacheSpec, seq_len: int) -> float:
     """The NTK-scaled base for a step whose longest sequence reaches seq_len tokens."""
-    dim = spec.rotary_dim
-    seq_len = max(seq_len, spec.original_max_position)
-    ratio = spec.factor * seq_len / spec.original_max_position - (spec.factor - 1)
-    return spec.theta * ratio ** (dim / (dim - 2))
+    return _rope.dynamic_base(spec.rotary_dim, spec.theta, spec.factor, spec.original_max_position, seq_len)
 
 
 def dynamic_exponent(spec: RopeCacheSpec) -> float:
@@ -56,4 +40,4 @@ def dynamic_exponent(spec: RopeCacheSpec) -> float:
 
 
 def dynamic_inv_freq(spec: RopeCacheSpec, seq_len: int) -> torch.Tensor:
-    return _default(dynamic_base(spec, seq_len), spec.rotary_dim)
+    return _rope.inv_freq(spec.rotary_dim, spec.theta, _scaling(spec), seq_len, spec.original_max_position)

@@ -142,7 +142,7 @@ class AsyncLLMEngine:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         self.engine = engine
         self.max_waiting = max_waiting
-        self.capacity = engine.config.max_num_seqs + max_waiting  # sequences in flight
+        self.max_in_flight = engine.config.max_num_seqs + max_waiting  # sequences
         self.hooks = hooks or EngineHooks()
         self.stats = EngineStats(kv_pages_total=engine.pool.num_pages)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -179,8 +179,8 @@ class AsyncLLMEngine:
         """Queue a request; raises QueueFull at once when admission is full."""
         if not self.alive:
             raise EngineDead(f"the engine is not running{f': {self._error}' if self._error else ''}")
-        if self._seats_used + params.n > self.capacity:
-            raise QueueFull(f"{self._seats_used} sequences in flight, the limit is {self.capacity} "
+        if self._seats_used + params.n > self.max_in_flight:
+            raise QueueFull(f"{self._seats_used} sequences in flight, the limit is {self.max_in_flight} "
                             f"({self.engine.config.max_num_seqs} running + {self.max_waiting} waiting)")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
@@ -252,7 +252,7 @@ class AsyncLLMEngine:
                     if cmd[0] == "add":
                         try:
                             engine.add_request(cmd[2], cmd[3], cmd[1])
-                        except ValueError as e:
+                        except Exception as e:  # noqa: BLE001 - this request fails, the engine goes on
                             errors.append((cmd[1], e))
                     elif cmd[0] == "abort":
                         engine.abort(cmd[1])

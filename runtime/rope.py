@@ -25,9 +25,7 @@ def inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None,
         original = scaling.original_max_position_embeddings or max_pos
         if original is None:
             raise ValueError("dynamic rope scaling needs max_pos (max_position_embeddings)")
-        n = max(seq_len or 0, original)
-        base = theta * ((scaling.factor * n / original) - (scaling.factor - 1)) ** (rotary_dim / (rotary_dim - 2))
-        return 1.0 / (base ** exponents)
+        return 1.0 / (dynamic_base(rotary_dim, theta, scaling.factor, original, seq_len or 0) ** exponents)
     if scaling.kind == "llama3":
         freq = 1.0 / (theta ** exponents)
         old = scaling.original_max_position_embeddings
@@ -40,6 +38,12 @@ def inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None,
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled)
     raise ValueError(f"unhandled rope scaling kind {scaling.kind!r}")
+
+
+def dynamic_base(rotary_dim: int, theta: float, factor: float, original: int, seq_len: int) -> float:
+    """HF's dynamic NTK base for a sequence of seq_len tokens (never below the original length)."""
+    n = max(seq_len, original)
+    return theta * ((factor * n / original) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, head_dim: int,

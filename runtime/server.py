@@ -254,7 +254,7 @@ def _chat_prompt(req: ChatRequest, served: ServedModel) -> list[int]:
         messages.append(msg)
     try:
         text = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except TokenizerError as e:
+    except (TokenizerError, TypeError, ValueError) as e:  # the template refused these messages
         raise APIError(400, f"messages: {e}", param="messages") from None
     return served.tokenizer.encode(text, add_special_tokens=False)
 
@@ -280,6 +280,8 @@ def _max_tokens(served: ServedModel, num_prompt: int, requested: int | None, pro
 
 
 def _admit(served: ServedModel, prompt_ids: list[int], params) -> RequestStream:
+    if params.n > served.engine.max_in_flight:
+        raise APIError(400, f"n must be <= {served.engine.max_in_flight} on this server, got {params.n}", param="n")
     try:
         return served.engine.add_request(prompt_ids, params, uuid.uuid4().hex)
     except QueueFull as e:
@@ -323,6 +325,8 @@ async def _collect(stream: RequestStream, receive, deadline: float) -> RequestOu
                 return consume.result()
             except EngineDead as e:
                 raise APIError(503, str(e), "server_error", code="engine_dead") from None
+            except ValueError as e:  # the engine refused the request
+                raise APIError(400, str(e)) from None
         if gone in done:
             return None
         raise APIError(504, "the request timed out", "timeout_error", code="timeout")

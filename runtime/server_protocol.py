@@ -128,7 +128,10 @@ def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None)
     """The request's sampling fields as SamplingParams; an invalid value -> 400 naming it."""
     unsupported(req, logit_bias={})
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise APIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
+        name = "top_logprobs" if isinstance(req.logprobs, bool) else "logprobs"
+        raise APIError(400, f"{name} must be in [0, {MAX_LOGPROBS}], got {logprobs}", param=name)
+    if req.seed is not None and not -(2**63) <= req.seed < 2**63:
+        raise APIError(400, f"seed must be a 64-bit signed integer, got {req.seed}", param="seed")
     given = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                  repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                  frequency_penalty=req.frequency_penalty)

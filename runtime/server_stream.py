@@ -122,10 +122,14 @@ class Renderer:
                 yield _error_event(APIError(400, out.error))
             elif usage:
                 yield self._event([], usage=self._usage(out))
-        except TimeoutError:
+        except asyncio.TimeoutError:  # builtin TimeoutError from 3.11 on, its own class before
             yield _error_event(APIError(504, "the request timed out", "timeout_error", code="timeout"))
         except EngineDead as e:
             yield _error_event(APIError(503, str(e), "server_error", code="engine_dead"))
+        except ValueError as e:  # the engine refused the request
+            yield _error_event(APIError(400, str(e)))
+        except Exception as e:  # noqa: BLE001 - the headers are sent: report it in the stream
+            yield _error_event(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
         yield "data: [DONE]\n\n"
 
     def _chunk_choice(self, c: CompletionOutput, sent: list[int], done: list[bool], offsets: list[int]) -> dict | None:

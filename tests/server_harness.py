@@ -1,0 +1,102 @@
+"""Shared by the server tests: a tiny random-weight model with SmolLM2's real tokenizer (so chat
+templates and text work while a step takes milliseconds), an offline `LLM` over the same model
+(the oracle), and a uvicorn server on 127.0.0.1 in a background thread, bounded in time."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from functools import lru_cache
+
+import httpx
+import uvicorn
+
+from kiln.llm import LLM
+from kiln.runtime.async_engine import AsyncLLMEngine
+from kiln.runtime.checkpoint import open_checkpoint
+from kiln.runtime.engine import EngineConfig, LLMEngine
+from kiln.runtime.gguf_file import default_model_path
+from kiln.runtime.model import random_model
+from kiln.runtime.server import ServedModel, ServerConfig, build_app
+from kiln.runtime.tokenizer import Tokenizer
+
+MAX_MODEL_LEN = 512
+TINY = dict(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, rms_norm_eps=1e-5, max_position_embeddings=MAX_MODEL_LEN,
+            tie_word_embeddings=True)
+
+
+@lru_cache(maxsize=1)
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_checkpoint(open_checkpoint(default_model_path()))
+
+
+@lru_cache(maxsize=4)
+def tiny_model(seed: int = 1):
+    return random_model("llama", TINY, seed=seed)
+
+
+def offline_llm(seed: int = 1, **engine_options) -> LLM:
+    """`LLM` over the tiny model (LLM.__init__ loads a checkpoint; this model has none)."""
+    llm = LLM.__new__(LLM)
+    llm.tokenizer = tokenizer()
+    llm.engine = LLMEngine(tiny_model(seed), llm.tokenizer,
+                           EngineConfig(max_model_len=MAX_MODEL_LEN, **engine_options))
+    return llm
+
+
+def served(name: str = "tiny", seed: int = 1, max_waiting: int = 256, **engine_options) -> ServedModel:
+    engine_options.setdefault("max_model_len", MAX_MODEL_LEN)
+    engine = LLMEngine(tiny_model(seed), tokenizer(), EngineConfig(**engine_options))
+    return ServedModel(name, AsyncLLMEngine(engine, max_waiting=max_waiting), tokenizer(), MAX_MODEL_LEN)
+
+
+@contextlib.contextmanager
+def running(models: list[ServedModel], config: ServerConfig | None = None, startup_s: float = 20.0):
+    """Serve on a free port of 127.0.0.1; yields the base URL (http://127.0.0.1:PORT)."""
+    app = build_app(models, config)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=10).json()
+
+
+def wait_idle(url: str, model: str = "tiny", timeout: float = 20.0) -> dict:
+    """Poll /health until the model has nothing running, waiting or holding KV pages."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = health(url)["models"][model]
+        if stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_pages_used"] == 0 \
+                and stats["in_flight"] == 0:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server not idle after {timeout} s: {stats}")
+        time.sleep(0.05)
+
+
+def metric(url: str, line_prefix: str) -> float:
+    """The value of the first /metrics sample line starting with line_prefix (0 if absent)."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(line_prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
