@@ -196,6 +196,7 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer of {self.source} has no chat template")
         template = _compile(self.chat_template, self.source)
         variables = {**self.special_tokens, **kwargs}
+        messages = [_text_content(m, i) for i, m in enumerate(messages)]
         try:
             return template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **variables
@@ -203,6 +204,20 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             line = f" line {e.lineno}:" if getattr(e, "lineno", None) else ""
             raise TokenizerError(f"chat template of {self.source}:{line} {e.message or e}") from None
+
+
+def _text_content(message: dict, i: int) -> dict:
+    """OpenAI-style content parts ([{"type": "text", "text": ...}]) joined into one string:
+    chat templates expect a string."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    parts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise TokenizerError(f"messages[{i}].content[{j}]: only text parts are supported")
+        parts.append(part["text"])
+    return {**message, "content": "".join(parts)}
 
 
 def _optional_json(path: Path) -> dict:

@@ -212,3 +212,17 @@ def test_unsupported_gguf_tokenizer_model(tmp_path):
     w.close()
     with pytest.raises(TokenizerError, match="'rwkv' is not supported"):
         Tokenizer.from_gguf(tmp_path / "x.gguf")
+
+
+def test_chat_content_parts_are_joined():
+    from kiln.runtime.checkpoint import open_checkpoint
+    from kiln.runtime.gguf_file import default_model_path
+    from kiln.runtime.tokenizer import Tokenizer, TokenizerError
+
+    tok = Tokenizer.from_checkpoint(open_checkpoint(default_model_path()))
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    assert tok.apply_chat_template(parts) == tok.apply_chat_template([{"role": "user", "content": "Hi there"}])
+    import pytest
+
+    with pytest.raises(TokenizerError, match=r"messages\[0\]\.content\[0\]"):
+        tok.apply_chat_template([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
