@@ -7,7 +7,6 @@ message and exit status 2 — never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

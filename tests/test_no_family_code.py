@@ -43,3 +43,13 @@ def test_the_pattern_finds_family_names():
         assert FAMILY.search(text), text
     for text in ("rope kind llama3", "llama.cpp permutes rows", "phi", "graph", "gpt3"):
         assert not FAMILY.search(text), text
+
+
+def test_no_module_imports_jax():
+    pattern = re.compile(r"^\s*(import jax|from jax\b)", re.MULTILINE)
+    sources = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts and "build" not in p.parts]
+    assert sources
+    offenders = [str(p.relative_to(ROOT)) for p in sources if pattern.search(p.read_text(encoding="utf-8"))]
+    assert not offenders, f"JAX imported by {offenders}"
+    deps = (ROOT / "pyproject.toml").read_text()
+    assert not re.search(r'"jax', deps), "JAX in pyproject.toml dependencies"
