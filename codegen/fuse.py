@@ -44,8 +44,8 @@ def origin(instr: Instr) -> str:
 def fuse(plan: Plan, dtype: str, page_size: int) -> list[KOp]:
     """Match patterns over the whole program first, then emit: a group runs where its last
     instruction stood (a GEMM group where its first did), everything else in program order."""
-    instrs = prog_instrs = plan.program.instrs
-    pos = {id(ins): n for n, ins in enumerate(prog_instrs)}
+    instrs = plan.program.instrs
+    pos = {id(ins): n for n, ins in enumerate(instrs)}
     uses: Counter = Counter(i for ins in instrs for i in ins.inputs if i is not None)
     uses[plan.program.output] += 1
     users: dict[str, list[int]] = {}

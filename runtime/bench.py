@@ -93,9 +93,9 @@ def latency(args) -> dict:
         "ttft_floor_ms": 2 * params * args.prompt / mm * 1e3,
     }
     if args.hf:
+        m.model = kv = None  # free the GPU for the HF model
+        torch.cuda.empty_cache()
         result["hf_decode_ms"] = hf_decode_ms(args.config, args.steps)
-    del m, kv
-    torch.cuda.empty_cache()
     return result
 
 

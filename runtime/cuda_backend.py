@@ -10,7 +10,6 @@ through the reference backend's op implementations.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
