@@ -141,7 +141,7 @@ class CudaModel:
                     graph = self._graphs[bucket] = _Graph(self, kv, bucket)
                 return graph.replay(batch, tokens)[: len(batch.seqs)].float()
         meta = self._meta(batch)
-        rows = None if all_logits else torch.tensor(batch.sample_rows(), device=self.device)
+        rows = None if all_logits else torch.tensor(batch.sample_rows()).pin_memory().to(self.device, non_blocking=True)
         return self._run(tokens, meta, kv, batch, rows=rows).float()
 
     def _run(self, tokens: torch.Tensor, meta: _Meta, kv: KVStore, batch: StepBatch | None,
@@ -273,7 +273,6 @@ class _Graph:
 
     def replay(self, batch: StepBatch, tokens: torch.Tensor) -> torch.Tensor:
         m, ps = self.meta, self.model.page_size
-        n = len(batch.seqs)
         h, tables = self.host_np, self.tables_np  # numpy views of the pinned buffers: cheap writes
         h[:] = 0
         h[3] = -1
@@ -287,12 +286,13 @@ class _Graph:
             h[3, i] = s.block_table[p // ps] * ps + p % ps
             h[4, i] = p + 1
             tables[i, : len(s.block_table)] = s.block_table
+        h[2, 0] = h[4].max()  # the longest sequence (dynamic rope), from pinned memory too
         h = self.host
         self.tokens.copy_(h[0], non_blocking=True)
         m.positions.copy_(h[1], non_blocking=True)
         m.slots.copy_(h[3], non_blocking=True)
         m.kv_lens.copy_(h[4], non_blocking=True)
-        m.seq_len.copy_(h[4, :max(n, 1)].max().reshape(1), non_blocking=True)
+        m.seq_len.copy_(h[2, :1], non_blocking=True)
         m.block_tables.copy_(self.tables, non_blocking=True)
         self.graph.replay()
         return self.logits
