@@ -119,30 +119,44 @@ def gemv_time(m) -> tuple[float, float]:
 
 
 def hf_decode_ms(config_path: str, steps: int, batch: int = 1, prompt: int = 128) -> float:
-    """Per-step time of HF transformers generate() (eager, dynamic cache) on random weights."""
+    """Median decode-step time of HF transformers generate() (eager, its default cache) on random
+    weights: a streamer timestamps every step, so the prefill never enters the figure."""
     import transformers
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):  # called with the prompt, then once per generated token
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
 
     cfg = transformers.AutoConfig.for_model(**_config(config_path))
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device="cuda")
-    kw = dict(do_sample=False, pad_token_id=0)
+    clock = Clock()
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw)
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
+                       pad_token_id=0, streamer=clock)
     del model
     torch.cuda.empty_cache()
-    return ((t2 - t1) - (t1 - t0)) / steps * 1e3
+    steps_s = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]  # after the first token
+    return statistics.median(steps_s) * 1e3
 
 
 def throughput(args) -> dict:
+    result: dict = {}
+    if args.hf_batch:  # first, on an empty GPU
+        ms = hf_decode_ms(args.config, 32, batch=args.hf_batch, prompt=args.input_len)
+        result["hf_batch"] = args.hf_batch
+        result["hf_step_ms"] = ms
+        result["hf_output_tok_s"] = args.hf_batch / (ms / 1e3)
     m = random_model(args.spec, _config(args.config), dtype="bf16", device="cuda", backend=args.backend)
     engine = LLMEngine(m, None, EngineConfig(page_size=16, max_num_seqs=args.max_batch, kv_memory_fraction=0.7,
                                              max_tokens_per_step=args.max_tokens_per_step,
@@ -166,19 +180,13 @@ def throughput(args) -> dict:
     ttft = sorted(first[r] - start for r in first)
     tpot = sorted((end[r] - first[r]) / max(1, args.output_len - 1) for r in end)
     pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3  # noqa: E731
-    result = {
+    result.update({
         "requests": args.requests, "input_len": args.input_len, "output_len": args.output_len,
         "output_tok_s": args.requests * args.output_len / total, "req_s": args.requests / total,
         "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
         "tpot_p50_ms": pct(tpot, 0.5), "tpot_p99_ms": pct(tpot, 0.99), "seconds": total,
         "kv": engine.capacity, "preemptions": engine.scheduler.num_preemptions,
-    }
-    del engine, m
-    torch.cuda.empty_cache()
-    if args.hf_batch:
-        ms = hf_decode_ms(args.config, 16, batch=args.hf_batch, prompt=args.input_len)
-        result["hf_batch"] = args.hf_batch
-        result["hf_output_tok_s"] = args.hf_batch / (ms / 1e3)
+    })
     return result
 
 
