@@ -242,14 +242,8 @@ def _chat_prompt(req: ChatRequest, served: ServedModel) -> list[int]:
     if not req.messages:
         raise APIError(400, "messages must contain at least one message", param="messages")
     messages = []
-    for i, m in enumerate(req.messages):
+    for m in req.messages:  # text parts are joined (and other parts refused) by the tokenizer
         msg = m.model_dump(exclude_none=True)
-        if isinstance(m.content, list):
-            for j, part in enumerate(m.content):
-                if part.type != "text" or part.text is None:
-                    raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported "
-                                   f"(got type {part.type!r})", param="messages")
-            msg["content"] = "".join(p.text for p in m.content)
         msg.setdefault("content", "")
         messages.append(msg)
     try:
