@@ -14,8 +14,10 @@ Invariants (checked by `StepBatch.validate`):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -69,3 +71,41 @@ class StepBatch:
             offset = s.end
         if offset != self.num_tokens:
             raise ValueError(f"slices cover {offset} tokens, batch has {self.num_tokens}")
+
+
+@dataclass
+class HostMeta:
+    """A step's attention metadata as host (numpy) arrays, built without a per-sequence
+    Python loop over tokens: a 2,000-token mixed step of 160 sequences costs well under a
+    millisecond instead of tens (the loop of torch ops it replaces)."""
+
+    positions: np.ndarray  # [T] int64: absolute position of every new token
+    slots: np.ndarray  # [T] int32: page * page_size + offset where each token's K/V goes
+    block_tables: np.ndarray  # [S, width] int32, zero-padded
+    kv_lens: np.ndarray  # [S] int32: tokens in the cache after this step
+    cu_seqlens: np.ndarray  # [S + 1] int32: prefix sums of the new-token counts
+    lengths: np.ndarray  # [S] int32: new tokens per sequence
+
+
+def host_meta(batch: StepBatch, page_size: int, width: int) -> HostMeta:
+    """Metadata of `batch` (which must satisfy `validate(page_size)`); block tables padded to
+    `width` pages (at least the longest table)."""
+    seqs = batch.seqs
+    S, T = len(seqs), batch.num_tokens
+    lengths = np.fromiter((s.length for s in seqs), np.int64, S)
+    contexts = np.fromiter((s.context for s in seqs), np.int64, S)
+    pages = np.fromiter((len(s.block_table) for s in seqs), np.int64, S)
+    if S and pages.max() > width:
+        raise ValueError(f"a block table of {pages.max()} pages does not fit a width of {width}")
+    tables = np.zeros((S, width), np.int32)
+    # Boolean-mask assignment fills row by row, in the order the tables are chained.
+    tables[np.arange(width) < pages[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(s.block_table for s in seqs), np.int32, int(pages.sum()))
+    seq_of = np.repeat(np.arange(S), lengths)  # [T]: the sequence of each token
+    starts = np.cumsum(lengths) - lengths
+    positions = np.arange(T, dtype=np.int64) - np.repeat(starts - contexts, lengths)
+    slots = (tables[seq_of, positions // page_size].astype(np.int64) * page_size + positions % page_size)
+    cu = np.zeros(S + 1, np.int32)
+    cu[1:] = np.cumsum(lengths)
+    return HostMeta(positions, slots.astype(np.int32), tables, (contexts + lengths).astype(np.int32), cu,
+                    lengths.astype(np.int32))

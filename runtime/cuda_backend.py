@@ -18,7 +18,7 @@ from kiln.codegen import kernels as K
 from kiln.codegen.fuse import KOp, fuse
 from kiln.dsl.checker import Plan
 
-from .batch import StepBatch
+from .batch import StepBatch, host_meta
 from .kv_store import KVStore
 from .reference import ReferenceModel, _Step
 
@@ -95,33 +95,18 @@ class CudaModel:
         self._graphs: dict[int, _Graph] = {}
 
     # -- metadata ---------------------------------------------------------------------------
-    def _meta(self, batch: StepBatch, pad_to: int | None = None) -> _Meta:
+    def _meta(self, batch: StepBatch) -> _Meta:
         seqs = batch.seqs
-        S = pad_to or len(seqs)
-        max_pages = max(-(-self.max_context // self.page_size), max(len(s.block_table) for s in seqs))
-        tables = torch.zeros(S, max_pages, dtype=torch.int32)
-        kv_lens = torch.ones(S, dtype=torch.int32)
-        cu = torch.zeros(S + 1, dtype=torch.int32)
-        T = pad_to if pad_to else batch.num_tokens
-        positions = torch.zeros(T, dtype=torch.int64)
-        slots = torch.full((T,), -1, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            table = torch.tensor(s.block_table, dtype=torch.int32)
-            tables[i, : len(table)] = table
-            kv_lens[i] = s.context + s.length
-            pos = torch.arange(s.context, s.context + s.length)
-            positions[s.start:s.end] = pos
-            slots[s.start:s.end] = table[pos // self.page_size] * self.page_size + pos % self.page_size
-        lengths = torch.tensor([s.length for s in seqs] + [1] * (S - len(seqs)), dtype=torch.int32)
-        cu[1:] = torch.cumsum(lengths, 0)
+        width = max(-(-self.max_context // self.page_size), max(len(s.block_table) for s in seqs))
+        h = host_meta(batch, self.page_size, width)
         dev = self.device
 
-        def up(t):
-            return t.pin_memory().to(dev, non_blocking=True)
+        def up(a):
+            return torch.from_numpy(a).pin_memory().to(dev, non_blocking=True)
 
-        return _Meta(up(positions), up(slots), up(tables), up(kv_lens), up(cu),
-                     up(kv_lens.max().reshape(1)), all(s.length == 1 for s in seqs),
-                     int(lengths.max()), self.max_context,
+        return _Meta(up(h.positions), up(h.slots), up(h.block_tables), up(h.kv_lens), up(h.cu_seqlens),
+                     up(h.kv_lens.max(keepdims=True)), bool((h.lengths == 1).all()), int(h.lengths.max()),
+                     self.max_context,
                      [(s.start, s.length) for s in seqs] if all(s.context == 0 and s.length > 1 for s in seqs)
                      else None)
 
@@ -242,6 +227,24 @@ def _c(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def fill_decode_buffers(batch: StepBatch, page_size: int, host, tables) -> None:
+    """Write a decode batch into a graph's host buffers (numpy views of pinned memory):
+    host [5, size] int64 rows: token, position, longest sequence (in [2, 0]), slot, kv length;
+    tables [size, width] int32. Rows past the batch are padding: no K/V written, length 1."""
+    S = len(batch.seqs)
+    meta = host_meta(batch, page_size, tables.shape[1])
+    host[0, :S] = batch.tokens.cpu().numpy()
+    host[1, :S] = meta.positions
+    host[3, :S] = meta.slots
+    host[4, :S] = meta.kv_lens
+    host[0:3, S:] = 0
+    host[3, S:] = -1
+    host[4, S:] = 1
+    host[2, 0] = host[4].max()
+    tables[:S] = meta.block_tables
+    tables[S:] = 0
+
+
 class _Graph:
     """A decode step for `size` sequences, captured once and replayed with new metadata."""
 
@@ -272,21 +275,8 @@ class _Graph:
         self.host_np, self.tables_np = self.host.numpy(), self.tables.numpy()  # same memory
 
     def replay(self, batch: StepBatch, tokens: torch.Tensor) -> torch.Tensor:
-        m, ps = self.meta, self.model.page_size
-        h, tables = self.host_np, self.tables_np  # numpy views of the pinned buffers: cheap writes
-        h[:] = 0
-        h[3] = -1
-        h[4] = 1
-        tables[:] = 0
-        toks = batch.tokens.tolist()
-        for i, s in enumerate(batch.seqs):
-            p = s.context
-            h[0, i] = toks[s.start]
-            h[1, i] = p
-            h[3, i] = s.block_table[p // ps] * ps + p % ps
-            h[4, i] = p + 1
-            tables[i, : len(s.block_table)] = s.block_table
-        h[2, 0] = h[4].max()  # the longest sequence (dynamic rope), from pinned memory too
+        m = self.meta
+        fill_decode_buffers(batch, self.model.page_size, self.host_np, self.tables_np)
         h = self.host
         self.tokens.copy_(h[0], non_blocking=True)
         m.positions.copy_(h[1], non_blocking=True)

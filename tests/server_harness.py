@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 import threading
 import time
+import traceback
 from functools import lru_cache
 
 import httpx
@@ -81,6 +83,13 @@ def health(url: str) -> dict:
     return httpx.get(f"{url}/health", timeout=10).json()
 
 
+def thread_stacks() -> str:
+    """Every thread's Python stack: says where a stuck engine or server thread waits."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(f"--- thread {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame))
+                     for ident, frame in sys._current_frames().items())
+
+
 def wait_idle(url: str, model: str = "tiny", timeout: float = 20.0) -> dict:
     """Poll /health until the model has nothing running, waiting or holding KV pages."""
     deadline = time.monotonic() + timeout
@@ -90,7 +99,7 @@ def wait_idle(url: str, model: str = "tiny", timeout: float = 20.0) -> dict:
                 and stats["in_flight"] == 0:
             return stats
         if time.monotonic() > deadline:
-            raise AssertionError(f"server not idle after {timeout} s: {stats}")
+            raise AssertionError(f"server not idle after {timeout} s: {stats}\n{thread_stacks()}")
         time.sleep(0.05)
 
 
