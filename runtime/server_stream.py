@@ -46,16 +46,16 @@ class EventStream(Response):
         self.status_code, self.background = 200, None
 
     async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
-
         async def pump():
             async for event in self.events:
                 await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-        tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(wait_disconnect(receive))]
-        try:
+        tasks = []
+        try:  # whatever happens from here on (even a failed first send), the request is closed
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+            tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(wait_disconnect(receive))]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for t in tasks:

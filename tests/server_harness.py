@@ -4,12 +4,15 @@ templates and text work while a step takes milliseconds), an offline `LLM` over 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 import socket
 import sys
 import threading
 import time
 import traceback
+from collections import Counter
 from functools import lru_cache
 
 import httpx
@@ -71,9 +74,12 @@ def running(models: list[ServedModel], config: ServerConfig | None = None, start
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
+    url = f"http://127.0.0.1:{port}"
+    _LOOPS[url] = server.servers[0].get_loop()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
+        _LOOPS.pop(url, None)
         server.should_exit = True
         thread.join(15)
         sock.close()
@@ -83,11 +89,35 @@ def health(url: str) -> dict:
     return httpx.get(f"{url}/health", timeout=10).json()
 
 
-def thread_stacks() -> str:
-    """Every thread's Python stack: says where a stuck engine or server thread waits."""
+_LOOPS: dict[str, asyncio.AbstractEventLoop] = {}  # url -> its server's event loop, for diagnostics
+_TCP_STATES = {"01": "ESTABLISHED", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "0A": "LISTEN"}
+
+
+def server_state(url: str) -> str:
+    """Where things wait, for a failure message: every thread's stack, the server loop's tasks,
+    and the TCP states of the server's connections (from /proc/net/tcp)."""
     names = {t.ident: t.name for t in threading.enumerate()}
-    return "\n".join(f"--- thread {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame))
-                     for ident, frame in sys._current_frames().items())
+    parts = [f"--- thread {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame))
+             for ident, frame in sys._current_frames().items()]
+    if (loop := _LOOPS.get(url)) is not None:
+        async def tasks() -> str:
+            out = io.StringIO()
+            for t in asyncio.all_tasks():
+                t.print_stack(limit=6, file=out)
+            return out.getvalue()
+        try:
+            parts.append("--- server tasks\n" + asyncio.run_coroutine_threadsafe(tasks(), loop).result(5))
+        except Exception as e:  # noqa: BLE001 - best effort
+            parts.append(f"--- server tasks: {e!r}")
+    port = url.rsplit(":", 1)[1]
+    states: Counter = Counter()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/net/tcp").read().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].split(":")[1], 16) == int(port):  # the server's side of each connection
+                states[_TCP_STATES.get(f[3], f[3])] += 1
+    parts.append(f"--- server sockets on port {port}: {dict(states)}")
+    return "\n".join(parts)
 
 
 def wait_idle(url: str, model: str = "tiny", timeout: float = 20.0) -> dict:
@@ -99,7 +129,7 @@ def wait_idle(url: str, model: str = "tiny", timeout: float = 20.0) -> dict:
                 and stats["in_flight"] == 0:
             return stats
         if time.monotonic() > deadline:
-            raise AssertionError(f"server not idle after {timeout} s: {stats}\n{thread_stacks()}")
+            raise AssertionError(f"server not idle after {timeout} s: {stats}\n{server_state(url)}")
         time.sleep(0.05)
 
 
