@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=1000)
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--max-tokens-per-step", type=int, default=2048)
+    p.add_argument("--kv-fraction", type=float, default=0.9,
+                   help="throughput: share of free GPU memory (after weights) given to the KV cache")
     p.add_argument("--hf-batch", type=int, default=0, help="throughput: HF generate() baseline batch")
     bench_serve.add_arguments(p, lengths=False)  # serve: --url, --rates, --num-requests, ...
     p.set_defaults(fn=cmd_bench)

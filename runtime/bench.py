@@ -158,7 +158,8 @@ def throughput(args) -> dict:
         result["hf_step_ms"] = ms
         result["hf_output_tok_s"] = args.hf_batch / (ms / 1e3)
     m = random_model(args.spec, _config(args.config), dtype="bf16", device="cuda", backend=args.backend)
-    engine = LLMEngine(m, None, EngineConfig(page_size=16, max_num_seqs=args.max_batch, kv_memory_fraction=0.7,
+    engine = LLMEngine(m, None, EngineConfig(page_size=16, max_num_seqs=args.max_batch,
+                                             kv_memory_fraction=args.kv_fraction,
                                              max_tokens_per_step=args.max_tokens_per_step,
                                              max_model_len=args.input_len + args.output_len))
     gen = torch.Generator().manual_seed(0)
