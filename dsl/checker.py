@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from . import ir
@@ -313,20 +314,26 @@ class _Checker:
         return tuple(progs)
 
     def _unused(self) -> None:
+        own = self.spec.files[0] if self.spec.files else None
+
+        def hint(w, where: str, block: str | None) -> str:
+            if own is None or w.pos is None or w.pos.file == own:
+                return f"use it in {where}, or remove it"
+            inside = f" inside block '{block}'" if block else ""
+            return (f"it is inherited from {Path(w.pos.file).name}: use it, or write `drop {w.name}`{inside} "
+                    f"in {Path(own).name}")
+
         for b in self.spec.blocks:
             if b.name not in self.used_blocks:
                 raise SpecError(f"block '{b.name}' is never called", b.pos, "call it, or remove it")
         for w in self.spec.weights:
             if ("", w.name) not in self.used_weights:
-                raise SpecError(f"weight '{w.name}' is declared but never used", w.pos,
-                                "use it in a forward, or remove it")
+                raise SpecError(f"weight '{w.name}' is declared but never used", w.pos, hint(w, "a forward", None))
         for b in self.spec.blocks:
-            if b.name not in self.used_blocks:
-                raise SpecError(f"block '{b.name}' is never called", b.pos, "call it, or remove it")
             for w in b.weights:
                 if (b.name, w.name) not in self.used_weights:
                     raise SpecError(f"weight '{w.name}' of block '{b.name}' is declared but never used",
-                                    w.pos, "use it in the block's forward, or remove it")
+                                    w.pos, hint(w, "the block's forward", b.name))
 
 
 @dataclass(frozen=True)

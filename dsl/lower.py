@@ -19,7 +19,8 @@ from .syntax import Assign, BlockDecl, ForwardDecl, Return, SpecAst
 
 def merge(base: SpecAst, child: SpecAst) -> SpecAst:
     """`spec child extends base`: the child's params, weights, blocks and forward
-    replace the base's of the same name in place; new ones are appended."""
+    replace the base's of the same name in place; new ones are appended; `drop`s remove
+    inherited declarations (each must name one the base has)."""
 
     def by_name(old, new, key=lambda x: x.name):
         out = list(old)
@@ -31,22 +32,44 @@ def merge(base: SpecAst, child: SpecAst) -> SpecAst:
                 out.append(x)
         return out
 
-    blocks = list(base.blocks)
+    def without(items, drops, what: str):
+        names = {x.name for x in items}
+        for name, pos in drops:
+            if name not in names:
+                raise SpecError(f"'drop {name}': {what} declares no '{name}'", pos,
+                                "inherited: " + (", ".join(sorted(names)) or "nothing"))
+        gone = {name for name, _ in drops}
+        return [x for x in items if x.name not in gone]
+
+    top = {name for name, _ in child.drops}
+    for x in [*child.params, *child.weights, *child.blocks]:
+        if x.name in top:
+            raise SpecError(f"'{x.name}' is both dropped and declared by spec '{child.name}'", x.pos,
+                            "a redeclaration already replaces the inherited one: remove the drop")
+    for name, pos in child.drops:
+        if not any(x.name == name for x in [*base.params, *base.weights, *base.blocks]):
+            raise SpecError(f"'drop {name}': base spec '{base.name}' declares no parameter, weight or block "
+                            f"'{name}'", pos)
+    blocks = [b for b in base.blocks if b.name not in top]
     for nb in child.blocks:
         old = next((b for b in blocks if b.name == nb.name), None)
         if old is None:
+            if nb.drops:
+                raise SpecError(f"'drop {nb.drops[0][0]}': block '{nb.name}' is new in spec '{child.name}', "
+                                "so it inherits nothing to drop", nb.drops[0][1])
             blocks.append(nb)
             continue
+        weights = without(old.weights, nb.drops, f"block '{nb.name}' of spec '{base.name}'")
         merged = BlockDecl(nb.name, nb.count if nb.count is not None else old.count,
-                           tuple(by_name(old.weights, nb.weights)),
+                           tuple(by_name(weights, nb.weights)),
                            nb.forward if nb.forward is not None else old.forward, nb.pos)
         blocks[blocks.index(old)] = merged
     return SpecAst(
         name=child.name, extends=child.extends, pos=child.pos, file=child.file,
         architectures=child.architectures, gguf=child.gguf,
         ignore=base.ignore + child.ignore,
-        params=by_name(base.params, child.params),
-        weights=by_name(base.weights, child.weights),
+        params=by_name([p for p in base.params if p.name not in top], child.params),
+        weights=by_name([w for w in base.weights if w.name not in top], child.weights),
         blocks=blocks,
         forward=child.forward if child.forward is not None else base.forward,
     )

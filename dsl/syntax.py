@@ -53,6 +53,7 @@ class BlockDecl:
     weights: tuple[ir.Weight, ...]
     forward: ForwardDecl | None
     pos: Pos
+    drops: tuple[tuple[str, Pos], ...] = ()  # inherited weights this block removes
 
 
 @dataclass
@@ -68,6 +69,7 @@ class SpecAst:
     weights: list[ir.Weight] = field(default_factory=list)
     blocks: list[BlockDecl] = field(default_factory=list)
     forward: ForwardDecl | None = None
+    drops: list[tuple[str, Pos]] = field(default_factory=list)  # inherited declarations removed
 
 
 def _pos(file: str, meta_or_tok) -> Pos:
@@ -233,14 +235,18 @@ class ToAst(Transformer):
             ir.Weight(w.name, w.shape, w.dtype, w.source, prefix, w.pos) for w in c[1:]
         ], self.p(meta))
 
+    def drop(self, meta, c):
+        return ("drop", tuple((str(t), self.p(t)) for t in c), self.p(meta))
+
     def block(self, meta, c):
         name, count, *body = c
-        weights = [w for sec in body if isinstance(sec, tuple) for w in sec[2]]
+        weights = [w for sec in body if isinstance(sec, tuple) and sec[0] == "weights" for w in sec[2]]
+        drops = [d for sec in body if isinstance(sec, tuple) and sec[0] == "drop" for d in sec[1]]
         forwards = [f for f in body if isinstance(f, ForwardDecl)]
         if len(forwards) > 1:
             raise SpecError(f"block '{name}' has two forward sections", forwards[1].pos)
         return BlockDecl(str(name), count, tuple(weights), forwards[0] if forwards else None,
-                         self.p(name))
+                         self.p(name), tuple(drops))
 
     def start(self, meta, c):
         _, name, extends, pos = c[0]
@@ -263,6 +269,14 @@ class ToAst(Transformer):
                 spec.ignore.extend(item[1])
             elif item[0] == "weights":
                 spec.weights.extend(item[2])
+            elif item[0] == "drop":
+                spec.drops.extend(item[1])
+        if extends is None:
+            dropped = spec.drops + [d for b in spec.blocks for d in b.drops]
+            if dropped:
+                raise SpecError(f"'drop {dropped[0][0]}': drop removes what a base spec declares, and "
+                                f"spec '{name}' extends none", dropped[0][1],
+                                "write `spec NAME extends BASE`, or delete the declaration instead")
         return spec
 
     def __default__(self, data, children, meta):  # pragma: no cover - grammar and ToAst agree

@@ -107,3 +107,75 @@ def test_config_errors_name_the_key_and_file():
     with pytest.raises(SpecError) as info:
         check(spec, {"vocab_size": "many"}, "/ckpt/config.json")
     assert "/ckpt/config.json: key 'vocab_size' (parameter 'vocab') is 'many', expected an int" in info.value.message
+
+
+# `drop` in a spec that extends another (models/llama.kiln as the base).
+DROP_BASE = """\
+spec moe_llama extends llama
+param experts: int = 2
+block expert[experts] {
+  weights "model.layers.{layer}.experts.{expert}." {
+    w1: [hidden, hidden] <- "w1.weight"
+  }
+  forward(x) {
+    return linear(x, w1)
+  }
+}
+block layer {
+  drop w_gate, w_up, w_down
+  weights "model.layers.{layer}." {
+    router: [experts, hidden] <- "router.weight"
+  }
+  forward(x) {
+    h = rmsnorm(x, attn_norm, eps=eps)
+    x = x + linear(attention(linear(h, wq, bq), linear(h, wk, bk), linear(h, wv, bv), head_dim=head_dim), wo, bo)
+    h = rmsnorm(x, mlp_norm, eps=eps)
+    return x + moe(h, linear(h, router), experts=expert, top_k=1)
+  }
+}
+"""
+SMALL = dict(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8)
+
+
+def test_drop_removes_inherited_weights():
+    plan = check(parse_spec(DROP_BASE, "moe.kiln"), SMALL)
+    names = set(plan.weights)
+    assert "layer.0.router" in names and "layer.1.expert.1.w1" in names
+    assert not any(n.endswith(("w_gate", "w_up", "w_down")) for n in names)  # neither demanded nor loaded
+    assert "layer.0.wq" in names  # what is not dropped is still inherited
+
+
+DROP_CASES = [
+    ("name the base lacks", "drop w_gate, w_up, w_down", "drop w_gate, w_up, w_dwn",
+     "block 'layer' of spec 'llama' declares no 'w_dwn'", 12, 22),
+    ("inherited weight still used", "drop w_gate, w_up, w_down", "drop w_gate, w_up, w_down, mlp_norm",
+     "undefined name 'mlp_norm'", 19, 20),
+    ("top-level name the base lacks", "param experts: int = 2", "drop nonsense\nparam experts: int = 2",
+     "base spec 'llama' declares no parameter, weight or block 'nonsense'", 2, 6),
+    ("top-level drop and redeclaration", "param experts: int = 2", "drop ffn\nparam ffn: int = 2\nparam experts: int = 2",
+     "'ffn' is both dropped and declared", 3, 7),
+    ("drop in a new block", "  forward(x) {\n    return linear(x, w1)", "  drop w9\n  forward(x) {\n    return linear(x, w1)",
+     "block 'expert' is new in spec 'moe_llama'", 7, 8),
+    ("drop without extends", "spec moe_llama extends llama", "spec moe_llama", "spec 'moe_llama' extends none", 12, 8),
+]
+
+
+@pytest.mark.parametrize("name, old, new, fragment, line, col", DROP_CASES, ids=[c[0] for c in DROP_CASES])
+def test_drop_errors(name, old, new, fragment, line, col):
+    assert old in DROP_BASE, name
+    text = DROP_BASE.replace(old, new, 1)
+    with pytest.raises(SpecError) as info:
+        check(parse_spec(text, "moe.kiln"), SMALL)
+    e = info.value
+    assert fragment in e.message, e.render()
+    assert e.pos is not None and (e.pos.file, e.pos.line, e.pos.col) == ("moe.kiln", line, col), e.render()
+
+
+def test_unused_inherited_weight_suggests_drop():
+    text = DROP_BASE.replace("drop w_gate, w_up, w_down", "drop w_gate, w_up")
+    with pytest.raises(SpecError) as info:
+        check(parse_spec(text, "moe.kiln"), SMALL)
+    e = info.value
+    assert e.message == "weight 'w_down' of block 'layer' is declared but never used"
+    assert e.pos.file.endswith("llama.kiln")  # where it was declared
+    assert e.hint == "it is inherited from llama.kiln: use it, or write `drop w_down` inside block 'layer' in moe.kiln"
