@@ -185,9 +185,64 @@ class _Checker:
         for name, vid in zip(g.inputs, inputs):
             values[name] = vid
         instrs: list[Instr] = []
-        for op in g.ops:
-            self._op(op, frame, values, instrs)
+        live = self._live(g, frame)
+        for i, op in enumerate(g.ops):
+            if i not in live:
+                self._mark_dead(op, frame)
+            elif op.kind == "select":  # the chosen branch's value, under the select's name
+                values[op.outputs[0]] = values[op.inputs[self._choice(op, frame)].name]
+            else:
+                self._op(op, frame, values, instrs)
         return Program(tuple(inputs), tuple(instrs), values[g.output])
+
+    # ---- tensor `a if test else b`
+    def _choice(self, op: ir.Op, frame: "_Frame") -> int:
+        test = op.attr("cond")
+        v = evaluate(test, frame.env)
+        if not isinstance(v, bool):
+            raise SpecError(f"the condition of a tensor `if` must be true or false, got {v!r}", test.pos)
+        return 0 if v else 1
+
+    def _live(self, g: ir.Graph, frame: "_Frame") -> set[int]:
+        """Ops to build in this copy of the graph: all of them, except those that only feed the
+        branch a select does not take. (Results nobody reads are kept, as they are without selects.)"""
+        if not any(op.kind == "select" for op in g.ops):
+            return set(range(len(g.ops)))
+        read = {x.name for op in g.ops for x in op.inputs if isinstance(x, ir.Val)}
+        needed = {g.output} | {o for op in g.ops for o in op.outputs if o not in read}
+        live = set()
+        for i in reversed(range(len(g.ops))):
+            op = g.ops[i]
+            if not needed.intersection(op.outputs):
+                continue
+            live.add(i)
+            srcs = (op.inputs[self._choice(op, frame)],) if op.kind == "select" else op.inputs
+            needed.update(x.name for x in srcs if isinstance(x, ir.Val))
+        return live
+
+    def _mark_dead(self, op: ir.Op, frame: "_Frame") -> None:
+        """An op of the branch not taken still counts as a use of its weights and blocks: the
+        spec uses them, this config does not (their sources can be `... if test else none`)."""
+        local = {w.name for w in self._block(frame.block).weights} if frame.block else set()
+        for x in op.inputs:
+            if isinstance(x, ir.WeightRef):
+                self.used_weights.add((frame.block if x.name in local else "", x.name))
+        if op.kind == "call":
+            self._mark_block(op.attr("block").value)
+        elif op.kind == "moe" and "experts" in dict(op.attrs):
+            self._mark_block(dict(op.attrs)["experts"].value)
+
+    def _mark_block(self, name: str) -> None:
+        if name in self.used_blocks:
+            return
+        block = self._block(name)
+        self.used_blocks.add(name)
+        self.used_weights.update((name, w.name) for w in block.weights)
+        for op in block.graph.ops:
+            if op.kind == "call":
+                self._mark_block(op.attr("block").value)
+            elif op.kind == "moe" and "experts" in dict(op.attrs):
+                self._mark_block(dict(op.attrs)["experts"].value)
 
     def _op(self, op: ir.Op, frame: "_Frame", values: dict[str, str], instrs: list[Instr]) -> None:
         ins: list[str | None] = []

@@ -216,6 +216,8 @@ class _Lowerer:
             return self._is_tensor(e.left) or self._is_tensor(e.right)
         if isinstance(e, ir.UnOp) and e.op == "-":
             return self._is_tensor(e.operand)
+        if isinstance(e, ir.Cond):
+            return self._is_tensor(e.then) or self._is_tensor(e.other)
         return False
 
     def _operand(self, e: ir.Expr, what: str):
@@ -246,6 +248,13 @@ class _Lowerer:
         if isinstance(e, ir.UnOp) and e.op == "-" and self._is_tensor(e.operand):
             x = self._tensor(e.operand, what)
             return self._emit("scale", (x,), (("factor", ir.Const(-1.0, e.pos)),), e)
+        if isinstance(e, ir.Cond) and self._is_tensor(e):
+            # `a if test else b` between tensors: the test is a constant (parameters, the block
+            # index), so the checker keeps one branch per block copy and drops the other's ops.
+            self._const(e.test, "the condition of a tensor `if`")
+            a = self._tensor(e.then, what)
+            b = self._tensor(e.other, what)
+            return self._emit("select", (a, b), (("cond", e.test),), e)
         raise SpecError(f"the {what} must be a tensor expression", e.pos,
                         "constants can only scale a tensor (x * c) or be attributes (name=value)")
 

@@ -179,3 +179,38 @@ def test_unused_inherited_weight_suggests_drop():
     assert e.message == "weight 'w_down' of block 'layer' is declared but never used"
     assert e.pos.file.endswith("llama.kiln")  # where it was declared
     assert e.hint == "it is inherited from llama.kiln: use it, or write `drop w_down` inside block 'layer' in moe.kiln"
+
+
+def test_tensor_if_keeps_one_branch_per_block_copy():
+    """`a if test else b` between tensors: per copy of the block, only the taken branch is
+    built; a weight used only in the other branch is not an unused-weight error."""
+    text = TINY.replace("    return x + linear(rmsnorm(x, norm), w)",
+                        "    return x + linear(rmsnorm(x, norm), w) if layer == 0 else x * 2.0")
+    plan = check(parse_spec(text, "tiny.kiln"))
+    kinds = [i.kind for i in plan.program.instrs]
+    assert kinds.count("rmsnorm") == 1 and kinds.count("scale") == 1  # layer 0 the MLP, layer 1 the doubling
+    assert "select" not in kinds
+    only_else = TINY.replace("    return x + linear(rmsnorm(x, norm), w)",
+                             "    return x * 2.0 if layers > 1 else x + linear(rmsnorm(x, norm), w)")
+    kinds = [i.kind for i in check(parse_spec(only_else, "tiny.kiln")).program.instrs]
+    assert kinds.count("linear") == 1 and kinds.count("scale") == 2  # the logits' linear; both layers double
+
+
+TENSOR_IF_CASES = [
+    ("condition not a bool", "layer == 0 else x * 2.0", "hidden else x * 2.0",
+     "the condition of a tensor `if` must be true or false, got 16", 14, 47),
+    ("condition is a tensor", "layer == 0 else x * 2.0", "x else x * 2.0",
+     "the condition of a tensor `if` must be a constant, not a tensor", 14, 47),
+]
+
+
+@pytest.mark.parametrize("name, old, new, fragment, line, col", TENSOR_IF_CASES, ids=[c[0] for c in TENSOR_IF_CASES])
+def test_tensor_if_errors(name, old, new, fragment, line, col):
+    base = TINY.replace("    return x + linear(rmsnorm(x, norm), w)",
+                        "    return x + linear(rmsnorm(x, norm), w) if layer == 0 else x * 2.0")
+    text = base.replace(old, new, 1)
+    with pytest.raises(SpecError) as info:
+        check(parse_spec(text, "tiny.kiln"))
+    e = info.value
+    assert fragment in e.message, e.render()
+    assert (e.pos.file, e.pos.line, e.pos.col) == ("tiny.kiln", line, col), e.render()
