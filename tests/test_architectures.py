@@ -42,6 +42,9 @@ CASES = {
     "gpt_neox-sequential": cfg("gpt_neox", "GPTNeoXForCausalLM", rotary_pct=0.5,
                                use_parallel_residual=False),
     "mixtral": cfg("mixtral", "MixtralForCausalLM", num_local_experts=8, num_experts_per_tok=2),
+    "starcoder2": cfg("starcoder2", "Starcoder2ForCausalLM", sliding_window=8),
+    "starcoder2-no-bias": cfg("starcoder2", "Starcoder2ForCausalLM", use_bias=False, hidden_act="gelu"),
+    "phi": cfg("phi", "PhiForCausalLM", num_key_value_heads=4, partial_rotary_factor=0.4),
     # Small caps so that both softcaps bend the values they cap.
     "gemma2": cfg("gemma2", "Gemma2ForCausalLM", num_hidden_layers=3, head_dim=16, sliding_window=8,
                   query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=1.5),
