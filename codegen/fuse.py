@@ -94,7 +94,7 @@ def fuse(plan: Plan, dtype: str, page_size: int) -> list[KOp]:
                       (qr, kr, ins) if roped else (ins,),
                       (rope, ks.DecodeAttnSpec(**common), ks.PrefillAttnSpec(causal=a["causal"], **common)),
                       extra={"site": ins.site}), ins)
-        elif k in ("rmsnorm", "layernorm"):
+        elif k in ("rmsnorm", "layernorm") and not ins.attrs.get("group"):  # grouped: torch ops
             x = ins.inputs[0]
             add = producer.get(x)
             # Fuse the add only if nothing between it and the norm reads its result.

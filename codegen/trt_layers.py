@@ -132,14 +132,19 @@ class Network:
                                           w, self.trt.MatrixOperation.TRANSPOSE).get_output(0)  # [T, out]
         return y if b is None else self.ew(y, self.row(b), "SUM")
 
-    def rmsnorm(self, x, w, eps: float, offset: float = 0.0):
+    def rmsnorm(self, x, w, eps: float, offset: float = 0.0, group: int | None = None):
         xf = self.f32(x)  # [T, D] float32
-        ms = self.reduce(self.ew(xf, xf, "PROD"), "AVG", 1)  # [T, 1]
-        inv = self.unary(self.unary(self.ew(ms, self.scalar(eps), "SUM"), "SQRT"), "RECIP")
-        scale = self.row(self.f32(w))
+        width = x.shape[1]
+        if group:  # each run of `group` features on its own: [T, D / group, group]
+            xf = self.shuffle(xf, reshape=(-1, width // group, group))
+        axis = len(xf.shape) - 1
+        ms = self.reduce(self.ew(xf, xf, "PROD"), "AVG", axis)  # [T, 1] or [T, D / group, 1]
+        inv = self.unary(self.unary(self.ew(ms, self.scalar(eps, rank=axis + 1), "SUM"), "SQRT"), "RECIP")
+        scale = self.shuffle(self.f32(w), reshape=(1,) * axis + (-1,))
         if offset:
-            scale = self.ew(scale, self.scalar(offset), "SUM")
-        return self.run_dtype(self.ew(self.ew(xf, inv, "PROD"), scale, "PROD"))
+            scale = self.ew(scale, self.scalar(offset, rank=axis + 1), "SUM")
+        y = self.ew(self.ew(xf, inv, "PROD"), scale, "PROD")
+        return self.run_dtype(self.shuffle(y, reshape=(-1, width)) if group else y)
 
     def layernorm(self, x, w, b=None, eps: float = 1e-5):
         xf = self.f32(x)

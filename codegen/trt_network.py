@@ -176,6 +176,13 @@ def _call(method: str, **kw) -> Callable[[_Lowerer, Instr], dict]:
     return build
 
 
+def _rmsnorm(lw: _Lowerer, ins: Instr) -> dict:
+    record = _call("rmsnorm", eps="eps", offset="offset")(lw, ins)
+    if ins.attrs.get("group"):  # per-head norm (Qwen3's q_norm / k_norm)
+        record["kwargs"].append(("group", repr(ins.attrs["group"])))
+    return record
+
+
 def _act(lw: _Lowerer, ins: Instr) -> dict:
     fn = ins.kind if ins.kind in ACTIVATIONS else HF_ACTIVATIONS[ins.attrs["fn"]]
     return {"macro": "call", "method": "act", "kwargs": [("fn", repr(fn))]}
@@ -237,7 +244,7 @@ def _moe(lw: _Lowerer, ins: Instr) -> dict:
 LOWER: dict[str, Callable[[_Lowerer, Instr], dict]] = {
     "embedding": _call("embedding"),
     "linear": _call("linear"),
-    "rmsnorm": _call("rmsnorm", eps="eps", offset="offset"),
+    "rmsnorm": _rmsnorm,
     "layernorm": _call("layernorm", eps="eps"),
     "rope": _rope,
     "attention": _attention,

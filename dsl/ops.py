@@ -90,7 +90,10 @@ def _linear(ins, attrs):
 
 def _norm(ins, attrs):
     x, w = _act(ins[0]), ins[1]
-    _need(w is not None and w.shape == (x.shape[1],), f"norm weight must be [{x.shape[1]}], got {w}")
+    group = attrs.get("group") or x.shape[1]  # rmsnorm(group=g): each run of g features on its own
+    _need(group > 0 and x.shape[1] % group == 0,
+          f"group must divide the {x.shape[1]} features, got {attrs.get('group')!r}")
+    _need(w is not None and w.shape == (group,), f"norm weight must be [{group}], got {w}")
     if len(ins) > 2 and ins[2] is not None:
         _need(ins[2].shape == (x.shape[1],), f"norm bias must be [{x.shape[1]}], got {ins[2]}")
     return (x,)
@@ -152,8 +155,10 @@ HF_ACTIVATIONS = {
 OPS: dict[str, OpSig] = {
     "embedding": OpSig(("ids", "table"), {}, _embedding, "rows of table [V, D] picked by ids [T]"),
     "linear": OpSig(("x", "weight", "bias?"), {}, _linear, "x @ weight^T + bias; weight is [out, in]"),
-    "rmsnorm": OpSig(("x", "weight"), {"eps": Attr("float", 1e-6), "offset": Attr("float", 0.0)}, _norm,
-                     "x / rms(x) * (offset + weight), computed in float32"),
+    "rmsnorm": OpSig(("x", "weight"), {"eps": Attr("float", 1e-6), "offset": Attr("float", 0.0),
+                                       "group": Attr("int?", None)}, _norm,
+                     "x / rms(x) * (offset + weight), computed in float32; with group=g, over each run of g "
+                     "features (per head: group=head_dim, weight [g])"),
     "layernorm": OpSig(("x", "weight", "bias?"), {"eps": Attr("float", 1e-5)}, _norm,
                        "(x - mean) / std * weight + bias, computed in float32"),
     "rope": OpSig(("x",), {

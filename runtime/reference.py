@@ -59,9 +59,10 @@ class ReferenceModel:
         if k == "linear":
             return F.linear(a[0], a[1], a[2])
         if k == "rmsnorm":
-            x = a[0].float()
+            g = at.get("group") or a[0].shape[-1]
+            x = a[0].float().reshape(a[0].shape[0], -1, g)  # [T, features / g, g]
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + at["eps"])
-            return (x * (at["offset"] + a[1].float())).to(a[0].dtype)
+            return (x * (at["offset"] + a[1].float())).reshape(a[0].shape).to(a[0].dtype)
         if k == "layernorm":
             b = a[2].float() if a[2] is not None else None
             return F.layer_norm(a[0].float(), a[0].shape[-1:], a[1].float(), b, at["eps"]).to(a[0].dtype)

@@ -42,6 +42,10 @@ CASES = {
     "gpt_neox-sequential": cfg("gpt_neox", "GPTNeoXForCausalLM", rotary_pct=0.5,
                                use_parallel_residual=False),
     "mixtral": cfg("mixtral", "MixtralForCausalLM", num_local_experts=8, num_experts_per_tok=2),
+    # head_dim != hidden / heads, so the per-head q/k norms have their own width.
+    "qwen3": cfg("qwen3", "Qwen3ForCausalLM", head_dim=32),
+    "qwen3-sliding": cfg("qwen3", "Qwen3ForCausalLM", num_hidden_layers=3, use_sliding_window=True,
+                         sliding_window=8, max_window_layers=1, attention_bias=True),
     "starcoder2": cfg("starcoder2", "Starcoder2ForCausalLM", sliding_window=8),
     "starcoder2-no-bias": cfg("starcoder2", "Starcoder2ForCausalLM", use_bias=False, hidden_act="gelu"),
     "phi": cfg("phi", "PhiForCausalLM", num_key_value_heads=4, partial_rotary_factor=0.4),
