@@ -178,7 +178,7 @@ def _call(method: str, **kw) -> Callable[[_Lowerer, Instr], dict]:
 
 def _rmsnorm(lw: _Lowerer, ins: Instr) -> dict:
     record = _call("rmsnorm", eps="eps", offset="offset")(lw, ins)
-    if ins.attrs.get("group"):  # per-head norm (Qwen3's q_norm / k_norm)
+    if ins.attrs.get("group"):  # a norm per run of `group` features (per head)
         record["kwargs"].append(("group", repr(ins.attrs["group"])))
     return record
 

@@ -46,6 +46,13 @@ CASES = {
     "qwen3": cfg("qwen3", "Qwen3ForCausalLM", head_dim=32),
     "qwen3-sliding": cfg("qwen3", "Qwen3ForCausalLM", num_hidden_layers=3, use_sliding_window=True,
                          sliding_window=8, max_window_layers=1, attention_bias=True),
+    # Local layers (window 8, rotary base 10,000) and a global one (base 1e6, linear scaling x8).
+    "gemma3": cfg("gemma3_text", "Gemma3ForCausalLM", num_hidden_layers=3, head_dim=16, sliding_window=8,
+                  query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                   "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}}),
+    "gemma3-softcap": cfg("gemma3_text", "Gemma3ForCausalLM", num_hidden_layers=2, head_dim=16, sliding_window=8,
+                          final_logit_softcapping=1.5, attn_logit_softcapping=2.0),
     "starcoder2": cfg("starcoder2", "Starcoder2ForCausalLM", sliding_window=8),
     "starcoder2-no-bias": cfg("starcoder2", "Starcoder2ForCausalLM", use_bias=False, hidden_act="gelu"),
     "phi": cfg("phi", "PhiForCausalLM", num_key_value_heads=4, partial_rotary_factor=0.4),
