@@ -53,6 +53,7 @@ CASES = {
                                    "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}}),
     "gemma3-softcap": cfg("gemma3_text", "Gemma3ForCausalLM", num_hidden_layers=2, head_dim=16, sliding_window=8,
                           final_logit_softcapping=1.5, attn_logit_softcapping=2.0),
+    "cohere": cfg("cohere", "CohereForCausalLM", logit_scale=0.25, attention_bias=True),
     "olmo2": cfg("olmo2", "Olmo2ForCausalLM"),
     # Multipliers far from 1, so that each one shows.
     "granite": cfg("granite", "GraniteForCausalLM", embedding_multiplier=12.0, residual_multiplier=0.22,
