@@ -94,6 +94,10 @@ def evaluate(e: ir.Expr, env: Mapping[str, Any]) -> Any:
         a, b = evaluate(e.left, env), evaluate(e.right, env)
         if e.op in ("==", "!="):
             return _ARITH[e.op](a, b)
+        if e.op in ("in", "not in"):  # membership in a list (or a substring of a string)
+            if not isinstance(b, (list, str)) or (isinstance(b, str) and not isinstance(a, str)):
+                raise SpecError(f"'{e.op}' needs a list (or a string) on its right, got {b!r}", e.right.pos)
+            return (a in b) == (e.op == "in")
         _numeric(a, e.left, e.op)
         _numeric(b, e.right, e.op)
         if e.op in ("/", "//", "%") and b == 0:

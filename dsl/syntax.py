@@ -136,6 +136,12 @@ class ToAst(Transformer):
     def compare(self, meta, c):
         return ir.BinOp(str(c[1]), c[0], c[2], self.p(c[1]))
 
+    def contains(self, meta, c):
+        return ir.BinOp("in", c[0], c[1], self.p(meta))
+
+    def not_contains(self, meta, c):
+        return ir.BinOp("not in", c[0], c[1], self.p(meta))
+
     def binop(self, meta, c):
         return ir.BinOp(str(c[1]), c[0], c[2], self.p(c[1]))
 

@@ -53,6 +53,11 @@ CASES = {
                                    "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}}),
     "gemma3-softcap": cfg("gemma3_text", "Gemma3ForCausalLM", num_hidden_layers=2, head_dim=16, sliding_window=8,
                           final_logit_softcapping=1.5, attn_logit_softcapping=2.0),
+    # Layer 1 dense (mlp_only_layers), layers 0 and 2 sparse; top-2 of 4 experts, renormalised.
+    "qwen3_moe": cfg("qwen3_moe", "Qwen3MoeForCausalLM", num_hidden_layers=3, head_dim=16, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1]),
+    "qwen3_moe-step2": cfg("qwen3_moe", "Qwen3MoeForCausalLM", num_hidden_layers=2, head_dim=16, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2),
     "cohere": cfg("cohere", "CohereForCausalLM", logit_scale=0.25, attention_bias=True),
     "olmo2": cfg("olmo2", "Olmo2ForCausalLM"),
     # Multipliers far from 1, so that each one shows.

@@ -61,6 +61,8 @@ CASES = [
      "rmsnorm: group must divide the 16 features, got 5", 14, 23),
     ("norm weight not the group's width", "rmsnorm(x, norm)", "rmsnorm(x, norm, group=4)",
      "rmsnorm: norm weight must be [4], got float[16]", 14, 23),
+    ("membership in a number", "param layers: int = 2", "param layers: int = 2 if 1 in 5 else 3",
+     "'in' needs a list (or a string) on its right, got 5", 4, 31),
     ("attribute of wrong type", "rmsnorm(x, norm)", 'rmsnorm(x, norm, eps="small")', "attribute 'eps' must be float", 14, 44),
     ("shape mismatch", 'w: [hidden, hidden] <- "w.weight"', 'w: [hidden, vocab] <- "w.weight"',
      "input has 16 features but the weight is float[16, 50]", 14, 16),
@@ -218,3 +220,8 @@ def test_tensor_if_errors(name, old, new, fragment, line, col):
     e = info.value
     assert fragment in e.message, e.render()
     assert (e.pos.file, e.pos.line, e.pos.col) == ("tiny.kiln", line, col), e.render()
+
+
+def test_membership_in_constant_expressions():
+    text = TINY.replace("param layers: int = 2", "param skip: list = [1]\nparam layers: int = 3 if 0 in skip or 2 not in skip else 1")
+    assert check(parse_spec(text, "tiny.kiln")).params["layers"] == 3
