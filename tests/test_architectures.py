@@ -58,6 +58,10 @@ CASES = {
                      num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1]),
     "qwen3_moe-step2": cfg("qwen3_moe", "Qwen3MoeForCausalLM", num_hidden_layers=2, head_dim=16, num_experts=4,
                            num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2),
+    # Layers 1 and 3 without rotary (NoPE); layer 2 with a sliding window.
+    "smollm3": cfg("smollm3", "SmolLM3ForCausalLM", num_hidden_layers=4, no_rope_layer_interval=2,
+                   use_sliding_window=True, sliding_window=8,
+                   layer_types=["full_attention", "full_attention", "sliding_attention", "full_attention"]),
     "cohere": cfg("cohere", "CohereForCausalLM", logit_scale=0.25, attention_bias=True),
     "olmo2": cfg("olmo2", "Olmo2ForCausalLM"),
     # Multipliers far from 1, so that each one shows.
