@@ -4,6 +4,8 @@ then decode steps through the captured CUDA graphs), and the engine's greedy out
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,9 @@ LLAMA = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attentio
              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                            "original_max_position_embeddings": 64})
 GPT2 = dict(vocab_size=1000, n_embd=256, n_layer=2, n_head=4, n_positions=512)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the families' small configs
+from test_architectures import CASES as FAMILIES  # noqa: E402
 
 
 def pair(spec, config, dtype):
@@ -48,33 +53,48 @@ def divergence(ref, cuda, batch: StepBatch, tol: float) -> str:
     return "first divergent values: " + "; ".join(bad[:6])
 
 
-@pytest.mark.parametrize("spec,config", [("llama", LLAMA), ("gpt2", GPT2)])
-@pytest.mark.parametrize("dtype,tol", [("bf16", 2e-2), ("fp32", 1e-4)])
-def test_logits_match_reference(spec, config, dtype, tol, fresh_seed):
+def check_against_reference(spec, config, dtype, tol, seed):
+    """Prefill of 5 sequences of odd lengths, then 6 decode steps through the CUDA graphs."""
     ref, cuda = pair(spec, config, dtype)
-    rng = random.Random(fresh_seed)
+    vocab = ref.plan.vocab_size
+    rng = random.Random(seed)
     lens = [rng.randint(1, 70) for _ in range(3)] + [17, 33]  # odd lengths, crossing page boundaries
     kvs = [KVStore(ref.plan.sites, 64, 16, ref.dtype, "cuda") for _ in range(2)]
-    tables, start, seqs, ctx = [], 0, [], []
+    tables, start, seqs = [], 0, []
     pages = rng.sample(range(64), 8 * len(lens))  # scattered, never shared between sequences
     for i, n in enumerate(lens):
         table = tuple(pages[8 * i: 8 * i + 8])  # 8 pages = 128 tokens
         tables.append(table)
         seqs.append(SeqSlice(start, n, 0, table))
         start += n
-    tokens = torch.randint(0, 1000, (start,))
+    tokens = torch.randint(0, vocab, (start,))
     with torch.no_grad():
         a = ref.model.forward(StepBatch(tokens, seqs), kvs[0], all_logits=True)
         b = cuda.model.forward(StepBatch(tokens, seqs), kvs[1], all_logits=True)
         assert rel(b, a) <= tol, f"prefill {rel(b, a)}; " + divergence(ref, cuda, StepBatch(tokens, seqs), tol)
         ctx = list(lens)
         for step in range(6):  # decode: one token per sequence, CUDA graph replays
-            nxt = torch.randint(0, 1000, (len(lens),))
+            nxt = torch.randint(0, vocab, (len(lens),))
             dseqs = [SeqSlice(i, 1, ctx[i], tables[i]) for i in range(len(lens))]
             a = ref.model.forward(StepBatch(nxt, dseqs), kvs[0])
             b = cuda.model.forward(StepBatch(nxt, dseqs), kvs[1])
             assert rel(b, a) <= tol, f"decode step {step}: {rel(b, a)}"
             ctx = [c + 1 for c in ctx]
+
+
+@pytest.mark.parametrize("spec,config", [("llama", LLAMA), ("gpt2", GPT2)])
+@pytest.mark.parametrize("dtype,tol", [("bf16", 2e-2), ("fp32", 1e-4)])
+def test_logits_match_reference(spec, config, dtype, tol, fresh_seed):
+    check_against_reference(spec, config, dtype, tol, fresh_seed)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_matches_reference_fp32(name, fresh_seed):
+    """Every spec in models/, with the small config its CPU test checks against transformers."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**FAMILIES[name]).to_dict()  # with transformers' defaults
+    check_against_reference(name.split("-")[0], config, "fp32", 1e-4, fresh_seed)
 
 
 def test_engine_greedy_equals_reference_fp32():
