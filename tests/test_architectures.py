@@ -62,6 +62,8 @@ CASES = {
     "smollm3": cfg("smollm3", "SmolLM3ForCausalLM", num_hidden_layers=4, no_rope_layer_interval=2,
                    use_sliding_window=True, sliding_window=8,
                    layer_types=["full_attention", "full_attention", "sliding_attention", "full_attention"]),
+    "gptj": dict(model_type="gptj", architectures=["GPTJForCausalLM"], n_embd=64, n_layer=2, n_head=4,
+                 rotary_dim=8, vocab_size=256, n_positions=128, bos_token_id=1, eos_token_id=2),
     "cohere": cfg("cohere", "CohereForCausalLM", logit_scale=0.25, attention_bias=True),
     "olmo2": cfg("olmo2", "Olmo2ForCausalLM"),
     # Multipliers far from 1, so that each one shows.

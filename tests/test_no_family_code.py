@@ -15,7 +15,7 @@ ENGINE_DIRS = ("api", "dsl", "codegen", "runtime")
 #   families' configs use as well, so the rope code must spell it;
 # - `llama.cpp` is the program whose GGUF conventions (permuted Q/K rows) the loader undoes.
 FAMILY = re.compile(
-    r"(?<![a-z])(llama(?!3|\.cpp)|mistral|mixtral|qwen|gemma|phi-?3|neox|gpt-?2|starcoder|olmo|granite|cohere)", re.IGNORECASE)
+    r"(?<![a-z])(llama(?!3|\.cpp)|mistral|mixtral|qwen|gemma|phi-?3|neox|gpt-?2|starcoder|olmo|granite|cohere|gpt-?j)", re.IGNORECASE)
 
 
 def test_models_holds_only_specs():
@@ -39,7 +39,7 @@ def test_engine_sources_name_no_family():
 def test_the_pattern_finds_family_names():
     """The check above can fail: it sees the spellings a family takes in code."""
     for text in ("LlamaForCausalLM", "if arch == 'mistral':", "Qwen2Config", "gemma_norm",
-                 "phi3_rope", "Phi-3", "gpt_neox", "MIXTRAL", "gpt2", "GPT-2", "llama2", "Starcoder2Config", "Olmo2", "GraniteConfig", "CohereForCausalLM"):
+                 "phi3_rope", "Phi-3", "gpt_neox", "MIXTRAL", "gpt2", "GPT-2", "llama2", "Starcoder2Config", "Olmo2", "GraniteConfig", "CohereForCausalLM", "GPTJForCausalLM"):
         assert FAMILY.search(text), text
     for text in ("rope kind llama3", "llama.cpp permutes rows", "phi", "graph", "gpt3"):
         assert not FAMILY.search(text), text
