@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", help="spec (default: chosen by the config's architectures)")
     p.add_argument("--config", help="a Hugging Face config.json, one of configs/*.json")
     p.add_argument("--backend", default="cuda", choices=["reference", "cuda"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: a smoke run of `throughput --backend reference` (CI), not a measurement")
     p.add_argument("--prompt", type=int, default=2048, help="latency: prompt tokens (TTFT)")
     p.add_argument("--steps", type=int, default=64, help="latency: decode steps timed")
     p.add_argument("--hf", action="store_true", help="latency: also time HF transformers generate()")

@@ -157,7 +157,9 @@ def throughput(args) -> dict:
         result["hf_batch"] = args.hf_batch
         result["hf_step_ms"] = ms
         result["hf_output_tok_s"] = args.hf_batch / (ms / 1e3)
-    m = random_model(args.spec, _config(args.config), dtype="bf16", device="cuda", backend=args.backend)
+    cpu = getattr(args, "device", "cuda") == "cpu"  # a smoke run of the same code (CI), not a benchmark
+    m = random_model(args.spec, _config(args.config), dtype="fp32" if cpu else "bf16",
+                     device="cpu" if cpu else "cuda", backend=args.backend)
     engine = LLMEngine(m, None, EngineConfig(page_size=16, max_num_seqs=args.max_batch,
                                              kv_memory_fraction=args.kv_fraction,
                                              max_tokens_per_step=args.max_tokens_per_step,
@@ -170,9 +172,13 @@ def throughput(args) -> dict:
     end: dict[str, float] = {}
     for p in prompts:
         engine.add_request(p, params)
+    kinds: dict[str, list[float]] = {"decode": [], "mixed": []}  # step wall times by kind
+    last = time.perf_counter()
     while engine.has_unfinished():
         outs = engine.step()
         now = time.perf_counter()
+        kinds.setdefault(engine.last_step.kind, []).append(now - last)
+        last = now
         for o in outs:
             first.setdefault(o.request_id, now)
             if o.finished:
@@ -187,17 +193,27 @@ def throughput(args) -> dict:
         "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
         "tpot_p50_ms": pct(tpot, 0.5), "tpot_p99_ms": pct(tpot, 0.99), "seconds": total,
         "kv": engine.capacity, "preemptions": engine.scheduler.num_preemptions,
+        # where the time went: decode-only steps (CUDA graphs) and steps with prompt tokens (eager)
+        "decode_steps": len(kinds["decode"]), "decode_steps_s": sum(kinds["decode"]),
+        "decode_step_ms_p50": pct(sorted(kinds["decode"]), 0.5) if kinds["decode"] else 0.0,
+        "mixed_steps": len(kinds["mixed"]), "mixed_steps_s": sum(kinds["mixed"]),
+        "mixed_step_ms_p50": pct(sorted(kinds["mixed"]), 0.5) if kinds["mixed"] else 0.0,
     })
     return result
 
 
 def main(args) -> int:
-    if not torch.cuda.is_available():
+    cpu = getattr(args, "device", "cuda") == "cpu"
+    if cpu and (args.mode != "throughput" or args.backend != "reference" or args.hf_batch):
+        print("kiln bench: --device cpu runs only `throughput --backend reference` (no --hf-batch): "
+              "a smoke run of the benchmark's code, not a measurement")
+        return 2
+    if not cpu and not torch.cuda.is_available():
         print("kiln bench needs a CUDA GPU")
         return 2
-    name = torch.cuda.get_device_name()
+    name = "CPU (smoke run, not a benchmark)" if cpu else torch.cuda.get_device_name()
     print(f"# {name}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, spec {args.spec}, "
-          f"config {args.config}, backend {args.backend}, bf16")
+          f"config {args.config}, backend {args.backend}, {'fp32' if cpu else 'bf16'}")
     r = latency(args) if args.mode == "latency" else throughput(args)
     print(json.dumps(r, indent=1, default=str))
     print("| metric | value |\n| --- | --- |")

@@ -35,6 +35,19 @@ class EngineConfig:
     policy: str = "fcfs"
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What the last `step()` ran: benchmarks split their time by kind of step with it."""
+
+    num_seqs: int = 0
+    num_tokens: int = 0
+    num_prefill_tokens: int = 0  # tokens of sequences with more than one new token
+
+    @property
+    def kind(self) -> str:
+        return "idle" if not self.num_tokens else "mixed" if self.num_prefill_tokens else "decode"
+
+
 @dataclass
 class _Track:
     """Per child sequence: its sampling state and the text produced so far."""
@@ -87,6 +100,7 @@ class LLMEngine:
         self._tracks: dict[str, _Track] = {}
         self._groups: dict[str, _Group] = {}
         self._ids = itertools.count()
+        self.last_step = StepInfo()
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -133,6 +147,8 @@ class LLMEngine:
     # -- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         step = self.scheduler.schedule()
+        seqs = step.batch.seqs
+        self.last_step = StepInfo(len(seqs), step.batch.num_tokens, sum(s.length for s in seqs if s.length > 1))
         changed: set[str] = set()
         if step.batch.num_tokens:
             with torch.no_grad():  # tokens stay on the host: each backend moves what it needs

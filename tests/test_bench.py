@@ -1,0 +1,47 @@
+"""`kiln bench throughput --device cpu`: the benchmark's own code (the engine loop, the TTFT /
+TPOT bookkeeping, the split of time by kind of step) run on a tiny model in CI. Nothing here
+is a measurement: the assertions are about counts, which the run determines exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kiln.cli import build_parser, main
+from kiln.runtime.bench import throughput
+
+TINY = dict(architectures=["LlamaForCausalLM"], vocab_size=128, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY))
+    return str(path)
+
+
+def args_for(config, *extra):
+    return build_parser().parse_args(["bench", "throughput", "--device", "cpu", "--backend", "reference",
+                                      "--config", config, "--spec", "llama", *extra])
+
+
+def test_throughput_counts_steps_by_kind(config):
+    # 6 requests of 12 prompt tokens, 4 at a time, 16 tokens a step: prompts need >= 72/16 steps.
+    r = throughput(args_for(config, "--requests", "6", "--input-len", "12", "--output-len", "5",
+                            "--max-batch", "4", "--max-tokens-per-step", "16"))
+    assert r["requests"] == 6 and r["output_tok_s"] > 0 and r["preemptions"] == 0
+    assert r["mixed_steps"] >= 5  # 72 prompt tokens at <= 16 a step
+    assert r["decode_steps"] >= 4  # the last 4 tokens of the last request are decode-only steps
+    assert r["decode_steps_s"] + r["mixed_steps_s"] <= r["seconds"]
+    assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+
+
+def test_cli_smoke_run_and_refusals(config, capsys):
+    assert main(["bench", "throughput", "--device", "cpu", "--backend", "reference", "--config", config,
+                 "--requests", "2", "--input-len", "4", "--output-len", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU (smoke run, not a benchmark)" in out and "| decode_steps |" in out
+    assert main(["bench", "latency", "--device", "cpu", "--backend", "reference", "--config", config]) == 2
+    assert "--device cpu runs only" in capsys.readouterr().out
