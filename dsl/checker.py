@@ -190,7 +190,7 @@ class _Checker:
             if i not in live:
                 self._mark_dead(op, frame)
             elif op.kind == "select":  # the chosen branch's value, under the select's name
-                values[op.outputs[0]] = values[op.inputs[self._choice(op, frame)].name]
+                values[op.outputs[0]] = values[op.inputs[live[i]].name]
             else:
                 self._op(op, frame, values, instrs)
         return Program(tuple(inputs), tuple(instrs), values[g.output])
@@ -203,20 +203,21 @@ class _Checker:
             raise SpecError(f"the condition of a tensor `if` must be true or false, got {v!r}", test.pos)
         return 0 if v else 1
 
-    def _live(self, g: ir.Graph, frame: "_Frame") -> set[int]:
-        """Ops to build in this copy of the graph: all of them, except those that only feed the
-        branch a select does not take. (Results nobody reads are kept, as they are without selects.)"""
+    def _live(self, g: ir.Graph, frame: "_Frame") -> dict[int, int | None]:
+        """Ops to build in this copy of the graph (index -> the operand a select takes, None for
+        other ops): all of them, except those that only feed the branch a select does not take.
+        (Results nobody reads are kept, as they are without selects.)"""
         if not any(op.kind == "select" for op in g.ops):
-            return set(range(len(g.ops)))
+            return dict.fromkeys(range(len(g.ops)))
         read = {x.name for op in g.ops for x in op.inputs if isinstance(x, ir.Val)}
         needed = {g.output} | {o for op in g.ops for o in op.outputs if o not in read}
-        live = set()
+        live: dict[int, int | None] = {}
         for i in reversed(range(len(g.ops))):
             op = g.ops[i]
             if not needed.intersection(op.outputs):
                 continue
-            live.add(i)
-            srcs = (op.inputs[self._choice(op, frame)],) if op.kind == "select" else op.inputs
+            live[i] = self._choice(op, frame) if op.kind == "select" else None
+            srcs = op.inputs if live[i] is None else (op.inputs[live[i]],)
             needed.update(x.name for x in srcs if isinstance(x, ir.Val))
         return live
 
@@ -227,10 +228,8 @@ class _Checker:
         for x in op.inputs:
             if isinstance(x, ir.WeightRef):
                 self.used_weights.add((frame.block if x.name in local else "", x.name))
-        if op.kind == "call":
-            self._mark_block(op.attr("block").value)
-        elif op.kind == "moe" and "experts" in dict(op.attrs):
-            self._mark_block(dict(op.attrs)["experts"].value)
+        if (name := _called_block(op)) is not None:
+            self._mark_block(name)
 
     def _mark_block(self, name: str) -> None:
         if name in self.used_blocks:
@@ -239,10 +238,8 @@ class _Checker:
         self.used_blocks.add(name)
         self.used_weights.update((name, w.name) for w in block.weights)
         for op in block.graph.ops:
-            if op.kind == "call":
-                self._mark_block(op.attr("block").value)
-            elif op.kind == "moe" and "experts" in dict(op.attrs):
-                self._mark_block(dict(op.attrs)["experts"].value)
+            if (called := _called_block(op)) is not None:
+                self._mark_block(called)
 
     def _op(self, op: ir.Op, frame: "_Frame", values: dict[str, str], instrs: list[Instr]) -> None:
         ins: list[str | None] = []
@@ -389,6 +386,12 @@ class _Checker:
                 if (b.name, w.name) not in self.used_weights:
                     raise SpecError(f"weight '{w.name}' of block '{b.name}' is declared but never used",
                                     w.pos, hint(w, "the block's forward", b.name))
+
+
+def _called_block(op: ir.Op) -> str | None:
+    """The block an op runs: a block call's, or the experts of a `moe`."""
+    attr = op.attr("block") if op.kind == "call" else op.attr("experts") if op.kind == "moe" else None
+    return attr.value if attr is not None else None
 
 
 @dataclass(frozen=True)
