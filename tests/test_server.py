@@ -308,12 +308,19 @@ def test_disconnects_free_every_page(llm):
 
                 streams = await asyncio.wait_for(asyncio.gather(*(reader(i) for i in range(50))), 60)
                 busy = health(url)["models"]["tiny"]
-                async with httpx.AsyncClient(timeout=0.3) as h:
-                    async def impatient(i):
-                        with pytest.raises(httpx.TimeoutException):
-                            await h.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x",
-                                                                        "max_tokens": 400, "ignore_eos": True})
-                    await asyncio.gather(*(impatient(i) for i in range(10)))
+                async with httpx.AsyncClient(timeout=60) as h:
+                    # Leave only once the server holds all 10 (a client timing out before the server
+                    # has read its request leaves nothing to abort, so a timer would make it racy).
+                    posts = [asyncio.ensure_future(h.post(f"{url}/v1/completions", json={
+                        "model": "tiny", "prompt": "x", "max_tokens": 400, "ignore_eos": True})) for _ in range(10)]
+                    deadline = asyncio.get_running_loop().time() + 60
+                    while (await h.get(f"{url}/health")).json()["models"]["tiny"]["in_flight"] < 60:
+                        assert asyncio.get_running_loop().time() < deadline, "the 10 requests were never admitted"
+                        await asyncio.sleep(0.05)
+                    for t in posts:
+                        t.cancel()  # closes its connection: the client is gone mid-request
+                    done = await asyncio.gather(*posts, return_exceptions=True)
+                    assert all(isinstance(x, asyncio.CancelledError) for x in done)
                 for s in streams:
                     await s.close()
                 return busy
