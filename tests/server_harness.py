@@ -52,9 +52,21 @@ def offline_llm(seed: int = 1, **engine_options) -> LLM:
     return llm
 
 
-def served(name: str = "tiny", seed: int = 1, max_waiting: int = 256, **engine_options) -> ServedModel:
+def served(name: str = "tiny", seed: int = 1, max_waiting: int = 256, min_step_s: float = 0.0,
+           **engine_options) -> ServedModel:
+    """min_step_s > 0 makes each engine step last at least that long (outputs unchanged): a test
+    that races clients against generation then does not depend on how fast this machine is."""
     engine_options.setdefault("max_model_len", MAX_MODEL_LEN)
     engine = LLMEngine(tiny_model(seed), tokenizer(), EngineConfig(**engine_options))
+    if min_step_s > 0:
+        step = engine.step
+
+        def paced_step():
+            t0 = time.monotonic()
+            out = step()
+            time.sleep(max(0.0, min_step_s - (time.monotonic() - t0)))
+            return out
+        engine.step = paced_step
     return ServedModel(name, AsyncLLMEngine(engine, max_waiting=max_waiting), tokenizer(), MAX_MODEL_LEN)
 
 

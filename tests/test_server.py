@@ -293,11 +293,14 @@ def test_queue_full_gets_429_and_the_rest_complete(llm):
 
 
 def test_disconnects_free_every_page(llm):
-    """50 streaming clients leave mid-stream, 10 more leave while waiting for a whole response."""
-    with running([served(max_num_seqs=64)]) as url:
+    """50 streaming clients leave mid-stream, 10 more leave while waiting for a whole response.
+
+    A step lasts >= 20 ms, so no request can reach max_tokens (>= 9 s) before its client leaves:
+    on a fast, busy CI machine the tiny model once finished 8 of them first (52 aborts, not 60)."""
+    with running([served(max_num_seqs=64, min_step_s=0.02)]) as url:
         async def main():
             async with aclient(url) as c:
-                kw = dict(model="tiny", max_tokens=400, temperature=0.8, seed=1, stream=True,
+                kw = dict(model="tiny", max_tokens=460, temperature=0.8, seed=1, stream=True,
                           extra_body={"ignore_eos": True})
 
                 async def reader(i):
@@ -312,7 +315,7 @@ def test_disconnects_free_every_page(llm):
                     # Leave only once the server holds all 10 (a client timing out before the server
                     # has read its request leaves nothing to abort, so a timer would make it racy).
                     posts = [asyncio.ensure_future(h.post(f"{url}/v1/completions", json={
-                        "model": "tiny", "prompt": "x", "max_tokens": 400, "ignore_eos": True})) for _ in range(10)]
+                        "model": "tiny", "prompt": "x", "max_tokens": 460, "ignore_eos": True})) for _ in range(10)]
                     deadline = asyncio.get_running_loop().time() + 60
                     while (await h.get(f"{url}/health")).json()["models"]["tiny"]["in_flight"] < 60:
                         assert asyncio.get_running_loop().time() < deadline, "the 10 requests were never admitted"
@@ -329,7 +332,9 @@ def test_disconnects_free_every_page(llm):
         assert busy["kv_pages_used"] > 0 and busy["running"] == 50
         stats = wait_idle(url)
         assert stats["kv_pages_used"] == 0
-        assert metric(url, 'kiln_requests_finished_total{finish_reason="abort",model="tiny"}') == 60
+        finished = {r: metric(url, f'kiln_requests_finished_total{{finish_reason="{r}",model="tiny"}}')
+                    for r in ("abort", "length")}
+        assert finished == {"abort": 60, "length": 0}, f"finished by reason: {finished}"
         assert metric(url, 'kiln_kv_cache_pages_used{model="tiny"}') == 0
         r = client(url).completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0)
         assert r.choices[0].text == offline(llm, PROMPTS[0], dict(max_tokens=6, temperature=0.0)).outputs[0].text
