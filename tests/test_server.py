@@ -263,8 +263,9 @@ def test_several_models():
 
 
 def test_queue_full_gets_429_and_the_rest_complete(llm):
-    # 2 seats + 2 waiting slots: 4 requests in flight, the next ones are refused at once.
-    with running([served(max_num_seqs=2, max_waiting=2)]) as url:
+    # 2 seats + 2 waiting slots: 4 requests in flight, the next ones are refused at once. Steps of
+    # >= 20 ms keep the first two running (>= 1.2 s) while the refusals are tried.
+    with running([served(max_num_seqs=2, max_waiting=2, min_step_s=0.02)]) as url:
         async def main():
             async with aclient(url) as c:
                 kw = dict(model="tiny", max_tokens=60, temperature=0, stream=True,
@@ -341,7 +342,8 @@ def test_disconnects_free_every_page(llm):
 
 
 def test_request_timeout():
-    with running([served()], ServerConfig(request_timeout=0.3)) as url:
+    # Steps of >= 10 ms: 480 tokens take >= 4.8 s, far past the 0.3 s deadline on any machine.
+    with running([served(min_step_s=0.01)], ServerConfig(request_timeout=0.3)) as url:
         c = client(url)
         kw = dict(model="tiny", prompt="x", max_tokens=480, extra_body={"ignore_eos": True})
         with pytest.raises(openai.APIStatusError) as e:
