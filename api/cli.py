@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_arguments(p, lengths=False)  # serve: --url, --rates, --num-requests, ...
     p.set_defaults(fn=cmd_bench)
 
-    from kiln.codegen.build import add_build_parsers
+    from kiln.runtime.build import add_build_parsers
     add_build_parsers(sub)
     return ap
 
@@ -192,7 +192,7 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kiln.codegen.build import BuildError
+    from kiln.runtime.build import BuildError
     from kiln.runtime.checkpoint import CheckpointError
     from kiln.runtime.trt_backend import TrtRuntimeError
 

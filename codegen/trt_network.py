@@ -22,7 +22,6 @@ import jinja2
 
 from kiln.dsl.checker import Instr, Plan, Program
 from kiln.dsl.ops import ACTIVATIONS, HF_ACTIVATIONS
-from kiln.runtime.weights import _alias_target
 
 from .trt_layers import TrtLoweringError
 
@@ -134,7 +133,7 @@ class _Lowerer:
             return "None"
         if ref.startswith("w:"):
             slot = self.plan.weights[ref[2:]]
-            return f"nn.weight({_alias_target(self.plan, slot)!r})"
+            return f"nn.weight({self.plan.alias_target(slot.name)!r})"
         return self.names(ref)
 
     def program(self, prog: Program) -> list[dict]:

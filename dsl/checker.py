@@ -80,6 +80,15 @@ class Plan:
     def vocab_size(self) -> int:
         return self.types[self.program.output].shape[1]
 
+    def alias_target(self, name: str) -> str:
+        """The weight a tie (`lm_head <- embed`) finally names; a weight that is no tie names itself.
+        A tie inside a block copy names the copy's own weight first, else a global one."""
+        slot = self.weights[name]
+        while isinstance(slot.source, Alias):
+            scoped = f"{slot.scope}.{slot.source.weight}" if slot.scope else slot.source.weight
+            slot = self.weights.get(scoped) or self.weights[slot.source.weight]
+        return slot.name
+
     def num_parameters(self) -> int:
         n = 0
         for w in self.weights.values():

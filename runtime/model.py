@@ -19,6 +19,7 @@ from kiln.dsl.loader import MODELS_DIR
 
 from .batch import SeqSlice, StepBatch
 from .checkpoint import Checkpoint, open_checkpoint
+from .engine_dir import is_engine_dir, read_engine
 from .kv_store import KVStore
 from .reference import ReferenceModel
 from .weights import load_weights
@@ -51,8 +52,7 @@ class LoadedModel:
 
 def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: str = "fp32",
                device: str = "cpu", backend: str = "reference") -> LoadedModel:
-    if Path(checkpoint).is_dir() and (Path(checkpoint) / "manifest.json").is_file():
-        from kiln.codegen.build import load_engine  # an engine directory from `kiln build`
+    if is_engine_dir(checkpoint):  # an engine directory from `kiln build`
         return load_engine(checkpoint, device)
     ckpt = open_checkpoint(checkpoint)
     spec_path = spec if spec is not None else spec_for_config(ckpt.config, str(ckpt.path))
@@ -63,6 +63,19 @@ def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: st
 
 
 BACKENDS = ("reference", "cuda")
+
+
+def load_engine(engine_dir: str | Path, device: str = "cuda") -> LoadedModel:
+    """A `LoadedModel` from an engine directory of either backend."""
+    parts = read_engine(engine_dir, device)
+    dtype = DTYPES[parts.manifest["dtype"]]
+    if parts.manifest["backend"] == "tensorrt":
+        from .trt_backend import TrtModel
+        model = TrtModel(parts.plan, Path(engine_dir), parts.manifest, device)
+    else:
+        model = make_backend(parts.plan, parts.weights, "cuda" if str(device).startswith("cuda") else "reference",
+                             device)
+    return LoadedModel(parts.plan, model, None, dtype, torch.device(device))
 
 
 def make_backend(plan: Plan, weights: dict[str, torch.Tensor], backend: str, device: str):
@@ -92,11 +105,9 @@ def random_model(spec: str | Path, config: dict[str, Any] | None = None, dtype: 
         if len(slot.shape) == 1:
             t += 1.0
         weights[slot.name] = t.to(torch_dtype)
-    from .weights import _alias_target
-    from kiln.dsl.sources import Alias
     for slot in plan.weights.values():
-        if isinstance(slot.source, Alias):
-            weights[slot.name] = weights[_alias_target(plan, slot)]
+        if slot.source is not None and slot.name not in weights:  # a tie: the tensor it names
+            weights[slot.name] = weights[plan.alias_target(slot.name)]
     return LoadedModel(plan, make_backend(plan, weights, backend, device), None, torch_dtype, torch.device(device))
 
 

@@ -95,7 +95,7 @@ def load_weights(plan: Plan, ckpt: Checkpoint, dtype: torch.dtype = torch.float3
         out[slot.name] = t.to(device=device, dtype=dtype).contiguous()
     for slot in plan.weights.values():  # ties share the tensor they name
         if isinstance(slot.source, Alias):
-            out[slot.name] = out[_alias_target(plan, slot)]
+            out[slot.name] = out[plan.alias_target(slot.name)]
     extra = [n for n in ckpt.unexpected(used) if not any(fnmatch.fnmatchcase(n, g) for g in plan.spec.ignore)]
     if extra:
         shown = ", ".join(f"'{n}'" for n in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
@@ -103,13 +103,6 @@ def load_weights(plan: Plan, ckpt: Checkpoint, dtype: torch.dtype = torch.float3
             f"unexpected tensor(s) {shown} in {_files(ckpt, Tensor(extra[0]))}: the spec "
             f"{plan.spec.file} does not use them (list them under `ignore` if they are not weights)")
     return out
-
-
-def _alias_target(plan: Plan, slot: WeightSlot) -> str:
-    while isinstance(slot.source, Alias):
-        scoped = f"{slot.scope}.{slot.source.weight}" if slot.scope else slot.source.weight
-        slot = plan.weights.get(scoped) or plan.weights[slot.source.weight]
-    return slot.name
 
 
 def _names(src: Source) -> str:

@@ -33,7 +33,7 @@ from test_architectures import CASES  # noqa: E402
 from trt_interp import run_network  # noqa: E402
 
 from kiln.cli import main as cli  # noqa: E402
-from kiln.codegen.build import BuildError, build, build_engine, import_network, read_manifest  # noqa: E402
+from kiln.runtime.build import BuildError, build, build_engine, import_network, read_manifest  # noqa: E402
 from kiln.codegen.trt_layers import TrtLoweringError  # noqa: E402
 from kiln.codegen.trt_network import Limits, render_network  # noqa: E402
 from kiln.dsl.loader import MODELS_DIR  # noqa: E402
@@ -42,7 +42,6 @@ from kiln.runtime.checkpoint import CheckpointError  # noqa: E402
 from kiln.runtime.kv_store import KVStore  # noqa: E402
 from kiln.runtime.model import load_model  # noqa: E402
 from kiln.runtime.trt_backend import TrtRuntimeError, step_inputs  # noqa: E402
-from kiln.runtime.weights import _alias_target  # noqa: E402
 
 SPECS = sorted(p.stem for p in MODELS_DIR.glob("*.kiln"))
 SMALL = dict(max_batch=2, max_tokens=32, max_seq_len=64, page_size=4, archs=("sm86",), progress=False)
@@ -74,7 +73,7 @@ def _engine_weights(engine: Path, plan) -> dict[str, torch.Tensor]:
     w = load_file(str(engine / "weights.safetensors"))
     for slot in plan.weights.values():
         if slot.source is not None and slot.name not in w:
-            w[slot.name] = w[_alias_target(plan, slot)]
+            w[slot.name] = w[plan.alias_target(slot.name)]
     return w
 
 

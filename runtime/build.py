@@ -1,6 +1,7 @@
-"""`kiln build`: spec + checkpoint -> an engine directory; `load_engine`: engine directory -> model.
+"""`kiln build`: spec + checkpoint -> an engine directory (layout: runtime/engine_dir.py), and
+`kiln run`, which generates from one.
 
-An engine directory holds everything needed to run without the checkpoint:
+The layout, for reference:
 
     manifest.json        spec name and sha256, Kiln / TensorRT versions, target archs, dtype,
                          limits, I/O tensors with their profile ranges
@@ -28,24 +29,18 @@ from pathlib import Path
 
 import torch
 
-from kiln.dsl import check, load_spec
-from kiln.dsl.checker import Plan
-from kiln.runtime.checkpoint import open_checkpoint
-from kiln.runtime.weights import _alias_target, load_weights
+from kiln.codegen.trt_api import BF16_MIN_SM, DTYPES, RTX_ARCHS, TensorRTMissing, arch_number, load_tensorrt
+from kiln.codegen.trt_layers import TORCH_DTYPES, TrtLoweringError
+from kiln.codegen.trt_network import Limits, io_tensors, render_network
+from kiln.dsl import Plan, check, load_spec
 
-from .trt_api import BF16_MIN_SM, DTYPES, RTX_ARCHS, TensorRTMissing, arch_number, load_tensorrt
-from .trt_layers import TORCH_DTYPES, TrtLoweringError
-from .trt_network import Limits, io_tensors, render_network
+from .checkpoint import open_checkpoint
+from .engine_dir import FORMAT, TOKENIZER_FILES, BuildError, _sha256, read_manifest  # noqa: F401  (re-exported)
+from .model import load_model, spec_for_config
+from .weights import load_weights
 
-FORMAT = 1
 BACKENDS = ("cuda", "tensorrt")
 DEFAULT_RTX_ARCHS = ("sm80", "sm86", "sm89", "sm120")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "tokenizer.model")
-
-
-class BuildError(Exception):
-    """A build or engine directory that cannot be made or read; one clear message."""
 
 
 def build(spec: str | Path | None, checkpoint: str | Path, out: str | Path, backend: str = "tensorrt",
@@ -74,7 +69,6 @@ def build(spec: str | Path | None, checkpoint: str | Path, out: str | Path, back
         tmp.mkdir()
         ckpt = open_checkpoint(checkpoint)
         if spec is None:
-            from kiln.runtime.model import spec_for_config
             spec = spec_for_config(ckpt.config, str(ckpt.path))
         ir_spec = load_spec(spec)
         plan = check(ir_spec, ckpt.config, str(Path(ckpt.path) / "config.json"))
@@ -183,7 +177,7 @@ def _Logger(t):
 
 def _save_weights(plan: Plan, weights: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
-    own = {n: t.contiguous() for n, t in weights.items() if _alias_target(plan, plan.weights[n]) == n}
+    own = {n: t.contiguous() for n, t in weights.items() if plan.alias_target(n) == n}
     save_file(own, str(path), metadata={"format": "pt", "producer": "kiln build"})
 
 
@@ -206,9 +200,9 @@ def _copy_sources(plan: Plan, ckpt, tmp: Path) -> list[str]:
 
 
 def _write_kernels(plan: Plan, dtype: str, page_size: int, folder: Path) -> list[str]:
-    from .render import render
-    from .show import kernel_specs
-    from .specs import KernelSpecError
+    from kiln.codegen.render import render
+    from kiln.codegen.show import kernel_specs
+    from kiln.codegen.specs import KernelSpecError
 
     folder.mkdir()
     names = []
@@ -244,8 +238,6 @@ def _manifest(plan: Plan, backend: str, dtype: str, limits: Limits, files: list[
     }
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _current_arch() -> str:
@@ -280,51 +272,6 @@ class _Bar:
 
 def _progress(steps: list[str], enabled: bool) -> _Bar:
     return _Bar(steps, enabled)
-
-
-# ---------------------------------------------------------------- loading
-
-
-def read_manifest(engine_dir: str | Path) -> dict:
-    d = Path(engine_dir)
-    path = d / "manifest.json"
-    if not path.is_file():
-        raise BuildError(f"{d} is not a Kiln engine directory (no manifest.json)")
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BuildError(f"invalid JSON in {path}:{e.lineno}:{e.colno}: {e.msg}") from None
-    if m.get("format") != FORMAT:
-        raise BuildError(f"{path}: engine format {m.get('format')!r}, this Kiln reads format {FORMAT}")
-    for f in m["files"]:
-        if not (d / f).is_file():
-            raise BuildError(f"{d}: file '{f}' listed in manifest.json is missing")
-    for s in m["spec"]["files"]:
-        if _sha256(d / s["path"]) != s["sha256"]:
-            raise BuildError(f"{d / s['path']} was changed after the build (sha256 differs from manifest.json)")
-    return m
-
-
-def load_engine(engine_dir: str | Path, device: str = "cuda"):
-    """A `LoadedModel` from an engine directory of either backend."""
-    from kiln.runtime.model import LoadedModel, make_backend
-    from safetensors.torch import load_file
-
-    d = Path(engine_dir)
-    m = read_manifest(d)
-    config = json.loads((d / "config.json").read_text())
-    plan = check(load_spec(d / m["spec"]["main"]), config, str(d / "config.json"))
-    dtype = TORCH_DTYPES[m["dtype"]]
-    if m["backend"] == "tensorrt":
-        from kiln.runtime.trt_backend import TrtModel
-        model = TrtModel(plan, d, m, device)
-    else:
-        weights = {n: t.to(device) for n, t in load_file(str(d / "weights.safetensors")).items()}
-        for slot in plan.weights.values():
-            if slot.source is not None and slot.name not in weights:
-                weights[slot.name] = weights[_alias_target(plan, slot)]
-        model = make_backend(plan, weights, "cuda" if str(device).startswith("cuda") else "reference", device)
-    return LoadedModel(plan, model, None, dtype, torch.device(device))
 
 
 # ---------------------------------------------------------------- command line
@@ -367,11 +314,12 @@ def cmd_build(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from kiln.runtime.generate import generate
-    from kiln.runtime.sampling_params import SamplingParams
-    from kiln.runtime.tokenizer import Tokenizer
+    from .generate import generate
+    from .model import SingleSequence
+    from .sampling_params import SamplingParams
+    from .tokenizer import Tokenizer
 
-    loaded = load_engine(args.engine, args.device)
+    loaded = load_model(args.engine, device=args.device)
     if args.tokens is not None:
         try:
             ids = [int(x) for x in args.tokens.split(",")]
@@ -385,7 +333,6 @@ def cmd_run(args) -> int:
         ids = tokenizer.encode(args.prompt)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     if tokenizer is None:
-        from kiln.runtime.model import SingleSequence
         seq = SingleSequence(loaded, len(ids) + args.max_tokens)
         out, logits = [], seq.step(ids)
         for _ in range(args.max_tokens):
