@@ -25,8 +25,7 @@ from .specs import (
     NormSpec,
     PrefillAttnSpec,
     RopeCacheSpec,
-    SamplingSpec,
-    SoftcapSpec,
+    MapSpec,
 )
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB, PAGE = 4096, 32, 8, 128, 14336, 128256, 16
@@ -78,7 +77,7 @@ def _norm(T):
 
 
 def _rope(T):
-    spec = RopeCacheSpec(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, PAGE, theta=500000.0, scaling="smooth",
+    spec = RopeCacheSpec(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, PAGE, theta=500000.0, scaling="llama3",
                          factor=8.0, original_max_position=8192, origin="bench")
     D, H, KV = HEAD_DIM, HEADS, KV_HEADS
     qkv = torch.randn(T, (H + 2 * KV) * D, device="cuda", dtype=DT)
@@ -195,31 +194,11 @@ def _embed(T):
 
 
 def _softcap(B):
-    spec = SoftcapSpec(30.0, origin="bench")
-    x = torch.randn(B, VOCAB, device="cuda")
+    spec = MapSpec("map_softcap.cu.j2", (("cap", 30.0), ("inv_cap", 1 / 30.0)), dtype="fp32", origin="bench")
+    x = torch.randn(B, VOCAB, device="cuda") * 40
     out = torch.empty_like(x)
-    ours = lambda: K.softcap(spec, x, out)  # noqa: E731
+    ours = lambda: K.map_elementwise(spec, x, out)  # noqa: E731
     return "logit softcap (fp32)", f"B={B}", ours, lambda: torch.tanh(x / 30.0) * 30.0, 2 * x.numel() * 4
-
-
-def _sample(B):
-    spec = SamplingSpec(VOCAB, origin="bench")
-    x = torch.randn(B, VOCAB, device="cuda") * 3
-    temp, tk = torch.full((B,), 0.8, device="cuda"), torch.full((B,), 50, dtype=torch.int32, device="cuda")
-    tp, u = torch.full((B,), 0.9, device="cuda"), torch.rand(B, device="cuda")
-    out = torch.empty(B, dtype=torch.int64, device="cuda")
-
-    def torch_ref():  # temperature, top-k, top-p, then a draw: the usual eager chain
-        y = x / 0.8
-        kth = torch.topk(y, 50).values[:, -1:]
-        y = y.masked_fill(y < kth, float("-inf"))
-        sv, si = torch.sort(y, descending=True)
-        cp = sv.softmax(-1).cumsum(-1)
-        sv = sv.masked_fill(cp - sv.softmax(-1) >= 0.9, float("-inf"))
-        return si.gather(1, torch.multinomial(sv.softmax(-1), 1))
-
-    ours = lambda: K.sample(spec, x, temp, tk, tp, u, out)  # noqa: E731
-    return "sampling top-k 50 / top-p 0.9", f"B={B}", ours, torch_ref, x.numel() * 4
 
 
 def main(argv=None) -> list[dict]:
@@ -234,7 +213,7 @@ def main(argv=None) -> list[dict]:
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()
     cases = [_norm(args.tokens), _rope(args.tokens), _act(args.tokens), _decode(args.batch, args.context),
-             _prefill(args.tokens, 8), _embed(args.tokens), _softcap(args.batch), _sample(args.batch)]
+             _prefill(args.tokens, 8), _embed(args.tokens), _softcap(args.batch)]
     targets = {"rmsnorm + residual": 0.80, "rotary + paged KV write": 0.80, "SwiGLU": 0.80,
                "paged decode attention": 0.75}
     rows = []

@@ -16,19 +16,22 @@ import torch
 
 from .launch import LoadedKernel, get_kernel, i32, i64, ptr
 from .render import KernelSource, render  # noqa: F401  (re-exported)
+from kiln.dsl.dtypes import RUN_DTYPES
+
 from .specs import (  # noqa: F401  (re-exported)
     ActSpec,
     DecodeAttnSpec,
     EmbedSpec,
     KernelSpecError,
+    MapSpec,
     NormSpec,
     PrefillAttnSpec,
     RopeCacheSpec,
-    SamplingSpec,
-    SoftcapSpec,
 )
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+def _torch_dtype(spec) -> torch.dtype:
+    return RUN_DTYPES[spec.dtype].torch
 
 
 class KernelArgError(ValueError):
@@ -75,7 +78,7 @@ def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=
 
     x, residual, out, residual_out: [T, hidden]; residual_out may be residual (in place).
     """
-    dt, h = TORCH_DTYPES[spec.dtype], spec.hidden
+    dt, h = _torch_dtype(spec), spec.hidden
     _check("x", x, dt)
     dev, T = x.device, x.shape[0]
     _check("x", x, dt, (T, h))
@@ -111,7 +114,7 @@ def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache
     output work); positions [T] int64; slot_mapping [T] int32 (negative: skip the token);
     seq_len [1] int32, the step's max position + 1, only for dynamic scaling.
     """
-    dt, d = TORCH_DTYPES[spec.dtype], spec.head_dim
+    dt, d = _torch_dtype(spec), spec.head_dim
     dev = q.device
     _rows("q", q, dt, spec.heads * d, dev)
     T = q.shape[0]
@@ -189,7 +192,7 @@ def paged_decode_attention(
     (the new token's K/V already in the cache); max_context: a host bound on context_lens
     (a fixed capacity when capturing a graph); partition: tokens per split (default: modeled).
     """
-    dt, d = TORCH_DTYPES[spec.dtype], spec.head_dim
+    dt, d = _torch_dtype(spec), spec.head_dim
     dev = q.device
     _rows("q", q, dt, spec.heads * d, dev)
     B = q.shape[0]
@@ -234,7 +237,7 @@ def prefill_attention(
     """Packed variable-length prefill: the queries of sequence s are rows cu_seqlens[s]:cu_seqlens[s+1]
     of q and out ([T, heads*head_dim]); query i of s sits at position kv_lens[s] - q_len_s + i, and
     the K/V of all kv_lens[s] tokens are in the cache. max_q_len: a host bound on the q lengths."""
-    dt, d = TORCH_DTYPES[spec.dtype], spec.head_dim
+    dt, d = _torch_dtype(spec), spec.head_dim
     dev = q.device
     _rows("q", q, dt, spec.heads * d, dev)
     _rows("out", out, dt, spec.heads * d, dev)
@@ -259,7 +262,7 @@ def prefill_attention(
 def activation(spec: ActSpec, out, x=None, gate=None, up=None):
     """Plain: out = act(x). Gated: out = act(gate) * up, from x = [gate | up] ([T, 2F]) or from
     two [T, F] tensors. out [T, F] contiguous."""
-    dt, F = TORCH_DTYPES[spec.dtype], spec.features
+    dt, F = _torch_dtype(spec), spec.features
     ref = x if x is not None else gate
     if ref is None:
         raise KernelArgError("x or gate: an input is required")
@@ -292,58 +295,25 @@ def activation(spec: ActSpec, out, x=None, gate=None, up=None):
     kern.launch(kern.source.entries[0], (blocks,), (meta["threads"],), args)
 
 
-def embed(spec: EmbedSpec, tokens, table, out, positions=None, pos_table=None):
-    """out[t] = table[tokens[t]] * scale (+ pos_table[positions[t]]). tokens, positions: [T] int64."""
-    dt, h = TORCH_DTYPES[spec.dtype], spec.hidden
+def embed(spec: EmbedSpec, tokens, table, out):
+    """out[t] = table[tokens[t]]. tokens: [T] int64."""
+    dt, h = _torch_dtype(spec), spec.hidden
     dev = tokens.device
     _check("tokens", tokens, torch.int64, device=dev, aligned=False)
     T = tokens.shape[0]
     _check("table", table, dt, (spec.vocab, h), dev)
     _check("out", out, dt, (T, h), dev)
-    args = [ptr(tokens), ptr(table)]
-    if spec.has_positions:
-        if positions is None or pos_table is None:
-            raise KernelArgError("positions, pos_table: required by this embedding")
-        _check("positions", positions, torch.int64, (T,), dev, aligned=False)
-        _check("pos_table", pos_table, dt, device=dev)
-        if pos_table.dim() != 2 or pos_table.shape[1] != h:
-            raise KernelArgError(f"pos_table: shape {tuple(pos_table.shape)}, expected [max_positions, {h}]")
-        args += [ptr(positions), ptr(pos_table), i32(pos_table.shape[0])]
-    args += [ptr(out), i32(T)]
     kern = _kernel(spec, dev)
-    kern.launch(kern.source.entries[0], (T,), (kern.source.meta["threads"],), args)
+    kern.launch(kern.source.entries[0], (T,), (kern.source.meta["threads"],),
+                [ptr(tokens), ptr(table), ptr(out), i32(T)])
 
 
-def softcap(spec: SoftcapSpec, x, out=None):
-    """out = cap * tanh(x / cap), elementwise; in place when out is None."""
-    dt = TORCH_DTYPES[spec.dtype]
+def map_elementwise(spec: MapSpec, x, out=None):
+    """out = f(x) elementwise (f: the spec's body); in place when out is None."""
+    dt = _torch_dtype(spec)
     _check("x", x, dt)
     out = x if out is None else _check("out", out, dt, tuple(x.shape), x.device)
     kern = _kernel(spec, x.device)
     n = x.numel()
     blocks = max(1, min(math.ceil(n / kern.source.meta["vec"] / 256), kern.num_sms * 8))
     kern.launch(kern.source.entries[0], (blocks,), (256,), [ptr(x), ptr(out), i64(n)])
-
-
-def sample(spec: SamplingSpec, logits, temperature, top_k, top_p, uniforms, out):
-    """out[b] = a token drawn from row b of logits ([B, vocab], row-strided ok).
-
-    temperature [B] float32 (<= 0: greedy), top_k [B] int32 (<= 0: off), top_p [B] float32
-    (>= 1: off), uniforms [B] float32 in [0, 1) (the caller's random numbers); out [B] int64.
-    """
-    dt = TORCH_DTYPES[spec.dtype]
-    dev = logits.device
-    _check("logits", logits, dt, device=dev, contiguous=False, aligned=False)
-    if logits.dim() != 2 or logits.shape[1] != spec.vocab or logits.stride(1) != 1:
-        raise KernelArgError(f"logits: shape {tuple(logits.shape)}, expected [B, {spec.vocab}] with unit column stride")
-    B = logits.shape[0]
-    _check("temperature", temperature, torch.float32, (B,), dev, aligned=False)
-    _check("top_k", top_k, torch.int32, (B,), dev, aligned=False)
-    _check("top_p", top_p, torch.float32, (B,), dev, aligned=False)
-    _check("uniforms", uniforms, torch.float32, (B,), dev, aligned=False)
-    _check("out", out, torch.int64, (B,), dev, aligned=False)
-    kern = _kernel(spec, dev)
-    kern.launch(
-        kern.source.entries[0], (B,), (kern.source.meta["threads"],),
-        [ptr(logits), ptr(temperature), ptr(top_k), ptr(top_p), ptr(uniforms), ptr(out), i64(logits.stride(0))],
-    )

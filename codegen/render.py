@@ -13,26 +13,24 @@ import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
-import jinja2
 import torch
 
+from kiln.dsl.dtypes import RUN_DTYPES
+
 from . import rope
+from .jinja import env
 from .specs import (
-    DTYPES,
     ActSpec,
     DecodeAttnSpec,
     EmbedSpec,
     KernelSpecError,
+    MapSpec,
     NormSpec,
     PrefillAttnSpec,
     RopeCacheSpec,
-    SamplingSpec,
-    SoftcapSpec,
 )
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 LOG2E = math.log2(math.e)
 SMEM_BUDGET = 110 * 1024  # prefill tiles are shrunk until they fit (two blocks per SM at most sizes)
 
@@ -44,17 +42,6 @@ class KernelSource:
     origin: str
     entries: tuple[str, ...]
     meta: dict = field(default_factory=dict, compare=False, hash=False)
-
-
-@lru_cache(maxsize=1)
-def _env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
 
 
 def f32(x: float) -> str:
@@ -90,8 +77,8 @@ def _name(prefix: str, spec) -> str:
 
 def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> KernelSource:
     derived = " ".join(f"{k}={v}" for k, v in meta.items())
-    ctype, itemsize = DTYPES[spec.dtype]
-    text = _env().get_template(template).render(
+    ctype = RUN_DTYPES[spec.dtype].ctype
+    text = env().get_template(template).render(
         name=name, origin=spec.origin or "?", constants=spec.constants(), derived=derived,
         ctype=ctype, **params,
     )
@@ -100,7 +87,7 @@ def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> 
 
 
 def _norm(s: NormSpec) -> KernelSource:
-    itemsize = DTYPES[s.dtype][1]
+    itemsize = RUN_DTYPES[s.dtype].itemsize
     vec = _vec(itemsize, s.hidden)
     n_vec = s.hidden // vec
     iters = max(1, math.ceil(n_vec / 256))
@@ -118,7 +105,7 @@ def _norm(s: NormSpec) -> KernelSource:
 
 
 def _rope(s: RopeCacheSpec) -> KernelSource:
-    itemsize = DTYPES[s.dtype][1]
+    itemsize = RUN_DTYPES[s.dtype].itemsize
     rot, d = s.rotary_dim, s.head_dim
     if not rot:
         vec = _vec(itemsize, d)
@@ -157,7 +144,7 @@ def _largest_divisor(n: int, cap: int, pow2: bool = False) -> int:
 
 
 def _decode(s: DecodeAttnSpec) -> KernelSource:
-    itemsize = DTYPES[s.dtype][1]
+    itemsize = RUN_DTYPES[s.dtype].itemsize
     d, group = s.head_dim, s.heads // s.kv_heads
     tile, threads, warps = 32, 128, 4
     gc = _largest_divisor(group, 8)
@@ -243,7 +230,7 @@ def _prefill_mma(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
 
 
 def _prefill(s: PrefillAttnSpec) -> KernelSource:
-    itemsize = DTYPES[s.dtype][1]
+    itemsize = RUN_DTYPES[s.dtype].itemsize
     d, group = s.head_dim, s.heads // s.kv_heads
     gc = _largest_divisor(group, 8, pow2=True)
     if s.dtype != "fp32" and d % 16 == 0 and d <= 128:  # fp32 keeps full precision on CUDA cores
@@ -267,7 +254,7 @@ def _prefill(s: PrefillAttnSpec) -> KernelSource:
 
 
 def _act(s: ActSpec) -> KernelSource:
-    itemsize = DTYPES[s.dtype][1]
+    itemsize = RUN_DTYPES[s.dtype].itemsize
     vec = _vec(itemsize, s.features)
     params = dict(kind=s.kind, gated=s.gated, features=s.features, vec=vec,
                   vec_per_row=s.features // vec, threads=256)
@@ -276,36 +263,23 @@ def _act(s: ActSpec) -> KernelSource:
 
 
 def _embed(s: EmbedSpec) -> KernelSource:
-    itemsize = DTYPES[s.dtype][1]
-    vec = _vec(itemsize, s.hidden)
+    vec = _vec(RUN_DTYPES[s.dtype].itemsize, s.hidden)
     threads = min(256, _round_up(s.hidden // vec, 32))
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.dtype]
-    scale = float(torch.tensor(s.scale, dtype=torch_dtype).float())  # an eager dtype multiply rounds it
-    params = dict(vocab=s.vocab, hidden=s.hidden, vec=vec, threads=threads, step=threads * vec,
-                  scale=f32(scale) if scale != 1.0 else "", has_positions=s.has_positions)
+    params = dict(vocab=s.vocab, hidden=s.hidden, vec=vec, threads=threads, step=threads * vec)
     name = _name(f"embed_v{s.vocab}_h{s.hidden}", s)
     return _emit("embed.cu.j2", name, s, params, [name], dict(threads=threads, vec=vec))
 
 
-def _softcap(s: SoftcapSpec) -> KernelSource:
-    vec = 16 // DTYPES[s.dtype][1]
-    params = dict(cap=f32(s.cap), inv_cap=f32(1.0 / s.cap), vec=vec, threads=256)
-    return _emit("softcap.cu.j2", _name("softcap", s), s, params, [_name("softcap", s)],
-                 dict(threads=256, vec=vec))
-
-
-def _sampling(s: SamplingSpec) -> KernelSource:
-    threads = 1024
-    params = dict(vocab=s.vocab, threads=threads, warps=threads // 32, bins=256, bins_m1=255,
-                  bin_mask=255, radix_bits=8, radix_passes=4, top_shift=24,
-                  chunk=math.ceil(s.vocab / threads), log2e=f32(LOG2E))
-    name = _name(f"sample_v{s.vocab}", s)
-    return _emit("sampling.cu.j2", name, s, params, [name], dict(threads=threads))
+def _map(s: MapSpec) -> KernelSource:
+    vec = 16 // RUN_DTYPES[s.dtype].itemsize
+    params = dict(body=s.body, vec=vec, threads=256, **{n: f32(v) for n, v in s.consts})
+    name = _name(s.body.removesuffix(".cu.j2"), s)
+    return _emit("map.cu.j2", name, s, params, [name], dict(threads=256, vec=vec))
 
 
 _RENDERERS = {
     NormSpec: _norm, RopeCacheSpec: _rope, DecodeAttnSpec: _decode, PrefillAttnSpec: _prefill,
-    ActSpec: _act, EmbedSpec: _embed, SoftcapSpec: _softcap, SamplingSpec: _sampling,
+    ActSpec: _act, EmbedSpec: _embed, MapSpec: _map,
 }
 
 

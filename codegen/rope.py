@@ -1,4 +1,4 @@
-"""Rotary frequencies for a kernel spec: the runtime's one implementation (runtime/rope.py,
+"""Rotary frequencies for a kernel spec: the one implementation (dsl/rope.py,
 the same float32 torch ops as HF transformers' ROPE_INIT_FUNCTIONS), so the table baked into a
 kernel holds the very values the reference multiplies positions by. Dynamic NTK depends on the
 step's sequence length, so its kernel evaluates the base on the device from `dynamic_exponent`.
@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from kiln.dsl import rope as _rope
 from kiln.dsl.bind import RopeScaling
-from kiln.runtime import rope as _rope
 
 from .specs import RopeCacheSpec
-
-# Kernel spec scaling names -> the spec language's rope_scaling kinds ("smooth" is HF's llama3).
-_KINDS = {"linear": "linear", "smooth": "llama3", "dynamic": "dynamic"}
 
 
 def _scaling(spec: RopeCacheSpec) -> RopeScaling | None:
     if spec.scaling == "none":
         return None
-    return RopeScaling(_KINDS[spec.scaling], spec.factor, spec.low_freq_factor, spec.high_freq_factor,
+    return RopeScaling(spec.scaling, spec.factor, spec.low_freq_factor, spec.high_freq_factor,
                        spec.original_max_position or None)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kiln.dsl.checker import Plan
+from kiln.dsl.dtypes import dtype as dtype_of
+from kiln.dsl.plan import Plan
 
 from .fuse import fuse
 
@@ -10,7 +11,7 @@ from .fuse import fuse
 def kernel_specs(plan: Plan, dtype: str = "bf16", page_size: int = 16) -> list:
     """Each distinct kernel spec the cuda backend would compile, first occurrence first."""
     seen, out = set(), []
-    for op in fuse(plan, dtype, page_size):
+    for op in fuse(plan, dtype_of(dtype).torch, page_size):
         for spec in (op.spec if isinstance(op.spec, tuple) else (op.spec,)):
             if spec is not None and spec.key() not in seen:
                 seen.add(spec.key())
@@ -27,9 +28,9 @@ def show_kernels(plan: Plan, dtype: str = "bf16", page_size: int = 16) -> str:
 def show_ir(plan: Plan) -> str:
     lines = []
     for ins in plan.program.instrs:
-        attrs = ", ".join(f"{k}={v!r}" for k, v in ins.attrs.items() if v is not None)
-        ins_ = ", ".join(i or "none" for i in ins.inputs)
+        attrs = ", ".join(f"{k}={v!r}" for k, v in vars(ins.attrs).items() if v is not None)
+        ins_ = ", ".join(str(i) if i is not None else "none" for i in ins.inputs)
         t = ", ".join(str(plan.types[o]) for o in ins.outputs)
-        lines.append(f"{', '.join(ins.outputs)}: {t} = {ins.kind}({ins_}{', ' + attrs if attrs else ''})"
+        lines.append(f"{', '.join(map(str, ins.outputs))}: {t} = {ins.kind.value}({ins_}{', ' + attrs if attrs else ''})"
                      f"    # {ins.op.pos.line}")
     return "\n".join(lines) + "\n"

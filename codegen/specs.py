@@ -9,14 +9,22 @@ value fails here with the field named rather than as a compile error in generate
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
-DTYPES = {"bf16": ("__nv_bfloat16", 2), "fp16": ("__half", 2), "fp32": ("float", 4)}
+import torch
+
+from kiln.dsl.dtypes import RUN_DTYPES, of_torch
+from kiln.dsl.ops.elementwise import KERNEL_ACTIVATIONS as ACTIVATIONS
+
 ROPE_LAYOUTS = ("half", "interleaved")
-# "smooth": HF's frequency-band rope_type (low/high_freq_factor): low frequencies divided by
-# `factor`, high ones kept, a smooth blend between (bands set over original_max_position).
-ROPE_SCALINGS = ("none", "linear", "smooth", "dynamic")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+# The spec language's rope_scaling kinds that have kernels ("llama3": HF's frequency bands, low
+# frequencies divided by `factor`, high ones kept, a smooth blend between).
+ROPE_SCALINGS = ("none", "linear", "llama3", "dynamic")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return of_torch(dtype).name
 
 
 class KernelSpecError(ValueError):
@@ -35,8 +43,8 @@ def _positive(spec, *fields):
 
 
 def _dtype(spec):
-    if spec.dtype not in DTYPES:
-        _fail(spec, "dtype", f"must be one of {sorted(DTYPES)}, got {spec.dtype!r}")
+    if spec.dtype not in RUN_DTYPES:
+        _fail(spec, "dtype", f"must be one of {sorted(RUN_DTYPES)}, got {spec.dtype!r}")
 
 
 class _Spec:
@@ -83,9 +91,9 @@ class RopeCacheSpec(_Spec):
     theta: float = 10000.0
     scaling: str = "none"
     factor: float = 1.0
-    low_freq_factor: float = 1.0  # "smooth" only
-    high_freq_factor: float = 4.0  # "smooth" only
-    original_max_position: int = 0  # "smooth" and "dynamic"
+    low_freq_factor: float = 1.0  # "llama3" only
+    high_freq_factor: float = 4.0  # "llama3" only
+    original_max_position: int = 0  # "llama3" and "dynamic"
     attention_factor: float = 1.0  # multiplies cos and sin
     dtype: str = "bf16"
     origin: str = ""
@@ -105,9 +113,9 @@ class RopeCacheSpec(_Spec):
             _fail(self, "theta", f"must be > 0, got {self.theta!r}")
         if self.scaling != "none" and not self.factor > 0:
             _fail(self, "factor", f"must be > 0, got {self.factor!r}")
-        if self.scaling in ("smooth", "dynamic") and self.original_max_position <= 0:
+        if self.scaling in ("llama3", "dynamic") and self.original_max_position <= 0:
             _fail(self, "original_max_position", f"scaling {self.scaling!r} needs it > 0")
-        if self.scaling == "smooth" and not self.high_freq_factor > self.low_freq_factor:
+        if self.scaling == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             _fail(self, "high_freq_factor", "must exceed low_freq_factor")
         if self.scaling == "dynamic" and self.rotary_dim <= 2:
             _fail(self, "rotary_dim", "dynamic scaling needs rotary_dim > 2")
@@ -130,7 +138,7 @@ class _AttnSpec(_Spec):
         _dtype(self)
         if self.heads % self.kv_heads:
             _fail(self, "kv_heads", f"{self.kv_heads} does not divide heads={self.heads}")
-        if self.head_dim * {"bf16": 2, "fp16": 2, "fp32": 4}[self.dtype] % 16:
+        if self.head_dim * RUN_DTYPES[self.dtype].itemsize % 16:
             _fail(self, "head_dim", "a head must be a whole number of 16-byte chunks")
         if not self.scale > 0:
             _fail(self, "scale", f"must be > 0, got {self.scale!r}")
@@ -167,8 +175,6 @@ class ActSpec(_Spec):
 class EmbedSpec(_Spec):
     vocab: int
     hidden: int
-    scale: float = 1.0  # rows multiplied by it (rounded to dtype first, as an eager dtype multiply)
-    has_positions: bool = False  # also add a learned position table row
     dtype: str = "bf16"
     origin: str = ""
 
@@ -178,23 +184,19 @@ class EmbedSpec(_Spec):
 
 
 @dataclass(frozen=True)
-class SoftcapSpec(_Spec):
-    cap: float
-    dtype: str = "fp32"
+class MapSpec(_Spec):
+    """y = f(x) elementwise, f the device function in the template `body` (an op's own, e.g.
+    templates/map_softcap.cu.j2), rendered with the float constants `consts` (name, value)."""
+
+    body: str
+    consts: tuple[tuple[str, float], ...] = ()
+    dtype: str = "bf16"
     origin: str = ""
 
     def __post_init__(self):
         _dtype(self)
-        if not self.cap > 0:
-            _fail(self, "cap", f"must be > 0, got {self.cap!r}")
-
-
-@dataclass(frozen=True)
-class SamplingSpec(_Spec):
-    vocab: int
-    dtype: str = "fp32"
-    origin: str = ""
-
-    def __post_init__(self):
-        _positive(self, "vocab")
-        _dtype(self)
+        if not re.fullmatch(r"map_[a-z0-9_]+\.cu\.j2", self.body):
+            _fail(self, "body", f"must name a map_*.cu.j2 template, got {self.body!r}")
+        for name, _ in self.consts:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                _fail(self, "consts", f"constant name {name!r} is not a lower-case identifier")

@@ -13,14 +13,16 @@ import os
 from dataclasses import dataclass
 from types import ModuleType
 
+from kiln.dsl.dtypes import RUN_DTYPES
+
 # Tried in order. TensorRT-RTX's standalone PyPI wheel installs `tensorrt_rtx_bindings`;
 # NVIDIA's own packages name the module `tensorrt_rtx`.
 MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
 INSTALL_HINT = ("install TensorRT-RTX (pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings, "
                 "or Kiln's `tensorrt` extra) or NVIDIA's full `tensorrt`")
 
-# Kiln dtype name -> TensorRT DataType attribute.
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Kiln dtype name -> TensorRT DataType attribute (the one dtype table's `trt` column).
+DTYPES = {name: d.trt for name, d in RUN_DTYPES.items()}
 # Compute capabilities TensorRT-RTX can target ahead of time, by Kiln's spelling.
 RTX_ARCHS = {"sm75": "SM75", "sm80": "SM80", "sm86": "SM86", "sm89": "SM89", "sm120": "SM120", "sm121": "SM121"}
 BF16_MIN_SM = 80  # Turing (sm75) has no bfloat16 arithmetic

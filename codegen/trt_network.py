@@ -2,30 +2,24 @@
 
 Python decides everything here: per-op records (validated identifiers, repr()'d names and
 attribute values, the spec line each op came from), the network's inputs and their
-optimization-profile ranges. `templates/network.py.j2` only lays the records out, in the
-vocabulary of `codegen/trt_layers.py`. The lowering table `LOWER` maps each op kind to
-its record builder and ends in an explicit "unhandled op" error naming the op and line.
+optimization-profile ranges. `templates/network.py.j2` only lays the records out. Each op's
+TensorRT lowering is part of its definition (dsl/ops: `OpDef.trt`), found through the table
+`OPS`; an op without one is an explicit error naming the op and its spec line.
 """
 
 from __future__ import annotations
 
 import keyword
 import re
-import shutil
-import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
-import jinja2
+from kiln.dsl.dtypes import RUN_DTYPES
+from kiln.dsl.ops import OPS, OpKind, trt_unsupported
+from kiln.dsl.plan import Instr, Plan, Program, Value, WeightArg
 
-from kiln.dsl.checker import Instr, Plan, Program
-from kiln.dsl.ops import ACTIVATIONS, HF_ACTIVATIONS
-
+from .jinja import env
 from .trt_layers import TrtLoweringError
-
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 
 @dataclass(frozen=True)
@@ -124,17 +118,21 @@ class _Names:
 class _Lowerer:
     def __init__(self, plan: Plan, dtype: str):
         self.plan, self.dtype = plan, dtype
+        self.torch_dtype = RUN_DTYPES[dtype].torch
         self.names = _Names()
-        self.tables: dict[str, str] = {}  # rope table code -> the variable holding it
+        self.tables: dict[str, str] = {}  # table code -> the variable holding it
 
-    def arg(self, ref: str | None) -> str:
+    def table(self, code: str) -> str:
+        """The variable that holds the table `code` builds (one per distinct code)."""
+        return self.tables.setdefault(code, f"rope_table_{len(self.tables)}")
+
+    def arg(self, ref: Value | WeightArg | None) -> str:
         """Code for an operand: a local variable, or `nn.weight('name')` for a weight."""
         if ref is None:
             return "None"
-        if ref.startswith("w:"):
-            slot = self.plan.weights[ref[2:]]
-            return f"nn.weight({self.plan.alias_target(slot.name)!r})"
-        return self.names(ref)
+        if isinstance(ref, WeightArg):
+            return f"nn.weight({self.plan.alias_target(ref.name)!r})"
+        return self.names(ref.id)
 
     def program(self, prog: Program) -> list[dict]:
         """Records grouped by the spec statement they came from (one comment per group), with a
@@ -142,7 +140,7 @@ class _Lowerer:
         groups: list[dict] = []
         for ins in prog.instrs:
             rec = self.instr(ins)
-            frame = ins.outputs[0].rpartition("/")[0]
+            frame = ins.out.id.rpartition("/")[0]
             if not groups or groups[-1]["comment"] != rec["comment"] or groups[-1]["frame"] != frame:
                 section = frame if frame and (not groups or groups[-1]["frame"] != frame) else None
                 groups.append({"comment": rec["comment"], "frame": frame, "section": section, "records": []})
@@ -150,15 +148,24 @@ class _Lowerer:
         return groups
 
     def instr(self, ins: Instr) -> dict:
-        fn = LOWER.get(ins.kind)
-        if fn is None:
+        if ins.kind not in OPS:  # a plan a pass broke: the table is closed
             raise TrtLoweringError(f"{ins.op.pos}: op '{ins.kind}' has no TensorRT lowering "
-                                   f"(in `{ins.op.text.strip()}`); known: {', '.join(sorted(LOWER))}")
-        rec = fn(self, ins)
+                                   f"(in `{ins.op.text.strip()}`)")
+        why = trt_unsupported(ins)
+        if why:
+            raise TrtLoweringError(f"{ins.op.pos}: {why} (in `{ins.op.text.strip()}`)")
+        low = OPS[ins.kind].trt
         pos = ins.op.pos
-        rec.update(comment=f"{_short(pos.file)}:{pos.line}  {' '.join(ins.op.text.split())}",
-                   out=", ".join(self.names(o) for o in ins.outputs),
-                   args=[self.arg(i) for i in ins.inputs])
+        rec = {"macro": low.macro, "kind": ins.kind.name, "kwargs": low.kwargs(ins, self),
+               "comment": f"{_short(pos.file)}:{pos.line}  {' '.join(ins.op.text.split())}",
+               "args": [self.arg(i) for i in ins.inputs]}
+        if low.macro == "moe":
+            experts = []
+            for e, prog in enumerate(ins.experts):
+                self.names.ids[prog.inputs[0].id] = self.arg(ins.inputs[0])  # each expert reads the moe input
+                experts.append({"index": e, "records": self.program(prog), "result": self.names(prog.output.id)})
+            rec.update(experts=experts, gates=self.names(ins.out.id + "__gates"))
+        rec["out"] = ", ".join(self.names(o.id) for o in ins.outputs)
         return rec
 
 
@@ -167,139 +174,22 @@ def _short(file: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
-def _call(method: str, **kw) -> Callable[[_Lowerer, Instr], dict]:
-    """A record for `out = nn.<method>(*operands, **attrs)`; kw maps keyword -> attr name."""
-    def build(lw: _Lowerer, ins: Instr) -> dict:
-        return {"macro": "call", "method": method,
-                "kwargs": [(k, repr(ins.attrs[a])) for k, a in kw.items()]}
-    return build
-
-
-def _rmsnorm(lw: _Lowerer, ins: Instr) -> dict:
-    record = _call("rmsnorm", eps="eps", offset="offset")(lw, ins)
-    if ins.attrs.get("group"):  # a norm per run of `group` features (per head)
-        record["kwargs"].append(("group", repr(ins.attrs["group"])))
-    return record
-
-
-def _act(lw: _Lowerer, ins: Instr) -> dict:
-    fn = ins.kind if ins.kind in ACTIVATIONS else HF_ACTIVATIONS[ins.attrs["fn"]]
-    return {"macro": "call", "method": "act", "kwargs": [("fn", repr(fn))]}
-
-
-def _scale(lw: _Lowerer, ins: Instr) -> dict:
-    factor = ins.attrs["factor"]
-    if ins.attrs["round_factor"]:  # the factor as a run-dtype constant would hold it
-        import torch
-
-        from .trt_layers import TORCH_DTYPES
-        factor = float(torch.tensor(factor, dtype=TORCH_DTYPES[lw.dtype]).float())
-    return {"macro": "call", "method": "scale", "kwargs": [("factor", repr(factor))]}
-
-
-def _rope(lw: _Lowerer, ins: Instr) -> dict:
-    at = ins.attrs
-    scaling = at["scaling"]
-    if scaling is not None and scaling.kind == "dynamic":
-        raise TrtLoweringError(f"{ins.op.pos}: rope with dynamic NTK scaling has per-sequence frequencies, "
-                               f"which the TensorRT backend cannot tabulate (in `{ins.op.text.strip()}`)")
-    rd = at["rotary_dim"] or at["head_dim"]
-    code = f"nn.rope_table({rd!r}, {at['theta']!r}, {_scaling_code(scaling)}, {at['max_pos']!r})"
-    table = lw.tables.setdefault(code, f"rope_table_{len(lw.tables)}")
-    return {"macro": "call", "method": "rope",
-            "kwargs": [("head_dim", repr(at["head_dim"])), ("rotary_dim", repr(rd)), ("layout", repr(at["layout"])),
-                       ("table", table)]}
-
-
-def _scaling_code(scaling) -> str:
-    if scaling is None:
-        return "None"
-    fields = ", ".join(f"{k}={v!r}" for k, v in vars(scaling).items())
-    return f"RopeScaling({fields})"
-
-
-def _attention(lw: _Lowerer, ins: Instr) -> dict:
-    site = lw.plan.sites[ins.site]
-    at = ins.attrs
-    scale = at["scale"] if at["scale"] is not None else at["head_dim"] ** -0.5
-    kwargs = [("heads", site.heads), ("kv_heads", site.kv_heads), ("head_dim", site.head_dim),
-              ("v_head_dim", site.v_head_dim), ("scale", scale), ("causal", at["causal"]),
-              ("window", at["window"]), ("softcap", at["softcap"])]
-    return {"macro": "attention", "site": site.index, "path": site.path,
-            "kwargs": [(k, repr(v)) for k, v in kwargs]}
-
-
-def _moe(lw: _Lowerer, ins: Instr) -> dict:
-    experts = []
-    for e, prog in enumerate(ins.experts):
-        lw.names.ids[prog.inputs[0]] = lw.arg(ins.inputs[0])  # each expert reads the moe input
-        experts.append({"index": e, "records": lw.program(prog), "result": lw.names(prog.output)})
-    gates = lw.names(ins.outputs[0] + "__gates")
-    return {"macro": "moe", "experts": experts, "gates": gates,
-            "kwargs": [("top_k", repr(ins.attrs["top_k"])), ("renormalize", repr(ins.attrs["renormalize"])),
-                       ("experts", repr(len(ins.experts)))]}
-
-
-LOWER: dict[str, Callable[[_Lowerer, Instr], dict]] = {
-    "embedding": _call("embedding"),
-    "linear": _call("linear"),
-    "rmsnorm": _rmsnorm,
-    "layernorm": _call("layernorm", eps="eps"),
-    "rope": _rope,
-    "attention": _attention,
-    "act": _act,
-    **{name: _act for name in ACTIVATIONS},
-    "softcap": _call("softcap", cap="cap"),
-    "scale": _scale,
-    "add": _call("add"),
-    "sub": _call("sub"),
-    "mul": _call("mul"),
-    "split": _call("split", sizes="sizes"),
-    "moe": _moe,
-}
-
-
 # ---------------------------------------------------------------- rendering
 
 
-@lru_cache(maxsize=1)
-def _env() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
-                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-
-
 def render_network(plan: Plan, dtype: str, limits: Limits) -> str:
-    """The network module's source for this plan (formatted when ruff or black is installed)."""
+    """The network module's source for this plan: laid out by the template alone, so it reads the
+    same on every machine."""
     lw = _Lowerer(plan, dtype)
-    for name in plan.program.inputs:
-        lw.names.ids[name] = name  # tokens / positions keep their names
+    for v in plan.program.inputs:
+        lw.names.ids[v.id] = v.id  # tokens / positions keep their names
     records = lw.program(plan.program)
     ios = io_tensors(plan, dtype, limits)
     spec = plan.spec
-    text = _env().get_template("network.py.j2").render(
+    return env().get_template("network.py.j2").render(
         spec_name=spec.name, spec_files=[_short(f) for f in spec.files], dtype=dtype, limits=limits,
-        inputs=[io for io in ios if not io.output], records=records, result=lw.names(plan.program.output),
-        program_inputs=list(plan.program.inputs), num_sites=len(plan.sites),
+        inputs=[io for io in ios if not io.output], records=records, result=lw.names(plan.program.output.id),
+        program_inputs=[v.id for v in plan.program.inputs], num_sites=len(plan.sites),
         tables=[(name, code) for code, name in lw.tables.items()],
-        uses_rope_scaling=any(i.kind == "rope" and i.attrs["scaling"] is not None for i in _all(plan.program)),
+        uses_rope_scaling=any(i.kind is OpKind.ROPE and i.attrs.scaling is not None for i in plan.program.walk()),
     )
-    return format_source(text)
-
-
-def _all(prog: Program):
-    for ins in prog.instrs:
-        yield ins
-        for p in ins.experts:
-            yield from _all(p)
-
-
-def format_source(text: str) -> str:
-    """Run the text through ruff (or black) when one is installed; else keep the template's layout."""
-    for cmd in (["ruff", "format", "--line-length", "110", "-"], ["black", "-q", "-l", "110", "-"]):
-        exe = shutil.which(cmd[0])
-        if exe is None:
-            continue
-        done = subprocess.run([exe, *cmd[1:]], input=text, capture_output=True, text=True, check=False)
-        if done.returncode == 0:
-            return done.stdout
-    return text

@@ -1,6 +1,7 @@
 """The spec language: grammar, parser, IR and checker."""
 
-from .checker import Plan, check
+from .checker import check
+from .plan import Plan
 from .errors import SpecError
 from .loader import load_spec, parse_spec
 

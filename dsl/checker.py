@@ -1,5 +1,5 @@
 """The checker: binds parameters, unrolls blocks, infers shapes and dtypes, and
-produces the `Plan` every backend executes.
+produces the `Plan` (dsl/plan.py) every backend executes.
 
 Unrolling makes each repeated block one copy per index, with attributes evaluated
 for that index (so `window = w if layer % 2 == 0 else none` is just a value here),
@@ -11,7 +11,7 @@ weights or blocks) are SpecErrors at the op or declaration that caused them.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,85 +19,13 @@ from . import ir
 from .bind import RopeScaling, bind_params
 from .errors import SpecError
 from .exprs import evaluate
-from .ops import HF_ACTIVATIONS, OPS, ShapeError, TType, T
-from .sources import Alias, Source, resolve
+from .ops import OPS, OpKind, ShapeError, T, TType, trt_unsupported
+from .plan import AttentionSite, Instr, Plan, Program, Value, WeightArg, WeightSlot, tie_chain
+from .sources import resolve
 
 MAX_REPEAT = 4096  # copies of one block (layers, experts): beyond this a count is a mistake
 
 INPUTS = {"tokens": TType((T,), "int"), "positions": TType((T,), "int")}
-
-
-@dataclass(frozen=True)
-class WeightSlot:
-    name: str  # full name: "embed", "layer.3.wq", "layer.3.expert.5.w1"
-    decl: ir.Weight
-    shape: tuple[int, ...]
-    source: Source | None  # None: the weight is absent (an optional operand)
-    scope: str  # frame path of the block that declared it ("" for globals)
-
-
-@dataclass(frozen=True)
-class AttentionSite:
-    """One attention op after unrolling: it owns one slice of the paged KV cache."""
-
-    index: int
-    path: str
-    heads: int
-    kv_heads: int
-    head_dim: int
-    v_head_dim: int
-
-
-@dataclass(frozen=True)
-class Instr:
-    kind: str
-    inputs: tuple[str | None, ...]  # value ids ("layer.3/h") or weight names ("w:layer.3.wq")
-    attrs: Mapping[str, Any]
-    outputs: tuple[str, ...]
-    op: ir.Op  # where it came from (position and source text, for messages and comments)
-    site: int | None = None  # attention: its KV cache site
-    experts: tuple["Program", ...] = ()  # moe: one program per expert
-
-
-@dataclass(frozen=True)
-class Program:
-    inputs: tuple[str, ...]
-    instrs: tuple[Instr, ...]
-    output: str
-
-
-@dataclass
-class Plan:
-    spec: ir.Spec
-    params: dict[str, Any]
-    program: Program
-    weights: dict[str, WeightSlot]
-    sites: list[AttentionSite]
-    types: dict[str, TType]
-    op_counts: Counter = field(default_factory=Counter)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.types[self.program.output].shape[1]
-
-    def alias_target(self, name: str) -> str:
-        """The weight a tie (`lm_head <- embed`) finally names; a weight that is no tie names itself.
-        A tie inside a block copy names the copy's own weight first, else a global one."""
-        slot = self.weights[name]
-        while isinstance(slot.source, Alias):
-            scoped = f"{slot.scope}.{slot.source.weight}" if slot.scope else slot.source.weight
-            slot = self.weights.get(scoped) or self.weights[slot.source.weight]
-        return slot.name
-
-    def num_parameters(self) -> int:
-        n = 0
-        for w in self.weights.values():
-            if w.source is not None and not isinstance(w.source, Alias):
-                size = 1
-                for d in w.shape:
-                    size *= d
-                n += size
-        return n
 
 
 def check(spec: ir.Spec, config: Mapping[str, Any] | None = None,
@@ -112,13 +40,32 @@ def check(spec: ir.Spec, config: Mapping[str, Any] | None = None,
         raise
 
 
+BACKENDS = ("reference", "cuda", "tensorrt")
+
+
+def check_backend(plan: Plan, backend: str) -> None:
+    """Raise a SpecError at the first op `backend` cannot run (each op's definition says why).
+    `reference` and `cuda` run every op (cuda runs what it has no kernel for as torch ops)."""
+    if backend not in BACKENDS:
+        raise SpecError(f"unknown backend '{backend}'", None, "backends: " + ", ".join(BACKENDS))
+    if backend != "tensorrt":
+        return
+    for ins in plan.program.walk():
+        why = trt_unsupported(ins)
+        if why:
+            e = SpecError(f"not supported on the tensorrt backend: {why}", ins.op.pos,
+                          "use the cuda or reference backend for this model")
+            text = dict(plan.spec.sources).get(ins.op.pos.file)
+            raise e.with_source(text) if text is not None else e
+
+
 class _Checker:
     def __init__(self, spec: ir.Spec, params: dict[str, Any]):
         self.spec = spec
         self.params = params
         self.weights: dict[str, WeightSlot] = {}
         self.sites: list[AttentionSite] = []
-        self.types: dict[str, TType] = {}
+        self.types: dict[Value, TType] = {}
         self.counts: Counter = Counter()
         self.used_weights: set[tuple[str, str]] = set()  # (declaring block or "", weight name)
         self.used_blocks: set[str] = set()
@@ -135,14 +82,14 @@ class _Checker:
             self._declare(w, "", "", env)
         frame = _Frame("", None, env, {})
         for name in g.inputs:
-            self.types[name] = INPUTS[name]
-        program = self._program(g, frame, list(g.inputs))
+            self.types[Value(name)] = INPUTS[name]
+        program = self._program(g, frame, [Value(n) for n in g.inputs])
         out = self.types[program.output]
         if out.dtype != "float" or len(out.shape) != 2:
             raise SpecError(f"the forward must return logits float[T, vocab], got {out}",
                             self._output_pos(g))
         self._unused()
-        return Plan(self.spec, self.params, program, self.weights, self.sites, self.types, self.counts)
+        return Plan(self.spec, self.params, program, self.weights, self.sites, self.types, self.counts).verify()
 
     def _output_pos(self, g: ir.Graph):
         for op in reversed(g.ops):
@@ -168,29 +115,26 @@ class _Checker:
         assert b is not None  # lowering resolved every block name
         return b
 
-    def _weight_type(self, name: str, frame: "_Frame") -> tuple[str, TType | None]:
+    def _weight_type(self, name: str, frame: "_Frame") -> tuple[WeightArg, TType | None]:
         if frame.block and any(w.name == name for w in self._block(frame.block).weights):
             full, owner = (f"{frame.path}.{name}" if frame.path else name), frame.block
         else:
             full, owner = name, ""
         self.used_weights.add((owner, name))
-        slot = self.weights[full]
-        while isinstance(slot.source, Alias):
-            target = slot.source.weight
-            tfull = f"{slot.scope}.{target}" if slot.scope and f"{slot.scope}.{target}" in self.weights else target
-            self.used_weights.add((owner if tfull != target else "", target))
-            tslot = self.weights[tfull]
-            if tslot.shape != slot.shape:
-                raise SpecError(f"weight '{name}' {list(slot.shape)} is tied to '{target}' "
-                                f"{list(tslot.shape)}: shapes differ", slot.decl.pos)
-            slot = tslot
+        chain = tie_chain(self.weights, self.weights[full])
+        for tie, target in zip(chain, chain[1:]):
+            self.used_weights.add((owner if target.scope else "", target.decl.name))
+            if target.shape != tie.shape:
+                raise SpecError(f"weight '{name}' {list(tie.shape)} is tied to '{target.decl.name}' "
+                                f"{list(target.shape)}: shapes differ", tie.decl.pos)
+        slot = chain[-1]
         if slot.source is None:
-            return "w:" + full, None
-        return "w:" + full, TType(slot.shape)
+            return WeightArg(full), None
+        return WeightArg(full), TType(slot.shape, slot.decl.dtype)
 
     # ---- graphs
-    def _program(self, g: ir.Graph, frame: "_Frame", inputs: list[str]) -> Program:
-        values: dict[str, str] = {}
+    def _program(self, g: ir.Graph, frame: "_Frame", inputs: list[Value]) -> Program:
+        values: dict[str, Value] = {}
         for name, vid in zip(g.inputs, inputs):
             values[name] = vid
         instrs: list[Instr] = []
@@ -250,8 +194,8 @@ class _Checker:
             if (called := _called_block(op)) is not None:
                 self._mark_block(called)
 
-    def _op(self, op: ir.Op, frame: "_Frame", values: dict[str, str], instrs: list[Instr]) -> None:
-        ins: list[str | None] = []
+    def _op(self, op: ir.Op, frame: "_Frame", values: dict[str, Value], instrs: list[Instr]) -> None:
+        ins: list[Value | WeightArg | None] = []
         types: list[TType | None] = []
         for x in op.inputs:
             if isinstance(x, ir.Val):
@@ -267,12 +211,14 @@ class _Checker:
         if op.kind == "call":
             self._call(op, frame, values, instrs, ins, types)
             return
-        sig = OPS[op.kind]
+        kind = OpKind(op.kind)
+        sig = OPS[kind]
         for name, t, x in zip(sig.inputs, types, op.inputs):
             if t is None and not name.endswith("?"):
                 raise SpecError(f"operand '{name}' of {op.kind} is absent (its weight source is none)", op.pos)
         attrs = self._attrs(op, frame)
         try:
+            attrs = sig.make_attrs(attrs)
             out_types = sig.infer(types, attrs)
         except ShapeError as e:
             raise SpecError(f"{op.kind}: {e}", op.pos) from None
@@ -286,14 +232,14 @@ class _Checker:
         self.counts[op.kind] += 1
         site = None
         experts: tuple[Program, ...] = ()
-        if op.kind == "attention":
+        if kind is OpKind.ATTENTION:
             site = self._site(frame, types, attrs)
-        elif op.kind == "moe":
-            experts = self._experts(op, frame, attrs, ins[0], types)
-        instrs.append(Instr(op.kind, tuple(ins), attrs, outs, op, site, experts))
+        elif kind is OpKind.MOE:
+            experts = self._experts(op, frame, attrs, types)
+        instrs.append(Instr(kind, tuple(ins), attrs, outs, op, site, experts))
 
     def _attrs(self, op: ir.Op, frame: "_Frame") -> dict[str, Any]:
-        sig = OPS[op.kind]
+        sig = OPS[OpKind(op.kind)]
         out: dict[str, Any] = {}
         given = dict(op.attrs)
         for name, a in sig.attrs.items():
@@ -307,7 +253,7 @@ class _Checker:
 
     def _site(self, frame, types, attrs) -> int:
         q, k, v = types
-        hd = attrs["head_dim"]
+        hd = attrs.head_dim
         kvh = k.shape[1] // hd
         site = AttentionSite(len(self.sites), frame.path or "forward", q.shape[1] // hd, kvh, hd,
                              v.shape[1] // kvh)
@@ -349,8 +295,8 @@ class _Checker:
             self._declare(w, frame.path, block.name, frame.env)
         return self._program(block.graph, frame, ins)
 
-    def _experts(self, op, frame, attrs, x_id, types) -> tuple[Program, ...]:
-        block = self._block(attrs["experts"])
+    def _experts(self, op, frame, attrs, types) -> tuple[Program, ...]:
+        block = self._block(attrs.experts)
         self.used_blocks.add(block.name)
         if block.count is None:
             raise SpecError(f"experts block '{block.name}' needs a count: block {block.name}[n]", block.pos)
@@ -417,8 +363,8 @@ class _Frame:
             env[block] = index
         return _Frame(f"{self.path}.{part}" if self.path else part, block, env, {})
 
-    def value(self, name: str) -> str:
-        return f"{self.path}/{name}" if self.path else name
+    def value(self, name: str) -> Value:
+        return Value(f"{self.path}/{name}" if self.path else name)
 
 
 def _typed(op: str, name: str, typ: str, v: Any, pos) -> Any:
@@ -441,6 +387,4 @@ def _typed(op: str, name: str, typ: str, v: Any, pos) -> Any:
         raise SpecError(f"{op}() attribute '{name}' must be {base}, got {v!r}", pos)
     if base == "float":
         v = float(v)
-    if op == "act" and name == "fn" and v not in HF_ACTIVATIONS:
-        raise SpecError(f"unknown activation '{v}'", pos, "known: " + ", ".join(sorted(HF_ACTIVATIONS)))
     return v

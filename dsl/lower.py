@@ -13,7 +13,7 @@ from . import ir
 from .errors import SpecError
 from .exprs import CONST_FUNCS
 from .names import check_name, check_pattern
-from .ops import INFIX, OPS
+from .ops import BY_NAME, INFIX
 from .syntax import Assign, BlockDecl, ForwardDecl, Return, SpecAst
 
 
@@ -93,7 +93,7 @@ def lower(spec: SpecAst, files: tuple[str, ...], sources: tuple[tuple[str, str],
         _check_weight(w)
     for b in spec.blocks:
         declare(b.name, b.pos, "block")
-        if b.name in OPS:
+        if b.name in BY_NAME:
             raise SpecError(f"block name '{b.name}' is the name of an op", b.pos)
     for pattern in spec.ignore:
         check_pattern(pattern, spec.pos, glob=True)
@@ -189,7 +189,7 @@ class _Lowerer:
             else:
                 self.env[st.targets[0]] = v.name  # `y = x` only aliases
             return
-        if not isinstance(st.value, ir.Call) or st.value.fn not in OPS:
+        if not isinstance(st.value, ir.Call) or st.value.fn not in BY_NAME:
             raise SpecError(f"{len(st.targets)} names on the left need an op with as many outputs",
                             st.pos, "e.g. q, k, v = split(qkv, sizes=[a, b, c])")
         outs = [self._define(t, st.pos) for t in st.targets]
@@ -211,7 +211,7 @@ class _Lowerer:
         if isinstance(e, ir.Name):
             return e.id in self.env or e.id in self.weights
         if isinstance(e, ir.Call):
-            return e.fn in OPS or e.fn in self.blocks
+            return e.fn in BY_NAME or e.fn in self.blocks
         if isinstance(e, ir.BinOp) and e.op in ("+", "-", "*", "/"):
             return self._is_tensor(e.left) or self._is_tensor(e.right)
         if isinstance(e, ir.UnOp) and e.op == "-":
@@ -298,9 +298,9 @@ class _Lowerer:
                 raise SpecError(f"block '{call.fn}' takes no attributes", call.kwargs[0][2])
             self._emit("call", args, (("block", ir.Const(call.fn, call.pos)),), call, outputs)
             return
-        sig = OPS.get(call.fn)
+        sig = BY_NAME.get(call.fn)
         if sig is None:
-            hint = "ops: " + ", ".join(sorted(OPS))
+            hint = "ops: " + ", ".join(sorted(BY_NAME))
             if call.fn in CONST_FUNCS:
                 hint = f"{call.fn}() works on constants only"
             raise SpecError(f"unknown op '{call.fn}'", call.pos, hint)

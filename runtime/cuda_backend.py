@@ -1,11 +1,12 @@
 """The `cuda` backend: the fused kernel program (codegen/fuse.py) on a GPU.
 
-Generated kernels (NVRTC) for norms, rotary + paged KV writes, attention, activations and
-embeddings; dense GEMMs through cuBLAS (torch); sibling GEMMs fused by concatenating their
-weights once at load. Pure-decode steps replay a CUDA graph captured per bucketed batch
-size: static metadata buffers are refreshed from pinned host memory, then one replay — no
-host synchronisation and no allocation inside. Everything the kernels do not cover runs
-through the reference backend's op implementations.
+Generated kernels (NVRTC) for norms, rotary + paged KV writes, attention, activations,
+embeddings and elementwise maps; dense GEMMs through cuBLAS (torch); sibling GEMMs fused by
+concatenating their weights once at load. Pure-decode steps replay a CUDA graph captured per
+bucketed batch size: static metadata buffers are refreshed from pinned host memory, then one
+replay — no host synchronisation and no allocation inside. What no kernel covers runs its op
+definition's reference (dsl/ops) on the GPU. Each kind of step is one method, found through
+the table `_RUN`, keyed by codegen.fuse.Exec.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from kiln.codegen import kernels as K
-from kiln.codegen.fuse import KOp, fuse
-from kiln.dsl.checker import Plan
+from kiln.codegen.fuse import Exec, KOp, fuse
+from kiln.dsl.ops import OPS
+from kiln.dsl.plan import Plan, Value, WeightArg, fetch
 
 from .batch import StepBatch, host_meta
 from .kv_store import KVStore
-from .reference import ReferenceModel, _Step
+from .reference import StepContext
 
-_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
 
@@ -55,9 +56,8 @@ class CudaModel:
         self.page_size = page_size
         self.max_context = max_context
         self.max_batch = max_batch
-        self.ops = fuse(plan, _DT[self.dtype], page_size)
+        self.ops = fuse(plan, self.dtype, page_size)
         self.weights = dict(weights)  # a copy: entries are dropped below, the caller's stay
-        self.ref = ReferenceModel(plan, self.weights)  # op implementations for what no kernel covers
         canonical: dict = {}  # one compiled kernel per distinct spec (origins differ per layer)
 
         def canon(spec):
@@ -66,13 +66,13 @@ class CudaModel:
         self._gemm: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._scratch: dict = {}
         for n, op in enumerate(self.ops):
-            if op.kind == "gemm":
-                ws = [weights[w[2:]] for w in op.extra["weights"]]
-                bs = [weights[b[2:]] if b else None for b in op.extra["biases"]]
+            if op.kind is Exec.GEMM:
+                ws = [weights[w.name] for w in op.extra["weights"]]
+                bs = [weights[b.name] if b else None for b in op.extra["biases"]]
                 w = torch.cat(ws) if len(ws) > 1 else ws[0]
                 b = (torch.cat(bs) if len(bs) > 1 else bs[0]) if bs[0] is not None else None
                 self._gemm[n] = (w.contiguous(), b)
-            elif op.kind == "attn":
+            elif op.kind is Exec.ATTENTION:
                 op.spec = tuple(canon(s) for s in op.spec)
                 dspec = op.spec[1]
                 if dspec.key() not in self._scratch:
@@ -81,17 +81,18 @@ class CudaModel:
                 op.spec = canon(op.spec)
         # Every op but attention treats rows (tokens) independently, so after the last attention
         # only the rows whose logits are wanted need computing (a prefill samples one row).
-        attn_at = [n for n, op in enumerate(self.ops) if op.kind == "attn"]
+        attn_at = [n for n, op in enumerate(self.ops) if op.kind is Exec.ATTENTION]
         self._rows_from = attn_at[-1] + 1 if attn_at else 0
         # Weights that only fed a fused GEMM live on in its concatenation: drop the originals.
-        needed = {i[2:] for op in self.ops if op.kind != "gemm" for ins in op.instrs for i in ins.inputs
-                  if i and i.startswith("w:")}
+        needed = {a.name for op in self.ops if op.kind is not Exec.GEMM for ins in op.instrs for a in ins.inputs
+                  if isinstance(a, WeightArg)}
         for n, op in enumerate(self.ops):
-            if op.kind == "gemm" and op.extra["fused"]:
+            if op.kind is Exec.GEMM and op.extra["fused"]:
                 for w in op.extra["weights"] + op.extra["biases"]:
-                    if w and w[2:] not in needed:
-                        self.weights.pop(w[2:], None)
-        self.use_graphs = use_graphs and not any(op.kind == "torch" and op.instrs[0].kind == "moe" for op in self.ops)
+                    if w and w.name not in needed:
+                        self.weights.pop(w.name, None)
+        # A moe's reference picks each expert's tokens on the host (data-dependent): no graphs.
+        self.use_graphs = use_graphs and not any(op.kind is Exec.TORCH and op.instrs[0].experts for op in self.ops)
         self._graphs: dict[int, _Graph] = {}
 
     # -- metadata ---------------------------------------------------------------------------
@@ -115,7 +116,6 @@ class CudaModel:
         if kv.page_size != self.page_size:
             raise ValueError(f"KV cache page size {kv.page_size} != the kernels' {self.page_size}")
         batch.validate(kv.page_size)
-        tokens = batch.tokens.to(self.device, non_blocking=True)
         decode = all(s.length == 1 for s in batch.seqs)
         longest = max(s.context + s.length for s in batch.seqs)
         if self.use_graphs and decode and not all_logits and longest <= self.max_context:
@@ -124,7 +124,8 @@ class CudaModel:
                 graph = self._graphs.get(bucket)
                 if graph is None:
                     graph = self._graphs[bucket] = _Graph(self, kv, bucket)
-                return graph.replay(batch, tokens)[: len(batch.seqs)].float()
+                return graph.replay(batch)[: len(batch.seqs)].float()
+        tokens = batch.tokens.to(self.device, non_blocking=True)
         meta = self._meta(batch)
         rows = None if all_logits else torch.tensor(batch.sample_rows()).pin_memory().to(self.device, non_blocking=True)
         return self._run(tokens, meta, kv, batch, rows=rows).float()
@@ -133,67 +134,70 @@ class CudaModel:
              trace: dict | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of all rows, or of `rows` only. `trace`, if given, receives every value by
         name (tests use it to find where two backends first differ)."""
-        env: dict[str, torch.Tensor] = {"tokens": tokens, "positions": meta.positions}
-        T = tokens.shape[0]
-        ctx = None
+        env: dict[Value, torch.Tensor] = {Value("tokens"): tokens, Value("positions"): meta.positions}
+        step = _Run(self, tokens, meta, kv, batch, tokens.shape[0])
         for n, op in enumerate(self.ops):
             if n == self._rows_from and rows is not None:
-                env = {name: v.index_select(0, rows) if v.dim() and v.shape[0] == T else v
+                env = {name: v.index_select(0, rows) if v.dim() and v.shape[0] == step.T else v
                        for name, v in env.items()}
-                T = rows.shape[0]
-            k = op.kind
-            if k == "gemm":
-                w, b = self._gemm[n]
-                y = torch.nn.functional.linear(env[op.ins[0]], w, b)
-                if op.extra["fused"]:
-                    for name, (start, width) in zip(op.outs, op.extra["slices"]):
-                        env[name] = y[:, start:start + width]
-                else:
-                    env[op.outs[0]] = y
-            elif k == "norm":
-                spec = op.spec
-                out = torch.empty(T, spec.hidden, dtype=self.dtype, device=self.device)
-                bias = self.weights[op.extra["bias"][2:]] if spec.has_bias else None
-                w = self.weights[op.extra["weight"][2:]]
-                if spec.has_residual:
-                    res_out = torch.empty_like(out)
-                    K.norm(spec, _c(env[op.ins[1]]), w, out, residual=_c(env[op.ins[0]]), residual_out=res_out,
-                           bias=bias)
-                    env[op.outs[1]] = res_out
-                else:
-                    K.norm(spec, _c(env[op.ins[0]]), w, out, bias=bias)
-                env[op.outs[0]] = out
-            elif k == "attn":
-                env[op.outs[0]] = self._attention(op, env, meta, kv, T)
-            elif k == "act":
-                out = torch.empty(T, op.spec.features, dtype=self.dtype, device=self.device)
-                if op.spec.gated:
-                    K.activation(op.spec, out, gate=env[op.ins[0]], up=env[op.ins[1]])
-                else:
-                    K.activation(op.spec, out, x=env[op.ins[0]])
-                env[op.outs[0]] = out
-            elif k == "embed":
-                out = torch.empty(T, op.spec.hidden, dtype=self.dtype, device=self.device)
-                K.embed(op.spec, tokens, self.weights[op.ins[1][2:]], out)
-                env[op.outs[0]] = out
-            elif k == "softcap":
-                out = torch.empty_like(env[op.ins[0]])
-                K.softcap(op.spec, _c(env[op.ins[0]]), out)
-                env[op.outs[0]] = out
-            elif k == "torch":
-                ins = op.instrs[0]
-                if ins.kind in ("rope", "moe") and ctx is None:
-                    ctx = _Step(batch, kv)
-                args = [None if i is None else (self.weights[i[2:]] if i.startswith("w:") else env[i])
-                        for i in ins.inputs]
-                out = self.ref._op(ins, args, ctx)
-                for name, value in zip(ins.outputs, out if isinstance(out, tuple) else (out,)):
-                    env[name] = value
-            else:
-                raise NotImplementedError(f"cuda backend: unhandled kernel op '{k}' ({op.instrs[0].op.pos})")
+                step.T = rows.shape[0]
+            run = _RUN.get(op.kind)
+            if run is None:
+                raise NotImplementedError(f"cuda backend: unhandled step '{op.kind}' ({op.instrs[0].op.pos})")
+            run(self, op, env, step, n)
             if trace is not None:
-                trace.update((o, env[o].clone()) for o in op.outs)
+                trace.update((o.id, env[o].clone()) for o in op.outs)
         return env[self.plan.program.output]
+
+    # -- one method per kind of step ----------------------------------------------------------
+    def _gemm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
+        w, b = self._gemm[n]
+        y = torch.nn.functional.linear(env[op.ins[0]], w, b)
+        if op.extra["fused"]:
+            for name, (start, width) in zip(op.outs, op.extra["slices"]):
+                env[name] = y[:, start:start + width]
+        else:
+            env[op.outs[0]] = y
+
+    def _norm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
+        spec = op.spec
+        out = torch.empty(step.T, spec.hidden, dtype=self.dtype, device=self.device)
+        bias = self.weights[op.extra["bias"].name] if spec.has_bias else None
+        w = self.weights[op.extra["weight"].name]
+        if spec.has_residual:
+            res_out = torch.empty_like(out)
+            K.norm(spec, _c(env[op.ins[1]]), w, out, residual=_c(env[op.ins[0]]), residual_out=res_out, bias=bias)
+            env[op.outs[1]] = res_out
+        else:
+            K.norm(spec, _c(env[op.ins[0]]), w, out, bias=bias)
+        env[op.outs[0]] = out
+
+    def _attention_step(self, op: KOp, env, step: "_Run", n: int) -> None:
+        env[op.outs[0]] = self._attention(op, env, step.meta, step.kv, step.T)
+
+    def _act_step(self, op: KOp, env, step: "_Run", n: int) -> None:
+        out = torch.empty(step.T, op.spec.features, dtype=self.dtype, device=self.device)
+        if op.spec.gated:
+            K.activation(op.spec, out, gate=env[op.ins[0]], up=env[op.ins[1]])
+        else:
+            K.activation(op.spec, out, x=env[op.ins[0]])
+        env[op.outs[0]] = out
+
+    def _embed_step(self, op: KOp, env, step: "_Run", n: int) -> None:
+        out = torch.empty(step.T, op.spec.hidden, dtype=self.dtype, device=self.device)
+        K.embed(op.spec, step.tokens, self.weights[op.ins[1].name], out)
+        env[op.outs[0]] = out
+
+    def _map_step(self, op: KOp, env, step: "_Run", n: int) -> None:
+        x = _c(env[op.ins[0]])
+        out = torch.empty_like(x)
+        K.map_elementwise(op.spec, x, out)
+        env[op.outs[0]] = out
+
+    def _torch_step(self, op: KOp, env, step: "_Run", n: int) -> None:
+        ins = op.instrs[0]
+        out = OPS[ins.kind].reference(step, ins, [fetch(a, env, self.weights) for a in ins.inputs])
+        env.update(zip(ins.outputs, out if isinstance(out, tuple) else (out,)))
 
     def _attention(self, op: KOp, env, meta: _Meta, kv: KVStore, T: int) -> torch.Tensor:
         rope, dspec, pspec = op.spec
@@ -221,6 +225,38 @@ class CudaModel:
             K.prefill_attention(pspec, q, kc, vc, meta.block_tables, meta.cu_seqlens, meta.kv_lens, out,
                                 meta.max_q_len)
         return out
+
+
+_RUN = {
+    Exec.GEMM: CudaModel._gemm_step, Exec.NORM: CudaModel._norm_step, Exec.ATTENTION: CudaModel._attention_step,
+    Exec.ACT: CudaModel._act_step, Exec.EMBED: CudaModel._embed_step, Exec.MAP: CudaModel._map_step,
+    Exec.TORCH: CudaModel._torch_step,
+}
+
+
+class _Run:
+    """One forward's inputs; also the context (dsl.ops.RefContext) of its torch steps. What an op
+    reference reads of the batch on the host is made on first use: a captured graph has no batch,
+    so only ops that need none (arithmetic, splits, norms) may run as torch steps inside one."""
+
+    def __init__(self, model: CudaModel, tokens, meta: _Meta, kv: KVStore, batch: StepBatch | None, T: int):
+        self.model, self.tokens, self.meta, self.kv, self.batch, self.T = model, tokens, meta, kv, batch, T
+        self.positions = meta.positions
+        self._host: StepContext | None = None
+
+    def _host_context(self) -> StepContext:
+        if self.batch is None:
+            raise RuntimeError("a torch step that reads the batch cannot run inside a captured graph")
+        if self._host is None:
+            self._host = StepContext(self.batch, self.kv, self.model.weights)
+        return self._host
+
+    @property
+    def seq_len(self) -> torch.Tensor:
+        return self._host_context().seq_len
+
+    def run(self, prog, env) -> torch.Tensor:
+        return self._host_context().run(prog, env)
 
 
 def _c(t: torch.Tensor) -> torch.Tensor:
@@ -274,7 +310,7 @@ class _Graph:
         self.tables = torch.zeros(size, max_pages, dtype=torch.int32).pin_memory()
         self.host_np, self.tables_np = self.host.numpy(), self.tables.numpy()  # same memory
 
-    def replay(self, batch: StepBatch, tokens: torch.Tensor) -> torch.Tensor:
+    def replay(self, batch: StepBatch) -> torch.Tensor:
         m = self.meta
         fill_decode_buffers(batch, self.model.page_size, self.host_np, self.tables_np)
         h = self.host

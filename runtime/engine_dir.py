@@ -7,7 +7,8 @@ An engine directory holds everything needed to run without the checkpoint:
     config.json          the checkpoint's config (binds the spec's parameters again at load)
     spec/*.kiln          the spec and the specs it extends
     weights.safetensors  converted weights under Kiln's names, in the run dtype
-    tokenizer files      when the checkpoint folder has them
+    tokenizer files      tokenizer.json, tokenizer_config.json, generation_config.json, chat_template.jinja
+                         (copied from the checkpoint folder, or written from a GGUF file's metadata)
     kernels/*.cu         generated CUDA sources (cuda backend)
     network.py           generated TensorRT network module (tensorrt backend)
     model.engine         serialized TensorRT engine (tensorrt backend)
@@ -28,8 +29,11 @@ import torch
 from kiln.dsl import Plan, check, load_spec
 
 FORMAT = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "tokenizer.model")
+# Copied from a checkpoint folder into an engine directory (each when present): what
+# `Tokenizer.from_folder` reads, chat template included. For a GGUF checkpoint the build
+# writes the first four from the file's metadata (`Tokenizer.save`).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "tokenizer.model")
 
 
 class BuildError(Exception):

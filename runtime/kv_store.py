@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.dsl.checker import AttentionSite
+from kiln.dsl.plan import AttentionSite
 
 
 class KVStore:

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from kiln.dsl import Plan, check, load_spec
+from kiln.dsl.dtypes import dtype as dtype_of
 from kiln.dsl.errors import SpecError
-from kiln.dsl.loader import MODELS_DIR
+from kiln.dsl.loader import MODELS_DIR, spec_files
 
 from .batch import SeqSlice, StepBatch
 from .checkpoint import Checkpoint, open_checkpoint
@@ -24,15 +25,13 @@ from .kv_store import KVStore
 from .reference import ReferenceModel
 from .weights import load_weights
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 def spec_for_config(config: dict[str, Any], config_file: str = "config.json") -> Path:
     """The spec in models/ that declares one of the config's `architectures` (or its GGUF arch)."""
     wanted = list(config.get("architectures") or [])
     gguf_arch = config.get("gguf_architecture")
-    for path in sorted(MODELS_DIR.glob("*.kiln")):
+    for path in spec_files():
         spec = load_spec(path)
         if any(a in spec.architectures for a in wanted) or (gguf_arch and spec.gguf_arch == gguf_arch):
             return path
@@ -57,7 +56,7 @@ def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: st
     ckpt = open_checkpoint(checkpoint)
     spec_path = spec if spec is not None else spec_for_config(ckpt.config, str(ckpt.path))
     plan = check(load_spec(spec_path), ckpt.config, _config_name(ckpt))
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = dtype_of(dtype).torch
     weights = load_weights(plan, ckpt, torch_dtype, device)
     return LoadedModel(plan, make_backend(plan, weights, backend, device), ckpt, torch_dtype, torch.device(device))
 
@@ -68,7 +67,7 @@ BACKENDS = ("reference", "cuda")
 def load_engine(engine_dir: str | Path, device: str = "cuda") -> LoadedModel:
     """A `LoadedModel` from an engine directory of either backend."""
     parts = read_engine(engine_dir, device)
-    dtype = DTYPES[parts.manifest["dtype"]]
+    dtype = dtype_of(parts.manifest["dtype"]).torch
     if parts.manifest["backend"] == "tensorrt":
         from .trt_backend import TrtModel
         model = TrtModel(parts.plan, Path(engine_dir), parts.manifest, device)
@@ -95,7 +94,7 @@ def random_model(spec: str | Path, config: dict[str, Any] | None = None, dtype: 
     """A model with random weights made directly on the device (no checkpoint, no download):
     for benchmarks and runtime tests. Norm weights are near 1, others N(0, 0.02)."""
     plan = check(load_spec(spec), config)
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = dtype_of(dtype).torch
     gen = torch.Generator(device=device).manual_seed(seed)
     weights: dict[str, torch.Tensor] = {}
     for slot in plan.weights.values():

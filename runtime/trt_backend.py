@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.dsl.checker import Plan
+from kiln.dsl.plan import Plan
 
 from .batch import StepBatch
 from .kv_store import KVStore

@@ -13,7 +13,8 @@ import fnmatch
 
 import torch
 
-from kiln.dsl.checker import Plan, WeightSlot
+from kiln.dsl.ops import OpKind
+from kiln.dsl.plan import Plan, WeightSlot
 from kiln.dsl.sources import Alias, Concat, Reshape, SliceOf, Source, Tensor, Transpose
 
 from .checkpoint import Checkpoint, CheckpointError
@@ -92,7 +93,8 @@ def load_weights(plan: Plan, ckpt: Checkpoint, dtype: torch.dtype = torch.float3
             raise CheckpointError(
                 f"tensor {_names(slot.source)} in {_files(ckpt, slot.source)} has shape {list(t.shape)}, "
                 f"but weight '{slot.name}' is declared {list(slot.shape)} at {slot.decl.pos}")
-        out[slot.name] = t.to(device=device, dtype=dtype).contiguous()
+        # A storage dtype (int8, fp8, ...) is kept as stored; the checker lets no op read it as a float.
+        out[slot.name] = t.to(device=device, dtype=dtype if slot.decl.dtype == "float" else None).contiguous()
     for slot in plan.weights.values():  # ties share the tensor they name
         if isinstance(slot.source, Alias):
             out[slot.name] = out[plan.alias_target(slot.name)]
@@ -133,15 +135,15 @@ def _rope_permuted_tensors(plan: Plan) -> dict[str, int]:
             producers[o] = ins
     out: dict[str, int] = {}
     for ins in plan.program.instrs:
-        if ins.kind != "rope":
+        if ins.kind is not OpKind.ROPE:
             continue
         src = producers.get(ins.inputs[0])
-        if src is None or src.kind != "linear":
+        if src is None or src.kind is not OpKind.LINEAR:
             continue
         for ref in src.inputs[1:]:
             if ref is None:
                 continue
-            slot = plan.weights[ref[2:]]
+            slot = plan.weights[ref.name]
             if isinstance(slot.source, Tensor):
-                out[slot.source.name] = slot.shape[0] // ins.attrs["head_dim"]
+                out[slot.source.name] = slot.shape[0] // ins.attrs.head_dim
     return out

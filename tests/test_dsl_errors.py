@@ -193,12 +193,12 @@ def test_tensor_if_keeps_one_branch_per_block_copy():
     text = TINY.replace("    return x + linear(rmsnorm(x, norm), w)",
                         "    return x + linear(rmsnorm(x, norm), w) if layer == 0 else x * 2.0")
     plan = check(parse_spec(text, "tiny.kiln"))
-    kinds = [i.kind for i in plan.program.instrs]
+    kinds = [i.kind.value for i in plan.program.instrs]
     assert kinds.count("rmsnorm") == 1 and kinds.count("scale") == 1  # layer 0 the MLP, layer 1 the doubling
     assert "select" not in kinds
     only_else = TINY.replace("    return x + linear(rmsnorm(x, norm), w)",
                              "    return x * 2.0 if layers > 1 else x + linear(rmsnorm(x, norm), w)")
-    kinds = [i.kind for i in check(parse_spec(only_else, "tiny.kiln")).program.instrs]
+    kinds = [i.kind.value for i in check(parse_spec(only_else, "tiny.kiln")).program.instrs]
     assert kinds.count("linear") == 1 and kinds.count("scale") == 2  # the logits' linear; both layers double
 
 

@@ -20,8 +20,7 @@ from kiln.codegen.specs import (  # noqa: E402
     NormSpec,
     PrefillAttnSpec,
     RopeCacheSpec,
-    SamplingSpec,
-    SoftcapSpec,
+    MapSpec,
 )
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -42,7 +41,7 @@ def _specs(full: bool):
             out.append(NormSpec(kind, hidden, 1e-5, weight_offset=off, has_bias=kind == "layer",
                                 has_residual=res, dtype=d, origin=_origin(1, f"{kind}norm(x, w)")))
     rope_cases = [
-        dict(heads=32, kv_heads=8, head_dim=128, rotary_dim=128, layout="half", scaling="smooth", factor=8.0,
+        dict(heads=32, kv_heads=8, head_dim=128, rotary_dim=128, layout="half", scaling="llama3", factor=8.0,
              original_max_position=8192, theta=500000.0),
         dict(heads=32, kv_heads=32, head_dim=80, rotary_dim=32, layout="half", scaling="none"),
         dict(heads=16, kv_heads=2, head_dim=64, rotary_dim=64, layout="interleaved", scaling="linear", factor=4.0),
@@ -63,10 +62,10 @@ def _specs(full: bool):
         for d in DTYPES if full else (next(dt),):
             out.append(ActSpec(kind, gated, 14336 if gated else 3072, dtype=d, origin=_origin(4, kind)))
     for d in DTYPES:
-        out.append(EmbedSpec(32000, 4096, scale=64.0, dtype=d, origin=_origin(5, "embed(tokens)")))
-        out.append(EmbedSpec(50257, 768, has_positions=True, dtype=d, origin=_origin(5, "embed(tokens) + pos")))
-        out.append(SoftcapSpec(30.0, dtype=d, origin=_origin(6, "softcap(logits)")))
-        out.append(SamplingSpec(128256, dtype=d, origin=_origin(7, "sample(logits)")))
+        out.append(EmbedSpec(32000, 4096, dtype=d, origin=_origin(5, "embed(tokens)")))
+        out.append(MapSpec("map_softcap.cu.j2", (("cap", 30.0), ("inv_cap", 1 / 30.0)), dtype=d,
+                           origin=_origin(6, "softcap(logits)")))
+        out.append(MapSpec("map_scale.cu.j2", (("factor", 64.0),), dtype=d, origin=_origin(7, "x * 64")))
     return out
 
 
@@ -145,7 +144,7 @@ def test_ptx_fallback_and_cache(tmp_path, monkeypatch):
     assert nvrtc.arch_for_capability(8, 0) == ("sm_80", "cubin")
     arch, kind = nvrtc.arch_for_capability(99, 9)  # a future GPU: PTX the driver can JIT
     assert kind == "ptx" and arch == f"compute_{max(nvrtc.supported_archs())}"
-    ks = render(SoftcapSpec(30.0, origin=_origin(1, "softcap")))
+    ks = render(MapSpec("map_softcap.cu.j2", (("cap", 30.0), ("inv_cap", 1 / 30.0)), origin=_origin(1, "softcap")))
     img = nvrtc.compile_source(ks.source, ks.name, arch, ks.origin)
     assert img.kind == "ptx" and b".entry " + ks.entries[0].encode() in img.data
     files = list(tmp_path.iterdir())
@@ -155,7 +154,9 @@ def test_ptx_fallback_and_cache(tmp_path, monkeypatch):
 
 
 def test_strict_templates():
-    env = render_mod._env()
+    from kiln.codegen.jinja import env as jinja_env
+
+    env = jinja_env()
     with pytest.raises(Exception, match="undefined"):
         env.get_template("norm.cu.j2").render(name="x")
 
@@ -169,7 +170,7 @@ def _hf_config(rope_parameters, head_dim=128, max_pos=4096):
 @pytest.mark.parametrize("case", [
     (dict(scaling="none"), {"rope_type": "default"}, 128, 128),
     (dict(scaling="linear", factor=4.0), {"rope_type": "linear", "factor": 4.0, "partial_rotary_factor": 0.5}, 128, 64),
-    (dict(scaling="smooth", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192),
+    (dict(scaling="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192),
      {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
       "original_max_position_embeddings": 8192}, 128, 128),
 ])
@@ -206,11 +207,12 @@ def test_dynamic_ntk_matches_hf(seq_len):
     (lambda: RopeCacheSpec(32, 6, 128, 128, 16), "kv_heads"),
     (lambda: RopeCacheSpec(32, 8, 128, 129, 16), "rotary_dim"),
     (lambda: RopeCacheSpec(32, 8, 128, 128, 16, scaling="yarn"), "scaling"),
-    (lambda: RopeCacheSpec(32, 8, 128, 128, 16, scaling="smooth", factor=8.0), "original_max_position"),
+    (lambda: RopeCacheSpec(32, 8, 128, 128, 16, scaling="llama3", factor=8.0), "original_max_position"),
     (lambda: DecodeAttnSpec(32, 8, 100, 16, 0.1), "head_dim"),
     (lambda: PrefillAttnSpec(32, 8, 128, 0, 0.1), "page_size"),
     (lambda: ActSpec("swish", True, 128), "kind"),
-    (lambda: SamplingSpec(128256, dtype="int8"), "dtype"),
+    (lambda: EmbedSpec(128256, 64, dtype="int8"), "dtype"),
+    (lambda: MapSpec("../x.cu.j2"), "body"),
 ])
 def test_spec_errors_name_the_field(make, field):
     with pytest.raises(KernelSpecError, match=rf"\.{field}:"):

@@ -17,8 +17,7 @@ from kiln.codegen.specs import (  # noqa: E402
     NormSpec,
     PrefillAttnSpec,
     RopeCacheSpec,
-    SamplingSpec,
-    SoftcapSpec,
+    MapSpec,
 )
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
@@ -116,7 +115,7 @@ def rotate_ref(x, pos, freq, rot, layout, attn_factor=1.0):
 
 
 ROPE_CASES = [
-    dict(heads=32, kv_heads=8, head_dim=128, rotary_dim=128, layout="half", scaling="smooth", factor=8.0,
+    dict(heads=32, kv_heads=8, head_dim=128, rotary_dim=128, layout="half", scaling="llama3", factor=8.0,
          original_max_position=8192, theta=500000.0),
     dict(heads=32, kv_heads=32, head_dim=80, rotary_dim=32, layout="half", scaling="none"),
     dict(heads=16, kv_heads=2, head_dim=64, rotary_dim=64, layout="interleaved", scaling="linear", factor=4.0),
@@ -290,93 +289,44 @@ def test_activation(dtype, kind, gated, F, T, two_inputs):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-@pytest.mark.parametrize("scale, positions", [(1.0, False), (64.0, False), (1.0, True)])
-def test_embed(dtype, scale, positions):
+def test_embed(dtype):
     dt = DT[dtype]
     V, Hd, T = 1031, 768, 29
-    spec = EmbedSpec(V, Hd, scale=scale, has_positions=positions, dtype=dtype, origin="test")
+    spec = EmbedSpec(V, Hd, dtype=dtype, origin="test")
     table = torch.randn(V, Hd, device=DEV).to(dt)
     tokens = torch.randint(0, V, (T,), device=DEV)
     tokens[3] = V + 5  # out of range: a zero row, never a fault
     out = nan_like((T, Hd), dt)
-    if positions:
-        pos_table = torch.randn(64, Hd, device=DEV).to(dt)
-        pos = torch.randint(0, 64, (T,), device=DEV)
-        K.embed(spec, tokens, table, out, positions=pos, pos_table=pos_table)
-    else:
-        K.embed(spec, tokens, table, out)
+    K.embed(spec, tokens, table, out)
     ok = tokens < V
     ref = torch.zeros(T, Hd, dtype=torch.float64, device=DEV)
-    ref[ok] = (table[tokens[ok]] * torch.tensor(scale, dtype=dt)).double()  # HF: a dtype multiply
-    if positions:
-        ref += pos_table[pos].double()
+    ref[ok] = table[tokens[ok]].double()
     assert rel_err(out, ref) <= TOL[dtype]
-    if not positions:
-        assert (out[3] == 0).all()
+    assert (out[3] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("shape", [(4, 32000), (3, 50257), (1, 7)])
-def test_softcap(dtype, shape):
+def test_map_softcap(dtype, shape):
     dt = DT[dtype]
-    spec = SoftcapSpec(30.0, dtype=dtype, origin="test")
+    spec = MapSpec("map_softcap.cu.j2", (("cap", 30.0), ("inv_cap", 1 / 30.0)), dtype=dtype, origin="test")
     x = (torch.randn(*shape, device=DEV) * 40).to(dt)
     ref = 30.0 * torch.tanh(x.double() / 30.0)
     out = nan_like(shape, dt)
-    K.softcap(spec, x, out)
+    K.map_elementwise(spec, x, out)
     assert rel_err(out, ref) <= TOL[dtype]
-    K.softcap(spec, x)  # in place
+    K.map_elementwise(spec, x)  # in place
     assert rel_err(x, ref) <= TOL[dtype]
 
 
-# ---- sampling ------------------------------------------------------------------------------
-
-def sample_ref(x, temp, k, p, u):
-    """(chosen index, kept mask, cdf) for one row, float64, in the kernel's documented semantics."""
-    x = x.double()
-    if temp <= 0 or k == 1:
-        return int(torch.argmax(x)), None, None
-    w = torch.exp((x - x.max()) / temp)
-    keep = torch.ones_like(x, dtype=torch.bool)
-    if 0 < k < x.numel():
-        keep = x >= torch.topk(x, k).values[-1]
-    if p < 1:
-        ws = torch.where(keep, w, 0)
-        order = torch.argsort(x, descending=True, stable=True)
-        cum = ws[order].cumsum(0)
-        n = int(torch.searchsorted(cum, p * ws.sum()))
-        keep &= x >= x[order[min(n, x.numel() - 1)]]
-    cdf = torch.where(keep, w, 0).cumsum(0)
-    return int(torch.searchsorted(cdf, u * cdf[-1], right=True)), keep, cdf
-
-
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("V", [1000, 50257, 128256])
-def test_sample(dtype, V):
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_map_scale_equals_torch_scalar_multiply(dtype):
     dt = DT[dtype]
-    spec = SamplingSpec(V, dtype=dtype, origin="test")
-    rows = [(0.0, 0, 1.0), (1.0, 1, 1.0), (0.7, 50, 1.0), (1.0, 0, 0.9), (1.3, 40, 0.8), (1.0, 0, 1.0),
-            (0.5, 5, 0.5), (1.0, V, 1.0), (2.0, 0, 0.05)]
-    B = len(rows)
-    for trial in range(3):
-        logits = (torch.randn(B, V + 3, device=DEV) * 3).to(dt)[:, :V]  # a row-strided view
-        temp = torch.tensor([r[0] for r in rows], device=DEV)
-        top_k = torch.tensor([r[1] for r in rows], dtype=torch.int32, device=DEV)
-        top_p = torch.tensor([r[2] for r in rows], device=DEV)
-        u = torch.rand(B, device=DEV)
-        out = torch.full((B,), -7, dtype=torch.int64, device=DEV)
-        K.sample(spec, logits, temp, top_k, top_p, u, out)
-        for b, (t, k, p) in enumerate(rows):
-            got = int(out[b])
-            want, keep, cdf = sample_ref(logits[b].cpu(), t, k, p, float(u[b]))
-            if got == want:
-                continue
-            # Only a draw at a rounding boundary of the float32 CDF may differ.
-            assert keep is not None and keep[got], f"row {b}: token {got} is outside the kept set"
-            target = float(u[b]) * float(cdf[-1])
-            before, after = (float(cdf[got - 1]) if got else 0.0), float(cdf[got])
-            edge = min(abs(before - target), abs(after - target))
-            assert edge <= 1e-4 * float(cdf[-1]), f"row {b}: drew {got}, expected {want}"
+    spec = MapSpec("map_scale.cu.j2", (("factor", 0.0883883),), dtype=dtype, origin="test")
+    x = (torch.randn(5, 1001, device=DEV) * 7).to(dt)
+    out = nan_like((5, 1001), dt)
+    K.map_elementwise(spec, x, out)
+    assert torch.equal(out, x * float(torch.tensor(0.0883883, dtype=torch.float32)))  # one float32 multiply
 
 
 # ---- a decode step in a CUDA graph ---------------------------------------------------------
@@ -385,7 +335,6 @@ def test_decode_step_captures_in_cuda_graph():
     H, KV, D, P, B = 32, 8, 128, 16, 4
     rope_spec = RopeCacheSpec(H, KV, D, D, P, theta=500000.0, origin="test")
     attn = DecodeAttnSpec(H, KV, D, P, D ** -0.5, origin="test")
-    samp = SamplingSpec(1000, origin="test")
     max_ctx = 256
     tables, pages = paged_layout([max_ctx] * B, P)
     kc = torch.randn(pages, KV, P, D, device=DEV).bfloat16()
@@ -398,15 +347,13 @@ def test_decode_step_captures_in_cuda_graph():
     w_out = torch.randn(H * D, 1000, device=DEV).bfloat16()
     out = torch.empty(B, H * D, device=DEV, dtype=torch.bfloat16)
     scratch = K.decode_scratch(attn, B, max_ctx, DEV)
-    temp, top_k = torch.ones(B, device=DEV), torch.full((B,), 20, dtype=torch.int32, device=DEV)
-    top_p, u = torch.full((B,), 0.9, device=DEV), torch.empty(B, device=DEV)
     tok = torch.empty(B, dtype=torch.int64, device=DEV)
 
     def step():
         q, k, v = qkv[:, : H * D], qkv[:, H * D : (H + KV) * D], qkv[:, (H + KV) * D :]
         K.rope_write_kv(rope_spec, q, k, v, pos, slots, kc, vc)
         K.paged_decode_attention(attn, q, kc, vc, tables, lens, out, scratch, max_context=max_ctx)
-        K.sample(samp, (out @ w_out).float(), temp, top_k, top_p, u, tok)
+        torch.argmax((out @ w_out).float(), dim=-1, out=tok)
 
     def refill(seed):
         g = torch.Generator(device=DEV).manual_seed(seed)
@@ -414,7 +361,6 @@ def test_decode_step_captures_in_cuda_graph():
         pos.copy_(torch.randint(10, max_ctx - 1, (B,), device=DEV, generator=g))
         lens.copy_((pos + 1).int())
         slots.copy_(K.slot_mapping(tables, torch.arange(B, device=DEV), pos, P))
-        u.copy_(torch.rand(B, device=DEV, generator=g))
 
     refill(0)
     s = torch.cuda.Stream()

@@ -1,7 +1,7 @@
-"""Rotary frequencies for every scaling kind, matching Hugging Face's rope init functions.
-
-Python computes the frequencies once; the reference executor uses them directly and
-the CUDA codegen bakes them (or their formula constants) into kernels.
+"""Rotary frequencies for every scaling kind, matching Hugging Face's rope init functions,
+and the rotation itself: the meaning of the `rope` op, which every backend uses (the reference
+runs it, the CUDA codegen bakes the frequencies or their formula constants into kernels, the
+TensorRT network tabulates cos/sin from them).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from kiln.dsl.bind import RopeScaling
+from .bind import RopeScaling
 
 
 def inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None,

@@ -1,0 +1,133 @@
+"""`attention`: multi-, grouped- and multi-query attention over the sequence so far. It appends
+the step's K and V to its site of the paged KV cache ([pages, kv_heads, page_size, head_dim])."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Attr, KernelCall, Kernel, OpDef, T, TrtLowering, TType, act, heads, need
+
+
+def _shape(ins, attrs):
+    q, k, v = (act(t) for t in ins)
+    hd = attrs.head_dim
+    hq, hk = heads(q.shape[1], hd, "q"), heads(k.shape[1], hd, "k")
+    need(hq % hk == 0, f"{hq} query heads cannot be grouped over {hk} kv heads")
+    need(v.shape[1] % hk == 0, f"v has {v.shape[1]} features, not a multiple of {hk} kv heads")
+    w = attrs.window
+    need(w is None or (isinstance(w, int) and w > 0), f"window must be a positive int or none, got {w!r}")
+    return (TType((T, hq * (v.shape[1] // hk))),)
+
+
+def scale_of(attrs) -> float:
+    return attrs.scale if attrs.scale is not None else attrs.head_dim ** -0.5
+
+
+def _reference(ctx, ins, a):
+    """Each sequence's keys gathered from its pages, an explicit mask: obvious, not fast."""
+    q, k, v = a
+    at = ins.attrs
+    hd = at.head_dim
+    kv = ctx.kv
+    kc, vc = kv.k[ins.site], kv.v[ins.site]  # [P, Hk, S, D]
+    hk = kc.shape[1]
+    hq = q.shape[1] // hd
+    scale = scale_of(at)
+    out = torch.empty(q.shape[0], hq * vc.shape[-1], dtype=q.dtype, device=q.device)
+    for s in ctx.batch.seqs:
+        pages, offs = kv.slots(s.block_table, s.context, s.context + s.length)
+        kc[pages, :, offs] = k[s.start:s.end].view(s.length, hk, -1)
+        vc[pages, :, offs] = v[s.start:s.end].view(s.length, hk, -1)
+        pages, offs = kv.slots(s.block_table, 0, s.context + s.length)
+        keys = kc[pages, :, offs].transpose(0, 1)  # [Hk, N, D]
+        vals = vc[pages, :, offs].transpose(0, 1)  # [Hk, N, Dv]
+        qs = q[s.start:s.end].view(s.length, hk, hq // hk, hd).permute(1, 2, 0, 3)  # [Hk, G, L, D]
+        scores = torch.einsum("hgld,hnd->hgln", qs.float(), keys.float()) * scale
+        if at.softcap is not None:
+            scores = torch.tanh(scores / at.softcap) * at.softcap
+        qpos = torch.arange(s.context, s.context + s.length, device=q.device)[:, None]
+        kpos = torch.arange(0, s.context + s.length, device=q.device)[None, :]
+        allowed = kpos <= qpos if at.causal else torch.ones_like(kpos <= qpos)
+        if at.window is not None:
+            allowed = allowed & (kpos > qpos - at.window)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.einsum("hgln,hnd->lhgd", probs, vals.float())  # [L, Hk, G, Dv]
+        out[s.start:s.end] = o.reshape(s.length, -1).to(q.dtype)
+    return out
+
+
+def _cuda(ins, plan, dt):
+    site = plan.sites[ins.site]
+    at = ins.attrs
+    return KernelCall(Kernel.ATTENTION, dict(heads=site.heads, kv_heads=site.kv_heads, head_dim=at.head_dim,
+                                             scale=scale_of(at), window=at.window or 0, softcap=at.softcap or 0.0,
+                                             causal=at.causal))
+
+
+# ---- TensorRT: write the step's rows into the cache in place, gather each sequence's keys from
+# its pages, attend through IAttention with a mask (same sequence, causal, window); softcapped
+# attention as a float32 matmul/softmax chain (IAttention has no softcap).
+
+def _trt(nn, q, k, v, *, site: int, heads: int, kv_heads: int, head_dim: int, v_head_dim: int, scale: float,
+         causal: bool, window: int | None, softcap: float | None):
+    kc = nn.cache_update(nn.inputs[f"k_cache.{site}"], k, kv_heads, head_dim)
+    vc = nn.cache_update(nn.inputs[f"v_cache.{site}"], v, kv_heads, v_head_dim)
+    for name, t in ((f"k_cache_out.{site}", kc), (f"v_cache_out.{site}", vc)):
+        t.name = name
+        nn.net.mark_output(t)
+    keys, vals = nn.gather_keys(kc, kv_heads, head_dim), nn.gather_keys(vc, kv_heads, v_head_dim)
+    mask = nn.attention_mask(causal, window)
+    qh = nn.to_heads(q, heads, head_dim)  # [1, Hq, T, D]
+    if softcap is None and hasattr(nn.net, "add_attention_v2"):
+        qs = nn.run_dtype(nn.ew(nn.f32(qh), nn.scalar(scale, rank=4), "PROD"))  # IAttention wants q pre-scaled
+        layer = nn.net.add_attention_v2(qs, keys, vals, nn.trt.AttentionNormalizationOp.SOFTMAX,
+                                        nn.trt.CausalMaskKind.NONE)
+        layer.mask = mask
+        layer.decomposable = True
+        out = layer.get_output(0)  # [1, Hq, T, Dv]
+    else:
+        out = _trt_decomposed(nn, qh, keys, vals, mask, heads, kv_heads, head_dim, v_head_dim, scale, softcap)
+    return nn.from_heads(out, heads, v_head_dim)
+
+
+def _trt_decomposed(nn, qh, keys, vals, mask, heads, kv_heads, head_dim, v_head_dim, scale, softcap):
+    """matmul -> scale -> softcap -> mask -> softmax -> matmul in float32."""
+    group = heads // kv_heads
+    q = nn.f32(nn.shuffle(qh, reshape=(kv_heads, group, -1, head_dim)))  # [Hk, G, T, D]
+    k = nn.f32(nn.shuffle(keys, reshape=(kv_heads, 1, -1, head_dim)))  # [Hk, 1, N, D]
+    v = nn.f32(nn.shuffle(vals, reshape=(kv_heads, 1, -1, v_head_dim)))
+    mm = nn.trt.MatrixOperation
+    s = nn.net.add_matrix_multiply(q, mm.NONE, k, mm.TRANSPOSE).get_output(0)  # [Hk, G, T, N]
+    s = nn.ew(s, nn.scalar(scale, rank=4), "PROD")
+    if softcap is not None:
+        s = nn.ew(nn.activation(nn.ew(s, nn.scalar(1.0 / softcap, rank=4), "PROD"), "TANH"),
+                  nn.scalar(softcap, rank=4), "PROD")
+    s = nn.net.add_select(mask, s, nn.scalar(-math.inf, rank=4)).get_output(0)
+    sm = nn.net.add_softmax(s)
+    sm.axes = 1 << 3
+    o = nn.net.add_matrix_multiply(sm.get_output(0), mm.NONE, v, mm.NONE).get_output(0)  # [Hk, G, T, Dv]
+    return nn.run_dtype(nn.shuffle(o, reshape=(1, heads, -1, v_head_dim)))
+
+
+def _trt_kwargs(ins, lw):
+    site = lw.plan.sites[ins.site]
+    at = ins.attrs
+    kw = dict(site=site.index, heads=site.heads, kv_heads=site.kv_heads, head_dim=site.head_dim,
+              v_head_dim=site.v_head_dim, scale=scale_of(at), causal=at.causal, window=at.window, softcap=at.softcap)
+    return [(n, repr(v)) for n, v in kw.items()]
+
+
+ATTENTION = OpDef(
+    "attention", ("q", "k", "v"), {
+        "head_dim": Attr("int"), "scale": Attr("float?", None), "causal": Attr("bool", True),
+        "window": Attr("int?", None), "softcap": Attr("float?", None),
+    }, _shape, "multi-head attention over the sequence so far (reads and appends the KV cache)",
+    reference=_reference,
+    cuda=_cuda,
+    trt=TrtLowering(_trt, _trt_kwargs),
+)
+
+DEFS = (ATTENTION,)

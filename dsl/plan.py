@@ -1,0 +1,237 @@
+"""The backend IR: what the checker hands every backend, and what passes rewrite.
+
+The AST's IR (dsl/ir.py) keeps a spec as written: blocks, symbolic shapes, expressions. A
+`Plan` is one config's model, unrolled and typed: a `Program` of `Instr`s over SSA `Value`s
+and `WeightArg`s, every shape an int, every attribute a frozen record with real fields
+(dsl/ops), and one `WeightSlot` per weight tensor carrying how it is stored (`QuantDesc`)
+and how it is split across ranks (`ShardDesc`). Passes fill those descriptors; `verify()`
+checks the invariants between passes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Union
+
+from . import ir
+from .ops import OPS, OpKind, TType
+from .sources import Alias, Source
+
+# ---------------------------------------------------------------- operands
+
+
+@dataclass(frozen=True)
+class Value:
+    """An SSA value of one step: "layer.3/h" (frame path / name), or a graph input ("tokens")."""
+
+    id: str
+
+    def __str__(self) -> str:
+        return self.id
+
+
+@dataclass(frozen=True)
+class WeightArg:
+    """An operand that is a weight: the full name of its slot ("layer.3.wq")."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"@{self.name}"
+
+
+Arg = Union[Value, WeightArg, None]  # None: an optional operand left out (`bias` of a bias-free linear)
+
+# ---------------------------------------------------------------- weight descriptors
+
+
+@dataclass(frozen=True)
+class QuantDesc:
+    """How a weight is stored. The default is the run dtype, unquantized; a quantization pass
+    sets a storage dtype with its scales' layout (`per_tensor`, `per_channel`, `per_group`
+    with `group_size`) and whether zero points are kept."""
+
+    dtype: str = "run"  # "run" (the run dtype) or a storage dtype: "fp8", "int8", "int4", ...
+    scale_layout: str = "none"  # none | per_tensor | per_channel | per_group
+    group_size: int | None = None
+    zero_points: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype != "run"
+
+
+@dataclass(frozen=True)
+class ShardDesc:
+    """How a weight is split across tensor-parallel ranks: `replicated`, or `split` along `axis`
+    (0: output rows, column-parallel; 1: input columns, row-parallel), or `expert` (whole
+    copies of an experts block per rank)."""
+
+    kind: str = "replicated"  # replicated | split | expert
+    axis: int | None = None
+
+
+UNQUANTIZED = QuantDesc()
+REPLICATED = ShardDesc()
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    name: str  # full name: "embed", "layer.3.wq", "layer.3.expert.5.w1"
+    decl: ir.Weight
+    shape: tuple[int, ...]
+    source: Source | None  # None: the weight is absent (an optional operand)
+    scope: str  # frame path of the block that declared it ("" for globals)
+    quant: QuantDesc = UNQUANTIZED
+    shard: ShardDesc = REPLICATED
+
+
+# ---------------------------------------------------------------- program
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention op after unrolling: it owns one slice of the paged KV cache."""
+
+    index: int
+    path: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
+class Instr:
+    kind: OpKind
+    inputs: tuple[Arg, ...]
+    attrs: Any  # the op's frozen attribute record (OPS[kind].attrs_type): `ins.attrs.eps`
+    outputs: tuple[Value, ...]
+    op: ir.Op  # where it came from (position and source text, for messages and comments)
+    site: int | None = None  # attention: its KV cache site
+    experts: tuple["Program", ...] = ()  # moe: one program per expert
+
+    @property
+    def out(self) -> Value:
+        return self.outputs[0]
+
+
+@dataclass(frozen=True)
+class Program:
+    inputs: tuple[Value, ...]
+    instrs: tuple[Instr, ...]
+    output: Value
+
+    def walk(self) -> Iterator[Instr]:
+        """Every instruction, experts' programs included, in order."""
+        for ins in self.instrs:
+            yield ins
+            for p in ins.experts:
+                yield from p.walk()
+
+
+class PlanError(Exception):
+    """A plan breaks an invariant: a bug in the checker or a pass, never a user's mistake."""
+
+
+@dataclass
+class Plan:
+    spec: ir.Spec
+    params: dict[str, Any]
+    program: Program
+    weights: dict[str, WeightSlot]
+    sites: list[AttentionSite]
+    types: dict[Value, TType]
+    op_counts: Counter = field(default_factory=Counter)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.types[self.program.output].shape[1]
+
+    def alias_target(self, name: str) -> str:
+        """The weight a tie (`lm_head <- embed`) finally names; a weight that is no tie names itself."""
+        return tie_chain(self.weights, self.weights[name])[-1].name
+
+    def num_parameters(self) -> int:
+        n = 0
+        for w in self.weights.values():
+            if w.source is not None and not isinstance(w.source, Alias):
+                size = 1
+                for d in w.shape:
+                    size *= d
+                n += size
+        return n
+
+    def verify(self) -> "Plan":
+        """Check the invariants every backend relies on; returns the plan. Run after the checker
+        and after every pass. A failure is a bug in Kiln (PlanError), not in the spec."""
+        seen_sites: list[int] = []
+
+        def program(prog: Program, defined: set[Value]) -> None:
+            defined = set(defined) | set(prog.inputs)
+            for v in prog.inputs:
+                if v not in self.types:
+                    raise PlanError(f"program input {v} has no type")
+            for ins in prog.instrs:
+                sig = OPS[ins.kind]
+                if not isinstance(ins.attrs, sig.attrs_type):
+                    raise PlanError(f"{ins.kind.value} at {ins.op.pos}: attrs are {type(ins.attrs).__name__}")
+                if len(ins.inputs) != len(sig.inputs):
+                    raise PlanError(f"{ins.kind.value} at {ins.op.pos}: {len(ins.inputs)} operands")
+                for a, name in zip(ins.inputs, sig.inputs):
+                    if a is None and not name.endswith("?"):
+                        raise PlanError(f"{ins.kind.value} at {ins.op.pos}: operand {name} is missing")
+                    if isinstance(a, Value) and a not in defined:
+                        raise PlanError(f"{ins.kind.value} at {ins.op.pos}: {a} is read before it is defined")
+                    if isinstance(a, WeightArg):
+                        slot = self.weights.get(a.name)
+                        if slot is None or slot.source is None:
+                            raise PlanError(f"{ins.kind.value} at {ins.op.pos}: weight {a.name} has no tensor")
+                for o in ins.outputs:
+                    if o in defined:
+                        raise PlanError(f"{ins.kind.value} at {ins.op.pos}: {o} is defined twice")
+                    if o not in self.types:
+                        raise PlanError(f"{ins.kind.value} at {ins.op.pos}: {o} has no type")
+                    defined.add(o)
+                if (ins.kind is OpKind.ATTENTION) != (ins.site is not None):
+                    raise PlanError(f"{ins.kind.value} at {ins.op.pos}: KV site {ins.site}")
+                if ins.site is not None:
+                    seen_sites.append(ins.site)
+                if (ins.kind is OpKind.MOE) != bool(ins.experts):
+                    raise PlanError(f"{ins.kind.value} at {ins.op.pos}: {len(ins.experts)} expert programs")
+                for p in ins.experts:
+                    program(p, defined)
+            if prog.output not in defined:
+                raise PlanError(f"program output {prog.output} is never defined")
+
+        program(self.program, set())
+        if seen_sites != list(range(len(self.sites))) or any(s.index != i for i, s in enumerate(self.sites)):
+            raise PlanError(f"attention sites {seen_sites} do not number 0..{len(self.sites) - 1} in order")
+        for name, slot in self.weights.items():
+            if slot.name != name:
+                raise PlanError(f"weight slot {name} is named {slot.name}")
+            if slot.source is not None and slot.quant.quantized and slot.quant.scale_layout == "none":
+                raise PlanError(f"weight {name} is stored as {slot.quant.dtype} with no scales")
+        return self
+
+
+def tie_chain(weights: dict[str, WeightSlot], slot: WeightSlot) -> list[WeightSlot]:
+    """The slot, then each slot its tie (`lm_head <- embed`) names, to the one holding a tensor.
+    A tie inside a block copy names the copy's own weight first, else a global one. (The one
+    alias resolver: the checker walks it to type a tie, backends to find a tie's tensor.)"""
+    chain = [slot]
+    while isinstance(slot.source, Alias):
+        scoped = f"{slot.scope}.{slot.source.weight}" if slot.scope else slot.source.weight
+        slot = weights.get(scoped) or weights[slot.source.weight]
+        chain.append(slot)
+    return chain
+
+
+def fetch(arg: Arg, env: dict[Value, Any], weights: dict[str, Any]) -> Any:
+    """An operand's tensor: a value from `env`, a weight from `weights`, None if left out."""
+    if arg is None:
+        return None
+    if isinstance(arg, WeightArg):
+        return weights[arg.name]
+    return env[arg]
