@@ -171,3 +171,38 @@ SPLIT = OpDef(
 )
 
 DEFS = (*(_activation(n) for n in ACTIVATIONS), ACT, SOFTCAP, SCALE, ADD, SUB, MUL, SPLIT)
+
+# ---- clamp: OLMo's and MPT's clip_qkv
+
+
+def _clamp_bounds(attrs) -> None:
+    if attrs.min is None and attrs.max is None:
+        raise ShapeError("clamp needs min, max, or both")
+    if attrs.min is not None and attrs.max is not None and attrs.min > attrs.max:
+        raise ShapeError(f"min {attrs.min} is above max {attrs.max}")
+
+
+def _clamp_cuda(ins, plan, dt):
+    bounds = (("lo", ins.attrs.min), ("hi", ins.attrs.max))
+    return KernelCall(Kernel.MAP, dict(body="map_clamp.cu.j2", consts=tuple((n, v) for n, v in bounds if v is not None)))
+
+
+def _clamp_trt(nn, x, min=None, max=None):
+    y = nn.f32(x)
+    if min is not None:
+        y = nn.ew(y, nn.scalar(min), "MAX")
+    if max is not None:
+        y = nn.ew(y, nn.scalar(max), "MIN")
+    return nn.run_dtype(y)
+
+
+CLAMP = OpDef(
+    "clamp", ("x",), {"min": Attr("float?", None), "max": Attr("float?", None)}, same,
+    "x limited to [min, max] elementwise (either bound may be none); NaN stays NaN",
+    reference=lambda ctx, ins, a: torch.clamp(a[0], ins.attrs.min, ins.attrs.max),
+    cuda=_clamp_cuda,
+    trt=TrtLowering(_clamp_trt, attr_kwargs("min", "max")),
+    check_attrs=_clamp_bounds,
+)
+
+DEFS = (*DEFS, CLAMP)
