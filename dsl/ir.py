@@ -116,8 +116,8 @@ class Param:
 class Weight:
     """A named weight. `source` is an Expr over checkpoint tensor names (strings),
     other weights (names), `.T`, slices, `concat(...)` and conditions; `none` makes
-    an optional weight absent. `quant` and `shard` are filled by later passes
-    (quantization recipe, tensor-parallel plan) without changing this layout."""
+    an optional weight absent. How a weight is stored and split across ranks is not the spec's
+    business: passes set that on the plan's WeightSlot (dsl/plan.py: QuantDesc, ShardDesc)."""
 
     name: str
     shape: tuple[Expr, ...]
@@ -125,8 +125,6 @@ class Weight:
     source: Expr
     prefix: str  # pattern prefix of its `weights "..." {}` section
     pos: Pos
-    quant: str | None = None
-    shard: str | None = None  # "col" | "row" | None, set by the sharding pass
 
 
 WEIGHT_DTYPES = ("float", "int8", "int32", "fp8", "uint8")

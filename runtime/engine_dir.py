@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.dsl import Plan, check, load_spec
+from kiln.dsl import Plan, load_spec, passes
 
 FORMAT = 1
 # Copied from a checkpoint folder into an engine directory (each when present): what
@@ -84,7 +84,7 @@ def read_engine(engine_dir: str | Path, device: str = "cuda") -> EngineParts:
     d = Path(engine_dir)
     m = read_manifest(d)
     config = json.loads((d / "config.json").read_text())
-    plan = check(load_spec(d / m["spec"]["main"]), config, str(d / "config.json"))
+    plan = passes.build(load_spec(d / m["spec"]["main"]), config, str(d / "config.json"))
     if m["backend"] == "tensorrt":
         return EngineParts(plan, m, None)
     weights = {n: t.to(device) for n, t in load_file(str(d / "weights.safetensors")).items()}

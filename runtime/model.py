@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kiln.dsl import Plan, check, load_spec
+from kiln.dsl import Plan, load_spec, passes
 from kiln.dsl.dtypes import dtype as dtype_of
 from kiln.dsl.errors import SpecError
 from kiln.dsl.loader import MODELS_DIR, spec_files
@@ -55,7 +55,7 @@ def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: st
         return load_engine(checkpoint, device)
     ckpt = open_checkpoint(checkpoint)
     spec_path = spec if spec is not None else spec_for_config(ckpt.config, str(ckpt.path))
-    plan = check(load_spec(spec_path), ckpt.config, _config_name(ckpt))
+    plan = passes.build(load_spec(spec_path), ckpt.config, _config_name(ckpt))
     torch_dtype = dtype_of(dtype).torch
     weights = load_weights(plan, ckpt, torch_dtype, device)
     return LoadedModel(plan, make_backend(plan, weights, backend, device), ckpt, torch_dtype, torch.device(device))
@@ -78,6 +78,9 @@ def load_engine(engine_dir: str | Path, device: str = "cuda") -> LoadedModel:
 
 
 def make_backend(plan: Plan, weights: dict[str, torch.Tensor], backend: str, device: str):
+    refused = passes.unsupported_weights(plan, backend)
+    if refused:
+        raise SpecError(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""), None)
     if backend == "reference":
         return ReferenceModel(plan, weights)
     if backend == "cuda":
@@ -93,7 +96,7 @@ def random_model(spec: str | Path, config: dict[str, Any] | None = None, dtype: 
                  device: str = "cpu", seed: int = 0, backend: str = "reference") -> LoadedModel:
     """A model with random weights made directly on the device (no checkpoint, no download):
     for benchmarks and runtime tests. Norm weights are near 1, others N(0, 0.02)."""
-    plan = check(load_spec(spec), config)
+    plan = passes.build(load_spec(spec), config)
     torch_dtype = dtype_of(dtype).torch
     gen = torch.Generator(device=device).manual_seed(seed)
     weights: dict[str, torch.Tensor] = {}
