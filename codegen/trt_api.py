@@ -79,7 +79,3 @@ def load_tensorrt(prefer: str | None = None) -> TensorRT:
 def arch_number(arch: str) -> int:
     """'sm86' -> 86."""
     return int(arch[2:])
-
-
-def logger(trt: TensorRT):
-    return trt.module.Logger(trt.module.Logger.WARNING)

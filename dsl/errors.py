@@ -22,7 +22,6 @@ class Pos:
         return f"{self.file}:{self.line}:{self.col}"
 
 
-NOWHERE = Pos("<builtin>", 0, 0)
 
 
 class SpecError(Exception):

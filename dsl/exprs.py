@@ -29,43 +29,6 @@ _FUNCS: dict[str, tuple[int, Callable[..., Any]]] = {
 CONST_FUNCS = frozenset(_FUNCS)
 
 
-def names_in(e: ir.Expr) -> set[str]:
-    """Every Name an expression mentions (weight sources and attributes use this)."""
-    out: set[str] = set()
-
-    def walk(x):
-        if isinstance(x, ir.Name):
-            out.add(x.id)
-        elif isinstance(x, ir.BinOp):
-            walk(x.left), walk(x.right)
-        elif isinstance(x, ir.UnOp):
-            walk(x.operand)
-        elif isinstance(x, ir.Cond):
-            walk(x.test), walk(x.then), walk(x.other)
-        elif isinstance(x, ir.Call):
-            for a in x.args:
-                walk(a)
-            for _, a, _ in x.kwargs:
-                walk(a)
-        elif isinstance(x, ir.ListExpr):
-            for a in x.items:
-                walk(a)
-        elif isinstance(x, ir.Index):
-            walk(x.base)
-            for s in x.subs:
-                walk(s)
-        elif isinstance(x, ir.Slice):
-            if x.start is not None:
-                walk(x.start)
-            if x.stop is not None:
-                walk(x.stop)
-        elif isinstance(x, ir.Attr):
-            walk(x.base)
-
-    walk(e)
-    return out
-
-
 def evaluate(e: ir.Expr, env: Mapping[str, Any]) -> Any:
     """Evaluate a constant expression; `env` maps parameter and index names to values."""
     if isinstance(e, ir.Const):

@@ -26,14 +26,6 @@ BY_NAME: dict[str, OpDef] = {d.name: d for d in _DEFS}  # for the parser, which 
 INFIX = {"+": "add", "-": "sub", "*": "mul"}  # what `a + b` etc. become in the AST
 
 
-def op_kind(name: str) -> OpKind | None:
-    """The kind named `name` in a spec, or None."""
-    try:
-        return OpKind(name)
-    except ValueError:
-        return None
-
-
 def trt_unsupported(ins) -> str | None:
     """Why TensorRT cannot express this instruction (its op definition says), or None."""
     low = OPS[ins.kind].trt
