@@ -24,7 +24,8 @@ from .batch import StepBatch, host_meta
 from .kv_store import KVStore
 from .reference import StepContext
 
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+# Decode batch sizes a CUDA graph is captured for (a batch runs in the smallest that holds it).
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class CudaModel:
             return canonical.setdefault(spec.key(), spec)
 
         self._gemm: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._scratch: dict = {}
+        self._scratch: dict = {}  # decode split-K partials per attention spec, for max_batch sequences
         for n, op in enumerate(self.ops):
             if op.kind is Exec.GEMM:
                 ws = [weights[w.name] for w in op.extra["weights"]]
@@ -74,9 +75,6 @@ class CudaModel:
                 self._gemm[n] = (w.contiguous(), b)
             elif op.kind is Exec.ATTENTION:
                 op.spec = tuple(canon(s) for s in op.spec)
-                dspec = op.spec[1]
-                if dspec.key() not in self._scratch:
-                    self._scratch[dspec.key()] = K.decode_scratch(dspec, max_batch, max_context, self.device)
             elif op.spec is not None:
                 op.spec = canon(op.spec)
         # Every op but attention treats rows (tokens) independently, so after the last attention
@@ -94,6 +92,23 @@ class CudaModel:
         # A moe's reference picks each expert's tokens on the host (data-dependent): no graphs.
         self.use_graphs = use_graphs and not any(op.kind is Exec.TORCH and op.instrs[0].experts for op in self.ops)
         self._graphs: dict[int, _Graph] = {}
+        self.reserve(max_batch, max_context)
+
+    def reserve(self, max_seqs: int, max_context: int) -> None:
+        """Size the decode scratch for `max_seqs` sequences; graphs are captured up to that batch and
+        that context. Growing drops the graphs captured so far: they hold the old buffers' addresses."""
+        if max_seqs < 1 or max_context < 1:
+            raise ValueError(f"max_seqs and max_context must be positive, got {max_seqs}, {max_context}")
+        grow = not self._scratch or max_seqs > self.max_batch or max_context > self.max_context
+        self.max_batch, self.max_context = max(self.max_batch, max_seqs), max(self.max_context, max_context)
+        if not grow:
+            return
+        self._graphs.clear()
+        self._scratch = {}
+        for op in self.ops:
+            if op.kind is Exec.ATTENTION and op.spec[1].key() not in self._scratch:
+                self._scratch[op.spec[1].key()] = K.decode_scratch(op.spec[1], self.max_batch, self.max_context,
+                                                                    self.device)
 
     # -- metadata ---------------------------------------------------------------------------
     def _meta(self, batch: StepBatch) -> _Meta:
@@ -105,9 +120,10 @@ class CudaModel:
         def up(a):
             return torch.from_numpy(a).pin_memory().to(dev, non_blocking=True)
 
+        # The attention kernels' bound on context: the capacity, or this step's longest if longer.
         return _Meta(up(h.positions), up(h.slots), up(h.block_tables), up(h.kv_lens), up(h.cu_seqlens),
                      up(h.kv_lens.max(keepdims=True)), bool((h.lengths == 1).all()), int(h.lengths.max()),
-                     self.max_context,
+                     max(self.max_context, int(h.kv_lens.max())),
                      [(s.start, s.length) for s in seqs] if all(s.context == 0 and s.length > 1 for s in seqs)
                      else None)
 
@@ -116,6 +132,8 @@ class CudaModel:
         if kv.page_size != self.page_size:
             raise ValueError(f"KV cache page size {kv.page_size} != the kernels' {self.page_size}")
         batch.validate(kv.page_size)
+        if len(batch.seqs) > self.max_batch:  # a caller that did not reserve: size up (drops graphs)
+            self.reserve(len(batch.seqs), self.max_context)
         decode = all(s.length == 1 for s in batch.seqs)
         longest = max(s.context + s.length for s in batch.seqs)
         if self.use_graphs and decode and not all_logits and longest <= self.max_context:

@@ -18,6 +18,7 @@ from kiln.dsl.dtypes import dtype as dtype_of
 from kiln.dsl.errors import SpecError
 from kiln.dsl.loader import MODELS_DIR, spec_files
 
+from .backend import Backend
 from .batch import SeqSlice, StepBatch
 from .checkpoint import Checkpoint, open_checkpoint
 from .engine_dir import is_engine_dir, read_engine
@@ -43,7 +44,7 @@ def spec_for_config(config: dict[str, Any], config_file: str = "config.json") ->
 @dataclass
 class LoadedModel:
     plan: Plan
-    model: ReferenceModel
+    model: Backend
     checkpoint: Checkpoint | None
     dtype: torch.dtype
     device: torch.device

@@ -22,6 +22,9 @@ class ReferenceModel:
         self.plan = plan
         self.weights = weights  # full weight name -> tensor in the run dtype, on the run device
 
+    def reserve(self, max_seqs: int, max_context: int) -> None:
+        """Nothing to size: every step allocates what it needs."""
+
     def forward(self, batch: StepBatch, kv: KVStore, all_logits: bool = False) -> torch.Tensor:
         """Logits [rows, vocab] of the sampled tokens (all tokens with all_logits)."""
         device = kv.k[0].device if kv.k else batch.tokens.device

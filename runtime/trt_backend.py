@@ -105,6 +105,13 @@ class TrtModel:
         self.context = self.engine.create_execution_context()
         self.names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
 
+    def reserve(self, max_seqs: int, max_context: int) -> None:
+        m = self.manifest
+        if max_seqs > m["max_batch"] or max_context > m["max_seq_len"]:
+            raise TrtRuntimeError(f"the engine was built for {m['max_batch']} sequences of {m['max_seq_len']} "
+                                  f"tokens; asked for {max_seqs} of {max_context} (rebuild with larger "
+                                  f"--max-batch / --max-seq-len)")
+
     def forward(self, batch: StepBatch, kv: KVStore, all_logits: bool = False) -> torch.Tensor:
         m = self.manifest
         if kv.page_size != m["page_size"]:

@@ -4,8 +4,6 @@ then decode steps through the captured CUDA graphs), and the engine's greedy out
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,15 +13,13 @@ from kiln.runtime.engine import EngineConfig, LLMEngine
 from kiln.runtime.kv_store import KVStore
 from kiln.runtime.model import LoadedModel, make_backend, random_model
 from kiln.runtime.sampling_params import SamplingParams
+from tests.configs import FAMILY_CONFIGS as FAMILIES
 
 LLAMA = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=512, max_position_embeddings=512,
              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                            "original_max_position_embeddings": 64})
 GPT2 = dict(vocab_size=1000, n_embd=256, n_layer=2, n_head=4, n_positions=512)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the families' small configs
-from test_architectures import CASES as FAMILIES  # noqa: E402
 
 
 def pair(spec, config, dtype):
@@ -39,13 +35,15 @@ def rel(a, b):
 
 def divergence(ref, cuda, batch: StepBatch, tol: float) -> str:
     """The first values where the cuda backend departs from the reference, for the message."""
-    from kiln.runtime.reference import _Step
+    from kiln.dsl.plan import Value
+    from kiln.runtime.reference import StepContext
 
     kv = [KVStore(ref.plan.sites, 64, 16, ref.dtype, "cuda") for _ in range(2)]
     b = StepBatch(batch.tokens.cuda(), batch.seqs)
-    ctx = _Step(b, kv[0])
-    env = {"tokens": b.tokens, "positions": ctx.positions}
-    ref.model._run(ref.plan.program, env, ctx)
+    ctx = StepContext(b, kv[0], ref.model.weights)
+    env = {Value("tokens"): b.tokens, Value("positions"): ctx.positions}
+    ctx.run(ref.plan.program, env)
+    env = {v.id: t for v, t in env.items()}
     trace: dict = {}
     cuda.model._run(b.tokens, cuda.model._meta(b), kv[1], b, trace)
     bad = [f"{name}: rel {rel(v, env[name]):.3g}" for name, v in trace.items()
@@ -115,3 +113,30 @@ def test_engine_greedy_equals_reference_fp32():
         return [done[i] for i in ids]
 
     assert run(cuda) == run(ref)
+
+
+@pytest.mark.parametrize("seqs", [512, 1024])
+def test_engine_runs_any_batch_width(seqs):
+    """max_num_seqs 512 and 1024: all sequences decode in one batch (one CUDA graph that wide),
+    and each gets the tokens the reference gives it alone."""
+    ref, cuda = pair("llama", LLAMA, "fp32")
+    rng = random.Random(seqs)
+    prompts = [[rng.randrange(1000) for _ in range(rng.randint(1, 12))] for _ in range(seqs)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    def run(model, batch):
+        engine = LLMEngine(model, None, EngineConfig(page_size=16, num_pages=2 * len(batch) + 8,
+                                                     max_num_seqs=len(batch), max_tokens_per_step=16 * len(batch),
+                                                     max_model_len=64))
+        ids = [engine.add_request(p, params) for p in batch]
+        done = {}
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.finished:
+                    done[o.request_id] = o.outputs[0].token_ids
+        return [done[i] for i in ids]
+
+    together = run(cuda, prompts)
+    assert max(cuda.model._graphs) >= seqs  # the decode steps ran as one batch, in a captured graph
+    for i in rng.sample(range(seqs), 6):
+        assert run(ref, [prompts[i]]) == [together[i]], i
