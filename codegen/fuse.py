@@ -100,7 +100,13 @@ def _sibling_gemms(p: _Program) -> None:
     for group in groups.values():
         fused = "gemm__" + "__".join(g.out.id.replace("/", "_") for g in group) if len(group) > 1 else None
         widths = [p.width(g.out) for g in group]
-        starts = [sum(widths[:n]) for n in range(len(group))]
+        # Each output starts on a 16-byte boundary of the fused row (zero rows pad the weight), so
+        # kernels that read its slices with 16-byte vectors (gated activations, rotary) can.
+        align = 16 // ks.RUN_DTYPES[p.dt].itemsize
+        starts = []
+        for w in widths:
+            starts.append(-(-(starts[-1] + prev) // align) * align if starts else 0)
+            prev = w
         p.claim(KOp(Exec.GEMM, (group[0].inputs[0],), tuple(g.out for g in group), tuple(group),
                     extra={"weights": tuple(g.inputs[1] for g in group), "biases": tuple(g.inputs[2] for g in group),
                            "fused": fused, "slices": tuple(zip(starts, widths))}), group[0])
@@ -153,7 +159,8 @@ def _gated_act(p: _Program) -> None:
         if ins.kind is not OpKind.MUL:
             continue
         act = p.producer.get(ins.inputs[0])
-        if p.feeds_only(act, ins.inputs[0]) and activation_of(act) in KERNEL_ACTIVATIONS:
+        same = p.plan.types[ins.inputs[0]] == p.plan.types[ins.inputs[1]]  # not a [T, 1] scalar times a row
+        if same and p.feeds_only(act, ins.inputs[0]) and activation_of(act) in KERNEL_ACTIVATIONS:
             spec = ks.ActSpec(activation_of(act), True, p.width(ins.out), p.dt, origin(ins))
             p.claim(KOp(Exec.ACT, (act.inputs[0], ins.inputs[1]), ins.outputs, (act, ins), spec), ins)
 

@@ -125,18 +125,35 @@ def _rope(s: RopeCacheSpec) -> KernelSource:
         page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d,
         rot_units=rot_units, rot_span=rot_units * vec, vec_per_head=vec_per_head,
         q_units=q_units, kv_units=kv_units, dynamic=s.scaling == "dynamic",
+        longrope=bool(rot) and s.scaling == "longrope",
         attention_factor=f32(s.attention_factor) if s.attention_factor != 1.0 else "",
-        inv_freq_rows=[], theta=f64(s.theta), factor=f64(s.factor), factor_minus_one=f64(s.factor - 1),
-        original_max_position=s.original_max_position, dyn_exponent="",
+        inv_freq_rows=[], long_inv_freq_rows=[], theta=f64(s.theta), factor=f64(s.factor),
+        factor_minus_one=f64(s.factor - 1), original_max_position=s.original_max_position, dyn_exponent="",
     )
+
+    def rows(freqs: torch.Tensor) -> list[str]:
+        lits = [f32(x) for x in freqs.tolist()]
+        return [", ".join(lits[i : i + 4]) + "," for i in range(0, len(lits), 4)]
+
     if rot and s.scaling == "dynamic":
         params["dyn_exponent"] = f64(rope.dynamic_exponent(s))
     elif rot:
-        lits = [f32(x) for x in rope.inv_freq(s).tolist()]
-        params["inv_freq_rows"] = [", ".join(lits[i : i + 4]) + "," for i in range(0, len(lits), 4)]
-    meta = dict(threads=threads, vec=vec, dynamic=params["dynamic"])
+        params["inv_freq_rows"] = rows(rope.inv_freq(s))
+        if params["longrope"]:
+            params["long_inv_freq_rows"] = rows(rope.long_inv_freq(s))
+    # meta "dynamic": the kernel takes the step's seq_len argument (dynamic NTK and longrope)
+    meta = dict(threads=threads, vec=vec, dynamic=params["dynamic"] or params["longrope"])
     name = _name(f"rope_cache_{s.layout[0]}{rot}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     return _emit("rope_cache.cu.j2", name, s, params, [name], meta)
+
+
+def _alibi_rows(s) -> list[str]:
+    """The ALiBi slope table in log2 units (slope * log2 e), as rows of float literals; [] = none."""
+    if not s.alibi_max:
+        return []
+    from kiln.dsl.ops.attention import alibi_slopes
+    lits = [f32(x * LOG2E) for x in alibi_slopes(s.heads, s.alibi_max, s.alibi_scale).double().tolist()]
+    return [", ".join(lits[i : i + 4]) + "," for i in range(0, len(lits), 4)]
 
 
 def _largest_divisor(n: int, cap: int, pow2: bool = False) -> int:
@@ -179,7 +196,7 @@ def _decode(s: DecodeAttnSpec) -> KernelSource:
         window=s.window, softcap=bool(s.softcap), softcap_log2=f32(s.softcap * LOG2E),
         q_scale=f32(s.scale / s.softcap if s.softcap else log_scale),
         q_scale_doc="scale / softcap (tanh, then softcap * log2 e)" if s.softcap else "scale * log2 e",
-        reduce_threads=min(128, _round_up(d, 32)),
+        reduce_threads=min(128, _round_up(d, 32)), alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s),
     )
     name = _name(f"decode_attn_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     meta = dict(threads=threads, smem=smem, tile=tile, stages=stages, gc=gc, chunks=group // gc,
@@ -209,7 +226,7 @@ def _attn_common(s, d: int, gc: int, group: int) -> dict:
         chunks=group // gc, page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d,
         causal=s.causal, window=s.window, window_m1=max(0, s.window - 1), softcap=bool(s.softcap),
         softcap_log2=f32(s.softcap * LOG2E), pre_cap_scale=f32(s.scale / s.softcap) if s.softcap else "",
-        score_scale=f32(s.scale * LOG2E),
+        score_scale=f32(s.scale * LOG2E), alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s),
     )
 
 

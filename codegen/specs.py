@@ -19,8 +19,9 @@ from kiln.dsl.ops.elementwise import KERNEL_ACTIVATIONS as ACTIVATIONS
 
 ROPE_LAYOUTS = ("half", "interleaved")
 # The spec language's rope_scaling kinds that have kernels ("llama3": HF's frequency bands, low
-# frequencies divided by `factor`, high ones kept, a smooth blend between).
-ROPE_SCALINGS = ("none", "linear", "llama3", "dynamic")
+# frequencies divided by `factor`, high ones kept, a smooth blend between; "yarn": a static table
+# too; "longrope": a short and a long table, picked by the step's sequence length like "dynamic").
+ROPE_SCALINGS = ("none", "linear", "llama3", "dynamic", "yarn", "longrope")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -93,8 +94,13 @@ class RopeCacheSpec(_Spec):
     factor: float = 1.0
     low_freq_factor: float = 1.0  # "llama3" only
     high_freq_factor: float = 4.0  # "llama3" only
-    original_max_position: int = 0  # "llama3" and "dynamic"
+    original_max_position: int = 0  # "llama3", "dynamic", "yarn", "longrope"
     attention_factor: float = 1.0  # multiplies cos and sin
+    beta_fast: float = 32.0  # "yarn" only
+    beta_slow: float = 1.0  # "yarn" only
+    truncate: bool = True  # "yarn" only
+    short_factor: tuple[float, ...] = ()  # "longrope" only: rotary_dim / 2 entries each
+    long_factor: tuple[float, ...] = ()  # "longrope": used once seq_len > original_max_position
     dtype: str = "bf16"
     origin: str = ""
 
@@ -113,12 +119,20 @@ class RopeCacheSpec(_Spec):
             _fail(self, "theta", f"must be > 0, got {self.theta!r}")
         if self.scaling != "none" and not self.factor > 0:
             _fail(self, "factor", f"must be > 0, got {self.factor!r}")
-        if self.scaling in ("llama3", "dynamic") and self.original_max_position <= 0:
+        if self.scaling in ("llama3", "dynamic", "yarn", "longrope") and self.original_max_position <= 0:
             _fail(self, "original_max_position", f"scaling {self.scaling!r} needs it > 0")
         if self.scaling == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             _fail(self, "high_freq_factor", "must exceed low_freq_factor")
         if self.scaling == "dynamic" and self.rotary_dim <= 2:
             _fail(self, "rotary_dim", "dynamic scaling needs rotary_dim > 2")
+        for name in ("short_factor", "long_factor"):  # hashable, whatever sequence was given
+            object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
+        if self.scaling == "longrope":
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(self, name)) != self.rotary_dim // 2:
+                    _fail(self, name, f"longrope needs rotary_dim / 2 = {self.rotary_dim // 2} entries")
+        if not self.attention_factor > 0:
+            _fail(self, "attention_factor", f"must be > 0, got {self.attention_factor!r}")
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,10 @@ class _AttnSpec(_Spec):
     scale: float  # softmax(q k^T * scale)
     window: int = 0  # sliding window: a query at p sees keys in (p - window, p]; 0 = none
     softcap: float = 0.0  # scores -> softcap * tanh(scores / softcap); 0 = none
+    # ALiBi: scores += slope_h * (key position - query position), slope_h = alibi_scale *
+    # dsl.ops.attention.alibi_slopes(heads, alibi_max)[h] (a table baked into the kernel); 0 = none
+    alibi_max: float = 0.0
+    alibi_scale: float = 1.0
     dtype: str = "bf16"
     origin: str = ""
 
@@ -144,6 +162,8 @@ class _AttnSpec(_Spec):
             _fail(self, "scale", f"must be > 0, got {self.scale!r}")
         if self.window < 0 or self.softcap < 0:
             _fail(self, "window" if self.window < 0 else "softcap", "must be >= 0 (0 = off)")
+        if self.alibi_max < 0:
+            _fail(self, "alibi_max", "must be >= 0 (0 = off)")
 
 
 @dataclass(frozen=True)

@@ -18,19 +18,26 @@ from .exprs import evaluate
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Rotary frequency scaling, normalised from HF's `rope_scaling` / `rope_parameters`."""
+    """Rotary frequency scaling, normalised from HF's `rope_scaling` / `rope_parameters`.
+    yarn / longrope: `factor` None means HF's max_position_embeddings / original (dsl/rope.resolve)."""
 
-    kind: str  # linear | dynamic | llama3 | yarn
-    factor: float = 1.0
+    kind: str  # linear | dynamic | llama3 | yarn | longrope
+    factor: float | None = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    attention_factor: float | None = None
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn, longrope: multiplies cos and sin (None: from factor)
+    mscale: float | None = None  # yarn (DeepSeek style attention factor)
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn: round the correction range to whole dims
+    short_factor: tuple[float, ...] | None = None  # longrope, rotary_dim / 2 entries each
+    long_factor: tuple[float, ...] | None = None
 
 
-ROPE_KINDS = ("linear", "dynamic", "llama3")
+ROPE_KINDS = ("linear", "dynamic", "llama3", "yarn", "longrope")
+ROPE_ALIASES = {"su": "longrope"}  # the name early longrope configs use
 
 
 class ConfigError(SpecError):
@@ -142,14 +149,15 @@ def rope_scaling(v: Any, p: ir.Param, where: str) -> RopeScaling | None:
     if not isinstance(v, Mapping):
         raise SpecError(f"{where} is {v!r}, expected an object like rope_scaling", p.pos)
     kind = v.get("rope_type", v.get("type", "default"))
+    kind = ROPE_ALIASES.get(kind, kind)
     if kind == "default":
         return None
     if kind not in ROPE_KINDS:
         raise SpecError(f"{where}: rope type '{kind}' is not supported", p.pos,
                         "supported: default, " + ", ".join(ROPE_KINDS))
-    fields = {}
+    fields: dict[str, Any] = {}
     for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
-                 "attention_factor"):
+                 "attention_factor", "mscale", "mscale_all_dim"):
         if v.get(name) is not None:
             if isinstance(v[name], bool) or not isinstance(v[name], (int, float)):
                 raise SpecError(f"{where}: '{name}' is {v[name]!r}, expected a number", p.pos)
@@ -158,4 +166,22 @@ def rope_scaling(v: Any, p: ir.Param, where: str) -> RopeScaling | None:
         fields["original_max_position_embeddings"] = int(v["original_max_position_embeddings"])
     if kind == "llama3" and "original_max_position_embeddings" not in fields:
         raise SpecError(f"{where}: llama3 rope scaling needs original_max_position_embeddings", p.pos)
+    if kind in ("yarn", "longrope"):
+        fields.setdefault("factor", None)  # HF: max_position_embeddings / original
+        for name in ("beta_fast", "beta_slow"):  # HF: `or 32` / `or 1`
+            if not fields.get(name, 1.0):
+                del fields[name]
+    if kind == "yarn" and v.get("truncate") is not None:
+        if not isinstance(v["truncate"], bool):
+            raise SpecError(f"{where}: 'truncate' is {v['truncate']!r}, expected true or false", p.pos)
+        fields["truncate"] = v["truncate"]
+    if kind == "longrope":
+        for name in ("short_factor", "long_factor"):
+            f = v.get(name)
+            if not isinstance(f, list) or not f or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in f):
+                raise SpecError(f"{where}: longrope rope scaling needs '{name}', a list of numbers", p.pos)
+            fields[name] = tuple(float(x) for x in f)
+        if len(fields["short_factor"]) != len(fields["long_factor"]):
+            raise SpecError(f"{where}: longrope short_factor and long_factor differ in length", p.pos)
     return RopeScaling(kind, **fields)

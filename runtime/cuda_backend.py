@@ -11,6 +11,7 @@ the table `_RUN`, keyed by codegen.fuse.Exec.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -68,11 +69,7 @@ class CudaModel:
         self._scratch: dict = {}  # decode split-K partials per attention spec, for max_batch sequences
         for n, op in enumerate(self.ops):
             if op.kind is Exec.GEMM:
-                ws = [weights[w.name] for w in op.extra["weights"]]
-                bs = [weights[b.name] if b else None for b in op.extra["biases"]]
-                w = torch.cat(ws) if len(ws) > 1 else ws[0]
-                b = (torch.cat(bs) if len(bs) > 1 else bs[0]) if bs[0] is not None else None
-                self._gemm[n] = (w.contiguous(), b)
+                self._gemm[n] = _fused_weight(op, weights)
             elif op.kind is Exec.ATTENTION:
                 op.spec = tuple(canon(s) for s in op.spec)
             elif op.spec is not None:
@@ -222,11 +219,12 @@ class CudaModel:
         q, k, v = (env[i] for i in op.ins)
         kc, vc = kv.k[op.extra["site"]], kv.v[op.extra["site"]]
         K.rope_write_kv(rope, q, k, v, meta.positions, meta.slots, kc, vc,
-                        seq_len=meta.seq_len if rope.scaling == "dynamic" else None)
+                        seq_len=meta.seq_len if rope.scaling in ("dynamic", "longrope") else None)
         out = torch.empty(T, dspec.heads * dspec.head_dim, dtype=self.dtype, device=self.device)
-        if meta.fresh is not None and not pspec.window and not pspec.softcap and pspec.causal:
+        if meta.fresh is not None and not pspec.window and not pspec.softcap and not pspec.alibi_max \
+                and pspec.causal:
             # Whole prompts (no cached context): torch's flash attention (SDPA) over the rotated
-            # K/V just written to the cache, gathered page by page.
+            # K/V just written to the cache, gathered page by page. (ALiBi takes the kernel path.)
             hd, hq, hk, ps = dspec.head_dim, dspec.heads, dspec.kv_heads, dspec.page_size
             for i, (start, length) in enumerate(meta.fresh):
                 pages = meta.block_tables[i, : -(-length // ps)].long()
@@ -243,6 +241,22 @@ class CudaModel:
             K.prefill_attention(pspec, q, kc, vc, meta.block_tables, meta.cu_seqlens, meta.kv_lens, out,
                                 meta.max_q_len)
         return out
+
+
+def _fused_weight(op: KOp, weights) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The GEMM's weight (and bias): the siblings' rows at their slices' starts, zeros between."""
+    ws = [weights[w.name] for w in op.extra["weights"]]
+    bs = [weights[b.name] if b else None for b in op.extra["biases"]]
+    if len(ws) == 1:
+        return ws[0].contiguous(), bs[0]
+    start, width = op.extra["slices"][-1]
+    w = ws[0].new_zeros(start + width, ws[0].shape[1])
+    b = ws[0].new_zeros(start + width) if bs[0] is not None else None
+    for (start, width), wi, bi in zip(op.extra["slices"], ws, bs):
+        w[start:start + width] = wi
+        if b is not None:
+            b[start:start + width] = bi
+    return w, b
 
 
 _RUN = {
@@ -322,8 +336,15 @@ class _Graph:
             model._run(self.tokens, self.meta, kv, None)
         torch.cuda.current_stream(dev).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model._run(self.tokens, self.meta, kv, None)
+        # No garbage collection inside the capture: collecting an unreachable CUDA graph (or its
+        # memory) while another is being captured aborts the process.
+        gc.collect()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.logits = model._run(self.tokens, self.meta, kv, None)
+        finally:
+            gc.enable()
         self.host = torch.empty(5, size, dtype=torch.int64).pin_memory()
         self.tables = torch.zeros(size, max_pages, dtype=torch.int32).pin_memory()
         self.host_np, self.tables_np = self.host.numpy(), self.tables.numpy()  # same memory

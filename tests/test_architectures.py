@@ -1,8 +1,8 @@
-"""Issue 3 acceptance: every family's spec against its transformers class (fp32, CPU).
+"""Every family's spec against its transformers class (fp32, CPU).
 
-Each case builds the transformers model of a small config with random weights, lets
-`verify` pick the spec from `architectures`, and compares logits at the prefill (11
-tokens) and at each of 32 greedy decode steps: max relative error <= 1e-4 and the same
+Each case builds the transformers model of a small config (tests/configs.py) with random
+weights, lets `verify` pick the spec from `architectures`, and compares logits at the prefill
+(11 tokens) and at each of 32 greedy decode steps: max relative error <= 1e-4 and the same
 greedy token at every step. Configs turn on what makes each family differ (a sliding
 window shorter than the 43-token sequence, partial rotary, softcaps, ...).
 """
@@ -15,67 +15,7 @@ import transformers
 
 from kiln.dsl import check, load_spec
 from kiln.runtime.verify import verify
-
-TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # ids inside the small vocab
-SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=128, vocab_size=256, max_position_embeddings=128, **TOKENS)
-
-
-def cfg(model_type: str, arch: str, **over) -> dict:
-    return dict(SMALL, model_type=model_type, architectures=[arch], **over)
-
-
-CASES = {
-    "llama": cfg("llama", "LlamaForCausalLM"),
-    "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=64, n_layer=2, n_head=4,
-                 vocab_size=256, n_positions=128, bos_token_id=1, eos_token_id=2),
-    "mistral": cfg("mistral", "MistralForCausalLM", sliding_window=8),
-    "qwen2": cfg("qwen2", "Qwen2ForCausalLM"),
-    # Sliding window switched on for layers >= max_window_layers only (layer_types).
-    "qwen2-sliding": cfg("qwen2", "Qwen2ForCausalLM", num_hidden_layers=3, use_sliding_window=True,
-                         sliding_window=8, max_window_layers=1),
-    # head_dim != hidden / heads; "gelu" is the legacy value transformers runs as tanh-GELU.
-    "gemma": cfg("gemma", "GemmaForCausalLM", head_dim=32, hidden_act="gelu"),
-    "phi3": cfg("phi3", "Phi3ForCausalLM"),
-    "phi3-partial-rotary": cfg("phi3", "Phi3ForCausalLM", partial_rotary_factor=0.5, sliding_window=8),
-    "gpt_neox": cfg("gpt_neox", "GPTNeoXForCausalLM", rotary_pct=0.25),
-    "gpt_neox-sequential": cfg("gpt_neox", "GPTNeoXForCausalLM", rotary_pct=0.5,
-                               use_parallel_residual=False),
-    "mixtral": cfg("mixtral", "MixtralForCausalLM", num_local_experts=8, num_experts_per_tok=2),
-    # head_dim != hidden / heads, so the per-head q/k norms have their own width.
-    "qwen3": cfg("qwen3", "Qwen3ForCausalLM", head_dim=32),
-    "qwen3-sliding": cfg("qwen3", "Qwen3ForCausalLM", num_hidden_layers=3, use_sliding_window=True,
-                         sliding_window=8, max_window_layers=1, attention_bias=True),
-    # Local layers (window 8, rotary base 10,000) and a global one (base 1e6, linear scaling x8).
-    "gemma3": cfg("gemma3_text", "Gemma3ForCausalLM", num_hidden_layers=3, head_dim=16, sliding_window=8,
-                  query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                   "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}}),
-    "gemma3-softcap": cfg("gemma3_text", "Gemma3ForCausalLM", num_hidden_layers=2, head_dim=16, sliding_window=8,
-                          final_logit_softcapping=1.5, attn_logit_softcapping=2.0),
-    # Layer 1 dense (mlp_only_layers), layers 0 and 2 sparse; top-2 of 4 experts, renormalised.
-    "qwen3_moe": cfg("qwen3_moe", "Qwen3MoeForCausalLM", num_hidden_layers=3, head_dim=16, num_experts=4,
-                     num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1]),
-    "qwen3_moe-step2": cfg("qwen3_moe", "Qwen3MoeForCausalLM", num_hidden_layers=2, head_dim=16, num_experts=4,
-                           num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2),
-    # Layers 1 and 3 without rotary (NoPE); layer 2 with a sliding window.
-    "smollm3": cfg("smollm3", "SmolLM3ForCausalLM", num_hidden_layers=4, no_rope_layer_interval=2,
-                   use_sliding_window=True, sliding_window=8,
-                   layer_types=["full_attention", "full_attention", "sliding_attention", "full_attention"]),
-    "gptj": dict(model_type="gptj", architectures=["GPTJForCausalLM"], n_embd=64, n_layer=2, n_head=4,
-                 rotary_dim=8, vocab_size=256, n_positions=128, bos_token_id=1, eos_token_id=2),
-    "cohere": cfg("cohere", "CohereForCausalLM", logit_scale=0.25, attention_bias=True),
-    "olmo2": cfg("olmo2", "Olmo2ForCausalLM"),
-    # Multipliers far from 1, so that each one shows.
-    "granite": cfg("granite", "GraniteForCausalLM", embedding_multiplier=12.0, residual_multiplier=0.22,
-                   attention_multiplier=0.05, logits_scaling=8.0),
-    "starcoder2": cfg("starcoder2", "Starcoder2ForCausalLM", sliding_window=8),
-    "starcoder2-no-bias": cfg("starcoder2", "Starcoder2ForCausalLM", use_bias=False, hidden_act="gelu"),
-    "phi": cfg("phi", "PhiForCausalLM", num_key_value_heads=4, partial_rotary_factor=0.4),
-    # Small caps so that both softcaps bend the values they cap.
-    "gemma2": cfg("gemma2", "Gemma2ForCausalLM", num_hidden_layers=3, head_dim=16, sliding_window=8,
-                  query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=1.5),
-}
+from tests.configs import FAMILY_CONFIGS as CASES
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -113,7 +53,7 @@ def test_neox_plain_qkv_split_fails(tmp_path):
 
 def _windows(spec: str, config: dict) -> list:
     plan = check(load_spec(spec), config)
-    return [i.attrs["window"] for i in plan.program.instrs if i.kind == "attention"]
+    return [i.attrs.window for i in plan.program.instrs if i.kind.value == "attention"]
 
 
 def _hf_windows(config_class, config: dict) -> list:

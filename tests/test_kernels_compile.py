@@ -48,15 +48,26 @@ def _specs(full: bool):
         dict(heads=8, kv_heads=4, head_dim=256, rotary_dim=128, layout="interleaved", scaling="dynamic",
              factor=2.0, original_max_position=4096),
         dict(heads=12, kv_heads=12, head_dim=64, rotary_dim=0),  # a plain K/V cache write
+        dict(heads=28, kv_heads=4, head_dim=128, rotary_dim=128, layout="half", scaling="yarn", factor=4.0,
+             original_max_position=32768, theta=1000000.0, attention_factor=1.1386294361119891),
+        # Phi-3-mini-128k's shape: two baked tables, picked by the step's seq_len
+        dict(heads=32, kv_heads=32, head_dim=96, rotary_dim=96, layout="half", scaling="longrope", factor=32.0,
+             original_max_position=4096, attention_factor=1.1902380714238083,
+             short_factor=tuple(1.0 + 0.01 * i for i in range(48)), long_factor=tuple(1.0 + 0.5 * i for i in range(48))),
+        dict(heads=8, kv_heads=2, head_dim=64, rotary_dim=32, layout="interleaved", scaling="longrope", factor=8.0,
+             original_max_position=16, short_factor=(1.0,) * 16, long_factor=tuple(range(1, 17))),
     ]
     for i, c in enumerate(rope_cases):
         for d in DTYPES if full else (next(dt),):
             out.append(RopeCacheSpec(page_size=16, dtype=d, origin=_origin(2, f"rope#{i}"), **c))
-    attn_cases = [(32, 8, 128, 0, 0.0), (32, 32, 64, 0, 0.0), (16, 8, 256, 4096, 50.0),
-                  (12, 4, 80, 0, 30.0), (64, 4, 128, 128, 0.0), (8, 1, 128, 0, 0.0)]
-    for (h, kv, hd, win, cap), cls in itertools.product(attn_cases, (DecodeAttnSpec, PrefillAttnSpec)):
+    # (heads, kv_heads, head_dim, window, softcap, alibi_max): the last three with ALiBi (BLOOM/MPT's
+    # 32 heads; 12 heads: not a power of 2, GQA, softcap and window too; GQA with head_dim 64)
+    attn_cases = [(32, 8, 128, 0, 0.0, 0.0), (32, 32, 64, 0, 0.0, 0.0), (16, 8, 256, 4096, 50.0, 0.0),
+                  (12, 4, 80, 0, 30.0, 0.0), (64, 4, 128, 128, 0.0, 0.0), (8, 1, 128, 0, 0.0, 0.0),
+                  (32, 32, 128, 0, 0.0, 8.0), (12, 4, 80, 64, 30.0, 8.0), (16, 2, 64, 0, 0.0, 4.0)]
+    for (h, kv, hd, win, cap, ali), cls in itertools.product(attn_cases, (DecodeAttnSpec, PrefillAttnSpec)):
         for d in DTYPES if full else (next(dt),):
-            out.append(cls(h, kv, hd, 16, hd ** -0.5, window=win, softcap=cap, dtype=d,
+            out.append(cls(h, kv, hd, 16, hd ** -0.5, window=win, softcap=cap, alibi_max=ali, dtype=d,
                            origin=_origin(3, "attention(q, k, v)")))
     for kind, gated in itertools.product(("silu", "gelu", "gelu_tanh", "relu"), (True, False)):
         for d in DTYPES if full else (next(dt),):
@@ -200,13 +211,69 @@ def test_dynamic_ntk_matches_hf(seq_len):
     assert math.isclose(rope.dynamic_base(spec, seq_len), base, rel_tol=1e-12)
 
 
+@pytest.mark.parametrize("theirs", [
+    {"factor": 4.0, "original_max_position_embeddings": 32768},
+    {"factor": 8.0, "original_max_position_embeddings": 4096, "beta_fast": 16.0, "beta_slow": 2.0},
+    {"factor": 4.0, "original_max_position_embeddings": 8192, "truncate": False, "partial_rotary_factor": 0.5},
+    {"factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0, "mscale_all_dim": 0.707},
+    {"factor": 2.0, "original_max_position_embeddings": 2048, "attention_factor": 0.9},
+])
+def test_yarn_matches_hf(theirs):
+    """YaRN's static table and attention factor, through the spec's kernel constants, bit for bit."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from kiln.dsl import rope as dsl_rope
+    from kiln.dsl.bind import RopeScaling
+
+    theta, rot = 1000000.0, int(128 * theirs.get("partial_rotary_factor", 1.0))
+    cfg = _hf_config({"rope_type": "yarn", "rope_theta": theta, **theirs})
+    expected, hf_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    fields = {k: v for k, v in theirs.items() if k != "partial_rotary_factor"}
+    sc = dsl_rope.resolve(RopeScaling("yarn", **{"factor": None, **fields}), 4096)
+    assert sc.attention_factor == hf_factor
+    spec = RopeCacheSpec(32, 8, 128, rot, 16, theta=theta, scaling="yarn", factor=sc.factor,
+                         original_max_position=sc.original_max_position_embeddings, beta_fast=sc.beta_fast,
+                         beta_slow=sc.beta_slow, truncate=sc.truncate, attention_factor=sc.attention_factor)
+    assert torch.equal(rope.inv_freq(spec), expected)
+
+
+@pytest.mark.parametrize("seq_len", [None, 100, 4096, 4097, 131072])
+def test_longrope_matches_hf(seq_len):
+    """Phi-3 128k style: the short table up to the original length, the long one past it; the
+    attention factor from max_position_embeddings / original_max_position_embeddings."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from kiln.dsl import rope as dsl_rope
+    from kiln.dsl.bind import RopeScaling
+
+    short = [1.0 + 0.013 * i for i in range(48)]
+    long = [1.0 + 0.71 * i for i in range(48)]
+    cfg = _hf_config({"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": long,
+                      "original_max_position_embeddings": 4096}, head_dim=96, max_pos=131072)
+    expected, hf_factor = ROPE_INIT_FUNCTIONS["longrope"](cfg, "cpu", seq_len=seq_len)
+    sc = dsl_rope.resolve(RopeScaling("longrope", None, original_max_position_embeddings=4096,
+                                      short_factor=tuple(short), long_factor=tuple(long)), 131072)
+    assert sc.factor == 32.0 and sc.attention_factor == hf_factor
+    spec = RopeCacheSpec(32, 32, 96, 96, 16, scaling="longrope", factor=sc.factor, original_max_position=4096,
+                         attention_factor=sc.attention_factor, short_factor=short, long_factor=long)
+    assert torch.equal(rope.step_inv_freq(spec, seq_len or 1), expected)
+    assert torch.equal(rope.inv_freq(spec), ROPE_INIT_FUNCTIONS["longrope"](cfg, "cpu")[0])  # HF's init: short
+    text = render(spec).source
+    assert "kInvFreqLong" in text and "seq_len[0] > 4096" in text
+
+
 @pytest.mark.parametrize("make, field", [
     (lambda: NormSpec("rms", 4096, 0.0), "eps"),
     (lambda: NormSpec("batch", 4096, 1e-5), "kind"),
     (lambda: NormSpec("rms", 4096, 1e-5, has_bias=True), "has_bias"),
     (lambda: RopeCacheSpec(32, 6, 128, 128, 16), "kv_heads"),
     (lambda: RopeCacheSpec(32, 8, 128, 129, 16), "rotary_dim"),
-    (lambda: RopeCacheSpec(32, 8, 128, 128, 16, scaling="yarn"), "scaling"),
+    (lambda: RopeCacheSpec(32, 8, 128, 128, 16, scaling="ntk"), "scaling"),
+    (lambda: RopeCacheSpec(32, 8, 128, 128, 16, scaling="yarn", factor=4.0), "original_max_position"),
+    (lambda: RopeCacheSpec(32, 8, 128, 128, 16, scaling="longrope", factor=4.0, original_max_position=4096,
+                           short_factor=(1.0,) * 64, long_factor=(2.0,) * 63), "long_factor"),
+    (lambda: RopeCacheSpec(32, 8, 128, 128, 16, scaling="yarn", factor=4.0, original_max_position=4096,
+                           attention_factor=0.0), "attention_factor"),
     (lambda: RopeCacheSpec(32, 8, 128, 128, 16, scaling="llama3", factor=8.0), "original_max_position"),
     (lambda: DecodeAttnSpec(32, 8, 100, 16, 0.1), "head_dim"),
     (lambda: PrefillAttnSpec(32, 8, 128, 0, 0.1), "page_size"),

@@ -1,5 +1,5 @@
-"""Issue 4 acceptance (CI, no GPU): every kernel of every spec in models/ renders and
-compiles with NVRTC to a cubin for sm_80 and sm_90a, and names the spec op it came from."""
+"""Every kernel of every spec in models/ renders and compiles with NVRTC to a cubin for sm_80
+and sm_90a (on the CPU), and names the spec op it came from."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def test_every_kernel_of_the_spec_compiles(name):
     files = tuple(f.rsplit("/", 1)[-1] + ":" for f in spec_ir.files)  # itself, and what it extends
     specs = kernel_specs(plan, "bf16", 16)
     kinds = {type(s).__name__ for s in specs}
-    assert {"NormSpec", "RopeCacheSpec", "DecodeAttnSpec", "PrefillAttnSpec"} <= kinds
+    assert {"RopeCacheSpec", "DecodeAttnSpec", "PrefillAttnSpec"} <= kinds  # every spec attends
+    assert specs and kinds <= {"NormSpec", "RopeCacheSpec", "DecodeAttnSpec", "PrefillAttnSpec", "ActSpec", "EmbedSpec",
+                               "MapSpec"}
     for spec in specs:
         ks = render(spec)
         assert ks.source.startswith(f"// ==== {ks.name}")

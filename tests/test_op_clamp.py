@@ -118,6 +118,8 @@ def test_cuda_backend_matches_reference(spec_file, dtype):
     cuda = LoadedModel(ref.plan, make_backend(ref.plan, ref.model.weights, "cuda", "cuda"), None, ref.dtype,
                        ref.device)
     kvs = [KVStore(ref.plan.sites, 1, 16, ref.dtype, "cuda") for _ in range(2)]
-    want = ref.model.forward(_step(64), kvs[0], all_logits=True)
-    got = cuda.model.forward(_step(64), kvs[1], all_logits=True)
+    step = _step(64)
+    step = StepBatch(step.tokens.cuda(), step.seqs)
+    want = ref.model.forward(step, kvs[0], all_logits=True)
+    got = cuda.model.forward(step, kvs[1], all_logits=True)
     assert torch.equal(got, want) if dtype == "fp32" else torch.allclose(got, want, rtol=2e-2, atol=2e-2)

@@ -1,4 +1,5 @@
-"""Issue 2 acceptance: Llama and GPT-2 specs against Hugging Face transformers (fp32, CPU)."""
+"""`verify` and `kiln verify`: the Llama (rope scaling variants) and GPT-2 specs match Hugging Face
+transformers (fp32, CPU), and a spec that differs from the model fails."""
 
 from __future__ import annotations
 
@@ -6,16 +7,8 @@ import json
 
 from kiln.cli import main
 from kiln.runtime.verify import verify
-
-LLAMA = dict(
-    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256, num_hidden_layers=4,
-    num_attention_heads=8, num_key_value_heads=2, intermediate_size=512, vocab_size=1000,
-    max_position_embeddings=128,
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 16},
-)
-GPT2 = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=128, n_layer=3, n_head=4,
-            vocab_size=500, n_positions=128, bos_token_id=0, eos_token_id=0)
+from tests.configs import VERIFY_GPT2 as GPT2
+from tests.configs import VERIFY_LLAMA as LLAMA
 
 
 def _check(report):

@@ -18,11 +18,30 @@ def _shape(ins, attrs):
     need(v.shape[1] % hk == 0, f"v has {v.shape[1]} features, not a multiple of {hk} kv heads")
     w = attrs.window
     need(w is None or (isinstance(w, int) and w > 0), f"window must be a positive int or none, got {w!r}")
+    need(not attrs.alibi or attrs.alibi_max > 0, f"alibi_max must be > 0, got {attrs.alibi_max!r}")
     return (TType((T, hq * (v.shape[1] // hk))),)
 
 
 def scale_of(attrs) -> float:
     return attrs.scale if attrs.scale is not None else attrs.head_dim ** -0.5
+
+
+def alibi_slopes(heads: int, alibi_max: float, alibi_scale: float = 1.0) -> torch.Tensor:
+    """ALiBi's per-head slopes (float32 [heads]), times `alibi_scale`. MPT's rule (its
+    `alibi_bias_max` is `alibi_max`): with P the power of 2 at or above `heads`, slope j is
+    2^(-j * alibi_max / P), j = 1..P; for P != heads the even j come first, then the odd ones, the
+    first `heads` kept. With alibi_max=8 these are exactly BLOOM's and Falcon's slopes
+    (2^(-8/p)^i for p the power of 2 below, then odd powers of 2^(-8/2p) for the rest)."""
+    p2 = 1 << max(0, math.ceil(math.log2(heads)))
+    s = [2.0 ** (-(j * alibi_max / p2)) for j in range(1, p2 + 1)]
+    if p2 != heads:
+        s = (s[1::2] + s[0::2])[:heads]
+    return torch.tensor([x * alibi_scale for x in s], dtype=torch.float64).float()
+
+
+def alibi_of(attrs, heads: int) -> torch.Tensor | None:
+    """The instance's slopes (float32 [heads]), or None without ALiBi."""
+    return alibi_slopes(heads, attrs.alibi_max, attrs.alibi_scale) if attrs.alibi else None
 
 
 def _reference(ctx, ins, a):
@@ -49,6 +68,9 @@ def _reference(ctx, ins, a):
             scores = torch.tanh(scores / at.softcap) * at.softcap
         qpos = torch.arange(s.context, s.context + s.length, device=q.device)[:, None]
         kpos = torch.arange(0, s.context + s.length, device=q.device)[None, :]
+        if at.alibi:  # + slope_h * (key position - query position): softmax-equal to slope_h * key position
+            slopes = alibi_of(at, hq).to(q.device).view(hk, hq // hk, 1, 1)
+            scores = scores + slopes * (kpos - qpos).float()
         allowed = kpos <= qpos if at.causal else torch.ones_like(kpos <= qpos)
         if at.window is not None:
             allowed = allowed & (kpos > qpos - at.window)
@@ -64,15 +86,16 @@ def _cuda(ins, plan, dt):
     at = ins.attrs
     return KernelCall(Kernel.ATTENTION, dict(heads=site.heads, kv_heads=site.kv_heads, head_dim=at.head_dim,
                                              scale=scale_of(at), window=at.window or 0, softcap=at.softcap or 0.0,
-                                             causal=at.causal))
+                                             alibi_max=at.alibi_max if at.alibi else 0.0,
+                                             alibi_scale=at.alibi_scale if at.alibi else 1.0, causal=at.causal))
 
 
 # ---- TensorRT: write the step's rows into the cache in place, gather each sequence's keys from
-# its pages, attend through IAttention with a mask (same sequence, causal, window); softcapped
-# attention as a float32 matmul/softmax chain (IAttention has no softcap).
+# its pages, attend through IAttention with a mask (same sequence, causal, window); softcapped or
+# ALiBi attention as a float32 matmul/softmax chain (IAttention has neither softcap nor a bias).
 
 def _trt(nn, q, k, v, *, site: int, heads: int, kv_heads: int, head_dim: int, v_head_dim: int, scale: float,
-         causal: bool, window: int | None, softcap: float | None):
+         causal: bool, window: int | None, softcap: float | None, alibi: tuple[float, ...] | None = None):
     kc = nn.cache_update(nn.inputs[f"k_cache.{site}"], k, kv_heads, head_dim)
     vc = nn.cache_update(nn.inputs[f"v_cache.{site}"], v, kv_heads, v_head_dim)
     for name, t in ((f"k_cache_out.{site}", kc), (f"v_cache_out.{site}", vc)):
@@ -81,7 +104,7 @@ def _trt(nn, q, k, v, *, site: int, heads: int, kv_heads: int, head_dim: int, v_
     keys, vals = nn.gather_keys(kc, kv_heads, head_dim), nn.gather_keys(vc, kv_heads, v_head_dim)
     mask = nn.attention_mask(causal, window)
     qh = nn.to_heads(q, heads, head_dim)  # [1, Hq, T, D]
-    if softcap is None and hasattr(nn.net, "add_attention_v2"):
+    if softcap is None and alibi is None and hasattr(nn.net, "add_attention_v2"):
         qs = nn.run_dtype(nn.ew(nn.f32(qh), nn.scalar(scale, rank=4), "PROD"))  # IAttention wants q pre-scaled
         layer = nn.net.add_attention_v2(qs, keys, vals, nn.trt.AttentionNormalizationOp.SOFTMAX,
                                         nn.trt.CausalMaskKind.NONE)
@@ -89,12 +112,22 @@ def _trt(nn, q, k, v, *, site: int, heads: int, kv_heads: int, head_dim: int, v_
         layer.decomposable = True
         out = layer.get_output(0)  # [1, Hq, T, Dv]
     else:
-        out = _trt_decomposed(nn, qh, keys, vals, mask, heads, kv_heads, head_dim, v_head_dim, scale, softcap)
+        out = _trt_decomposed(nn, qh, keys, vals, mask, heads, kv_heads, head_dim, v_head_dim, scale, softcap,
+                              alibi)
     return nn.from_heads(out, heads, v_head_dim)
 
 
-def _trt_decomposed(nn, qh, keys, vals, mask, heads, kv_heads, head_dim, v_head_dim, scale, softcap):
-    """matmul -> scale -> softcap -> mask -> softmax -> matmul in float32."""
+def _trt_rel_pos(nn):
+    """float32 [1, 1, T, N]: gathered key position minus query position (ALiBi's distance)."""
+    if "alibi_rel_pos" not in nn.cache:
+        qp = nn.shuffle(nn.f32(nn.inputs["positions"]), reshape=(1, 1, -1, 1))
+        kp = nn.shuffle(nn.f32(nn.inputs["kv_pos"]), reshape=(1, 1, 1, -1))
+        nn.cache["alibi_rel_pos"] = nn.ew(kp, qp, "SUB")
+    return nn.cache["alibi_rel_pos"]
+
+
+def _trt_decomposed(nn, qh, keys, vals, mask, heads, kv_heads, head_dim, v_head_dim, scale, softcap, alibi=None):
+    """matmul -> scale -> softcap -> + ALiBi bias -> mask -> softmax -> matmul in float32."""
     group = heads // kv_heads
     q = nn.f32(nn.shuffle(qh, reshape=(kv_heads, group, -1, head_dim)))  # [Hk, G, T, D]
     k = nn.f32(nn.shuffle(keys, reshape=(kv_heads, 1, -1, head_dim)))  # [Hk, 1, N, D]
@@ -105,6 +138,9 @@ def _trt_decomposed(nn, qh, keys, vals, mask, heads, kv_heads, head_dim, v_head_
     if softcap is not None:
         s = nn.ew(nn.activation(nn.ew(s, nn.scalar(1.0 / softcap, rank=4), "PROD"), "TANH"),
                   nn.scalar(softcap, rank=4), "PROD")
+    if alibi is not None:  # + slope_h * (key position - query position)
+        slopes = nn.const(torch.tensor(alibi, dtype=torch.float32).view(kv_heads, group, 1, 1))
+        s = nn.ew(s, nn.ew(slopes, _trt_rel_pos(nn), "PROD"), "SUM")
     s = nn.net.add_select(mask, s, nn.scalar(-math.inf, rank=4)).get_output(0)
     sm = nn.net.add_softmax(s)
     sm.axes = 1 << 3
@@ -117,6 +153,9 @@ def _trt_kwargs(ins, lw):
     at = ins.attrs
     kw = dict(site=site.index, heads=site.heads, kv_heads=site.kv_heads, head_dim=site.head_dim,
               v_head_dim=site.v_head_dim, scale=scale_of(at), causal=at.causal, window=at.window, softcap=at.softcap)
+    slopes = alibi_of(at, site.heads)
+    if slopes is not None:
+        kw["alibi"] = tuple(slopes.tolist())
     return [(n, repr(v)) for n, v in kw.items()]
 
 
@@ -124,6 +163,7 @@ ATTENTION = OpDef(
     "attention", ("q", "k", "v"), {
         "head_dim": Attr("int"), "scale": Attr("float?", None), "causal": Attr("bool", True),
         "window": Attr("int?", None), "softcap": Attr("float?", None),
+        "alibi": Attr("bool", False), "alibi_max": Attr("float", 8.0), "alibi_scale": Attr("float", 1.0),
     }, _shape, "multi-head attention over the sequence so far (reads and appends the KV cache)",
     reference=_reference,
     cuda=_cuda,

@@ -18,14 +18,16 @@ from .base import (
 ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+    "relu2": lambda x: torch.square(F.relu(x)),  # squared ReLU
 }
 ACTIVATIONS = tuple(ACTIVATION_FNS)
 HF_ACTIVATIONS = {
     "silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu",
-    "sigmoid": "sigmoid", "tanh": "tanh",
+    "sigmoid": "sigmoid", "tanh": "tanh", "relu2": "relu2",
 }
 KERNEL_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")  # what templates/act.cu.j2 spells
+MAP_ACTIVATIONS = {"relu2": "map_relu2.cu.j2"}  # activations generated as elementwise map kernels
 _TRT_ACTIVATIONS = {"gelu": "GELU_ERF", "gelu_tanh": "GELU_TANH", "relu": "RELU", "sigmoid": "SIGMOID",
                     "tanh": "TANH"}
 
@@ -41,6 +43,8 @@ def activation_of(ins) -> str | None:
 
 def _act_cuda(ins, plan, dt):
     kind = activation_of(ins)
+    if kind in MAP_ACTIVATIONS:
+        return KernelCall(Kernel.MAP, dict(body=MAP_ACTIVATIONS[kind], consts=()))
     if kind not in KERNEL_ACTIVATIONS:
         return Torch(f"{kind} has no kernel yet")
     return KernelCall(Kernel.ACT, dict(kind=kind, gated=False, features=plan.types[ins.outputs[0]].shape[1]))
@@ -49,6 +53,9 @@ def _act_cuda(ins, plan, dt):
 def _act_trt(nn, x, fn: str):
     if fn == "silu":
         return nn.ew(x, nn.activation(x, "SIGMOID"), "PROD")
+    if fn == "relu2":  # relu(x) * relu(x): one rounding of the square, as torch.square
+        r = nn.activation(x, "RELU")
+        return nn.ew(r, r, "PROD")
     return nn.activation(x, _TRT_ACTIVATIONS[fn])
 
 
@@ -121,11 +128,16 @@ SCALE = OpDef(
 
 
 def _binary_shape(ins, attrs):
+    """Same shapes; or b a [n] vector (a weight, broadcast over tokens); or either operand a
+    per-token scalar [T, 1] (broadcast over the other's features: a gate per token)."""
     a, b = act(ins[0]), ins[1]
     need(b is not None and b.dtype == "float", f"expected a float tensor, got {b}")
-    ok = b.shape == a.shape or b.shape == (a.shape[1],)
-    need(ok, f"operands have shapes {a} and {b}; they must match (or the second be [{a.shape[1]}])")
-    return (a,)
+    if b.shape == a.shape or b.shape == (a.shape[1],) or b.shape == (T, 1):
+        return (a,)
+    need(a.shape == (T, 1) and len(b.shape) == 2 and b.shape[0] == T,
+         f"operands have shapes {a} and {b}; they must match (or the second be [{a.shape[1]}], "
+         f"or either be a per-token scalar float[T, 1])")
+    return (b,)
 
 
 def _binary(name: str, symbol: str, fn, trt_op: str) -> OpDef:
@@ -172,7 +184,7 @@ SPLIT = OpDef(
 
 DEFS = (*(_activation(n) for n in ACTIVATIONS), ACT, SOFTCAP, SCALE, ADD, SUB, MUL, SPLIT)
 
-# ---- clamp: OLMo's and MPT's clip_qkv
+# ---- clamp: clip_qkv (q, k, v limited to [-c, c])
 
 
 def _clamp_bounds(attrs) -> None:

@@ -19,6 +19,7 @@ from kiln.codegen.specs import (  # noqa: E402
     RopeCacheSpec,
     MapSpec,
 )
+from kiln.dsl.ops.attention import alibi_slopes  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
 DEV = "cuda"
@@ -123,6 +124,16 @@ ROPE_CASES = [
          original_max_position=512),
     dict(heads=12, kv_heads=12, head_dim=64, rotary_dim=0),
     dict(heads=4, kv_heads=2, head_dim=128, rotary_dim=96, layout="half", attention_factor=1.25),
+    dict(heads=8, kv_heads=2, head_dim=128, rotary_dim=128, layout="half", scaling="yarn", factor=4.0,
+         original_max_position=64, attention_factor=1.1386),
+    # longrope: the step's longest sequence (741) is past original (512): the long table
+    dict(heads=8, kv_heads=2, head_dim=64, rotary_dim=64, layout="half", scaling="longrope", factor=8.0,
+         original_max_position=512, attention_factor=1.19, short_factor=tuple(1.0 + 0.1 * i for i in range(32)),
+         long_factor=tuple(2.0 + 0.5 * i for i in range(32))),
+    # and with original past every sequence: the short table
+    dict(heads=8, kv_heads=2, head_dim=64, rotary_dim=64, layout="half", scaling="longrope", factor=8.0,
+         original_max_position=1024, attention_factor=1.19, short_factor=tuple(1.0 + 0.1 * i for i in range(32)),
+         long_factor=tuple(2.0 + 0.5 * i for i in range(32))),
 ]
 
 
@@ -148,8 +159,7 @@ def test_rope_write_kv(dtype, case, page_size):
     seq_len = torch.tensor([int(pos.max()) + 1], dtype=torch.int32, device=DEV)
     K.rope_write_kv(spec, q, k, v, pos, slots, kc, vc, seq_len=seq_len)
 
-    freq = rope.dynamic_inv_freq(spec, int(seq_len)) if spec.scaling == "dynamic" else (
-        rope.inv_freq(spec) if rot else None)
+    freq = rope.step_inv_freq(spec, int(seq_len)) if rot else None
     q_ref = rotate_ref(q0.view(T, H, D), pos, freq, rot, spec.layout, spec.attention_factor)
     assert rel_err(q.reshape(T, H, D), q_ref) <= TOL[dtype]
     k_ref = rotate_ref(k0.view(T, KV, D), pos, freq, rot, spec.layout, spec.attention_factor)
@@ -167,8 +177,9 @@ def test_rope_write_kv(dtype, case, page_size):
 
 # ---- attention -------------------------------------------------------------------------
 
-def attention_ref(q, k, v, positions, scale, window, softcap, causal=True):
-    """q [n, H, D] at `positions`; k, v [KV, L, D] -> [n, H, D] float64."""
+def attention_ref(q, k, v, positions, scale, window, softcap, causal=True, alibi_max=0.0):
+    """q [n, H, D] at `positions`; k, v [KV, L, D] -> [n, H, D] float64. ALiBi: scores +=
+    slope_h * (key position - query position)."""
     H, KV = q.shape[1], k.shape[0]
     k = k.double().repeat_interleave(H // KV, 0)
     v = v.double().repeat_interleave(H // KV, 0)
@@ -177,6 +188,9 @@ def attention_ref(q, k, v, positions, scale, window, softcap, causal=True):
         s = softcap * torch.tanh(s / softcap)
     j = torch.arange(k.shape[1], device=q.device)[None, :]
     p = positions[:, None]
+    if alibi_max:
+        slopes = alibi_slopes(H, alibi_max).double().to(q.device)
+        s = s + slopes[:, None, None] * (j - p)[None].double()
     ok = (j <= p) if causal else torch.ones_like(j <= p)
     if window:
         ok &= j > p - window
@@ -184,9 +198,10 @@ def attention_ref(q, k, v, positions, scale, window, softcap, causal=True):
     return torch.einsum("hnl,hld->nhd", torch.softmax(s, -1), v)
 
 
-ATTN_CASES = [  # heads, kv_heads, head_dim, window, softcap
-    (32, 8, 128, 0, 0.0), (8, 8, 64, 0, 0.0), (16, 2, 256, 37, 0.0), (12, 4, 80, 0, 30.0),
-    (64, 4, 128, 100, 20.0), (8, 1, 128, 0, 0.0),
+ATTN_CASES = [  # heads, kv_heads, head_dim, window, softcap, alibi_max (ALiBi: the last three)
+    (32, 8, 128, 0, 0.0, 0.0), (8, 8, 64, 0, 0.0, 0.0), (16, 2, 256, 37, 0.0, 0.0), (12, 4, 80, 0, 30.0, 0.0),
+    (64, 4, 128, 100, 20.0, 0.0), (8, 1, 128, 0, 0.0, 0.0),
+    (32, 32, 128, 0, 0.0, 8.0), (12, 4, 64, 37, 30.0, 8.0), (6, 2, 80, 0, 0.0, 4.0),
 ]
 
 
@@ -194,9 +209,10 @@ ATTN_CASES = [  # heads, kv_heads, head_dim, window, softcap
 @pytest.mark.parametrize("case", ATTN_CASES)
 @pytest.mark.parametrize("page_size", [16, 7])
 def test_paged_decode_attention(dtype, case, page_size):
-    H, KV, D, window, cap = case
+    H, KV, D, window, cap, ali = case
     dt = DT[dtype]
-    spec = DecodeAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, softcap=cap, dtype=dtype, origin="test")
+    spec = DecodeAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, softcap=cap, alibi_max=ali, dtype=dtype,
+                  origin="test")
     ctx = [1, 17, 100, 513, 1000, 2049, 33]
     B = len(ctx)
     tables, pages = paged_layout(ctx, page_size)
@@ -210,7 +226,7 @@ def test_paged_decode_attention(dtype, case, page_size):
     for b, n in enumerate(ctx):
         ref = attention_ref(q[b].view(1, H, D), gather(kc, tables[b], n, page_size),
                             gather(vc, tables[b], n, page_size), torch.tensor([n - 1], device=DEV),
-                            spec.scale, window, cap)
+                            spec.scale, window, cap, alibi_max=ali)
         assert rel_err(out[b].view(1, H, D), ref) <= TOL[dtype], f"sequence {b} (context {n})"
 
 
@@ -218,9 +234,10 @@ def test_paged_decode_attention(dtype, case, page_size):
 @pytest.mark.parametrize("case", ATTN_CASES)
 @pytest.mark.parametrize("page_size", [16, 7])
 def test_prefill_attention(dtype, case, page_size):
-    H, KV, D, window, cap = case
+    H, KV, D, window, cap, ali = case
     dt = DT[dtype]
-    spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, softcap=cap, dtype=dtype, origin="test")
+    spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, softcap=cap, alibi_max=ali, dtype=dtype,
+                  origin="test")
     ctx, new = [0, 5, 100, 0, 64], [37, 64, 1, 130, 3]  # fresh prompts, chunked prefill, a decode
     kv_lens = [a + b for a, b in zip(ctx, new)]
     tables, pages = paged_layout(kv_lens, page_size)
@@ -236,7 +253,7 @@ def test_prefill_attention(dtype, case, page_size):
         rows = slice(int(cu[s]), int(cu[s + 1]))
         ref = attention_ref(q[rows].view(n, H, D), gather(kc, tables[s], c + n, page_size),
                             gather(vc, tables[s], c + n, page_size), torch.arange(c, c + n, device=DEV),
-                            spec.scale, window, cap)
+                            spec.scale, window, cap, alibi_max=ali)
         assert rel_err(out[rows].view(n, H, D), ref) <= TOL[dtype], f"sequence {s}"
 
 

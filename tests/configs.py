@@ -1,0 +1,137 @@
+"""Small model configs shared by the tests: one or more per family, with random weights in the
+tests (tests/test_architectures.py checks each spec against its transformers class with them,
+tests/gpu/test_cuda_backend.py the cuda backend against the reference backend), and the larger
+Llama and GPT-2 ones of tests/test_verify.py. FAMILY_CONFIGS keys are spec names (models/NAME.kiln),
+with a "-variant" suffix for a second config of the same spec; each config turns on what makes its
+family differ (a sliding window shorter than the tests' sequences, partial rotary, softcaps, ...)."""
+
+from __future__ import annotations
+
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # ids inside the small vocab
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, vocab_size=256, max_position_embeddings=128, **TOKENS)
+
+
+def cfg(model_type: str, arch: str, **over) -> dict:
+    return dict(SMALL, model_type=model_type, architectures=[arch], **over)
+
+
+FAMILY_CONFIGS = {
+    "llama": cfg("llama", "LlamaForCausalLM"),
+    "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=64, n_layer=2, n_head=4,
+                 vocab_size=256, n_positions=128, bos_token_id=1, eos_token_id=2),
+    "mistral": cfg("mistral", "MistralForCausalLM", sliding_window=8),
+    "qwen2": cfg("qwen2", "Qwen2ForCausalLM"),
+    # Sliding window switched on for layers >= max_window_layers only (layer_types).
+    "qwen2-sliding": cfg("qwen2", "Qwen2ForCausalLM", num_hidden_layers=3, use_sliding_window=True,
+                         sliding_window=8, max_window_layers=1),
+    # head_dim != hidden / heads; "gelu" is the legacy value transformers runs as tanh-GELU.
+    "gemma": cfg("gemma", "GemmaForCausalLM", head_dim=32, hidden_act="gelu"),
+    "phi3": cfg("phi3", "Phi3ForCausalLM"),
+    "phi3-partial-rotary": cfg("phi3", "Phi3ForCausalLM", partial_rotary_factor=0.5, sliding_window=8),
+    "gpt_neox": cfg("gpt_neox", "GPTNeoXForCausalLM", rotary_pct=0.25),
+    "gpt_neox-sequential": cfg("gpt_neox", "GPTNeoXForCausalLM", rotary_pct=0.5,
+                               use_parallel_residual=False),
+    "mixtral": cfg("mixtral", "MixtralForCausalLM", num_local_experts=8, num_experts_per_tok=2),
+    # head_dim != hidden / heads, so the per-head q/k norms have their own width.
+    "qwen3": cfg("qwen3", "Qwen3ForCausalLM", head_dim=32),
+    "qwen3-sliding": cfg("qwen3", "Qwen3ForCausalLM", num_hidden_layers=3, use_sliding_window=True,
+                         sliding_window=8, max_window_layers=1, attention_bias=True),
+    # Local layers (window 8, rotary base 10,000) and a global one (base 1e6, linear scaling x8).
+    "gemma3": cfg("gemma3_text", "Gemma3ForCausalLM", num_hidden_layers=3, head_dim=16, sliding_window=8,
+                  query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                   "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}}),
+    "gemma3-softcap": cfg("gemma3_text", "Gemma3ForCausalLM", num_hidden_layers=2, head_dim=16, sliding_window=8,
+                          final_logit_softcapping=1.5, attn_logit_softcapping=2.0),
+    # Layer 1 dense (mlp_only_layers), layers 0 and 2 sparse; top-2 of 4 experts, renormalised.
+    "qwen3_moe": cfg("qwen3_moe", "Qwen3MoeForCausalLM", num_hidden_layers=3, head_dim=16, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1]),
+    "qwen3_moe-step2": cfg("qwen3_moe", "Qwen3MoeForCausalLM", num_hidden_layers=2, head_dim=16, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2),
+    # Layers 1 and 3 without rotary (NoPE); layer 2 with a sliding window.
+    "smollm3": cfg("smollm3", "SmolLM3ForCausalLM", num_hidden_layers=4, no_rope_layer_interval=2,
+                   use_sliding_window=True, sliding_window=8,
+                   layer_types=["full_attention", "full_attention", "sliding_attention", "full_attention"]),
+    "gptj": dict(model_type="gptj", architectures=["GPTJForCausalLM"], n_embd=64, n_layer=2, n_head=4,
+                 rotary_dim=8, vocab_size=256, n_positions=128, bos_token_id=1, eos_token_id=2),
+    "cohere": cfg("cohere", "CohereForCausalLM", logit_scale=0.25, attention_bias=True),
+    "olmo2": cfg("olmo2", "Olmo2ForCausalLM"),
+    # Multipliers far from 1, so that each one shows.
+    "granite": cfg("granite", "GraniteForCausalLM", embedding_multiplier=12.0, residual_multiplier=0.22,
+                   attention_multiplier=0.05, logits_scaling=8.0),
+    "starcoder2": cfg("starcoder2", "Starcoder2ForCausalLM", sliding_window=8),
+    "starcoder2-no-bias": cfg("starcoder2", "Starcoder2ForCausalLM", use_bias=False, hidden_act="gelu"),
+    "phi": cfg("phi", "PhiForCausalLM", num_key_value_heads=4, partial_rotary_factor=0.4),
+    # Small caps so that both softcaps bend the values they cap.
+    "gemma2": cfg("gemma2", "Gemma2ForCausalLM", num_hidden_layers=3, head_dim=16, sliding_window=8,
+                  query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=1.5),
+    # ---- families needing norm variants, relu2, per-token scalars (olmo, nemotron, stablelm, qwen2_moe)
+    # Non-parametric LayerNorms; with clip_qkv small enough that the clamp bites.
+    "olmo": cfg("olmo", "OlmoForCausalLM", attention_bias=True),
+    "olmo-clip": cfg("olmo", "OlmoForCausalLM", clip_qkv=0.05),
+    # layernorm1p, relu2, rotary on half of each head (the default); biases everywhere in the second.
+    "nemotron": cfg("nemotron", "NemotronForCausalLM", head_dim=32),
+    "nemotron-bias": cfg("nemotron", "NemotronForCausalLM", attention_bias=True, mlp_bias=True,
+                         partial_rotary_factor=0.25, num_key_value_heads=4),
+    # Rotary on a quarter of each head (the default); q/k/v biases and the parallel residual in the second.
+    "stablelm": cfg("stablelm", "StableLmForCausalLM"),
+    "stablelm-parallel": cfg("stablelm", "StableLmForCausalLM", use_qkv_bias=True, use_parallel_residual=True,
+                             partial_rotary_factor=0.5),
+    # Shared expert with its [T, 1] sigmoid gate; layer 1 dense (mlp_only_layers); top-2 of 4 experts,
+    # not renormalised; q/k/v biases.
+    "qwen2_moe": cfg("qwen2_moe", "Qwen2MoeForCausalLM", num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=[1]),
+    # Renormalised top-2, experts on every second layer, no q/k/v biases, sliding window on layer 0.
+    "qwen2_moe-step2": cfg("qwen2_moe", "Qwen2MoeForCausalLM", num_hidden_layers=2, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                           norm_topk_prob=True, decoder_sparse_step=2, qkv_bias=False, use_sliding_window=True,
+                           sliding_window=8, max_window_layers=1),
+    # ---- families needing rope scaling yarn / longrope
+    # Phi-3 128k style longrope: short factors up to 16 tokens (original_max_position_embeddings at the
+    # top level, as Phi-3 has it), long ones after (the switch falls in the decode steps, as transformers
+    # switches per forward), cos and sin scaled by sqrt(1 + ln(128 / 16) / ln 16).
+    "phi3-longrope": cfg("phi3", "Phi3ForCausalLM", original_max_position_embeddings=16,
+                         rope_scaling={"rope_type": "longrope",
+                                       "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 1.8],
+                                       "long_factor": [1.0, 1.3, 1.9, 2.7, 4.0, 6.5, 9.0, 12.0]}),
+    # YaRN x4 from 32 positions: frequencies blended across the correction range, attention factor
+    # 0.1 ln 4 + 1 on cos and sin.
+    "qwen2-yarn": cfg("qwen2", "Qwen2ForCausalLM", rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                 "original_max_position_embeddings": 32}),
+    # ---- families needing ALiBi (bloom, mpt, falcon)
+    # 6 heads: not a power of 2, so the slopes interleave a second geometric series (BLOOM's rule).
+    "bloom": dict(model_type="bloom", architectures=["BloomForCausalLM"], hidden_size=96, n_layer=2, n_head=6,
+                  vocab_size=256, **TOKENS),
+    "bloom-post-ln-residual": dict(model_type="bloom", architectures=["BloomForCausalLM"], hidden_size=64, n_layer=2,
+                                   n_head=4, vocab_size=256, apply_residual_connection_post_layernorm=True,
+                                   tie_word_embeddings=False, **TOKENS),
+    # clip_qkv small enough to clamp many projections; softmax_scale != head_dim^-0.5.
+    "mpt": dict(model_type="mpt", architectures=["MptForCausalLM"], d_model=64, n_layers=2, n_heads=4, vocab_size=256,
+                max_seq_len=128, attn_config={"clip_qkv": 0.1}, **TOKENS),
+    "mpt-6-heads": dict(model_type="mpt", architectures=["MptForCausalLM"], d_model=96, n_layers=2, n_heads=6,
+                        vocab_size=256, max_seq_len=128, attn_config={"softmax_scale": 0.2}, **TOKENS),
+    # Falcon with rotary (transformers' eager Falcon adds ALiBi twice, so its ALiBi layouts are
+    # checked in tests/test_alibi.py against the sdpa path): falcon-7b (multi_query, parallel_attn),
+    # falcon-40b/180b (new_decoder_architecture: GQA, ln_attn + ln_mlp), the same with one LayerNorm,
+    # and falcon-rw's sequential block with biases, here with rotary.
+    "falcon": cfg("falcon", "FalconForCausalLM", multi_query=True, parallel_attn=True, bias=False),
+    "falcon-new-arch": cfg("falcon", "FalconForCausalLM", new_decoder_architecture=True, num_kv_heads=2,
+                           multi_query=False, bias=False),
+    "falcon-new-arch-1ln": cfg("falcon", "FalconForCausalLM", new_decoder_architecture=True, num_kv_heads=2,
+                               num_ln_in_parallel_attn=1, bias=True, rope_theta=500.0, ffn_hidden_size=96),
+    "falcon-sequential": cfg("falcon", "FalconForCausalLM", multi_query=False, parallel_attn=False, bias=True,
+                             num_key_value_heads=4, tie_word_embeddings=False),
+}
+
+
+# tests/test_verify.py: wider and deeper than FAMILY_CONFIGS' (Llama with llama3 rope scaling).
+VERIFY_LLAMA = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256, num_hidden_layers=4,
+    num_attention_heads=8, num_key_value_heads=2, intermediate_size=512, vocab_size=1000,
+    max_position_embeddings=128,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 16},
+)
+VERIFY_GPT2 = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=128, n_layer=3, n_head=4,
+                   vocab_size=500, n_positions=128, bos_token_id=0, eos_token_id=0)
