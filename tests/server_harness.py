@@ -1,12 +1,15 @@
 """Shared by the server tests: a tiny random-weight model with SmolLM2's real tokenizer (so chat
 templates and text work while a step takes milliseconds), an offline `LLM` over the same model
-(the oracle), and a uvicorn server on 127.0.0.1 in a background thread, bounded in time."""
+(the oracle), a uvicorn server on 127.0.0.1 in a background thread, bounded in time, and a
+`StepGate` through which a test decides when the engine may step (so that what a test checks
+never depends on how fast this machine is)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import io
+import math
 import socket
 import sys
 import threading
@@ -52,21 +55,64 @@ def offline_llm(seed: int = 1, **engine_options) -> LLM:
     return llm
 
 
-def served(name: str = "tiny", seed: int = 1, max_waiting: int = 256, min_step_s: float = 0.0,
-           **engine_options) -> ServedModel:
-    """min_step_s > 0 makes each engine step last at least that long (outputs unchanged): a test
-    that races clients against generation then does not depend on how fast this machine is."""
-    engine_options.setdefault("max_model_len", MAX_MODEL_LEN)
-    engine = LLMEngine(tiny_model(seed), tokenizer(), EngineConfig(**engine_options))
-    if min_step_s > 0:
+class StepGate:
+    """A gate that each step of an engine waits at before it runs, opened by the test.
+
+    The gate holds a number of steps it will let through: `allow(n)` adds n, `open()` lets every
+    step through, `close()` holds the next one, and `held()` closes it for a `with` block. While
+    a step waits, the engine thread does nothing else: the adds and aborts the server sends queue
+    up until the step is let through, so no request makes progress, while the server's event loop
+    still admits, refuses, times out requests and notices clients that leave. `StepGate(0)`
+    starts shut; `running` opens the gates of its models before it stops the server.
+    """
+
+    def __init__(self, steps: float = math.inf):
+        self._cond = threading.Condition()
+        self._allowed = steps  # steps still allowed through
+        self.passed = 0  # steps let through so far
+
+    def allow(self, n: int = 1) -> None:
+        with self._cond:
+            self._allowed += n
+            self._cond.notify_all()
+
+    def open(self) -> None:
+        self.allow(math.inf)
+
+    def close(self) -> None:
+        with self._cond:
+            self._allowed = 0
+
+    @contextlib.contextmanager
+    def held(self):
+        self.close()
+        try:
+            yield self
+        finally:
+            self.open()
+
+    def wrap(self, engine: LLMEngine) -> None:
+        """Make every `engine.step()` pass this gate first (on this engine instance only)."""
         step = engine.step
 
-        def paced_step():
-            t0 = time.monotonic()
-            out = step()
-            time.sleep(max(0.0, min_step_s - (time.monotonic() - t0)))
-            return out
-        engine.step = paced_step
+        def gated_step():
+            with self._cond:
+                self._cond.wait_for(lambda: self._allowed > 0)
+                self._allowed -= 1
+                self.passed += 1
+            return step()
+
+        gated_step.gate = self
+        engine.step = gated_step
+
+
+def served(name: str = "tiny", seed: int = 1, max_waiting: int = 256, gate: StepGate | None = None,
+           **engine_options) -> ServedModel:
+    """A model to serve; with a gate, each of its engine's steps waits for the gate (see StepGate)."""
+    engine_options.setdefault("max_model_len", MAX_MODEL_LEN)
+    engine = LLMEngine(tiny_model(seed), tokenizer(), EngineConfig(**engine_options))
+    if gate is not None:
+        gate.wrap(engine)
     return ServedModel(name, AsyncLLMEngine(engine, max_waiting=max_waiting), tokenizer(), MAX_MODEL_LEN)
 
 
@@ -92,6 +138,9 @@ def running(models: list[ServedModel], config: ServerConfig | None = None, start
         yield url
     finally:
         _LOOPS.pop(url, None)
+        for m in models:  # a step held at a gate would keep the engine thread from stopping
+            if (gate := getattr(m.engine.engine.step, "gate", None)) is not None:
+                gate.open()
         server.should_exit = True
         thread.join(15)
         sock.close()
@@ -99,6 +148,19 @@ def running(models: list[ServedModel], config: ServerConfig | None = None, start
 
 def health(url: str) -> dict:
     return httpx.get(f"{url}/health", timeout=10).json()
+
+
+async def until_health(url: str, ready, what: str, model: str = "tiny", timeout: float = 60.0) -> dict:
+    """Poll /health (without blocking the event loop) until ready(the model's stats) holds."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=10) as h:
+        while True:
+            stats = (await h.get(f"{url}/health")).json()["models"][model]
+            if ready(stats):
+                return stats
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} (after {timeout} s): {stats}\n{server_state(url)}")
+            await asyncio.sleep(0.02)
 
 
 _LOOPS: dict[str, asyncio.AbstractEventLoop] = {}  # url -> its server's event loop, for diagnostics
@@ -132,7 +194,7 @@ def server_state(url: str) -> str:
     return "\n".join(parts)
 
 
-def wait_idle(url: str, model: str = "tiny", timeout: float = 20.0) -> dict:
+def wait_idle(url: str, model: str = "tiny", timeout: float = 60.0) -> dict:
     """Poll /health until the model has nothing running, waiting or holding KV pages."""
     deadline = time.monotonic() + timeout
     while True:

@@ -15,7 +15,8 @@ import pytest
 from kiln.runtime.async_engine import QueueFull
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.server import ServerConfig
-from server_harness import health, metric, offline_llm, running, served, tokenizer, wait_idle
+from tests.server_harness import (StepGate, health, metric, offline_llm, running, served, tokenizer,
+                                  until_health, wait_idle)
 
 PROMPTS = ["Hello there", "The capital of France is", "def f(x):\n    return", "1 2 3 4 5"]
 # (OpenAI request fields, the same as SamplingParams)
@@ -38,8 +39,13 @@ def llm():
 
 
 @pytest.fixture(scope="module")
-def url():
-    with running([served(max_num_seqs=16)]) as u:
+def gate():
+    return StepGate()  # open; a test that must hold the engine closes it for a while
+
+
+@pytest.fixture(scope="module")
+def url(gate):
+    with running([served(max_num_seqs=16, gate=gate)]) as u:
         yield u
 
 
@@ -205,23 +211,31 @@ async def chunks(parts):
         yield p
 
 
-def test_bad_input_gets_4xx_naming_the_problem(url, llm):
+def test_bad_input_gets_4xx_naming_the_problem(url, gate, llm):
+    """Each bad request gets its 4xx with an OpenAI error body naming the field, answered while the
+    engine is held; a good request admitted before them (it cannot run until they are all answered)
+    then completes with the offline output."""
+    wait_idle(url)
+
     async def main():
-        # A good request streams while the bad ones arrive: it must be unaffected.
         async with aclient(url) as c:
-            good = asyncio.ensure_future(c.completions.create(
-                model="tiny", prompt=PROMPTS[0], max_tokens=40, temperature=0, stream=False,
-                extra_body={"return_token_ids": True}))
-            async with httpx.AsyncClient(timeout=30) as h:
-                for endpoint, body, status, param, words in BAD:
-                    kw = {"json": body} if isinstance(body, dict) else {"content": body}
-                    if isinstance(body, list):
-                        kw = {"content": chunks(body)}
-                    r = await h.post(f"{url}/v1/{endpoint}", headers={"content-type": "application/json"}, **kw)
-                    assert r.status_code == status, (str(body)[:200], r.text)
-                    err = r.json()["error"]
-                    assert set(err) == {"message", "type", "param", "code"}
-                    assert err["param"] == param and words in err["message"], (str(body)[:200], err)
+            with gate.held():
+                good = asyncio.ensure_future(c.completions.create(
+                    model="tiny", prompt=PROMPTS[0], max_tokens=40, temperature=0, stream=False,
+                    extra_body={"return_token_ids": True}))
+                await until_health(url, lambda m: m["in_flight"] == 1, "the good request was never admitted")
+                async with httpx.AsyncClient(timeout=30) as h:
+                    for endpoint, body, status, param, words in BAD:
+                        kw = {"json": body} if isinstance(body, dict) else {"content": body}
+                        if isinstance(body, list):
+                            kw = {"content": chunks(body)}
+                        r = await h.post(f"{url}/v1/{endpoint}", headers={"content-type": "application/json"},
+                                         **kw)
+                        assert r.status_code == status, (str(body)[:200], r.text)
+                        err = r.json()["error"]
+                        assert set(err) == {"message", "type", "param", "code"}
+                        assert err["param"] == param and words in err["message"], (str(body)[:200], err)
+                assert not good.done()
             return await good
 
     r = asyncio.run(main())
@@ -263,19 +277,23 @@ def test_several_models():
 
 
 def test_queue_full_gets_429_and_the_rest_complete(llm):
-    # 2 seats + 2 waiting slots: 4 requests in flight, the next ones are refused at once. Steps of
-    # >= 20 ms keep the first two running (>= 1.2 s) while the refusals are tried.
-    with running([served(max_num_seqs=2, max_waiting=2, min_step_s=0.02)]) as url:
+    """2 seats + 2 waiting slots: 4 requests are in flight and the next ones are refused at once
+    (429); the 4 then complete with the offline outputs. The engine takes no step until the
+    refusals are done, so none of the 4 can have finished and freed its slot before."""
+    gate = StepGate(0)
+    with running([served(max_num_seqs=2, max_waiting=2, gate=gate)]) as url:
         async def main():
             async with aclient(url) as c:
                 kw = dict(model="tiny", max_tokens=60, temperature=0, stream=True,
                           extra_body={"ignore_eos": True, "return_token_ids": True})
+                # A stream's headers come once the request is admitted, before any token.
                 streams = [await c.completions.create(prompt=p, **kw) for p in PROMPTS]
                 refused = 0
                 for p in PROMPTS[:3]:
                     with pytest.raises(openai.RateLimitError):
                         await c.completions.create(prompt=p, **kw)
                     refused += 1
+                gate.open()
                 outs = []
                 for s in streams:
                     ids = []
@@ -294,39 +312,43 @@ def test_queue_full_gets_429_and_the_rest_complete(llm):
 
 
 def test_disconnects_free_every_page(llm):
-    """50 streaming clients leave mid-stream, 10 more leave while waiting for a whole response.
-
-    A step lasts >= 20 ms, so no request can reach max_tokens (>= 9 s) before its client leaves:
-    on a fast, busy CI machine the tiny model once finished 8 of them first (52 aborts, not 60)."""
-    with running([served(max_num_seqs=64, min_step_s=0.02)]) as url:
+    """50 streaming clients leave mid-stream and 10 more leave while waiting for a whole response:
+    every request ends as an abort (none reaches max_tokens), every KV page comes back, and the
+    server still answers. Until the server has seen all 60 clients leave, the engine may take
+    `steps` steps only: fewer than max_tokens, so no request can finish first."""
+    steps = 100  # the streams' first 2 tokens need 3 (one may hold only some of the 50, then 2 tokens)
+    gate = StepGate(0)
+    with running([served(max_num_seqs=64, gate=gate)]) as url:
         async def main():
             async with aclient(url) as c:
                 kw = dict(model="tiny", max_tokens=460, temperature=0.8, seed=1, stream=True,
                           extra_body={"ignore_eos": True})
+                # Headers come once a request is admitted: then all 50 are queued for the engine.
+                streams = await asyncio.wait_for(asyncio.gather(*(
+                    c.completions.create(prompt=f"{PROMPTS[i % 4]} {i}", **kw) for i in range(50))), 60)
+                gate.allow(steps)
 
-                async def reader(i):
-                    s = await c.completions.create(prompt=f"{PROMPTS[i % 4]} {i}", **kw)
+                async def two_chunks(s):
                     for _ in range(2):
                         await anext(aiter(s))
-                    return s
 
-                streams = await asyncio.wait_for(asyncio.gather(*(reader(i) for i in range(50))), 60)
+                await asyncio.wait_for(asyncio.gather(*(two_chunks(s) for s in streams)), 60)
                 busy = health(url)["models"]["tiny"]
                 async with httpx.AsyncClient(timeout=60) as h:
-                    # Leave only once the server holds all 10 (a client timing out before the server
-                    # has read its request leaves nothing to abort, so a timer would make it racy).
+                    # Leave only once the server holds all 10 (a client that leaves before the server
+                    # has read its request leaves nothing to abort).
                     posts = [asyncio.ensure_future(h.post(f"{url}/v1/completions", json={
                         "model": "tiny", "prompt": "x", "max_tokens": 460, "ignore_eos": True})) for _ in range(10)]
-                    deadline = asyncio.get_running_loop().time() + 60
-                    while (await h.get(f"{url}/health")).json()["models"]["tiny"]["in_flight"] < 60:
-                        assert asyncio.get_running_loop().time() < deadline, "the 10 requests were never admitted"
-                        await asyncio.sleep(0.05)
+                    await until_health(url, lambda m: m["in_flight"] == 60, "the 10 requests were never admitted")
                     for t in posts:
                         t.cancel()  # closes its connection: the client is gone mid-request
                     done = await asyncio.gather(*posts, return_exceptions=True)
                     assert all(isinstance(x, asyncio.CancelledError) for x in done)
                 for s in streams:
                     await s.close()
+                # The server has closed (aborted) all 60 before the engine may step on.
+                await until_health(url, lambda m: m["in_flight"] == 0, "the server did not see every client leave")
+                gate.open()
                 return busy
 
         busy = asyncio.run(main())
@@ -342,8 +364,12 @@ def test_disconnects_free_every_page(llm):
 
 
 def test_request_timeout():
-    # Steps of >= 10 ms: 480 tokens take >= 4.8 s, far past the 0.3 s deadline on any machine.
-    with running([served(min_step_s=0.01)], ServerConfig(request_timeout=0.3)) as url:
+    """A request still running at its deadline gets 504 (whole response) or a timeout error event
+    (stream), is aborted and its pages come back; the engine goes on. The engine takes no step
+    until both deadlines have passed, so neither request can finish first. (No request is made
+    after them: one must finish within 0.3 s, which a slow machine may not do.)"""
+    gate = StepGate(0)
+    with running([served(gate=gate)], ServerConfig(request_timeout=0.3)) as url:
         c = client(url)
         kw = dict(model="tiny", prompt="x", max_tokens=480, extra_body={"ignore_eos": True})
         with pytest.raises(openai.APIStatusError) as e:
@@ -352,8 +378,11 @@ def test_request_timeout():
         with pytest.raises(openai.APIError, match="timed out"):
             for _ in c.completions.create(stream=True, **kw):
                 pass
-        wait_idle(url)
-        assert c.completions.create(model="tiny", prompt="x", max_tokens=2).choices
+        gate.open()
+        wait_idle(url)  # the engine stepped on and dropped both
+        assert health(url)["models"]["tiny"]["alive"]
+        assert metric(url, 'kiln_requests_finished_total{finish_reason="abort",model="tiny"}') == 2
+        assert metric(url, 'kiln_http_requests_total{endpoint="/v1/completions",status="504"}') == 1
 
 
 def test_async_engine_directly(llm):
@@ -372,10 +401,7 @@ def test_async_engine_directly(llm):
             await anext(long)
             long.close()
             last = [o async for o in waiting][-1]
-            for _ in range(200):
-                if ae.stats.kv_pages_used == 0 and ae.stats.running == 0:
-                    break
-                await asyncio.sleep(0.01)
+            # The engine publishes its stats before it hands the step's outputs to the event loop.
             return outs, last, ae.stats
         finally:
             await ae.shutdown()

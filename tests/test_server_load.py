@@ -14,14 +14,13 @@ import sys
 import time
 
 import httpx
-import numpy as np
 import openai
 import pytest
 
 from kiln.cli import main as kiln_main
-from kiln.runtime.bench_serve import percentiles, run_benchmark
+from kiln.runtime.bench_serve import run_benchmark
 from kiln.runtime.sampling_params import SamplingParams
-from server_harness import metric, offline_llm, running, served, tokenizer, wait_idle
+from tests.server_harness import TINY, metric, offline_llm, running, served, tokenizer, wait_idle
 
 WORDS = "the cat sat on a mat while seven tired engineers wrote careful tests about streaming servers".split()
 
@@ -74,8 +73,9 @@ def test_200_concurrent_streams_equal_offline():
 
     with running([served(max_num_seqs=64, max_waiting=256)]) as url:
         async def main():
-            async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=90) as c:
-                return await asyncio.wait_for(asyncio.gather(*(stream_one(c, *r) for r in reqs)), 120)
+            # Bounds against a hang only (this takes seconds): far above what a slow machine needs.
+            async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600) as c:
+                return await asyncio.wait_for(asyncio.gather(*(stream_one(c, *r) for r in reqs)), 900)
 
         t0 = time.monotonic()
         got = asyncio.run(main())
@@ -88,13 +88,6 @@ def test_200_concurrent_streams_equal_offline():
             metric(url, 'kiln_requests_finished_total{finish_reason="stop",model="tiny"}') == 200
         assert metric(url, 'kiln_generation_tokens_total{model="tiny"}') == sum(len(w.outputs[0].token_ids) for w in want)
     print(f"200 streams in {elapsed:.1f} s")
-
-
-def test_percentiles_match_numpy():
-    xs = [random.Random(3).random() for _ in range(37)]
-    got = percentiles(xs, scale=1.0)
-    for p in (50, 90, 99):
-        assert got[f"p{p}"] == pytest.approx(float(np.percentile(xs, p)))
 
 
 def test_bench_serve(tmp_path, capsys):
@@ -157,8 +150,6 @@ class KilnServe:
 
 def test_kiln_serve_cli_random_weights_and_bench(tmp_path, capsys):
     """`kiln serve --random-weights CONFIG` + `kiln bench serve` against it, both through the CLI."""
-    from server_harness import TINY
-
     config = tmp_path / "tiny-test.json"
     config.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], **TINY}))
     with KilnServe("--random-weights", str(config), "--max-num-seqs", "4", "--api-key", "k") as url:
