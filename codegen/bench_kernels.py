@@ -17,15 +17,16 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from . import kernels as K, rope
+from . import kernels as K
+from . import rope
 from .specs import (
     ActSpec,
     DecodeAttnSpec,
     EmbedSpec,
+    MapSpec,
     NormSpec,
     PrefillAttnSpec,
     RopeCacheSpec,
-    MapSpec,
 )
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB, PAGE = 4096, 32, 8, 128, 14336, 128256, 16

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-
 from kiln.dsl.ops import OPS, Gemm, Kernel, KernelCall, OpKind, Torch, activation_of
 from kiln.dsl.ops.elementwise import KERNEL_ACTIVATIONS
 from kiln.dsl.ops.rope import kernel_constants as rope_constants
@@ -103,10 +102,9 @@ def _sibling_gemms(p: _Program) -> None:
         # Each output starts on a 16-byte boundary of the fused row (zero rows pad the weight), so
         # kernels that read its slices with 16-byte vectors (gated activations, rotary) can.
         align = 16 // ks.RUN_DTYPES[p.dt].itemsize
-        starts = []
-        for w in widths:
-            starts.append(-(-(starts[-1] + prev) // align) * align if starts else 0)
-            prev = w
+        starts = [0]
+        for w in widths[:-1]:
+            starts.append(-(-(starts[-1] + w) // align) * align)
         p.claim(KOp(Exec.GEMM, (group[0].inputs[0],), tuple(g.out for g in group), tuple(group),
                     extra={"weights": tuple(g.inputs[1] for g in group), "biases": tuple(g.inputs[2] for g in group),
                            "fused": fused, "slices": tuple(zip(starts, widths))}), group[0])
@@ -166,7 +164,8 @@ def _gated_act(p: _Program) -> None:
 
 
 PATTERNS = (
-    Pattern("sibling_gemms", "linear(x, w_i[, b_i]) for every i, as one GEMM over concat(w_i) sliced back", _sibling_gemms),
+    Pattern("sibling_gemms", "linear(x, w_i[, b_i]) for every i, as one GEMM over concat(w_i) sliced back",
+            _sibling_gemms),
     Pattern("rope_attention", "attention(rope(q), rope(k), v): rope of q and k (same attributes), K/V appended "
             "to the cache, then attention; without ropes, the K/V write and attention", _rope_attention),
     Pattern("residual_norm", "r = a + b; h = norm(r, w): both h and r, in one pass", _residual_norm),

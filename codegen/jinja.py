@@ -11,7 +11,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import jinja2
-
 from kiln.dsl.loader import package_files
 
 TEMPLATE_PACKAGE = "kiln.templates"

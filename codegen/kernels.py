@@ -13,11 +13,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+from kiln.dsl.dtypes import RUN_DTYPES
 
 from .launch import LoadedKernel, get_kernel, i32, i64, ptr
 from .render import KernelSource, render  # noqa: F401  (re-exported)
-from kiln.dsl.dtypes import RUN_DTYPES
-
 from .specs import (  # noqa: F401  (re-exported)
     ActSpec,
     DecodeAttnSpec,

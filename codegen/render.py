@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
-
 from kiln.dsl.dtypes import RUN_DTYPES
 
 from . import rope

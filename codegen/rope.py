@@ -10,7 +10,6 @@ step's sequence length against `original_max_position`.
 from __future__ import annotations
 
 import torch
-
 from kiln.dsl import rope as _rope
 from kiln.dsl.bind import RopeScaling
 

@@ -31,6 +31,7 @@ def show_ir(plan: Plan) -> str:
         attrs = ", ".join(f"{k}={v!r}" for k, v in vars(ins.attrs).items() if v is not None)
         ins_ = ", ".join(str(i) if i is not None else "none" for i in ins.inputs)
         t = ", ".join(str(plan.types[o]) for o in ins.outputs)
-        lines.append(f"{', '.join(map(str, ins.outputs))}: {t} = {ins.kind.value}({ins_}{', ' + attrs if attrs else ''})"
+        outs = ", ".join(map(str, ins.outputs))
+        lines.append(f"{outs}: {t} = {ins.kind.value}({ins_}{', ' + attrs if attrs else ''})"
                      f"    # {ins.op.pos.line}")
     return "\n".join(lines) + "\n"

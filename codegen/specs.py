@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-
 from kiln.dsl.dtypes import RUN_DTYPES, of_torch
 from kiln.dsl.ops.elementwise import KERNEL_ACTIVATIONS as ACTIVATIONS
 

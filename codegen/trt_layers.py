@@ -17,7 +17,6 @@ this contract (the index inputs) is `runtime.trt_backend.step_inputs`.
 from __future__ import annotations
 
 import torch
-
 from kiln.dsl.dtypes import RUN_DTYPES
 from kiln.dsl.ops import OPS, OpKind
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-
 from kiln.dsl.plan import Plan
 
 from .batch import StepBatch

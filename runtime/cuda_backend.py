@@ -15,7 +15,6 @@ import gc
 from dataclasses import dataclass
 
 import torch
-
 from kiln.codegen import kernels as K
 from kiln.codegen.fuse import Exec, KOp, fuse
 from kiln.dsl.ops import OPS

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from kiln.dsl import Plan, load_spec, passes
 
 FORMAT = 1

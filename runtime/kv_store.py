@@ -9,7 +9,6 @@ p % page_size. Which pages a sequence owns is the block pool's business
 from __future__ import annotations
 
 import torch
-
 from kiln.dsl.plan import AttentionSite
 
 

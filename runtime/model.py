@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from kiln.dsl import Plan, load_spec, passes
 from kiln.dsl.dtypes import dtype as dtype_of
 from kiln.dsl.errors import SpecError
@@ -25,7 +24,6 @@ from .engine_dir import is_engine_dir, read_engine
 from .kv_store import KVStore
 from .reference import ReferenceModel
 from .weights import load_weights
-
 
 
 def spec_for_config(config: dict[str, Any], config_file: str = "config.json") -> Path:

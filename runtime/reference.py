@@ -7,7 +7,6 @@ instruction runs its op definition's `reference` (dsl/ops), through the table `O
 from __future__ import annotations
 
 import torch
-
 from kiln.dsl.ops import OPS
 from kiln.dsl.plan import Plan, Program, Value, fetch
 

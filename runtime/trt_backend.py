@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from kiln.dsl.plan import Plan
 
 from .batch import StepBatch

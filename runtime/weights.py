@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 
 import torch
-
 from kiln.dsl.ops import OpKind
 from kiln.dsl.plan import Plan, WeightSlot
 from kiln.dsl.sources import Alias, Concat, Reshape, SliceOf, Source, Tensor, Transpose

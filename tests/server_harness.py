@@ -20,7 +20,6 @@ from functools import lru_cache
 
 import httpx
 import uvicorn
-
 from kiln.llm import LLM
 from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.checkpoint import open_checkpoint

@@ -9,17 +9,17 @@ are checked here against the sdpa path, which adds it once, as Falcon's original
 
 from __future__ import annotations
 
+import kiln.runtime.verify as verify_mod
 import pytest
 import torch
-from tests.configs import FAMILY_CONFIGS, cfg
+from kiln.codegen.fuse import Exec, fuse
+from kiln.dsl import check, load_spec
+from kiln.dsl.ops.attention import alibi_slopes
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor as falcon_alibi
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
-import kiln.runtime.verify as verify_mod
-from kiln.codegen.fuse import Exec, fuse
-from kiln.dsl import check, load_spec
-from kiln.dsl.ops.attention import alibi_slopes
+from tests.configs import FAMILY_CONFIGS, cfg
 
 
 @pytest.mark.parametrize("heads", [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 40, 64, 71, 112])

@@ -10,17 +10,18 @@ import torch
 
 pytest.importorskip("cuda.bindings")
 
-from kiln.codegen import nvrtc, render as render_mod, rope  # noqa: E402
+from kiln.codegen import nvrtc, rope  # noqa: E402
+from kiln.codegen import render as render_mod
 from kiln.codegen.render import render  # noqa: E402
 from kiln.codegen.specs import (  # noqa: E402
     ActSpec,
     DecodeAttnSpec,
     EmbedSpec,
     KernelSpecError,
+    MapSpec,
     NormSpec,
     PrefillAttnSpec,
     RopeCacheSpec,
-    MapSpec,
 )
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -53,7 +54,8 @@ def _specs(full: bool):
         # Phi-3-mini-128k's shape: two baked tables, picked by the step's seq_len
         dict(heads=32, kv_heads=32, head_dim=96, rotary_dim=96, layout="half", scaling="longrope", factor=32.0,
              original_max_position=4096, attention_factor=1.1902380714238083,
-             short_factor=tuple(1.0 + 0.01 * i for i in range(48)), long_factor=tuple(1.0 + 0.5 * i for i in range(48))),
+             short_factor=tuple(1.0 + 0.01 * i for i in range(48)),
+             long_factor=tuple(1.0 + 0.5 * i for i in range(48))),
         dict(heads=8, kv_heads=2, head_dim=64, rotary_dim=32, layout="interleaved", scaling="longrope", factor=8.0,
              original_max_position=16, short_factor=(1.0,) * 16, long_factor=tuple(range(1, 17))),
     ]
@@ -95,7 +97,7 @@ def _compile_all(spec):
     assert f"// origin: {spec.origin}" in lines[1]
     # the origin comment sits right above every entry point too
     for entry in ks.entries:
-        at = next(i for i, l in enumerate(lines) if f" {entry}(" in l and "__global__" in l)
+        at = next(i for i, line in enumerate(lines) if f" {entry}(" in line and "__global__" in line)
         assert lines[at - 1] == f"// origin: {spec.origin}"
     for arch in ARCHS:
         img = nvrtc.compile_source(ks.source, ks.name, arch, ks.origin)
@@ -143,7 +145,7 @@ def test_compile_error_shows_generated_source(monkeypatch):
         nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin)
     msg = str(err.value)
     assert "models/broken.kiln:7 rmsnorm(x, w)" in msg
-    marked = [l for l in msg.splitlines() if l.startswith(">")]
+    marked = [line for line in msg.splitlines() if line.startswith(">")]
     assert marked and "1.0.0f" in marked[0]
     n = int(marked[0][1:].split("|")[0])
     assert ks.source.splitlines()[n - 1] in marked[0]
@@ -220,10 +222,9 @@ def test_dynamic_ntk_matches_hf(seq_len):
 ])
 def test_yarn_matches_hf(theirs):
     """YaRN's static table and attention factor, through the spec's kernel constants, bit for bit."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     from kiln.dsl import rope as dsl_rope
     from kiln.dsl.bind import RopeScaling
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     theta, rot = 1000000.0, int(128 * theirs.get("partial_rotary_factor", 1.0))
     cfg = _hf_config({"rope_type": "yarn", "rope_theta": theta, **theirs})
@@ -241,10 +242,9 @@ def test_yarn_matches_hf(theirs):
 def test_longrope_matches_hf(seq_len):
     """Phi-3 128k style: the short table up to the original length, the long one past it; the
     attention factor from max_position_embeddings / original_max_position_embeddings."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     from kiln.dsl import rope as dsl_rope
     from kiln.dsl.bind import RopeScaling
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     short = [1.0 + 0.013 * i for i in range(48)]
     long = [1.0 + 0.71 * i for i in range(48)]

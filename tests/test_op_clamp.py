@@ -8,7 +8,6 @@ import importlib.util
 
 import pytest
 import torch
-
 from kiln.dsl import SpecError, check, parse_spec
 from kiln.runtime.batch import SeqSlice, StepBatch
 from kiln.runtime.kv_store import KVStore
@@ -95,6 +94,7 @@ def test_tensorrt_network_matches_reference(spec_file, tmp_path):
         pytest.skip(str(e))
     from kiln.codegen.trt_network import Limits, render_network
     from kiln.runtime.trt_backend import step_inputs
+
     from tests.trt_interp import run_network
 
     model = random_model(spec_file, seed=1)

@@ -10,7 +10,6 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-
 from kiln.dsl import SpecError, check, parse_spec
 from kiln.runtime.batch import SeqSlice, StepBatch
 from kiln.runtime.kv_store import KVStore
@@ -168,6 +167,7 @@ def test_tensorrt_network_matches_by_hand(spec_file, tmp_path):
         pytest.skip(str(e))
     from kiln.codegen.trt_network import Limits, render_network
     from kiln.runtime.trt_backend import step_inputs
+
     from tests.trt_interp import run_network
 
     model = random_model(spec_file, seed=1)

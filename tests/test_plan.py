@@ -6,11 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from kiln.dsl import SpecError, check, load_spec, parse_spec, passes
 from kiln.dsl.ops import OPS, OpKind
 from kiln.dsl.plan import PlanError, QuantDesc, ShardDesc, Value, WeightArg
 from kiln.runtime.model import make_backend, random_model
+
 from tests.test_dsl_errors import TINY
 
 
@@ -58,7 +58,8 @@ def test_verify_finds_attention_sites_out_of_order(plan):
 def test_verify_finds_attrs_of_another_op(plan):
     rope = next(i for i, ins in enumerate(plan.program.instrs) if ins.kind is OpKind.ROPE)
     with pytest.raises(PlanError, match="attrs are rmsnorm_attrs"):
-        _replace_instr(plan, rope, attrs=OPS[OpKind.RMSNORM].make_attrs(dict(eps=1e-6, offset=0.0, group=None))).verify()
+        attrs = OPS[OpKind.RMSNORM].make_attrs(dict(eps=1e-6, offset=0.0, group=None))
+        _replace_instr(plan, rope, attrs=attrs).verify()
 
 
 def test_a_pass_that_breaks_the_plan_is_caught_where_it_ran(plan):

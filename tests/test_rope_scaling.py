@@ -11,15 +11,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-
+from kiln.codegen import rope as kernel_rope
+from kiln.codegen.specs import RopeCacheSpec
 from kiln.dsl import check, load_spec
 from kiln.dsl import rope as dsl_rope
 from kiln.dsl.errors import SpecError
 from kiln.dsl.ops import OpKind, trt_unsupported
 from kiln.dsl.ops.rope import ROPE, kernel_constants
 from kiln.dsl.ops.rope import _scaling as resolved
-from kiln.codegen import rope as kernel_rope
-from kiln.codegen.specs import RopeCacheSpec
+
 from tests.configs import FAMILY_CONFIGS, cfg
 
 SHORT = [1.0 + 0.013 * i for i in range(48)]

@@ -11,12 +11,21 @@ import json
 import httpx
 import openai
 import pytest
-
 from kiln.runtime.async_engine import QueueFull
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.server import ServerConfig
-from tests.server_harness import (StepGate, health, metric, offline_llm, running, served, tokenizer,
-                                  until_health, wait_idle)
+
+from tests.server_harness import (
+    StepGate,
+    health,
+    metric,
+    offline_llm,
+    running,
+    served,
+    tokenizer,
+    until_health,
+    wait_idle,
+)
 
 PROMPTS = ["Hello there", "The capital of France is", "def f(x):\n    return", "1 2 3 4 5"]
 # (OpenAI request fields, the same as SamplingParams)
@@ -30,7 +39,8 @@ CASES = [
 ]
 MESSAGES = [[{"role": "user", "content": "What is the capital of France?"}],
             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to three."},
-             {"role": "assistant", "content": "1 2 3"}, {"role": "user", "content": [{"type": "text", "text": "Again"}]}]]
+             {"role": "assistant", "content": "1 2 3"},
+             {"role": "user", "content": [{"type": "text", "text": "Again"}]}]]
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +249,8 @@ def test_bad_input_gets_4xx_naming_the_problem(url, gate, llm):
             return await good
 
     r = asyncio.run(main())
-    assert token_ids(r.choices[0]) == offline(llm, PROMPTS[0], dict(max_tokens=40, temperature=0.0)).outputs[0].token_ids
+    want = offline(llm, PROMPTS[0], dict(max_tokens=40, temperature=0.0)).outputs[0].token_ids
+    assert token_ids(r.choices[0]) == want
     with pytest.raises(openai.NotFoundError):
         client(url).completions.create(model="nope", prompt="x")
     with pytest.raises(openai.BadRequestError, match="max_tokens"):

@@ -16,10 +16,10 @@ import time
 import httpx
 import openai
 import pytest
-
 from kiln.cli import main as kiln_main
 from kiln.runtime.bench_serve import run_benchmark
 from kiln.runtime.sampling_params import SamplingParams
+
 from tests.server_harness import TINY, metric, offline_llm, running, served, tokenizer, wait_idle
 
 WORDS = "the cat sat on a mat while seven tired engineers wrote careful tests about streaming servers".split()
@@ -86,7 +86,8 @@ def test_200_concurrent_streams_equal_offline():
         wait_idle(url)
         assert metric(url, 'kiln_requests_finished_total{finish_reason="length",model="tiny"}') + \
             metric(url, 'kiln_requests_finished_total{finish_reason="stop",model="tiny"}') == 200
-        assert metric(url, 'kiln_generation_tokens_total{model="tiny"}') == sum(len(w.outputs[0].token_ids) for w in want)
+        generated = sum(len(w.outputs[0].token_ids) for w in want)
+        assert metric(url, 'kiln_generation_tokens_total{model="tiny"}') == generated
     print(f"200 streams in {elapsed:.1f} s")
 
 

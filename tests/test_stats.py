@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-
 from kiln.runtime.async_engine import RequestStats
 from kiln.runtime.bench_serve import percentiles
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-
 from kiln.codegen.trt_api import TensorRTMissing, load_tensorrt
 
 try:
@@ -28,20 +26,20 @@ except TensorRTMissing as e:  # pragma: no cover - CI installs the tensorrt extr
     pytest.skip(f"TensorRT not installed: {e}", allow_module_level=True)
 
 import transformers  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from tests.configs import FAMILY_CONFIGS as CASES  # noqa: E402
-from tests.trt_interp import run_network  # noqa: E402
-
 from kiln.cli import main as cli  # noqa: E402
-from kiln.runtime.build import BuildError, build, build_engine, import_network, read_manifest  # noqa: E402
 from kiln.codegen.trt_layers import TrtLoweringError  # noqa: E402
 from kiln.codegen.trt_network import Limits, render_network  # noqa: E402
 from kiln.dsl.loader import MODELS_DIR  # noqa: E402
 from kiln.runtime.batch import SeqSlice, StepBatch  # noqa: E402
+from kiln.runtime.build import BuildError, build, build_engine, import_network, read_manifest  # noqa: E402
 from kiln.runtime.checkpoint import CheckpointError  # noqa: E402
 from kiln.runtime.kv_store import KVStore  # noqa: E402
 from kiln.runtime.model import load_model  # noqa: E402
 from kiln.runtime.trt_backend import TrtRuntimeError, step_inputs  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from tests.configs import FAMILY_CONFIGS as CASES  # noqa: E402
+from tests.trt_interp import run_network  # noqa: E402
 
 SPECS = sorted(p.stem for p in MODELS_DIR.glob("*.kiln"))
 SMALL = dict(max_batch=2, max_tokens=32, max_seq_len=64, page_size=4, archs=("sm86",), progress=False)

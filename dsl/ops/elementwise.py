@@ -9,7 +9,19 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
-    Attr, KernelCall, Kernel, OpDef, ShapeError, T, Torch, TrtLowering, TType, act, attr_kwargs, need, same,
+    Attr,
+    Kernel,
+    KernelCall,
+    OpDef,
+    ShapeError,
+    T,
+    Torch,
+    TrtLowering,
+    TType,
+    act,
+    attr_kwargs,
+    need,
+    same,
     torch_only,
 )
 
@@ -93,8 +105,8 @@ def _positive_cap(attrs) -> None:
 SOFTCAP = OpDef(
     "softcap", ("x",), {"cap": Attr("float")}, same, "cap * tanh(x / cap)",
     reference=lambda ctx, ins, a: torch.tanh(a[0] / ins.attrs.cap) * ins.attrs.cap,
-    cuda=lambda ins, plan, dt: KernelCall(Kernel.MAP, dict(body="map_softcap.cu.j2",
-                                                       consts=(("cap", ins.attrs.cap), ("inv_cap", 1 / ins.attrs.cap)))),
+    cuda=lambda ins, plan, dt: KernelCall(Kernel.MAP, dict(
+        body="map_softcap.cu.j2", consts=(("cap", ins.attrs.cap), ("inv_cap", 1 / ins.attrs.cap)))),
     trt=TrtLowering(_softcap_trt, attr_kwargs("cap")),
     check_attrs=_positive_cap,
 )
@@ -196,7 +208,8 @@ def _clamp_bounds(attrs) -> None:
 
 def _clamp_cuda(ins, plan, dt):
     bounds = (("lo", ins.attrs.min), ("hi", ins.attrs.max))
-    return KernelCall(Kernel.MAP, dict(body="map_clamp.cu.j2", consts=tuple((n, v) for n, v in bounds if v is not None)))
+    consts = tuple((n, v) for n, v in bounds if v is not None)
+    return KernelCall(Kernel.MAP, dict(body="map_clamp.cu.j2", consts=consts))
 
 
 def _clamp_trt(nn, x, min=None, max=None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .base import Attr, Gemm, KernelCall, Kernel, OpDef, T, TrtLowering, TType, act, float_weight, need
+from .base import Gemm, Kernel, KernelCall, OpDef, T, TrtLowering, TType, act, float_weight, need
 
 
 def _embedding_shape(ins, attrs):

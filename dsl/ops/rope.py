@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import rope as math
-from .base import Attr, KernelCall, Kernel, OpDef, TrtLowering, act, heads, need
+from .base import Attr, Kernel, KernelCall, OpDef, TrtLowering, act, heads, need
 
 
 def _shape(ins, attrs):
@@ -21,7 +21,8 @@ def _shape(ins, attrs):
         need(len(sc.short_factor) == rd // 2,
              f"longrope short_factor / long_factor need rotary_dim / 2 = {rd // 2} entries, got {len(sc.short_factor)}")
     if sc is not None and sc.kind in ("yarn", "longrope"):
-        need(sc.factor is not None or attrs.max_pos is not None, f"{sc.kind} rope scaling without a factor needs max_pos")
+        need(sc.factor is not None or attrs.max_pos is not None,
+             f"{sc.kind} rope scaling without a factor needs max_pos")
     return (x,)
 
 

@@ -7,12 +7,12 @@ import random
 
 import pytest
 import torch
-
 from kiln.runtime.batch import SeqSlice, StepBatch
 from kiln.runtime.engine import EngineConfig, LLMEngine
 from kiln.runtime.kv_store import KVStore
 from kiln.runtime.model import LoadedModel, make_backend, random_model
 from kiln.runtime.sampling_params import SamplingParams
+
 from tests.configs import FAMILY_CONFIGS as FAMILIES
 
 LLAMA = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,

@@ -9,15 +9,16 @@ import torch
 
 pytest.importorskip("cuda.bindings")
 
-from kiln.codegen import kernels as K, rope  # noqa: E402
+from kiln.codegen import kernels as K  # noqa: E402
+from kiln.codegen import rope
 from kiln.codegen.specs import (  # noqa: E402
     ActSpec,
     DecodeAttnSpec,
     EmbedSpec,
+    MapSpec,
     NormSpec,
     PrefillAttnSpec,
     RopeCacheSpec,
-    MapSpec,
 )
 from kiln.dsl.ops.attention import alibi_slopes  # noqa: E402
 

@@ -28,11 +28,10 @@ if TRT.rtx and ARCH not in RTX_ARCHS:
 
 import transformers  # noqa: E402
 
-from kiln.runtime.build import build, read_manifest
-from kiln.runtime.model import load_engine  # noqa: E402
 from kiln.runtime.batch import SeqSlice, StepBatch  # noqa: E402
+from kiln.runtime.build import build, read_manifest  # noqa: E402
 from kiln.runtime.kv_store import KVStore  # noqa: E402
-from kiln.runtime.model import load_model  # noqa: E402
+from kiln.runtime.model import load_engine, load_model  # noqa: E402
 from kiln.runtime.trt_backend import can_run  # noqa: E402
 
 CONFIGS = {
