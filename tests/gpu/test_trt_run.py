@@ -27,7 +27,6 @@ if TRT.rtx and ARCH not in RTX_ARCHS:
                 f"{', '.join(RTX_ARCHS)}", allow_module_level=True)
 
 import transformers  # noqa: E402
-
 from kiln.runtime.batch import SeqSlice, StepBatch  # noqa: E402
 from kiln.runtime.build import build, read_manifest  # noqa: E402
 from kiln.runtime.kv_store import KVStore  # noqa: E402
