@@ -119,6 +119,8 @@ def _rope_attention(p: _Program) -> None:
         roped = p.feeds_only(qr, q) and p.feeds_only(kr, k) and qr.kind is kr.kind is OpKind.ROPE \
             and qr.attrs == kr.attrs
         call = OPS[ins.kind].cuda(ins, p.plan, p.dtype)
+        if not isinstance(call, KernelCall):
+            continue  # the attention lowers itself (Torch: e.g. v heads narrower than q/k's): nothing to fuse
         c = dict(call.constants)
         causal = c.pop("causal")
         common = dict(c, page_size=p.page_size, dtype=p.dt, origin=origin(ins))

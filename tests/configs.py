@@ -122,6 +122,36 @@ FAMILY_CONFIGS = {
                                num_ln_in_parallel_attn=1, bias=True, rope_theta=500.0, ffn_hidden_size=96),
     "falcon-sequential": cfg("falcon", "FalconForCausalLM", multi_query=False, parallel_attn=False, bias=True,
                              num_key_value_heads=4, tie_word_embeddings=False),
+    # ---- MoE routers and latent attention (deepseek_v2, deepseek_v3, phimoe)
+    # MLA with q_lora_rank (v heads 12 wide, q/k heads 8 + 8: attention in Torch on the cuda backend); layer 0 dense (first_k_dense_replace);
+    # 8 experts in 4 groups, top-3 of the best 2 groups by their best expert (group_limited_greedy),
+    # times routed_scaling_factor; 2 shared experts.
+    "deepseek_v2": cfg("deepseek_v2", "DeepseekV2ForCausalLM", num_hidden_layers=3, num_key_value_heads=4,
+                       q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                       n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=2,
+                       first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                       routed_scaling_factor=1.5),
+    # No q_lora_rank (one q projection; v and q/k heads both 16: the attention kernels), greedy top-2, biases on the attention projections, YaRN x4
+    # with mscale_all_dim (the softmax scale grows by mscale^2 too).
+    "deepseek_v2-no-q-lora": cfg("deepseek_v2", "DeepseekV2ForCausalLM", num_key_value_heads=4, q_lora_rank=None,
+                                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
+                                 n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 n_shared_experts=1, attention_bias=True,
+                                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                  "original_max_position_embeddings": 32, "mscale": 1.0,
+                                                  "mscale_all_dim": 1.0}),
+    # Sigmoid scores, 8 experts in 4 groups scored by their best two, top-3 of the best 2 groups
+    # (noaux_tc), renormalised, times 2.5; interleaved rotary; layer 0 dense.
+    "deepseek_v3": cfg("deepseek_v3", "DeepseekV3ForCausalLM", num_hidden_layers=3, num_key_value_heads=4,
+                       q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                       n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=1,
+                       first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5),
+    # Rotate-half rotary (rope_interleave false), not renormalised, one group, no q_lora_rank.
+    "deepseek_v3-half-rope": cfg("deepseek_v3", "DeepseekV3ForCausalLM", num_key_value_heads=4, q_lora_rank=None,
+                                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
+                                 n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1,
+                                 norm_topk_prob=False, rope_interleave=False),
 }
 
 

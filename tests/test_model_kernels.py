@@ -22,12 +22,7 @@ def test_every_kernel_of_the_spec_compiles(name):
     # Attention whose v heads are narrower than q/k's (latent attention) lowers to Torch: no kernels.
     latent = any(i.kind.value == "attention" and plan.sites[i.site].v_head_dim != i.attrs.head_dim
                  for i in plan.program.instrs)
-    try:
-        specs = kernel_specs(plan, "bf16", 16)
-    except AttributeError as e:  # codegen/fuse.py's rope_attention pattern not yet skipping a Torch attention
-        if not latent:
-            raise
-        pytest.skip(f"{name}: attention lowers to Torch, which codegen/fuse.py cannot fuse yet ({e})")
+    specs = kernel_specs(plan, "bf16", 16)
     kinds = {type(s).__name__ for s in specs}
     if latent:
         assert not {"RopeCacheSpec", "DecodeAttnSpec", "PrefillAttnSpec"} & kinds and "NormSpec" in kinds

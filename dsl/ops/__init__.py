@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import enum
 
-from . import attention, elementwise, linear, moe, norm, rope
+from . import attention, elementwise, layout, linear, moe, norm, rope
 from .base import (  # noqa: F401  (the vocabulary of op definitions)
     Attr, CudaLowering, Gemm, Kernel, KernelCall, OpDef, RefContext, ShapeError, T, Torch, TrtLowering, TType,
 )
 from .elementwise import ACTIVATIONS, HF_ACTIVATIONS, activation_of  # noqa: F401
 
-_DEFS: tuple[OpDef, ...] = (*linear.DEFS, *norm.DEFS, *rope.DEFS, *attention.DEFS, *elementwise.DEFS, *moe.DEFS)
+_DEFS: tuple[OpDef, ...] = (*linear.DEFS, *norm.DEFS, *rope.DEFS, *attention.DEFS, *elementwise.DEFS, *moe.DEFS,
+                             *layout.DEFS)
 
 OpKind = enum.Enum("OpKind", {d.name.upper(): d.name for d in _DEFS})
 OpKind.__doc__ = "The closed set of op kinds: OpKind.LINEAR.value == 'linear'."

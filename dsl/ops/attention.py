@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .base import Attr, KernelCall, Kernel, OpDef, T, TrtLowering, TType, act, heads, need
+from .base import Attr, KernelCall, Kernel, OpDef, T, Torch, TrtLowering, TType, act, heads, need
 
 
 def _shape(ins, attrs):
@@ -84,6 +84,9 @@ def _reference(ctx, ins, a):
 def _cuda(ins, plan, dt):
     site = plan.sites[ins.site]
     at = ins.attrs
+    if site.v_head_dim != at.head_dim:  # multi-head latent attention (DeepSeek-V2/V3): v heads narrower
+        return Torch(f"v head size {site.v_head_dim} != q/k head size {at.head_dim}: the attention kernels "
+                     f"have one head size (the reference runs on the GPU)")
     return KernelCall(Kernel.ATTENTION, dict(heads=site.heads, kv_heads=site.kv_heads, head_dim=at.head_dim,
                                              scale=scale_of(at), window=at.window or 0, softcap=at.softcap or 0.0,
                                              alibi_max=at.alibi_max if at.alibi else 0.0,
@@ -104,7 +107,8 @@ def _trt(nn, q, k, v, *, site: int, heads: int, kv_heads: int, head_dim: int, v_
     keys, vals = nn.gather_keys(kc, kv_heads, head_dim), nn.gather_keys(vc, kv_heads, v_head_dim)
     mask = nn.attention_mask(causal, window)
     qh = nn.to_heads(q, heads, head_dim)  # [1, Hq, T, D]
-    if softcap is None and alibi is None and hasattr(nn.net, "add_attention_v2"):
+    # IAttention wants one head size: v heads of another size (latent attention) take the chain too
+    if softcap is None and alibi is None and v_head_dim == head_dim and hasattr(nn.net, "add_attention_v2"):
         qs = nn.run_dtype(nn.ew(nn.f32(qh), nn.scalar(scale, rank=4), "PROD"))  # IAttention wants q pre-scaled
         layer = nn.net.add_attention_v2(qs, keys, vals, nn.trt.AttentionNormalizationOp.SOFTMAX,
                                         nn.trt.CausalMaskKind.NONE)
