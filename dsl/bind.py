@@ -8,6 +8,7 @@ config (`kiln check SPEC`) every parameter takes its default.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -107,6 +108,73 @@ def bind_params(spec: ir.Spec, config: Mapping[str, Any] | None,
         if p.name not in env:
             bind(p)
     return {name: env[name] for name in params}
+
+
+def check_requires(spec: ir.Spec, params: Mapping[str, Any], config: Mapping[str, Any] | None,
+                   config_file: str = "config.json") -> None:
+    """Every `require` of the spec holds for these bound parameters; the first that does not is a
+    ConfigError at its condition that names the config keys it read, their values and the file."""
+    by_name = {p.name: p for p in spec.params}
+    for r in spec.requires:
+        ok = evaluate(r.test, params)
+        if not isinstance(ok, bool):
+            raise SpecError(f"the condition of a require must be true or false, got {ok!r}", r.pos,
+                            "compare or negate it, e.g. `not flag`, `x == 0`, `x != none`")
+        if ok:
+            continue
+        read = _sources(r.test, by_name, params, config)
+        where = config_file if config is not None else "the parameters' defaults (no config)"
+        raise ConfigError(f"{where}: {r.message} ({'; '.join(read)})", r.pos,
+                          f"the spec requires `{r.text}`: it does not implement what this config asks for, "
+                          "so it refuses the config rather than compute something else")
+
+
+def _sources(e: ir.Expr, params: Mapping[str, ir.Param], values: Mapping[str, Any],
+             config: Mapping[str, Any] | None) -> list[str]:
+    """'key 'k' = v (parameter p)' for each parameter a condition reads, following defaults to the
+    keys they came from."""
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def names(x) -> list[str]:
+        if isinstance(x, ir.Name):
+            return [x.id]
+        found = []
+        for child in getattr(x, "__dict__", {}).values():
+            for c in (child if isinstance(child, tuple) else (child,)):
+                if isinstance(c, tuple):  # a Call's kwargs: (name, expr, pos)
+                    c = c[1]
+                if hasattr(c, "pos"):
+                    found += names(c)
+        return found
+
+    def visit(name: str) -> None:
+        p = params.get(name)
+        if p is None or name in seen:
+            return
+        seen.add(name)
+        key = next((k for k in p.keys if config is not None and lookup(config, k) is not None), None)
+        if key is not None:
+            out.append(f"key '{key}' = {_show(lookup(config, key))} (parameter '{name}')")
+            return
+        missing = f"no key {' or '.join(repr(k) for k in p.keys)}, so " if p.keys and config is not None else ""
+        out.append(f"{missing}parameter '{name}' = {_show(values.get(name))} (its default)")
+        for n in names(p.default):
+            visit(n)
+
+    for n in names(e):
+        visit(n)
+    return out or ["the condition reads no parameter"]
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "none"
+    try:
+        text = json.dumps(v)  # as config.json spells it
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def coerce(p: ir.Param, v: Any, where: str) -> Any:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import ir
-from .bind import RopeScaling, bind_params
+from .bind import RopeScaling, bind_params, check_requires
 from .errors import SpecError
 from .exprs import evaluate
 from .ops import OPS, OpKind, ShapeError, T, TType, trt_unsupported
@@ -32,6 +32,7 @@ def check(spec: ir.Spec, config: Mapping[str, Any] | None = None,
           config_file: str = "config.json") -> Plan:
     try:
         params = bind_params(spec, config, config_file)
+        check_requires(spec, params, config, config_file)
         return _Checker(spec, params).run()
     except SpecError as e:
         text = dict(spec.sources).get(e.pos.file) if e.pos else None

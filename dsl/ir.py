@@ -109,6 +109,19 @@ class Param:
     pos: Pos
 
 
+@dataclass(frozen=True)
+class Require:
+    """`require [NAME:] TEST, "message"`: a condition on the bound parameters that a config must
+    meet (an option the spec does not implement); checked when a config binds the spec."""
+
+    name: str | None  # named ones can be replaced or dropped by a spec that extends this one
+    test: Expr  # a constant expression over parameters that must be true
+    message: str
+    text: str  # the condition's source text, for the error
+    pos: Pos  # of the condition
+    name_pos: Pos | None = None
+
+
 # ---------------------------------------------------------------- weights
 
 
@@ -202,6 +215,7 @@ class Spec:
     graph: Graph
     files: tuple[str, ...] = field(default=())  # this spec and the ones it extends
     sources: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (file, text) for messages
+    requires: tuple[Require, ...] = field(default=())  # conditions a config must meet (base's first)
 
     def block(self, name: str) -> Block | None:
         for b in self.blocks:

@@ -42,14 +42,16 @@ def merge(base: SpecAst, child: SpecAst) -> SpecAst:
         return [x for x in items if x.name not in gone]
 
     top = {name for name, _ in child.drops}
-    for x in [*child.params, *child.weights, *child.blocks]:
+    named = [r for r in child.requires if r.name is not None]
+    for x in [*child.params, *child.weights, *child.blocks, *named]:
         if x.name in top:
-            raise SpecError(f"'{x.name}' is both dropped and declared by spec '{child.name}'", x.pos,
+            raise SpecError(f"'{x.name}' is both dropped and declared by spec '{child.name}'",
+                            getattr(x, "name_pos", None) or x.pos,
                             "a redeclaration already replaces the inherited one: remove the drop")
     for name, pos in child.drops:
-        if not any(x.name == name for x in [*base.params, *base.weights, *base.blocks]):
+        if not any(x.name == name for x in [*base.params, *base.weights, *base.blocks, *base.requires]):
             raise SpecError(f"'drop {name}': base spec '{base.name}' declares no parameter, weight or block "
-                            f"'{name}'", pos)
+                            f"'{name}'", pos, "nor a named require (`require NAME: ...`)")
     blocks = [b for b in base.blocks if b.name not in top]
     for nb in child.blocks:
         old = next((b for b in blocks if b.name == nb.name), None)
@@ -72,6 +74,8 @@ def merge(base: SpecAst, child: SpecAst) -> SpecAst:
         weights=by_name([w for w in base.weights if w.name not in top], child.weights),
         blocks=blocks,
         forward=child.forward if child.forward is not None else base.forward,
+        requires=by_name([r for r in base.requires if r.name is None or r.name not in top], named)
+        + [r for r in child.requires if r.name is None],
     )
 
 
@@ -95,6 +99,11 @@ def lower(spec: SpecAst, files: tuple[str, ...], sources: tuple[tuple[str, str],
         declare(b.name, b.pos, "block")
         if b.name in BY_NAME:
             raise SpecError(f"block name '{b.name}' is the name of an op", b.pos)
+    params = {p.name: p for p in spec.params}
+    for r in spec.requires:
+        if r.name is not None:
+            declare(r.name, r.name_pos or r.pos, "require")
+        _check_require(r, params)
     for pattern in spec.ignore:
         check_pattern(pattern, spec.pos, glob=True)
     global_weights = {w.name for w in spec.weights}
@@ -123,8 +132,70 @@ def lower(spec: SpecAst, files: tuple[str, ...], sources: tuple[tuple[str, str],
         name=spec.name, file=spec.file, architectures=spec.architectures or (),
         gguf_arch=gguf_arch, gguf_flags=gguf_flags, ignore=tuple(spec.ignore),
         params=tuple(spec.params), weights=tuple(spec.weights), blocks=tuple(blocks),
-        graph=graph, files=files, sources=sources,
+        graph=graph, files=files, sources=sources, requires=tuple(spec.requires),
     )
+
+
+def _check_require(r: ir.Require, params: dict[str, ir.Param]) -> None:
+    """A require's condition is a constant expression over parameters that gives true or false."""
+
+    def walk(e) -> str | None:  # the kind of value e gives where it is known: bool, number, str, list
+        if isinstance(e, ir.Name):
+            p = params.get(e.id)
+            if p is None:
+                raise SpecError(f"undefined name '{e.id}' in a require", e.pos,
+                                "a require's condition uses parameters (declare one with `param NAME: TYPE = "
+                                "DEFAULT <- config_key?`)")
+            if p.optional:
+                return None
+            return {"bool": "bool", "int": "number", "float": "number", "str": "str", "list": "list"}.get(p.type)
+        if isinstance(e, ir.Const):
+            v = e.value
+            return (None if v is None else "bool" if isinstance(v, bool) else "str" if isinstance(v, str)
+                    else "number")
+        if isinstance(e, ir.ListExpr):
+            for x in e.items:
+                walk(x)
+            return "list"
+        if isinstance(e, ir.UnOp):
+            walk(e.operand)
+            return "bool" if e.op == "not" else "number"
+        if isinstance(e, ir.BinOp):
+            a, b = walk(e.left), walk(e.right)
+            if e.op in ("==", "!=", "<", "<=", ">", ">=", "in", "not in", "and"):
+                return "bool"
+            if e.op == "or":
+                return "bool" if a == b == "bool" else None
+            return "number" if e.op != "+" or "number" in (a, b) else None
+        if isinstance(e, ir.Cond):
+            walk(e.test)
+            a, b = walk(e.then), walk(e.other)
+            return a if a == b else None
+        if isinstance(e, ir.Call):
+            if e.fn not in CONST_FUNCS:
+                raise SpecError(f"unknown function '{e.fn}' in a require", e.pos,
+                                "constant functions: " + ", ".join(sorted(CONST_FUNCS)))
+            for a in e.args:
+                walk(a)
+            for _, a, _ in e.kwargs:
+                walk(a)
+            return "number"
+        if isinstance(e, ir.Index):
+            walk(e.base)
+            for x in e.subs:
+                if isinstance(x, ir.Slice):
+                    raise SpecError("a require cannot slice", x.pos, "index a list with one integer")
+                walk(x)
+            return None
+        if isinstance(e, ir.Attr):
+            walk(e.base)
+            return None
+        raise SpecError("this expression is not a constant", getattr(e, "pos", r.pos))
+
+    kind = walk(r.test)
+    if kind is not None and kind != "bool":
+        raise SpecError(f"the condition of a require must be true or false, not a {kind}", r.pos,
+                        "compare or negate it, e.g. `not flag`, `x == 0`, `x != none`")
 
 
 def _check_weight(w: ir.Weight) -> None:

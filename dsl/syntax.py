@@ -70,6 +70,7 @@ class SpecAst:
     blocks: list[BlockDecl] = field(default_factory=list)
     forward: ForwardDecl | None = None
     drops: list[tuple[str, Pos]] = field(default_factory=list)  # inherited declarations removed
+    requires: list[ir.Require] = field(default_factory=list)  # conditions a config must meet
 
 
 def _pos(file: str, meta_or_tok) -> Pos:
@@ -241,6 +242,46 @@ class ToAst(Transformer):
             ir.Weight(w.name, w.shape, w.dtype, w.source, prefix, w.pos) for w in c[1:]
         ], self.p(meta))
 
+    def require(self, meta, c):
+        name, test, message = c
+        if not (isinstance(message, ir.Const) and isinstance(message.value, str)):
+            raise SpecError("the message of a require must be a string", message.pos,
+                            'require CONDITION, "what the spec does not implement"')
+        if not message.value.strip():
+            raise SpecError("the message of a require is empty", message.pos,
+                            "say what the config asks for that the spec does not implement")
+        # The condition's source span: after `require [NAME:]`, up to the last top-level comma.
+        start = (name.end_pos if name is not None else meta.start_pos + len("require"))
+        start = self.text.index(":", start) + 1 if name is not None else start
+        end, depth, quoted, comment = start, 0, False, False
+        for i in range(start, meta.end_pos):
+            ch = self.text[i]
+            if comment:
+                comment = ch != "\n"
+            elif quoted:
+                quoted = ch != '"'
+            elif ch == '"':
+                quoted = True
+            elif ch == "#":
+                comment = True
+            elif ch in "([":
+                depth += 1
+            elif ch in ")]":
+                depth -= 1
+            elif ch == "," and depth == 0:
+                end = i
+        src = self.text[start:end]
+        text = " ".join(_strip_comments(src).split())
+        lead = len(src) - len(src.lstrip())
+        first = start + lead
+        last = start + len(src.rstrip())
+        line = self.text.count("\n", 0, first) + 1
+        col = first - (self.text.rfind("\n", 0, first) + 1) + 1
+        same_line = "\n" not in self.text[first:last]
+        pos = Pos(self.file, line, col, col + (last - first) if same_line else None)
+        return ir.Require(str(name) if name is not None else None, test, message.value, text, pos,
+                          self.p(name) if name is not None else None)
+
     def drop(self, meta, c):
         return ("drop", tuple((str(t), self.p(t)) for t in c), self.p(meta))
 
@@ -260,6 +301,8 @@ class ToAst(Transformer):
         for item in c[1:]:
             if isinstance(item, ir.Param):
                 spec.params.append(item)
+            elif isinstance(item, ir.Require):
+                spec.requires.append(item)
             elif isinstance(item, BlockDecl):
                 spec.blocks.append(item)
             elif isinstance(item, ForwardDecl):
@@ -318,11 +361,31 @@ _SYNTAX_EXAMPLES = {
         "spec a forward(x) { f(x) }", "spec a forward(x) { y == x }",
         "spec a forward(x) { 1 = x }", "spec a forward(x) { y = }",
     ],
+    'a require is `require CONDITION, "message"` (a top-level declaration)': [
+        "spec a require x", "spec a require x: y", "spec a require", "spec a require, \"m\"",
+        "spec a block b { require x, \"m\" }", "spec a forward(x) { require x, \"m\" }",
+    ],
     "a reserved word cannot be used as a name": [
         "spec a param if: int = 1", "spec a forward(x) { return = x }",
         "spec a param none: int = 1", "spec a weights { block: [1] <- \"x\" }",
     ],
 }
+
+
+def _strip_comments(src: str) -> str:
+    """Source text without its `#` comments (strings have no escapes and no newlines)."""
+    out, quoted = [], False
+    for line in src.split("\n"):
+        keep = []
+        for ch in line:
+            if ch == '"':
+                quoted = not quoted
+            elif ch == "#" and not quoted:
+                break
+            keep.append(ch)
+        out.append("".join(keep))
+        quoted = False
+    return "\n".join(out)
 
 
 def parse_text(text: str, file: str = "<string>") -> SpecAst:
