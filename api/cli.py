@@ -1,22 +1,121 @@
 """The `kiln` command line.
 
-Every user error (a bad spec, config, checkpoint or argument) ends in a one-paragraph
-message and exit status 2 — never a traceback.
+Every user error (a bad spec, config, checkpoint or argument) ends in one message and exit
+status 2 — never a traceback. Argument values are checked while the arguments are parsed
+(each option's type states its range; the sampling options use SamplingParams' own rules),
+and whatever depends on the model (prompt length, token ids, device) before its weights load.
+Parsing imports nothing heavy: each command imports what it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
-from kiln.dsl import SpecError, check, load_spec
-from kiln.dsl.loader import MODELS_DIR
-
 
 class UsageError(Exception):
     """A bad command-line argument or file, reported without a traceback."""
+
+
+# --- argument types ------------------------------------------------------------------------
+# Each raises argparse.ArgumentTypeError; argparse prefixes "argument --name: ".
+
+
+def int_arg(lo: int, hi: int | None = None):
+    """An integer in [lo, hi]."""
+    rule = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    parse.bounds = (lo, hi, False)  # for the tests, which try each side of each bound
+    return parse
+
+
+def float_arg(lo: float, hi: float | None = None, lo_open: bool = False):
+    """A finite number >= lo (> lo when lo_open), <= hi."""
+    rule = (f"a number {'>' if lo_open else '>='} {lo:g}" if hi is None
+            else f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+        if not math.isfinite(value) or value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = "float"
+    parse.bounds = (lo, hi, lo_open)
+    return parse
+
+
+def nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def device_arg(text: str) -> str:
+    """cpu, cuda or cuda:N (whether this machine has it is checked before loading)."""
+    kind, _, index = text.partition(":")
+    if text == "cpu" or (kind == "cuda" and (not index or index.isdigit())):
+        return text
+    raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+
+
+def add_sampling_arguments(p, max_tokens: int) -> None:
+    """--max-tokens, --temperature, --top-p, --top-k, --seed: SamplingParams' rules."""
+    from kiln.runtime.sampling_params import arg_type
+
+    p.add_argument("--max-tokens", type=arg_type("max_tokens"), default=max_tokens, metavar="N",
+                   help=f"tokens to generate (default: {max_tokens})")
+    p.add_argument("--temperature", type=arg_type("temperature"), default=0.0, metavar="T",
+                   help="0 = greedy (the default)")
+    p.add_argument("--top-p", type=arg_type("top_p"), default=1.0, metavar="P", help="nucleus sampling, in (0, 1]")
+    p.add_argument("--top-k", type=arg_type("top_k"), default=0, metavar="K", help="0 or -1: off (the default)")
+    p.add_argument("--seed", type=arg_type("seed"), default=None, metavar="S", help="a 64-bit signed integer")
+
+
+def add_model_arguments(p) -> None:
+    """--spec, --dtype, --device, --backend of the commands that load a checkpoint."""
+    p.add_argument("--spec", help="spec (default: chosen by the checkpoint's architecture)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="run dtype (default: fp32; an engine directory's own)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--backend", default=None, choices=["reference", "cuda"],
+                   help="reference (torch, any device; the default) or cuda (generated kernels, --device cuda)")
+
+
+class KilnParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports leftovers from the top-level parser ("kiln: error: ..."); name the
+        # subcommand they were given to instead.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            prog = " ".join([self.prog, *(getattr(parsed, k) for k in ("command", "mode") if getattr(parsed, k, None))])
+            self.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extras)} (see '{prog} --help')\n")
+        return parsed
+
+
+# --- commands ------------------------------------------------------------------------------
 
 
 def _read_config(path: str | None) -> dict | None:
@@ -33,9 +132,12 @@ def _read_config(path: str | None) -> dict | None:
 
 
 def cmd_check(args) -> int:
+    from kiln.dsl import check, load_spec
+    from kiln.dsl.loader import MODELS_DIR, spec_files
+
     if args.spec is None:
         print(f"Specs in {MODELS_DIR}:")
-        for path in sorted(MODELS_DIR.glob("*.kiln")):
+        for path in spec_files():
             spec = load_spec(path)
             lines = len(path.read_text().splitlines())
             archs = ", ".join(spec.architectures) or "-"
@@ -64,6 +166,7 @@ def cmd_check(args) -> int:
 
 def cmd_show(args) -> int:
     from kiln.codegen.show import show_ir, show_kernels
+    from kiln.dsl import check, load_spec
 
     plan = check(load_spec(args.spec), _read_config(args.config), args.config or "config.json")
     sys.stdout.write(show_kernels(plan, args.dtype, args.page_size) if args.kernels else show_ir(plan))
@@ -71,10 +174,11 @@ def cmd_show(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    _need("transformers", "kiln verify", "dev")
+    config = _read_config(args.config)
     from kiln.runtime.model import spec_for_config
     from kiln.runtime.verify import verify
 
-    config = _read_config(args.config)
     spec = args.spec or spec_for_config(config, args.config)
     t0 = time.time()
     report = verify(config, spec, steps=args.steps)
@@ -96,9 +200,143 @@ def cmd_generate(args) -> int:
     return generate_cli(args)
 
 
+def cmd_build(args) -> int:
+    from kiln.runtime.build import cmd_build
+
+    return cmd_build(args)
+
+
+def cmd_run(args) -> int:
+    from kiln.runtime.build import cmd_run
+
+    return cmd_run(args)
+
+
+def cmd_serve(args) -> int:
+    _need("fastapi", "kiln serve", "serve")
+    _need("uvicorn", "kiln serve", "serve")
+    from kiln.runtime.server_cli import cmd_serve
+
+    return cmd_serve(args)
+
+
+def cmd_bench(args) -> int:
+    if args.mode == "serve":
+        _need("httpx", "kiln bench serve", "dev")
+        from kiln.runtime.bench_serve import cmd_bench_serve
+        return cmd_bench_serve(args)
+    if args.mode == "kernels":
+        from kiln.codegen.bench_kernels import main as bench_kernels
+        return bench_kernels([]) or 0
+    from kiln.runtime.bench import check_args
+    from kiln.runtime.bench import main as bench_main
+
+    if args.mode == "startup":
+        return bench_main(args)
+    check_args(args)  # option combinations first, then files
+    if args.mode == "latency" and args.hf or args.mode == "throughput" and args.hf_batch:
+        _need("transformers", f"kiln bench {args.mode} with an HF baseline", "dev")
+    from kiln.runtime.model import spec_for_config
+
+    if args.spec is None:
+        args.spec = spec_for_config(_read_config(args.config), args.config)
+    return bench_main(args)
+
+
+def _need(module: str, what: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{what} needs the Python package '{module}', which is not installed: "
+                         f"pip install -e '.[{extra}]' (or `make setup`)")
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+def model_pair(text: str) -> str:
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expects NAME=PATH, got {text!r}")
+    return text
+
+
+def add_serve_arguments(p) -> None:
+    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
+                   help="HF folder, .gguf file or engine directory, served under its file or folder name; "
+                        "'default' (or none, when no --model either): the embedded SmolLM2-135M-Instruct, "
+                        "served as 'SmolLM2-135M-Instruct'")
+    p.add_argument("--model", action="append", default=[], type=model_pair, metavar="NAME=PATH",
+                   help="serve the checkpoint at PATH under NAME (repeatable: several models at once)")
+    p.add_argument("--random-weights", metavar="CONFIG",
+                   help="also serve a model of this config.json's shape with random weights, named after the "
+                        "file (for benchmarks); its tokenizer: --tokenizer")
+    p.add_argument("--tokenizer", metavar="CHECKPOINT",
+                   help="a .gguf file or a folder with tokenizer.json: the tokenizer of --random-weights "
+                        "(default: the embedded SmolLM2's)")
+    p.add_argument("--spec", help="spec (default: chosen by each checkpoint's architecture)")
+    p.add_argument("--host", default="127.0.0.1", type=nonempty, help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int_arg(1, 65535), default=8000)
+    p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $KILN_API_KEY, or none)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="run dtype (default: fp32; an engine directory's own)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--backend", default=None, choices=["reference", "cuda"], help="default: reference")
+    p.add_argument("--max-num-seqs", type=int_arg(1), default=None,
+                   help="sequences per batch (default: 64 on CUDA, 8 on CPU)")
+    p.add_argument("--max-waiting", type=int_arg(0), default=256,
+                   help="sequences that may wait for a seat; beyond that requests get 429")
+    p.add_argument("--max-model-len", type=int_arg(1), default=None,
+                   help="prompt + output tokens per request (default: the model's, at most 4096 on CUDA, "
+                        "2048 on CPU)")
+    p.add_argument("--page-size", type=int_arg(1, 1024), default=16, help="tokens per KV cache page")
+    p.add_argument("--num-pages", type=int_arg(1), default=None,
+                   help="KV cache pages (default: CUDA: from free memory; CPU: max-num-seqs x max-model-len)")
+    p.add_argument("--kv-memory-fraction", type=float_arg(0, 1, lo_open=True), default=0.8,
+                   help="CUDA: share of the free GPU memory (after weights) for the KV cache")
+    p.add_argument("--max-tokens-per-step", type=int_arg(1), default=2048)
+    p.add_argument("--max-body-bytes", type=int_arg(1), default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--request-timeout", type=float_arg(0, lo_open=True), default=600.0,
+                   help="seconds; then 504 (or an error event)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def parse_rates(text: str) -> list[float]:
+    """`--rates 1,4,16,inf`: positive request rates."""
+    try:
+        rates = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers or 'inf', got {text!r}") from None
+    if not rates or any(not r > 0 for r in rates):  # `not r > 0` also refuses nan
+        raise argparse.ArgumentTypeError(f"must be positive request rates (or 'inf'), got {text!r}")
+    return rates
+
+
+def add_bench_serve_arguments(p) -> None:
+    """`kiln bench serve`'s options, with this benchmark's own defaults (short requests: a run at
+    the defaults finishes in minutes even on a CPU server)."""
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (loopback only)")
+    p.add_argument("--model", help="model name (default: the first in /v1/models)")
+    p.add_argument("--rates", type=parse_rates, default=[1.0, 4.0, 16.0],
+                   help="requests per second, comma-separated ('inf': all at once; default: 1,4,16)")
+    p.add_argument("--num-requests", type=int_arg(1), default=100, help="requests per rate")
+    p.add_argument("--input-len", type=int_arg(1), default=64, help="prompt length in words")
+    p.add_argument("--output-len", type=int_arg(1), default=32, help="tokens generated per request")
+    p.add_argument("--seed", type=int, default=0, help="prompts and arrival times")
+    p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--timeout", type=float_arg(0, lo_open=True), default=600.0, help="seconds per request")
+    p.add_argument("--json", help="also write the reports to this JSON file")
+
+
+
+CHECKPOINT_HELP = ("Hugging Face folder, .gguf file or engine directory (from `kiln build`); "
+                   "'default' or none: the embedded SmolLM2-135M-Instruct")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kiln", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = KilnParser(prog="kiln", description="Kiln: LLM inference where a model architecture is a spec file. "
+                    "Every command runs on the CPU unless given --device cuda.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("check", help="parse and check a spec, print its IR summary (no SPEC: list specs)")
     p.add_argument("spec", nargs="?", help="a .kiln file or the name of a spec in models/")
@@ -113,98 +351,164 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kernels", action="store_true", help="the rendered CUDA kernels")
     g.add_argument("--ir", action="store_true", help="the unrolled, typed op program")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--page-size", type=int_arg(1, 1024), default=16, help="tokens per KV cache page")
     p.set_defaults(fn=cmd_show)
 
     p = sub.add_parser("verify", help="compare a spec with Hugging Face transformers on random weights")
     p.add_argument("spec", nargs="?", help="spec (default: chosen by the config's architectures)")
     p.add_argument("--config", required=True, help="a Hugging Face config.json")
-    p.add_argument("--steps", type=int, default=32, help="greedy decode steps after the prefill")
-    p.add_argument("--tol", type=float, default=1e-4, help="max relative logit error")
+    p.add_argument("--steps", type=int_arg(1, 4096), default=32, help="greedy decode steps after the prefill")
+    p.add_argument("--tol", type=float_arg(0, lo_open=True), default=1e-4, help="max relative logit error")
     p.add_argument("-v", "--verbose", action="store_true", help="print every step")
     p.set_defaults(fn=cmd_verify)
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint (HF folder or .gguf)")
-    p.add_argument("checkpoint", nargs="?", help="HF folder or .gguf file (default: the embedded SmolLM2)")
-    p.add_argument("--spec", help="spec (default: chosen by the checkpoint's architecture)")
+    p = sub.add_parser("generate", help="generate text from a checkpoint or engine directory")
+    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--prompt", help="plain text prompt")
-    g.add_argument("--chat", help="a user message, formatted with the model's chat template")
-    p.add_argument("--system", help="system message for --chat")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="reference", choices=["reference", "cuda"])
+    g.add_argument("--prompt", type=nonempty, metavar="TEXT", help="plain text prompt")
+    g.add_argument("--chat", type=nonempty, metavar="MESSAGE",
+                   help="a user message, formatted with the model's chat template")
+    p.add_argument("--system", metavar="TEXT", help="system message for --chat")
+    add_sampling_arguments(p, max_tokens=64)
+    add_model_arguments(p)
     p.set_defaults(fn=cmd_generate)
 
-    from kiln.runtime import bench_serve, server_cli  # argument declarations only: cheap imports
+    p = sub.add_parser("build", help="build an engine directory (cuda or tensorrt) from a spec and checkpoint")
+    p.add_argument("spec", nargs="?", help="spec (default: chosen by the checkpoint's architectures)")
+    p.add_argument("--checkpoint", default="default", metavar="CHECKPOINT",
+                   help="Hugging Face folder or .gguf file (default: 'default', the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", default="tensorrt", choices=["cuda", "tensorrt"],
+                   help="cuda: generated CUDA sources + weights (runs on the CPU too, with the reference backend); "
+                        "tensorrt: a TensorRT engine")
+    p.add_argument("--out", required=True, type=nonempty, metavar="ENGINE_DIR",
+                   help="engine directory to create (must not exist)")
+    p.add_argument("--dtype", default="fp16", help="run dtype: fp16 (default), bf16 or fp32")
+    p.add_argument("--max-batch", type=int_arg(1), default=8, help="sequences per step")
+    p.add_argument("--max-tokens", type=int_arg(1), default=2048, help="new tokens per step, all sequences")
+    p.add_argument("--max-seq-len", type=int_arg(1), default=4096, help="positions per sequence")
+    p.add_argument("--page-size", type=int_arg(1, 1024), default=16, help="tokens per KV cache page")
+    p.add_argument("--arch", type=lambda s: tuple(a.strip() for a in s.split(",")), metavar="sm86,...",
+                   help="TensorRT-RTX targets, comma-separated (default: sm80,sm86,sm89,sm120)")
+    p.set_defaults(fn=cmd_build)
+
+    p = sub.add_parser("run", help="generate from an engine directory made by `kiln build`")
+    p.add_argument("engine", metavar="ENGINE_DIR", help="engine directory")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", type=nonempty, metavar="TEXT", help="plain text prompt")
+    g.add_argument("--chat", type=nonempty, metavar="MESSAGE",
+                   help="a user message, formatted with the model's chat template")
+    g.add_argument("--tokens", type=_token_ids, metavar="IDS", help="comma-separated prompt token ids; "
+                   "prints the generated ids")
+    p.add_argument("--system", metavar="TEXT", help="system message for --chat")
+    add_sampling_arguments(p, max_tokens=32)
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
-    server_cli.add_arguments(p)
-    p.set_defaults(fn=server_cli.cmd_serve)
+    add_serve_arguments(p)
+    p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("bench", help="benchmarks on the GPU (latency, throughput, kernels), "
-                       "or of a running server (serve)")
-    p.add_argument("mode", choices=["latency", "throughput", "kernels", "serve"])
-    p.add_argument("--spec", help="spec (default: chosen by the config's architectures)")
-    p.add_argument("--config", help="a Hugging Face config.json, one of configs/*.json")
-    p.add_argument("--backend", default="cuda", choices=["reference", "cuda"])
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                   help="cpu: a smoke run of `throughput --backend reference` (CI), not a measurement")
-    p.add_argument("--prompt", type=int, default=2048, help="latency: prompt tokens (TTFT)")
-    p.add_argument("--steps", type=int, default=64, help="latency: decode steps timed")
-    p.add_argument("--hf", action="store_true", help="latency: also time HF transformers generate()")
-    p.add_argument("--requests", type=int, default=1000)
-    p.add_argument("--input-len", type=int, default=1000)
-    p.add_argument("--output-len", type=int, default=1000)
-    p.add_argument("--max-batch", type=int, default=256)
-    p.add_argument("--max-tokens-per-step", type=int, default=2048)
-    p.add_argument("--kv-fraction", type=float, default=0.9,
-                   help="throughput: share of free GPU memory (after weights) given to the KV cache")
-    p.add_argument("--hf-batch", type=int, default=0, help="throughput: HF generate() baseline batch")
-    bench_serve.add_arguments(p, lengths=False)  # serve: --url, --rates, --num-requests, ...
-    p.set_defaults(fn=cmd_bench)
-
-    from kiln.runtime.build import add_build_parsers
-    add_build_parsers(sub)
+    p = sub.add_parser("bench", help="benchmarks: latency, throughput, kernels (GPU); serve (a running server); "
+                                     "startup (process start to first token)")
+    modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
+    for mode, what in (("latency", "batch-1 decode step and TTFT vs the roofline (GPU, random weights)"),
+                       ("throughput", "N requests through the engine (GPU, random weights; --device cpu: "
+                                      "a smoke run)")):
+        q = modes.add_parser(mode, help=what)
+        q.add_argument("--config", required=True, help="a Hugging Face config.json, e.g. configs/*.json")
+        q.add_argument("--spec", help="spec (default: chosen by the config's architectures)")
+        q.add_argument("--backend", default=None, choices=["reference", "cuda"],
+                       help="default: cuda (reference with --device cpu)")
+        if mode == "latency":
+            q.add_argument("--prompt", type=int_arg(1), default=2048, help="prompt tokens (TTFT)")
+            q.add_argument("--steps", type=int_arg(1), default=64, help="decode steps timed")
+            q.add_argument("--hf", action="store_true", help="also time HF transformers generate()")
+        else:
+            q.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                           help="cpu: a smoke run of the benchmark's code (CI), not a measurement")
+            # Defaults by device: the GPU workload of BENCHMARKS.md, or a smoke run that fits any CPU.
+            q.add_argument("--requests", type=int_arg(1), default=None, help="default: 1000 (GPU), 4 (--device cpu)")
+            q.add_argument("--input-len", type=int_arg(1), default=None,
+                           help="prompt tokens per request (default: 1000 (GPU), 32 (--device cpu))")
+            q.add_argument("--output-len", type=int_arg(1), default=None,
+                           help="generated tokens per request (default: 1000 (GPU), 8 (--device cpu))")
+            q.add_argument("--max-batch", type=int_arg(1), default=None,
+                           help="sequences per step (default: 256 (GPU), 4 (--device cpu))")
+            q.add_argument("--max-tokens-per-step", type=int_arg(1), default=2048)
+            q.add_argument("--kv-fraction", type=float_arg(0, 1, lo_open=True), default=0.9,
+                           help="share of free GPU memory (after weights) given to the KV cache")
+            q.add_argument("--hf-batch", type=int_arg(0), default=0, help="HF generate() baseline batch (0: none)")
+        q.set_defaults(fn=cmd_bench)
+    q = modes.add_parser("kernels", help="every kernel vs copy bandwidth and a torch baseline (GPU)")
+    q.set_defaults(fn=cmd_bench)
+    q = modes.add_parser("serve", help="load a running `kiln serve` with Poisson arrivals (vLLM's benchmark_serving)")
+    add_bench_serve_arguments(q)
+    q.set_defaults(fn=cmd_bench)
+    q = modes.add_parser("startup", help="process start to first token of `kiln generate` (fresh processes)")
+    q.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
+    q.add_argument("--runs", type=int_arg(1, 100), default=5, help="processes started, one after another")
+    q.add_argument("--chat", type=nonempty, default="What is the capital of France?", help="the chat message")
+    q.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    q.set_defaults(fn=cmd_bench)
     return ap
 
 
-def cmd_bench(args) -> int:
-    if args.mode == "serve":
-        from kiln.runtime.bench_serve import cmd_bench_serve
-        return cmd_bench_serve(args)
-    if args.mode == "kernels":
-        from kiln.codegen.bench_kernels import main as bench_kernels
-        return bench_kernels([]) or 0
-    from kiln.runtime.bench import main as bench_main
-    from kiln.runtime.model import spec_for_config
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated token ids, got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"token ids must be >= 0, got {text!r}")
+    return ids
 
-    if args.config is None:
-        raise UsageError("kiln bench latency/throughput needs --config (one of configs/*.json)")
-    if args.spec is None:
-        args.spec = spec_for_config(_read_config(args.config), args.config)
-    return bench_main(args)
+
+# Exceptions that are the user's doing (module, class): each is one message and exit status 2.
+# Looked up in sys.modules, so that catching them imports nothing: a class whose module was
+# never imported cannot have been raised.
+USER_ERRORS = (
+    ("kiln.cli", "UsageError"),
+    ("kiln.dsl.errors", "SpecError"),
+    ("kiln.runtime.checkpoint", "CheckpointError"),
+    ("kiln.runtime.tokenizer", "TokenizerError"),
+    ("kiln.runtime.engine_dir", "BuildError"),
+    ("kiln.runtime.trt_backend", "TrtRuntimeError"),
+    ("kiln.runtime.generate", "GenerateError"),
+    ("kiln.runtime.server_cli", "ServeError"),
+    ("kiln.runtime.bench_serve", "BenchError"),
+    ("kiln.runtime.bench", "BenchError"),
+    ("kiln.codegen.specs", "KernelSpecError"),
+    ("kiln.codegen.trt_api", "TensorRTMissing"),
+)
+
+
+def _user_error(e: BaseException) -> bool:
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(e, cls):
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kiln.runtime.build import BuildError
-    from kiln.runtime.checkpoint import CheckpointError
-    from kiln.runtime.trt_backend import TrtRuntimeError
-
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (status 2, message printed) or --help (0)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.fn(args)
-    except (SpecError, CheckpointError, UsageError, BuildError, TrtRuntimeError) as e:
-        print(f"kiln {args.command}: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not _user_error(e):
+            raise
+        print(f"kiln {args.command}{' ' + args.mode if args.command == 'bench' else ''}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m kiln.cli`: run the module as `kiln.cli`, not as a second copy named __main__
+    # (whose UsageError would not be the one that `_user_error` looks up).
+    from kiln.cli import main as _main
+
+    sys.exit(_main())

@@ -1,9 +1,13 @@
 """`LLM`: the offline Python API, in the conventions of vLLM and TensorRT-LLM's LLM API.
 
     from kiln import LLM, SamplingParams
-    llm = LLM("path/to/hf_folder_or.gguf")
+    llm = LLM("path/to/hf_folder_or.gguf_or_engine_dir")      # LLM(): the embedded SmolLM2
     for out in llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=16)):
         print(out.outputs[0].text)
+
+On the CPU the KV cache holds `max_num_seqs` sequences of `max_model_len` tokens (defaults 8
+and the model's context length, at most 2,048); on a GPU it takes `kv_memory_fraction` of the
+free memory. Engine options are EngineConfig's fields.
 """
 
 from __future__ import annotations
@@ -11,51 +15,46 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from kiln.runtime.engine import EngineConfig, LLMEngine
-from kiln.runtime.model import load_model
+from kiln.runtime.engine import DEFAULT_MAX_NUM_SEQS, EngineConfig, LLMEngine
+from kiln.runtime.generate import ModelSource
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.tokenizer import Tokenizer
 
 Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str | Path | None = None, *, spec: str | Path | None = None, dtype: str = "fp32",
-                 device: str = "cpu", backend: str = "reference", **engine_options):
-        if model is None:
-            from kiln.runtime.gguf_file import default_model_path
-            model = default_model_path()
-        loaded = load_model(model, spec=spec, dtype=dtype, device=device, backend=backend)
-        if loaded.checkpoint is not None:
-            self.tokenizer = Tokenizer.from_checkpoint(loaded.checkpoint)
-        else:  # an engine directory: its tokenizer files were copied in by `kiln build`
-            self.tokenizer = Tokenizer.from_folder(model)
-        self.engine = LLMEngine(loaded, self.tokenizer, EngineConfig(**engine_options))
+    def __init__(self, model: str | Path | None = None, *, spec: str | Path | None = None, dtype: str | None = None,
+                 device: str = "cpu", backend: str | None = None, **engine_options):
+        """`model`: a Hugging Face folder, a .gguf file, an engine directory, or None / "default" (the
+        embedded model). `dtype` (default fp32, or an engine directory's own), `backend` (default
+        reference), engine options: EngineConfig's fields (max_num_seqs, max_model_len, ...)."""
+        config = EngineConfig(**engine_options)  # bad options fail before the model loads
+        source = ModelSource.open(model, spec=None if spec is None else str(spec), dtype=dtype, device=device,
+                                  backend=backend)
+        if config.max_model_len is not None and source.context_len is not None \
+                and config.max_model_len > source.context_len:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the context length of {source.name} "
+                             f"({source.context_len})")
+        if config.max_num_seqs is None and source.max_num_seqs is not None:
+            config.max_num_seqs = min(source.max_num_seqs, DEFAULT_MAX_NUM_SEQS["cuda"])
+        self.tokenizer = source.tokenizer
+        self.engine = LLMEngine(source.load(), self.tokenizer, config, context_len=source.context_len)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion (all in flight together); outputs in prompt order."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        ids = [self.engine.add_request(p, sp or SamplingParams()) for p, sp in zip(prompts, params)]
-        done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-        return [done[i] for i in ids]
+        return self._run([(p, None) for p in prompts], sampling_params)
 
     def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
-        """One conversation (a list of messages) or several, through the model's chat template."""
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several, through the model's chat template;
+        each output's `prompt` is the rendered template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c), add_special_tokens=False)
-                   for c in convs]  # type: ignore[arg-type]
-        return self.generate(prompts, sampling_params)
+        texts = [self.tokenizer.apply_chat_template(c) for c in convs]  # type: ignore[arg-type]
+        return self._run([(self.tokenizer.encode(t, add_special_tokens=False), t) for t in texts], sampling_params)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Outputs of one request as it grows; `.outputs[i].delta` is the new text of each."""
@@ -69,3 +68,17 @@ class LLM:
                             return
         finally:
             self.engine.abort(rid)
+
+    def _run(self, prompts: list[tuple[Prompt, str | None]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None) -> list[RequestOutput]:
+        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        ids = [self.engine.add_request(p, sp or SamplingParams(), prompt_text=text)
+               for (p, text), sp in zip(prompts, params)]
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]

@@ -1,12 +1,15 @@
-"""`kiln bench latency | throughput`: speed of a model made from a spec + config with random
-weights directly on the GPU, beside the physical limits and a baseline measured in the same run.
+"""`kiln bench latency | throughput | startup`.
 
+latency and throughput time a model made from a spec + config with random weights directly on
+the GPU, beside the physical limits and a baseline measured in the same run:
 latency:    copy bandwidth and bf16 matmul rate (measured now), batch-1 decode step time vs the
             roofline (weight bytes / copy bandwidth), TTFT of one prompt vs 2 * params * tokens /
             matmul rate, and Hugging Face transformers `generate()` per-step time (--hf).
 throughput: N requests with fixed input/output lengths submitted at once through the engine:
             output tok/s, requests/s, TTFT and TPOT percentiles; HF `generate()` at a batch size
             in the same run (--hf-batch).
+startup:    process start to first token of `kiln generate` in fresh processes (any machine; the
+            figure in BENCHMARKS.md is of the default model on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -202,15 +205,99 @@ def throughput(args) -> dict:
     return result
 
 
-def main(args) -> int:
+class BenchError(Exception):
+    """A benchmark that cannot run here or with these arguments; one message."""
+
+
+def startup(args) -> dict:
+    """Process start to first token: `kiln generate CHECKPOINT --chat ... --max-tokens 1` run in
+    fresh processes one after another, timed from just before the process is created to the
+    first byte it writes to stdout (the first token's text, flushed as soon as it is sampled).
+    Each run is paired with a process that only imports torch (the floor no Kiln change can go
+    below), so that a busy machine shows as a slower floor rather than as a slower Kiln."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "kiln.cli", "generate", *([args.checkpoint] if args.checkpoint else []),
+           "--chat", args.chat, "--max-tokens", "1", "--device", args.device]
+    # The floor writes a byte once torch is imported, timed the same way (its exit not counted).
+    floor = [sys.executable, "-c", "import sys, torch; sys.stdout.write('.'); sys.stdout.flush()"]
+    times, floors, stats = [], [], ""
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(floor, stdout=subprocess.PIPE)
+        proc.stdout.read(1)
+        floors.append(time.perf_counter() - t0)
+        proc.communicate()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = proc.stdout.read(1)
+        t1 = time.perf_counter()
+        rest, err = proc.communicate()
+        if proc.returncode != 0 or not first:
+            last = (err.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+            raise BenchError(f"`kiln {' '.join(cmd[3:])}` failed (exit status {proc.returncode}): {last}")
+        times.append(t1 - t0)
+        stats = err.decode(errors="replace").strip().splitlines()[-1]
+    return {
+        "command": "kiln " + " ".join(cmd[3:]), "runs": args.runs,
+        "first_token_s_median": statistics.median(times), "first_token_s_min": min(times),
+        "first_token_s_max": max(times), "first_run_s": times[0],
+        "import_torch_s_median": statistics.median(floors),
+        "kiln_beyond_torch_s_median": statistics.median(t - f for t, f in zip(times, floors)),
+        "last_run_stats": stats, "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {_cpu_model()}",
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+# throughput's workload when not given: BENCHMARKS.md's on a GPU; on a CPU, a smoke run of seconds
+# (the GPU workload there would hold a 23 GB KV cache for the default model's shape and run for hours)
+THROUGHPUT_DEFAULTS = {"cuda": dict(requests=1000, input_len=1000, output_len=1000, max_batch=256),
+                       "cpu": dict(requests=4, input_len=32, output_len=8, max_batch=4)}
+
+
+def check_args(args) -> None:
+    """latency / throughput: the option combinations this machine can run (fills in the defaults
+    that depend on the device)."""
     cpu = getattr(args, "device", "cuda") == "cpu"
-    if cpu and (args.mode != "throughput" or args.backend != "reference" or args.hf_batch):
-        print("kiln bench: --device cpu runs only `throughput --backend reference` (no --hf-batch): "
-              "a smoke run of the benchmark's code, not a measurement")
-        return 2
+    if args.backend is None:
+        args.backend = "reference" if cpu else "cuda"
+    if args.mode == "throughput":
+        for name, value in THROUGHPUT_DEFAULTS["cpu" if cpu else "cuda"].items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    if cpu and (args.backend != "reference" or args.hf_batch):
+        raise BenchError("--device cpu runs the reference backend without an HF baseline (no --backend cuda, "
+                         "no --hf-batch): a smoke run of the benchmark's code, not a measurement")
     if not cpu and not torch.cuda.is_available():
-        print("kiln bench needs a CUDA GPU")
-        return 2
+        raise BenchError(f"`kiln bench {args.mode}` measures a CUDA GPU and this machine has none"
+                         + (" (`throughput --device cpu` is a smoke run of its code)" if args.mode == "throughput"
+                            else ""))
+
+
+def main(args) -> int:
+    if args.mode == "startup":
+        r = startup(args)
+        print(f"# kiln bench startup, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {r['machine']}")
+        print("| metric | value |\n| --- | --- |")
+        for k, v in r.items():
+            print(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
+        return 0
+    check_args(args)
+    cpu = getattr(args, "device", "cuda") == "cpu"
     name = "CPU (smoke run, not a benchmark)" if cpu else torch.cuda.get_device_name()
     print(f"# {name}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, spec {args.spec}, "
           f"config {args.config}, backend {args.backend}, {'fp32' if cpu else 'bf16'}")

@@ -18,7 +18,6 @@ import asyncio
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
@@ -188,37 +187,10 @@ def format_reports(reports: list[RateReport]) -> str:
     return "\n".join(rows)
 
 
-def add_arguments(p, lengths: bool = True) -> None:
-    """lengths=False where the parser already declares --input-len / --output-len (kiln bench)."""
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="serve: the server (loopback only)")
-    p.add_argument("--model", help="serve: model name (default: the first in /v1/models)")
-    p.add_argument("--rates", default="1,4,16", help="serve: requests per second, comma-separated ('inf': all at once)")
-    p.add_argument("--num-requests", type=int, default=100, help="serve: requests per rate")
-    if lengths:
-        p.add_argument("--input-len", type=int, default=64, help="prompt length in words")
-        p.add_argument("--output-len", type=int, default=32, help="tokens generated per request")
-    p.add_argument("--seed", type=int, default=0, help="serve: prompts and arrival times")
-    p.add_argument("--api-key", help="serve: sent as 'Authorization: Bearer KEY'")
-    p.add_argument("--timeout", type=float, default=600.0, help="serve: seconds per request")
-    p.add_argument("--json", help="serve: also write the reports to this JSON file")
-
-
 def cmd_bench_serve(args) -> int:
-    try:
-        try:
-            rates = [float(r) for r in args.rates.split(",") if r.strip()]
-        except ValueError:
-            raise BenchError(f"--rates must be comma-separated numbers or 'inf', got {args.rates!r}") from None
-        if not rates or any(r <= 0 for r in rates):
-            raise BenchError(f"--rates must be positive, got {args.rates!r}")
-        for flag in ("num_requests", "input_len", "output_len"):
-            if getattr(args, flag) < 1:
-                raise BenchError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-        reports = run_benchmark(args.url, rates, args.num_requests, args.input_len, args.output_len, args.model,
-                                args.seed, args.api_key, args.timeout)
-    except BenchError as e:
-        print(f"kiln bench serve: {e}", file=sys.stderr)
-        return 2
+    check_loopback(args.url)  # before anything is sent
+    reports = run_benchmark(args.url, args.rates, args.num_requests, args.input_len, args.output_len, args.model,
+                            args.seed, args.api_key, args.timeout)
     print(format_reports(reports))
     if args.json:
         with open(args.json, "w") as f:

@@ -28,15 +28,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-
 from kiln.codegen.trt_api import BF16_MIN_SM, DTYPES, RTX_ARCHS, TensorRTMissing, arch_number, load_tensorrt
-from kiln.codegen.trt_layers import TORCH_DTYPES, TrtLoweringError
+from kiln.codegen.trt_layers import TrtLoweringError
 from kiln.codegen.trt_network import Limits, io_tensors, render_network
 from kiln.dsl import Plan, check, load_spec
+from kiln.dsl.dtypes import RUN_DTYPES
 
 from .checkpoint import open_checkpoint
 from .engine_dir import FORMAT, TOKENIZER_FILES, BuildError, _sha256, read_manifest  # noqa: F401  (re-exported)
-from .model import load_model, spec_for_config
+from .model import spec_for_config
 from .weights import load_weights
 
 BACKENDS = ("cuda", "tensorrt")
@@ -71,9 +71,10 @@ def build(spec: str | Path | None, checkpoint: str | Path, out: str | Path, back
         if spec is None:
             spec = spec_for_config(ckpt.config, str(ckpt.path))
         ir_spec = load_spec(spec)
-        plan = check(ir_spec, ckpt.config, str(Path(ckpt.path) / "config.json"))
+        plan = check(ir_spec, ckpt.config, str(ckpt.path) if ckpt.format == "gguf"
+                     else str(Path(ckpt.path) / "config.json"))
         bar.advance()
-        weights = load_weights(plan, ckpt, TORCH_DTYPES[dtype])
+        weights = load_weights(plan, ckpt, RUN_DTYPES[dtype].torch)
         _save_weights(plan, weights, tmp / "weights.safetensors")
         bar.advance()
         files = _copy_sources(plan, ckpt, tmp)
@@ -192,7 +193,15 @@ def _copy_sources(plan: Plan, ckpt, tmp: Path) -> list[str]:
         shutil.copyfile(f, dest)
         files.append(f"spec/{dest.name}")
     folder = Path(ckpt.path)
-    for name in TOKENIZER_FILES if folder.is_dir() else ():
+    if ckpt.format == "gguf":  # the tokenizer lives in the file's metadata: write it out as a folder's
+        from .tokenizer import Tokenizer, TokenizerError
+
+        try:
+            files += Tokenizer.from_checkpoint(ckpt).save(tmp)
+        except TokenizerError:
+            pass  # a GGUF without a tokenizer: `kiln run --tokens` still works
+        return files
+    for name in TOKENIZER_FILES:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, tmp / name)
             files.append(name)
@@ -274,38 +283,14 @@ def _progress(steps: list[str], enabled: bool) -> _Bar:
     return _Bar(steps, enabled)
 
 
-# ---------------------------------------------------------------- command line
-
-
-def add_build_parsers(sub) -> None:
-    p = sub.add_parser("build", help="build an engine directory (cuda or tensorrt) from a spec and checkpoint")
-    p.add_argument("spec", nargs="?", help="spec (default: chosen by the checkpoint's architectures)")
-    p.add_argument("--checkpoint", required=True, help="HF folder or .gguf file")
-    p.add_argument("--backend", default="tensorrt", choices=list(BACKENDS))
-    p.add_argument("--out", required=True, help="engine directory to create (must not exist)")
-    p.add_argument("--dtype", default="fp16", help=f"run dtype: {', '.join(DTYPES)}")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences per step")
-    p.add_argument("--max-tokens", type=int, default=2048, help="new tokens per step, all sequences")
-    p.add_argument("--max-seq-len", type=int, default=4096, help="positions per sequence")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
-    p.add_argument("--arch", help="TensorRT-RTX targets, comma-separated (default: "
-                   f"{','.join(DEFAULT_RTX_ARCHS)}; known: {', '.join(RTX_ARCHS)})")
-    p.set_defaults(fn=cmd_build)
-
-    p = sub.add_parser("run", help="generate from an engine directory made by `kiln build`")
-    p.add_argument("engine", help="engine directory")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--prompt", help="plain text prompt (needs the tokenizer files in the engine directory)")
-    g.add_argument("--tokens", help="comma-separated prompt token ids")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--device", default="cuda")
-    p.set_defaults(fn=cmd_run)
+# ---------------------------------------------------------------- command line (declared in kiln.cli)
 
 
 def cmd_build(args) -> int:
-    archs = tuple(a.strip() for a in args.arch.split(",")) if args.arch else None
-    out = build(args.spec, args.checkpoint, args.out, args.backend, args.dtype, args.max_batch, args.max_tokens,
-                args.max_seq_len, args.page_size, archs)
+    from .generate import resolve_source
+
+    out = build(args.spec, resolve_source(args.checkpoint), args.out, args.backend, args.dtype, args.max_batch,
+                args.max_tokens, args.max_seq_len, args.page_size, args.arch)
     m = json.loads((out / "manifest.json").read_text())
     where = f", {m['tensorrt']['flavor']} {m['tensorrt']['version']} for {', '.join(m['target_archs'])}" \
         if "tensorrt" in m else ""
@@ -314,31 +299,10 @@ def cmd_build(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .generate import generate
-    from .model import SingleSequence
-    from .sampling_params import SamplingParams
-    from .tokenizer import Tokenizer
+    from .generate import generate_cli
 
-    loaded = load_model(args.engine, device=args.device)
-    if args.tokens is not None:
-        try:
-            ids = [int(x) for x in args.tokens.split(",")]
-        except ValueError:
-            raise BuildError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
-        tokenizer = None
-    else:
-        if not (Path(args.engine) / "tokenizer.json").is_file():
-            raise BuildError(f"{args.engine} has no tokenizer.json; pass --tokens instead of --prompt")
-        tokenizer = Tokenizer.from_folder(args.engine)
-        ids = tokenizer.encode(args.prompt)
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    if tokenizer is None:
-        seq = SingleSequence(loaded, len(ids) + args.max_tokens)
-        out, logits = [], seq.step(ids)
-        for _ in range(args.max_tokens):
-            out.append(int(logits[-1].argmax()))
-            logits = seq.step([out[-1]])
-        print(",".join(map(str, out)))
-        return 0
-    print(generate(loaded, tokenizer, ids, params).text)
-    return 0
+    if not Path(args.engine).is_dir() or not (Path(args.engine) / "manifest.json").is_file():
+        raise BuildError(f"{args.engine} is not an engine directory (no manifest.json); `kiln build` makes one, "
+                         f"`kiln generate` runs a checkpoint")
+    args.checkpoint = args.engine
+    return generate_cli(args)

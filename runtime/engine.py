@@ -13,26 +13,47 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .checkpoint import context_length
 from .kv_cache import BlockPool, describe_capacity, kv_bytes_per_page, pages_for_memory
 from .kv_store import KVStore
 from .model import LoadedModel
-from .outputs import CompletionOutput, RequestOutput
+from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampler import Sampler, SamplingRow, make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Request, Scheduler
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
+# Defaults by device. On the CPU the KV cache holds max_num_seqs sequences of max_model_len
+# tokens and nothing more: 8 x 2,048 tokens is 0.7 GiB for the default 135M model in fp32
+# (4 GiB for an 8B model), which a 16 GB laptop can hold beside the weights.
+DEFAULT_MAX_NUM_SEQS = {"cuda": 64, "cpu": 8}
+DEFAULT_MAX_MODEL_LEN = {"cuda": 4096, "cpu": 2048}
+
 
 @dataclass
 class EngineConfig:
     page_size: int = 16
-    num_pages: int | None = None  # default: from free GPU memory (CUDA) or max_model_len (CPU)
+    num_pages: int | None = None  # default: from free GPU memory (CUDA) or max_num_seqs x max_model_len (CPU)
     kv_memory_fraction: float = 0.9  # of free GPU memory after weights
-    max_num_seqs: int = 64
+    max_num_seqs: int | None = None  # default: DEFAULT_MAX_NUM_SEQS of the device
     max_tokens_per_step: int = 2048
-    max_model_len: int = 4096  # CPU default capacity: max_num_seqs sequences of this length
+    max_model_len: int | None = None  # default: the model's context, at most DEFAULT_MAX_MODEL_LEN of the device
     chunked_prefill: bool = True
     policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        def positive(name: str, optional: bool) -> None:
+            v = getattr(self, name)
+            if (v is not None or not optional) and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"{name} must be an integer >= 1{' or None' if optional else ''}, got {v!r}")
+
+        for name in ("page_size", "max_tokens_per_step"):
+            positive(name, optional=False)
+        for name in ("num_pages", "max_num_seqs", "max_model_len"):
+            positive(name, optional=True)
+        f = self.kv_memory_fraction
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {f!r}")
 
 
 @dataclass(frozen=True)
@@ -58,7 +79,8 @@ class _Track:
     detok: IncrementalDetokenizer | None
     text: str = ""
     delta: str = ""
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
     done: CompletionOutput | None = None
 
 
@@ -71,11 +93,25 @@ class _Group:
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer | None, config: EngineConfig | None = None):
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer | None, config: EngineConfig | None = None,
+                 *, context_len: int | None = None):
+        """`context_len`: the model's context length (default: what its checkpoint's config states);
+        max_model_len may not exceed it."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = tokenizer
-        self.config = config = config or EngineConfig()
+        self.config = config = replace(config or EngineConfig())  # a copy: the defaults get filled in
+        if context_len is None and loaded.checkpoint is not None:
+            context_len = context_length(loaded.checkpoint.config)
+        kind = "cuda" if loaded.device.type == "cuda" else "cpu"
+        if config.max_num_seqs is None:
+            config.max_num_seqs = DEFAULT_MAX_NUM_SEQS[kind]
+        if config.max_model_len is None:
+            config.max_model_len = min(context_len or DEFAULT_MAX_MODEL_LEN[kind], DEFAULT_MAX_MODEL_LEN[kind])
+        elif context_len is not None and config.max_model_len > context_len:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length "
+                             f"({context_len})")
+        self.model.reserve(config.max_num_seqs, config.max_model_len)  # the backend sizes its per-step state
         sites = [(s.kv_heads, s.head_dim, s.v_head_dim) for s in loaded.plan.sites]
         per_page = kv_bytes_per_page(config.page_size, sites, loaded.dtype.itemsize)
         num_pages, free = config.num_pages, None
@@ -104,7 +140,9 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> str:
+                    request_id: str | None = None, priority: int = 0, prompt_text: str | None = None) -> str:
+        """`prompt_text`: the text token-id prompts came from (a rendered chat template), reported
+        as RequestOutput.prompt; by default their decoding."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._groups:
@@ -114,12 +152,15 @@ class LLMEngine:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids")
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
-            text, ids = None, [int(t) for t in prompt]
+            ids = [int(t) for t in prompt]
+            text = prompt_text
         if not ids:
             raise ValueError("prompt is empty")
         vocab = self.loaded.plan.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if text is None and self.tokenizer is not None:
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
         group = _Group(text, ids)
         self._groups[request_id] = group
         for i in range(params.n):
@@ -172,10 +213,12 @@ class LLMEngine:
         token = req.output_token_ids[-1]
         if track.logprobs is not None and out.topk_logprobs is not None:
             k = req.params.logprobs
-            entry = {int(t): float(lp) for t, lp in zip(out.topk_token_ids[row, :k].tolist(),
-                                                       out.topk_logprobs[row, :k].tolist())}
-            entry[token] = float(out.sampled_logprobs[row])
+            entry = {int(t): Logprob(lp, rank, self._token_text(t)) for rank, (t, lp) in enumerate(
+                zip(out.topk_token_ids[row, :k].tolist(), out.topk_logprobs[row, :k].tolist()), start=1)}
+            sampled = float(out.sampled_logprobs[row])
+            entry[token] = Logprob(sampled, int(out.sampled_ranks[row]), self._token_text(token))
             track.logprobs.append(entry)
+            track.cumulative_logprob = (track.cumulative_logprob or 0.0) + sampled
         if track.detok is None or (req.finished and req.finish_reason == "stop"):
             return  # an eos or stop token ended it: its text is not part of the output
         delta = track.detok.feed(token)
@@ -198,7 +241,7 @@ class LLMEngine:
         if req.finish_reason == "error":
             self._groups[track.parent].error = req.error
         track.done = CompletionOutput(track.index, track.text, list(req.output_token_ids), req.finish_reason,
-                                      req.stop_reason, track.logprobs)
+                                      req.stop_reason, track.logprobs, cumulative_logprob=track.cumulative_logprob)
 
     def _output(self, parent: str) -> RequestOutput:
         group = self._groups[parent]
@@ -211,7 +254,7 @@ class LLMEngine:
             outs.append(CompletionOutput(track.index, track.text, req_tokens,
                                          track.done.finish_reason if track.done else None,
                                          track.done.stop_reason if track.done else None,
-                                         track.logprobs, track.delta))
+                                         track.logprobs, track.delta, track.cumulative_logprob))
             track.delta = ""
             finished = finished and track.done is not None
         result = RequestOutput(parent, group.prompt, group.prompt_ids, outs, finished, group.error)
@@ -220,6 +263,9 @@ class LLMEngine:
                 del self._tracks[child]
             del self._groups[parent]
         return result
+
+    def _token_text(self, token: int) -> str | None:
+        return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer is not None else None
 
     def _live_tokens(self, child: str) -> list[int]:
         req = self.scheduler.get(child)

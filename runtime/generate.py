@@ -1,7 +1,14 @@
-"""`kiln generate`: one prompt through one model, streamed to the terminal.
+"""`kiln generate` / `kiln run`: one prompt through one model, streamed to the terminal; and
+`ModelSource`, how every command (and `LLM`) turns a CHECKPOINT argument into a model, its
+tokenizer and its config.
 
-Uses the single-sequence driver, the batched sampler (so temperature / top-p / top-k
-behave exactly as in the engine) and incremental detokenisation.
+A CHECKPOINT is a Hugging Face folder, a `.gguf` file, an engine directory from `kiln build`,
+or `default` (also: no CHECKPOINT), the embedded SmolLM2-135M-Instruct. `ModelSource.open`
+reads only what is cheap (the config or GGUF header, the tokenizer) and checks the options
+against it, so a bad argument is reported before the weights load; `.load()` loads them.
+
+Generation uses the single-sequence driver, the batched sampler (so temperature / top-p /
+top-k behave exactly as in the engine) and incremental detokenisation.
 """
 
 from __future__ import annotations
@@ -9,13 +16,137 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .model import LoadedModel, SingleSequence, load_model
+from .checkpoint import context_length, open_checkpoint, read_json
+from .gguf_file import DEFAULT_MODEL_NAME, default_model_path
 from .sampler import Sampler, SamplingRow, make_generator
 from .sampling_params import SamplingParams
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
+
+# The spec machinery (kiln.dsl, imported by .model and .engine_dir: ~0.2 s, its grammar is
+# built then) is imported where it is used, so that the argument checks that need only a
+# checkpoint's config and tokenizer answer before it.
+
+DEFAULT_SOURCE = "default"  # the CHECKPOINT name of the embedded model
+
+
+class GenerateError(Exception):
+    """A bad argument of a command that loads a model (names the option), reported without a traceback."""
+
+
+def resolve_source(source: str | Path | None) -> Path:
+    """A CHECKPOINT argument as a path: None and `default` are the embedded model."""
+    if source is None or str(source) == DEFAULT_SOURCE:
+        return default_model_path()
+    return Path(source)
+
+
+def check_device(device: str, backend: str | None = None) -> None:
+    """Refuse a device this machine does not have (or a backend it cannot run) before loading."""
+    if backend == "cuda" and not device.startswith("cuda"):
+        raise GenerateError(f"--backend cuda runs on a GPU: it needs --device cuda, not --device {device}")
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+               else "no CUDA GPU is visible")
+        raise GenerateError(f"--device {device}: {why}; use --device cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise GenerateError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
+@dataclass
+class ModelSource:
+    """A checkpoint or engine directory, opened but not yet loaded."""
+
+    path: Path
+    name: str  # the name `kiln serve` gives it
+    config: dict
+    context_len: int | None  # positions per sequence the model (or engine) allows
+    tokenizer: Tokenizer | None
+    manifest: dict | None  # an engine directory's manifest.json
+    options: dict  # spec, dtype, device, backend for load_model
+
+    @classmethod
+    def open(cls, source: str | Path | None, *, spec: str | None = None, dtype: str | None = None,
+             device: str = "cpu", backend: str | None = None, tokenizer: bool | None = True) -> "ModelSource":
+        """`tokenizer`: True needs one (an error if the checkpoint has none), None takes one if present,
+        False skips it. `dtype` None: fp32, or an engine directory's own; `backend` None: reference, or
+        for an engine directory the one its device implies."""
+        path = resolve_source(source)
+        check_device(device, backend)
+        name = model_name(source)
+        if path.suffix.lower() == ".gguf" and path.is_file():  # a file: no engine directory
+            return cls._open_checkpoint(path, name, spec, dtype, device, backend, tokenizer)
+        from .engine_dir import is_engine_dir, read_manifest
+
+        if is_engine_dir(path):
+            manifest = read_manifest(path)
+            if spec is not None:
+                raise GenerateError(f"--spec does not apply to engine directory {path}: its spec "
+                                    f"({manifest['spec']['name']}) was built in")
+            if dtype is not None and dtype != manifest["dtype"]:
+                raise GenerateError(f"--dtype {dtype}: engine directory {path} was built for {manifest['dtype']}; "
+                                    f"rebuild it with --dtype {dtype}, or leave --dtype out")
+            config = read_json(path / "config.json", "config")
+            limits = [n for n in (context_length(config), manifest.get("max_seq_len")) if n]
+            has_tok = (path / "tokenizer.json").is_file()
+            if tokenizer and not has_tok:
+                raise GenerateError(f"engine directory {path} has no tokenizer (tokenizer.json): rebuild it with "
+                                    f"this Kiln's `kiln build`, or give token ids (`kiln run --tokens`)")
+            tok = Tokenizer.from_folder(path) if has_tok and tokenizer is not False else None
+            return cls(path, name, config, min(limits) if limits else None, tok, manifest,
+                       dict(device=device))
+        return cls._open_checkpoint(path, name, spec, dtype, device, backend, tokenizer)
+
+    @classmethod
+    def _open_checkpoint(cls, path, name, spec, dtype, device, backend, tokenizer) -> "ModelSource":
+        ckpt = open_checkpoint(path)  # a GGUF's header is parsed here once; load() finds it again
+        tok = None
+        if tokenizer is not False:
+            try:
+                tok = Tokenizer.from_checkpoint(ckpt)
+            except TokenizerError:
+                if tokenizer:
+                    raise
+        return cls(path, name, ckpt.config, context_length(ckpt.config), tok, None,
+                   dict(spec=spec, dtype=dtype or "fp32", device=device, backend=backend or "reference"))
+
+    @property
+    def max_num_seqs(self) -> int | None:
+        """The most sequences per step the model takes (a TensorRT engine's --max-batch), if limited."""
+        return self.manifest["max_batch"] if self.manifest and self.manifest["backend"] == "tensorrt" else None
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"] if self.manifest else self.options["dtype"]
+
+    def load(self) -> LoadedModel:
+        from .model import load_model
+
+        return load_model(self.path, **self.options)
+
+    def check_length(self, prompt_len: int, max_tokens: int, option: str = "--max-tokens") -> None:
+        if self.context_len is not None and prompt_len + max_tokens > self.context_len:
+            raise GenerateError(f"{option} {max_tokens}: the prompt's {prompt_len} tokens + {max_tokens} exceed the "
+                                f"context length of {self.name} ({self.context_len} tokens)")
+
+
+def model_name(source: str | Path | None) -> str:
+    """What a checkpoint is called when served: the default model's name, a GGUF file's stem,
+    a folder's name."""
+    path = resolve_source(source)
+    if source is None or str(source) == DEFAULT_SOURCE or path == default_model_path():
+        return DEFAULT_MODEL_NAME
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
 
 
 @dataclass
@@ -28,16 +159,21 @@ class Generation:
     decode_s: float
 
 
-def generate(loaded: LoadedModel, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-             on_text=None) -> Generation:
+def generate(loaded: LoadedModel, tokenizer: Tokenizer | None, prompt_ids: list[int], params: SamplingParams,
+             on_text=None, on_token=None) -> Generation:
+    """One sequence to completion. Without a tokenizer there is no text and only
+    `params.stop_token_ids` stop it; `on_token(id)` sees every sampled token."""
+    from .model import SingleSequence
+
     seq = SingleSequence(loaded, len(prompt_ids) + params.max_tokens)
     sampler = Sampler()
     gen = make_generator(params, loaded.device)
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
     out: list[int] = []
     text = ""
     finish = "length"
-    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else tokenizer.eos_token_ids)
+    eos = tokenizer.eos_token_ids if tokenizer is not None and not params.ignore_eos else set()
+    stops = set(params.stop_token_ids) | eos
     t0 = time.perf_counter()
     with torch.no_grad():
         logits = seq.step(prompt_ids)
@@ -45,10 +181,12 @@ def generate(loaded: LoadedModel, tokenizer: Tokenizer, prompt_ids: list[int], p
         while len(out) < params.max_tokens:
             token = int(sampler.sample(logits, [SamplingRow(params, prompt_ids, out, gen)]).tokens[0])
             out.append(token)
+            if on_token:
+                on_token(token)
             if token in stops:
                 finish = "stop"
                 break
-            delta = detok.feed(token)
+            delta = detok.feed(token) if detok is not None else ""
             text += delta
             if on_text and delta:
                 on_text(delta)
@@ -56,37 +194,75 @@ def generate(loaded: LoadedModel, tokenizer: Tokenizer, prompt_ids: list[int], p
                 text = text[: min(text.index(s) for s in params.stop if s in text)]
                 finish = "stop"
                 break
-            logits = seq.step([token])
-    tail = detok.flush() if finish == "length" else ""
+            if len(out) < params.max_tokens:
+                logits = seq.step([token])
+    tail = detok.flush() if finish == "length" and detok is not None else ""
     if on_text and tail:
         on_text(tail)
     return Generation(prompt_ids, out, text + tail, finish, t1 - t0, time.perf_counter() - t1)
 
 
 def generate_cli(args) -> int:
-    if args.checkpoint is None:
-        from .gguf_file import default_model_path
-        args.checkpoint = str(default_model_path())
-    loaded = load_model(args.checkpoint, spec=args.spec, dtype=args.dtype, device=args.device,
-                        backend=args.backend)
-    tokenizer = Tokenizer.from_checkpoint(loaded.checkpoint)
-    if args.chat is not None:
+    """`kiln generate` and `kiln run`; everything that can be checked is checked before the weights load."""
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            max_tokens=args.max_tokens)
+    tokens = getattr(args, "tokens", None)
+    source = ModelSource.open(args.checkpoint, spec=getattr(args, "spec", None), dtype=getattr(args, "dtype", None),
+                              device=args.device, backend=getattr(args, "backend", None),
+                              tokenizer=None if tokens is not None else True)
+    prompt_ids = _prompt_ids(args, source, tokens)
+    source.check_length(len(prompt_ids), params.max_tokens)
+    t_load = time.perf_counter()
+    loaded = source.load()
+    if tokens is not None and any(t >= loaded.plan.vocab_size for t in prompt_ids):
+        raise GenerateError(f"--tokens: token ids must be < {loaded.plan.vocab_size} (the model's vocabulary), "
+                            f"got {max(prompt_ids)}")
+    t_loaded = time.perf_counter()
+    return _stream(args, source, loaded, prompt_ids, params, t_loaded - t_load, tokens is not None)
+
+
+def _prompt_ids(args, source: ModelSource, tokens: list[int] | None) -> list[int]:
+    if tokens is not None:
+        prompt_ids = tokens
+        vocab = source.config.get("vocab_size")
+        if isinstance(vocab, int) and any(t >= vocab for t in prompt_ids):
+            raise GenerateError(f"--tokens: token ids must be < {vocab} (the vocabulary of {source.name}), "
+                                f"got {max(prompt_ids)}")
+    elif args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.chat})
-        prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        prompt_ids = source.tokenizer.encode(source.tokenizer.apply_chat_template(messages), add_special_tokens=False)
     else:
-        prompt_ids = tokenizer.encode(args.prompt)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            seed=args.seed, max_tokens=args.max_tokens)
+        if args.system:
+            raise GenerateError("--system goes with --chat (a plain --prompt has no roles)")
+        prompt_ids = source.tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise GenerateError("the prompt encodes to no tokens")
+    return prompt_ids
 
+
+def _stream(args, source: ModelSource, loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams,
+            load_s: float, ids_out: bool) -> int:
     def show(delta: str) -> None:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    g = generate(loaded, tokenizer, prompt_ids, params, on_text=show)
+    if ids_out:  # token ids in, token ids out (comma-separated, as --tokens takes them)
+        first = [True]
+
+        def show_token(token: int) -> None:
+            sys.stdout.write(("" if first[0] else ",") + str(token))
+            sys.stdout.flush()
+            first[0] = False
+
+        g = generate(loaded, source.tokenizer, prompt_ids, params, on_token=show_token)
+    else:
+        g = generate(loaded, source.tokenizer, prompt_ids, params, on_text=show)
     n = len(g.token_ids)
     print()
-    print(f"[{loaded.plan.spec.name}, {args.backend}, {args.dtype}, {args.device}: prompt {len(prompt_ids)} tokens "
-          f"in {g.prefill_s:.2f} s, {n} tokens in {g.decode_s:.2f} s "
+    backend = source.options.get("backend") or ("engine " + source.manifest["backend"])
+    print(f"[{loaded.plan.spec.name}, {backend}, {source.dtype}, {args.device}: load {load_s:.2f} s, "
+          f"prompt {len(prompt_ids)} tokens in {g.prefill_s:.2f} s, {n} tokens in {g.decode_s:.2f} s "
           f"({n / g.decode_s if g.decode_s > 0 else 0:.1f} tok/s), finish: {g.finish_reason}]", file=sys.stderr)
     return 0
+

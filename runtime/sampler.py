@@ -12,7 +12,7 @@ that generator, V values per step, so a seeded request samples the same tokens w
 batch it is in. Rows without a generator use torch's global RNG.
 
 Logprobs are of the processed distribution (after penalties, temperature and filtering;
-filtered tokens have -inf).
+filtered tokens have -inf); a token's rank is 1 + the number of tokens more likely than it.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class SampleOutput:
     topk_logprobs: torch.Tensor | None = None  # [N, K] float32, descending
     topk_token_ids: torch.Tensor | None = None  # [N, K] int64
     sampled_logprobs: torch.Tensor | None = None  # [N] float32, logprob of tokens[i]
+    sampled_ranks: torch.Tensor | None = None  # [N] int64, 1 + how many tokens are more likely than tokens[i]
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -170,9 +171,11 @@ class Sampler:
         logprobs = processed.log_softmax(dim=-1)  # [N, V]
         k = min(max(asked), processed.shape[1])
         top = logprobs.topk(k, dim=-1)
+        sampled = logprobs.gather(1, tokens[:, None])  # [N, 1]
         return SampleOutput(
             tokens=tokens,
             topk_logprobs=top.values,
             topk_token_ids=top.indices,
-            sampled_logprobs=logprobs.gather(1, tokens[:, None])[:, 0],
+            sampled_logprobs=sampled[:, 0],
+            sampled_ranks=(logprobs > sampled).sum(dim=-1) + 1,
         )

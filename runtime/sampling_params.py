@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import argparse
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Below this a temperature means greedy, as in vLLM (dividing by ~0 would overflow).
@@ -23,7 +26,54 @@ def _is_int(x) -> bool:
 
 
 def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# The rule of each scalar field: (test, what a valid value is). One table serves the
+# dataclass, the command line's argparse types (`arg_type`) and the server, so every
+# entry point rejects the same values with the same words.
+RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "top_p": (lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: _is_int(v) and v >= -1, "an integer: 0 or -1 (disabled) or >= 1"),
+    "min_p": (lambda v: _is_num(v) and 0 <= v <= 1, "in [0, 1]"),
+    "repetition_penalty": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "presence_penalty": (lambda v: _is_num(v) and -2 <= v <= 2, "in [-2, 2]"),
+    "frequency_penalty": (lambda v: _is_num(v) and -2 <= v <= 2, "in [-2, 2]"),
+    "seed": (lambda v: v is None or _is_int(v) and -(2**63) <= v < 2**63, "None or a 64-bit signed integer"),
+    "ignore_eos": (lambda v: isinstance(v, bool), "a bool"),
+    "max_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "logprobs": (lambda v: v is None or _is_int(v) and v >= 0, "None or an integer >= 0"),
+}
+
+
+# The numeric fields' ranges as (low, high, low excluded), for the tests of the command line.
+BOUNDS = {"n": (1, None, False), "temperature": (0, None, False), "top_p": (0, 1, True), "top_k": (-1, None, False),
+          "min_p": (0, 1, False), "repetition_penalty": (0, None, True), "presence_penalty": (-2, 2, False),
+          "frequency_penalty": (-2, 2, False), "seed": (-(2**63), 2**63 - 1, False), "max_tokens": (1, None, False),
+          "logprobs": (0, None, False)}
+
+
+def arg_type(name: str) -> Callable[[str], object]:
+    """An argparse `type=` for the field `name`: parses the text and applies the field's rule,
+    so a bad command-line value is refused while the arguments are parsed."""
+    test, rule = RULES[name]
+    kind = int if name in ("n", "top_k", "seed", "max_tokens", "logprobs") else float
+    rule = rule.removeprefix("None or ")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    parse.bounds = BOUNDS[name]
+    return parse
 
 
 @dataclass
@@ -47,24 +97,9 @@ class SamplingParams:
         def bad(name: str, rule: str) -> ValueError:
             return ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
-        if not _is_int(self.n) or self.n < 1:
-            raise bad("n", "an integer >= 1")
-        if not _is_num(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a number >= 0")
-        if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
-            raise bad("top_p", "in (0, 1]")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise bad("top_k", "an integer: 0 or -1 (disabled) or >= 1")
-        if not _is_num(self.min_p) or not 0 <= self.min_p <= 1:
-            raise bad("min_p", "in [0, 1]")
-        if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "a number > 0")
-        if not _is_num(self.presence_penalty) or not -2 <= self.presence_penalty <= 2:
-            raise bad("presence_penalty", "in [-2, 2]")
-        if not _is_num(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
-            raise bad("frequency_penalty", "in [-2, 2]")
-        if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "None or an integer")
+        for name, (test, rule) in RULES.items():
+            if not test(getattr(self, name)):
+                raise bad(name, rule)
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
@@ -76,12 +111,6 @@ class SamplingParams:
         self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative integers")
-        if not isinstance(self.ignore_eos, bool):
-            raise bad("ignore_eos", "a bool")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise bad("max_tokens", "an integer >= 1")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise bad("logprobs", "None or an integer >= 0")
 
     @property
     def greedy(self) -> bool:

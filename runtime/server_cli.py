@@ -1,14 +1,18 @@
 """`kiln serve`: load one or more models and serve them over the OpenAI API (server.py).
 
+    kiln serve                                         # the embedded model, served as "SmolLM2-135M-Instruct"
     kiln serve model.gguf                              # served as "model"
     kiln serve --model small=a.gguf --model big=hf_dir --port 8000 --api-key KEY
 
-Arguments are declared here without importing FastAPI, so that `kiln --help` stays fast.
+Its arguments are declared with the other commands' in kiln.cli. Everything that can be
+refused is refused before a model loads: argument ranges while parsing, then each
+checkpoint's config and tokenizer, --max-model-len against each model's context length, and
+the listening address (bound before the weights load, and handed to uvicorn).
 """
 
 from __future__ import annotations
 
-import os
+import socket
 import sys
 from pathlib import Path
 
@@ -17,59 +21,17 @@ class ServeError(Exception):
     """A bad `kiln serve` argument, reported without a traceback."""
 
 
-# Config keys that state a model's context length (Hugging Face names; GGUF maps to the first).
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-
-
-def add_arguments(p) -> None:
-    p.add_argument("checkpoint", nargs="?",
-                   help="HF folder or .gguf file, served under its file or folder name "
-                        "(default, when no --model either: the embedded SmolLM2)")
-    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
-                   help="serve the checkpoint at PATH under NAME (repeatable: several models at once)")
-    p.add_argument("--random-weights", metavar="CONFIG",
-                   help="also serve a model of this config.json's shape with random weights, named after the "
-                        "file (for benchmarks); its tokenizer: --tokenizer")
-    p.add_argument("--tokenizer", metavar="CHECKPOINT",
-                   help="a .gguf file or a folder with tokenizer.json: the tokenizer of --random-weights "
-                        "(default: the embedded SmolLM2's)")
-    p.add_argument("--spec", help="spec (default: chosen by each checkpoint's architecture)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $KILN_API_KEY, or none)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="reference", choices=["reference", "cuda"])
-    p.add_argument("--max-num-seqs", type=int, default=None,
-                   help="sequences per batch (default: 64 on CUDA, 8 on CPU)")
-    p.add_argument("--max-waiting", type=int, default=256,
-                   help="sequences that may wait for a seat; beyond that requests get 429")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + output tokens per request (default: the model's, at most 4096)")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
-    p.add_argument("--num-pages", type=int, default=None, help="KV cache pages (default: from memory)")
-    p.add_argument("--kv-memory-fraction", type=float, default=0.8,
-                   help="CUDA: share of the free GPU memory (after weights) for the KV cache")
-    p.add_argument("--max-tokens-per-step", type=int, default=2048)
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds; then 504 (or an error event)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-
-
 def model_sources(checkpoint: str | None, pairs: list[str], random_weights: str | None = None) -> dict[str, str]:
-    """{name: path} from the positional checkpoint and the --model NAME=PATH pairs."""
+    """{name: source} from the positional checkpoint and the --model NAME=PATH pairs."""
+    from .generate import DEFAULT_SOURCE, model_name
+
     sources: dict[str, str] = {}
     if checkpoint is None and not pairs and not random_weights:
-        from .gguf_file import default_model_path
-        checkpoint = str(default_model_path())
+        checkpoint = DEFAULT_SOURCE
     if checkpoint is not None:
-        path = Path(checkpoint)
-        sources[path.stem if path.suffix == ".gguf" else path.resolve().name] = checkpoint
+        sources[model_name(checkpoint)] = checkpoint
     for pair in pairs:
-        name, sep, path = pair.partition("=")
-        if not sep or not name or not path:
-            raise ServeError(f"--model expects NAME=PATH, got {pair!r}")
+        name, _, path = pair.partition("=")
         if name in sources:
             raise ServeError(f"model name {name!r} is given twice")
         sources[name] = path
@@ -77,72 +39,110 @@ def model_sources(checkpoint: str | None, pairs: list[str], random_weights: str 
 
 
 def cmd_serve(args) -> int:
-    from .tokenizer import TokenizerError
-
-    try:
-        app, summary = _build(args)
-    except (ServeError, TokenizerError) as e:
-        print(f"kiln serve: {e}", file=sys.stderr)
-        return 2
     import uvicorn
 
-    print(summary, file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    planned = _plan(args)  # checkpoints opened (configs, tokenizers), limits checked; no weights yet
+    sock = listen(args.host, args.port)  # then the address: a taken port is refused before any model loads
+    try:
+        app, summary = _load(args, planned)
+        print(summary, file=sys.stderr)
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=10)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
 
 
-def _build(args):
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (what uvicorn would bind, done here so that the error
+    comes before the models load and no other process can take the port meanwhile)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ServeError(f"--host {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _plan(args) -> list:
+    """[(name, what, max_model_len, max_num_seqs or None, load)] for every model to serve; everything
+    but the weights."""
+    from .engine import DEFAULT_MAX_MODEL_LEN
+    from .generate import check_device
+
+    check_device(args.device, args.backend)
+    kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    sources = model_sources(args.checkpoint, args.model, args.random_weights)
+    if args.random_weights:
+        name = Path(args.random_weights).stem
+        if name in sources:
+            raise ServeError(f"model name {name!r} (from --random-weights) is given twice")
+    # Open every checkpoint (config, tokenizer) and check the limits before loading any weights.
+    opened = []
+    for name, source in sources.items():
+        opened.append((name, *_open_checkpoint(source, args)))
+    if args.random_weights:
+        opened.append((Path(args.random_weights).stem, *_open_random(args)))
+    planned = []
+    for name, what, context_len, max_seqs, load in opened:
+        max_len = args.max_model_len or min(context_len or DEFAULT_MAX_MODEL_LEN[kind], DEFAULT_MAX_MODEL_LEN[kind])
+        if context_len is not None and max_len > context_len:
+            raise ServeError(f"--max-model-len {max_len} exceeds the context length of {what} ({context_len})")
+        if args.num_pages is not None and args.num_pages * args.page_size < max_len:
+            raise ServeError(f"--num-pages {args.num_pages} x --page-size {args.page_size} cannot hold one "
+                             f"sequence of --max-model-len {max_len}")
+        planned.append((name, what, max_len, args.max_num_seqs or max_seqs, load))
+    return planned
+
+
+def _load(args, planned: list):
     from .async_engine import AsyncLLMEngine
     from .engine import EngineConfig, LLMEngine
     from .server import ServedModel, ServerConfig, build_app
 
-    for flag in ("port", "max_waiting", "page_size", "max_body_bytes", "max_tokens_per_step"):
-        if getattr(args, flag) < 0 or (flag != "max_waiting" and getattr(args, flag) == 0):
-            raise ServeError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.request_timeout <= 0:
-        raise ServeError(f"--request-timeout must be positive, got {args.request_timeout}")
-    max_num_seqs = args.max_num_seqs or (64 if args.device.startswith("cuda") else 8)
-    loaders = {name: (path, lambda path=path: _load_checkpoint(path, args))
-               for name, path in model_sources(args.checkpoint, args.model, args.random_weights).items()}
-    if args.random_weights:
-        name = Path(args.random_weights).stem
-        if name in loaders:
-            raise ServeError(f"model name {name!r} (from --random-weights) is given twice")
-        loaders[name] = (f"{args.random_weights} (random weights)", lambda: _load_random(args))
-    models, lines = [], []
-    for name, (what, load) in loaders.items():
-        loaded, tokenizer, config = load()
-        native = next((int(v) for k in _CONTEXT_KEYS if isinstance(v := config.get(k), int)), None)
-        max_len = args.max_model_len or min(native or 4096, 4096)
-        if native is not None and max_len > native:
-            raise ServeError(f"--max-model-len {max_len} exceeds the context length of {what} ({native})")
+    lines = []
+    for name, what, max_len, max_seqs, load in planned:
+        loaded, tokenizer = load()
         engine = LLMEngine(loaded, tokenizer, EngineConfig(
             page_size=args.page_size, num_pages=args.num_pages, kv_memory_fraction=args.kv_memory_fraction,
-            max_num_seqs=max_num_seqs,
-            max_tokens_per_step=args.max_tokens_per_step, max_model_len=max_len))
+            max_num_seqs=max_seqs, max_tokens_per_step=args.max_tokens_per_step, max_model_len=max_len),
+            context_len=max_len)
         if engine.pool.num_pages * args.page_size < max_len:
             raise ServeError(f"the KV cache of {name!r} ({engine.pool.num_pages} pages x {args.page_size}) cannot "
                              f"hold one sequence of --max-model-len {max_len}")
-        models.append(ServedModel(name, AsyncLLMEngine(engine, max_waiting=args.max_waiting), tokenizer, max_len))
-        lines.append(f"  {name}: {what} (max_model_len {max_len}; {engine.capacity})")
+        lines.append((ServedModel(name, AsyncLLMEngine(engine, max_waiting=args.max_waiting), tokenizer, max_len),
+                      f"  {name}: {what} (max_model_len {max_len}; {engine.capacity})"))
     config = ServerConfig(api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                           request_timeout=args.request_timeout)
     auth = "API key required" if args.api_key else "no API key"
-    summary = "\n".join([f"kiln serve: http://{args.host}:{args.port}/v1 ({auth}); models:", *lines])
-    return build_app(models, config), summary
+    summary = "\n".join([f"kiln serve: http://{args.host}:{args.port}/v1 ({auth}); models:", *(s for _, s in lines)])
+    return build_app([m for m, _ in lines], config), summary
 
 
-def _load_checkpoint(path: str, args):
-    from .model import load_model
-    from .tokenizer import Tokenizer
+def _open_checkpoint(source: str, args):
+    """(path, context length, most sequences per step or None, loader) of a checkpoint, opened
+    (config, tokenizer) but not loaded."""
+    from .generate import ModelSource
 
-    loaded = load_model(path, spec=args.spec, dtype=args.dtype, device=args.device, backend=args.backend)
-    return loaded, Tokenizer.from_checkpoint(loaded.checkpoint), loaded.checkpoint.config
+    opened = ModelSource.open(source, spec=args.spec, dtype=args.dtype, device=args.device, backend=args.backend)
+    if args.max_num_seqs is not None and opened.max_num_seqs is not None and args.max_num_seqs > opened.max_num_seqs:
+        raise ServeError(f"--max-num-seqs {args.max_num_seqs}: {opened.path} was built for {opened.max_num_seqs} "
+                         f"sequences per step (kiln build --max-batch)")
+    return str(opened.path), opened.context_len, opened.max_num_seqs, lambda: (opened.load(), opened.tokenizer)
 
 
-def _load_random(args):
-    from .checkpoint import open_checkpoint, read_json
-    from .gguf_file import default_model_path
+def _open_random(args):
+    from .checkpoint import context_length, open_checkpoint, read_json
+    from .generate import resolve_source
     from .model import random_model, spec_for_config
     from .tokenizer import Tokenizer
 
@@ -150,11 +150,20 @@ def _load_random(args):
     if not path.is_file():
         raise ServeError(f"--random-weights: config file not found: {path}")
     config = read_json(path, "config file")
-    source = Path(args.tokenizer or default_model_path())  # first: it fails faster than the weights
+    spec = args.spec or spec_for_config(config, str(path))
+    source = resolve_source(args.tokenizer)
     tokenizer = Tokenizer.from_folder(source) if source.is_dir() else Tokenizer.from_checkpoint(open_checkpoint(source))
-    loaded = random_model(args.spec or spec_for_config(config, str(path)), config, dtype=args.dtype,
-                          device=args.device, backend=args.backend)
-    if tokenizer.vocab_size > loaded.plan.vocab_size:
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, int) and tokenizer.vocab_size > vocab:
         raise ServeError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the vocabulary of "
-                         f"{path} ({loaded.plan.vocab_size}): pass a --tokenizer that fits")
-    return loaded, tokenizer, config
+                         f"{path} ({vocab}): pass a --tokenizer that fits")
+
+    def load():
+        loaded = random_model(spec, config, dtype=args.dtype or "fp32", device=args.device,
+                              backend=args.backend or "reference")
+        if tokenizer.vocab_size > loaded.plan.vocab_size:
+            raise ServeError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the vocabulary of "
+                             f"{path} ({loaded.plan.vocab_size}): pass a --tokenizer that fits")
+        return loaded, tokenizer
+
+    return f"{path} (random weights)", context_length(config), None, load

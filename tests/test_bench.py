@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from kiln.cli import build_parser, main
 from kiln.runtime.bench import throughput
 
@@ -43,5 +42,9 @@ def test_cli_smoke_run_and_refusals(config, capsys):
                  "--requests", "2", "--input-len", "4", "--output-len", "3"]) == 0
     out = capsys.readouterr().out
     assert "CPU (smoke run, not a benchmark)" in out and "| decode_steps |" in out
+    # latency measures a GPU: it has no --device; throughput refuses --device cpu with --backend cuda
     assert main(["bench", "latency", "--device", "cpu", "--backend", "reference", "--config", config]) == 2
-    assert "--device cpu runs only" in capsys.readouterr().out
+    assert "kiln bench latency: error: unrecognized arguments: --device cpu" in capsys.readouterr().err
+    assert main(["bench", "throughput", "--device", "cpu", "--backend", "cuda", "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kiln bench throughput: --device cpu runs the reference backend") and err.count("\n") == 1

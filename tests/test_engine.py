@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from kiln.runtime.engine import EngineConfig, LLMEngine
 from kiln.runtime.model import SingleSequence, random_model
 from kiln.runtime.sampling_params import SamplingParams
@@ -138,3 +137,49 @@ def test_bad_prompts(model):
     outs = engine.step()
     assert outs[0].request_id == rid and outs[0].finished and outs[0].error
     assert engine.pool.num_free == 16
+
+
+def test_logprobs_are_vllm_logprobs(model):
+    engine = LLMEngine(model, None, EngineConfig(page_size=4, num_pages=64))
+    rid = engine.add_request([5, 6, 7], SamplingParams(temperature=1.0, seed=3, max_tokens=6, logprobs=3,
+                                                       ignore_eos=True))
+    final = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            final = o if o.request_id == rid else final
+    c = final.outputs[0]
+    total = 0.0
+    for token, entry in zip(c.token_ids, c.logprobs):
+        ranked = sorted(entry.values(), key=lambda lp: lp.rank)
+        sampled = entry[token]
+        assert [lp.rank for lp in ranked[:3]] == [1, 2, 3]  # the top 3, ranked
+        assert all(a.logprob >= b.logprob for a, b in zip(ranked, ranked[1:]))
+        if sampled.rank <= 3:  # one of the top 3: the same entry
+            assert len(entry) == 3 and ranked[sampled.rank - 1] is sampled
+        else:  # a fourth entry, ranked below them
+            assert len(entry) == 4 and ranked[3] is sampled
+        assert sampled.decoded_token is None and float(sampled) == sampled.logprob  # no tokenizer, no text
+        total += sampled.logprob
+    assert c.cumulative_logprob == pytest.approx(total)
+    assert final.prompt is None  # token ids and no tokenizer: nothing to decode them with
+
+
+def test_cpu_kv_cache_is_max_num_seqs_times_max_model_len(model):
+    engine = LLMEngine(model, None, context_len=512)  # CPU defaults: 8 sequences of min(context, 2048) tokens
+    assert (engine.config.max_num_seqs, engine.config.max_model_len) == (8, 512)
+    assert engine.pool.num_pages * engine.config.page_size == 8 * 512
+    engine = LLMEngine(model, None)  # a model without a checkpoint states no context length
+    assert (engine.config.max_num_seqs, engine.config.max_model_len) == (8, 2048)
+    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=2, max_model_len=100, page_size=16))
+    assert engine.pool.num_pages == -(-2 * 100 // 16)
+    with pytest.raises(ValueError, match="max_model_len 600 exceeds the model's context length"):
+        LLMEngine(model, None, EngineConfig(max_model_len=600), context_len=512)
+
+
+@pytest.mark.parametrize("field, value", [("max_num_seqs", 0), ("max_model_len", -1), ("page_size", 0),
+                                          ("num_pages", 0), ("max_tokens_per_step", 0),
+                                          ("kv_memory_fraction", 0.0), ("kv_memory_fraction", 1.5),
+                                          ("max_num_seqs", True)])
+def test_engine_config_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(**{field: value})

@@ -7,10 +7,9 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from kiln.runtime import gguf_file
-from kiln.runtime.checkpoint import CheckpointError, open_checkpoint
-from kiln.runtime.gguf_file import GGUFCheckpoint, default_model_path, unpermute_rope_rows
+from kiln.runtime.checkpoint import CheckpointError, GGUFCheckpoint, open_checkpoint
+from kiln.runtime.gguf_file import default_model_path, unpermute_rope_rows
 
 transformers = pytest.importorskip("transformers")
 
@@ -188,3 +187,58 @@ def test_not_a_gguf(tmp_path):
     path.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(CheckpointError, match="junk.gguf"):
         open_checkpoint(path)
+
+
+# --- Kiln's reader against gguf's own --------------------------------------------------------
+
+
+def test_metadata_equals_gguf_reader(ckpt):
+    """Every key of the default model's header, as gguf's GGUFReader decodes it."""
+    reader = gguf.GGUFReader(MODEL)
+    keys = [k for k in reader.fields if not k.startswith("GGUF.")]
+    assert len(keys) > 20 and "tokenizer.ggml.tokens" in keys and "tokenizer.ggml.merges" in keys
+    for key in keys:
+        assert ckpt.metadata(key) == reader.fields[key].contents(), key
+    assert ckpt.metadata("no.such.key", 7) == 7
+    assert sorted(ckpt.gguf_names()) == sorted(t.name for t in reader.tensors)
+
+
+QTYPES = [gguf.GGMLQuantizationType[n] for n in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")]
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_dequantize_is_bit_identical_to_gguf(tmp_path, qtype):
+    """Types Kiln dequantizes itself (F32/F16/BF16/Q8_0/Q4_0/Q4_1) and those it leaves to gguf."""
+    rng = np.random.default_rng(1)
+    array = rng.standard_normal((6, 64), dtype=np.float32) * 3
+    path = write_gguf(tmp_path / "q.gguf", {"blk.0.ffn_up.weight": (array, qtype)})
+    got = open_checkpoint(path).get("model.layers.0.mlp.up_proj.weight")
+    reader = gguf.GGUFReader(path)
+    want = gguf.quants.dequantize(reader.tensors[0].data, qtype).reshape(6, 64)
+    assert got.dtype == torch.float32 and got.shape == (6, 64)
+    assert torch.equal(got, torch.from_numpy(np.array(want, dtype=np.float32, copy=True)))
+
+
+def test_header_cut_short_and_empty_file(small, tmp_path):
+    path, _ = small
+    raw = path.read_bytes()
+    for cut in (3, 20, 60):  # inside the magic, the counts, the first key
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(raw[:cut])
+        with pytest.raises(CheckpointError, match=f"cut{cut}.gguf"):
+            open_checkpoint(bad)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.gguf"):
+        open_checkpoint(empty)
+
+
+def test_open_checkpoint_reads_a_header_once(small):
+    """The same unchanged file opens to the same parsed checkpoint (the tokenizer and the weights
+    of one command share it); a rewritten file is read again."""
+    path, arrays = small
+    first = open_checkpoint(path)
+    assert open_checkpoint(path) is first
+    write_gguf(path, {"token_embd.weight": (arrays["token_embd.weight"][:32], gguf.GGMLQuantizationType.F32)})
+    again = open_checkpoint(path)
+    assert again is not first and again.info("model.embed_tokens.weight").shape == (32, 32)

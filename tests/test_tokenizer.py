@@ -7,7 +7,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from kiln.runtime.checkpoint import open_checkpoint, save_safetensors_checkpoint
 from kiln.runtime.gguf_file import default_model_path
 from kiln.runtime.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
@@ -226,3 +225,27 @@ def test_chat_content_parts_are_joined():
 
     with pytest.raises(TokenizerError, match=r"messages\[0\]\.content\[0\]"):
         tok.apply_chat_template([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
+
+
+@pytest.mark.parametrize("source", ["gguf", "sentencepiece"])
+def test_saved_tokenizer_reads_back_the_same(tok, tmp_path, source):
+    """What `kiln build` writes into an engine directory for a GGUF checkpoint (`Tokenizer.save`)
+    is the same tokenizer when read back as a folder: ids, text, special tokens, chat template."""
+    if source == "sentencepiece":
+        tok = Tokenizer.from_checkpoint(open_checkpoint(sentencepiece_gguf(tmp_path / "sp.gguf", True)))
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    files = tok.save(folder)
+    again = Tokenizer.from_folder(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    for text in TEXTS:
+        for special in (True, False):
+            ids = tok.encode(text, add_special_tokens=special)
+            assert again.encode(text, add_special_tokens=special) == ids, text
+            assert again.decode(ids, skip_special_tokens=False) == tok.decode(ids, skip_special_tokens=False)
+    assert (again.bos_token_id, again.eos_token_ids, again.special_tokens) == \
+        (tok.bos_token_id, tok.eos_token_ids, tok.special_tokens)
+    assert again.chat_template == tok.chat_template
+    if tok.chat_template:
+        for conversation in CONVERSATIONS:
+            assert again.apply_chat_template(conversation) == tok.apply_chat_template(conversation)
