@@ -143,8 +143,12 @@ def cmd_check(args) -> int:
             archs = ", ".join(spec.architectures) or "-"
             print(f"  {spec.name:<10} {lines:>4} lines  {archs}")
         return 0
+    from kiln.dsl.checker import check_backend
+
     spec = load_spec(args.spec)
     plan = check(spec, _read_config(args.config), args.config or "config.json")
+    if args.backend:
+        check_backend(plan, args.backend)
     print(f"spec {spec.name} ({' <- '.join(spec.files)})")
     print(f"  architectures: {', '.join(spec.architectures) or '-'}")
     shown = {p.name: plan.params[p.name] for p in spec.params}
@@ -342,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?", help="a .kiln file or the name of a spec in models/")
     p.add_argument("--config", help="a Hugging Face config.json (or its folder) to bind parameters")
     p.add_argument("-v", "--verbose", action="store_true", help="list every weight")
+    p.add_argument("--backend", choices=["reference", "cuda", "tensorrt"],
+                   help="also check that this backend can run every op (each op's definition says why not)")
     p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("show", help="print generated artefacts: the unrolled IR, or the CUDA kernels")
@@ -438,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--kv-fraction", type=float_arg(0, 1, lo_open=True), default=0.9,
                            help="share of free GPU memory (after weights) given to the KV cache")
             q.add_argument("--hf-batch", type=int_arg(0), default=0, help="HF generate() baseline batch (0: none)")
+            q.add_argument("--sweep", action="store_true",
+                           help="run every shape of TensorRT-LLM's published table and print Kiln beside it")
         q.set_defaults(fn=cmd_bench)
     q = modes.add_parser("kernels", help="every kernel vs copy bandwidth and a torch baseline (GPU)")
     q.set_defaults(fn=cmd_bench)

@@ -466,5 +466,6 @@ _TOKEN_NAMES = {
     "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "LBRACE": "'{'",
     "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
     "COLON": "':'", "ADD_OP": "'+' or '-'", "MUL_OP": "'*', '/', '//' or '%'",
-    "CMP_OP": "a comparison", "DOT": "'.'", "IF": "if", "AND": "and", "OR": "or", "EQUAL": "'='", "COMMA": "','", "ARROW": "'<-'", "$END": "end of file",
+    "CMP_OP": "a comparison", "DOT": "'.'", "IF": "if", "AND": "and", "OR": "or", "EQUAL": "'='", "COMMA": "','",
+    "ARROW": "'<-'", "$END": "end of file",
 }

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from . import peers
 from .batch import SeqSlice, StepBatch
+from .bench_serve import percentiles
 from .engine import EngineConfig, LLMEngine
 from .kv_store import KVStore
 from .model import random_model
@@ -92,7 +94,8 @@ def latency(args) -> dict:
     gemv_ms, mv_ms = gemv_time(m) if args.backend == "cuda" else (float("nan"), float("nan"))
     result = {
         "copy_bw_TBps": bw / 1e12, "matmul_TFLOPs": mm / 1e12, "params": params, "weight_GB": wbytes / 1e9,
-        "roofline_ms": wbytes / bw * 1e3, "decode_ms": step, "gemms_only_ms": gemv_ms, "gemms_only_mv_ms": mv_ms, "ttft_ms": ttft,
+        "roofline_ms": wbytes / bw * 1e3, "decode_ms": step, "gemms_only_ms": gemv_ms, "gemms_only_mv_ms": mv_ms,
+        "ttft_ms": ttft,
         "ttft_floor_ms": 2 * params * args.prompt / mm * 1e3,
     }
     if args.hf:
@@ -187,20 +190,19 @@ def throughput(args) -> dict:
             if o.finished:
                 end[o.request_id] = now
     total = time.perf_counter() - start
-    ttft = sorted(first[r] - start for r in first)
-    tpot = sorted((end[r] - first[r]) / max(1, args.output_len - 1) for r in end)
-    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3  # noqa: E731
+    ttft = percentiles([first[r] - start for r in first])
+    tpot = percentiles([(end[r] - first[r]) / max(1, args.output_len - 1) for r in end])
     result.update({
         "requests": args.requests, "input_len": args.input_len, "output_len": args.output_len,
         "output_tok_s": args.requests * args.output_len / total, "req_s": args.requests / total,
-        "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
-        "tpot_p50_ms": pct(tpot, 0.5), "tpot_p99_ms": pct(tpot, 0.99), "seconds": total,
+        "ttft_p50_ms": ttft["p50"], "ttft_p99_ms": ttft["p99"],
+        "tpot_p50_ms": tpot["p50"], "tpot_p99_ms": tpot["p99"], "seconds": total,
         "kv": engine.capacity, "preemptions": engine.scheduler.num_preemptions,
         # where the time went: decode-only steps (CUDA graphs) and steps with prompt tokens (eager)
         "decode_steps": len(kinds["decode"]), "decode_steps_s": sum(kinds["decode"]),
-        "decode_step_ms_p50": pct(sorted(kinds["decode"]), 0.5) if kinds["decode"] else 0.0,
+        "decode_step_ms_p50": percentiles(kinds["decode"])["p50"] if kinds["decode"] else 0.0,
         "mixed_steps": len(kinds["mixed"]), "mixed_steps_s": sum(kinds["mixed"]),
-        "mixed_step_ms_p50": pct(sorted(kinds["mixed"]), 0.5) if kinds["mixed"] else 0.0,
+        "mixed_step_ms_p50": percentiles(kinds["mixed"])["p50"] if kinds["mixed"] else 0.0,
     })
     return result
 
@@ -288,6 +290,24 @@ def check_args(args) -> None:
                             else ""))
 
 
+PEERS = Path(__file__).resolve().parent.parent / "configs" / "trtllm-perf-overview.json"
+
+
+def sweep(args, device_name: str, precision: str) -> int:
+    """throughput at each shape of TensorRT-LLM's published table, printed beside its figures for
+    this card. On a CPU (a smoke run) the shapes are divided by 64."""
+    table = peers.load(PEERS)
+    scale = 64 if getattr(args, "device", "cuda") == "cpu" else 1
+    ours = {}
+    for isl, osl in peers.SWEEP_SHAPES:
+        args.input_len, args.output_len = max(1, isl // scale), max(1, osl // scale)
+        r = throughput(args)
+        print(f"{isl}/{osl}: {r['output_tok_s']:,.0f} output tok/s ({r['seconds']:.1f} s)", flush=True)
+        ours[(isl, osl)] = r["output_tok_s"]
+    print(peers.sweep_table(table, peers.card_of(device_name), ours, precision))
+    return 0
+
+
 def main(args) -> int:
     if args.mode == "startup":
         r = startup(args)
@@ -301,6 +321,8 @@ def main(args) -> int:
     name = "CPU (smoke run, not a benchmark)" if cpu else torch.cuda.get_device_name()
     print(f"# {name}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, spec {args.spec}, "
           f"config {args.config}, backend {args.backend}, {'fp32' if cpu else 'bf16'}")
+    if args.mode == "throughput" and args.sweep:
+        return sweep(args, name, "fp32" if cpu else "bf16")
     r = latency(args) if args.mode == "latency" else throughput(args)
     print(json.dumps(r, indent=1, default=str))
     print("| metric | value |\n| --- | --- |")

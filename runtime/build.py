@@ -31,7 +31,7 @@ import torch
 from kiln.codegen.trt_api import BF16_MIN_SM, DTYPES, RTX_ARCHS, TensorRTMissing, arch_number, load_tensorrt
 from kiln.codegen.trt_layers import TrtLoweringError
 from kiln.codegen.trt_network import Limits, io_tensors, render_network
-from kiln.dsl import Plan, check, load_spec
+from kiln.dsl import Plan, load_spec, passes
 from kiln.dsl.dtypes import RUN_DTYPES
 
 from .checkpoint import open_checkpoint
@@ -71,8 +71,10 @@ def build(spec: str | Path | None, checkpoint: str | Path, out: str | Path, back
         if spec is None:
             spec = spec_for_config(ckpt.config, str(ckpt.path))
         ir_spec = load_spec(spec)
-        plan = check(ir_spec, ckpt.config, str(ckpt.path) if ckpt.format == "gguf"
-                     else str(Path(ckpt.path) / "config.json"))
+        plan = passes.build(ir_spec, ckpt.config, str(ckpt.path) if ckpt.format == "gguf"
+                            else str(Path(ckpt.path) / "config.json"))
+        # An op TensorRT cannot express stops the build here, before any weight is read.
+        network = render_network(plan, dtype, limits) if backend == "tensorrt" else None
         bar.advance()
         weights = load_weights(plan, ckpt, RUN_DTYPES[dtype].torch)
         _save_weights(plan, weights, tmp / "weights.safetensors")
@@ -82,7 +84,7 @@ def build(spec: str | Path | None, checkpoint: str | Path, out: str | Path, back
         if backend == "cuda":
             manifest["kernels"] = _write_kernels(plan, dtype, page_size, tmp / "kernels")
         else:
-            (tmp / "network.py").write_text(render_network(plan, dtype, limits))
+            (tmp / "network.py").write_text(network)
         bar.advance()
         if trt is not None:
             refit = torch.cuda.is_available()

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-
 from kiln.dsl import check, load_spec
 from kiln.runtime.verify import verify
+
 from tests.configs import FAMILY_CONFIGS as CASES
 
 

@@ -6,7 +6,6 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from kiln.runtime.batch import SeqSlice, StepBatch, host_meta
 
 PAGE = 16
@@ -57,7 +56,7 @@ def test_decode_graph_buffers():
     from kiln.runtime.cuda_backend import fill_decode_buffers
 
     rng = random.Random(7)
-    seqs, start = [], 0
+    seqs = []
     for i in range(5):
         context = rng.randrange(0, 100)
         seqs.append(SeqSlice(i, 1, context, tuple(rng.sample(range(1000), -(-(context + 1) // PAGE)))))

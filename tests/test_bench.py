@@ -48,3 +48,16 @@ def test_cli_smoke_run_and_refusals(config, capsys):
     assert main(["bench", "throughput", "--device", "cpu", "--backend", "cuda", "--config", config]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kiln bench throughput: --device cpu runs the reference backend") and err.count("\n") == 1
+
+
+def test_sweep_table_puts_published_figures_beside_ours():
+    from kiln.runtime import peers
+    from kiln.runtime.bench import PEERS
+
+    table = peers.load(PEERS)
+    assert set(table.figures) == set(peers.SWEEP_SHAPES)
+    assert [str(p) for p in table.peers("H200", (1000, 1000))] == ["17,744 (fp8)"]
+    assert peers.card_of("NVIDIA H200") == "H200" and peers.card_of("NVIDIA L4") is None
+    text = peers.sweep_table(table, "H100", {(1000, 1000): 7055.0, (2048, 128): 1000.0}, "bf16")
+    assert "| 1000/1000 | 7,055 | 7,055 (fp16), 15,220 (fp8) | 1.00x vs fp16, 0.46x vs fp8 |" in text
+    assert "| 2048/128 | 1,000 | 1,904 (fp16), 3,450 (fp8) |" in text and "perf-overview" in text

@@ -5,7 +5,6 @@ import struct
 
 import pytest
 import torch
-
 from kiln.runtime.checkpoint import (
     CheckpointError,
     open_checkpoint,

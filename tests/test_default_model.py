@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kiln.runtime.generate import generate
 from kiln.runtime.gguf_file import default_model_path
 from kiln.runtime.model import load_model

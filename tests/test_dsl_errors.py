@@ -4,7 +4,6 @@ source line and a caret, and never anything but a SpecError."""
 from __future__ import annotations
 
 import pytest
-
 from kiln.dsl import SpecError, check, parse_spec
 
 TINY = """\

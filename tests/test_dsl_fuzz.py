@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from kiln.dsl import SpecError, check, parse_spec
 from kiln.dsl.loader import MODELS_DIR
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import transformers
-
 from kiln.dsl import SpecError, check, load_spec, parse_spec
 from kiln.dsl.bind import ConfigError
+
 from tests.configs import FAMILY_CONFIGS, cfg
 
 CONFIG = "/models/x/config.json"

@@ -1,5 +1,4 @@
 import pytest
-
 from kiln.runtime.kv_cache import (
     BlockPool,
     KVCacheError,

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from kiln.dsl import check, load_spec
 from kiln.dsl.ops import OPS, OpKind, Torch
 from kiln.dsl.ops.base import KernelCall, ShapeError, TType
+
 from tests.configs import FAMILY_CONFIGS
 
 CONCAT, REPEAT = OPS[OpKind.CONCAT], OPS[OpKind.REPEAT]

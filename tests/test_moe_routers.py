@@ -10,14 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
+from kiln.dsl.ops import moe
+from kiln.dsl.ops.base import ShapeError
+from kiln.runtime import verify as verify_mod
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
-from kiln.dsl.ops import moe
-from kiln.dsl.ops.base import ShapeError
-from kiln.runtime import verify as verify_mod
 from tests.configs import FAMILY_CONFIGS
 
 E, H, TOK = 16, 32, 40
@@ -119,6 +118,7 @@ def test_trt_gates_match_reference(case):
     except trt_api.TensorRTMissing as e:
         pytest.skip(f"TensorRT not installed: {e}")
     from kiln.codegen.trt_layers import Network
+
     from tests.trt_interp import run_network
 
     kw = {"v2-groups": dict(top_k=3, groups=4, topk_groups=2, scale=1.7),

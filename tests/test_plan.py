@@ -104,3 +104,21 @@ def test_a_storage_dtype_weight_is_never_read_as_float():
         check(parse_spec(text, "tiny.kiln"))
     assert "weight is stored as int8, which no op reads directly" in info.value.message
     assert info.value.pos.line == 14
+
+
+def test_check_reports_an_op_the_backend_cannot_run(tmp_path, capsys):
+    from kiln.cli import main
+    from kiln.dsl.checker import check_backend
+
+    config = dict(architectures=["LlamaForCausalLM"], hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  intermediate_size=128, vocab_size=256, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    plan = check(load_spec("llama"), config)
+    check_backend(plan, "cuda")  # cuda runs every op
+    with pytest.raises(SpecError, match="not supported on the tensorrt backend: rope with dynamic NTK") as info:
+        check_backend(plan, "tensorrt")
+    assert info.value.pos.file.endswith("llama.kiln") and info.value.pos.line > 1
+    path = tmp_path / "config.json"
+    path.write_text(__import__("json").dumps(config))
+    assert main(["check", "llama", "--config", str(path), "--backend", "tensorrt"]) == 2
+    assert "llama.kiln:" in capsys.readouterr().err
+    assert main(["check", "llama", "--config", str(path), "--backend", "cuda"]) == 0

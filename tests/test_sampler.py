@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from kiln.runtime.sampler import Sampler, SamplerError, SamplingRow, make_generator
+from kiln.runtime.sampling_params import SamplingParams
 from transformers import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -9,9 +11,6 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-
-from kiln.runtime.sampler import Sampler, SamplerError, SamplingRow, make_generator
-from kiln.runtime.sampling_params import SamplingParams
 
 
 def rows_for(params_list, prompts=None, outputs=None):

@@ -11,7 +11,6 @@ import random
 
 import pytest
 import torch
-
 from kiln.runtime.batch import StepBatch
 from kiln.runtime.kv_cache import BlockPool
 from kiln.runtime.sampling_params import SamplingParams

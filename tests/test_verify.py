@@ -7,6 +7,7 @@ import json
 
 from kiln.cli import main
 from kiln.runtime.verify import verify
+
 from tests.configs import VERIFY_GPT2 as GPT2
 from tests.configs import VERIFY_LLAMA as LLAMA
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from kiln.dsl import SpecError
 from kiln.runtime.checkpoint import CheckpointError, save_safetensors_checkpoint
 from kiln.runtime.model import load_model

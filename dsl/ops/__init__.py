@@ -11,7 +11,18 @@ import enum
 
 from . import attention, elementwise, layout, linear, moe, norm, rope
 from .base import (  # noqa: F401  (the vocabulary of op definitions)
-    Attr, CudaLowering, Gemm, Kernel, KernelCall, OpDef, RefContext, ShapeError, T, Torch, TrtLowering, TType,
+    Attr,
+    CudaLowering,
+    Gemm,
+    Kernel,
+    KernelCall,
+    OpDef,
+    RefContext,
+    ShapeError,
+    T,
+    Torch,
+    TrtLowering,
+    TType,
 )
 from .elementwise import ACTIVATIONS, HF_ACTIVATIONS, activation_of  # noqa: F401
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .base import Attr, KernelCall, Kernel, OpDef, T, Torch, TrtLowering, TType, act, heads, need
+from .base import Attr, Kernel, KernelCall, OpDef, T, Torch, TrtLowering, TType, act, heads, need
 
 
 def _shape(ins, attrs):
