@@ -1,4 +1,4 @@
-"""Rope scaling `yarn` and `longrope` (issue #11) against transformers, op by op: how the specs read
+"""Rope scaling `yarn` and `longrope` against transformers, op by op: how the specs read
 Phi-3 / Qwen2 style configs, the frequencies and attention factor every backend bakes (reference,
 cuda kernel constants, TensorRT tables), longrope's short/long choice by the step's longest
 sequence, and what the TensorRT backend refuses. Whole models: tests/configs.py's phi3-longrope
