@@ -4,8 +4,6 @@ TensorRT network (interpreted layer by layer) against the reference."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from kiln.dsl import SpecError, check, parse_spec
@@ -92,22 +90,10 @@ def test_tensorrt_network_matches_reference(spec_file, tmp_path):
         trt = trt_api.load_tensorrt()
     except trt_api.TensorRTMissing as e:
         pytest.skip(str(e))
-    from kiln.codegen.trt_network import Limits, render_network
-    from kiln.runtime.trt_backend import step_inputs
-
-    from tests.trt_interp import run_network
+    from tests.trt_interp import plan_logits
 
     model = random_model(spec_file, seed=1)
-    path = tmp_path / "network.py"
-    path.write_text(render_network(model.plan, "fp32", Limits(1, 16, 16, 16)))
-    spec = importlib.util.spec_from_file_location("clampy_network", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    T = trt.module
-    net = T.Builder(T.Logger(T.Logger.ERROR)).create_network(1 << int(T.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    owner = mod.build_network(T, net, model.model.weights)  # noqa: F841  (holds the constants' memory)
-    batch = _step(64)
-    got = run_network(T, net, step_inputs(batch, 16, 1, False, all_logits=True))["logits"]
+    got = plan_logits(trt, model.plan, model.model.weights, _step(64), tmp_path)
     torch.testing.assert_close(got, _clamped_by_hand(model), rtol=1e-5, atol=1e-5)
 
 

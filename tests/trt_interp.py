@@ -164,3 +164,22 @@ def _rotary(layer, x, cos, sin, pos):
         a, b = rot[..., : r // 2], rot[..., r // 2:]
         out = torch.cat([a * c - b * s, b * c + a * s], -1)
     return torch.cat([out, rest], -1)
+
+
+def plan_logits(trt, plan, weights, batch, folder, pages: int = 1, page_size: int = 16):
+    """Logits of every token of `batch` (one step, no attention sites' cache needed beyond `pages`)
+    from the TensorRT network Kiln generates for `plan`, defined with `trt` and interpreted here."""
+    import importlib.util
+
+    from kiln.codegen.trt_network import Limits, render_network
+    from kiln.runtime.trt_backend import step_inputs
+
+    path = folder / "network.py"
+    path.write_text(render_network(plan, "fp32", Limits(1, 16, 16, page_size)))
+    spec = importlib.util.spec_from_file_location(f"network_{plan.spec.name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    t = trt.module
+    net = t.Builder(t.Logger(t.Logger.ERROR)).create_network(1 << int(t.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    owner = mod.build_network(t, net, weights)  # noqa: F841  (holds the constants' memory until the run)
+    return run_network(t, net, step_inputs(batch, page_size, pages, bool(plan.sites), all_logits=True))["logits"]
