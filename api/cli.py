@@ -185,7 +185,7 @@ def cmd_verify(args) -> int:
 
     spec = args.spec or spec_for_config(config, args.config)
     t0 = time.time()
-    report = verify(config, spec, steps=args.steps)
+    report = verify(config, spec, steps=args.steps, config_file=args.config)
     print(f"verify {report.architecture} with {spec}: prefill + {args.steps} decode steps, fp32, CPU")
     print(f"  {'step':>5} {'max abs':>12} {'max rel':>12}  token")
     for s in report.steps:
@@ -482,6 +482,7 @@ USER_ERRORS = (
     ("kiln.runtime.engine_dir", "BuildError"),
     ("kiln.runtime.trt_backend", "TrtRuntimeError"),
     ("kiln.runtime.generate", "GenerateError"),
+    ("kiln.runtime.verify", "VerifyError"),
     ("kiln.runtime.server_cli", "ServeError"),
     ("kiln.runtime.bench_serve", "BenchError"),
     ("kiln.runtime.bench", "BenchError"),

@@ -47,13 +47,22 @@ class VerifyReport:
         return self.max_rel <= tol and self.tokens_agree == len(self.steps)
 
 
-def hf_random_model(config: dict[str, Any], seed: int = 0):
+class VerifyError(Exception):
+    """transformers refuses the config: nothing to compare against (the message names the file)."""
+
+
+def hf_random_model(config: dict[str, Any], seed: int = 0, config_file: str = "config.json"):
     import transformers
 
-    cfg = transformers.AutoConfig.for_model(**config)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",
-                                                          dtype=torch.float32)
+    try:  # a config transformers itself rejects is the user's to fix, not a Kiln failure
+        cfg = transformers.AutoConfig.for_model(**config)
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",
+                                                              dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises while building it is about the config
+        reason = " ".join(str(e.__cause__ or e).split())
+        raise VerifyError(f"{config_file}: transformers cannot build a model from this config: "
+                          f"{reason[:400]}{' ...' if len(reason) > 400 else ''}") from None
     with torch.no_grad():  # random init leaves some tensors (norms, biases) at constants: perturb all
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -61,8 +70,9 @@ def hf_random_model(config: dict[str, Any], seed: int = 0):
 
 
 def verify(config: dict[str, Any], spec: str | Path | None = None, steps: int = 32,
-           prompt_len: int = 11, seed: int = 0, workdir: str | Path | None = None) -> VerifyReport:
-    model = hf_random_model(config, seed)
+           prompt_len: int = 11, seed: int = 0, workdir: str | Path | None = None,
+           config_file: str = "config.json") -> VerifyReport:
+    model = hf_random_model(config, seed, config_file)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         loaded = load_model(tmp, spec=spec, dtype="fp32")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from kiln.cli import main
 from kiln.runtime.verify import verify
 
@@ -48,3 +49,15 @@ def test_verify_cli_passes_and_fails(tmp_path, capsys):
                    "param eps: float = 0.5\n")
     assert main(["verify", str(bad), "--config", str(cfg), "--steps", "2"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(model_type="nonsense"), "Unrecognized model identifier: nonsense"),
+    (dict(hidden_size=65), "not a multiple of the number of attention heads"),
+])
+def test_a_config_transformers_rejects_is_one_message(tmp_path, capsys, change, reason):
+    path = tmp_path / "my_config.json"
+    path.write_text(json.dumps(dict(LLAMA, **change)))
+    assert main(["verify", "--config", str(path), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and reason in err and "Traceback" not in err
