@@ -36,7 +36,8 @@ def spec_for_config(config: dict[str, Any], config_file: str = "config.json") ->
             return path
     what = ", ".join(wanted) or (f"GGUF architecture '{gguf_arch}'" if gguf_arch else "no architectures")
     raise SpecError(f"{config_file}: no spec in {MODELS_DIR} declares {what}", None,
-                    "pass --spec, or write a spec (see README: Adding an architecture)")
+                    "name the spec to use (`kiln verify SPEC`, `kiln build SPEC`, `--spec SPEC` for generate "
+                    "and serve), or write one (docs/adding-an-architecture.md)")
 
 
 @dataclass
