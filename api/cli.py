@@ -508,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader left (`kiln show SPEC --kernels | head`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush cannot fail again
+        return 0
     except Exception as e:
         if not _user_error(e):
             raise
