@@ -51,18 +51,13 @@ class VerifyError(Exception):
     """transformers refuses the config: nothing to compare against (the message names the file)."""
 
 
-def hf_random_model(config: dict[str, Any], seed: int = 0, config_file: str = "config.json"):
+def hf_random_model(config: dict[str, Any], seed: int = 0):
     import transformers
 
-    try:  # a config transformers itself rejects is the user's to fix, not a Kiln failure
-        cfg = transformers.AutoConfig.for_model(**config)
-        torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",
-                                                              dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - whatever transformers raises while building it is about the config
-        reason = " ".join(str(e.__cause__ or e).split())
-        raise VerifyError(f"{config_file}: transformers cannot build a model from this config: "
-                          f"{reason[:400]}{' ...' if len(reason) > 400 else ''}") from None
+    cfg = transformers.AutoConfig.for_model(**config)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",
+                                                          dtype=torch.float32)
     with torch.no_grad():  # random init leaves some tensors (norms, biases) at constants: perturb all
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -72,7 +67,12 @@ def hf_random_model(config: dict[str, Any], seed: int = 0, config_file: str = "c
 def verify(config: dict[str, Any], spec: str | Path | None = None, steps: int = 32,
            prompt_len: int = 11, seed: int = 0, workdir: str | Path | None = None,
            config_file: str = "config.json") -> VerifyReport:
-    model = hf_random_model(config, seed, config_file)
+    try:  # a config transformers itself rejects is the user's to fix, not a Kiln failure
+        model = hf_random_model(config, seed)
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises while building it is about the config
+        reason = " ".join(str(e.__cause__ or e).split())
+        raise VerifyError(f"{config_file}: transformers cannot build a model from this config: "
+                          f"{reason[:400]}{' ...' if len(reason) > 400 else ''}") from None
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         loaded = load_model(tmp, spec=spec, dtype="fp32")
