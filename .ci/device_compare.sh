@@ -7,7 +7,7 @@
 #   .old   the earlier commit's tree: git archive COMMIT | tar -x -C .old
 # Each tree runs from a folder of symbolic links that lays it out as the `kiln` package
 # (api/ as kiln, dsl/ codegen/ runtime/ inside), so neither is installed and both can run.
-# Usage: bash .ci/device_compare.sh [tests] [latency]
+# Usage: bash .ci/device_compare.sh [tests] [kernels] [latency] [quant] [throughput]
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -27,12 +27,24 @@ kiln_old() { (cd .old && PYTHONPATH=/tmp/old:/tmp/site python3 -m kiln.cli "$@")
 for what in "$@"; do
   case $what in
     tests)
-      PYTHONPATH=/tmp/new:/tmp/site:. timeout 420 python3 -m pytest tests/gpu tests/test_op_clamp.py tests/test_ops_norm_variants.py -q -p no:cacheprovider -p no:randomly \
+      PYTHONPATH=/tmp/new:/tmp/site:. timeout ${TEST_TIMEOUT:-420} python3 -m pytest ${TESTS:-tests/gpu tests/test_op_clamp.py tests/test_ops_norm_variants.py} -q -p no:cacheprovider -p no:randomly --maxfail=25 ${PYTEST_EXTRA:-} \
         2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
     latency)
       for run in new old new old new old; do
         echo "== latency: $run"
         "kiln_$run" bench latency --config configs/llama-3-8b.json --steps 64 2>&1 | tee -a "$OUT/latency-$run.log" | tail -12
       done ;;
+    kernels)
+      PYTHONPATH=/tmp/new:/tmp/site:. python3 -m kiln.codegen.bench_kernels --md "$OUT/kernels.md" 2>&1 \
+        | tee "$OUT/kernels.log" | tail -60 ;;
+    quant)  # batch-1 decode with weights quantized on load, beside bf16 (the latency runs above)
+      for q in fp8 int8-wo int4-wo; do
+        echo "== latency: new --quantization $q"
+        kiln_new bench latency --config configs/llama-3-8b.json --steps 64 --quantization $q 2>&1 \
+          | tee -a "$OUT/latency-$q.log" | tail -12
+      done ;;
+    throughput)
+      kiln_new bench throughput --config configs/llama-3-8b.json --requests 1000 --input-len 128 --output-len 128 \
+        2>&1 | tee "$OUT/throughput.log" | tail -20 ;;
   esac
 done

@@ -89,14 +89,30 @@ def add_sampling_arguments(p, max_tokens: int) -> None:
     p.add_argument("--seed", type=arg_type("seed"), default=None, metavar="S", help="a 64-bit signed integer")
 
 
-def add_model_arguments(p) -> None:
-    """--spec, --dtype, --device, --backend of the commands that load a checkpoint."""
+def add_model_arguments(p, quantization: bool = True) -> None:
+    """--spec, --dtype, --device, --backend (and --quantization) of the commands that load a checkpoint."""
     p.add_argument("--spec", help="spec (default: chosen by the checkpoint's architecture)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="run dtype (default: fp32; an engine directory's own)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--backend", default=None, choices=["reference", "cuda"],
                    help="reference (torch, any device; the default) or cuda (generated kernels, --device cuda)")
+    if quantization:
+        add_quantization_argument(p)
+
+
+QUANT_HELP = ("quantize on load: fp8, fp8-channel, int8-wo, int4-wo; gguf keeps a GGUF file's blocks "
+              "(a quantized checkpoint needs none: its own scheme is used; `kiln quantize` makes one)")
+
+
+def add_quantization_argument(p) -> None:
+    p.add_argument("--quantization", default=None, metavar="SCHEME", help=QUANT_HELP)
+    add_kv_cache_argument(p)
+
+
+def add_kv_cache_argument(p) -> None:
+    p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8"],
+                   help="KV cache storage: auto (the run dtype; the default) or fp8 (E4M3, scaled per site)")
 
 
 class KilnParser(argparse.ArgumentParser):
@@ -247,6 +263,31 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_eval(args) -> int:
+    from kiln.runtime.eval import perplexity_cli
+
+    return perplexity_cli(args)
+
+
+def cmd_quantize(args) -> int:
+    from kiln.runtime.quantize import quantize_checkpoint
+
+    out = quantize_checkpoint(args.checkpoint, args.scheme, args.out, args.calibration, args.alpha, args.samples,
+                              args.seq_len, args.act_order, args.force, args.spec)
+    print(f"wrote {out} ({args.scheme})")
+    return 0
+
+
+def quant_scheme(text: str) -> str:
+    """A --quantization scheme: one of kiln.dsl.passes.QUANT_SCHEMES, read when the option is given."""
+    from kiln.runtime.eval import quantization_schemes
+
+    schemes = quantization_schemes()
+    if text not in schemes:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(schemes)}, got {text!r}")
+    return text
+
+
 def _need(module: str, what: str, extra: str) -> None:
     import importlib.util
 
@@ -286,6 +327,7 @@ def add_serve_arguments(p) -> None:
                    help="run dtype (default: fp32; an engine directory's own)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--backend", default=None, choices=["reference", "cuda"], help="default: reference")
+    add_quantization_argument(p)
     p.add_argument("--max-num-seqs", type=int_arg(1), default=None,
                    help="sequences per batch (default: 64 on CUDA, 8 on CPU)")
     p.add_argument("--max-waiting", type=int_arg(0), default=256,
@@ -395,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int_arg(1, 1024), default=16, help="tokens per KV cache page")
     p.add_argument("--arch", type=lambda s: tuple(a.strip() for a in s.split(",")), metavar="sm86,...",
                    help="TensorRT-RTX targets, comma-separated (default: sm80,sm86,sm89,sm120)")
+    add_quantization_argument(p)
     p.set_defaults(fn=cmd_build)
 
     p = sub.add_parser("run", help="generate from an engine directory made by `kiln build`")
@@ -425,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--spec", help="spec (default: chosen by the config's architectures)")
         q.add_argument("--backend", default=None, choices=["reference", "cuda"],
                        help="default: cuda (reference with --device cpu)")
+        add_quantization_argument(q)
         if mode == "latency":
             q.add_argument("--prompt", type=int_arg(1), default=2048, help="prompt tokens (TTFT)")
             q.add_argument("--steps", type=int_arg(1), default=64, help="decode steps timed")
@@ -458,6 +502,48 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--chat", type=nonempty, default="What is the capital of France?", help="the chat message")
     q.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     q.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("eval", help="evaluate a model on text: perplexity (and KL divergence from the unquantized "
+                                    "model)")
+    modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
+    q = modes.add_parser("perplexity", help="perplexity over a text in windows scored on their second half "
+                                            "(llama.cpp's perplexity tool); --kl-divergence: against the same "
+                                            "checkpoint unquantized")
+    q.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
+    q.add_argument("--quantization", type=quant_scheme, default="none", metavar="SCHEME",
+                   help="quantize on load (kiln.dsl.passes.QUANT_SCHEMES; default: none)")
+    q.add_argument("--text", metavar="FILE",
+                   help="UTF-8 text to score (default: Python's documentation topics, pydoc_data.topics)")
+    q.add_argument("--kl-divergence", action="store_true",
+                   help="also the KL divergence of each position's next-token distribution from the unquantized "
+                        "model's (mean, median, p99, max) and how often their top tokens agree")
+    add_model_arguments(q, quantization=False)  # its own --quantization, checked at parse time
+    add_kv_cache_argument(q)
+    q.add_argument("--context", type=int_arg(2), default=512, metavar="N", help="tokens per window (default: 512)")
+    q.add_argument("--stride", type=int_arg(1), default=None, metavar="N",
+                   help="a window starts every N tokens and scores its last min(N, context/2) "
+                        "(default: --context, non-overlapping windows scored on their second half)")
+    q.add_argument("--max-tokens", type=int_arg(2), default=None, metavar="N",
+                   help="use only the text's first N tokens (default: all)")
+    q.add_argument("--json", action="store_true", help="print the results as one JSON line (the table goes to stderr)")
+    q.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("quantize", help="quantize a float checkpoint, calibrating on text where the scheme needs "
+                                        "it, into a standard format (compressed-tensors, AutoAWQ, GPTQ)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a Hugging Face safetensors folder")
+    p.add_argument("--scheme", required=True,
+                   choices=("fp8", "fp8-channel", "int8-wo", "int4-wo", "smoothquant", "awq", "gptq"))
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
+    p.add_argument("--calibration", metavar="TEXTFILE",
+                   help="UTF-8 calibration text (default: the license texts in /usr/share/common-licenses)")
+    p.add_argument("--alpha", type=float_arg(0.0, 1.0, lo_open=True), default=0.5,
+                   help="SmoothQuant migration strength, in (0, 1] (default 0.5)")
+    p.add_argument("--samples", type=int_arg(1), default=32, metavar="N", help="calibration samples (32)")
+    p.add_argument("--seq-len", type=int_arg(2), default=512, metavar="N", help="tokens per sample (512)")
+    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns in activation order")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--spec", metavar="SPEC", help="the spec (default: from the checkpoint's architectures)")
+    p.set_defaults(fn=cmd_quantize)
     return ap
 
 
@@ -486,6 +572,8 @@ USER_ERRORS = (
     ("kiln.runtime.server_cli", "ServeError"),
     ("kiln.runtime.bench_serve", "BenchError"),
     ("kiln.runtime.bench", "BenchError"),
+    ("kiln.runtime.eval", "EvalError"),
+    ("kiln.runtime.quantize", "QuantizeError"),
     ("kiln.codegen.specs", "KernelSpecError"),
     ("kiln.codegen.trt_api", "TensorRTMissing"),
 )
@@ -514,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not _user_error(e):
             raise
-        print(f"kiln {args.command}{' ' + args.mode if args.command == 'bench' else ''}: {e}", file=sys.stderr)
+        print(f"kiln {args.command}{' ' + args.mode if getattr(args, 'mode', None) else ''}: {e}", file=sys.stderr)
         return 2
 
 

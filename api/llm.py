@@ -25,13 +25,15 @@ Prompt = str | list[int]
 
 class LLM:
     def __init__(self, model: str | Path | None = None, *, spec: str | Path | None = None, dtype: str | None = None,
-                 device: str = "cpu", backend: str | None = None, **engine_options):
+                 device: str = "cpu", backend: str | None = None, quantization: str | None = None,
+                 kv_cache_dtype: str | None = None, **engine_options):
         """`model`: a Hugging Face folder, a .gguf file, an engine directory, or None / "default" (the
         embedded model). `dtype` (default fp32, or an engine directory's own), `backend` (default
-        reference), engine options: EngineConfig's fields (max_num_seqs, max_model_len, ...)."""
+        reference), `quantization` (an on-load scheme, kiln.dsl.quant.SCHEMES), engine options:
+        EngineConfig's fields (max_num_seqs, max_model_len, ...)."""
         config = EngineConfig(**engine_options)  # bad options fail before the model loads
         source = ModelSource.open(model, spec=None if spec is None else str(spec), dtype=dtype, device=device,
-                                  backend=backend)
+                                  backend=backend, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
         if config.max_model_len is not None and source.context_len is not None \
                 and config.max_model_len > source.context_len:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the context length of {source.name} "

@@ -2,10 +2,14 @@
 head dim 128, ffn 14336, bf16) against the device's copy bandwidth and an eager torch baseline,
 all measured in the same run.
 
-    python -m kiln.codegen.bench_kernels [--tokens 8192] [--batch 64] [--context 4096] [--md FILE]
+    python -m kiln.codegen.bench_kernels [--tokens 8192] [--batch 64] [--context 4096]
+                                         [--long-context 16384] [--md FILE]
 
 Bytes are the fewest the op must move (each input read once, each output written once); the
 fraction is achieved bandwidth over a device-to-device copy's (bytes read + written).
+Decode attention runs at batch `--batch` x `--context` and at batch 1 x `--long-context`, both
+timed as CUDA-graph replays (as the engine runs decode steps), against torch SDPA on dense K/V
+replayed the same way: the GPU's time, not the host's launch cost.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from .specs import (
     DecodeAttnSpec,
     EmbedSpec,
     MapSpec,
+    MoeGemmSpec,
+    MoeRouteSpec,
     NormSpec,
     PrefillAttnSpec,
     RopeCacheSpec,
@@ -52,6 +58,33 @@ def time_ms(fn, reps=15, min_ms=2.0) -> float:
         e.synchronize()
         times.append(s.elapsed_time(e) / inner)
     return statistics.median(times)
+
+
+GRAPH_CALLS = 10  # calls per captured graph: one replay's launch cost spread over several calls
+
+
+class Graphed:
+    """`calls` back-to-back calls of fn captured in one CUDA graph; calling it replays them all."""
+
+    def __init__(self, fn, calls: int = GRAPH_CALLS):
+        self.calls = calls
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # warm-up outside the capture: module loads, library handles, workspace
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            for _ in range(calls):
+                fn()
+
+    def __call__(self):
+        self.graph.replay()
+
+
+def per_call_ms(fn) -> float:
+    return time_ms(fn) / getattr(fn, "calls", 1)
 
 
 def copy_bandwidth() -> float:
@@ -135,8 +168,8 @@ def _decode(B, ctx):
     kd = torch.randn(B, KV_HEADS, ctx, D, device="cuda", dtype=DT)  # dense K/V for the baseline
     vd = torch.randn_like(kd)
     q4 = q.view(B, HEADS, 1, D)
-    ours = lambda: K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, scratch, ctx)  # noqa: E731
-    torch_ref = lambda: F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True)  # noqa: E731
+    ours = Graphed(lambda: K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, scratch, ctx))
+    torch_ref = Graphed(lambda: F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True))
     nbytes = 2 * B * ctx * KV_HEADS * D * 2 + 2 * B * HEADS * D * 2
     return "paged decode attention", f"B={B} ctx={ctx}", ours, torch_ref, nbytes
 
@@ -156,11 +189,13 @@ def decode_partition_sweep(B, ctx) -> str:
     meta = kern.source.meta
     per_sm = kern.blocks_per_sm(kern.source.entries[0], meta["threads"], meta["smem"])
     chosen = K.decode_partition(spec, B, ctx, kern.num_sms * per_sm, scratch.max_splits)
-    parts = sorted({chosen, 256, 512, 832, 1024, 1376, 2048, 4096} & set(range(meta["tile"], ctx + 1, meta["tile"])))
+    parts = sorted({chosen, 256, 512, 768, 1024, 1536, 2048, 4096} & set(range(meta["tile"], ctx + 1, meta["tile"])))
+    parts = [p for p in parts if math.ceil(ctx / p) <= scratch.max_splits]
     res = []
     for p in parts:
-        t = time_ms(lambda: K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, scratch, ctx, partition=p))
-        res.append(f"{p}{'*' if p == chosen else ''}: {t * 1e3:.0f}us")
+        t = per_call_ms(Graphed(
+            lambda: K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, scratch, ctx, partition=p)))
+        res.append(f"{p}{'*' if p == chosen else ''}: {t * 1e3:.1f}us")
     return f"decode B={B} ctx={ctx}, {per_sm} blocks/SM; tokens per split (* = model's pick): " + ", ".join(res)
 
 
@@ -182,7 +217,8 @@ def _prefill(T, seqs):
     torch_ref = lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)  # noqa: E731
     nbytes = 2 * T * HEADS * D * 2 + 2 * T * KV_HEADS * D * 2
     flops = 4 * seqs * (L * (L + 1) // 2) * D * HEADS
-    return "prefill attention (causal)", f"{seqs}x{L} tok", ours, torch_ref, nbytes, flops
+    variant = K.render(K.prefill_for_device(spec, q.device)).meta["variant"]  # sm90: the wgmma kernel
+    return "prefill attention (causal)", f"{seqs}x{L} tok, {variant} kernel", ours, torch_ref, nbytes, flops
 
 
 def _embed(T):
@@ -202,31 +238,144 @@ def _softcap(B):
     return "logit softcap (fp32)", f"B={B}", ours, lambda: torch.tanh(x / 30.0) * 30.0, 2 * x.numel() * 4
 
 
+def _moe(T, experts=8, top_k=2):
+    """An 8x7B-class expert layer (hidden 4096, ffn 14336, 8 experts, top-2): routing, the grouped
+    gate|up GEMM, SwiGLU, the grouped down GEMM and the combine, against the per-expert torch loop
+    the reference runs (one F.linear per expert and projection, over its tokens)."""
+    E, k, H, Fd = experts, top_k, HIDDEN, FFN
+    route = MoeRouteSpec(E, k, H, origin="bench")
+    up, down = MoeGemmSpec(E, 2 * Fd, H, True, origin="bench"), MoeGemmSpec(E, H, Fd, False, origin="bench")
+    act = ActSpec("silu", True, Fd, origin="bench")
+    x = torch.randn(T, H, device="cuda", dtype=DT)
+    logits = torch.randn(T, E, device="cuda")
+    w_up = (torch.randn(E, 2 * Fd, H, device="cuda") * H ** -0.5).to(DT)
+    w_down = (torch.randn(E, H, Fd, device="cuda") * Fd ** -0.5).to(DT)
+    R = T * k
+    st = torch.empty(R, dtype=torch.int32, device="cuda")
+    sr = torch.empty(T, k, dtype=torch.int32, device="cuda")
+    off = torch.empty(E + 1, dtype=torch.int32, device="cuda")
+    til = torch.empty_like(off)
+    gu = torch.empty(R, 2 * Fd, device="cuda", dtype=DT)
+    h = torch.empty(R, Fd, device="cuda", dtype=DT)
+    y = torch.empty(R, H, device="cuda", dtype=DT)
+    out = torch.empty(T, H, device="cuda", dtype=DT)
+
+    def ours():
+        gate, chosen = logits.softmax(-1).topk(k, dim=-1)
+        K.moe_route(route, chosen, st, sr, off, til)
+        K.moe_gemm(up, x, w_up, gu, st, off, til)
+        K.activation(act, h, x=gu)
+        K.moe_gemm(down, h, w_down, y, st, off, til)
+        K.moe_combine(route, y, sr, gate, out)
+
+    def torch_loop():  # the reference's loop: token picks on the host, one F.linear per expert
+        gate, chosen = logits.softmax(-1).topk(k, dim=-1)
+        res = torch.zeros_like(x)
+        for e in range(E):
+            rows, slot = torch.nonzero(chosen == e, as_tuple=True)
+            g = F.linear(x[rows], w_up[e])
+            o = F.linear(F.silu(g[:, :Fd]) * g[:, Fd:], w_down[e])
+            res.index_add_(0, rows, (o.float() * gate[rows, slot, None]).to(DT))
+        return res
+
+    nbytes = E * 3 * H * Fd * 2 + 2 * T * H * 2  # every expert's weights once (all are picked at T=256)
+    return f"MoE {E} experts top-{k}, grouped GEMMs", f"T={T}", ours, torch_loop, nbytes, 2 * R * 3 * H * Fd
+
+
+# An 8B decoder's linears (out, in): fused qkv, o_proj, fused gate + up, down_proj
+QUANT_SHAPES = (("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate+up", 28672, 4096), ("down", 4096, 14336))
+L2_FLUSH = 512 * 2**20  # copies of each operand totalling this: no call finds its weights in L2
+
+
+def _copies(make, nbytes: int) -> list:
+    return [make() for _ in range(max(1, min(64, math.ceil(L2_FLUSH / nbytes))))]
+
+
+def _graphed_ms(calls) -> float:
+    """Per call, with the calls (one per operand copy) captured in one CUDA graph: the kernels'
+    time back to back, without Python's launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:  # warm-up: compiles, builds records, sizes cuBLAS workspaces
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    return time_ms(graph.replay) / len(calls)
+
+
+def quant_gemv_table(copy_bw: float, T: int = 1) -> str:
+    """INT4 (group 128, zero points) GEMV at an 8B decoder's shapes: the generated kernel's bytes moved
+    (packed weights + records + x + out) per second against the copy bandwidth, and its time against
+    cuBLAS's bf16 GEMV of the same shape, both streaming weights that are not in L2."""
+    from kiln.dsl.quant import QuantDesc, quantize_weight
+
+    from .quant_kernels import Packed, pack
+
+    desc = QuantDesc("int4", "per_group", 128, zero_points=True)
+    lines = [f"INT4 W4A16 GEMV, T={T}, bf16 activations (target: ≥80% of copy bandwidth)\n",
+             "| linear | out x in | int4 (us) | MB moved | GB/s | of copy bw | bf16 cuBLAS (us) | speedup | target |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for label, n, k in QUANT_SHAPES:
+        base = pack(quantize_weight(torch.randn(n, k, device="cuda") * 0.02, desc), origin=f"bench {label}")
+        nbytes = base.wq.numel() + base.records(DT).numel() * 2 + T * (k + n) * 2
+        packs = _copies(lambda: Packed(base.fmt, base.mode, n, k, base.group, base.wq.clone(), base.rec32, None,
+                                       base.origin), nbytes)
+        x = torch.randn(T, k, device="cuda", dtype=DT)
+        t = _graphed_ms([lambda p=p: p.linear(x, None) for p in packs])
+        del packs
+        dense = _copies(lambda: torch.randn(n, k, device="cuda", dtype=DT), n * k * 2)
+        t_ref = _graphed_ms([lambda d=d: F.linear(x, d) for d in dense])
+        del dense
+        bw = nbytes / (t * 1e-3)
+        frac = bw / copy_bw
+        lines.append(f"| {label} | {n}x{k} | {t * 1e3:.1f} | {nbytes / 1e6:.1f} | {bw / 1e9:.0f} | {frac:.0%} | "
+                     f"{t_ref * 1e3:.1f} | {t_ref / t:.2f}x | ≥80%: {'met' if frac >= 0.8 else 'NOT met'} |")
+        torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--long-context", type=int, default=16384, help="decode attention at batch 1 also runs here")
+    ap.add_argument("--moe-tokens", type=int, default=256, help="tokens of the MoE case (8 experts, top-2)")
     ap.add_argument("--md", help="also write the table as markdown to this file")
+    ap.add_argument("--no-quant", action="store_true", help="leave out the INT4 GEMV table")
+    ap.add_argument("--quant-only", action="store_true", help="only the INT4 GEMV table")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()
-    cases = [_norm(args.tokens), _rope(args.tokens), _act(args.tokens), _decode(args.batch, args.context),
-             _prefill(args.tokens, 8), _embed(args.tokens), _softcap(args.batch)]
+    if args.quant_only:
+        print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n")
+        for T in (1, 16):
+            print(quant_gemv_table(copy_bw, T) + "\n")
+        return []
+    cases = [lambda: _norm(args.tokens), lambda: _rope(args.tokens), lambda: _act(args.tokens),
+             lambda: _decode(args.batch, args.context), lambda: _decode(1, args.long_context),
+             lambda: _prefill(args.tokens, 8), lambda: _embed(args.tokens), lambda: _softcap(args.batch),
+             lambda: _moe(args.moe_tokens)]
     targets = {"rmsnorm + residual": 0.80, "rotary + paged KV write": 0.80, "SwiGLU": 0.80,
-               "paged decode attention": 0.75}
+               "paged decode attention": 0.85}
     rows = []
-    for case in cases:
+    for make in cases:  # one case's tensors at a time
+        case = make()
         name, shape, ours, ref, nbytes = case[:5]
         flops = case[5] if len(case) > 5 else 0
-        t = time_ms(ours)
-        t_ref = time_ms(ref)
+        t = per_call_ms(ours)
+        t_ref = per_call_ms(ref)
         bw = nbytes / (t * 1e-3)
         rows.append(dict(kernel=name, shape=shape, us=t * 1e3, mb=nbytes / 1e6, gbs=bw / 1e9,
                          frac=bw / copy_bw, torch_us=t_ref * 1e3, tflops=flops / (t * 1e-3) / 1e12 if flops else 0,
                          target=targets.get(name)))
+        del case, ours, ref
         torch.cuda.empty_cache()
     dev = torch.cuda.get_device_name()
     head = (f"device: {dev}; copy bandwidth {copy_bw / 1e9:.0f} GB/s (1 GiB device-to-device, read + write)\n\n"
@@ -239,8 +388,10 @@ def main(argv=None) -> list[dict]:
         lines.append(f"| {r['kernel']}{extra} | {r['shape']} | {r['us']:.1f} | {r['mb']:.1f} | {r['gbs']:.0f} | "
                      f"{r['frac']:.0%} | {r['torch_us']:.1f} | {r['torch_us'] / r['us']:.2f}x | {tgt} |")
     table = "\n".join(lines)
+    if not args.no_quant:
+        table += "\n\n" + "\n\n".join(quant_gemv_table(copy_bw, T) for T in (1, 16))
     print(table)
-    for b, c in ((args.batch, args.context), (8, args.context), (1, 4 * args.context)):
+    for b, c in ((args.batch, args.context), (8, args.context), (1, args.long_context)):
         print(decode_partition_sweep(b, c))
     if args.md:
         with open(args.md, "w") as f:

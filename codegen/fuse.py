@@ -34,6 +34,7 @@ class Exec(enum.Enum):
     ACT = "act"
     EMBED = "embed"
     MAP = "map"
+    MOE = "moe"  # router (torch), then the experts as grouped GEMMs over token copies sorted by expert
     TORCH = "torch"  # the op definition's reference, on the GPU
 
 
@@ -95,7 +96,9 @@ def _sibling_gemms(p: _Program) -> None:
     groups: dict[tuple, list[Instr]] = {}
     for ins in p.instrs:
         if ins.kind is OpKind.LINEAR:
-            groups.setdefault((ins.inputs[0], ins.inputs[2] is None), []).append(ins)
+            # Siblings share one GEMM only if their weights are stored alike (one quantized format).
+            quant = p.plan.weights[ins.inputs[1].name].quant
+            groups.setdefault((ins.inputs[0], ins.inputs[2] is None, quant), []).append(ins)
     for group in groups.values():
         fused = "gemm__" + "__".join(g.out.id.replace("/", "_") for g in group) if len(group) > 1 else None
         widths = [p.width(g.out) for g in group]
@@ -175,6 +178,29 @@ PATTERNS = (
 )
 
 
+def _moe(p: _Program, ins: Instr, stages: tuple) -> KOp:
+    """A moe whose experts run as grouped GEMMs: spec (route, one GEMM per "gemm" stage); extra
+    "stages" (dsl.ops.moe.expert_stages) and, per GEMM, its outputs' (start, width) slices."""
+    prog, types = ins.experts[0], p.plan.types
+    route = ks.MoeRouteSpec(len(ins.experts), ins.attrs.top_k, p.width(ins.out), dtype=p.dt, origin=origin(ins))
+    align = 16 // ks.RUN_DTYPES[p.dt].itemsize  # each output starts on a 16-byte boundary, as sibling GEMMs'
+    gemms, slices = [], []
+    for kind, pos in stages:
+        if kind != "gemm":
+            continue
+        lins = [prog.instrs[i] for i in pos]
+        widths = [types[g.out].shape[1] for g in lins]
+        starts = [0]
+        for w in widths[:-1]:
+            starts.append(-(-(starts[-1] + w) // align) * align)
+        gemms.append(ks.MoeGemmSpec(len(ins.experts), starts[-1] + widths[-1], types[lins[0].inputs[0]].shape[1],
+                                    gather=lins[0].inputs[0] == prog.inputs[0], has_bias=lins[0].inputs[2] is not None,
+                                    dtype=p.dt, origin=origin(lins[0])))
+        slices.append(tuple(zip(starts, widths)))
+    return KOp(Exec.MOE, ins.inputs, ins.outputs, (ins,), (route, *gemms),
+               extra={"stages": stages, "slices": tuple(slices)})
+
+
 def _single(p: _Program, ins: Instr) -> KOp:
     """An instruction no pattern took, lowered by its own op definition."""
     low = OPS[ins.kind].cuda(ins, p.plan, p.dtype)
@@ -187,6 +213,8 @@ def _single(p: _Program, ins: Instr) -> KOp:
     if isinstance(low, KernelCall) and low.kernel is Kernel.MAP:
         return KOp(Exec.MAP, ins.inputs, ins.outputs, (ins,), ks.MapSpec(low.constants["body"],
                    tuple(low.constants["consts"]), dtype=p.dt, origin=origin(ins)))
+    if isinstance(low, KernelCall) and low.kernel is Kernel.MOE:
+        return _moe(p, ins, low.constants["stages"])
     if isinstance(low, (Gemm, KernelCall)):  # a KernelCall here: only valid fused (ROPE_KV), or on token ids
         return KOp(Exec.TORCH, ins.inputs, ins.outputs, (ins,))
     if isinstance(low, Torch):

@@ -9,6 +9,7 @@ and cu_seqlens int32. Paged cache: [num_pages, kv_heads, page_size, head_dim], r
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from .specs import (  # noqa: F401  (re-exported)
     EmbedSpec,
     KernelSpecError,
     MapSpec,
+    MoeGemmSpec,
+    MoeRouteSpec,
     NormSpec,
     PrefillAttnSpec,
     RopeCacheSpec,
@@ -149,6 +152,9 @@ class DecodeScratch:
     partial_out: torch.Tensor  # [max_seqs, heads, max_splits, head_dim] float32
     partial_ml: torch.Tensor  # [max_seqs, heads, max_splits, 2] float32
     max_splits: int
+    # [max_seqs, kv_heads * head chunks] int32: split blocks done per (seq, chunk); the kernel's
+    # last split block merges and resets it, so it is zero between launches
+    counters: torch.Tensor
 
 
 def decode_scratch(spec: DecodeAttnSpec, max_seqs: int, max_context: int, device, min_partition=128):
@@ -158,6 +164,7 @@ def decode_scratch(spec: DecodeAttnSpec, max_seqs: int, max_context: int, device
         torch.empty(*shape, spec.head_dim, dtype=torch.float32, device=device),
         torch.empty(*shape, 2, dtype=torch.float32, device=device),
         max_splits,
+        torch.zeros(max_seqs, spec.kv_heads * render(spec).meta["chunks"], dtype=torch.int32, device=device),
     )
 
 
@@ -207,27 +214,39 @@ def paged_decode_attention(
         raise KernelArgError("out / scratch: sized for a different batch or head count")
     kern = _kernel(spec, dev)
     meta = kern.source.meta
+    if tuple(scratch.counters.shape[1:]) != (spec.kv_heads * meta["chunks"],) or scratch.counters.shape[0] < B:
+        raise KernelArgError("scratch.counters: sized for a different batch or spec (use decode_scratch(spec, ...))")
     if partition is None:
         resident = kern.num_sms * kern.blocks_per_sm(kern.source.entries[0], meta["threads"], meta["smem"])
         partition = decode_partition(spec, B, max_context, resident, scratch.max_splits)
     elif partition % meta["tile"] or math.ceil(max_context / partition) > scratch.max_splits:
         raise KernelArgError(f"partition: {partition} must be a multiple of {meta['tile']} giving at most "
                              f"{scratch.max_splits} splits of max_context={max_context}")
-    part = partition
-    splits = math.ceil(max_context / part)
-    ms = scratch.max_splits
+    splits = math.ceil(max_context / partition)
+    # One launch: the last split block of each (seq, head chunk) merges the splits into out.
     kern.launch(
         kern.source.entries[0], (splits, spec.kv_heads * meta["chunks"], B), (meta["threads"],),
         [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(context_lens),
-         ptr(scratch.partial_out), ptr(scratch.partial_ml), i64(q.stride(0)),
-         i32(block_tables.shape[1]), i32(part), i32(ms)],
+         ptr(scratch.partial_out), ptr(scratch.partial_ml), ptr(scratch.counters), ptr(out),
+         i64(q.stride(0)), i64(out.stride(0)), i32(block_tables.shape[1]), i32(partition),
+         i32(scratch.max_splits)],
         smem=meta["smem"],
     )
-    kern.launch(
-        kern.source.entries[1], (spec.heads, B), (meta["reduce_threads"],),
-        [ptr(scratch.partial_out), ptr(scratch.partial_ml), ptr(context_lens), ptr(out),
-         i64(out.stride(0)), i32(part), i32(ms)],
-    )
+
+
+_SM: dict = {}
+
+
+def prefill_for_device(spec: PrefillAttnSpec, device) -> PrefillAttnSpec:
+    """The spec retargeted to the device's compute capability (spec.sm), which picks the kernel
+    variant: on a Hopper GPU the wgmma kernel where it applies (render.prefill_variant)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sm = _SM.get(index)
+    if sm is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        sm = _SM[index] = major * 10 + minor
+    return spec if spec.sm == sm else dataclasses.replace(spec, sm=sm)
 
 
 def prefill_attention(
@@ -247,7 +266,7 @@ def prefill_attention(
     S = block_tables.shape[0]
     _check("cu_seqlens", cu_seqlens, torch.int32, (S + 1,), dev, aligned=False)
     _check("kv_lens", kv_lens, torch.int32, (S,), dev, aligned=False)
-    kern = _kernel(spec, dev)
+    kern = _kernel(prefill_for_device(spec, dev), dev)
     meta = kern.source.meta
     grid = (math.ceil(max_q_len / meta["bm_tok"]), spec.kv_heads * meta["chunks"], S)
     kern.launch(
@@ -316,3 +335,78 @@ def map_elementwise(spec: MapSpec, x, out=None):
     n = x.numel()
     blocks = max(1, min(math.ceil(n / kern.source.meta["vec"] / 256), kern.num_sms * 8))
     kern.launch(kern.source.entries[0], (blocks,), (256,), [ptr(x), ptr(out), i64(n)])
+
+
+# ---- mixture of experts
+
+
+def moe_max_tiles(rows: int, experts: int, block_m: int) -> int:
+    """A bound on the grouped GEMMs' row tiles for `rows` sorted rows over `experts` experts, known
+    without the routing: sum_e ceil(c_e / block_m) <= rows // block_m + (experts with a row)."""
+    return rows // block_m + min(experts, rows)
+
+
+def moe_route(spec: MoeRouteSpec, chosen, sorted_token, slot_row, offsets, tile_offsets):
+    """Sort the token copies by expert. chosen [T, top_k] int64 (the router's picks); out:
+    sorted_token [R] and slot_row [T, top_k] (R = T * top_k), offsets and tile_offsets [experts + 1],
+    all int32."""
+    dev = chosen.device
+    _check("chosen", chosen, torch.int64, device=dev, aligned=False)
+    if chosen.dim() != 2 or chosen.shape[1] != spec.top_k:
+        raise KernelArgError(f"chosen: shape {tuple(chosen.shape)}, expected [T, {spec.top_k}]")
+    T = chosen.shape[0]
+    R = T * spec.top_k
+    _check("sorted_token", sorted_token, torch.int32, (R,), dev, aligned=False)
+    _check("slot_row", slot_row, torch.int32, (T, spec.top_k), dev, aligned=False)
+    _check("offsets", offsets, torch.int32, (spec.experts + 1,), dev, aligned=False)
+    _check("tile_offsets", tile_offsets, torch.int32, (spec.experts + 1,), dev, aligned=False)
+    kern = _kernel(spec, dev)
+    kern.launch(kern.source.entries[0], (1,), (kern.source.meta["align_threads"],),
+                [ptr(chosen), ptr(sorted_token), ptr(slot_row), ptr(offsets), ptr(tile_offsets), i32(R)])
+
+
+def moe_combine(spec: MoeRouteSpec, y, slot_row, weights, out):
+    """out[t] = sum_j weights[t, j] * y[slot_row[t, j]]. y [R, hidden] (row-strided), weights
+    [T, top_k] float32, out [T, hidden]."""
+    dt, h = _torch_dtype(spec), spec.hidden
+    dev = y.device
+    kern = _kernel(spec, dev)
+    meta = kern.source.meta
+    _rows("y", y, dt, h, dev, align=meta["vec"] * y.element_size())
+    T = out.shape[0]
+    _check("out", out, dt, (T, h), dev)
+    _check("slot_row", slot_row, torch.int32, (T, spec.top_k), dev, aligned=False)
+    _check("weights", weights, torch.float32, (T, spec.top_k), dev, aligned=False)
+    if y.shape[0] != T * spec.top_k:
+        raise KernelArgError(f"y: {y.shape[0]} rows, expected T * top_k = {T * spec.top_k}")
+    kern.launch(kern.source.entries[1], (T,), (meta["combine_threads"],),
+                [ptr(y), ptr(slot_row), ptr(weights), ptr(out), i64(y.stride(0))])
+
+
+def moe_gemm(spec: MoeGemmSpec, a, weight, out, sorted_token, offsets, tile_offsets, bias=None):
+    """Grouped GEMM: out[r] = a_r @ weight[e]^T (+ bias[e]) for each sorted row r of each expert e.
+    a: [T, k] token rows read through sorted_token (spec.gather), or [R, k] sorted rows; row-strided
+    views work. weight [experts, n, k], bias [experts, n]; out [R, n] (row-strided); the routing
+    tensors from moe_route (R = sorted_token's length)."""
+    dt = _torch_dtype(spec)
+    dev = a.device
+    kern = _kernel(spec, dev)
+    meta = kern.source.meta
+    align = 16 if meta["async_copy"] else a.element_size()
+    _rows("a", a, dt, spec.k, dev, align=align)
+    R = sorted_token.shape[0]
+    _check("sorted_token", sorted_token, torch.int32, (R,), dev, aligned=False)
+    if not spec.gather and a.shape[0] != R:
+        raise KernelArgError(f"a: {a.shape[0]} rows, expected the {R} sorted rows")
+    _check("weight", weight, dt, (spec.experts, spec.n, spec.k), dev)
+    if spec.has_bias:
+        _check("bias", bias, dt, (spec.experts, spec.n), dev, aligned=False)
+    _rows("out", out, dt, spec.n, dev, align=out.element_size())
+    if out.shape[0] != R:
+        raise KernelArgError(f"out: {out.shape[0]} rows, expected {R}")
+    _check("offsets", offsets, torch.int32, (spec.experts + 1,), dev, aligned=False)
+    _check("tile_offsets", tile_offsets, torch.int32, (spec.experts + 1,), dev, aligned=False)
+    grid = (moe_max_tiles(R, spec.experts, meta["bm"]), math.ceil(spec.n / meta["bn"]))
+    kern.launch(kern.source.entries[0], grid, (meta["threads"],),
+                [ptr(a), ptr(sorted_token), ptr(weight), ptr(bias if spec.has_bias else None), ptr(offsets),
+                 ptr(tile_offsets), ptr(out), i64(a.stride(0)), i64(out.stride(0))], smem=meta["smem"])

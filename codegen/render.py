@@ -20,11 +20,14 @@ from kiln.dsl.dtypes import RUN_DTYPES
 from . import rope
 from .jinja import env
 from .specs import (
+    HOPPER_SM,
     ActSpec,
     DecodeAttnSpec,
     EmbedSpec,
     KernelSpecError,
     MapSpec,
+    MoeGemmSpec,
+    MoeRouteSpec,
     NormSpec,
     PrefillAttnSpec,
     RopeCacheSpec,
@@ -159,9 +162,49 @@ def _largest_divisor(n: int, cap: int, pow2: bool = False) -> int:
     return max(x for x in range(1, min(n, cap) + 1) if n % x == 0 and (not pow2 or x & (x - 1) == 0))
 
 
+DECODE_WARPS = 4  # tensor-core decode: warps per block, each streaming its own 16-token tiles
+# Shared memory per tensor-core decode block: two blocks (8 warps) per SM on Hopper and Ampere-class
+# parts (228 KB per SM, 1 KB of it reserved per block), which keeps 2 tiles per warp in flight.
+DECODE_SMEM_BUDGET = 113 * 1024
+
+
+def _decode_mma(s: DecodeAttnSpec, group: int) -> KernelSource:
+    """Tensor-core variant for 16-bit caches, head_dim % 16 == 0: the GQA group is the 16 rows of
+    the MMA tile; each warp runs its own cp.async ring (no block barrier in the loop)."""
+    d, warps, threads = s.head_dim, DECODE_WARPS, DECODE_WARPS * 32
+    gc = _largest_divisor(group, 16)
+    kpad = d + 8  # a 16-byte pad per row: ldmatrix's 8 row addresses fall in distinct banks
+    stage_elems = 2 * 16 * kpad  # K and V rows of one 16-token tile
+    off_kv = _round_up(16 * kpad * 2, 128)
+    stages = next((n for n in (4, 3) if off_kv + warps * n * stage_elems * 2 <= DECODE_SMEM_BUDGET), 2)
+    # The warps' final merge reuses the rings: 16 * (d + 2) floats per warp fit in one stage.
+    smem = off_kv + warps * stages * stage_elems * 2
+    chunks16 = d // 8
+    params = dict(
+        heads=s.heads, kv_heads=s.kv_heads, head_dim=d, page_size=s.page_size, group=group, gc=gc, gc_m1=gc - 1,
+        chunks=group // gc, threads=threads, warps=warps, kpad=kpad, stages=stages, stages_ahead=stages - 1,
+        bytes_ahead=(stages - 1) * stage_elems * 2, wait_n=stages - 2, prologue_stages=list(range(stages - 1)),
+        chunks16=chunks16, lane_chunks=16 * chunks16 // 32, q_chunks=16 * chunks16, kv_elems=16 * kpad,
+        stage_elems=stage_elems, ring_elems=stages * stage_elems, off_kv=off_kv,
+        page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d, k_steps=d // 16, d_tiles=d // 8,
+        q_regs=d <= 128, row_halves=2 if gc > 8 else 1, mma_type="bf16" if s.dtype == "bf16" else "f16",
+        window=s.window, softcap=bool(s.softcap), softcap_log2=f32(s.softcap * LOG2E),
+        pre_cap_scale=f32(s.scale / s.softcap) if s.softcap else "", score_scale=f32(s.scale * LOG2E),
+        q_scale_doc="scores: softcap * log2 e * tanh(q.k * scale / softcap)" if s.softcap
+        else "scores: q.k * scale * log2 e",
+        alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s), merge_dpl=math.ceil(d / 128),
+    )
+    name = _name(f"decode_attn_mma_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    # tile: the partition granule (one 16-token tile per warp), so every warp gets the same work
+    meta = dict(threads=threads, smem=smem, tile=16 * warps, stages=stages, gc=gc, chunks=group // gc, mma=True)
+    return _emit("decode_attn_mma.cu.j2", name, s, params, [name], meta)
+
+
 def _decode(s: DecodeAttnSpec) -> KernelSource:
     itemsize = RUN_DTYPES[s.dtype].itemsize
     d, group = s.head_dim, s.heads // s.kv_heads
+    if s.dtype != "fp32" and d % 16 == 0:  # fp32 keeps full precision on CUDA cores
+        return _decode_mma(s, group)
     tile, threads, warps = 32, 128, 4
     gc = _largest_divisor(group, 8)
     vec = 16 // itemsize
@@ -195,12 +238,11 @@ def _decode(s: DecodeAttnSpec) -> KernelSource:
         window=s.window, softcap=bool(s.softcap), softcap_log2=f32(s.softcap * LOG2E),
         q_scale=f32(s.scale / s.softcap if s.softcap else log_scale),
         q_scale_doc="scale / softcap (tanh, then softcap * log2 e)" if s.softcap else "scale * log2 e",
-        reduce_threads=min(128, _round_up(d, 32)), alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s),
+        alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s), merge_dpl=math.ceil(d / 128),
     )
     name = _name(f"decode_attn_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
-    meta = dict(threads=threads, smem=smem, tile=tile, stages=stages, gc=gc, chunks=group // gc,
-                reduce_threads=params["reduce_threads"])
-    return _emit("decode_attn.cu.j2", name, s, params, [name, name + "_reduce"], meta)
+    meta = dict(threads=threads, smem=smem, tile=tile, stages=stages, gc=gc, chunks=group // gc, mma=False)
+    return _emit("decode_attn.cu.j2", name, s, params, [name], meta)
 
 
 def _prefill_tiles(d: int, itemsize: int, gc: int):
@@ -241,15 +283,65 @@ def _prefill_mma(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
         k_steps=d // 16, n_tiles=bn // 8, key_steps=bn // 16,
     )
     name = _name(f"prefill_attn_mma_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
-    meta = dict(threads=128, smem=smem, bm_tok=64 // gc, chunks=group // gc, bn=bn, mma=True)
+    meta = dict(threads=128, smem=smem, bm_tok=64 // gc, chunks=group // gc, bn=bn, mma=True, variant="mma")
     return _emit("prefill_attn_mma.cu.j2", name, s, params, [name], meta)
+
+
+def prefill_variant(s: PrefillAttnSpec) -> str:
+    """Which prefill template a spec renders to: "sm90" (wgmma, Hopper: 16-bit types, head_dim 64
+    or 128, causal or not, sliding window; no softcap or ALiBi yet), "mma" (mma.sync, any 16-bit
+    head_dim up to 128 that is a multiple of 16), else "simt" (fp32, other head dims)."""
+    d = s.head_dim
+    if s.sm in HOPPER_SM and s.dtype != "fp32" and d in (64, 128) and not s.softcap and not s.alibi_max:
+        return "sm90"
+    if s.dtype != "fp32" and d % 16 == 0 and d <= 128:  # fp32 keeps full precision on CUDA cores
+        return "mma"
+    return "simt"
+
+
+def _prefill_sm90(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
+    """Hopper variant: 2 warpgroups x 64 rows, wgmma from 128-byte-swizzled shared memory,
+    128-key K/V tiles in 3 stages (224 KB at head_dim 128: one block per SM)."""
+    d, bn, rows = s.head_dim, 128, 128
+    cb = d // 64  # 64-column (128-byte) blocks per row
+    chunks16 = d // 8
+    q_bytes, tile_bytes = rows * d * 2, bn * d * 2
+    stage_bytes = 2 * tile_bytes
+    smem = q_bytes + 3 * stage_bytes + 1024  # + slack to align the base to 1024 bytes
+
+    def regs(n: int) -> list[str]:  # "{%0, %1, ..., %n-1}," in rows of 16 operands
+        names = [f"%{i}" for i in range(n)]
+        text = [" " + ", ".join(names[i:i + 16]) for i in range(0, n, 16)]
+        text[0], text[-1] = "{" + text[0][1:], text[-1] + "},"
+        return [t + "," for t in text[:-1]] + text[-1:]
+
+    def outs(n: int) -> list[str]:  # the matching "+f" operands of d[n / 4][4], 8 per row
+        ops = [f'"+f"(d[{i // 4}][{i % 4}])' for i in range(n)]
+        lines = [", ".join(ops[i:i + 8]) for i in range(0, n, 8)]
+        return [": " + lines[0] + ","] + ["  " + x + "," for x in lines[1:-1]] + ["  " + lines[-1]]
+
+    s_regs, o_regs = regs(bn // 2), regs(d // 2)
+    a0 = d // 2
+    params = dict(
+        _attn_common(s, d, gc, group), mma_type="bf16" if s.dtype == "bf16" else "f16", bm_tok=rows // gc,
+        bm_tok_m1=rows // gc - 1, bn=bn, bn_m1=bn - 1, cb=cb, chunks16=chunks16, q_bytes=q_bytes,
+        tile_bytes=tile_bytes, stage_bytes=stage_bytes, q_iters=rows * chunks16 // 256,
+        kv_iters=bn * chunks16 // 256, o_iters=64 * chunks16 // 128, s_regs=s_regs, s_outs=outs(bn // 2),
+        o_regs=o_regs, o_outs=outs(d // 2), a_regs="{" + ", ".join(f"%{a0 + i}" for i in range(4)) + "}",
+    )
+    name = _name(f"prefill_attn_sm90_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    meta = dict(threads=256, smem=smem, bm_tok=rows // gc, chunks=group // gc, bn=bn, mma=True, variant="sm90")
+    return _emit("prefill_attn_sm90.cu.j2", name, s, params, [name], meta)
 
 
 def _prefill(s: PrefillAttnSpec) -> KernelSource:
     itemsize = RUN_DTYPES[s.dtype].itemsize
     d, group = s.head_dim, s.heads // s.kv_heads
     gc = _largest_divisor(group, 8, pow2=True)
-    if s.dtype != "fp32" and d % 16 == 0 and d <= 128:  # fp32 keeps full precision on CUDA cores
+    variant = prefill_variant(s)
+    if variant == "sm90":
+        return _prefill_sm90(s, gc, group)
+    if variant == "mma":
         return _prefill_mma(s, gc, group)
     t = _prefill_tiles(d, itemsize, gc)
     tx, m, bn, vec = t["tx"], t["m"], t["bn"], t["vec"]
@@ -265,7 +357,8 @@ def _prefill(s: PrefillAttnSpec) -> KernelSource:
         off_kv=t["off_kv"], off_p=t["off_p"], qk_unroll=2,
     )
     name = _name(f"prefill_attn_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
-    meta = dict(threads=params["threads"], smem=t["smem"], bm_tok=m // gc, chunks=group // gc, bn=bn, mma=False)
+    meta = dict(threads=params["threads"], smem=t["smem"], bm_tok=m // gc, chunks=group // gc, bn=bn, mma=False,
+                variant="simt")
     return _emit("prefill_attn.cu.j2", name, s, params, [name], meta)
 
 
@@ -293,9 +386,52 @@ def _map(s: MapSpec) -> KernelSource:
     return _emit("map.cu.j2", name, s, params, [name], dict(threads=256, vec=vec))
 
 
+def _moe_route(s: MoeRouteSpec) -> KernelSource:
+    vec = _vec(RUN_DTYPES[s.dtype].itemsize, s.hidden)
+    threads = min(256, _round_up(math.ceil(s.hidden / vec), 32))
+    params = dict(experts=s.experts, top_k=s.top_k, hidden=s.hidden, block_m=s.block_m,
+                  block_m_minus_1=s.block_m - 1, vec=vec, align_threads=1024, combine_threads=threads,
+                  combine_step=threads * vec)
+    name = _name(f"moe_route_e{s.experts}_k{s.top_k}_h{s.hidden}", s)
+    meta = dict(align_threads=1024, combine_threads=threads, vec=vec)
+    return _emit("moe_route.cu.j2", name, s, params, [name + "_align", name + "_combine"], meta)
+
+
+def _moe_gemm(s: MoeGemmSpec) -> KernelSource:
+    """bf16 / fp16: tensor-core tiles (mma.sync), 64 x 128 x 32, 4 warps of 32 x 64, a 3-stage cp.async
+    pipeline when K is whole 16-byte chunks. fp32: FMA tiles of 64 x 64 x 16 (full fp32 precision)."""
+    itemsize = RUN_DTYPES[s.dtype].itemsize
+    bm = s.block_m
+    common = dict(experts=s.experts, n=s.n, k=s.k, nk=s.n * s.k, gather=s.gather, has_bias=s.has_bias, bm=bm)
+    if s.dtype == "fp32":
+        bn, bk, tm, tn = 64, 16, 4, 4
+        threads = (bm // tm) * (bn // tn)
+        params = dict(common, mma=False, async_copy=False, bn=bn, bk=bk, tm=tm, tn=tn, threads=threads,
+                      tx_n=bn // tn, ty_n=bm // tm, a_elems=bm * bk, b_elems=bn * bk, bm_pad=bm + 1, bn_pad=bn + 1)
+        meta = dict(threads=threads, smem=0, bm=bm, bn=bn, mma=False, async_copy=False)
+    else:
+        bn, bk, stages, threads, warps_n = 128, 32, 3, 128, 2
+        warps_m = threads // 32 // warps_n
+        wm, wn = bm // warps_m, bn // warps_n
+        bkp = bk + 8  # a 16-byte pad per row: ldmatrix's 8 rows fall on 8 different bank groups
+        cpr = bk // 8  # 16-byte chunks per tile row
+        rows_per_pass = threads // cpr
+        async_copy = s.k * itemsize % 16 == 0
+        params = dict(common, mma=True, async_copy=async_copy, mma_type="bf16" if s.dtype == "bf16" else "f16",
+                      bn=bn, bk=bk, stages=stages, ahead=stages - 1, wait_n=stages - 2, threads=threads,
+                      warps_n=warps_n, wm=wm, wn=wn, mt=wm // 16, nt=wn // 8, bkp=bkp, cpr=cpr,
+                      rows_per_pass=rows_per_pass, pass_stride=rows_per_pass * bkp, a_iters=bm // rows_per_pass,
+                      b_iters=bn // rows_per_pass, sa_stage=bm * bkp, sb_stage=bn * bkp, sb_offset=stages * bm * bkp,
+                      a_elems=bm * bk, b_elems=bn * bk, k_tiles=math.ceil(s.k / bk))
+        smem = stages * (bm + bn) * bkp * itemsize
+        meta = dict(threads=threads, smem=smem, bm=bm, bn=bn, mma=True, async_copy=async_copy)
+    name = _name(f"moe_gemm_e{s.experts}_n{s.n}_k{s.k}{'_gather' if s.gather else ''}", s)
+    return _emit("moe_gemm.cu.j2", name, s, params, [name], meta)
+
+
 _RENDERERS = {
     NormSpec: _norm, RopeCacheSpec: _rope, DecodeAttnSpec: _decode, PrefillAttnSpec: _prefill,
-    ActSpec: _act, EmbedSpec: _embed, MapSpec: _map,
+    ActSpec: _act, EmbedSpec: _embed, MapSpec: _map, MoeRouteSpec: _moe_route, MoeGemmSpec: _moe_gemm,
 }
 
 

@@ -170,9 +170,24 @@ class DecodeAttnSpec(_AttnSpec):
     pass
 
 
+# Compute capabilities (major * 10 + minor) whose prefill attention is the wgmma kernel
+# (templates/prefill_attn_sm90.cu.j2: sm_90a instructions, which later families lack).
+HOPPER_SM = range(90, 100)
+
+
 @dataclass(frozen=True)
 class PrefillAttnSpec(_AttnSpec):
     causal: bool = True
+    # The GPU generation the kernel is generated for (compute capability major * 10 + minor):
+    # 9x (Hopper) picks the wgmma kernel where it applies (see render.prefill_variant). The
+    # launch wrapper retargets a spec to the device it runs on; 90 (the H100/H200) by default,
+    # so `kiln show --kernels` prints what those GPUs run.
+    sm: int = 90
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.sm, int) or isinstance(self.sm, bool) or self.sm < 70:
+            _fail(self, "sm", f"must be a compute capability * 10 (int >= 70), got {self.sm!r}")
 
 
 @dataclass(frozen=True)
@@ -219,3 +234,50 @@ class MapSpec(_Spec):
         for name, _ in self.consts:
             if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
                 _fail(self, "consts", f"constant name {name!r} is not a lower-case identifier")
+
+
+# ---- mixture of experts: grouped GEMMs over the token copies sorted by expert
+
+MOE_BLOCK_M = 64  # rows of a grouped-GEMM tile; each expert's rows start a new tile
+
+
+@dataclass(frozen=True)
+class MoeRouteSpec(_Spec):
+    """The bookkeeping around a moe's grouped GEMMs: sort the T x top_k token copies by expert
+    (each expert's row offset and first tile by a device-side prefix sum), then the weighted sum
+    of each token's top_k expert rows back into [T, hidden]."""
+
+    experts: int
+    top_k: int
+    hidden: int  # width of the combined output
+    block_m: int = MOE_BLOCK_M
+    dtype: str = "bf16"
+    origin: str = ""
+
+    def __post_init__(self):
+        _positive(self, "experts", "top_k", "hidden", "block_m")
+        _dtype(self)
+        if self.top_k > self.experts:
+            _fail(self, "top_k", f"{self.top_k} is more than the {self.experts} experts")
+
+
+@dataclass(frozen=True)
+class MoeGemmSpec(_Spec):
+    """out[r] = a[r] @ w[e]^T (+ b[e]) for every sorted row r of every expert e at once: one launch,
+    tiles of block_m rows that never straddle two experts. `gather`: a's rows are token rows, picked
+    through the sorted order (the expert input); else a holds the sorted rows themselves."""
+
+    experts: int
+    n: int  # output features (sibling linears' rows, concatenated)
+    k: int  # input features
+    gather: bool
+    has_bias: bool = False
+    block_m: int = MOE_BLOCK_M
+    dtype: str = "bf16"
+    origin: str = ""
+
+    def __post_init__(self):
+        _positive(self, "experts", "n", "k", "block_m")
+        _dtype(self)
+        if self.block_m % 32:
+            _fail(self, "block_m", f"must be a multiple of 32 (two warps of 16-row mma tiles), got {self.block_m}")

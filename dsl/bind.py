@@ -2,6 +2,9 @@
 
 Each parameter tries its config keys in order (dotted paths reach into nested
 objects such as `rope_scaling.factor`); the first key present and not null wins.
+With `null=none` after the keys, the first key present wins even when it is null, and binds
+none: config.json's `"key": null` then means "none", a missing key the default (a softcap
+set to null is off, a missing one takes the class's default cap).
 A binding without a trailing `?` is required whenever a config is given; without a
 config (`kiln check SPEC`) every parameter takes its default.
 """
@@ -45,13 +48,30 @@ class ConfigError(SpecError):
     """A config.json that does not fit the spec (the file is named in the message)."""
 
 
-def lookup(config: Mapping[str, Any], path: str) -> Any:
+_MISSING = object()
+
+
+def lookup(config: Mapping[str, Any], path: str, missing: Any = None) -> Any:
+    """The value at a dotted key path, or `missing` where the config has no such key."""
     node: Any = config
     for part in path.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return None
+            return missing
         node = node[part]
     return node
+
+
+def bound_key(p: ir.Param, config: Mapping[str, Any] | None) -> tuple[str, Any] | None:
+    """(key, value) of the config key that binds p: the first present and not null, or with
+    `null=none` the first present (its value may be None); None where no key binds."""
+    if config is None:
+        return None
+    for k in p.keys:
+        v = lookup(config, k, _MISSING)
+        if v is _MISSING or (v is None and not p.null_is_none):
+            continue
+        return k, v
+    return None
 
 
 def bind_params(spec: ir.Spec, config: Mapping[str, Any] | None,
@@ -86,11 +106,9 @@ def bind_params(spec: ir.Spec, config: Mapping[str, Any] | None,
         active.append(p.name)
         raw, key = None, None
         if config is not None:
-            for k in p.keys:
-                v = lookup(config, k)
-                if v is not None:
-                    raw, key = v, k
-                    break
+            found = bound_key(p, config)
+            if found is not None:
+                key, raw = found
             if key is None and p.keys and not p.key_optional:
                 raise ConfigError(
                     f"{config_file}: missing config key '{' or '.join(p.keys)}' "
@@ -153,9 +171,9 @@ def _sources(e: ir.Expr, params: Mapping[str, ir.Param], values: Mapping[str, An
         if p is None or name in seen:
             return
         seen.add(name)
-        key = next((k for k in p.keys if config is not None and lookup(config, k) is not None), None)
-        if key is not None:
-            out.append(f"key '{key}' = {_show(lookup(config, key))} (parameter '{name}')")
+        found = bound_key(p, config)
+        if found is not None:
+            out.append(f"key '{found[0]}' = {_show(found[1])} (parameter '{name}')")
             return
         missing = f"no key {' or '.join(repr(k) for k in p.keys)}, so " if p.keys and config is not None else ""
         out.append(f"{missing}parameter '{name}' = {_show(values.get(name))} (its default)")

@@ -107,6 +107,7 @@ class Param:
     keys: tuple[str, ...]  # config.json key paths tried in order ("rope_scaling.factor")
     key_optional: bool  # no key present: use the default (else a config must have one)
     pos: Pos
+    null_is_none: bool = False  # `null=none`: a key present with null binds none (else null = missing)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Union
 
 from . import ir
 from .ops import OPS, OpKind, TType
+from .quant import UNQUANTIZED, QuantDesc
 from .sources import Alias, Source
 
 # ---------------------------------------------------------------- operands
@@ -47,22 +48,6 @@ Arg = Union[Value, WeightArg, None]  # None: an optional operand left out (`bias
 
 
 @dataclass(frozen=True)
-class QuantDesc:
-    """How a weight is stored. The default is the run dtype, unquantized; a quantization pass
-    sets a storage dtype with its scales' layout (`per_tensor`, `per_channel`, `per_group`
-    with `group_size`) and whether zero points are kept."""
-
-    dtype: str = "run"  # "run" (the run dtype) or a storage dtype: "fp8", "int8", "int4", ...
-    scale_layout: str = "none"  # none | per_tensor | per_channel | per_group
-    group_size: int | None = None
-    zero_points: bool = False
-
-    @property
-    def quantized(self) -> bool:
-        return self.dtype != "run"
-
-
-@dataclass(frozen=True)
 class ShardDesc:
     """How a weight is split across tensor-parallel ranks: `replicated`, or `split` along `axis`
     (0: output rows, column-parallel; 1: input columns, row-parallel), or `expert` (whole
@@ -72,7 +57,6 @@ class ShardDesc:
     axis: int | None = None
 
 
-UNQUANTIZED = QuantDesc()
 REPLICATED = ShardDesc()
 
 
@@ -100,6 +84,7 @@ class AttentionSite:
     kv_heads: int
     head_dim: int
     v_head_dim: int
+    kv_dtype: str = "run"  # how its K/V pages are stored: "run" (the run dtype) or "fp8" (E4M3, scaled)
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,16 @@ A source expression is evaluated (per block index) into a small tree:
 `"name"` a checkpoint tensor (`{layer}` filled in, the section prefix prepended),
 `other` another weight (tying), `src.T` a transpose, `src[a:b]` / `src[:, a:b]` a slice,
 `concat(a, b, dim=0)` a concatenation, `reshape(src, [d0, d1, ...])` a row-major view
-with new dimensions (one may be -1), `a if cond else b`, and `none` (absent).
+with new dimensions (one may be -1), `stack(src, i=n)` the n tensors of `src` for i = 0 .. n-1
+stacked along a new first dimension (`{i}` in tensor names, `i` in expressions),
+`a if cond else b`, and `none` (absent).
 
 `reshape` is what un-interleaves fused tensors whose rows are grouped per head: viewing
 `[heads * 3 * head_dim, in]` as `[heads, 3, -1]`, slicing `[:, 0:1]` and reshaping to
 `[heads * head_dim, in]` picks every head's query rows.
+
+`stack` is what gathers checkpoints that store one tensor per head (or per expert) into one
+weight: `stack("q_layernorm.norms.{head}.weight", head=heads)` is `[heads, head_dim]`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Mapping, Union
 from . import ir
 from .errors import SpecError
 from .exprs import evaluate
+from .names import check_name
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,13 @@ class Reshape:
     shape: tuple[int, ...]  # -1 at most once: inferred from the element count
 
 
-Source = Union[Tensor, Alias, Transpose, SliceOf, Concat, Reshape]
+@dataclass(frozen=True)
+class Stack:
+    srcs: tuple["Source", ...]  # one per index value, stacked along a new dim 0
+    index: str  # the index name, for messages
+
+
+Source = Union[Tensor, Alias, Transpose, SliceOf, Concat, Reshape, Stack]
 
 _FIELD = re.compile(r"\{([A-Za-z][A-Za-z0-9_]*)\}")
 
@@ -130,9 +142,36 @@ def _resolve(e: ir.Expr, prefix: str, env, weights) -> Source | None:
             raise SpecError(f"reshape() dimensions must be positive ints (one may be -1), got {dims!r}",
                             e.args[1].pos)
         return Reshape(_need(_resolve(e.args[0], prefix, env, weights), e.args[0]), tuple(dims))
+    if isinstance(e, ir.Call) and e.fn == "stack":
+        return _stack(e, prefix, env, weights)
     raise SpecError("not a weight source", getattr(e, "pos", None),
                     'sources are "tensor.name", another weight, .T, [a:b], concat(...), reshape(...), '
-                    'a if c else b, none')
+                    'stack(...), a if c else b, none')
+
+
+def _stack(e: ir.Call, prefix: str, env, weights) -> Stack:
+    """`stack(src, i=n)`: src resolved once per i in 0 .. n-1 (with `{i}` filled in), the n
+    tensors stacked along a new first dimension."""
+    usage = 'e.g. stack("norms.{head}.weight", head=heads): one tensor per head, stacked'
+    if len(e.args) != 1 or len(e.kwargs) != 1:
+        raise SpecError("stack() takes one source and one index=count", e.pos, usage)
+    index, count_expr, kpos = e.kwargs[0]
+    check_name(index, kpos, "stack index")
+    if index in env:
+        raise SpecError(f"stack index '{index}' is already a name here (a parameter or block index)", kpos,
+                        "pick a name of its own for the index")
+    count = evaluate(count_expr, env)
+    if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+        raise SpecError(f"stack() count must be a positive int, got {count!r}", count_expr.pos, usage)
+    parts = []
+    for i in range(count):
+        inner = {**env, index: i}
+        part = _need(_resolve(e.args[0], prefix, inner, weights), e.args[0])
+        if isinstance(part, Alias):
+            raise SpecError("stack() stacks checkpoint tensors, not another weight", e.args[0].pos,
+                            usage)
+        parts.append(part)
+    return Stack(tuple(parts), index)
 
 
 def _need(src: Source | None, e) -> Source:

@@ -214,16 +214,19 @@ class ToAst(Transformer):
         return ".".join(str(t) for t in c)
 
     def binding(self, meta, c):
-        *keys, optional = c[1:]
-        return tuple(keys), optional is not None
+        *keys, optional, null = c[1:]
+        return tuple(keys), optional is not None, null
 
     def param(self, meta, c):
         name, (tname, optional, tpos), default, binding = c
-        keys, key_optional = binding if binding else ((), True)
+        keys, key_optional, null = binding if binding else ((), True, None)
         if tname not in ir.PARAM_TYPES:
             raise SpecError(f"unknown parameter type '{tname}'", tpos,
                             "types are " + ", ".join(ir.PARAM_TYPES) + " (append ? to allow none)")
-        return ir.Param(str(name), tname, optional, default, keys, key_optional, self.p(name))
+        if null is not None and not optional:
+            raise SpecError(f"'null=none' binds none, but parameter '{name}' has type {tname}", self.p(null),
+                            f"declare it as {tname}? to allow none")
+        return ir.Param(str(name), tname, optional, default, keys, key_optional, self.p(name), null is not None)
 
     def shape(self, meta, c):
         return tuple(x for x in c if x is not None)

@@ -63,14 +63,30 @@ def _config(path: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
+# Bytes per weight value of each storage format, scales included (int4: a bf16 scale and zero per
+# 128 values; ggml blocks: their block size over their values).
+_STORED_BYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5 + 4 / 128, "gguf_q4_0": 18 / 32, "gguf_q4_1": 20 / 32,
+                 "gguf_q8_0": 34 / 32}
+
+
 def weight_bytes(model) -> int:
-    """Bytes a decode step must read: every distinct weight once (tied ones once)."""
-    return model.plan.num_parameters() * model.dtype.itemsize
+    """Bytes a decode step must read: every distinct weight once (tied ones once), each in the
+    format it is stored in."""
+    total = 0.0
+    for w in model.plan.weights.values():
+        if w.source is None or model.plan.alias_target(w.name) != w.name:
+            continue
+        n = 1
+        for d in w.shape:
+            n *= d
+        total += n * (_STORED_BYTES[w.quant.dtype] if w.quant.quantized else model.dtype.itemsize)
+    return int(total)
 
 
 def latency(args) -> dict:
     bw, mm = copy_bandwidth(), matmul_rate()
-    m = random_model(args.spec, _config(args.config), dtype="bf16", device="cuda", backend=args.backend)
+    m = random_model(args.spec, _config(args.config), dtype="bf16", device="cuda", backend=args.backend,
+                     quantization=args.quantization or "none", kv_cache_dtype=args.kv_cache_dtype or "auto")
     params = m.plan.num_parameters()
     wbytes = weight_bytes(m)
     kv = KVStore(m.plan.sites, -(-(args.prompt + args.steps + 8) // 16) + 1, 16, m.dtype, "cuda")
@@ -110,6 +126,8 @@ def gemv_time(m) -> tuple[float, float]:
     order over the model's own weights: the part of a step the generated kernels cannot
     shorten. Returns (F.linear ms, torch.mv ms) — two cuBLAS entry points."""
     gemms = list(m.model._gemm.values())
+    if any(not isinstance(w, torch.Tensor) for w, _ in gemms):
+        return float("nan"), float("nan")  # quantized weights: no cuBLAS bf16 GEMM to time alone
     xs = {w.shape[1]: torch.randn(1, w.shape[1], device="cuda", dtype=m.dtype) for w, _ in gemms}
     out = []
     for fn in (lambda x, w: torch.nn.functional.linear(x, w), lambda x, w: torch.mv(w, x[0])):
@@ -165,7 +183,8 @@ def throughput(args) -> dict:
         result["hf_output_tok_s"] = args.hf_batch / (ms / 1e3)
     cpu = getattr(args, "device", "cuda") == "cpu"  # a smoke run of the same code (CI), not a benchmark
     m = random_model(args.spec, _config(args.config), dtype="fp32" if cpu else "bf16",
-                     device="cpu" if cpu else "cuda", backend=args.backend)
+                     device="cpu" if cpu else "cuda", backend=args.backend,
+                     quantization=args.quantization or "none", kv_cache_dtype=args.kv_cache_dtype or "auto")
     engine = LLMEngine(m, None, EngineConfig(page_size=16, max_num_seqs=args.max_batch,
                                              kv_memory_fraction=args.kv_fraction,
                                              max_tokens_per_step=args.max_tokens_per_step,

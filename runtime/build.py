@@ -35,8 +35,8 @@ from kiln.dsl import Plan, load_spec, passes
 from kiln.dsl.dtypes import RUN_DTYPES
 
 from .checkpoint import open_checkpoint
-from .engine_dir import FORMAT, TOKENIZER_FILES, BuildError, _sha256, read_manifest  # noqa: F401  (re-exported)
-from .model import spec_for_config
+from .engine_dir import FORMAT, TOKENIZER_FILES, BuildError, _sha256, read_manifest, save_weights  # noqa: F401
+from .model import cuda_runs, quantize_plan, spec_for_config
 from .weights import load_weights
 
 BACKENDS = ("cuda", "tensorrt")
@@ -45,7 +45,8 @@ DEFAULT_RTX_ARCHS = ("sm80", "sm86", "sm89", "sm120")
 
 def build(spec: str | Path | None, checkpoint: str | Path, out: str | Path, backend: str = "tensorrt",
           dtype: str = "fp16", max_batch: int = 8, max_tokens: int = 2048, max_seq_len: int = 4096,
-          page_size: int = 16, archs: tuple[str, ...] | None = None, progress: bool = True) -> Path:
+          page_size: int = 16, archs: tuple[str, ...] | None = None, progress: bool = True,
+          quantization: str = "none") -> Path:
     out = Path(out)
     if backend not in BACKENDS:
         raise BuildError(f"unknown backend '{backend}' (backends: {', '.join(BACKENDS)})")
@@ -73,11 +74,16 @@ def build(spec: str | Path | None, checkpoint: str | Path, out: str | Path, back
         ir_spec = load_spec(spec)
         plan = passes.build(ir_spec, ckpt.config, str(ckpt.path) if ckpt.format == "gguf"
                             else str(Path(ckpt.path) / "config.json"))
+        plan, fmt = quantize_plan(plan, ckpt, quantization)
+        refused = passes.unsupported_weights(plan, backend, cuda_runs() if backend == "cuda" else
+                                             lambda d: not d.quantized)
+        if refused:
+            raise BuildError(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""))
         # An op TensorRT cannot express stops the build here, before any weight is read.
         network = render_network(plan, dtype, limits) if backend == "tensorrt" else None
         bar.advance()
-        weights = load_weights(plan, ckpt, RUN_DTYPES[dtype].torch)
-        _save_weights(plan, weights, tmp / "weights.safetensors")
+        weights = load_weights(plan, ckpt, RUN_DTYPES[dtype].torch, fmt=fmt)
+        save_weights(plan, weights, tmp / "weights.safetensors")
         bar.advance()
         files = _copy_sources(plan, ckpt, tmp)
         manifest = _manifest(plan, backend, dtype, limits, files)
@@ -178,12 +184,6 @@ def _Logger(t):
     return Logger()
 
 
-def _save_weights(plan: Plan, weights: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-    own = {n: t.contiguous() for n, t in weights.items() if plan.alias_target(n) == n}
-    save_file(own, str(path), metadata={"format": "pt", "producer": "kiln build"})
-
-
 def _copy_sources(plan: Plan, ckpt, tmp: Path) -> list[str]:
     files = ["weights.safetensors", "config.json"]
     (tmp / "config.json").write_text(json.dumps(ckpt.config, indent=2, sort_keys=True, default=str) + "\n")
@@ -246,6 +246,7 @@ def _manifest(plan: Plan, backend: str, dtype: str, limits: Limits, files: list[
                 "profile": None if io.profile is None else dict(zip(("min", "opt", "max"), map(list, io.profile)))}
                for io in io_tensors(plan, dtype, limits)] if backend == "tensorrt" else [],
         "files": files,
+        "quantization": {n: asdict(w.quant) for n, w in plan.weights.items() if w.quant.quantized},
     }
 
 
@@ -292,7 +293,8 @@ def cmd_build(args) -> int:
     from .generate import resolve_source
 
     out = build(args.spec, resolve_source(args.checkpoint), args.out, args.backend, args.dtype, args.max_batch,
-                args.max_tokens, args.max_seq_len, args.page_size, args.arch)
+                args.max_tokens, args.max_seq_len, args.page_size, args.arch,
+                quantization=getattr(args, "quantization", None) or "none")
     m = json.loads((out / "manifest.json").read_text())
     where = f", {m['tensorrt']['flavor']} {m['tensorrt']['version']} for {', '.join(m['target_archs'])}" \
         if "tensorrt" in m else ""

@@ -32,6 +32,7 @@ from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import torch
+from kiln.dsl.quant import GGML_BLOCK, gguf_dequantize
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -765,6 +766,14 @@ class GGUFCheckpoint(Checkpoint):
             )
         return values.reshape(shape)
 
+    def blocks(self, name: str) -> tuple[torch.Tensor, str]:
+        """A quantized tensor's ggml blocks as stored, [rows, bytes per row] uint8 (each row's
+        blocks run along its `in` values), and its type name ("q4_1")."""
+        g = self._resolve(name)
+        t = self._tensors[g]
+        rows = math.prod(t.dims[1:])
+        return torch.from_numpy(self._reader.raw(t)).view(rows, -1), t.qtype.name.lower()
+
 
 def _dequantize(raw: np.ndarray, qtype) -> torch.Tensor:
     """A tensor's bytes -> float32 values (flat), bit-identical to gguf.quants.dequantize.
@@ -783,25 +792,9 @@ def _dequantize(raw: np.ndarray, qtype) -> torch.Tensor:
         return data.view(torch.float16).float()
     if kind == "BF16":
         return data.view(torch.bfloat16).float()
-    if kind in _BLOCKS:
-        size, head = _BLOCKS[kind]
-        blocks = data.view(-1, size)
-        d = blocks[:, 0:2].contiguous().view(torch.float16).float()  # [n, 1] block scale
-        qs = blocks[:, head:]
-        out = torch.empty(blocks.shape[0], 32)
-        if kind == "Q8_0":
-            return out.copy_(qs.contiguous().view(torch.int8)).mul_(d).reshape(-1)
-        # 4-bit: the low nibbles are the block's first 16 values, the high ones its last 16.
-        out[:, :16].copy_(qs & 0x0F)
-        out[:, 16:].copy_(qs >> 4)
-        if kind == "Q4_0":
-            return out.sub_(8).mul_(d).reshape(-1)
-        m = blocks[:, 2:4].contiguous().view(torch.float16).float()  # Q4_1: block minimum
-        return out.mul_(d).add_(m).reshape(-1)
+    if kind.lower() in GGML_BLOCK:  # the block arithmetic lives with the formats (dsl/quant.py)
+        return gguf_dequantize(data, kind.lower())
     from gguf.quants import dequantize
 
     return torch.from_numpy(np.ascontiguousarray(dequantize(raw, qtype), dtype=np.float32).reshape(-1))
 
-
-# ggml block layouts done in torch: type -> (bytes per block of 32 values, offset of the quants)
-_BLOCKS = {"Q8_0": (34, 2), "Q4_0": (18, 2), "Q4_1": (20, 4)}

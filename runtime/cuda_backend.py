@@ -17,12 +17,20 @@ from dataclasses import dataclass
 import torch
 from kiln.codegen import kernels as K
 from kiln.codegen.fuse import Exec, KOp, fuse
-from kiln.dsl.ops import OPS
+from kiln.codegen.fuse import origin as fuse_origin
+from kiln.dsl.ops import OPS, OpKind
 from kiln.dsl.plan import Plan, Value, WeightArg, fetch
+from kiln.dsl.quant import QWeight
 
+from . import cuda_quant
 from .batch import StepBatch, host_meta
+from .cuda_moe import MoeStep
+from .cuda_quant import QGemm, SplitGemm
 from .kv_store import KVStore
 from .reference import StepContext
+
+# Ops whose references read the step on the host (see CudaModel.use_graphs).
+_HOST_READERS = (OpKind.MOE, OpKind.ATTENTION, OpKind.ROPE)
 
 # Decode batch sizes a CUDA graph is captured for (a batch runs in the smallest that holds it).
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
@@ -49,7 +57,7 @@ class CudaModel:
 
     def __init__(self, plan: Plan, weights: dict[str, torch.Tensor], page_size: int = 16,
                  max_context: int = 4096, max_batch: int = 256, use_graphs: bool = True):
-        first = next(iter(weights.values()))
+        first = next(w for w in weights.values() if isinstance(w, torch.Tensor))
         self.device, self.dtype = first.device, first.dtype
         if self.device.type != "cuda":
             raise ValueError("the cuda backend needs weights on a CUDA device")
@@ -66,11 +74,17 @@ class CudaModel:
 
         self._gemm: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._scratch: dict = {}  # decode split-K partials per attention spec, for max_batch sequences
+        self._moe: dict[int, MoeStep] = {}
         for n, op in enumerate(self.ops):
             if op.kind is Exec.GEMM:
-                self._gemm[n] = _fused_weight(op, weights)
+                self._gemm[n] = _fused_weight(op, weights, self.dtype)
             elif op.kind is Exec.ATTENTION:
                 op.spec = tuple(canon(s) for s in op.spec)
+            elif op.kind is Exec.MOE:  # experts' weights stacked [E, out, in] per grouped GEMM
+                op.spec = tuple(canon(s) for s in op.spec)
+                self._moe[n] = MoeStep(op, weights)
+                for name in self._moe[n].used:
+                    self.weights.pop(name, None)
             elif op.spec is not None:
                 op.spec = canon(op.spec)
         # Every op but attention treats rows (tokens) independently, so after the last attention
@@ -85,8 +99,11 @@ class CudaModel:
                 for w in op.extra["weights"] + op.extra["biases"]:
                     if w and w.name not in needed:
                         self.weights.pop(w.name, None)
-        # A moe's reference picks each expert's tokens on the host (data-dependent): no graphs.
-        self.use_graphs = use_graphs and not any(op.kind is Exec.TORCH and op.instrs[0].experts for op in self.ops)
+        # Torch steps whose references read the step on the host cannot be captured: a moe left to
+        # its reference picks each expert's tokens on the host, attention walks the batch's
+        # sequences, rope builds its tables on the host. Any of them: no graphs (Exec.MOE captures).
+        self.use_graphs = use_graphs and not any(op.kind is Exec.TORCH and op.instrs[0].kind in _HOST_READERS
+                                                 for op in self.ops)
         self._graphs: dict[int, _Graph] = {}
         self.reserve(max_batch, max_context)
 
@@ -166,7 +183,8 @@ class CudaModel:
     # -- one method per kind of step ----------------------------------------------------------
     def _gemm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         w, b = self._gemm[n]
-        y = torch.nn.functional.linear(env[op.ins[0]], w, b)
+        y = w(env[op.ins[0]], b) if isinstance(w, (QGemm, SplitGemm)) else \
+            torch.nn.functional.linear(env[op.ins[0]], w, b)
         if op.extra["fused"]:
             for name, (start, width) in zip(op.outs, op.extra["slices"]):
                 env[name] = y[:, start:start + width]
@@ -208,6 +226,9 @@ class CudaModel:
         K.map_elementwise(op.spec, x, out)
         env[op.outs[0]] = out
 
+    def _moe_step(self, op: KOp, env, step: "_Run", n: int) -> None:
+        self._moe[n](env, step, self.weights)
+
     def _torch_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         ins = op.instrs[0]
         out = OPS[ins.kind].reference(step, ins, [fetch(a, env, self.weights) for a in ins.inputs])
@@ -221,9 +242,10 @@ class CudaModel:
                         seq_len=meta.seq_len if rope.scaling in ("dynamic", "longrope") else None)
         out = torch.empty(T, dspec.heads * dspec.head_dim, dtype=self.dtype, device=self.device)
         if meta.fresh is not None and not pspec.window and not pspec.softcap and not pspec.alibi_max \
-                and pspec.causal:
+                and pspec.causal and K.render(K.prefill_for_device(pspec, self.device)).meta["variant"] != "sm90":
             # Whole prompts (no cached context): torch's flash attention (SDPA) over the rotated
-            # K/V just written to the cache, gathered page by page. (ALiBi takes the kernel path.)
+            # K/V just written to the cache, gathered page by page. (ALiBi takes the kernel path;
+            # so does every prompt on Hopper, whose wgmma prefill kernel reads the paged cache.)
             hd, hq, hk, ps = dspec.head_dim, dspec.heads, dspec.kv_heads, dspec.page_size
             for i, (start, length) in enumerate(meta.fresh):
                 pages = meta.block_tables[i, : -(-length // ps)].long()
@@ -242,10 +264,19 @@ class CudaModel:
         return out
 
 
-def _fused_weight(op: KOp, weights) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fused_weight(op: KOp, weights, dtype: torch.dtype) -> tuple[torch.Tensor | QGemm | SplitGemm,
+                                                                   torch.Tensor | None]:
     """The GEMM's weight (and bias): the siblings' rows at their slices' starts, zeros between."""
     ws = [weights[w.name] for w in op.extra["weights"]]
     bs = [weights[b.name] if b else None for b in op.extra["biases"]]
+    if isinstance(ws[0], QWeight):
+        b = None
+        if bs[0] is not None:
+            start, width = op.extra["slices"][-1]
+            b = bs[0].new_zeros(start + width)
+            for (start, width), bi in zip(op.extra["slices"], bs):
+                b[start:start + width] = bi
+        return cuda_quant.prepare(ws, list(op.extra["slices"]), dtype, origin=fuse_origin(op.instrs[0])), b
     if len(ws) == 1:
         return ws[0].contiguous(), bs[0]
     start, width = op.extra["slices"][-1]
@@ -261,7 +292,7 @@ def _fused_weight(op: KOp, weights) -> tuple[torch.Tensor, torch.Tensor | None]:
 _RUN = {
     Exec.GEMM: CudaModel._gemm_step, Exec.NORM: CudaModel._norm_step, Exec.ATTENTION: CudaModel._attention_step,
     Exec.ACT: CudaModel._act_step, Exec.EMBED: CudaModel._embed_step, Exec.MAP: CudaModel._map_step,
-    Exec.TORCH: CudaModel._torch_step,
+    Exec.TORCH: CudaModel._torch_step, Exec.MOE: CudaModel._moe_step,
 }
 
 

@@ -6,7 +6,9 @@ An engine directory holds everything needed to run without the checkpoint:
                          limits, I/O tensors with their profile ranges
     config.json          the checkpoint's config (binds the spec's parameters again at load)
     spec/*.kiln          the spec and the specs it extends
-    weights.safetensors  converted weights under Kiln's names, in the run dtype
+    weights.safetensors  converted weights under Kiln's names, in the run dtype; a quantized
+                         weight as its stored parts, "NAME:q", "NAME:scale", ... (its
+                         QuantDesc is in the manifest's "quantization")
     tokenizer files      tokenizer.json, tokenizer_config.json, generation_config.json, chat_template.jinja
                          (copied from the checkpoint folder, or written from a GGUF file's metadata)
     kernels/*.cu         generated CUDA sources (cuda backend)
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 from kiln.dsl import Plan, load_spec, passes
+from kiln.dsl.quant import QuantDesc, QWeight
 
 FORMAT = 1
 # Copied from a checkpoint folder into an engine directory (each when present): what
@@ -77,6 +80,21 @@ class EngineParts:
     weights: dict[str, torch.Tensor] | None
 
 
+def save_weights(plan: Plan, weights: dict, path: Path) -> None:
+    """weights.safetensors: each weight that is no tie, a quantized one as its stored parts."""
+    from safetensors.torch import save_file
+
+    own = {}
+    for n, t in weights.items():
+        if plan.alias_target(n) != n:
+            continue
+        if isinstance(t, QWeight):
+            own.update({f"{n}:{k}": v.contiguous() for k, v in t.tensors().items()})
+        else:
+            own[n] = t.contiguous()
+    save_file(own, str(path), metadata={"format": "pt", "producer": "kiln build"})
+
+
 def read_engine(engine_dir: str | Path, device: str = "cuda") -> EngineParts:
     from safetensors.torch import load_file
 
@@ -84,9 +102,16 @@ def read_engine(engine_dir: str | Path, device: str = "cuda") -> EngineParts:
     m = read_manifest(d)
     config = json.loads((d / "config.json").read_text())
     plan = passes.build(load_spec(d / m["spec"]["main"]), config, str(d / "config.json"))
+    descs = {n: QuantDesc(**q) for n, q in m.get("quantization", {}).items()}
+    if descs:
+        plan = passes.run(plan, [passes.quantize("none", descs)])
     if m["backend"] == "tensorrt":
         return EngineParts(plan, m, None)
-    weights = {n: t.to(device) for n, t in load_file(str(d / "weights.safetensors")).items()}
+    stored = {n: t.to(device) for n, t in load_file(str(d / "weights.safetensors")).items()}
+    weights: dict = {n: t for n, t in stored.items() if ":" not in n}
+    for n, desc in descs.items():
+        parts = {k.partition(":")[2]: t for k, t in stored.items() if k.partition(":")[0] == n}
+        weights[n] = QWeight(desc, plan.weights[n].shape, **parts)
     for slot in plan.weights.values():
         if slot.source is not None and slot.name not in weights:
             weights[slot.name] = weights[plan.alias_target(slot.name)]

@@ -77,7 +77,8 @@ class ModelSource:
 
     @classmethod
     def open(cls, source: str | Path | None, *, spec: str | None = None, dtype: str | None = None,
-             device: str = "cpu", backend: str | None = None, tokenizer: bool | None = True) -> "ModelSource":
+             device: str = "cpu", backend: str | None = None, tokenizer: bool | None = True,
+             quantization: str | None = None, kv_cache_dtype: str | None = None) -> "ModelSource":
         """`tokenizer`: True needs one (an error if the checkpoint has none), None takes one if present,
         False skips it. `dtype` None: fp32, or an engine directory's own; `backend` None: reference, or
         for an engine directory the one its device implies."""
@@ -85,11 +86,18 @@ class ModelSource:
         check_device(device, backend)
         name = model_name(source)
         if path.suffix.lower() == ".gguf" and path.is_file():  # a file: no engine directory
-            return cls._open_checkpoint(path, name, spec, dtype, device, backend, tokenizer)
+            return cls._open_checkpoint(path, name, spec, dtype, device, backend, tokenizer, quantization,
+                                        kv_cache_dtype)
         from .engine_dir import is_engine_dir, read_manifest
 
         if is_engine_dir(path):
             manifest = read_manifest(path)
+            if kv_cache_dtype is not None:
+                raise GenerateError(f"--kv-cache-dtype does not apply to engine directory {path} (yet): its KV "
+                                    f"cache is the run dtype")
+            if quantization is not None:
+                raise GenerateError(f"--quantization does not apply to engine directory {path}: its weights were "
+                                    f"fixed by `kiln build` (build it with --quantization {quantization})")
             if spec is not None:
                 raise GenerateError(f"--spec does not apply to engine directory {path}: its spec "
                                     f"({manifest['spec']['name']}) was built in")
@@ -105,10 +113,12 @@ class ModelSource:
             tok = Tokenizer.from_folder(path) if has_tok and tokenizer is not False else None
             return cls(path, name, config, min(limits) if limits else None, tok, manifest,
                        dict(device=device))
-        return cls._open_checkpoint(path, name, spec, dtype, device, backend, tokenizer)
+        return cls._open_checkpoint(path, name, spec, dtype, device, backend, tokenizer, quantization,
+                                    kv_cache_dtype)
 
     @classmethod
-    def _open_checkpoint(cls, path, name, spec, dtype, device, backend, tokenizer) -> "ModelSource":
+    def _open_checkpoint(cls, path, name, spec, dtype, device, backend, tokenizer, quantization,
+                         kv_cache_dtype=None) -> "ModelSource":
         ckpt = open_checkpoint(path)  # a GGUF's header is parsed here once; load() finds it again
         tok = None
         if tokenizer is not False:
@@ -118,7 +128,8 @@ class ModelSource:
                 if tokenizer:
                     raise
         return cls(path, name, ckpt.config, context_length(ckpt.config), tok, None,
-                   dict(spec=spec, dtype=dtype or "fp32", device=device, backend=backend or "reference"))
+                   dict(spec=spec, dtype=dtype or "fp32", device=device, backend=backend or "reference",
+                        quantization=quantization or "none", kv_cache_dtype=kv_cache_dtype or "auto"))
 
     @property
     def max_num_seqs(self) -> int | None:
@@ -209,7 +220,9 @@ def generate_cli(args) -> int:
     tokens = getattr(args, "tokens", None)
     source = ModelSource.open(args.checkpoint, spec=getattr(args, "spec", None), dtype=getattr(args, "dtype", None),
                               device=args.device, backend=getattr(args, "backend", None),
-                              tokenizer=None if tokens is not None else True)
+                              tokenizer=None if tokens is not None else True,
+                              quantization=getattr(args, "quantization", None),
+                              kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
     prompt_ids = _prompt_ids(args, source, tokens)
     source.check_length(len(prompt_ids), params.max_tokens)
     t_load = time.perf_counter()

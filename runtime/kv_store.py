@@ -2,7 +2,9 @@
 
 Layout (every backend uses it): [num_pages, kv_heads, page_size, head_dim]. The token
 at absolute position p of a sequence lives in page block_table[p // page_size], slot
-p % page_size. Which pages a sequence owns is the block pool's business
+p % page_size. A site whose `kv_dtype` is "fp8" stores float8_e4m3fn values of K / k_scale
+and V / v_scale (`store`/`load` say how; the scales are fp32 per site, 1.0 unless calibrated).
+Which pages a sequence owns is the block pool's business
 (runtime/kv_cache.py); this class only holds the memory.
 """
 
@@ -17,10 +19,26 @@ class KVStore:
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.num_pages = num_pages
         self.page_size = page_size
-        self.k = [torch.zeros(num_pages, s.kv_heads, page_size, s.head_dim, dtype=dtype, device=device)
+        def kind(s):
+            return torch.float8_e4m3fn if s.kv_dtype == "fp8" else dtype
+
+        self.k = [torch.zeros(num_pages, s.kv_heads, page_size, s.head_dim, dtype=kind(s), device=device)
                   for s in sites]
-        self.v = [torch.zeros(num_pages, s.kv_heads, page_size, s.v_head_dim, dtype=dtype, device=device)
+        self.v = [torch.zeros(num_pages, s.kv_heads, page_size, s.v_head_dim, dtype=kind(s), device=device)
                   for s in sites]
+        self.k_scale = [1.0] * len(sites)
+        self.v_scale = [1.0] * len(sites)
+
+    def store(self, cache: torch.Tensor, scale: float, values: torch.Tensor) -> torch.Tensor:
+        """`values` as `cache` holds them: fp8 pages take values / scale, rounded, within +-448."""
+        if cache.dtype == torch.float8_e4m3fn:
+            return (values.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        return values
+
+    @staticmethod
+    def load(pages: torch.Tensor, scale: float) -> torch.Tensor:
+        """Stored values back as fp32 (fp8 ones times their scale)."""
+        return pages.float() * scale if pages.dtype == torch.float8_e4m3fn else pages.float()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

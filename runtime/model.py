@@ -16,7 +16,9 @@ from kiln.dsl import Plan, load_spec, passes
 from kiln.dsl.dtypes import dtype as dtype_of
 from kiln.dsl.errors import SpecError
 from kiln.dsl.loader import MODELS_DIR, spec_files
+from kiln.dsl.quant import SCHEMES, quantize_weight, share_scale
 
+from . import quant_formats
 from .backend import Backend
 from .batch import SeqSlice, StepBatch
 from .checkpoint import Checkpoint, open_checkpoint
@@ -50,15 +52,46 @@ class LoadedModel:
 
 
 def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: str = "fp32",
-               device: str = "cpu", backend: str = "reference") -> LoadedModel:
+               device: str = "cpu", backend: str = "reference", quantization: str = "none",
+               kv_cache_dtype: str = "auto") -> LoadedModel:
+    """`quantization`: a scheme of kiln.dsl.quant.SCHEMES applied on load ("fp8", "int8-wo", ...;
+    "gguf" keeps a GGUF file's blocks); a pre-quantized checkpoint brings its own.
+    `kv_cache_dtype`: "auto" (the run dtype) or "fp8"."""
     if is_engine_dir(checkpoint):  # an engine directory from `kiln build`
+        if quantization != "none":
+            raise SpecError(f"--quantization {quantization}: an engine directory is already built; "
+                            f"quantize when building it (`kiln build ... --quantization {quantization}`)", None)
         return load_engine(checkpoint, device)
     ckpt = open_checkpoint(checkpoint)
     spec_path = spec if spec is not None else spec_for_config(ckpt.config, str(ckpt.path))
     plan = passes.build(load_spec(spec_path), ckpt.config, _config_name(ckpt))
+    plan, fmt = quantize_plan(plan, ckpt, quantization, kv_cache_dtype)
     torch_dtype = dtype_of(dtype).torch
-    weights = load_weights(plan, ckpt, torch_dtype, device)
+    weights = share_scales(plan, load_weights(plan, ckpt, torch_dtype, device, fmt))
     return LoadedModel(plan, make_backend(plan, weights, backend, device), ckpt, torch_dtype, torch.device(device))
+
+
+def quantize_plan(plan: Plan, ckpt: Checkpoint | None, quantization: str, kv_cache_dtype: str = "auto"):
+    """The plan with its weights' (and KV cache's) storage set, and the checkpoint's quantized
+    format (or None)."""
+    if kv_cache_dtype != "auto":
+        plan = passes.run(plan, [passes.kv_cache("run" if kv_cache_dtype == "auto" else kv_cache_dtype)])
+    if quantization not in SCHEMES:
+        raise SpecError(f"--quantization {quantization}: no such scheme", None,
+                        "schemes: " + ", ".join(passes.QUANT_SCHEMES))
+    fmt = quant_formats.detect(ckpt, quantization) if ckpt is not None else None
+    if fmt is not None:
+        if quantization not in ("none", fmt.scheme):
+            raise SpecError(f"the checkpoint is already quantized ({fmt.scheme}); --quantization {quantization} "
+                            f"cannot be applied on top", None, "leave --quantization out to run it as stored")
+        return passes.run(plan, [passes.quantize(fmt.scheme, fmt.descs(plan))]), fmt
+    scheme = SCHEMES[quantization]
+    if not scheme.on_load:
+        why = "keeps a GGUF file's blocks: load a GGUF file" if quantization == "gguf" else \
+            f"needs calibration: make a checkpoint with `kiln quantize CHECKPOINT --scheme {quantization}`"
+        raise SpecError(f"--quantization {quantization} {why}", None,
+                        "on-load schemes: " + ", ".join(n for n, s in SCHEMES.items() if s.on_load))
+    return passes.run(plan, [passes.quantize(quantization)]), None
 
 
 BACKENDS = ("reference", "cuda")
@@ -78,7 +111,12 @@ def load_engine(engine_dir: str | Path, device: str = "cuda") -> LoadedModel:
 
 
 def make_backend(plan: Plan, weights: dict[str, torch.Tensor], backend: str, device: str):
-    refused = passes.unsupported_weights(plan, backend)
+    runs = (lambda d: True) if backend == "reference" else cuda_runs() if backend == "cuda" else \
+        (lambda d: not d.quantized)
+    if backend == "cuda" and any(s.kv_dtype != "run" for s in plan.sites):
+        raise SpecError("--kv-cache-dtype fp8 runs on the reference backend only today: the cuda backend's "
+                        "attention kernels read KV pages in the run dtype", None)
+    refused = passes.unsupported_weights(plan, backend, runs)
     if refused:
         raise SpecError(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""), None)
     if backend == "reference":
@@ -92,11 +130,20 @@ def make_backend(plan: Plan, weights: dict[str, torch.Tensor], backend: str, dev
     raise SpecError(f"unknown backend '{backend}'", None, "backends: " + ", ".join(BACKENDS))
 
 
+def cuda_runs():
+    """The cuda backend's test of a weight format (imported when asked: it needs cuda-python)."""
+    from .cuda_quant import runs
+
+    return runs
+
+
 def random_model(spec: str | Path, config: dict[str, Any] | None = None, dtype: str = "fp32",
-                 device: str = "cpu", seed: int = 0, backend: str = "reference") -> LoadedModel:
+                 device: str = "cpu", seed: int = 0, backend: str = "reference",
+                 quantization: str = "none", kv_cache_dtype: str = "auto") -> LoadedModel:
     """A model with random weights made directly on the device (no checkpoint, no download):
-    for benchmarks and runtime tests. Norm weights are near 1, others N(0, 0.02)."""
-    plan = passes.build(load_spec(spec), config)
+    for benchmarks and runtime tests. Norm weights are near 1, others N(0, 0.02); an on-load
+    `quantization` scheme quantizes them as a checkpoint's would be."""
+    plan, _ = quantize_plan(passes.build(load_spec(spec), config), None, quantization, kv_cache_dtype)
     torch_dtype = dtype_of(dtype).torch
     gen = torch.Generator(device=device).manual_seed(seed)
     weights: dict[str, torch.Tensor] = {}
@@ -106,11 +153,19 @@ def random_model(spec: str | Path, config: dict[str, Any] | None = None, dtype: 
         t = torch.randn(slot.shape, generator=gen, device=device, dtype=torch.float32) * 0.02
         if len(slot.shape) == 1:
             t += 1.0
-        weights[slot.name] = t.to(torch_dtype)
+        weights[slot.name] = quantize_weight(t, slot.quant, slot.name) if slot.quant.quantized else t.to(torch_dtype)
     for slot in plan.weights.values():
         if slot.source is not None and slot.name not in weights:  # a tie: the tensor it names
             weights[slot.name] = weights[plan.alias_target(slot.name)]
+    weights = share_scales(plan, weights)
     return LoadedModel(plan, make_backend(plan, weights, backend, device), None, torch_dtype, torch.device(device))
+
+
+def share_scales(plan: Plan, weights: dict) -> dict:
+    """Sibling weights that one GEMM may run requantized to one scale (dsl.quant.share_scale)."""
+    for group in passes.sibling_groups(plan):
+        weights.update(zip(group, share_scale([weights[n] for n in group])))
+    return weights
 
 
 def _config_name(ckpt: Checkpoint) -> str:

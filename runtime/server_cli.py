@@ -133,7 +133,9 @@ def _open_checkpoint(source: str, args):
     (config, tokenizer) but not loaded."""
     from .generate import ModelSource
 
-    opened = ModelSource.open(source, spec=args.spec, dtype=args.dtype, device=args.device, backend=args.backend)
+    opened = ModelSource.open(source, spec=args.spec, dtype=args.dtype, device=args.device, backend=args.backend,
+                              quantization=getattr(args, "quantization", None),
+                              kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
     if args.max_num_seqs is not None and opened.max_num_seqs is not None and args.max_num_seqs > opened.max_num_seqs:
         raise ServeError(f"--max-num-seqs {args.max_num_seqs}: {opened.path} was built for {opened.max_num_seqs} "
                          f"sequences per step (kiln build --max-batch)")
@@ -160,7 +162,9 @@ def _open_random(args):
 
     def load():
         loaded = random_model(spec, config, dtype=args.dtype or "fp32", device=args.device,
-                              backend=args.backend or "reference")
+                              backend=args.backend or "reference",
+                              quantization=getattr(args, "quantization", None) or "none",
+                              kv_cache_dtype=getattr(args, "kv_cache_dtype", None) or "auto")
         if tokenizer.vocab_size > loaded.plan.vocab_size:
             raise ServeError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the vocabulary of "
                              f"{path} ({loaded.plan.vocab_size}): pass a --tokenizer that fits")

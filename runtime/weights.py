@@ -1,6 +1,7 @@
 """Weights for a Plan from a checkpoint, through the spec's mapping.
 
-Each weight slot's source tree (checkpoint tensor, tie, transpose, slice, concat, reshape) is
+Each weight slot's source tree (checkpoint tensor, tie, transpose, slice, concat, reshape,
+stack) is
 materialised, checked against the declared shape and dtype, and converted to the run
 dtype. Every failure names the tensor, the checkpoint file and the spec line; tensors
 the spec neither uses nor ignores are reported too, so a wrong spec cannot load
@@ -14,15 +15,21 @@ import fnmatch
 import torch
 from kiln.dsl.ops import OpKind
 from kiln.dsl.plan import Plan, WeightSlot
-from kiln.dsl.sources import Alias, Concat, Reshape, SliceOf, Source, Tensor, Transpose
+from kiln.dsl.quant import QWeight, quantize_weight
+from kiln.dsl.sources import Alias, Concat, Reshape, SliceOf, Source, Stack, Tensor, Transpose
 
 from .checkpoint import Checkpoint, CheckpointError
+from .gguf_file import unpermute_rope_rows
+from .quant_formats import Format, source_tensor
 
 _FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
 
 
 def load_weights(plan: Plan, ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+                 device: torch.device | str = "cpu", fmt: Format | None = None) -> dict[str, torch.Tensor | QWeight]:
+    """Every weight slot's tensor in the run dtype — or, for a slot the plan stores quantized, its
+    QWeight: read from the checkpoint's quantized tensors when `fmt` (a quantized checkpoint's
+    format) covers it, else quantized here from the float weight (an on-load scheme)."""
     permuted = _rope_permuted_tensors(plan) if (
         ckpt.format == "gguf" and "rope_permuted" in plan.spec.gguf_flags) else {}
     used: set[str] = set()
@@ -41,7 +48,6 @@ def load_weights(plan: Plan, ckpt: Checkpoint, dtype: torch.dtype = torch.float3
                     f"({slot.decl.pos}) needs a floating-point tensor")
             t = ckpt.get(name)
             if name in permuted:
-                from .gguf_file import unpermute_rope_rows
                 t = unpermute_rope_rows(t, permuted[name])
             cache[name] = t
             used.add(name)
@@ -81,11 +87,23 @@ def load_weights(plan: Plan, ckpt: Checkpoint, dtype: torch.dtype = torch.float3
                 raise CheckpointError(
                     f"weight '{slot.name}' ({slot.decl.pos}): cannot reshape {_names(src)} of shape "
                     f"{list(t.shape)} to {list(src.shape)}") from None
+        if isinstance(src, Stack):
+            parts = [build(s, slot) for s in src.srcs]
+            odd = next((i for i, p in enumerate(parts) if p.shape != parts[0].shape), None)
+            if odd is not None:
+                raise CheckpointError(
+                    f"weight '{slot.name}' ({slot.decl.pos}): cannot stack tensors of different shapes "
+                    f"over '{src.index}': {_names(src.srcs[0])} is {list(parts[0].shape)}, "
+                    f"{_names(src.srcs[odd])} is {list(parts[odd].shape)}")
+            return torch.stack(parts)
         raise CheckpointError(f"weight '{slot.name}': unhandled source {src!r}")
 
     out: dict[str, torch.Tensor] = {}
     for slot in plan.weights.values():
         if slot.source is None or isinstance(slot.source, Alias):
+            continue
+        if slot.quant.quantized:
+            out[slot.name] = _quantized(slot, fmt, lambda: build(slot.source, slot), permuted, used, device)
             continue
         t = build(slot.source, slot)
         if tuple(t.shape) != slot.shape:
@@ -106,6 +124,22 @@ def load_weights(plan: Plan, ckpt: Checkpoint, dtype: torch.dtype = torch.float3
     return out
 
 
+def _quantized(slot: WeightSlot, fmt: Format | None, build_float, permuted: dict[str, int], used: set[str],
+               device) -> QWeight:
+    if fmt is None:  # an on-load scheme: quantize the float weight (on the device: it is faster there)
+        t = build_float()
+        if tuple(t.shape) != slot.shape:
+            raise CheckpointError(f"tensor {_names(slot.source)} has shape {list(t.shape)}, but weight "
+                                  f"'{slot.name}' is declared {list(slot.shape)} at {slot.decl.pos}")
+        return quantize_weight(t.to(device), slot.quant, slot.name)
+    w = fmt.load(slot)
+    name = source_tensor(slot)
+    used.update(fmt.tensors_of(name))
+    if name in permuted:  # llama.cpp's rotary row order: rows are whole, so blocks permute like values
+        w.q = unpermute_rope_rows(w.q, permuted[name]).contiguous()
+    return w.to(device)
+
+
 def _names(src: Source) -> str:
     if isinstance(src, Tensor):
         return f"'{src.name}'"
@@ -113,12 +147,14 @@ def _names(src: Source) -> str:
         return _names(src.src)
     if isinstance(src, Concat):
         return " + ".join(_names(s) for s in src.srcs)
+    if isinstance(src, Stack):
+        return f"{_names(src.srcs[0])} .. {_names(src.srcs[-1])}" if len(src.srcs) > 1 else _names(src.srcs[0])
     return repr(src)
 
 
 def _files(ckpt: Checkpoint, src: Source) -> str:
     while not isinstance(src, Tensor):
-        src = src.srcs[0] if isinstance(src, Concat) else src.src
+        src = src.srcs[0] if isinstance(src, (Concat, Stack)) else src.src
     try:
         return ckpt.file_of(src.name)
     except CheckpointError:

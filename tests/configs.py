@@ -66,6 +66,9 @@ FAMILY_CONFIGS = {
     # Small caps so that both softcaps bend the values they cap.
     "gemma2": cfg("gemma2", "Gemma2ForCausalLM", num_hidden_layers=3, head_dim=16, sliding_window=8,
                   query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=1.5),
+    # Both softcaps null: off (a missing key would mean transformers' defaults, 50.0 and 30.0).
+    "gemma2-no-softcap": cfg("gemma2", "Gemma2ForCausalLM", num_hidden_layers=2, head_dim=16, sliding_window=8,
+                             attn_logit_softcapping=None, final_logit_softcapping=None),
     # ---- families needing norm variants, relu2, per-token scalars (olmo, nemotron, stablelm, qwen2_moe)
     # Non-parametric LayerNorms; with clip_qkv small enough that the clamp bites.
     "olmo": cfg("olmo", "OlmoForCausalLM", attention_bias=True),
@@ -78,6 +81,8 @@ FAMILY_CONFIGS = {
     "stablelm": cfg("stablelm", "StableLmForCausalLM"),
     "stablelm-parallel": cfg("stablelm", "StableLmForCausalLM", use_qkv_bias=True, use_parallel_residual=True,
                              partial_rotary_factor=0.5),
+    # qk_layernorm: a LayerNorm per head of q and of k, one checkpoint tensor per head; GQA (4 q, 2 kv heads).
+    "stablelm-qknorm": cfg("stablelm", "StableLmForCausalLM", qk_layernorm=True, use_qkv_bias=True),
     # Shared expert with its [T, 1] sigmoid gate; layer 1 dense (mlp_only_layers); top-2 of 4 experts,
     # not renormalised; q/k/v biases.
     "qwen2_moe": cfg("qwen2_moe", "Qwen2MoeForCausalLM", num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
@@ -111,10 +116,9 @@ FAMILY_CONFIGS = {
                 max_seq_len=128, attn_config={"clip_qkv": 0.1}, **TOKENS),
     "mpt-6-heads": dict(model_type="mpt", architectures=["MptForCausalLM"], d_model=96, n_layers=2, n_heads=6,
                         vocab_size=256, max_seq_len=128, attn_config={"softmax_scale": 0.2}, **TOKENS),
-    # Falcon with rotary (transformers' eager Falcon adds ALiBi twice, so its ALiBi layouts are
-    # checked in tests/test_alibi.py against the sdpa path): falcon-7b (multi_query, parallel_attn),
-    # falcon-40b/180b (new_decoder_architecture: GQA, ln_attn + ln_mlp), the same with one LayerNorm,
-    # and falcon-rw's sequential block with biases, here with rotary.
+    # Falcon with rotary: falcon-7b (multi_query, parallel_attn), falcon-40b/180b
+    # (new_decoder_architecture: GQA, ln_attn + ln_mlp), the same with one LayerNorm, and falcon-rw's
+    # sequential block with biases, here with rotary. The ALiBi layouts follow them.
     "falcon": cfg("falcon", "FalconForCausalLM", multi_query=True, parallel_attn=True, bias=False),
     "falcon-new-arch": cfg("falcon", "FalconForCausalLM", new_decoder_architecture=True, num_kv_heads=2,
                            multi_query=False, bias=False),
@@ -122,6 +126,17 @@ FAMILY_CONFIGS = {
                                num_ln_in_parallel_attn=1, bias=True, rope_theta=500.0, ffn_hidden_size=96),
     "falcon-sequential": cfg("falcon", "FalconForCausalLM", multi_query=False, parallel_attn=False, bias=True,
                              num_key_value_heads=4, tie_word_embeddings=False),
+    # Falcon with ALiBi, checked against transformers' sdpa attention (HF_ATTENTION): its eager path adds
+    # the bias twice. falcon-rw-1b/7b: per-head QKV, sequential block, biases.
+    "falcon-alibi-rw": cfg("falcon", "FalconForCausalLM", alibi=True, multi_query=False, parallel_attn=False,
+                           bias=True),
+    # multi_query + parallel_attn, 8 heads (Falcon rounds the slopes to bfloat16, exact only for
+    # power-of-2 head counts: every Falcon ALiBi checkpoint has one).
+    "falcon-alibi-mq": cfg("falcon", "FalconForCausalLM", alibi=True, multi_query=True, parallel_attn=True,
+                           num_attention_heads=8),
+    # new_decoder_architecture (GQA, two LayerNorms).
+    "falcon-alibi-new-arch": cfg("falcon", "FalconForCausalLM", alibi=True, new_decoder_architecture=True,
+                                 num_kv_heads=2, num_attention_heads=8, bias=True),
     # ---- MoE routers and latent attention (deepseek_v2, deepseek_v3, phimoe)
     # MLA with q_lora_rank (v heads 12 wide, q/k heads 8 + 8: attention in Torch on the cuda backend); layer 0 dense (first_k_dense_replace);
     # 8 experts in 4 groups, top-3 of the best 2 groups by their best expert (group_limited_greedy),
@@ -152,7 +167,28 @@ FAMILY_CONFIGS = {
                                  n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                  n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1,
                                  norm_topk_prob=False, rope_interleave=False),
+    # PhiMoE: sparsemixer top-2 of 4 experts (router_jitter_noise large enough that the softmax covers
+    # several experts), LayerNorms with biases, biases on the attention projections and the LM head,
+    # sliding window.
+    "phimoe": cfg("phimoe", "PhimoeForCausalLM", num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.3,
+                  attention_bias=True, lm_head_bias=True, sliding_window=8),
+    # Longrope x2 from 64 positions with short_mscale = long_mscale = 1.3 (not longrope's own attention
+    # factor), the default jitter 0.01. The whole run stays within the original 64 positions, on the short
+    # factors: past them transformers 5 keeps PhiMoE on the short factors, the spec (as Phi-3) switches.
+    "phimoe-longrope": cfg("phimoe", "PhimoeForCausalLM", num_local_experts=4, num_experts_per_tok=2,
+                           rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                            "original_max_position_embeddings": 64,
+                                            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.3, 4.0],
+                                            "long_factor": [1.0, 1.5, 2.2, 3.1, 4.5, 6.4, 9.0, 12.0],
+                                            "short_mscale": 1.3, "long_mscale": 1.3}),
 }
+
+
+# The transformers attention implementation a FAMILY_CONFIGS entry is checked against where it is not
+# "eager" (the default of kiln.runtime.verify): transformers' eager Falcon adds the ALiBi bias twice
+# (in FalconAttention, and again through the causal mask FalconModel builds with the bias folded in
+# for sdpa); its sdpa path adds it once, as Falcon's original code does (tests/test_alibi.py shows both).
+HF_ATTENTION = {name: "sdpa" for name in FAMILY_CONFIGS if name.startswith("falcon-alibi")}
 
 
 # tests/test_verify.py: wider and deeper than FAMILY_CONFIGS' (Llama with llama3 rope scaling).

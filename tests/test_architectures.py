@@ -4,11 +4,13 @@ Each case builds the transformers model of a small config (tests/configs.py) wit
 weights, lets `verify` pick the spec from `architectures`, and compares logits at the prefill
 (11 tokens) and at each of 32 greedy decode steps: max relative error <= 1e-4 and the same
 greedy token at every step. Configs turn on what makes each family differ (a sliding
-window shorter than the 43-token sequence, partial rotary, softcaps, ...).
+window shorter than the 43-token sequence, partial rotary, softcaps, ...). transformers builds
+them with eager attention, or the implementation tests/configs.py HF_ATTENTION names.
 """
 
 from __future__ import annotations
 
+import kiln.runtime.verify as verify_mod
 import pytest
 import torch
 import transformers
@@ -16,10 +18,26 @@ from kiln.dsl import check, load_spec
 from kiln.runtime.verify import verify
 
 from tests.configs import FAMILY_CONFIGS as CASES
+from tests.configs import HF_ATTENTION
+
+
+def with_attention(monkeypatch, implementation: str) -> None:
+    """Build the transformers models of the next verify() calls with `implementation` attention
+    (sdpa, ...) instead of eager."""
+    build = verify_mod.hf_random_model
+
+    def hf_random_model(config, seed=0):
+        model = build(config, seed)
+        model.config._attn_implementation = implementation  # attention modules read it at each call
+        return model
+
+    monkeypatch.setattr(verify_mod, "hf_random_model", hf_random_model)
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_family_matches_transformers(name):
+def test_family_matches_transformers(name, monkeypatch):
+    if name in HF_ATTENTION:
+        with_attention(monkeypatch, HF_ATTENTION[name])
     report = verify(CASES[name], steps=32)
     assert report.spec.endswith(f"{name.split('-')[0]}.kiln")  # picked by `architectures`
     assert len(report.steps) == 33

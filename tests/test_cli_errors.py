@@ -192,7 +192,8 @@ def test_refused_while_parsing(capsys, argv, words):
 # The least each command needs besides the option under test.
 REQUIRED = {("generate",): ["--prompt", "x"], ("run",): ["e", "--prompt", "x"], ("build",): ["--out", "e"],
             ("verify",): ["--config", "c"], ("show",): ["llama", "--ir"],
-            ("bench", "latency"): ["--config", "c"], ("bench", "throughput"): ["--config", "c"]}
+            ("bench", "latency"): ["--config", "c"], ("bench", "throughput"): ["--config", "c"],
+            ("quantize",): ["ckpt", "--scheme", "fp8", "--out", "o"]}
 
 
 def _ranged_options():

@@ -209,7 +209,6 @@ REFUSED = [
     ("mpt", dict(MPT, no_bias=False), "no_bias", "MPT with biases"),
     ("mpt", dict(MPT, logit_scale=0.5), "logit_scale", "logit_scale is not implemented"),
     ("phi", cfg("phi", "PhiForCausalLM", qk_layernorm=True, layer_norm_eps=1e-5), "qk_layernorm", "q/k LayerNorm"),
-    ("stablelm", cfg("stablelm", "StableLmForCausalLM", qk_layernorm=True), "qk_layernorm", "q/k LayerNorm"),
     ("cohere", cfg("cohere", "CohereForCausalLM", use_qk_norm=True, layer_norm_eps=1e-5), "use_qk_norm", "q/k LayerNorm"),
     ("phi3", cfg("phi3", "Phi3ForCausalLM", rms_norm_eps=1e-5, rope_scaling={"type": "yarn", "factor": 4.0,
                                                           "original_max_position_embeddings": 32}),

@@ -2,8 +2,10 @@
 sm_80 and sm_90a (no GPU needed); compile errors point at the generated source; rotary
 frequencies match HF transformers; specs reject bad values with the field named."""
 
+import dataclasses
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ pytest.importorskip("cuda.bindings")
 
 from kiln.codegen import nvrtc, rope  # noqa: E402
 from kiln.codegen import render as render_mod
+from kiln.codegen.quant_kernels import QGemvSpec  # noqa: E402
 from kiln.codegen.render import render  # noqa: E402
 from kiln.codegen.specs import (  # noqa: E402
     ActSpec,
@@ -19,6 +22,8 @@ from kiln.codegen.specs import (  # noqa: E402
     EmbedSpec,
     KernelSpecError,
     MapSpec,
+    MoeGemmSpec,
+    MoeRouteSpec,
     NormSpec,
     PrefillAttnSpec,
     RopeCacheSpec,
@@ -71,6 +76,13 @@ def _specs(full: bool):
         for d in DTYPES if full else (next(dt),):
             out.append(cls(h, kv, hd, 16, hd ** -0.5, window=win, softcap=cap, alibi_max=ali, dtype=d,
                            origin=_origin(3, "attention(q, k, v)")))
+    # decode only: head_dim 96 and 256 on tensor cores, a 32-head group (two 16-row chunks), an
+    # odd page size, head_dim 72 (not a multiple of 16: the CUDA-core variant in 16 bits)
+    for h, kv, hd, win, cap, ali, ps, d in [(32, 8, 96, 0, 0.0, 0.0, 16, "bf16"), (16, 2, 256, 0, 30.0, 0.0, 16, "fp16"),
+                                            (32, 1, 128, 64, 0.0, 8.0, 7, "bf16"), (8, 2, 72, 0, 0.0, 0.0, 16, "bf16"),
+                                            (24, 8, 80, 0, 0.0, 0.0, 32, "fp16")]:
+        out.append(DecodeAttnSpec(h, kv, hd, ps, hd ** -0.5, window=win, softcap=cap, alibi_max=ali, dtype=d,
+                                  origin=_origin(3, "attention(q, k, v)")))
     for kind, gated in itertools.product(("silu", "gelu", "gelu_tanh", "relu"), (True, False)):
         for d in DTYPES if full else (next(dt),):
             out.append(ActSpec(kind, gated, 14336 if gated else 3072, dtype=d, origin=_origin(4, kind)))
@@ -79,6 +91,23 @@ def _specs(full: bool):
         out.append(MapSpec("map_softcap.cu.j2", (("cap", 30.0), ("inv_cap", 1 / 30.0)), dtype=d,
                            origin=_origin(6, "softcap(logits)")))
         out.append(MapSpec("map_scale.cu.j2", (("factor", 64.0),), dtype=d, origin=_origin(7, "x * 64")))
+    # (experts, top_k, n, k, gather, bias): Mixtral's gate|up and down, DeepSeek-V2's odd 1407 (no
+    # 16-byte chunks: synchronous tile loads), 256 experts with biases
+    for e, k, n, kd, gather, bias in [(8, 2, 28672, 4096, True, False), (8, 2, 4096, 14336, False, False),
+                                      (64, 6, 2815, 4096, True, False), (64, 6, 4096, 1407, False, False),
+                                      (256, 8, 100, 64, True, True)]:
+        for d in DTYPES if full else (next(dt),):
+            out.append(MoeGemmSpec(e, n, kd, gather, bias, dtype=d, origin=_origin(8, "linear(x, w1)")))
+            out.append(MoeRouteSpec(e, k, 4096 if n > 4096 else n, dtype=d, origin=_origin(9, "moe(h, logits)")))
+    # weight-only quantized linears: Llama-3-8B's shapes (int4 group 128, fused qkv / gate+up), int8 per
+    # channel, ggml q4 (groups of 32, a chunk past k) and q8_0; both token buckets, with and without bias
+    qgemv = [("int4", "post", 6144, 4096, 128), ("int4", "post", 28672, 4096, 128), ("int4", "post", 4096, 14336, 128),
+             ("int8", "post", 4096, 4096, 4096), ("int8", "post", 100, 40, 40), ("int4", "pre", 1536, 576, 32),
+             ("int8", "post", 576, 1536, 32)]
+    for i, (fmt, mode, n, kd, g) in enumerate(qgemv):
+        for j, d in enumerate(DTYPES if full else (next(dt),)):
+            out.append(QGemvSpec(fmt, mode, n, kd, g, tokens=(8, 16)[(i + j) % 2], has_bias=bool(i % 2), dtype=d,
+                                 origin=_origin(10, "linear(x, w)")))
     return out
 
 
@@ -100,9 +129,12 @@ def _compile_all(spec):
         at = next(i for i, line in enumerate(lines) if f" {entry}(" in line and "__global__" in line)
         assert lines[at - 1] == f"// origin: {spec.origin}"
     for arch in ARCHS:
-        img = nvrtc.compile_source(ks.source, ks.name, arch, ks.origin)
+        ka = ks
+        if isinstance(spec, PrefillAttnSpec) and arch == "sm_80":  # what the launch wrapper renders there
+            ka = render(dataclasses.replace(spec, sm=80))
+        img = nvrtc.compile_source(ka.source, ka.name, arch, ka.origin)
         assert img.kind == "cubin" and img.data[:4] == b"\x7fELF" and len(img.data) > 1000
-        for entry in ks.entries:
+        for entry in ka.entries:
             assert entry.encode() in img.data
 
 
@@ -123,18 +155,57 @@ def test_rendered_source_is_specialized_and_readable():
     src = render(spec).source
     assert "heads=32 kv_heads=8 head_dim=128 page_size=16" in src  # the constants it was specialized on
     assert "ctx - 4096" in src and "tanhf" in src
-    assert "{{" not in src and "{%" not in src
+    assert not re.search(r"\{\{|\{%[\s-]", src)  # no Jinja left over (PTX operands read "{%0, ...}")
     assert "\n\n\n" not in src
     plain = render(DecodeAttnSpec(32, 8, 128, 16, 128 ** -0.5, origin=_origin(9, "attn"))).source
     assert "tanhf" not in plain and "4096" not in plain
 
 
+@pytest.mark.parametrize("hd", [64, 80, 96, 128, 256])
+def test_decode_picks_tensor_cores_without_spills(hd):
+    """16-bit caches with head_dim % 16 == 0 take the tensor-core decode kernel (one entry: the split
+    merge is fused); ptxas reports no local-memory spills, the registers hold O and the scores."""
+    mk = lambda d, dt, **kw: render(DecodeAttnSpec(32, 8, d, 16, 0.1, dtype=dt, origin="t", **kw))  # noqa: E731
+    for dt in ("bf16", "fp16"):
+        ks = mk(hd, dt, softcap=30.0, alibi_max=8.0, window=100)
+        assert ks.meta["mma"] and ks.entries == (ks.name,)
+        assert f"mma.sync.aligned.m16n8k16.row.col.f32.{dt.replace('fp', 'f')}" in ks.source
+        img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+        assert "0 bytes spill stores" in img.log and "0 bytes stack frame" in img.log, img.log
+    assert not mk(hd, "fp32").meta["mma"] and "mma.sync" not in mk(hd, "fp32").source
+    assert not mk(72, "bf16").meta["mma"]
+
+
 def test_prefill_picks_tensor_cores_for_16_bit():
-    mk = lambda d, dt: render(PrefillAttnSpec(32, 8, d, 16, 0.1, dtype=dt, origin="t"))  # noqa: E731
+    mk = lambda d, dt: render(PrefillAttnSpec(32, 8, d, 16, 0.1, dtype=dt, sm=80, origin="t"))  # noqa: E731
     assert mk(128, "bf16").meta["mma"] and mk(80, "fp16").meta["mma"]
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in mk(128, "bf16").source
     assert not mk(128, "fp32").meta["mma"] and not mk(256, "bf16").meta["mma"]
     assert "mma.sync" not in mk(128, "fp32").source
+
+
+def test_prefill_picks_wgmma_on_hopper():
+    """sm 9x, 16-bit, head_dim 64/128 (causal or not, sliding window): the wgmma kernel; softcap,
+    ALiBi, fp32, other head dims and other GPUs keep the older kernels."""
+    def variant(**kw):
+        args = dict(heads=32, kv_heads=8, head_dim=128, page_size=16, scale=0.1, origin="t") | kw
+        return render(PrefillAttnSpec(**args)).meta["variant"]
+    assert variant() == "sm90" and variant(dtype="fp16", head_dim=64, causal=False, window=100) == "sm90"
+    assert variant(sm=80) == "mma" and variant(sm=100) == "mma" and variant(softcap=30.0) == "mma"
+    assert variant(alibi_max=8.0) == "mma" and variant(head_dim=80) == "mma"
+    assert variant(dtype="fp32") == "simt" and variant(head_dim=256) == "simt"
+    for d, dt in ((128, "bf16"), (64, "fp16")):
+        ks = render(PrefillAttnSpec(32, 8, d, 16, 0.1, window=64, dtype=dt, origin="t"))
+        assert "sm=90" in ks.source.splitlines()[2]  # the choice is a constant of the spec, shown in the header
+        mt = "bf16" if dt == "bf16" else "f16"
+        assert f"wgmma.mma_async.sync.aligned.m64n128k16.f32.{mt}.{mt}" in ks.source  # S = Q K^T
+        assert f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.{mt}.{mt}" in ks.source  # O += P V
+        assert "mma.sync.aligned" not in ks.source and "key > qp - 64" in ks.source
+        img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+        assert img.kind == "cubin" and ks.name.encode() in img.data
+        # registers only: no spills to local memory (a run-time-indexed fragment would land there)
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in img.log, img.log
+    assert ks.meta["smem"] <= 227 * 1024 and ks.meta["threads"] == 256
 
 
 def test_compile_error_shows_generated_source(monkeypatch):
@@ -280,7 +351,76 @@ def test_longrope_matches_hf(seq_len):
     (lambda: ActSpec("swish", True, 128), "kind"),
     (lambda: EmbedSpec(128256, 64, dtype="int8"), "dtype"),
     (lambda: MapSpec("../x.cu.j2"), "body"),
+    (lambda: QGemvSpec("int3", "post", 64, 128, 128), "fmt"),
+    (lambda: QGemvSpec("int4", "post", 64, 128, 32), "group"),
+    (lambda: QGemvSpec("int4", "post", 64, 128, 128, tokens=4), "tokens"),
+    (lambda: MoeRouteSpec(8, 9, 4096), "top_k"),
+    (lambda: MoeGemmSpec(8, 0, 4096, True), "n"),
+    (lambda: MoeGemmSpec(8, 128, 4096, True, block_m=48), "block_m"),
 ])
 def test_spec_errors_name_the_field(make, field):
     with pytest.raises(KernelSpecError, match=rf"\.{field}:"):
         make()
+
+
+def test_moe_gemm_picks_tensor_cores_for_16_bit():
+    mk = lambda dt, k=4096: render(MoeGemmSpec(8, 28672, k, True, dtype=dt, origin="t"))  # noqa: E731
+    src = mk("bf16").source
+    assert mk("bf16").meta["mma"] and mk("bf16").meta["async_copy"] and mk("fp16").meta["mma"]
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in src and "cp.async" in src
+    assert "sorted_token[row]" in src  # the expert input's rows gathered in the tile load
+    assert not mk("bf16", 1407).meta["async_copy"] and "cp.async" not in mk("bf16", 1407).source
+    assert not mk("fp32").meta["mma"] and "mma.sync" not in mk("fp32").source and "fmaf" in mk("fp32").source
+
+
+MOE_SPECS = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "phimoe")
+
+
+@pytest.mark.parametrize("name", MOE_SPECS)
+def test_moe_lowers_to_grouped_gemms(name):
+    """Every shipped MoE spec's experts become grouped GEMMs on the cuda backend (gate and up as one,
+    gathering the tokens; down over the sorted rows), not the per-expert reference."""
+    from kiln.codegen.fuse import Exec, fuse
+    from kiln.dsl import check, load_spec
+    from kiln.dsl.loader import find_spec
+
+    if find_spec(name) is None:
+        pytest.skip(f"no models/{name}.kiln")
+    plan = check(load_spec(name))
+    moe_ops = [op for op in fuse(plan, torch.bfloat16, 16) if op.instrs[0].experts]
+    assert moe_ops and all(op.kind is Exec.MOE for op in moe_ops)
+    route, up, down = moe_ops[0].spec
+    experts = moe_ops[0].instrs[0].experts
+    ffn = plan.types[experts[0].instrs[0].out].shape[1]
+    assert isinstance(route, MoeRouteSpec) and route.experts == len(experts)
+    assert up.gather and not down.gather and up.k == down.n == route.hidden
+    assert up.n >= 2 * ffn and down.k == ffn
+    assert [len(s) for s in moe_ops[0].extra["slices"]] == [2, 1]
+    assert ".kiln:" in up.origin and "linear(" in up.origin  # named after the expert's spec line
+
+
+def test_moe_expert_program_without_grouped_lowering_falls_back():
+    """An expert with an op the grouped path does not cover (a norm with a weight per expert) runs
+    its reference, saying why, at the op's file:line."""
+    from kiln.codegen.fuse import Exec, fuse
+    from kiln.dsl import check
+    from kiln.dsl.loader import parse_spec
+
+    text = """spec moe_normed extends mixtral
+
+block expert[experts] {
+  weights "model.layers.{layer}.block_sparse_moe.experts.{expert}." {
+    w1: [ffn, hidden] <- "w1.weight"
+    w3: [ffn, hidden] <- "w3.weight"
+    w2: [hidden, ffn] <- "w2.weight"
+    e_norm: [hidden] <- "norm.weight"
+  }
+  forward(x) {
+    return linear(act(linear(rmsnorm(x, e_norm, eps=eps), w1), fn=act) * linear(x, w3), w2)
+  }
+}
+"""
+    plan = check(parse_spec(text, "moe_normed.kiln"))
+    moe_ops = [op for op in fuse(plan, torch.bfloat16, 16) if op.instrs[0].experts]
+    assert moe_ops and all(op.kind is Exec.TORCH for op in moe_ops)
+    assert "rmsnorm at moe_normed.kiln:11 inside an expert has no grouped lowering" in moe_ops[0].extra["why"]

@@ -82,9 +82,12 @@ def test_backends_refuse_descriptors_they_cannot_run():
                                        intermediate_size=64))
     plan = model.plan
     quant = dict(plan.weights)
-    quant["layer.0.wq"] = dataclasses.replace(quant["layer.0.wq"], quant=QuantDesc("fp8", "per_tensor"))
-    with pytest.raises(SpecError, match="weight 'layer.0.wq' is stored as fp8 .* unquantized weights only"):
-        make_backend(dataclasses.replace(plan, weights=quant), model.model.weights, "reference", "cpu")
+    quant["layer.0.wq"] = dataclasses.replace(quant["layer.0.wq"], quant=QuantDesc("gguf_q2_k", "blocks"))
+    # The reference runs every storage format; the cuda backend refuses one it has no kernel for.
+    assert passes.unsupported_weights(dataclasses.replace(plan, weights=quant), "reference", lambda d: True) == []
+    with pytest.raises(SpecError, match=r"weight 'layer.0.wq' is stored as gguf_q2_k \(blocks\); the cuda backend "
+                                        "does not run that format"):
+        make_backend(dataclasses.replace(plan, weights=quant), model.model.weights, "cuda", "cpu")
     split = dict(plan.weights)
     split["layer.0.wo"] = dataclasses.replace(split["layer.0.wo"], shard=ShardDesc("split", 1))
     with pytest.raises(SpecError, match="weight 'layer.0.wo' is split across ranks"):

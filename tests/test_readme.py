@@ -73,7 +73,7 @@ def _synopsis_entries() -> dict[tuple[str, ...], str]:
         if text.startswith("kiln "):
             words = text.split()[1:]
             key = tuple(w for w in words[:2] if re.fullmatch(r"[a-z]+", w))
-            if key[0] != "bench":
+            if key[0] not in ("bench", "eval"):  # the commands with modes
                 key = key[:1]
             assert key not in entries, f"{key} is listed twice"
             entries[key] = text

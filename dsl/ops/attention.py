@@ -55,13 +55,15 @@ def _reference(ctx, ins, a):
     hq = q.shape[1] // hd
     scale = scale_of(at)
     out = torch.empty(q.shape[0], hq * vc.shape[-1], dtype=q.dtype, device=q.device)
+    ks, vs = kv.k_scale[ins.site], kv.v_scale[ins.site]
     for s in ctx.batch.seqs:
         pages, offs = kv.slots(s.block_table, s.context, s.context + s.length)
-        kc[pages, :, offs] = k[s.start:s.end].view(s.length, hk, -1)
-        vc[pages, :, offs] = v[s.start:s.end].view(s.length, hk, -1)
+        # Written as the cache stores them (fp8 pages: scaled and rounded), read back from it.
+        kc[pages, :, offs] = kv.store(kc, ks, k[s.start:s.end].view(s.length, hk, -1))
+        vc[pages, :, offs] = kv.store(vc, vs, v[s.start:s.end].view(s.length, hk, -1))
         pages, offs = kv.slots(s.block_table, 0, s.context + s.length)
-        keys = kc[pages, :, offs].transpose(0, 1)  # [Hk, N, D]
-        vals = vc[pages, :, offs].transpose(0, 1)  # [Hk, N, Dv]
+        keys = kv.load(kc[pages, :, offs], ks).transpose(0, 1)  # [Hk, N, D]
+        vals = kv.load(vc[pages, :, offs], vs).transpose(0, 1)  # [Hk, N, Dv]
         qs = q[s.start:s.end].view(s.length, hk, hq // hk, hd).permute(1, 2, 0, 3)  # [Hk, G, L, D]
         scores = torch.einsum("hgld,hnd->hgln", qs.float(), keys.float()) * scale
         if at.softcap is not None:
@@ -87,6 +89,9 @@ def _cuda(ins, plan, dt):
     if site.v_head_dim != at.head_dim:  # multi-head latent attention (DeepSeek-V2/V3): v heads narrower
         return Torch(f"v head size {site.v_head_dim} != q/k head size {at.head_dim}: the attention kernels "
                      f"have one head size (the reference runs on the GPU)")
+    if at.head_dim % 16:
+        return Torch(f"head size {at.head_dim} is not a multiple of 16, which the prefill kernels' tiles need "
+                     f"(the reference runs on the GPU)")
     return KernelCall(Kernel.ATTENTION, dict(heads=site.heads, kv_heads=site.kv_heads, head_dim=at.head_dim,
                                              scale=scale_of(at), window=at.window or 0, softcap=at.softcap or 0.0,
                                              alibi_max=at.alibi_max if at.alibi else 0.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from ..quant import linear as quant_linear
 from .base import Gemm, Kernel, KernelCall, OpDef, T, TrtLowering, TType, act, float_weight, need
 
 
@@ -51,7 +52,7 @@ def _linear_trt(nn, x, w, b=None):
 
 LINEAR = OpDef(
     "linear", ("x", "weight", "bias?"), {}, _linear_shape, "x @ weight^T + bias; weight is [out, in]",
-    reference=lambda ctx, ins, a: F.linear(a[0], a[1], a[2]),
+    reference=lambda ctx, ins, a: quant_linear(a[0], a[1], a[2]),  # a quantized weight through its format
     cuda=lambda ins, plan, dt: Gemm(),
     trt=TrtLowering(_linear_trt, lambda ins, lw: []),
 )

@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from .base import Attr, OpDef, TrtLowering, act, need, torch_only
+from . import elementwise, layout
+from .base import Attr, Kernel, KernelCall, OpDef, Torch, TrtLowering, act, need
 
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
@@ -104,6 +105,86 @@ def _reference(ctx, ins, a):
         y = ctx.run(prog, {prog.inputs[0]: x[rows]})
         out.index_add_(0, rows, (y.float() * weights[rows, slot, None]).to(x.dtype))
     return out
+
+
+# ---- cuda: every expert at once, as grouped GEMMs over the token copies sorted by expert
+#
+# The expert programs are copies of one block, so expert 0's program stands for all of them: its
+# linears become grouped GEMMs (one launch covers every expert, each on its own rows, its own
+# weights stacked [E, out, in]; sibling linears of one input are one GEMM over their concatenated
+# weights), and its other ops, which only transform rows, run once over all rows (sorted by expert).
+
+# Ops that treat each row alone and read no weight: run once over every expert's rows.
+ROW_OPS = frozenset(d.name for d in (*elementwise.DEFS, *layout.DEFS))
+
+
+def _loc(i) -> str:
+    return f"{i.kind.value} at {i.op.pos.file.rsplit('/', 1)[-1]}:{i.op.pos.line}"
+
+
+def expert_stages(ins, plan) -> tuple | str:
+    """Expert 0's program as steps run over all experts at once, in order: ("gemm", positions of
+    sibling linears sharing one input and bias-ness) or ("op", position of a row op). Or, as a
+    string, why the experts cannot run so (then they run one by one: the op's reference)."""
+    progs = ins.experts
+    first = progs[0]
+    Value = type(first.inputs[0])  # dsl.plan.Value (the plan imports this table; not the other way)
+    if len(first.inputs) != 1:
+        return f"an expert program with {len(first.inputs)} inputs"
+    for prog in progs[1:]:  # copies of one block: same ops, same dataflow, same weight shapes
+        if len(prog.instrs) != len(first.instrs) or len(prog.inputs) != 1:
+            return "the experts' programs differ"
+        same = {prog.inputs[0]: first.inputs[0]}
+        for a, b in zip(prog.instrs, first.instrs):
+            if a.kind is not b.kind or a.attrs != b.attrs or len(a.inputs) != len(b.inputs):
+                return "the experts' programs differ"
+            for x, y in zip(a.inputs, b.inputs):
+                if type(x) is not type(y) or (isinstance(x, Value) and same.get(x) != y):
+                    return "the experts' programs differ"
+                weight = x is not None and not isinstance(x, Value)
+                if weight and plan.weights[x.name].shape != plan.weights[y.name].shape:
+                    return "the experts' weights differ"
+            same.update(zip(a.outputs, b.outputs))
+        if same.get(prog.output) != first.output:
+            return "the experts' programs differ"
+    local = {first.inputs[0]}
+    stages: list = []
+    groups: dict = {}
+    for n, i in enumerate(first.instrs):
+        values = [a for a in i.inputs if isinstance(a, Value)]
+        if any(v not in local for v in values):
+            return f"{_loc(i)} reads a value from outside the expert"
+        if i.kind.value == "linear":
+            x, w, b = i.inputs
+            if not isinstance(x, Value):
+                return f"{_loc(i)} multiplies a weight, not the expert's rows"
+            for prog in progs:
+                for arg in prog.instrs[n].inputs[1:]:
+                    if arg is not None and plan.weights[arg.name].quant.quantized:
+                        return f"{_loc(i)}: quantized expert weights ({plan.weights[arg.name].quant.dtype}) " \
+                               f"have no grouped GEMM yet"
+            key = (x, b is None)
+            if key in groups:
+                k = groups[key]
+                stages[k] = ("gemm", stages[k][1] + (n,))
+            else:
+                groups[key] = len(stages)
+                stages.append(("gemm", (n,)))
+        elif i.kind.value in ROW_OPS and len(values) == sum(a is not None for a in i.inputs):
+            stages.append(("op", n))
+        else:
+            return f"{_loc(i)} inside an expert has no grouped lowering (only linears and weight-free row ops)"
+        local.update(i.outputs)
+    if not groups:
+        return "the expert program has no linear"
+    return tuple(stages)
+
+
+def _cuda(ins, plan, dt):
+    stages = expert_stages(ins, plan)
+    if isinstance(stages, str):
+        return Torch(f"experts run one by one on the tokens that chose them: {stages}")
+    return KernelCall(Kernel.MOE, dict(stages=stages))
 
 
 # ---- TensorRT: every expert runs on every token; a gate per expert (zero where not chosen)
@@ -206,7 +287,7 @@ MOE = OpDef(
     _shape, "mixture of experts: a router (softmax or sigmoid scores, optional choice bias, group-limited "
             "top-k, renormalisation, scale; or sparsemixer top-2) picks experts per token; weighted sum",
     reference=_reference,
-    cuda=torch_only("experts run one by one on the tokens that chose them (a grouped expert GEMM is to come)"),
+    cuda=_cuda,
     trt=TrtLowering(gates, _trt_kwargs, macro="moe"),
 )
 

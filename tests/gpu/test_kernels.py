@@ -206,8 +206,13 @@ ATTN_CASES = [  # heads, kv_heads, head_dim, window, softcap, alibi_max (ALiBi: 
 ]
 
 
+# decode only: head_dim 96 with a window; head_dim 72 (16-bit but not a multiple of 16: the CUDA-core
+# kernel); a 32-head group (two 16-row chunks per KV head) with ALiBi
+DECODE_CASES = ATTN_CASES + [(16, 4, 96, 37, 0.0, 0.0), (8, 2, 72, 0, 0.0, 0.0), (32, 1, 128, 0, 0.0, 8.0)]
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("case", ATTN_CASES)
+@pytest.mark.parametrize("case", DECODE_CASES)
 @pytest.mark.parametrize("page_size", [16, 7])
 def test_paged_decode_attention(dtype, case, page_size):
     H, KV, D, window, cap, ali = case
@@ -229,6 +234,45 @@ def test_paged_decode_attention(dtype, case, page_size):
                             gather(vc, tables[b], n, page_size), torch.tensor([n - 1], device=DEV),
                             spec.scale, window, cap, alibi_max=ali)
         assert rel_err(out[b].view(1, H, D), ref) <= TOL[dtype], f"sequence {b} (context {n})"
+
+
+# heads, kv_heads, head_dim, window, softcap, alibi_max: Llama-3-8B's shape; a 32-head group (two
+# 16-row chunks per KV head); head_dim 96; everything at once
+LONG_DECODE_CASES = [(32, 8, 128, 0, 0.0, 0.0), (32, 1, 128, 0, 0.0, 0.0), (16, 4, 96, 0, 0.0, 0.0),
+                     (16, 4, 128, 3000, 30.0, 8.0)]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("case", LONG_DECODE_CASES)
+@pytest.mark.parametrize("split", ["model", "granule", "one"])
+def test_paged_decode_attention_long_context(dtype, case, split):
+    """Batch 1-3 at up to 16k tokens of context: the modeled split count (dozens of splits at
+    batch 1), the finest partition (hundreds of splits, most of the last ones empty for the short
+    sequences) and a single split (the kernel normalizes in place). Called twice with fresh
+    queries: the fused split merge leaves its counters ready for the next launch."""
+    H, KV, D, window, cap, ali = case
+    dt, P = DT[dtype], 16
+    spec = DecodeAttnSpec(H, KV, D, P, D ** -0.5, window=window, softcap=cap, alibi_max=ali, dtype=dtype,
+                          origin="test")
+    ctx = [16384, 5000, 77]
+    B, max_ctx = len(ctx), max(ctx)
+    tables, pages = paged_layout(ctx, P)
+    kc = torch.randn(pages, KV, P, D, device=DEV).to(dt)
+    vc = torch.randn(pages, KV, P, D, device=DEV).to(dt)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    granule = K.render(spec).meta["tile"]
+    partition = {"model": None, "granule": granule, "one": max_ctx + granule - max_ctx % granule}[split]
+    scratch = K.decode_scratch(spec, B, max_ctx, DEV, min_partition=granule)
+    for call in range(2):
+        q = torch.randn(B, H * D, device=DEV).to(dt)
+        out = nan_like((B, H * D), dt)
+        K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, scratch, max_context=max_ctx,
+                                 partition=partition)
+        assert not scratch.counters.any(), "split counters not reset after the launch"
+        for b, n in enumerate(ctx):
+            ref = attention_ref(q[b].view(1, H, D), gather(kc, tables[b], n, P), gather(vc, tables[b], n, P),
+                                torch.tensor([n - 1], device=DEV), spec.scale, window, cap, alibi_max=ali)
+            assert rel_err(out[b].view(1, H, D), ref) <= TOL[dtype], f"call {call}, sequence {b} (context {n})"
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
@@ -256,6 +300,64 @@ def test_prefill_attention(dtype, case, page_size):
                             gather(vc, tables[s], c + n, page_size), torch.arange(c, c + n, device=DEV),
                             spec.scale, window, cap, alibi_max=ali)
         assert rel_err(out[rows].view(n, H, D), ref) <= TOL[dtype], f"sequence {s}"
+
+
+# heads, kv_heads, head_dim, window, causal: GQA 4 and 8 (rows packed 4 / 8 heads per token),
+# MHA, group 3 (one head per row), sliding windows, and a non-causal one
+HOPPER_CASES = [(32, 8, 128, 0, True), (8, 8, 64, 0, True), (8, 1, 128, 0, True), (16, 2, 128, 100, True),
+                (12, 4, 64, 37, True), (24, 8, 128, 0, True), (32, 8, 128, 0, False)]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("case", HOPPER_CASES)
+@pytest.mark.parametrize("page_size", [16, 7])
+def test_prefill_attention_hopper(dtype, case, page_size):
+    """The wgmma kernel: fresh prompts and chunks with context already in the cache, lengths that
+    are no multiple of the 128-key tile, contexts spanning more tiles than its 3 stages."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma prefill kernel is for Hopper GPUs")
+    H, KV, D, window, causal = case
+    dt = DT[dtype]
+    spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, causal=causal, dtype=dtype,
+                           origin="test")
+    assert K.render(K.prefill_for_device(spec, DEV)).meta["variant"] == "sm90"
+    ctx, new = [0, 5, 300, 0, 64, 1000, 129], [37, 64, 1, 519, 3, 130, 128]
+    kv_lens = [a + b for a, b in zip(ctx, new)]
+    tables, pages = paged_layout(kv_lens, page_size)
+    kc = torch.randn(pages, KV, page_size, D, device=DEV).to(dt)
+    vc = torch.randn(pages, KV, page_size, D, device=DEV).to(dt)
+    T = sum(new)
+    q = (torch.randn(T, H * D, device=DEV) * 2).to(dt)  # peaked softmax rows too
+    out = nan_like((T, H * D), dt)
+    cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
+    K.prefill_attention(spec, q, kc, vc, tables, cu, torch.tensor(kv_lens, dtype=torch.int32, device=DEV),
+                        out, max_q_len=max(new))
+    for s, (c, n) in enumerate(zip(ctx, new)):
+        rows = slice(int(cu[s]), int(cu[s + 1]))
+        ref = attention_ref(q[rows].view(n, H, D), gather(kc, tables[s], c + n, page_size),
+                            gather(vc, tables[s], c + n, page_size), torch.arange(c, c + n, device=DEV),
+                            spec.scale, window, 0.0, causal=causal)
+        assert rel_err(out[rows].view(n, H, D), ref) <= TOL[dtype], f"sequence {s} (context {c}, new {n})"
+
+
+def test_prefill_hopper_matches_sdpa_at_bench_shape():
+    """8 x 1024 causal, Llama-3-8B heads: the shape codegen/bench_kernels.py times, against torch SDPA."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma prefill kernel is for Hopper GPUs")
+    S, L, H, KV, D, P = 8, 1024, 32, 8, 128, 16
+    spec = PrefillAttnSpec(H, KV, D, P, D ** -0.5, origin="test")
+    kc = torch.randn(S * L // P, KV, P, D, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    tables = torch.randperm(S * L // P, device=DEV).int().view(S, L // P)
+    q = torch.randn(S * L, H * D, device=DEV, dtype=torch.bfloat16)
+    out = nan_like(q.shape, torch.bfloat16)
+    cu = torch.arange(0, S * L + 1, L, dtype=torch.int32, device=DEV)
+    K.prefill_attention(spec, q, kc, vc, tables, cu, torch.full((S,), L, dtype=torch.int32, device=DEV), out, L)
+    kd = kc[tables.long()].permute(0, 2, 1, 3, 4).reshape(S, KV, L, D)  # [S, KV, L, D]
+    vd = vc[tables.long()].permute(0, 2, 1, 3, 4).reshape(S, KV, L, D)
+    qd = q.view(S, L, H, D).transpose(1, 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+    assert rel_err(out.view(S, L, H, D).transpose(1, 2), ref) <= 1e-2
 
 
 def test_prefill_not_causal():

@@ -1,0 +1,157 @@
+"""Quantized GEMMs of the cuda backend: one `QGemm` per GEMM step whose weights are quantized.
+
+A step may fuse sibling linears (codegen/fuse.py: their rows at 16-byte aligned slices, zeros
+between); `prepare` builds the fused storage from the siblings' `QWeight`s, and `QGemm.__call__`
+computes what `QWeight.linear` (dsl/quant.py, the reference) computes for each sibling:
+  fp8 per-tensor  activations scaled per tensor on the GPU (no host sync), cuBLASLt's fp8 GEMM
+                  (`torch._scaled_mm`); siblings with different scales are requantized to the
+                  largest (as vLLM does for fused QKV: a rounding step the reference does not take)
+  fp8 per-channel activations scaled per token, `_scaled_mm` with row/column scales
+  int4 / int8 weight-only, ggml q4_0 / q4_1 / q8_0
+                  generated kernels (codegen/quant_kernels.py, templates/gemv_wq.cu.j2) on a layout
+                  `repack` builds once at load: T <= GEMV_MAX_T rows through the GEMV (tensor cores,
+                  weights streamed once per 16 rows), more rows dequantize the weight into a
+                  transient run-dtype buffer (one generated kernel) and call cuBLAS. GPTQ act-order:
+                  the weight's columns are permuted at load so groups are contiguous, and x's
+                  columns are gathered to match (torch `index_select`, one small launch per call)
+  other formats   (K-quants, other group sizes) dequantized to the run dtype in the step, then
+                  cuBLAS; int8 W8A8 multiplies the quantized operands exactly in bf16 (|q| <= 127 is exact)
+Every path runs inside a CUDA graph: no host sync, no data-dependent shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from kiln.codegen.quant_kernels import GEMV_MAX_T, Packed, pack, repack  # noqa: F401  (re-exported)
+from kiln.dsl.quant import FP8_MAX, QuantDesc, QWeight, quantize_rows
+
+
+def runs(desc: QuantDesc) -> bool:
+    """Whether the cuda backend runs weights stored as `desc`."""
+    # GGUF: the 32-value block types have kernels; the K-quants would dequantize on the host in
+    # every step (no CUDA graph could hold that), so they are refused, by name, until theirs exist.
+    return desc.dtype in ("fp8", "int8", "int4") or desc.dtype in ("gguf_q4_0", "gguf_q4_1", "gguf_q8_0")
+
+
+@dataclass
+class QGemm:
+    desc: QuantDesc
+    out_features: int
+    q: torch.Tensor  # fp8: [out, in] (row-major: `q.t()` is the column-major operand cuBLASLt wants)
+    scale: torch.Tensor  # fp8 per-tensor: [] ; per-channel: [1, out]
+    weight: QWeight | None = None  # formats without a fused kernel yet: the (fused) stored weight
+    input_scale: torch.Tensor | None = None
+    packed: "Packed | None" = None  # weight-only formats with a generated kernel
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        d = self.desc
+        if self.packed is not None:
+            return self.packed.linear(x, bias)
+        if d.dtype == "fp8":
+            xf = x.float()
+            if d.act == "fp8_tensor":
+                sx = self.input_scale if d.act_static else xf.abs().amax().clamp(min=1e-12) / FP8_MAX
+                xq = (xf / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+                sx = sx.reshape(())
+            else:
+                xqf, sx = quantize_rows(xf, "fp8")
+                xq = xqf.to(torch.float8_e4m3fn)
+            return torch._scaled_mm(xq, self.q.t(), scale_a=sx.float(), scale_b=self.scale, bias=bias,
+                                    out_dtype=x.dtype)
+        w = self.weight
+        if d.act == "int8_token":
+            xf = x.float()
+            if w.smooth is not None:
+                xf = xf / w.smooth
+            xq, sx = quantize_rows(xf, "int8")
+            y = torch.nn.functional.linear(xq.to(x.dtype), w.q.to(x.dtype)).float() * sx * w.scale.reshape(1, -1)
+            return (y + bias.float() if bias is not None else y).to(x.dtype)
+        return torch.nn.functional.linear(x, w.dequantize(x.dtype), bias)
+
+
+def prepare(ws: list[QWeight], slices: list[tuple[int, int]], dtype: torch.dtype | None = None,
+            origin: str = "linear") -> QGemm:
+    """The fused GEMM of sibling quantized weights placed at `slices` (start, rows) of the output.
+    `dtype`: the run dtype, to build the kernel's records now (else on the first call); `origin`:
+    the spec op, for the generated kernels' comments."""
+    desc = ws[0].desc
+    if any(w.desc != desc for w in ws):
+        raise ValueError(f"fused siblings are stored differently: {sorted({str(w.desc) for w in ws})}")
+    rows = slices[-1][0] + slices[-1][1]
+    n_in = ws[0].shape[1]
+    if desc.dtype == "fp8":
+        if desc.scale_layout == "per_tensor":
+            s = max(float(w.scale) for w in ws)
+            q = torch.zeros(rows, n_in, dtype=torch.float8_e4m3fn, device=ws[0].device)
+            for (start, width), w in zip(slices, ws):
+                # requantize to the shared scale: exact when the sibling's scale is the largest
+                q[start:start + width] = (w.q.float() * (w.scale.float() / s)).to(torch.float8_e4m3fn)
+            scale = torch.tensor(s, dtype=torch.float32, device=q.device)
+        else:
+            q = torch.zeros(rows, n_in, dtype=torch.float8_e4m3fn, device=ws[0].device)
+            scale = torch.ones(1, rows, dtype=torch.float32, device=q.device)
+            for (start, width), w in zip(slices, ws):
+                q[start:start + width] = w.q
+                scale[0, start:start + width] = w.scale
+        in_scale = None
+        if desc.act_static:
+            in_scale = torch.stack([w.input_scale.float() for w in ws]).amax()
+        return QGemm(desc, rows, q, scale, input_scale=in_scale)
+    if len(ws) > 1 and not _concatenable(ws):  # e.g. GPTQ act-order siblings, each with its own g_idx
+        return SplitGemm(rows, [(prepare([w], [(0, width)], dtype, origin), start, width)
+                                for (start, width), w in zip(slices, ws)])
+    fused = _cat_rows(ws, slices, rows)
+    packed = pack(fused, origin)
+    if packed is not None:
+        if dtype is not None:
+            packed.records(dtype)
+        fused = None  # the packed layout replaces the stored weight (no second copy on the GPU)
+    return QGemm(desc, rows, torch.empty(0), torch.empty(0), weight=fused, packed=packed)
+
+
+@dataclass
+class SplitGemm:
+    """Sibling GEMMs that cannot share one weight (their input columns are ordered or scaled
+    differently): each runs alone into its slice of the fused output."""
+
+    out_features: int
+    parts: list[tuple[QGemm, int, int]]  # (gemm, start, rows)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = x.new_empty(x.shape[0], self.out_features)
+        for gemm, start, width in self.parts:
+            y[:, start:start + width] = gemm(x, None if bias is None else bias[start:start + width])
+        return y
+
+
+_SHARED = ("g_idx", "smooth", "input_scale")  # parts siblings must share to be concatenated
+
+
+def _concatenable(ws: list[QWeight]) -> bool:
+    for key in _SHARED:
+        a = getattr(ws[0], key)
+        if any((getattr(w, key) is None) != (a is None) or (a is not None and not torch.equal(getattr(w, key), a))
+               for w in ws[1:]):
+            return False
+    return True
+
+
+def _cat_rows(ws: list[QWeight], slices: list[tuple[int, int]], rows: int) -> QWeight:
+    """The siblings' stored parts stacked along the output rows (zero rows between slices)."""
+    if len(ws) == 1:
+        return ws[0]
+    w0 = ws[0]
+    parts = {}
+    for key, t in w0.tensors().items():
+        if key in _SHARED or (key == "scale" and t.dim() == 0) or t.numel() == 0:
+            if any(not torch.equal(w.tensors()[key], t) for w in ws[1:]):
+                raise ValueError(f"fused siblings differ in their {key}: they cannot share one GEMM")
+            parts[key] = t
+            continue
+        full = t.new_zeros((rows,) + tuple(t.shape[1:]))
+        for (start, width), w in zip(slices, ws):
+            full[start:start + width] = w.tensors()[key]
+        parts[key] = full
+    return QWeight(w0.desc, (rows, w0.shape[1]), **parts)

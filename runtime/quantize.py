@@ -1,0 +1,410 @@
+"""`kiln quantize`: a float checkpoint -> a quantized checkpoint in a standard format.
+
+Calibration runs the float model with the reference backend over real text and records, for
+every quantizable linear weight, statistics of its input (`Recorder`, a StepContext that notes
+the input of each LINEAR instruction it evaluates): per-channel max |x| (SmoothQuant), mean |x|
+and a sample of rows (AWQ), and the Hessian X^T X (GPTQ). Statistics come from one pass of the
+float model (every layer sees float inputs, not its quantized predecessors' outputs).
+
+Scale migration (SmoothQuant, AWQ) divides a linear's input by a per-channel s and multiplies
+its weight by s. The division is folded into the norm that produces the input (its weight, and
+bias, are divided by s): standard formats have no place for a separate divisor. Linears whose
+input is not a norm output (the attention output and down projections) keep s = 1 — what llm-compressor's
+SmoothQuant and AutoAWQ do without a foldable predecessor as well.
+
+Output formats (each readable by runtime/quant_formats.py, and by vLLM):
+  fp8, fp8-channel   compressed-tensors float-quantized (dynamic activation scales)
+  int8-wo            compressed-tensors int-quantized, weight-only per-channel int8
+  smoothquant        compressed-tensors int-quantized W8A8 (per-channel weights, dynamic per-token
+                     activations) with the smoothing folded into the norms — llm-compressor's
+                     SmoothQuant + W8A8 output
+  int4-wo            compressed-tensors pack-quantized, asymmetric group 128 (round-to-nearest)
+  awq                AutoAWQ GEMM (quant_method awq, version gemm)
+  gptq               GPTQ v1 (quant_method gptq, checkpoint_format gptq), asymmetric, group 128
+
+The result is written into a temporary folder beside --out and renamed at the end: a failure
+leaves no --out behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from kiln.dsl import load_spec, passes
+from kiln.dsl.ops import OPS, OpKind
+from kiln.dsl.plan import Plan, Value, WeightArg, fetch
+from kiln.dsl.quant import SCHEMES, QuantDesc, quantize_weight, unpack_int4
+from kiln.dsl.sources import Tensor
+
+from .batch import SeqSlice, StepBatch
+from .checkpoint import CONFIG_NAME, Checkpoint, open_checkpoint
+from .kv_store import KVStore
+from .quant_formats import _AWQ_NIBBLE, linear_modules, pack_int32_nibbles
+from .reference import StepContext
+from .weights import load_weights
+
+QUANTIZE_SCHEMES = ("fp8", "fp8-channel", "int8-wo", "int4-wo", "smoothquant", "awq", "gptq")
+CALIBRATED = ("smoothquant", "awq", "gptq")
+GROUP = 128
+AWQ_GRID = 20  # alpha = 0, 1/20, ..., 19/20 as in AutoAWQ's _search_best_scale
+AWQ_ROWS = 512  # calibration rows kept per input for the AWQ loss
+
+
+class QuantizeError(Exception):
+    """A bad option or input of `kiln quantize`; the message names it."""
+
+
+# ---------------------------------------------------------------- calibration
+
+
+@dataclass
+class Stats:
+    """What calibration saw at one linear's input."""
+
+    absmax: torch.Tensor
+    abssum: torch.Tensor
+    hessian: torch.Tensor | None
+    rows: list[torch.Tensor] = field(default_factory=list)
+    n: int = 0
+
+    def add(self, x: torch.Tensor, gen: torch.Generator) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        self.abssum += x.abs().sum(0)
+        if self.hessian is not None:
+            self.hessian += x.t() @ x
+        self.n += x.shape[0]
+        keep = min(x.shape[0], AWQ_ROWS // 4)
+        self.rows.append(x[torch.randperm(x.shape[0], generator=gen)[:keep]])
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.rows)[:AWQ_ROWS]
+
+
+class Recorder(StepContext):
+    """A reference StepContext that hands the input of each watched LINEAR instruction to `note`."""
+
+    def __init__(self, batch, kv, weights, watch: set[str], note):
+        super().__init__(batch, kv, weights)
+        self.watch, self.note = watch, note
+
+    def run(self, prog, env):
+        for ins in prog.instrs:
+            args = [fetch(a, env, self.weights) for a in ins.inputs]
+            if ins.kind is OpKind.LINEAR and isinstance(ins.inputs[1], WeightArg) and ins.inputs[1].name in self.watch:
+                self.note(ins.inputs[1].name, args[0])
+            out = OPS[ins.kind].reference(self, ins, args)
+            env.update(zip(ins.outputs, out if isinstance(out, tuple) else (out,)))
+        return env[prog.output]
+
+
+def calibrate(plan: Plan, weights: dict, ids: list[int], watch: set[str], samples: int, seq_len: int,
+              hessian: bool, progress: bool = True) -> dict[str, Stats]:
+    from tqdm import tqdm
+
+    chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:samples]
+    if not chunks:
+        raise QuantizeError(f"--calibration: the text has {len(ids)} tokens, fewer than one sample of "
+                            f"--seq-len {seq_len}")
+    stats: dict[str, Stats] = {}
+    gen = torch.Generator().manual_seed(0)
+
+    def note(name: str, x: torch.Tensor) -> None:
+        n_in = x.shape[-1]
+        if name not in stats:
+            stats[name] = Stats(torch.zeros(n_in), torch.zeros(n_in), torch.zeros(n_in, n_in) if hessian else None)
+        stats[name].add(x, gen)
+
+    page = 16
+    with torch.no_grad():
+        for chunk in tqdm(chunks, desc="calibrating", unit="sample", file=sys.stderr, disable=not progress):
+            pages = -(-len(chunk) // page)
+            kv = KVStore(plan.sites, pages, page, torch.float32, "cpu")
+            batch = StepBatch(torch.tensor(chunk, dtype=torch.long), [SeqSlice(0, len(chunk), 0, tuple(range(pages)))])
+            ctx = Recorder(batch, kv, weights, watch, note)
+            ctx.run(plan.program, {Value("tokens"): batch.tokens, Value("positions"): ctx.positions})
+    return stats
+
+
+# ---------------------------------------------------------------- scale migration
+
+
+def input_groups(plan: Plan, slots: set[str]) -> list[tuple[list[str], str | None]]:
+    """The watched linear weights grouped by their input value, each with the weight slot of the
+    norm producing that input when the smoothing can be folded into it (else None)."""
+    producer = {o: ins for ins in plan.program.instrs for o in ins.outputs}
+    uses: dict[str, int] = {}
+    for ins in plan.program.walk():
+        for a in ins.inputs:
+            if isinstance(a, WeightArg):
+                uses[a.name] = uses.get(a.name, 0) + 1
+    groups: dict[Value, list[str]] = {}
+    for ins in plan.program.instrs:
+        if ins.kind is OpKind.LINEAR and isinstance(ins.inputs[1], WeightArg) and ins.inputs[1].name in slots:
+            groups.setdefault(ins.inputs[0], []).append(ins.inputs[1].name)
+    out = []
+    for value, names in groups.items():
+        norm = producer.get(value)
+        fold = None
+        if norm is not None and norm.kind in (OpKind.RMSNORM, OpKind.LAYERNORM) and not norm.attrs.group \
+                and len(norm.outputs) == 1 and isinstance(norm.inputs[1], WeightArg):
+            w = norm.inputs[1].name
+            consumers = [i for i in plan.program.walk() if value in i.inputs]
+            if uses.get(w) == 1 and isinstance(plan.weights[w].source, Tensor) and \
+                    all(c.kind is OpKind.LINEAR and c.inputs[1].name in slots for c in consumers):
+                fold = norm
+        out.append((names, fold))
+    return out
+
+
+def fold_into_norm(norm, s: torch.Tensor, plan: Plan, floats: dict[str, torch.Tensor]) -> None:
+    """Divide the norm's output by s: (offset + w) / s - offset, and its bias / s."""
+    off = norm.attrs.offset or 0.0
+    w = norm.inputs[1].name
+    floats[w] = (floats[w].float() + off) / s - off
+    if len(norm.inputs) > 2 and isinstance(norm.inputs[2], WeightArg):
+        floats[norm.inputs[2].name] = floats[norm.inputs[2].name].float() / s
+
+
+def rtn_int4(w: torch.Tensor) -> torch.Tensor:
+    """w round-to-nearest to asymmetric int4 group 128, dequantized."""
+    return quantize_weight(w, SCHEMES["int4-wo"].weight).dequantize()
+
+
+def awq_scales(ws: list[torch.Tensor], st: Stats) -> torch.Tensor:
+    """AutoAWQ's _search_best_scale: s = mean|x|^alpha over a grid of alpha, the one whose
+    quantized (w * s) / s gives the smallest output error on the calibration rows."""
+    x = st.sample()
+    mean = (st.abssum / max(st.n, 1)).clamp(min=1e-4)
+    w = torch.cat(ws)
+    ref = x @ w.t()
+    best, best_s = math.inf, torch.ones_like(mean)
+    for k in range(AWQ_GRID):
+        s = mean.pow(k / AWQ_GRID)
+        s = s / (s.max() * s.min()).sqrt()
+        err = (x @ (rtn_int4(w * s) / s).t() - ref).pow(2).mean().item()
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
+def smooth_scales(ws: list[torch.Tensor], st: Stats, alpha: float) -> torch.Tensor:
+    """SmoothQuant: s = max|X|^alpha / max|W|^(1 - alpha) per input channel."""
+    wmax = torch.cat(ws).abs().amax(0).clamp(min=1e-5)
+    return (st.absmax.clamp(min=1e-5).pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
+
+
+# ---------------------------------------------------------------- GPTQ
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, act_order: bool, group: int = GROUP, damp: float = 0.01):
+    """GPTQ (Frantar et al., AutoGPTQ's fasterquant): columns quantized one by one, the error of
+    each spread over the columns not yet quantized through the inverse Hessian's Cholesky factor.
+    Asymmetric int4 per group of `group` columns (in quantization order), zero points kept >= 1
+    (GPTQ v1 stores zero - 1). Returns (q [out, in] 0..15, scale [out, groups], zero [out, groups],
+    g_idx [in] or None)."""
+    w = w.float().clone()
+    out, n = w.shape
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.diag(h).mean() * torch.eye(n)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros(out, n)
+    scale = torch.zeros(out, n // group)
+    zero = torch.zeros(out, n // group)
+    for i1 in range(0, n, group):
+        i2 = i1 + group
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out, group), hinv[i1:i2, i1:i2]
+        lo, hi = w1.amin(1).clamp(max=0), w1.amax(1).clamp(min=0)
+        s = ((hi - lo) / 15).clamp(min=1e-8)
+        z = (-lo / s).round().clamp(1, 15)
+        scale[:, i1 // group], zero[:, i1 // group] = s, z
+        for i in range(group):
+            col = w1[:, i]
+            qi = (col / s + z).round().clamp(0, 15)
+            q[:, i1 + i] = qi
+            e = (col - (qi - z) * s) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    q = q[:, inv]
+    g_idx = (torch.arange(n) // group)[inv].to(torch.int32) if act_order else None
+    return q, scale, zero, g_idx
+
+
+# ---------------------------------------------------------------- writers
+
+
+def _ct_config(scheme: str) -> dict:
+    """compressed-tensors' quantization_config for a scheme (its documented field names)."""
+    def args(bits, kind, strategy, group=None, symmetric=True, dynamic=False):
+        return dict(num_bits=bits, type=kind, strategy=strategy, group_size=group, symmetric=symmetric,
+                    dynamic=dynamic, actorder=None, block_structure=None, observer=None)
+    w, a, fmt = {
+        "fp8": (args(8, "float", "tensor"), args(8, "float", "tensor", dynamic=True), "float-quantized"),
+        "fp8-channel": (args(8, "float", "channel"), args(8, "float", "token", dynamic=True), "float-quantized"),
+        "int8-wo": (args(8, "int", "channel"), None, "int-quantized"),
+        "smoothquant": (args(8, "int", "channel"), args(8, "int", "token", dynamic=True), "int-quantized"),
+        "int4-wo": (args(4, "int", "group", GROUP, symmetric=False), None, "pack-quantized"),
+    }[scheme]
+    return dict(quant_method="compressed-tensors", format=fmt, quantization_status="compressed",
+                config_groups={"group_0": dict(targets=["Linear"], weights=w, input_activations=a,
+                                               output_activations=None, format=fmt)},
+                ignore=["lm_head"], kv_cache_scheme=None, sparsity_config={}, transform_config={})
+
+
+def _ct_tensors(m: str, qw, scheme: str) -> dict[str, torch.Tensor]:
+    out, n_in = qw.shape
+    if qw.desc.dtype in ("fp8", "int8"):
+        s = qw.scale.float().reshape(1) if qw.scale.dim() == 0 else qw.scale.float().reshape(out, 1)
+        return {f"{m}.weight": qw.q, f"{m}.weight_scale": s}
+    q = unpack_int4(qw.q)  # 0..15 = compressed-tensors' signed value + 8, the same bits it packs
+    return {f"{m}.weight_packed": pack_int32_nibbles(q, 1), f"{m}.weight_scale": qw.scale.float(),
+            f"{m}.weight_zero_point": pack_int32_nibbles(qw.zero.round().to(torch.uint8), 0),
+            f"{m}.weight_shape": torch.tensor([out, n_in])}
+
+
+def _awq_tensors(m: str, q, scale, zero) -> dict[str, torch.Tensor]:
+    # output column j of each run of 8 goes to nibble _AWQ_NIBBLE[j] (AutoAWQ's order_map, inverted)
+    return {f"{m}.qweight": pack_int32_nibbles(q.t(), 1, _AWQ_NIBBLE),
+            f"{m}.qzeros": pack_int32_nibbles(zero.t(), 1, _AWQ_NIBBLE),
+            f"{m}.scales": scale.t().contiguous().half()}
+
+
+def _gptq_tensors(m: str, q, scale, zero, g_idx) -> dict[str, torch.Tensor]:
+    n_in = q.shape[1]
+    if g_idx is None:
+        g_idx = (torch.arange(n_in) // GROUP).to(torch.int32)
+    return {f"{m}.qweight": pack_int32_nibbles(q.t(), 0), f"{m}.qzeros": pack_int32_nibbles(zero.t() - 1, 1),
+            f"{m}.scales": scale.t().contiguous().half(), f"{m}.g_idx": g_idx}
+
+
+# ---------------------------------------------------------------- the command
+
+
+def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, calibration: str | None = None,
+                        alpha: float = 0.5, samples: int = 32, seq_len: int = 512, act_order: bool = False,
+                        force: bool = False, spec: str | Path | None = None, progress: bool = True,
+                        migrate: bool = True) -> Path:
+    """Quantize a float checkpoint folder with `scheme` and write the result to `out` (module doc).
+    `migrate=False` skips SmoothQuant's / AWQ's scale migration (the round-to-nearest baseline)."""
+    from .model import spec_for_config
+
+    if scheme not in QUANTIZE_SCHEMES:
+        raise QuantizeError(f"--scheme {scheme}: not a scheme kiln quantize writes; schemes: "
+                            + ", ".join(QUANTIZE_SCHEMES))
+    if act_order and scheme != "gptq":
+        raise QuantizeError("--act-order applies to --scheme gptq only")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise QuantizeError(f"--out {out} exists and is not empty; pass --force to replace it")
+    ckpt = open_checkpoint(checkpoint)
+    if ckpt.format != "safetensors":
+        raise QuantizeError(f"CHECKPOINT {checkpoint}: kiln quantize reads a Hugging Face safetensors folder "
+                            f"(got {ckpt.format})")
+    if (ckpt.config or {}).get("quantization_config") is not None:
+        raise QuantizeError(f"CHECKPOINT {checkpoint} is already quantized (config.json quantization_config)")
+    plan = passes.build(load_spec(spec or spec_for_config(ckpt.config, str(ckpt.path))), ckpt.config)
+    weights = load_weights(plan, ckpt, torch.float32, "cpu")
+    modules = linear_modules(plan)  # slot -> module
+    if not modules:
+        raise QuantizeError(f"CHECKPOINT {checkpoint}: no linear weight can be quantized")
+    for slot in modules:
+        n_in = plan.weights[slot].shape[1]
+        if scheme in ("int4-wo", "awq", "gptq") and n_in % GROUP:
+            raise QuantizeError(f"--scheme {scheme}: weight '{slot}' has {n_in} input features, not whole "
+                                f"groups of {GROUP}")
+    # float tensors to write back (norms may change), by slot
+    floats = {n: w for n, w in weights.items() if isinstance(plan.weights[n].source, Tensor)}
+    stats = {}
+    if scheme in CALIBRATED:
+        stats = calibrate(plan, weights, _calibration_ids(ckpt, calibration), set(modules), samples, seq_len,
+                          scheme == "gptq", progress)
+    ws = {n: weights[n].float() for n in modules}
+    if scheme in ("smoothquant", "awq") and migrate:
+        for names, norm in input_groups(plan, set(modules)):
+            if norm is None or any(n not in stats for n in names):
+                continue
+            st = stats[names[0]]
+            s = smooth_scales([ws[n] for n in names], st, alpha) if scheme == "smoothquant" else \
+                awq_scales([ws[n] for n in names], st)
+            fold_into_norm(norm, s, plan, floats)
+            for n in names:
+                ws[n] = ws[n] * s
+    tensors: dict[str, torch.Tensor] = {}
+    for n, m in modules.items():
+        if scheme == "gptq":
+            if n not in stats:
+                raise QuantizeError(f"calibration never reached weight '{n}'; give a longer --calibration text")
+            q, scale, zero, g_idx = gptq(ws[n], stats[n].hessian, act_order)
+            tensors.update(_gptq_tensors(m, q.to(torch.uint8), scale, zero.to(torch.uint8), g_idx))
+        elif scheme == "awq":
+            qw = quantize_weight(ws[n], SCHEMES["int4-wo"].weight, n)
+            tensors.update(_awq_tensors(m, unpack_int4(qw.q), qw.scale, qw.zero.round().to(torch.uint8)))
+        else:
+            desc: QuantDesc = SCHEMES[scheme].weight
+            tensors.update(_ct_tensors(m, quantize_weight(ws[n], desc, n), scheme))
+    quantized_tensors = {f"{m}.weight" for m in modules.values()}
+    for n, t in floats.items():
+        name = plan.weights[n].source.name
+        if name not in quantized_tensors:
+            tensors[name] = t.to(_stored_dtype(ckpt, name))
+    for name in ckpt.names():  # tensors the spec does not map (ignored ones) travel as they are
+        if name not in tensors and name not in quantized_tensors:
+            tensors[name] = ckpt.get(name)
+    config = dict(ckpt.config)
+    if scheme == "awq":
+        config["quantization_config"] = dict(quant_method="awq", bits=4, group_size=GROUP, zero_point=True,
+                                             version="gemm", modules_to_not_convert=None)
+    elif scheme == "gptq":
+        config["quantization_config"] = dict(quant_method="gptq", bits=4, group_size=GROUP, desc_act=act_order,
+                                             sym=False, checkpoint_format="gptq", static_groups=False,
+                                             true_sequential=False, damp_percent=0.01)
+    else:
+        config["quantization_config"] = _ct_config(scheme)
+    return _write(ckpt, out, config, tensors, force)
+
+
+def _stored_dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
+    return getattr(torch, ckpt.info(name).dtype)
+
+
+def _calibration_ids(ckpt: Checkpoint, calibration: str | None) -> list[int]:
+    from .eval import calibration_text, read_text
+    from .tokenizer import Tokenizer
+
+    text = read_text(calibration, "--calibration") if calibration else calibration_text()
+    return Tokenizer.from_checkpoint(ckpt).encode(text, add_special_tokens=False)
+
+
+def _write(ckpt: Checkpoint, out: Path, config: dict, tensors: dict[str, torch.Tensor], force: bool) -> Path:
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for f in Path(ckpt.path).iterdir():  # tokenizer, generation config, chat template ...
+            if f.is_file() and f.name != CONFIG_NAME and not f.name.endswith((".safetensors", ".index.json", ".bin")):
+                shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

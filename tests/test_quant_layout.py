@@ -1,0 +1,178 @@
+"""CPU checks of the weight-only kernels' packed layout (codegen/quant_kernels.repack): a torch
+emulation of what templates/gemv_wq.cu.j2 reads — lane by lane, the mma.sync fragments its bit
+tricks build, and the dequantize entry's per-lane values — must give QWeight's own values
+(`dequantize`) and products (`linear`). Layout bugs show here, before a GPU run."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from kiln.codegen.quant_kernels import FORMATS
+from kiln.codegen.render import render
+from kiln.dsl.quant import QuantDesc, QWeight, quantize_weight
+from kiln.runtime.cuda_quant import pack
+
+
+def _lanes(p):
+    """Per (tile, chunk, lane): the 4 little-endian words of the lane's 16 bytes."""
+    ck = FORMATS[p.fmt][0]
+    tiles, nch = -(-p.n // 16), -(-p.k // ck)
+    words = p.wq.view(torch.int32).reshape(tiles, nch, 32, 4).long() & 0xFFFFFFFF
+    return words, tiles, nch, ck
+
+
+def _elements(p, word):
+    """(q, row select, column in the lane's slice) for every element of one lane: the kernel's
+    dequant_lane indexing."""
+    out = []
+    if p.fmt == "int4":
+        for j in range(4):
+            for b in range(8):
+                out.append(((word[j] >> (4 * b)) & 15, b & 1, 4 * j + 2 * ((b >> 1) & 1) + (b >> 2)))
+    else:
+        for b in range(16):
+            q = (word[b >> 2] >> (8 * (b & 3))) & 255
+            out.append((q - 256 if q > 127 else q, (b & 3) >> 1, 4 * (b >> 3) + 2 * ((b >> 2) & 1) + (b & 1)))
+    return out
+
+
+def emulate_dequant(p) -> torch.Tensor:
+    """The dequantize entry: each lane's values written at (row, column), in the original column order."""
+    words, tiles, nch, ck = _lanes(p)
+    kpl = FORMATS[p.fmt][1]
+    rec = p.records(torch.float32)
+    dense = torch.zeros(tiles * 16, nch * ck)
+    for t in range(tiles):
+        for ch in range(nch):
+            for lane in range(32):
+                g, c = lane >> 2, lane & 3
+                kx = ch * ck + c * kpl
+                if kx >= p.k:
+                    continue
+                grp = kx // p.group
+                for q, rs, kk in _elements(p, words[t, ch, lane].tolist()):
+                    a, b = rec[t, grp, g + 8 * rs].tolist()
+                    dense[t * 16 + g + 8 * rs, kx + kk] = (q - a) * b if p.mode == "post" else q * a + b
+    dense = dense[: p.n, : p.k]
+    if p.perm is not None:
+        out = torch.empty_like(dense)
+        out[:, p.perm] = dense
+        dense = out
+    return dense
+
+
+def emulate_gemv(p, x: torch.Tensor) -> torch.Tensor:
+    """The tensor-core path: A fragments from the bit tricks, B from 16-byte x loads, mma.sync's
+    m16n8k16 semantics, per-chunk scaling (post) and the C-fragment -> output mapping."""
+    words, tiles, nch, ck = _lanes(p)
+    kpl = FORMATS[p.fmt][1]
+    steps = FORMATS[p.fmt][2]
+    rec = p.records(torch.float32)
+    if p.perm is not None:
+        x = x[:, p.perm]
+    T = x.shape[0]
+    xp = torch.zeros(T, nch * ck, dtype=torch.float64)
+    xp[:, : p.k] = x.double()
+    out = torch.zeros(T, tiles * 16, dtype=torch.float64)
+    for t in range(tiles):
+        for tok0 in range(0, T, 8):
+            for ch in range(nch):
+                part = torch.zeros(16, 8, dtype=torch.float64)  # C: rows x tokens
+                for j in range(steps):
+                    A = torch.zeros(16, 16, dtype=torch.float64)
+                    B = torch.zeros(16, 8, dtype=torch.float64)
+                    for lane in range(32):
+                        g, c = lane >> 2, lane & 3
+                        kx = ch * ck + c * kpl
+                        w = words[t, ch, lane].tolist()
+                        if p.fmt == "int4":
+                            wj = w[j]
+                            regs = [[(wj >> (4 * i)) & 15, (wj >> (16 + 4 * i)) & 15] for i in range(4)]
+                        else:
+                            def sb(v):
+                                return v - 256 if v > 127 else v
+                            w0, w1 = w[2 * j], w[2 * j + 1]
+                            regs = [[sb((ww >> (16 * h)) & 255), sb((ww >> (16 * h + 8)) & 255)]
+                                    for ww in (w0, w1) for h in (0, 1)]
+                        grp = min(kx, p.k - 1) // p.group if p.mode == "pre" else ch * ck // p.group
+                        for i, (lo, hi) in enumerate(regs):
+                            rs, col = i & 1, 2 * c + 8 * (i >> 1)  # a0: g, 2c; a1: g+8; a2: g, 2c+8; a3
+                            a, b = rec[t, grp, g + 8 * rs].tolist()
+                            for e, q in enumerate((lo, hi)):
+                                A[g + 8 * rs, col + e] = (q - a) if p.mode == "post" else q * a + b
+                        row = tok0 + g
+                        if row < T:
+                            for e in range(2):  # b0: x[kx + 4j + e] at slot 2c + e; b1: kx + 4j + 2 + e
+                                B[2 * c + e, g] = xp[row, kx + 4 * j + e]
+                                B[2 * c + 8 + e, g] = xp[row, kx + 4 * j + 2 + e]
+                    part += A @ B
+                if p.mode == "post":
+                    s = rec[t, ch * ck // p.group, :, 1].double()
+                    part = part * s[:, None]
+                n = min(8, T - tok0)
+                out[tok0:tok0 + n, t * 16:(t + 1) * 16] += part[:, :n].t()
+    return out[:, : p.n].float()
+
+
+def _int4(n, k, group=128, act_order=False, zeros=True):
+    desc = QuantDesc("int4", "per_group", group, zero_points=zeros, act_order=act_order)
+    w = quantize_weight(torch.randn(n, k) * 0.05, QuantDesc("int4", "per_group", group, zero_points=True))
+    if not zeros:
+        w = QWeight(desc, w.shape, w.q, w.scale)
+    if act_order:
+        perm = torch.randperm(k)
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(k) // group).int()  # each group's columns scattered over the row
+        w = QWeight(desc, w.shape, w.q, w.scale, w.zero, g_idx)
+    return w
+
+
+def _gguf(n, k, kind):
+    qtype = gguf.GGMLQuantizationType[kind.upper()]
+    data = gguf.quants.quantize(np.random.default_rng(0).standard_normal((n, k), dtype=np.float32), qtype)
+    q = torch.from_numpy(np.ascontiguousarray(data)).reshape(n, -1)
+    return QWeight(QuantDesc(f"gguf_{kind}", "blocks"), (n, k), q, torch.empty(0))
+
+
+CASES = {
+    "int4": lambda: _int4(40, 256),
+    "int4-symmetric": lambda: _int4(16, 128, zeros=False),
+    "int4-act-order": lambda: _int4(24, 256, act_order=True),
+    "int4-group64": lambda: _int4(20, 192, group=64),
+    "int8": lambda: quantize_weight(torch.randn(33, 96), QuantDesc("int8", "per_channel")),
+    "int8-k-tail": lambda: quantize_weight(torch.randn(16, 40), QuantDesc("int8", "per_channel")),  # 40 % 32
+    "q4_0": lambda: _gguf(18, 96, "q4_0"),  # 96 % 64: a chunk half past k
+    "q4_1": lambda: _gguf(16, 64, "q4_1"),
+    "q8_0": lambda: _gguf(20, 96, "q8_0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_packed_layout_round_trips(case):
+    torch.manual_seed(0)
+    w = CASES[case]()
+    p = pack(w)
+    assert p is not None
+    for dt in (torch.bfloat16, torch.float16, torch.float32):  # a spec the kernels accept, records for it
+        assert render(p.spec(dt, 8, True)).entries and p.records(dt).shape == (-(-p.n // 16), p.k // p.group, 16, 2)
+    torch.testing.assert_close(emulate_dequant(p), w.dequantize(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["int4", "int4-act-order", "int8-k-tail", "q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("T", [1, 11])
+def test_fragments_compute_the_linear(case, T):
+    torch.manual_seed(1)
+    w = CASES[case]()
+    p = pack(w)
+    x = torch.randn(T, w.shape[1])
+    torch.testing.assert_close(emulate_gemv(p, x), w.linear(x), rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_layouts_fall_back():
+    w = _int4(16, 64, group=32)  # groups narrower than a 64-column chunk
+    assert pack(w) is None
+    odd = quantize_weight(torch.randn(16, 128), QuantDesc("int4", "per_group", 128, zero_points=True))
+    odd.zero = odd.zero + 0.5  # zero points the kernel cannot subtract exactly
+    assert pack(odd) is None
