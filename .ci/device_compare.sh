@@ -7,7 +7,7 @@
 #   .old   the earlier commit's tree: git archive COMMIT | tar -x -C .old
 # Each tree runs from a folder of symbolic links that lays it out as the `kiln` package
 # (api/ as kiln, dsl/ codegen/ runtime/ inside), so neither is installed and both can run.
-# Usage: bash .ci/device_compare.sh [tests] [kernels] [latency] [quant] [throughput]
+# Usage: bash .ci/device_compare.sh [tests] [kernels] [latency] [quant] [profile] [throughput]
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -42,6 +42,10 @@ for what in "$@"; do
         echo "== latency: new --quantization $q"
         kiln_new bench latency --config configs/llama-3-8b.json --steps 64 --quantization $q 2>&1 \
           | tee -a "$OUT/latency-$q.log" | tail -12
+      done ;;
+    profile)  # batch-1 decode, kernel by kernel (graphs off), bf16 and int4
+      for q in none int4-wo; do
+        PYTHONPATH=/tmp/new:/tmp/site:. python3 .ci/profile_decode.py --quantization $q 2>&1 | tee "$OUT/profile-$q.log" | tail -28
       done ;;
     throughput)
       kiln_new bench throughput --config configs/llama-3-8b.json --requests 1000 --input-len 128 --output-len 128 \
