@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from kiln.dsl import passes
 from kiln.dsl.quant import QWeight
 from kiln.runtime.checkpoint import CheckpointError
 from kiln.runtime.model import SingleSequence, load_model
@@ -118,6 +119,19 @@ def test_compressed_tensors_int4_and_fp8_weights_equal_dequantized(tmp_path):
         assert rel(logits(q), logits(deq)) < 1e-3, preset
 
 
+def assert_stored_fp8(loaded, name, w, want):
+    """A per-tensor fp8 weight is the checkpoint's exactly, unless it has siblings (linears of the
+    same input, one GEMM on the cuda backend) with a larger scale: then it was requantized to that
+    scale on load (dsl.quant.share_scale), within one e4m3 rounding step of the stored values."""
+    groups = [g for g in passes.sibling_groups(loaded.plan) if name in g]
+    got = w.dequantize()
+    if torch.equal(got, want):
+        return
+    assert groups and w.desc.scale_layout == "per_tensor", name
+    step = 2.0 ** -3 * want.abs() + float(w.scale) * 2.0 ** -9  # half an e4m3 ulp, subnormals included
+    assert ((got - want).abs() <= step).all(), name
+
+
 def test_compressed_tensors_fp8_w8a8(tmp_path):
     for preset in ("FP8", "FP8_DYNAMIC"):
         q, deq = ct_checkpoint(tmp_path, preset)
@@ -125,7 +139,7 @@ def test_compressed_tensors_fp8_w8a8(tmp_path):
         quantized = [(n, w) for n, w in loaded.model.weights.items() if isinstance(w, QWeight)]
         assert len(quantized) == 2 * len(LINEARS)
         for n, w in quantized:  # the stored fp8 values and scales, exactly as the library decompresses them
-            assert torch.equal(w.dequantize(), ref.model.weights[n].float()), n
+            assert_stored_fp8(loaded, n, w, ref.model.weights[n].float())
             if preset == "FP8":
                 assert w.desc.act_static and w.input_scale.item() == pytest.approx(0.02)
             else:
@@ -270,9 +284,10 @@ def test_modelopt_fp8(tmp_path, in_config):
     quantized = [(n, w) for n, w in loaded.model.weights.items() if isinstance(w, QWeight)]
     assert len(quantized) == 2 * len(LINEARS)
     for n, w in quantized:
-        assert torch.equal(w.dequantize(), ref.model.weights[n].float()), n
+        assert_stored_fp8(loaded, n, w, ref.model.weights[n].float())
         assert w.desc.act_static and w.input_scale.item() == pytest.approx(0.03)
-    assert rel(logits(q), logits(deq)) < 5e-2
+    # W8A8: the activations are quantized too (a static scale), and q/k/v and gate/up share one scale
+    assert rel(logits(q), logits(deq)) < 8e-2
 
 
 # ---------------------------------------------------------------- bad input: one message naming the key or tensor
