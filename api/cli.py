@@ -89,6 +89,16 @@ def add_sampling_arguments(p, max_tokens: int) -> None:
     p.add_argument("--seed", type=arg_type("seed"), default=None, metavar="S", help="a 64-bit signed integer")
 
 
+def add_speculative_arguments(p) -> None:
+    p.add_argument("--speculative", default=None, choices=["ngram", "draft"],
+                   help="speculative decoding, same tokens (greedy) / same distribution (sampled): ngram "
+                        "(prompt lookup) or draft (a draft model: --draft)")
+    p.add_argument("--draft", metavar="CHECKPOINT", default=None,
+                   help="the draft model of --speculative draft (same tokenizer as the target)")
+    p.add_argument("--num-speculative-tokens", type=int_arg(1, 64), default=4, metavar="K",
+                   help="draft tokens verified per step (default: 4)")
+
+
 def add_model_arguments(p, quantization: bool = True) -> None:
     """--spec, --dtype, --device, --backend (and --quantization) of the commands that load a checkpoint."""
     p.add_argument("--spec", help="spec (default: chosen by the checkpoint's architecture)")
@@ -312,6 +322,9 @@ def add_serve_arguments(p) -> None:
                         "served as 'SmolLM2-135M-Instruct'")
     p.add_argument("--model", action="append", default=[], type=model_pair, metavar="NAME=PATH",
                    help="serve the checkpoint at PATH under NAME (repeatable: several models at once)")
+    p.add_argument("--lora", action="append", default=[], type=model_pair, metavar="NAME=PATH",
+                   help="serve the PEFT LoRA adapter folder PATH on the (one) served model as model NAME "
+                        "(repeatable; more at run time: POST /v1/load_lora_adapter)")
     p.add_argument("--random-weights", metavar="CONFIG",
                    help="also serve a model of this config.json's shape with random weights, named after the "
                         "file (for benchmarks); its tokenizer: --tokenizer")
@@ -341,6 +354,9 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--kv-memory-fraction", type=float_arg(0, 1, lo_open=True), default=0.8,
                    help="CUDA: share of the free GPU memory (after weights) for the KV cache")
     p.add_argument("--max-tokens-per-step", type=int_arg(1), default=2048)
+    add_speculative_arguments(p)
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="recompute every prompt (default: reuse the KV cache pages of prompt prefixes seen before)")
     p.add_argument("--max-body-bytes", type=int_arg(1), default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--request-timeout", type=float_arg(0, lo_open=True), default=600.0,
                    help="seconds; then 504 (or an error event)")
@@ -419,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="TEXT", help="system message for --chat")
     add_sampling_arguments(p, max_tokens=64)
     add_model_arguments(p)
+    add_speculative_arguments(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("build", help="build an engine directory (cuda or tensorrt) from a spec and checkpoint")
@@ -462,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
     for mode, what in (("latency", "batch-1 decode step and TTFT vs the roofline (GPU, random weights)"),
                        ("throughput", "N requests through the engine (GPU, random weights; --device cpu: "
-                                      "a smoke run)")):
+                                      "a smoke run)"),
+                       ("prefix", "TTFT of a request whose system prompt is in the prefix cache vs not (GPU, "
+                                  "random weights; --device cpu: a smoke run)")):
         q = modes.add_parser(mode, help=what)
         q.add_argument("--config", required=True, help="a Hugging Face config.json, e.g. configs/*.json")
         q.add_argument("--spec", help="spec (default: chosen by the config's architectures)")
@@ -473,6 +492,19 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--prompt", type=int_arg(1), default=2048, help="prompt tokens (TTFT)")
             q.add_argument("--steps", type=int_arg(1), default=64, help="decode steps timed")
             q.add_argument("--hf", action="store_true", help="also time HF transformers generate()")
+            q.add_argument("--speculative", default=None, choices=["ngram", "draft"],
+                           help="also batch-1 decode with speculation vs without, in the same run")
+            q.add_argument("--num-speculative-tokens", type=int_arg(1, 64), default=4, metavar="K")
+            q.add_argument("--draft-layers", type=int_arg(1), default=None,
+                           help="--speculative draft: the target's first N layers (default: a quarter)")
+        elif mode == "prefix":
+            q.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                           help="cpu: a smoke run of the benchmark's code (CI), not a measurement")
+            q.add_argument("--prefix", type=int_arg(1), default=None,
+                           help="system prompt tokens (default: 2000 (GPU), 64 (--device cpu))")
+            q.add_argument("--suffix", type=int_arg(1), default=None,
+                           help="user tokens after it, never cached (default: 32 (GPU), 8 (--device cpu))")
+            q.add_argument("--reps", type=int_arg(1), default=5, help="requests timed of each kind (median)")
         else:
             q.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                            help="cpu: a smoke run of the benchmark's code (CI), not a measurement")
@@ -488,6 +520,18 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--kv-fraction", type=float_arg(0, 1, lo_open=True), default=0.9,
                            help="share of free GPU memory (after weights) given to the KV cache")
             q.add_argument("--hf-batch", type=int_arg(0), default=0, help="HF generate() baseline batch (0: none)")
+            q.add_argument("--lora-adapters", type=int_arg(0), default=0,
+                           help="also run with N random LoRA adapters (round-robin over the requests) and report "
+                                "decode throughput against the run without (lora_decode_ratio)")
+            q.add_argument("--lora-rank", type=int_arg(1), default=16, help="rank of --lora-adapters (default 16)")
+            q.add_argument("--guided", default=None, choices=["json", "regex"],
+                           help="also run every request constrained (a JSON schema or a regex that cannot end "
+                                "early) and report the decode step against the free run (guided_step_overhead)")
+            q.add_argument("--shared-prefix", type=int_arg(0), default=0, metavar="N",
+                           help="the first N prompt tokens are the same in every request (a system prompt): "
+                                "the prefix cache's hit rate shows in the output")
+            q.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                           help="recompute every prompt")
             q.add_argument("--sweep", action="store_true",
                            help="run every shape of TensorRT-LLM's published table and print Kiln beside it")
         q.set_defaults(fn=cmd_bench)

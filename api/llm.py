@@ -7,7 +7,11 @@
 
 On the CPU the KV cache holds `max_num_seqs` sequences of `max_model_len` tokens (defaults 8
 and the model's context length, at most 2,048); on a GPU it takes `kv_memory_fraction` of the
-free memory. Engine options are EngineConfig's fields.
+free memory. Engine options are EngineConfig's fields (prefix caching is on unless
+`enable_prefix_caching=False`).
+
+Constrained decoding: `SamplingParams(guided=GuidedDecodingParams(json=schema))` (or regex=,
+choice=, grammar=, json_object=True; a dict of those fields works too): see runtime/guided.py.
 """
 
 from __future__ import annotations
@@ -17,20 +21,28 @@ from pathlib import Path
 
 from kiln.runtime.engine import DEFAULT_MAX_NUM_SEQS, EngineConfig, LLMEngine
 from kiln.runtime.generate import ModelSource
+from kiln.runtime.guided import GuidedDecodingParams
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+__all__ = ["LLM", "SamplingParams", "GuidedDecodingParams"]
 
 
 class LLM:
     def __init__(self, model: str | Path | None = None, *, spec: str | Path | None = None, dtype: str | None = None,
                  device: str = "cpu", backend: str | None = None, quantization: str | None = None,
-                 kv_cache_dtype: str | None = None, **engine_options):
+                 kv_cache_dtype: str | None = None, lora_adapters: dict[str, str | Path] | None = None,
+                 draft: str | Path | None = None, **engine_options):
         """`model`: a Hugging Face folder, a .gguf file, an engine directory, or None / "default" (the
         embedded model). `dtype` (default fp32, or an engine directory's own), `backend` (default
-        reference), `quantization` (an on-load scheme, kiln.dsl.quant.SCHEMES), engine options:
-        EngineConfig's fields (max_num_seqs, max_model_len, ...)."""
+        reference), `quantization` (an on-load scheme, kiln.dsl.quant.SCHEMES), `lora_adapters`
+        ({name: PEFT adapter folder}; a request runs one with SamplingParams(lora=name)), engine options:
+        EngineConfig's fields (max_num_seqs, max_model_len, ..., speculative="ngram" | "draft",
+        num_speculative_tokens). `draft`: the draft model's checkpoint for speculative decoding (it
+        must share the target's tokenizer; loaded with the same dtype, device and backend)."""
+        if draft is not None and engine_options.get("speculative") is None:
+            engine_options["speculative"] = "draft"
         config = EngineConfig(**engine_options)  # bad options fail before the model loads
         source = ModelSource.open(model, spec=None if spec is None else str(spec), dtype=dtype, device=device,
                                   backend=backend, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
@@ -41,7 +53,23 @@ class LLM:
         if config.max_num_seqs is None and source.max_num_seqs is not None:
             config.max_num_seqs = min(source.max_num_seqs, DEFAULT_MAX_NUM_SEQS["cuda"])
         self.tokenizer = source.tokenizer
-        self.engine = LLMEngine(source.load(), self.tokenizer, config, context_len=source.context_len)
+        draft_model = None
+        if config.speculative == "draft":
+            from kiln.runtime.generate import open_draft
+
+            draft_model = open_draft(draft, source, dtype=dtype, device=device, backend=backend).load()
+        self.engine = LLMEngine(source.load(), self.tokenizer, config, context_len=source.context_len,
+                                draft=draft_model)
+        for name, path in (lora_adapters or {}).items():  # PEFT folders; a request picks one by
+            self.load_lora(name, path)                     # SamplingParams(lora=NAME)
+
+    def load_lora(self, name: str, path: str | Path) -> None:
+        """Load a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) as `name`;
+        kiln.runtime.lora.LoraError when it does not fit the model."""
+        self.engine.load_lora(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self.engine.unload_lora(name)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:

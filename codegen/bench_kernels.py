@@ -174,6 +174,35 @@ def _decode(B, ctx):
     return "paged decode attention", f"B={B} ctx={ctx}", ours, torch_ref, nbytes
 
 
+def fp8_kv_decode_line(B, ctx, copy_bw: float) -> str:
+    """Paged decode attention on an FP8 (E4M3) KV cache against the same kernel on the bf16 cache:
+    half the bytes, so the target is >= 1.8x the bf16 kernel's speed."""
+    times, moved = {}, {}
+    for fp8 in (False, True):
+        spec = DecodeAttnSpec(HEADS, KV_HEADS, HEAD_DIM, PAGE, HEAD_DIM ** -0.5, kv_fp8=fp8, origin="bench")
+        per_seq = ctx // PAGE
+        pages = B * per_seq
+        kc = torch.randn(pages, KV_HEADS, PAGE, HEAD_DIM, device="cuda", dtype=DT)
+        vc = torch.randn_like(kc)
+        if fp8:
+            kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+        tables = torch.randperm(pages, device="cuda").int().view(B, per_seq)
+        lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(B, HEADS * HEAD_DIM, device="cuda", dtype=DT)
+        out = torch.empty_like(q)
+        scratch = K.decode_scratch(spec, B, ctx, "cuda")
+        times[fp8] = per_call_ms(Graphed(lambda spec=spec, kc=kc, vc=vc, tables=tables, lens=lens, q=q, out=out,
+                                         scratch=scratch: K.paged_decode_attention(
+                                             spec, q, kc, vc, tables, lens, out, scratch, ctx, k_scale=1.0,
+                                             v_scale=1.0)))
+        moved[fp8] = 2 * B * ctx * KV_HEADS * HEAD_DIM * kc.element_size() + 2 * B * HEADS * HEAD_DIM * 2
+        del kc, vc
+    speed = times[False] / times[True]
+    return (f"decode attention, FP8 KV cache, B={B} ctx={ctx}: {times[True] * 1e3:.1f} us "
+            f"({moved[True] / (times[True] * 1e-3) / copy_bw:.0%} of copy bw) vs bf16 cache "
+            f"{times[False] * 1e3:.1f} us: {speed:.2f}x (target >= 1.8x: {'met' if speed >= 1.8 else 'NOT met'})")
+
+
 def decode_partition_sweep(B, ctx) -> str:
     """Decode attention time per tokens-per-split choice: checks the partition model."""
     spec = DecodeAttnSpec(HEADS, KV_HEADS, HEAD_DIM, PAGE, HEAD_DIM ** -0.5, origin="bench")
@@ -199,8 +228,9 @@ def decode_partition_sweep(B, ctx) -> str:
     return f"decode B={B} ctx={ctx}, {per_sm} blocks/SM; tokens per split (* = model's pick): " + ", ".join(res)
 
 
-def _prefill(T, seqs):
-    spec = PrefillAttnSpec(HEADS, KV_HEADS, HEAD_DIM, PAGE, HEAD_DIM ** -0.5, origin="bench")
+def _prefill(T, seqs, ws=False):
+    """ws: the warp-specialised form of the Hopper kernel (PrefillAttnSpec.ws); both are timed."""
+    spec = PrefillAttnSpec(HEADS, KV_HEADS, HEAD_DIM, PAGE, HEAD_DIM ** -0.5, ws=ws, origin="bench")
     D, L = HEAD_DIM, T // seqs
     per_seq = math.ceil(L / PAGE)
     kc = torch.randn(seqs * per_seq, KV_HEADS, PAGE, D, device="cuda", dtype=DT)
@@ -217,7 +247,8 @@ def _prefill(T, seqs):
     torch_ref = lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)  # noqa: E731
     nbytes = 2 * T * HEADS * D * 2 + 2 * T * KV_HEADS * D * 2
     flops = 4 * seqs * (L * (L + 1) // 2) * D * HEADS
-    variant = K.render(K.prefill_for_device(spec, q.device)).meta["variant"]  # sm90: the wgmma kernel
+    meta = K.render(K.prefill_for_device(spec, q.device)).meta
+    variant = meta["variant"] + ("-ws" if meta.get("ws") else "")  # sm90: the wgmma kernel, -ws: warp-specialised
     return "prefill attention (causal)", f"{seqs}x{L} tok, {variant} kernel", ours, torch_ref, nbytes, flops
 
 
@@ -307,34 +338,108 @@ def _graphed_ms(calls) -> float:
     return time_ms(graph.replay) / len(calls)
 
 
+def _timed_variant(base, n, k, nbytes, x, variant, splits=None, pdl=True) -> float:
+    """Per-call ms of the GEMV over L2-flushing copies of the packed weight, as one graph."""
+    import os
+
+    from .quant_kernels import Packed
+
+    packs = _copies(lambda: Packed(base.fmt, base.mode, n, k, base.group, base.wq.clone(), base.rec32, None,
+                                   base.origin, variant, splits), nbytes)
+    old = os.environ.get("KILN_PDL")
+    os.environ["KILN_PDL"] = "1" if pdl else "0"  # read at each launch: captured into the graph as launched
+    try:
+        return _graphed_ms([lambda p=p: p.linear(x, None) for p in packs])
+    finally:
+        if old is None:
+            del os.environ["KILN_PDL"]
+        else:
+            os.environ["KILN_PDL"] = old
+        del packs
+
+
 def quant_gemv_table(copy_bw: float, T: int = 1) -> str:
     """INT4 (group 128, zero points) GEMV at an 8B decoder's shapes: the generated kernel's bytes moved
     (packed weights + records + x + out) per second against the copy bandwidth, and its time against
-    cuBLAS's bf16 GEMV of the same shape, both streaming weights that are not in L2."""
+    cuBLAS's bf16 GEMV of the same shape, all streaming weights that are not in L2. Variants: stream
+    (K split as choose_splits picks; with and without programmatic dependent launch) and the loop
+    fallback; then a sweep of the stream variant's split counts (* = the pick)."""
     from kiln.dsl.quant import QuantDesc, quantize_weight
 
-    from .quant_kernels import Packed, pack
+    from .quant_kernels import _cps, choose_splits, pack
 
     desc = QuantDesc("int4", "per_group", 128, zero_points=True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     lines = [f"INT4 W4A16 GEMV, T={T}, bf16 activations (target: ≥80% of copy bandwidth)\n",
-             "| linear | out x in | int4 (us) | MB moved | GB/s | of copy bw | bf16 cuBLAS (us) | speedup | target |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| linear | out x in | splits | stream (us) | MB moved | GB/s | of copy bw | stream, no PDL (us) | "
+             "loop (us) | loop of copy bw | bf16 cuBLAS (us) | speedup | target |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    sweeps = []
     for label, n, k in QUANT_SHAPES:
         base = pack(quantize_weight(torch.randn(n, k, device="cuda") * 0.02, desc), origin=f"bench {label}")
         nbytes = base.wq.numel() + base.records(DT).numel() * 2 + T * (k + n) * 2
-        packs = _copies(lambda: Packed(base.fmt, base.mode, n, k, base.group, base.wq.clone(), base.rec32, None,
-                                       base.origin), nbytes)
         x = torch.randn(T, k, device="cuda", dtype=DT)
-        t = _graphed_ms([lambda p=p: p.linear(x, None) for p in packs])
-        del packs
+        tokens = 8 if T <= 8 else 16
+        pick = choose_splits("int4", n, k, tokens, sms)
+        t = _timed_variant(base, n, k, nbytes, x, "stream")
+        t_nopdl = _timed_variant(base, n, k, nbytes, x, "stream", pdl=False)
+        t_loop = _timed_variant(base, n, k, nbytes, x, "loop")
+        nch = math.ceil(k / 64)
+        counts = sorted({math.ceil(nch / _cps("int4", k, s)) for s in (1, 2, 3, 4, 6, 8)} - {pick})
+        sweep = [f"{pick}*: {t * 1e3:.1f}us"]
+        for s in counts[:4]:
+            try:
+                sweep.append(f"{s}: {_timed_variant(base, n, k, nbytes, x, 'stream', s) * 1e3:.1f}us")
+            except Exception as e:  # a count whose x slice exceeds shared memory at this T
+                sweep.append(f"{s}: {type(e).__name__}")
+        sweeps.append(f"{label}: " + ", ".join(sweep))
         dense = _copies(lambda: torch.randn(n, k, device="cuda", dtype=DT), n * k * 2)
         t_ref = _graphed_ms([lambda d=d: F.linear(x, d) for d in dense])
         del dense
         bw = nbytes / (t * 1e-3)
         frac = bw / copy_bw
-        lines.append(f"| {label} | {n}x{k} | {t * 1e3:.1f} | {nbytes / 1e6:.1f} | {bw / 1e9:.0f} | {frac:.0%} | "
+        lines.append(f"| {label} | {n}x{k} | {pick} | {t * 1e3:.1f} | {nbytes / 1e6:.1f} | {bw / 1e9:.0f} | "
+                     f"{frac:.0%} | "
+                     f"{t_nopdl * 1e3:.1f} | {t_loop * 1e3:.1f} | {nbytes / (t_loop * 1e-3) / copy_bw:.0%} | "
                      f"{t_ref * 1e3:.1f} | {t_ref / t:.2f}x | ≥80%: {'met' if frac >= 0.8 else 'NOT met'} |")
         torch.cuda.empty_cache()
+    lines.append("\nstream variant, K splits (us per call): " + "; ".join(sweeps))
+    return "\n".join(lines)
+
+
+def fp8_act_quant_table(copy_bw: float) -> str:
+    """fp8 activation quantization before a W8A8 GEMM (x [T, 4096] bf16): the generated kernel
+    (templates/quant_act.cu.j2; per tensor: 2 launches, per token: 1) against the torch ops it
+    replaced (abs, amax, clamp, div, clamp, cast), both as CUDA-graph replays."""
+    from kiln.dsl.quant import FP8_MAX, quantize_rows
+
+    from .quant_kernels import ActQuantSpec, act_quant_fp8
+
+    lines = ["fp8 activation quantization (x bf16 -> e4m3 + scale)\n",
+             "| kernel | shape | ours (us) | MB moved | GB/s | of copy bw | torch (us) | speedup |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    partial = torch.empty(1024, device="cuda")
+    for mode in ("tensor", "token"):
+        spec = ActQuantSpec(mode, HIDDEN, origin="bench")
+        for T in (1, 16, 8192):
+            x = torch.randn(T, HIDDEN, device="cuda", dtype=DT)
+            q = torch.empty(T, HIDDEN, device="cuda", dtype=torch.float8_e4m3fn)
+            sc = torch.empty((T, 1) if mode == "token" else (), device="cuda")
+
+            def torch_ops():  # what runtime/cuda_quant.py ran before (QGemm.quantize_act_torch)
+                xf = x.float()
+                if mode == "token":
+                    return quantize_rows(xf, "fp8")[0].to(torch.float8_e4m3fn)
+                s = xf.abs().amax().clamp(min=1e-12) / FP8_MAX
+                return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+            t = per_call_ms(Graphed(lambda: act_quant_fp8(spec, x, q, sc, partial)))
+            t_ref = per_call_ms(Graphed(torch_ops))
+            nbytes = T * HIDDEN * 3 + 4 * T
+            lines.append(f"| fp8 act quant, {mode} scale | T={T} | {t * 1e3:.1f} | "
+                         f"{nbytes / 1e6:.2f} | {nbytes / (t * 1e-3) / 1e9:.0f} | "
+                         f"{nbytes / (t * 1e-3) / copy_bw:.0%} | "
+                         f"{t_ref * 1e3:.1f} | {t_ref / t:.2f}x |")
     return "\n".join(lines)
 
 
@@ -348,6 +453,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--md", help="also write the table as markdown to this file")
     ap.add_argument("--no-quant", action="store_true", help="leave out the INT4 GEMV table")
     ap.add_argument("--quant-only", action="store_true", help="only the INT4 GEMV table")
+    ap.add_argument("--no-ws", action="store_true", help="leave out the warp-specialised Hopper prefill kernel")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
@@ -357,11 +463,14 @@ def main(argv=None) -> list[dict]:
         print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n")
         for T in (1, 16):
             print(quant_gemv_table(copy_bw, T) + "\n")
+        print(fp8_act_quant_table(copy_bw) + "\n")
         return []
     cases = [lambda: _norm(args.tokens), lambda: _rope(args.tokens), lambda: _act(args.tokens),
              lambda: _decode(args.batch, args.context), lambda: _decode(1, args.long_context),
              lambda: _prefill(args.tokens, 8), lambda: _embed(args.tokens), lambda: _softcap(args.batch),
              lambda: _moe(args.moe_tokens)]
+    if torch.cuda.get_device_capability()[0] == 9 and not args.no_ws:  # Hopper: the warp-specialised prefill too
+        cases.insert(6, lambda: _prefill(args.tokens, 8, ws=True))
     targets = {"rmsnorm + residual": 0.80, "rotary + paged KV write": 0.80, "SwiGLU": 0.80,
                "paged decode attention": 0.85}
     rows = []
@@ -390,9 +499,11 @@ def main(argv=None) -> list[dict]:
     table = "\n".join(lines)
     if not args.no_quant:
         table += "\n\n" + "\n\n".join(quant_gemv_table(copy_bw, T) for T in (1, 16))
+        table += "\n\n" + fp8_act_quant_table(copy_bw)
     print(table)
     for b, c in ((args.batch, args.context), (8, args.context), (1, args.long_context)):
         print(decode_partition_sweep(b, c))
+    print(fp8_kv_decode_line(args.batch, args.context, copy_bw))
     if args.md:
         with open(args.md, "w") as f:
             f.write(table + "\n")

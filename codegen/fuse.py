@@ -126,11 +126,12 @@ def _rope_attention(p: _Program) -> None:
             continue  # the attention lowers itself (Torch: e.g. v heads narrower than q/k's): nothing to fuse
         c = dict(call.constants)
         causal = c.pop("causal")
-        common = dict(c, page_size=p.page_size, dtype=p.dt, origin=origin(ins))
         site = p.plan.sites[ins.site]
+        fp8 = site.kv_dtype == "fp8"  # the site's pages hold E4M3 (scaled): every kernel reads / writes them so
+        common = dict(c, page_size=p.page_size, dtype=p.dt, kv_fp8=fp8, origin=origin(ins))
         rope = dict(rope_constants(qr.attrs)) if roped else dict(rotary_dim=0)
         rope_spec = ks.RopeCacheSpec(heads=site.heads, kv_heads=site.kv_heads, head_dim=c["head_dim"],
-                                     page_size=p.page_size, dtype=p.dt, origin=origin(ins), **rope)
+                                     page_size=p.page_size, dtype=p.dt, kv_fp8=fp8, origin=origin(ins), **rope)
         p.claim(KOp(Exec.ATTENTION, (qr.inputs[0] if roped else q, kr.inputs[0] if roped else k, v), ins.outputs,
                     (qr, kr, ins) if roped else (ins,),
                     (rope_spec, ks.DecodeAttnSpec(**common), ks.PrefillAttnSpec(causal=causal, **common)),

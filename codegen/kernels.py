@@ -109,8 +109,10 @@ def slot_mapping(block_tables, seq_ids, positions, page_size: int):
     return (pages * page_size + positions % page_size).to(torch.int32)
 
 
-def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache, v_cache, seq_len=None):
-    """Rotate q in place; rotate k and write it, and v, into the paged cache.
+def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache, v_cache, seq_len=None,
+                  k_scale: float = 1.0, v_scale: float = 1.0):
+    """Rotate q in place; rotate k and write it, and v, into the paged cache (spec.kv_fp8: float8_e4m3fn
+    pages holding K / k_scale and V / v_scale, rounded to nearest even and clamped to +-448).
 
     q [T, heads*head_dim], k and v [T, kv_heads*head_dim] (row-strided views of a fused QKV
     output work); positions [T] int64; slot_mapping [T] int32 (negative: skip the token);
@@ -134,11 +136,24 @@ def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache
         if seq_len is None:
             raise KernelArgError("seq_len: dynamic rotary scaling needs the step's length ([1] int32)")
         args.append(ptr(_check("seq_len", seq_len, torch.int32, (1,), dev, aligned=False)))
+    args += _scales(spec, k_scale, v_scale)
     args += [i64(q.stride(0)), i64(k.stride(0)), i64(v.stride(0)), i32(T)]
     kern.launch(kern.source.entries[0], (T,), (kern.source.meta["threads"],), args)
 
 
+def _scales(spec, k_scale, v_scale) -> list:
+    """The fp8 cache's scale arguments (none for a run-dtype cache)."""
+    if not spec.kv_fp8:
+        return []
+    for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0):
+            raise KernelArgError(f"{name}: the fp8 cache's scale must be a finite float > 0, got {x!r}")
+    return [(float(k_scale), ctypes.c_float), (float(v_scale), ctypes.c_float)]
+
+
 def _check_cache(spec, k_cache, v_cache, dt, dev):
+    if spec.kv_fp8:
+        dt = torch.float8_e4m3fn
     _check("k_cache", k_cache, dt, device=dev)
     shape = (k_cache.shape[0], spec.kv_heads, spec.page_size, spec.head_dim)
     _check("k_cache", k_cache, dt, shape, dev)
@@ -190,7 +205,7 @@ def decode_partition(spec: DecodeAttnSpec, num_seqs: int, max_context: int, resi
 
 def paged_decode_attention(
     spec: DecodeAttnSpec, q, k_cache, v_cache, block_tables, context_lens, out, scratch: DecodeScratch,
-    max_context: int, partition: int | None = None,
+    max_context: int, partition: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
 ):
     """One new token per sequence: out[b] = attention(q[b], its cached K/V).
 
@@ -229,7 +244,7 @@ def paged_decode_attention(
         [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(context_lens),
          ptr(scratch.partial_out), ptr(scratch.partial_ml), ptr(scratch.counters), ptr(out),
          i64(q.stride(0)), i64(out.stride(0)), i32(block_tables.shape[1]), i32(partition),
-         i32(scratch.max_splits)],
+         i32(scratch.max_splits), *_scales(spec, k_scale, v_scale)],
         smem=meta["smem"],
     )
 
@@ -250,7 +265,8 @@ def prefill_for_device(spec: PrefillAttnSpec, device) -> PrefillAttnSpec:
 
 
 def prefill_attention(
-    spec: PrefillAttnSpec, q, k_cache, v_cache, block_tables, cu_seqlens, kv_lens, out, max_q_len: int
+    spec: PrefillAttnSpec, q, k_cache, v_cache, block_tables, cu_seqlens, kv_lens, out, max_q_len: int,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ):
     """Packed variable-length prefill: the queries of sequence s are rows cu_seqlens[s]:cu_seqlens[s+1]
     of q and out ([T, heads*head_dim]); query i of s sits at position kv_lens[s] - q_len_s + i, and
@@ -272,7 +288,8 @@ def prefill_attention(
     kern.launch(
         kern.source.entries[0], grid, (meta["threads"],),
         [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(cu_seqlens), ptr(kv_lens),
-         ptr(out), i64(q.stride(0)), i64(out.stride(0)), i32(block_tables.shape[1])],
+         ptr(out), i64(q.stride(0)), i64(out.stride(0)), i32(block_tables.shape[1]),
+         *_scales(spec, k_scale, v_scale)],
         smem=meta["smem"],
     )
 

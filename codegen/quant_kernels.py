@@ -8,13 +8,22 @@ the launch wrappers, and the packed layout they read (`repack`, `pack`: built on
        exact integers and each chunk's sum is scaled in fp32 (AWQ / GPTQ / RTN int4, int8 per channel,
        ggml q8_0)
        "pre": value = q * s + m rounded to the run dtype first (ggml q4_0 / q4_1: groups of 32)
-  tokens the bucket of rows per block (8: one mma n-tile, 16: two); grid.y covers more rows.
+  tokens the bucket of rows per block (8: one mma n-tile, 16: two); the grid covers more rows.
+  variant "stream" (16-bit runs): records and x staged in shared memory per block, a ring of `DEPTH`
+       weight loads per lane kept full, K split over `splits` blocks (`choose_splits`: enough blocks
+       for every SM, x's slice within `XS_MAX` bytes) whose partials the last block sums, launched
+       with programmatic dependent launch so its weight loads overlap the kernel before;
+       "loop": the first design (one tile per block, x and records read per chunk from L2).
+       The default is "loop": it passed the GPU tests against the reference on the H200; "stream"
+       measured faster at one token (49-58% of copy bandwidth against 30-56%) but slower at 16, and
+       its GPU tests have not yet run — opt in with `KILN_QGEMV=stream` to measure it.
 fp32 runs take a CUDA-core variant of the same layout (full fp32 precision, as the reference).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +40,41 @@ FORMATS = {"int4": (64, 16, 4), "int8": (32, 8, 2)}
 TOKEN_BUCKETS = (8, 16)
 WARPS = 8
 GEMV_MAX_T = 64  # rows through the GEMV kernel (weights read once per 16 rows); more: dequantize + cuBLAS
+VARIANTS = ("stream", "loop")
+DEPTH = 8  # stream: 16-byte weight loads in flight per lane (8 warps x 8 x 512 B = 32 KB per block)
+XS_MAX = 72 * 1024  # stream: shared memory for a block's x slice at the bucket's full rows
+FILL = 1.5  # stream: split K until the grid has this many blocks per SM (one wave, 2-3 blocks each)
+XS_PAD = {"int4": 8, "int8": 32}  # elements past each staged x row: the 8 lanes of a 16-byte phase hit distinct banks
+
+
+def default_variant() -> str:
+    v = os.environ.get("KILN_QGEMV", "loop")
+    if v not in VARIANTS:
+        raise KernelArgError(f"KILN_QGEMV: must be one of {VARIANTS}, got {v!r}")
+    return v
+
+
+def _cps(fmt: str, k: int, splits: int) -> int:
+    """Chunks per split: whole rounds of the block's warps."""
+    nch = math.ceil(k / FORMATS[fmt][0])
+    return WARPS * math.ceil(math.ceil(nch / splits) / WARPS)
+
+
+def choose_splits(fmt: str, n: int, k: int, tokens: int, num_sms: int) -> int:
+    """K splits of the stream variant: the fewest that keep a block's x slice within XS_MAX and give
+    the grid FILL blocks per SM (a 4096-row output has only 256 tiles of 16 rows)."""
+    ck = FORMATS[fmt][0]
+    nch, tiles = math.ceil(k / ck), math.ceil(n / 16)
+    fits = None
+    for s in range(1, max(1, math.ceil(nch / WARPS)) + 1):
+        cps = _cps(fmt, k, s)
+        eff = math.ceil(nch / cps)
+        if tokens * (cps * ck + XS_PAD[fmt]) * 2 > XS_MAX:
+            continue
+        fits = fits or eff
+        if tiles * eff >= FILL * num_sms:
+            return eff
+    return fits or math.ceil(nch / WARPS)
 
 
 @dataclass(frozen=True)
@@ -44,6 +88,8 @@ class QGemvSpec(_Spec):
     has_bias: bool = False
     dtype: str = "bf16"
     origin: str = ""
+    variant: str = "stream"  # stream | loop (module doc); fp32 always runs the CUDA-core loop
+    splits: int = 1  # stream: blocks along K (choose_splits)
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -59,6 +105,18 @@ class QGemvSpec(_Spec):
             _fail(self, "group", f"{self.group} must be a multiple of {kpl} dividing k={self.k}")
         if self.mode == "post" and self.group % ck and self.group != self.k:  # one group per row is fine
             _fail(self, "group", f"mode 'post' needs whole {ck}-column chunks per group, got {self.group}")
+        if self.variant not in VARIANTS:
+            _fail(self, "variant", f"must be one of {VARIANTS}, got {self.variant!r}")
+        nch = math.ceil(self.k / ck)
+        if self.splits < 1 or (self.splits > 1 and math.ceil(nch / _cps(self.fmt, self.k, self.splits)) != self.splits):
+            _fail(self, "splits", f"{self.splits} does not cut {nch} chunks into whole rounds of {WARPS} warps "
+                  "(choose_splits gives valid counts)")
+        if self.splits > 1 and (self.variant != "stream" or self.dtype == "fp32"):
+            _fail(self, "splits", "only the stream variant (16-bit runs) splits K")
+
+    @property
+    def streams(self) -> bool:
+        return self.variant == "stream" and self.dtype != "fp32"
 
 
 def _render(s: QGemvSpec) -> KernelSource:
@@ -80,8 +138,22 @@ def _render(s: QGemvSpec) -> KernelSource:
         splat="__bfloat162bfloat162" if s.dtype == "bf16" else "__half2half2",
         magic="0x43004300u" if s.dtype == "bf16" else "0x64006400u",
     )
-    meta = dict(threads=WARPS * 32, warps=WARPS, tiles=params["tiles"], nch=nch, ck=ck, kpl=kpl, qoff=qoff)
-    name = _name(f"gemv_{s.fmt}_{s.mode}_n{s.n}_k{s.k}_g{s.group}_t{s.tokens}", s)
+    meta = dict(threads=WARPS * 32, warps=WARPS, tiles=params["tiles"], nch=nch, ck=ck, kpl=kpl, qoff=qoff,
+                variant="stream" if s.streams else "loop", splits=s.splits)
+    params["variant"] = meta["variant"]
+    if s.streams:
+        cps = _cps(s.fmt, s.k, s.splits)
+        groups = s.k // s.group
+        gr = min(groups, math.ceil(cps * ck / s.group) + 1)  # groups one split's columns can touch
+        red_bytes = WARPS * s.tokens * 16 * 4
+        rec_bytes = -(-gr * 16 * 4 // 16) * 16
+        xs_stride = cps * ck + XS_PAD[s.fmt]
+        params.update(cps=cps, per_warp=cps // WARPS, depth=min(DEPTH, cps // WARPS), splits=s.splits,
+                      chunk_tail=cps * s.splits != nch, gr=gr, red_bytes=red_bytes, rec_bytes=rec_bytes,
+                      xs_stride=xs_stride)
+        meta.update(smem_fixed=red_bytes + rec_bytes, xs_row_bytes=xs_stride * 2, cps=cps)
+    name = _name(f"gemv_{s.fmt}_{s.mode}_n{s.n}_k{s.k}_g{s.group}_t{s.tokens}"
+                 + (f"_s{s.splits}" if s.streams else "_loop"), s)
     return _emit("gemv_wq.cu.j2", name, s, params, [name, name + "_dequant"], meta)
 
 
@@ -100,8 +172,81 @@ def _check_packed(spec, wq, rec, dev):
     _check("rec", rec, record_dtype(spec), (tiles, spec.k // spec.group, 16, 2), dev)
 
 
+class Workspace:
+    """The stream variant's split-K buffers on one device, shared by every weight (kernels on a
+    stream run one after another; a dependent launch touches them only after griddepcontrol.wait):
+    fp32 partials and arrival counters (zero between calls: the last block resets its counter).
+    Sized before a CUDA graph captures (`reserve`); growing inside a capture is refused."""
+
+    _by_device: dict = {}
+
+    def __init__(self, device):
+        self.device = device
+        self.part = torch.empty(0, dtype=torch.float32, device=device)
+        self.count = torch.zeros(0, dtype=torch.int32, device=device)
+
+    @classmethod
+    def get(cls, device) -> "Workspace":
+        device = torch.device(device)
+        ws = cls._by_device.get(device)
+        if ws is None:
+            ws = cls._by_device[device] = Workspace(device)
+        return ws
+
+    def reserve(self, part: int, count: int) -> None:
+        if part <= self.part.numel() and count <= self.count.numel():
+            return
+        if torch.cuda.is_current_stream_capturing():
+            raise KernelArgError(f"quantized GEMV workspace: {part} partials / {count} counters needed while a CUDA "
+                                 "graph captures; run the step once before capturing")
+        if part > self.part.numel():
+            self.part = torch.empty(part, dtype=torch.float32, device=self.device)
+        if count > self.count.numel():
+            self.count = torch.zeros(count, dtype=torch.int32, device=self.device)
+
+
+def pdl_enabled() -> bool:
+    """Programmatic dependent launch for the stream variant (KILN_PDL=0 turns it off)."""
+    return os.environ.get("KILN_PDL", "1") != "0"
+
+
+_pdl_refused: set = set()
+
+
+def _launch_stream(kern, entry, grid, block, args, smem):
+    """cuLaunchKernelEx with programmatic stream serialization: this kernel may start while the one
+    before drains (its weight loads do not depend on it; griddepcontrol.wait guards the rest)."""
+    from cuda.bindings import driver
+
+    from .launch import check
+
+    dev = kern.device.index
+    if not pdl_enabled() or dev in _pdl_refused:
+        kern.launch(entry, grid, block, args, smem)
+        return
+    f = kern._opt_in(entry, smem)
+    cfg = driver.CUlaunchConfig()
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block[0], 1, 1
+    cfg.sharedMemBytes = smem
+    cfg.hStream = driver.CUstream(torch.cuda.current_stream(kern.device).cuda_stream)
+    attr = driver.CUlaunchAttribute()
+    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    cfg.attrs = [attr]
+    cfg.numAttrs = 1
+    values = tuple(a[0] for a in args)
+    types = tuple(a[1] for a in args)
+    err = driver.cuLaunchKernelEx(cfg, f, (values, types), 0)[0]
+    if err == driver.CUresult.CUDA_ERROR_NOT_SUPPORTED and not torch.cuda.is_current_stream_capturing():
+        _pdl_refused.add(dev)  # an older driver: plain launches from now on
+        kern.launch(entry, grid, block, args, smem)
+        return
+    check((err,), f"cuLaunchKernelEx({entry}, grid={grid}, smem={smem}, programmatic serialization)")
+
+
 def qgemv(spec: QGemvSpec, x, wq, rec, out, bias=None):
-    """out [T, n] = x [T, k] @ W^T (+ bias) for any T (grid.y: blocks of `spec.tokens` rows)."""
+    """out [T, n] = x [T, k] @ W^T (+ bias) for any T (blocks of `spec.tokens` rows)."""
     dt = _torch_dtype(spec)
     dev = x.device
     _check("x", x, dt, device=dev, rows_aligned=True, contiguous=False)
@@ -116,9 +261,23 @@ def qgemv(spec: QGemvSpec, x, wq, rec, out, bias=None):
         _check("bias", bias, dt, (spec.n,), dev, aligned=False)
     kern = get_kernel(spec, dev)
     meta = kern.source.meta
-    kern.launch(kern.source.entries[0], (meta["tiles"], math.ceil(T / spec.tokens)), (meta["threads"],),
-                [ptr(wq), ptr(rec), ptr(x), ptr(bias if spec.has_bias else None), ptr(out),
-                 i64(x.stride(0)), i32(T)])
+    if T == 0:
+        return
+    if meta["variant"] == "loop":
+        kern.launch(kern.source.entries[0], (meta["tiles"], math.ceil(T / spec.tokens)), (meta["threads"],),
+                    [ptr(wq), ptr(rec), ptr(x), ptr(bias if spec.has_bias else None), ptr(out),
+                     i64(x.stride(0)), i32(T)])
+        return
+    zb = math.ceil(T / spec.tokens)
+    part = count = None
+    if spec.splits > 1:
+        ws = Workspace.get(dev)
+        ws.reserve(spec.splits * T * spec.n, meta["tiles"] * zb)
+        part, count = ws.part, ws.count
+    smem = meta["smem_fixed"] + min(T, spec.tokens) * meta["xs_row_bytes"]
+    _launch_stream(kern, kern.source.entries[0], (meta["tiles"], spec.splits, zb), (meta["threads"],),
+                   [ptr(wq), ptr(rec), ptr(x), ptr(bias if spec.has_bias else None), ptr(out), ptr(part),
+                    ptr(count), i64(x.stride(0)), i32(T)], smem)
 
 
 def qdequant(spec: QGemvSpec, wq, rec, w):
@@ -153,12 +312,25 @@ class Packed:
     rec32: torch.Tensor
     perm: torch.Tensor | None = None  # act-order: x's columns in the packed order
     origin: str = "linear"
+    variant: str | None = None  # None: default_variant() (KILN_QGEMV)
+    splits: int | None = None  # stream: K splits; None: choose_splits for the device
     _rec: dict = field(default_factory=dict)
 
-    def spec(self, dtype: torch.dtype, tokens: int, has_bias: bool) -> QGemvSpec:
+    def spec(self, dtype: torch.dtype, tokens: int, has_bias: bool, num_sms: int = 132) -> QGemvSpec:
         from .specs import dtype_name
+        variant = self.variant or default_variant()
+        splits = 1
+        if variant == "stream" and dtype != torch.float32:
+            splits = self.splits or choose_splits(self.fmt, self.n, self.k, tokens, num_sms)
         return QGemvSpec(self.fmt, self.mode, self.n, self.k, self.group, tokens, has_bias, dtype_name(dtype),
-                         self.origin)
+                         self.origin, variant, splits)
+
+    def reserve(self, device, dtype: torch.dtype) -> None:
+        """Size the shared split-K workspace for this weight's largest GEMV (before graph capture)."""
+        spec = self.spec(dtype, 16, False, _num_sms(device))
+        if spec.splits > 1:
+            Workspace.get(device).reserve(spec.splits * GEMV_MAX_T * self.n,
+                                          math.ceil(self.n / 16) * math.ceil(GEMV_MAX_T / 8))
 
     def records(self, dtype: torch.dtype) -> torch.Tensor:
         """The records in the kernel's form for run dtype `dtype` (built once per dtype)."""
@@ -181,11 +353,25 @@ class Packed:
         rec = self.records(x.dtype)
         if T <= GEMV_MAX_T:
             out = torch.empty(T, self.n, dtype=x.dtype, device=x.device)
-            qgemv(self.spec(x.dtype, 8 if T <= 8 else 16, bias is not None), x, self.wq, rec, out, bias)
+            spec = self.spec(x.dtype, 8 if T <= 8 else 16, bias is not None, _num_sms(x.device))
+            qgemv(spec, x, self.wq, rec, out, bias)
             return out
         w = torch.empty(self.n, self.k, dtype=x.dtype, device=x.device)
         qdequant(self.spec(x.dtype, 16, False), self.wq, rec, w)
         return torch.nn.functional.linear(x, w, bias)
+
+
+_SMS: dict = {}
+
+
+def _num_sms(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
 
 
 def repack(q: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -273,3 +459,79 @@ def ggml_blocks(data: torch.Tensor, kind: str, n: int, k: int):
     q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(n, k)  # low nibbles: the first 16 values
     m = -8.0 * s if kind == "q4_0" else b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
     return q, s, m
+
+
+# ---- fp8 activation quantization for W8A8 GEMMs (templates/quant_act.cu.j2)
+
+ACT_THREADS = 256
+
+
+@dataclass(frozen=True)
+class ActQuantSpec(_Spec):
+    """x [T, k] (run dtype) -> fp8 e4m3 values + fp32 scale, as dsl/quant.py's reference computes them.
+    mode "tensor": one scale (dynamic: two launches, block amaxes then fold + quantize; static: the
+    given scale, one launch); "token": one scale per row, one launch (a block per row)."""
+
+    mode: str  # tensor | token
+    k: int
+    static: bool = False
+    dtype: str = "bf16"
+    origin: str = ""
+
+    def __post_init__(self):
+        if self.mode not in ("tensor", "token"):
+            _fail(self, "mode", f"must be 'tensor' or 'token', got {self.mode!r}")
+        _positive(self, "k")
+        _dtype(self)
+        if self.k % (16 // RUN_DTYPES[self.dtype].itemsize):
+            _fail(self, "k", f"{self.k} is not a whole number of 16-byte vectors")
+        if self.static and self.mode != "tensor":
+            _fail(self, "static", "a static scale is per tensor")
+
+
+def _render_act(s: ActQuantSpec) -> KernelSource:
+    vec = 16 // RUN_DTYPES[s.dtype].itemsize
+    name = _name(f"quant_act_fp8_{s.mode}{'_static' if s.static else ''}_k{s.k}", s)
+    if s.mode == "token":
+        entries = [name]
+    else:
+        entries = ([] if s.static else [name + "_amax"]) + [name + "_quant"]
+    params = dict(mode=s.mode, k=s.k, static=s.static, vec=vec, threads=ACT_THREADS)
+    return _emit("quant_act.cu.j2", name, s, params, entries, dict(threads=ACT_THREADS, vec=vec))
+
+
+_RENDERERS[ActQuantSpec] = _render_act
+
+
+def act_quant_fp8(spec: ActQuantSpec, x, q, scale, partial=None):
+    """q (float8_e4m3fn [T, k]), scale (fp32: [] per tensor, [T, 1] per token) from x; no host sync.
+    `partial`: fp32 scratch of at least `act_blocks(x)` values (dynamic per-tensor only)."""
+    dev = x.device
+    _check("x", x, _torch_dtype(spec), device=dev)
+    if x.dim() != 2 or x.shape[1] != spec.k:
+        raise KernelArgError(f"x: shape {tuple(x.shape)}, expected [T, {spec.k}]")
+    T = x.shape[0]
+    _check("q", q, torch.float8_e4m3fn, (T, spec.k), dev, align=8)
+    _check("scale", scale, torch.float32, (T, 1) if spec.mode == "token" else (), dev, aligned=False)
+    if T == 0:
+        return
+    kern = get_kernel(spec, dev)
+    threads = kern.source.meta["threads"]
+    if spec.mode == "token":
+        kern.launch(kern.source.entries[0], (T,), (threads,), [ptr(x), ptr(q), ptr(scale)])
+        return
+    nvec = T * spec.k // kern.source.meta["vec"]
+    blocks = act_blocks(x, kern.num_sms)
+    if not spec.static:
+        if partial is None or partial.numel() < blocks:
+            raise KernelArgError(f"partial: needs {blocks} fp32 values")
+        _check("partial", partial, torch.float32, device=dev)
+        kern.launch(kern.source.entries[0], (blocks,), (threads,), [ptr(x), ptr(partial), i64(nvec)])
+    kern.launch(kern.source.entries[-1], (blocks,), (threads,),
+                [ptr(x), ptr(q), ptr(scale), ptr(partial), i32(blocks), i64(nvec)])
+
+
+def act_blocks(x: torch.Tensor, num_sms: int = 132) -> int:
+    """Blocks of the per-tensor launches: enough to stream x, at most 2 per SM (a small fold)."""
+    vec = 16 // x.element_size()
+    return max(1, min(2 * num_sms, math.ceil(x.numel() / vec / ACT_THREADS)))

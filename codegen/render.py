@@ -126,7 +126,7 @@ def _rope(s: RopeCacheSpec) -> KernelSource:
         layout=s.layout, vec=vec, pairs_per_vec=vec // 2, threads=threads, page_size=s.page_size,
         page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d,
         rot_units=rot_units, rot_span=rot_units * vec, vec_per_head=vec_per_head,
-        q_units=q_units, kv_units=kv_units, dynamic=s.scaling == "dynamic",
+        q_units=q_units, kv_units=kv_units, dynamic=s.scaling == "dynamic", kv_fp8=s.kv_fp8,
         longrope=bool(rot) and s.scaling == "longrope",
         attention_factor=f32(s.attention_factor) if s.attention_factor != 1.0 else "",
         inv_freq_rows=[], long_inv_freq_rows=[], theta=f64(s.theta), factor=f64(s.factor),
@@ -174,27 +174,40 @@ def _decode_mma(s: DecodeAttnSpec, group: int) -> KernelSource:
     d, warps, threads = s.head_dim, DECODE_WARPS, DECODE_WARPS * 32
     gc = _largest_divisor(group, 16)
     kpad = d + 8  # a 16-byte pad per row: ldmatrix's 8 row addresses fall in distinct banks
-    stage_elems = 2 * 16 * kpad  # K and V rows of one 16-token tile
+    # fp8 K/V rows: bytes, padded by 16 so that the lanes' 16-byte fragment loads hit distinct banks
+    citem = 1 if s.kv_fp8 else 2
+    kvpad = d + 16 if s.kv_fp8 else kpad
+    stage_elems = 2 * 16 * kvpad  # K and V rows of one 16-token tile
     off_kv = _round_up(16 * kpad * 2, 128)
-    stages = next((n for n in (4, 3) if off_kv + warps * n * stage_elems * 2 <= DECODE_SMEM_BUDGET), 2)
-    # The warps' final merge reuses the rings: 16 * (d + 2) floats per warp fit in one stage.
-    smem = off_kv + warps * stages * stage_elems * 2
+    stages = next((n for n in (8, 7, 6, 5, 4, 3) if off_kv + warps * n * stage_elems * citem <= DECODE_SMEM_BUDGET), 2)
+    if not s.kv_fp8:
+        stages = min(stages, 4)
+    smem = off_kv + warps * stages * stage_elems * citem
+    # The warps' final merge reuses the rings: warps x gc x (d + 2) floats.
+    if warps * stages * stage_elems * citem < warps * gc * (d + 2) * 4:
+        raise KernelSpecError(f"DecodeAttnSpec.head_dim: {d} leaves too little shared memory for the warp merge")
     chunks16 = d // 8
+    words = (4, 2, 1)  # 16-, 8- or 4-byte fragment loads
     params = dict(
+        kv_fp8=s.kv_fp8, mma_convert=s.dtype != "fp16", kvpad=kvpad, dq=d // 4, dv_words=d // 32,
+        kw_align=next(a for a in words if (d // 16) % a == 0), vw_align=next(a for a in words if (d // 32) % a == 0),
+        row_chunks=d * citem // 16, chunk_elems=16 // citem,
+        k_fold=f32(256 * (s.scale / s.softcap if s.softcap else s.scale * LOG2E)),
         heads=s.heads, kv_heads=s.kv_heads, head_dim=d, page_size=s.page_size, group=group, gc=gc, gc_m1=gc - 1,
         chunks=group // gc, threads=threads, warps=warps, kpad=kpad, stages=stages, stages_ahead=stages - 1,
         bytes_ahead=(stages - 1) * stage_elems * 2, wait_n=stages - 2, prologue_stages=list(range(stages - 1)),
-        chunks16=chunks16, lane_chunks=16 * chunks16 // 32, q_chunks=16 * chunks16, kv_elems=16 * kpad,
+        chunks16=chunks16, lane_chunks=16 * d * citem // 16 // 32, q_chunks=16 * chunks16, kv_elems=16 * kvpad,
         stage_elems=stage_elems, ring_elems=stages * stage_elems, off_kv=off_kv,
         page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d, k_steps=d // 16, d_tiles=d // 8,
-        q_regs=d <= 128, row_halves=2 if gc > 8 else 1, mma_type="bf16" if s.dtype == "bf16" else "f16",
+        q_regs=d <= 128, row_halves=2 if gc > 8 else 1,
+        mma_type="bf16" if s.dtype == "bf16" and not s.kv_fp8 else "f16",
         window=s.window, softcap=bool(s.softcap), softcap_log2=f32(s.softcap * LOG2E),
         pre_cap_scale=f32(s.scale / s.softcap) if s.softcap else "", score_scale=f32(s.scale * LOG2E),
         q_scale_doc="scores: softcap * log2 e * tanh(q.k * scale / softcap)" if s.softcap
         else "scores: q.k * scale * log2 e",
         alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s), merge_dpl=math.ceil(d / 128),
     )
-    name = _name(f"decode_attn_mma_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    name = _name(f"decode_attn_mma{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     # tile: the partition granule (one 16-token tile per warp), so every warp gets the same work
     meta = dict(threads=threads, smem=smem, tile=16 * warps, stages=stages, gc=gc, chunks=group // gc, mma=True)
     return _emit("decode_attn_mma.cu.j2", name, s, params, [name], meta)
@@ -203,7 +216,8 @@ def _decode_mma(s: DecodeAttnSpec, group: int) -> KernelSource:
 def _decode(s: DecodeAttnSpec) -> KernelSource:
     itemsize = RUN_DTYPES[s.dtype].itemsize
     d, group = s.head_dim, s.heads // s.kv_heads
-    if s.dtype != "fp32" and d % 16 == 0:  # fp32 keeps full precision on CUDA cores
+    # fp32 keeps full precision on CUDA cores; an fp8 cache's fragments are read as 4-byte words
+    if s.dtype != "fp32" and d % 16 == 0 and (not s.kv_fp8 or d % 32 == 0):
         return _decode_mma(s, group)
     tile, threads, warps = 32, 128, 4
     gc = _largest_divisor(group, 8)
@@ -217,7 +231,10 @@ def _decode(s: DecodeAttnSpec) -> KernelSource:
     tg = threads // dt
     gp = _round_up(gc, 4)
     stage_elems = 2 * tile * kpad
-    off_q = stages * stage_elems * itemsize
+    # fp8 cache: the stages are E4M3 bytes (unpadded rows); one run-dtype tile is converted from them
+    off_stg = stage_elems * itemsize if s.kv_fp8 else 0
+    off_q = off_stg + stages * 2 * tile * d if s.kv_fp8 else stages * stage_elems * itemsize
+    row_bytes = d * (1 if s.kv_fp8 else itemsize)
     off_s = off_q + gc * d * 4
     off_p = off_s + gc * tile * 4
     off_alpha = off_p + tile * gp * 4
@@ -229,8 +246,9 @@ def _decode(s: DecodeAttnSpec) -> KernelSource:
         heads=s.heads, kv_heads=s.kv_heads, head_dim=d, page_size=s.page_size, group=group, gc=gc,
         chunks=group // gc, tile=tile, tile_m1=tile - 1, threads=threads, warps=warps, vec=vec,
         kpad=kpad, stages=stages, wait_n=stages - 2, ahead=stages - 1,
-        prologue_stages=list(range(stages - 1)), chunks16=d * itemsize // 16,
-        tile_chunks=tile * d * itemsize // 16, kv_elems=tile * kpad, stage_elems=stage_elems,
+        prologue_stages=list(range(stages - 1)), chunks16=row_bytes // 16,
+        tile_chunks=tile * row_bytes // 16, kv_elems=tile * kpad, stage_elems=stage_elems,
+        kv_fp8=s.kv_fp8, off_stg=off_stg, stg_pitch=d if s.kv_fp8 else kpad, chunk_elems=16 if s.kv_fp8 else vec,
         page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d,
         off_q=off_q, off_s=off_s, off_p=off_p, off_alpha=off_alpha, off_red=off_red,
         gp=gp, gpw=math.ceil(gc / warps), pvw=pvw, dt=dt, tg=tg, pv_guard=tg * dt != threads,
@@ -240,7 +258,7 @@ def _decode(s: DecodeAttnSpec) -> KernelSource:
         q_scale_doc="scale / softcap (tanh, then softcap * log2 e)" if s.softcap else "scale * log2 e",
         alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s), merge_dpl=math.ceil(d / 128),
     )
-    name = _name(f"decode_attn_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    name = _name(f"decode_attn{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     meta = dict(threads=threads, smem=smem, tile=tile, stages=stages, gc=gc, chunks=group // gc, mma=False)
     return _emit("decode_attn.cu.j2", name, s, params, [name], meta)
 
@@ -268,6 +286,7 @@ def _attn_common(s, d: int, gc: int, group: int) -> dict:
         causal=s.causal, window=s.window, window_m1=max(0, s.window - 1), softcap=bool(s.softcap),
         softcap_log2=f32(s.softcap * LOG2E), pre_cap_scale=f32(s.scale / s.softcap) if s.softcap else "",
         score_scale=f32(s.scale * LOG2E), alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s),
+        kv_fp8=s.kv_fp8,
     )
 
 
@@ -280,9 +299,9 @@ def _prefill_mma(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
         _attn_common(s, d, gc, group), mma_type="bf16" if s.dtype == "bf16" else "f16", bm_tok=64 // gc,
         bn=bn, bn_m1=bn - 1, kpad=kpad, off_kv=off_kv, chunks16=d // 8, q_chunks=64 * d // 8,
         kv_chunks=bn * d // 8, kv_elems=bn * kpad, stage_elems=2 * bn * kpad, d_tiles=d // 8,
-        k_steps=d // 16, n_tiles=bn // 8, key_steps=bn // 16,
+        k_steps=d // 16, n_tiles=bn // 8, key_steps=bn // 16, threads=128, kv_chunks8=bn * d // 16,
     )
-    name = _name(f"prefill_attn_mma_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    name = _name(f"prefill_attn_mma{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     meta = dict(threads=128, smem=smem, bm_tok=64 // gc, chunks=group // gc, bn=bn, mma=True, variant="mma")
     return _emit("prefill_attn_mma.cu.j2", name, s, params, [name], meta)
 
@@ -292,7 +311,8 @@ def prefill_variant(s: PrefillAttnSpec) -> str:
     or 128, causal or not, sliding window; no softcap or ALiBi yet), "mma" (mma.sync, any 16-bit
     head_dim up to 128 that is a multiple of 16), else "simt" (fp32, other head dims)."""
     d = s.head_dim
-    if s.sm in HOPPER_SM and s.dtype != "fp32" and d in (64, 128) and not s.softcap and not s.alibi_max:
+    if s.sm in HOPPER_SM and s.dtype != "fp32" and d in (64, 128) and not s.softcap and not s.alibi_max \
+            and not s.kv_fp8:  # an fp8 KV cache: the mma kernel, which converts its tiles
         return "sm90"
     if s.dtype != "fp32" and d % 16 == 0 and d <= 128:  # fp32 keeps full precision on CUDA cores
         return "mma"
@@ -329,9 +349,38 @@ def _prefill_sm90(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
         kv_iters=bn * chunks16 // 256, o_iters=64 * chunks16 // 128, s_regs=s_regs, s_outs=outs(bn // 2),
         o_regs=o_regs, o_outs=outs(d // 2), a_regs="{" + ", ".join(f"%{a0 + i}" for i in range(4)) + "}",
     )
+    if s.ws:
+        return _prefill_sm90_ws(s, params)
     name = _name(f"prefill_attn_sm90_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
-    meta = dict(threads=256, smem=smem, bm_tok=rows // gc, chunks=group // gc, bn=bn, mma=True, variant="sm90")
+    meta = dict(threads=256, smem=smem, bm_tok=rows // gc, chunks=group // gc, bn=bn, mma=True, variant="sm90",
+                ws=False)
     return _emit("prefill_attn_sm90.cu.j2", name, s, params, [name], meta)
+
+
+SM90_SMEM_MAX = 227 * 1024  # a Hopper block's dynamic shared-memory limit
+# setmaxnreg split of the 64K registers of an SM among 384 threads (flash-attention 3's for
+# cp.async-fed K/V): the producer's address arithmetic fits 40, the consumers hold O, S and P
+# (160 registers at head_dim 128) plus the softmax state in 232. 128 * 40 + 256 * 232 = 168 * 384,
+# what __launch_bounds__(384, 1) hands out at launch.
+WS_PRODUCER_REGS, WS_CONSUMER_REGS = 40, 232
+
+
+def _prefill_sm90_ws(s: PrefillAttnSpec, params: dict) -> KernelSource:
+    """Warp-specialised Hopper variant: a producer warpgroup fills a ring of K/V stages (as many as
+    fit, at most 4: 3 at head_dim 128, 4 at 64), two consumer warpgroups compute in ping-pong;
+    same grid as the other (q tile, heads, sequence), heaviest q tiles first."""
+    d, rows, bn = s.head_dim, 128, params["bn"]
+    chunks16, q_bytes, stage_bytes = params["chunks16"], params["q_bytes"], params["stage_bytes"]
+    per_stage = stage_bytes + 4 * 8  # + its 4 mbarriers (full / empty, K / V)
+    stages = min(4, (SM90_SMEM_MAX - 1024 - q_bytes) // per_stage)
+    smem = q_bytes + stages * per_stage + 1024  # + slack to align the base to 1024 bytes
+    p = dict(params, stages=stages, row_step=128 // chunks16, q_iters=64 * chunks16 // 128,
+             producer_regs=WS_PRODUCER_REGS, consumer_regs=WS_CONSUMER_REGS)
+    gc = params["gc"]
+    name = _name(f"prefill_attn_sm90ws_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    meta = dict(threads=384, smem=smem, bm_tok=rows // gc, chunks=params["chunks"], bn=bn, mma=True,
+                variant="sm90", ws=True, stages=stages)
+    return _emit("prefill_attn_sm90_ws.cu.j2", name, s, p, [name], meta)
 
 
 def _prefill(s: PrefillAttnSpec) -> KernelSource:
@@ -354,9 +403,9 @@ def _prefill(s: PrefillAttnSpec) -> KernelSource:
         pvv=pvv, pv_chunks=d // (tx * pvv), ocols=d // tx, mp=m + 4, stages=2, wait_n=0, ahead=1,
         prologue_stages=[0], chunks16=d * itemsize // 16, q_chunks=m * d * itemsize // 16,
         kv_chunks=bn * d * itemsize // 16, kv_elems=bn * t["kpad"], stage_elems=2 * bn * t["kpad"],
-        off_kv=t["off_kv"], off_p=t["off_p"], qk_unroll=2,
+        off_kv=t["off_kv"], off_p=t["off_p"], qk_unroll=2, kv_chunks8=bn * d // 16,
     )
-    name = _name(f"prefill_attn_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    name = _name(f"prefill_attn{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     meta = dict(threads=params["threads"], smem=t["smem"], bm_tok=m // gc, chunks=group // gc, bn=bn, mma=False,
                 variant="simt")
     return _emit("prefill_attn.cu.j2", name, s, params, [name], meta)

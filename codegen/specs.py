@@ -101,6 +101,9 @@ class RopeCacheSpec(_Spec):
     short_factor: tuple[float, ...] = ()  # "longrope" only: rotary_dim / 2 entries each
     long_factor: tuple[float, ...] = ()  # "longrope": used once seq_len > original_max_position
     dtype: str = "bf16"
+    # FP8 KV cache: K/V pages hold float8_e4m3fn values of K / k_scale, V / v_scale (the kernel
+    # takes the site's scales as arguments), else the run dtype
+    kv_fp8: bool = False
     origin: str = ""
 
     def __post_init__(self):
@@ -132,6 +135,15 @@ class RopeCacheSpec(_Spec):
                     _fail(self, name, f"longrope needs rotary_dim / 2 = {self.rotary_dim // 2} entries")
         if not self.attention_factor > 0:
             _fail(self, "attention_factor", f"must be > 0, got {self.attention_factor!r}")
+        _fp8_rows(self)
+
+
+def _fp8_rows(spec):
+    """An fp8 KV row is copied in 16-byte chunks: head_dim bytes must be whole chunks."""
+    if not isinstance(spec.kv_fp8, bool):
+        _fail(spec, "kv_fp8", f"must be a bool, got {spec.kv_fp8!r}")
+    if spec.kv_fp8 and spec.head_dim % 16:
+        _fail(spec, "head_dim", f"an fp8 KV cache needs head_dim % 16 == 0, got {spec.head_dim}")
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,7 @@ class _AttnSpec(_Spec):
     alibi_max: float = 0.0
     alibi_scale: float = 1.0
     dtype: str = "bf16"
+    kv_fp8: bool = False  # K/V pages hold float8_e4m3fn (K / k_scale, V / v_scale; scales: kernel arguments)
     origin: str = ""
 
     def __post_init__(self):
@@ -163,6 +176,7 @@ class _AttnSpec(_Spec):
             _fail(self, "window" if self.window < 0 else "softcap", "must be >= 0 (0 = off)")
         if self.alibi_max < 0:
             _fail(self, "alibi_max", "must be >= 0 (0 = off)")
+        _fp8_rows(self)
 
 
 @dataclass(frozen=True)
@@ -183,11 +197,17 @@ class PrefillAttnSpec(_AttnSpec):
     # launch wrapper retargets a spec to the device it runs on; 90 (the H100/H200) by default,
     # so `kiln show --kernels` prints what those GPUs run.
     sm: int = 90
+    # Where the wgmma kernel applies: its warp-specialised form (templates/prefill_attn_sm90_ws.cu.j2:
+    # a producer warpgroup loading K/V, two consumer warpgroups in ping-pong) instead of the one in
+    # which both warpgroups load and compute (prefill_attn_sm90.cu.j2). No effect elsewhere.
+    ws: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.sm, int) or isinstance(self.sm, bool) or self.sm < 70:
             _fail(self, "sm", f"must be a compute capability * 10 (int >= 70), got {self.sm!r}")
+        if not isinstance(self.ws, bool):
+            _fail(self, "ws", f"must be a bool, got {self.ws!r}")
 
 
 @dataclass(frozen=True)

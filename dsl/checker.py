@@ -20,7 +20,7 @@ from .bind import RopeScaling, bind_params, check_requires
 from .errors import SpecError
 from .exprs import evaluate
 from .ops import OPS, OpKind, ShapeError, T, TType, trt_unsupported
-from .plan import AttentionSite, Instr, Plan, Program, Value, WeightArg, WeightSlot, tie_chain
+from .plan import AttentionSite, Instr, Plan, Program, StateSite, Value, WeightArg, WeightSlot, tie_chain
 from .sources import resolve
 
 MAX_REPEAT = 4096  # copies of one block (layers, experts): beyond this a count is a mistake
@@ -66,6 +66,7 @@ class _Checker:
         self.params = params
         self.weights: dict[str, WeightSlot] = {}
         self.sites: list[AttentionSite] = []
+        self.state_sites: list[StateSite] = []
         self.types: dict[Value, TType] = {}
         self.counts: Counter = Counter()
         self.used_weights: set[tuple[str, str]] = set()  # (declaring block or "", weight name)
@@ -90,7 +91,8 @@ class _Checker:
             raise SpecError(f"the forward must return logits float[T, vocab], got {out}",
                             self._output_pos(g))
         self._unused()
-        return Plan(self.spec, self.params, program, self.weights, self.sites, self.types, self.counts).verify()
+        return Plan(self.spec, self.params, program, self.weights, self.sites, self.types, self.counts,
+                    self.state_sites).verify()
 
     def _output_pos(self, g: ir.Graph):
         for op in reversed(g.ops):
@@ -237,7 +239,12 @@ class _Checker:
             site = self._site(frame, types, attrs)
         elif kind is OpKind.MOE:
             experts = self._experts(op, frame, attrs, types)
-        instrs.append(Instr(kind, tuple(ins), attrs, outs, op, site, experts))
+        state = None
+        if sig.state is not None:  # a stateful op: its own slice of the recurrent state cache
+            st = sig.state(types, attrs)
+            state = len(self.state_sites)
+            self.state_sites.append(StateSite(state, frame.path or "forward", kind.value, tuple(st.shape), st.dtype))
+        instrs.append(Instr(kind, tuple(ins), attrs, outs, op, site, experts, state))
 
     def _attrs(self, op: ir.Op, frame: "_Frame") -> dict[str, Any]:
         sig = OPS[OpKind(op.kind)]

@@ -88,6 +88,19 @@ class AttentionSite:
 
 
 @dataclass(frozen=True)
+class StateSite:
+    """One stateful op after unrolling (a `causal_conv1d` or `selective_scan`): it owns one slice of
+    the per-sequence recurrent state cache, `shape` per sequence (a fixed size, whatever the
+    context length), stored in `dtype` ("float": the run dtype; "fp32")."""
+
+    index: int
+    path: str
+    kind: str  # the op's name
+    shape: tuple[int, ...]
+    dtype: str = "float"
+
+
+@dataclass(frozen=True)
 class Instr:
     kind: OpKind
     inputs: tuple[Arg, ...]
@@ -96,6 +109,7 @@ class Instr:
     op: ir.Op  # where it came from (position and source text, for messages and comments)
     site: int | None = None  # attention: its KV cache site
     experts: tuple["Program", ...] = ()  # moe: one program per expert
+    state: int | None = None  # stateful ops (causal_conv1d, selective_scan): its state site
 
     @property
     def out(self) -> Value:
@@ -129,6 +143,7 @@ class Plan:
     sites: list[AttentionSite]
     types: dict[Value, TType]
     op_counts: Counter = field(default_factory=Counter)
+    state_sites: list[StateSite] = field(default_factory=list)  # per-sequence recurrent state (SSM layers)
 
     @property
     def vocab_size(self) -> int:
@@ -152,6 +167,7 @@ class Plan:
         """Check the invariants every backend relies on; returns the plan. Run after the checker
         and after every pass. A failure is a bug in Kiln (PlanError), not in the spec."""
         seen_sites: list[int] = []
+        seen_states: list[int] = []
 
         def program(prog: Program, defined: set[Value]) -> None:
             defined = set(defined) | set(prog.inputs)
@@ -183,6 +199,10 @@ class Plan:
                     raise PlanError(f"{ins.kind.value} at {ins.op.pos}: KV site {ins.site}")
                 if ins.site is not None:
                     seen_sites.append(ins.site)
+                if (sig.state is not None) != (ins.state is not None):
+                    raise PlanError(f"{ins.kind.value} at {ins.op.pos}: state site {ins.state}")
+                if ins.state is not None:
+                    seen_states.append(ins.state)
                 if (ins.kind is OpKind.MOE) != bool(ins.experts):
                     raise PlanError(f"{ins.kind.value} at {ins.op.pos}: {len(ins.experts)} expert programs")
                 for p in ins.experts:
@@ -193,6 +213,9 @@ class Plan:
         program(self.program, set())
         if seen_sites != list(range(len(self.sites))) or any(s.index != i for i, s in enumerate(self.sites)):
             raise PlanError(f"attention sites {seen_sites} do not number 0..{len(self.sites) - 1} in order")
+        if seen_states != list(range(len(self.state_sites))) or \
+                any(s.index != i for i, s in enumerate(self.state_sites)):
+            raise PlanError(f"state sites {seen_states} do not number 0..{len(self.state_sites) - 1} in order")
         for name, slot in self.weights.items():
             if slot.name != name:
                 raise PlanError(f"weight slot {name} is named {slot.name}")

@@ -185,11 +185,12 @@ class QWeight:
         return y.to(x.dtype)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The `linear` op's reference: a plain weight, or a quantized one through its format."""
-    if isinstance(w, QWeight):
-        return w.linear(x, bias)
-    return F.linear(x, w, bias)
+def linear(x: torch.Tensor, w: torch.Tensor | QWeight, bias: torch.Tensor | None = None,
+           lora: Any = None, name: str | None = None) -> torch.Tensor:
+    """The `linear` op's reference: a plain weight, or a quantized one through its format; then,
+    given the step's LoRA (runtime/lora.py LoraStep), each row's adapter delta on weight `name`."""
+    y = w.linear(x, bias) if isinstance(w, QWeight) else F.linear(x, w, bias)
+    return y if lora is None else lora.apply(name, x, y)
 
 
 def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,6 +42,8 @@ class EngineStats:
     kv_pages_total: int = 0
     preemptions: int = 0
     steps: int = 0
+    prefix_query_tokens: int = 0  # so far: tokens admitted requests needed in the KV cache
+    prefix_hit_tokens: int = 0  # so far: of those, tokens found in the prefix cache
 
 
 @dataclass
@@ -265,7 +267,8 @@ class AsyncLLMEngine:
     def _publish(self, outputs: list[RequestOutput], errors: list) -> None:
         sched, pool = self.engine.scheduler, self.engine.pool
         self.stats = EngineStats(len(sched.running), len(sched.waiting), pool.num_used, pool.num_pages,
-                                 sched.num_preemptions, self.stats.steps + 1)
+                                 sched.num_preemptions, self.stats.steps + 1, sched.prefix_query_tokens,
+                                 sched.prefix_hit_tokens)
         try:
             self.hooks.on_step(self.stats)
         except Exception:

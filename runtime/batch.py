@@ -30,6 +30,11 @@ class SeqSlice:
     context: int  # tokens of this sequence already written to the KV cache
     block_table: tuple[int, ...]  # KV cache page ids, in order
     sample: bool = True  # produce logits for its last new token
+    state_slot: int = 0  # its slot in the recurrent state cache (models with state sites: runtime/state_cache.py)
+    # Logits for its last `logits` new tokens when sampled (speculative verification: the last
+    # accepted token and k draft tokens give k + 1 rows); 1 otherwise.
+    logits: int = 1
+    adapter: int = -1  # LoRA adapter slot of its request (runtime/lora.py LoraSet); -1: the base model
 
     @property
     def end(self) -> int:
@@ -53,8 +58,9 @@ class StepBatch:
         return torch.cat(parts).to(self.tokens.device)
 
     def sample_rows(self) -> list[int]:
-        """Flat indices of the tokens whose logits are sampled (last token of each sampled seq)."""
-        return [s.end - 1 for s in self.seqs if s.sample]
+        """Flat indices of the tokens whose logits are sampled: the last token of each sampled seq
+        (its last `logits` tokens for a speculative verification)."""
+        return [i for s in self.seqs if s.sample for i in range(s.end - s.logits, s.end)]
 
     def validate(self, page_size: int) -> None:
         offset = 0
@@ -63,6 +69,8 @@ class StepBatch:
                 raise ValueError(f"sequence {i} starts at {s.start}, expected {offset}")
             if s.length <= 0:
                 raise ValueError(f"sequence {i} has no new tokens")
+            if not 1 <= s.logits <= s.length:
+                raise ValueError(f"sequence {i}: logits for {s.logits} tokens of {s.length} new ones")
             if len(s.block_table) * page_size < s.context + s.length:
                 raise ValueError(
                     f"sequence {i}: block table of {len(s.block_table)} pages cannot hold "

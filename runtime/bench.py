@@ -7,16 +7,23 @@ latency:    copy bandwidth and bf16 matmul rate (measured now), batch-1 decode s
             matmul rate, and Hugging Face transformers `generate()` per-step time (--hf).
 throughput: N requests with fixed input/output lengths submitted at once through the engine:
             output tok/s, requests/s, TTFT and TPOT percentiles; HF `generate()` at a batch size
-            in the same run (--hf-batch).
+            in the same run (--hf-batch); --shared-prefix N gives every prompt the same first N
+            tokens, and the prefix cache's hit rate is reported.
+prefix:     TTFT of a request whose system prompt (--prefix tokens, default 2,000) is in the
+            prefix cache vs one whose system prompt is new, --reps of each, medians and their ratio
+            (target <= 0.15 at the 8B shape of BENCHMARKS.md).
 startup:    process start to first token of `kiln generate` in fresh processes (any machine; the
             figure in BENCHMARKS.md is of the default model on a 2-core CPU).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,6 +33,7 @@ from .batch import SeqSlice, StepBatch
 from .bench_serve import percentiles
 from .engine import EngineConfig, LLMEngine
 from .kv_store import KVStore
+from .lora import random_adapters
 from .model import random_model
 from .sampling_params import SamplingParams
 
@@ -114,6 +122,12 @@ def latency(args) -> dict:
         "ttft_ms": ttft,
         "ttft_floor_ms": 2 * params * args.prompt / mm * 1e3,
     }
+    if getattr(args, "speculative", None):
+        m.model = kv = None
+        torch.cuda.empty_cache()
+        result.update(speculative_decode(args.spec, _config(args.config), args.speculative,
+                                         args.num_speculative_tokens, args.draft_layers, args.steps,
+                                         backend=args.backend))
     if args.hf:
         m.model = kv = None  # free the GPU for the HF model
         torch.cuda.empty_cache()
@@ -175,6 +189,24 @@ def hf_decode_ms(config_path: str, steps: int, batch: int = 1, prompt: int = 128
 
 
 def throughput(args) -> dict:
+    if getattr(args, "guided", None):  # the same workload free first, then every request constrained
+        free = _throughput(argparse.Namespace(**{**vars(args), "guided": None, "hf_batch": 0, "_tokenizer": True}))
+        result = _throughput(argparse.Namespace(**{**vars(args), "_tokenizer": True}))
+        result["free_decode_step_ms_p50"] = free["decode_step_ms_p50"]
+        result["free_output_tok_s"] = free["output_tok_s"]
+        result["guided_step_overhead"] = result["decode_step_ms_p50"] / max(free["decode_step_ms_p50"], 1e-9) - 1
+        return result
+    if getattr(args, "lora_adapters", 0):  # the same workload without adapters first, then with them
+        base = throughput(argparse.Namespace(**{**vars(args), "lora_adapters": 0, "hf_batch": 0}))
+        result = _throughput(args)
+        result["base_decode_step_ms_p50"] = base["decode_step_ms_p50"]
+        result["base_output_tok_s"] = base["output_tok_s"]
+        result["lora_decode_ratio"] = base["decode_step_ms_p50"] / max(result["decode_step_ms_p50"], 1e-9)
+        return result
+    return _throughput(args)
+
+
+def _throughput(args) -> dict:
     result: dict = {}
     if args.hf_batch:  # first, on an empty GPU
         ms = hf_decode_ms(args.config, 32, batch=args.hf_batch, prompt=args.input_len)
@@ -188,15 +220,32 @@ def throughput(args) -> dict:
     engine = LLMEngine(m, None, EngineConfig(page_size=16, max_num_seqs=args.max_batch,
                                              kv_memory_fraction=args.kv_fraction,
                                              max_tokens_per_step=args.max_tokens_per_step,
-                                             max_model_len=args.input_len + args.output_len))
+                                             max_model_len=args.input_len + args.output_len,
+                                             enable_prefix_caching=getattr(args, "prefix_caching", True)))
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, m.plan.vocab_size, (args.requests, args.input_len), generator=gen).tolist()
+    shared = min(getattr(args, "shared_prefix", 0), args.input_len)
+    for p in prompts[1:]:
+        p[:shared] = prompts[0][:shared]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    if getattr(args, "_tokenizer", False):  # --guided: both runs detokenise, so only the grammar differs
+        engine.tokenizer = guided_tokenizer()  # (requests ignore EOS: the scheduler needs none)
+        prompts = [[t % engine.tokenizer.vocab_size for t in p] for p in prompts]
+    if getattr(args, "guided", None):
+        params = replace(params, guided=guided_workload(args.guided, args.output_len))
+        result["guided"] = args.guided
+    loras: list = []
+    if getattr(args, "lora_adapters", 0):  # random PEFT adapters on every linear, round-robin over requests
+        folder = tempfile.mkdtemp(prefix="kiln-lora-")
+        for name, path in random_adapters(m.plan, args.lora_adapters, args.lora_rank, folder).items():
+            engine.load_lora(name, path)
+            loras.append(replace(params, lora=name))
+        result.update(lora_adapters=args.lora_adapters, lora_rank=args.lora_rank)
     start = time.perf_counter()
     first: dict[str, float] = {}
     end: dict[str, float] = {}
-    for p in prompts:
-        engine.add_request(p, params)
+    for i, p in enumerate(prompts):
+        engine.add_request(p, loras[i % len(loras)] if loras else params)
     kinds: dict[str, list[float]] = {"decode": [], "mixed": []}  # step wall times by kind
     last = time.perf_counter()
     while engine.has_unfinished():
@@ -217,6 +266,7 @@ def throughput(args) -> dict:
         "ttft_p50_ms": ttft["p50"], "ttft_p99_ms": ttft["p99"],
         "tpot_p50_ms": tpot["p50"], "tpot_p99_ms": tpot["p99"], "seconds": total,
         "kv": engine.capacity, "preemptions": engine.scheduler.num_preemptions,
+        **prefix_stats(engine),
         # where the time went: decode-only steps (CUDA graphs) and steps with prompt tokens (eager)
         "decode_steps": len(kinds["decode"]), "decode_steps_s": sum(kinds["decode"]),
         "decode_step_ms_p50": percentiles(kinds["decode"])["p50"] if kinds["decode"] else 0.0,
@@ -224,6 +274,86 @@ def throughput(args) -> dict:
         "mixed_step_ms_p50": percentiles(kinds["mixed"])["p50"] if kinds["mixed"] else 0.0,
     })
     return result
+
+
+def guided_tokenizer():
+    """The embedded SmolLM2's tokenizer: the grammar engine needs one; a random model's larger
+    vocabulary only adds tokens that are never allowed."""
+    from .checkpoint import open_checkpoint
+    from .gguf_file import default_model_path
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.from_checkpoint(open_checkpoint(default_model_path()))
+
+
+def guided_workload(kind: str, output_len: int) -> dict:
+    """A constraint that cannot complete within output_len tokens (so constrained requests run as
+    many steps as free ones): JSON with at least output_len array items, or an endless regex."""
+    if kind == "json":
+        return {"json": {"type": "object", "properties": {"values": {
+            "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 10**6}, "minItems": output_len}},
+            "required": ["values"], "additionalProperties": False}}
+    return {"regex": "(?:[a-z]+ ){" + str(output_len) + ",}[a-z]+"}
+
+
+def prefix_stats(engine: LLMEngine) -> dict:
+    """The prefix cache's counters: hit rate = tokens served from the cache / prompt tokens."""
+    s = engine.scheduler
+    return {"prefix_caching": s.prefix_caching, "prefix_query_tokens": s.prefix_query_tokens,
+            "prefix_hit_tokens": s.prefix_hit_tokens,
+            "prefix_hit_rate": s.prefix_hit_tokens / s.prefix_query_tokens if s.prefix_query_tokens else 0.0}
+
+
+def prefix(args) -> dict:
+    """TTFT (add_request to the first token, one request alone) of a prompt of --prefix system
+    tokens + --suffix user tokens, when the system prompt is new (uncached) and when a request
+    with the same system prompt and another user suffix ran just before (cached: only the suffix
+    is computed, its queries attending to the cached pages). Each kind --reps times, alternating,
+    each uncached one with a new random system prompt; medians. max_tokens_per_step holds a whole
+    prompt, so an uncached TTFT is one prefill step, as in `bench latency`."""
+    cpu = getattr(args, "device", "cuda") == "cpu"
+    device = "cpu" if cpu else "cuda"
+    m = random_model(args.spec, _config(args.config), dtype="fp32" if cpu else "bf16", device=device,
+                     backend=args.backend, quantization=args.quantization or "none",
+                     kv_cache_dtype=args.kv_cache_dtype or "auto")
+    n = args.prefix + args.suffix
+    page = 16
+    per_prompt = -(-n // page)
+    # Room for every prompt of the run at once, so that nothing is evicted between the two requests of a pair.
+    engine = LLMEngine(m, None, EngineConfig(page_size=page, num_pages=(2 * args.reps + 6) * per_prompt,
+                                             max_num_seqs=2, max_tokens_per_step=max(2048, n), max_model_len=n + 1))
+    gen = torch.Generator().manual_seed(0)
+    vocab = m.plan.vocab_size
+
+    def tokens(k: int) -> list[int]:
+        return torch.randint(0, vocab, (k,), generator=gen).tolist()
+
+    def ttft(prompt: list[int]) -> float:
+        if not cpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()  # the sampled token is on the host when step returns
+        return time.perf_counter() - t0
+
+    sched = engine.scheduler
+    uncached, cached, hits = [], [], []
+    for rep in range(args.reps + 1):  # the first pair warms up both paths (kernels, allocator)
+        system = tokens(args.prefix)
+        before = sched.prefix_hit_tokens
+        t_new = ttft(system + tokens(args.suffix))
+        if sched.prefix_hit_tokens != before:
+            raise BenchError("a new random system prompt hit the prefix cache: the benchmark is broken")
+        t_hit = ttft(system + tokens(args.suffix))
+        if rep:
+            uncached.append(t_new)
+            cached.append(t_hit)
+            hits.append(sched.prefix_hit_tokens - before)
+    u, c = statistics.median(uncached), statistics.median(cached)
+    return {"prefix_tokens": args.prefix, "suffix_tokens": args.suffix, "reps": args.reps,
+            "ttft_uncached_ms": u * 1e3, "ttft_cached_ms": c * 1e3, "cached_over_uncached": c / u,
+            "cached_tokens_per_hit": statistics.median(hits), "kv": engine.capacity, **prefix_stats(engine)}
 
 
 class BenchError(Exception):
@@ -290,6 +420,10 @@ THROUGHPUT_DEFAULTS = {"cuda": dict(requests=1000, input_len=1000, output_len=10
                        "cpu": dict(requests=4, input_len=32, output_len=8, max_batch=4)}
 
 
+# prefix's workload when not given: the issue's 2,000-token system prompt on a GPU; a smoke run on a CPU
+PREFIX_DEFAULTS = {"cuda": dict(prefix=2000, suffix=32), "cpu": dict(prefix=64, suffix=8)}
+
+
 def check_args(args) -> None:
     """latency / throughput: the option combinations this machine can run (fills in the defaults
     that depend on the device)."""
@@ -300,13 +434,17 @@ def check_args(args) -> None:
         for name, value in THROUGHPUT_DEFAULTS["cpu" if cpu else "cuda"].items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
-    if cpu and (args.backend != "reference" or args.hf_batch):
+    if args.mode == "prefix":
+        for name, value in PREFIX_DEFAULTS["cpu" if cpu else "cuda"].items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    if cpu and (args.backend != "reference" or getattr(args, "hf_batch", 0)):
         raise BenchError("--device cpu runs the reference backend without an HF baseline (no --backend cuda, "
                          "no --hf-batch): a smoke run of the benchmark's code, not a measurement")
     if not cpu and not torch.cuda.is_available():
         raise BenchError(f"`kiln bench {args.mode}` measures a CUDA GPU and this machine has none"
-                         + (" (`throughput --device cpu` is a smoke run of its code)" if args.mode == "throughput"
-                            else ""))
+                         + (f" (`{args.mode} --device cpu` is a smoke run of its code)"
+                            if args.mode in ("throughput", "prefix") else ""))
 
 
 PEERS = Path(__file__).resolve().parent.parent / "configs" / "trtllm-perf-overview.json"
@@ -342,7 +480,7 @@ def main(args) -> int:
           f"config {args.config}, backend {args.backend}, {'fp32' if cpu else 'bf16'}")
     if args.mode == "throughput" and args.sweep:
         return sweep(args, name, "fp32" if cpu else "bf16")
-    r = latency(args) if args.mode == "latency" else throughput(args)
+    r = latency(args) if args.mode == "latency" else prefix(args) if args.mode == "prefix" else throughput(args)
     print(json.dumps(r, indent=1, default=str))
     print("| metric | value |\n| --- | --- |")
     for k, v in r.items():
@@ -351,7 +489,66 @@ def main(args) -> int:
         print(f"decode / roofline = {r['decode_ms'] / r['roofline_ms']:.3f} (target <= 1.10); "
               f"TTFT / floor = {r['ttft_ms'] / r['ttft_floor_ms']:.3f} (target <= 1.3)"
               + (f"; HF generate / kiln = {r['hf_decode_ms'] / r['decode_ms']:.1f}x" if "hf_decode_ms" in r else ""))
+    elif args.mode == "prefix":
+        print(f"TTFT with a cached {r['prefix_tokens']}-token system prompt: {r['ttft_cached_ms']:.2f} ms, "
+              f"uncached: {r['ttft_uncached_ms']:.2f} ms; cached / uncached = {r['cached_over_uncached']:.3f} "
+              f"(target <= 0.15)")
     elif "hf_output_tok_s" in r:
         print(f"kiln / HF generate(batch {r['hf_batch']}) = {r['output_tok_s'] / r['hf_output_tok_s']:.2f}x "
               f"(target >= 8); TensorRT-LLM published: 15,220 tok/s (1000/1000, FP8, H100 SXM)")
     return 0
+
+
+def speculative_decode(spec, config: dict, method: str, k: int, draft_layers: int | None, steps: int,
+                       backend: str = "cuda", device: str = "cuda", prompt_len: int = 256) -> dict:
+    """Batch-1 greedy decode of `steps` tokens through the engine, plain and speculative, in the
+    same run: tokens/s of each, acceptance length, tokens per target step, the speedup.
+    The draft (method "draft") is the target truncated to `draft_layers` layers (default: a
+    quarter), sharing its weights; the prompt is a random 32-token block repeated, so n-gram
+    lookup finds matches (random-weight models also tend to repeat themselves)."""
+    from .model import make_backend
+    from .speculative import truncated_copy
+
+    dtype = "fp32" if device == "cpu" else "bf16"
+    ref = random_model(spec, config, dtype=dtype, device=device, backend="reference")
+    # The reference model's weights, shared by the target's backend and the draft's.
+    target = replace(ref, model=make_backend(ref.plan, dict(ref.model.weights), backend, device))
+    draft = None
+    if method == "draft":
+        draft_layers = draft_layers or max(1, int(config.get("num_hidden_layers", 4)) // 4)
+        draft = truncated_copy(ref, spec, config, draft_layers, backend)
+    gen = torch.Generator().manual_seed(0)
+    block = torch.randint(0, ref.plan.vocab_size, (32,), generator=gen).tolist()
+    prompt = (block * (prompt_len // 32 + 1))[:prompt_len]
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+
+    def run(spec_method):
+        cfg = EngineConfig(page_size=16, max_num_seqs=1, max_model_len=prompt_len + steps + k + 1,
+                           num_pages=-(-(prompt_len + steps + k + 1) // 16) + 1, speculative=spec_method,
+                           num_speculative_tokens=k)
+        engine = LLMEngine(target, None, cfg, draft=draft if spec_method == "draft" else None)
+        engine.add_request(prompt, params)
+        engine.step()  # the prefill (and first token)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0, n0, steps_run = time.perf_counter(), 1, 0
+        out = None
+        while engine.has_unfinished():
+            outs = engine.step()
+            steps_run += 1
+            out = outs[-1] if outs else out
+        if device != "cpu":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        n = len(out.outputs[0].token_ids) - n0 if out else 0
+        return n / dt if dt > 0 else 0.0, n / max(steps_run, 1), engine.spec_stats, out.outputs[0].token_ids
+
+    for _ in range(2):  # warm-up of both paths (kernels, graphs)
+        run(None)
+        run(method)
+    plain_tps, _, _, plain_tokens = run(None)
+    spec_tps, per_step, stats, spec_tokens = run(method)
+    return {"spec_method": method, "spec_k": k, "spec_draft_layers": draft_layers if draft is not None else 0,
+            "plain_decode_tok_s": plain_tps, "spec_decode_tok_s": spec_tps, "spec_speedup": spec_tps / plain_tps,
+            "spec_acceptance_length": stats.acceptance_length, "spec_acceptance_rate": stats.acceptance_rate,
+            "spec_tokens_per_target_step": per_step, "spec_same_tokens": spec_tokens == plain_tokens}

@@ -27,10 +27,11 @@ from .batch import StepBatch, host_meta
 from .cuda_moe import MoeStep
 from .cuda_quant import QGemm, SplitGemm
 from .kv_store import KVStore
+from .lora import CudaLora, adapter_rows
 from .reference import StepContext
 
 # Ops whose references read the step on the host (see CudaModel.use_graphs).
-_HOST_READERS = (OpKind.MOE, OpKind.ATTENTION, OpKind.ROPE)
+_HOST_READERS = (OpKind.MOE, OpKind.ATTENTION, OpKind.ROPE, OpKind.CAUSAL_CONV1D, OpKind.SELECTIVE_SCAN)
 
 # Decode batch sizes a CUDA graph is captured for (a batch runs in the smallest that holds it).
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
@@ -89,8 +90,13 @@ class CudaModel:
                 op.spec = canon(op.spec)
         # Every op but attention treats rows (tokens) independently, so after the last attention
         # only the rows whose logits are wanted need computing (a prefill samples one row).
-        attn_at = [n for n, op in enumerate(self.ops) if op.kind is Exec.ATTENTION]
+        # (The state-space ops, conv and scan, mix rows of a sequence too.)
+        attn_at = [n for n, op in enumerate(self.ops) if op.kind is Exec.ATTENTION
+                   or op.instrs[0].kind in (OpKind.CAUSAL_CONV1D, OpKind.SELECTIVE_SCAN)]
         self._rows_from = attn_at[-1] + 1 if attn_at else 0
+        self._live_tail = {a for op in self.ops[self._rows_from:] for a in op.ins if isinstance(a, Value)}
+        self._live_tail |= {a for op in self.ops[self._rows_from:] for ins in op.instrs for a in ins.inputs
+                            if isinstance(a, Value)}
         # Weights that only fed a fused GEMM live on in its concatenation: drop the originals.
         needed = {a.name for op in self.ops if op.kind is not Exec.GEMM for ins in op.instrs for a in ins.inputs
                   if isinstance(a, WeightArg)}
@@ -105,6 +111,7 @@ class CudaModel:
         self.use_graphs = use_graphs and not any(op.kind is Exec.TORCH and op.instrs[0].kind in _HOST_READERS
                                                  for op in self.ops)
         self._graphs: dict[int, _Graph] = {}
+        self._lora = CudaLora(self)  # LoRA adapters of `self.lora` (a runtime/lora.py LoraSet, set by the engine)
         self.reserve(max_batch, max_context)
 
     def reserve(self, max_seqs: int, max_context: int) -> None:
@@ -147,6 +154,8 @@ class CudaModel:
         batch.validate(kv.page_size)
         if len(batch.seqs) > self.max_batch:  # a caller that did not reserve: size up (drops graphs)
             self.reserve(len(batch.seqs), self.max_context)
+        if self._lora.sync(getattr(self, "lora", None)):
+            self._graphs.clear()  # captured with the old adapters' buffers
         decode = all(s.length == 1 for s in batch.seqs)
         longest = max(s.context + s.length for s in batch.seqs)
         if self.use_graphs and decode and not all_logits and longest <= self.max_context:
@@ -158,19 +167,27 @@ class CudaModel:
                 return graph.replay(batch)[: len(batch.seqs)].float()
         tokens = batch.tokens.to(self.device, non_blocking=True)
         meta = self._meta(batch)
-        rows = None if all_logits else torch.tensor(batch.sample_rows()).pin_memory().to(self.device, non_blocking=True)
-        return self._run(tokens, meta, kv, batch, rows=rows).float()
+        sample = batch.sample_rows()
+        rows = None if all_logits else torch.tensor(sample).pin_memory().to(self.device, non_blocking=True)
+        lora = None
+        if self._lora.ops:  # each row's adapter, grouped; and the sampled rows' alone, past the last attention
+            per_row = adapter_rows(batch).numpy()
+            lora = (self._lora.rows(per_row), None if all_logits else self._lora.rows(per_row[sample]))
+        return self._run(tokens, meta, kv, batch, rows=rows, lora=lora).float()
 
     def _run(self, tokens: torch.Tensor, meta: _Meta, kv: KVStore, batch: StepBatch | None,
-             trace: dict | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+             trace: dict | None = None, rows: torch.Tensor | None = None, lora: tuple | None = None) -> torch.Tensor:
         """Logits of all rows, or of `rows` only. `trace`, if given, receives every value by
         name (tests use it to find where two backends first differ)."""
         env: dict[Value, torch.Tensor] = {Value("tokens"): tokens, Value("positions"): meta.positions}
         step = _Run(self, tokens, meta, kv, batch, tokens.shape[0])
+        step.lora = lora[0] if lora is not None else None  # (all rows, sampled rows) grouped by adapter
         for n, op in enumerate(self.ops):
             if n == self._rows_from and rows is not None:
+                step.lora = lora[1] if lora is not None else None
+                # Only the values later steps read (a handful, not every layer's): one gather each.
                 env = {name: v.index_select(0, rows) if v.dim() and v.shape[0] == step.T else v
-                       for name, v in env.items()}
+                       for name, v in env.items() if name in self._live_tail}
                 step.T = rows.shape[0]
             run = _RUN.get(op.kind)
             if run is None:
@@ -185,6 +202,8 @@ class CudaModel:
         w, b = self._gemm[n]
         y = w(env[op.ins[0]], b) if isinstance(w, (QGemm, SplitGemm)) else \
             torch.nn.functional.linear(env[op.ins[0]], w, b)
+        if step.lora is not None:  # each row's LoRA adapter: y += (x A^T) B^T (runtime/lora.py)
+            self._lora.apply(n, env[op.ins[0]], y, step.lora)
         if op.extra["fused"]:
             for name, (start, width) in zip(op.outs, op.extra["slices"]):
                 env[name] = y[:, start:start + width]
@@ -237,12 +256,16 @@ class CudaModel:
     def _attention(self, op: KOp, env, meta: _Meta, kv: KVStore, T: int) -> torch.Tensor:
         rope, dspec, pspec = op.spec
         q, k, v = (env[i] for i in op.ins)
-        kc, vc = kv.k[op.extra["site"]], kv.v[op.extra["site"]]
+        site = op.extra["site"]
+        kc, vc = kv.k[site], kv.v[site]
+        # An fp8 site's scales: plain kernel arguments (fixed per site, so captured graphs stay valid)
+        scales = dict(k_scale=kv.k_scale[site], v_scale=kv.v_scale[site])
         K.rope_write_kv(rope, q, k, v, meta.positions, meta.slots, kc, vc,
-                        seq_len=meta.seq_len if rope.scaling in ("dynamic", "longrope") else None)
+                        seq_len=meta.seq_len if rope.scaling in ("dynamic", "longrope") else None, **scales)
         out = torch.empty(T, dspec.heads * dspec.head_dim, dtype=self.dtype, device=self.device)
         if meta.fresh is not None and not pspec.window and not pspec.softcap and not pspec.alibi_max \
-                and pspec.causal and K.render(K.prefill_for_device(pspec, self.device)).meta["variant"] != "sm90":
+                and pspec.causal and not pspec.kv_fp8 \
+                and K.render(K.prefill_for_device(pspec, self.device)).meta["variant"] != "sm90":
             # Whole prompts (no cached context): torch's flash attention (SDPA) over the rotated
             # K/V just written to the cache, gathered page by page. (ALiBi takes the kernel path;
             # so does every prompt on Hopper, whose wgmma prefill kernel reads the paged cache.)
@@ -257,10 +280,10 @@ class CudaModel:
                 out[start:start + length] = o[0].transpose(0, 1).flatten(1)
         elif meta.decode:
             K.paged_decode_attention(dspec, q, kc, vc, meta.block_tables, meta.kv_lens, out,
-                                     self._scratch[dspec.key()], meta.max_context)
+                                     self._scratch[dspec.key()], meta.max_context, **scales)
         else:
             K.prefill_attention(pspec, q, kc, vc, meta.block_tables, meta.cu_seqlens, meta.kv_lens, out,
-                                meta.max_q_len)
+                                meta.max_q_len, **scales)
         return out
 
 
@@ -303,6 +326,7 @@ class _Run:
 
     def __init__(self, model: CudaModel, tokens, meta: _Meta, kv: KVStore, batch: StepBatch | None, T: int):
         self.model, self.tokens, self.meta, self.kv, self.batch, self.T = model, tokens, meta, kv, batch, T
+        self.lora = None  # runtime/lora.py LoraRows of this step's rows, if any has an adapter
         self.positions = meta.positions
         self._host: StepContext | None = None
 
@@ -362,8 +386,10 @@ class _Graph:
             decode=True, max_q_len=1, max_context=model.max_context)
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
+        self.lora = model._lora.static_rows(size)  # adapters' row grouping, refreshed per replay
+        lora = (self.lora, None) if self.lora is not None else None
         with torch.cuda.stream(stream):  # warm up (first launches load modules, cuBLAS picks algorithms)
-            model._run(self.tokens, self.meta, kv, None)
+            model._run(self.tokens, self.meta, kv, None, lora=lora)
         torch.cuda.current_stream(dev).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         # No garbage collection inside the capture: collecting an unreachable CUDA graph (or its
@@ -372,7 +398,7 @@ class _Graph:
         gc.disable()
         try:
             with torch.cuda.graph(self.graph):
-                self.logits = model._run(self.tokens, self.meta, kv, None)
+                self.logits = model._run(self.tokens, self.meta, kv, None, lora=lora)
         finally:
             gc.enable()
         self.host = torch.empty(5, size, dtype=torch.int64).pin_memory()
@@ -382,6 +408,8 @@ class _Graph:
     def replay(self, batch: StepBatch) -> torch.Tensor:
         m = self.meta
         fill_decode_buffers(batch, self.model.page_size, self.host_np, self.tables_np)
+        if self.lora is not None:
+            self.model._lora.fill(self.lora, [s.adapter for s in batch.seqs])
         h = self.host
         self.tokens.copy_(h[0], non_blocking=True)
         m.positions.copy_(h[1], non_blocking=True)

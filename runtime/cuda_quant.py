@@ -3,10 +3,12 @@
 A step may fuse sibling linears (codegen/fuse.py: their rows at 16-byte aligned slices, zeros
 between); `prepare` builds the fused storage from the siblings' `QWeight`s, and `QGemm.__call__`
 computes what `QWeight.linear` (dsl/quant.py, the reference) computes for each sibling:
+  fp8 activations quantized by a generated kernel (templates/quant_act.cu.j2: amax, scale and
+                  fp8 values in one or two launches, bit-equal to the torch ops it replaces), then
   fp8 per-tensor  activations scaled per tensor on the GPU (no host sync), cuBLASLt's fp8 GEMM
                   (`torch._scaled_mm`); siblings with different scales are requantized to the
                   largest (as vLLM does for fused QKV: a rounding step the reference does not take)
-  fp8 per-channel activations scaled per token, `_scaled_mm` with row/column scales
+  fp8 per-channel activations scaled per token, `_scaled_mm` in fp32 with unit scales, then both
   int4 / int8 weight-only, ggml q4_0 / q4_1 / q8_0
                   generated kernels (codegen/quant_kernels.py, templates/gemv_wq.cu.j2) on a layout
                   `repack` builds once at load: T <= GEMV_MAX_T rows through the GEMV (tensor cores,
@@ -24,8 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from kiln.codegen.quant_kernels import GEMV_MAX_T, Packed, pack, repack  # noqa: F401  (re-exported)
+from kiln.codegen.quant_kernels import GEMV_MAX_T, ActQuantSpec, Packed, act_quant_fp8, pack, repack  # noqa: F401
 from kiln.dsl.quant import FP8_MAX, QuantDesc, QWeight, quantize_rows
+
+ACT_KERNEL = True  # fp8 activations through the generated kernel; False: the torch ops (the bench compares)
 
 
 def runs(desc: QuantDesc) -> bool:
@@ -43,23 +47,54 @@ class QGemm:
     scale: torch.Tensor  # fp8 per-tensor: [] ; per-channel: [1, out]
     weight: QWeight | None = None  # formats without a fused kernel yet: the (fused) stored weight
     input_scale: torch.Tensor | None = None
+    origin: str = "linear"
     packed: "Packed | None" = None  # weight-only formats with a generated kernel
+    partial: torch.Tensor | None = None  # fp8 dynamic per-tensor: the amax launch's block maxima
+
+    def quantize_act(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x -> (fp8 values, fp32 scale) through the generated kernel (templates/quant_act.cu.j2): the
+        same bits as the torch ops below, in one launch (per token, static) or two (dynamic per tensor)."""
+        from kiln.codegen.specs import dtype_name
+
+        d = self.desc
+        x = x.contiguous()
+        T = x.shape[0]
+        mode = "tensor" if d.act == "fp8_tensor" else "token"
+        spec = ActQuantSpec(mode, x.shape[1], mode == "tensor" and d.act_static, dtype_name(x.dtype), self.origin)
+        xq = torch.empty(T, x.shape[1], dtype=torch.float8_e4m3fn, device=x.device)
+        if spec.static:
+            sx = self.input_scale.float().reshape(())
+        else:
+            sx = torch.empty((T, 1) if mode == "token" else (), dtype=torch.float32, device=x.device)
+        if mode == "tensor" and not spec.static and (self.partial is None or self.partial.device != x.device):
+            self.partial = torch.empty(1024, dtype=torch.float32, device=x.device)  # >= 2 blocks per SM
+        act_quant_fp8(spec, x, xq, sx, self.partial)
+        return xq, sx
+
+    def quantize_act_torch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same as `quantize_act` with torch ops (dsl/quant.py's reference arithmetic)."""
+        d = self.desc
+        xf = x.float()
+        if d.act == "fp8_tensor":
+            sx = self.input_scale.float() if d.act_static else xf.abs().amax().clamp(min=1e-12) / FP8_MAX
+            return (xf / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), sx.reshape(())
+        xqf, sx = quantize_rows(xf, "fp8")
+        return xqf.to(torch.float8_e4m3fn), sx.float()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         d = self.desc
         if self.packed is not None:
             return self.packed.linear(x, bias)
         if d.dtype == "fp8":
-            xf = x.float()
-            if d.act == "fp8_tensor":
-                sx = self.input_scale if d.act_static else xf.abs().amax().clamp(min=1e-12) / FP8_MAX
-                xq = (xf / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-                sx = sx.reshape(())
-            else:
-                xqf, sx = quantize_rows(xf, "fp8")
-                xq = xqf.to(torch.float8_e4m3fn)
-            return torch._scaled_mm(xq, self.q.t(), scale_a=sx.float(), scale_b=self.scale, bias=bias,
-                                    out_dtype=x.dtype)
+            kernel = ACT_KERNEL and x.is_cuda and x.shape[1] % (16 // x.element_size()) == 0
+            xq, sx = self.quantize_act(x) if kernel else self.quantize_act_torch(x)
+            if self.scale.dim() == 0:
+                return torch._scaled_mm(xq, self.q.t(), scale_a=sx, scale_b=self.scale, bias=bias, out_dtype=x.dtype)
+            # Per-channel: the products with unit scales in fp32, then both scales (cuBLASLt's own
+            # row-wise scaling disagreed with the reference by ~3% on the H200, so it is not used).
+            one = torch.ones((), dtype=torch.float32, device=x.device)
+            y = torch._scaled_mm(xq, self.q.t(), scale_a=one, scale_b=one, out_dtype=torch.float32) * sx * self.scale
+            return (y if bias is None else y + bias.float()).to(x.dtype)
         w = self.weight
         if d.act == "int8_token":
             xf = x.float()
@@ -98,7 +133,10 @@ def prepare(ws: list[QWeight], slices: list[tuple[int, int]], dtype: torch.dtype
         in_scale = None
         if desc.act_static:
             in_scale = torch.stack([w.input_scale.float() for w in ws]).amax()
-        return QGemm(desc, rows, q, scale, input_scale=in_scale)
+        gemm = QGemm(desc, rows, q, scale, input_scale=in_scale, origin=origin)
+        if desc.act == "fp8_tensor" and not desc.act_static and q.is_cuda:
+            gemm.partial = torch.empty(1024, dtype=torch.float32, device=q.device)  # before any graph capture
+        return gemm
     if len(ws) > 1 and not _concatenable(ws):  # e.g. GPTQ act-order siblings, each with its own g_idx
         return SplitGemm(rows, [(prepare([w], [(0, width)], dtype, origin), start, width)
                                 for (start, width), w in zip(slices, ws)])
@@ -120,7 +158,7 @@ class SplitGemm:
     parts: list[tuple[QGemm, int, int]]  # (gemm, start, rows)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        y = x.new_empty(x.shape[0], self.out_features)
+        y = x.new_zeros(x.shape[0], self.out_features)  # the rows between slices read as zeros, as fused ones do
         for gemm, start, width in self.parts:
             y[:, start:start + width] = gemm(x, None if bias is None else bias[start:start + width])
         return y

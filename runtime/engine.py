@@ -9,6 +9,7 @@ between steps; `n > 1` becomes n child sequences (seeds seed, seed+1, ...), as i
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -16,11 +17,14 @@ import torch
 from .checkpoint import context_length
 from .kv_cache import BlockPool, describe_capacity, kv_bytes_per_page, pages_for_memory
 from .kv_store import KVStore
+from .lora import LoraSet
 from .model import LoadedModel
 from .outputs import CompletionOutput, Logprob, RequestOutput
-from .sampler import Sampler, SamplingRow, make_generator
+from .sampler import SampleOutput, Sampler, SamplingRow, make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Request, Scheduler
+from .speculative import DEFAULT_NUM_SPECULATIVE_TOKENS, METHODS, DraftProposer, SpecStats, ngram_propose, verify
+from .state_cache import StatePool, StateStore, state_bytes_per_slot
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 # Defaults by device. On the CPU the KV cache holds max_num_seqs sequences of max_model_len
@@ -40,6 +44,11 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context, at most DEFAULT_MAX_MODEL_LEN of the device
     chunked_prefill: bool = True
     policy: str = "fcfs"
+    # Speculative decoding (runtime/speculative.py): None, "ngram" (prompt lookup) or "draft" (a
+    # draft model given to LLMEngine); up to num_speculative_tokens drafts per sequence and step.
+    speculative: str | None = None
+    num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
+    enable_prefix_caching: bool = True  # reuse the K/V of full pages of a prompt prefix seen before
 
     def __post_init__(self) -> None:
         def positive(name: str, optional: bool) -> None:
@@ -47,13 +56,31 @@ class EngineConfig:
             if (v is not None or not optional) and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1{' or None' if optional else ''}, got {v!r}")
 
-        for name in ("page_size", "max_tokens_per_step"):
+        if self.speculative not in (None, *METHODS):
+            raise ValueError(f"speculative must be None or one of {', '.join(METHODS)}, got {self.speculative!r}")
+        for name in ("page_size", "max_tokens_per_step", "num_speculative_tokens"):
             positive(name, optional=False)
         for name in ("num_pages", "max_num_seqs", "max_model_len"):
             positive(name, optional=True)
         f = self.kv_memory_fraction
         if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {f!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")
+
+
+def cache_namespace(loaded: LoadedModel) -> str:
+    """What a KV page's contents depend on besides its tokens: the weights (a checkpoint's path,
+    or for weights made in this process, their identity), the spec and its parameters, the run
+    dtype, the weights' quantization and the KV cache's storage. Prefix cache hits only happen
+    within one namespace, so nothing is shared across models, quantizations or KV dtypes."""
+    plan = loaded.plan
+    weights = (f"checkpoint:{loaded.checkpoint.path.resolve()}" if loaded.checkpoint is not None
+               else f"in-process:{id(loaded.model)}")
+    quant = sorted({f"{w.quant.dtype}" for w in plan.weights.values() if w.quant.quantized})
+    kv = [s.kv_dtype for s in plan.sites]
+    params = sorted((k, repr(v)) for k, v in plan.params.items())
+    return repr((weights, plan.spec.name, params, str(loaded.dtype), quant, kv))
 
 
 @dataclass(frozen=True)
@@ -82,6 +109,8 @@ class _Track:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
     done: CompletionOutput | None = None
+    matcher: object | None = None  # guided decoding: the llguidance matcher of this sequence
+    speculate: bool = True  # speculative decoding for this sequence (when the engine has it on)
 
 
 @dataclass
@@ -94,9 +123,10 @@ class _Group:
 
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer | None, config: EngineConfig | None = None,
-                 *, context_len: int | None = None):
+                 *, context_len: int | None = None, draft: LoadedModel | None = None):
         """`context_len`: the model's context length (default: what its checkpoint's config states);
-        max_model_len may not exceed it."""
+        max_model_len may not exceed it. `draft`: the draft model of speculative="draft" (sharing
+        the target's tokenizer), run on its own KV cache."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = tokenizer
@@ -111,14 +141,31 @@ class LLMEngine:
         elif context_len is not None and config.max_model_len > context_len:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length "
                              f"({context_len})")
+        if (config.speculative == "draft") != (draft is not None):
+            raise ValueError("speculative='draft' needs a draft model (--draft CHECKPOINT)" if draft is None else
+                             f"a draft model was given but speculative is {config.speculative!r}, not 'draft'")
         self.model.reserve(config.max_num_seqs, config.max_model_len)  # the backend sizes its per-step state
+        # State-space layers keep a fixed-size recurrent state per sequence (runtime/state_cache.py): a
+        # slot per seat, taken from the memory budget before the pages. Their state cannot be rewound,
+        # so no prefix reuse (it would skip the tokens that build the state) and no speculation.
+        state_sites = loaded.plan.state_sites
+        state_bytes = config.max_num_seqs * state_bytes_per_slot(state_sites, loaded.dtype)
+        if state_sites and config.speculative is not None:
+            raise ValueError(f"speculative decoding ({config.speculative}) is not supported for a model with "
+                             f"recurrent state (state-space layers): rejected drafts would advance its state")
         sites = [(s.kv_heads, s.head_dim, s.v_head_dim) for s in loaded.plan.sites]
-        per_page = kv_bytes_per_page(config.page_size, sites, loaded.dtype.itemsize)
+        per_page = kv_bytes_per_page(config.page_size, sites, loaded.dtype.itemsize) if sites else 0
+        draft_per_page = 0
+        if draft is not None:  # its KV cache takes its share of the memory: as many pages as the target's
+            draft.model.reserve(config.max_num_seqs, config.max_model_len + config.num_speculative_tokens)
+            draft_per_page = kv_bytes_per_page(config.page_size, [(s.kv_heads, s.head_dim, s.v_head_dim)
+                                                                  for s in draft.plan.sites], draft.dtype.itemsize)
         num_pages, free = config.num_pages, None
         if num_pages is None:
-            if loaded.device.type == "cuda":
+            if loaded.device.type == "cuda" and per_page + draft_per_page:
                 free, _ = torch.cuda.mem_get_info(loaded.device)
-                num_pages = pages_for_memory(free, config.kv_memory_fraction, per_page)
+                num_pages = pages_for_memory(max(0, free - int(state_bytes / config.kv_memory_fraction)),
+                                             config.kv_memory_fraction, per_page + draft_per_page)
             else:
                 num_pages = -(-config.max_num_seqs * config.max_model_len // config.page_size)
         if free is not None:
@@ -127,22 +174,42 @@ class LLMEngine:
             self.capacity = (f"KV cache: {num_pages:,} pages x {config.page_size} tokens = "
                              f"{num_pages * config.page_size:,} tokens, {num_pages * per_page / 2**30:.2f} GiB "
                              f"({loaded.device.type} memory)")
-        self.kv = KVStore(loaded.plan.sites, num_pages, config.page_size, loaded.dtype, loaded.device)
+        if state_sites:
+            self.capacity += f"; recurrent state: {config.max_num_seqs} slots, {state_bytes / 2**30:.2f} GiB"
+        self.kv = KVStore(loaded.plan.sites, num_pages, config.page_size, loaded.dtype, loaded.device,
+                          state=StateStore(config.max_num_seqs, state_sites, loaded.dtype, loaded.device)
+                          if state_sites else None)
         self.pool = BlockPool(num_pages, config.page_size)
         eos = tokenizer.eos_token_ids if tokenizer is not None else ()
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_tokens_per_step,
-                                   config.chunked_prefill, config.policy, eos_token_ids=eos)
+                                   config.chunked_prefill, config.policy, eos_token_ids=eos,
+                                   prefix_caching=config.enable_prefix_caching and not state_sites,
+                                   namespace=cache_namespace(loaded),
+                                   states=StatePool(config.max_num_seqs) if state_sites else None)
         self.sampler = Sampler()
         self._tracks: dict[str, _Track] = {}
         self._groups: dict[str, _Group] = {}
         self._ids = itertools.count()
         self.last_step = StepInfo()
+        # LoRA adapters (runtime/lora.py): the backend applies the set; each request names one.
+        self.lora = LoraSet(loaded.plan, loaded.device, loaded.dtype)
+        self.model.lora = self.lora
+        self._guided = None  # runtime.guided.GuidedDecoder, made by the first guided request
+        self._guided_lock = threading.Lock()
+        self.spec_stats = SpecStats()
+        self._drafter = None
+        if draft is not None:
+            # Room for every target page plus each sequence's lookahead.
+            extra = config.max_num_seqs * (self.pool.pages_needed(config.num_speculative_tokens) + 1)
+            self._drafter = DraftProposer(draft, num_pages + extra, config.page_size, loaded.plan.vocab_size)
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0, prompt_text: str | None = None) -> str:
+                    request_id: str | None = None, priority: int = 0, prompt_text: str | None = None,
+                    speculate: bool = True) -> str:
         """`prompt_text`: the text token-id prompts came from (a rendered chat template), reported
-        as RequestOutput.prompt; by default their decoding."""
+        as RequestOutput.prompt; by default their decoding. `speculate=False`: this request decodes
+        one token per step even when the engine speculates (guided requests always do)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._groups:
@@ -161,6 +228,8 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if text is None and self.tokenizer is not None:
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        matchers = [self._matcher(params) for _ in range(params.n)]  # a bad grammar fails before any state
+        adapter, salt = self._adapter(params)
         group = _Group(text, ids)
         self._groups[request_id] = group
         for i in range(params.n):
@@ -169,10 +238,31 @@ class LLMEngine:
             child = request_id if params.n == 1 else f"{request_id}#{i}"
             detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
             self._tracks[child] = _Track(request_id, i, make_generator(child_params, self.loaded.device), detok,
-                                         logprobs=[] if params.logprobs is not None else None)
+                                         logprobs=[] if params.logprobs is not None else None,
+                                         matcher=matchers[i], speculate=speculate)
             group.children.append(child)
-            self.scheduler.add(Request(child, list(ids), child_params, priority))
+            self.scheduler.add(Request(child, list(ids), child_params, priority, adapter=adapter, cache_salt=salt))
         return request_id
+
+    def _adapter(self, params: SamplingParams) -> tuple[int, str]:
+        """(slot, prefix-cache salt) of the request's LoRA adapter: KV pages computed with one adapter
+        are never reused by another, nor by a later adapter loaded under the same name."""
+        if params.lora is None:
+            return -1, ""
+        slot = self.lora.slot(params.lora)  # UnknownLora (a ValueError) naming it
+        return slot, f"lora:{params.lora}:{self.lora.adapters[params.lora].uid}"
+
+    def load_lora(self, name: str, path) -> None:
+        """Load a PEFT adapter as `name` (runtime/lora.py LoraError when it does not fit)."""
+        self.lora.load(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Unload an adapter; refused (ValueError) while a request runs with it."""
+        slot = self.lora.slot(name)
+        users = [r for r in list(self._tracks) if (req := self.scheduler.get(r)) is not None and req.adapter == slot]
+        if users:
+            raise ValueError(f"LoRA adapter {name!r} is in use by {len(users)} request(s); unload it when they finish")
+        self.lora.unload(name)
 
     def abort(self, request_id: str) -> bool:
         group = self._groups.get(request_id)
@@ -187,30 +277,140 @@ class LLMEngine:
 
     # -- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        step = self.scheduler.schedule()
+        proposals, qs = self._propose()
+        step = self.scheduler.schedule(proposals)
         seqs = step.batch.seqs
         self.last_step = StepInfo(len(seqs), step.batch.num_tokens, sum(s.length for s in seqs if s.length > 1))
         changed: set[str] = set()
         if step.batch.num_tokens:
+            rows = step.sampled_requests
+            if step.drafts:  # a step that verifies drafts: one row per token that has logits
+                rows = [r for r in rows for _ in range(1 + len(step.drafts.get(r.request_id, ())))]
+            # Guided rows' masks are computed on a worker thread while the model runs.
+            masks = self._start_masks(rows)
             with torch.no_grad():  # tokens stay on the host: each backend moves what it needs
                 logits = self.model.forward(step.batch, self.kv)
-            rows = step.sampled_requests
-            out = self.sampler.sample(logits, [
-                SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, self._tracks[r.request_id].generator)
-                for r in rows])
-            tokens = out.tokens.tolist()
-            row_of = {r.request_id: i for i, r in enumerate(rows)}
-            for req in self.scheduler.update(step, tokens):
-                self._on_token(req, row_of[req.request_id], out)
-                changed.add(self._tracks[req.request_id].parent)
+            if step.drafts:
+                changed.update(self._verify(step, logits, masks, qs))
+            else:
+                out = self.sampler.sample(logits, [
+                    SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, self._tracks[r.request_id].generator)
+                    for r in rows], masks.result())
+                tokens = out.tokens.tolist()
+                row_of = {r.request_id: i for i, r in enumerate(rows)}
+                for req in self.scheduler.update(step, tokens):
+                    self._on_token(req, row_of[req.request_id], out)
+                    changed.add(self._tracks[req.request_id].parent)
         for req in self.scheduler.take_finished():
             self._on_finish(req)
             changed.add(self._tracks[req.request_id].parent)
         return [self._output(pid) for pid in list(self._groups) if pid in changed]  # arrival order
 
-    def _on_token(self, req: Request, row: int, out) -> None:
+    def guided_decoder(self):
+        """The GuidedDecoder (runtime.guided), made on first use; thread-safe, so that a server can
+        compile a request's grammar (cached) before it queues the request."""
+        with self._guided_lock:
+            if self._guided is None:
+                if self.tokenizer is None:
+                    raise ValueError("guided decoding needs a tokenizer")
+                from .guided import GuidedDecoder
+
+                self._guided = GuidedDecoder(self.tokenizer, self.loaded.plan.vocab_size, self.loaded.device)
+            return self._guided
+
+    def _matcher(self, params: SamplingParams):
+        return None if params.guided is None else self.guided_decoder().matcher(params.guided)
+
+    def _start_masks(self, rows: list[Request]):
+        from .guided import PendingMask
+
+        if self._guided is None:
+            return PendingMask(None, self.loaded.device)
+        return self._guided.start_masks([(i, m) for i, r in enumerate(rows)
+                                         if (m := self._tracks[r.request_id].matcher) is not None])
+
+    # -- speculative decoding ------------------------------------------------------------------
+    def _propose(self) -> tuple[dict[str, list[int]], dict[str, torch.Tensor | None]]:
+        """Draft tokens for the running requests that decode next step (and, from a draft model,
+        the distributions of sampled requests' drafts)."""
+        cfg = self.config
+        if cfg.speculative is None:
+            return {}, {}
+        want = []
+        for r in self.scheduler.running:
+            track = self._tracks[r.request_id]
+            if r.num_tokens - r.num_computed != 1 or not track.speculate or track.matcher is not None:
+                continue
+            # No draft past max_tokens: the last token of a request is never a draft, so its cache
+            # positions stay within prompt + max_tokens - 1, what the scheduler admitted it for.
+            k = min(cfg.num_speculative_tokens, r.params.max_tokens - len(r.output_token_ids) - 1)
+            if k >= 1:
+                want.append((r, k))
+        if cfg.speculative == "ngram":
+            drafts = {r.request_id: d for r, k in want if (d := ngram_propose(r.all_token_ids, k))}
+            return drafts, {}
+        made = self._drafter.propose(
+            [(r.request_id, r.all_token_ids, k, SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids,
+                                                            self._tracks[r.request_id].generator))
+             for r, k in want], keep={r.request_id for r in self.scheduler.running})
+        return {rid: d for rid, (d, _) in made.items() if d}, {rid: q for rid, (_, q) in made.items()}
+
+    def _verify(self, step, logits: torch.Tensor, masks, qs) -> set[str]:
+        """Sample / verify every sampled slice of a step that carries drafts (a slice without drafts
+        is sampled as usual: zero drafts, one row); record the tokens; returns the parents of the
+        requests that changed."""
+        reqs = step.sampled_requests
+        drafts = [step.drafts.get(r.request_id, []) for r in reqs]
+        sampling = []
+        for r, d in zip(reqs, drafts):  # row j of a request sees its drafts before j as output
+            gen = self._tracks[r.request_id].generator
+            sampling += [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids + d[:j], gen)
+                         for j in range(len(d) + 1)]
+        processed = self.sampler.process(logits, sampling, masks.result())
+        v = verify(processed, drafts, [qs.get(r.request_id) if d else None for r, d in zip(reqs, drafts)],
+                   [r.params.greedy for r in reqs], [self._tracks[r.request_id].generator for r in reqs])
+        stats = self.spec_stats
+        stats.target_steps += 1
+        for d, toks in zip(drafts, v.tokens):
+            if d:
+                stats.verifications += 1
+                stats.drafted += len(d)
+                stats.accepted += len(toks) - 1
+                stats.emitted += len(toks)
+        out = self._row_logprobs(processed, reqs, v)
+        before = {r.request_id: len(r.output_token_ids) for r in reqs}
+        first_row = {r.request_id: row for r, row in zip(reqs, v.rows)}
+        changed = set()
+        for req in self.scheduler.update(step, v.tokens):
+            base = before[req.request_id]
+            new = req.output_token_ids[base:]
+            for i, token in enumerate(new):
+                if self._on_token(req, first_row[req.request_id] + i, out, token, final=i == len(new) - 1):
+                    del req.output_token_ids[base + i + 1:]  # a stop string ended it at this token
+                    break
+            changed.add(self._tracks[req.request_id].parent)
+        return changed
+
+    def _row_logprobs(self, processed: torch.Tensor, reqs: list[Request], v):
+        """Logprobs of every row's emitted token (rows past a request's last token: its argmax)."""
+        asked = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
+        if not asked:
+            return SampleOutput(tokens=processed.argmax(dim=-1))
+        tokens = processed.argmax(dim=-1).cpu()
+        for start, toks in zip(v.rows, v.tokens):
+            tokens[start:start + len(toks)] = torch.tensor(toks)
+        tokens = tokens.to(processed.device)
+        logprobs = processed.log_softmax(dim=-1)
+        top = logprobs.topk(min(max(asked), processed.shape[1]), dim=-1)
+        sampled = logprobs.gather(1, tokens[:, None])
+        return SampleOutput(tokens, top.values, top.indices, sampled[:, 0], (logprobs > sampled).sum(dim=-1) + 1)
+
+    def _on_token(self, req: Request, row: int, out, token: int | None = None, final: bool = True) -> bool:
+        """Record one new token of req (default: its last); `final`: the last of this step's.
+        True when a stop string (or the grammar) ended the request at this token."""
         track = self._tracks[req.request_id]
-        token = req.output_token_ids[-1]
+        token = req.output_token_ids[-1] if token is None else token
+        guided_end = None if track.matcher is None else self._guided.advance(track.matcher, token)
         if track.logprobs is not None and out.topk_logprobs is not None:
             k = req.params.logprobs
             entry = {int(t): Logprob(lp, rank, self._token_text(t)) for rank, (t, lp) in enumerate(
@@ -219,8 +419,8 @@ class LLMEngine:
             entry[token] = Logprob(sampled, int(out.sampled_ranks[row]), self._token_text(token))
             track.logprobs.append(entry)
             track.cumulative_logprob = (track.cumulative_logprob or 0.0) + sampled
-        if track.detok is None or (req.finished and req.finish_reason == "stop"):
-            return  # an eos or stop token ended it: its text is not part of the output
+        if track.detok is None or (final and req.finished and req.finish_reason == "stop"):
+            return False  # an eos or stop token ended it: its text is not part of the output
         delta = track.detok.feed(token)
         text = track.text + delta
         for s in req.params.stop:
@@ -228,12 +428,23 @@ class LLMEngine:
             if cut >= 0:
                 track.delta += text[:cut][len(track.text):]
                 track.text = text[:cut]
-                self.scheduler.finish(req.request_id, "stop", stop_reason=s)
-                return
+                if req.finished:  # the scheduler ended it at this token too (max_tokens): the stop string wins
+                    req.finish_reason, req.stop_reason = "stop", s
+                else:
+                    self.scheduler.finish(req.request_id, "stop", stop_reason=s)
+                return True
         track.text, track.delta = text, track.delta + delta
+        if guided_end is not None and not req.finished:  # the grammar is complete (or broken)
+            self.scheduler.finish(req.request_id, "stop" if guided_end == "complete" else "error")
+            if guided_end != "complete":
+                req.error = guided_end
+            return True
+        return False
 
     def _on_finish(self, req: Request) -> None:
         track = self._tracks[req.request_id]
+        if self._drafter is not None:
+            self._drafter.release(req.request_id)
         if req.finish_reason == "length" and track.detok is not None:
             tail = track.detok.flush()
             track.text += tail

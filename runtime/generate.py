@@ -151,6 +151,25 @@ class ModelSource:
                                 f"context length of {self.name} ({self.context_len} tokens)")
 
 
+def open_draft(draft: str | Path | None, target: ModelSource | Tokenizer | None, *, dtype: str | None = None,
+               device: str = "cpu", backend: str | None = None, spec: str | None = None,
+               target_name: str = "the target") -> ModelSource:
+    """The draft model of `--speculative draft`: opened like the target (same dtype, device and
+    backend), refused unless it shares the target's tokenizer (`target`: its source or tokenizer)."""
+    if draft is None:
+        raise GenerateError("--speculative draft needs a draft model: --draft CHECKPOINT")
+    source = ModelSource.open(draft, spec=spec, dtype=dtype, device=device, backend=backend, tokenizer=None)
+    if isinstance(target, ModelSource):
+        target, target_name = target.tokenizer, target.name
+    mine, theirs = source.tokenizer, target
+    probe = "Speculative decoding: the draft's tokens are the target's tokens. 0123 ü 你好"
+    if mine is not None and theirs is not None and (
+            mine.vocab_size != theirs.vocab_size or mine.encode(probe) != theirs.encode(probe)):
+        raise GenerateError(f"--draft {draft}: its tokenizer differs from {target_name}'s (vocabulary "
+                            f"{mine.vocab_size} vs {theirs.vocab_size}); a draft must share the target's tokenizer")
+    return source
+
+
 def model_name(source: str | Path | None) -> str:
     """What a checkpoint is called when served: the default model's name, a GGUF file's stem,
     a folder's name."""
@@ -168,6 +187,7 @@ class Generation:
     finish_reason: str
     prefill_s: float
     decode_s: float
+    spec: object | None = None  # runtime.speculative.SpecStats of a speculative run
 
 
 def generate(loaded: LoadedModel, tokenizer: Tokenizer | None, prompt_ids: list[int], params: SamplingParams,
@@ -213,6 +233,34 @@ def generate(loaded: LoadedModel, tokenizer: Tokenizer | None, prompt_ids: list[
     return Generation(prompt_ids, out, text + tail, finish, t1 - t0, time.perf_counter() - t1)
 
 
+def generate_speculative(loaded: LoadedModel, tokenizer: Tokenizer | None, prompt_ids: list[int],
+                         params: SamplingParams, method: str, num_tokens: int, draft: LoadedModel | None = None,
+                         on_text=None, on_token=None) -> Generation:
+    """One sequence through the engine with speculative decoding (`method` "ngram" or "draft")."""
+    from .engine import EngineConfig, LLMEngine
+
+    cfg = EngineConfig(max_num_seqs=1, max_model_len=len(prompt_ids) + params.max_tokens, speculative=method,
+                       num_speculative_tokens=num_tokens)
+    engine = LLMEngine(loaded, tokenizer, cfg, draft=draft)
+    t0 = time.perf_counter()
+    engine.add_request(prompt_ids, params)
+    t1, seen, out = None, 0, None
+    with torch.no_grad():
+        while engine.has_unfinished():
+            for out in engine.step():
+                t1 = t1 or time.perf_counter()
+                c = out.outputs[0]
+                for token in c.token_ids[seen:]:
+                    if on_token:
+                        on_token(token)
+                seen = len(c.token_ids)
+                if on_text and c.delta:
+                    on_text(c.delta)
+    c = out.outputs[0]
+    return Generation(prompt_ids, list(c.token_ids), c.text, c.finish_reason, (t1 or t0) - t0,
+                      time.perf_counter() - (t1 or t0), engine.spec_stats)
+
+
 def generate_cli(args) -> int:
     """`kiln generate` and `kiln run`; everything that can be checked is checked before the weights load."""
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -225,8 +273,16 @@ def generate_cli(args) -> int:
                               kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
     prompt_ids = _prompt_ids(args, source, tokens)
     source.check_length(len(prompt_ids), params.max_tokens)
+    method = getattr(args, "speculative", None)
+    if getattr(args, "draft", None) is not None and method is None:
+        method = args.speculative = "draft"
+    if method != "draft" and getattr(args, "draft", None) is not None:
+        raise GenerateError(f"--draft goes with --speculative draft, not --speculative {method}")
+    draft_source = open_draft(args.draft, source, dtype=getattr(args, "dtype", None), device=args.device,
+                              backend=getattr(args, "backend", None)) if method == "draft" else None
     t_load = time.perf_counter()
     loaded = source.load()
+    args.draft_model = draft_source.load() if draft_source is not None else None
     if tokens is not None and any(t >= loaded.plan.vocab_size for t in prompt_ids):
         raise GenerateError(f"--tokens: token ids must be < {loaded.plan.vocab_size} (the model's vocabulary), "
                             f"got {max(prompt_ids)}")
@@ -268,14 +324,24 @@ def _stream(args, source: ModelSource, loaded: LoadedModel, prompt_ids: list[int
             sys.stdout.flush()
             first[0] = False
 
-        g = generate(loaded, source.tokenizer, prompt_ids, params, on_token=show_token)
+        g = _generate(args, loaded, source.tokenizer, prompt_ids, params, on_token=show_token)
     else:
-        g = generate(loaded, source.tokenizer, prompt_ids, params, on_text=show)
+        g = _generate(args, loaded, source.tokenizer, prompt_ids, params, on_text=show)
     n = len(g.token_ids)
     print()
     backend = source.options.get("backend") or ("engine " + source.manifest["backend"])
     print(f"[{loaded.plan.spec.name}, {backend}, {source.dtype}, {args.device}: load {load_s:.2f} s, "
           f"prompt {len(prompt_ids)} tokens in {g.prefill_s:.2f} s, {n} tokens in {g.decode_s:.2f} s "
-          f"({n / g.decode_s if g.decode_s > 0 else 0:.1f} tok/s), finish: {g.finish_reason}]", file=sys.stderr)
+          f"({n / g.decode_s if g.decode_s > 0 else 0:.1f} tok/s), finish: {g.finish_reason}"
+          + (f", speculative {args.speculative}: acceptance length {g.spec.acceptance_length:.2f} "
+             f"({g.spec.accepted}/{g.spec.drafted} drafts kept)" if g.spec is not None else "") + "]", file=sys.stderr)
     return 0
 
+
+
+def _generate(args, loaded, tokenizer, prompt_ids, params, **callbacks) -> Generation:
+    method = getattr(args, "speculative", None)
+    if method is None:
+        return generate(loaded, tokenizer, prompt_ids, params, **callbacks)
+    return generate_speculative(loaded, tokenizer, prompt_ids, params, method, args.num_speculative_tokens,
+                                getattr(args, "draft_model", None), **callbacks)

@@ -5,7 +5,8 @@ at absolute position p of a sequence lives in page block_table[p // page_size], 
 p % page_size. A site whose `kv_dtype` is "fp8" stores float8_e4m3fn values of K / k_scale
 and V / v_scale (`store`/`load` say how; the scales are fp32 per site, 1.0 unless calibrated).
 Which pages a sequence owns is the block pool's business
-(runtime/kv_cache.py); this class only holds the memory.
+(runtime/kv_cache.py); this class only holds the memory. Beside the pages, `state` holds the
+per-sequence recurrent state of state-space layers (runtime/state_cache.py; one slot by default).
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from __future__ import annotations
 import torch
 from kiln.dsl.plan import AttentionSite
 
+from .state_cache import StateStore
+
 
 class KVStore:
     def __init__(self, sites: list[AttentionSite], num_pages: int, page_size: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", state: StateStore | None = None):
         self.num_pages = num_pages
+        self.state = state if state is not None else StateStore()
         self.page_size = page_size
         def kind(s):
             return torch.float8_e4m3fn if s.kv_dtype == "fp8" else dtype
@@ -41,7 +45,7 @@ class KVStore:
         return pages.float() * scale if pages.dtype == torch.float8_e4m3fn else pages.float()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v) + self.state.nbytes()
 
     def slots(self, block_table, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(page ids, offsets in page) of absolute positions start..stop-1 of one sequence."""

@@ -113,9 +113,6 @@ def load_engine(engine_dir: str | Path, device: str = "cuda") -> LoadedModel:
 def make_backend(plan: Plan, weights: dict[str, torch.Tensor], backend: str, device: str):
     runs = (lambda d: True) if backend == "reference" else cuda_runs() if backend == "cuda" else \
         (lambda d: not d.quantized)
-    if backend == "cuda" and any(s.kv_dtype != "run" for s in plan.sites):
-        raise SpecError("--kv-cache-dtype fp8 runs on the reference backend only today: the cuda backend's "
-                        "attention kernels read KV pages in the run dtype", None)
     refused = passes.unsupported_weights(plan, backend, runs)
     if refused:
         raise SpecError(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""), None)

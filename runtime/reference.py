@@ -12,6 +12,7 @@ from kiln.dsl.plan import Plan, Program, Value, fetch
 
 from .batch import StepBatch
 from .kv_store import KVStore
+from .lora import adapter_rows
 
 
 class ReferenceModel:
@@ -26,10 +27,14 @@ class ReferenceModel:
 
     def forward(self, batch: StepBatch, kv: KVStore, all_logits: bool = False) -> torch.Tensor:
         """Logits [rows, vocab] of the sampled tokens (all tokens with all_logits)."""
-        device = kv.k[0].device if kv.k else batch.tokens.device
+        # (A model without attention sites, a state-space model: the weights' device.)
+        device = kv.k[0].device if kv.k else next(
+            (w.device for w in self.weights.values() if isinstance(w, torch.Tensor)), batch.tokens.device)
         if batch.tokens.device != device:
             batch = StepBatch(batch.tokens.to(device), batch.seqs)
         ctx = StepContext(batch, kv, self.weights)
+        lora = getattr(self, "lora", None)  # runtime/lora.py LoraSet, set by the engine
+        ctx.lora = lora.bind(adapter_rows(batch)) if lora else None
         out = ctx.run(self.plan.program, {Value("tokens"): batch.tokens, Value("positions"): ctx.positions})
         if not all_logits:
             out = out[batch.sample_rows()]

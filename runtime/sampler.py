@@ -1,7 +1,8 @@
 """Batched sampling: one row of logits per sequence, each row with its own SamplingParams.
 
 Processing order (per row, vectorised over the batch with per-row parameter tensors):
-  penalties (repetition over prompt+output, presence/frequency over output)
+  guided-decoding mask (disallowed tokens -> -inf, constrained rows only)
+  -> penalties (repetition over prompt+output, presence/frequency over output)
   -> temperature -> top-k -> top-p -> min-p
 which is Hugging Face's warper order. Greedy rows (temperature 0) take the argmax of the
 penalised logits and skip temperature and filtering.
@@ -24,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .guided import GuidedMask
 from .sampling_params import SamplingParams
 
 
@@ -85,8 +87,10 @@ def _token_counts(rows: list[Sequence[int]], vocab: int, device) -> torch.Tensor
 
 
 class Sampler:
-    def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """[N, V] float32 processed logits: the distribution each row samples from."""
+    def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                guided: GuidedMask | None = None) -> torch.Tensor:
+        """[N, V] float32 processed logits: the distribution each row samples from. `guided`: the
+        allowed-token bitmasks of the constrained rows (runtime.guided)."""
         if logits.dim() != 2:
             raise SamplerError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
         if logits.shape[0] != len(rows):
@@ -97,6 +101,8 @@ class Sampler:
         logits = logits.to(torch.float32, copy=True)  # [N, V]
         if n == 0:
             return logits
+        if guided is not None:
+            guided.apply(logits)  # first: penalties and filters then act on allowed tokens only
 
         def col(values, dtype=torch.float32) -> torch.Tensor:  # [N, 1]
             return _to_device(torch.tensor(values, dtype=dtype), dev)[:, None]
@@ -145,9 +151,10 @@ class Sampler:
             logits = logits.masked_fill(probs < cutoff, float("-inf"))
         return logits
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+               guided: GuidedMask | None = None) -> SampleOutput:
         """Sample one token per row of `logits` [N, V]; rows[i] = (params, prompt_ids, output_ids, generator)."""
-        processed = self.process(logits, rows)  # [N, V]
+        processed = self.process(logits, rows, guided)  # [N, V]
         n = processed.shape[0]
         tokens = processed.argmax(dim=-1)  # [N], exact for greedy rows
         random_rows = [i for i, r in enumerate(rows) if not r[0].greedy]

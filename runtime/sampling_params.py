@@ -8,6 +8,8 @@
 - stop strings are matched by the detokenising layer; stop_token_ids and EOS by the scheduler.
 - logprobs=k asks for the k most likely tokens of the processed distribution (plus the sampled
   token's logprob); 0 asks for the sampled token's logprob only.
+- guided (runtime.guided.GuidedDecodingParams or a dict of its fields: json, regex, choice,
+  grammar, json_object) constrains the output; the request stops when the grammar is complete.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from .guided import GuidedDecodingParams
 
 # Below this a temperature means greedy, as in vLLM (dividing by ~0 would overflow).
 GREEDY_EPS = 1e-5
@@ -92,6 +96,8 @@ class SamplingParams:
     ignore_eos: bool = False
     max_tokens: int = 16
     logprobs: int | None = None
+    guided: GuidedDecodingParams | dict | None = None
+    lora: str | None = None  # the LoRA adapter (by name) to run the request with; None: the base model
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -111,6 +117,8 @@ class SamplingParams:
         self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative integers")
+        if self.guided is not None:
+            self.guided = GuidedDecodingParams.from_value(self.guided)  # GuidedError (a ValueError) names it
 
     @property
     def greedy(self) -> bool:

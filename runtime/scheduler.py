@@ -15,13 +15,34 @@ it goes back to the waiting queue in rank order, i.e. ahead of every request tha
 it. On readmission it re-prefills prompt + tokens generated so far, so its final prefill chunk
 samples exactly the token its next decode step would have sampled.
 
+Prefix caching (`prefix_caching=True`; kv_cache.py describes the pool's side): when a step
+fills one of a request's pages, `update` registers it under the chained hash of its tokens
+(`Request.page_hashes`, rooted in the scheduler's `namespace` plus the request's `cache_salt`).
+A request being admitted looks up its leading full pages, takes a reference to the resident
+ones and starts with `num_computed` = their tokens, so its first chunk is a query that starts
+after a cached context, like any later chunk of a chunked prefill. At most num_tokens - 1
+tokens come from the cache: the last prompt token is always computed, as its logits are needed.
+Preemption and finishing release pages as before; registered ones stay resident (cached) until
+evicted, so a preempted request usually finds its own prefix again on readmission.
+
+Admission order with prefix caching: among the first `max_num_seqs` waiting requests (in rank
+order), those whose first page is resident are admitted first (then by rank; under the priority
+policy only within one priority value). Starvation bound: each time a request is admitted ahead
+of a waiting request that ranks before it, that request's `passed_over` grows by one; while any
+request in that window has been passed over `max_num_seqs` times, admission is in plain rank
+order. So a request is overtaken at most `max_num_seqs` times for the sake of the cache.
+
 Invariants:
 - a request holds pages iff it is RUNNING; len(block_table) == pages_needed(num_computed)
-  between steps (pages are allocated for a step's tokens when it is scheduled);
+  between steps (pages are allocated for a step's tokens when it is scheduled, prefix hits
+  when it is admitted);
+- with prefix caching, a request's first `num_registered` pages are registered in the pool
+  (by it, or found there) and hold exactly the tokens their hashes name; its other pages are
+  its own;
 - every request accepted by `add` fits the pool on its own (prompt + max_tokens - 1 cached tokens,
   and with chunked prefill off also the token budget), so the most important running request can
   always make progress by preempting the others: no livelock;
-- once every request is finished or cancelled, every page is free.
+- once every request is finished or cancelled, no page is used: each is free or cached.
 """
 
 from __future__ import annotations
@@ -35,8 +56,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .batch import SeqSlice, StepBatch
-from .kv_cache import BlockPool, OutOfPages
+from .kv_cache import BlockPool, OutOfPages, namespace_hash, page_hashes
 from .sampling_params import SamplingParams
+from .state_cache import StatePool
 
 
 class SchedulerError(ValueError):
@@ -55,6 +77,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     priority: int = 0
+    adapter: int = -1  # LoRA adapter slot (runtime/lora.py); -1: the base model
     # Set by the scheduler:
     arrival: int = -1
     state: RequestState = RequestState.WAITING
@@ -64,6 +87,13 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that matched
     error: str | None = None  # why, when finish_reason == "error"
+    cache_salt: str = ""  # mixed into the hash namespace of this request's pages (e.g. a LoRA adapter id)
+    # Prefix caching, set by the scheduler:
+    page_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its leading full pages
+    num_registered: int = 0  # leading block_table pages registered in the pool's prefix cache
+    num_cached_tokens: int = 0  # tokens found in the prefix cache when it was last admitted
+    passed_over: int = 0  # times a lower-ranked request with a resident prefix was admitted first
+    state_slot: int | None = None  # its recurrent state slot while RUNNING (models with state sites)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -89,6 +119,9 @@ class Request:
 class ScheduledStep:
     batch: StepBatch
     requests: list[Request]  # parallel to batch.seqs
+    # Speculative decoding: request id -> the draft tokens its decode slice carries after its
+    # last token (the slice then has logits for all 1 + len(drafts) tokens).
+    drafts: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def sampled_requests(self) -> list[Request]:
@@ -105,7 +138,12 @@ class Scheduler:
         chunked_prefill: bool = True,
         policy: str = "fcfs",
         eos_token_ids: Iterable[int] = (),
+        prefix_caching: bool = False,
+        namespace: str = "",
+        states: StatePool | None = None,
     ):
+        """`namespace`: what the K/V of a page depend on besides its tokens (the model, its weights,
+        dtype and quantization); prefix cache hits only happen within one namespace."""
         if max_num_seqs < 1:
             raise SchedulerError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_tokens_per_step < 1:
@@ -119,6 +157,17 @@ class Scheduler:
         self.policy = policy
         self.eos_token_ids = frozenset(eos_token_ids)
         self.num_preemptions = 0
+        self.prefix_caching = prefix_caching
+        self.namespace = namespace
+        # Recurrent state slots (runtime/state_cache.py) of a model with state sites: one per running
+        # request, taken on admission, given back on finish, cancel and preemption (recompute rebuilds it).
+        self.states = states
+        # Prefix cache hit rate = prefix_hit_tokens / prefix_query_tokens, over admissions: a request
+        # asks for its num_tokens (prompt, plus output so far after a preemption) each time it is
+        # admitted; the hits are the tokens it then reuses from the cache.
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+        self._roots: dict[str, bytes] = {}
         self.waiting: list[Request] = []  # sorted by _rank
         self.running: list[Request] = []  # sorted by _rank
         self._live: dict[str, Request] = {}
@@ -190,7 +239,11 @@ class Scheduler:
         return done
 
     # -- one step ---------------------------------------------------------------------------
-    def schedule(self) -> ScheduledStep:
+    def schedule(self, drafts: dict[str, list[int]] | None = None) -> ScheduledStep:
+        """`drafts`: proposed draft tokens of decoding requests (speculative decoding). They are
+        given the token budget and free pages left after the running requests' own work (never
+        preempting anything), trimmed to fit; the step's slice of such a request carries its last
+        token plus the drafts kept (ScheduledStep.drafts)."""
         budget = self.max_tokens_per_step
         preemptions_before = self.num_preemptions
         decodes: list[tuple[Request, int]] = []
@@ -232,89 +285,210 @@ class Scheduler:
                 # Shrink the chunk to the free pages rather than preempt, while any token fits.
                 room = (len(req.block_table) + self.pool.num_free) * self.pool.page_size - req.num_computed
                 reserve(req, min(num_new, room) if room > 0 else num_new, prefills)
+        kept: dict[str, list[int]] = {}
+        for n, (req, num_new) in enumerate(decodes):
+            proposal = drafts.get(req.request_id) if drafts else None
+            if not proposal or budget == 0:
+                continue
+            # Lookahead slots: pages for the drafts out of what is free, never by preemption.
+            room = (len(req.block_table) + self.pool.num_free) * self.pool.page_size - req.num_computed - 1
+            d = list(proposal[:min(budget, room)])
+            if d:
+                self.pool.ensure(req.block_table, req.num_computed + 1 + len(d))
+                decodes[n] = (req, 1 + len(d))
+                kept[req.request_id] = d
+                budget -= len(d)
         # After a preemption pages are short: admitting now would only cause more (as in vLLM).
-        admit = self.num_preemptions == preemptions_before
-        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
-            num_new = req.num_tokens  # nothing of a waiting request is cached
+        if self.num_preemptions == preemptions_before and self.waiting and budget > 0:
+            self._admit(budget, prefills)
+        return self._build(decodes + prefills, kept)
+
+    def _admit(self, budget: int, prefills: list[tuple[Request, int]]) -> None:
+        """Move waiting requests to running while seats, token budget and pages last; stop at the
+        first one that does not fit (no skipping ahead for size, which could starve it)."""
+        ps = self.pool.page_size
+        window = self.waiting[: self.max_num_seqs]
+        admitted = []
+        for req in self._admission_order(window):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if self.states is not None and not self.states.num_free:
+                break  # no recurrent state slot free (the engine sizes one per seat: not expected)
+            hit = self._prefix_hit(req)
+            cached = len(hit) * ps
+            num_new = req.num_tokens - cached
             if num_new > budget:
                 if not self.chunked_prefill:
-                    break  # whole or not at all; keep FCFS order rather than skip ahead
+                    break  # whole or not at all
                 num_new = budget
-            try:
-                self.pool.ensure(req.block_table, num_new)
-            except OutOfPages:
+            need = self.pool.pages_needed(cached + num_new) - len(hit)
+            # Touching a cached hit takes it out of num_free: count it before deciding.
+            if need > self.pool.num_free - self.pool.num_cached_among(hit):
                 break  # admitting never preempts; wait for pages to come back
-            self.waiting.pop(0)
+            self.pool.touch(hit)
+            req.block_table = hit + self.pool.allocate(need)
+            req.num_computed = req.num_cached_tokens = cached
+            req.num_registered = len(hit)
+            if self.states is not None:
+                req.state_slot = self.states.allocate()
+            self.prefix_query_tokens += req.num_tokens
+            self.prefix_hit_tokens += cached
+            self.waiting.remove(req)
             req.state = RequestState.RUNNING
             bisect.insort(self.running, req, key=self._rank)
             prefills.append((req, num_new))
+            admitted.append(req)
             budget -= num_new
+        if admitted and self.prefix_caching:
+            ranks = sorted(self._rank(r) for r in admitted)
+            for w in window:
+                if w.state is RequestState.WAITING:
+                    w.passed_over += len(ranks) - bisect.bisect_right(ranks, self._rank(w))
 
-        return self._build(decodes + prefills)
+    def _admission_order(self, window: list[Request]) -> list[Request]:
+        """The window in rank order, or with prefix caching, requests whose first page is resident
+        first (see the module docstring for the starvation bound)."""
+        if not self.prefix_caching or len(window) < 2 or any(r.passed_over >= self.max_num_seqs for r in window):
+            return window
+        ps = self.pool.page_size
+
+        def key(r: Request) -> tuple:
+            first = self._hashes(r, min(1, (r.num_tokens - 1) // ps))
+            cold = not self.pool.lookup(first)
+            return (r.priority, cold, self._rank(r)) if self.policy == "priority" else (cold, self._rank(r))
+
+        return sorted(window, key=key)
+
+    def _prefix_hit(self, req: Request) -> list[int]:
+        """The resident pages of req's leading full pages, leaving at least its last token to compute."""
+        if not self.prefix_caching:
+            return []
+        return self.pool.lookup(self._hashes(req, (req.num_tokens - 1) // self.pool.page_size))
+
+    def _hashes(self, req: Request, n: int) -> list[bytes]:
+        """The hashes of req's first n full pages (computed once per page, kept on the request)."""
+        have = len(req.page_hashes)
+        if have < n:
+            ps = self.pool.page_size
+            if have:
+                parent = req.page_hashes[-1]
+            else:
+                parent = self._roots.get(req.cache_salt)
+                if parent is None:
+                    parent = self._roots[req.cache_salt] = namespace_hash(self.namespace, req.cache_salt)
+            req.page_hashes.extend(page_hashes(parent, req.token_slice(have * ps, n * ps), ps))
+        return req.page_hashes[:n]
+
+    def _register_full_pages(self, req: Request) -> None:
+        """Register the pages the last step filled (their K/V are now written and never change)."""
+        full = req.num_computed // self.pool.page_size
+        if full > req.num_registered:
+            hashes = self._hashes(req, full)
+            for i in range(req.num_registered, full):
+                self.pool.register(req.block_table[i], hashes[i])
+            req.num_registered = full
 
     def update(self, step: ScheduledStep, sampled: list[int]) -> list[Request]:
-        """Record a step's results: `sampled` holds one token per slice with sample=True.
+        """Record a step's results: `sampled` holds one token per slice with sample=True (for a
+        slice with drafts, a list: the drafts kept plus the target's next token).
 
         Returns the requests that received a token (in slice order); those that finished
         are also queued for `take_finished`. Requests finished or preempted since
-        `schedule()` (e.g. cancelled) are skipped."""
+        `schedule()` (e.g. cancelled) are skipped. A request that finishes partway through a
+        list (eos, a stop token, max_tokens) keeps the tokens up to that one only."""
         rows = step.sampled_requests
         if len(sampled) != len(rows):
             raise SchedulerError(f"update got {len(sampled)} sampled tokens for {len(rows)} sampled slices")
         tokens = iter(sampled)
         got = []
         for req, s in zip(step.requests, step.batch.seqs):
-            token = int(next(tokens)) if s.sample else None
+            item = next(tokens) if s.sample else None
             if req.state is not RequestState.RUNNING or req.num_computed != s.context:
                 continue
-            req.num_computed += s.length
-            if token is None:
-                continue
-            req.output_token_ids.append(token)
-            got.append(req)
-            p = req.params
-            if not p.ignore_eos and token in self.eos_token_ids:
-                self.finish(req.request_id, "stop")
-            elif token in p.stop_token_ids:
-                self.finish(req.request_id, "stop", stop_reason=token)
-            elif len(req.output_token_ids) >= p.max_tokens:
-                self.finish(req.request_id, "length")
+            new = [] if item is None else [int(t) for t in item] if isinstance(item, (list, tuple)) else [int(item)]
+            if len(new) > s.logits:
+                raise SchedulerError(f"update got {len(new)} tokens for request {req.request_id!r}, "
+                                     f"whose slice verified {s.logits}")
+            # Up to the first token that ends the request (eos, a stop token, max_tokens).
+            end = None
+            for i, token in enumerate(new):
+                req.output_token_ids.append(token)
+                p = req.params
+                if not p.ignore_eos and token in self.eos_token_ids:
+                    end = ("stop", None)
+                elif token in p.stop_token_ids:
+                    end = ("stop", token)
+                elif len(req.output_token_ids) >= p.max_tokens:
+                    end = ("length", None)
+                if end:
+                    new = new[:i + 1]
+                    break
+            # The cache holds the tokens before the verified rows, then one per token kept (a
+            # rejected draft's K/V stays in its slot, to be overwritten: the length is what counts).
+            req.num_computed = s.context + s.length - (s.logits if new else 0) + len(new)
+            if s.logits > 1:  # speculation: give back the lookahead pages beyond the length
+                need = self.pool.pages_needed(req.num_computed)
+                extra = req.block_table[need:]
+                if extra:
+                    del req.block_table[need:]
+                    self.pool.free(reversed(extra))
+            if self.prefix_caching:
+                self._register_full_pages(req)
+            if new:
+                got.append(req)
+            if end:
+                self.finish(req.request_id, end[0], stop_reason=end[1])
         return got
 
     # -- internals --------------------------------------------------------------------------
     def _rank(self, req: Request) -> tuple[int, ...]:
         return (req.priority, req.arrival) if self.policy == "priority" else (req.arrival,)
 
+    def _release_state(self, req: Request) -> None:
+        if req.state_slot is not None:
+            self.states.free(req.state_slot)
+            req.state_slot = None
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.pool.release(req.block_table)
-        req.num_computed = 0
+        self._release_state(req)
+        req.num_computed = req.num_registered = 0
         req.state = RequestState.WAITING
         bisect.insort(self.waiting, req, key=self._rank)
         self.num_preemptions += 1
 
     def _finish(self, req: Request, reason: str) -> None:
         self.pool.release(req.block_table)
+        self._release_state(req)
         req.state = RequestState.FINISHED
         req.finish_reason = reason
         self._live.pop(req.request_id, None)
         self._finished.append(req)
 
-    def _build(self, work: list[tuple[Request, int]]) -> ScheduledStep:
+    def _build(self, work: list[tuple[Request, int]], drafts: dict[str, list[int]] | None = None) -> ScheduledStep:
         tokens: list[int] = []
         seqs: list[SeqSlice] = []
+        drafts = drafts or {}
         for req, num_new in work:
             start = req.num_computed
-            tokens.extend(req.token_slice(start, start + num_new))
+            d = drafts.get(req.request_id)
+            if d:  # the last token, then the drafts: logits for all of them
+                tokens.extend(req.token_slice(start, start + 1) + d)
+            else:
+                tokens.extend(req.token_slice(start, start + num_new))
             seqs.append(
                 SeqSlice(
                     start=len(tokens) - num_new,
                     length=num_new,
                     context=start,
                     block_table=tuple(req.block_table),
-                    sample=start + num_new == req.num_tokens,
+                    sample=bool(d) or start + num_new == req.num_tokens,
+                    logits=1 + len(d) if d else 1,
+                    adapter=req.adapter,
+                    state_slot=req.state_slot or 0,
                 )
             )
         batch = StepBatch(tokens=torch.tensor(tokens, dtype=torch.long), seqs=seqs)
-        return ScheduledStep(batch=batch, requests=[r for r, _ in work])
+        return ScheduledStep(batch=batch, requests=[r for r, _ in work],
+                             drafts={r.request_id: drafts[r.request_id] for r, _ in work if r.request_id in drafts})

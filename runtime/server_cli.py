@@ -3,6 +3,7 @@
     kiln serve                                         # the embedded model, served as "SmolLM2-135M-Instruct"
     kiln serve model.gguf                              # served as "model"
     kiln serve --model small=a.gguf --model big=hf_dir --port 8000 --api-key KEY
+    kiln serve hf_dir --lora sql=adapters/sql --lora chat=adapters/chat   # adapters served as models
 
 Its arguments are declared with the other commands' in kiln.cli. Everything that can be
 refused is refused before a model loads: argument ranges while parsing, then each
@@ -92,6 +93,15 @@ def _plan(args) -> list:
         opened.append((name, *_open_checkpoint(source, args)))
     if args.random_weights:
         opened.append((Path(args.random_weights).stem, *_open_random(args)))
+    loras = getattr(args, "lora", [])
+    if loras and len(opened) != 1:
+        raise ServeError(f"--lora: adapters need exactly one served model, got {len(opened)}")
+    for pair in loras:  # the folders now; whether they fit the model once it is loaded
+        lname, _, lpath = pair.partition("=")
+        if not (Path(lpath) / "adapter_config.json").is_file():
+            raise ServeError(f"--lora {pair}: {lpath!r} is not a PEFT adapter folder (no adapter_config.json)")
+        if lname in sources or lname in [n for n, *_ in opened]:
+            raise ServeError(f"--lora {pair}: the name {lname!r} is already a served model")
     planned = []
     for name, what, context_len, max_seqs, load in opened:
         max_len = args.max_model_len or min(context_len or DEFAULT_MAX_MODEL_LEN[kind], DEFAULT_MAX_MODEL_LEN[kind])
@@ -111,11 +121,31 @@ def _load(args, planned: list):
 
     lines = []
     for name, what, max_len, max_seqs, load in planned:
+        method = getattr(args, "speculative", None) or ("draft" if getattr(args, "draft", None) else None)
+        draft = None
+        if method == "draft":
+            from .generate import GenerateError, open_draft
+            if len(planned) != 1:
+                raise ServeError(f"--draft: a draft model goes with exactly one served model, got {len(planned)}")
         loaded, tokenizer = load()
+        if method == "draft":
+            try:
+                draft = open_draft(args.draft, tokenizer, dtype=args.dtype, device=args.device, backend=args.backend,
+                                   target_name=what).load()
+            except GenerateError as e:
+                raise ServeError(str(e)) from None
         engine = LLMEngine(loaded, tokenizer, EngineConfig(
             page_size=args.page_size, num_pages=args.num_pages, kv_memory_fraction=args.kv_memory_fraction,
-            max_num_seqs=max_seqs, max_tokens_per_step=args.max_tokens_per_step, max_model_len=max_len),
-            context_len=max_len)
+            max_num_seqs=max_seqs, max_tokens_per_step=args.max_tokens_per_step, max_model_len=max_len,
+            enable_prefix_caching=getattr(args, "prefix_caching", True), speculative=method,
+            num_speculative_tokens=getattr(args, "num_speculative_tokens", 4)),
+            context_len=max_len, draft=draft)
+        from .lora import LoraError
+        for pair in getattr(args, "lora", []):
+            try:
+                engine.load_lora(*pair.split("=", 1))
+            except LoraError as e:
+                raise ServeError(f"--lora {pair}: {e}") from None
         if engine.pool.num_pages * args.page_size < max_len:
             raise ServeError(f"the KV cache of {name!r} ({engine.pool.num_pages} pages x {args.page_size}) cannot "
                              f"hold one sequence of --max-model-len {max_len}")

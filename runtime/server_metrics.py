@@ -1,7 +1,9 @@
 """Prometheus metrics of the server, one registry per app (several apps can share a process).
 
 Per model: requests by finish reason, TTFT / TPOT / end-to-end histograms, running and
-waiting sequences, KV cache pages used and total, prompt and generated tokens. Per endpoint:
+waiting sequences, KV cache pages used and total, prompt and generated tokens, and the prefix
+cache's hit rate as a counter pair (kiln_prefix_cache_hits_total / kiln_prefix_cache_queries_total:
+tokens served from the cache over tokens admitted requests needed in the cache). Per endpoint:
 HTTP responses by status code.
 """
 
@@ -37,6 +39,10 @@ class ServerMetrics:
         self.waiting = Gauge("kiln_num_requests_waiting", "Sequences waiting for a seat", ["model"], registry=r)
         self.pages_used = Gauge("kiln_kv_cache_pages_used", "KV cache pages in use", ["model"], registry=r)
         self.pages_total = Gauge("kiln_kv_cache_pages_total", "KV cache pages", ["model"], registry=r)
+        self.prefix_queries = Counter("kiln_prefix_cache_queries", "Tokens admitted requests needed in the KV "
+                                      "cache (prompt, plus output so far after a preemption)", ["model"], registry=r)
+        self.prefix_hits = Counter("kiln_prefix_cache_hits", "Of kiln_prefix_cache_queries, tokens found in the "
+                                   "prefix cache (not recomputed)", ["model"], registry=r)
         self.preemptions = Gauge("kiln_num_preemptions", "Preemptions so far", ["model"], registry=r)
 
     def hooks(self, model: str) -> EngineHooks:
@@ -52,6 +58,9 @@ class _ModelHooks(EngineHooks):
         metrics.pages_used.labels(model).set(0)
         metrics.running.labels(model).set(0)
         metrics.waiting.labels(model).set(0)
+        metrics.prefix_queries.labels(model).inc(0)  # present (at 0) from the start
+        metrics.prefix_hits.labels(model).inc(0)
+        self._prefix = (0, 0)  # the engine's totals at the last step: the counters grow by the difference
 
     def on_step(self, stats: EngineStats) -> None:  # engine thread; prometheus_client is thread-safe
         m, name = self.m, self.model
@@ -60,6 +69,10 @@ class _ModelHooks(EngineHooks):
         m.pages_used.labels(name).set(stats.kv_pages_used)
         m.pages_total.labels(name).set(stats.kv_pages_total)
         m.preemptions.labels(name).set(stats.preemptions)
+        queries, hits = stats.prefix_query_tokens, stats.prefix_hit_tokens
+        m.prefix_queries.labels(name).inc(queries - self._prefix[0])
+        m.prefix_hits.labels(name).inc(hits - self._prefix[1])
+        self._prefix = (queries, hits)
 
     def on_request_done(self, stats: RequestStats) -> None:
         m, name = self.m, self.model

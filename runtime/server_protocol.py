@@ -4,15 +4,18 @@ Bodies are validated strictly (a string is not a number, a float is not an integ
 every error becomes `APIError`: an HTTP status plus OpenAI's error JSON
 `{"error": {"message", "type", "param", "code"}}` whose `param` names the offending field.
 Unknown fields are ignored, as vLLM does. Extensions with vLLM's names: top_k, min_p,
-repetition_penalty, ignore_eos, stop_token_ids, return_token_ids.
+repetition_penalty, ignore_eos, stop_token_ids, return_token_ids, and constrained decoding:
+guided_json, guided_regex, guided_choice, guided_grammar (or `structured_outputs: {json, regex,
+choice, grammar}`), beside OpenAI's `response_format` (json_object, json_schema).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .guided import GuidedDecodingParams, GuidedError
 from .sampling_params import SamplingParams
 
 MAX_LOGPROBS = 20
@@ -36,6 +39,26 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _SamplingFields(_Body):
     model: str | None = None
     max_tokens: int | None = None
@@ -57,6 +80,13 @@ class _SamplingFields(_Body):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     return_token_ids: bool = False  # token_ids in every choice (and chunk)
+    # constrained decoding
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -79,11 +109,35 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
+class FunctionDef(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolChoiceFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
 class ChatRequest(_SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}
@@ -124,7 +178,8 @@ def unsupported(req: _SamplingFields, **defaults) -> None:
             raise APIError(400, f"{name} is not supported by this server (got {value!r})", param=name)
 
 
-def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None,
+                    guided: GuidedDecodingParams | None = None) -> SamplingParams:
     """The request's sampling fields as SamplingParams; an invalid value -> 400 naming it."""
     unsupported(req, logit_bias={})
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
@@ -138,7 +193,40 @@ def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None)
     try:
         return SamplingParams(
             n=req.n, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-            max_tokens=max_tokens, logprobs=logprobs, **{k: v for k, v in given.items() if v is not None})
+            max_tokens=max_tokens, logprobs=logprobs, guided=guided,
+            **{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
         raise APIError(400, str(e), param=field if field in SamplingParams.__dataclass_fields__ else None) from None
+
+
+def guided_params(req: _SamplingFields) -> GuidedDecodingParams | None:
+    """The request's constraint (response_format, guided_*, structured_outputs), at most one;
+    a bad or conflicting one -> 400 naming the field. Grammars are compiled later (server)."""
+    found: list[tuple[str, dict]] = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        found.append(("response_format", {"json_object": True}))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise APIError(400, "response_format.json_schema.schema is required for type 'json_schema'",
+                           param="response_format")
+        found.append(("response_format", {"json": rf.json_schema.schema_}))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                      ("guided_grammar", "grammar")):
+        if (value := getattr(req, name)) is not None:
+            found.append((name, {key: value}))
+    if (so := req.structured_outputs) is not None:
+        fields = {k: v for k, v in dict(json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                                        json_object=so.json_object or None).items() if v is not None}
+        found.append(("structured_outputs", fields))
+    if not found:
+        return None
+    if len(found) > 1:
+        names = [n for n, _ in found]
+        raise APIError(400, f"at most one constraint per request, got {names}", param=names[1])
+    name, fields = found[0]
+    try:
+        return GuidedDecodingParams(**fields)
+    except GuidedError as e:
+        raise APIError(400, f"{name}: {e}", param=name) from None

@@ -20,6 +20,7 @@ from .async_engine import EngineDead, RequestStream
 from .outputs import CompletionOutput, RequestOutput
 from .server_protocol import APIError
 from .tokenizer import Tokenizer
+from .tool_calls import ToolPlan
 
 
 def _dumps(obj) -> str:
@@ -69,11 +70,13 @@ class Renderer:
     """Builds one request's response (or chunks) in the OpenAI shape of its endpoint."""
 
     def __init__(self, prefix: str, model: str, tokenizer: Tokenizer, chat: bool, token_ids: bool,
-                 logprobs: int | None):
+                 logprobs: int | None, tools: ToolPlan | None = None):
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model, self.tokenizer, self.chat = model, tokenizer, chat
         self.token_ids, self.logprobs = token_ids, logprobs
+        self.tools = tools  # chat with tools: replies are parsed into tool_calls (runtime/tool_calls.py)
+        self._streamers: dict[int, object] = {}
 
     # -- whole responses --------------------------------------------------------------------
     def response(self, final: RequestOutput) -> dict:
@@ -81,11 +84,18 @@ class Renderer:
         for c in final.outputs:
             lp = self._logprobs(c.token_ids, c.logprobs, 0)
             choice = {"index": c.index}
-            if self.chat:
+            finish = _finish_reason(c.finish_reason)
+            if self.chat and self.tools is not None:
+                content, calls = self.tools.result(c.text)
+                choice["message"] = {"role": "assistant", "content": content}
+                if calls:
+                    choice["message"]["tool_calls"] = [call.openai() for call in calls]
+                finish = self.tools.finish_reason(calls, finish)
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:
                 choice["text"] = c.text
-            choice.update(logprobs=lp, finish_reason=_finish_reason(c.finish_reason), stop_reason=c.stop_reason)
+            choice.update(logprobs=lp, finish_reason=finish, stop_reason=c.stop_reason)
             if self.token_ids:
                 choice["token_ids"] = c.token_ids
             choices.append(choice)
@@ -145,7 +155,18 @@ class Renderer:
         if lp is not None and not self.chat:
             offsets[i] += sum(len(t) for t in lp["tokens"])
         choice = {"index": i}
-        if self.chat:
+        if self.chat and self.tools is not None:
+            streamer = self._streamers.setdefault(i, self.tools.streamer())
+            if finish:
+                content, calls_delta, calls = streamer.finish(c.text)
+                finish = self.tools.finish_reason(calls, finish)
+            else:
+                content, calls_delta = streamer.feed(c.text)
+            choice["delta"] = {**({"content": content} if content else {}),
+                               **({"tool_calls": calls_delta} if calls_delta else {})}
+            if not choice["delta"] and not finish and not (self.token_ids or lp is not None):
+                return None  # held back: nothing to say yet
+        elif self.chat:
             choice["delta"] = {"content": c.delta} if c.delta or not finish else {}
         else:
             choice["text"] = c.delta

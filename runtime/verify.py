@@ -90,7 +90,8 @@ def verify(config: dict[str, Any], spec: str | Path | None = None, steps: int = 
         report.steps.append(_compare(0, mine, ref))
         for i in range(1, steps + 1):
             token = int(ref[-1].argmax())
-            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            # transformers 5 names it `cache` (Mamba's forward takes no past_key_values)
+            out = model(torch.tensor([[token]]), cache=past, use_cache=True)
             past = out.past_key_values
             ref = out.logits[0]
             mine = seq.step([token], all_logits=True)

@@ -181,6 +181,22 @@ FAMILY_CONFIGS = {
                                             "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.3, 4.0],
                                             "long_factor": [1.0, 1.5, 2.2, 3.1, 4.5, 6.4, 9.0, 12.0],
                                             "short_mscale": 1.3, "long_mscale": 1.3}),
+    # ---- state-space models (tests/test_ssm.py runs them through the engine too)
+    # Mamba-1: a head per channel, A_log [d_inner, d_state]; conv kernel 4 (a rolling state of 3 tokens).
+    "mamba": dict(model_type="mamba", architectures=["MambaForCausalLM"], hidden_size=64, num_hidden_layers=2,
+                  vocab_size=256, state_size=8, expand=2, conv_kernel=4, time_step_rank=8, **TOKENS),
+    # Projection biases, no conv bias, an untied head, conv kernel 3.
+    "mamba-bias": dict(model_type="mamba", architectures=["MambaForCausalLM"], hidden_size=64, num_hidden_layers=2,
+                       vocab_size=256, state_size=4, expand=2, conv_kernel=3, use_bias=True, use_conv_bias=False,
+                       tie_word_embeddings=False, **TOKENS),
+    # Mamba-2 (SSD): 8 heads of 16 in 2 groups of B/C, the gated RMSNorm per group.
+    "mamba2": dict(model_type="mamba2", architectures=["Mamba2ForCausalLM"], hidden_size=64, num_hidden_layers=2,
+                   vocab_size=256, state_size=8, num_heads=8, head_dim=16, n_groups=2, expand=2, conv_kernel=4,
+                   chunk_size=8, **TOKENS),
+    # Jamba: attention on layers 1 and 3 (no rotary, GQA), Mamba on 0 and 2; top-2 of 4 experts on odd layers.
+    "jamba": cfg("jamba", "JambaForCausalLM", num_hidden_layers=4, num_experts=4, num_experts_per_tok=2,
+                 attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                 mamba_d_state=8, mamba_dt_rank=8),
 }
 
 

@@ -193,7 +193,7 @@ def test_refused_while_parsing(capsys, argv, words):
 REQUIRED = {("generate",): ["--prompt", "x"], ("run",): ["e", "--prompt", "x"], ("build",): ["--out", "e"],
             ("verify",): ["--config", "c"], ("show",): ["llama", "--ir"],
             ("bench", "latency"): ["--config", "c"], ("bench", "throughput"): ["--config", "c"],
-            ("quantize",): ["ckpt", "--scheme", "fp8", "--out", "o"]}
+            ("bench", "prefix"): ["--config", "c"], ("quantize",): ["ckpt", "--scheme", "fp8", "--out", "o"]}
 
 
 def _ranged_options():

@@ -15,7 +15,7 @@ pytest.importorskip("cuda.bindings")
 from kiln.codegen import nvrtc, rope  # noqa: E402
 from kiln.codegen import render as render_mod
 from kiln.codegen.quant_kernels import QGemvSpec  # noqa: E402
-from kiln.codegen.render import render  # noqa: E402
+from kiln.codegen.render import prefill_variant, render  # noqa: E402
 from kiln.codegen.specs import (  # noqa: E402
     ActSpec,
     DecodeAttnSpec,
@@ -83,6 +83,15 @@ def _specs(full: bool):
                                             (24, 8, 80, 0, 0.0, 0.0, 32, "fp16")]:
         out.append(DecodeAttnSpec(h, kv, hd, ps, hd ** -0.5, window=win, softcap=cap, alibi_max=ali, dtype=d,
                                   origin=_origin(3, "attention(q, k, v)")))
+    # FP8 KV cache (E4M3 pages): rope/KV write, decode on tensor cores (head_dim % 32 == 0) and on CUDA
+    # cores (head_dim 48, fp32), prefill (mma and simt)
+    for h, kv, hd, win, cap, ali, ps, d in [(32, 8, 128, 0, 0.0, 0.0, 16, "bf16"), (12, 4, 64, 37, 30.0, 0.0, 7, "fp16"),
+                                            (32, 1, 96, 0, 0.0, 8.0, 32, "bf16"), (8, 2, 48, 0, 0.0, 0.0, 16, "bf16"),
+                                            (8, 2, 128, 0, 0.0, 0.0, 16, "fp32")]:
+        for cls in (DecodeAttnSpec, PrefillAttnSpec):
+            out.append(cls(h, kv, hd, ps, hd ** -0.5, window=win, softcap=cap, alibi_max=ali, dtype=d, kv_fp8=True,
+                           origin=_origin(3, "attention(q, k, v)")))
+        out.append(RopeCacheSpec(h, kv, hd, hd // 2, ps, dtype=d, kv_fp8=True, origin=_origin(2, "rope")))
     for kind, gated in itertools.product(("silu", "gelu", "gelu_tanh", "relu"), (True, False)):
         for d in DTYPES if full else (next(dt),):
             out.append(ActSpec(kind, gated, 14336 if gated else 3072, dtype=d, origin=_origin(4, kind)))
@@ -176,6 +185,24 @@ def test_decode_picks_tensor_cores_without_spills(hd):
     assert not mk(72, "bf16").meta["mma"]
 
 
+@pytest.mark.parametrize("hd", [64, 96, 128, 256])
+def test_fp8_kv_decode_on_tensor_cores_without_spills(hd):
+    """An fp8 KV cache keeps the tensor-core decode (fp16 MMAs on the exactly converted bytes, no
+    ldmatrix) with more stages in flight than the 16-bit cache, and no spills; prefill never picks
+    the wgmma kernel for fp8 pages."""
+    for dt in ("bf16", "fp16"):
+        ks = render(DecodeAttnSpec(32, 8, hd, 16, 0.1, dtype=dt, kv_fp8=True, softcap=30.0, alibi_max=8.0,
+                                   window=100, origin="t"))
+        plain = render(DecodeAttnSpec(32, 8, hd, 16, 0.1, dtype=dt, origin="t"))
+        assert ks.meta["mma"] and "m16n8k16.row.col.f32.f16.f16.f32" in ks.source and "ldmatrix_x4(b," not in ks.source
+        assert ks.meta["stages"] >= plain.meta["stages"]
+        img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+        assert "0 bytes spill stores" in img.log and "0 bytes stack frame" in img.log, img.log
+        assert prefill_variant(PrefillAttnSpec(32, 8, 128, 16, 0.1, dtype=dt, kv_fp8=True, sm=90, origin="t")) == "mma"
+    with pytest.raises(KernelSpecError, match="kv_fp8|head_dim"):
+        DecodeAttnSpec(8, 2, 72, 16, 0.1, kv_fp8=True, origin="t")
+
+
 def test_prefill_picks_tensor_cores_for_16_bit():
     mk = lambda d, dt: render(PrefillAttnSpec(32, 8, d, 16, 0.1, dtype=dt, sm=80, origin="t"))  # noqa: E731
     assert mk(128, "bf16").meta["mma"] and mk(80, "fp16").meta["mma"]
@@ -206,6 +233,31 @@ def test_prefill_picks_wgmma_on_hopper():
         # registers only: no spills to local memory (a run-time-indexed fragment would land there)
         assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in img.log, img.log
     assert ks.meta["smem"] <= 227 * 1024 and ks.meta["threads"] == 256
+
+
+@pytest.mark.parametrize("d, dt, causal, window, page", [(128, "bf16", True, 0, 16), (64, "fp16", False, 100, 7),
+                                                         (128, "fp16", True, 37, 7)])
+def test_prefill_warp_specialised_builds(d, dt, causal, window, page):
+    """ws=True on Hopper: the warp-specialised wgmma kernel (3 warpgroups, producer / consumers as
+    the two branches of one if, so setmaxnreg takes effect) builds for sm_90a without spills, its
+    K/V ring as deep as shared memory allows; ws is ignored where the wgmma kernel does not apply."""
+    spec = PrefillAttnSpec(32, 8, d, page, 0.1, causal=causal, window=window, dtype=dt, ws=True, origin="t")
+    ks = render(spec)
+    assert ks.meta["variant"] == "sm90" and ks.meta["ws"] and ks.meta["threads"] == 384
+    assert ks.meta["smem"] <= 227 * 1024 and ks.meta["stages"] == (3 if d == 128 else 4)
+    src = ks.source
+    assert "__launch_bounds__(384, 1)" in src and "sm90ws" in ks.name and "ws=True" in src.splitlines()[2]
+    assert "setmaxnreg.dec.sync.aligned.u32 40" in src and "setmaxnreg.inc.sync.aligned.u32 232" in src
+    assert "cp.async.mbarrier.arrive.noinc" in src and f"m64n{d}k16" in src
+    img = nvrtc.compile_source(src, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+    assert img.kind == "cubin" and ks.name.encode() in img.data
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in img.log, img.log
+    assert "C7508" not in img.log and "setmaxnreg" not in img.log.lower(), img.log  # ignored setmaxnreg warns
+    # the same spec on an older GPU, or with softcap, keeps the other kernels (ws changes nothing there)
+    assert render(dataclasses.replace(spec, sm=80)).meta["variant"] == "mma"
+    assert not render(dataclasses.replace(spec, ws=False)).meta["ws"]
+    with pytest.raises(KernelSpecError, match="PrefillAttnSpec.ws"):
+        PrefillAttnSpec(32, 8, d, page, 0.1, ws=1, origin="t")
 
 
 def test_compile_error_shows_generated_source(monkeypatch):
@@ -354,6 +406,9 @@ def test_longrope_matches_hf(seq_len):
     (lambda: QGemvSpec("int3", "post", 64, 128, 128), "fmt"),
     (lambda: QGemvSpec("int4", "post", 64, 128, 32), "group"),
     (lambda: QGemvSpec("int4", "post", 64, 128, 128, tokens=4), "tokens"),
+    (lambda: QGemvSpec("int4", "post", 64, 4096, 128, splits=5), "splits"),  # 64 chunks in 16s: 4 splits, not 5
+    (lambda: QGemvSpec("int4", "post", 64, 4096, 128, variant="loop", splits=2), "splits"),
+    (lambda: QGemvSpec("int4", "post", 64, 4096, 128, variant="tiled"), "variant"),
     (lambda: MoeRouteSpec(8, 9, 4096), "top_k"),
     (lambda: MoeGemmSpec(8, 0, 4096, True), "n"),
     (lambda: MoeGemmSpec(8, 128, 4096, True, block_m=48), "block_m"),
@@ -424,3 +479,40 @@ block expert[experts] {
     moe_ops = [op for op in fuse(plan, torch.bfloat16, 16) if op.instrs[0].experts]
     assert moe_ops and all(op.kind is Exec.TORCH for op in moe_ops)
     assert "rmsnorm at moe_normed.kiln:11 inside an expert has no grouped lowering" in moe_ops[0].extra["why"]
+
+
+@pytest.mark.parametrize("n, k, tokens", [(6144, 4096, 8), (4096, 4096, 8), (28672, 4096, 16), (4096, 14336, 8),
+                                          (4096, 14336, 16)])
+def test_quant_gemv_stream_variant_fits_registers(n, k, tokens):
+    """The streaming W4A16 GEMV at Llama-3-8B's shapes, with the K splits the device picks (132 SMs): no
+    local-memory spills with its ring of weight loads, <= 80 registers (3 blocks of 256 threads per SM);
+    every launch asks the dependent-launch controls and stages through cp.async."""
+    from kiln.codegen.quant_kernels import choose_splits
+
+    for variant in ("stream", "loop"):
+        splits = choose_splits("int4", n, k, tokens, 132) if variant == "stream" else 1
+        spec = QGemvSpec("int4", "post", n, k, 128, tokens=tokens, variant=variant, splits=splits, origin="t")
+        ks = render(spec)
+        assert ks.meta["variant"] == variant and ks.meta["splits"] == splits
+        assert ("griddepcontrol.wait" in ks.source) == (variant == "stream")
+        img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in img.log, img.log
+        regs = [int(m) for m in re.findall(r"Used (\d+) registers", img.log)]
+        assert variant == "loop" or max(regs) <= 80, img.log
+
+
+@pytest.mark.parametrize("mode, static", [("tensor", False), ("tensor", True), ("token", False)])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_fp8_act_quant_compiles(mode, static, dtype):
+    from kiln.codegen.quant_kernels import ActQuantSpec
+
+    ks = render(ActQuantSpec(mode, 4096, static, dtype, origin=_origin(11, "linear(x, w) fp8")))
+    assert len(ks.entries) == (2 if mode == "tensor" and not static else 1)
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ks.source
+    for entry in ks.entries:  # the origin comment right above each entry point
+        lines = ks.source.splitlines()
+        at = next(i for i, line in enumerate(lines) if f" {entry}(" in line and "__global__" in line)
+        assert lines[at - 1] == f"// origin: {ks.origin}"
+    # fp8 conversions exist from sm_89 on (as does cuBLASLt's fp8 GEMM): Hopper only here
+    img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+    assert "0 bytes spill stores" in img.log and all(e.encode() in img.data for e in ks.entries)

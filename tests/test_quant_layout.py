@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from kiln.codegen.quant_kernels import FORMATS
+from kiln.codegen.quant_kernels import FORMATS, QGemvSpec
 from kiln.codegen.render import render
 from kiln.dsl.quant import QuantDesc, QWeight, quantize_weight
 from kiln.runtime.cuda_quant import pack
@@ -176,3 +176,44 @@ def test_unsupported_layouts_fall_back():
     odd = quantize_weight(torch.randn(16, 128), QuantDesc("int4", "per_group", 128, zero_points=True))
     odd.zero = odd.zero + 0.5  # zero points the kernel cannot subtract exactly
     assert pack(odd) is None
+
+
+@pytest.mark.parametrize("fmt, n, k, group", [("int4", 6144, 4096, 128), ("int4", 4096, 14336, 128),
+                                              ("int4", 1536, 576, 32), ("int8", 4096, 4096, 4096),
+                                              ("int8", 100, 40, 40), ("int8", 576, 1536, 32)])
+@pytest.mark.parametrize("tokens", [8, 16])
+def test_stream_split_covers_every_chunk_once(fmt, n, k, group, tokens):
+    """The stream variant's index arithmetic (templates/gemv_wq.cu.j2), mirrored: for every split
+    count it accepts, each chunk is read by exactly one (split, warp, step), its records lie in the
+    groups the block stages, and x's staged columns hold every column the lanes read."""
+    from kiln.codegen.quant_kernels import WARPS, XS_MAX, XS_PAD, _cps, choose_splits
+
+    ck, kpl, _ = FORMATS[fmt]
+    nch, groups = -(-k // ck), k // group
+    counts = sorted({-(-nch // _cps(fmt, k, s)) for s in range(1, 17)})
+    for splits in counts:
+        ks = render(QGemvSpec(fmt, "post" if group % ck == 0 or group == k else "pre", n, k, group, tokens,
+                              splits=splits))
+        cps = ks.meta["cps"]
+        gr = min(groups, -(-cps * ck // group) + 1)
+        seen = []
+        for split in range(splits):
+            c0 = split * cps
+            g0 = c0 * ck // group
+            g1 = min(groups, (min(k, (c0 + cps) * ck) + group - 1) // group)
+            assert 0 < g1 - g0 <= gr
+            for warp in range(WARPS):
+                for i in range(cps // WARPS):
+                    ch = c0 + warp + i * WARPS
+                    if ch >= nch:
+                        continue
+                    seen.append(ch)
+                    for c in range(4):
+                        grp = min(ch * ck + c * kpl, k - 1) // group
+                        assert g0 <= grp < g1  # a staged record
+                        assert (ch - c0) * ck + c * kpl + kpl <= cps * ck  # inside the staged x row
+        assert sorted(seen) == list(range(nch))
+    chosen = choose_splits(fmt, n, k, tokens, 132)
+    assert chosen in counts
+    cps = _cps(fmt, k, chosen)
+    assert tokens * (cps * ck + XS_PAD[fmt]) * 2 <= XS_MAX or cps == WARPS

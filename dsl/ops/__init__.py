@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-from . import attention, elementwise, layout, linear, moe, norm, rope
+from . import attention, elementwise, layout, linear, moe, norm, rope, ssm
 from .base import (  # noqa: F401  (the vocabulary of op definitions)
     Attr,
     CudaLowering,
@@ -27,7 +27,7 @@ from .base import (  # noqa: F401  (the vocabulary of op definitions)
 from .elementwise import ACTIVATIONS, HF_ACTIVATIONS, activation_of  # noqa: F401
 
 _DEFS: tuple[OpDef, ...] = (*linear.DEFS, *norm.DEFS, *rope.DEFS, *attention.DEFS, *elementwise.DEFS, *moe.DEFS,
-                             *layout.DEFS)
+                             *layout.DEFS, *ssm.DEFS)
 
 OpKind = enum.Enum("OpKind", {d.name.upper(): d.name for d in _DEFS})
 OpKind.__doc__ = "The closed set of op kinds: OpKind.LINEAR.value == 'linear'."

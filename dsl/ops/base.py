@@ -54,7 +54,9 @@ class RefContext(Protocol):
     positions: "torch.Tensor"  # [T] int64, absolute position of each token
     seq_len: "torch.Tensor"  # [T] int64, its sequence's length after this step (dynamic rope)
     batch: Any  # runtime.batch.StepBatch: the step's sequences (start, length, context, block table)
-    kv: Any  # runtime.kv_store.KVStore: the paged K/V of every attention site
+    # runtime.kv_store.KVStore: the paged K/V of every attention site, and beside it `kv.state`
+    # (runtime.state_cache.StateStore): the per-sequence recurrent state of every state site
+    kv: Any
 
     def run(self, program: "Program", inputs: dict) -> "torch.Tensor": ...
 
@@ -138,6 +140,9 @@ class OpDef:
     - `cuda(ins, plan, dtype)`: a KernelCall, Gemm or Torch(why), for the run dtype (a torch dtype).
     - `trt`: a TrtLowering, or a string saying why TensorRT cannot express the op at all.
     - `check_attrs(attrs)`: extra validation of attribute values (raise ShapeError).
+    - `state(types, attrs)`: for an op that carries a per-sequence recurrent state across steps
+      (dsl/ops/ssm.py), the state's shape and dtype ("float": the run dtype, or "fp32") as a TType;
+      the checker gives each such instruction a state site (dsl/plan.StateSite). None: stateless.
     """
 
     name: str
@@ -150,6 +155,7 @@ class OpDef:
     trt: TrtLowering | str
     outputs: int | str = 1  # or the name of the attr whose length gives the count
     check_attrs: Callable[[Any], None] | None = None
+    state: Callable[[list[TType | None], Any], TType] | None = None
     attrs_type: type = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

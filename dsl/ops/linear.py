@@ -52,7 +52,8 @@ def _linear_trt(nn, x, w, b=None):
 
 LINEAR = OpDef(
     "linear", ("x", "weight", "bias?"), {}, _linear_shape, "x @ weight^T + bias; weight is [out, in]",
-    reference=lambda ctx, ins, a: quant_linear(a[0], a[1], a[2]),  # a quantized weight through its format
+    # a quantized weight through its format; the step's LoRA adapters (if any) per row
+    reference=lambda ctx, ins, a: quant_linear(a[0], a[1], a[2], getattr(ctx, "lora", None), ins.inputs[1].name),
     cuda=lambda ins, plan, dt: Gemm(),
     trt=TrtLowering(_linear_trt, lambda ins, lw: []),
 )

@@ -12,6 +12,7 @@ from kiln.runtime.engine import EngineConfig, LLMEngine
 from kiln.runtime.kv_store import KVStore
 from kiln.runtime.model import LoadedModel, make_backend, random_model
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.state_cache import StateStore
 
 from tests.configs import FAMILY_CONFIGS as FAMILIES
 
@@ -22,8 +23,8 @@ LLAMA = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attentio
 GPT2 = dict(vocab_size=1000, n_embd=256, n_layer=2, n_head=4, n_positions=512)
 
 
-def pair(spec, config, dtype):
-    ref = random_model(spec, config, dtype=dtype, device="cuda", seed=0)
+def pair(spec, config, dtype, kv_cache_dtype="auto"):
+    ref = random_model(spec, config, dtype=dtype, device="cuda", seed=0, kv_cache_dtype=kv_cache_dtype)
     cuda = LoadedModel(ref.plan, make_backend(ref.plan, ref.model.weights, "cuda", "cuda"), None, ref.dtype,
                        ref.device)
     return ref, cuda
@@ -38,7 +39,7 @@ def divergence(ref, cuda, batch: StepBatch, tol: float) -> str:
     from kiln.dsl.plan import Value
     from kiln.runtime.reference import StepContext
 
-    kv = [KVStore(ref.plan.sites, 64, 16, ref.dtype, "cuda") for _ in range(2)]
+    kv = [KVStore(ref.plan.sites, 64, 16, ref.dtype, "cuda", state=StateStore(len(batch.seqs))) for _ in range(2)]
     b = StepBatch(batch.tokens.cuda(), batch.seqs)
     ctx = StepContext(b, kv[0], ref.model.weights)
     env = {Value("tokens"): b.tokens, Value("positions"): ctx.positions}
@@ -51,19 +52,23 @@ def divergence(ref, cuda, batch: StepBatch, tol: float) -> str:
     return "first divergent values: " + "; ".join(bad[:6])
 
 
-def check_against_reference(spec, config, dtype, tol, seed):
-    """Prefill of 5 sequences of odd lengths, then 6 decode steps through the CUDA graphs."""
-    ref, cuda = pair(spec, config, dtype)
+def check_against_reference(spec, config, dtype, tol, seed, kv_cache_dtype="auto", scales=(1.0, 1.0)):
+    """Prefill of 5 sequences of odd lengths, then 6 decode steps through the CUDA graphs.
+    scales: every site's (k_scale, v_scale), which an fp8 KV cache applies."""
+    ref, cuda = pair(spec, config, dtype, kv_cache_dtype)
     vocab = ref.plan.vocab_size
     rng = random.Random(seed)
     lens = [rng.randint(1, 70) for _ in range(3)] + [17, 33]  # odd lengths, crossing page boundaries
-    kvs = [KVStore(ref.plan.sites, 64, 16, ref.dtype, "cuda") for _ in range(2)]
+    # A state slot per sequence, for the state-space specs (runtime/state_cache.py).
+    kvs = [KVStore(ref.plan.sites, 64, 16, ref.dtype, "cuda", state=StateStore(len(lens))) for _ in range(2)]
+    for kv in kvs:
+        kv.k_scale, kv.v_scale = [scales[0]] * len(kv.k), [scales[1]] * len(kv.v)
     tables, start, seqs = [], 0, []
     pages = rng.sample(range(64), 8 * len(lens))  # scattered, never shared between sequences
     for i, n in enumerate(lens):
         table = tuple(pages[8 * i: 8 * i + 8])  # 8 pages = 128 tokens
         tables.append(table)
-        seqs.append(SeqSlice(start, n, 0, table))
+        seqs.append(SeqSlice(start, n, 0, table, state_slot=i))
         start += n
     tokens = torch.randint(0, vocab, (start,))
     with torch.no_grad():
@@ -73,7 +78,7 @@ def check_against_reference(spec, config, dtype, tol, seed):
         ctx = list(lens)
         for step in range(6):  # decode: one token per sequence, CUDA graph replays
             nxt = torch.randint(0, vocab, (len(lens),))
-            dseqs = [SeqSlice(i, 1, ctx[i], tables[i]) for i in range(len(lens))]
+            dseqs = [SeqSlice(i, 1, ctx[i], tables[i], state_slot=i) for i in range(len(lens))]
             a = ref.model.forward(StepBatch(nxt, dseqs), kvs[0])
             b = cuda.model.forward(StepBatch(nxt, dseqs), kvs[1])
             assert rel(b, a) <= tol, f"decode step {step}: {rel(b, a)}"
@@ -84,6 +89,15 @@ def check_against_reference(spec, config, dtype, tol, seed):
 @pytest.mark.parametrize("dtype,tol", [("bf16", 2e-2), ("fp32", 1e-4)])
 def test_logits_match_reference(spec, config, dtype, tol, fresh_seed):
     check_against_reference(spec, config, dtype, tol, fresh_seed)
+
+
+# FP8 KV cache: the generated rope/KV-write, prefill and decode kernels read and write E4M3 pages with
+# the sites' scales (1.0 here, and 0.5 / 2.0: values past 448 * scale saturate the same way on both).
+# fp32 too: both sides round the same K/V to fp8, so only values on a rounding boundary can differ.
+@pytest.mark.parametrize("dtype,tol", [("bf16", 2e-2), ("fp32", 1e-2)])
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.5, 2.0)])
+def test_fp8_kv_cache_matches_reference(dtype, tol, scales, fresh_seed):
+    check_against_reference("llama", LLAMA, dtype, tol, fresh_seed, kv_cache_dtype="fp8", scales=scales)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -110,6 +124,31 @@ def test_engine_greedy_equals_reference_fp32():
                 if o.finished:
                     done[o.request_id] = o.outputs[0].token_ids
         assert engine.pool.num_free == engine.pool.num_pages
+        return [done[i] for i in ids]
+
+    assert run(cuda) == run(ref)
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "jamba"])
+def test_state_space_engine_equals_reference_fp32(name):
+    """Recurrent state slots through the engine on the GPU: chunked prefill, the conv and scan as
+    torch steps (no CUDA graphs: they read the batch on the host), greedy outputs as the reference's."""
+    ref, cuda = pair(name, FAMILIES[name], "fp32")
+    assert not cuda.model.use_graphs
+    rng = random.Random(0)
+    reqs = [([rng.randrange(256) for _ in range(rng.randint(1, 40))], rng.randint(1, 12)) for _ in range(8)]
+
+    def run(model):
+        engine = LLMEngine(model, None, EngineConfig(page_size=16, num_pages=64, max_num_seqs=8,
+                                                     max_tokens_per_step=32))
+        ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in reqs]
+        done = {}
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.finished:
+                    done[o.request_id] = o.outputs[0].token_ids
+        assert engine.pool.num_free == engine.pool.num_pages
+        assert engine.scheduler.states.num_free == engine.scheduler.states.num_slots
         return [done[i] for i in ids]
 
     assert run(cuda) == run(ref)

@@ -308,19 +308,22 @@ HOPPER_CASES = [(32, 8, 128, 0, True), (8, 8, 64, 0, True), (8, 1, 128, 0, True)
                 (12, 4, 64, 37, True), (24, 8, 128, 0, True), (32, 8, 128, 0, False)]
 
 
+@pytest.mark.parametrize("ws", [False, True], ids=["sm90", "sm90ws"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("case", HOPPER_CASES)
 @pytest.mark.parametrize("page_size", [16, 7])
-def test_prefill_attention_hopper(dtype, case, page_size):
-    """The wgmma kernel: fresh prompts and chunks with context already in the cache, lengths that
-    are no multiple of the 128-key tile, contexts spanning more tiles than its 3 stages."""
+def test_prefill_attention_hopper(dtype, case, page_size, ws):
+    """The wgmma kernel, both forms (ws: warp-specialised): fresh prompts and chunks with context
+    already in the cache, lengths that are no multiple of the 128-key tile, contexts spanning more
+    tiles than its 3 stages, single-tile blocks (the ping-pong's shortest hand-over)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma prefill kernel is for Hopper GPUs")
     H, KV, D, window, causal = case
     dt = DT[dtype]
-    spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, causal=causal, dtype=dtype,
+    spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, causal=causal, dtype=dtype, ws=ws,
                            origin="test")
-    assert K.render(K.prefill_for_device(spec, DEV)).meta["variant"] == "sm90"
+    meta = K.render(K.prefill_for_device(spec, DEV)).meta
+    assert meta["variant"] == "sm90" and meta["ws"] == ws
     ctx, new = [0, 5, 300, 0, 64, 1000, 129], [37, 64, 1, 519, 3, 130, 128]
     kv_lens = [a + b for a, b in zip(ctx, new)]
     tables, pages = paged_layout(kv_lens, page_size)
@@ -340,12 +343,13 @@ def test_prefill_attention_hopper(dtype, case, page_size):
         assert rel_err(out[rows].view(n, H, D), ref) <= TOL[dtype], f"sequence {s} (context {c}, new {n})"
 
 
-def test_prefill_hopper_matches_sdpa_at_bench_shape():
+@pytest.mark.parametrize("ws", [False, True], ids=["sm90", "sm90ws"])
+def test_prefill_hopper_matches_sdpa_at_bench_shape(ws):
     """8 x 1024 causal, Llama-3-8B heads: the shape codegen/bench_kernels.py times, against torch SDPA."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma prefill kernel is for Hopper GPUs")
     S, L, H, KV, D, P = 8, 1024, 32, 8, 128, 16
-    spec = PrefillAttnSpec(H, KV, D, P, D ** -0.5, origin="test")
+    spec = PrefillAttnSpec(H, KV, D, P, D ** -0.5, ws=ws, origin="test")
     kc = torch.randn(S * L // P, KV, P, D, device=DEV, dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
     tables = torch.randperm(S * L // P, device=DEV).int().view(S, L // P)
@@ -500,3 +504,113 @@ def test_decode_step_captures_in_cuda_graph():
         refill(seed)
         step()
         assert torch.equal(got_out, out) and torch.equal(got_tok, tok)
+
+
+# ---- FP8 KV cache (E4M3 pages of K / k_scale, V / v_scale) ---------------------------------------
+
+def fp8_pages(shape, scale):
+    """Random E4M3 pages as KVStore.store writes them (values / scale, clamped, rounded), and their
+    values as KVStore.load reads them back (x scale): what the reference attention sees."""
+    from kiln.runtime.kv_store import KVStore
+    x = torch.randn(shape, device=DEV) * 3
+    q = (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q, KVStore.load(q, scale)
+
+
+# heads, kv_heads, head_dim, window, softcap, alibi_max: Llama-3-8B's group; head_dim 64; window +
+# softcap; a 32-head group with ALiBi; head_dim 96 (tensor cores, 3-word fragments); head_dim 48 (the
+# CUDA-core kernel: not a multiple of 32)
+FP8_CASES = [(32, 8, 128, 0, 0.0, 0.0), (8, 2, 64, 0, 0.0, 0.0), (12, 4, 64, 37, 30.0, 0.0),
+             (32, 1, 128, 0, 0.0, 8.0), (16, 4, 96, 0, 0.0, 0.0), (8, 2, 48, 0, 0.0, 0.0)]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", FP8_CASES)
+@pytest.mark.parametrize("page_size", [16, 7, 32])
+def test_fp8_kv_decode(dtype, case, page_size):
+    H, KV, D, window, cap, ali = case
+    dt = DT[dtype]
+    ks, vs = 0.05, 0.02  # v_scale saturates a few values (|x| > 448 * scale): both sides clamp alike
+    spec = DecodeAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, softcap=cap, alibi_max=ali, dtype=dtype,
+                          kv_fp8=True, origin="test")
+    ctx = [1, 17, 100, 513, 2049, 33, 5000]
+    B = len(ctx)
+    tables, pages = paged_layout(ctx, page_size)
+    kc, kf = fp8_pages((pages, KV, page_size, D), ks)
+    vc, vf = fp8_pages((pages, KV, page_size, D), vs)
+    scratch = K.decode_scratch(spec, B, max(ctx), DEV)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    for call in range(2):  # the fused split merge leaves its counters ready for the next launch
+        q = torch.randn(B, H * D, device=DEV).to(dt)
+        out = nan_like((B, H * D), dt)
+        K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, scratch, max_context=max(ctx),
+                                 k_scale=ks, v_scale=vs)
+        for b, n in enumerate(ctx):
+            ref = attention_ref(q[b].view(1, H, D), gather(kf, tables[b], n, page_size),
+                                gather(vf, tables[b], n, page_size), torch.tensor([n - 1], device=DEV),
+                                spec.scale, window, cap, alibi_max=ali)
+            assert rel_err(out[b].view(1, H, D), ref) <= TOL[dtype], f"call {call}, sequence {b} (context {n})"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", FP8_CASES)
+@pytest.mark.parametrize("page_size", [16, 7])
+def test_fp8_kv_prefill(dtype, case, page_size):
+    H, KV, D, window, cap, ali = case
+    dt = DT[dtype]
+    ks, vs = 0.05, 0.02
+    spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, softcap=cap, alibi_max=ali, dtype=dtype,
+                           kv_fp8=True, origin="test")
+    if dtype != "fp32":
+        assert K.render(K.prefill_for_device(spec, DEV)).meta["variant"] == "mma"  # never wgmma on fp8 pages
+    ctx, new = [0, 5, 100, 0, 64], [37, 64, 1, 130, 3]
+    kv_lens = [a + b for a, b in zip(ctx, new)]
+    tables, pages = paged_layout(kv_lens, page_size)
+    kc, kf = fp8_pages((pages, KV, page_size, D), ks)
+    vc, vf = fp8_pages((pages, KV, page_size, D), vs)
+    T = sum(new)
+    q = torch.randn(T, H * D, device=DEV).to(dt)
+    out = nan_like((T, H * D), dt)
+    cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
+    K.prefill_attention(spec, q, kc, vc, tables, cu, torch.tensor(kv_lens, dtype=torch.int32, device=DEV),
+                        out, max_q_len=max(new), k_scale=ks, v_scale=vs)
+    for s, (c, n) in enumerate(zip(ctx, new)):
+        rows = slice(int(cu[s]), int(cu[s + 1]))
+        ref = attention_ref(q[rows].view(n, H, D), gather(kf, tables[s], c + n, page_size),
+                            gather(vf, tables[s], c + n, page_size), torch.arange(c, c + n, device=DEV),
+                            spec.scale, window, cap, alibi_max=ali)
+        assert rel_err(out[rows].view(n, H, D), ref) <= TOL[dtype], f"sequence {s}"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("case", [0, 1])
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.004, 0.003)])  # the second saturates (|x| > 448 * scale)
+def test_fp8_rope_write_kv(dtype, case, scales):
+    """K rotated then written as fp8, V written as fp8: V's bytes equal KVStore.store's exactly (the
+    same division and round-to-nearest-even); K's values match the rotated reference to fp8 precision."""
+    from kiln.runtime.kv_store import KVStore
+    c = ROPE_CASES[case]
+    dt, P = DT[dtype], 16
+    ks, vs = scales
+    spec = RopeCacheSpec(page_size=P, dtype=dtype, kv_fp8=True, origin="test", **c)
+    H, KV, D, rot = spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim
+    ctx, new = [0, 3, 700, 31], [17, 1, 1, 40]
+    tables, pages = paged_layout([a + b for a, b in zip(ctx, new)], P)
+    seq = torch.cat([torch.full((n,), i) for i, n in enumerate(new)]).to(DEV)
+    pos = torch.cat([torch.arange(a, a + b) for a, b in zip(ctx, new)]).to(DEV)
+    T = pos.shape[0]
+    slots = K.slot_mapping(tables, seq, pos, P)
+    qkv = torch.randn(T, (H + 2 * KV) * D, device=DEV).to(dt)
+    q, k, v = qkv[:, : H * D], qkv[:, H * D : (H + KV) * D], qkv[:, (H + KV) * D :]
+    k0, v0 = k.clone(), v.clone()
+    kc = torch.zeros(pages, KV, P, D, dtype=torch.float8_e4m3fn, device=DEV)
+    vc = torch.zeros_like(kc)
+    seq_len = torch.tensor([int(pos.max()) + 1], dtype=torch.int32, device=DEV)
+    K.rope_write_kv(spec, q, k, v, pos, slots, kc, vc, seq_len=seq_len, k_scale=ks, v_scale=vs)
+    s = slots.long()
+    v_want = KVStore.store(None, vc, vs, v0.view(T, KV, D))
+    assert torch.equal(vc[s // P, :, s % P].view(torch.uint8), v_want.view(torch.uint8))
+    freq = rope.step_inv_freq(spec, int(seq_len)) if rot else None
+    k_ref = rotate_ref(k0.view(T, KV, D), pos, freq, rot, spec.layout, spec.attention_factor)
+    k_ref = (k_ref / ks).clamp(-448, 448) * ks  # what saturation leaves
+    assert rel_err(KVStore.load(kc[s // P, :, s % P], ks), k_ref) <= 0.05  # E4M3: 3 mantissa bits (~0.03 rms)

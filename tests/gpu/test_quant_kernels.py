@@ -166,3 +166,107 @@ def test_smollm2_runs_from_its_own_q4_1_blocks(dtype, tol, fresh_seed):
     packed = [g for g, _ in cuda.model._gemm.values() if isinstance(g, cuda_quant.QGemm)]
     assert packed and all(g.packed is not None for g in packed)  # no linear runs dequantized
     _compare(ref, cuda, tol, fresh_seed)
+
+
+# ---- the GEMV variants (stream: split K, shared-memory staging, dependent launch; loop: the first design)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 5, 8, 9, 16, 40])
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_gemv_variants_and_splits_match_reference(fmt, T, dtype, fresh_seed):
+    """Every K split count the stream kernel accepts, and the loop fallback, against QWeight.linear."""
+    from kiln.codegen.quant_kernels import _cps, choose_splits
+
+    make, k, rows = FORMATS[fmt]
+    w = make(rows[0], k)
+    p = cuda_quant.pack(w)
+    x = torch.randn(T, k, device="cuda").to(dtype)
+    b = torch.randn(rows[0], device="cuda").to(dtype)
+    want = w.linear(x, b)
+    nch = -(-k // (64 if p.fmt == "int4" else 32))
+    counts = sorted({-(-nch // _cps(p.fmt, k, s)) for s in range(1, 9)})
+    assert choose_splits(p.fmt, p.n, k, 8 if T <= 8 else 16, 132) in counts or counts == [1]
+    for variant, splits in [("loop", None)] + [("stream", s) for s in counts]:
+        p.variant, p.splits = variant, splits
+        for _ in range(2):  # twice: the split counters are reset by the last block
+            y = p.linear(x, b)
+            assert rel(y, want) <= TOL["bf16"], f"{variant} splits={splits}: {rel(y, want)}"
+
+
+def test_dependent_launches_chain_in_a_graph():
+    """GEMV -> GEMV -> GEMV, each reading the one before's output, captured and replayed: the
+    programmatic dependent launch lets each start early, griddepcontrol.wait keeps the order."""
+    dims = [512, 1024, 512, 768]
+    ws = [_int4(dims[i + 1], dims[i]) for i in range(3)]
+    gemms = [cuda_quant.prepare([w], [(0, w.shape[0])], dtype=torch.bfloat16) for w in ws]
+    x = torch.randn(3, dims[0], device="cuda").bfloat16()
+
+    def chain():
+        h = x
+        for g in gemms:
+            h = g(h, None)
+        return h
+
+    def ref():
+        h = x
+        for w in ws:
+            h = w.linear(h)
+        return h
+
+    assert rel(chain(), ref()) <= 3e-2
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(3):
+        x.copy_(torch.randn(3, dims[0], device="cuda").bfloat16())
+        graph.replay()
+        assert rel(out, ref()) <= 3e-2
+
+
+# ---- fp8 activation quantization: the generated kernel against the torch ops, bit for bit
+
+
+def _fp8_gemm(act, static, k, rows=64):
+    desc = QuantDesc("fp8", "per_tensor" if act == "fp8_tensor" else "per_channel", act=act, act_static=static)
+    w = quantize_weight(torch.randn(rows, k, device="cuda"), desc)
+    if static:
+        w.input_scale = torch.tensor(0.037, device="cuda")
+    return cuda_quant.prepare([w], [(0, rows)], dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T", [1, 7, 300])
+@pytest.mark.parametrize("act, static", [("fp8_tensor", False), ("fp8_tensor", True), ("fp8_token", False)])
+def test_fp8_act_quant_kernel_is_bit_equal_to_torch(act, static, T, dtype, fresh_seed):
+    gemm = _fp8_gemm(act, static, 4096)
+    x = (torch.randn(T, 4096, device="cuda") * torch.rand(T, 1, device="cuda") * 30).to(dtype)
+    x[0, :7] = 0  # zeros and a value past the static scale's range (saturates)
+    x[-1, 3] = 1e3
+    q, s = gemm.quantize_act(x)
+    q_ref, s_ref = gemm.quantize_act_torch(x)
+    assert s.shape == s_ref.shape and torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    # the GEMM through it matches the reference semantics
+    y = gemm(x, None)
+    cuda_quant.ACT_KERNEL = False
+    try:
+        want = gemm(x, None)
+    finally:
+        cuda_quant.ACT_KERNEL = True
+    assert torch.equal(y, want)
+
+
+def test_fp8_act_quant_in_a_graph():
+    gemm = _fp8_gemm("fp8_tensor", False, 1024)
+    x = torch.randn(4, 1024, device="cuda").bfloat16()
+    gemm(x, None)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q, s = gemm.quantize_act(x)
+    x.copy_(torch.randn(4, 1024, device="cuda").bfloat16() * 5)
+    graph.replay()
+    q_ref, s_ref = gemm.quantize_act_torch(x)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

@@ -1,0 +1,191 @@
+"""State-space models (dsl/ops/ssm.py, runtime/state_cache.py) through the runtime, on the CPU.
+
+The specs themselves are checked against transformers in tests/test_architectures.py (the
+FAMILY_CONFIGS entries mamba, mamba-bias, mamba2, jamba). Here: in-flight batching must not change
+what a request generates when every layer carries a recurrent state. Greedy outputs of concurrent
+requests of mixed lengths equal each request run alone, with chunked prefill (a prompt's state
+carried from chunk to chunk) and with preemption (the state rebuilt from the prompt); at the end
+every state slot and every page is free.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from kiln.dsl import check, load_spec
+from kiln.dsl.checker import check_backend
+from kiln.dsl.errors import SpecError
+from kiln.dsl.ops import OPS, OpKind, Torch
+from kiln.runtime.batch import SeqSlice, StepBatch
+from kiln.runtime.engine import EngineConfig, LLMEngine
+from kiln.runtime.kv_store import KVStore
+from kiln.runtime.model import SingleSequence, random_model
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.state_cache import StateAccountingError, StateCacheError, StatePool
+
+from tests.configs import FAMILY_CONFIGS
+
+FAMILIES = [f for f in ("mamba", "mamba2", "jamba") if f in FAMILY_CONFIGS]
+VOCAB = 256
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    name = request.param
+    model = random_model(name, FAMILY_CONFIGS[name], seed=1)
+    return name, model, [alone(model, p, n) for p, n in requests()]
+
+
+def alone(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation of one prompt, one sequence, one step per token after the prefill."""
+    seq = SingleSequence(model, len(prompt) + n + 1)
+    logits = seq.step(prompt)
+    out = []
+    for _ in range(n):
+        out.append(int(logits[-1].argmax()))
+        logits = seq.step([out[-1]])
+    return out
+
+
+def requests(count=10, seed=0):
+    rng = random.Random(seed)
+    return [([rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))], rng.randint(1, 16)) for _ in range(count)]
+
+
+def run(model, cfg: EngineConfig):
+    engine = LLMEngine(model, None, cfg)
+    ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+           for p, n in requests()]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return [done[i] for i in ids], engine
+
+
+def all_free(engine) -> bool:
+    states = engine.scheduler.states
+    return engine.pool.num_free == engine.pool.num_pages and states.num_free == states.num_slots
+
+
+def test_batched_with_chunked_prefill_equals_alone(family):
+    name, model, expected = family
+    # 16 tokens a step: prompts of up to 30 tokens are prefilled in chunks beside other requests' decodes.
+    got, engine = run(model, EngineConfig(page_size=4, num_pages=256, max_num_seqs=8, max_tokens_per_step=16))
+    assert got == expected
+    assert engine.scheduler.num_preemptions == 0
+    assert all_free(engine)
+
+
+def test_preemption_rebuilds_the_state(family):
+    name, model, expected = family
+    # 16 pages of 4 tokens cannot hold 8 sequences of up to 46 tokens: preemption must happen.
+    got, engine = run(model, EngineConfig(page_size=4, num_pages=16, max_num_seqs=8, max_tokens_per_step=24))
+    assert engine.scheduler.num_preemptions > 0
+    assert got == expected
+    assert all_free(engine)
+
+
+def test_whole_prefills_without_chunking(family):
+    name, model, expected = family
+    got, engine = run(model, EngineConfig(page_size=4, num_pages=256, max_num_seqs=4, max_tokens_per_step=64,
+                                          chunked_prefill=False))
+    assert got == expected
+    assert all_free(engine)
+
+
+def test_cancel_frees_the_state_slot(family):
+    _, model, _ = family
+    engine = LLMEngine(model, None, EngineConfig(page_size=4, num_pages=64, max_num_seqs=4))
+    a = engine.add_request([1, 2, 3, 4, 5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request([9, 8, 7], SamplingParams(max_tokens=3, ignore_eos=True, temperature=0))
+    engine.step()
+    assert engine.scheduler.states.num_free == 2
+    engine.abort(a)
+    while engine.has_unfinished():
+        engine.step()
+    assert all_free(engine)
+
+
+def test_no_prefix_reuse_or_speculation_with_state(family):
+    _, model, _ = family
+    engine = LLMEngine(model, None, EngineConfig(page_size=4, num_pages=64, enable_prefix_caching=True))
+    assert not engine.scheduler.prefix_caching  # a prefix hit would skip the tokens that build the state
+    assert engine.kv.state.nbytes() > 0  # every slot allocated up front
+    with pytest.raises(ValueError, match="recurrent state"):
+        LLMEngine(model, None, EngineConfig(page_size=4, num_pages=64, speculative="ngram"))
+
+
+# ---- the plan: state sites, backends
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_state_sites(name):
+    plan = check(load_spec(name), FAMILY_CONFIGS[name])
+    stateful = [i for i in plan.program.walk() if i.state is not None]
+    assert [i.state for i in stateful] == list(range(len(plan.state_sites)))
+    kinds = {s.kind for s in plan.state_sites}
+    assert kinds == {"causal_conv1d", "selective_scan"}
+    for s in plan.state_sites:
+        if s.kind == "causal_conv1d":
+            assert len(s.shape) == 2 and s.dtype == "float"  # [channels, kernel - 1]
+        else:
+            assert len(s.shape) == 3 and s.dtype == "fp32"  # [heads, head size, d_state]
+    with pytest.raises(SpecError, match="not supported on the tensorrt backend.*recurrent state"):
+        check_backend(plan, "tensorrt")
+    for ins in stateful:  # the cuda backend runs the reference on the GPU for now
+        low = OPS[ins.kind].cuda(ins, plan, torch.float16)
+        assert isinstance(low, Torch) and "generated kernels to come" in low.why
+
+
+def test_cuda_backend_keeps_graphs_off_for_state_ops():
+    cuda_backend = pytest.importorskip("kiln.runtime.cuda_backend")
+    assert OpKind.CAUSAL_CONV1D in cuda_backend._HOST_READERS
+    assert OpKind.SELECTIVE_SCAN in cuda_backend._HOST_READERS
+
+
+SPEC = """spec s
+param d: int = 6
+weights { embed: [16, d] <- "e"
+          w: [d, 3] <- "w" }
+forward(tokens) {
+  return causal_conv1d(embedding(tokens, embed), w)
+}
+"""
+
+
+def test_causal_conv1d_state_carries_across_steps():
+    """Token by token through the state equals the whole sequence at once, equals F.conv1d."""
+    from kiln.dsl.loader import parse_spec
+    from kiln.runtime.reference import ReferenceModel
+
+    plan = check(parse_spec(SPEC), {})
+    g = torch.Generator().manual_seed(0)
+    weights = {"embed": torch.randn(16, 6, generator=g), "w": torch.randn(6, 3, generator=g)}
+    model = ReferenceModel(plan, weights)
+    tokens = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    kv = KVStore(plan.sites, 2, 16, torch.float32)
+    whole = model.forward(StepBatch(tokens, [SeqSlice(0, 7, 0, (0,))]), kv, all_logits=True)
+    x = weights["embed"][tokens].T[None]  # [1, C, T]
+    oracle = torch.nn.functional.conv1d(x, weights["w"][:, None, :], padding=2, groups=6)[0, :, :7].T
+    torch.testing.assert_close(whole, oracle)
+    kv = KVStore(plan.sites, 2, 16, torch.float32)
+    steps = [model.forward(StepBatch(tokens[i:i + 1], [SeqSlice(0, 1, i, (0,))]), kv, all_logits=True)
+             for i in range(7)]
+    torch.testing.assert_close(torch.cat(steps), oracle)
+    # Two sequences of one step naming one slot would overwrite each other's state: refused.
+    batch = StepBatch(tokens[:4], [SeqSlice(0, 2, 0, (0,)), SeqSlice(2, 2, 0, (1,))])
+    with pytest.raises(StateCacheError, match="share a state slot"):
+        model.forward(batch, KVStore(plan.sites, 2, 16, torch.float32), all_logits=True)
+
+
+def test_state_pool_accounting():
+    pool = StatePool(3)
+    assert [pool.allocate() for _ in range(2)] == [0, 1]
+    pool.free(0)
+    assert pool.allocate() == 0 and pool.num_free == 1
+    with pytest.raises(StateAccountingError):
+        pool.free(2)
