@@ -10,7 +10,7 @@ rm -rf /tmp/new && mkdir -p /tmp/new/kiln
 for f in api/*; do ln -s "$(readlink -f "$f")" /tmp/new/kiln/; done
 for p in dsl codegen runtime; do ln -s "$(readlink -f "$p")" /tmp/new/kiln/$p; done
 export PYTHONPATH=/tmp/new:/tmp/site:.
-timeout ${TEST_TIMEOUT:-250} python3 -m pytest tests/gpu tests/test_op_clamp.py tests/test_ops_norm_variants.py -q \
+timeout ${TEST_TIMEOUT:-540} python3 -m pytest tests/gpu tests/test_op_clamp.py tests/test_ops_norm_variants.py -q \
   -p no:cacheprovider -p no:randomly --maxfail=60 --ignore=tests/gpu/test_guided_gpu.py -k "not sm90ws" \
   2>&1 | tee "$OUT/gpu-tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -40
 ws=--no-ws

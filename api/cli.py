@@ -195,10 +195,14 @@ def cmd_check(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from kiln.codegen.show import show_ir, show_kernels
-    from kiln.dsl import check, load_spec
+    from kiln.codegen.show import show_ir, show_kernels, show_shards
+    from kiln.dsl import check, load_spec, passes
 
     plan = check(load_spec(args.spec), _read_config(args.config), args.config or "config.json")
+    if args.tp:
+        plan = passes.run(plan, [passes.shard(args.tp, "ep" if args.ep else "tp")])
+        sys.stdout.write(show_shards(plan))
+        return 0
     sys.stdout.write(show_kernels(plan, args.dtype, args.page_size) if args.kernels else show_ir(plan))
     return 0
 
@@ -283,7 +287,7 @@ def cmd_quantize(args) -> int:
     from kiln.runtime.quantize import quantize_checkpoint
 
     out = quantize_checkpoint(args.checkpoint, args.scheme, args.out, args.calibration, args.alpha, args.samples,
-                              args.seq_len, args.act_order, args.force, args.spec)
+                              args.seq_len, args.act_order, args.force, args.spec, group_size=args.group_size)
     print(f"wrote {out} ({args.scheme})")
     return 0
 
@@ -414,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--kernels", action="store_true", help="the rendered CUDA kernels")
     g.add_argument("--ir", action="store_true", help="the unrolled, typed op program")
+    g.add_argument("--tp", type=int_arg(1, 1024), help="each weight's shard and each collective over N "
+                   "tensor-parallel ranks")
+    p.add_argument("--ep", action="store_true", help="with --tp: experts whole, split across ranks")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--page-size", type=int_arg(1, 1024), default=16, help="tokens per KV cache page")
     p.set_defaults(fn=cmd_show)
@@ -435,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="TEXT", help="system message for --chat")
     add_sampling_arguments(p, max_tokens=64)
     add_model_arguments(p)
+    p.add_argument("--tp", type=int_arg(1, 1024), default=1, metavar="N",
+                   help="split the model over N processes of this machine (tensor parallelism; CPU, "
+                        "reference backend)")
+    p.add_argument("--ep", action="store_true", help="with --tp: MoE experts whole, split across ranks")
     add_speculative_arguments(p)
     p.set_defaults(fn=cmd_generate)
 
@@ -561,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kl-divergence", action="store_true",
                    help="also the KL divergence of each position's next-token distribution from the unquantized "
                         "model's (mean, median, p99, max) and how often their top tokens agree")
+    q.add_argument("--kl-base", metavar="CHECKPOINT",
+                   help="with --kl-divergence: the unquantized model to compare with (default: CHECKPOINT itself, "
+                        "unquantized; give it for a checkpoint `kiln quantize` wrote, e.g. 'default')")
     add_model_arguments(q, quantization=False)  # its own --quantization, checked at parse time
     add_kv_cache_argument(q)
     q.add_argument("--context", type=int_arg(2), default=512, metavar="N", help="tokens per window (default: 512)")
@@ -574,7 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a float checkpoint, calibrating on text where the scheme needs "
                                         "it, into a standard format (compressed-tensors, AutoAWQ, GPTQ)")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a Hugging Face safetensors folder")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a Hugging Face safetensors folder or a .gguf file (its weights dequantized); "
+                        "'default': the embedded SmolLM2-135M-Instruct")
     p.add_argument("--scheme", required=True,
                    choices=("fp8", "fp8-channel", "int8-wo", "int4-wo", "smoothquant", "awq", "gptq"))
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
@@ -585,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int_arg(1), default=32, metavar="N", help="calibration samples (32)")
     p.add_argument("--seq-len", type=int_arg(2), default=512, metavar="N", help="tokens per sample (512)")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns in activation order")
+    p.add_argument("--group-size", type=int_arg(1), default=None, metavar="N",
+                   help="int4-wo, awq, gptq: input columns per scale and zero point (default 128); must divide "
+                        "every quantized weight's input features")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--spec", metavar="SPEC", help="the spec (default: from the checkpoint's architectures)")
     p.set_defaults(fn=cmd_quantize)

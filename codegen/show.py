@@ -35,3 +35,22 @@ def show_ir(plan: Plan) -> str:
         lines.append(f"{outs}: {t} = {ins.kind.value}({ins_}{', ' + attrs if attrs else ''})"
                      f"    # {ins.op.pos.line}")
     return "\n".join(lines) + "\n"
+
+
+def show_shards(plan: Plan) -> str:
+    """`kiln show --tp N`: each weight's shard (its shape on one rank) and each collective, in order."""
+    lines = [f"# tensor parallel over {plan.ranks} ranks", "# weights"]
+    for w in plan.weights.values():
+        if w.source is None:
+            continue
+        d = w.shard
+        local = list(w.shape)
+        if d.kind == "split":
+            local[d.axis] //= d.parts or plan.ranks
+        lines.append(f"{w.name}: {list(w.shape)} -> {local} {d}")
+    lines.append("# collectives")
+    lines += [f"{c.kind} {c.value} after {c.op}" for c in plan.collectives]
+    if plan.replicated_why:
+        lines.append("# replicated (computed whole on every rank)")
+        lines += sorted(set(plan.replicated_why))
+    return "\n".join(lines) + "\n"

@@ -11,19 +11,20 @@ weights it misreads.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping
 
 from . import ir
 from .checker import check
 from .errors import SpecError
 from .ops import OpKind
-from .plan import REPLICATED, Plan, Value, WeightArg
+from .plan import REPLICATED, Collective, Plan, ShardDesc, Value, WeightArg
 from .quant import SCHEMES, UNQUANTIZED, QuantDesc
+from .sources import Alias
 
 Pass = Callable[[Plan], Plan]
 
 QUANT_SCHEMES = tuple(SCHEMES)
-SHARD_SCHEMES = (1,)  # tensor-parallel ranks
 
 
 def quantize(scheme: str = "none", only: Mapping[str, QuantDesc] | None = None) -> Pass:
@@ -112,15 +113,249 @@ def kv_cache(dtype: str = "run") -> Pass:
     return run
 
 
-def shard(ranks: int = 1) -> Pass:
-    if ranks not in SHARD_SCHEMES:
-        raise SpecError(f"tensor parallelism over {ranks} ranks is not supported", None,
-                        "supported: " + ", ".join(map(str, SHARD_SCHEMES)))
+# Ops that treat each slice of features on its own: a value split across ranks by features (heads,
+# FFN channels) goes through them split. Norms count only per group (per head, `group=`); attention
+# only without ALiBi (its slopes are per global head).
+_LOCAL_OPS = frozenset({OpKind.SILU, OpKind.GELU, OpKind.GELU_TANH, OpKind.RELU, OpKind.SIGMOID, OpKind.TANH,
+                        OpKind.RELU2, OpKind.ACT, OpKind.SOFTCAP, OpKind.SCALE, OpKind.CLAMP, OpKind.ADD,
+                        OpKind.SUB, OpKind.MUL, OpKind.ROPE, OpKind.ATTENTION, OpKind.RMSNORM, OpKind.LAYERNORM})
+EXPERT_MODES = ("tp", "ep")
+
+
+def _loc(ins) -> str:
+    return f"{ins.kind.value} at {ins.op.pos.file.rsplit('/', 1)[-1]}:{ins.op.pos.line}"
+
+
+class _Refused(Exception):
+    pass
+
+
+def shard(ranks: int = 1, experts: str = "tp") -> Pass:
+    """Split the weights over `ranks` tensor-parallel ranks, derived from the dataflow (no per-family
+    rule): a linear whose input is whole on every rank and whose output flows only through
+    feature-local ops (_LOCAL_OPS: activations, gating products, rope, attention, per-head norms) into
+    other linears is column-parallel (split along output rows); those linears are row-parallel (split
+    along input columns) and an all-reduce follows each. Attention splits by heads: the q side into
+    `ranks` slices, K/V by KV heads (shared slices when there are fewer KV heads than ranks). The LM
+    head is column-parallel with an all-gather of the logits; the embedding stays replicated. MoE
+    experts split like a dense MLP (`experts="tp"`) or go whole to one rank each (`experts="ep"`),
+    with an all-reduce after the moe. A region that matches no rule (a norm over all features of a
+    split value, a split/concat of heads, latent attention, ALiBi) keeps its weights replicated and
+    every rank computes it whole; `plan.replicated_why` says where. Refused: state-space layers."""
+    if not isinstance(ranks, int) or ranks < 1:
+        raise SpecError(f"--tp {ranks}: the number of tensor-parallel ranks must be a positive integer", None)
+    if experts not in EXPERT_MODES:
+        raise SpecError(f"experts '{experts}': no such expert sharding", None, "modes: " + ", ".join(EXPERT_MODES))
 
     def run(plan: Plan) -> Plan:
         weights = {n: dataclasses.replace(w, shard=REPLICATED) for n, w in plan.weights.items()}
-        return dataclasses.replace(plan, weights=weights)
+        if ranks == 1:
+            return dataclasses.replace(plan, weights=weights, ranks=1, collectives=(), replicated_why=())
+        if plan.state_sites:
+            ins = next(i for i in plan.program.walk() if i.state is not None)
+            raise SpecError(f"--tp {ranks}: {_loc(ins)} is a state-space layer; tensor parallelism does not "
+                            f"split recurrent state yet", ins.op.pos)
+        if any(w.quant.quantized for w in plan.weights.values()):
+            raise SpecError(f"--tp {ranks}: quantized weights are not split across ranks yet", None,
+                            "leave --quantization out with --tp")
+        descs: dict[str, ShardDesc] = {}
+        colls: list[Collective] = []
+        why: list[str] = []
+        uses: dict[str, int] = {}
+        for ins in plan.program.walk():
+            for a in ins.inputs:
+                if isinstance(a, WeightArg):
+                    uses[plan.alias_target(a.name)] = uses.get(plan.alias_target(a.name), 0) + 1
+        heads = _lm_heads(plan)
+        for ins in plan.program.instrs:
+            if ins.kind is OpKind.LINEAR and ins.inputs[1].name in heads:
+                w = plan.weights[ins.inputs[1].name]
+                if w.shape[0] % ranks:
+                    why.append(f"{_loc(ins)}: LM head with {w.shape[0]} rows, not a multiple of {ranks}")
+                    continue
+                descs[w.name] = ShardDesc("split", 0)
+                if ins.inputs[2] is not None:
+                    descs[ins.inputs[2].name] = ShardDesc("split", 0)
+                colls.append(Collective("all_gather", ins.out, _loc(ins)))
+        _shard_program(plan, plan.program, ranks, descs, colls, why, uses, top=True, skip=heads)
+        for ins in plan.program.walk():
+            if ins.kind is not OpKind.MOE:
+                continue
+            if experts == "ep":
+                n = len(ins.experts)
+                for e, prog in enumerate(ins.experts):
+                    for i in prog.walk():
+                        for a in i.inputs:
+                            if isinstance(a, WeightArg):
+                                descs[a.name] = ShardDesc("expert", rank=e * ranks // n)
+                colls.append(Collective("all_reduce", ins.out, _loc(ins) + " (experts split across ranks)"))
+            else:
+                partial = [_shard_program(plan, p, ranks, descs, colls, why, uses, top=False) for p in ins.experts]
+                if all(partial):
+                    colls.append(Collective("all_reduce", ins.out, _loc(ins) + " (each expert split)"))
+                elif any(partial):
+                    raise SpecError(f"--tp {ranks}: {_loc(ins)}: its experts split differently", ins.op.pos)
+        for n, d in descs.items():
+            weights[n] = dataclasses.replace(weights[n], shard=d)
+        for n, w in plan.weights.items():  # a tie splits as the tensor it names
+            if isinstance(w.source, Alias) and n not in descs:
+                weights[n] = dataclasses.replace(weights[n], shard=weights[plan.alias_target(n)].shard)
+        return dataclasses.replace(plan, weights=weights, ranks=ranks, collectives=tuple(colls),
+                                   replicated_why=tuple(why))
     return run
+
+
+def _shard_program(plan: Plan, prog, ranks: int, descs: dict, colls: list, why: list, uses: dict,
+                   top: bool, skip: frozenset | set = frozenset()) -> bool:
+    """Split the column/row groups of one program (not its experts'); True if its output is partial
+    (an expert whose last linear is row-parallel: the moe sums it)."""
+    producer = {o: i for i in prog.instrs for o in i.outputs}
+    consumers: dict = {}
+    for i in prog.instrs:
+        for a in i.inputs:
+            if isinstance(a, Value):
+                consumers.setdefault(a, []).append(i)
+    split_vals: set = set()
+    done: set = set()
+    partial_out = False
+    for seed in prog.instrs:
+        if seed.kind is not OpKind.LINEAR or id(seed) in done or seed.inputs[1].name in skip \
+                or seed.inputs[0] in split_vals:
+            continue
+        try:
+            cols, rows, vals, parts, local = _grow(plan, prog, seed, producer, consumers, split_vals, ranks,
+                                                    uses, skip)
+        except _Refused as e:
+            done.add(id(seed))
+            if not (str(e).startswith("-")):
+                why.append(str(e))
+            continue
+        if not top and any(r.out != prog.output for r in rows):
+            why.append(f"{_loc(seed)}: an expert's row-parallel output is not the expert's output")
+            continue
+        done.update(id(i) for i in cols + rows)
+        split_vals |= vals
+        for i in cols:
+            p = parts.get(i.out, 0)
+            descs[i.inputs[1].name] = ShardDesc("split", 0, p)
+            if i.inputs[2] is not None:
+                descs[i.inputs[2].name] = ShardDesc("split", 0, p)
+        for i in local:
+            if i.kind in (OpKind.RMSNORM, OpKind.LAYERNORM):
+                for w in i.inputs[1:]:
+                    shape = plan.weights[w.name].shape if w is not None else ()
+                    if w is not None and math.prod(shape) == plan.types[i.out].shape[1]:  # a weight per feature
+                        descs[w.name] = ShardDesc("split", 0, parts.get(i.out, 0))
+        for i in rows:
+            descs[i.inputs[1].name] = ShardDesc("split", 1)
+            if i.inputs[2] is not None:
+                descs[i.inputs[2].name] = ShardDesc("first")
+            if top:
+                colls.append(Collective("all_reduce", i.out, _loc(i)))
+            else:
+                partial_out = True
+    return partial_out
+
+
+def _grow(plan: Plan, prog, seed, producer, consumers, taken: set, ranks: int, uses: dict, skip):
+    """The column/row group of `seed`: (column linears, row linears, split values, slices per value
+    where not one per rank, feature-local ops), or _Refused saying why it stays replicated."""
+    cols, rows, local, vals = [], [], [], set()
+    seen: set = set()
+    todo = [("col", seed)]
+
+    def refuse(msg):
+        raise _Refused(msg)
+
+    def pull(v):  # a value a local op reads: it must be split too
+        if v in vals:
+            return
+        p = producer.get(v)
+        if p is None or v in taken:
+            refuse(f"-{v} comes from outside")
+        if p.kind is OpKind.LINEAR and p.inputs[0] not in vals and p.inputs[1].name not in skip:
+            todo.append(("col", p))
+        elif p.kind in _LOCAL_OPS:
+            todo.append(("local", p))
+        else:
+            refuse(f"{_loc(p)}: its output is mixed with split values; kept replicated")
+
+    def push(v):  # a split value: each consumer must take it split
+        if v == prog.output:
+            refuse(f"-{v} is the program output")
+        for c in consumers.get(v, ()):
+            if c.kind is OpKind.LINEAR and c.inputs[0] == v:
+                todo.append(("row", c))
+            elif c.kind in _LOCAL_OPS:
+                todo.append(("local", c))
+            else:
+                refuse(f"{_loc(c)} reads whole a value a split would cut ({v}); kept replicated")
+
+    while todo:
+        role, ins = todo.pop()
+        if id(ins) in seen:
+            continue
+        seen.add(id(ins))
+        if role == "col":
+            w = plan.weights[ins.inputs[1].name]
+            if uses.get(plan.alias_target(w.name), 0) > 1 or isinstance(w.source, Alias):
+                refuse(f"{_loc(ins)}: weight '{w.name}' is shared; kept replicated")
+            cols.append(ins)
+            vals.add(ins.out)
+            push(ins.out)
+        elif role == "row":
+            w = plan.weights[ins.inputs[1].name]
+            if uses.get(plan.alias_target(w.name), 0) > 1 or isinstance(w.source, Alias):
+                refuse(f"{_loc(ins)}: weight '{w.name}' is shared; kept replicated")
+            rows.append(ins)
+        else:
+            if ins.kind is OpKind.ATTENTION and ins.attrs.alibi:
+                refuse(f"{_loc(ins)}: ALiBi slopes are per global head; kept replicated")
+            if ins.kind in (OpKind.RMSNORM, OpKind.LAYERNORM) and not ins.attrs.group:
+                refuse(f"{_loc(ins)} normalises over all features; kept replicated")
+            local.append(ins)
+            for a in ins.inputs:
+                if isinstance(a, Value):
+                    pull(a)
+            for o in ins.outputs:
+                vals.add(o)
+                push(o)
+    # Slices: one per rank, but K/V by KV heads; values joined by a local op share their slicing.
+    parts: dict = {}
+    for ins in local:
+        if ins.kind is OpKind.ATTENTION:
+            hd = ins.attrs.head_dim
+            hq, hk = plan.types[ins.inputs[0]].shape[1] // hd, plan.types[ins.inputs[1]].shape[1] // hd
+            if hq % ranks or not (hk % ranks == 0 or ranks % hk == 0):
+                refuse(f"{_loc(ins)}: {hq} query / {hk} KV heads do not divide over {ranks} ranks; kept replicated")
+            if hk < ranks:
+                for v in ins.inputs[1:]:
+                    parts[v] = hk
+    changed = True
+    while changed:  # K/V slicing spreads back through rope, clamps, per-head norms to the projections
+        changed = False
+        for ins in local:
+            if ins.kind is OpKind.ATTENTION:
+                continue
+            group = [a for a in ins.inputs if isinstance(a, Value)] + list(ins.outputs)
+            p = {parts.get(v, 0) for v in group}
+            if len(p) > 1:
+                if len(p - {0}) > 1:
+                    refuse(f"{_loc(ins)} mixes differently split values; kept replicated")
+                for v in group:
+                    if parts.get(v) is None:
+                        parts[v] = max(p)
+                        changed = True
+    for v in vals:
+        width, n = plan.types[v].shape[1], parts.get(v, 0) or ranks
+        if width % n:
+            refuse(f"-{v}: {width} features do not divide into {n}")
+    for ins in local:
+        if ins.kind in (OpKind.RMSNORM, OpKind.LAYERNORM):
+            n = parts.get(ins.out, 0) or ranks
+            if (plan.types[ins.out].shape[1] // n) % ins.attrs.group:
+                refuse(f"{_loc(ins)}: its groups of {ins.attrs.group} do not fall whole on each rank")
+    return cols, rows, vals, parts, local
 
 
 def run(plan: Plan, passes: list[Pass]) -> Plan:
@@ -131,15 +366,17 @@ def run(plan: Plan, passes: list[Pass]) -> Plan:
 
 
 def build(spec: ir.Spec, config: Mapping[str, Any] | None = None, config_file: str = "config.json",
-          quant: str = "none", ranks: int = 1, quant_only: Mapping[str, QuantDesc] | None = None) -> Plan:
+          quant: str = "none", ranks: int = 1, quant_only: Mapping[str, QuantDesc] | None = None,
+          experts: str = "tp") -> Plan:
     """The plan a model runs: the spec checked against the config, then the weight passes."""
-    return run(check(spec, config, config_file), [quantize(quant, quant_only), shard(ranks)])
+    return run(check(spec, config, config_file), [quantize(quant, quant_only), shard(ranks, experts)])
 
 
 def unsupported_weights(plan: Plan, backend: str,
-                        runs: Callable[[QuantDesc], bool] = lambda d: not d.quantized) -> list[str]:
+                        runs: Callable[[QuantDesc], bool] = lambda d: not d.quantized,
+                        split: bool = False) -> list[str]:
     """Messages naming each weight whose descriptors `backend` cannot run: a storage `runs`
-    refuses, or a split weight (every backend runs on one rank today)."""
+    refuses, or a split weight unless `split` (the reference backend of runtime/distributed.py)."""
     out = []
     for w in plan.weights.values():
         if w.source is None:
@@ -147,7 +384,7 @@ def unsupported_weights(plan: Plan, backend: str,
         if w.quant.quantized and not runs(w.quant):
             out.append(f"weight '{w.name}' is stored as {w.quant}; the {backend} backend does not run that "
                        f"format")
-        if w.shard != REPLICATED:
+        if w.shard != REPLICATED and not split:
             out.append(f"weight '{w.name}' is split across ranks ({w.shard.kind}, axis {w.shard.axis}); "
                        f"the {backend} backend runs on one rank")
     return out

@@ -53,11 +53,37 @@ class ShardDesc:
     (0: output rows, column-parallel; 1: input columns, row-parallel), or `expert` (whole
     copies of an experts block per rank)."""
 
-    kind: str = "replicated"  # replicated | split | expert
+    kind: str = "replicated"  # replicated | split | expert | first
     axis: int | None = None
+    # split: the number of distinct equal slices along `axis` (0: one per rank). Fewer than the ranks
+    # for the K/V projections of a model with fewer KV heads than ranks: rank r holds slice
+    # r * parts // ranks (the KV head its query heads read), so ranks share slices.
+    parts: int = 0
+    rank: int | None = None  # expert: the rank that holds this expert's weights
+
+    def __str__(self) -> str:
+        if self.kind == "split":
+            how = "column-parallel" if self.axis == 0 else "row-parallel"
+            return f"split axis {self.axis} ({how})" + (f", {self.parts} slices shared" if self.parts else "")
+        if self.kind == "expert":
+            return f"expert on rank {self.rank}"
+        if self.kind == "first":
+            return "rank 0 only (bias added once before the all-reduce)"
+        return "replicated"
 
 
 REPLICATED = ShardDesc()
+
+
+@dataclass(frozen=True)
+class Collective:
+    """A collective the shard pass placed after the op defining `value`: "all_reduce" (a sum of
+    the ranks' partial results: a row-parallel linear, a moe whose experts are split) or
+    "all_gather" (the ranks' column slices concatenated along features: the LM head's logits)."""
+
+    kind: str
+    value: Value
+    op: str  # where: "linear at SPEC.kiln:51"
 
 
 @dataclass(frozen=True)
@@ -144,6 +170,11 @@ class Plan:
     types: dict[Value, TType]
     op_counts: Counter = field(default_factory=Counter)
     state_sites: list[StateSite] = field(default_factory=list)  # per-sequence recurrent state (SSM layers)
+    # Tensor parallelism (dsl/passes.py shard): the ranks, each collective after the op it follows,
+    # and why a region the pass could not split stays replicated (every rank computes it whole).
+    ranks: int = 1
+    collectives: tuple[Collective, ...] = ()
+    replicated_why: tuple[str, ...] = ()
 
     @property
     def vocab_size(self) -> int:

@@ -246,6 +246,9 @@ def perplexity_cli(args) -> int:
     context, stride = args.context, args.stride if args.stride is not None else args.context
     if stride > context:
         raise EvalError(f"--stride {stride}: must be <= --context ({context})")
+    kl_base = getattr(args, "kl_base", None)
+    if kl_base is not None and not args.kl_divergence:
+        raise EvalError("--kl-base applies with --kl-divergence")
     if args.max_tokens is not None and args.max_tokens < context:
         raise EvalError(f"--max-tokens {args.max_tokens}: fewer than one window (--context {context})")
     text = read_text(args.text) if args.text is not None else default_text()
@@ -269,7 +272,10 @@ def perplexity_cli(args) -> int:
     kv = getattr(args, "kv_cache_dtype", None) or "auto"
     loaded = _load(source, args.quantization, kv)
     base = None
-    if args.kl_divergence:  # against the same checkpoint unquantized; "none" is its own base
+    if kl_base is not None:  # a quantized checkpoint's own float model (it cannot be loaded unquantized)
+        base = _load(ModelSource.open(kl_base, spec=args.spec, dtype=args.dtype, device=args.device,
+                                      backend=args.backend, tokenizer=False), "none")
+    elif args.kl_divergence:  # against the same checkpoint unquantized; "none" is its own base
         base = loaded if args.quantization == "none" and kv == "auto" else _load(source, "none")
     t2 = time.perf_counter()
     result = evaluate(loaded, tokens, context, stride, base=base, bos=bos_token(source.tokenizer), progress=True)

@@ -63,6 +63,19 @@ def check_device(device: str, backend: str | None = None) -> None:
         raise GenerateError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
+def check_parallel(tp: int, ep: bool, device: str, backend: str | None) -> None:
+    """Refuse, before loading, what tensor parallelism cannot run yet (runtime/model.py says the rest)."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise GenerateError(f"--tp {tp}: the number of tensor-parallel ranks must be a positive integer")
+    if ep and tp == 1:
+        raise GenerateError("--ep splits MoE experts across tensor-parallel ranks: it needs --tp N with N > 1")
+    if backend not in (None, "reference"):
+        raise GenerateError(f"--tp {tp}: tensor parallelism runs on the reference backend (CPU) today, not "
+                            f"--backend {backend}; leave --backend out with --tp")
+    if not device.startswith("cpu"):
+        raise GenerateError(f"--tp {tp}: tensor parallelism runs on the CPU today, not --device {device}")
+
+
 @dataclass
 class ModelSource:
     """A checkpoint or engine directory, opened but not yet loaded."""
@@ -78,20 +91,29 @@ class ModelSource:
     @classmethod
     def open(cls, source: str | Path | None, *, spec: str | None = None, dtype: str | None = None,
              device: str = "cpu", backend: str | None = None, tokenizer: bool | None = True,
-             quantization: str | None = None, kv_cache_dtype: str | None = None) -> "ModelSource":
+             quantization: str | None = None, kv_cache_dtype: str | None = None,
+             tensor_parallel_size: int = 1, expert_parallel: bool = False) -> "ModelSource":
         """`tokenizer`: True needs one (an error if the checkpoint has none), None takes one if present,
         False skips it. `dtype` None: fp32, or an engine directory's own; `backend` None: reference, or
-        for an engine directory the one its device implies."""
+        for an engine directory the one its device implies. `tensor_parallel_size` > 1 (`--tp`): the
+        model split over that many CPU processes (`expert_parallel`, `--ep`: MoE experts whole per rank)."""
         path = resolve_source(source)
+        parallel = {}
+        if tensor_parallel_size != 1 or expert_parallel:
+            check_parallel(tensor_parallel_size, expert_parallel, device, backend)
+            parallel = dict(tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel)
         check_device(device, backend)
         name = model_name(source)
         if path.suffix.lower() == ".gguf" and path.is_file():  # a file: no engine directory
             return cls._open_checkpoint(path, name, spec, dtype, device, backend, tokenizer, quantization,
-                                        kv_cache_dtype)
+                                        kv_cache_dtype, parallel)
         from .engine_dir import is_engine_dir, read_manifest
 
         if is_engine_dir(path):
             manifest = read_manifest(path)
+            if parallel:
+                raise GenerateError(f"--tp does not apply to engine directory {path} (yet): tensor parallelism "
+                                    f"loads a checkpoint (a Hugging Face folder or .gguf file)")
             if kv_cache_dtype is not None:
                 raise GenerateError(f"--kv-cache-dtype does not apply to engine directory {path} (yet): its KV "
                                     f"cache is the run dtype")
@@ -114,11 +136,11 @@ class ModelSource:
             return cls(path, name, config, min(limits) if limits else None, tok, manifest,
                        dict(device=device))
         return cls._open_checkpoint(path, name, spec, dtype, device, backend, tokenizer, quantization,
-                                    kv_cache_dtype)
+                                    kv_cache_dtype, parallel)
 
     @classmethod
     def _open_checkpoint(cls, path, name, spec, dtype, device, backend, tokenizer, quantization,
-                         kv_cache_dtype=None) -> "ModelSource":
+                         kv_cache_dtype=None, parallel=None) -> "ModelSource":
         ckpt = open_checkpoint(path)  # a GGUF's header is parsed here once; load() finds it again
         tok = None
         if tokenizer is not False:
@@ -129,7 +151,8 @@ class ModelSource:
                     raise
         return cls(path, name, ckpt.config, context_length(ckpt.config), tok, None,
                    dict(spec=spec, dtype=dtype or "fp32", device=device, backend=backend or "reference",
-                        quantization=quantization or "none", kv_cache_dtype=kv_cache_dtype or "auto"))
+                        quantization=quantization or "none", kv_cache_dtype=kv_cache_dtype or "auto",
+                        **(parallel or {})))
 
     @property
     def max_num_seqs(self) -> int | None:
@@ -270,7 +293,12 @@ def generate_cli(args) -> int:
                               device=args.device, backend=getattr(args, "backend", None),
                               tokenizer=None if tokens is not None else True,
                               quantization=getattr(args, "quantization", None),
-                              kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
+                              kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
+                              tensor_parallel_size=getattr(args, "tp", None) or 1,
+                              expert_parallel=getattr(args, "ep", False))
+    if source.options.get("tensor_parallel_size", 1) > 1 and (getattr(args, "speculative", None)
+                                                               or getattr(args, "draft", None)):
+        raise GenerateError("--tp does not combine with --speculative / --draft yet")
     prompt_ids = _prompt_ids(args, source, tokens)
     source.check_length(len(prompt_ids), params.max_tokens)
     method = getattr(args, "speculative", None)
@@ -287,7 +315,11 @@ def generate_cli(args) -> int:
         raise GenerateError(f"--tokens: token ids must be < {loaded.plan.vocab_size} (the model's vocabulary), "
                             f"got {max(prompt_ids)}")
     t_loaded = time.perf_counter()
-    return _stream(args, source, loaded, prompt_ids, params, t_loaded - t_load, tokens is not None)
+    try:
+        return _stream(args, source, loaded, prompt_ids, params, t_loaded - t_load, tokens is not None)
+    finally:
+        if source.options.get("tensor_parallel_size", 1) > 1:  # the other ranks' processes exit
+            loaded.model.shutdown()
 
 
 def _prompt_ids(args, source: ModelSource, tokens: list[int] | None) -> list[int]:

@@ -53,10 +53,16 @@ class LoadedModel:
 
 def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: str = "fp32",
                device: str = "cpu", backend: str = "reference", quantization: str = "none",
-               kv_cache_dtype: str = "auto") -> LoadedModel:
+               kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
+               expert_parallel: bool = False) -> LoadedModel:
     """`quantization`: a scheme of kiln.dsl.quant.SCHEMES applied on load ("fp8", "int8-wo", ...;
     "gguf" keeps a GGUF file's blocks); a pre-quantized checkpoint brings its own.
-    `kv_cache_dtype`: "auto" (the run dtype) or "fp8"."""
+    `kv_cache_dtype`: "auto" (the run dtype) or "fp8". `tensor_parallel_size` > 1: the model split
+    over that many processes of this machine (runtime/distributed.py; the reference backend on the
+    CPU today), MoE experts whole per rank with `expert_parallel`."""
+    if tensor_parallel_size != 1 or expert_parallel:
+        return _load_parallel(checkpoint, spec, dtype, device, backend, quantization, kv_cache_dtype,
+                              tensor_parallel_size, expert_parallel)
     if is_engine_dir(checkpoint):  # an engine directory from `kiln build`
         if quantization != "none":
             raise SpecError(f"--quantization {quantization}: an engine directory is already built; "
@@ -69,6 +75,41 @@ def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: st
     torch_dtype = dtype_of(dtype).torch
     weights = share_scales(plan, load_weights(plan, ckpt, torch_dtype, device, fmt))
     return LoadedModel(plan, make_backend(plan, weights, backend, device), ckpt, torch_dtype, torch.device(device))
+
+
+def _load_parallel(checkpoint, spec, dtype, device, backend, quantization, kv_cache_dtype, tp: int,
+                   ep: bool) -> LoadedModel:
+    """The tensor-parallel load: what the shard pass and the CPU process group cannot run yet is
+    refused here, naming the option, before any process starts."""
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise SpecError(f"--tp {tp}: the number of tensor-parallel ranks must be a positive integer", None)
+    if ep and tp == 1:
+        raise SpecError("--ep splits MoE experts across tensor-parallel ranks: it needs --tp N with N > 1", None)
+    if backend != "reference":
+        raise SpecError(f"--tp {tp}: tensor parallelism runs on the reference backend (CPU, gloo) today, not "
+                        f"--backend {backend}", None, "leave --backend out (or --backend reference) with --tp")
+    if not str(device).startswith("cpu"):
+        raise SpecError(f"--tp {tp}: tensor parallelism runs on the CPU today, not --device {device}", None,
+                        "use --device cpu with --tp")
+    if is_engine_dir(checkpoint):
+        raise SpecError(f"--tp {tp}: {checkpoint} is an engine directory; tensor parallelism loads a checkpoint "
+                        f"(a Hugging Face folder or .gguf file)", None)
+    if quantization != "none":
+        raise SpecError(f"--tp {tp} with --quantization {quantization}: quantized weights are not split across "
+                        f"ranks yet", None, "leave --quantization out with --tp")
+    if kv_cache_dtype != "auto":
+        raise SpecError(f"--tp {tp} with --kv-cache-dtype {kv_cache_dtype}: the split KV cache runs in the run "
+                        f"dtype only", None, "leave --kv-cache-dtype out with --tp")
+    ckpt = open_checkpoint(checkpoint)
+    if quant_formats.detect(ckpt, "none") is not None:
+        raise SpecError(f"--tp {tp}: {ckpt.path} is a quantized checkpoint; quantized weights are not split "
+                        f"across ranks yet", None)
+    spec_path = spec if spec is not None else spec_for_config(ckpt.config, str(ckpt.path))
+    from .distributed import spawn_workers
+
+    torch_dtype = dtype_of(dtype).torch
+    model = spawn_workers(ckpt.path, spec_path, torch_dtype, tp, "ep" if ep else "tp")
+    return LoadedModel(model.plan, model, ckpt, torch_dtype, torch.device(device))
 
 
 def quantize_plan(plan: Plan, ckpt: Checkpoint | None, quantization: str, kv_cache_dtype: str = "auto"):

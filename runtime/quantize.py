@@ -18,9 +18,16 @@ Output formats (each readable by runtime/quant_formats.py, and by vLLM):
   smoothquant        compressed-tensors int-quantized W8A8 (per-channel weights, dynamic per-token
                      activations) with the smoothing folded into the norms — llm-compressor's
                      SmoothQuant + W8A8 output
-  int4-wo            compressed-tensors pack-quantized, asymmetric group 128 (round-to-nearest)
-  awq                AutoAWQ GEMM (quant_method awq, version gemm)
-  gptq               GPTQ v1 (quant_method gptq, checkpoint_format gptq), asymmetric, group 128
+  int4-wo            compressed-tensors pack-quantized, asymmetric, group --group-size (default
+                     128; round-to-nearest)
+  awq                AutoAWQ GEMM (quant_method awq, version gemm), group --group-size
+  gptq               GPTQ v1 (quant_method gptq, checkpoint_format gptq), asymmetric, group --group-size
+
+The input is a Hugging Face safetensors folder or a GGUF file. A GGUF's float weights are its
+tensors dequantized (the weights `kiln eval` runs unquantized), with llama.cpp's rotary row
+permutation undone by the loader, so the tensors written are in Hugging Face order; config.json
+is the one synthesised from the GGUF metadata (with the spec's architecture named), and the
+tokenizer files are written from the GGUF's tokenizer, as `kiln build` does.
 
 The result is written into a temporary folder beside --out and renamed at the end: a failure
 leaves no --out behind.
@@ -33,7 +40,7 @@ import math
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -52,7 +59,8 @@ from .weights import load_weights
 
 QUANTIZE_SCHEMES = ("fp8", "fp8-channel", "int8-wo", "int4-wo", "smoothquant", "awq", "gptq")
 CALIBRATED = ("smoothquant", "awq", "gptq")
-GROUP = 128
+INT4_SCHEMES = ("int4-wo", "awq", "gptq")  # the ones --group-size applies to
+GROUP = 128  # the default group size
 AWQ_GRID = 20  # alpha = 0, 1/20, ..., 19/20 as in AutoAWQ's _search_best_scale
 AWQ_ROWS = 512  # calibration rows kept per input for the AWQ loss
 
@@ -173,12 +181,17 @@ def fold_into_norm(norm, s: torch.Tensor, plan: Plan, floats: dict[str, torch.Te
         floats[norm.inputs[2].name] = floats[norm.inputs[2].name].float() / s
 
 
-def rtn_int4(w: torch.Tensor) -> torch.Tensor:
-    """w round-to-nearest to asymmetric int4 group 128, dequantized."""
-    return quantize_weight(w, SCHEMES["int4-wo"].weight).dequantize()
+def int4_desc(group: int = GROUP) -> QuantDesc:
+    """The int4 schemes' weight desc (asymmetric, per group) with `group` columns per group."""
+    return replace(SCHEMES["int4-wo"].weight, group_size=group)
 
 
-def awq_scales(ws: list[torch.Tensor], st: Stats) -> torch.Tensor:
+def rtn_int4(w: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    """w round-to-nearest to asymmetric int4 with groups of `group`, dequantized."""
+    return quantize_weight(w, int4_desc(group)).dequantize()
+
+
+def awq_scales(ws: list[torch.Tensor], st: Stats, group: int = GROUP) -> torch.Tensor:
     """AutoAWQ's _search_best_scale: s = mean|x|^alpha over a grid of alpha, the one whose
     quantized (w * s) / s gives the smallest output error on the calibration rows."""
     x = st.sample()
@@ -189,7 +202,7 @@ def awq_scales(ws: list[torch.Tensor], st: Stats) -> torch.Tensor:
     for k in range(AWQ_GRID):
         s = mean.pow(k / AWQ_GRID)
         s = s / (s.max() * s.min()).sqrt()
-        err = (x @ (rtn_int4(w * s) / s).t() - ref).pow(2).mean().item()
+        err = (x @ (rtn_int4(w * s, group) / s).t() - ref).pow(2).mean().item()
         if err < best:
             best, best_s = err, s
     return best_s
@@ -247,7 +260,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, act_order: bool, group: int = GROUP, 
 # ---------------------------------------------------------------- writers
 
 
-def _ct_config(scheme: str) -> dict:
+def _ct_config(scheme: str, group: int = GROUP) -> dict:
     """compressed-tensors' quantization_config for a scheme (its documented field names)."""
     def args(bits, kind, strategy, group=None, symmetric=True, dynamic=False):
         return dict(num_bits=bits, type=kind, strategy=strategy, group_size=group, symmetric=symmetric,
@@ -257,7 +270,7 @@ def _ct_config(scheme: str) -> dict:
         "fp8-channel": (args(8, "float", "channel"), args(8, "float", "token", dynamic=True), "float-quantized"),
         "int8-wo": (args(8, "int", "channel"), None, "int-quantized"),
         "smoothquant": (args(8, "int", "channel"), args(8, "int", "token", dynamic=True), "int-quantized"),
-        "int4-wo": (args(4, "int", "group", GROUP, symmetric=False), None, "pack-quantized"),
+        "int4-wo": (args(4, "int", "group", group, symmetric=False), None, "pack-quantized"),
     }[scheme]
     return dict(quant_method="compressed-tensors", format=fmt, quantization_status="compressed",
                 config_groups={"group_0": dict(targets=["Linear"], weights=w, input_activations=a,
@@ -283,10 +296,10 @@ def _awq_tensors(m: str, q, scale, zero) -> dict[str, torch.Tensor]:
             f"{m}.scales": scale.t().contiguous().half()}
 
 
-def _gptq_tensors(m: str, q, scale, zero, g_idx) -> dict[str, torch.Tensor]:
+def _gptq_tensors(m: str, q, scale, zero, g_idx, group: int = GROUP) -> dict[str, torch.Tensor]:
     n_in = q.shape[1]
     if g_idx is None:
-        g_idx = (torch.arange(n_in) // GROUP).to(torch.int32)
+        g_idx = (torch.arange(n_in) // group).to(torch.int32)
     return {f"{m}.qweight": pack_int32_nibbles(q.t(), 0), f"{m}.qzeros": pack_int32_nibbles(zero.t() - 1, 1),
             f"{m}.scales": scale.t().contiguous().half(), f"{m}.g_idx": g_idx}
 
@@ -297,9 +310,11 @@ def _gptq_tensors(m: str, q, scale, zero, g_idx) -> dict[str, torch.Tensor]:
 def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, calibration: str | None = None,
                         alpha: float = 0.5, samples: int = 32, seq_len: int = 512, act_order: bool = False,
                         force: bool = False, spec: str | Path | None = None, progress: bool = True,
-                        migrate: bool = True) -> Path:
-    """Quantize a float checkpoint folder with `scheme` and write the result to `out` (module doc).
-    `migrate=False` skips SmoothQuant's / AWQ's scale migration (the round-to-nearest baseline)."""
+                        migrate: bool = True, group_size: int | None = None) -> Path:
+    """Quantize a float checkpoint (a safetensors folder or a GGUF file) with `scheme` and write the
+    result to `out` (module doc). `migrate=False` skips SmoothQuant's / AWQ's scale migration (the
+    round-to-nearest baseline). `group_size`: the int4 schemes' group (default 128)."""
+    from .generate import resolve_source
     from .model import spec_for_config
 
     if scheme not in QUANTIZE_SCHEMES:
@@ -307,25 +322,36 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
                             + ", ".join(QUANTIZE_SCHEMES))
     if act_order and scheme != "gptq":
         raise QuantizeError("--act-order applies to --scheme gptq only")
+    if group_size is not None and scheme not in INT4_SCHEMES:
+        raise QuantizeError(f"--group-size applies to the int4 schemes ({', '.join(INT4_SCHEMES)}), "
+                            f"not --scheme {scheme}")
+    if group_size is not None and group_size < 1:
+        raise QuantizeError(f"--group-size {group_size}: must be a positive integer")
+    group = group_size or GROUP
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise QuantizeError(f"--out {out} exists and is not empty; pass --force to replace it")
-    ckpt = open_checkpoint(checkpoint)
-    if ckpt.format != "safetensors":
+    ckpt = open_checkpoint(resolve_source(checkpoint))  # 'default': the embedded model's GGUF
+    if ckpt.format not in ("safetensors", "gguf"):
         raise QuantizeError(f"CHECKPOINT {checkpoint}: kiln quantize reads a Hugging Face safetensors folder "
-                            f"(got {ckpt.format})")
+                            f"or a GGUF file (got {ckpt.format})")
     if (ckpt.config or {}).get("quantization_config") is not None:
         raise QuantizeError(f"CHECKPOINT {checkpoint} is already quantized (config.json quantization_config)")
-    plan = passes.build(load_spec(spec or spec_for_config(ckpt.config, str(ckpt.path))), ckpt.config)
-    weights = load_weights(plan, ckpt, torch.float32, "cpu")
+    spec_path = spec or spec_for_config(ckpt.config, str(ckpt.path))
+    plan = passes.build(load_spec(spec_path), ckpt.config)
     modules = linear_modules(plan)  # slot -> module
     if not modules:
         raise QuantizeError(f"CHECKPOINT {checkpoint}: no linear weight can be quantized")
-    for slot in modules:
-        n_in = plan.weights[slot].shape[1]
-        if scheme in ("int4-wo", "awq", "gptq") and n_in % GROUP:
-            raise QuantizeError(f"--scheme {scheme}: weight '{slot}' has {n_in} input features, not whole "
-                                f"groups of {GROUP}")
+    if scheme in INT4_SCHEMES:
+        for slot in modules:
+            n_in = plan.weights[slot].shape[1]
+            if n_in % group:
+                raise QuantizeError(f"--group-size {group}{' (the default)' if group_size is None else ''}: weight "
+                                    f"'{slot}' ({modules[slot]}) has {n_in} input "
+                                    f"features, not whole groups of {group} (--scheme {scheme}); give a "
+                                    f"--group-size that divides {n_in}")
+    # GGUF: dequantized, rotary rows back in Hugging Face order (load_weights undoes the permutation)
+    weights = load_weights(plan, ckpt, torch.float32, "cpu")
     # float tensors to write back (norms may change), by slot
     floats = {n: w for n, w in weights.items() if isinstance(plan.weights[n].source, Tensor)}
     stats = {}
@@ -339,7 +365,7 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
                 continue
             st = stats[names[0]]
             s = smooth_scales([ws[n] for n in names], st, alpha) if scheme == "smoothquant" else \
-                awq_scales([ws[n] for n in names], st)
+                awq_scales([ws[n] for n in names], st, group)
             fold_into_norm(norm, s, plan, floats)
             for n in names:
                 ws[n] = ws[n] * s
@@ -348,36 +374,59 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
         if scheme == "gptq":
             if n not in stats:
                 raise QuantizeError(f"calibration never reached weight '{n}'; give a longer --calibration text")
-            q, scale, zero, g_idx = gptq(ws[n], stats[n].hessian, act_order)
-            tensors.update(_gptq_tensors(m, q.to(torch.uint8), scale, zero.to(torch.uint8), g_idx))
+            q, scale, zero, g_idx = gptq(ws[n], stats[n].hessian, act_order, group)
+            tensors.update(_gptq_tensors(m, q.to(torch.uint8), scale, zero.to(torch.uint8), g_idx, group))
         elif scheme == "awq":
-            qw = quantize_weight(ws[n], SCHEMES["int4-wo"].weight, n)
+            qw = quantize_weight(ws[n], int4_desc(group), n)
             tensors.update(_awq_tensors(m, unpack_int4(qw.q), qw.scale, qw.zero.round().to(torch.uint8)))
         else:
-            desc: QuantDesc = SCHEMES[scheme].weight
+            desc: QuantDesc = int4_desc(group) if scheme == "int4-wo" else SCHEMES[scheme].weight
             tensors.update(_ct_tensors(m, quantize_weight(ws[n], desc, n), scheme))
     quantized_tensors = {f"{m}.weight" for m in modules.values()}
     for n, t in floats.items():
         name = plan.weights[n].source.name
         if name not in quantized_tensors:
             tensors[name] = t.to(_stored_dtype(ckpt, name))
-    for name in ckpt.names():  # tensors the spec does not map (ignored ones) travel as they are
-        if name not in tensors and name not in quantized_tensors:
-            tensors[name] = ckpt.get(name)
+    used = set(tensors) | quantized_tensors
+    leftover = ckpt.unexpected(used) if ckpt.format == "gguf" else [n for n in ckpt.names() if n not in used]
+    for name in leftover:  # tensors the spec does not map (ignored ones) travel as they are
+        tensors[name] = ckpt.get(name)
     config = dict(ckpt.config)
+    if ckpt.format == "gguf":
+        config = _hf_config(config, load_spec(spec_path))
     if scheme == "awq":
-        config["quantization_config"] = dict(quant_method="awq", bits=4, group_size=GROUP, zero_point=True,
+        config["quantization_config"] = dict(quant_method="awq", bits=4, group_size=group, zero_point=True,
                                              version="gemm", modules_to_not_convert=None)
     elif scheme == "gptq":
-        config["quantization_config"] = dict(quant_method="gptq", bits=4, group_size=GROUP, desc_act=act_order,
+        config["quantization_config"] = dict(quant_method="gptq", bits=4, group_size=group, desc_act=act_order,
                                              sym=False, checkpoint_format="gptq", static_groups=False,
                                              true_sequential=False, damp_percent=0.01)
     else:
-        config["quantization_config"] = _ct_config(scheme)
-    return _write(ckpt, out, config, tensors, force)
+        config["quantization_config"] = _ct_config(scheme, group)
+    tokenizer = _gguf_tokenizer(ckpt) if ckpt.format == "gguf" else None
+    return _write(ckpt, out, config, tensors, force, tokenizer)
+
+
+def _hf_config(config: dict, spec) -> dict:
+    """A GGUF's synthesised config as a Hugging Face config.json: the spec's architecture named
+    (what `spec_for_config` and other readers look for), no GGUF-only key."""
+    config = {k: v for k, v in config.items() if k != "gguf_architecture"}
+    config["architectures"] = list(spec.architectures[:1])
+    if spec.gguf_arch:
+        config.setdefault("model_type", spec.gguf_arch)
+    config["torch_dtype"] = "float32"
+    return config
+
+
+def _gguf_tokenizer(ckpt: Checkpoint):
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.from_checkpoint(ckpt)
 
 
 def _stored_dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
+    if ckpt.format == "gguf":  # dequantized block values are exact in fp32 only; F16/BF16 stay as stored
+        return {"F16": torch.float16, "BF16": torch.bfloat16}.get(ckpt.info(name).dtype, torch.float32)
     return getattr(torch, ckpt.info(name).dtype)
 
 
@@ -389,7 +438,8 @@ def _calibration_ids(ckpt: Checkpoint, calibration: str | None) -> list[int]:
     return Tokenizer.from_checkpoint(ckpt).encode(text, add_special_tokens=False)
 
 
-def _write(ckpt: Checkpoint, out: Path, config: dict, tensors: dict[str, torch.Tensor], force: bool) -> Path:
+def _write(ckpt: Checkpoint, out: Path, config: dict, tensors: dict[str, torch.Tensor], force: bool,
+           tokenizer=None) -> Path:
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -398,7 +448,9 @@ def _write(ckpt: Checkpoint, out: Path, config: dict, tensors: dict[str, torch.T
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        for f in Path(ckpt.path).iterdir():  # tokenizer, generation config, chat template ...
+        if tokenizer is not None:  # a GGUF's tokenizer lives in its metadata
+            tokenizer.save(tmp)
+        for f in Path(ckpt.path).iterdir() if Path(ckpt.path).is_dir() else ():  # tokenizer, chat template ...
             if f.is_file() and f.name != CONFIG_NAME and not f.name.endswith((".safetensors", ".index.json", ".bin")):
                 shutil.copy2(f, tmp / f.name)
         if out.exists():

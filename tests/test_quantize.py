@@ -112,3 +112,173 @@ def test_failure_leaves_nothing(setup, capsys):
     assert main(["quantize", str(folder), "--scheme", "fp8", "--out", str(out)]) == 2
     assert "pass --force" in capsys.readouterr().err
     assert (out / "x").read_text() == "keep"
+
+
+# ---------------------------------------------------------------- GGUF input, --group-size
+
+
+def permute(w, n_head):
+    """convert_hf_to_gguf.py's LlamaModel.permute (what the loader undoes)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.fixture(scope="module")
+def gguf_model(tmp_path_factory):
+    """A random Llama (hidden 128, intermediate 192) written as a GGUF file the way llama.cpp's
+    converter writes one: Q/K rows permuted, the MLP weights Q8_0 blocks, the default model's
+    tokenizer metadata. Returns (path, the HF model with the GGUF's dequantized weights)."""
+    gguf = pytest.importorskip("gguf")
+    from kiln.runtime.gguf_file import default_model_path
+
+    root = tmp_path_factory.mktemp("quantize-gguf")
+    torch.manual_seed(1)
+    config = transformers.AutoConfig.for_model(**dict(FAMILY_CONFIGS["llama"], hidden_size=128, intermediate_size=192,
+                                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                                                      num_hidden_layers=2, tie_word_embeddings=True))
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    src = open_checkpoint(default_model_path())
+    path = root / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(128)
+    w.add_feed_forward_length(192)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"])
+    w.add_tokenizer_model(src.metadata("tokenizer.ggml.model"))
+    w.add_tokenizer_pre(src.metadata("tokenizer.ggml.pre"))
+    w.add_token_list(src.metadata("tokenizer.ggml.tokens"))
+    w.add_token_types(src.metadata("tokenizer.ggml.token_type"))
+    w.add_token_merges(src.metadata("tokenizer.ggml.merges"))
+    w.add_bos_token_id(src.metadata("tokenizer.ggml.bos_token_id"))
+    w.add_eos_token_id(src.metadata("tokenizer.ggml.eos_token_id"))
+    w.add_chat_template(src.metadata("tokenizer.chat_template"))
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
+    with torch.no_grad():
+        for i in range(2):
+            for hf, g in names.items():
+                t = sd[f"model.layers.{i}.{hf}.weight"]
+                t = permute(t, 4) if g == "attn_q" else permute(t, 2) if g == "attn_k" else t
+                if g.startswith("ffn_") and g != "ffn_norm":  # Q8_0 blocks: the float weight is their dequantization
+                    blocks = gguf.quants.quantize(t.numpy(), q8)
+                    w.add_tensor(f"blk.{i}.{g}.weight", blocks, raw_dtype=q8)
+                    deq = torch.from_numpy(gguf.quants.dequantize(blocks, q8)).reshape(t.shape)
+                    model.get_parameter(f"model.layers.{i}.{hf}.weight").copy_(deq)
+                else:
+                    w.add_tensor(f"blk.{i}.{g}.weight", t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, model
+
+
+def test_gguf_input_writes_a_hugging_face_checkpoint(gguf_model, tmp_path):
+    """The written tensors are the GGUF's dequantized weights in Hugging Face order (q/k rows
+    unpermuted), config.json and the tokenizer load back, and the logits equal quantizing the
+    GGUF on load — and HF transformers' on the same weights, for the float tensors written."""
+    from kiln.dsl.quant import SCHEMES, quantize_weight
+
+    path, model = gguf_model
+    out = tmp_path / "fp8"
+    assert main(["quantize", str(path), "--scheme", "fp8", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "gguf_architecture" not in config
+    ckpt = open_checkpoint(out)
+    sd = model.state_dict()
+    for name in ("model.layers.1.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
+        want = quantize_weight(sd[f"{name}.weight"].float(), SCHEMES["fp8"].weight)
+        assert torch.equal(ckpt.get(f"{name}.weight").float(), want.q.float()), name
+        assert torch.equal(ckpt.get(f"{name}.weight_scale").reshape(()), want.scale.reshape(())), name
+    for name in ("model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.norm.weight"):
+        assert torch.equal(ckpt.get(name), sd[name].float()), name
+    text = "The quick brown fox jumps over the lazy dog."
+    gguf_tok = Tokenizer.from_checkpoint(open_checkpoint(path))
+    assert Tokenizer.from_checkpoint(ckpt).encode(text) == gguf_tok.encode(text)
+    ids = gguf_tok.encode(text, add_special_tokens=False)
+    got = logits(out, ids)
+    on_load = SingleSequence(load_model(path, quantization="fp8"), len(ids) + 1).step(ids, all_logits=True)
+    assert err(got, on_load) < 1e-5
+    # the float model the fp8 one was made from is HF's model with the GGUF's weights
+    out32 = tmp_path / "int8"
+    assert main(["quantize", str(path), "--scheme", "int8-wo", "--out", str(out32)]) == 0
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].float()
+    assert err(logits(out32, ids), ref) < 0.05
+
+
+def test_group_size(gguf_model, tmp_path, capsys):
+    """--group-size reaches the written format and the loaded weights; a group that does not
+    divide a weight's input features is one error naming that weight, and nothing is written."""
+    path, model = gguf_model
+    bad = tmp_path / "bad"
+    assert main(["quantize", str(path), "--scheme", "int4-wo", "--out", str(bad)]) == 2  # 192 % 128
+    msg = capsys.readouterr().err
+    assert "w_down" in msg and "192 input features" in msg and "--group-size" in msg and "Traceback" not in msg
+    assert not bad.exists() and not list(tmp_path.glob(".bad.*"))
+    assert main(["quantize", str(path), "--scheme", "fp8", "--group-size", "64", "--out", str(bad)]) == 2
+    assert "--group-size applies to the int4 schemes" in capsys.readouterr().err
+    text = tmp_path / "calib.txt"
+    text.write_text(calibration_text()[:4000])
+    ids = Tokenizer.from_checkpoint(open_checkpoint(path)).encode("Hello, world. " * 4, add_special_tokens=False)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].float()
+    for scheme, key in (("int4-wo", None), ("awq", "group_size"), ("gptq", "group_size")):
+        out = tmp_path / scheme
+        assert main(["quantize", str(path), "--scheme", scheme, "--group-size", "64", "--calibration", str(text),
+                     "--samples", "2", "--seq-len", "64", "--out", str(out)]) == 0
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        got = qc[key] if key else qc["config_groups"]["group_0"]["weights"]["group_size"]
+        assert got == 64, scheme
+        loaded = load_model(out)
+        descs = {s.quant for s in loaded.plan.weights.values() if s.quant.quantized}
+        assert {d.group_size for d in descs} == {64}, scheme
+        assert err(SingleSequence(loaded, len(ids) + 1).step(ids, all_logits=True), ref) < 0.3, scheme
+
+
+def test_readme_accuracy_commands_parse():
+    """The README's "Quantization accuracy" table lists the command of every row; each must be
+    one the CLI takes (parsed only: the 16k-token evaluations are not run in CI)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from kiln.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Quantization accuracy", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("| ")]
+    commands = [c.strip() for line in table for cell in re.findall(r"`(kiln [^`]+)`", line) for c in cell.split("&&")]
+    assert len(commands) >= 8
+    parser = build_parser()
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[0] == "kiln", command
+        args = parser.parse_args(argv[1:])
+        assert args.fn is not None, command
+
+
+def test_kl_base_compares_a_written_checkpoint_with_its_float_model(gguf_model, tmp_path, capsys):
+    """`kiln eval perplexity OUT --kl-divergence` alone compares OUT with itself (it loads quantized
+    either way); `--kl-base` names the float model it came from."""
+    path, _ = gguf_model
+    out = tmp_path / "int8"
+    assert main(["quantize", str(path), "--scheme", "int8-wo", "--out", str(out)]) == 0
+    capsys.readouterr()
+    common = ["eval", "perplexity", str(out), "--kl-divergence", "--context", "32", "--max-tokens", "96", "--json"]
+    assert main(common) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert main(common + ["--kl-base", str(path)]) == 0
+    based = json.loads(capsys.readouterr().out)
+    assert alone["kl_mean"] == 0 and based["kl_mean"] > 0 and based["ppl"] == alone["ppl"]
+    assert based["ppl_base"] != based["ppl"]
+    assert main(["eval", "perplexity", str(out), "--kl-base", str(path), "--max-tokens", "96", "--context", "32"]) == 2
+    assert "--kl-base applies with --kl-divergence" in capsys.readouterr().err

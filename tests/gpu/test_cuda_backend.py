@@ -109,6 +109,15 @@ def test_every_family_matches_reference_fp32(name, fresh_seed):
     check_against_reference(name.split("-")[0], config, "fp32", 1e-4, fresh_seed)
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_matches_reference_bf16(name, fresh_seed):
+    """The same configs in bf16 (the run dtype of the fast path): the reference in bf16 too, 2e-2."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**FAMILIES[name]).to_dict()
+    check_against_reference(name.split("-")[0], config, "bf16", 2e-2, fresh_seed)
+
+
 def test_engine_greedy_equals_reference_fp32():
     ref, cuda = pair("llama", LLAMA, "fp32")
     rng = random.Random(0)

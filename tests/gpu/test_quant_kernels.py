@@ -248,13 +248,15 @@ def test_fp8_act_quant_kernel_is_bit_equal_to_torch(act, static, T, dtype, fresh
     q_ref, s_ref = gemm.quantize_act_torch(x)
     assert s.shape == s_ref.shape and torch.equal(s, s_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
-    # the GEMM through it matches the reference semantics
-    y = gemm(x, None)
-    cuda_quant.ACT_KERNEL = False
+    # the GEMM through it equals the GEMM through the torch ops
+    saved = cuda_quant.ACT_KERNEL
     try:
+        cuda_quant.ACT_KERNEL = True
+        y = gemm(x, None)
+        cuda_quant.ACT_KERNEL = False
         want = gemm(x, None)
     finally:
-        cuda_quant.ACT_KERNEL = True
+        cuda_quant.ACT_KERNEL = saved
     assert torch.equal(y, want)
 
 
