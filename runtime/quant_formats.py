@@ -183,6 +183,18 @@ class _Quantized:
                                   + " or ".join(k.__name__ for k in kinds))
         return v
 
+    def scaled_weight(self, slot: WeightSlot, m: str, desc: QuantDesc) -> QWeight:
+        """An fp8 or int8 weight stored as `m.weight` with `m.weight_scale` (per tensor or per output
+        channel) and, for static activations, `m.input_scale` (compressed-tensors and ModelOpt agree)."""
+        out, n_in = slot.shape
+        q = self.tensor(slot, f"{m}.weight", ("float8_e4m3fn",) if desc.dtype == "fp8" else ("int8",), (out, n_in))
+        per_tensor = desc.scale_layout == "per_tensor"
+        scale = self.tensor(slot, f"{m}.weight_scale", ("float",), () if per_tensor else (out,),
+                            f" (a {'per-tensor' if per_tensor else 'per-channel'} scale)").float()
+        inp = self.tensor(slot, f"{m}.input_scale", ("float",), (), " (a static activation scale)").float() \
+            if desc.act_static else None
+        return QWeight(desc, slot.shape, q, scale, input_scale=inp)
+
     def tensor(self, slot: WeightSlot, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...] | None,
                why: str = ""):
         """The checkpoint tensor `name`, its dtype among `dtypes` ('float': any floating type) and,
@@ -323,14 +335,7 @@ class CompressedTensors(_Quantized):
     def read(self, slot: WeightSlot, m: str, desc: QuantDesc) -> QWeight:
         out, n_in = slot.shape
         if desc.dtype in ("fp8", "int8"):
-            q = self.tensor(slot, f"{m}.weight", ("float8_e4m3fn",) if desc.dtype == "fp8" else ("int8",),
-                            (out, n_in))
-            per_tensor = desc.scale_layout == "per_tensor"
-            scale = self.tensor(slot, f"{m}.weight_scale", ("float",), () if per_tensor else (out,),
-                                f" (a {'per-tensor' if per_tensor else 'per-channel'} scale)").float()
-            inp = self.tensor(slot, f"{m}.input_scale", ("float",), (), " (a static activation scale)").float() \
-                if desc.act_static else None
-            return QWeight(desc, slot.shape, q, scale, input_scale=inp)
+            return self.scaled_weight(slot, m, desc)
         g = desc.group_size
         if n_in % g or n_in % 8 or out % 8:
             raise CheckpointError(f"quantized weight '{slot.name}' {list(slot.shape)}: its input features are not "
@@ -514,14 +519,7 @@ class ModelOptFp8(_Quantized):
         return self.desc
 
     def read(self, slot: WeightSlot, m: str, desc: QuantDesc) -> QWeight:
-        out, n_in = slot.shape
-        q = self.tensor(slot, f"{m}.weight", ("float8_e4m3fn",), (out, n_in))
-        per_tensor = desc.scale_layout == "per_tensor"
-        scale = self.tensor(slot, f"{m}.weight_scale", ("float",), () if per_tensor else (out,),
-                            f" (a {'per-tensor' if per_tensor else 'per-channel'} scale)").float()
-        inp = self.tensor(slot, f"{m}.input_scale", ("float",), (), " (a static activation scale)").float() \
-            if desc.act_static else None
-        return QWeight(desc, slot.shape, q, scale, input_scale=inp)
+        return self.scaled_weight(slot, m, desc)
 
 
 FORMATS = {"compressed-tensors": CompressedTensors, "awq": AutoAwq, "gptq": Gptq, "modelopt": ModelOptFp8}

@@ -100,22 +100,15 @@ def test_fp8_kv_cache_matches_reference(dtype, tol, scales, fresh_seed):
     check_against_reference("llama", LLAMA, dtype, tol, fresh_seed, kv_cache_dtype="fp8", scales=scales)
 
 
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("bf16", 2e-2)])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_every_family_matches_reference_fp32(name, fresh_seed):
-    """Every spec in models/, with the small config its CPU test checks against transformers."""
+def test_every_family_matches_reference(name, dtype, tol, fresh_seed):
+    """Every spec in models/, with the small config its CPU test checks against transformers, in
+    fp32 and in bf16 (the fast path's run dtype; the reference runs in bf16 too)."""
     import transformers
 
     config = transformers.AutoConfig.for_model(**FAMILIES[name]).to_dict()  # with transformers' defaults
-    check_against_reference(name.split("-")[0], config, "fp32", 1e-4, fresh_seed)
-
-
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_every_family_matches_reference_bf16(name, fresh_seed):
-    """The same configs in bf16 (the run dtype of the fast path): the reference in bf16 too, 2e-2."""
-    import transformers
-
-    config = transformers.AutoConfig.for_model(**FAMILIES[name]).to_dict()
-    check_against_reference(name.split("-")[0], config, "bf16", 2e-2, fresh_seed)
+    check_against_reference(name.split("-")[0], config, dtype, tol, fresh_seed)
 
 
 def test_engine_greedy_equals_reference_fp32():
