@@ -111,22 +111,28 @@ def test_every_family_matches_reference(name, dtype, tol, fresh_seed):
     check_against_reference(name.split("-")[0], config, dtype, tol, fresh_seed)
 
 
+def greedy_through_engine(model, reqs, config: EngineConfig):
+    """Each (prompt, max_tokens) of `reqs` through one engine, greedy: (their tokens, the engine),
+    every page free again at the end."""
+    engine = LLMEngine(model, None, config)
+    ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in reqs]
+    done = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+    assert engine.pool.num_free == engine.pool.num_pages
+    return [done[i] for i in ids], engine
+
+
 def test_engine_greedy_equals_reference_fp32():
     ref, cuda = pair("llama", LLAMA, "fp32")
     rng = random.Random(0)
     reqs = [([rng.randrange(1000) for _ in range(rng.randint(1, 60))], rng.randint(1, 20)) for _ in range(16)]
 
     def run(model):
-        engine = LLMEngine(model, None, EngineConfig(page_size=16, num_pages=256, max_num_seqs=16,
-                                                     max_tokens_per_step=128))
-        ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in reqs]
-        done = {}
-        while engine.has_unfinished():
-            for o in engine.step():
-                if o.finished:
-                    done[o.request_id] = o.outputs[0].token_ids
-        assert engine.pool.num_free == engine.pool.num_pages
-        return [done[i] for i in ids]
+        return greedy_through_engine(model, reqs, EngineConfig(page_size=16, num_pages=256, max_num_seqs=16,
+                                                               max_tokens_per_step=128))[0]
 
     assert run(cuda) == run(ref)
 
@@ -141,17 +147,10 @@ def test_state_space_engine_equals_reference_fp32(name):
     reqs = [([rng.randrange(256) for _ in range(rng.randint(1, 40))], rng.randint(1, 12)) for _ in range(8)]
 
     def run(model):
-        engine = LLMEngine(model, None, EngineConfig(page_size=16, num_pages=64, max_num_seqs=8,
-                                                     max_tokens_per_step=32))
-        ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in reqs]
-        done = {}
-        while engine.has_unfinished():
-            for o in engine.step():
-                if o.finished:
-                    done[o.request_id] = o.outputs[0].token_ids
-        assert engine.pool.num_free == engine.pool.num_pages
+        tokens, engine = greedy_through_engine(model, reqs, EngineConfig(page_size=16, num_pages=64, max_num_seqs=8,
+                                                                         max_tokens_per_step=32))
         assert engine.scheduler.states.num_free == engine.scheduler.states.num_slots
-        return [done[i] for i in ids]
+        return tokens
 
     assert run(cuda) == run(ref)
 
