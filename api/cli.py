@@ -198,10 +198,19 @@ def cmd_show(args) -> int:
     from kiln.codegen.show import show_ir, show_kernels, show_shards
     from kiln.dsl import check, load_spec, passes
 
+    if not (args.kernels or args.ir or args.tp or args.pp):
+        raise UsageError("one of --kernels, --ir, --tp N, --pp M is required")
+    if args.pp and (args.kernels or args.ir):
+        raise UsageError("--pp shows the pipeline stages; it does not combine with --kernels / --ir")
     plan = check(load_spec(args.spec), _read_config(args.config), args.config or "config.json")
-    if args.tp:
-        plan = passes.run(plan, [passes.shard(args.tp, "ep" if args.ep else "tp")])
-        sys.stdout.write(show_shards(plan))
+    if args.tp or args.pp:
+        from kiln.codegen.show import show_stages
+
+        plan = passes.run(plan, [passes.shard(args.tp or 1, "ep" if args.ep else "tp"), passes.stage(args.pp or 1)])
+        if args.tp:
+            sys.stdout.write(show_shards(plan))
+        if args.pp:
+            sys.stdout.write(show_stages(plan))
         return 0
     sys.stdout.write(show_kernels(plan, args.dtype, args.page_size) if args.kernels else show_ir(plan))
     return 0
@@ -358,6 +367,11 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--kv-memory-fraction", type=float_arg(0, 1, lo_open=True), default=0.8,
                    help="CUDA: share of the free GPU memory (after weights) for the KV cache")
     p.add_argument("--max-tokens-per-step", type=int_arg(1), default=2048)
+    p.add_argument("--tp", type=int_arg(1, 1024), default=1, metavar="N",
+                   help="split the model over N processes of this machine (tensor parallelism; CPU, reference "
+                        "backend; one model)")
+    p.add_argument("--pp", type=int_arg(1, 1024), default=1, metavar="M",
+                   help="split the model's layers into M pipeline stages (with --tp N: M x N processes)")
     add_speculative_arguments(p)
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt (default: reuse the KV cache pages of prompt prefixes seen before)")
@@ -415,11 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print generated artefacts: the unrolled IR, or the CUDA kernels")
     p.add_argument("spec")
     p.add_argument("--config", help="a Hugging Face config.json (default: the spec's defaults)")
-    g = p.add_mutually_exclusive_group(required=True)
+    g = p.add_mutually_exclusive_group()
     g.add_argument("--kernels", action="store_true", help="the rendered CUDA kernels")
     g.add_argument("--ir", action="store_true", help="the unrolled, typed op program")
     g.add_argument("--tp", type=int_arg(1, 1024), help="each weight's shard and each collective over N "
                    "tensor-parallel ranks")
+    p.add_argument("--pp", type=int_arg(1, 1024), help="the M pipeline stages (alone or with --tp) and the "
+                   "values sent between them")
     p.add_argument("--ep", action="store_true", help="with --tp: experts whole, split across ranks")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--page-size", type=int_arg(1, 1024), default=16, help="tokens per KV cache page")
@@ -446,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the model over N processes of this machine (tensor parallelism; CPU, "
                         "reference backend)")
     p.add_argument("--ep", action="store_true", help="with --tp: MoE experts whole, split across ranks")
+    p.add_argument("--pp", type=int_arg(1, 1024), default=1, metavar="M",
+                   help="split the model's layers into M pipeline stages, each on its own process(es) "
+                        "(with --tp N: M x N processes; CPU, reference backend)")
     add_speculative_arguments(p)
     p.set_defaults(fn=cmd_generate)
 
@@ -508,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--num-speculative-tokens", type=int_arg(1, 64), default=4, metavar="K")
             q.add_argument("--draft-layers", type=int_arg(1), default=None,
                            help="--speculative draft: the target's first N layers (default: a quarter)")
+            q.add_argument("--forced-acceptance", action="store_true",
+                           help="--speculative draft: zero the target's layers past the draft's (they still "
+                                "run), so every draft token is accepted: the speedup at acceptance K + 1")
         elif mode == "prefix":
             q.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                            help="cpu: a smoke run of the benchmark's code (CI), not a measurement")
@@ -538,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--guided", default=None, choices=["json", "regex"],
                            help="also run every request constrained (a JSON schema or a regex that cannot end "
                                 "early) and report the decode step against the free run (guided_step_overhead)")
+            q.add_argument("--tokenizer", default=None, metavar="DIR",
+                           help="--guided: a folder with the tokenizer.json the grammars compile against "
+                                "(default: the embedded SmolLM2's)")
             q.add_argument("--shared-prefix", type=int_arg(0), default=0, metavar="N",
                            help="the first N prompt tokens are the same in every request (a system prompt): "
                                 "the prefix cache's hit rate shows in the output")
@@ -545,6 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="recompute every prompt")
             q.add_argument("--sweep", action="store_true",
                            help="run every shape of TensorRT-LLM's published table and print Kiln beside it")
+            q.add_argument("--tp", type=int_arg(1, 1024), default=1, metavar="N",
+                           help="the model split over N tensor-parallel processes (--device cpu: gloo)")
+            q.add_argument("--pp", type=int_arg(1, 1024), default=1, metavar="M",
+                           help="its layers in M pipeline stages (with --tp N: M x N processes)")
         q.set_defaults(fn=cmd_bench)
     q = modes.add_parser("kernels", help="every kernel vs copy bandwidth and a torch baseline (GPU)")
     q.set_defaults(fn=cmd_bench)
@@ -592,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Hugging Face safetensors folder or a .gguf file (its weights dequantized); "
                         "'default': the embedded SmolLM2-135M-Instruct")
     p.add_argument("--scheme", required=True,
-                   choices=("fp8", "fp8-channel", "int8-wo", "int4-wo", "smoothquant", "awq", "gptq"))
+                   choices=("fp8", "fp8-channel", "int8-wo", "int4-wo", "smoothquant", "awq", "gptq", "fp8-kv"),
+                   help="fp8-kv: the weights unchanged plus calibrated fp8 KV cache scales (used with "
+                        "--kv-cache-dtype fp8)")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
     p.add_argument("--calibration", metavar="TEXTFILE",
                    help="UTF-8 calibration text (default: the license texts in /usr/share/common-licenses)")

@@ -34,7 +34,7 @@ class LLM:
                  device: str = "cpu", backend: str | None = None, quantization: str | None = None,
                  kv_cache_dtype: str | None = None, lora_adapters: dict[str, str | Path] | None = None,
                  draft: str | Path | None = None, tensor_parallel_size: int = 1, expert_parallel: bool = False,
-                 **engine_options):
+                 pipeline_parallel_size: int = 1, **engine_options):
         """`model`: a Hugging Face folder, a .gguf file, an engine directory, or None / "default" (the
         embedded model). `dtype` (default fp32, or an engine directory's own), `backend` (default
         reference), `quantization` (an on-load scheme, kiln.dsl.quant.SCHEMES), `lora_adapters`
@@ -44,15 +44,19 @@ class LLM:
         must share the target's tokenizer; loaded with the same dtype, device and backend).
         `tensor_parallel_size` > 1: the model split over that many processes of this machine (the
         reference backend on the CPU today; `expert_parallel`: MoE experts whole per rank); they exit
-        with `shutdown()` or at the end of the program."""
+        with `shutdown()` or at the end of the program. `pipeline_parallel_size` > 1: its layers in that
+        many stages, each on its own process(es) (x `tensor_parallel_size`)."""
         if draft is not None and engine_options.get("speculative") is None:
             engine_options["speculative"] = "draft"
         config = EngineConfig(**engine_options)  # bad options fail before the model loads
         source = ModelSource.open(model, spec=None if spec is None else str(spec), dtype=dtype, device=device,
                                   backend=backend, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
-                                  tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel)
+                                  tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel,
+                                  pipeline_parallel_size=pipeline_parallel_size)
         if tensor_parallel_size > 1 and (draft is not None or lora_adapters):
             raise ValueError("tensor_parallel_size > 1 does not combine with a draft model or LoRA adapters yet")
+        if pipeline_parallel_size > 1 and (draft is not None or lora_adapters):
+            raise ValueError("pipeline_parallel_size > 1 does not combine with a draft model or LoRA adapters yet")
         if config.max_model_len is not None and source.context_len is not None \
                 and config.max_model_len > source.context_len:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the context length of {source.name} "

@@ -110,9 +110,10 @@ def _norm(T):
     return "rmsnorm + residual", f"T={T}", ours, torch_ref, 4 * T * HIDDEN * 2 + HIDDEN * 2
 
 
-def _rope(T):
+def _rope(T, prefetch=False):
+    """prefetch=True: the variant that issues every load first (RopeCacheSpec.prefetch), for A/B."""
     spec = RopeCacheSpec(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, PAGE, theta=500000.0, scaling="llama3",
-                         factor=8.0, original_max_position=8192, origin="bench")
+                         factor=8.0, original_max_position=8192, prefetch=prefetch, origin="bench")
     D, H, KV = HEAD_DIM, HEADS, KV_HEADS
     qkv = torch.randn(T, (H + 2 * KV) * D, device="cuda", dtype=DT)
     q, k, v = qkv[:, : H * D], qkv[:, H * D : (H + KV) * D], qkv[:, (H + KV) * D :]
@@ -141,20 +142,22 @@ def _rope(T):
 
     ours = lambda: K.rope_write_kv(spec, q, k, v, pos, slots, kc, vc)  # noqa: E731
     nbytes = T * (2 * H * D + KV * D * 4) * 2 + T * 12
-    return "rotary + paged KV write", f"T={T}", ours, torch_ref, nbytes
+    return "rotary + paged KV write", f"T={T}{', prefetch variant' if prefetch else ''}", ours, torch_ref, nbytes
 
 
-def _act(T):
-    spec = ActSpec("silu", True, FFN, origin="bench")
+def _act(T, unroll=1):
+    """unroll > 1: the variant with several loads in flight per thread (ActSpec.unroll), for A/B."""
+    spec = ActSpec("silu", True, FFN, unroll=unroll, origin="bench")
     x = torch.randn(T, 2 * FFN, device="cuda", dtype=DT)
     out = torch.empty(T, FFN, device="cuda", dtype=DT)
     ours = lambda: K.activation(spec, out, x=x)  # noqa: E731
     torch_ref = lambda: F.silu(x[:, :FFN]) * x[:, FFN:]  # noqa: E731
-    return "SwiGLU", f"T={T}", ours, torch_ref, 3 * T * FFN * 2
+    return "SwiGLU", f"T={T}{f', unroll {unroll} variant' if unroll > 1 else ''}", ours, torch_ref, 3 * T * FFN * 2
 
 
-def _decode(B, ctx):
-    spec = DecodeAttnSpec(HEADS, KV_HEADS, HEAD_DIM, PAGE, HEAD_DIM ** -0.5, origin="bench")
+def _decode(B, ctx, tuned=True):
+    """tuned=False: the kernel before issue #12's batch-1 change (DecodeAttnSpec.tuned), for A/B."""
+    spec = DecodeAttnSpec(HEADS, KV_HEADS, HEAD_DIM, PAGE, HEAD_DIM ** -0.5, tuned=tuned, origin="bench")
     D = HEAD_DIM
     per_seq = ctx // PAGE
     pages = B * per_seq
@@ -171,7 +174,7 @@ def _decode(B, ctx):
     ours = Graphed(lambda: K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, scratch, ctx))
     torch_ref = Graphed(lambda: F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True))
     nbytes = 2 * B * ctx * KV_HEADS * D * 2 + 2 * B * HEADS * D * 2
-    return "paged decode attention", f"B={B} ctx={ctx}", ours, torch_ref, nbytes
+    return "paged decode attention", f"B={B} ctx={ctx}{'' if tuned else ', old kernel'}", ours, torch_ref, nbytes
 
 
 def fp8_kv_decode_line(B, ctx, copy_bw: float) -> str:
@@ -203,9 +206,9 @@ def fp8_kv_decode_line(B, ctx, copy_bw: float) -> str:
             f"{times[False] * 1e3:.1f} us: {speed:.2f}x (target >= 1.8x: {'met' if speed >= 1.8 else 'NOT met'})")
 
 
-def decode_partition_sweep(B, ctx) -> str:
-    """Decode attention time per tokens-per-split choice: checks the partition model."""
-    spec = DecodeAttnSpec(HEADS, KV_HEADS, HEAD_DIM, PAGE, HEAD_DIM ** -0.5, origin="bench")
+def decode_partition_sweep(B, ctx, tuned=True) -> str:
+    """Decode attention time per tokens-per-split choice: checks the partition model (tuned: see _decode)."""
+    spec = DecodeAttnSpec(HEADS, KV_HEADS, HEAD_DIM, PAGE, HEAD_DIM ** -0.5, tuned=tuned, origin="bench")
     pages = B * (ctx // PAGE)
     kc = torch.randn(pages, KV_HEADS, PAGE, HEAD_DIM, device="cuda", dtype=DT)
     vc = torch.randn_like(kc)
@@ -218,14 +221,16 @@ def decode_partition_sweep(B, ctx) -> str:
     meta = kern.source.meta
     per_sm = kern.blocks_per_sm(kern.source.entries[0], meta["threads"], meta["smem"])
     chosen = K.decode_partition(spec, B, ctx, kern.num_sms * per_sm, scratch.max_splits)
-    parts = sorted({chosen, 256, 512, 768, 1024, 1536, 2048, 4096} & set(range(meta["tile"], ctx + 1, meta["tile"])))
+    parts = sorted({chosen, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096}
+                   & set(range(meta["tile"], ctx + 1, meta["tile"])))
     parts = [p for p in parts if math.ceil(ctx / p) <= scratch.max_splits]
     res = []
     for p in parts:
         t = per_call_ms(Graphed(
             lambda: K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, scratch, ctx, partition=p)))
         res.append(f"{p}{'*' if p == chosen else ''}: {t * 1e3:.1f}us")
-    return f"decode B={B} ctx={ctx}, {per_sm} blocks/SM; tokens per split (* = model's pick): " + ", ".join(res)
+    return (f"decode B={B} ctx={ctx}{'' if tuned else ' (old kernel)'}, {per_sm} blocks/SM; tokens per split "
+            "(* = model's pick): " + ", ".join(res))
 
 
 def _prefill(T, seqs, ws=False):
@@ -338,14 +343,14 @@ def _graphed_ms(calls) -> float:
     return time_ms(graph.replay) / len(calls)
 
 
-def _timed_variant(base, n, k, nbytes, x, variant, splits=None, pdl=True) -> float:
+def _timed_variant(base, n, k, nbytes, x, variant, splits=None, pdl=True, tpb=None) -> float:
     """Per-call ms of the GEMV over L2-flushing copies of the packed weight, as one graph."""
     import os
 
     from .quant_kernels import Packed
 
     packs = _copies(lambda: Packed(base.fmt, base.mode, n, k, base.group, base.wq.clone(), base.rec32, None,
-                                   base.origin, variant, splits), nbytes)
+                                   base.origin, variant, splits, tpb), nbytes)
     old = os.environ.get("KILN_PDL")
     os.environ["KILN_PDL"] = "1" if pdl else "0"  # read at each launch: captured into the graph as launched
     try:
@@ -361,49 +366,73 @@ def _timed_variant(base, n, k, nbytes, x, variant, splits=None, pdl=True) -> flo
 def quant_gemv_table(copy_bw: float, T: int = 1) -> str:
     """INT4 (group 128, zero points) GEMV at an 8B decoder's shapes: the generated kernel's bytes moved
     (packed weights + records + x + out) per second against the copy bandwidth, and its time against
-    cuBLAS's bf16 GEMV of the same shape, all streaming weights that are not in L2. Variants: stream
-    (K split as choose_splits picks; with and without programmatic dependent launch) and the loop
-    fallback; then a sweep of the stream variant's split counts (* = the pick)."""
+    cuBLAS's bf16 GEMV of the same shape, all streaming weights that are not in L2. Variants: persist
+    (the device-sized grid, choose_persist's split and tiles per block; with and without programmatic
+    dependent launch), stream (choose_splits) and the loop fallback; then sweeps of the persist and
+    stream split counts (* = the pick; counts whose x slice exceeds shared memory are left out)."""
     from kiln.dsl.quant import QuantDesc, quantize_weight
 
-    from .quant_kernels import _cps, choose_splits, pack
+    from .quant_kernels import (
+        SMEM_MAX,
+        _cps,
+        _split_counts,
+        choose_persist,
+        choose_splits,
+        pack,
+        persist_smem,
+        persist_tpb,
+        stream_smem,
+    )
 
     desc = QuantDesc("int4", "per_group", 128, zero_points=True)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     lines = [f"INT4 W4A16 GEMV, T={T}, bf16 activations (target: ≥80% of copy bandwidth)\n",
-             "| linear | out x in | splits | stream (us) | MB moved | GB/s | of copy bw | stream, no PDL (us) | "
-             "loop (us) | loop of copy bw | bf16 cuBLAS (us) | speedup | target |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    sweeps = []
+             "| linear | out x in | persist splits x tiles | persist (us) | MB moved | GB/s | of copy bw | "
+             "persist, no PDL (us) | stream (us) | stream of copy bw | loop (us) | loop of copy bw | "
+             "bf16 cuBLAS (us) | speedup | target |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    sweeps, psweeps = [], []
     for label, n, k in QUANT_SHAPES:
         base = pack(quantize_weight(torch.randn(n, k, device="cuda") * 0.02, desc), origin=f"bench {label}")
         nbytes = base.wq.numel() + base.records(DT).numel() * 2 + T * (k + n) * 2
         x = torch.randn(T, k, device="cuda", dtype=DT)
         tokens = 8 if T <= 8 else 16
         pick = choose_splits("int4", n, k, tokens, sms)
-        t = _timed_variant(base, n, k, nbytes, x, "stream")
-        t_nopdl = _timed_variant(base, n, k, nbytes, x, "stream", pdl=False)
+        p_splits, p_tpb = choose_persist("int4", n, k, tokens, sms)
+        t = _timed_variant(base, n, k, nbytes, x, "persist")
+        t_nopdl = _timed_variant(base, n, k, nbytes, x, "persist", pdl=False)
+        t_stream = _timed_variant(base, n, k, nbytes, x, "stream")
         t_loop = _timed_variant(base, n, k, nbytes, x, "loop")
         nch = math.ceil(k / 64)
+        # stream: counts whose x slice (the bucket's rows) fits a block's shared memory (the spec refuses others)
         counts = sorted({math.ceil(nch / _cps("int4", k, s)) for s in (1, 2, 3, 4, 6, 8)} - {pick})
-        sweep = [f"{pick}*: {t * 1e3:.1f}us"]
+        counts = [s for s in counts if stream_smem("int4", k, tokens, s, 128) <= SMEM_MAX]
+        sweep = [f"{pick}*: {t_stream * 1e3:.1f}us"]
         for s in counts[:4]:
-            try:
-                sweep.append(f"{s}: {_timed_variant(base, n, k, nbytes, x, 'stream', s) * 1e3:.1f}us")
-            except Exception as e:  # a count whose x slice exceeds shared memory at this T
-                sweep.append(f"{s}: {type(e).__name__}")
+            sweep.append(f"{s}: {_timed_variant(base, n, k, nbytes, x, 'stream', s) * 1e3:.1f}us")
         sweeps.append(f"{label}: " + ", ".join(sweep))
+        psweep = [f"{p_splits}x{p_tpb}*: {t * 1e3:.1f}us"]
+        for s in [c for c in _split_counts("int4", k) if c != p_splits and c <= 8
+                  and persist_smem("int4", k, tokens, c) <= SMEM_MAX // 2][:4]:
+            tp = persist_tpb("int4", n, k, tokens, sms, s)
+            psweep.append(f"{s}x{tp}: {_timed_variant(base, n, k, nbytes, x, 'persist', s, tpb=tp) * 1e3:.1f}us")
+        for tp in sorted({max(1, p_tpb // 2), p_tpb * 2} - {p_tpb}):  # tiles per block around the pick
+            psweep.append(f"{p_splits}x{tp}: "
+                          f"{_timed_variant(base, n, k, nbytes, x, 'persist', p_splits, tpb=tp) * 1e3:.1f}us")
+        psweeps.append(f"{label}: " + ", ".join(psweep))
         dense = _copies(lambda: torch.randn(n, k, device="cuda", dtype=DT), n * k * 2)
         t_ref = _graphed_ms([lambda d=d: F.linear(x, d) for d in dense])
         del dense
         bw = nbytes / (t * 1e-3)
         frac = bw / copy_bw
-        lines.append(f"| {label} | {n}x{k} | {pick} | {t * 1e3:.1f} | {nbytes / 1e6:.1f} | {bw / 1e9:.0f} | "
-                     f"{frac:.0%} | "
-                     f"{t_nopdl * 1e3:.1f} | {t_loop * 1e3:.1f} | {nbytes / (t_loop * 1e-3) / copy_bw:.0%} | "
+        lines.append(f"| {label} | {n}x{k} | {p_splits}x{p_tpb} | {t * 1e3:.1f} | {nbytes / 1e6:.1f} | "
+                     f"{bw / 1e9:.0f} | {frac:.0%} | {t_nopdl * 1e3:.1f} | "
+                     f"{t_stream * 1e3:.1f} | {nbytes / (t_stream * 1e-3) / copy_bw:.0%} | "
+                     f"{t_loop * 1e3:.1f} | {nbytes / (t_loop * 1e-3) / copy_bw:.0%} | "
                      f"{t_ref * 1e3:.1f} | {t_ref / t:.2f}x | ≥80%: {'met' if frac >= 0.8 else 'NOT met'} |")
         torch.cuda.empty_cache()
-    lines.append("\nstream variant, K splits (us per call): " + "; ".join(sweeps))
+    lines.append("\npersist variant, K splits x tiles per block (us per call): " + "; ".join(psweeps))
+    lines.append("stream variant, K splits (us per call): " + "; ".join(sweeps))
     return "\n".join(lines)
 
 
@@ -411,7 +440,7 @@ def fp8_act_quant_table(copy_bw: float) -> str:
     """fp8 activation quantization before a W8A8 GEMM (x [T, 4096] bf16): the generated kernel
     (templates/quant_act.cu.j2; per tensor: 2 launches, per token: 1) against the torch ops it
     replaced (abs, amax, clamp, div, clamp, cast), both as CUDA-graph replays."""
-    from kiln.dsl.quant import FP8_MAX, quantize_rows
+    from kiln.dsl.quant import FP8_MAX, quantize_rows, scale_of
 
     from .quant_kernels import ActQuantSpec, act_quant_fp8
 
@@ -430,7 +459,7 @@ def fp8_act_quant_table(copy_bw: float) -> str:
                 xf = x.float()
                 if mode == "token":
                     return quantize_rows(xf, "fp8")[0].to(torch.float8_e4m3fn)
-                s = xf.abs().amax().clamp(min=1e-12) / FP8_MAX
+                s = scale_of(xf.abs().amax(), FP8_MAX)
                 return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
             t = per_call_ms(Graphed(lambda: act_quant_fp8(spec, x, q, sc, partial)))
@@ -440,6 +469,117 @@ def fp8_act_quant_table(copy_bw: float) -> str:
                          f"{nbytes / 1e6:.2f} | {nbytes / (t * 1e-3) / 1e9:.0f} | "
                          f"{nbytes / (t * 1e-3) / copy_bw:.0%} | "
                          f"{t_ref * 1e3:.1f} | {t_ref / t:.2f}x |")
+    return "\n".join(lines)
+
+
+# ---- issue #17: multi-LoRA, one decode step's adapter work, the "split" kernels against "tiled"
+LORA_GEMMS = (("qkv", HIDDEN, (HIDDEN, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM)), ("o_proj", HIDDEN, (HIDDEN,)),
+              ("gate+up", HIDDEN, (FFN, FFN)), ("down", FFN, (HIDDEN,)))
+
+
+def lora_decode_table(copy_bw: float, T: int = 64, n: int = 8, rank: int = 16, layers: int = 32) -> str:
+    """The LoRA kernels of one decode step (codegen/lora_kernels.py): T rows round-robin over n
+    adapters of `rank` on the 8B's four GEMMs, each layer its own adapter weights (as in the
+    engine: nothing stays in L2 from layer to layer). Per GEMM: the per-layer time of `layers`
+    calls captured in one graph; the step: all layers x GEMMs in one graph, in layer order. The
+    floor: the adapters' A and B read once at copy bandwidth. "tiled, no PDL": KILN_PDL=0."""
+    import os
+
+    from .lora_kernels import LoraSpec, lora_scratch, lora_sgmv
+
+    adapters = torch.arange(T) % n  # grouped by adapter as runtime/lora.py group_rows does
+    perm = torch.sort(adapters, stable=True).indices.to(torch.int32).cuda()
+    seg = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(adapters, minlength=n).cumsum(0)])
+    seg = seg.to(torch.int32).cuda()
+    variants = (("split", "1"), ("tiled", "0"), ("tiled", "1"))
+    gemms, per_gemm, total_bytes = [], [], 0
+    for name, k, widths in LORA_GEMMS:
+        out, sr = sum(widths), len(widths) * rank
+        sib = torch.cat([torch.full((w,), i, dtype=torch.int32) for i, w in enumerate(widths)]).cuda()
+        stacks = [((torch.randn(n, sr, k, device="cuda") * 0.01).to(DT),
+                   (torch.randn(n, out, rank, device="cuda") * 0.01).to(DT)) for _ in range(layers)]
+        x = torch.randn(T, k, device="cuda", dtype=DT)
+        y = torch.randn(T, out, device="cuda", dtype=DT)
+        nbytes = (stacks[0][0].numel() + stacks[0][1].numel()) * 2
+        total_bytes += nbytes * layers
+        gemms.append((name, k, out, sr, sib, stacks, x, y))
+        per_gemm.append([name, nbytes])
+    old = os.environ.get("KILN_PDL")
+    step_us = []
+    try:
+        for kernel, pdl in variants:
+            os.environ["KILN_PDL"] = pdl  # read at each launch: captured into the graph as launched
+            step_calls = [[] for _ in range(layers)]
+            for (name, k, out, sr, sib, stacks, x, y), row in zip(gemms, per_gemm):
+                spec = LoraSpec(k, out, sr, rank, "bf16", origin=f"bench_kernels lora {name}", kernel=kernel)
+                v = lora_scratch(spec, T, n, x.device)
+                calls = [lambda A=A, B=B, spec=spec, x=x, y=y, sib=sib, v=v:
+                         lora_sgmv(spec, x, A, B, sib, y, v, perm, seg) for A, B in stacks]
+                row.append(_graphed_ms(calls) * 1e3)
+                for layer, c in enumerate(calls):
+                    step_calls[layer].append(c)
+            flat = [c for layer in step_calls for c in layer]
+            step_us.append(_graphed_ms(flat) * len(flat) * 1e3)
+    finally:
+        if old is None:
+            os.environ.pop("KILN_PDL", None)
+        else:
+            os.environ["KILN_PDL"] = old
+    lines = [f"LoRA decode step: {T} rows round-robin over {n} adapters of rank {rank}, bf16, {layers} layers "
+             "(per GEMM: us per layer; step: every layer's 4 GEMMs in one graph)\n",
+             "| GEMM | adapter MB / layer | split (us) | tiled, no PDL (us) | tiled (us) | speedup | floor (us) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, nbytes, t_split, t_nopdl, t_tiled in per_gemm:
+        lines.append(f"| {name} | {nbytes / 1e6:.1f} | {t_split:.1f} | {t_nopdl:.1f} | {t_tiled:.1f} | "
+                     f"{t_split / t_tiled:.2f}x | {nbytes / copy_bw * 1e6:.1f} |")
+    lines.append(f"| step ({layers} x 4 GEMMs) | {total_bytes / 1e6:.0f} | {step_us[0]:.0f} | {step_us[1]:.0f} | "
+                 f"{step_us[2]:.0f} | {step_us[0] / step_us[2]:.2f}x | {total_bytes / copy_bw * 1e6:.0f} |")
+    del gemms
+    torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
+def prefill_cached_prefix_table(copy_bw: float, new: int = 32, cached: int = 2000, bound: int = 4096) -> str:
+    """Issue #16: a prompt after a cached prefix prefills `new` tokens over new + cached of context
+    (an 8B model's 32 q / 8 kv heads, one sequence). The sm90 kernel unsplit (8 blocks: one per KV
+    head, each streaming the whole context) vs split-KV at several split counts (prefill_splits'
+    pick from a host bound on the context, as the engine's graphs pass it, among them), beside
+    torch SDPA on dense K/V of the same shape; CUDA-graph replays."""
+    spec = PrefillAttnSpec(HEADS, KV_HEADS, HEAD_DIM, PAGE, HEAD_DIM ** -0.5, origin="bench")
+    D, L = HEAD_DIM, new + cached
+    pages = math.ceil(bound / PAGE)
+    kc = torch.randn(pages, KV_HEADS, PAGE, D, device="cuda", dtype=DT)
+    vc = torch.randn_like(kc)
+    tables = torch.randperm(pages, device="cuda").int().view(1, pages)
+    q = torch.randn(new, HEADS * D, device="cuda", dtype=DT)
+    out = torch.empty_like(q)
+    cu = torch.tensor([0, new], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([L], dtype=torch.int32, device="cuda")
+    qd = q.view(1, new, HEADS, D).transpose(1, 2)
+    kd = torch.randn(1, KV_HEADS, L, D, device="cuda", dtype=DT)
+    vd = torch.randn_like(kd)
+    mask = torch.arange(L, device="cuda")[None, :] <= torch.arange(cached, L, device="cuda")[:, None]
+    meta = K.render(K.prefill_for_device(spec, q.device)).meta
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    blocks = math.ceil(new / meta["bm_tok"]) * KV_HEADS * meta["chunks"]
+    auto = K.prefill_splits(meta, blocks, bound, sms)
+    nbytes = 2 * L * KV_HEADS * D * 2 + 2 * new * HEADS * D * 2  # K/V once, q and out
+    rows = []
+    sweep = sorted({2, 4, 8, auto} - {1})
+    for label, splits in [("splits 1 (plain kernel)", 1)] + [
+            (f"splits {n}{' (prefill_splits)' if n == auto else ''}", n) for n in sweep]:
+        fn = Graphed(lambda s=splits: K.prefill_attention(spec, q, kc, vc, tables, cu, lens, out, new,
+                                                          max_context=bound, splits=s))
+        rows.append((label, per_call_ms(fn)))
+    sdpa = Graphed(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True))
+    rows.append(("torch SDPA (dense K/V, mask)", per_call_ms(sdpa)))
+    lines = [f"prefill attention, {new} new tokens after {cached:,} cached ({HEADS}x{KV_HEADS} heads, d {D}, "
+             f"page {PAGE}, bound {bound}; {blocks} blocks unsplit on {sms} SMs), per call in graph replays:",
+             "| kernel | us | GB/s (K/V + q + out) | of copy bw | vs splits 1 |", "|---|---:|---:|---:|---:|"]
+    base = rows[0][1]
+    for label, ms in rows:
+        bw = nbytes / (ms * 1e-3)
+        lines.append(f"| {label} | {ms * 1e3:.1f} | {bw / 1e9:.0f} | {bw / copy_bw:.0%} | {base / ms:.2f}x |")
     return "\n".join(lines)
 
 
@@ -454,11 +594,22 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--no-quant", action="store_true", help="leave out the INT4 GEMV table")
     ap.add_argument("--quant-only", action="store_true", help="only the INT4 GEMV table")
     ap.add_argument("--no-ws", action="store_true", help="leave out the warp-specialised Hopper prefill kernel")
+    ap.add_argument("--lora-only", action="store_true", help="only the multi-LoRA decode-step table (issue #17)")
+    ap.add_argument("--prefix-only", action="store_true",
+                    help="only the cached-prefix prefill attention table (issue #16: split-KV)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()
+    if args.lora_only:
+        print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n")
+        print(lora_decode_table(copy_bw, T=args.batch))
+        return []
+    if args.prefix_only:
+        print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n")
+        print(prefill_cached_prefix_table(copy_bw))
+        return []
     if args.quant_only:
         print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n")
         for T in (1, 16):
@@ -471,6 +622,9 @@ def main(argv=None) -> list[dict]:
              lambda: _moe(args.moe_tokens)]
     if torch.cuda.get_device_capability()[0] == 9 and not args.no_ws:  # Hopper: the warp-specialised prefill too
         cases.insert(6, lambda: _prefill(args.tokens, 8, ws=True))
+    # issue #12 A/B: the kernels as they were before its changes, beside the new ones above
+    cases[3:3] = [lambda: _rope(args.tokens, prefetch=True), lambda: _act(args.tokens, unroll=4)]
+    cases.insert(7, lambda: _decode(1, args.long_context, tuned=False))
     targets = {"rmsnorm + residual": 0.80, "rotary + paged KV write": 0.80, "SwiGLU": 0.80,
                "paged decode attention": 0.85}
     rows = []
@@ -503,7 +657,11 @@ def main(argv=None) -> list[dict]:
     print(table)
     for b, c in ((args.batch, args.context), (8, args.context), (1, args.long_context)):
         print(decode_partition_sweep(b, c))
+    print(decode_partition_sweep(1, args.long_context, tuned=False))
     print(fp8_kv_decode_line(args.batch, args.context, copy_bw))
+    print(lora_decode_table(copy_bw, T=args.batch))
+    if torch.cuda.get_device_capability()[0] == 9:  # issue #16: split-KV of the Hopper prefill kernel
+        print(prefill_cached_prefix_table(copy_bw))
     if args.md:
         with open(args.md, "w") as f:
             f.write(table + "\n")

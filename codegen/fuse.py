@@ -23,6 +23,7 @@ from kiln.dsl.ops.rope import kernel_constants as rope_constants
 from kiln.dsl.plan import Instr, Plan, Value, WeightArg
 
 from . import specs as ks
+from . import ssm_kernels
 
 
 class Exec(enum.Enum):
@@ -35,6 +36,7 @@ class Exec(enum.Enum):
     EMBED = "embed"
     MAP = "map"
     MOE = "moe"  # router (torch), then the experts as grouped GEMMs over token copies sorted by expert
+    SSM = "ssm"  # a state-space op (conv, with its activation; scan) on its state slots (runtime/cuda_ssm.py)
     TORCH = "torch"  # the op definition's reference, on the GPU
 
 
@@ -165,8 +167,44 @@ def _gated_act(p: _Program) -> None:
         act = p.producer.get(ins.inputs[0])
         same = p.plan.types[ins.inputs[0]] == p.plan.types[ins.inputs[1]]  # not a [T, 1] scalar times a row
         if same and p.feeds_only(act, ins.inputs[0]) and activation_of(act) in KERNEL_ACTIVATIONS:
-            spec = ks.ActSpec(activation_of(act), True, p.width(ins.out), p.dt, origin(ins))
+            spec = ks.ActSpec(activation_of(act), True, p.width(ins.out), dtype=p.dt, origin=origin(ins))
             p.claim(KOp(Exec.ACT, (act.inputs[0], ins.inputs[1]), ins.outputs, (act, ins), spec), ins)
+
+
+def _ssm_conv_act(p: _Program) -> None:
+    for ins in p.instrs:
+        if ins.kind is not OpKind.CAUSAL_CONV1D or not p.free(ins):
+            continue
+        users = p.users.get(ins.out, [])
+        act = p.instrs[users[0]] if len(users) == 1 else None
+        if act is not None and p.feeds_only(ins, ins.out) and p.free(act) and len(act.inputs) == 1 \
+                and activation_of(act) in KERNEL_ACTIVATIONS:
+            op = _ssm(p, ins, activation_of(act))
+            if op is not None:
+                p.claim(KOp(Exec.SSM, op.ins, act.outputs, (ins, act), op.spec, op.extra), act)
+
+
+def _gated_norm(p: _Program) -> None:
+    """norm(y * act(z)) (Mamba-2's gated RMSNorm): the norm kernel reads y and z, rounds act(z) and
+    the product to the run dtype where the activation and the mul would, and normalises; the
+    product and act(z) never reach memory."""
+    for ins in p.instrs:
+        if ins.kind not in (OpKind.RMSNORM, OpKind.LAYERNORM) or not p.free(ins):
+            continue
+        call = OPS[ins.kind].cuda(ins, p.plan, p.dtype)
+        mul = p.producer.get(ins.inputs[0])
+        if not isinstance(call, KernelCall) or not p.feeds_only(mul, ins.inputs[0]) or mul.kind is not OpKind.MUL \
+                or p.plan.types[mul.inputs[0]] != p.plan.types[mul.inputs[1]]:  # not a [T, 1] gate times a row
+            continue
+        for side in (1, 0):  # y * act(z), or act(z) * y
+            act = p.producer.get(mul.inputs[side])
+            kind = activation_of(act)
+            if kind in KERNEL_ACTIVATIONS and p.feeds_only(act, mul.inputs[side]) and len(act.inputs) == 1:
+                spec = ks.NormSpec(**call.constants, has_residual=False, gate=kind, dtype=p.dt, origin=origin(ins))
+                p.claim(KOp(Exec.NORM, (mul.inputs[1 - side], act.inputs[0]), ins.outputs, (act, mul, ins), spec,
+                            extra={"weight": ins.inputs[1],
+                                   "bias": ins.inputs[2] if ins.kind is OpKind.LAYERNORM else None}), ins)
+                break
 
 
 PATTERNS = (
@@ -174,9 +212,29 @@ PATTERNS = (
             _sibling_gemms),
     Pattern("rope_attention", "attention(rope(q), rope(k), v): rope of q and k (same attributes), K/V appended "
             "to the cache, then attention; without ropes, the K/V write and attention", _rope_attention),
+    # before residual_norm and gated_act, which would each take a part of it
+    Pattern("gated_norm", "h = norm(y * act(z), w) (or act(z) * y): act(z) and the product rounded to the run "
+            "dtype as the activation and the mul round them, then the norm (per group with group=g)", _gated_norm),
     Pattern("residual_norm", "r = a + b; h = norm(r, w): both h and r, in one pass", _residual_norm),
     Pattern("gated_act", "act(g) * u", _gated_act),
+    Pattern("ssm_conv_act", "act(causal_conv1d(x, w, b)): the activation applied to the conv's output in its kernel",
+            _ssm_conv_act),
 )
+
+
+def _ssm(p: _Program, ins: Instr, act: str = "") -> KOp | None:
+    """A state-space op as a generated kernel (codegen/ssm_kernels.py), None where its op lowers to torch.
+    extra "op": "conv" or "scan"."""
+    low = OPS[ins.kind].cuda(ins, p.plan, p.dtype)
+    if not (isinstance(low, KernelCall) and low.kernel is Kernel.SSM):
+        return None
+    c = dict(low.constants)
+    what = c.pop("op")
+    if what == "conv":
+        spec = ssm_kernels.SsmConvSpec(**c, act=act, dtype=p.dt, origin=origin(ins))
+    else:
+        spec = ssm_kernels.SsmScanSpec(**c, dtype=p.dt, origin=origin(ins))
+    return KOp(Exec.SSM, ins.inputs, ins.outputs, (ins,), spec, extra={"op": what})
 
 
 def _moe(p: _Program, ins: Instr, stages: tuple) -> KOp:
@@ -216,6 +274,8 @@ def _single(p: _Program, ins: Instr) -> KOp:
                    tuple(low.constants["consts"]), dtype=p.dt, origin=origin(ins)))
     if isinstance(low, KernelCall) and low.kernel is Kernel.MOE:
         return _moe(p, ins, low.constants["stages"])
+    if isinstance(low, KernelCall) and low.kernel is Kernel.SSM:
+        return _ssm(p, ins)
     if isinstance(low, (Gemm, KernelCall)):  # a KernelCall here: only valid fused (ROPE_KV), or on token ids
         return KOp(Exec.TORCH, ins.inputs, ins.outputs, (ins,))
     if isinstance(low, Torch):

@@ -75,16 +75,20 @@ def _kernel(spec, device) -> LoadedKernel:
     return get_kernel(spec, device)
 
 
-def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=None):
+def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=None, gate=None):
     """out = norm(x [+ residual]) * (weight + offset) [+ bias]; residual_out = x + residual.
+    Gated (spec.gate): out = norm(x * gate_act(gate)) * (weight + offset) [+ bias].
 
-    x, residual, out, residual_out: [T, hidden]; residual_out may be residual (in place).
+    x, residual, out, residual_out: [T, hidden]; residual_out may be residual (in place); gate
+    [T, hidden], row-strided views work. With spec.group, each run of group features is normalised
+    on its own; weight and bias [group], or [hidden / group, group] (spec.per_group_weight).
     """
     dt, h = _torch_dtype(spec), spec.hidden
     _check("x", x, dt)
     dev, T = x.device, x.shape[0]
     _check("x", x, dt, (T, h))
-    _check("weight", weight, dt, (h,), dev)
+    wshape = (h // spec.width, spec.width) if spec.per_group_weight else (spec.width,)
+    _check("weight", weight, dt, wshape, dev)
     _check("out", out, dt, (T, h), dev)
     args = [ptr(x)]
     if spec.has_residual:
@@ -93,14 +97,28 @@ def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=
         _check("residual", residual, dt, (T, h), dev)
         _check("residual_out", residual_out, dt, (T, h), dev)
         args += [ptr(residual), ptr(residual_out)]
+    k = _kernel(spec, dev)
+    if spec.gate:
+        if gate is None:
+            raise KernelArgError(f"gate: required by a norm gated by {spec.gate}")
+        _check("gate", gate, dt, device=dev, contiguous=False, aligned=False)
+        if gate.dim() != 2 or gate.shape[0] != T or gate.shape[1] != h or gate.stride(1) != 1:
+            raise KernelArgError(f"gate: must be [{T}, {h}] with unit column stride, got shape "
+                                 f"{tuple(gate.shape)} stride {tuple(gate.stride())}")
+        # Rows not on the kernel's access width (a slice of an unaligned fused row): read elementwise.
+        align = k.source.meta["vec"] * gate.element_size()
+        gate_vec = int(gate.data_ptr() % align == 0 and (gate.stride(0) * gate.element_size()) % align == 0)
+        args.append(ptr(gate))
     args.append(ptr(weight))
     if spec.has_bias:
         if bias is None:
             raise KernelArgError("bias: required by this layer norm")
-        args.append(ptr(_check("bias", bias, dt, (h,), dev)))
-    args += [ptr(out), i32(T)]
-    k = _kernel(spec, dev)
-    k.launch(k.source.entries[0], (T,), (k.source.meta["threads"],), args)
+        args.append(ptr(_check("bias", bias, dt, wshape, dev)))
+    args.append(ptr(out))
+    if spec.gate:
+        args += [i64(gate.stride(0)), i32(gate_vec)]
+    args.append(i32(T))
+    k.launch(k.source.entries[0], (T * k.source.meta["groups"],), (k.source.meta["threads"],), args)
 
 
 def slot_mapping(block_tables, seq_ids, positions, page_size: int):
@@ -264,13 +282,36 @@ def prefill_for_device(spec: PrefillAttnSpec, device) -> PrefillAttnSpec:
     return spec if spec.sm == sm else dataclasses.replace(spec, sm=sm)
 
 
+PREFILL_SPLIT_FILL = 0.5  # split the KV of a prefill grid holding fewer blocks than this share of the SMs
+
+
+# Split-KV prefill is opt-in (splits=N): correct on the H200, but slower than the plain kernel where
+# it was meant to help (32 queries after 2,032 cached tokens, 8B-model heads: 80 us at 16 splits
+# against 45 us unsplit; BENCHMARKS.md), until the split kernel's per-block start-up is cut.
+PREFILL_AUTO_SPLIT = False
+PREFILL_MAX_SPLITS = 16  # each split re-loads its Q tile and writes an fp32 partial: a cost per split
+
+
+def prefill_splits(meta: dict, grid_blocks: int, kv_bound: int, num_sms: int) -> int:
+    """KV splits for a prefill grid of `grid_blocks` (q tiles x head chunks x sequences) whose
+    contexts hold at most kv_bound tokens: 1 (the plain kernel) where the kernel has no split form
+    or the grid already fills the GPU; else enough splits to bring the grid near one block per SM,
+    never more than the bound's KV tiles (a split of a shorter context may be empty: neutral)."""
+    if not meta.get("split_kv") or grid_blocks >= PREFILL_SPLIT_FILL * num_sms:
+        return 1
+    tiles = max(1, math.ceil(kv_bound / meta["bn"]))
+    return max(1, min(tiles, num_sms // max(1, grid_blocks), PREFILL_MAX_SPLITS))
+
+
 def prefill_attention(
     spec: PrefillAttnSpec, q, k_cache, v_cache, block_tables, cu_seqlens, kv_lens, out, max_q_len: int,
-    k_scale: float = 1.0, v_scale: float = 1.0,
+    k_scale: float = 1.0, v_scale: float = 1.0, max_context: int | None = None, splits: int | None = None,
 ):
     """Packed variable-length prefill: the queries of sequence s are rows cu_seqlens[s]:cu_seqlens[s+1]
     of q and out ([T, heads*head_dim]); query i of s sits at position kv_lens[s] - q_len_s + i, and
-    the K/V of all kv_lens[s] tokens are in the cache. max_q_len: a host bound on the q lengths."""
+    the K/V of all kv_lens[s] tokens are in the cache. max_q_len: a host bound on the q lengths;
+    max_context: one on kv_lens (default: what the block tables hold), which sizes the KV splits;
+    splits: force a split count (1: the plain kernel; default: prefill_splits)."""
     dt, d = _torch_dtype(spec), spec.head_dim
     dev = q.device
     _rows("q", q, dt, spec.heads * d, dev)
@@ -285,12 +326,37 @@ def prefill_attention(
     kern = _kernel(prefill_for_device(spec, dev), dev)
     meta = kern.source.meta
     grid = (math.ceil(max_q_len / meta["bm_tok"]), spec.kv_heads * meta["chunks"], S)
+    if splits is None:
+        bound = max_context if max_context is not None else block_tables.shape[1] * spec.page_size
+        splits = prefill_splits(meta, grid[0] * grid[1] * grid[2], bound, kern.num_sms) if PREFILL_AUTO_SPLIT else 1
+    elif not isinstance(splits, int) or isinstance(splits, bool) or splits < 1:
+        raise KernelArgError(f"splits: must be an int >= 1, got {splits!r}")
+    elif splits > 1 and not meta.get("split_kv"):
+        raise KernelArgError(f"splits: {splits} needs the Hopper (sm90) prefill kernel; "
+                             f"{kern.source.name} has no split-KV form")
+    if splits == 1 or 0 in grid:
+        kern.launch(
+            kern.source.entries[0], grid, (meta["threads"],),
+            [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(cu_seqlens), ptr(kv_lens),
+             ptr(out), i64(q.stride(0)), i64(out.stride(0)), i32(block_tables.shape[1]),
+             *_scales(spec, k_scale, v_scale)],
+            smem=meta["smem"],
+        )
+        return
+    # Split-KV: partials of every (seq, head chunk, q tile, split) block, then a merge into out. The
+    # scratch comes from torch's caching allocator (a CUDA graph capture draws it from its own pool).
+    rows, blocks = meta["part_rows"], grid[0] * grid[1] * grid[2] * splits
+    scratch = torch.empty(blocks * rows * (d + 2), dtype=torch.float32, device=dev)
+    part_o, part_ml = scratch[: blocks * rows * d], scratch[blocks * rows * d:]
     kern.launch(
-        kern.source.entries[0], grid, (meta["threads"],),
+        kern.source.entries[1], (grid[0] * splits, grid[1], grid[2]), (meta["threads"],),
         [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(cu_seqlens), ptr(kv_lens),
-         ptr(out), i64(q.stride(0)), i64(out.stride(0)), i32(block_tables.shape[1]),
-         *_scales(spec, k_scale, v_scale)],
+         ptr(part_o), ptr(part_ml), i64(q.stride(0)), i32(block_tables.shape[1]), i32(splits)],
         smem=meta["smem"],
+    )
+    kern.launch(
+        kern.source.entries[2], grid, (meta["merge_threads"],),
+        [ptr(part_o), ptr(part_ml), ptr(cu_seqlens), ptr(out), i64(out.stride(0)), i32(splits)],
     )
 
 
@@ -326,7 +392,12 @@ def activation(spec: ActSpec, out, x=None, gate=None, up=None):
         args = [ptr(x), ptr(out), i64(x.stride(0)), i32(T)]
     if rows != T:
         raise KernelArgError(f"input: {rows} rows, out has {T}")
-    blocks = min(math.ceil(T * F // meta["vec"] / meta["threads"]), kern.num_sms * 8)
+    needed = math.ceil(T * F // meta["vec"] / meta["threads"])
+    if meta["unroll"] > 1:  # one wave: exactly the blocks the GPU holds at once (registers decide)
+        resident = kern.num_sms * kern.blocks_per_sm(kern.source.entries[0], meta["threads"])
+        blocks = min(math.ceil(needed / meta["unroll"]), resident)
+    else:
+        blocks = min(needed, kern.num_sms * 8)
     kern.launch(kern.source.entries[0], (blocks,), (meta["threads"],), args)
 
 

@@ -8,6 +8,7 @@ buffers are the caller's (see kernels.decode_scratch).
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 
 import torch
@@ -123,6 +124,39 @@ class LoadedKernel:
         )
 
 
+    def launch_dependent(self, entry: str, grid, block, args, smem: int = 0) -> None:
+        """`launch` with programmatic stream serialization (PDL): the kernel may start while the one
+        before it drains; its `griddepcontrol.wait` guards what that one writes. KILN_PDL=0, or a
+        driver that refuses it, gives plain launches."""
+        dev = self.device.index
+        if os.environ.get("KILN_PDL", "1") == "0" or dev in _pdl_refused:
+            self.launch(entry, grid, block, args, smem)
+            return
+        gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+        if gx == 0 or gy == 0 or gz == 0:
+            return
+        f = self._opt_in(entry, smem)
+        cfg = driver.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = gx, gy, gz
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = (tuple(block) + (1, 1))[:3]
+        cfg.sharedMemBytes = smem
+        cfg.hStream = driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
+        attr = driver.CUlaunchAttribute()
+        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        cfg.attrs = [attr]
+        cfg.numAttrs = 1
+        values = tuple(a[0] for a in args)
+        types = tuple(a[1] for a in args)
+        err = driver.cuLaunchKernelEx(cfg, f, (values, types), 0)[0]
+        if err == driver.CUresult.CUDA_ERROR_NOT_SUPPORTED and not torch.cuda.is_current_stream_capturing():
+            _pdl_refused.add(dev)  # an older driver: plain launches from now on
+            self.launch(entry, grid, block, args, smem)
+            return
+        check((err,), f"cuLaunchKernelEx({entry}, grid={grid}, smem={smem}, programmatic serialization)")
+
+
+_pdl_refused: set = set()  # devices whose driver refused a programmatic launch
 _loaded: dict = {}
 _loaded_lock = threading.Lock()
 

@@ -14,9 +14,17 @@ the launch wrappers, and the packed layout they read (`repack`, `pack`: built on
        for every SM, x's slice within `XS_MAX` bytes) whose partials the last block sums, launched
        with programmatic dependent launch so its weight loads overlap the kernel before;
        "loop": the first design (one tile per block, x and records read per chunk from L2).
+       "persist" (16-bit runs): a grid sized to the device (`choose_persist`); each block owns a K split
+       and `tpb` consecutive tiles, stages x's slice in shared memory once for all of them, and each warp
+       streams its (tile, chunk) items through one ring of `PERSIST_DEPTH` slots (weight piece + the
+       lane's records) that runs on across tiles: constant bytes in flight, no block turnover, no wait
+       on staged records, and at 16 tokens x staged once per block instead of once per 16 rows (the
+       stream variant moved 4x the weight bytes of x through L2 there: slower than bf16 cuBLAS).
        The default is "loop": it passed the GPU tests against the reference on the H200; "stream"
-       measured faster at one token (49-58% of copy bandwidth against 30-56%) but slower at 16, and
-       its GPU tests have not yet run — opt in with `KILN_QGEMV=stream` to measure it.
+       measured faster at one token (49-58% of copy bandwidth against 30-56%) but slower at 16;
+       "persist" has not yet run on a GPU — opt in with `KILN_QGEMV=stream|persist` to measure them.
+       A spec whose shared memory exceeds the device's per-block limit is refused (`SMEM_MAX`; a
+       stream split of 14336 columns at 16 tokens needed 241 KB and failed in cuFuncSetAttribute).
 fp32 runs take a CUDA-core variant of the same layout (full fp32 precision, as the reference).
 """
 
@@ -40,15 +48,23 @@ FORMATS = {"int4": (64, 16, 4), "int8": (32, 8, 2)}
 TOKEN_BUCKETS = (8, 16)
 WARPS = 8
 GEMV_MAX_T = 64  # rows through the GEMV kernel (weights read once per 16 rows); more: dequantize + cuBLAS
-VARIANTS = ("stream", "loop")
+VARIANTS = ("stream", "loop", "persist")
 DEPTH = 8  # stream: 16-byte weight loads in flight per lane (8 warps x 8 x 512 B = 32 KB per block)
 XS_MAX = 72 * 1024  # stream: shared memory for a block's x slice at the bucket's full rows
 FILL = 1.5  # stream: split K until the grid has this many blocks per SM (one wave, 2-3 blocks each)
 XS_PAD = {"int4": 8, "int8": 32}  # elements past each staged x row: the 8 lanes of a 16-byte phase hit distinct banks
+SMEM_MAX = 227 * 1024  # the per-block dynamic shared memory sm_90 grants on opt-in (sm_80: 163 KB; choose_* keep below)
+# persist, by token bucket: ring slots per lane (8 warps x 8 x 512 B = 32 KB of weights in flight per
+# block) and blocks per SM (launch bounds: <= 128 registers; 3 blocks' 80 spilled with the records in the ring)
+PERSIST_DEPTH = {8: 8, 16: 6}
+PERSIST_BPS = {8: 2, 16: 2}
 
 
-def default_variant() -> str:
-    v = os.environ.get("KILN_QGEMV", "loop")
+def default_variant(tokens: int = 16, dtype: torch.dtype = torch.bfloat16) -> str:
+    """KILN_QGEMV if set; else, as measured on the H200 (BENCHMARKS.md, 8B-model shapes): "stream"
+    for the 1-8 token bucket in bf16/fp16 (5-30% faster than "loop" at one token), "loop" for 16
+    tokens (stream re-stages x per block there: 1.5-2.4x slower). "persist" measured slower at both."""
+    v = os.environ.get("KILN_QGEMV") or ("stream" if tokens <= 8 and dtype != torch.float32 else "loop")
     if v not in VARIANTS:
         raise KernelArgError(f"KILN_QGEMV: must be one of {VARIANTS}, got {v!r}")
     return v
@@ -58,6 +74,88 @@ def _cps(fmt: str, k: int, splits: int) -> int:
     """Chunks per split: whole rounds of the block's warps."""
     nch = math.ceil(k / FORMATS[fmt][0])
     return WARPS * math.ceil(math.ceil(nch / splits) / WARPS)
+
+
+def _split_counts(fmt: str, k: int) -> list[int]:
+    """Every K split count the stream / persist variants accept (whole rounds of WARPS chunks)."""
+    nch = math.ceil(k / FORMATS[fmt][0])
+    return sorted({math.ceil(nch / _cps(fmt, k, s)) for s in range(1, max(1, math.ceil(nch / WARPS)) + 1)})
+
+
+def stream_smem(fmt: str, k: int, tokens: int, splits: int, group: int) -> int:
+    """The stream variant's shared memory at the bucket's full rows (templates/gemv_wq.cu.j2)."""
+    ck = FORMATS[fmt][0]
+    cps = _cps(fmt, k, splits)
+    gr = min(k // group, math.ceil(cps * ck / group) + 1)
+    return WARPS * tokens * 16 * 4 + -(-gr * 16 * 4 // 16) * 16 + tokens * (cps * ck + XS_PAD[fmt]) * 2
+
+
+def persist_smem(fmt: str, k: int, tokens: int, splits: int) -> int:
+    """The persist variant's shared memory at the bucket's full rows: red[2][warps][tokens][16] + x's slice."""
+    return 2 * WARPS * tokens * 16 * 4 + tokens * (_cps(fmt, k, splits) * FORMATS[fmt][0] + XS_PAD[fmt]) * 2
+
+
+# persist cost model, in bytes of one SM's weight stream (32 KB ~ 1 us at 4.2 TB/s over 132 SMs)
+BLOCK_COST = 32 * 1024  # a block's start: launch, x staging, the first loads' latency
+TILE_COST = 1024  # a tile's reduction (one barrier; the ring keeps loading meanwhile)
+SPLIT_COST = 4096  # a tile's split-K partials and the last block's dependent reads
+INFLIGHT_NEED = 48 * 1024  # bytes in flight per SM that cover DRAM latency under load
+
+
+def choose_persist(fmt: str, n: int, k: int, tokens: int, num_sms: int) -> tuple[int, int]:
+    """(K splits, tiles per block) of the persist variant: the fewest bytes the busiest SM streams,
+    charged for block starts, per-tile reductions and split partials, and slowed where its resident
+    blocks keep less than INFLIGHT_NEED in flight; x's slice within SMEM_MAX / blocks per SM."""
+    ck = FORMATS[fmt][0]
+    tiles = math.ceil(n / 16)
+    bps = PERSIST_BPS[tokens]
+    budget = SMEM_MAX // bps - 1024
+    best = None
+    for s in _split_counts(fmt, k):
+        if persist_smem(fmt, k, tokens, s) > budget:
+            continue
+        cps = _cps(fmt, k, s)
+        unit = 16 * cps * ck // 2 if fmt == "int4" else 16 * cps * ck  # weight bytes of one (tile, split)
+        per_warp = cps // WARPS
+        seen = set()
+        for tpb in range(1, tiles + 1):
+            nbx = math.ceil(tiles / tpb)
+            if nbx in seen:
+                continue
+            seen.add(nbx)
+            blocks = nbx * s
+            per_sm = math.ceil(blocks / num_sms)  # blocks the busiest SM runs
+            resident = min(per_sm, bps)
+            inflight = resident * WARPS * min(ring_shape(per_warp, tokens)[0], per_warp * tpb) * 512
+            slow = max(1.0, INFLIGHT_NEED / inflight)
+            work = per_sm * tpb * (unit + TILE_COST + (SPLIT_COST if s > 1 else 0))
+            cost = math.ceil(per_sm / bps) * BLOCK_COST + work * slow
+            key = (cost, s, -blocks)
+            if best is None or key < best[0]:
+                best = (key, s, tpb)
+    if best is None:  # no split fits (cannot happen: 8 chunks per split always do)
+        return _split_counts(fmt, k)[-1], 1
+    return best[1], best[2]
+
+
+def ring_shape(per_warp: int, tokens: int) -> tuple[int, str]:
+    """(slots, kind) of the persist ring for a warp's items per tile: "a" whole tiles per round of slots
+    (each slot's chunk a compile-time constant, one reduction per tile in the unrolled loop), "b" whole
+    rounds per tile (a divisor of per_warp in [depth / 2, depth]), else "c" (runtime)."""
+    depth = PERSIST_DEPTH[tokens]
+    if per_warp <= depth:
+        return per_warp * (depth // per_warp), "a"
+    for d in range(depth, depth // 2 - 1, -1):
+        if per_warp % d == 0:
+            return d, "b"
+    return depth, "c"
+
+
+def persist_tpb(fmt: str, n: int, k: int, tokens: int, num_sms: int, splits: int) -> int:
+    """Tiles per block for a given split count: one wave of PERSIST_BPS blocks per SM."""
+    tiles = math.ceil(n / 16)
+    per_split = max(1, num_sms * PERSIST_BPS[tokens] // splits)
+    return math.ceil(tiles / min(tiles, per_split))
 
 
 def choose_splits(fmt: str, n: int, k: int, tokens: int, num_sms: int) -> int:
@@ -88,8 +186,9 @@ class QGemvSpec(_Spec):
     has_bias: bool = False
     dtype: str = "bf16"
     origin: str = ""
-    variant: str = "stream"  # stream | loop (module doc); fp32 always runs the CUDA-core loop
-    splits: int = 1  # stream: blocks along K (choose_splits)
+    variant: str = "stream"  # stream | loop | persist (module doc); fp32 always runs the CUDA-core loop
+    splits: int = 1  # stream / persist: blocks along K (choose_splits / choose_persist)
+    tpb: int = 1  # persist: tiles of 16 rows per block (choose_persist)
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -111,12 +210,23 @@ class QGemvSpec(_Spec):
         if self.splits < 1 or (self.splits > 1 and math.ceil(nch / _cps(self.fmt, self.k, self.splits)) != self.splits):
             _fail(self, "splits", f"{self.splits} does not cut {nch} chunks into whole rounds of {WARPS} warps "
                   "(choose_splits gives valid counts)")
-        if self.splits > 1 and (self.variant != "stream" or self.dtype == "fp32"):
-            _fail(self, "splits", "only the stream variant (16-bit runs) splits K")
+        if self.splits > 1 and (self.variant == "loop" or self.dtype == "fp32"):
+            _fail(self, "splits", "only the stream and persist variants (16-bit runs) split K")
+        if self.tpb < 1 or (self.tpb > 1 and (self.variant != "persist" or self.dtype == "fp32")):
+            _fail(self, "tpb", f"{self.tpb}: more than one tile per block is the persist variant's (16-bit runs)")
+        if self.streams:
+            need = stream_smem(self.fmt, self.k, self.tokens, self.splits, self.group)
+            if self.variant == "persist":
+                need = persist_smem(self.fmt, self.k, self.tokens, self.splits)
+            if need > SMEM_MAX:
+                _fail(self, "splits", f"{self.splits}: x's slice of {self.tokens} rows needs {need} bytes of shared "
+                      f"memory, over the {SMEM_MAX} a block can have (choose_splits / choose_persist pick counts "
+                      "that fit)")
 
     @property
     def streams(self) -> bool:
-        return self.variant == "stream" and self.dtype != "fp32"
+        """The stream or persist kernel (16-bit runs); fp32 runs the loop."""
+        return self.variant in ("stream", "persist") and self.dtype != "fp32"
 
 
 def _render(s: QGemvSpec) -> KernelSource:
@@ -139,9 +249,20 @@ def _render(s: QGemvSpec) -> KernelSource:
         magic="0x43004300u" if s.dtype == "bf16" else "0x64006400u",
     )
     meta = dict(threads=WARPS * 32, warps=WARPS, tiles=params["tiles"], nch=nch, ck=ck, kpl=kpl, qoff=qoff,
-                variant="stream" if s.streams else "loop", splits=s.splits)
+                variant=s.variant if s.streams else "loop", splits=s.splits, tpb=1)
     params["variant"] = meta["variant"]
-    if s.streams:
+    if meta["variant"] == "persist":
+        cps = _cps(s.fmt, s.k, s.splits)
+        per_warp = cps // WARPS
+        red_bytes = 2 * WARPS * s.tokens * 16 * 4
+        xs_stride = cps * ck + XS_PAD[s.fmt]
+        depth, ring = ring_shape(per_warp, s.tokens)
+        params.update(cps=cps, per_warp=per_warp, depth=depth, ring=ring, splits=s.splits, tpb=s.tpb,
+                      chunk_tail=cps * s.splits != nch, red_bytes=red_bytes, xs_stride=xs_stride,
+                      bps=PERSIST_BPS[s.tokens])
+        meta.update(smem_fixed=red_bytes, xs_row_bytes=xs_stride * 2, cps=cps, tpb=s.tpb,
+                    blocks_x=math.ceil(params["tiles"] / s.tpb))
+    elif s.streams:
         cps = _cps(s.fmt, s.k, s.splits)
         groups = s.k // s.group
         gr = min(groups, math.ceil(cps * ck / s.group) + 1)  # groups one split's columns can touch
@@ -152,8 +273,12 @@ def _render(s: QGemvSpec) -> KernelSource:
                       chunk_tail=cps * s.splits != nch, gr=gr, red_bytes=red_bytes, rec_bytes=rec_bytes,
                       xs_stride=xs_stride)
         meta.update(smem_fixed=red_bytes + rec_bytes, xs_row_bytes=xs_stride * 2, cps=cps)
-    name = _name(f"gemv_{s.fmt}_{s.mode}_n{s.n}_k{s.k}_g{s.group}_t{s.tokens}"
-                 + (f"_s{s.splits}" if s.streams else "_loop"), s)
+    tag = "_loop"
+    if meta["variant"] == "persist":
+        tag = f"_p{s.splits}x{s.tpb}"
+    elif s.streams:
+        tag = f"_s{s.splits}"
+    name = _name(f"gemv_{s.fmt}_{s.mode}_n{s.n}_k{s.k}_g{s.group}_t{s.tokens}" + tag, s)
     return _emit("gemv_wq.cu.j2", name, s, params, [name, name + "_dequant"], meta)
 
 
@@ -205,46 +330,6 @@ class Workspace:
             self.count = torch.zeros(count, dtype=torch.int32, device=self.device)
 
 
-def pdl_enabled() -> bool:
-    """Programmatic dependent launch for the stream variant (KILN_PDL=0 turns it off)."""
-    return os.environ.get("KILN_PDL", "1") != "0"
-
-
-_pdl_refused: set = set()
-
-
-def _launch_stream(kern, entry, grid, block, args, smem):
-    """cuLaunchKernelEx with programmatic stream serialization: this kernel may start while the one
-    before drains (its weight loads do not depend on it; griddepcontrol.wait guards the rest)."""
-    from cuda.bindings import driver
-
-    from .launch import check
-
-    dev = kern.device.index
-    if not pdl_enabled() or dev in _pdl_refused:
-        kern.launch(entry, grid, block, args, smem)
-        return
-    f = kern._opt_in(entry, smem)
-    cfg = driver.CUlaunchConfig()
-    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
-    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block[0], 1, 1
-    cfg.sharedMemBytes = smem
-    cfg.hStream = driver.CUstream(torch.cuda.current_stream(kern.device).cuda_stream)
-    attr = driver.CUlaunchAttribute()
-    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-    attr.value.programmaticStreamSerializationAllowed = 1
-    cfg.attrs = [attr]
-    cfg.numAttrs = 1
-    values = tuple(a[0] for a in args)
-    types = tuple(a[1] for a in args)
-    err = driver.cuLaunchKernelEx(cfg, f, (values, types), 0)[0]
-    if err == driver.CUresult.CUDA_ERROR_NOT_SUPPORTED and not torch.cuda.is_current_stream_capturing():
-        _pdl_refused.add(dev)  # an older driver: plain launches from now on
-        kern.launch(entry, grid, block, args, smem)
-        return
-    check((err,), f"cuLaunchKernelEx({entry}, grid={grid}, smem={smem}, programmatic serialization)")
-
-
 def qgemv(spec: QGemvSpec, x, wq, rec, out, bias=None):
     """out [T, n] = x [T, k] @ W^T (+ bias) for any T (blocks of `spec.tokens` rows)."""
     dt = _torch_dtype(spec)
@@ -275,9 +360,10 @@ def qgemv(spec: QGemvSpec, x, wq, rec, out, bias=None):
         ws.reserve(spec.splits * T * spec.n, meta["tiles"] * zb)
         part, count = ws.part, ws.count
     smem = meta["smem_fixed"] + min(T, spec.tokens) * meta["xs_row_bytes"]
-    _launch_stream(kern, kern.source.entries[0], (meta["tiles"], spec.splits, zb), (meta["threads"],),
-                   [ptr(wq), ptr(rec), ptr(x), ptr(bias if spec.has_bias else None), ptr(out), ptr(part),
-                    ptr(count), i64(x.stride(0)), i32(T)], smem)
+    gx = meta["blocks_x"] if meta["variant"] == "persist" else meta["tiles"]
+    kern.launch_dependent(kern.source.entries[0], (gx, spec.splits, zb), (meta["threads"],),
+                          [ptr(wq), ptr(rec), ptr(x), ptr(bias if spec.has_bias else None), ptr(out), ptr(part),
+                           ptr(count), i64(x.stride(0)), i32(T)], smem)
 
 
 def qdequant(spec: QGemvSpec, wq, rec, w):
@@ -312,24 +398,32 @@ class Packed:
     rec32: torch.Tensor
     perm: torch.Tensor | None = None  # act-order: x's columns in the packed order
     origin: str = "linear"
-    variant: str | None = None  # None: default_variant() (KILN_QGEMV)
-    splits: int | None = None  # stream: K splits; None: choose_splits for the device
+    variant: str | None = None  # None: default_variant(tokens, dtype) (or KILN_QGEMV)
+    splits: int | None = None  # stream / persist: K splits; None: choose_splits / choose_persist for the device
+    tpb: int | None = None  # persist: tiles per block; None: choose_persist's
     _rec: dict = field(default_factory=dict)
 
     def spec(self, dtype: torch.dtype, tokens: int, has_bias: bool, num_sms: int = 132) -> QGemvSpec:
         from .specs import dtype_name
-        variant = self.variant or default_variant()
-        splits = 1
+        variant = self.variant or default_variant(tokens, dtype)
+        splits, tpb = 1, 1
         if variant == "stream" and dtype != torch.float32:
             splits = self.splits or choose_splits(self.fmt, self.n, self.k, tokens, num_sms)
+        elif variant == "persist" and dtype != torch.float32:
+            splits, tpb = choose_persist(self.fmt, self.n, self.k, tokens, num_sms)
+            if self.splits:  # an explicit split count (the benchmark's sweep): tiles per block for it
+                splits, tpb = self.splits, self.tpb or persist_tpb(self.fmt, self.n, self.k, tokens, num_sms,
+                                                                    self.splits)
+            elif self.tpb:
+                tpb = self.tpb
         return QGemvSpec(self.fmt, self.mode, self.n, self.k, self.group, tokens, has_bias, dtype_name(dtype),
-                         self.origin, variant, splits)
+                         self.origin, variant, splits, tpb)
 
     def reserve(self, device, dtype: torch.dtype) -> None:
         """Size the shared split-K workspace for this weight's largest GEMV (before graph capture)."""
-        spec = self.spec(dtype, 16, False, _num_sms(device))
-        if spec.splits > 1:
-            Workspace.get(device).reserve(spec.splits * GEMV_MAX_T * self.n,
+        splits = max(self.spec(dtype, tokens, False, _num_sms(device)).splits for tokens in TOKEN_BUCKETS)
+        if splits > 1:
+            Workspace.get(device).reserve(splits * GEMV_MAX_T * self.n,
                                           math.ceil(self.n / 16) * math.ceil(GEMV_MAX_T / 8))
 
     def records(self, dtype: torch.dtype) -> torch.Tensor:

@@ -89,19 +89,24 @@ def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> 
 
 
 def _norm(s: NormSpec) -> KernelSource:
+    """One block per token and group (a group: s.width features, the whole row unless s.group)."""
     itemsize = RUN_DTYPES[s.dtype].itemsize
-    vec = _vec(itemsize, s.hidden)
-    n_vec = s.hidden // vec
+    width, groups = s.width, s.hidden // s.width
+    vec = _vec(itemsize, width)
+    n_vec = width // vec
     iters = max(1, math.ceil(n_vec / 256))
     threads = _round_up(math.ceil(n_vec / iters), 32)
-    meta = dict(threads=threads, vec=vec, iters=iters)
-    name = _name(f"{s.kind}norm{'_res' if s.has_residual else ''}_h{s.hidden}", s)
+    meta = dict(threads=threads, vec=vec, iters=iters, groups=groups)
+    kind = f"{s.kind}norm{'_res' if s.has_residual else ''}{f'_{s.gate}' if s.gate else ''}"
+    name = _name(f"{kind}_h{s.hidden}{f'_g{width}' if s.group else ''}", s)
     params = dict(
         title="RMSNorm" if s.kind == "rms" else "LayerNorm", kind=s.kind, hidden=s.hidden,
+        width=width, groups=groups, per_group_weight=s.per_group_weight,
+        weight_numel=f"{groups} x {width}" if s.per_group_weight else width,
         vec=vec, iters=iters, threads=threads, warps=threads // 32,
-        tail=threads * iters != n_vec, eps=f32(s.eps), inv_hidden=f32(1.0 / s.hidden),
+        tail=threads * iters != n_vec, eps=f32(s.eps), inv_width=f32(1.0 / width),
         weight_offset=f32(s.weight_offset) if s.weight_offset else "",
-        has_bias=s.has_bias, has_residual=s.has_residual,
+        has_bias=s.has_bias, has_residual=s.has_residual, gate=s.gate,
     )
     return _emit("norm.cu.j2", name, s, params, [name], meta)
 
@@ -127,6 +132,8 @@ def _rope(s: RopeCacheSpec) -> KernelSource:
         page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d,
         rot_units=rot_units, rot_span=rot_units * vec, vec_per_head=vec_per_head,
         q_units=q_units, kv_units=kv_units, dynamic=s.scaling == "dynamic", kv_fp8=s.kv_fp8,
+        prefetch=s.prefetch, q_iters=max(1, math.ceil(q_units / threads)),
+        kv_iters=max(1, math.ceil(kv_units / threads)),
         longrope=bool(rot) and s.scaling == "longrope",
         attention_factor=f32(s.attention_factor) if s.attention_factor != 1.0 else "",
         inv_freq_rows=[], long_inv_freq_rows=[], theta=f64(s.theta), factor=f64(s.factor),
@@ -160,6 +167,13 @@ def _alibi_rows(s) -> list[str]:
 
 def _largest_divisor(n: int, cap: int, pow2: bool = False) -> int:
     return max(x for x in range(1, min(n, cap) + 1) if n % x == 0 and (not pow2 or x & (x - 1) == 0))
+
+
+def _merge_params(s: DecodeAttnSpec, d: int) -> dict:
+    """The fused split merge's (decode_attn_merge.cuh.j2): float4s per lane per row, and how many
+    splits' rows a lane has in flight at once in the parallel merge (64 registers of them)."""
+    dpl = math.ceil(d / 128)
+    return dict(merge_dpl=dpl, fast_merge=s.tuned, merge_rows=max(4, 16 // dpl))
 
 
 DECODE_WARPS = 4  # tensor-core decode: warps per block, each streaming its own 16-token tiles
@@ -205,7 +219,8 @@ def _decode_mma(s: DecodeAttnSpec, group: int) -> KernelSource:
         pre_cap_scale=f32(s.scale / s.softcap) if s.softcap else "", score_scale=f32(s.scale * LOG2E),
         q_scale_doc="scores: softcap * log2 e * tanh(q.k * scale / softcap)" if s.softcap
         else "scores: q.k * scale * log2 e",
-        alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s), merge_dpl=math.ceil(d / 128),
+        alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s), **_merge_params(s, d),
+        prefetch_pages=s.tuned,
     )
     name = _name(f"decode_attn_mma{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     # tile: the partition granule (one 16-token tile per warp), so every warp gets the same work
@@ -256,8 +271,9 @@ def _decode(s: DecodeAttnSpec) -> KernelSource:
         window=s.window, softcap=bool(s.softcap), softcap_log2=f32(s.softcap * LOG2E),
         q_scale=f32(s.scale / s.softcap if s.softcap else log_scale),
         q_scale_doc="scale / softcap (tanh, then softcap * log2 e)" if s.softcap else "scale * log2 e",
-        alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s), merge_dpl=math.ceil(d / 128),
+        alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s), **_merge_params(s, d),
     )
+    params["merge_rows"] = min(params["merge_rows"], 8)  # the CUDA-core kernel: fewer registers in the merge
     name = _name(f"decode_attn{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     meta = dict(threads=threads, smem=smem, tile=tile, stages=stages, gc=gc, chunks=group // gc, mma=False)
     return _emit("decode_attn.cu.j2", name, s, params, [name], meta)
@@ -352,9 +368,11 @@ def _prefill_sm90(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
     if s.ws:
         return _prefill_sm90_ws(s, params)
     name = _name(f"prefill_attn_sm90_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    # Entries: the kernel; its split-KV form and the merge of its partials (kernels.prefill_attention
+    # picks the pair when the grid is too small for the GPU). split_kv: the launch may pick splits.
     meta = dict(threads=256, smem=smem, bm_tok=rows // gc, chunks=group // gc, bn=bn, mma=True, variant="sm90",
-                ws=False)
-    return _emit("prefill_attn_sm90.cu.j2", name, s, params, [name], meta)
+                ws=False, split_kv=True, merge_threads=256, part_rows=rows)
+    return _emit("prefill_attn_sm90.cu.j2", name, s, params, [name, f"{name}_split", f"{name}_merge"], meta)
 
 
 SM90_SMEM_MAX = 227 * 1024  # a Hopper block's dynamic shared-memory limit
@@ -415,9 +433,10 @@ def _act(s: ActSpec) -> KernelSource:
     itemsize = RUN_DTYPES[s.dtype].itemsize
     vec = _vec(itemsize, s.features)
     params = dict(kind=s.kind, gated=s.gated, features=s.features, vec=vec,
-                  vec_per_row=s.features // vec, threads=256)
+                  vec_per_row=s.features // vec, threads=256, unroll=s.unroll,
+                  min_blocks=2)  # >= 512 threads per SM, 64 KB of loads in flight (IEEE division wants ~95 regs)
     name = _name(f"{'gated_' if s.gated else ''}{s.kind}_f{s.features}", s)
-    return _emit("act.cu.j2", name, s, params, [name], dict(threads=256, vec=vec))
+    return _emit("act.cu.j2", name, s, params, [name], dict(threads=256, vec=vec, unroll=s.unroll))
 
 
 def _embed(s: EmbedSpec) -> KernelSource:

@@ -49,8 +49,28 @@ def show_shards(plan: Plan) -> str:
             local[d.axis] //= d.parts or plan.ranks
         lines.append(f"{w.name}: {list(w.shape)} -> {local} {d}")
     lines.append("# collectives")
-    lines += [f"{c.kind} {c.value} after {c.op}" for c in plan.collectives]
+    lines += [f"{c.kind} {c.value} after {c.op}" for c in plan.collectives if c.kind != "send"]
     if plan.replicated_why:
         lines.append("# replicated (computed whole on every rank)")
         lines += sorted(set(plan.replicated_why))
+    return "\n".join(lines) + "\n"
+
+
+def show_stages(plan: Plan) -> str:
+    """`kiln show --pp M`: each pipeline stage (its layers, ranks, KV sites, whole-model weights) and
+    each value sent between stages, in order."""
+    from kiln.dsl.passes import stage_sites, stage_weights
+
+    tp = plan.ranks
+    lines = [f"# pipeline over {len(plan.stages)} stages of {tp} rank{'s' if tp > 1 else ''} "
+             f"(one micro-batch per step, stages in sequence)"]
+    for st in plan.stages:
+        ranks = f"rank {st.index}" if tp == 1 else f"ranks {st.index * tp}-{st.index * tp + tp - 1}"
+        own = stage_weights(plan, st.index)
+        glob = [n for n in plan.weights if n in own and not plan.weights[n].scope]
+        lines.append(f"stage {st.index}: {st.layers[0]} .. {st.layers[-1]} ({ranks}): {len(st.layers)} layers, "
+                     f"{len(stage_sites(plan, st.index))} KV sites, {len(own)} weights"
+                     + (f" ({', '.join(glob)} and the layers')" if glob else ""))
+    lines.append("# sends")
+    lines += [f"send {c.value}: {plan.types[c.value]} {c.op}" for c in plan.collectives if c.kind == "send"]
     return "\n".join(lines) + "\n"

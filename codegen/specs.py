@@ -68,6 +68,16 @@ class NormSpec(_Spec):
     has_residual: bool = True  # fused h = x + residual first
     dtype: str = "bf16"
     origin: str = ""
+    # group=g: each run of g features normalised on its own (one block per token and group); 0: the row
+    group: int = 0
+    per_group_weight: bool = False  # weight (and bias) [hidden / g, g], a row per group; else [g]
+    # A gated norm's prologue, norm(x * gate(z)) (fuse.py's gated_norm): the activation, "" for none
+    gate: str = ""
+
+    @property
+    def width(self) -> int:
+        """Features normalised together: the group, or the whole row."""
+        return self.group or self.hidden
 
     def __post_init__(self):
         if self.kind not in ("rms", "layer"):
@@ -78,6 +88,16 @@ class NormSpec(_Spec):
             _fail(self, "eps", f"must be > 0, got {self.eps!r}")
         if self.has_bias and self.kind != "layer":
             _fail(self, "has_bias", "only a layer norm has a bias")
+        if self.group:
+            _positive(self, "group")
+            if self.hidden % self.group:
+                _fail(self, "group", f"{self.group} does not divide hidden={self.hidden}")
+        if self.per_group_weight and not self.group:
+            _fail(self, "per_group_weight", "a weight row per group needs group")
+        if self.gate and self.gate not in ACTIVATIONS:
+            _fail(self, "gate", f"must be '' or one of {', '.join(ACTIVATIONS)}, got {self.gate!r}")
+        if self.gate and self.has_residual:
+            _fail(self, "gate", "a gated norm has no fused residual add (one prologue per kernel)")
 
 
 @dataclass(frozen=True)
@@ -104,11 +124,17 @@ class RopeCacheSpec(_Spec):
     # FP8 KV cache: K/V pages hold float8_e4m3fn values of K / k_scale, V / v_scale (the kernel
     # takes the site's scales as arguments), else the run dtype
     kv_fp8: bool = False
+    # Each thread issues all its q, k and v loads before the cos/sin table and the first store (one
+    # memory round trip per block instead of three). Off: measured slower on the H200 (70.3 vs 62.6 us
+    # at T=8192, an 8B model; its registers cut the blocks per SM), kept for A/B (bench_kernels).
+    prefetch: bool = False
     origin: str = ""
 
     def __post_init__(self):
         _positive(self, "heads", "kv_heads", "head_dim", "page_size")
         _dtype(self)
+        if not isinstance(self.prefetch, bool):
+            _fail(self, "prefetch", f"must be a bool, got {self.prefetch!r}")
         if self.heads % self.kv_heads:
             _fail(self, "kv_heads", f"{self.kv_heads} does not divide heads={self.heads}")
         if self.layout not in ROPE_LAYOUTS:
@@ -181,7 +207,15 @@ class _AttnSpec(_Spec):
 
 @dataclass(frozen=True)
 class DecodeAttnSpec(_AttnSpec):
-    pass
+    # Issue #12's batch-1 changes: the fused split merge reads every split's (max, sum) and o rows in
+    # one round trip per 32 splits (weights by shuffle), and the tensor-core kernel loads each tile's
+    # page index an iteration before copying the tile. False renders the kernel as before (A/B).
+    tuned: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.tuned, bool):
+            _fail(self, "tuned", f"must be a bool, got {self.tuned!r}")
 
 
 # Compute capabilities (major * 10 + minor) whose prefill attention is the wgmma kernel
@@ -216,12 +250,18 @@ class ActSpec(_Spec):
     gated: bool
     features: int  # F: output width (the gated input is 2F wide)
     dtype: str = "bf16"
+    # Vectors each thread loads before using any, on a grid the GPU holds at once. 1 (one vector at a
+    # time on up to 8 blocks per SM): 4 measured slower on the H200 (296 vs 224 us, SwiGLU T=8192:
+    # 2 blocks per SM at 99 registers), kept for A/B (bench_kernels)
+    unroll: int = 1
     origin: str = ""
 
     def __post_init__(self):
         if self.kind not in ACTIVATIONS:
             _fail(self, "kind", f"must be one of {ACTIVATIONS}, got {self.kind!r}")
-        _positive(self, "features")
+        _positive(self, "features", "unroll")
+        if self.unroll > 16:
+            _fail(self, "unroll", f"must be at most 16, got {self.unroll}")
         _dtype(self)
 
 

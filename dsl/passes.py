@@ -18,7 +18,7 @@ from . import ir
 from .checker import check
 from .errors import SpecError
 from .ops import OpKind
-from .plan import REPLICATED, Collective, Plan, ShardDesc, Value, WeightArg
+from .plan import REPLICATED, Collective, Plan, ShardDesc, Stage, Value, WeightArg, tie_chain
 from .quant import SCHEMES, UNQUANTIZED, QuantDesc
 from .sources import Alias
 
@@ -100,16 +100,32 @@ def _lm_heads(plan: Plan) -> set[str]:
 KV_CACHE_DTYPES = ("run", "fp8")
 
 
-def kv_cache(dtype: str = "run") -> Pass:
+def kv_cache(dtype: str = "run", scales: Mapping[int, tuple[float, float]] | None = None) -> Pass:
     """Set how every attention site stores its K/V pages: the run dtype, or fp8 E4M3 with one
-    scale per site for K and one for V (KVStore holds them: 1.0 unless a checkpoint brings
-    calibrated ones), written quantized and read back dequantized by every backend."""
+    scale per site for K and one for V (KVStore holds them), written quantized and read back
+    dequantized by every backend. `scales` {site index: (k_scale, v_scale)} are calibrated ones
+    (a checkpoint's, `kiln quantize --scheme fp8-kv`); a site without one keeps 1.0 (vLLM's default
+    without calibration: values below 2^-6 fall into e4m3's subnormals)."""
     if dtype not in KV_CACHE_DTYPES:
         raise SpecError(f"--kv-cache-dtype {dtype}: no such KV cache dtype", None,
                         "KV cache dtypes: " + ", ".join(KV_CACHE_DTYPES))
+    scales = dict(scales or {})
+    if scales and dtype != "fp8":
+        raise SpecError(f"KV cache scales apply to --kv-cache-dtype fp8, not {dtype}", None)
+    for i, pair in scales.items():
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in pair):
+            raise SpecError(f"attention site {i}: KV cache scales must be finite floats > 0, got {pair!r}", None)
 
     def run(plan: Plan) -> Plan:
-        return dataclasses.replace(plan, sites=[dataclasses.replace(s, kv_dtype=dtype) for s in plan.sites])
+        bad = sorted(set(scales) - set(range(len(plan.sites))))
+        if bad:
+            raise SpecError(f"KV cache scales for attention site {bad[0]}, but the plan has {len(plan.sites)} sites",
+                            None)
+        sites = []
+        for s in plan.sites:
+            k, v = scales.get(s.index, (1.0, 1.0))
+            sites.append(dataclasses.replace(s, kv_dtype=dtype, k_scale=float(k), v_scale=float(v)))
+        return dataclasses.replace(plan, sites=sites)
     return run
 
 
@@ -358,6 +374,99 @@ def _grow(plan: Plan, prog, seed, producer, consumers, taken: set, ranks: int, u
     return cols, rows, vals, parts, local
 
 
+def stage(stages: int = 1) -> Pass:
+    """Split the unrolled program into `stages` contiguous pipeline stages, balanced by layer count
+    (a layer: a top-level frame, "layer.3"; stage s runs layers [s*L//stages, (s+1)*L//stages)). What
+    runs before the first layer (the embedding) is stage 0's, what runs after the last (final norm,
+    LM head) the last stage's. Each value a later stage reads (the hidden state, and the residual
+    stream where the spec carries it apart) is derived from the dataflow and recorded as a "send"
+    collective from the stage that defines it to each stage that reads it; the last stage sends the
+    logits to stage 0 (which samples). Composes with `shard` (run it after): each stage's
+    tensor-parallel ranks keep the same slices, so rank t of one stage sends to rank t of the next.
+    Refused: fewer layers than stages, state-space layers."""
+    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+        raise SpecError(f"--pp {stages}: the number of pipeline stages must be a positive integer", None)
+
+    def run(plan: Plan) -> Plan:
+        colls = tuple(c for c in plan.collectives if c.kind != "send")
+        if stages == 1:
+            return dataclasses.replace(plan, stages=(), collectives=colls)
+        if plan.state_sites:
+            ins = next(i for i in plan.program.walk() if i.state is not None)
+            raise SpecError(f"--pp {stages}: {_loc(ins)} is a state-space layer; pipeline parallelism does not "
+                            f"carry recurrent state between stages yet", ins.op.pos)
+        instrs = plan.program.instrs
+        frame = [_frame(ins) for ins in instrs]
+        layers: list[str] = []
+        for f in frame:
+            if f and f not in layers:
+                layers.append(f)
+        if len(layers) < stages:
+            raise SpecError(f"--pp {stages}: the model has {len(layers)} layers, fewer than the stages", None,
+                            f"use --pp {max(1, len(layers))} or fewer")
+        owner = [s * len(layers) // stages for s in range(stages)]  # each stage's first layer
+        cuts = [0] + [frame.index(layers[i]) for i in owner[1:]] + [len(instrs)]
+        if cuts != sorted(cuts) or len(set(cuts)) != len(cuts):
+            raise SpecError(f"--pp {stages}: the layers' instructions interleave; no contiguous split", None)
+        staged = tuple(Stage(s, cuts[s], cuts[s + 1],
+                             tuple(layers[owner[s]:owner[s + 1] if s + 1 < stages else len(layers)]))
+                       for s in range(stages))
+        home: dict = {}
+        sends: list[Collective] = []
+        for st in staged:
+            wanted: list = []
+            for ins in instrs[st.start:st.stop]:
+                for sub in [ins, *(i for p in ins.experts for i in p.walk())]:
+                    for a in sub.inputs:
+                        if isinstance(a, Value) and home.get(a, st.index) != st.index and a not in wanted:
+                            wanted.append(a)
+                    for o in sub.outputs:
+                        home.setdefault(o, st.index)
+            for v in sorted(wanted, key=lambda v: home[v]):  # by sender: no stage waits on a later one
+                sends.append(Collective("send", v, f"stage {home[v]} -> stage {st.index}", home[v], st.index))
+        sends.sort(key=lambda c: (c.src, c.dst))
+        sends.append(Collective("send", plan.program.output, f"logits: stage {stages - 1} -> stage 0",
+                                stages - 1, 0))
+        return dataclasses.replace(plan, stages=staged, collectives=colls + tuple(sends))
+    return run
+
+
+def _frame(ins) -> str:
+    """The top-level frame of an instruction ("layer.3"), "" for the spec's global ops."""
+    v = ins.out.id
+    return v.split("/", 1)[0] if "/" in v else ""
+
+
+def stage_of(plan: Plan, rank: int) -> int:
+    """The pipeline stage of global rank `rank` (ranks are stage-major: stage * tp + tp rank)."""
+    return rank // plan.ranks if plan.stages else 0
+
+
+def stage_weights(plan: Plan, index: int) -> set[str]:
+    """The weights pipeline stage `index` reads, and the tensors their ties name (a last stage whose
+    LM head is tied to the embedding loads the embedding)."""
+    if not plan.stages:
+        return set(plan.weights)
+    st = plan.stages[index]
+    out: set[str] = set()
+    for ins in plan.program.instrs[st.start:st.stop]:
+        for sub in [ins, *(i for p in ins.experts for i in p.walk())]:
+            for a in sub.inputs:
+                if isinstance(a, WeightArg):
+                    out |= {w.name for w in tie_chain(plan.weights, plan.weights[a.name])}
+    return out
+
+
+def stage_sites(plan: Plan, index: int) -> set[int]:
+    """The attention sites (KV cache slices) of pipeline stage `index`'s layers."""
+    if not plan.stages:
+        return {s.index for s in plan.sites}
+    st = plan.stages[index]
+    return {i.site for ins in plan.program.instrs[st.start:st.stop] for i in [ins, *(j for p in ins.experts
+                                                                                       for j in p.walk())]
+            if i.site is not None}
+
+
 def run(plan: Plan, passes: list[Pass]) -> Plan:
     plan.verify()
     for p in passes:
@@ -367,9 +476,11 @@ def run(plan: Plan, passes: list[Pass]) -> Plan:
 
 def build(spec: ir.Spec, config: Mapping[str, Any] | None = None, config_file: str = "config.json",
           quant: str = "none", ranks: int = 1, quant_only: Mapping[str, QuantDesc] | None = None,
-          experts: str = "tp") -> Plan:
-    """The plan a model runs: the spec checked against the config, then the weight passes."""
-    return run(check(spec, config, config_file), [quantize(quant, quant_only), shard(ranks, experts)])
+          experts: str = "tp", stages: int = 1) -> Plan:
+    """The plan a model runs: the spec checked against the config, then the weight passes (and the
+    pipeline split with `stages` > 1)."""
+    return run(check(spec, config, config_file), [quantize(quant, quant_only), shard(ranks, experts)]
+               + ([stage(stages)] if stages != 1 else []))
 
 
 def unsupported_weights(plan: Plan, backend: str,

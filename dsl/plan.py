@@ -84,6 +84,21 @@ class Collective:
     kind: str
     value: Value
     op: str  # where: "linear at SPEC.kiln:51"
+    # "send" (dsl/passes.py `stage`, pipeline parallelism): the stage `src` sends `value` to the stage
+    # `dst`, which receives it before its first instruction (the logits: the last stage to stage 0).
+    src: int | None = None
+    dst: int | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage (dsl/passes.py `stage`): the instructions program.instrs[start:stop], which
+    hold the unrolled layers (top-level frames) `layers`."""
+
+    index: int
+    start: int
+    stop: int
+    layers: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,8 @@ class AttentionSite:
     head_dim: int
     v_head_dim: int
     kv_dtype: str = "run"  # how its K/V pages are stored: "run" (the run dtype) or "fp8" (E4M3, scaled)
+    k_scale: float = 1.0  # fp8 pages hold K / k_scale (1.0 unless calibrated: `kiln quantize --scheme fp8-kv`)
+    v_scale: float = 1.0  # ... and V / v_scale
 
 
 @dataclass(frozen=True)
@@ -175,6 +192,9 @@ class Plan:
     ranks: int = 1
     collectives: tuple[Collective, ...] = ()
     replicated_why: tuple[str, ...] = ()
+    # Pipeline parallelism (dsl/passes.py stage): contiguous slices of program.instrs, the values
+    # crossing them as "send" collectives. Empty: one stage.
+    stages: tuple[Stage, ...] = ()
 
     @property
     def vocab_size(self) -> int:
@@ -247,12 +267,53 @@ class Plan:
         if seen_states != list(range(len(self.state_sites))) or \
                 any(s.index != i for i, s in enumerate(self.state_sites)):
             raise PlanError(f"state sites {seen_states} do not number 0..{len(self.state_sites) - 1} in order")
+        if self.stages:
+            self._verify_stages()
         for name, slot in self.weights.items():
             if slot.name != name:
                 raise PlanError(f"weight slot {name} is named {slot.name}")
             if slot.source is not None and slot.quant.quantized and slot.quant.scale_layout == "none":
                 raise PlanError(f"weight {name} is stored as {slot.quant.dtype} with no scales")
         return self
+
+
+    def _verify_stages(self) -> None:
+        """Stages cover the program in order; every value a stage reads is its own, a program input,
+        or sent to it by an earlier stage; the last stage sends the logits to stage 0."""
+        n = len(self.stages)
+        if [s.index for s in self.stages] != list(range(n)) or self.stages[0].start != 0 \
+                or self.stages[-1].stop != len(self.program.instrs) \
+                or any(a.stop != b.start or a.start >= a.stop for a, b in zip(self.stages, self.stages[1:])) \
+                or self.stages[-1].start >= self.stages[-1].stop:
+            raise PlanError(f"stages {[(s.start, s.stop) for s in self.stages]} do not cover the "
+                            f"{len(self.program.instrs)} instructions in order")
+        home = {}
+        for s in self.stages:
+            for ins in self.program.instrs[s.start:s.stop]:
+                for sub in [ins, *(i for p in ins.experts for i in p.walk())]:
+                    for o in sub.outputs:
+                        home[o] = s.index
+        got: dict[int, set] = {s.index: set(self.program.inputs) for s in self.stages}
+        for c in self.collectives:
+            if c.kind != "send":
+                continue
+            if c.src is None or c.dst is None or home.get(c.value) != c.src or c.value in got[c.dst] and \
+                    c.dst != 0 or (c.src >= c.dst and c.value != self.program.output):
+                raise PlanError(f"send of {c.value} from stage {c.src} to stage {c.dst} (defined in stage "
+                                f"{home.get(c.value)})")
+            got[c.dst].add(c.value)
+        for s in self.stages:
+            for ins in self.program.instrs[s.start:s.stop]:
+                inner = {o for p in ins.experts for i in p.walk() for o in i.outputs} | \
+                    {v for p in ins.experts for v in p.inputs}
+                for sub in [ins, *(i for p in ins.experts for i in p.walk())]:
+                    for a in sub.inputs:
+                        if isinstance(a, Value) and a not in inner and home.get(a) != s.index \
+                                and a not in got[s.index]:
+                            raise PlanError(f"{sub.kind.value} at {sub.op.pos} in stage {s.index} reads {a}, "
+                                            f"which stage {home.get(a)} never sends it")
+        if n > 1 and self.program.output not in got[0]:
+            raise PlanError("the last stage does not send the logits to stage 0")
 
 
 def tie_chain(weights: dict[str, WeightSlot], slot: WeightSlot) -> list[WeightSlot]:

@@ -169,7 +169,7 @@ class QWeight:
             xq, sx = quantize_rows(xf, "int8")
         elif act == "fp8_tensor":
             sx = self.input_scale.float() if self.desc.act_static else \
-                (xf.abs().amax().clamp(min=1e-12) / FP8_MAX)
+                scale_of(xf.abs().amax(), FP8_MAX)
             xq = (xf / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
         elif act == "fp8_token":
             xq, sx = quantize_rows(xf, "fp8")
@@ -193,10 +193,18 @@ def linear(x: torch.Tensor, w: torch.Tensor | QWeight, bias: torch.Tensor | None
     return y if lora is None else lora.apply(name, x, y)
 
 
+def scale_of(amax: torch.Tensor, top: float) -> torch.Tensor:
+    """The symmetric scale of fp32 `amax` for a grid of +-top: amax times the fp32 reciprocal of
+    top. A product, not a quotient, because torch divides a CUDA tensor by a Python number that
+    way while the CPU divides exactly; spelled as a product, the CPU, torch on the GPU and the
+    generated act-quant kernel (templates/quant_act.cu.j2) agree bit for bit."""
+    return amax.clamp(min=1e-12) * (1.0 / top)
+
+
 def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric quantization of fp32 x: (values as fp32, scales [rows, 1])."""
     top = FP8_MAX if kind == "fp8" else INT8_MAX
-    s = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / top
+    s = scale_of(x.abs().amax(dim=1, keepdim=True), top)
     if kind == "fp8":
         return (x / s).clamp(-top, top).to(torch.float8_e4m3fn).float(), s
     return (x / s).round().clamp(-top, top), s
@@ -215,7 +223,7 @@ def quantize_weight(w: torch.Tensor, desc: QuantDesc, name: str = "weight") -> Q
     kind = desc.dtype
     if kind == "fp8":
         if desc.scale_layout == "per_tensor":
-            s = wf.abs().amax().clamp(min=1e-12) / FP8_MAX
+            s = scale_of(wf.abs().amax(), FP8_MAX)
             q = (wf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         else:
             qf, s = quantize_rows(wf, "fp8")

@@ -3,8 +3,8 @@
 latency and throughput time a model made from a spec + config with random weights directly on
 the GPU, beside the physical limits and a baseline measured in the same run:
 latency:    copy bandwidth and bf16 matmul rate (measured now), batch-1 decode step time vs the
-            roofline (weight bytes / copy bandwidth), TTFT of one prompt vs 2 * params * tokens /
-            matmul rate, and Hugging Face transformers `generate()` per-step time (--hf).
+            roofline ((weight + state read/write bytes) / copy bandwidth), TTFT of one prompt vs
+            2 * params * tokens / matmul rate, and Hugging Face transformers `generate()` per-step time (--hf).
 throughput: N requests with fixed input/output lengths submitted at once through the engine:
             output tok/s, requests/s, TTFT and TPOT percentiles; HF `generate()` at a batch size
             in the same run (--hf-batch); --shared-prefix N gives every prompt the same first N
@@ -36,6 +36,7 @@ from .kv_store import KVStore
 from .lora import random_adapters
 from .model import random_model
 from .sampling_params import SamplingParams
+from .state_cache import state_bytes_per_slot
 
 
 def _events_ms(fn, reps: int) -> list[float]:
@@ -97,6 +98,8 @@ def latency(args) -> dict:
                      quantization=args.quantization or "none", kv_cache_dtype=args.kv_cache_dtype or "auto")
     params = m.plan.num_parameters()
     wbytes = weight_bytes(m)
+    # A state-space model's decode step also reads and writes its sequence's recurrent state (conv + SSM).
+    sbytes = 2 * state_bytes_per_slot(m.plan.state_sites, m.dtype)
     kv = KVStore(m.plan.sites, -(-(args.prompt + args.steps + 8) // 16) + 1, 16, m.dtype, "cuda")
     table = tuple(range(kv.num_pages))
     prompt = torch.randint(0, m.plan.vocab_size, (args.prompt,))
@@ -118,7 +121,8 @@ def latency(args) -> dict:
     gemv_ms, mv_ms = gemv_time(m) if args.backend == "cuda" else (float("nan"), float("nan"))
     result = {
         "copy_bw_TBps": bw / 1e12, "matmul_TFLOPs": mm / 1e12, "params": params, "weight_GB": wbytes / 1e9,
-        "roofline_ms": wbytes / bw * 1e3, "decode_ms": step, "gemms_only_ms": gemv_ms, "gemms_only_mv_ms": mv_ms,
+        "state_rw_MB": sbytes / 1e6, "roofline_ms": (wbytes + sbytes) / bw * 1e3, "decode_ms": step,
+        "gemms_only_ms": gemv_ms, "gemms_only_mv_ms": mv_ms,
         "ttft_ms": ttft,
         "ttft_floor_ms": 2 * params * args.prompt / mm * 1e3,
     }
@@ -127,7 +131,7 @@ def latency(args) -> dict:
         torch.cuda.empty_cache()
         result.update(speculative_decode(args.spec, _config(args.config), args.speculative,
                                          args.num_speculative_tokens, args.draft_layers, args.steps,
-                                         backend=args.backend))
+                                         backend=args.backend, forced=args.forced_acceptance))
     if args.hf:
         m.model = kv = None  # free the GPU for the HF model
         torch.cuda.empty_cache()
@@ -214,9 +218,14 @@ def _throughput(args) -> dict:
         result["hf_step_ms"] = ms
         result["hf_output_tok_s"] = args.hf_batch / (ms / 1e3)
     cpu = getattr(args, "device", "cuda") == "cpu"  # a smoke run of the same code (CI), not a benchmark
-    m = random_model(args.spec, _config(args.config), dtype="fp32" if cpu else "bf16",
-                     device="cpu" if cpu else "cuda", backend=args.backend,
-                     quantization=args.quantization or "none", kv_cache_dtype=args.kv_cache_dtype or "auto")
+    tp, pp = getattr(args, "tp", 1) or 1, getattr(args, "pp", 1) or 1
+    if tp * pp > 1:  # check_args allowed it on the CPU only
+        m = split_random_model(args.spec, _config(args.config), tp, pp)
+        result.update(tp=tp, pp=pp)
+    else:
+        m = random_model(args.spec, _config(args.config), dtype="fp32" if cpu else "bf16",
+                         device="cpu" if cpu else "cuda", backend=args.backend,
+                         quantization=args.quantization or "none", kv_cache_dtype=args.kv_cache_dtype or "auto")
     engine = LLMEngine(m, None, EngineConfig(page_size=16, max_num_seqs=args.max_batch,
                                              kv_memory_fraction=args.kv_fraction,
                                              max_tokens_per_step=args.max_tokens_per_step,
@@ -229,7 +238,7 @@ def _throughput(args) -> dict:
         p[:shared] = prompts[0][:shared]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     if getattr(args, "_tokenizer", False):  # --guided: both runs detokenise, so only the grammar differs
-        engine.tokenizer = guided_tokenizer()  # (requests ignore EOS: the scheduler needs none)
+        engine.tokenizer = guided_tokenizer(getattr(args, "tokenizer", None))  # (requests ignore EOS)
         prompts = [[t % engine.tokenizer.vocab_size for t in p] for p in prompts]
     if getattr(args, "guided", None):
         params = replace(params, guided=guided_workload(args.guided, args.output_len))
@@ -258,6 +267,8 @@ def _throughput(args) -> dict:
             if o.finished:
                 end[o.request_id] = now
     total = time.perf_counter() - start
+    if tp * pp > 1:
+        m.model.shutdown()  # the worker processes exit
     ttft = percentiles([first[r] - start for r in first])
     tpot = percentiles([(end[r] - first[r]) / max(1, args.output_len - 1) for r in end])
     result.update({
@@ -276,13 +287,67 @@ def _throughput(args) -> dict:
     return result
 
 
-def guided_tokenizer():
-    """The embedded SmolLM2's tokenizer: the grammar engine needs one; a random model's larger
-    vocabulary only adds tokens that are never allowed."""
+def split_random_model(spec, config: dict, tp: int, pp: int):
+    """`--tp N --pp M`: a random model split over N x M processes of this machine (gloo; this one is
+    rank 0, runtime/distributed.py): every rank makes random_model's weights (same seed) and keeps
+    its shard and stage. Stop its workers with `.model.shutdown()` (also run at exit)."""
+    import atexit
+
+    import torch.multiprocessing as mp
+
+    from . import distributed as d
+
+    rdv = tempfile.mkdtemp(prefix="kiln-bench-tp-")
+    args = (str(spec), config, tp, pp, f"file://{rdv}/store")
+    procs = [mp.get_context("spawn").Process(target=_split_rank, args=(r, *args), daemon=True,
+                                             name=f"kiln-tp-rank{r}") for r in range(1, tp * pp)]
+    for p in procs:
+        p.start()
+    whole, inner = _split_rank(0, *args)
+    model = d.ParallelModel(inner)
+    model.procs, model.rendezvous = procs, rdv
+    atexit.register(model.shutdown)
+    return replace(whole, plan=model.plan, model=model)
+
+
+def _split_rank(rank: int, spec: str, config: dict, tp: int, pp: int, init_method: str):
+    """Rank `rank` of split_random_model: rank 0 returns (the whole model, its shard); the others
+    run the steps rank 0 broadcasts until it says stop."""
+    import os
+    import sys
+
+    from kiln.dsl import load_spec, passes
+
+    from . import distributed as d
+
+    if rank:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (tp * pp)))
+    comm = d.init(rank, tp * pp, init_method, tp=tp)
+    whole = random_model(spec, config)
+    shard = d.rank_model(passes.build(load_spec(spec), config, ranks=tp, stages=pp), whole.model.weights, comm)
+    if rank == 0:
+        return whole, shard
+    try:
+        with torch.no_grad():
+            d.worker_loop(shard)
+    except d.RankLost as e:
+        print(f"kiln bench throughput, rank {rank}: {e}; exiting", file=sys.stderr)
+        os._exit(1)
+    torch.distributed.destroy_process_group()
+
+
+def guided_tokenizer(folder: str | None = None):
+    """The tokenizer in `folder`, else the embedded SmolLM2's: the grammar engine needs one; a random
+    model's larger vocabulary only adds tokens that are never allowed."""
     from .checkpoint import open_checkpoint
     from .gguf_file import default_model_path
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, TokenizerError
 
+    if folder is not None:
+        try:
+            return Tokenizer.from_folder(folder)
+        except TokenizerError as e:
+            raise BenchError(f"--tokenizer {folder}: {e}") from None
     return Tokenizer.from_checkpoint(open_checkpoint(default_model_path()))
 
 
@@ -438,6 +503,8 @@ def check_args(args) -> None:
         for name, value in PREFIX_DEFAULTS["cpu" if cpu else "cuda"].items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
+    if args.mode == "throughput" and (getattr(args, "tp", 1) or 1) * (getattr(args, "pp", 1) or 1) > 1:
+        check_split(args, cpu)
     if cpu and (args.backend != "reference" or getattr(args, "hf_batch", 0)):
         raise BenchError("--device cpu runs the reference backend without an HF baseline (no --backend cuda, "
                          "no --hf-batch): a smoke run of the benchmark's code, not a measurement")
@@ -445,6 +512,26 @@ def check_args(args) -> None:
         raise BenchError(f"`kiln bench {args.mode}` measures a CUDA GPU and this machine has none"
                          + (f" (`{args.mode} --device cpu` is a smoke run of its code)"
                             if args.mode in ("throughput", "prefix") else ""))
+
+
+def check_split(args, cpu: bool) -> None:
+    """throughput --tp / --pp: what the split model (CPU processes, gloo) cannot run, by name."""
+    tp, pp = args.tp or 1, args.pp or 1
+    opt = " ".join(f"--{k} {v}" for k, v in (("tp", tp), ("pp", pp)) if v > 1)
+    if not cpu:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < tp * pp:
+            raise BenchError(f"{opt}: the split model needs {tp * pp} CUDA GPUs of this machine, it has {gpus} "
+                             f"(`throughput --device cpu {opt}` is a smoke run over CPU processes)")
+        raise BenchError(f"{opt} --device cuda: the split model runs on CPU processes (gloo) today; the multi-GPU "
+                         f"(NCCL) check is .ci/device_parallel.sh (docs/parallelism.md); use --device cpu")
+    for name, value, why in (("--quantization", args.quantization, "quantized weights are not split across ranks"),
+                             ("--kv-cache-dtype", args.kv_cache_dtype if args.kv_cache_dtype != "auto" else None,
+                              "the split KV cache runs in the run dtype only"),
+                             ("--lora-adapters", getattr(args, "lora_adapters", 0) or None,
+                              "LoRA adapters are not split across ranks")):
+        if value:
+            raise BenchError(f"{opt} with {name} {value}: {why} yet")
 
 
 PEERS = Path(__file__).resolve().parent.parent / "configs" / "trtllm-perf-overview.json"
@@ -487,7 +574,7 @@ def main(args) -> int:
         print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
     if args.mode == "latency":
         print(f"decode / roofline = {r['decode_ms'] / r['roofline_ms']:.3f} (target <= 1.10); "
-              f"TTFT / floor = {r['ttft_ms'] / r['ttft_floor_ms']:.3f} (target <= 1.3)"
+              f"TTFT / floor = {r['ttft_ms'] / r['ttft_floor_ms']:.3f} (target <= 1.10)"
               + (f"; HF generate / kiln = {r['hf_decode_ms'] / r['decode_ms']:.1f}x" if "hf_decode_ms" in r else ""))
     elif args.mode == "prefix":
         print(f"TTFT with a cached {r['prefix_tokens']}-token system prompt: {r['ttft_cached_ms']:.2f} ms, "
@@ -500,23 +587,36 @@ def main(args) -> int:
 
 
 def speculative_decode(spec, config: dict, method: str, k: int, draft_layers: int | None, steps: int,
-                       backend: str = "cuda", device: str = "cuda", prompt_len: int = 256) -> dict:
+                       backend: str = "cuda", device: str = "cuda", prompt_len: int = 256,
+                       dtype: str | None = None, forced: bool = False) -> dict:
     """Batch-1 greedy decode of `steps` tokens through the engine, plain and speculative, in the
     same run: tokens/s of each, acceptance length, tokens per target step, the speedup.
     The draft (method "draft") is the target truncated to `draft_layers` layers (default: a
     quarter), sharing its weights; the prompt is a random 32-token block repeated, so n-gram
-    lookup finds matches (random-weight models also tend to repeat themselves)."""
+    lookup finds matches (random-weight models also tend to repeat themselves).
+    forced: the target's layers past the draft's are zeroed — they still run, at full cost, but
+    leave the residual stream as it is — so the draft predicts the target exactly and every draft
+    token is accepted (acceptance length k + 1): the speedup at a known acceptance, which random
+    weights cannot otherwise give. dtype: default fp32 on the CPU, bf16 on the GPU (where greedy
+    tokens may differ from plain decoding at a near-tie: verification runs other kernels)."""
     from .model import make_backend
     from .speculative import truncated_copy
 
-    dtype = "fp32" if device == "cpu" else "bf16"
+    if forced and method != "draft":
+        raise BenchError("--forced-acceptance needs --speculative draft")
+    dtype = dtype or ("fp32" if device == "cpu" else "bf16")
     ref = random_model(spec, config, dtype=dtype, device=device, backend="reference")
-    # The reference model's weights, shared by the target's backend and the draft's.
-    target = replace(ref, model=make_backend(ref.plan, dict(ref.model.weights), backend, device))
     draft = None
     if method == "draft":
         draft_layers = draft_layers or max(1, int(config.get("num_hidden_layers", 4)) // 4)
         draft = truncated_copy(ref, spec, config, draft_layers, backend)
+        if forced:
+            kept = {s.name for s in draft.plan.weights.values() if s.source is not None}
+            for name, t in ref.model.weights.items():
+                if name not in kept and isinstance(t, torch.Tensor):
+                    t.zero_()
+    # The reference model's weights, shared by the target's backend and the draft's.
+    target = replace(ref, model=make_backend(ref.plan, dict(ref.model.weights), backend, device))
     gen = torch.Generator().manual_seed(0)
     block = torch.randint(0, ref.plan.vocab_size, (32,), generator=gen).tolist()
     prompt = (block * (prompt_len // 32 + 1))[:prompt_len]
@@ -527,6 +627,11 @@ def speculative_decode(spec, config: dict, method: str, k: int, draft_layers: in
                            num_pages=-(-(prompt_len + steps + k + 1) // 16) + 1, speculative=spec_method,
                            num_speculative_tokens=k)
         engine = LLMEngine(target, None, cfg, draft=draft if spec_method == "draft" else None)
+        # A first request through the same engine captures its CUDA graphs (each engine's own:
+        # they write its KV pages), so the timed one replays them.
+        engine.add_request(prompt, params)
+        while engine.has_unfinished():
+            engine.step()
         engine.add_request(prompt, params)
         engine.step()  # the prefill (and first token)
         if device != "cpu":
@@ -543,12 +648,12 @@ def speculative_decode(spec, config: dict, method: str, k: int, draft_layers: in
         n = len(out.outputs[0].token_ids) - n0 if out else 0
         return n / dt if dt > 0 else 0.0, n / max(steps_run, 1), engine.spec_stats, out.outputs[0].token_ids
 
-    for _ in range(2):  # warm-up of both paths (kernels, graphs)
-        run(None)
-        run(method)
+    run(None)  # warm-up of both paths (kernels compiled, cuBLAS algorithms picked)
+    run(method)
     plain_tps, _, _, plain_tokens = run(None)
     spec_tps, per_step, stats, spec_tokens = run(method)
     return {"spec_method": method, "spec_k": k, "spec_draft_layers": draft_layers if draft is not None else 0,
             "plain_decode_tok_s": plain_tps, "spec_decode_tok_s": spec_tps, "spec_speedup": spec_tps / plain_tps,
             "spec_acceptance_length": stats.acceptance_length, "spec_acceptance_rate": stats.acceptance_rate,
-            "spec_tokens_per_target_step": per_step, "spec_same_tokens": spec_tokens == plain_tokens}
+            "spec_tokens_per_target_step": per_step, "spec_same_tokens": spec_tokens == plain_tokens,
+            "spec_forced_acceptance": forced}

@@ -12,6 +12,7 @@ the table `_RUN`, keyed by codegen.fuse.Exec.
 from __future__ import annotations
 
 import gc
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -26,15 +27,28 @@ from . import cuda_quant
 from .batch import StepBatch, host_meta
 from .cuda_moe import MoeStep
 from .cuda_quant import QGemm, SplitGemm
+from .cuda_ssm import SsmSteps
 from .kv_store import KVStore
 from .lora import CudaLora, adapter_rows
 from .reference import StepContext
+
+
+def _nothing() -> None:
+    """A dead weak reference: no KV store yet."""
+    return None
+
 
 # Ops whose references read the step on the host (see CudaModel.use_graphs).
 _HOST_READERS = (OpKind.MOE, OpKind.ATTENTION, OpKind.ROPE, OpKind.CAUSAL_CONV1D, OpKind.SELECTIVE_SCAN)
 
 # Decode batch sizes a CUDA graph is captured for (a batch runs in the smallest that holds it).
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+# Small steps that are not pure decode — a prompt after a cached prefix, a speculative verification,
+# short prefill chunks — are graphs too, bucketed by sequences, new tokens and sampled rows: eager,
+# such a step costs its ~400 launches on the host (more than its GPU time at these sizes).
+MIXED_SEQS = (1, 2, 4, 8, 16, 32, 64)
+MIXED_TOKENS = (16, 32, 64, 128, 256, 512)
+MIXED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 @dataclass
@@ -110,7 +124,13 @@ class CudaModel:
         # sequences, rope builds its tables on the host. Any of them: no graphs (Exec.MOE captures).
         self.use_graphs = use_graphs and not any(op.kind is Exec.TORCH and op.instrs[0].kind in _HOST_READERS
                                                  for op in self.ops)
+        # Mixed steps in graphs: only kinds whose launches are sized from the bucket, not the step.
+        self.mixed_graphs = self.use_graphs and all(op.kind in _MIXED_KINDS for op in self.ops)
+        self._ssm = SsmSteps(self)  # Exec.SSM steps: conv / scan kernels on the state slots (graph-capturable)
         self._graphs: dict[int, _Graph] = {}
+        self._mixed: dict[tuple[int, int, int], _MixedGraph] = {}  # (sequences, tokens, rows) buckets
+        self._pool = None  # the mixed graphs' shared memory pool (they never run at the same time)
+        self._graph_kv = _nothing  # the KV store the graphs write to (weak: an engine's end frees it)
         self._lora = CudaLora(self)  # LoRA adapters of `self.lora` (a runtime/lora.py LoraSet, set by the engine)
         self.reserve(max_batch, max_context)
 
@@ -123,12 +143,16 @@ class CudaModel:
         self.max_batch, self.max_context = max(self.max_batch, max_seqs), max(self.max_context, max_context)
         if not grow:
             return
-        self._graphs.clear()
+        self.drop_graphs()
         self._scratch = {}
         for op in self.ops:
             if op.kind is Exec.ATTENTION and op.spec[1].key() not in self._scratch:
                 self._scratch[op.spec[1].key()] = K.decode_scratch(op.spec[1], self.max_batch, self.max_context,
                                                                     self.device)
+
+    def drop_graphs(self) -> None:
+        self._graphs.clear()
+        self._mixed.clear()
 
     # -- metadata ---------------------------------------------------------------------------
     def _meta(self, batch: StepBatch) -> _Meta:
@@ -155,7 +179,10 @@ class CudaModel:
         if len(batch.seqs) > self.max_batch:  # a caller that did not reserve: size up (drops graphs)
             self.reserve(len(batch.seqs), self.max_context)
         if self._lora.sync(getattr(self, "lora", None)):
-            self._graphs.clear()  # captured with the old adapters' buffers
+            self.drop_graphs()  # captured with the old adapters' buffers
+        if self._graph_kv() is not kv:  # captured with another KV store's pages (an earlier engine)
+            self.drop_graphs()
+            self._graph_kv = weakref.ref(kv)
         decode = all(s.length == 1 for s in batch.seqs)
         longest = max(s.context + s.length for s in batch.seqs)
         if self.use_graphs and decode and not all_logits and longest <= self.max_context:
@@ -165,6 +192,16 @@ class CudaModel:
                 if graph is None:
                     graph = self._graphs[bucket] = _Graph(self, kv, bucket)
                 return graph.replay(batch)[: len(batch.seqs)].float()
+        if self.mixed_graphs and not decode and not all_logits and longest <= self.max_context \
+                and not self._lora.ops:  # adapters: eager (their row groups are per token)
+            key = _mixed_key(len(batch.seqs), batch.num_tokens, len(batch.sample_rows()))
+            if key is not None:
+                graph = self._mixed.get(key)
+                if graph is None:
+                    if self._pool is None:
+                        self._pool = torch.cuda.graph_pool_handle()
+                    graph = self._mixed[key] = _MixedGraph(self, kv, *key)
+                return graph.replay(batch).float()
         tokens = batch.tokens.to(self.device, non_blocking=True)
         meta = self._meta(batch)
         sample = batch.sample_rows()
@@ -219,8 +256,8 @@ class CudaModel:
             res_out = torch.empty_like(out)
             K.norm(spec, _c(env[op.ins[1]]), w, out, residual=_c(env[op.ins[0]]), residual_out=res_out, bias=bias)
             env[op.outs[1]] = res_out
-        else:
-            K.norm(spec, _c(env[op.ins[0]]), w, out, bias=bias)
+        else:  # a gated norm (fuse.py's gated_norm) reads z, op.ins[1], as it is: row-strided views work
+            K.norm(spec, _c(env[op.ins[0]]), w, out, bias=bias, gate=env[op.ins[1]] if spec.gate else None)
         env[op.outs[0]] = out
 
     def _attention_step(self, op: KOp, env, step: "_Run", n: int) -> None:
@@ -247,6 +284,9 @@ class CudaModel:
 
     def _moe_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         self._moe[n](env, step, self.weights)
+
+    def _ssm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
+        self._ssm(op, env, step, self.weights)
 
     def _torch_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         ins = op.instrs[0]
@@ -283,7 +323,7 @@ class CudaModel:
                                      self._scratch[dspec.key()], meta.max_context, **scales)
         else:
             K.prefill_attention(pspec, q, kc, vc, meta.block_tables, meta.cu_seqlens, meta.kv_lens, out,
-                                meta.max_q_len, **scales)
+                                meta.max_q_len, max_context=meta.max_context, **scales)
         return out
 
 
@@ -315,7 +355,7 @@ def _fused_weight(op: KOp, weights, dtype: torch.dtype) -> tuple[torch.Tensor | 
 _RUN = {
     Exec.GEMM: CudaModel._gemm_step, Exec.NORM: CudaModel._norm_step, Exec.ATTENTION: CudaModel._attention_step,
     Exec.ACT: CudaModel._act_step, Exec.EMBED: CudaModel._embed_step, Exec.MAP: CudaModel._map_step,
-    Exec.TORCH: CudaModel._torch_step, Exec.MOE: CudaModel._moe_step,
+    Exec.TORCH: CudaModel._torch_step, Exec.MOE: CudaModel._moe_step, Exec.SSM: CudaModel._ssm_step,
 }
 
 
@@ -367,6 +407,95 @@ def fill_decode_buffers(batch: StepBatch, page_size: int, host, tables) -> None:
     tables[S:] = 0
 
 
+_MIXED_KINDS = (Exec.GEMM, Exec.NORM, Exec.ATTENTION, Exec.ACT, Exec.EMBED, Exec.MAP, Exec.MOE, Exec.TORCH)
+
+
+def _mixed_key(seqs: int, tokens: int, rows: int) -> tuple[int, int, int] | None:
+    """The (sequences, tokens, rows) buckets of a mixed step, or None: too big for a graph."""
+    def fit(n, buckets):
+        return next((b for b in buckets if b >= n), None)
+    key = fit(seqs, MIXED_SEQS), fit(tokens, MIXED_TOKENS), fit(rows, MIXED_ROWS)
+    return None if None in key or key[2] > key[1] else key
+
+
+def _capture(model: CudaModel, run, pool=None):
+    """Warm `run` up on a side stream (first launches load modules, cuBLAS picks algorithms), then
+    capture it: (graph, its output)."""
+    dev = model.device
+    stream = torch.cuda.Stream(dev)
+    stream.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream(dev).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    # No garbage collection inside the capture: collecting an unreachable CUDA graph (or its
+    # memory) while another is being captured aborts the process.
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = run()
+    finally:
+        gc.enable()
+    return graph, out
+
+
+class _MixedGraph:
+    """A step of up to `seqs` sequences, `tokens` new tokens and `rows` sampled rows, captured once
+    and replayed with new metadata. The prefill attention kernel's grid covers `tokens` queries per
+    sequence (a host bound it needs); blocks past a sequence's own queries exit at once. Padding:
+    tokens past the step's write no K/V (slot -1) and belong to no sequence; sequences past it
+    have no queries and no context; rows past it read row 0. The logits of real rows only are used."""
+
+    def __init__(self, model: CudaModel, kv: KVStore, seqs: int, tokens: int, rows: int):
+        self.model, self.seqs, self.tokens_n, self.rows_n = model, seqs, tokens, rows
+        dev = model.device
+        max_pages = -(-model.max_context // model.page_size)
+        self.tokens = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self.rows = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.meta = _Meta(
+            positions=torch.zeros(tokens, dtype=torch.int64, device=dev),
+            slots=torch.full((tokens,), -1, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(seqs, max_pages, dtype=torch.int32, device=dev),
+            kv_lens=torch.zeros(seqs, dtype=torch.int32, device=dev),
+            cu_seqlens=torch.zeros(seqs + 1, dtype=torch.int32, device=dev),
+            seq_len=torch.ones(1, dtype=torch.int32, device=dev),
+            decode=False, max_q_len=tokens, max_context=model.max_context)
+        self.graph, self.logits = _capture(
+            model, lambda: model._run(self.tokens, self.meta, kv, None, rows=self.rows), model._pool)
+        # Pinned host staging (numpy views of the same memory): [tokens, positions, slots] x tokens;
+        # sampled rows; [kv_lens x seqs, cu_seqlens x (seqs + 1), longest]; block tables.
+        self.host = torch.zeros(3, tokens, dtype=torch.int64).pin_memory()
+        self.host_rows = torch.zeros(rows, dtype=torch.int64).pin_memory()
+        self.host_int = torch.zeros(2 * seqs + 2, dtype=torch.int32).pin_memory()
+        self.tables = torch.zeros(seqs, max_pages, dtype=torch.int32).pin_memory()
+
+    def replay(self, batch: StepBatch) -> torch.Tensor:
+        S, T = len(batch.seqs), batch.num_tokens
+        h = host_meta(batch, self.model.page_size, self.tables.shape[1])
+        sample = batch.sample_rows()
+        tok, rows, ints, tables = self.host.numpy(), self.host_rows.numpy(), self.host_int.numpy(), self.tables.numpy()
+        tok[0, :T], tok[1, :T], tok[2, :T] = batch.tokens.cpu().numpy(), h.positions, h.slots
+        tok[:2, T:], tok[2, T:] = 0, -1
+        rows[:len(sample)], rows[len(sample):] = sample, 0
+        n = self.seqs
+        ints[:S], ints[S:n] = h.kv_lens, 0
+        ints[n:n + S + 1], ints[n + S + 1:2 * n + 1] = h.cu_seqlens, T
+        ints[-1] = h.kv_lens.max()
+        tables[:S], tables[S:] = h.block_tables, 0
+        m = self.meta
+        self.tokens.copy_(self.host[0], non_blocking=True)
+        m.positions.copy_(self.host[1], non_blocking=True)
+        m.slots.copy_(self.host[2], non_blocking=True)
+        self.rows.copy_(self.host_rows, non_blocking=True)
+        m.kv_lens.copy_(self.host_int[:n], non_blocking=True)
+        m.cu_seqlens.copy_(self.host_int[n:2 * n + 1], non_blocking=True)
+        m.seq_len.copy_(self.host_int[2 * n + 1:], non_blocking=True)
+        m.block_tables.copy_(self.tables, non_blocking=True)
+        self.graph.replay()
+        return self.logits[:len(sample)]
+
+
 class _Graph:
     """A decode step for `size` sequences, captured once and replayed with new metadata."""
 
@@ -384,23 +513,9 @@ class _Graph:
             cu_seqlens=torch.arange(size + 1, dtype=torch.int32, device=dev),
             seq_len=torch.ones(1, dtype=torch.int32, device=dev),
             decode=True, max_q_len=1, max_context=model.max_context)
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
         self.lora = model._lora.static_rows(size)  # adapters' row grouping, refreshed per replay
         lora = (self.lora, None) if self.lora is not None else None
-        with torch.cuda.stream(stream):  # warm up (first launches load modules, cuBLAS picks algorithms)
-            model._run(self.tokens, self.meta, kv, None, lora=lora)
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        # No garbage collection inside the capture: collecting an unreachable CUDA graph (or its
-        # memory) while another is being captured aborts the process.
-        gc.collect()
-        gc.disable()
-        try:
-            with torch.cuda.graph(self.graph):
-                self.logits = model._run(self.tokens, self.meta, kv, None, lora=lora)
-        finally:
-            gc.enable()
+        self.graph, self.logits = _capture(model, lambda: model._run(self.tokens, self.meta, kv, None, lora=lora))
         self.host = torch.empty(5, size, dtype=torch.int64).pin_memory()
         self.tables = torch.zeros(size, max_pages, dtype=torch.int32).pin_memory()
         self.host_np, self.tables_np = self.host.numpy(), self.tables.numpy()  # same memory
@@ -410,6 +525,7 @@ class _Graph:
         fill_decode_buffers(batch, self.model.page_size, self.host_np, self.tables_np)
         if self.lora is not None:
             self.model._lora.fill(self.lora, [s.adapter for s in batch.seqs])
+        self.model._ssm.fill(batch, self.size)  # the sequences' state slots (no-op without state-space steps)
         h = self.host
         self.tokens.copy_(h[0], non_blocking=True)
         m.positions.copy_(h[1], non_blocking=True)

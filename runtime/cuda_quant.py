@@ -3,9 +3,9 @@
 A step may fuse sibling linears (codegen/fuse.py: their rows at 16-byte aligned slices, zeros
 between); `prepare` builds the fused storage from the siblings' `QWeight`s, and `QGemm.__call__`
 computes what `QWeight.linear` (dsl/quant.py, the reference) computes for each sibling:
-  fp8 activations quantized by torch ops, or (`ACT_KERNEL`, off until its GPU tests have run) a
-                  generated kernel (templates/quant_act.cu.j2: amax, scale and fp8 values in one or
-                  two launches, bit-equal to the torch ops it replaces), then
+  fp8 activations quantized by a generated kernel (templates/quant_act.cu.j2: amax, scale and fp8
+                  values in one or two launches, bit-equal to the torch ops that `ACT_KERNEL =
+                  False` uses instead), then
   fp8 per-tensor  activations scaled per tensor on the GPU (no host sync), cuBLASLt's fp8 GEMM
                   (`torch._scaled_mm`); siblings with different scales are requantized to the
                   largest (as vLLM does for fused QKV: a rounding step the reference does not take)
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import torch
 from kiln.codegen.quant_kernels import GEMV_MAX_T, ActQuantSpec, Packed, act_quant_fp8, pack, repack  # noqa: F401
-from kiln.dsl.quant import FP8_MAX, QuantDesc, QWeight, quantize_rows
+from kiln.dsl.quant import FP8_MAX, QuantDesc, QWeight, quantize_rows, scale_of
 
-# fp8 activations through the generated kernel (templates/quant_act.cu.j2) or the torch ops. Off
-# until its GPU tests (tests/gpu/test_quant_kernels.py, bit-equality with the torch ops) have run on
-# the device: the benchmark has measured it (3.7-15x faster), the tests have not yet run.
-ACT_KERNEL = False
+# fp8 activations through the generated kernel (templates/quant_act.cu.j2) or the torch ops: the
+# kernel is bit-equal to them (tests/gpu/test_quant_kernels.py, passed on the H200) and 3.7-15x
+# faster (BENCHMARKS.md); False keeps the torch ops, for comparison.
+ACT_KERNEL = True
 
 
 def runs(desc: QuantDesc) -> bool:
@@ -80,7 +80,7 @@ class QGemm:
         d = self.desc
         xf = x.float()
         if d.act == "fp8_tensor":
-            sx = self.input_scale.float() if d.act_static else xf.abs().amax().clamp(min=1e-12) / FP8_MAX
+            sx = self.input_scale.float() if d.act_static else scale_of(xf.abs().amax(), FP8_MAX)
             return (xf / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), sx.reshape(())
         xqf, sx = quantize_rows(xf, "fp8")
         return xqf.to(torch.float8_e4m3fn), sx.float()
@@ -93,7 +93,9 @@ class QGemm:
             kernel = ACT_KERNEL and x.is_cuda and x.shape[1] % (16 // x.element_size()) == 0
             xq, sx = self.quantize_act(x) if kernel else self.quantize_act_torch(x)
             if self.scale.dim() == 0:
-                return torch._scaled_mm(xq, self.q.t(), scale_a=sx, scale_b=self.scale, bias=bias, out_dtype=x.dtype)
+                fused = bias if x.dtype != torch.float32 else None  # cuBLASLt: no bias with an fp32 output
+                y = torch._scaled_mm(xq, self.q.t(), scale_a=sx, scale_b=self.scale, bias=fused, out_dtype=x.dtype)
+                return y if bias is None or fused is not None else y + bias
             # Per-channel: the products with unit scales in fp32, then both scales (cuBLASLt's own
             # row-wise scaling disagreed with the reference by ~3% on the H200, so it is not used).
             one = torch.ones((), dtype=torch.float32, device=x.device)

@@ -1,4 +1,5 @@
-"""Tensor / expert parallelism on torch.distributed: one process per rank (gloo on CPU, NCCL on GPU).
+"""Tensor / expert / pipeline parallelism on torch.distributed: one process per rank (gloo on CPU,
+NCCL on GPU).
 
 Rank 0 runs the engine (scheduler, sampler, server) with a `ParallelModel` as its backend: each
 step it broadcasts the batch (tokens + sequence metadata) to the other ranks, then every rank runs
@@ -7,6 +8,14 @@ collectives the shard pass placed in the plan (plan.collectives). Ranks 1.. run 
 Processes are started by Kiln (`spawn_workers`, torch.multiprocessing's spawn start method) or by
 `torchrun` (`init_from_env`). A rank that dies is noticed through the process group's timeout: the
 others raise `RankLost` and exit with a message, never hang.
+
+Pipeline parallelism (dsl/passes.py `stage`): ranks are stage-major (global rank = stage * tp + tp
+rank; each stage's tp ranks share a process group for the shard pass's collectives). The schedule is
+the simplest correct one: one micro-batch per step, stages in sequence. Every rank gets the step's
+batch; stage s receives the values earlier stages send it (gloo send/recv, rank t of a stage to rank
+t of the next), runs its instructions with a KV cache of its own layers' sites, sends on what later
+stages read; the last stage sends the sampled rows' logits to rank 0, which samples. While one stage
+runs the others wait (no overlap of micro-batches yet).
 """
 
 from __future__ import annotations
@@ -14,15 +23,17 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from kiln.dsl import Plan
+from kiln.dsl.plan import Program, Value
 
 from .batch import StepBatch
 from .kv_store import KVStore
 from .parallel_weights import expert_programs_elsewhere, local_plan, local_weights
-from .reference import ReferenceModel
+from .reference import ReferenceModel, StepContext
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -31,24 +42,72 @@ class RankLost(RuntimeError):
     """Another rank stopped answering (it died or hung): this one gives up."""
 
 
+# dtypes a stage-to-stage message may carry, by their code in its header
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool, torch.float64)
+_HEADER = 8  # int64s: dtype code, ndim, dims (at most 6)
+
+
 @dataclass
 class Comm:
     rank: int
     world: int
     timeout_s: float = DEFAULT_TIMEOUT_S
+    tp: int = 0  # tensor-parallel ranks per pipeline stage (0: the whole world, one stage)
+    group: Any = None  # this rank's stage's tensor-parallel process group (None: the whole world)
+    device: str = "cpu"  # where messages' headers live (NCCL sends CUDA tensors only)
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp or self.world
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.tp_size
 
     def collective(self, kind: str, t: torch.Tensor) -> torch.Tensor:
         try:
             if kind == "all_reduce":
                 t = t.contiguous()
-                dist.all_reduce(t)
+                dist.all_reduce(t, group=self.group)
                 return t
-            parts = [torch.empty_like(t) for _ in range(self.world)]
-            dist.all_gather(parts, t.contiguous())
+            parts = [torch.empty_like(t) for _ in range(self.tp_size)]
+            dist.all_gather(parts, t.contiguous(), group=self.group)
             return torch.cat(parts, dim=1)
         except RuntimeError as e:  # gloo: a peer closed its connection, or the timeout passed
             raise RankLost(f"rank {self.rank}: a {kind} failed ({_short(e)}): another rank died or stopped "
                            f"answering") from None
+
+    def send(self, t: torch.Tensor, stage: int) -> None:
+        """`t` to this tensor-parallel rank's peer in pipeline stage `stage` (a header of dtype and
+        shape, then the data: the receiver needs no plan to size it)."""
+        peer = stage * self.tp_size + self.tp_rank
+        head = torch.zeros(_HEADER, dtype=torch.int64)
+        head[0], head[1] = _DTYPES.index(t.dtype), t.dim()
+        head[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+        try:
+            dist.send(head.to(self.device), peer)
+            dist.send(t.contiguous(), peer)
+        except RuntimeError as e:
+            raise RankLost(f"rank {self.rank}: a send to rank {peer} (stage {stage}) failed ({_short(e)}): another "
+                           f"rank died or stopped answering") from None
+
+    def recv(self, stage: int) -> torch.Tensor:
+        """What this tensor-parallel rank's peer in pipeline stage `stage` sends (`send`)."""
+        peer = stage * self.tp_size + self.tp_rank
+        try:
+            head = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
+            dist.recv(head, peer)
+            head = head.cpu().tolist()
+            t = torch.empty(head[2:2 + head[1]], dtype=_DTYPES[head[0]], device=self.device)
+            dist.recv(t, peer)
+        except RuntimeError as e:
+            raise RankLost(f"rank {self.rank}: a receive from rank {peer} (stage {stage}) failed ({_short(e)}): "
+                           f"another rank died or stopped answering") from None
+        return t
 
     def broadcast(self, obj=None):
         box = [obj]
@@ -65,25 +124,70 @@ def _short(e: Exception) -> str:
 
 
 def init(rank: int, world: int, init_method: str, backend: str = "gloo",
-         timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    return Comm(rank, world, timeout_s)
+         timeout_s: float = DEFAULT_TIMEOUT_S, tp: int = 0, device: str = "cpu") -> Comm:
+    """Join the process group; with `tp` < world (pipeline stages of `tp` ranks each) also make each
+    stage's tensor-parallel group (every rank makes every group, in the same order)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+    group = None
+    if tp and tp < world:
+        if world % tp:
+            raise ValueError(f"{world} ranks do not make pipeline stages of {tp} tensor-parallel ranks")
+        groups = [dist.new_group(list(range(s * tp, (s + 1) * tp)), timeout=timeout) if tp > 1 else None
+                  for s in range(world // tp)]
+        group = groups[rank // tp]
+    return Comm(rank, world, timeout_s, tp if tp and tp < world else 0, group, device)
 
 
-def init_from_env(backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
+def init_from_env(backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S, tp: int = 0,
+                  device: str = "cpu") -> Comm:
     """Under `torchrun`: RANK, WORLD_SIZE, MASTER_ADDR/PORT from the environment."""
-    return init(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", backend, timeout_s)
+    return init(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", backend, timeout_s, tp, device)
 
 
 def rank_model(plan: Plan, weights: dict[str, torch.Tensor], comm: Comm, whole: bool = True) -> ReferenceModel:
-    """This rank's reference backend: its shard of the plan and weights (`whole`: cut from whole
-    weights; else already this rank's, from load_sharded)."""
+    """This rank's reference backend: its shard (and pipeline stage) of the plan and weights
+    (`whole`: cut from whole weights; else already this rank's, from load_sharded)."""
     mine = local_weights(plan, weights, comm.rank) if whole else weights
-    model = ReferenceModel(local_plan(plan, comm.rank), mine)
+    model = (StageModel if plan.stages else ReferenceModel)(local_plan(plan, comm.rank), mine)
     model.comm = comm
     model.remote = expert_programs_elsewhere(model.plan, comm.rank)
     return model
+
+
+class StageModel(ReferenceModel):
+    """One pipeline stage's reference backend (a plan with `stages`): receives what earlier stages
+    send it, runs its instructions, sends on what later stages read. `forward` returns the logits on
+    rank 0 (the last stage's, received) and on the last stage's ranks; None elsewhere."""
+
+    def forward(self, batch: StepBatch, kv: KVStore, all_logits: bool = False) -> torch.Tensor | None:
+        plan, comm = self.plan, self.comm
+        st, last = plan.stages[comm.stage], len(plan.stages) - 1
+        device = next((w.device for w in self.weights.values() if isinstance(w, torch.Tensor)), batch.tokens.device)
+        if batch.tokens.device != device:
+            batch = StepBatch(batch.tokens.to(device), batch.seqs)
+        sends = [c for c in plan.collectives if c.kind == "send"]
+        ctx = StepContext(batch, kv, self.weights)
+        ctx.collectives = {c.value: c.kind for c in plan.collectives if c.kind != "send"}
+        ctx.comm, ctx.remote, ctx.types, ctx.lora = comm, self.remote, plan.types, None
+        env = {Value("tokens"): batch.tokens, Value("positions"): ctx.positions}
+        for c in sends:
+            if c.dst == st.index and c.src < st.index:
+                env[c.value] = comm.recv(c.src)
+        instrs = plan.program.instrs[st.start:st.stop]
+        ctx.run(Program(plan.program.inputs, instrs, instrs[-1].out), env)
+        for c in sends:
+            if c.src == st.index and c.dst > st.index:
+                comm.send(env[c.value], c.dst)
+        out = None
+        if st.index == last:
+            out = env[plan.program.output]
+            out = (out if all_logits else out[batch.sample_rows()]).float()
+            if st.index != 0 and comm.tp_rank == 0:
+                comm.send(out, 0)
+        if st.index == 0 and comm.tp_rank == 0:
+            out = comm.recv(last)
+        return out
 
 
 class ParallelModel:
@@ -103,22 +207,38 @@ class ParallelModel:
         pass
 
     def forward(self, batch: StepBatch, kv: KVStore, all_logits: bool = False) -> torch.Tensor:
-        self.inner.comm.broadcast(("step", batch.tokens.cpu(), batch.seqs, all_logits, kv.num_pages, kv.page_size))
-        return self.inner.forward(batch, kv, all_logits)
+        try:
+            self.inner.comm.broadcast(("step", batch.tokens.cpu(), batch.seqs, all_logits, kv.num_pages,
+                                       kv.page_size))
+            return self.inner.forward(batch, kv, all_logits)
+        except RankLost as e:
+            raise RankLost(f"{e}{self.lost()}") from None
+
+    def lost(self) -> str:
+        """The workers of spawn_workers that have exited, for a RankLost message ("" if none has)."""
+        for p in self.procs:  # the peer that closed its connection is exiting, or has: wait a moment
+            p.join(1.0)
+        gone = [f"{p.name} (pid {p.pid}) {_exit_status(p.exitcode)}" for p in self.procs if p.exitcode is not None]
+        return f" ({'; '.join(gone)})" if gone else ""
 
     def shutdown(self) -> None:
         """Tell the workers to exit (their loops return). With workers of spawn_workers: wait for them
         and leave the process group (a second call does nothing)."""
         if not dist.is_initialized():
             return
+        lost = False
         try:
             self.inner.comm.broadcast(("stop",))
         except RankLost:
             if not self.procs:
                 raise
+            lost = True
         if self.procs:
             for p in self.procs:
-                p.join(self.inner.comm.timeout_s)
+                p.join(5.0 if lost else self.inner.comm.timeout_s)
+                if p.is_alive():  # stuck at a collective with a lost rank: it did not hear "stop"
+                    p.terminate()
+                    p.join(5.0)
             self.procs = []
             dist.destroy_process_group()
             if self.rendezvous:
@@ -128,6 +248,17 @@ class ParallelModel:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+def _exit_status(code: int) -> str:
+    if code < 0:
+        import signal
+
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 def worker_loop(model: ReferenceModel, dtype: torch.dtype = torch.float32, device: str = "cpu") -> int:
@@ -149,8 +280,9 @@ def worker_loop(model: ReferenceModel, dtype: torch.dtype = torch.float32, devic
 
 
 def spawn_workers(checkpoint, spec, dtype: torch.dtype, ranks: int, experts: str = "tp",
-                  timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelModel:
-    """Start ranks 1..ranks-1 as processes of this machine (torch.multiprocessing, spawn start method;
+                  timeout_s: float = DEFAULT_TIMEOUT_S, stages: int = 1) -> ParallelModel:
+    """Start ranks 1..ranks*stages-1 (`ranks` tensor-parallel ranks per pipeline stage) as processes of
+    this machine (torch.multiprocessing, spawn start method;
     they meet at a file store in a fresh temporary folder), make this process rank 0 and return its
     backend. Each rank reads its own shard of `checkpoint` (`load_sharded`; a non-safetensors
     checkpoint is loaded whole and cut). The workers are daemonic and run `worker_loop` until rank 0's
@@ -163,16 +295,18 @@ def spawn_workers(checkpoint, spec, dtype: torch.dtype, ranks: int, experts: str
     if dist.is_initialized():
         raise RuntimeError("spawn_workers: this process already belongs to a process group (one tensor-parallel "
                            "model per process)")
-    plan, ckpt = _sharded_plan(checkpoint, spec, ranks, experts)  # bad options fail before any process starts
+    # bad options fail before any process starts
+    plan, ckpt = _sharded_plan(checkpoint, spec, ranks, experts, stages)
+    world = ranks * stages
     rdv = tempfile.mkdtemp(prefix="kiln-tp-")
     init_method = f"file://{rdv}/store"
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(r, ranks, init_method, str(checkpoint), str(spec), dtype, experts,
-                                               timeout_s), daemon=True, name=f"kiln-tp-rank{r}")
-             for r in range(1, ranks)]
+                                               timeout_s, stages), daemon=True, name=f"kiln-tp-rank{r}")
+             for r in range(1, world)]
     for p in procs:
         p.start()
-    comm = init(0, ranks, init_method, timeout_s=timeout_s)
+    comm = init(0, world, init_method, timeout_s=timeout_s, tp=ranks)
     weights = _load_rank(plan, ckpt, 0, dtype)
     model = ParallelModel(rank_model(plan, weights, comm, whole=False))
     model.procs, model.rendezvous = procs, rdv
@@ -180,14 +314,15 @@ def spawn_workers(checkpoint, spec, dtype: torch.dtype, ranks: int, experts: str
     return model
 
 
-def _sharded_plan(checkpoint, spec, ranks: int, experts: str):
+def _sharded_plan(checkpoint, spec, ranks: int, experts: str, stages: int = 1):
     from kiln.dsl import load_spec, passes
 
     from .checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(checkpoint)
     config_file = str(ckpt.path) if ckpt.format == "gguf" else str(ckpt.path) + "/config.json"
-    return passes.build(load_spec(spec), ckpt.config, config_file, ranks=ranks, experts=experts), ckpt
+    return passes.build(load_spec(spec), ckpt.config, config_file, ranks=ranks, experts=experts,
+                        stages=stages), ckpt
 
 
 def _load_rank(plan: Plan, ckpt, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -199,19 +334,23 @@ def _load_rank(plan: Plan, ckpt, rank: int, dtype: torch.dtype) -> dict[str, tor
     return local_weights(plan, load_weights(plan, ckpt, dtype, "cpu"), rank)  # GGUF: no slice reads
 
 
-def _worker(rank: int, world: int, init_method: str, checkpoint: str, spec: str, dtype: torch.dtype,
-            experts: str, timeout_s: float) -> None:
+def _worker(rank: int, ranks: int, init_method: str, checkpoint: str, spec: str, dtype: torch.dtype,
+            experts: str, timeout_s: float, stages: int = 1) -> None:
     """Ranks 1..: load this rank's shard, then run rank 0's steps until it says stop (or is lost)."""
+    import signal
     import sys
 
+    # Ctrl-C reaches the terminal's whole process group: rank 0 stops the workers ("stop") as it exits
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    world = ranks * stages
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        comm = init(rank, world, init_method, timeout_s=timeout_s)
-        plan, ckpt = _sharded_plan(checkpoint, spec, world, experts)
+        comm = init(rank, world, init_method, timeout_s=timeout_s, tp=ranks)
+        plan, ckpt = _sharded_plan(checkpoint, spec, ranks, experts, stages)
         model = rank_model(plan, _load_rank(plan, ckpt, rank, dtype), comm, whole=False)
         with torch.no_grad():
             worker_loop(model, dtype)
     except RankLost as e:
-        print(f"kiln: tensor-parallel {e}; exiting", file=sys.stderr)
+        print(f"kiln: {'pipeline' if stages > 1 else 'tensor'}-parallel {e}; exiting", file=sys.stderr)
         os._exit(1)
     dist.destroy_process_group()

@@ -153,7 +153,8 @@ class LLMEngine:
         if state_sites and config.speculative is not None:
             raise ValueError(f"speculative decoding ({config.speculative}) is not supported for a model with "
                              f"recurrent state (state-space layers): rejected drafts would advance its state")
-        sites = [(s.kv_heads, s.head_dim, s.v_head_dim) for s in loaded.plan.sites]
+        # (a site with no KV heads: one another pipeline stage holds, runtime/parallel_weights.py local_plan)
+        sites = [(s.kv_heads, s.head_dim, s.v_head_dim) for s in loaded.plan.sites if s.kv_heads]
         per_page = kv_bytes_per_page(config.page_size, sites, loaded.dtype.itemsize) if sites else 0
         draft_per_page = 0
         if draft is not None:  # its KV cache takes its share of the memory: as many pages as the target's

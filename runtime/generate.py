@@ -63,17 +63,30 @@ def check_device(device: str, backend: str | None = None) -> None:
         raise GenerateError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
-def check_parallel(tp: int, ep: bool, device: str, backend: str | None) -> None:
-    """Refuse, before loading, what tensor parallelism cannot run yet (runtime/model.py says the rest)."""
+def check_parallel(tp: int, ep: bool, device: str, backend: str | None, pp: int = 1) -> None:
+    """Refuse, before loading, what tensor / pipeline parallelism cannot run yet (runtime/model.py
+    says the rest)."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise GenerateError(f"--tp {tp}: the number of tensor-parallel ranks must be a positive integer")
+    if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+        raise GenerateError(f"--pp {pp}: the number of pipeline stages must be a positive integer")
     if ep and tp == 1:
         raise GenerateError("--ep splits MoE experts across tensor-parallel ranks: it needs --tp N with N > 1")
+    opt, what = parallel_option(tp, pp)
     if backend not in (None, "reference"):
-        raise GenerateError(f"--tp {tp}: tensor parallelism runs on the reference backend (CPU) today, not "
-                            f"--backend {backend}; leave --backend out with --tp")
+        raise GenerateError(f"{opt}: {what} runs on the reference backend (CPU) today, not "
+                            f"--backend {backend}; leave --backend out with {opt.split()[0]}")
     if not device.startswith("cpu"):
-        raise GenerateError(f"--tp {tp}: tensor parallelism runs on the CPU today, not --device {device}")
+        raise GenerateError(f"{opt}: {what} runs on the CPU today, not --device {device}")
+
+
+def parallel_option(tp: int, pp: int) -> tuple[str, str]:
+    """The option(s) a parallel run was asked with ("--tp 2", "--pp 2", "--tp 2 --pp 2") and its name."""
+    if pp == 1:
+        return f"--tp {tp}", "tensor parallelism"
+    if tp == 1:
+        return f"--pp {pp}", "pipeline parallelism"
+    return f"--tp {tp} --pp {pp}", "tensor x pipeline parallelism"
 
 
 @dataclass
@@ -92,16 +105,20 @@ class ModelSource:
     def open(cls, source: str | Path | None, *, spec: str | None = None, dtype: str | None = None,
              device: str = "cpu", backend: str | None = None, tokenizer: bool | None = True,
              quantization: str | None = None, kv_cache_dtype: str | None = None,
-             tensor_parallel_size: int = 1, expert_parallel: bool = False) -> "ModelSource":
+             tensor_parallel_size: int = 1, expert_parallel: bool = False,
+             pipeline_parallel_size: int = 1) -> "ModelSource":
         """`tokenizer`: True needs one (an error if the checkpoint has none), None takes one if present,
         False skips it. `dtype` None: fp32, or an engine directory's own; `backend` None: reference, or
         for an engine directory the one its device implies. `tensor_parallel_size` > 1 (`--tp`): the
-        model split over that many CPU processes (`expert_parallel`, `--ep`: MoE experts whole per rank)."""
+        model split over that many CPU processes (`expert_parallel`, `--ep`: MoE experts whole per rank);
+        `pipeline_parallel_size` > 1 (`--pp`): its layers in that many stages (x the tensor-parallel ranks)."""
         path = resolve_source(source)
         parallel = {}
-        if tensor_parallel_size != 1 or expert_parallel:
-            check_parallel(tensor_parallel_size, expert_parallel, device, backend)
+        if tensor_parallel_size != 1 or expert_parallel or pipeline_parallel_size != 1:
+            check_parallel(tensor_parallel_size, expert_parallel, device, backend, pipeline_parallel_size)
             parallel = dict(tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel)
+            if pipeline_parallel_size != 1:
+                parallel["pipeline_parallel_size"] = pipeline_parallel_size
         check_device(device, backend)
         name = model_name(source)
         if path.suffix.lower() == ".gguf" and path.is_file():  # a file: no engine directory
@@ -112,7 +129,7 @@ class ModelSource:
         if is_engine_dir(path):
             manifest = read_manifest(path)
             if parallel:
-                raise GenerateError(f"--tp does not apply to engine directory {path} (yet): tensor parallelism "
+                raise GenerateError(f"--tp / --pp do not apply to engine directory {path} (yet): parallelism "
                                     f"loads a checkpoint (a Hugging Face folder or .gguf file)")
             if kv_cache_dtype is not None:
                 raise GenerateError(f"--kv-cache-dtype does not apply to engine directory {path} (yet): its KV "
@@ -295,10 +312,11 @@ def generate_cli(args) -> int:
                               quantization=getattr(args, "quantization", None),
                               kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
                               tensor_parallel_size=getattr(args, "tp", None) or 1,
-                              expert_parallel=getattr(args, "ep", False))
-    if source.options.get("tensor_parallel_size", 1) > 1 and (getattr(args, "speculative", None)
-                                                               or getattr(args, "draft", None)):
-        raise GenerateError("--tp does not combine with --speculative / --draft yet")
+                              expert_parallel=getattr(args, "ep", False),
+                              pipeline_parallel_size=getattr(args, "pp", None) or 1)
+    parallel = source.options.get("tensor_parallel_size", 1) > 1 or source.options.get("pipeline_parallel_size", 1) > 1
+    if parallel and (getattr(args, "speculative", None) or getattr(args, "draft", None)):
+        raise GenerateError("--tp / --pp do not combine with --speculative / --draft yet")
     prompt_ids = _prompt_ids(args, source, tokens)
     source.check_length(len(prompt_ids), params.max_tokens)
     method = getattr(args, "speculative", None)
@@ -318,7 +336,7 @@ def generate_cli(args) -> int:
     try:
         return _stream(args, source, loaded, prompt_ids, params, t_loaded - t_load, tokens is not None)
     finally:
-        if source.options.get("tensor_parallel_size", 1) > 1:  # the other ranks' processes exit
+        if parallel:  # the other ranks' processes exit
             loaded.model.shutdown()
 
 

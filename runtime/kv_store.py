@@ -3,7 +3,8 @@
 Layout (every backend uses it): [num_pages, kv_heads, page_size, head_dim]. The token
 at absolute position p of a sequence lives in page block_table[p // page_size], slot
 p % page_size. A site whose `kv_dtype` is "fp8" stores float8_e4m3fn values of K / k_scale
-and V / v_scale (`store`/`load` say how; the scales are fp32 per site, 1.0 unless calibrated).
+and V / v_scale (`store`/`load` say how; the scales are fp32 per site, from the plan's sites: 1.0 unless a
+checkpoint brings calibrated ones, see `kiln quantize --scheme fp8-kv`).
 Which pages a sequence owns is the block pool's business
 (runtime/kv_cache.py); this class only holds the memory. Beside the pages, `state` holds the
 per-sequence recurrent state of state-space layers (runtime/state_cache.py; one slot by default).
@@ -30,8 +31,8 @@ class KVStore:
                   for s in sites]
         self.v = [torch.zeros(num_pages, s.kv_heads, page_size, s.v_head_dim, dtype=kind(s), device=device)
                   for s in sites]
-        self.k_scale = [1.0] * len(sites)
-        self.v_scale = [1.0] * len(sites)
+        self.k_scale = [float(s.k_scale) for s in sites]  # the plan's (passes.kv_cache), 1.0 unless calibrated
+        self.v_scale = [float(s.v_scale) for s in sites]
 
     def store(self, cache: torch.Tensor, scale: float, values: torch.Tensor) -> torch.Tensor:
         """`values` as `cache` holds them: fp8 pages take values / scale, rounded, within +-448."""

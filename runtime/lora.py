@@ -346,10 +346,27 @@ def parse_lora_option(text: str) -> tuple[str, str]:
 @dataclass
 class LoraRows:
     """A step's rows grouped by adapter, on the device: perm (row indices, each adapter's together)
-    and seg [N + 1] (adapter a's rows are perm[seg[a]:seg[a + 1]])."""
+    and seg [N + 1] (adapter a's rows are perm[seg[a]:seg[a + 1]]). A captured graph's (static_rows)
+    are views of one device buffer refreshed from `host`, a pinned copy: one asynchronous copy a step."""
 
     perm: torch.Tensor
     seg: torch.Tensor
+    buf: torch.Tensor | None = None  # [size + N + 1] int32 on the device: perm, then seg
+    host: torch.Tensor | None = None  # its pinned host twin
+
+
+LORA_KERNELS = ("tiled", "split")
+
+
+def lora_kernel_choice() -> str:
+    """The GEMMs' LoRA kernel variant (codegen/lora_kernels.py LoraSpec.kernel): KILN_LORA_KERNEL,
+    "tiled" unless set; "split" runs the first version for A/B runs."""
+    import os
+
+    kind = os.environ.get("KILN_LORA_KERNEL", "tiled")
+    if kind not in LORA_KERNELS:
+        raise ValueError(f"KILN_LORA_KERNEL={kind!r}: expected one of {list(LORA_KERNELS)}")
+    return kind
 
 
 def group_rows(adapters, n: int):
@@ -368,10 +385,11 @@ def group_rows(adapters, n: int):
 class CudaLora:
     """Per GEMM step of a CudaModel (codegen/fuse.py), its siblings' LoRA laid out for one launch
     pair (codegen/lora_kernels.py): A [N, siblings x R, in] stacked, B [N, out, R] at the siblings'
-    slices, sib [out] the sibling of each output column. Rebuilt when the LoraSet changes."""
+    slices, sib [out] the sibling of each output column (ascending). Rebuilt when the LoraSet changes."""
 
-    def __init__(self, model):
+    def __init__(self, model, kernel: str | None = None):
         self.model = model
+        self.kernel = kernel  # LoraSpec.kernel; None: lora_kernel_choice() at each rebuild
         self.version: int | None = None
         self.n = 0
         self.ops: dict[int, tuple] = {}
@@ -380,7 +398,7 @@ class CudaLora:
         """Follow `lora`'s current snapshot; True when it changed (captured graphs are stale)."""
         from kiln.codegen.fuse import Exec
         from kiln.codegen.fuse import origin as fuse_origin
-        from kiln.codegen.lora_kernels import LoraSpec
+        from kiln.codegen.lora_kernels import MAX_SR, LoraSpec
         from kiln.codegen.specs import dtype_name
 
         state = lora.state if lora is not None else None
@@ -392,6 +410,7 @@ class CudaLora:
             return True
         m, R = self.model, state.rank
         self.n = N = len(state.names)
+        kernel = self.kernel or lora_kernel_choice()
         for i, op in enumerate(m.ops):
             if op.kind is not Exec.GEMM:
                 continue
@@ -403,39 +422,51 @@ class CudaLora:
             k = m.plan.weights[slots[0]].shape[1]
             A = torch.zeros(N, len(slots) * R, k, dtype=m.dtype, device=m.device)
             B = torch.zeros(N, out, R, dtype=m.dtype, device=m.device)
-            sib = torch.zeros(out, dtype=torch.int32, device=m.device)
+            # sib ascending: a pad column between siblings (fuse.py aligns each start) counts as the
+            # sibling before it (its B row is zero); the tiled expand reads only its columns' siblings.
+            sib = torch.zeros(out, dtype=torch.int32)
             for s, (slot, (start, width)) in enumerate(zip(slots, slices)):
-                sib[start:start + width] = s
+                sib[start:] = s
                 if slot in state.stacks:
                     a, b = state.stacks[slot]
                     A[:, s * R:(s + 1) * R] = a.to(m.device, m.dtype)
                     B[:, start:start + width] = b.to(m.device, m.dtype)
-            spec = LoraSpec(k, out, len(slots) * R, R, dtype_name(m.dtype), origin=fuse_origin(op.instrs[0]))
-            self.ops[i] = (spec, A, B, sib)
+            sr = len(slots) * R
+            spec = LoraSpec(k, out, sr, R, dtype_name(m.dtype), origin=fuse_origin(op.instrs[0]),
+                            kernel="split" if sr > MAX_SR else kernel)
+            self.ops[i] = (spec, A, B, sib.to(m.device))
         return True
 
     def rows(self, adapters) -> LoraRows | None:
         """The device grouping of a step's per-row adapter slots; None without any adapter row."""
         if not self.ops:
             return None
+        import numpy as np
+
         perm, seg = group_rows(adapters, self.n)
         if seg[-1] == 0:
             return None
-        dev = self.model.device
-        return LoraRows(torch.from_numpy(perm).to(dev), torch.from_numpy(seg).to(dev))
+        buf = torch.from_numpy(np.concatenate([perm, seg])).to(self.model.device)  # one copy
+        return LoraRows(buf[: len(perm)], buf[len(perm):])
 
     def static_rows(self, size: int) -> LoraRows | None:
         """Buffers a captured decode graph reads (`fill` writes them before each replay)."""
         if not self.ops:
             return None
-        dev = self.model.device
-        return LoraRows(torch.zeros(size, dtype=torch.int32, device=dev),
-                        torch.zeros(self.n + 1, dtype=torch.int32, device=dev))
+        buf = torch.zeros(size + self.n + 1, dtype=torch.int32, device=self.model.device)
+        host = torch.zeros(size + self.n + 1, dtype=torch.int32).pin_memory()
+        return LoraRows(buf[:size], buf[size:], buf, host)
 
     def fill(self, rows: LoraRows, adapters) -> None:
+        """Write a step's grouping into a graph's static rows: into the pinned twin on the host, then
+        one asynchronous copy in stream order before the replay (the step before has been read back
+        by then, as for the graph's other pinned inputs, so the twin is free to overwrite)."""
         perm, seg = group_rows(adapters, self.n)
-        rows.perm[: len(perm)].copy_(torch.from_numpy(perm), non_blocking=False)
-        rows.seg.copy_(torch.from_numpy(seg), non_blocking=False)
+        size = rows.perm.shape[0]
+        h = rows.host.numpy()
+        h[: len(perm)] = perm
+        h[size:] = seg
+        rows.buf.copy_(rows.host, non_blocking=True)
 
     def apply(self, n: int, x: torch.Tensor, y: torch.Tensor, rows: LoraRows | None) -> None:
         """y += each grouped row's adapter delta of GEMM step n, in place."""
@@ -445,8 +476,7 @@ class CudaLora:
         from kiln.codegen.lora_kernels import lora_sgmv
 
         spec, A, B, sib = entry
-        v = torch.empty(x.shape[0], spec.sr, dtype=torch.float32, device=x.device)
-        lora_sgmv(spec, x.contiguous(), A, B, sib, y, v, rows.perm, rows.seg)
+        lora_sgmv(spec, x.contiguous(), A, B, sib, y, None, rows.perm, rows.seg)  # v: scratch, sized there
 
 
 def random_adapters(plan: Plan, count: int, rank: int, folder: str | Path, seed: int = 0,

@@ -54,15 +54,16 @@ class LoadedModel:
 def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: str = "fp32",
                device: str = "cpu", backend: str = "reference", quantization: str = "none",
                kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
-               expert_parallel: bool = False) -> LoadedModel:
+               expert_parallel: bool = False, pipeline_parallel_size: int = 1) -> LoadedModel:
     """`quantization`: a scheme of kiln.dsl.quant.SCHEMES applied on load ("fp8", "int8-wo", ...;
     "gguf" keeps a GGUF file's blocks); a pre-quantized checkpoint brings its own.
     `kv_cache_dtype`: "auto" (the run dtype) or "fp8". `tensor_parallel_size` > 1: the model split
     over that many processes of this machine (runtime/distributed.py; the reference backend on the
-    CPU today), MoE experts whole per rank with `expert_parallel`."""
-    if tensor_parallel_size != 1 or expert_parallel:
+    CPU today), MoE experts whole per rank with `expert_parallel`; `pipeline_parallel_size` > 1: its
+    layers in that many stages, each on its own process(es)."""
+    if tensor_parallel_size != 1 or expert_parallel or pipeline_parallel_size != 1:
         return _load_parallel(checkpoint, spec, dtype, device, backend, quantization, kv_cache_dtype,
-                              tensor_parallel_size, expert_parallel)
+                              tensor_parallel_size, expert_parallel, pipeline_parallel_size)
     if is_engine_dir(checkpoint):  # an engine directory from `kiln build`
         if quantization != "none":
             raise SpecError(f"--quantization {quantization}: an engine directory is already built; "
@@ -78,49 +79,57 @@ def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: st
 
 
 def _load_parallel(checkpoint, spec, dtype, device, backend, quantization, kv_cache_dtype, tp: int,
-                   ep: bool) -> LoadedModel:
-    """The tensor-parallel load: what the shard pass and the CPU process group cannot run yet is
-    refused here, naming the option, before any process starts."""
+                   ep: bool, pp: int = 1) -> LoadedModel:
+    """The tensor / pipeline-parallel load: what the shard and stage passes and the CPU process group
+    cannot run yet is refused here, naming the option, before any process starts."""
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise SpecError(f"--tp {tp}: the number of tensor-parallel ranks must be a positive integer", None)
+    if not isinstance(pp, int) or isinstance(pp, bool) or pp < 1:
+        raise SpecError(f"--pp {pp}: the number of pipeline stages must be a positive integer", None)
+    opt = f"--tp {tp}" if pp == 1 else f"--pp {pp}" if tp == 1 else f"--tp {tp} --pp {pp}"
+    what = "tensor parallelism" if pp == 1 else "pipeline parallelism"
+    flag = opt.split()[0]
     if ep and tp == 1:
         raise SpecError("--ep splits MoE experts across tensor-parallel ranks: it needs --tp N with N > 1", None)
     if backend != "reference":
-        raise SpecError(f"--tp {tp}: tensor parallelism runs on the reference backend (CPU, gloo) today, not "
-                        f"--backend {backend}", None, "leave --backend out (or --backend reference) with --tp")
+        raise SpecError(f"{opt}: {what} runs on the reference backend (CPU, gloo) today, not "
+                        f"--backend {backend}", None, f"leave --backend out (or --backend reference) with {flag}")
     if not str(device).startswith("cpu"):
-        raise SpecError(f"--tp {tp}: tensor parallelism runs on the CPU today, not --device {device}", None,
-                        "use --device cpu with --tp")
+        raise SpecError(f"{opt}: {what} runs on the CPU today, not --device {device}", None,
+                        f"use --device cpu with {flag}")
     if is_engine_dir(checkpoint):
-        raise SpecError(f"--tp {tp}: {checkpoint} is an engine directory; tensor parallelism loads a checkpoint "
+        raise SpecError(f"{opt}: {checkpoint} is an engine directory; {what} loads a checkpoint "
                         f"(a Hugging Face folder or .gguf file)", None)
     if quantization != "none":
-        raise SpecError(f"--tp {tp} with --quantization {quantization}: quantized weights are not split across "
-                        f"ranks yet", None, "leave --quantization out with --tp")
+        raise SpecError(f"{opt} with --quantization {quantization}: quantized weights are not split across "
+                        f"ranks yet", None, f"leave --quantization out with {flag}")
     if kv_cache_dtype != "auto":
-        raise SpecError(f"--tp {tp} with --kv-cache-dtype {kv_cache_dtype}: the split KV cache runs in the run "
-                        f"dtype only", None, "leave --kv-cache-dtype out with --tp")
+        raise SpecError(f"{opt} with --kv-cache-dtype {kv_cache_dtype}: the split KV cache runs in the run "
+                        f"dtype only", None, f"leave --kv-cache-dtype out with {flag}")
     ckpt = open_checkpoint(checkpoint)
     if quant_formats.detect(ckpt, "none") is not None:
-        raise SpecError(f"--tp {tp}: {ckpt.path} is a quantized checkpoint; quantized weights are not split "
+        raise SpecError(f"{opt}: {ckpt.path} is a quantized checkpoint; quantized weights are not split "
                         f"across ranks yet", None)
     spec_path = spec if spec is not None else spec_for_config(ckpt.config, str(ckpt.path))
     from .distributed import spawn_workers
 
     torch_dtype = dtype_of(dtype).torch
-    model = spawn_workers(ckpt.path, spec_path, torch_dtype, tp, "ep" if ep else "tp")
+    model = spawn_workers(ckpt.path, spec_path, torch_dtype, tp, "ep" if ep else "tp", stages=pp)
     return LoadedModel(model.plan, model, ckpt, torch_dtype, torch.device(device))
 
 
 def quantize_plan(plan: Plan, ckpt: Checkpoint | None, quantization: str, kv_cache_dtype: str = "auto"):
     """The plan with its weights' (and KV cache's) storage set, and the checkpoint's quantized
     format (or None)."""
-    if kv_cache_dtype != "auto":
-        plan = passes.run(plan, [passes.kv_cache("run" if kv_cache_dtype == "auto" else kv_cache_dtype)])
     if quantization not in SCHEMES:
         raise SpecError(f"--quantization {quantization}: no such scheme", None,
                         "schemes: " + ", ".join(passes.QUANT_SCHEMES))
     fmt = quant_formats.detect(ckpt, quantization) if ckpt is not None else None
+    # a checkpoint's calibrated KV scales (`kiln quantize --scheme fp8-kv`): read (and checked) always,
+    # used by an fp8 cache; like vLLM, a run-dtype cache ignores them
+    kv_scales = fmt.kv_scales(plan) if fmt is not None else {}
+    if kv_cache_dtype != "auto":
+        plan = passes.run(plan, [passes.kv_cache(kv_cache_dtype, kv_scales if kv_cache_dtype == "fp8" else None)])
     if fmt is not None:
         if quantization not in ("none", fmt.scheme):
             raise SpecError(f"the checkpoint is already quantized ({fmt.scheme}); --quantization {quantization} "

@@ -1,6 +1,7 @@
 """Each tensor-parallel rank's share of the weights, as the shard pass (dsl/passes.py `shard`)
-describes it: `local_weights` cuts it from whole tensors (random models), `load_sharded` reads only
-it from safetensors files (`safe_open(...).get_slice`), counting the bytes each rank read.
+describes it, of its pipeline stage's weights only (dsl/passes.py `stage`; ranks are stage-major:
+global rank = stage * tp + tp rank): `local_weights` cuts it from whole tensors (random models),
+`load_sharded` reads only it from safetensors files (`safe_open(...).get_slice`), counting the bytes each rank read.
 
 The single-rank path (runtime/weights.py load_weights) is untouched; this one handles plain
 float checkpoints (no quantized formats, no GGUF: `--tp` refuses those).
@@ -12,6 +13,7 @@ import dataclasses
 
 import torch
 from kiln.dsl.errors import SpecError
+from kiln.dsl.passes import stage_of, stage_sites, stage_weights
 from kiln.dsl.plan import Plan, WeightSlot
 from kiln.dsl.sources import Alias, Tensor, Transpose
 
@@ -36,13 +38,20 @@ def slice_of(slot: WeightSlot, rank: int, ranks: int):
     return None
 
 
+def tp_rank(plan: Plan, rank: int) -> int:
+    """The tensor-parallel rank (within its pipeline stage) of global rank `rank`."""
+    return rank % plan.ranks
+
+
 def local_weights(plan: Plan, weights: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
-    """`rank`'s share of whole weights (a "first" bias: zeros on the other ranks)."""
+    """`rank`'s share of whole weights (a "first" bias: zeros on the other ranks): its stage's
+    weights, cut for its tensor-parallel rank."""
     out = {}
+    mine = stage_weights(plan, stage_of(plan, rank))
     for name, slot in plan.weights.items():
-        if name not in weights:
+        if name not in weights or name not in mine:
             continue
-        s = slice_of(slot, rank, plan.ranks)
+        s = slice_of(slot, tp_rank(plan, rank), plan.ranks)
         t = weights[name]
         if s is False:
             if slot.shard.kind == "first":
@@ -53,11 +62,19 @@ def local_weights(plan: Plan, weights: dict[str, torch.Tensor], rank: int) -> di
 
 
 def local_plan(plan: Plan, rank: int) -> Plan:
-    """The plan as `rank` runs it: each attention site with the heads it holds (its KV cache's)."""
-    if plan.ranks == 1:
+    """The plan as `rank` runs it: each attention site with the heads it holds (its KV cache's); the
+    sites of other pipeline stages with none (their KV cache slices hold no memory here)."""
+    if plan.ranks == 1 and not plan.stages:
         return plan
+    ours = stage_sites(plan, stage_of(plan, rank))
     sites = []
     for s in plan.sites:
+        if s.index not in ours:
+            sites.append(dataclasses.replace(s, kv_heads=0))
+            continue
+        if plan.ranks == 1:
+            sites.append(s)
+            continue
         kv = s.kv_heads // plan.ranks if s.kv_heads % plan.ranks == 0 else 1
         split = _site_split(plan, s.index)
         sites.append(dataclasses.replace(s, heads=s.heads // plan.ranks, kv_heads=kv) if split else s)
@@ -88,7 +105,7 @@ def _attention_split(plan: Plan, ins) -> bool:
 
 def expert_programs_elsewhere(plan: Plan, rank: int) -> frozenset[int]:
     """ids of the expert programs whose weights another rank holds (expert parallelism)."""
-    out = set()
+    out, rank = set(), tp_rank(plan, rank)
     for ins in plan.program.walk():
         for prog in ins.experts:
             names = [a.name for i in prog.walk() for a in i.inputs if a is not None and hasattr(a, "name")]
@@ -100,15 +117,19 @@ def expert_programs_elsewhere(plan: Plan, rank: int) -> frozenset[int]:
 
 def load_sharded(plan: Plan, ckpt: Checkpoint, rank: int, dtype: torch.dtype = torch.float32,
                  device: str = "cpu") -> tuple[dict[str, torch.Tensor], int]:
-    """`rank`'s weights and the bytes it read from the checkpoint. A weight whose source is one
-    checkpoint tensor (or its `.T`) is read slice by slice; other sources (concat, stack, reshape)
-    are built whole and then cut (their bytes counted whole)."""
-    if plan.ranks == 1:
+    """`rank`'s weights (global rank: its pipeline stage's weights, its tensor-parallel slices) and
+    the bytes it read from the checkpoint. A weight whose source is one checkpoint tensor (or its
+    `.T`) is read slice by slice; other sources (concat, stack, reshape) are built whole and then cut
+    (their bytes counted whole)."""
+    if plan.ranks == 1 and not plan.stages:
         w = load_weights(plan, ckpt, dtype, device)
         return w, sum(t.numel() * t.element_size() for t in w.values())
     if ckpt.format != "safetensors":
-        raise SpecError(f"--tp {plan.ranks}: sharded loading reads safetensors checkpoints; {ckpt.path} is "
+        opt = f"--tp {plan.ranks}" if plan.ranks > 1 else f"--pp {len(plan.stages)}"
+        raise SpecError(f"{opt}: sharded loading reads safetensors checkpoints; {ckpt.path} is "
                         f"{ckpt.format}", None)
+    mine = stage_weights(plan, stage_of(plan, rank))
+    rank = tp_rank(plan, rank)
     from safetensors import safe_open
 
     handles: dict = {}
@@ -116,7 +137,7 @@ def load_sharded(plan: Plan, ckpt: Checkpoint, rank: int, dtype: torch.dtype = t
     out: dict[str, torch.Tensor] = {}
     rest: dict[str, WeightSlot] = {}
     for name, slot in plan.weights.items():
-        if slot.source is None or isinstance(slot.source, Alias):
+        if slot.source is None or isinstance(slot.source, Alias) or name not in mine:
             continue
         s = slice_of(slot, rank, plan.ranks)
         if s is False:
@@ -153,9 +174,9 @@ def load_sharded(plan: Plan, ckpt: Checkpoint, rank: int, dtype: torch.dtype = t
         sub = dataclasses.replace(plan, weights={n: plan.weights[n] for n in rest})
         whole = _build_some(sub, ckpt, dtype, device)
         nbytes += sum(t.numel() * t.element_size() for t in whole.values())
-        out.update(local_weights(sub, whole, rank))
+        out.update(local_weights(dataclasses.replace(sub, stages=()), whole, rank))
     for name, slot in plan.weights.items():  # ties: the tensor they name, cut as they are split
-        if isinstance(slot.source, Alias):
+        if isinstance(slot.source, Alias) and name in mine:
             target = plan.alias_target(name)
             t = out.get(target)
             s = slice_of(slot, rank, plan.ranks)

@@ -31,6 +31,12 @@ class Format(Protocol):
         """The checkpoint tensors that hold the quantized weight `name` (its scales, zeros, ...)."""
         ...
 
+    def kv_scales(self, plan: Plan) -> dict[int, tuple[float, float]]:
+        """Calibrated fp8 KV cache scales {attention site: (k_scale, v_scale)} (none: {})."""
+        ...
+
+    kv_tensors: tuple[str, ...]  # the checkpoint tensors kv_scales read (not weights, not unexpected)
+
 
 def detect(ckpt: Checkpoint, quantization: str) -> Format | None:
     """The checkpoint's quantized format, or None for a float checkpoint."""
@@ -76,6 +82,10 @@ class GgufBlocks:
     """A GGUF file's quantized tensors kept as their ggml blocks."""
 
     scheme = "gguf"
+    kv_tensors: tuple[str, ...] = ()
+
+    def kv_scales(self, plan: Plan) -> dict[int, tuple[float, float]]:
+        return {}
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
@@ -133,6 +143,44 @@ def pack_int32_nibbles(v: torch.Tensor, dim: int, order: tuple[int, ...] = tuple
     return word.to(torch.int32).movedim(-1, dim).contiguous()
 
 
+def attention_modules(plan: Plan) -> dict[int, str]:
+    """Attention site -> the checkpoint module it belongs to: the parent of the linear its keys
+    come from ('model.layers.0.self_attn' for keys made by '...self_attn.k_proj.weight', fused
+    QKV projections alike), found by walking the dataflow back from the attention's key input.
+    Calibrated KV cache scales are stored under that module ('...self_attn.k_scale')."""
+    from kiln.dsl.ops import OpKind
+    from kiln.dsl.plan import Value, WeightArg
+
+    producer = {o: ins for ins in plan.program.walk() for o in ins.outputs}
+    out = {}
+    for ins in plan.program.walk():
+        if ins.kind is not OpKind.ATTENTION:
+            continue
+        todo, seen, found = [ins.inputs[1]], set(), None
+        while todo and found is None:  # breadth first: the nearest linear
+            v = todo.pop(0)
+            p = producer.get(v)
+            if p is None or v in seen:
+                continue
+            seen.add(v)
+            if p.kind is OpKind.LINEAR and isinstance(p.inputs[1], WeightArg):
+                found = _first_tensor(plan.weights[plan.alias_target(p.inputs[1].name)].source)
+                continue
+            todo += [a for a in p.inputs if isinstance(a, Value)]
+        if found is None or "." not in found.removesuffix(".weight"):
+            raise CheckpointError(f"attention site {ins.site} ({plan.sites[ins.site].path}): its keys come from no "
+                                  f"checkpoint linear, so its KV cache scales have no module to be stored under")
+        out[ins.site] = found.removesuffix(".weight").rsplit(".", 1)[0]
+    return out
+
+
+def _first_tensor(src) -> str | None:
+    """The checkpoint tensor a weight source is built from (its first, for a concatenation)."""
+    while src is not None and not isinstance(src, Tensor):
+        src = getattr(src, "src", None) or (getattr(src, "srcs", None) or (None,))[0]
+    return src.name if src is not None else None
+
+
 def linear_modules(plan: Plan) -> dict[str, str]:
     """Quantizable weight slot -> the checkpoint module it comes from ('...q_proj' for the
     tensor '...q_proj.weight'): quantized checkpoints name a linear's tensors after its module."""
@@ -151,6 +199,10 @@ class _Quantized:
 
     scheme = "none"
     suffixes: tuple[str, ...] = ()
+    kv_tensors: tuple[str, ...] = ()
+
+    def kv_scales(self, plan: Plan) -> dict[int, tuple[float, float]]:
+        return {}
 
     def __init__(self, ckpt: Checkpoint, qc: dict, where: str):
         self.ckpt, self.qc, self.where = ckpt, qc, where
@@ -270,6 +322,49 @@ class CompressedTensors(_Quantized):
         self.ignore = self.key("ignore", [], (list,)) or []
         first = self.groups[0][1] if self.groups else None
         self.scheme = _scheme_of(first)
+        self.kv_scheme = self.key("kv_cache_scheme", None, (dict, type(None)))
+        if self.kv_scheme is not None:
+            ks = self.kv_scheme
+            if ks.get("type") != "float" or ks.get("num_bits") != 8 or ks.get("dynamic") not in (False, None):
+                raise CheckpointError(f"{where}.kv_cache_scheme {ks!r}: only static fp8 (type float, num_bits 8, "
+                                      f"dynamic false) KV cache scales are supported")
+            if ks.get("strategy", "tensor") not in ("tensor", "attn_head"):
+                raise CheckpointError(f"{where}.kv_cache_scheme.strategy {ks.get('strategy')!r} is not supported "
+                                      f"(supported: tensor, attn_head)")
+
+    def kv_scales(self, plan: Plan) -> dict[int, tuple[float, float]]:
+        """llm-compressor's calibrated KV cache scales: `kv_cache_scheme` in the config and, per
+        attention module (the parent of its k projection, e.g. 'model.layers.0.self_attn'), fp32
+        `k_scale` / `v_scale` of shape [] or [1] (strategy tensor) or [kv_heads] (attn_head). The
+        cache keeps one scale per site: per-head scales are read as their largest (the per-tensor
+        scale the same calibration gives)."""
+        if self.kv_scheme is None:
+            return {}
+        out, names = {}, []
+        for site, module in attention_modules(plan).items():
+            heads = plan.sites[site].kv_heads
+            pair = []
+            for which in ("k_scale", "v_scale"):
+                name = f"{module}.{which}"
+                if name not in self.ckpt:
+                    raise CheckpointError(f"missing tensor '{name}' in checkpoint {self.ckpt.path} (the KV cache "
+                                          f"scale of attention site {site}; {self.where}.kv_cache_scheme is set)")
+                info = self.ckpt.info(name)
+                if info.dtype not in ("float32", "float16", "bfloat16"):
+                    raise CheckpointError(f"tensor '{name}' in {info.file} has dtype {info.dtype}; a KV cache scale "
+                                          f"is a float")
+                t = self.ckpt.get(name).float()
+                if t.numel() not in (1, heads) or t.dim() > 1 and [d for d in t.shape if d != 1] != [t.numel()]:
+                    raise CheckpointError(f"tensor '{name}' in {info.file} has shape {list(t.shape)}; a KV cache "
+                                          f"scale is [] or [1] (per tensor) or [{heads}] (per KV head)")
+                if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+                    raise CheckpointError(f"tensor '{name}' in {info.file}: KV cache scales must be finite and > 0, "
+                                          f"got {t.flatten().tolist()[:4]}")
+                pair.append(t.max().item())
+                names.append(name)
+            out[site] = (pair[0], pair[1])
+        self.kv_tensors = tuple(names)
+        return out
 
     def _group_desc(self, g: dict, fmt, gw: str) -> QuantDesc:
         w, a = g.get("weights"), g.get("input_activations")

@@ -22,6 +22,11 @@ Output formats (each readable by runtime/quant_formats.py, and by vLLM):
                      128; round-to-nearest)
   awq                AutoAWQ GEMM (quant_method awq, version gemm), group --group-size
   gptq               GPTQ v1 (quant_method gptq, checkpoint_format gptq), asymmetric, group --group-size
+  fp8-kv             the weights as they are (float) plus calibrated fp8 KV cache scales: each
+                     attention site's max |K| and |V| over the calibration text / 448, stored as
+                     compressed-tensors' `kv_cache_scheme` (static, per tensor) with fp32 [1]
+                     `k_scale` / `v_scale` under each attention module (llm-compressor's layout);
+                     applied when the checkpoint runs with --kv-cache-dtype fp8
 
 The input is a Hugging Face safetensors folder or a GGUF file. A GGUF's float weights are its
 tensors dequantized (the weights `kiln eval` runs unquantized), with llama.cpp's rotary row
@@ -57,8 +62,9 @@ from .quant_formats import _AWQ_NIBBLE, linear_modules, pack_int32_nibbles
 from .reference import StepContext
 from .weights import load_weights
 
-QUANTIZE_SCHEMES = ("fp8", "fp8-channel", "int8-wo", "int4-wo", "smoothquant", "awq", "gptq")
+QUANTIZE_SCHEMES = ("fp8", "fp8-channel", "int8-wo", "int4-wo", "smoothquant", "awq", "gptq", "fp8-kv")
 CALIBRATED = ("smoothquant", "awq", "gptq")
+FP8_MAX = 448.0  # e4m3's largest finite value
 INT4_SCHEMES = ("int4-wo", "awq", "gptq")  # the ones --group-size applies to
 GROUP = 128  # the default group size
 AWQ_GRID = 20  # alpha = 0, 1/20, ..., 19/20 as in AutoAWQ's _search_best_scale
@@ -97,17 +103,20 @@ class Stats:
 
 
 class Recorder(StepContext):
-    """A reference StepContext that hands the input of each watched LINEAR instruction to `note`."""
+    """A reference StepContext that hands the input of each watched LINEAR instruction to `note`
+    and, given `kv_note`, each ATTENTION's keys and values (what its cache stores) to it."""
 
-    def __init__(self, batch, kv, weights, watch: set[str], note):
+    def __init__(self, batch, kv, weights, watch: set[str], note, kv_note=None):
         super().__init__(batch, kv, weights)
-        self.watch, self.note = watch, note
+        self.watch, self.note, self.kv_note = watch, note, kv_note
 
     def run(self, prog, env):
         for ins in prog.instrs:
             args = [fetch(a, env, self.weights) for a in ins.inputs]
             if ins.kind is OpKind.LINEAR and isinstance(ins.inputs[1], WeightArg) and ins.inputs[1].name in self.watch:
                 self.note(ins.inputs[1].name, args[0])
+            if ins.kind is OpKind.ATTENTION and self.kv_note is not None:
+                self.kv_note(ins.site, args[1], args[2])
             out = OPS[ins.kind].reference(self, ins, args)
             env.update(zip(ins.outputs, out if isinstance(out, tuple) else (out,)))
         return env[prog.output]
@@ -115,12 +124,6 @@ class Recorder(StepContext):
 
 def calibrate(plan: Plan, weights: dict, ids: list[int], watch: set[str], samples: int, seq_len: int,
               hessian: bool, progress: bool = True) -> dict[str, Stats]:
-    from tqdm import tqdm
-
-    chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:samples]
-    if not chunks:
-        raise QuantizeError(f"--calibration: the text has {len(ids)} tokens, fewer than one sample of "
-                            f"--seq-len {seq_len}")
     stats: dict[str, Stats] = {}
     gen = torch.Generator().manual_seed(0)
 
@@ -130,15 +133,44 @@ def calibrate(plan: Plan, weights: dict, ids: list[int], watch: set[str], sample
             stats[name] = Stats(torch.zeros(n_in), torch.zeros(n_in), torch.zeros(n_in, n_in) if hessian else None)
         stats[name].add(x, gen)
 
+    _run_samples(plan, weights, ids, samples, seq_len, progress, lambda b, kv: Recorder(b, kv, weights, watch, note))
+    return stats
+
+
+def calibrate_kv(plan: Plan, weights: dict, ids: list[int], samples: int, seq_len: int,
+                 progress: bool = True) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each attention site's max |K| and max |V| per KV head (fp32 [kv_heads] each) over the
+    calibration samples: the values its cache stores (keys after rotary embedding)."""
+    amax: dict[int, list[torch.Tensor]] = {}
+
+    def kv_note(site: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        hk = plan.sites[site].kv_heads
+        now = [t.detach().float().reshape(t.shape[0], hk, -1).abs().amax(dim=(0, 2)) for t in (k, v)]
+        amax[site] = now if site not in amax else [torch.maximum(a, b) for a, b in zip(amax[site], now)]
+
+    _run_samples(plan, weights, ids, samples, seq_len, progress,
+                 lambda b, kv: Recorder(b, kv, weights, set(), None, kv_note))
+    return {s: (k, v) for s, (k, v) in amax.items()}
+
+
+def _run_samples(plan: Plan, weights: dict, ids: list[int], samples: int, seq_len: int, progress: bool,
+                 make_ctx) -> None:
+    """The float model run over up to `samples` chunks of `seq_len` tokens of `ids`, each in a
+    fresh KV store, with the StepContext `make_ctx(batch, kv)` (a Recorder) evaluating it."""
+    from tqdm import tqdm
+
+    chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:samples]
+    if not chunks:
+        raise QuantizeError(f"--calibration: the text has {len(ids)} tokens, fewer than one sample of "
+                            f"--seq-len {seq_len}")
     page = 16
     with torch.no_grad():
         for chunk in tqdm(chunks, desc="calibrating", unit="sample", file=sys.stderr, disable=not progress):
             pages = -(-len(chunk) // page)
             kv = KVStore(plan.sites, pages, page, torch.float32, "cpu")
             batch = StepBatch(torch.tensor(chunk, dtype=torch.long), [SeqSlice(0, len(chunk), 0, tuple(range(pages)))])
-            ctx = Recorder(batch, kv, weights, watch, note)
+            ctx = make_ctx(batch, kv)
             ctx.run(plan.program, {Value("tokens"): batch.tokens, Value("positions"): ctx.positions})
-    return stats
 
 
 # ---------------------------------------------------------------- scale migration
@@ -278,6 +310,37 @@ def _ct_config(scheme: str, group: int = GROUP) -> dict:
                 ignore=["lm_head"], kv_cache_scheme=None, sparsity_config={}, transform_config={})
 
 
+def _ct_kv_config() -> dict:
+    """compressed-tensors' config of a checkpoint whose weights stay float and whose KV cache is
+    fp8 with static per-tensor scales (llm-compressor's `kv_cache_scheme`; vLLM applies the
+    scales with --kv-cache-dtype fp8)."""
+    kv = dict(num_bits=8, type="float", strategy="tensor", group_size=None, symmetric=True, dynamic=False,
+              actorder=None, block_structure=None, observer="minmax")
+    return dict(quant_method="compressed-tensors", format="dense", quantization_status="compressed",
+                config_groups={}, ignore=["lm_head"], kv_cache_scheme=kv, sparsity_config={}, transform_config={})
+
+
+def kv_scale(amax: torch.Tensor) -> float:
+    """The fp8 cache scale that maps the largest |value| calibration saw to e4m3's largest
+    (amax / 448; 1.0 for a site whose values were all zero)."""
+    m = float(amax.max())
+    return m / FP8_MAX if m > 0 and math.isfinite(m) else 1.0
+
+
+def _kv_scale_tensors(plan: Plan, amax: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each attention module's `k_scale` / `v_scale` (fp32 [1]), where llm-compressor puts them."""
+    from .quant_formats import attention_modules
+
+    out = {}
+    for site, module in attention_modules(plan).items():
+        if site not in amax:
+            raise QuantizeError(f"calibration never reached attention site {site} ({plan.sites[site].path})")
+        k, v = amax[site]
+        out[f"{module}.k_scale"] = torch.tensor([kv_scale(k)], dtype=torch.float32)
+        out[f"{module}.v_scale"] = torch.tensor([kv_scale(v)], dtype=torch.float32)
+    return out
+
+
 def _ct_tensors(m: str, qw, scheme: str) -> dict[str, torch.Tensor]:
     out, n_in = qw.shape
     if qw.desc.dtype in ("fp8", "int8"):
@@ -339,8 +402,8 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
         raise QuantizeError(f"CHECKPOINT {checkpoint} is already quantized (config.json quantization_config)")
     spec_path = spec or spec_for_config(ckpt.config, str(ckpt.path))
     plan = passes.build(load_spec(spec_path), ckpt.config)
-    modules = linear_modules(plan)  # slot -> module
-    if not modules:
+    modules = linear_modules(plan) if scheme != "fp8-kv" else {}  # slot -> module (fp8-kv: weights stay float)
+    if not modules and scheme != "fp8-kv":
         raise QuantizeError(f"CHECKPOINT {checkpoint}: no linear weight can be quantized")
     if scheme in INT4_SCHEMES:
         for slot in modules:
@@ -358,6 +421,12 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
     if scheme in CALIBRATED:
         stats = calibrate(plan, weights, _calibration_ids(ckpt, calibration), set(modules), samples, seq_len,
                           scheme == "gptq", progress)
+    tensors: dict[str, torch.Tensor] = {}
+    if scheme == "fp8-kv":
+        if not plan.sites:
+            raise QuantizeError(f"CHECKPOINT {checkpoint}: the model has no attention KV cache to calibrate")
+        amax = calibrate_kv(plan, weights, _calibration_ids(ckpt, calibration), samples, seq_len, progress)
+        tensors.update(_kv_scale_tensors(plan, amax))
     ws = {n: weights[n].float() for n in modules}
     if scheme in ("smoothquant", "awq") and migrate:
         for names, norm in input_groups(plan, set(modules)):
@@ -369,7 +438,6 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
             fold_into_norm(norm, s, plan, floats)
             for n in names:
                 ws[n] = ws[n] * s
-    tensors: dict[str, torch.Tensor] = {}
     for n, m in modules.items():
         if scheme == "gptq":
             if n not in stats:
@@ -401,6 +469,8 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
         config["quantization_config"] = dict(quant_method="gptq", bits=4, group_size=group, desc_act=act_order,
                                              sym=False, checkpoint_format="gptq", static_groups=False,
                                              true_sequential=False, damp_percent=0.01)
+    elif scheme == "fp8-kv":
+        config["quantization_config"] = _ct_kv_config()
     else:
         config["quantization_config"] = _ct_config(scheme, group)
     tokenizer = _gguf_tokenizer(ckpt) if ckpt.format == "gguf" else None

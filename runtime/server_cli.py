@@ -4,15 +4,22 @@
     kiln serve model.gguf                              # served as "model"
     kiln serve --model small=a.gguf --model big=hf_dir --port 8000 --api-key KEY
     kiln serve hf_dir --lora sql=adapters/sql --lora chat=adapters/chat   # adapters served as models
+    kiln serve hf_dir --tp 2 --pp 2                    # split over 4 processes (docs/parallelism.md)
 
 Its arguments are declared with the other commands' in kiln.cli. Everything that can be
 refused is refused before a model loads: argument ranges while parsing, then each
 checkpoint's config and tokenizer, --max-model-len against each model's context length, and
 the listening address (bound before the weights load, and handed to uvicorn).
+
+With --tp / --pp this process is rank 0 (it serves HTTP and schedules; each step it broadcasts
+the batch to the worker processes, runtime/distributed.py). The workers stop when the server
+does (SIGINT, SIGTERM, a failed start); a worker that dies fails the requests in flight with a
+503 naming it, and the server exits with status 1.
 """
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -44,14 +51,95 @@ def cmd_serve(args) -> int:
 
     planned = _plan(args)  # checkpoints opened (configs, tokenizers), limits checked; no weights yet
     sock = listen(args.host, args.port)  # then the address: a taken port is refused before any model loads
+    loaded: list = []  # every model loaded: a split one's worker processes are stopped however serving ends
+    engines: list = []
+    server = None
     try:
-        app, summary = _load(args, planned)
+        app, summary = _load(args, planned, loaded, engines)
         print(summary, file=sys.stderr)
         config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=10)
-        uvicorn.Server(config).run(sockets=[sock])
+        server = _watching_server(uvicorn.Server, config, [e for e in engines if _parallel(e.engine.loaded)])
+        server.run(sockets=[sock])
     finally:
         sock.close()
+        for m in loaded:
+            if _parallel(m):
+                m.model.shutdown()
+    if server is not None and server.died:
+        print(f"kiln serve: {server.died}; the server stopped", file=sys.stderr)
+        return 1
+    for sig in reversed(server.signals if server is not None else []):  # as uvicorn would, once the workers stopped
+        signal.raise_signal(sig)
     return 0
+
+
+def _parallel(loaded) -> bool:
+    from .distributed import ParallelModel
+
+    return isinstance(loaded.model, ParallelModel)
+
+
+def _watching_server(base, config, engines: list):
+    """uvicorn's Server, which also stops when the engine of a split model (--tp / --pp) has died: a
+    rank was lost (or a step raised, and the ranks may disagree), so nothing more can run; every
+    request in flight got a 503 naming the cause."""
+    import contextlib
+
+    class Server(base):
+        died: str | None = None
+        signals: list = []  # SIGINT / SIGTERM that stopped it, raised again by cmd_serve after the cleanup
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn raises the signals it caught again as it returns: a SIGTERM would end this
+            # process before cmd_serve's `finally` stopped the workers; keep them for later instead
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    caught = getattr(self, "_captured_signals", [])
+                    self.signals = list(caught)
+                    caught.clear()
+
+        async def on_tick(self, counter: int) -> bool:
+            for e in engines:
+                error = e._error  # set when the engine thread's step raised (async_engine.py _run)
+                if error is not None and self.died is None:
+                    self.died = f"the engine of the split model stopped: {type(error).__name__}: {error}"
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+    return Server(config)
+
+
+def check_parallel_options(args) -> None:
+    """--tp / --pp: what a split model cannot serve yet is refused by name, before anything loads
+    (ranges: by the parser; the backend and device: generate.check_parallel, as `kiln generate`)."""
+    from .generate import check_parallel, parallel_option
+
+    tp, pp = getattr(args, "tp", 1) or 1, getattr(args, "pp", 1) or 1
+    if tp == 1 and pp == 1:
+        return
+    check_parallel(tp, False, args.device, args.backend, pp)
+    opt, what = parallel_option(tp, pp)
+    flag = opt.split()[0]
+    if getattr(args, "quantization", None):
+        raise ServeError(f"{opt} with --quantization {args.quantization}: quantized weights are not split across "
+                         f"ranks yet; leave --quantization out with {flag}")
+    if getattr(args, "kv_cache_dtype", None) not in (None, "auto"):
+        raise ServeError(f"{opt} with --kv-cache-dtype {args.kv_cache_dtype}: the split KV cache runs in the run "
+                         f"dtype only; leave --kv-cache-dtype out with {flag}")
+    if getattr(args, "lora", None):
+        raise ServeError(f"{opt} with --lora: LoRA adapters are not split across ranks yet")
+    if getattr(args, "speculative", None) or getattr(args, "draft", None):
+        raise ServeError(f"{opt} with --speculative / --draft: speculative decoding does not run on a split "
+                         f"model yet")
+    if args.random_weights:
+        raise ServeError(f"{opt} with --random-weights: each rank loads its shard from a checkpoint (a Hugging "
+                         f"Face folder or .gguf file); serve one instead")
+    if len(args.model) + (args.checkpoint is not None) > 1:
+        raise ServeError(f"{opt}: {what} serves one model (one process group per server), got "
+                         f"{len(args.model) + (args.checkpoint is not None)}")
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -80,6 +168,7 @@ def _plan(args) -> list:
     from .engine import DEFAULT_MAX_MODEL_LEN
     from .generate import check_device
 
+    check_parallel_options(args)
     check_device(args.device, args.backend)
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     sources = model_sources(args.checkpoint, args.model, args.random_weights)
@@ -114,7 +203,9 @@ def _plan(args) -> list:
     return planned
 
 
-def _load(args, planned: list):
+def _load(args, planned: list, loaded_models: list | None = None, engines: list | None = None):
+    """The app and its summary; each model loaded (and its AsyncLLMEngine) is appended to
+    `loaded_models` (and `engines`) as it comes, for the caller to stop however this ends."""
     from .async_engine import AsyncLLMEngine
     from .engine import EngineConfig, LLMEngine
     from .server import ServedModel, ServerConfig, build_app
@@ -128,6 +219,8 @@ def _load(args, planned: list):
             if len(planned) != 1:
                 raise ServeError(f"--draft: a draft model goes with exactly one served model, got {len(planned)}")
         loaded, tokenizer = load()
+        if loaded_models is not None:
+            loaded_models.append(loaded)
         if method == "draft":
             try:
                 draft = open_draft(args.draft, tokenizer, dtype=args.dtype, device=args.device, backend=args.backend,
@@ -149,8 +242,12 @@ def _load(args, planned: list):
         if engine.pool.num_pages * args.page_size < max_len:
             raise ServeError(f"the KV cache of {name!r} ({engine.pool.num_pages} pages x {args.page_size}) cannot "
                              f"hold one sequence of --max-model-len {max_len}")
-        lines.append((ServedModel(name, AsyncLLMEngine(engine, max_waiting=args.max_waiting), tokenizer, max_len),
-                      f"  {name}: {what} (max_model_len {max_len}; {engine.capacity})"))
+        served = ServedModel(name, AsyncLLMEngine(engine, max_waiting=args.max_waiting), tokenizer, max_len)
+        if engines is not None:
+            engines.append(served.engine)
+        tp, pp = getattr(args, "tp", 1) or 1, getattr(args, "pp", 1) or 1
+        split = f"; tp {tp} x pp {pp}: {tp * pp} processes" if _parallel(loaded) else ""
+        lines.append((served, f"  {name}: {what} (max_model_len {max_len}; {engine.capacity}{split})"))
     config = ServerConfig(api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                           request_timeout=args.request_timeout)
     auth = "API key required" if args.api_key else "no API key"
@@ -165,7 +262,9 @@ def _open_checkpoint(source: str, args):
 
     opened = ModelSource.open(source, spec=args.spec, dtype=args.dtype, device=args.device, backend=args.backend,
                               quantization=getattr(args, "quantization", None),
-                              kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
+                              kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
+                              tensor_parallel_size=getattr(args, "tp", 1) or 1,
+                              pipeline_parallel_size=getattr(args, "pp", 1) or 1)
     if args.max_num_seqs is not None and opened.max_num_seqs is not None and args.max_num_seqs > opened.max_num_seqs:
         raise ServeError(f"--max-num-seqs {args.max_num_seqs}: {opened.path} was built for {opened.max_num_seqs} "
                          f"sequences per step (kiln build --max-batch)")

@@ -115,6 +115,8 @@ def load_weights(plan: Plan, ckpt: Checkpoint, dtype: torch.dtype = torch.float3
     for slot in plan.weights.values():  # ties share the tensor they name
         if isinstance(slot.source, Alias):
             out[slot.name] = out[plan.alias_target(slot.name)]
+    if fmt is not None:  # calibrated KV cache scales (read by quantize_plan) are not weights
+        used.update(getattr(fmt, "kv_tensors", ()))
     extra = [n for n in ckpt.unexpected(used) if not any(fnmatch.fnmatchcase(n, g) for g in plan.spec.ignore)]
     if extra:
         shown = ", ".join(f"'{n}'" for n in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")

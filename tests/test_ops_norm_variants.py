@@ -147,10 +147,11 @@ def test_kernels_are_generated_and_compile(spec_file):
     specs = kernel_specs(plan, "bf16")
     maps = [s for s in specs if getattr(s, "body", None) == "map_relu2.cu.j2"]
     norms = [s for s in specs if type(s).__name__ == "NormSpec"]
-    assert len(maps) == 1  # relu2(d) and act(..., fn="relu2"): one kernel (one line); grouped and
-    # weight-less norms run in torch
-    assert [(n.kind, n.weight_offset, n.has_bias) for n in norms] == [("layer", 1.0, True)]
-    for s in (maps[0], norms[0]):
+    assert len(maps) == 1  # relu2(d) and act(..., fn="relu2"): one kernel (one line); weight-less
+    # norms run in torch; grouped norms (a weight and bias row per head) are kernels, a block per head
+    assert [(n.kind, n.weight_offset, n.has_bias, n.group, n.per_group_weight) for n in norms] == [
+        ("layer", 1.0, True, 0, False), ("layer", 0.0, True, 8, True), ("rms", 0.0, False, 8, True)]
+    for s in (maps[0], *norms):
         src = render(s)
         assert "variants.kiln:" in src.source
         assert nvrtc.compile_source(src.source, src.name, "sm_90a", src.origin).kind == "cubin"

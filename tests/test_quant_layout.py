@@ -186,11 +186,13 @@ def test_stream_split_covers_every_chunk_once(fmt, n, k, group, tokens):
     """The stream variant's index arithmetic (templates/gemv_wq.cu.j2), mirrored: for every split
     count it accepts, each chunk is read by exactly one (split, warp, step), its records lie in the
     groups the block stages, and x's staged columns hold every column the lanes read."""
-    from kiln.codegen.quant_kernels import WARPS, XS_MAX, XS_PAD, _cps, choose_splits
+    from kiln.codegen.quant_kernels import SMEM_MAX, WARPS, XS_MAX, XS_PAD, _cps, choose_splits, stream_smem
 
     ck, kpl, _ = FORMATS[fmt]
     nch, groups = -(-k // ck), k // group
     counts = sorted({-(-nch // _cps(fmt, k, s)) for s in range(1, 17)})
+    # counts whose x slice exceeds a block's shared memory are refused by the spec (they cannot launch)
+    counts = [s for s in counts if stream_smem(fmt, k, tokens, s, group) <= SMEM_MAX]
     for splits in counts:
         ks = render(QGemvSpec(fmt, "post" if group % ck == 0 or group == k else "pre", n, k, group, tokens,
                               splits=splits))
@@ -217,3 +219,95 @@ def test_stream_split_covers_every_chunk_once(fmt, n, k, group, tokens):
     assert chosen in counts
     cps = _cps(fmt, k, chosen)
     assert tokens * (cps * ck + XS_PAD[fmt]) * 2 <= XS_MAX or cps == WARPS
+
+
+def _persist_walk(per_warp: int, depth: int, ring: str, length: int):
+    """The persist kernel's ring (templates/gemv_wq.cu.j2), mirrored for one warp: the (item, q, ti) each
+    slot is fetched with, checked where it is consumed; returns the consumed items and the tiles reduced."""
+    slots = [None] * depth
+    for j in range(depth):  # the first fetches
+        if j < length:
+            slots[j] = (j, j % per_warp, j // per_warp)
+    consumed, flushed = [], []
+    for base in range(0, length, depth):
+        tb, qb = base // per_warp, base % per_warp
+        for j in range(depth):
+            i = base + j
+            if i >= length:
+                break
+            if ring == "a":
+                q, ti = j % per_warp, tb + j // per_warp
+            elif ring == "b":
+                q, ti = qb + j, tb
+            else:
+                q, ti = i % per_warp, i // per_warp
+            assert slots[j] == (i, q, ti), (per_warp, depth, ring, i, slots[j], q, ti)
+            assert (q, ti) == (i % per_warp, i // per_warp)
+            consumed.append(i)
+            if ring == "a":
+                nxt = (i + depth, q, ti + depth // per_warp)
+            else:
+                q2 = q + (depth % per_warp if ring == "c" else depth)
+                wrap = q2 >= per_warp
+                nxt = (i + depth, q2 - per_warp if wrap else q2, ti + depth // per_warp + wrap)
+            slots[j] = nxt if i + depth < length else None
+            if (ring != "b" or j == depth - 1) and q == per_warp - 1:
+                flushed.append(ti)
+    return consumed, flushed
+
+
+@pytest.mark.parametrize("fmt, n, k, group", [("int4", 6144, 4096, 128), ("int4", 4096, 4096, 128),
+                                              ("int4", 28672, 4096, 128), ("int4", 4096, 14336, 128),
+                                              ("int4", 1536, 576, 32), ("int8", 4096, 4096, 4096),
+                                              ("int8", 100, 40, 40), ("int8", 576, 1536, 32)])
+@pytest.mark.parametrize("tokens", [8, 16])
+def test_persist_ring_covers_every_item_once(fmt, n, k, group, tokens):
+    """The persist variant's schedule, mirrored: for the pick (choose_persist) and every split count
+    that fits, the blocks' (tile, chunk) items cover the weight exactly once, each ring slot is
+    consumed as the item it was fetched for (every ring kind), and every tile is reduced once, after
+    its last item; shared memory stays within SMEM_MAX / blocks per SM for the pick."""
+    from kiln.codegen.quant_kernels import (
+        PERSIST_BPS,
+        SMEM_MAX,
+        WARPS,
+        _split_counts,
+        choose_persist,
+        persist_smem,
+        persist_tpb,
+        ring_shape,
+    )
+
+    ck = FORMATS[fmt][0]
+    nch, tiles = -(-k // ck), -(-n // 16)
+    pick = choose_persist(fmt, n, k, tokens, 132)
+    assert persist_smem(fmt, k, tokens, pick[0]) <= SMEM_MAX // PERSIST_BPS[tokens]
+    cases = {pick} | {(s, persist_tpb(fmt, n, k, tokens, 132, s)) for s in _split_counts(fmt, k)
+                      if persist_smem(fmt, k, tokens, s) <= SMEM_MAX}
+    for splits, tpb in sorted(cases):
+        mode = "post" if group % ck == 0 or group == k else "pre"
+        ks = render(QGemvSpec(fmt, mode, n, k, group, tokens, variant="persist", splits=splits, tpb=tpb))
+        cps, per_warp = ks.meta["cps"], ks.meta["cps"] // WARPS
+        depth, ring = ring_shape(per_warp, tokens)
+        assert f'ring "{ring}"' in ks.source and ks.meta["blocks_x"] == -(-tiles // tpb)
+        seen = []
+        for bx in range(ks.meta["blocks_x"]):
+            t0 = bx * tpb
+            length = min(tpb, tiles - t0) * per_warp
+            for split in range(splits):
+                c0 = split * cps
+                for warp in range(WARPS):
+                    consumed, flushed = _persist_walk(per_warp, depth, ring, length)
+                    assert consumed == list(range(length))
+                    assert flushed == list(range(length // per_warp))
+                    for i in consumed:
+                        ch = c0 + warp + (i % per_warp) * WARPS
+                        if ch < nch:
+                            seen.append((t0 + i // per_warp, ch))
+                            assert (ch - c0) * ck + ck <= cps * ck  # inside the staged x slice
+        assert sorted(seen) == [(t, c) for t in range(tiles) for c in range(nch)]
+    for pw in range(1, 40):  # every ring kind against the general walk
+        for tokens_ in (8, 16):
+            depth, ring = ring_shape(pw, tokens_)
+            for length in (pw, 3 * pw, 7 * pw):
+                consumed, flushed = _persist_walk(pw, depth, ring, length)
+                assert consumed == list(range(length)) and flushed == list(range(length // pw))

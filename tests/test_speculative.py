@@ -210,3 +210,17 @@ def test_sampled_end_to_end_distribution():
     assert engine.spec_stats.verifications >= N and engine.spec_stats.accepted > 0
     stat, df = chi_square(second, marginal)
     assert stat < CHI2_999[df], (stat, df)
+
+
+def test_forced_acceptance_bench_accepts_every_draft():
+    """`kiln bench latency --speculative draft --forced-acceptance`: with the target's layers past the
+    draft's zeroed, the draft is the target (every proposal accepted) and the tokens are unchanged."""
+    from kiln.runtime.bench import speculative_decode
+
+    cfg = dict(FAMILY_CONFIGS["llama"], num_hidden_layers=4)
+    r = speculative_decode("llama", cfg, "draft", 3, 1, 24, backend="reference", device="cpu", prompt_len=32,
+                           forced=True)
+    assert r["spec_same_tokens"] and r["spec_forced_acceptance"]
+    assert r["spec_acceptance_rate"] == 1.0 and r["spec_acceptance_length"] > 3.5
+    free = speculative_decode("llama", cfg, "draft", 3, 1, 24, backend="reference", device="cpu", prompt_len=32)
+    assert free["spec_acceptance_rate"] < 1.0  # without forcing, a random 1-layer draft misses

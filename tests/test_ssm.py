@@ -17,7 +17,7 @@ import torch
 from kiln.dsl import check, load_spec
 from kiln.dsl.checker import check_backend
 from kiln.dsl.errors import SpecError
-from kiln.dsl.ops import OPS, OpKind, Torch
+from kiln.dsl.ops import OPS, Kernel, KernelCall, OpKind
 from kiln.runtime.batch import SeqSlice, StepBatch
 from kiln.runtime.engine import EngineConfig, LLMEngine
 from kiln.runtime.kv_store import KVStore
@@ -136,15 +136,26 @@ def test_state_sites(name):
             assert len(s.shape) == 3 and s.dtype == "fp32"  # [heads, head size, d_state]
     with pytest.raises(SpecError, match="not supported on the tensorrt backend.*recurrent state"):
         check_backend(plan, "tensorrt")
-    for ins in stateful:  # the cuda backend runs the reference on the GPU for now
+    for ins in stateful:  # the cuda backend: generated kernels on the state slots (codegen/ssm_kernels.py)
         low = OPS[ins.kind].cuda(ins, plan, torch.float16)
-        assert isinstance(low, Torch) and "generated kernels to come" in low.why
+        assert isinstance(low, KernelCall) and low.kernel is Kernel.SSM
 
 
-def test_cuda_backend_keeps_graphs_off_for_state_ops():
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cuda_backend_captures_state_ops(name):
+    """Every conv and scan is an Exec.SSM step (the conv with its activation), and no torch step left
+    reads the host, which is what lets runtime/cuda_backend.py decode through CUDA graphs."""
     cuda_backend = pytest.importorskip("kiln.runtime.cuda_backend")
-    assert OpKind.CAUSAL_CONV1D in cuda_backend._HOST_READERS
-    assert OpKind.SELECTIVE_SCAN in cuda_backend._HOST_READERS
+    from kiln.codegen.fuse import Exec, fuse
+
+    plan = check(load_spec(name), FAMILY_CONFIGS[name])
+    ops = fuse(plan, torch.bfloat16, 16)
+    ssm = [op for op in ops if op.kind is Exec.SSM]
+    assert sorted(i.state for op in ssm for i in op.instrs if i.state is not None) == \
+        list(range(len(plan.state_sites)))
+    assert all([i.kind for i in op.instrs] in ([OpKind.CAUSAL_CONV1D, OpKind.ACT], [OpKind.SELECTIVE_SCAN])
+               for op in ssm)
+    assert not [op for op in ops if op.kind is Exec.TORCH and op.instrs[0].kind in cuda_backend._HOST_READERS]
 
 
 SPEC = """spec s

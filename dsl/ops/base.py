@@ -74,6 +74,7 @@ class Kernel(enum.Enum):
     EMBED = "embed"  # rows of an embedding table
     MAP = "map"  # y = f(x) elementwise, f the body template an op names (map_softcap.cu.j2, ...)
     MOE = "moe"  # the experts of a moe as grouped GEMMs over token copies sorted by expert (moe_gemm.cu.j2)
+    SSM = "ssm"  # a state-space op reading / writing its per-sequence state slots (ssm_conv / ssm_scan.cu.j2)
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,16 @@ def _affine(y: torch.Tensor, w, b, offset: float) -> torch.Tensor:
 
 
 def _cuda_norm(kind: str, ins, plan, has_bias: bool):
-    if ins.attrs.group:
-        return Torch("a norm per group of features (per head) has no kernel yet")
     if ins.inputs[1] is None:
         return Torch("the norm kernel reads a weight; a norm without one has no kernel yet")
+    # group=g: one block per token and group; a [features / g, g] weight holds a row per group
+    ranks = {len(plan.weights[a.name].shape) for a in ins.inputs[1:] if a is not None}
+    if len(ranks) > 1:
+        return Torch("the norm kernel reads weight and bias alike: both [g] or both a row per group")
+    per_group = ranks == {2}
     return KernelCall(Kernel.NORM, dict(kind=kind, hidden=plan.types[ins.inputs[0]].shape[1], eps=ins.attrs.eps,
-                                        weight_offset=ins.attrs.offset, has_bias=has_bias))
+                                        weight_offset=ins.attrs.offset, has_bias=has_bias,
+                                        group=ins.attrs.group or 0, per_group_weight=per_group))
 
 
 def _trt_scale(nn, t, width: int, group: int | None, rank: int):

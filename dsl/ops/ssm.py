@@ -20,12 +20,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Attr, OpDef, ShapeError, T, Torch, TType, act, float_weight, need
+from .base import Attr, Kernel, KernelCall, OpDef, ShapeError, T, Torch, TType, act, float_weight, need
 
 _NO_TRT = ("a recurrent state carried per sequence across steps (conv and SSM state cache), which the "
            "TensorRT network's inputs and outputs do not carry")
-_NO_KERNEL = ("generated kernels to come (a chunked parallel scan for prefill, a one-step state update for "
-              "decode); the reference runs on the GPU")
+_NO_KERNEL = "a conv kernel of width 1 keeps no state: the reference runs on the GPU"
 
 
 def _slots(ctx) -> list[int]:
@@ -63,12 +62,20 @@ def _conv_reference(ctx, ins, a):
     return out
 
 
+def _conv_cuda(ins, plan, dt):
+    """The conv kernel (templates/ssm_conv.cu.j2): each sequence's slot read and written on the device."""
+    channels, kernel = plan.weights[ins.inputs[1].name].shape
+    if kernel < 2:
+        return Torch(_NO_KERNEL)
+    return KernelCall(Kernel.SSM, dict(op="conv", channels=channels, kernel=kernel, has_bias=ins.inputs[2] is not None))
+
+
 CAUSAL_CONV1D = OpDef(
     "causal_conv1d", ("x", "weight", "bias?"), {}, _conv_shape,
     "depthwise causal convolution over each sequence's tokens, y[t, c] = b[c] + sum_k w[c, k] x[t - K + 1 + k, c], "
     "earlier tokens from the sequence's rolling conv state ([channels, K - 1] per sequence)",
     reference=_conv_reference,
-    cuda=lambda ins, plan, dt: Torch(_NO_KERNEL),
+    cuda=_conv_cuda,
     trt=_NO_TRT,
     state=_conv_state,
 )
@@ -143,6 +150,23 @@ def _scan_attrs(attrs) -> None:
         raise ShapeError(f"groups must be a positive int, got {attrs.groups!r}")
 
 
+def _scan_cuda(ins, plan, dt):
+    """The scan kernel (templates/ssm_scan.cu.j2): sequential over each sequence's tokens, one lane group
+    per (head, row of the head) holding its state row in registers; a decode step is its one-token case."""
+    H, P, N, G = _scan_dims([_type(plan, a) for a in ins.inputs], ins.attrs)
+    return KernelCall(Kernel.SSM, dict(
+        op="scan", heads=H, head_dim=P, d_state=N, groups=G,
+        a_per_state=len(plan.weights[ins.inputs[2].name].shape) == 2,
+        has_d=ins.inputs[5] is not None, has_dt_bias=ins.inputs[6] is not None, softplus=bool(ins.attrs.softplus)))
+
+
+def _type(plan, arg) -> TType | None:
+    """An operand's type: an activation's from the plan, a weight's from its slot, None if left out."""
+    if arg is None:
+        return None
+    return plan.types[arg] if arg in plan.types else TType(tuple(plan.weights[arg.name].shape))
+
+
 SELECTIVE_SCAN = OpDef(
     "selective_scan", ("x", "dt", "a_log", "b", "c", "d?", "dt_bias?"),
     {"groups": Attr("int", 1), "softplus": Attr("bool", True)}, _scan_shape,
@@ -151,7 +175,7 @@ SELECTIVE_SCAN = OpDef(
     "[T, d] (a head per channel), A_log [d, N]; Mamba-2 (SSD): dt [T, heads], x [T, heads * head_dim], A_log "
     "[heads]; B and C [T, groups * N], group g serving heads g*H/G .. (g+1)*H/G - 1",
     reference=_scan_reference,
-    cuda=lambda ins, plan, dt: Torch(_NO_KERNEL),
+    cuda=_scan_cuda,
     trt=_NO_TRT,
     check_attrs=_scan_attrs,
     state=_scan_state,

@@ -141,10 +141,11 @@ ROPE_CASES = [
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("case", range(len(ROPE_CASES)))
 @pytest.mark.parametrize("page_size", [16, 5])
-def test_rope_write_kv(dtype, case, page_size):
+@pytest.mark.parametrize("prefetch", [True, False])  # the loads-first variant and the default kernel
+def test_rope_write_kv(dtype, case, page_size, prefetch):
     c = ROPE_CASES[case]
     dt = DT[dtype]
-    spec = RopeCacheSpec(page_size=page_size, dtype=dtype, origin="test", **c)
+    spec = RopeCacheSpec(page_size=page_size, dtype=dtype, prefetch=prefetch, origin="test", **c)
     H, KV, D, rot = spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim
     ctx, new = [0, 3, 700, 31], [17, 1, 1, 40]  # prefill chunks and decodes, crossing pages
     tables, pages = paged_layout([a + b for a, b in zip(ctx, new)], page_size)
@@ -275,6 +276,39 @@ def test_paged_decode_attention_long_context(dtype, case, split):
             assert rel_err(out[b].view(1, H, D), ref) <= TOL[dtype], f"call {call}, sequence {b} (context {n})"
 
 
+@pytest.mark.parametrize("tuned", [True, False])  # issue #12's merge + page prefetch, and the kernel before
+@pytest.mark.parametrize("kv_fp8", [False, True])
+@pytest.mark.parametrize("ctx", [16384, 16383, 12345, 4100, 65])
+@pytest.mark.parametrize("partition", [None, 64, 320, 4096])
+def test_paged_decode_attention_batch1(tuned, kv_fp8, ctx, partition):
+    """Batch 1, Llama-3-8B's heads: contexts that are not a multiple of the page (16) or of the
+    partition; partitions the model's, the finest (up to 256 splits: the merge's 32-split chunks),
+    one that is not a power of 2, and a coarse one; bf16 and fp8 pages. Called twice: the counters
+    are reset by the launch."""
+    H, KV, D, P = 32, 8, 128, 16
+    spec = DecodeAttnSpec(H, KV, D, P, D ** -0.5, kv_fp8=kv_fp8, tuned=tuned, origin="test")
+    tables, pages = paged_layout([ctx], P)
+    if kv_fp8:
+        kc, kf = fp8_pages((pages, KV, P, D), 0.05)
+        vc, vf = fp8_pages((pages, KV, P, D), 0.02)
+        scales = dict(k_scale=0.05, v_scale=0.02)
+    else:
+        kc = kf = torch.randn(pages, KV, P, D, device=DEV).to(torch.bfloat16)
+        vc = vf = torch.randn(pages, KV, P, D, device=DEV).to(torch.bfloat16)
+        scales = {}
+    lens = torch.tensor([ctx], dtype=torch.int32, device=DEV)
+    scratch = K.decode_scratch(spec, 1, ctx, DEV, min_partition=64)
+    for call in range(2):
+        q = torch.randn(1, H * D, device=DEV).to(torch.bfloat16)
+        out = nan_like((1, H * D), torch.bfloat16)
+        K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, scratch, max_context=ctx,
+                                 partition=partition, **scales)
+        assert not scratch.counters.any(), "split counters not reset after the launch"
+        ref = attention_ref(q.view(1, H, D), gather(kf, tables[0], ctx, P), gather(vf, tables[0], ctx, P),
+                            torch.tensor([ctx - 1], device=DEV), spec.scale, 0, 0.0)
+        assert rel_err(out.view(1, H, D), ref) <= TOL["bf16"], f"call {call}"
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("case", ATTN_CASES)
 @pytest.mark.parametrize("page_size", [16, 7])
@@ -364,6 +398,80 @@ def test_prefill_hopper_matches_sdpa_at_bench_shape(ws):
     assert rel_err(out.view(S, L, H, D).transpose(1, 2), ref) <= 1e-2
 
 
+# heads, kv_heads, head_dim, window, causal: Llama-3-8B's heads, a sliding window, MHA at head_dim 64,
+# a non-causal one
+SPLIT_CASES = [(32, 8, 128, 0, True), (16, 2, 128, 300, True), (8, 8, 64, 0, True), (32, 8, 128, 0, False)]
+
+
+@pytest.mark.parametrize("splits", [1, 2, 7, 16, None], ids=lambda x: f"splits{x or '_auto'}")
+@pytest.mark.parametrize("case", SPLIT_CASES)
+@pytest.mark.parametrize("page_size", [16, 7])
+def test_prefill_hopper_split_kv(splits, case, page_size):
+    """Issue #16: split-KV in the wgmma kernel. Short queries after long cached contexts (no multiple
+    of the tile or page): a prompt after a 2,000-token prefix, speculative verification (5 queries),
+    a single query, a chunk; padding sequences with no queries and no context; a launch bound 3x
+    the longest context (the splits then outnumber a short context's tiles: empty splits are
+    neutral). Splits forced to 1 (the plain kernel), 2, 7, 16, and the modeled count. Twice: the
+    scratch is fresh per launch, nothing carries over."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma prefill kernel is for Hopper GPUs")
+    H, KV, D, window, causal = case
+    dt = torch.bfloat16
+    spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, causal=causal, origin="test")
+    ctx, new = [2000, 0, 777, 1234, 0, 130, 4095], [32, 0, 5, 1, 0, 61, 17]
+    kv_lens = [a + b for a, b in zip(ctx, new)]
+    tables, pages = paged_layout(kv_lens, page_size)
+    kc = torch.randn(pages, KV, page_size, D, device=DEV).to(dt)
+    vc = torch.randn(pages, KV, page_size, D, device=DEV).to(dt)
+    T = sum(new)
+    cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    bound = 3 * max(kv_lens)
+    for call in range(2):
+        q = (torch.randn(T, H * D, device=DEV) * 2).to(dt)
+        out = nan_like((T, H * D), dt)
+        K.prefill_attention(spec, q, kc, vc, tables, cu, lens, out, max_q_len=max(new), max_context=bound,
+                            splits=splits)
+        for s, (c, n) in enumerate(zip(ctx, new)):
+            if n == 0:
+                continue
+            rows = slice(int(cu[s]), int(cu[s + 1]))
+            ref = attention_ref(q[rows].view(n, H, D), gather(kc, tables[s], c + n, page_size),
+                                gather(vc, tables[s], c + n, page_size), torch.arange(c, c + n, device=DEV),
+                                spec.scale, window, 0.0, causal=causal)
+            assert rel_err(out[rows].view(n, H, D), ref) <= TOL["bf16"], f"call {call}, sequence {s} ({c} + {n})"
+
+
+def test_prefill_hopper_split_kv_matches_plain_at_bench_shape():
+    """The issue's shape (32 new tokens after 2,000 cached, Llama-3-8B heads): the modeled split
+    count splits it, and matches both the plain kernel (splits=1) and torch SDPA."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma prefill kernel is for Hopper GPUs")
+    H, KV, D, P, n, c = 32, 8, 128, 16, 32, 2000
+    spec = PrefillAttnSpec(H, KV, D, P, D ** -0.5, origin="test")
+    L = c + n
+    tables, pages = paged_layout([L], P)
+    kc = torch.randn(pages, KV, P, D, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(n, H * D, device=DEV, dtype=torch.bfloat16)
+    cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+    lens = torch.tensor([L], dtype=torch.int32, device=DEV)
+    meta = K.render(K.prefill_for_device(spec, DEV)).meta
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    assert K.prefill_splits(meta, KV * meta["chunks"], 4096, sms) > 1  # 8 blocks alone: split
+    outs = {}
+    for splits in (1, None):
+        outs[splits] = nan_like(q.shape, torch.bfloat16)
+        K.prefill_attention(spec, q, kc, vc, tables, cu, lens, outs[splits], n, max_context=4096, splits=splits)
+    kd, vd = gather(kc, tables[0], L, P)[None], gather(vc, tables[0], L, P)[None]  # [1, KV, L, D]
+    qd = q.view(1, n, H, D).transpose(1, 2)
+    mask = torch.arange(L, device=DEV)[None, :] <= torch.arange(c, L, device=DEV)[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)
+    for splits, o in outs.items():
+        assert rel_err(o.view(1, n, H, D).transpose(1, 2), ref) <= 1e-2, f"splits={splits}"
+    assert rel_err(outs[None], outs[1]) <= 1e-2
+
+
 def test_prefill_not_causal():
     spec = PrefillAttnSpec(8, 2, 64, 16, 0.125, causal=False, dtype="fp32", origin="test")
     n = [19, 40]
@@ -410,6 +518,21 @@ def test_activation(dtype, kind, gated, F, T, two_inputs):
         K.activation(spec, out, x=x)
         ref = ACTS[kind](x.double())
     assert rel_err(out, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("unroll", [4, 3, 1])  # the unrolled variants and the default loop (1)
+@pytest.mark.parametrize("gated, F, T", [(True, 14336, 1), (True, 14336, 301), (True, 11, 4099),
+                                         (False, 3072, 2049), (True, 1000, 8192)])
+def test_activation_unrolled(unroll, gated, F, T):
+    """The unrolled grid-stride loop: vector counts that are not a multiple of the grid's stride, rows
+    whose vectors straddle a stride step (F = 11: 1-element vectors), a grid smaller than the work."""
+    spec = ActSpec("silu", gated, F, unroll=unroll, origin="test")
+    dt = torch.bfloat16
+    out = nan_like((T, F), dt)
+    x = torch.randn(T, 2 * F if gated else F, device=DEV).to(dt) * 3
+    K.activation(spec, out, x=x)
+    ref = ACTS["silu"](x[:, :F].double()) * (x[:, F:].double() if gated else 1.0)
+    assert rel_err(out, ref) <= TOL["bf16"]
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from kiln.dsl.quant import QuantDesc, QWeight, quantize_weight
+from kiln.dsl.quant import QuantDesc, QWeight, quantize_weight, share_scale
 from kiln.runtime import cuda_quant
 from kiln.runtime.batch import SeqSlice, StepBatch
 from kiln.runtime.kv_store import KVStore
@@ -90,6 +90,29 @@ def test_quantized_linear_matches_reference(fmt, T, dtype, fresh_seed):
     assert torch.count_nonzero(y[:, ~covered.cuda()]) == 0  # zero rows stay zero
 
 
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("T", [1, 7, 300])
+@pytest.mark.parametrize("layout, act", [("per_tensor", "fp8_tensor"), ("per_channel", "fp8_token")])
+def test_fp8_linear_matches_reference(layout, act, T, dtype, fresh_seed):
+    """W8A8 fp8 through cuBLASLt (fused siblings, bias) against QWeight.linear on the same input:
+    both multiply the same fp8 values, so they agree to the output's rounding in bf16. In fp32, to
+    the fp8 tensor cores' accumulator: Hopper keeps about 14 bits of it between promotions to fp32
+    (the DeepSeek-V3 report, section 3.3.2), about 1e-4 relative at K=512."""
+    dt = DTYPES[dtype]
+    tol = {"bf16": TOL["bf16"], "fp32": 5e-4}[dtype]
+    desc = QuantDesc("fp8", layout, act=act)
+    ws = [quantize_weight(torch.randn(r, 512, device="cuda"), desc) for r in (96, 32)]
+    if layout == "per_tensor":  # siblings that one GEMM runs share one weight scale
+        ws = share_scale(ws)
+    gemm = cuda_quant.prepare(ws, [(0, 96), (96, 32)], dtype=dt, origin="test fp8")
+    bias = torch.randn(128, device="cuda").to(dt)
+    x = (torch.randn(T, 512, device="cuda") * torch.rand(T, 1, device="cuda") * 10).to(dt)
+    y = gemm(x, bias)
+    for (s, r), w in zip([(0, 96), (96, 32)], ws):
+        want = w.linear(x, bias[s:s + r])
+        assert rel(y[:, s:s + r], want) <= tol, f"sibling at {s}: {rel(y[:, s:s + r], want)}"
+
+
 def test_strided_input_and_graph_capture():
     """A row-strided x (a slice of a fused output) and a CUDA graph replay with new inputs."""
     w = _int4(256, 512)
@@ -146,7 +169,10 @@ def _cuda_twin(ref):
 @pytest.mark.parametrize("dtype, tol", [("bf16", 3e-2), ("fp32", 2e-3)])
 @pytest.mark.parametrize("scheme", ["fp8", "fp8-channel", "int8-wo", "int4-wo"])
 def test_quantized_model_cuda_matches_reference(scheme, dtype, tol, fresh_seed):
-    if scheme == "fp8":  # fused per-tensor siblings are requantized to one scale (cuda_quant.py's doc)
+    if scheme in ("fp8", "fp8-channel"):
+        # W8A8: every linear rounds its input to fp8 (steps of up to 1/8 of a value), so an fp32
+        # rounding difference upstream can move a value across a step; test_fp8_linear_matches_reference
+        # checks the GEMMs on equal inputs, exactly. (Fused per-tensor siblings also share one scale.)
         tol = max(tol, 5e-2)
     ref = random_model("llama", LLAMA, dtype=dtype, device="cuda", seed=0, quantization=scheme)
     _compare(ref, _cuda_twin(ref), tol, fresh_seed)
@@ -194,9 +220,13 @@ def test_gemv_variants_and_splits_match_reference(fmt, T, dtype, fresh_seed):
             assert rel(y, want) <= TOL["bf16"], f"{variant} splits={splits}: {rel(y, want)}"
 
 
-def test_dependent_launches_chain_in_a_graph():
+@pytest.mark.parametrize("variant", ["default", "stream", "persist"])
+def test_dependent_launches_chain_in_a_graph(variant, monkeypatch):
     """GEMV -> GEMV -> GEMV, each reading the one before's output, captured and replayed: the
-    programmatic dependent launch lets each start early, griddepcontrol.wait keeps the order."""
+    programmatic dependent launch lets each start early, griddepcontrol.wait keeps the order
+    (every variant as the runtime selects it: KILN_QGEMV)."""
+    if variant != "default":
+        monkeypatch.setenv("KILN_QGEMV", variant)
     dims = [512, 1024, 512, 768]
     ws = [_int4(dims[i + 1], dims[i]) for i in range(3)]
     gemms = [cuda_quant.prepare([w], [(0, w.shape[0])], dtype=torch.bfloat16) for w in ws]
@@ -214,6 +244,8 @@ def test_dependent_launches_chain_in_a_graph():
             h = w.linear(h)
         return h
 
+    if variant != "default":
+        assert gemms[0].packed.spec(torch.bfloat16, 8, False).variant == variant
     assert rel(chain(), ref()) <= 3e-2
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -272,3 +304,81 @@ def test_fp8_act_quant_in_a_graph():
     graph.replay()
     q_ref, s_ref = gemm.quantize_act_torch(x)
     assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+# ---- the persist variant (a device-sized grid; each block stages x once for its tiles, one ring per warp
+# across tiles) and the shared-memory check that replaced stream's CudaDriverError
+
+
+def _persist_cases(p, tokens):
+    """(splits, tiles per block): the pick, every split count whose x slice fits, and 1 and 3 tiles per
+    block for the pick (ring wrap-around across tiles, ragged last block)."""
+    from kiln.codegen.quant_kernels import SMEM_MAX, _split_counts, choose_persist, persist_smem, persist_tpb
+
+    pick = choose_persist(p.fmt, p.n, p.k, tokens, 132)
+    out = {pick, (pick[0], 1), (pick[0], 3)}
+    for s in _split_counts(p.fmt, p.k):
+        if persist_smem(p.fmt, p.k, tokens, s) <= SMEM_MAX:
+            out.add((s, persist_tpb(p.fmt, p.n, p.k, tokens, 132, s)))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 5, 8, 9, 16, 40])
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_gemv_persist_matches_reference(fmt, T, dtype, fresh_seed):
+    """Every format the template serves (int4 with / without zeros, act-order, int8, q4_0 / q4_1 /
+    q8_0), fused siblings' row counts, bias, K splits and tiles per block, against QWeight.linear."""
+    make, k, rows = FORMATS[fmt]
+    n = sum(rows) + 40  # a ragged last tile and several tiles per block
+    w = make(n, k)
+    p = cuda_quant.pack(w)
+    x = torch.randn(T, k, device="cuda").to(dtype)
+    b = torch.randn(n, device="cuda").to(dtype)
+    want = w.linear(x, b)
+    for splits, tpb in _persist_cases(p, 8 if T <= 8 else 16):
+        p.variant, p.splits, p.tpb = "persist", splits, tpb
+        for _ in range(2):  # twice: the split counters are reset by the last block
+            y = p.linear(x, b)
+            assert rel(y, want) <= TOL["bf16"], f"persist splits={splits} tpb={tpb}: {rel(y, want)}"
+        assert rel(p.linear(x, None), w.linear(x)) <= TOL["bf16"]
+
+
+@pytest.mark.parametrize("T", [1, 16, 64])
+@pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_gemv_persist_llama3_shapes(n, k, T, fresh_seed):
+    """Llama-3-8B's linears (int4 group 128, zero points): the persist pick and every K split that
+    fits, the stream pick, and the loop, all against the reference (and, exactly, each other's
+    inputs: the same packed weight)."""
+    from kiln.codegen.quant_kernels import choose_persist, choose_splits
+
+    w = _int4(n, k)
+    p = cuda_quant.pack(w)
+    x = torch.randn(T, k, device="cuda").bfloat16()
+    want = w.linear(x)
+    tokens = 8 if T <= 8 else 16
+    cases = [("persist", s, t) for s, t in _persist_cases(p, tokens)]
+    cases += [("stream", choose_splits("int4", n, k, tokens, 132), None), ("loop", None, None)]
+    assert choose_persist("int4", n, k, tokens, 132) in [(s, t) for _, s, t in cases]
+    for variant, splits, tpb in cases:
+        p.variant, p.splits, p.tpb = variant, splits, tpb
+        y = p.linear(x, None)
+        assert rel(y, want) <= TOL["bf16"], f"{variant} splits={splits} tpb={tpb}: {rel(y, want)}"
+
+
+def test_stream_split_past_shared_memory_is_refused():
+    """The down projection (14336 columns) at 16 tokens with 1 or 2 K splits needed 459 / 241 KB of
+    shared memory: cuFuncSetAttribute failed (CudaDriverError). The spec now refuses it, naming the
+    field, and the default pick fits and runs."""
+    from kiln.codegen.quant_kernels import choose_splits
+    from kiln.codegen.specs import KernelSpecError
+
+    w = _int4(4096, 14336)
+    p = cuda_quant.pack(w)
+    x = torch.randn(16, 14336, device="cuda").bfloat16()
+    for s in (1, 2):
+        p.variant, p.splits = "stream", s
+        with pytest.raises(KernelSpecError, match=r"\.splits:.*shared memory"):
+            p.linear(x, None)
+    p.splits = choose_splits("int4", 4096, 14336, 16, 132)
+    assert rel(p.linear(x, None), w.linear(x)) <= TOL["bf16"]

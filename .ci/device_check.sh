@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# On the GPU machine (the device tool), one or more modes per call (each call under its 10-minute limit):
+#   bash .ci/device_check.sh tests     every GPU test (WORKERS processes); the warp-specialised prefill
+#                                       kernel's apart, under a short timeout (a barrier bug would hang)
+#   bash .ci/device_check.sh kernels   the kernel benchmark (python -m kiln.codegen.bench_kernels)
+#   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
+#   bash .ci/device_check.sh benches   the figures the open issues ask for: cached-prefix TTFT, LoRA and
+#                                         guided decode overhead, fp8 / int4 batch-1 decode, Mamba-2 decode
+# Needs .whl carried (see device_compare.sh; pytest-xdist + execnet, llguidance + jsonschema and deps)
+# and, for the guided benchmark, .tok (a tokenizer.json folder: SmolLM2's, exported from the GGUF).
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+rm -rf /tmp/new && mkdir -p /tmp/new/kiln
+for f in api/*; do ln -s "$(readlink -f "$f")" /tmp/new/kiln/; done
+for p in dsl codegen runtime; do ln -s "$(readlink -f "$p")" /tmp/new/kiln/$p; done
+export PYTHONPATH=/tmp/new:/tmp/site:.
+kiln() { python3 -m kiln.cli "$@"; }
+L=configs/llama-3-8b.json
+for mode in "$@"; do
+  case $mode in
+    tests)
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/gpu tests/test_op_clamp.py tests/test_ops_norm_variants.py \
+        -q -p no:cacheprovider -n ${WORKERS:-6} --maxfail=80 --ignore=tests/gpu/test_guided_gpu.py -k "not sm90ws" \
+        2>&1 | tee "$OUT/gpu-tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -50
+      timeout ${WS_TIMEOUT:-45} python3 -m pytest tests/gpu/test_kernels.py -q -p no:cacheprovider -k "sm90ws" \
+        > "$OUT/gpu-ws.log" 2>&1; tail -1 "$OUT/gpu-ws.log" ;;
+    kernels)
+      timeout ${BENCH_TIMEOUT:-200} python3 -m kiln.codegen.bench_kernels --no-ws --md "$OUT/kernels.md" \
+        > "$OUT/kernels.log" 2>&1; tail -5 "$OUT/kernels.log" ;;
+    benches)
+      timeout 60 kiln bench prefix --config $L 2>&1 | tail -1 | tee -a "$OUT/benches.log"
+      timeout 90 kiln bench throughput --config $L --requests 64 --input-len 128 --output-len 64 --lora-adapters 8 \
+        --lora-rank 16 2>&1 | grep -E '^\| (lora_decode_ratio|decode_step_ms_p50|base_decode_step_ms_p50) ' | tee -a "$OUT/benches.log"
+      timeout 80 kiln bench throughput --config $L --requests 64 --input-len 128 --output-len 64 --guided json \
+        --tokenizer .tok 2>&1 | grep -E '^\| (guided_step_overhead|decode_step_ms_p50) ' | tee -a "$OUT/benches.log"
+      for q in fp8 int4-wo; do timeout 40 kiln bench latency --config $L --quantization $q --steps 64 2>&1 \
+        | grep -E "^\| (decode_ms|roofline_ms) |decode / roofline" | tee -a "$OUT/benches.log"; done
+      timeout 40 kiln bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
+        | grep -E "^\| (decode_ms|roofline_ms|state_rw_MB) |decode / roofline" | tee -a "$OUT/benches.log"
+      timeout 50 python3 .ci/ssm_decode_contexts.py --config configs/mamba2-2.7b.json --contexts 1024,16384,65536 \
+        --steps 32 2>&1 | tail -6 | tee -a "$OUT/benches.log" ;;
+    retest)  # tests changed after the `tests` call
+      timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
+        "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \
+        tests/gpu/test_quant_kernels.py -k "not persist" 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tee "$OUT/retest.log" ;;
+  esac
+done

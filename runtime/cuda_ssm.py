@@ -1,0 +1,91 @@
+"""State-space ops on the cuda backend (Exec.SSM): `causal_conv1d` (with the activation after it) and
+`selective_scan` as generated kernels (codegen/ssm_kernels.py) over the state cache (runtime/state_cache.py).
+
+The kernels read everything about the step on the device: its rows and contexts from the step metadata
+every attention op shares (cu_seqlens, kv_lens), and each sequence's state slot from an int32 tensor
+made here. An eager step uploads its slots once per forward (all the model's state-space steps share
+them); a captured decode graph reads a static slot buffer of its size, which `fill` refreshes before
+each replay (padding rows: slot -1, a zero state never written). So no step of this kind reads the
+host, and a state-space model decodes through the CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+from kiln.codegen import ssm_kernels as SK
+from kiln.codegen.fuse import Exec, KOp
+from kiln.dsl.plan import WeightArg, fetch
+
+from .batch import StepBatch
+
+
+class SsmSteps:
+    """Every Exec.SSM step of a model: their contiguous weights, and the state slots of a step."""
+
+    def __init__(self, model):
+        self.model = model
+        self.ops = [op for op in model.ops if op.kind is Exec.SSM]
+        self.graph_slots: dict[int, torch.Tensor] = {}  # graph size -> [size] int32 slots (static buffers)
+        self._host: dict[int, torch.Tensor] = {}  # graph size -> pinned staging of its slots
+        self.num_slots: int | None = None  # the state store's, as last seen by a step (bounds `fill`)
+        for op in self.ops:  # the kernels read weights as dense rows (a reshaped conv weight may be a view)
+            for a in op.instrs[0].inputs:
+                if isinstance(a, WeightArg) and a.name in model.weights:
+                    model.weights[a.name] = model.weights[a.name].contiguous()
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    # -- the slots of a step ---------------------------------------------------------------
+    def _slots(self, step) -> tuple[torch.Tensor, int]:
+        """([S] int32 slots on the device, S): uploaded once per eager forward; a graph's own buffer."""
+        cached = getattr(step, "ssm_slots", None)
+        if cached is not None:
+            return cached
+        state = step.kv.state
+        self.num_slots = state.num_slots
+        if step.batch is not None:
+            slots = state.slots(step.batch.seqs)  # checked: in range, one sequence per slot
+            dev = torch.tensor(slots, dtype=torch.int32).pin_memory().to(self.model.device, non_blocking=True)
+            cached = (dev, len(slots))
+        else:  # inside a captured decode graph: one row per sequence, `fill` writes the slots
+            size = step.T
+            buf = self.graph_slots.get(size)
+            if buf is None:
+                buf = self.graph_slots[size] = torch.full((size,), -1, dtype=torch.int32, device=self.model.device)
+                self._host[size] = torch.full((size,), -1, dtype=torch.int32).pin_memory()
+            cached = (buf, size)
+        step.ssm_slots = cached
+        return cached
+
+    def fill(self, batch: StepBatch, size: int) -> None:
+        """Before a graph of `size` rows replays `batch`: its sequences' slots, then -1 (padding)."""
+        buf = self.graph_slots.get(size)
+        if buf is None:
+            return  # the graph holds no state-space step
+        slots = [s.state_slot for s in batch.seqs]
+        bad = [x for x in slots if not 0 <= x < (self.num_slots or 0)]
+        if bad or len(set(slots)) != len(slots):
+            raise ValueError(f"state slots {slots}: each must be in [0, {self.num_slots}) and named once")
+        host = self._host[size]
+        host.fill_(-1)
+        host[: len(slots)] = torch.tensor(slots, dtype=torch.int32)
+        buf.copy_(host, non_blocking=True)
+
+    # -- one step ------------------------------------------------------------------------------
+    def __call__(self, op: KOp, env: dict, step, weights: dict) -> None:
+        ins = op.instrs[0]
+        meta, spec = step.meta, op.spec
+        slots, S = self._slots(step)
+        site = self.model.plan.state_sites[ins.state]
+        args = [fetch(a, env, weights) for a in ins.inputs]
+        x = args[0]
+        out = torch.empty(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+        if op.extra["op"] == "conv":
+            state = step.kv.state.site(ins.state, site.shape, x.dtype, x.device)
+            SK.ssm_conv(spec, x, args[1], args[2], state, slots, meta.cu_seqlens, meta.kv_lens, out, S,
+                        meta.max_q_len)
+        else:
+            state = step.kv.state.site(ins.state, site.shape, torch.float32, x.device)
+            SK.ssm_scan(spec, x, *args[1:], state, slots, meta.cu_seqlens, meta.kv_lens, out, S)
+        env[op.outs[0]] = out
