@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from kiln.dsl.dtypes import RUN_DTYPES
 
+from . import ssm_kernels as SK
 from .launch import LoadedKernel, get_kernel, i32, i64, ptr
 from .render import KernelSource, render  # noqa: F401  (re-exported)
 from .specs import (  # noqa: F401  (re-exported)
@@ -498,3 +499,78 @@ def moe_gemm(spec: MoeGemmSpec, a, weight, out, sorted_token, offsets, tile_offs
     kern.launch(kern.source.entries[0], grid, (meta["threads"],),
                 [ptr(a), ptr(sorted_token), ptr(weight), ptr(bias if spec.has_bias else None), ptr(offsets),
                  ptr(tile_offsets), ptr(out), i64(a.stride(0)), i64(out.stride(0))], smem=meta["smem"])
+
+
+# ---- state-space ops (specs and rendering: codegen/ssm_kernels.py)
+
+
+def _ssm_step_meta(slots, cu_seqlens, kv_lens, num_seqs: int, dev):
+    """The step's per-sequence tensors (at least num_seqs entries; cu_seqlens num_seqs + 1), all int32."""
+    if num_seqs < 1:
+        raise KernelArgError(f"num_seqs: must be >= 1, got {num_seqs}")
+    for name, t, n in (("slots", slots, num_seqs), ("cu_seqlens", cu_seqlens, num_seqs + 1),
+                       ("kv_lens", kv_lens, num_seqs)):
+        _check(name, t, torch.int32, device=dev, aligned=False)
+        if t.dim() != 1 or t.shape[0] < n:
+            raise KernelArgError(f"{name}: shape {tuple(t.shape)}, expected at least [{n}]")
+    return [ptr(slots), ptr(cu_seqlens), ptr(kv_lens)]
+
+
+def ssm_conv(spec: SK.SsmConvSpec, x, weight, bias, state, slots, cu_seqlens, kv_lens, out, num_seqs: int,
+             max_len: int):
+    """out = act(causal_conv1d(x)) for the rows cu_seqlens[s]:cu_seqlens[s + 1] of each sequence s, its
+    history from state[slots[s]] ([num_slots, channels, kernel - 1], run dtype) when it has context;
+    the slot then holds its last kernel - 1 inputs. x [T, channels] (row-strided), weight [channels,
+    kernel], bias [channels], out [T, channels]; max_len: a host bound on the sequences' lengths."""
+    dt, C, K = _torch_dtype(spec), spec.channels, spec.kernel
+    dev = x.device
+    _rows("x", x, dt, C, dev, align=x.element_size())
+    T = x.shape[0]
+    _check("weight", weight, dt, (C, K), dev, aligned=False)  # read element by element
+    if spec.has_bias:
+        _check("bias", bias, dt, (C,), dev, aligned=False)
+    _check("state", state, dt, device=dev)
+    if state.dim() != 3 or tuple(state.shape[1:]) != (C, K - 1):
+        raise KernelArgError(f"state: shape {tuple(state.shape)}, expected [slots, {C}, {K - 1}]")
+    _check("out", out, dt, (T, C), dev)
+    meta = _ssm_step_meta(slots, cu_seqlens, kv_lens, num_seqs, dev)
+    kern = get_kernel(spec, dev)
+    grid = (math.ceil(C / SK.CONV_THREADS), num_seqs, max(1, math.ceil(max_len / SK.CONV_TOKENS)))
+    kern.launch(kern.source.entries[0], grid, (SK.CONV_THREADS,),
+                [ptr(x), i64(x.stride(0)), ptr(weight), ptr(bias if spec.has_bias else None), ptr(state), *meta,
+                 ptr(out)])
+
+
+def ssm_scan(spec: SK.SsmScanSpec, x, dt_in, a_log, b, c, d, dt_bias, state, slots, cu_seqlens, kv_lens, out,
+             num_seqs: int):
+    """out = selective_scan(x, dt, A_log, B, C, D, dt_bias) over each sequence's rows (as ssm_conv's),
+    starting from state[slots[s]] ([num_slots, heads, head_dim, d_state] fp32) when it has context, which
+    then holds the state after its last token. x [T, heads * head_dim], dt [T, heads], b and c
+    [T, groups * d_state] (all row-strided); a_log [heads] or [heads, d_state]; d, dt_bias [heads];
+    out [T, heads * head_dim]."""
+    rd, s = _torch_dtype(spec), spec
+    dev = x.device
+    HP, GN = s.heads * s.head_dim, s.groups * s.d_state
+    _rows("x", x, rd, HP, dev, align=x.element_size())
+    T = x.shape[0]
+    for name, t, cols in (("dt", dt_in, s.heads), ("b", b, GN), ("c", c, GN)):
+        _rows(name, t, rd, cols, dev, align=t.element_size())
+        if t.shape[0] != T:
+            raise KernelArgError(f"{name}: {t.shape[0]} rows, x has {T}")
+    _check("a_log", a_log, rd, (s.heads, s.d_state) if s.a_per_state else (s.heads,), dev, aligned=False)
+    if s.has_d:
+        _check("d", d, rd, (s.heads,), dev, aligned=False)
+    if s.has_dt_bias:
+        _check("dt_bias", dt_bias, rd, (s.heads,), dev, aligned=False)
+    _check("state", state, torch.float32, device=dev)
+    if state.dim() != 4 or tuple(state.shape[1:]) != (s.heads, s.head_dim, s.d_state):
+        raise KernelArgError(f"state: shape {tuple(state.shape)}, expected [slots, {s.heads}, {s.head_dim}, "
+                             f"{s.d_state}]")
+    _check("out", out, rd, (T, HP), dev)
+    meta = _ssm_step_meta(slots, cu_seqlens, kv_lens, num_seqs, dev)
+    kern = get_kernel(spec, dev)
+    km = kern.source.meta
+    kern.launch(kern.source.entries[0], (km["blocks"], num_seqs), (km["threads"],),
+                [ptr(x), i64(x.stride(0)), ptr(dt_in), i64(dt_in.stride(0)), ptr(a_log), ptr(b), i64(b.stride(0)),
+                 ptr(c), i64(c.stride(0)), ptr(d if s.has_d else None), ptr(dt_bias if s.has_dt_bias else None),
+                 ptr(state), *meta, ptr(out)])

@@ -12,7 +12,7 @@ host, and a state-space model decodes through the CUDA graphs.
 from __future__ import annotations
 
 import torch
-from kiln.codegen import ssm_kernels as SK
+from kiln.codegen import kernels as K
 from kiln.codegen.fuse import Exec, KOp
 from kiln.dsl.plan import WeightArg, fetch
 
@@ -83,9 +83,9 @@ class SsmSteps:
         out = torch.empty(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
         if op.extra["op"] == "conv":
             state = step.kv.state.site(ins.state, site.shape, x.dtype, x.device)
-            SK.ssm_conv(spec, x, args[1], args[2], state, slots, meta.cu_seqlens, meta.kv_lens, out, S,
+            K.ssm_conv(spec, x, args[1], args[2], state, slots, meta.cu_seqlens, meta.kv_lens, out, S,
                         meta.max_q_len)
         else:
             state = step.kv.state.site(ins.state, site.shape, torch.float32, x.device)
-            SK.ssm_scan(spec, x, *args[1:], state, slots, meta.cu_seqlens, meta.kv_lens, out, S)
+            K.ssm_scan(spec, x, *args[1:], state, slots, meta.cu_seqlens, meta.kv_lens, out, S)
         env[op.outs[0]] = out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kiln.codegen import ssm_kernels as SK
+from kiln.codegen import kernels as K
 from kiln.codegen.fuse import Exec, fuse
 from kiln.dsl import check, load_spec
 from kiln.dsl.ops import OPS
@@ -94,11 +94,11 @@ def test_kernels_match_op_references(family, dtype, fresh_seed):
             got = torch.empty(start, args[0].shape[1], dtype=tdt, device="cuda")
             if op.extra["op"] == "conv":
                 state = ker_kv.state.site(ins.state, site.shape, tdt, "cuda")
-                SK.ssm_conv(op.spec, args[0], args[1], args[2],
+                K.ssm_conv(op.spec, args[0], args[1], args[2],
                             state, slots, cu, kv_lens, got, len(seqs), max(length for length, _ in lens))
             else:
                 state = ker_kv.state.site(ins.state, site.shape, torch.float32, "cuda")
-                SK.ssm_scan(op.spec, *args, state, slots, cu,
+                K.ssm_scan(op.spec, *args, state, slots, cu,
                             kv_lens, got, len(seqs))
             torch.cuda.synchronize()
             what = f"{family} {type(op.spec).__name__} step {n}"
@@ -125,7 +125,7 @@ def test_padding_rows_write_no_state():
             weights[a.name] if a is not None else None for a in ins.inputs]
     out = torch.empty(T, args[0].shape[1], device="cuda")
     cu = torch.arange(T + 1, dtype=torch.int32, device="cuda")
-    SK.ssm_scan(scan.spec, *args, state, torch.full((T,), -1, dtype=torch.int32, device="cuda"), cu,
+    K.ssm_scan(scan.spec, *args, state, torch.full((T,), -1, dtype=torch.int32, device="cuda"), cu,
                 torch.full((T,), 5, dtype=torch.int32, device="cuda"), out, T)
     torch.cuda.synchronize()
     assert torch.equal(state, before) and torch.isfinite(out).all()
