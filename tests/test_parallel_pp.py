@@ -1,9 +1,8 @@
 """Pipeline parallelism (issue 14) on CPU with gloo, alone and composed with tensor parallelism.
 
 Every attention family of FAMILY_CONFIGS runs in 2 pipeline stages (2 processes, one process group
-for all of them) and must give the single process's greedy tokens with logits within 1e-5 (fp32);
-a few families also run TP=2 x PP=2 (4 processes). Each rank loads only its stage's weights (its
-slices of them); a rank that dies mid-request is detected; `kiln show --pp` prints the stages and
+for all of them), and in TP=2 x PP=2 (4 processes), and must give the single process's greedy tokens
+with logits within 1e-5 (fp32). Each rank loads only its stage's weights (its slices of them); a rank that dies mid-request is detected; `kiln show --pp` prints the stages and
 `kiln generate --pp` / `LLM(pipeline_parallel_size=)` match one process."""
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ from tests.test_parallel import _full, _generate, _greedy, _spec, tiny_checkpoin
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3
-# TP=2 x PP=2: one dense family with GQA, one with a tied LM head (gemma3: the last stage loads the
-# embedding), one MoE (experts split by TP inside each stage).
-TP_PP_CASES = ("llama", "gemma3", "qwen3_moe")
+# TP=2 x PP=2 (4 processes, one process group for all of them): every family, as PP=2 — among them
+# tied LM heads (the last stage loads the embedding) and MoEs (experts split by TP inside each stage).
+TP_PP_CASES = tuple(FAMILY_CONFIGS)
 
 
 def _rank(rank, world, tp, pp, init, names, configs, out):
