@@ -55,6 +55,25 @@ def _greedy(step, n):
     return tokens, torch.stack(logits)
 
 
+def compare_on_rank0(full, model, steps: int) -> dict:
+    """Rank 0's side of a split-vs-single check: `steps` greedy steps of the single-process model and
+    of `model` (this rank's part, the workers following through ParallelModel), which then stop:
+    both runs' tokens and the largest logit difference, or the error a case raised."""
+    from kiln.runtime import distributed as d
+
+    want_tokens, want = _greedy(SingleSequence(full, 32).step, steps)
+    seq = SingleSequence(full, 32)
+    seq.model = d.ParallelModel(model)
+    seq.kv = d.KVStore(model.plan.sites, seq.kv.num_pages, seq.kv.page_size, torch.float32)
+    try:
+        got_tokens, got = _greedy(seq.step, steps)
+    except (RuntimeError, ValueError, IndexError, KeyError) as e:  # reported per case
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        seq.model.shutdown()
+    return {"tokens": [want_tokens, got_tokens], "diff": float((got - want).abs().max())}
+
+
 def _rank(rank, world, init, cases, configs, out):
     from kiln.runtime import distributed as d
 
@@ -71,20 +90,9 @@ def _rank(rank, world, init, cases, configs, out):
         if rank:
             d.worker_loop(model)
             continue
-        want_tokens, want = _greedy(SingleSequence(full, 32).step, STEPS)
-        seq = SingleSequence(full, 32)
-        seq.model = d.ParallelModel(model)
-        seq.kv = d.KVStore(model.plan.sites, seq.kv.num_pages, seq.kv.page_size, torch.float32)
-        try:
-            got_tokens, got = _greedy(seq.step, STEPS)
-        except (RuntimeError, ValueError, IndexError) as e:  # reported per case; the workers stop
-            results[f"{name}/{mode}"] = {"error": f"{type(e).__name__}: {e}"}
-            seq.model.shutdown()
-            continue
-        seq.model.shutdown()
-        results[f"{name}/{mode}"] = {"tokens": [want_tokens, got_tokens], "diff": float((got - want).abs().max()),
-                                     "split": sum(w.shard.kind != "replicated" for w in plan.weights.values()),
-                                     "collectives": len(plan.collectives)}
+        results[f"{name}/{mode}"] = r = compare_on_rank0(full, model, STEPS)
+        r.update(split=sum(w.shard.kind != "replicated" for w in plan.weights.values()),
+                 collectives=len(plan.collectives))
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     torch.distributed.destroy_process_group()

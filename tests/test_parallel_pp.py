@@ -21,7 +21,7 @@ from kiln.dsl.errors import SpecError
 from kiln.runtime.model import SingleSequence, random_model
 
 from tests.configs import FAMILY_CONFIGS
-from tests.test_parallel import _full, _generate, _greedy, _spec, tiny_checkpoint  # noqa: F401 (a fixture)
+from tests.test_parallel import _full, _generate, _greedy, _spec, compare_on_rank0, tiny_checkpoint  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3
@@ -48,20 +48,9 @@ def _rank(rank, world, tp, pp, init, names, configs, out):
         if rank:
             d.worker_loop(model)
             continue
-        want_tokens, want = _greedy(SingleSequence(full, 32).step, STEPS)
-        seq = SingleSequence(full, 32)
-        seq.model = d.ParallelModel(model)
-        seq.kv = d.KVStore(model.plan.sites, seq.kv.num_pages, seq.kv.page_size, torch.float32)
-        try:
-            got_tokens, got = _greedy(seq.step, STEPS)
-        except (RuntimeError, ValueError, IndexError, KeyError) as e:  # reported per case; the workers stop
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-            seq.model.shutdown()
-            continue
-        seq.model.shutdown()
-        results[name] = {"tokens": [want_tokens, got_tokens], "diff": float((got - want).abs().max()),
-                         "stages": len(plan.stages), "rank0_weights": len(mine), "all_weights": len(full.model.weights),
-                         "rank0_kv_sites": sum(s.kv_heads > 0 for s in model.plan.sites), "sites": len(plan.sites)}
+        results[name] = r = compare_on_rank0(full, model, STEPS)
+        r.update(stages=len(plan.stages), rank0_weights=len(mine), all_weights=len(full.model.weights),
+                 rank0_kv_sites=sum(s.kv_heads > 0 for s in model.plan.sites), sites=len(plan.sites))
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     torch.distributed.destroy_process_group()
