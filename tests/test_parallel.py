@@ -156,6 +156,14 @@ def _dies(rank, init, out):
     if rank == 1:
         comm.broadcast()  # the first step's batch arrives: die in the middle of the request
         os._exit(3)
+    step_until_lost(full, model, out)
+
+
+def step_until_lost(full, model, out: str) -> None:
+    """Rank 0 of a dead-rank test: steps through ParallelModel until RankLost, whose message goes to
+    `out`; exit status 2 then, 0 if every step completed."""
+    from kiln.runtime import distributed as d
+
     seq = SingleSequence(full, 32)
     seq.model = d.ParallelModel(model)
     seq.kv = d.KVStore(model.plan.sites, 2, 16, torch.float32)

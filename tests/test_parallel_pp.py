@@ -18,10 +18,10 @@ import torch
 import torch.multiprocessing as mp
 from kiln.dsl import load_spec, passes
 from kiln.dsl.errors import SpecError
-from kiln.runtime.model import SingleSequence, random_model
+from kiln.runtime.model import random_model
 
 from tests.configs import FAMILY_CONFIGS
-from tests.test_parallel import _full, _generate, _greedy, _spec, compare_on_rank0, tiny_checkpoint  # noqa: F401
+from tests.test_parallel import _full, _generate, _spec, compare_on_rank0, step_until_lost, tiny_checkpoint  # noqa: F401 (tiny_checkpoint: a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3
@@ -200,16 +200,7 @@ def _dies(rank, world, tp, init, out):
             Path(f"{out}.{rank}").write_text(str(e))
             os._exit(2)
         os._exit(0)
-    seq = SingleSequence(full, 32)
-    seq.model = d.ParallelModel(model)
-    seq.kv = d.KVStore(model.plan.sites, 2, 16, torch.float32)
-    try:
-        for _ in range(4):
-            seq.step([1, 2, 3])
-    except d.RankLost as e:
-        Path(f"{out}.0").write_text(str(e))
-        os._exit(2)
-    os._exit(0)
+    step_until_lost(full, model, f"{out}.0")
 
 
 @pytest.mark.parametrize("tp", [1, 2])
