@@ -21,7 +21,14 @@ from kiln.dsl.errors import SpecError
 from kiln.runtime.model import random_model
 
 from tests.configs import FAMILY_CONFIGS
-from tests.test_parallel import _full, _generate, _spec, compare_on_rank0, step_until_lost, tiny_checkpoint  # noqa: F401 (tiny_checkpoint: a fixture)
+from tests.test_parallel import (
+    _full,
+    _generate,
+    _spec,
+    compare_on_rank0,
+    step_until_lost,
+    tiny_checkpoint,  # noqa: F401 (a fixture)
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3
