@@ -560,9 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--guided", default=None, choices=["json", "regex"],
                            help="also run every request constrained (a JSON schema or a regex that cannot end "
                                 "early) and report the decode step against the free run (guided_step_overhead)")
-            q.add_argument("--tokenizer", default=None, metavar="DIR",
-                           help="--guided: a folder with the tokenizer.json the grammars compile against "
-                                "(default: the embedded SmolLM2's)")
+            q.add_argument("--tokenizer", default=None, metavar="CHECKPOINT",
+                           help="--guided: a .gguf file or a folder with tokenizer.json, the tokenizer the "
+                                "grammars compile against (default: the embedded SmolLM2's)")
             q.add_argument("--shared-prefix", type=int_arg(0), default=0, metavar="N",
                            help="the first N prompt tokens are the same in every request (a system prompt): "
                                 "the prefix cache's hit rate shows in the output")

@@ -336,19 +336,17 @@ def _split_rank(rank: int, spec: str, config: dict, tp: int, pp: int, init_metho
     torch.distributed.destroy_process_group()
 
 
-def guided_tokenizer(folder: str | None = None):
-    """The tokenizer in `folder`, else the embedded SmolLM2's: the grammar engine needs one; a random
-    model's larger vocabulary only adds tokens that are never allowed."""
-    from .checkpoint import open_checkpoint
-    from .gguf_file import default_model_path
-    from .tokenizer import Tokenizer, TokenizerError
+def guided_tokenizer(source: str | None = None):
+    """The tokenizer of `source` (as serve's --tokenizer), else the embedded SmolLM2's: the grammar
+    engine needs one; a random model's larger vocabulary only adds tokens that are never allowed."""
+    from .checkpoint import CheckpointError
+    from .generate import open_tokenizer
+    from .tokenizer import TokenizerError
 
-    if folder is not None:
-        try:
-            return Tokenizer.from_folder(folder)
-        except TokenizerError as e:
-            raise BenchError(f"--tokenizer {folder}: {e}") from None
-    return Tokenizer.from_checkpoint(open_checkpoint(default_model_path()))
+    try:
+        return open_tokenizer(source)
+    except (TokenizerError, CheckpointError) as e:
+        raise BenchError(f"--tokenizer {source}: {e}") from None
 
 
 def guided_workload(kind: str, output_len: int) -> dict:

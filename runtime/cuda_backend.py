@@ -192,19 +192,19 @@ class CudaModel:
                 if graph is None:
                     graph = self._graphs[bucket] = _Graph(self, kv, bucket)
                 return graph.replay(batch)[: len(batch.seqs)].float()
+        sample = batch.sample_rows()
         if self.mixed_graphs and not decode and not all_logits and longest <= self.max_context \
                 and not self._lora.ops:  # adapters: eager (their row groups are per token)
-            key = _mixed_key(len(batch.seqs), batch.num_tokens, len(batch.sample_rows()))
+            key = _mixed_key(len(batch.seqs), batch.num_tokens, len(sample))
             if key is not None:
                 graph = self._mixed.get(key)
                 if graph is None:
                     if self._pool is None:
                         self._pool = torch.cuda.graph_pool_handle()
                     graph = self._mixed[key] = _MixedGraph(self, kv, *key)
-                return graph.replay(batch).float()
+                return graph.replay(batch, sample).float()
         tokens = batch.tokens.to(self.device, non_blocking=True)
         meta = self._meta(batch)
-        sample = batch.sample_rows()
         rows = None if all_logits else torch.tensor(sample).pin_memory().to(self.device, non_blocking=True)
         lora = None
         if self._lora.ops:  # each row's adapter, grouped; and the sampled rows' alone, past the last attention
@@ -470,10 +470,10 @@ class _MixedGraph:
         self.host_int = torch.zeros(2 * seqs + 2, dtype=torch.int32).pin_memory()
         self.tables = torch.zeros(seqs, max_pages, dtype=torch.int32).pin_memory()
 
-    def replay(self, batch: StepBatch) -> torch.Tensor:
+    def replay(self, batch: StepBatch, sample: list[int]) -> torch.Tensor:
+        """The logits of `sample` (batch.sample_rows()) for `batch`."""
         S, T = len(batch.seqs), batch.num_tokens
         h = host_meta(batch, self.model.page_size, self.tables.shape[1])
-        sample = batch.sample_rows()
         tok, rows, ints, tables = self.host.numpy(), self.host_rows.numpy(), self.host_int.numpy(), self.tables.numpy()
         tok[0, :T], tok[1, :T], tok[2, :T] = batch.tokens.cpu().numpy(), h.positions, h.slots
         tok[:2, T:], tok[2, T:] = 0, -1

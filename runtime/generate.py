@@ -48,6 +48,13 @@ def resolve_source(source: str | Path | None) -> Path:
     return Path(source)
 
 
+def open_tokenizer(source: str | Path | None) -> Tokenizer:
+    """The tokenizer of a CHECKPOINT argument: a folder with tokenizer.json, a .gguf file, or (None,
+    `default`) the embedded model's."""
+    path = resolve_source(source)
+    return Tokenizer.from_folder(path) if path.is_dir() else Tokenizer.from_checkpoint(open_checkpoint(path))
+
+
 def check_device(device: str, backend: str | None = None) -> None:
     """Refuse a device this machine does not have (or a backend it cannot run) before loading."""
     if backend == "cuda" and not device.startswith("cuda"):

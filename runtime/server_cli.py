@@ -272,18 +272,16 @@ def _open_checkpoint(source: str, args):
 
 
 def _open_random(args):
-    from .checkpoint import context_length, open_checkpoint, read_json
-    from .generate import resolve_source
+    from .checkpoint import context_length, read_json
+    from .generate import open_tokenizer
     from .model import random_model, spec_for_config
-    from .tokenizer import Tokenizer
 
     path = Path(args.random_weights)
     if not path.is_file():
         raise ServeError(f"--random-weights: config file not found: {path}")
     config = read_json(path, "config file")
     spec = args.spec or spec_for_config(config, str(path))
-    source = resolve_source(args.tokenizer)
-    tokenizer = Tokenizer.from_folder(source) if source.is_dir() else Tokenizer.from_checkpoint(open_checkpoint(source))
+    tokenizer = open_tokenizer(args.tokenizer)
     vocab = config.get("vocab_size")
     if isinstance(vocab, int) and tokenizer.vocab_size > vocab:
         raise ServeError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the vocabulary of "

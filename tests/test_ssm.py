@@ -21,11 +21,12 @@ from kiln.dsl.ops import OPS, Kernel, KernelCall, OpKind
 from kiln.runtime.batch import SeqSlice, StepBatch
 from kiln.runtime.engine import EngineConfig, LLMEngine
 from kiln.runtime.kv_store import KVStore
-from kiln.runtime.model import SingleSequence, random_model
+from kiln.runtime.model import random_model
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.state_cache import StateAccountingError, StateCacheError, StatePool
 
 from tests.configs import FAMILY_CONFIGS
+from tests.test_engine import alone
 
 FAMILIES = [f for f in ("mamba", "mamba2", "jamba") if f in FAMILY_CONFIGS]
 VOCAB = 256
@@ -36,17 +37,6 @@ def family(request):
     name = request.param
     model = random_model(name, FAMILY_CONFIGS[name], seed=1)
     return name, model, [alone(model, p, n) for p, n in requests()]
-
-
-def alone(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy continuation of one prompt, one sequence, one step per token after the prefill."""
-    seq = SingleSequence(model, len(prompt) + n + 1)
-    logits = seq.step(prompt)
-    out = []
-    for _ in range(n):
-        out.append(int(logits[-1].argmax()))
-        logits = seq.step([out[-1]])
-    return out
 
 
 def requests(count=10, seed=0):
