@@ -4,7 +4,7 @@
 #                                       kernel's apart, under a short timeout (a barrier bug would hang)
 #   bash .ci/device_check.sh kernels   the kernel benchmark (python -m kiln.codegen.bench_kernels)
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
-#   bash .ci/device_check.sh benches   the figures the open issues ask for: cached-prefix TTFT, LoRA and
+#   bash .ci/device_check.sh benches   the figures the open issues ask for: cached-prefix TTFT, LoRA (LORA=1) and
 #                                         guided decode overhead, fp8 / int4 batch-1 decode, Mamba-2 decode
 # Needs .whl carried (see device_compare.sh; pytest-xdist + execnet, llguidance + jsonschema and deps)
 # and, for the guided benchmark, .tok (a tokenizer.json folder: SmolLM2's, exported from the GGUF).
@@ -31,7 +31,7 @@ for mode in "$@"; do
         > "$OUT/kernels.log" 2>&1; tail -5 "$OUT/kernels.log" ;;
     benches)
       timeout 60 $KILN bench prefix --config $L 2>&1 | tail -1 | tee -a "$OUT/benches.log"
-      timeout 90 $KILN bench throughput --config $L --requests 64 --input-len 128 --output-len 64 --lora-adapters 8 \
+      [ -n "${LORA:-}" ] && timeout 90 $KILN bench throughput --config $L --requests 64 --input-len 128 --output-len 64 --lora-adapters 8 \
         --lora-rank 16 2>&1 | grep -a -E '^\| (lora_decode_ratio|decode_step_ms_p50|base_decode_step_ms_p50) |Error' | tee -a "$OUT/benches.log"
       timeout 80 $KILN bench throughput --config $L --requests 64 --input-len 128 --output-len 64 --guided json \
         --tokenizer .tok 2>&1 | grep -a -E '^\| (guided_step_overhead|decode_step_ms_p50) |Error' | tee -a "$OUT/benches.log"
@@ -39,8 +39,8 @@ for mode in "$@"; do
         | grep -a -E "^\| (decode_ms|roofline_ms) |decode / roofline|Error" | tee -a "$OUT/benches.log"; done
       timeout 40 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
         | grep -a -E "^\| (decode_ms|roofline_ms|state_rw_MB) |decode / roofline|Error" | tee -a "$OUT/benches.log"
-      timeout 50 python3 .ci/ssm_decode_contexts.py --config configs/mamba2-2.7b.json --contexts 1024,16384,65536 \
-        --steps 32 2>&1 | tail -6 | tee -a "$OUT/benches.log" ;;
+      timeout 150 python3 .ci/ssm_decode_contexts.py --config configs/mamba2-2.7b.json --contexts 1024,16384,65536 \
+        --attention configs/llama-2.7b.json --steps 32 2>&1 | tail -14 | tee -a "$OUT/benches.log" ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
         "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \

@@ -286,11 +286,12 @@ def prefill_for_device(spec: PrefillAttnSpec, device) -> PrefillAttnSpec:
 PREFILL_SPLIT_FILL = 0.5  # split the KV of a prefill grid holding fewer blocks than this share of the SMs
 
 
-# Split-KV prefill is opt-in (splits=N): correct on the H200, but slower than the plain kernel where
-# it was meant to help (32 queries after 2,032 cached tokens, 8B-model heads: 80 us at 16 splits
-# against 45 us unsplit; BENCHMARKS.md), until the split kernel's per-block start-up is cut.
-PREFILL_AUTO_SPLIT = False
-PREFILL_MAX_SPLITS = 16  # each split re-loads its Q tile and writes an fp32 partial: a cost per split
+# Split-KV prefill: a grid too small for the GPU (a short query after a long cached prefix) splits
+# its KV. On the H200, 32 queries after 2,032 cached tokens (8B-model heads): 45.1 us unsplit, 27.5 /
+# 16.9 / 12.6 us at 2 / 4 / 8 splits; after 16,000: 313 us unsplit, 52 us at 8 (torch SDPA: 187).
+# Capped at 8, the count measured best; a split of a short context may be empty (~3 us more at 64 keys).
+PREFILL_AUTO_SPLIT = True
+PREFILL_MAX_SPLITS = 8  # each split re-loads its Q tile and writes an fp32 partial: a cost per split
 
 
 def prefill_splits(meta: dict, grid_blocks: int, kv_bound: int, num_sms: int) -> int:
@@ -356,7 +357,7 @@ def prefill_attention(
         smem=meta["smem"],
     )
     kern.launch(
-        kern.source.entries[2], grid, (meta["merge_threads"],),
+        kern.source.entries[2], (grid[0] * meta["merge_groups"], grid[1], grid[2]), (meta["merge_threads"],),
         [ptr(part_o), ptr(part_ml), ptr(cu_seqlens), ptr(out), i64(out.stride(0)), i32(splits)],
     )
 

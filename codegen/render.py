@@ -368,10 +368,14 @@ def _prefill_sm90(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
     if s.ws:
         return _prefill_sm90_ws(s, params)
     name = _name(f"prefill_attn_sm90_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    # The merge: a thread per (row, 4 dims), as many rows per block as 256 threads hold
+    merge_rows = max(1, 256 // (d // 4))
+    params.update(merge_rows=merge_rows, merge_groups=-(-rows // merge_rows), merge_threads=merge_rows * (d // 4))
     # Entries: the kernel; its split-KV form and the merge of its partials (kernels.prefill_attention
     # picks the pair when the grid is too small for the GPU). split_kv: the launch may pick splits.
     meta = dict(threads=256, smem=smem, bm_tok=rows // gc, chunks=group // gc, bn=bn, mma=True, variant="sm90",
-                ws=False, split_kv=True, merge_threads=256, part_rows=rows)
+                ws=False, split_kv=True, merge_threads=merge_rows * (d // 4), merge_groups=-(-rows // merge_rows),
+                part_rows=rows)
     return _emit("prefill_attn_sm90.cu.j2", name, s, params, [name, f"{name}_split", f"{name}_merge"], meta)
 
 
