@@ -530,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--forced-acceptance", action="store_true",
                            help="--speculative draft: zero the target's layers past the draft's (they still "
                                 "run), so every draft token is accepted: the speedup at acceptance K + 1")
+            q.add_argument("--tp1-overhead", action="store_true",
+                           help="also batch-1 decode through the tensor-parallel runtime at one rank (NCCL, this "
+                                "process) vs the plain cuda backend, same weights (issue 14: <= 1%%)")
         elif mode == "prefix":
             q.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                            help="cpu: a smoke run of the benchmark's code (CI), not a measurement")
@@ -571,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--sweep", action="store_true",
                            help="run every shape of TensorRT-LLM's published table and print Kiln beside it")
             q.add_argument("--tp", type=int_arg(1, 1024), default=1, metavar="N",
-                           help="the model split over N tensor-parallel processes (--device cpu: gloo)")
+                           help="the model split over N tensor-parallel processes (--device cpu: gloo; cuda: "
+                                "the cuda backend, one GPU per rank, NCCL)")
             q.add_argument("--pp", type=int_arg(1, 1024), default=1, metavar="M",
                            help="its layers in M pipeline stages (with --tp N: M x N processes)")
         q.set_defaults(fn=cmd_bench)

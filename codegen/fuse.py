@@ -48,6 +48,9 @@ class KOp:
     instrs: tuple[Instr, ...]
     spec: Any = None  # the kernel spec (attention: (RopeCacheSpec, DecodeAttnSpec, PrefillAttnSpec))
     extra: dict = field(default_factory=dict)
+    # (output, "all_reduce" | "all_gather") for each output the shard pass placed a collective after
+    # (plan.collectives): the backend applies it to that output right after this step runs
+    collectives: tuple[tuple[Value, str], ...] = ()
 
 
 def origin(instr: Instr) -> str:
@@ -72,10 +75,22 @@ class _Program:
         self.producer = {o: ins for ins in self.instrs for o in ins.outputs}
         self.anchor: dict[int, KOp] = {}  # instruction position -> the step emitted there
         self.covered: set[int] = set()
+        # values a collective follows (tensor parallelism): each must leave its step whole (an output
+        # of the step, read by none of its other instructions), so the collective runs between steps
+        self.collective = {c.value: c.kind for c in plan.collectives if c.kind != "send"}
 
-    def claim(self, op: KOp, at: Instr) -> None:
+    def claim(self, op: KOp, at: Instr) -> bool:
+        """Emit `op` at `at`, unless it would hide a collective's value inside it (False: nothing claimed;
+        its instructions stay free for the other patterns and the single-op lowering)."""
+        if self.collective:
+            inner = {a for i in op.instrs for a in i.inputs if isinstance(a, Value)}
+            mine = [o for i in op.instrs for o in i.outputs if o in self.collective]
+            if any(o not in op.outs or o in inner for o in mine):
+                return False
+            op.collectives = tuple((o, self.collective[o]) for o in op.outs if o in self.collective)
         self.anchor[self.pos[id(at)]] = op
         self.covered.update(id(i) for i in op.instrs)
+        return True
 
     def free(self, *xs: Instr | None) -> bool:
         return all(x is not None and id(x) not in self.covered for x in xs)
@@ -100,7 +115,9 @@ def _sibling_gemms(p: _Program) -> None:
         if ins.kind is OpKind.LINEAR:
             # Siblings share one GEMM only if their weights are stored alike (one quantized format).
             quant = p.plan.weights[ins.inputs[1].name].quant
-            groups.setdefault((ins.inputs[0], ins.inputs[2] is None, quant), []).append(ins)
+            # an output a collective follows is a GEMM of its own (reduced in place, whole)
+            alone = ins.out if ins.out in p.collective else None
+            groups.setdefault((ins.inputs[0], ins.inputs[2] is None, quant, alone), []).append(ins)
     for group in groups.values():
         fused = "gemm__" + "__".join(g.out.id.replace("/", "_") for g in group) if len(group) > 1 else None
         widths = [p.width(g.out) for g in group]

@@ -4,7 +4,9 @@ latency and throughput time a model made from a spec + config with random weight
 the GPU, beside the physical limits and a baseline measured in the same run:
 latency:    copy bandwidth and bf16 matmul rate (measured now), batch-1 decode step time vs the
             roofline ((weight + state read/write bytes) / copy bandwidth), TTFT of one prompt vs
-            2 * params * tokens / matmul rate, and Hugging Face transformers `generate()` per-step time (--hf).
+            2 * params * tokens / matmul rate, and Hugging Face transformers `generate()` per-step time (--hf);
+            --tp1-overhead: batch-1 decode through the tensor-parallel runtime at one rank (NCCL, this
+            process) against the plain cuda backend, same weights, timed alike (issue 14: <= 1%).
 throughput: N requests with fixed input/output lengths submitted at once through the engine:
             output tok/s, requests/s, TTFT and TPOT percentiles; HF `generate()` at a batch size
             in the same run (--hf-batch); --shared-prefix N gives every prompt the same first N
@@ -100,24 +102,7 @@ def latency(args) -> dict:
     wbytes = weight_bytes(m)
     # A state-space model's decode step also reads and writes its sequence's recurrent state (conv + SSM).
     sbytes = 2 * state_bytes_per_slot(m.plan.state_sites, m.dtype)
-    kv = KVStore(m.plan.sites, -(-(args.prompt + args.steps + 8) // 16) + 1, 16, m.dtype, "cuda")
-    table = tuple(range(kv.num_pages))
-    prompt = torch.randint(0, m.plan.vocab_size, (args.prompt,))
-    with torch.no_grad():
-        run_prefill = lambda: m.model.forward(StepBatch(prompt, [SeqSlice(0, args.prompt, 0, table)]), kv)  # noqa: E731
-        run_prefill()
-        ttft = statistics.median(_events_ms(run_prefill, 5))
-        ctx = args.prompt
-        tok = torch.tensor([1])
-
-        def decode():
-            nonlocal ctx
-            m.model.forward(StepBatch(tok, [SeqSlice(0, 1, ctx, table)]), kv)
-            ctx += 1
-
-        for _ in range(3):
-            decode()
-        step = statistics.median(_events_ms(decode, args.steps))
+    ttft, step = _prefill_decode_ms(m.model, m.plan, m.dtype, args.prompt, args.steps)
     gemv_ms, mv_ms = gemv_time(m) if args.backend == "cuda" else (float("nan"), float("nan"))
     result = {
         "copy_bw_TBps": bw / 1e12, "matmul_TFLOPs": mm / 1e12, "params": params, "weight_GB": wbytes / 1e9,
@@ -127,16 +112,75 @@ def latency(args) -> dict:
         "ttft_floor_ms": 2 * params * args.prompt / mm * 1e3,
     }
     if getattr(args, "speculative", None):
-        m.model = kv = None
+        m.model = None
         torch.cuda.empty_cache()
         result.update(speculative_decode(args.spec, _config(args.config), args.speculative,
                                          args.num_speculative_tokens, args.draft_layers, args.steps,
                                          backend=args.backend, forced=args.forced_acceptance))
     if args.hf:
-        m.model = kv = None  # free the GPU for the HF model
+        m.model = None  # free the GPU for the HF model
         torch.cuda.empty_cache()
         result["hf_decode_ms"] = hf_decode_ms(args.config, args.steps)
+    if getattr(args, "tp1_overhead", False):
+        m.model = None
+        torch.cuda.empty_cache()
+        result.update(tp1_overhead(args.spec, _config(args.config), args.prompt, args.steps))
     return result
+
+
+def _prefill_decode_ms(model, plan, dtype, prompt_len: int, steps: int) -> tuple[float, float]:
+    """(TTFT of a `prompt_len`-token prompt, median batch-1 decode step after it) in ms, CUDA events."""
+    kv = KVStore(plan.sites, -(-(prompt_len + steps + 8) // 16) + 1, 16, dtype, "cuda")
+    table = tuple(range(kv.num_pages))
+    prompt = torch.randint(0, plan.vocab_size, (prompt_len,))
+    with torch.no_grad():
+        run_prefill = lambda: model.forward(StepBatch(prompt, [SeqSlice(0, prompt_len, 0, table)]), kv)  # noqa: E731
+        run_prefill()
+        ttft = statistics.median(_events_ms(run_prefill, 5))
+        ctx = prompt_len
+        tok = torch.tensor([1])
+
+        def decode():
+            nonlocal ctx
+            model.forward(StepBatch(tok, [SeqSlice(0, 1, ctx, table)]), kv)
+            ctx += 1
+
+        for _ in range(3):
+            decode()
+        step = statistics.median(_events_ms(decode, steps))
+    return ttft, step
+
+
+def tp1_overhead(spec, config: dict, prompt_len: int, steps: int, rounds: int = 3) -> dict:
+    """Batch-1 decode of one random bf16 model two ways over the same weights: the plain cuda backend,
+    and the tensor-parallel runtime at world size 1 (this process is rank 0, NCCL, no workers: the
+    shard pass at one rank, rank_model, ParallelModel, CUDA graphs). Timed alike (_prefill_decode_ms),
+    alternating `rounds` times; the median of each. NCCL's process group is made and left here."""
+    import torch.distributed as dist
+    from kiln.dsl import load_spec, passes
+
+    from . import distributed as d
+    from .model import make_backend
+
+    if dist.is_initialized():
+        raise BenchError("--tp1-overhead: this process already belongs to a process group")
+    ref = random_model(spec, config, dtype="bf16", device="cuda", backend="reference")
+    plain = make_backend(ref.plan, dict(ref.model.weights), "cuda", "cuda")
+    rdv = tempfile.mkdtemp(prefix="kiln-bench-tp1-")
+    comm = d.init(0, 1, f"file://{rdv}/store", "nccl", device=f"cuda:{torch.cuda.current_device()}")
+    try:
+        split = passes.build(load_spec(spec), config, ranks=1)
+        parallel = d.ParallelModel(d.rank_model(split, dict(ref.model.weights), comm, backend="cuda"))
+        for model in (plain, parallel):
+            model.reserve(1, prompt_len + steps + 8)
+        times: dict[str, list[float]] = {"plain": [], "tp1": []}
+        for _ in range(rounds):
+            for name, model in (("plain", plain), ("tp1", parallel)):
+                times[name].append(_prefill_decode_ms(model, ref.plan, ref.dtype, prompt_len, steps)[1])
+    finally:
+        dist.destroy_process_group()
+    a, b = statistics.median(times["plain"]), statistics.median(times["tp1"])
+    return {"tp1_plain_decode_ms": a, "tp1_parallel_decode_ms": b, "tp1_overhead": b / a - 1}
 
 
 def gemv_time(m) -> tuple[float, float]:
@@ -219,8 +263,8 @@ def _throughput(args) -> dict:
         result["hf_output_tok_s"] = args.hf_batch / (ms / 1e3)
     cpu = getattr(args, "device", "cuda") == "cpu"  # a smoke run of the same code (CI), not a benchmark
     tp, pp = getattr(args, "tp", 1) or 1, getattr(args, "pp", 1) or 1
-    if tp * pp > 1:  # check_args allowed it on the CPU only
-        m = split_random_model(args.spec, _config(args.config), tp, pp)
+    if tp * pp > 1:  # check_args allowed it (the cuda backend: --tp alone, one GPU per rank)
+        m = split_random_model(args.spec, _config(args.config), tp, pp, "reference" if cpu else "cuda")
         result.update(tp=tp, pp=pp)
     else:
         m = random_model(args.spec, _config(args.config), dtype="fp32" if cpu else "bf16",
@@ -287,10 +331,11 @@ def _throughput(args) -> dict:
     return result
 
 
-def split_random_model(spec, config: dict, tp: int, pp: int):
+def split_random_model(spec, config: dict, tp: int, pp: int, backend: str = "reference"):
     """`--tp N --pp M`: a random model split over N x M processes of this machine (gloo; this one is
     rank 0, runtime/distributed.py): every rank makes random_model's weights (same seed) and keeps
-    its shard and stage. Stop its workers with `.model.shutdown()` (also run at exit)."""
+    its shard and stage. backend "cuda" (--tp only): rank r makes them in bf16 on cuda:r and runs the
+    cuda backend there, NCCL. Stop its workers with `.model.shutdown()` (also run at exit)."""
     import atexit
 
     import torch.multiprocessing as mp
@@ -298,7 +343,7 @@ def split_random_model(spec, config: dict, tp: int, pp: int):
     from . import distributed as d
 
     rdv = tempfile.mkdtemp(prefix="kiln-bench-tp-")
-    args = (str(spec), config, tp, pp, f"file://{rdv}/store")
+    args = (str(spec), config, tp, pp, f"file://{rdv}/store", backend)
     procs = [mp.get_context("spawn").Process(target=_split_rank, args=(r, *args), daemon=True,
                                              name=f"kiln-tp-rank{r}") for r in range(1, tp * pp)]
     for p in procs:
@@ -310,7 +355,7 @@ def split_random_model(spec, config: dict, tp: int, pp: int):
     return replace(whole, plan=model.plan, model=model)
 
 
-def _split_rank(rank: int, spec: str, config: dict, tp: int, pp: int, init_method: str):
+def _split_rank(rank: int, spec: str, config: dict, tp: int, pp: int, init_method: str, backend: str = "reference"):
     """Rank `rank` of split_random_model: rank 0 returns (the whole model, its shard); the others
     run the steps rank 0 broadcasts until it says stop."""
     import os
@@ -322,9 +367,17 @@ def _split_rank(rank: int, spec: str, config: dict, tp: int, pp: int, init_metho
 
     if rank:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (tp * pp)))
-    comm = d.init(rank, tp * pp, init_method, tp=tp)
-    whole = random_model(spec, config)
-    shard = d.rank_model(passes.build(load_spec(spec), config, ranks=tp, stages=pp), whole.model.weights, comm)
+    if backend == "cuda":
+        comm = d.init(rank, tp, init_method, "nccl", device=f"cuda:{rank}")
+        whole = random_model(spec, config, dtype="bf16", device=f"cuda:{rank}")
+    else:
+        comm = d.init(rank, tp * pp, init_method, tp=tp)
+        whole = random_model(spec, config)
+    shard = d.rank_model(passes.build(load_spec(spec), config, ranks=tp, stages=pp), whole.model.weights, comm,
+                         backend=backend)
+    if backend == "cuda" and rank:
+        whole = None  # the shard is cut (copied): the whole model's memory goes back
+        torch.cuda.empty_cache()
     if rank == 0:
         return whole, shard
     try:
@@ -503,6 +556,9 @@ def check_args(args) -> None:
                 setattr(args, name, value)
     if args.mode == "throughput" and (getattr(args, "tp", 1) or 1) * (getattr(args, "pp", 1) or 1) > 1:
         check_split(args, cpu)
+    if getattr(args, "tp1_overhead", False) and args.backend != "cuda":
+        raise BenchError(f"--tp1-overhead times the cuda backend (plain vs the tensor-parallel runtime at one "
+                         f"rank), not --backend {args.backend}")
     if cpu and (args.backend != "reference" or getattr(args, "hf_batch", 0)):
         raise BenchError("--device cpu runs the reference backend without an HF baseline (no --backend cuda, "
                          "no --hf-batch): a smoke run of the benchmark's code, not a measurement")
@@ -517,12 +573,16 @@ def check_split(args, cpu: bool) -> None:
     tp, pp = args.tp or 1, args.pp or 1
     opt = " ".join(f"--{k} {v}" for k, v in (("tp", tp), ("pp", pp)) if v > 1)
     if not cpu:
+        if pp > 1:
+            raise BenchError(f"{opt} --device cuda: pipeline stages run on CPU processes (the reference backend, "
+                             f"gloo) only; the cuda backend runs --tp N alone (or use --device cpu)")
+        if args.backend != "cuda":
+            raise BenchError(f"{opt} --device cuda runs the cuda backend (NCCL), not --backend {args.backend}; "
+                             f"the reference backend splits over CPU processes (--device cpu)")
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if gpus < tp * pp:
-            raise BenchError(f"{opt}: the split model needs {tp * pp} CUDA GPUs of this machine, it has {gpus} "
-                             f"(`throughput --device cpu {opt}` is a smoke run over CPU processes)")
-        raise BenchError(f"{opt} --device cuda: the split model runs on CPU processes (gloo) today; the multi-GPU "
-                         f"(NCCL) check is .ci/device_parallel.sh (docs/parallelism.md); use --device cpu")
+        if gpus < tp:
+            raise BenchError(f"{opt}: the split model needs {tp} CUDA GPUs of this machine (one per rank), it has "
+                             f"{gpus} (`throughput --device cpu {opt}` is a smoke run over CPU processes)")
     for name, value, why in (("--quantization", args.quantization, "quantized weights are not split across ranks"),
                              ("--kv-cache-dtype", args.kv_cache_dtype if args.kv_cache_dtype != "auto" else None,
                               "the split KV cache runs in the run dtype only"),
@@ -574,6 +634,9 @@ def main(args) -> int:
         print(f"decode / roofline = {r['decode_ms'] / r['roofline_ms']:.3f} (target <= 1.10); "
               f"TTFT / floor = {r['ttft_ms'] / r['ttft_floor_ms']:.3f} (target <= 1.10)"
               + (f"; HF generate / kiln = {r['hf_decode_ms'] / r['decode_ms']:.1f}x" if "hf_decode_ms" in r else ""))
+        if "tp1_overhead" in r:
+            print(f"TP=1 code path: {r['tp1_parallel_decode_ms']:.4f} ms vs plain {r['tp1_plain_decode_ms']:.4f} ms "
+                  f"per decode step: overhead {100 * r['tp1_overhead']:+.2f}% (target <= 1%)")
     elif args.mode == "prefix":
         print(f"TTFT with a cached {r['prefix_tokens']}-token system prompt: {r['ttft_cached_ms']:.2f} ms, "
               f"uncached: {r['ttft_uncached_ms']:.2f} ms; cached / uncached = {r['cached_over_uncached']:.3f} "

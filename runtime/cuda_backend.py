@@ -77,6 +77,7 @@ class CudaModel:
         if self.device.type != "cuda":
             raise ValueError("the cuda backend needs weights on a CUDA device")
         self.plan = plan
+        self.comm = None  # runtime/distributed.py Comm of a tensor-parallel rank: the KOps' collectives
         self.page_size = page_size
         self.max_context = max_context
         self.max_batch = max_batch
@@ -230,6 +231,9 @@ class CudaModel:
             if run is None:
                 raise NotImplementedError(f"cuda backend: unhandled step '{op.kind}' ({op.instrs[0].op.pos})")
             run(self, op, env, step, n)
+            if op.collectives and self.comm is not None:  # tensor parallel: in place where it can (NCCL:
+                for v, kind in op.collectives:              # captured in the graphs like the kernels)
+                    env[v] = self.comm.collective(kind, env[v])
             if trace is not None:
                 trace.update((o.id, env[o].clone()) for o in op.outs)
         return env[self.plan.program.output]

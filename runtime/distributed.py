@@ -3,8 +3,14 @@ NCCL on GPU).
 
 Rank 0 runs the engine (scheduler, sampler, server) with a `ParallelModel` as its backend: each
 step it broadcasts the batch (tokens + sequence metadata) to the other ranks, then every rank runs
-its shard of the plan with the reference backend and its own KV cache (its KV heads), meeting at the
+its shard of the plan with its backend and its own KV cache (its KV heads), meeting at the
 collectives the shard pass placed in the plan (plan.collectives). Ranks 1.. run `worker_loop`.
+
+Backends: the reference backend (CPU processes, gloo), or the cuda backend (`backend="cuda"`: the
+fused kernel program, codegen/fuse.py, on `cuda:<rank>`). On GPUs the collectives run over NCCL and are
+captured in the cuda backend's CUDA graphs like its kernels; the step broadcast (pickled objects) runs
+over a second, gloo group on the CPU, as vLLM does, so a step's metadata never waits on the device.
+CUDA tensors over gloo (tests: ranks sharing one GPU) go through the CPU, so there the graphs are off.
 Processes are started by Kiln (`spawn_workers`, torch.multiprocessing's spawn start method) or by
 `torchrun` (`init_from_env`). A rank that dies is noticed through the process group's timeout: the
 others raise `RankLost` and exit with a message, never hang.
@@ -20,6 +26,7 @@ runs the others wait (no overlap of micro-batches yet).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
@@ -32,7 +39,7 @@ from kiln.dsl.plan import Program, Value
 
 from .batch import StepBatch
 from .kv_store import KVStore
-from .parallel_weights import expert_programs_elsewhere, local_plan, local_weights
+from .parallel_weights import expert_programs_elsewhere, local_plan, local_types, local_weights
 from .reference import ReferenceModel, StepContext
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -55,6 +62,8 @@ class Comm:
     tp: int = 0  # tensor-parallel ranks per pipeline stage (0: the whole world, one stage)
     group: Any = None  # this rank's stage's tensor-parallel process group (None: the whole world)
     device: str = "cpu"  # where messages' headers live (NCCL sends CUDA tensors only)
+    backend: str = "gloo"  # the collectives' ("nccl": CUDA tensors, graph-capturable)
+    cpu_group: Any = None  # the step broadcast's gloo group with NCCL (None: the default group)
 
     @property
     def tp_size(self) -> int:
@@ -69,7 +78,12 @@ class Comm:
         return self.rank // self.tp_size
 
     def collective(self, kind: str, t: torch.Tensor) -> torch.Tensor:
+        """all_reduce: `t` summed over the ranks, in place when contiguous; all_gather: the ranks' `t`
+        concatenated along features. gloo cannot all_gather CUDA tensors: they go through the CPU."""
         try:
+            if t.is_cuda and self.backend == "gloo":
+                out = self.collective(kind, t.cpu())
+                return t.copy_(out) if kind == "all_reduce" and t.is_contiguous() else out.to(t.device)
             if kind == "all_reduce":
                 t = t.contiguous()
                 dist.all_reduce(t, group=self.group)
@@ -112,7 +126,7 @@ class Comm:
     def broadcast(self, obj=None):
         box = [obj]
         try:
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=self.cpu_group)
         except RuntimeError as e:
             raise RankLost(f"rank {self.rank}: the step broadcast from rank 0 failed ({_short(e)}): a rank died "
                            f"or stopped answering") from None
@@ -126,8 +140,19 @@ def _short(e: Exception) -> str:
 def init(rank: int, world: int, init_method: str, backend: str = "gloo",
          timeout_s: float = DEFAULT_TIMEOUT_S, tp: int = 0, device: str = "cpu") -> Comm:
     """Join the process group; with `tp` < world (pipeline stages of `tp` ranks each) also make each
-    stage's tensor-parallel group (every rank makes every group, in the same order)."""
+    stage's tensor-parallel group (every rank makes every group, in the same order). backend "nccl"
+    (device: this rank's "cuda:N"): NCCL for the collectives, made here with a first all-reduce (a
+    communicator must exist before a CUDA graph captures one), and a gloo group for the step broadcast."""
     timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        if tp and tp < world:
+            raise ValueError("NCCL ranks run tensor parallelism only (pipeline stages: gloo, the reference backend)")
+        torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+        cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+        dist.all_reduce(torch.zeros(1, device=device))
+        torch.cuda.synchronize(device)
+        return Comm(rank, world, timeout_s, 0, None, device, "nccl", cpu_group)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
     group = None
     if tp and tp < world:
@@ -145,13 +170,39 @@ def init_from_env(backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S, t
     return init(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", backend, timeout_s, tp, device)
 
 
-def rank_model(plan: Plan, weights: dict[str, torch.Tensor], comm: Comm, whole: bool = True) -> ReferenceModel:
-    """This rank's reference backend: its shard (and pipeline stage) of the plan and weights
-    (`whole`: cut from whole weights; else already this rank's, from load_sharded)."""
+def rank_model(plan: Plan, weights: dict[str, torch.Tensor], comm: Comm, whole: bool = True,
+               backend: str = "reference", device: str | None = None, use_graphs: bool | None = None):
+    """This rank's backend: its shard (and pipeline stage) of the plan and weights (`whole`: cut from
+    whole weights; else already this rank's, from load_sharded). backend "cuda": a CudaModel on `device`
+    (default: the comm's) over the plan with this rank's value types (runtime/parallel_weights.py
+    local_types); CUDA graphs (`use_graphs` None: on) need NCCL: over gloo they are off."""
     mine = local_weights(plan, weights, comm.rank) if whole else weights
+    if backend == "cuda":
+        return _cuda_rank_model(plan, mine, comm, device or comm.device, use_graphs)
+    if backend != "reference":
+        raise ValueError(f"tensor parallelism: unknown backend '{backend}' (reference, cuda)")
     model = (StageModel if plan.stages else ReferenceModel)(local_plan(plan, comm.rank), mine)
     model.comm = comm
     model.remote = expert_programs_elsewhere(model.plan, comm.rank)
+    return model
+
+
+def _cuda_rank_model(plan: Plan, weights: dict[str, torch.Tensor], comm: Comm, device: str,
+                     use_graphs: bool | None):
+    from .cuda_backend import CudaModel
+
+    if plan.stages:
+        raise ValueError(f"--pp {len(plan.stages)}: pipeline stages run on the reference backend only")
+    if any(w.shard.kind == "expert" for w in plan.weights.values()):
+        raise ValueError("--ep: experts whole per rank run on the reference backend only (the cuda backend's "
+                         "grouped GEMMs stack every expert)")
+    graphs = comm.backend == "nccl" if use_graphs is None else use_graphs
+    if graphs and comm.backend != "nccl" and comm.world > 1:
+        raise ValueError("CUDA graphs with tensor parallelism need NCCL: a gloo collective copies through the CPU")
+    local = dataclasses.replace(local_plan(plan, comm.rank), types=local_types(plan, comm.rank))
+    model = CudaModel(local, {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in weights.items()},
+                      use_graphs=graphs)
+    model.comm = comm
     return model
 
 
@@ -191,25 +242,30 @@ class StageModel(ReferenceModel):
 
 
 class ParallelModel:
-    """Rank 0's backend: broadcasts each step, then runs rank 0's shard. Same interface as
-    ReferenceModel (the engine cannot tell)."""
+    """Rank 0's backend: broadcasts each step, then runs rank 0's shard. Same interface as its
+    backend's (ReferenceModel, CudaModel: the engine cannot tell)."""
 
-    backend = "reference"
-
-    def __init__(self, model: ReferenceModel):
+    def __init__(self, model):
         self.inner = model
+        self.backend = model.backend
         self.plan = model.plan
         self.weights = model.weights
         self.procs: list = []  # the worker processes spawn_workers started (none under torchrun / tests)
         self.rendezvous: str | None = None
 
     def reserve(self, max_seqs: int, max_context: int) -> None:
-        pass
+        """The cuda backend sizes its scratch and graphs by it: every rank alike (the same graphs
+        capture the same collectives)."""
+        if self.backend == "cuda":
+            if self.inner.comm.world > 1:
+                self.inner.comm.broadcast(("reserve", max_seqs, max_context))
+            self.inner.reserve(max_seqs, max_context)
 
     def forward(self, batch: StepBatch, kv: KVStore, all_logits: bool = False) -> torch.Tensor:
         try:
-            self.inner.comm.broadcast(("step", batch.tokens.cpu(), batch.seqs, all_logits, kv.num_pages,
-                                       kv.page_size))
+            if self.inner.comm.world > 1:  # (one rank: nobody to tell)
+                self.inner.comm.broadcast(("step", batch.tokens.cpu(), batch.seqs, all_logits, kv.num_pages,
+                                           kv.page_size))
             return self.inner.forward(batch, kv, all_logits)
         except RankLost as e:
             raise RankLost(f"{e}{self.lost()}") from None
@@ -261,14 +317,21 @@ def _exit_status(code: int) -> str:
     return f"exited with status {code}"
 
 
-def worker_loop(model: ReferenceModel, dtype: torch.dtype = torch.float32, device: str = "cpu") -> int:
-    """Ranks 1..: run each step rank 0 broadcasts, with a KV cache of this rank's heads; returns
-    the number of steps run when rank 0 says stop. Raises RankLost if rank 0 (or a peer) dies."""
+def worker_loop(model, dtype: torch.dtype | None = None, device: str | None = None) -> int:
+    """Ranks 1..: run each step rank 0 broadcasts, with a KV cache of this rank's heads (in `dtype` on
+    `device`; default: the model's, fp32 on the CPU for the reference backend); returns the number of
+    steps run when rank 0 says stop. Raises RankLost if rank 0 (or a peer) dies."""
+    cuda = getattr(model, "backend", "") == "cuda"
+    dtype = dtype or (model.dtype if cuda else torch.float32)
+    device = device or (str(model.device) if cuda else "cpu")
     kv, steps = None, 0
     while True:
         msg = model.comm.broadcast()
         if msg[0] == "stop":
             return steps
+        if msg[0] == "reserve":
+            model.reserve(*msg[1:])
+            continue
         _, tokens, seqs, all_logits, pages, page_size = msg
         if kv is None or kv.num_pages != pages or kv.page_size != page_size:
             kv = KVStore(model.plan.sites, pages, page_size, dtype, device)
@@ -279,14 +342,25 @@ def worker_loop(model: ReferenceModel, dtype: torch.dtype = torch.float32, devic
 # -- processes started by Kiln: the parent is rank 0 -------------------------------------------
 
 
+def check_gpus(ranks: int) -> None:
+    """`--tp N` on the cuda backend: one GPU per rank, refused by name with fewer."""
+    from kiln.dsl.errors import SpecError
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < ranks:
+        raise SpecError(f"--tp {ranks} --backend cuda: one GPU per rank, and this machine has {gpus} CUDA GPU(s)",
+                        None, f"use --tp {gpus} or fewer" if gpus else "run --tp on the CPU (--device cpu)")
+
+
 def spawn_workers(checkpoint, spec, dtype: torch.dtype, ranks: int, experts: str = "tp",
-                  timeout_s: float = DEFAULT_TIMEOUT_S, stages: int = 1) -> ParallelModel:
+                  timeout_s: float = DEFAULT_TIMEOUT_S, stages: int = 1, backend: str = "reference") -> ParallelModel:
     """Start ranks 1..ranks*stages-1 (`ranks` tensor-parallel ranks per pipeline stage) as processes of
     this machine (torch.multiprocessing, spawn start method;
     they meet at a file store in a fresh temporary folder), make this process rank 0 and return its
     backend. Each rank reads its own shard of `checkpoint` (`load_sharded`; a non-safetensors
     checkpoint is loaded whole and cut). The workers are daemonic and run `worker_loop` until rank 0's
-    `shutdown()` (also run at exit); if rank 0 dies they notice within `timeout_s` and exit."""
+    `shutdown()` (also run at exit); if rank 0 dies they notice within `timeout_s` and exit.
+    backend "cuda": rank r runs the cuda backend on cuda:r (its weights and KV cache there), NCCL."""
     import atexit
     import tempfile
 
@@ -296,19 +370,21 @@ def spawn_workers(checkpoint, spec, dtype: torch.dtype, ranks: int, experts: str
         raise RuntimeError("spawn_workers: this process already belongs to a process group (one tensor-parallel "
                            "model per process)")
     # bad options fail before any process starts
+    if backend == "cuda":
+        check_gpus(ranks * stages)
     plan, ckpt = _sharded_plan(checkpoint, spec, ranks, experts, stages)
     world = ranks * stages
     rdv = tempfile.mkdtemp(prefix="kiln-tp-")
     init_method = f"file://{rdv}/store"
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(r, ranks, init_method, str(checkpoint), str(spec), dtype, experts,
-                                               timeout_s, stages), daemon=True, name=f"kiln-tp-rank{r}")
+                                               timeout_s, stages, backend), daemon=True, name=f"kiln-tp-rank{r}")
              for r in range(1, world)]
     for p in procs:
         p.start()
-    comm = init(0, world, init_method, timeout_s=timeout_s, tp=ranks)
-    weights = _load_rank(plan, ckpt, 0, dtype)
-    model = ParallelModel(rank_model(plan, weights, comm, whole=False))
+    comm = _init_rank(0, world, init_method, timeout_s, ranks, backend)
+    weights = _load_rank(plan, ckpt, 0, dtype, comm.device)
+    model = ParallelModel(rank_model(plan, weights, comm, whole=False, backend=backend))
     model.procs, model.rendezvous = procs, rdv
     atexit.register(model.shutdown)
     return model
@@ -325,17 +401,24 @@ def _sharded_plan(checkpoint, spec, ranks: int, experts: str, stages: int = 1):
                         stages=stages), ckpt
 
 
-def _load_rank(plan: Plan, ckpt, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _init_rank(rank: int, world: int, init_method: str, timeout_s: float, ranks: int, backend: str) -> Comm:
+    """The process group of a rank of spawn_workers: gloo (reference backend), NCCL on cuda:rank (cuda)."""
+    if backend == "cuda":
+        return init(rank, world, init_method, "nccl", timeout_s, ranks, f"cuda:{rank}")
+    return init(rank, world, init_method, timeout_s=timeout_s, tp=ranks)
+
+
+def _load_rank(plan: Plan, ckpt, rank: int, dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
     from .parallel_weights import load_sharded
     from .weights import load_weights
 
     if ckpt.format == "safetensors":
-        return load_sharded(plan, ckpt, rank, dtype)[0]
-    return local_weights(plan, load_weights(plan, ckpt, dtype, "cpu"), rank)  # GGUF: no slice reads
+        return load_sharded(plan, ckpt, rank, dtype, device)[0]
+    return local_weights(plan, load_weights(plan, ckpt, dtype, device), rank)  # GGUF: no slice reads
 
 
 def _worker(rank: int, ranks: int, init_method: str, checkpoint: str, spec: str, dtype: torch.dtype,
-            experts: str, timeout_s: float, stages: int = 1) -> None:
+            experts: str, timeout_s: float, stages: int = 1, backend: str = "reference") -> None:
     """Ranks 1..: load this rank's shard, then run rank 0's steps until it says stop (or is lost)."""
     import signal
     import sys
@@ -345,11 +428,12 @@ def _worker(rank: int, ranks: int, init_method: str, checkpoint: str, spec: str,
     world = ranks * stages
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        comm = init(rank, world, init_method, timeout_s=timeout_s, tp=ranks)
+        comm = _init_rank(rank, world, init_method, timeout_s, ranks, backend)
         plan, ckpt = _sharded_plan(checkpoint, spec, ranks, experts, stages)
-        model = rank_model(plan, _load_rank(plan, ckpt, rank, dtype), comm, whole=False)
+        model = rank_model(plan, _load_rank(plan, ckpt, rank, dtype, comm.device), comm, whole=False,
+                           backend=backend)
         with torch.no_grad():
-            worker_loop(model, dtype)
+            worker_loop(model, dtype, comm.device)
     except RankLost as e:
         print(f"kiln: {'pipeline' if stages > 1 else 'tensor'}-parallel {e}; exiting", file=sys.stderr)
         os._exit(1)

@@ -80,11 +80,15 @@ def check_parallel(tp: int, ep: bool, device: str, backend: str | None, pp: int 
     if ep and tp == 1:
         raise GenerateError("--ep splits MoE experts across tensor-parallel ranks: it needs --tp N with N > 1")
     opt, what = parallel_option(tp, pp)
-    if backend not in (None, "reference"):
-        raise GenerateError(f"{opt}: {what} runs on the reference backend (CPU) today, not "
-                            f"--backend {backend}; leave --backend out with {opt.split()[0]}")
-    if not device.startswith("cpu"):
-        raise GenerateError(f"{opt}: {what} runs on the CPU today, not --device {device}")
+    gpu = backend == "cuda" and pp == 1 and not ep  # --tp N on GPUs: the cuda backend, one GPU per rank
+    if backend not in (None, "reference") and not gpu:
+        raise GenerateError(f"{opt}: {what} runs on the reference backend (CPU) only, not --backend {backend}; "
+                            f"leave --backend out with {opt.split()[0]} (the cuda backend runs --tp N alone)")
+    if not gpu and not device.startswith("cpu"):
+        raise GenerateError(f"{opt}: {what} on --device {device} needs --backend cuda (the reference backend "
+                            f"runs it on the CPU)")
+    if gpu and device not in ("cuda", "cuda:0"):
+        raise GenerateError(f"{opt} --backend cuda: rank r runs on cuda:r; give --device cuda, not --device {device}")
 
 
 def parallel_option(tp: int, pp: int) -> tuple[str, str]:

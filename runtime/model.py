@@ -58,9 +58,10 @@ def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: st
     """`quantization`: a scheme of kiln.dsl.quant.SCHEMES applied on load ("fp8", "int8-wo", ...;
     "gguf" keeps a GGUF file's blocks); a pre-quantized checkpoint brings its own.
     `kv_cache_dtype`: "auto" (the run dtype) or "fp8". `tensor_parallel_size` > 1: the model split
-    over that many processes of this machine (runtime/distributed.py; the reference backend on the
-    CPU today), MoE experts whole per rank with `expert_parallel`; `pipeline_parallel_size` > 1: its
-    layers in that many stages, each on its own process(es)."""
+    over that many processes of this machine (runtime/distributed.py: the reference backend on the
+    CPU over gloo, or `backend="cuda"` with `device="cuda"`: one GPU per rank, NCCL), MoE experts whole
+    per rank with `expert_parallel` (reference only); `pipeline_parallel_size` > 1: its layers in that
+    many stages, each on its own process(es) (reference only)."""
     if tensor_parallel_size != 1 or expert_parallel or pipeline_parallel_size != 1:
         return _load_parallel(checkpoint, spec, dtype, device, backend, quantization, kv_cache_dtype,
                               tensor_parallel_size, expert_parallel, pipeline_parallel_size)
@@ -80,8 +81,9 @@ def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: st
 
 def _load_parallel(checkpoint, spec, dtype, device, backend, quantization, kv_cache_dtype, tp: int,
                    ep: bool, pp: int = 1) -> LoadedModel:
-    """The tensor / pipeline-parallel load: what the shard and stage passes and the CPU process group
-    cannot run yet is refused here, naming the option, before any process starts."""
+    """The tensor / pipeline-parallel load: what the shard and stage passes and the process groups
+    cannot run yet is refused here, naming the option, before any process starts. The cuda backend
+    runs `--tp N` (not `--pp`, not `--ep`) with `--device cuda`: rank r on cuda:r."""
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise SpecError(f"--tp {tp}: the number of tensor-parallel ranks must be a positive integer", None)
     if not isinstance(pp, int) or isinstance(pp, bool) or pp < 1:
@@ -91,12 +93,26 @@ def _load_parallel(checkpoint, spec, dtype, device, backend, quantization, kv_ca
     flag = opt.split()[0]
     if ep and tp == 1:
         raise SpecError("--ep splits MoE experts across tensor-parallel ranks: it needs --tp N with N > 1", None)
-    if backend != "reference":
-        raise SpecError(f"{opt}: {what} runs on the reference backend (CPU, gloo) today, not "
-                        f"--backend {backend}", None, f"leave --backend out (or --backend reference) with {flag}")
-    if not str(device).startswith("cpu"):
-        raise SpecError(f"{opt}: {what} runs on the CPU today, not --device {device}", None,
-                        f"use --device cpu with {flag}")
+    gpu = backend == "cuda" and pp == 1 and not ep
+    if backend == "cuda" and not gpu:
+        extra = "pipeline stages" if pp > 1 else "experts whole per rank (--ep)"
+        raise SpecError(f"{opt}{' --ep' if ep and pp == 1 else ''}: {extra} run on the reference backend (CPU, "
+                        f"gloo) only, not --backend cuda", None,
+                        f"leave --backend out (or --backend reference) with {flag}"
+                        + ("; the cuda backend runs --tp N alone" if pp > 1 else "; or leave --ep out"))
+    if backend not in ("reference", "cuda"):
+        raise SpecError(f"{opt}: {what} runs on the reference or cuda backend, not --backend {backend}", None)
+    if gpu and str(device) not in ("cuda", "cuda:0"):
+        raise SpecError(f"{opt} --backend cuda: rank r runs on cuda:r; give --device cuda, not --device {device}",
+                        None)
+    if not gpu and not str(device).startswith("cpu"):
+        how = "the cuda backend (--backend cuda --tp N)" if pp == 1 and not ep else "the CPU only"
+        raise SpecError(f"{opt}: {what} on --device {device} runs on {how}, not --backend {backend}", None,
+                        f"use --device cpu with {flag}" + (", or --backend cuda" if pp == 1 and not ep else ""))
+    if gpu:
+        from .distributed import check_gpus
+
+        check_gpus(tp)
     if is_engine_dir(checkpoint):
         raise SpecError(f"{opt}: {checkpoint} is an engine directory; {what} loads a checkpoint "
                         f"(a Hugging Face folder or .gguf file)", None)
@@ -114,8 +130,8 @@ def _load_parallel(checkpoint, spec, dtype, device, backend, quantization, kv_ca
     from .distributed import spawn_workers
 
     torch_dtype = dtype_of(dtype).torch
-    model = spawn_workers(ckpt.path, spec_path, torch_dtype, tp, "ep" if ep else "tp", stages=pp)
-    return LoadedModel(model.plan, model, ckpt, torch_dtype, torch.device(device))
+    model = spawn_workers(ckpt.path, spec_path, torch_dtype, tp, "ep" if ep else "tp", stages=pp, backend=backend)
+    return LoadedModel(model.plan, model, ckpt, torch_dtype, torch.device("cuda:0" if gpu else device))
 
 
 def quantize_plan(plan: Plan, ckpt: Checkpoint | None, quantization: str, kv_cache_dtype: str = "auto"):

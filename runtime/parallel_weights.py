@@ -14,7 +14,7 @@ import dataclasses
 import torch
 from kiln.dsl.errors import SpecError
 from kiln.dsl.passes import stage_of, stage_sites, stage_weights
-from kiln.dsl.plan import Plan, WeightSlot
+from kiln.dsl.plan import Plan, Value, WeightSlot
 from kiln.dsl.sources import Alias, Tensor, Transpose
 
 from .checkpoint import Checkpoint, CheckpointError
@@ -79,6 +79,39 @@ def local_plan(plan: Plan, rank: int) -> Plan:
         split = _site_split(plan, s.index)
         sites.append(dataclasses.replace(s, heads=s.heads // plan.ranks, kv_heads=kv) if split else s)
     return dataclasses.replace(plan, sites=sites)
+
+
+def local_types(plan: Plan, rank: int) -> dict:
+    """Each value's type as `rank` holds it: the op definitions' shape rules (dsl/ops `infer`) over its
+    slices of the weights, so the fused kernel program (codegen/fuse.py) is sized for its shard (heads,
+    FFN channels, experts' channels). A value a collective follows has its whole type (the all-reduce's
+    sum, the all-gather's concatenation)."""
+    if plan.ranks == 1:
+        return plan.types
+    from kiln.dsl.ops import OPS, TType
+
+    after = {c.value for c in plan.collectives if c.kind != "send"}
+    r = tp_rank(plan, rank)
+    types = {v: plan.types[v] for v in plan.program.inputs}
+
+    def weight_type(name: str) -> TType:
+        slot, target = plan.weights[name], plan.weights[plan.alias_target(name)]
+        s = slice_of(slot, r, plan.ranks)
+        shape = tuple(slot.shape) if s in (None, False) else \
+            tuple(s[2] - s[1] if d == s[0] else n for d, n in enumerate(slot.shape))
+        return TType(shape, target.decl.dtype)
+
+    def walk(prog) -> None:
+        for ins in prog.instrs:
+            args = [types[a] if isinstance(a, Value) else weight_type(a.name) if a is not None else None
+                    for a in ins.inputs]
+            for e in ins.experts:  # each expert reads the moe's input
+                types[e.inputs[0]] = args[0]
+                walk(e)
+            for o, t in zip(ins.outputs, OPS[ins.kind].infer(args, ins.attrs)):
+                types[o] = plan.types[o] if o in after else t
+    walk(plan.program)
+    return types
 
 
 def _site_split(plan: Plan, site: int) -> bool:

@@ -176,7 +176,8 @@ def _kiln(capsys, *args: str) -> tuple[int, str]:
 @pytest.mark.parametrize("args, says", [
     (["--tp", "0"], "argument --tp: must be an integer in [1, 1024], got 0"),
     (["--pp", "-1"], "argument --pp"),
-    (["--tp", "2", "--device", "cuda"], "--tp 2: tensor parallelism runs on the CPU today, not --device cuda"),
+    (["--tp", "2", "--device", "cuda"], "--tp 2: tensor parallelism on --device cuda needs --backend cuda"),
+    (["--tp", "2", "--backend", "cuda", "--device", "cuda:1"], "--tp 2 --backend cuda: rank r runs on cuda:r"),
     (["--pp", "2", "--backend", "cuda"], "--pp 2: pipeline parallelism runs on the reference backend"),
     (["--tp", "2", "--quantization", "fp8"], "--tp 2 with --quantization fp8"),
     (["--pp", "2", "--kv-cache-dtype", "fp8"], "--pp 2 with --kv-cache-dtype fp8"),
