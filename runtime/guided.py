@@ -213,6 +213,11 @@ class GuidedDecoder:
         self.device = torch.device(device)
         self._executor = _llg().LLExecutor()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-guided")
+        # Bitmask buffers (pinned on a GPU run), grown to the most rows seen, used in turn: a step's
+        # host-to-device copy of one is finished before the buffer comes round again, because the
+        # engine reads every step's sampled tokens on the host before it starts the next step.
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._turn = 0
 
     def matcher(self, guided: GuidedDecodingParams):
         return self.compiler.matcher(guided)
@@ -227,7 +232,12 @@ class GuidedDecoder:
     def _compute(self, matchers: list[tuple[int, object]]) -> tuple[torch.Tensor, torch.Tensor]:
         words = mask_words(self.vocab_size)
         pin = self.device.type == "cuda"
-        bits = torch.zeros((len(matchers), words), dtype=torch.int32, pin_memory=pin)
+        self._turn ^= 1
+        buf = self._buffers[self._turn]
+        if buf is None or buf.shape[0] < len(matchers):  # llguidance writes each given row whole: no zeroing
+            buf = self._buffers[self._turn] = torch.empty((max(64, len(matchers)), words), dtype=torch.int32,
+                                                          pin_memory=pin)
+        bits = buf[:len(matchers)]
         # llguidance writes each row in place, on its own threads, without the GIL.
         self._executor.unsafe_compute_mask_ptr([(m, i) for i, (_, m) in enumerate(matchers)],
                                                bits.data_ptr(), words * 4, len(matchers))
