@@ -583,6 +583,85 @@ def prefill_cached_prefix_table(copy_bw: float, new: int = 32, cached: int = 200
     return "\n".join(lines)
 
 
+GEMV_SHAPES = [  # (label, n, k): Mamba-2 2.7B's decode GEMMs, then Llama-3-8B's
+    ("mamba2 in_proj (xbc+dt+z)", 10576, 2560), ("mamba2 out_proj", 2560, 5120),
+    ("llama3 qkv", 6144, 4096), ("llama3 o", 4096, 4096), ("llama3 gate+up", 28672, 4096),
+    ("llama3 down", 4096, 14336),
+]
+
+
+def gemv_table(copy_bw: float, T: int = 1) -> str:
+    """The generated bf16 GEMV (codegen/gemv.py) against cuBLAS (F.linear) at decode shapes: bytes
+    moved (weight + x + out) per second against the copy bandwidth, weights not in L2 (copies cycled in
+    one graph), with and without programmatic dependent launch (issue #18; target: >= 85%)."""
+    from .gemv import gemv, spec_for
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    lines = [f"bf16 GEMV, T={T} (codegen/gemv.py; target: ≥85% of copy bandwidth, no slower than cuBLAS)\n",
+             "| linear | out x in | rows x ksplit | ours (us) | of copy bw | ours + PDL (us) | of copy bw | "
+             "cuBLAS (us) | of copy bw | speedup | target |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for label, n, k in GEMV_SHAPES:
+        nbytes = n * k * 2 + T * (k + n) * 2
+        x = torch.randn(T, k, device="cuda", dtype=DT)
+        spec = spec_for(n, k, "bf16", False, f"bench {label}", sms)
+        ws = _copies(lambda: torch.randn(n, k, device="cuda", dtype=DT) * 0.02, n * k * 2)
+        outs = [torch.empty(T, n, device="cuda", dtype=DT) for _ in ws]
+        t = _graphed_ms([lambda w=w, o=o: gemv(spec, x, w, o) for w, o in zip(ws, outs)])
+        t_pdl = _graphed_ms([lambda w=w, o=o: gemv(spec, x, w, o, pdl=True) for w, o in zip(ws, outs)])
+        t_ref = _graphed_ms([lambda w=w: F.linear(x, w) for w in ws])
+        best = min(t, t_pdl)
+        frac = nbytes / (best * 1e-3) / copy_bw
+        pct = lambda ms: f"{nbytes / (ms * 1e-3) / copy_bw:.0%}"  # noqa: E731
+        ok = frac >= 0.85 and best <= t_ref
+        lines.append(f"| {label} | {n}x{k} | {spec.rows}x{spec.ksplit} | {t * 1e3:.1f} | {pct(t)} | "
+                     f"{t_pdl * 1e3:.1f} | {pct(t_pdl)} | {t_ref * 1e3:.1f} | {pct(t_ref)} | {t_ref / best:.2f}x | "
+                     f"{'met' if ok else 'NOT met'} |")
+        del ws, outs
+        torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
+def gated_norm_table(copy_bw: float) -> str:
+    """Norm kernels at few rows (issue #18): Mamba-2 2.7B's gated RMSNorm, rmsnorm(y * silu(z)) over one
+    group of 5120 with z a slice of in_proj's fused output, and the residual RMSNorm at hidden 2560;
+    ours against the torch ops, as graphs of back-to-back calls (us per call)."""
+    d, n_in = 5120, 10576
+    lines = ["norms at few rows (us per call, graphed)\n", "| kernel | T | ours (us) | torch ops (us) | speedup |",
+             "|---|---:|---:|---:|---:|"]
+    for T in (1, 4, 64):
+        spec = NormSpec("rms", d, 1e-5, has_residual=False, group=d, per_group_weight=True, gate="silu",
+                        origin="bench gated")
+        y = torch.randn(T, d, device="cuda", dtype=DT)
+        zxbc = torch.randn(T, n_in, device="cuda", dtype=DT)
+        z = zxbc[:, n_in - d:]
+        w = torch.randn(1, d, device="cuda", dtype=DT)
+        out = torch.empty(T, d, device="cuda", dtype=DT)
+
+        def torch_gated():
+            h = (y * F.silu(z)).float()
+            return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(DT) * w[0]
+
+        t = _graphed_ms([lambda: K.norm(spec, y, w, out, gate=z)] * GRAPH_CALLS)
+        t_ref = _graphed_ms([torch_gated] * GRAPH_CALLS)
+        lines.append(f"| gated rmsnorm h{d} g{d} | {T} | {t * 1e3:.2f} | {t_ref * 1e3:.2f} | {t_ref / t:.2f}x |")
+        h = 2560
+        rspec = NormSpec("rms", h, 1e-5, origin="bench res")
+        x, r = torch.randn(T, h, device="cuda", dtype=DT), torch.randn(T, h, device="cuda", dtype=DT)
+        rw = torch.randn(h, device="cuda", dtype=DT)
+        ro, rr = torch.empty_like(x), torch.empty_like(x)
+
+        def torch_res():
+            s = x + r
+            sf = s.float()
+            return (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(DT) * rw, s
+
+        t = _graphed_ms([lambda: K.norm(rspec, x, rw, ro, residual=r, residual_out=rr)] * GRAPH_CALLS)
+        t_ref = _graphed_ms([torch_res] * GRAPH_CALLS)
+        lines.append(f"| rmsnorm + residual h{h} | {T} | {t * 1e3:.2f} | {t_ref * 1e3:.2f} | {t_ref / t:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=8192)
@@ -597,11 +676,25 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--lora-only", action="store_true", help="only the multi-LoRA decode-step table (issue #17)")
     ap.add_argument("--prefix-only", action="store_true",
                     help="only the cached-prefix prefill attention table (issue #16: split-KV)")
+    ap.add_argument("--only", help="comma-separated sections to run alone: gemv (bf16 decode GEMV against "
+                    "cuBLAS at T=1 and 4), norm (norms at few rows); issue #18")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
+    only = {w.strip() for w in args.only.split(",")} if args.only else set()
+    if only - {"gemv", "norm"}:
+        raise SystemExit(f"--only: unknown section(s) {', '.join(sorted(only - {'gemv', 'norm'}))}; "
+                         "choose from gemv, norm")
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()
+    if only:
+        print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n")
+        if "norm" in only:
+            print(gated_norm_table(copy_bw) + "\n")
+        if "gemv" in only:
+            for T in (1, 4):
+                print(gemv_table(copy_bw, T) + "\n")
+        return []
     if args.lora_only:
         print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n")
         print(lora_decode_table(copy_bw, T=args.batch))

@@ -12,10 +12,12 @@ the table `_RUN`, keyed by codegen.fuse.Exec.
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 from dataclasses import dataclass
 
 import torch
+from kiln.codegen import gemv as G
 from kiln.codegen import kernels as K
 from kiln.codegen.fuse import Exec, KOp, fuse
 from kiln.codegen.fuse import origin as fuse_origin
@@ -31,6 +33,11 @@ from .cuda_ssm import SsmSteps
 from .kv_store import KVStore
 from .lora import CudaLora, adapter_rows
 from .reference import StepContext
+
+# KILN_GEMV=1: GEMMs of <= 4 rows with a plain weight (decode) run codegen/gemv.py's kernel instead of
+# cuBLAS; "pdl": launched as programmatic dependents. Off until measured on the H200 (issue #18). Read
+# when a step runs (and is captured): set it before the model's first step.
+GEMV = os.environ.get("KILN_GEMV", "0")
 
 
 def _nothing() -> None:
@@ -241,8 +248,13 @@ class CudaModel:
     # -- one method per kind of step ----------------------------------------------------------
     def _gemm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         w, b = self._gemm[n]
-        y = w(env[op.ins[0]], b) if isinstance(w, (QGemm, SplitGemm)) else \
-            torch.nn.functional.linear(env[op.ins[0]], w, b)
+        x = env[op.ins[0]]
+        if isinstance(w, (QGemm, SplitGemm)):
+            y = w(x, b)
+        elif GEMV in ("1", "pdl") and G.takes(x, w):
+            y = G.linear(x, w, b, pdl=GEMV == "pdl", origin=fuse_origin(op.instrs[0]))
+        else:
+            y = torch.nn.functional.linear(x, w, b)
         if step.lora is not None:  # each row's LoRA adapter: y += (x A^T) B^T (runtime/lora.py)
             self._lora.apply(n, env[op.ins[0]], y, step.lora)
         if op.extra["fused"]:

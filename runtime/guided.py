@@ -6,8 +6,9 @@ cached per grammar text); each sequence then owns an `LLMatcher` that advances o
 accepted token. Before a step samples, `GuidedDecoder.start_masks` computes the allowed-token
 bitmask of every constrained row that will sample ([M, ceil(V/32)] int32, bit t%32 of word t//32
 set = token t allowed) on a worker thread, with llguidance's own thread pool (it drops the GIL),
-while the engine thread runs the model's forward; the sampler waits for it only when it needs
-it and masks the rows' logits to -inf on the logits' device (`apply_token_bitmask`).
+while the engine thread runs the model's forward; on a GPU the worker also copies them to the
+device on a stream of its own. The sampler waits for them only when it needs them and masks the
+rows' logits to -inf on the logits' device (`apply_token_bitmask`: one generated kernel on a GPU).
 
 Why llguidance rather than xgrammar: one abi3 wheel with no dependencies (xgrammar pulls triton,
 transformers and apache-tvm-ffi and ships one wheel per CPython), masks in tens of microseconds
@@ -166,8 +167,15 @@ def mask_words(vocab_size: int) -> int:
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
     """logits[rows[i], t] = -inf wherever bit t of bitmask[i] is clear (in place, on logits' device).
     `bitmask` [M, ceil(V/32)] int32 (little-endian words: viewed as bytes, token t is bit t%8 of
-    byte t//8), `rows` [M] int64."""
+    byte t//8), `rows` [M] int64. On a GPU, fp32 logits: one generated kernel
+    (codegen/sampling_kernels.py); else these torch ops, its reference."""
     vocab = logits.shape[1]
+    if logits.is_cuda and logits.dtype == torch.float32 and bitmask.shape[1] == mask_words(vocab):
+        from kiln.codegen.sampling_kernels import TokenMaskSpec, token_mask
+
+        token_mask(TokenMaskSpec(vocab, origin="guided decoding: the allowed-token mask"), logits, rows,
+                   bitmask.contiguous())
+        return
     as_bytes = bitmask.contiguous().view(torch.uint8)  # [M, 4W]
     shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
     allowed = ((as_bytes[:, :, None] >> shifts) & 1).reshape(as_bytes.shape[0], -1)[:, :vocab]  # [M, V]
@@ -189,8 +197,9 @@ class GuidedMask:
 
 
 class PendingMask:
-    """Masks being computed on the worker thread; `result()` waits for them and moves them to the
-    device on the calling (engine) thread, so the copy is ordered on the stream the sampler uses."""
+    """Masks being computed on the worker thread; `result()` waits for them. On a GPU the worker
+    also copies them to the device, on a stream of its own while the model's forward still runs;
+    `result()` orders the calling (engine) thread's stream after that copy."""
 
     def __init__(self, future: Future | None, device: torch.device):
         self._future, self._device = future, device
@@ -198,9 +207,12 @@ class PendingMask:
     def result(self) -> GuidedMask | None:
         if self._future is None:
             return None
-        rows, bits = self._future.result()
-        if self._device.type == "cuda":
-            return GuidedMask(rows.to(self._device, non_blocking=True), bits.to(self._device, non_blocking=True))
+        rows, bits, copied = self._future.result()
+        if copied is not None:  # the copy's event: the sampler's stream waits for it, and the
+            stream = torch.cuda.current_stream(self._device)  # allocator keeps the copies for it
+            stream.wait_event(copied)
+            rows.record_stream(stream)
+            bits.record_stream(stream)
         return GuidedMask(rows, bits)
 
 
@@ -218,6 +230,7 @@ class GuidedDecoder:
         # engine reads every step's sampled tokens on the host before it starts the next step.
         self._buffers: list[torch.Tensor | None] = [None, None]
         self._turn = 0
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def matcher(self, guided: GuidedDecodingParams):
         return self.compiler.matcher(guided)
@@ -229,7 +242,7 @@ class GuidedDecoder:
             return PendingMask(None, self.device)
         return PendingMask(self._worker.submit(self._compute, matchers), self.device)
 
-    def _compute(self, matchers: list[tuple[int, object]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute(self, matchers: list[tuple[int, object]]) -> tuple[torch.Tensor, torch.Tensor, object]:
         words = mask_words(self.vocab_size)
         pin = self.device.type == "cuda"
         self._turn ^= 1
@@ -242,7 +255,15 @@ class GuidedDecoder:
         self._executor.unsafe_compute_mask_ptr([(m, i) for i, (_, m) in enumerate(matchers)],
                                                bits.data_ptr(), words * 4, len(matchers))
         rows = torch.tensor([r for r, _ in matchers], dtype=torch.int64)
-        return (rows.pin_memory() if pin else rows), bits
+        if not pin:
+            return rows, bits, None
+        # to the device now, beside the forward (the engine thread's stream is busy with it)
+        with torch.cuda.stream(self._copy_stream):
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+            bits = bits.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        return rows, bits, copied
 
     @staticmethod
     def advance(matcher, token: int) -> str | None:

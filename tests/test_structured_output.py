@@ -215,3 +215,19 @@ def test_bad_constraints_get_400(url, body, param, words):
     err = r.json()["error"]
     assert err["param"] == param and words in err["message"], err
     assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+
+
+def test_token_mask_kernel_renders_and_compiles():
+    """The GPU form of apply_token_bitmask (codegen/sampling_kernels.py) renders with its origin and
+    the vocabulary it is specialised on, and NVRTC compiles it (its results: tests/gpu/test_guided_gpu.py)."""
+    pytest.importorskip("cuda.bindings")
+    from kiln.codegen import nvrtc
+    from kiln.codegen.render import render
+    from kiln.codegen.sampling_kernels import TokenMaskSpec
+    from kiln.codegen.specs import KernelSpecError
+
+    ks = render(TokenMaskSpec(49157, origin="guided decoding: the allowed-token mask"))
+    assert "origin: guided decoding" in ks.source and "1537" in ks.source  # ceil(49157 / 32) words a row
+    assert nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin)
+    with pytest.raises(KernelSpecError, match="TokenMaskSpec.vocab"):
+        TokenMaskSpec(0)

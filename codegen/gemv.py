@@ -1,0 +1,167 @@
+"""Decode-sized 16-bit / fp32 linears on the GPU (issue #18): the spec, its rendering
+(templates/gemv.cu.j2), the launch wrapper and `linear`, the drop-in for torch's at T <= GEMV_MAX_T rows.
+
+At one token a GEMM reads each weight byte once and does almost no math: cuBLAS reached 73% of the
+H200's copy bandwidth on Mamba-2's in_proj (N=10576, K=2560) and 56% (split-K + a reduce kernel) on its
+out_proj (N=2560, K=5120). This kernel streams the weight with 16-byte loads, `rows` rows per warp and
+`LOADS_FEW` / `LOADS_MANY` loads per lane in flight, and splits K over the warps of a block (`ksplit`, summed in
+shared memory) only where N is too small to give every SM work. `choose` sizes both per shape and device.
+It has not run on a GPU yet: runtime/cuda_backend.py takes it only with KILN_GEMV=1 (or =pdl).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from kiln.dsl.dtypes import RUN_DTYPES
+
+from .kernels import KernelArgError, _check, _torch_dtype
+from .launch import get_kernel, i64, ptr
+from .render import _RENDERERS, KernelSource, _emit, _name, _vec
+from .specs import _dtype, _fail, _positive, _Spec
+
+GEMV_MAX_T = 4  # rows of x one launch takes (an entry per count, accumulators in registers)
+WARPS = 8  # per block (256 threads)
+MIN_BLOCKS = 2  # __launch_bounds__ minimum blocks per SM: <= 128 registers, 16 resident warps per SM
+# 16-byte weight loads per lane per step (rows * unroll): 16 at up to FEW_T rows of x, 8 beyond (registers)
+LOADS_FEW, LOADS_MANY, FEW_T = 16, 8, 2
+X_LOADS = 16  # x's 16-byte loads per lane per step at most (T * unroll): at one row a warp, x's registers dominate
+ROWS = (1, 2, 4, 8)
+KSPLITS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class GemvSpec(_Spec):
+    n: int  # output features (rows of W)
+    k: int  # input features
+    has_bias: bool = False
+    dtype: str = "bf16"
+    origin: str = ""
+    rows: int = 2  # rows of W per warp
+    ksplit: int = 1  # warps of a block sharing a row group, each a slice of K
+
+    def __post_init__(self):
+        _positive(self, "n", "k")
+        _dtype(self)
+        if self.rows not in ROWS:
+            _fail(self, "rows", f"must be one of {ROWS}, got {self.rows!r}")
+        if self.ksplit not in KSPLITS:
+            _fail(self, "ksplit", f"must be one of {KSPLITS}, got {self.ksplit!r}")
+
+    @property
+    def vec(self) -> int:
+        return _vec(RUN_DTYPES[self.dtype].itemsize, self.k)
+
+
+@lru_cache(maxsize=None)
+def choose(n: int, k: int, dtype: str, num_sms: int = 132) -> tuple[int, int]:
+    """(rows, ksplit): the least weight per warp (the critical path of a stream whose warps all run at
+    once) such that the grid's warps fit on the device at once (num_sms * 16); ties to the fewest K
+    slices. Shapes too large for one wave take 8 rows a warp, no split (the stream stays saturated
+    until the last wave drains)."""
+    chunk = 32 * _vec(RUN_DTYPES[dtype].itemsize, k)
+    nch = math.ceil(k / chunk)
+    cap = num_sms * WARPS * MIN_BLOCKS
+    best = None
+    for ks in KSPLITS:
+        if ks > nch:
+            break
+        for r in ROWS:
+            warps = math.ceil(n / (r * WARPS // ks)) * WARPS  # whole blocks
+            if warps > cap:
+                continue
+            cost = (r * math.ceil(nch / ks), ks)
+            if best is None or cost < best[0]:
+                best = (cost, r, ks)
+    return (best[1], best[2]) if best else (8, 1)
+
+
+def spec_for(n: int, k: int, dtype: str, has_bias: bool, origin: str = "linear", num_sms: int = 132) -> GemvSpec:
+    rows, ks = choose(n, k, dtype, num_sms)
+    return GemvSpec(n, k, has_bias, dtype, origin, rows, ks)
+
+
+def _render(s: GemvSpec) -> KernelSource:
+    vec = s.vec
+    chunk = 32 * vec
+    nch = math.ceil(s.k / chunk)
+    cps = math.ceil(nch / s.ksplit)
+    unroll = {t: max(1, min((LOADS_FEW if t <= FEW_T else LOADS_MANY) // s.rows, X_LOADS // t))
+              for t in range(1, GEMV_MAX_T + 1)}
+    groups = WARPS // s.ksplit
+    vp = {t: 1 << max(0, math.ceil(math.log2(t * s.rows))) for t in range(1, GEMV_MAX_T + 1)}
+    params = dict(n=s.n, k=s.k, vec=vec, chunk=chunk, nch=nch, cps=cps, rows=s.rows, ksplit=s.ksplit,
+                  unroll=unroll, groups=groups, warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS,
+                  k_tail=s.k % chunk != 0, few_t=FEW_T, has_bias=s.has_bias, max_t=GEMV_MAX_T, vp=vp)
+    meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * s.rows)), vec=vec, rows=s.rows,
+                ksplit=s.ksplit, unroll=unroll)
+    name = _name(f"gemv_n{s.n}_k{s.k}_r{s.rows}_s{s.ksplit}", s)
+    return _emit("gemv.cu.j2", name, s, params, [f"{name}_t{t}" for t in range(1, GEMV_MAX_T + 1)], meta)
+
+
+_RENDERERS[GemvSpec] = _render
+
+
+def gemv(spec: GemvSpec, x, w, out, bias=None, pdl: bool = False) -> None:
+    """out [T, n] = x [T, k] @ w [n, k]^T (+ bias), 1 <= T <= GEMV_MAX_T. x may be row-strided (rows
+    16-byte aligned); w, out, bias contiguous. pdl: a programmatic dependent launch (LoadedKernel.
+    launch_dependent), the first weight loads overlapping the kernel before."""
+    dt = _torch_dtype(spec)
+    _check("x", x, dt, contiguous=False, aligned=False)
+    dev = x.device
+    if x.dim() != 2 or x.shape[1] != spec.k:
+        raise KernelArgError(f"x: shape {tuple(x.shape)}, expected [T, {spec.k}]")
+    T = x.shape[0]
+    if not 1 <= T <= GEMV_MAX_T:
+        raise KernelArgError(f"x: {T} rows; the GEMV takes 1 to {GEMV_MAX_T} (more: a GEMM)")
+    _check("x", x, dt, device=dev, rows_aligned=True, contiguous=False)
+    _check("w", w, dt, (spec.n, spec.k), dev)
+    _check("out", out, dt, (T, spec.n), dev)
+    if spec.has_bias:
+        if bias is None:
+            raise KernelArgError("bias: required by this spec (has_bias)")
+        _check("bias", bias, dt, (spec.n,), dev, aligned=False)
+    elif bias is not None:
+        raise KernelArgError("bias: given to a spec without one (has_bias=False)")
+    k = get_kernel(spec, dev)
+    meta = k.source.meta
+    args = [ptr(w), ptr(x), ptr(bias), ptr(out), i64(x.stride(0))]
+    launch = k.launch_dependent if pdl else k.launch
+    launch(k.source.entries[T - 1], (meta["blocks"],), (meta["threads"],), args)
+
+
+_SMS: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def takes(x: torch.Tensor, w) -> bool:
+    """Whether `linear` runs this GEMM: a plain 2-D weight of x's dtype, 1..GEMV_MAX_T rows, K in
+    16-byte vectors."""
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_T
+            and x.is_cuda and w.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and w.shape[1] == x.shape[1] and w.is_contiguous() and w.data_ptr() % 16 == 0
+            and (w.shape[1] * w.element_size()) % 16 == 0)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, pdl: bool = False,
+           origin: str = "linear") -> torch.Tensor:
+    """torch.nn.functional.linear(x, w, bias) through the GEMV (check `takes` first)."""
+    from .specs import dtype_name
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+        x = x.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    n, k = w.shape
+    spec = spec_for(n, k, dtype_name(x.dtype), bias is not None, origin, _num_sms(x.device))
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    gemv(spec, x, w, out, bias, pdl)
+    return out
