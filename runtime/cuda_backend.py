@@ -34,10 +34,14 @@ from .kv_store import KVStore
 from .lora import CudaLora, adapter_rows
 from .reference import StepContext
 
-# KILN_GEMV=1: GEMMs of <= 4 rows with a plain weight (decode) run codegen/gemv.py's kernel instead of
-# cuBLAS; "pdl": launched as programmatic dependents. Off until measured on the H200 (issue #18). Read
-# when a step runs (and is captured): set it before the model's first step.
-GEMV = os.environ.get("KILN_GEMV", "0")
+# GEMMs of at most GEMV_ROWS rows with a plain weight (decode) run codegen/gemv.py's kernel instead of
+# cuBLAS, as programmatic dependents ("pdl", the default), plain launches ("1") or not at all ("0":
+# KILN_GEMV=0). On the H200 at one row (BENCHMARKS.md, session 7): Llama-3-8B qkv 14.4 against cuBLAS's
+# 16.5 us, o 9.6 / 13.1, down 28.9 / 32.0, gate+up 57.8 / 57.2; Mamba-2 2.7B decode 3.17 -> 2.90 ms. At
+# 4 rows cuBLAS is faster at the wide shapes (gate+up 57.5 against 73.6 us), so one row by default
+# (KILN_GEMV_ROWS, at most codegen.gemv.GEMV_MAX_T). Read when a step runs (and is captured).
+GEMV = os.environ.get("KILN_GEMV", "pdl")
+GEMV_ROWS = int(os.environ.get("KILN_GEMV_ROWS", "1"))
 
 
 def _nothing() -> None:
@@ -251,7 +255,7 @@ class CudaModel:
         x = env[op.ins[0]]
         if isinstance(w, (QGemm, SplitGemm)):
             y = w(x, b)
-        elif GEMV in ("1", "pdl") and G.takes(x, w):
+        elif GEMV in ("1", "pdl") and x.shape[0] <= GEMV_ROWS and G.takes(x, w):
             y = G.linear(x, w, b, pdl=GEMV == "pdl", origin=fuse_origin(op.instrs[0]))
         else:
             y = torch.nn.functional.linear(x, w, b)

@@ -21,6 +21,7 @@ budget on newlines); a schema may override that with llguidance's `x-guidance` o
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -223,7 +224,10 @@ class GuidedDecoder:
         self.compiler = GrammarCompiler(tokenizer, vocab_size)
         self.vocab_size = vocab_size
         self.device = torch.device(device)
-        self._executor = _llg().LLExecutor()
+        # llguidance's mask threads (KILN_GUIDED_THREADS; default: its own choice, 80% of the CPUs up to
+        # 32). Its idle workers spin for a while before they sleep, beside the engine thread's host work.
+        threads = os.environ.get("KILN_GUIDED_THREADS")
+        self._executor = _llg().LLExecutor(int(threads)) if threads else _llg().LLExecutor()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-guided")
         # Bitmask buffers (pinned on a GPU run), grown to the most rows seen, used in turn: a step's
         # host-to-device copy of one is finished before the buffer comes round again, because the

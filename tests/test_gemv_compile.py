@@ -1,8 +1,7 @@
 """Issue #18, CPU checks of the decode GEMV (codegen/gemv.py, templates/gemv.cu.j2): it renders and
 NVRTC compiles for sm_80 and sm_90a without local-memory spills at Mamba-2's and Llama-3-8B's decode
 shapes and odd ones, names its origin, the chooser's picks keep the grid resident at once, bad specs and
-arguments are refused with the field named, and the cuda backend leaves it off unless KILN_GEMV asks.
-The kernel's results: tests/gpu/test_gemv.py."""
+arguments are refused with the field named. The kernel's results: tests/gpu/test_gemv.py."""
 
 from __future__ import annotations
 
@@ -86,11 +85,3 @@ def test_wrapper_refuses_host_tensors_and_too_many_rows():
         G.gemv(spec, x, torch.zeros(64, 64, dtype=torch.bfloat16), torch.zeros(1, 64, dtype=torch.bfloat16))
     assert not G.takes(torch.zeros(5, 64, dtype=torch.bfloat16), torch.zeros(64, 64, dtype=torch.bfloat16))
 
-
-def test_backend_switch_is_off_by_default(monkeypatch):
-    import importlib
-
-    from kiln.runtime import cuda_backend
-
-    monkeypatch.delenv("KILN_GEMV", raising=False)
-    assert importlib.reload(cuda_backend).GEMV == "0"

@@ -117,6 +117,8 @@ def test_engine_with_the_gemv_equals_without(name, mode, monkeypatch):
     vocab = 1000 if name == "llama" else 256
     reqs = [([rng.randrange(vocab) for _ in range(rng.randint(1, 40))], rng.randint(2, 12)) for _ in range(4)]
 
+    monkeypatch.setattr(cuda_backend, "GEMV_ROWS", 4)  # every decode step of <= 4 sequences, not only 1
+
     def run(switch):
         monkeypatch.setattr(cuda_backend, "GEMV", switch)
         _, cuda = pair(name, config, "fp32")
@@ -136,6 +138,7 @@ def test_bf16_decode_logits_with_the_gemv_match_without(monkeypatch):
     from kiln.runtime.kv_store import KVStore
 
     outs = {}
+    monkeypatch.setattr(cuda_backend, "GEMV_ROWS", 4)
     for switch in ("0", "1"):
         monkeypatch.setattr(cuda_backend, "GEMV", switch)
         _, cuda = pair("llama", LLAMA, "bf16")
