@@ -19,13 +19,7 @@ from kiln.codegen.kernels import KernelArgError  # noqa: E402
 from kiln.codegen.render import render  # noqa: E402
 from kiln.codegen.specs import KernelSpecError  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KILN_CACHE", str(tmp_path_factory.mktemp("kernels")))  # compile for real: ptxas's log
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("fresh_kernel_cache")  # compile for real: ptxas's log (tests/conftest.py)
 
 
 MAMBA2 = [(10576, 2560), (2560, 5120)]

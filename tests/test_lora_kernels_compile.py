@@ -22,13 +22,7 @@ from kiln.codegen.lora_kernels import (
 from kiln.codegen.render import render
 from kiln.codegen.specs import KernelSpecError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KILN_CACHE", str(tmp_path_factory.mktemp("kernels")))  # compile for real: ptxas's log
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("fresh_kernel_cache")  # compile for real: ptxas's log (tests/conftest.py)
 
 
 # (k, out, sr, rank): Llama-3-8B's fused qkv, o_proj, fused gate + up, down_proj at rank 16; a

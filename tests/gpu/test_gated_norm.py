@@ -88,13 +88,20 @@ def test_gated_norm_other_activations(dtype, act):
     ("rms", 2048, 256, False, False, 1.0),   # gemma3's: offset 1
     ("layer", 1024, 64, True, False, 0.0),   # stablelm's per-head layernorm: a row (and bias) per head
     ("rms", 5120, 640, True, True, 0.0),     # with the residual add fused
+    # whole rows (group 0): one 16-byte access per thread (2560: Mamba-2 2.7B's residual norm), two
+    # rounds (16384 bf16: 2048 accesses), one partial warp (80), fp32 vectors of 4 with a partial warp
+    ("rms", 2560, 0, False, True, 0.0),
+    ("rms", 4096, 0, False, False, 1.0),
+    ("rms", 16384, 0, False, True, 0.0),
+    ("rms", 80, 0, False, False, 0.0),
+    ("layer", 4100, 0, False, True, 0.0),
 ])
 @pytest.mark.parametrize("T", [1, 7, 300])
 def test_group_norm_matches_the_op(dtype, kind, hidden, group, per_group, res, off, T):
     dt = DT[dtype]
     spec = NormSpec(kind, hidden, 1e-6, weight_offset=off, has_bias=kind == "layer", has_residual=res, group=group,
                     per_group_weight=per_group, dtype=dtype, origin="test")
-    shape = (hidden // group, group) if per_group else (group,)
+    shape = (hidden // group, group) if per_group else (group or hidden,)
     x = torch.randn(T, hidden, device=DEV).to(dt)
     r = torch.randn(T, hidden, device=DEV).to(dt) if res else None
     w = (torch.rand(shape, device=DEV) + 0.5).to(dt)
@@ -105,4 +112,4 @@ def test_group_norm_matches_the_op(dtype, kind, hidden, group, per_group, res, o
     h = x + r if res else x
     if res:
         assert torch.equal(r_out, h)
-    _check(out, _reference(kind, h, w, b, 1e-6, group, offset=off), dtype)
+    _check(out, _reference(kind, h, w, b, 1e-6, group or None, offset=off), dtype)
