@@ -454,8 +454,8 @@ def _act(s: ActSpec) -> KernelSource:
 def _embed(s: EmbedSpec) -> KernelSource:
     vec = _vec(RUN_DTYPES[s.dtype].itemsize, s.hidden)
     threads = min(256, _round_up(s.hidden // vec, 32))
-    params = dict(vocab=s.vocab, hidden=s.hidden, vec=vec, threads=threads, step=threads * vec)
-    name = _name(f"embed_v{s.vocab}_h{s.hidden}", s)
+    params = dict(vocab=s.vocab, hidden=s.hidden, vec=vec, threads=threads, step=threads * vec, offset=s.offset)
+    name = _name(f"embed_v{s.vocab}_h{s.hidden}" + (f"_o{s.offset}" if s.offset else ""), s)
     return _emit("embed.cu.j2", name, s, params, [name], dict(threads=threads, vec=vec))
 
 

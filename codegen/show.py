@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from kiln.dsl.dtypes import dtype as dtype_of
 from kiln.dsl.plan import Plan
+from kiln.dsl.sources import Alias
 
 from .fuse import fuse
 
@@ -40,6 +43,7 @@ def show_ir(plan: Plan) -> str:
 def show_shards(plan: Plan) -> str:
     """`kiln show --tp N`: each weight's shard (its shape on one rank) and each collective, in order."""
     lines = [f"# tensor parallel over {plan.ranks} ranks", "# weights"]
+    whole, per_rank = 0, [0] * plan.ranks  # parameters: the model's, and each rank's share of them
     for w in plan.weights.values():
         if w.source is None:
             continue
@@ -48,6 +52,16 @@ def show_shards(plan: Plan) -> str:
         if d.kind == "split":
             local[d.axis] //= d.parts or plan.ranks
         lines.append(f"{w.name}: {list(w.shape)} -> {local} {d}")
+        if isinstance(w.source, Alias):  # a tied weight: the same tensor, counted once
+            continue
+        n, held = math.prod(w.shape), math.prod(local)
+        whole += n
+        for r in range(plan.ranks):  # an expert lives on its rank, a bias added once on rank 0
+            per_rank[r] += held if d.kind not in ("expert", "first") or r == (d.rank if d.kind == "expert" else 0) \
+                else 0
+    most = max(per_rank)
+    lines.insert(1, f"# parameters: {whole:,} in all; the largest rank holds {most:,} (1/{whole / most:.2f} of "
+                    f"them; replicated weights are on every rank)")
     lines.append("# collectives")
     lines += [f"{c.kind} {c.value} after {c.op}" for c in plan.collectives if c.kind != "send"]
     if plan.replicated_why:

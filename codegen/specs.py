@@ -271,10 +271,13 @@ class EmbedSpec(_Spec):
     hidden: int
     dtype: str = "bf16"
     origin: str = ""
+    offset: int = 0  # the table holds vocabulary rows [offset, offset + vocab) (a tensor-parallel rank's)
 
     def __post_init__(self):
         _positive(self, "vocab", "hidden")
         _dtype(self)
+        if not isinstance(self.offset, int) or isinstance(self.offset, bool) or self.offset < 0:
+            _fail(self, "offset", f"must be an int >= 0, got {self.offset!r}")
 
 
 @dataclass(frozen=True)

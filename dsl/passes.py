@@ -153,7 +153,8 @@ def shard(ranks: int = 1, experts: str = "tp") -> Pass:
     other linears is column-parallel (split along output rows); those linears are row-parallel (split
     along input columns) and an all-reduce follows each. Attention splits by heads: the q side into
     `ranks` slices, K/V by KV heads (shared slices when there are fewer KV heads than ranks). The LM
-    head is column-parallel with an all-gather of the logits; the embedding stays replicated. MoE
+    head is column-parallel with an all-gather of the logits; the token embedding is vocabulary-
+    parallel (each rank its rows, an all-reduce of the looked-up rows). MoE
     experts split like a dense MLP (`experts="tp"`) or go whole to one rank each (`experts="ep"`),
     with an all-reduce after the moe. A region that matches no rule (a norm over all features of a
     split value, a split/concat of heads, latent attention, ALiBi) keeps its weights replicated and
@@ -193,6 +194,25 @@ def shard(ranks: int = 1, experts: str = "tp") -> Pass:
                 if ins.inputs[2] is not None:
                     descs[ins.inputs[2].name] = ShardDesc("split", 0)
                 colls.append(Collective("all_gather", ins.out, _loc(ins)))
+        # The token embedding is vocabulary-parallel: rank r holds rows [r V/N, (r + 1) V/N) and looks up
+        # only the ids among them (zero rows for the rest: `embedding`'s offset, set per rank by
+        # runtime/parallel_weights.local_plan); an all-reduce sums the ranks' rows. A table any other op
+        # reads (other than an LM head, which splits the same rows) stays whole.
+        for ins in plan.program.instrs:
+            if ins.kind is not OpKind.EMBEDDING or ins.inputs[0] != Value("tokens"):
+                continue
+            table = plan.alias_target(ins.inputs[1].name)
+            readers = [i for i in plan.program.walk() for a in i.inputs
+                       if isinstance(a, WeightArg) and plan.alias_target(a.name) == table]
+            if any(i.kind is not OpKind.EMBEDDING and not (i.kind is OpKind.LINEAR and i.inputs[1].name in heads)
+                   for i in readers):
+                continue
+            if plan.weights[table].shape[0] % ranks:
+                why.append(f"{_loc(ins)}: embedding with {plan.weights[table].shape[0]} rows, not a multiple of "
+                           f"{ranks}")
+                continue
+            descs[table] = ShardDesc("split", 0)
+            colls.append(Collective("all_reduce", ins.out, _loc(ins) + " (vocabulary-parallel embedding)"))
         _shard_program(plan, plan.program, ranks, descs, colls, why, uses, top=True, skip=heads)
         for ins in plan.program.walk():
             if ins.kind is not OpKind.MOE:

@@ -36,7 +36,7 @@ from .reference import StepContext
 
 # GEMMs of at most GEMV_ROWS rows with a plain weight (decode) run codegen/gemv.py's kernel instead of
 # cuBLAS, as programmatic dependents ("pdl", the default), plain launches ("1") or not at all ("0":
-# KILN_GEMV=0). On the H200 at one row (BENCHMARKS.md, session 7): Llama-3-8B qkv 14.4 against cuBLAS's
+# KILN_GEMV=0). On the H200 at one row (BENCHMARKS.md, session 7), 8B-model shapes: qkv 14.4 against cuBLAS's
 # 16.5 us, o 9.6 / 13.1, down 28.9 / 32.0, gate+up 57.8 / 57.2; Mamba-2 2.7B decode 3.17 -> 2.90 ms. At
 # 4 rows cuBLAS is faster at the wide shapes (gate+up 57.5 against 73.6 us), so one row by default
 # (KILN_GEMV_ROWS, at most codegen.gemv.GEMV_MAX_T). Read when a step runs (and is captured).

@@ -12,8 +12,9 @@ captured in the cuda backend's CUDA graphs like its kernels; the step broadcast 
 over a second, gloo group on the CPU, as vLLM does, so a step's metadata never waits on the device.
 CUDA tensors over gloo (tests: ranks sharing one GPU) go through the CPU, so there the graphs are off.
 Processes are started by Kiln (`spawn_workers`, torch.multiprocessing's spawn start method) or by
-`torchrun` (`init_from_env`). A rank that dies is noticed through the process group's timeout: the
-others raise `RankLost` and exit with a message, never hang.
+`torchrun` (`join_torchrun`: every process runs the same kiln command, on one node or several). A
+rank that dies is noticed through the process group's timeout: the others raise `RankLost` and exit
+with a message, never hang.
 
 Pipeline parallelism (dsl/passes.py `stage`): ranks are stage-major (global rank = stage * tp + tp
 rank; each stage's tp ranks share a process group for the shard pass's collectives). The schedule is
@@ -252,6 +253,7 @@ class ParallelModel:
         self.weights = model.weights
         self.procs: list = []  # the worker processes spawn_workers started (none under torchrun / tests)
         self.rendezvous: str | None = None
+        self.owns_group = False  # join_torchrun's: shutdown leaves the process group after "stop"
 
     def reserve(self, max_seqs: int, max_context: int) -> None:
         """The cuda backend sizes its scratch and graphs by it: every rank alike (the same graphs
@@ -289,6 +291,9 @@ class ParallelModel:
             if not self.procs:
                 raise
             lost = True
+        if self.owns_group:
+            self.owns_group = False
+            dist.destroy_process_group()
         if self.procs:
             for p in self.procs:
                 p.join(5.0 if lost else self.inner.comm.timeout_s)
@@ -390,6 +395,55 @@ def spawn_workers(checkpoint, spec, dtype: torch.dtype, ranks: int, experts: str
     return model
 
 
+# -- processes started by torchrun: every process runs the same kiln command ----------------------
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun (or a launcher like it) started this process: torch.distributed's env://
+    variables are set. `kiln generate|serve ... --tp N --pp M` then joins that process group instead
+    of starting its own ranks (multi-node: `torchrun --nnodes ... --rdzv-endpoint HOST:PORT`)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def join_torchrun(checkpoint, spec, dtype: torch.dtype, ranks: int, experts: str = "tp",
+                  timeout_s: float = DEFAULT_TIMEOUT_S, stages: int = 1, backend: str = "reference") -> ParallelModel:
+    """Under torchrun, where every process runs the same command: this process is rank RANK of
+    WORLD_SIZE, which must be ranks x stages. Rank 0 returns its backend (it runs the command: the
+    engine, the server); every other rank loads its shard, runs rank 0's steps and ends the process
+    when rank 0 stops (status 0; 1 when a rank is lost). backend "cuda": the GPU is LOCAL_RANK's."""
+    import atexit
+    import sys
+
+    from kiln.dsl.errors import SpecError
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    opt = f"--tp {ranks}" + (f" --pp {stages}" if stages > 1 else "")
+    if world != ranks * stages:
+        raise SpecError(f"{opt}: {ranks * stages} ranks, but torchrun started WORLD_SIZE={world} processes", None,
+                        f"start {ranks * stages} processes in all (torchrun's nodes x processes per node), or change "
+                        f"{opt}")
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if backend == "cuda":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local >= gpus:
+            raise SpecError(f"{opt} --backend cuda: local rank {local} needs GPU cuda:{local}, and this machine has "
+                            f"{gpus}", None, "start at most one process per GPU on each node (torchrun's processes "
+                            "per node)")
+        comm = init(rank, world, "env://", "nccl", timeout_s, ranks, f"cuda:{local}")
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        comm = init(rank, world, "env://", timeout_s=timeout_s, tp=ranks)
+    plan, ckpt = _sharded_plan(checkpoint, spec, ranks, experts, stages)
+    model = rank_model(plan, _load_rank(plan, ckpt, rank, dtype, comm.device), comm, whole=False, backend=backend)
+    if rank == 0:
+        parallel = ParallelModel(model)
+        parallel.owns_group = True
+        atexit.register(parallel.shutdown)
+        return parallel
+    _serve_steps(model, dtype, stages)
+    sys.exit(0)  # this rank's part of the command is done: rank 0 printed or served its results
+
+
 def _sharded_plan(checkpoint, spec, ranks: int, experts: str, stages: int = 1):
     from kiln.dsl import load_spec, passes
 
@@ -432,8 +486,20 @@ def _worker(rank: int, ranks: int, init_method: str, checkpoint: str, spec: str,
         plan, ckpt = _sharded_plan(checkpoint, spec, ranks, experts, stages)
         model = rank_model(plan, _load_rank(plan, ckpt, rank, dtype, comm.device), comm, whole=False,
                            backend=backend)
+    except RankLost as e:
+        print(f"kiln: {'pipeline' if stages > 1 else 'tensor'}-parallel {e}; exiting", file=sys.stderr)
+        os._exit(1)
+    _serve_steps(model, dtype, stages)
+
+
+def _serve_steps(model, dtype: torch.dtype, stages: int) -> None:
+    """A rank other than 0: run rank 0's steps until it says stop, then leave the process group; a lost
+    rank ends the process with status 1 and a message."""
+    import sys
+
+    try:
         with torch.no_grad():
-            worker_loop(model, dtype, comm.device)
+            worker_loop(model, dtype, model.comm.device)
     except RankLost as e:
         print(f"kiln: {'pipeline' if stages > 1 else 'tensor'}-parallel {e}; exiting", file=sys.stderr)
         os._exit(1)

@@ -109,9 +109,10 @@ def _load_parallel(checkpoint, spec, dtype, device, backend, quantization, kv_ca
         how = "the cuda backend (--backend cuda --tp N)" if pp == 1 and not ep else "the CPU only"
         raise SpecError(f"{opt}: {what} on --device {device} runs on {how}, not --backend {backend}", None,
                         f"use --device cpu with {flag}" + (", or --backend cuda" if pp == 1 and not ep else ""))
-    if gpu:
-        from .distributed import check_gpus
+    from .distributed import check_gpus, join_torchrun, spawn_workers, under_torchrun
 
+    torchrun = under_torchrun()  # torchrun started this command's ranks (on one node or several)
+    if gpu and not torchrun:
         check_gpus(tp)
     if is_engine_dir(checkpoint):
         raise SpecError(f"{opt}: {checkpoint} is an engine directory; {what} loads a checkpoint "
@@ -127,10 +128,9 @@ def _load_parallel(checkpoint, spec, dtype, device, backend, quantization, kv_ca
         raise SpecError(f"{opt}: {ckpt.path} is a quantized checkpoint; quantized weights are not split "
                         f"across ranks yet", None)
     spec_path = spec if spec is not None else spec_for_config(ckpt.config, str(ckpt.path))
-    from .distributed import spawn_workers
-
     torch_dtype = dtype_of(dtype).torch
-    model = spawn_workers(ckpt.path, spec_path, torch_dtype, tp, "ep" if ep else "tp", stages=pp, backend=backend)
+    start = join_torchrun if torchrun else spawn_workers  # (ranks other than 0 end inside join_torchrun)
+    model = start(ckpt.path, spec_path, torch_dtype, tp, "ep" if ep else "tp", stages=pp, backend=backend)
     return LoadedModel(model.plan, model, ckpt, torch_dtype, torch.device("cuda:0" if gpu else device))
 
 

@@ -13,8 +13,9 @@ import dataclasses
 
 import torch
 from kiln.dsl.errors import SpecError
+from kiln.dsl.ops import OpKind
 from kiln.dsl.passes import stage_of, stage_sites, stage_weights
-from kiln.dsl.plan import Plan, Value, WeightSlot
+from kiln.dsl.plan import Plan, Program, Value, WeightSlot
 from kiln.dsl.sources import Alias, Tensor, Transpose
 
 from .checkpoint import Checkpoint, CheckpointError
@@ -78,7 +79,21 @@ def local_plan(plan: Plan, rank: int) -> Plan:
         kv = s.kv_heads // plan.ranks if s.kv_heads % plan.ranks == 0 else 1
         split = _site_split(plan, s.index)
         sites.append(dataclasses.replace(s, heads=s.heads // plan.ranks, kv_heads=kv) if split else s)
-    return dataclasses.replace(plan, sites=sites)
+    return dataclasses.replace(plan, sites=sites, program=_embedding_offsets(plan, rank))
+
+
+def _embedding_offsets(plan: Plan, rank: int) -> Program:
+    """The program with each vocabulary-parallel embedding (its table split along rows) looking up
+    only this rank's rows: `offset` = the first vocabulary row the rank holds."""
+    instrs = []
+    for ins in plan.program.instrs:
+        if ins.kind is OpKind.EMBEDDING:
+            slot = plan.weights[plan.alias_target(ins.inputs[1].name)]
+            s = slice_of(slot, tp_rank(plan, rank), plan.ranks)
+            if s and s[0] == 0:
+                ins = dataclasses.replace(ins, attrs=dataclasses.replace(ins.attrs, offset=s[1]))
+        instrs.append(ins)
+    return dataclasses.replace(plan.program, instrs=tuple(instrs))
 
 
 def local_types(plan: Plan, rank: int) -> dict:

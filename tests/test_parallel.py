@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 from kiln.dsl import load_spec, passes
 from kiln.dsl.errors import SpecError
+from kiln.dsl.ops import OPS
 from kiln.runtime.model import SingleSequence, random_model
 
 from tests.configs import FAMILY_CONFIGS
@@ -202,15 +204,52 @@ def test_show_tp(spec):
     assert "layer.0.wq: [4096, 4096] -> [2048, 4096] split axis 0 (column-parallel)" in lines
     assert "layer.0.wo: [4096, 4096] -> [4096, 2048] split axis 1 (row-parallel)" in lines
     assert "lm_head: [32000, 4096] -> [16000, 4096] split axis 0 (column-parallel)" in lines
-    assert "embed: [32000, 4096] -> [32000, 4096] replicated" in lines
+    assert "embed: [32000, 4096] -> [16000, 4096] split axis 0 (column-parallel)" in lines  # vocabulary-parallel
     coll = [x for x in lines if x.startswith("all_")]
     assert coll[0].startswith("all_gather") and "linear at llama.kiln" in coll[0]
-    assert len(coll) == 1 + 2 * 32  # the logits' gather, then two all-reduces per layer (o; down or moe)
+    assert coll[1].startswith("all_reduce x after embedding") and "vocabulary-parallel" in coll[1]
+    assert len(coll) == 2 + 2 * 32  # the logits' gather, the embedding's sum, two all-reduces a layer (o; down or moe)
     if spec == "llama":
         assert "layer.0.w_down: [4096, 11008] -> [4096, 5504] split axis 1 (row-parallel)" in lines
     else:
         assert "layer.0.expert.0.w2: [4096, 11008] -> [4096, 5504] split axis 1 (row-parallel)" in lines
         assert any("after moe at mixtral.kiln" in x for x in coll)
+
+
+def test_show_tp_70b_class_holds_an_eighth_per_rank():
+    """Llama-3-70B's shape over 8 ranks: every weight but the norms is split (the embedding by vocabulary
+    rows, one KV head a rank), so the largest rank holds an eighth of the parameters."""
+    r = subprocess.run([sys.executable, "-m", "kiln.cli", "show", "llama", "--config", "configs/llama-3-70b.json",
+                        "--tp", "8"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    whole, most = (int(n.replace(",", "")) for n in re.match(
+        r"# parameters: ([\d,]+) in all; the largest rank holds ([\d,]+)", lines[1]).groups())
+    assert 70e9 < whole < 71e9
+    assert abs(most * 8 / whole - 1) < 1e-3
+    assert "layer.0.wk: [1024, 8192] -> [128, 8192] split axis 0 (column-parallel)" in lines
+
+
+def test_vocabulary_parallel_embedding_reads_only_its_rows():
+    """A rank's embedding (offset = its first vocabulary row) gives its rows for the ids it holds and zero
+    rows for the others, so the all-reduce of the ranks' lookups is the whole table's lookup."""
+    from kiln.runtime.parallel_weights import local_plan, local_weights
+
+    config = FAMILY_CONFIGS["llama"]
+    full = random_model(_spec("llama"), config)
+    plan = passes.build(load_spec(_spec("llama")), config, ranks=2)
+    ids = torch.tensor([0, 5, config["vocab_size"] - 1, config["vocab_size"] // 2, 7])
+    whole = torch.nn.functional.embedding(ids, full.model.weights["embed"])
+    total = torch.zeros_like(whole)
+    for rank in range(2):
+        lp = local_plan(plan, rank)
+        ins = next(i for i in lp.program.instrs if i.kind.value == "embedding")
+        assert ins.attrs.offset == rank * config["vocab_size"] // 2
+        part = OPS[ins.kind].reference(None, ins, [ids, local_weights(plan, full.model.weights, rank)["embed"]])
+        held = (ids >= ins.attrs.offset) & (ids < ins.attrs.offset + config["vocab_size"] // 2)
+        assert torch.equal(part[held], whole[held]) and not part[~held].any()
+        total += part
+    assert torch.equal(total, whole)
 
 
 # -- the entry points: LLM(tensor_parallel_size=N) and `kiln generate --tp N` -----------------------
@@ -262,6 +301,30 @@ def test_cli_generate_tp_matches_one_process(tiny_checkpoint):
     assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
     assert len(one.stdout.strip()) > 0 and two.stdout == one.stdout
     assert "Traceback" not in two.stderr
+
+
+def _torchrun(procs: int, *args):
+    """`torchrun --standalone --nproc-per-node procs -m kiln.cli generate ...`: every process runs the
+    command; they meet at torchrun's rendezvous (as on several nodes with --rdzv-endpoint)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(procs), "-m", "kiln.cli", "generate", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("split", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
+def test_torchrun_generate_matches_one_process(tiny_checkpoint, split):
+    """Under torchrun the ranks join its process group (no processes of Kiln's own): rank 0 prints the
+    single process's text, the other rank prints nothing, and both exit 0."""
+    args = [tiny_checkpoint, "--prompt", "Hello there", "--max-tokens", "8"]
+    one, run = _generate(*args), _torchrun(2, *args, *split)
+    assert one.returncode == 0 and run.returncode == 0, (one.stderr, run.stderr)
+    assert len(one.stdout.strip()) > 0 and run.stdout == one.stdout
+
+
+def test_torchrun_world_size_must_match(tiny_checkpoint):
+    r = _torchrun(2, tiny_checkpoint, "--prompt", "Hi", "--tp", "4")
+    assert r.returncode != 0
+    assert "--tp 4: 4 ranks, but torchrun started WORLD_SIZE=2 processes" in r.stderr
 
 
 @pytest.mark.parametrize("extra, says", [(["--backend", "cuda"], "--tp 2"), (["--quantization", "fp8"], "--tp 2"),

@@ -126,6 +126,10 @@ def test_rank_kernels_compile(name, tmp_path, monkeypatch):
         ks = render(s)
         img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin)
         assert img.kind == "cubin" and all(e.encode() in img.data for e in ks.entries)
+    # rank 1's vocabulary-parallel embedding looks up its own rows: ids from the second half on
+    (embed,) = [s for s in specs.values() if type(s).__name__ == "EmbedSpec"]
+    half = FAMILY_CONFIGS[name]["vocab_size"] // 2
+    assert embed.vocab == half and embed.offset == half and f"tokens[t] - {half};" in render(embed).source
 
 
 # -- refusals, by name, before anything loads ------------------------------------------------------

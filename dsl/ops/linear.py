@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..quant import linear as quant_linear
-from .base import Gemm, Kernel, KernelCall, OpDef, T, TrtLowering, TType, act, float_weight, need
+from .base import Attr, Gemm, Kernel, KernelCall, OpDef, T, TrtLowering, TType, act, float_weight, need
 
 
 def _embedding_shape(ins, attrs):
@@ -16,20 +16,47 @@ def _embedding_shape(ins, attrs):
     return (TType((T, table.shape[1])),)
 
 
+def _embedding_reference(ctx, ins, a):
+    ids, table = a
+    offset = ins.attrs.offset
+    if offset is None:
+        return F.embedding(ids, table)
+    # rows [offset, offset + V) of a larger vocabulary (a tensor-parallel rank's slice): ids outside
+    # them give zero rows, which the all-reduce after the op fills in from the other ranks
+    local = ids - offset
+    held = (local >= 0) & (local < table.shape[0])
+    return F.embedding(local.clamp(0, table.shape[0] - 1), table) * held[:, None].to(table.dtype)
+
+
+def _embedding_check(attrs):
+    need(attrs.offset is None or (isinstance(attrs.offset, int) and attrs.offset >= 0),
+         f"offset must be an int >= 0, got {attrs.offset!r}")
+
+
 def _embedding_cuda(ins, plan, dt):
     table = plan.weights[ins.inputs[1].name]
-    return KernelCall(Kernel.EMBED, dict(vocab=table.shape[0], hidden=table.shape[1]))
+    rows = table.shape[0]
+    if ins.attrs.offset is not None and table.shard.kind == "split":  # a tensor-parallel rank's rows of it
+        rows //= table.shard.parts or plan.ranks
+    return KernelCall(Kernel.EMBED, dict(vocab=rows, hidden=table.shape[1], offset=ins.attrs.offset or 0))
 
 
 def _embedding_trt(nn, ids, table):
     return nn.gather(table, ids, 0)  # [T, D]
 
 
+def _embedding_trt_unsupported(ins):
+    return "offset (a tensor-parallel rank's slice of the vocabulary)" if ins.attrs.offset is not None else None
+
+
 EMBEDDING = OpDef(
-    "embedding", ("ids", "table"), {}, _embedding_shape, "rows of table [V, D] picked by ids [T]",
-    reference=lambda ctx, ins, a: F.embedding(a[0], a[1]),
+    "embedding", ("ids", "table"), {"offset": Attr("int?", None)}, _embedding_shape,
+    "rows of table [V, D] picked by ids [T]; with an offset, the table holds vocabulary rows [offset, "
+    "offset + V) and other ids give zero rows (set on each tensor-parallel rank by its local plan)",
+    reference=_embedding_reference,
     cuda=_embedding_cuda,
-    trt=TrtLowering(_embedding_trt, lambda ins, lw: []),
+    trt=TrtLowering(_embedding_trt, lambda ins, lw: [], _embedding_trt_unsupported),
+    check_attrs=_embedding_check,
 )
 
 
