@@ -343,14 +343,14 @@ def _graphed_ms(calls) -> float:
     return time_ms(graph.replay) / len(calls)
 
 
-def _timed_variant(base, n, k, nbytes, x, variant, splits=None, pdl=True, tpb=None) -> float:
+def _timed_variant(base, n, k, nbytes, x, variant, splits=None, pdl=True, tpb=None, warp=None) -> float:
     """Per-call ms of the GEMV over L2-flushing copies of the packed weight, as one graph."""
     import os
 
     from .quant_kernels import Packed
 
     packs = _copies(lambda: Packed(base.fmt, base.mode, n, k, base.group, base.wq.clone(), base.rec32, None,
-                                   base.origin, variant, splits, tpb), nbytes)
+                                   base.origin, variant, splits, tpb, warp), nbytes)
     old = os.environ.get("KILN_PDL")
     os.environ["KILN_PDL"] = "1" if pdl else "0"  # read at each launch: captured into the graph as launched
     try:
@@ -369,15 +369,18 @@ def quant_gemv_table(copy_bw: float, T: int = 1) -> str:
     cuBLAS's bf16 GEMV of the same shape, all streaming weights that are not in L2. Variants: persist
     (the device-sized grid, choose_persist's split and tiles per block; with and without programmatic
     dependent launch), stream (choose_splits) and the loop fallback; then sweeps of the persist and
-    stream split counts (* = the pick; counts whose x slice exceeds shared memory are left out)."""
+    stream split counts (* = the pick; counts whose x slice exceeds shared memory are left out). The warp
+    variant (issue #13, choose_warp's tiles per warp x K slices) at T <= WARP_MAX_T."""
     from kiln.dsl.quant import QuantDesc, quantize_weight
 
     from .quant_kernels import (
         SMEM_MAX,
+        WARP_MAX_T,
         _cps,
         _split_counts,
         choose_persist,
         choose_splits,
+        choose_warp,
         pack,
         persist_smem,
         persist_tpb,
@@ -389,9 +392,9 @@ def quant_gemv_table(copy_bw: float, T: int = 1) -> str:
     lines = [f"INT4 W4A16 GEMV, T={T}, bf16 activations (target: ≥80% of copy bandwidth)\n",
              "| linear | out x in | persist splits x tiles | persist (us) | MB moved | GB/s | of copy bw | "
              "persist, no PDL (us) | stream (us) | stream of copy bw | loop (us) | loop of copy bw | "
-             "bf16 cuBLAS (us) | speedup | target |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    sweeps, psweeps = [], []
+             "bf16 cuBLAS (us) | speedup | target | warp tiles x slices | warp (us) | warp of copy bw |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    sweeps, psweeps, wsweeps = [], [], []
     for label, n, k in QUANT_SHAPES:
         base = pack(quantize_weight(torch.randn(n, k, device="cuda") * 0.02, desc), origin=f"bench {label}")
         nbytes = base.wq.numel() + base.records(DT).numel() * 2 + T * (k + n) * 2
@@ -403,6 +406,18 @@ def quant_gemv_table(copy_bw: float, T: int = 1) -> str:
         t_nopdl = _timed_variant(base, n, k, nbytes, x, "persist", pdl=False)
         t_stream = _timed_variant(base, n, k, nbytes, x, "stream")
         t_loop = _timed_variant(base, n, k, nbytes, x, "loop")
+        warp = "| – | – | – |"
+        if T <= WARP_MAX_T:
+            t_warp, w_pick = _timed_variant(base, n, k, nbytes, x, "warp"), choose_warp(n, k, 128, sms)
+            warp = f"| {w_pick[0]}x{w_pick[1]} | {t_warp * 1e3:.1f} | {nbytes / (t_warp * 1e-3) / copy_bw:.0%} |"
+            wsweep = [f"{w_pick[0]}x{w_pick[1]}*: {t_warp * 1e3:.1f}us"]
+            # (tiles per warp, K slices, blocks per SM): around the pick, and the pick for 3 blocks per SM
+            for ws in [(1, 1, 2), (1, 2, 2), (1, 4, 2), (1, 8, 2), (2, 1, 2), (2, 4, 2), (4, 1, 2),
+                       (*choose_warp(n, k, 128, sms, 3), 3)]:
+                if ws != (*w_pick, 2):
+                    tw = _timed_variant(base, n, k, nbytes, x, "warp", warp=ws)
+                    wsweep.append(f"{ws[0]}x{ws[1]}{' 3/SM' if ws[2] == 3 else ''}: {tw * 1e3:.1f}us")
+            wsweeps.append(f"{label}: " + ", ".join(wsweep))
         nch = math.ceil(k / 64)
         # stream: counts whose x slice (the bucket's rows) fits a block's shared memory (the spec refuses others)
         counts = sorted({math.ceil(nch / _cps("int4", k, s)) for s in (1, 2, 3, 4, 6, 8)} - {pick})
@@ -429,10 +444,12 @@ def quant_gemv_table(copy_bw: float, T: int = 1) -> str:
                      f"{bw / 1e9:.0f} | {frac:.0%} | {t_nopdl * 1e3:.1f} | "
                      f"{t_stream * 1e3:.1f} | {nbytes / (t_stream * 1e-3) / copy_bw:.0%} | "
                      f"{t_loop * 1e3:.1f} | {nbytes / (t_loop * 1e-3) / copy_bw:.0%} | "
-                     f"{t_ref * 1e3:.1f} | {t_ref / t:.2f}x | ≥80%: {'met' if frac >= 0.8 else 'NOT met'} |")
+                     f"{t_ref * 1e3:.1f} | {t_ref / t:.2f}x | ≥80%: {'met' if frac >= 0.8 else 'NOT met'} {warp}")
         torch.cuda.empty_cache()
     lines.append("\npersist variant, K splits x tiles per block (us per call): " + "; ".join(psweeps))
     lines.append("stream variant, K splits (us per call): " + "; ".join(sweeps))
+    if wsweeps:
+        lines.append("warp variant, tiles per warp x K slices (us per call): " + "; ".join(wsweeps))
     return "\n".join(lines)
 
 
@@ -583,7 +600,7 @@ def prefill_cached_prefix_table(copy_bw: float, new: int = 32, cached: int = 200
     return "\n".join(lines)
 
 
-GEMV_SHAPES = [  # (label, n, k): Mamba-2 2.7B's decode GEMMs, then Llama-3-8B's
+GEMV_SHAPES = [  # (label, n, k): Mamba-2 2.7B's decode GEMMs, then the 8B model's
     ("mamba2 in_proj (xbc+dt+z)", 10576, 2560), ("mamba2 out_proj", 2560, 5120),
     ("llama3 qkv", 6144, 4096), ("llama3 o", 4096, 4096), ("llama3 gate+up", 28672, 4096),
     ("llama3 down", 4096, 14336),
@@ -618,6 +635,61 @@ def gemv_table(copy_bw: float, T: int = 1) -> str:
                      f"{t_pdl * 1e3:.1f} | {pct(t_pdl)} | {t_ref * 1e3:.1f} | {pct(t_ref)} | {t_ref / best:.2f}x | "
                      f"{'met' if ok else 'NOT met'} |")
         del ws, outs
+        torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
+def fp8_gemv_table(copy_bw: float) -> str:
+    """The one-row FP8 W8A8 GEMV (codegen/gemv_fp8.py; issue #13) at the 8B model's decode shapes against the
+    path it replaces, the activation-quant kernels (templates/quant_act.cu.j2: amax, then scale + fp8) and
+    cuBLASLt's fp8 GEMM (torch._scaled_mm), timed together, and against bf16 cuBLAS (F.linear) of the same
+    shape; bytes moved (fp8 weight + x + out) per second against the copy bandwidth, weights not in L2
+    (copies cycled in one graph). Ours: both weight decodes (int: integer ops; cvt: conversions), "int"
+    also as a programmatic dependent launch."""
+    from .gemv_fp8 import gemv_fp8, spec_for
+    from .quant_kernels import ActQuantSpec, act_quant_fp8
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    lines = ["FP8 W8A8 GEMV, T=1, bf16 activations (codegen/gemv_fp8.py; issue #13)\n",
+             "| linear | out x in | rows x ksplit | int (us) | of copy bw | int + PDL (us) | cvt (us) | of copy bw | "
+             "act-quant + _scaled_mm (us) | of copy bw | speedup | bf16 cuBLAS (us) | fp8 speedup over bf16 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, n, k in GEMV_SHAPES:
+        if not label.startswith("llama3"):
+            continue
+        nbytes = n * k + (k + n) * 2
+        x = torch.randn(1, k, device="cuda", dtype=DT)
+        sw = torch.tensor(0.02 / 448, device="cuda")
+        ws = _copies(lambda: (torch.randn(n, k, device="cuda") * 200).to(torch.float8_e4m3fn), n * k)
+        outs = [torch.empty(1, n, device="cuda", dtype=DT) for _ in ws]
+        times = {}
+        for decode in ("int", "cvt"):
+            spec = spec_for(n, k, "bf16", False, origin=f"bench {label}", num_sms=sms, decode=decode)
+            times[decode] = _graphed_ms([lambda w=w, o=o: gemv_fp8(spec, x, w, sw, o) for w, o in zip(ws, outs)])
+            if decode == "int":
+                times["pdl"] = _graphed_ms([lambda w=w, o=o: gemv_fp8(spec, x, w, sw, o, pdl=True)
+                                            for w, o in zip(ws, outs)])
+        # what runtime/cuda_quant.py QGemm runs today at one row (ACT_KERNEL, dynamic per-tensor scale)
+        aspec = ActQuantSpec("tensor", k, False, "bf16", f"bench {label}")
+        xq = torch.empty(1, k, device="cuda", dtype=torch.float8_e4m3fn)
+        sx = torch.empty((), device="cuda")
+        partial = torch.empty(1024, device="cuda")
+
+        def current(w):
+            act_quant_fp8(aspec, x, xq, sx, partial)
+            return torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=sw, out_dtype=DT)
+
+        t_cur = _graphed_ms([lambda w=w: current(w) for w in ws])
+        del ws, outs
+        wb = _copies(lambda: torch.randn(n, k, device="cuda", dtype=DT) * 0.02, n * k * 2)
+        t_bf16 = _graphed_ms([lambda w=w: F.linear(x, w) for w in wb])
+        del wb
+        best = min(times.values())
+        pct = lambda ms: f"{nbytes / (ms * 1e-3) / copy_bw:.0%}"  # noqa: E731
+        lines.append(f"| {label} | {n}x{k} | {spec.rows}x{spec.ksplit} | {times['int'] * 1e3:.1f} | "
+                     f"{pct(times['int'])} | {times['pdl'] * 1e3:.1f} | {times['cvt'] * 1e3:.1f} | "
+                     f"{pct(times['cvt'])} | {t_cur * 1e3:.1f} | {pct(t_cur)} | {t_cur / best:.2f}x | "
+                     f"{t_bf16 * 1e3:.1f} | {t_bf16 / best:.2f}x |")
         torch.cuda.empty_cache()
     return "\n".join(lines)
 
@@ -668,14 +740,17 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--prefix-only", action="store_true",
                     help="only the cached-prefix prefill attention table (issue #16: split-KV)")
     ap.add_argument("--only", help="comma-separated sections to run alone: gemv (bf16 decode GEMV against "
-                    "cuBLAS at T=1 and 4), norm (norms at few rows); issue #18")
+                    "cuBLAS at T=1 and 4), norm (norms at few rows); issue #18; int4 (the INT4 GEMV table at "
+                    "T=1, 4 and 16, issue #13); fp8gemv (the one-row FP8 W8A8 GEMV against act-quant + "
+                    "cuBLASLt and bf16 cuBLAS, issue #13)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
     only = {w.strip() for w in args.only.split(",")} if args.only else set()
-    if only - {"gemv", "norm"}:
-        raise SystemExit(f"--only: unknown section(s) {', '.join(sorted(only - {'gemv', 'norm'}))}; "
-                         "choose from gemv, norm")
+    sections = {"gemv", "norm", "int4", "fp8gemv"}
+    if only - sections:
+        raise SystemExit(f"--only: unknown section(s) {', '.join(sorted(only - sections))}; "
+                         f"choose from {', '.join(sorted(sections))}")
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()
     if only:
@@ -685,6 +760,11 @@ def main(argv=None) -> list[dict]:
         if "gemv" in only:
             for T in (1, 4):
                 print(gemv_table(copy_bw, T) + "\n")
+        if "fp8gemv" in only:
+            print(fp8_gemv_table(copy_bw) + "\n")
+        if "int4" in only:
+            for T in (1, 4, 16):
+                print(quant_gemv_table(copy_bw, T) + "\n")
         return []
     if args.lora_only:
         print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n")
@@ -696,7 +776,7 @@ def main(argv=None) -> list[dict]:
         return []
     if args.quant_only:
         print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n")
-        for T in (1, 16):
+        for T in (1, 4, 16):
             print(quant_gemv_table(copy_bw, T) + "\n")
         print(fp8_act_quant_table(copy_bw) + "\n")
         return []

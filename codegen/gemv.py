@@ -62,8 +62,13 @@ def choose(n: int, k: int, dtype: str, num_sms: int = 132) -> tuple[int, int]:
     once) such that the grid's warps fit on the device at once (num_sms * 16); ties to the fewest K
     slices. Shapes too large for one wave take 8 rows a warp, no split (the stream stays saturated
     until the last wave drains)."""
-    chunk = 32 * _vec(RUN_DTYPES[dtype].itemsize, k)
-    nch = math.ceil(k / chunk)
+    return choose_chunks(n, math.ceil(k / (32 * _vec(RUN_DTYPES[dtype].itemsize, k))), num_sms)
+
+
+@lru_cache(maxsize=None)
+def choose_chunks(n: int, nch: int, num_sms: int = 132) -> tuple[int, int]:
+    """`choose` for a row of `nch` warp steps (chunks of 32 16-byte loads); the fp8 GEMV
+    (codegen/gemv_fp8.py) sizes its grid with it too."""
     cap = num_sms * WARPS * MIN_BLOCKS
     best = None
     for ks in KSPLITS:

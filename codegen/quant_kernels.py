@@ -23,6 +23,13 @@ the launch wrappers, and the packed layout they read (`repack`, `pack`: built on
        The default is "loop": it passed the GPU tests against the reference on the H200; "stream"
        measured faster at one token (49-58% of copy bandwidth against 30-56%) but slower at 16;
        "persist" has not yet run on a GPU — opt in with `KILN_QGEMV=stream|persist` to measure them.
+       "warp" (int4 "post", 16-bit runs, T <= WARP_MAX_T; issue #13): built like codegen/gemv.py's bf16
+       GEMV on this same layout: each warp owns `tpw` tiles and a K slice (`ksplit` warps of a block per
+       tile, summed in shared memory), every lane keeps WARP_LOADS 16-byte weight loads in flight in a
+       ring, records in their own ring one group ahead, x's B fragment read per chunk through L1, no
+       staging, no split-K buffers; `choose_warp` sizes the grid to be resident in one wave. More rows
+       (or int8 / "pre" weights, or a group of other than a power of two chunks) take "loop". Not yet
+       run on a GPU: opt in with KILN_QGEMV=warp.
        A spec whose shared memory exceeds the device's per-block limit is refused (`SMEM_MAX`; a
        stream split of 14336 columns at 16 tokens needed 241 KB and failed in cuFuncSetAttribute).
 fp32 runs take a CUDA-core variant of the same layout (full fp32 precision, as the reference).
@@ -48,7 +55,7 @@ FORMATS = {"int4": (64, 16, 4), "int8": (32, 8, 2)}
 TOKEN_BUCKETS = (8, 16)
 WARPS = 8
 GEMV_MAX_T = 64  # rows through the GEMV kernel (weights read once per 16 rows); more: dequantize + cuBLAS
-VARIANTS = ("stream", "loop", "persist")
+VARIANTS = ("stream", "loop", "persist", "warp")
 DEPTH = 8  # stream: 16-byte weight loads in flight per lane (8 warps x 8 x 512 B = 32 KB per block)
 XS_MAX = 72 * 1024  # stream: shared memory for a block's x slice at the bucket's full rows
 FILL = 1.5  # stream: split K until the grid has this many blocks per SM (one wave, 2-3 blocks each)
@@ -58,14 +65,23 @@ SMEM_MAX = 227 * 1024  # the per-block dynamic shared memory sm_90 grants on opt
 # block) and blocks per SM (launch bounds: <= 128 registers; 3 blocks' 80 spilled with the records in the ring)
 PERSIST_DEPTH = {8: 8, 16: 6}
 PERSIST_BPS = {8: 2, 16: 2}
+# warp (int4 "post", 16-bit runs, T <= WARP_MAX_T: one mma n-tile of tokens): tiles of 16 rows per warp,
+# K slices per block (summed in shared memory), 16-byte weight loads in flight per lane (tpw x unroll),
+# blocks per SM in the launch bounds (<= 128 registers; the grid is sized to be resident at once)
+WARP_MAX_T = 8
+WARP_TPW = (1, 2, 4)
+WARP_KSPLITS = (1, 2, 4, 8)
+WARP_LOADS = 8  # 16 (as the bf16 GEMV at one row) wanted 168 registers: spills under the cap of 2 blocks per SM
+WARP_MIN_BLOCKS = 2  # the default; 3 (`bps`, for the benchmark's sweep) caps registers at 80: a few bytes spill
+WARP_BPS = (2, 3)
 
 
 def default_variant() -> str:
-    """KILN_QGEMV if set, else "loop". Measured on the H200 (BENCHMARKS.md, 8B-model shapes), "stream"
-    is 5-30% faster than "loop" at one token and 1.5-2.4x slower at 16 (it re-stages x per block);
-    "persist" is slower at both. Stream's chain of dependent launches inside a CUDA graph has its GPU
-    test written (test_dependent_launches_chain_in_a_graph[stream]) but not yet run: until it has,
-    stream stays opt-in (KILN_QGEMV=stream)."""
+    """KILN_QGEMV if set, else "loop" ("warp", not yet measured: the module doc). Measured on the H200
+    (BENCHMARKS.md, 8B-model shapes), "stream" is 5-30% faster than "loop" at one token and 1.5-2.4x
+    slower at 16 (it re-stages x per block); "persist" is slower at both. Stream's chain of dependent
+    launches inside a CUDA graph has its GPU test written (test_dependent_launches_chain_in_a_graph[stream])
+    but not yet run: until it has, stream stays opt-in (KILN_QGEMV=stream)."""
     v = os.environ.get("KILN_QGEMV") or "loop"
     if v not in VARIANTS:
         raise KernelArgError(f"KILN_QGEMV: must be one of {VARIANTS}, got {v!r}")
@@ -177,6 +193,49 @@ def choose_splits(fmt: str, n: int, k: int, tokens: int, num_sms: int) -> int:
     return fits or math.ceil(nch / WARPS)
 
 
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def warp_group_chunks(k: int, group: int) -> int | None:
+    """Chunks of 64 columns per group for the warp variant; None: one group per row (records loaded once)."""
+    return None if group == k else group // FORMATS["int4"][0]
+
+
+def warp_shape(k: int, group: int, tpw: int, ksplit: int) -> tuple[int, int, int, int]:
+    """(chunks per K slice, unroll, record slots, chunks per record slot) of the warp variant: `unroll`
+    chunks per tile in flight (WARP_LOADS / tpw, fewer where a slice has fewer chunks: a power of two),
+    slices starting on group boundaries so that each record slot serves whole chunks of one group."""
+    nch = math.ceil(k / FORMATS["int4"][0])
+    raw = math.ceil(nch / ksplit)
+    unroll = min(WARP_LOADS // tpw, 1 << (raw - 1).bit_length())
+    gch = warp_group_chunks(k, group)
+    if gch is None:
+        return raw, unroll, 1, unroll
+    span = min(unroll, gch)
+    return span * math.ceil(raw / span), unroll, unroll // span, span
+
+
+def choose_warp(n: int, k: int, group: int, num_sms: int = 132, bps: int = WARP_MIN_BLOCKS) -> tuple[int, int]:
+    """(tpw, ksplit) of the warp variant, as codegen/gemv.py `choose`: the least weight per warp (the
+    critical path when every warp runs at once) such that the grid's warps are all resident
+    (num_sms x WARPS x bps blocks per SM); ties to the fewest K slices, then the fewest tiles per warp.
+    Too large for one wave: 4 tiles a warp, no split."""
+    tiles, nch = math.ceil(n / 16), math.ceil(k / FORMATS["int4"][0])
+    cap = num_sms * WARPS * bps
+    best = None
+    for ks in WARP_KSPLITS:
+        if ks > nch:
+            break
+        for tw in WARP_TPW:
+            if math.ceil(tiles / (tw * WARPS // ks)) * WARPS > cap:
+                continue
+            cost = (tw * warp_shape(k, group, tw, ks)[0], ks, tw)
+            if best is None or cost < best[0]:
+                best = (cost, tw, ks)
+    return (best[1], best[2]) if best else (WARP_TPW[-1], 1)
+
+
 @dataclass(frozen=True)
 class QGemvSpec(_Spec):
     fmt: str  # int4 | int8
@@ -188,9 +247,12 @@ class QGemvSpec(_Spec):
     has_bias: bool = False
     dtype: str = "bf16"
     origin: str = ""
-    variant: str = "stream"  # stream | loop | persist (module doc); fp32 always runs the CUDA-core loop
+    variant: str = "stream"  # stream | loop | persist | warp (module doc); fp32 always runs the CUDA-core loop
     splits: int = 1  # stream / persist: blocks along K (choose_splits / choose_persist)
     tpb: int = 1  # persist: tiles of 16 rows per block (choose_persist)
+    tpw: int = 1  # warp: tiles of 16 rows per warp (choose_warp)
+    ksplit: int = 1  # warp: warps of a block sharing a tile, each a slice of K (choose_warp)
+    bps: int = WARP_MIN_BLOCKS  # warp: blocks per SM in the launch bounds (the register cap)
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -212,10 +274,28 @@ class QGemvSpec(_Spec):
         if self.splits < 1 or (self.splits > 1 and math.ceil(nch / _cps(self.fmt, self.k, self.splits)) != self.splits):
             _fail(self, "splits", f"{self.splits} does not cut {nch} chunks into whole rounds of {WARPS} warps "
                   "(choose_splits gives valid counts)")
-        if self.splits > 1 and (self.variant == "loop" or self.dtype == "fp32"):
+        if self.splits > 1 and (self.variant in ("loop", "warp") or self.dtype == "fp32"):
             _fail(self, "splits", "only the stream and persist variants (16-bit runs) split K")
         if self.tpb < 1 or (self.tpb > 1 and (self.variant != "persist" or self.dtype == "fp32")):
             _fail(self, "tpb", f"{self.tpb}: more than one tile per block is the persist variant's (16-bit runs)")
+        if self.variant == "warp":
+            if self.fmt != "int4":
+                _fail(self, "fmt", f"the warp variant reads int4 weights, got {self.fmt!r}")
+            if self.mode != "post":
+                _fail(self, "mode", f"the warp variant reads mode 'post' (value = (q - z) * s), got {self.mode!r}")
+            if self.tokens != 8:
+                _fail(self, "tokens", f"the warp variant takes one mma n-tile of up to {WARP_MAX_T} rows: "
+                      f"tokens must be 8, got {self.tokens!r}")
+            if self.group != self.k and not _pow2(self.group // ck):
+                _fail(self, "group", f"the warp variant needs a power of two of {ck}-column chunks per group "
+                      f"(or one group per row), got {self.group}")
+        if self.tpw not in WARP_TPW or (self.tpw > 1 and not self.warp):
+            _fail(self, "tpw", f"{self.tpw!r}: tiles per warp are the warp variant's (16-bit runs), one of {WARP_TPW}")
+        if self.bps not in WARP_BPS or (self.bps != WARP_MIN_BLOCKS and not self.warp):
+            _fail(self, "bps", f"{self.bps!r}: blocks per SM are the warp variant's (16-bit runs), one of {WARP_BPS}")
+        if self.ksplit not in WARP_KSPLITS or (self.ksplit > 1 and not self.warp):
+            _fail(self, "ksplit", f"{self.ksplit!r}: K slices per block are the warp variant's (16-bit runs), one "
+                  f"of {WARP_KSPLITS}")
         if self.streams:
             need = stream_smem(self.fmt, self.k, self.tokens, self.splits, self.group)
             if self.variant == "persist":
@@ -229,6 +309,11 @@ class QGemvSpec(_Spec):
     def streams(self) -> bool:
         """The stream or persist kernel (16-bit runs); fp32 runs the loop."""
         return self.variant in ("stream", "persist") and self.dtype != "fp32"
+
+    @property
+    def warp(self) -> bool:
+        """The warp kernel (16-bit runs); fp32 runs the loop."""
+        return self.variant == "warp" and self.dtype != "fp32"
 
 
 def _render(s: QGemvSpec) -> KernelSource:
@@ -251,9 +336,16 @@ def _render(s: QGemvSpec) -> KernelSource:
         magic="0x43004300u" if s.dtype == "bf16" else "0x64006400u",
     )
     meta = dict(threads=WARPS * 32, warps=WARPS, tiles=params["tiles"], nch=nch, ck=ck, kpl=kpl, qoff=qoff,
-                variant=s.variant if s.streams else "loop", splits=s.splits, tpb=1)
+                variant=s.variant if s.streams or s.warp else "loop", splits=s.splits, tpb=1)
     params["variant"] = meta["variant"]
-    if meta["variant"] == "persist":
+    if meta["variant"] == "warp":
+        cps, unroll, nr, span = warp_shape(s.k, s.group, s.tpw, s.ksplit)
+        gch = warp_group_chunks(s.k, s.group)
+        blocks = math.ceil(params["tiles"] / (s.tpw * WARPS // s.ksplit))
+        params.update(tpw=s.tpw, ksplit=s.ksplit, cps=cps, unroll=unroll, nr=nr, span=span, gch=gch or 0,
+                      single=gch is None, blocks=blocks, min_blocks=s.bps, max_t=WARP_MAX_T)
+        meta.update(blocks=blocks, tpw=s.tpw, ksplit=s.ksplit, bps=s.bps, cps=cps, unroll=unroll)
+    elif meta["variant"] == "persist":
         cps = _cps(s.fmt, s.k, s.splits)
         per_warp = cps // WARPS
         red_bytes = 2 * WARPS * s.tokens * 16 * 4
@@ -276,7 +368,9 @@ def _render(s: QGemvSpec) -> KernelSource:
                       xs_stride=xs_stride)
         meta.update(smem_fixed=red_bytes + rec_bytes, xs_row_bytes=xs_stride * 2, cps=cps)
     tag = "_loop"
-    if meta["variant"] == "persist":
+    if meta["variant"] == "warp":
+        tag = f"_w{s.tpw}x{s.ksplit}b{s.bps}"
+    elif meta["variant"] == "persist":
         tag = f"_p{s.splits}x{s.tpb}"
     elif s.streams:
         tag = f"_s{s.splits}"
@@ -350,6 +444,14 @@ def qgemv(spec: QGemvSpec, x, wq, rec, out, bias=None):
     meta = kern.source.meta
     if T == 0:
         return
+    if meta["variant"] == "warp":
+        if T > WARP_MAX_T:
+            raise KernelArgError(f"x: {T} rows; the warp variant takes 1 to {WARP_MAX_T} (Packed.linear sends more "
+                                 "to another variant)")
+        kern.launch_dependent(kern.source.entries[0], (meta["blocks"],), (meta["threads"],),
+                              [ptr(wq), ptr(rec), ptr(x), ptr(bias if spec.has_bias else None), ptr(out),
+                               i64(x.stride(0)), i32(T)])
+        return
     if meta["variant"] == "loop":
         kern.launch(kern.source.entries[0], (meta["tiles"], math.ceil(T / spec.tokens)), (meta["threads"],),
                     [ptr(wq), ptr(rec), ptr(x), ptr(bias if spec.has_bias else None), ptr(out),
@@ -403,12 +505,19 @@ class Packed:
     variant: str | None = None  # None: default_variant() (KILN_QGEMV)
     splits: int | None = None  # stream / persist: K splits; None: choose_splits / choose_persist for the device
     tpb: int | None = None  # persist: tiles per block; None: choose_persist's
+    warp_pick: tuple[int, int, int] | None = None  # warp: (tpw, ksplit, bps); None: choose_warp's, 2 blocks per SM
     _rec: dict = field(default_factory=dict)
 
     def spec(self, dtype: torch.dtype, tokens: int, has_bias: bool, num_sms: int = 132) -> QGemvSpec:
         from .specs import dtype_name
         variant = self.variant or default_variant()
         splits, tpb = 1, 1
+        if variant == "warp" and not self.warp_takes(dtype, tokens):
+            variant = "loop"  # more rows, or a format the warp kernel does not read
+        if variant == "warp":
+            tpw, ksplit, bps = self.warp_pick or (*choose_warp(self.n, self.k, self.group, num_sms), WARP_MIN_BLOCKS)
+            return QGemvSpec(self.fmt, self.mode, self.n, self.k, self.group, tokens, has_bias, dtype_name(dtype),
+                             self.origin, variant, tpw=tpw, ksplit=ksplit, bps=bps)
         if variant == "stream" and dtype != torch.float32:
             splits = self.splits or choose_splits(self.fmt, self.n, self.k, tokens, num_sms)
         elif variant == "persist" and dtype != torch.float32:
@@ -420,6 +529,11 @@ class Packed:
                 tpb = self.tpb
         return QGemvSpec(self.fmt, self.mode, self.n, self.k, self.group, tokens, has_bias, dtype_name(dtype),
                          self.origin, variant, splits, tpb)
+
+    def warp_takes(self, dtype: torch.dtype, tokens: int) -> bool:
+        """Whether the warp variant serves this weight at bucket `tokens` (8: T <= WARP_MAX_T)."""
+        return (self.fmt == "int4" and self.mode == "post" and dtype != torch.float32 and tokens == 8
+                and (self.group == self.k or _pow2(self.group // FORMATS["int4"][0])))
 
     def reserve(self, device, dtype: torch.dtype) -> None:
         """Size the shared split-K workspace for this weight's largest GEMV (before graph capture)."""

@@ -24,9 +24,11 @@ Every path runs inside a CUDA graph: no host sync, no data-dependent shapes.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+from kiln.codegen import gemv_fp8
 from kiln.codegen.quant_kernels import GEMV_MAX_T, ActQuantSpec, Packed, act_quant_fp8, pack, repack  # noqa: F401
 from kiln.dsl.quant import FP8_MAX, QuantDesc, QWeight, quantize_rows, scale_of
 
@@ -34,6 +36,15 @@ from kiln.dsl.quant import FP8_MAX, QuantDesc, QWeight, quantize_rows, scale_of
 # kernel is bit-equal to them (tests/gpu/test_quant_kernels.py, passed on the H200) and 3.7-15x
 # faster (BENCHMARKS.md); False keeps the torch ops, for comparison.
 ACT_KERNEL = True
+
+# fp8 W8A8 at one row of x through codegen/gemv_fp8.py (issue #13): x's amax, scale and fp8 values
+# computed inside the GEMV's blocks, no activation-quantization launches, the same result as below up to
+# fp32 summation order (tests/gpu/test_gemv_fp8.py). Not measured on a GPU yet, so off by default:
+# "0" off, "1" plain launches, "pdl" programmatic dependent launches. FP8_GEMV_DECODE: how the kernel
+# turns weight bytes into floats, "int" (integer ops) or "cvt" (conversion instructions); same values.
+# Read at each call (and so at graph capture).
+FP8_GEMV = os.environ.get("KILN_FP8_GEMV", "0")
+FP8_GEMV_DECODE = os.environ.get("KILN_FP8_GEMV_DECODE", "int")
 
 
 def runs(desc: QuantDesc) -> bool:
@@ -90,6 +101,11 @@ class QGemm:
         if self.packed is not None:
             return self.packed.linear(x, bias)
         if d.dtype == "fp8":
+            if (FP8_GEMV in ("1", "pdl") and x.shape[0] == 1 and d.act in ("fp8_tensor", "fp8_token")
+                    and gemv_fp8.takes(x, self.q) and (bias is None or bias.dtype == x.dtype)):
+                # one token: per-token and per-tensor activation scales are the same number
+                return gemv_fp8.linear(x, self.q, self.scale, bias, self.input_scale if d.act_static else None,
+                                       pdl=FP8_GEMV == "pdl", origin=self.origin, decode=FP8_GEMV_DECODE)
             kernel = ACT_KERNEL and x.is_cuda and x.shape[1] % (16 // x.element_size()) == 0
             xq, sx = self.quantize_act(x) if kernel else self.quantize_act_torch(x)
             if self.scale.dim() == 0:

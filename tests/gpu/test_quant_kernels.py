@@ -25,13 +25,13 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
 
-def _int4(n, k, act_order=False, zeros=True):
-    w = quantize_weight(torch.randn(n, k, device="cuda") * 0.05, QuantDesc("int4", "per_group", 128, zero_points=True))
-    desc = QuantDesc("int4", "per_group", 128, zero_points=zeros, act_order=act_order)
+def _int4(n, k, act_order=False, zeros=True, group=128):
+    w = quantize_weight(torch.randn(n, k, device="cuda") * 0.05, QuantDesc("int4", "per_group", group, zero_points=True))
+    desc = QuantDesc("int4", "per_group", group, zero_points=zeros, act_order=act_order)
     if act_order:
         perm = torch.randperm(k, device="cuda")
         g_idx = torch.empty(k, dtype=torch.int32, device="cuda")
-        g_idx[perm] = (torch.arange(k, device="cuda") // 128).int()
+        g_idx[perm] = (torch.arange(k, device="cuda") // group).int()
         return QWeight(desc, w.shape, w.q, w.scale, w.zero, g_idx)
     return QWeight(desc, w.shape, w.q, w.scale, w.zero if zeros else None)
 
@@ -220,7 +220,7 @@ def test_gemv_variants_and_splits_match_reference(fmt, T, dtype, fresh_seed):
             assert rel(y, want) <= TOL["bf16"], f"{variant} splits={splits}: {rel(y, want)}"
 
 
-@pytest.mark.parametrize("variant", ["default", "stream", "persist"])
+@pytest.mark.parametrize("variant", ["default", "stream", "persist", "warp"])
 def test_dependent_launches_chain_in_a_graph(variant, monkeypatch):
     """GEMV -> GEMV -> GEMV, each reading the one before's output, captured and replayed: the
     programmatic dependent launch lets each start early, griddepcontrol.wait keeps the order
@@ -382,3 +382,94 @@ def test_stream_split_past_shared_memory_is_refused():
             p.linear(x, None)
     p.splits = choose_splits("int4", 4096, 14336, 16, 132)
     assert rel(p.linear(x, None), w.linear(x)) <= TOL["bf16"]
+
+
+# ---- the warp variant (issue #13: codegen/gemv.py's design on the int4 tile layout, T <= WARP_MAX_T)
+
+WARP_SHAPES = [(6144, 4096, 128), (4096, 4096, 128), (28672, 4096, 128), (4096, 14336, 128),
+               (80, 2560, 128), (100, 2560, 64), (4096, 4096, 64), (33, 2560, 2560), (256, 8192, 1024)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["zeros", "symmetric", "act-order"])
+@pytest.mark.parametrize("n, k, group", WARP_SHAPES)
+def test_gemv_warp_matches_reference(n, k, group, kind, dtype, fresh_seed):
+    """Llama-3-8B's linears and odd shapes (ragged tiles, group 64, one group per row, a group spanning
+    a batch of loads), AWQ / RTN zero points, symmetric, GPTQ act-order (x's columns permuted before the
+    kernel), T = 1..4 and 8, with and without bias, against QWeight.linear; 9 rows take the loop."""
+    from kiln.codegen.quant_kernels import WARP_MAX_T
+
+    w = _int4(n, k, act_order=kind == "act-order", zeros=kind != "symmetric", group=group)
+    p = cuda_quant.pack(w)
+    assert p is not None and (p.perm is not None) == (kind == "act-order")
+    p.variant = "warp"
+    assert p.spec(dtype, 8, True).variant == "warp"
+    b = torch.randn(n, device="cuda").to(dtype)
+    for T in (1, 2, 3, 4, WARP_MAX_T, WARP_MAX_T + 1):
+        x = torch.randn(T, k, device="cuda").to(dtype)
+        for _ in range(2):  # no state between calls
+            y = p.linear(x, b)
+            assert rel(y, w.linear(x, b)) <= TOL["bf16"], f"T={T}: {rel(y, w.linear(x, b))}"
+        assert rel(p.linear(x, None), w.linear(x)) <= TOL["bf16"], f"T={T} without bias"
+
+
+@pytest.mark.parametrize("bps", [2, 3])
+@pytest.mark.parametrize("tpw", [1, 2, 4])
+@pytest.mark.parametrize("ksplit", [1, 2, 4, 8])
+def test_gemv_warp_every_tpw_and_ksplit(tpw, ksplit, bps, fresh_seed):
+    """Off the chooser's picks (and 3 blocks per SM): ragged tiles (a grid's last warps past the weight), K slices of unequal
+    chunk counts, a strided x, against the reference."""
+    from kiln.codegen.quant_kernels import QGemvSpec, qgemv
+
+    n, k = 203, 2560
+    w = _int4(n, k)
+    p = cuda_quant.pack(w)
+    spec = QGemvSpec("int4", "post", n, k, 128, 8, False, "bf16", "t", "warp", tpw=tpw, ksplit=ksplit, bps=bps)
+    xs = torch.randn(3, k + 64, device="cuda").bfloat16()
+    x = xs[:, :k]  # rows 16-byte aligned, not contiguous
+    out = torch.empty(3, n, device="cuda", dtype=torch.bfloat16)
+    qgemv(spec, x, p.wq, p.records(torch.bfloat16), out)
+    assert rel(out, w.linear(x)) <= TOL["bf16"]
+
+
+def test_gemv_warp_refuses_more_rows():
+    from kiln.codegen.kernels import KernelArgError
+    from kiln.codegen.quant_kernels import WARP_MAX_T, QGemvSpec, qgemv
+
+    w = _int4(64, 512)
+    p = cuda_quant.pack(w)
+    x = torch.randn(WARP_MAX_T + 1, 512, device="cuda").bfloat16()
+    out = torch.empty(WARP_MAX_T + 1, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(KernelArgError, match="warp variant takes 1 to"):
+        qgemv(QGemvSpec("int4", "post", 64, 512, 128, variant="warp"), x, p.wq, p.records(torch.bfloat16), out)
+
+
+def _packs(model):
+    out = []
+    for g, _ in model.model._gemm.values():
+        for part in ([q for q, _, _ in g.parts] if isinstance(g, cuda_quant.SplitGemm) else [g]):
+            if isinstance(part, cuda_quant.QGemm) and part.packed is not None:
+                out.append(part.packed)
+    return out
+
+
+@pytest.mark.parametrize("dtype, tol", [("bf16", 3e-2)])
+def test_engine_with_kiln_qgemv_warp_equals_default(dtype, tol, monkeypatch, fresh_seed):
+    """A random INT4 (RTN, group 128) Llama on the cuda backend: prefill (the loop: more rows) and four
+    decode steps of 4 sequences (the warp kernel, CUDA-graph replays) with KILN_QGEMV=warp, against the
+    same model on the default variant and against the reference."""
+    from kiln.codegen.quant_kernels import default_variant
+
+    monkeypatch.delenv("KILN_QGEMV", raising=False)
+    ref = random_model("llama", LLAMA, dtype=dtype, device="cuda", seed=0, quantization="int4-wo")
+    base = _cuda_twin(ref)
+    default = default_variant()
+    for p in _packs(base):
+        p.variant = default  # pinned: the environment changes below
+    monkeypatch.setenv("KILN_QGEMV", "warp")
+    warp = _cuda_twin(ref)
+    packs = _packs(warp)
+    assert packs and all(p.spec(DTYPES[dtype], 8, False).variant == "warp" for p in packs)
+    assert all(p.spec(DTYPES[dtype], 8, False).variant == default for p in _packs(base))
+    _compare(base, warp, tol, fresh_seed)
+    _compare(ref, warp, tol, fresh_seed)

@@ -1,0 +1,170 @@
+"""FP8 (E4M3) W8A8 linear at one row of x (decode, issue #13): the spec, its rendering
+(templates/gemv_fp8.cu.j2), the launch wrapper and `linear`, which runtime/cuda_quant.py's QGemm takes at
+one row (behind `cuda_quant.FP8_GEMV`).
+
+The W8A8 path runs two activation-quantization launches (amax, then scale + fp8 values) before each
+cuBLASLt fp8 GEMM; at one token those two cost ~3 us a GEMM, ~0.4 ms of an 8B-model decode step. Here
+each block measures x's amax and quantizes the (one, <= 48k-element) row into shared memory itself, bit
+for bit as dsl/quant.py's reference (and templates/quant_act.cu.j2) do, then streams the fp8 weight as
+the bf16 GEMV (codegen/gemv.py) does, accumulating the exact e4m3 products in fp32 and applying
+x_scale * w_scale (+ bias) on the way out. Weight scale per tensor or per output channel; activation
+scale measured (fp8_tensor, or fp8_token: one token, the same formula) or the checkpoint's static one.
+It has not run on a GPU yet. Needs sm_89+ (the e4m3 conversions), as fp8 weights do anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from kiln.dsl.dtypes import RUN_DTYPES
+
+from .gemv import KSPLITS, LOADS_FEW, MIN_BLOCKS, ROWS, WARPS, _num_sms, choose_chunks
+from .kernels import KernelArgError, _check, _torch_dtype
+from .launch import get_kernel, ptr
+from .render import _RENDERERS, KernelSource, _emit, _name
+from .specs import _dtype, _fail, _positive, _Spec
+
+VEC = 16  # e4m3 values per 16-byte weight load
+CHUNK = 32 * VEC  # columns per warp step
+# x quantized into shared memory as fp32 (4 bytes a column, whole warp steps): <= 192 KiB of the 227
+MAX_K = 48 * 1024
+DECODES = ("int", "cvt")
+
+
+@dataclass(frozen=True)
+class Fp8GemvSpec(_Spec):
+    n: int  # output features (rows of W)
+    k: int  # input features (a multiple of 16: 16-byte rows of e4m3)
+    has_bias: bool = False
+    dtype: str = "bf16"  # x, bias and out
+    origin: str = ""
+    per_channel: bool = False  # weight scale [n] (else one, [])
+    static: bool = False  # activation scale given (the checkpoint's input_scale), else measured
+    rows: int = 2  # rows of W per warp
+    ksplit: int = 1  # warps of a block sharing a row group, each a slice of K
+    # weight bytes -> fp32: "int" (shifts and a mask, no conversion unit) or "cvt" (e4m3x2 -> f16x2
+    # conversions, then f16 -> f32); the same values either way, the faster one is the GPU's to say
+    decode: str = "int"
+
+    def __post_init__(self):
+        _positive(self, "n", "k")
+        _dtype(self)
+        if self.k % VEC:
+            _fail(self, "k", f"{self.k} is not a whole number of 16-byte e4m3 vectors (a multiple of {VEC})")
+        if self.k > MAX_K:
+            _fail(self, "k", f"{self.k} columns: x's fp32 copy in shared memory takes at most {MAX_K}")
+        if self.rows not in ROWS:
+            _fail(self, "rows", f"must be one of {ROWS}, got {self.rows!r}")
+        if self.ksplit not in KSPLITS:
+            _fail(self, "ksplit", f"must be one of {KSPLITS}, got {self.ksplit!r}")
+        if self.decode not in DECODES:
+            _fail(self, "decode", f"must be one of {DECODES}, got {self.decode!r}")
+
+    @property
+    def nch(self) -> int:
+        return math.ceil(self.k / CHUNK)
+
+    @property
+    def smem(self) -> int:
+        """Dynamic shared memory: x quantized, fp32, whole warp steps."""
+        return self.nch * CHUNK * 4
+
+
+def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = False, static: bool = False,
+             origin: str = "linear", num_sms: int = 132, decode: str = "int") -> Fp8GemvSpec:
+    rows, ks = choose_chunks(n, math.ceil(k / CHUNK), num_sms)
+    return Fp8GemvSpec(n, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode)
+
+
+def _render(s: Fp8GemvSpec) -> KernelSource:
+    nch = s.nch
+    cps = math.ceil(nch / s.ksplit)
+    unroll = max(1, LOADS_FEW // s.rows)
+    groups = WARPS // s.ksplit
+    params = dict(n=s.n, k=s.k, vec=VEC, chunk=CHUNK, nch=nch, cps=cps, rows=s.rows, ksplit=s.ksplit,
+                  unroll=unroll, groups=groups, warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS,
+                  k_tail=s.k % CHUNK != 0, has_bias=s.has_bias, per_channel=s.per_channel, static=s.static,
+                  xvec=16 // RUN_DTYPES[s.dtype].itemsize, red=max(32, WARPS * s.rows), decode=s.decode,
+                  x_up="2^119" if s.decode == "int" else "1")
+    meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * s.rows)), rows=s.rows, ksplit=s.ksplit,
+                unroll=unroll, smem=s.smem, decode=s.decode)
+    tag = ("c" if s.per_channel else "t") + ("s" if s.static else "d") + s.decode[0]
+    name = _name(f"gemv_fp8_{tag}_n{s.n}_k{s.k}_r{s.rows}_s{s.ksplit}", s)
+    return _emit("gemv_fp8.cu.j2", name, s, params, [name], meta)
+
+
+_RENDERERS[Fp8GemvSpec] = _render
+
+
+def gemv_fp8(spec: Fp8GemvSpec, x, w, w_scale, out, bias=None, x_scale=None, pdl: bool = False) -> None:
+    """out [1, n] = W8A8(x [1, k], w e4m3 [n, k], w_scale) (+ bias): dsl/quant.py QWeight.linear's result
+    for an fp8 weight (fp32 sums in another order). w_scale fp32 [] (or [n] / [1, n] per channel);
+    x_scale fp32 [] for a static spec. x, out, bias: the spec's dtype; x 16-byte aligned."""
+    dt = _torch_dtype(spec)
+    _check("x", x, dt, contiguous=False, aligned=False)
+    dev = x.device
+    if x.dim() != 2 or tuple(x.shape) != (1, spec.k):
+        raise KernelArgError(f"x: shape {tuple(x.shape)}, expected [1, {spec.k}] (one row)")
+    _check("x", x, dt, device=dev)
+    _check("w", w, torch.float8_e4m3fn, (spec.n, spec.k), dev)
+    _check("w_scale", w_scale, torch.float32, device=dev, aligned=False)
+    want = spec.n if spec.per_channel else 1
+    if w_scale.numel() != want:
+        raise KernelArgError(f"w_scale: {w_scale.numel()} values, expected {want} "
+                             f"({'per channel' if spec.per_channel else 'per tensor'})")
+    _check("out", out, dt, (1, spec.n), dev, aligned=False)
+    if spec.static:
+        if x_scale is None:
+            raise KernelArgError("x_scale: required by this spec (static)")
+        _check("x_scale", x_scale, torch.float32, device=dev, aligned=False)
+        if x_scale.numel() != 1:
+            raise KernelArgError(f"x_scale: {x_scale.numel()} values, expected 1")
+    elif x_scale is not None:
+        raise KernelArgError("x_scale: given to a spec that measures it (static=False)")
+    if spec.has_bias:
+        if bias is None:
+            raise KernelArgError("bias: required by this spec (has_bias)")
+        _check("bias", bias, dt, (spec.n,), dev, aligned=False)
+    elif bias is not None:
+        raise KernelArgError("bias: given to a spec without one (has_bias=False)")
+    k = get_kernel(spec, dev)
+    meta = k.source.meta
+    args = [ptr(w), ptr(x), ptr(w_scale), ptr(x_scale), ptr(bias), ptr(out)]
+    launch = k.launch_dependent if pdl else k.launch
+    launch(k.source.entries[0], (meta["blocks"],), (meta["threads"],), args, meta["smem"])
+
+
+def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `linear` runs this GEMM: one row of a run dtype on the GPU, an e4m3 [n, k] weight with
+    16-byte rows, k within MAX_K."""
+    return (x.dim() == 2 and x.shape[0] == 1 and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype == torch.float8_e4m3fn
+            and w.shape[1] == x.shape[1] and w.shape[1] % VEC == 0 and w.shape[1] <= MAX_K
+            and w.is_contiguous() and w.data_ptr() % 16 == 0)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+           x_scale: torch.Tensor | None = None, pdl: bool = False, origin: str = "linear",
+           decode: str = "int") -> torch.Tensor:
+    """The W8A8 linear of one row through the kernel (check `takes` first). w_scale: fp32 [] per
+    tensor, [n] or [1, n] per channel; x_scale: the static activation scale, None to measure it."""
+    from .specs import dtype_name
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        x = x.contiguous()
+        if x.data_ptr() % 16:
+            x = x.clone()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    n, k = w.shape
+    per_channel = w_scale.numel() != 1 or w_scale.dim() > 0
+    ws = w_scale.reshape(-1) if per_channel else w_scale.reshape(())
+    if not ws.is_contiguous() or ws.dtype != torch.float32:
+        ws = ws.float().contiguous()
+    xs = None if x_scale is None else x_scale.float().reshape(())
+    spec = spec_for(n, k, dtype_name(x.dtype), bias is not None, per_channel, x_scale is not None, origin,
+                    _num_sms(x.device), decode)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    gemv_fp8(spec, x, w, ws, out, bias, xs, pdl)
+    return out
