@@ -125,17 +125,27 @@ def gemv(spec: GemvSpec, x, w, out, bias=None, pdl: bool = False) -> None:
     _check("x", x, dt, device=dev, rows_aligned=True, contiguous=False)
     _check("w", w, dt, (spec.n, spec.k), dev)
     _check("out", out, dt, (T, spec.n), dev)
+    check_bias(spec, bias, dt, dev)
+    launch(spec, dev, T - 1, [ptr(w), ptr(x), ptr(bias), ptr(out), i64(x.stride(0))], pdl)
+
+
+def check_bias(spec, bias, dt: torch.dtype, dev) -> None:
+    """A GEMV spec's bias argument: [n] of the run dtype where it has one (has_bias), None where not."""
     if spec.has_bias:
         if bias is None:
             raise KernelArgError("bias: required by this spec (has_bias)")
         _check("bias", bias, dt, (spec.n,), dev, aligned=False)
     elif bias is not None:
         raise KernelArgError("bias: given to a spec without one (has_bias=False)")
+
+
+def launch(spec, dev, entry: int, args: list, pdl: bool) -> None:
+    """One grid of a GEMV spec's kernel (its entry `entry`), sized by its meta; pdl: a programmatic
+    dependent launch (LoadedKernel.launch_dependent)."""
     k = get_kernel(spec, dev)
     meta = k.source.meta
-    args = [ptr(w), ptr(x), ptr(bias), ptr(out), i64(x.stride(0))]
-    launch = k.launch_dependent if pdl else k.launch
-    launch(k.source.entries[T - 1], (meta["blocks"],), (meta["threads"],), args)
+    run = k.launch_dependent if pdl else k.launch
+    run(k.source.entries[entry], (meta["blocks"],), (meta["threads"],), args, meta.get("smem", 0))
 
 
 _SMS: dict = {}

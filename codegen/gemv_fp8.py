@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from kiln.dsl.dtypes import RUN_DTYPES
 
-from .gemv import KSPLITS, LOADS_FEW, MIN_BLOCKS, ROWS, WARPS, _num_sms, choose_chunks
+from .gemv import KSPLITS, LOADS_FEW, MIN_BLOCKS, ROWS, WARPS, _num_sms, check_bias, choose_chunks, launch
 from .kernels import KernelArgError, _check, _torch_dtype
-from .launch import get_kernel, ptr
+from .launch import ptr
 from .render import _RENDERERS, KernelSource, _emit, _name
 from .specs import _dtype, _fail, _positive, _Spec
 
@@ -123,17 +123,8 @@ def gemv_fp8(spec: Fp8GemvSpec, x, w, w_scale, out, bias=None, x_scale=None, pdl
             raise KernelArgError(f"x_scale: {x_scale.numel()} values, expected 1")
     elif x_scale is not None:
         raise KernelArgError("x_scale: given to a spec that measures it (static=False)")
-    if spec.has_bias:
-        if bias is None:
-            raise KernelArgError("bias: required by this spec (has_bias)")
-        _check("bias", bias, dt, (spec.n,), dev, aligned=False)
-    elif bias is not None:
-        raise KernelArgError("bias: given to a spec without one (has_bias=False)")
-    k = get_kernel(spec, dev)
-    meta = k.source.meta
-    args = [ptr(w), ptr(x), ptr(w_scale), ptr(x_scale), ptr(bias), ptr(out)]
-    launch = k.launch_dependent if pdl else k.launch
-    launch(k.source.entries[0], (meta["blocks"],), (meta["threads"],), args, meta["smem"])
+    check_bias(spec, bias, dt, dev)
+    launch(spec, dev, 0, [ptr(w), ptr(x), ptr(w_scale), ptr(x_scale), ptr(bias), ptr(out)], pdl)
 
 
 def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
