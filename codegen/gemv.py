@@ -69,19 +69,27 @@ def choose(n: int, k: int, dtype: str, num_sms: int = 132) -> tuple[int, int]:
 def choose_chunks(n: int, nch: int, num_sms: int = 132) -> tuple[int, int]:
     """`choose` for a row of `nch` warp steps (chunks of 32 16-byte loads); the fp8 GEMV
     (codegen/gemv_fp8.py) sizes its grid with it too."""
-    cap = num_sms * WARPS * MIN_BLOCKS
+    return one_wave(n, ROWS, KSPLITS, nch, num_sms * WARPS * MIN_BLOCKS, lambda r, ks: (r * math.ceil(nch / ks), ks),
+                    (8, 1))
+
+
+def one_wave(units: int, per_warp: tuple[int, ...], ksplits: tuple[int, ...], nch: int, cap: int, cost,
+             fallback: tuple[int, int]) -> tuple[int, int]:
+    """(units a warp, K slices) of a GEMV grid (blocks of WARPS warps, `ks` warps sharing each unit's
+    K): the least `cost(r, ks)` (its weight per warp first: the critical path when every warp runs at
+    once) among the choices whose whole grid is resident at once (at most `cap` warps); none fits:
+    `fallback`. The bf16 / fp8 GEMVs' units are rows, the INT4 warp variant's 16-row tiles."""
     best = None
-    for ks in KSPLITS:
+    for ks in ksplits:
         if ks > nch:
             break
-        for r in ROWS:
-            warps = math.ceil(n / (r * WARPS // ks)) * WARPS  # whole blocks
-            if warps > cap:
+        for r in per_warp:
+            if math.ceil(units / (r * WARPS // ks)) * WARPS > cap:  # whole blocks
                 continue
-            cost = (r * math.ceil(nch / ks), ks)
-            if best is None or cost < best[0]:
-                best = (cost, r, ks)
-    return (best[1], best[2]) if best else (8, 1)
+            c = cost(r, ks)
+            if best is None or c < best[0]:
+                best = (c, r, ks)
+    return (best[1], best[2]) if best else fallback
 
 
 def spec_for(n: int, k: int, dtype: str, has_bias: bool, origin: str = "linear", num_sms: int = 132) -> GemvSpec:

@@ -45,6 +45,7 @@ import torch
 from kiln.dsl.dtypes import RUN_DTYPES
 from kiln.dsl.quant import QWeight, unpack_int4
 
+from .gemv import one_wave
 from .kernels import KernelArgError, _check, _torch_dtype
 from .launch import get_kernel, i32, i64, ptr
 from .render import _RENDERERS, KernelSource, _emit, _name
@@ -222,18 +223,8 @@ def choose_warp(n: int, k: int, group: int, num_sms: int = 132, bps: int = WARP_
     (num_sms x WARPS x bps blocks per SM); ties to the fewest K slices, then the fewest tiles per warp.
     Too large for one wave: 4 tiles a warp, no split."""
     tiles, nch = math.ceil(n / 16), math.ceil(k / FORMATS["int4"][0])
-    cap = num_sms * WARPS * bps
-    best = None
-    for ks in WARP_KSPLITS:
-        if ks > nch:
-            break
-        for tw in WARP_TPW:
-            if math.ceil(tiles / (tw * WARPS // ks)) * WARPS > cap:
-                continue
-            cost = (tw * warp_shape(k, group, tw, ks)[0], ks, tw)
-            if best is None or cost < best[0]:
-                best = (cost, tw, ks)
-    return (best[1], best[2]) if best else (WARP_TPW[-1], 1)
+    return one_wave(tiles, WARP_TPW, WARP_KSPLITS, nch, num_sms * WARPS * bps,
+                    lambda tw, ks: (tw * warp_shape(k, group, tw, ks)[0], ks, tw), (WARP_TPW[-1], 1))
 
 
 @dataclass(frozen=True)
