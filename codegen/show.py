@@ -77,7 +77,7 @@ def show_stages(plan: Plan) -> str:
 
     tp = plan.ranks
     lines = [f"# pipeline over {len(plan.stages)} stages of {tp} rank{'s' if tp > 1 else ''} "
-             f"(one micro-batch per step, stages in sequence)"]
+             f"(a step in up to one micro-batch per stage, the stages overlapping)"]
     for st in plan.stages:
         ranks = f"rank {st.index}" if tp == 1 else f"ranks {st.index * tp}-{st.index * tp + tp - 1}"
         own = stage_weights(plan, st.index)

@@ -17,12 +17,13 @@ rank that dies is noticed through the process group's timeout: the others raise 
 with a message, never hang.
 
 Pipeline parallelism (dsl/passes.py `stage`): ranks are stage-major (global rank = stage * tp + tp
-rank; each stage's tp ranks share a process group for the shard pass's collectives). The schedule is
-the simplest correct one: one micro-batch per step, stages in sequence. Every rank gets the step's
-batch; stage s receives the values earlier stages send it (gloo send/recv, rank t of a stage to rank
-t of the next), runs its instructions with a KV cache of its own layers' sites, sends on what later
-stages read; the last stage sends the sampled rows' logits to rank 0, which samples. While one stage
-runs the others wait (no overlap of micro-batches yet).
+rank; each stage's tp ranks share a process group for the shard pass's collectives). Every rank gets
+the step's batch and cuts it alike into up to one micro-batch per stage (`micro_batches`: contiguous
+groups of its sequences); for each in turn, stage s receives the values earlier stages send it (gloo,
+rank t of a stage to rank t of the next), runs its instructions with a KV cache of its own layers'
+sites and sends on, without waiting, what later stages read, so that stage s + 1 computes micro-batch
+i while stage s computes i + 1. The last stage sends each micro-batch's sampled logits to rank 0,
+which receives them after its own share and samples. A step of one sequence is one micro-batch.
 """
 
 from __future__ import annotations
@@ -96,19 +97,29 @@ class Comm:
             raise RankLost(f"rank {self.rank}: a {kind} failed ({_short(e)}): another rank died or stopped "
                            f"answering") from None
 
-    def send(self, t: torch.Tensor, stage: int) -> None:
+    def isend(self, t: torch.Tensor, stage: int) -> list:
         """`t` to this tensor-parallel rank's peer in pipeline stage `stage` (a header of dtype and
-        shape, then the data: the receiver needs no plan to size it)."""
+        shape, then the data: the receiver needs no plan to size it), without waiting: the (work,
+        tensor) pairs to pass to `wait`. Messages to one peer arrive in the order they were sent."""
         peer = stage * self.tp_size + self.tp_rank
         head = torch.zeros(_HEADER, dtype=torch.int64)
         head[0], head[1] = _DTYPES.index(t.dtype), t.dim()
         head[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+        head, t = head.to(self.device), t.contiguous()
         try:
-            dist.send(head.to(self.device), peer)
-            dist.send(t.contiguous(), peer)
+            return [(dist.isend(head, peer), head), (dist.isend(t, peer), t)]
         except RuntimeError as e:
             raise RankLost(f"rank {self.rank}: a send to rank {peer} (stage {stage}) failed ({_short(e)}): another "
                            f"rank died or stopped answering") from None
+
+    def wait(self, sending: list) -> None:
+        """Wait for the sends `isend` started."""
+        try:
+            for work, _ in sending:
+                work.wait()
+        except RuntimeError as e:
+            raise RankLost(f"rank {self.rank}: a send failed ({_short(e)}): another rank died or stopped "
+                           f"answering") from None
 
     def recv(self, stage: int) -> torch.Tensor:
         """What this tensor-parallel rank's peer in pipeline stage `stage` sends (`send`)."""
@@ -207,10 +218,38 @@ def _cuda_rank_model(plan: Plan, weights: dict[str, torch.Tensor], comm: Comm, d
     return model
 
 
+def micro_batches(batch: StepBatch, n: int) -> list[StepBatch]:
+    """The step's sequences in at most `n` contiguous groups of about equal token counts (none empty),
+    each a StepBatch of its own (token offsets from 0). Their sampled rows, concatenated in order, are
+    the step's (`sample_rows`), as are their tokens."""
+    seqs = batch.seqs
+    if not seqs:
+        return [batch]
+    n = max(1, min(n, len(seqs)))
+    total = batch.num_tokens
+    groups: list[list] = [[] for _ in range(n)]
+    done, g = 0, 0
+    for i, sq in enumerate(seqs):
+        # move on once this group has its share, keeping one sequence for each group still to come
+        if groups[g] and (done >= total * (g + 1) / n or len(seqs) - i <= n - 1 - g) and g < n - 1:
+            g += 1
+        groups[g].append(sq)
+        done += sq.length
+    out = []
+    for grp in groups:
+        lo, hi = grp[0].start, grp[-1].start + grp[-1].length
+        out.append(StepBatch(batch.tokens[lo:hi], [dataclasses.replace(q, start=q.start - lo) for q in grp]))
+    return out
+
+
 class StageModel(ReferenceModel):
     """One pipeline stage's reference backend (a plan with `stages`): receives what earlier stages
     send it, runs its instructions, sends on what later stages read. `forward` returns the logits on
-    rank 0 (the last stage's, received) and on the last stage's ranks; None elsewhere."""
+    rank 0 (the last stage's, received) and on the last stage's ranks; None elsewhere.
+
+    A step runs as up to one micro-batch per stage (`micro_batches`: its sequences in contiguous
+    groups), one after another on every stage, the sends non-blocking: while stage s + 1 computes
+    micro-batch i, stage s computes micro-batch i + 1. Stage 0 receives the logits last."""
 
     def forward(self, batch: StepBatch, kv: KVStore, all_logits: bool = False) -> torch.Tensor | None:
         plan, comm = self.plan, self.comm
@@ -218,6 +257,18 @@ class StageModel(ReferenceModel):
         device = next((w.device for w in self.weights.values() if isinstance(w, torch.Tensor)), batch.tokens.device)
         if batch.tokens.device != device:
             batch = StepBatch(batch.tokens.to(device), batch.seqs)
+        parts = micro_batches(batch, len(plan.stages))
+        sending: list = []  # this rank's sends in flight (their tensors kept alive until they complete)
+        outs = [self._stage(mb, kv, all_logits, sending) for mb in parts]
+        if st.index == 0 and comm.tp_rank == 0:
+            outs = [comm.recv(last) for _ in parts]
+        comm.wait(sending)
+        return torch.cat(outs) if outs[0] is not None else None
+
+    def _stage(self, batch: StepBatch, kv: KVStore, all_logits: bool, sending: list) -> torch.Tensor | None:
+        """This stage's instructions on one micro-batch: receive, run, send on (non-blocking)."""
+        plan, comm = self.plan, self.comm
+        st, last = plan.stages[comm.stage], len(plan.stages) - 1
         sends = [c for c in plan.collectives if c.kind == "send"]
         ctx = StepContext(batch, kv, self.weights)
         ctx.collectives = {c.value: c.kind for c in plan.collectives if c.kind != "send"}
@@ -230,15 +281,13 @@ class StageModel(ReferenceModel):
         ctx.run(Program(plan.program.inputs, instrs, instrs[-1].out), env)
         for c in sends:
             if c.src == st.index and c.dst > st.index:
-                comm.send(env[c.value], c.dst)
-        out = None
-        if st.index == last:
-            out = env[plan.program.output]
-            out = (out if all_logits else out[batch.sample_rows()]).float()
-            if st.index != 0 and comm.tp_rank == 0:
-                comm.send(out, 0)
-        if st.index == 0 and comm.tp_rank == 0:
-            out = comm.recv(last)
+                sending += comm.isend(env[c.value], c.dst)
+        if st.index != last:
+            return None
+        out = env[plan.program.output]
+        out = (out if all_logits else out[batch.sample_rows()]).float()
+        if st.index != 0 and comm.tp_rank == 0:
+            sending += comm.isend(out, 0)
         return out
 
 

@@ -103,6 +103,32 @@ def test_tp2_pp2_matches_single_process(tp_pp_results, name):
     _check(tp_pp_results[name])
 
 
+def test_micro_batches_split_a_step_in_order():
+    """A step's sequences in at most n contiguous, non-empty groups of about equal tokens, whose tokens
+    and sampled rows, concatenated, are the step's."""
+    import random
+
+    from kiln.runtime.batch import SeqSlice, StepBatch
+    from kiln.runtime.distributed import micro_batches
+
+    rng = random.Random(0)
+    for _ in range(300):
+        lengths = [rng.randint(1, 50) for _ in range(rng.randint(1, 9))]
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        batch = StepBatch(torch.arange(sum(lengths)), [SeqSlice(a, n, rng.randint(0, 5), (0, 1, 2, 3, 4, 5, 6, 7),
+                                                                sample=rng.random() < 0.8) for a, n in zip(starts, lengths)])
+        n = rng.randint(1, 5)
+        parts = micro_batches(batch, n)
+        assert len(parts) == min(n, len(lengths)) and all(p.seqs for p in parts)
+        assert torch.equal(torch.cat([p.tokens for p in parts]), batch.tokens)
+        offsets = [sum(p.num_tokens for p in parts[:i]) for i in range(len(parts))]
+        assert [o + r for o, p in zip(offsets, parts) for r in p.sample_rows()] == batch.sample_rows()
+        for p in parts:
+            p.validate(16)
+    tokens = StepBatch(torch.arange(8), [SeqSlice(0, 5, 0, (0,)), *(SeqSlice(i, 1, 0, (0,)) for i in (5, 6, 7))])
+    assert [[q.length for q in p.seqs] for p in micro_batches(tokens, 2)] == [[5], [1, 1, 1]]
+
+
 def test_stage_pass_splits_by_layers_and_sends_the_residual():
     config = dict(FAMILY_CONFIGS["llama"], num_hidden_layers=5)
     plan = passes.build(load_spec(_spec("llama")), config, stages=2)
