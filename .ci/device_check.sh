@@ -4,6 +4,9 @@
 #                                       kernel's apart, under a short timeout (a barrier bug would hang)
 #   bash .ci/device_check.sh kernels   the kernel benchmark (python -m kiln.codegen.bench_kernels)
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
+#   bash .ci/device_check.sh optin     the opt-in kernels not yet run on a GPU: the one-row FP8 GEMV
+#                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp): their
+#                                         GPU tests, kernel tables, and batch-1 decode off / on
 #   bash .ci/device_check.sh benches   the figures the open issues ask for: cached-prefix TTFT, LoRA (LORA=1) and
 #                                         guided decode overhead, fp8 / int4 batch-1 decode, Mamba-2 decode
 # Needs .whl carried (see device_compare.sh; pytest-xdist + execnet, llguidance + jsonschema and deps)
@@ -41,6 +44,15 @@ for mode in "$@"; do
         | grep -a -E "^\| (decode_ms|roofline_ms|state_rw_MB) |decode / roofline|Error" | tee -a "$OUT/benches.log"
       timeout 150 python3 .ci/ssm_decode_contexts.py --config configs/mamba2-2.7b.json --contexts 1024,16384,65536 \
         --attention configs/llama-2.7b.json --steps 32 2>&1 | tail -14 | tee -a "$OUT/benches.log" ;;
+    optin)  # session 7's opt-in kernels: correct? faster? (then flip their defaults)
+      timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_gemv_fp8.py \
+        tests/gpu/test_quant_kernels.py 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tee "$OUT/optin-tests.log"
+      timeout 240 python3 -m kiln.codegen.bench_kernels --only fp8gemv,int4 > "$OUT/optin-kernels.md" 2>&1
+      tail -40 "$OUT/optin-kernels.md"
+      for v in 0 pdl; do echo "fp8, KILN_FP8_GEMV=$v"; KILN_FP8_GEMV=$v timeout 40 $KILN bench latency --config $L \
+        --quantization fp8 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done
+      for v in loop warp; do echo "int4-wo, KILN_QGEMV=$v"; KILN_QGEMV=$v timeout 40 $KILN bench latency --config $L \
+        --quantization int4-wo --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
         "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \
