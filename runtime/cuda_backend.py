@@ -438,6 +438,22 @@ def _mixed_key(seqs: int, tokens: int, rows: int) -> tuple[int, int, int] | None
     return None if None in key or key[2] > key[1] else key
 
 
+def _static_meta(model: CudaModel, seqs: int, tokens: int, decode: bool) -> _Meta:
+    """A captured graph's metadata buffers, sized for `seqs` sequences and `tokens` new tokens (refreshed
+    before each replay). Decode: one token a sequence, each with its one cached token to start with."""
+    dev = model.device
+    max_pages = -(-model.max_context // model.page_size)
+    return _Meta(
+        positions=torch.zeros(tokens, dtype=torch.int64, device=dev),
+        slots=torch.full((tokens,), -1, dtype=torch.int32, device=dev),
+        block_tables=torch.zeros(seqs, max_pages, dtype=torch.int32, device=dev),
+        kv_lens=(torch.ones if decode else torch.zeros)(seqs, dtype=torch.int32, device=dev),
+        cu_seqlens=(torch.arange(seqs + 1, dtype=torch.int32, device=dev) if decode
+                    else torch.zeros(seqs + 1, dtype=torch.int32, device=dev)),
+        seq_len=torch.ones(1, dtype=torch.int32, device=dev),
+        decode=decode, max_q_len=1 if decode else tokens, max_context=model.max_context)
+
+
 def _capture(model: CudaModel, run, pool=None):
     """Warm `run` up on a side stream (first launches load modules, cuBLAS picks algorithms), then
     capture it: (graph, its output)."""
@@ -470,17 +486,9 @@ class _MixedGraph:
     def __init__(self, model: CudaModel, kv: KVStore, seqs: int, tokens: int, rows: int):
         self.model, self.seqs, self.tokens_n, self.rows_n = model, seqs, tokens, rows
         dev = model.device
-        max_pages = -(-model.max_context // model.page_size)
         self.tokens = torch.zeros(tokens, dtype=torch.int64, device=dev)
         self.rows = torch.zeros(rows, dtype=torch.int64, device=dev)
-        self.meta = _Meta(
-            positions=torch.zeros(tokens, dtype=torch.int64, device=dev),
-            slots=torch.full((tokens,), -1, dtype=torch.int32, device=dev),
-            block_tables=torch.zeros(seqs, max_pages, dtype=torch.int32, device=dev),
-            kv_lens=torch.zeros(seqs, dtype=torch.int32, device=dev),
-            cu_seqlens=torch.zeros(seqs + 1, dtype=torch.int32, device=dev),
-            seq_len=torch.ones(1, dtype=torch.int32, device=dev),
-            decode=False, max_q_len=tokens, max_context=model.max_context)
+        self.meta = _static_meta(model, seqs, tokens, decode=False)
         self.graph, self.logits = _capture(
             model, lambda: model._run(self.tokens, self.meta, kv, None, rows=self.rows), model._pool)
         # Pinned host staging (numpy views of the same memory): [tokens, positions, slots] x tokens;
@@ -488,7 +496,7 @@ class _MixedGraph:
         self.host = torch.zeros(3, tokens, dtype=torch.int64).pin_memory()
         self.host_rows = torch.zeros(rows, dtype=torch.int64).pin_memory()
         self.host_int = torch.zeros(2 * seqs + 2, dtype=torch.int32).pin_memory()
-        self.tables = torch.zeros(seqs, max_pages, dtype=torch.int32).pin_memory()
+        self.tables = torch.zeros_like(self.meta.block_tables, device="cpu").pin_memory()
 
     def replay(self, batch: StepBatch, sample: list[int]) -> torch.Tensor:
         """The logits of `sample` (batch.sample_rows()) for `batch`."""
@@ -523,21 +531,13 @@ class _Graph:
         self.model = model
         dev = model.device
         self.size = size
-        max_pages = -(-model.max_context // model.page_size)
         self.tokens = torch.zeros(size, dtype=torch.int64, device=dev)
-        self.meta = _Meta(
-            positions=torch.zeros(size, dtype=torch.int64, device=dev),
-            slots=torch.full((size,), -1, dtype=torch.int32, device=dev),
-            block_tables=torch.zeros(size, max_pages, dtype=torch.int32, device=dev),
-            kv_lens=torch.ones(size, dtype=torch.int32, device=dev),
-            cu_seqlens=torch.arange(size + 1, dtype=torch.int32, device=dev),
-            seq_len=torch.ones(1, dtype=torch.int32, device=dev),
-            decode=True, max_q_len=1, max_context=model.max_context)
+        self.meta = _static_meta(model, size, size, decode=True)
         self.lora = model._lora.static_rows(size)  # adapters' row grouping, refreshed per replay
         lora = (self.lora, None) if self.lora is not None else None
         self.graph, self.logits = _capture(model, lambda: model._run(self.tokens, self.meta, kv, None, lora=lora))
         self.host = torch.empty(5, size, dtype=torch.int64).pin_memory()
-        self.tables = torch.zeros(size, max_pages, dtype=torch.int32).pin_memory()
+        self.tables = torch.zeros_like(self.meta.block_tables, device="cpu").pin_memory()
         self.host_np, self.tables_np = self.host.numpy(), self.tables.numpy()  # same memory
 
     def replay(self, batch: StepBatch) -> torch.Tensor:

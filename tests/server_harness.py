@@ -11,6 +11,7 @@ import contextlib
 import io
 import math
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -212,3 +213,45 @@ def metric(url: str, line_prefix: str) -> float:
         if line.startswith(line_prefix):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+class KilnServe:
+    """`kiln serve ARGS` in a subprocess on a free loopback port (`new_session`: in its own session, so
+    that a test can signal its process group), stopped on exit; entering waits for /health."""
+
+    def __init__(self, *args: str, startup_s: float = 180, new_session: bool = False):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--port", str(port),
+                                      "--log-level", "warning", *args], start_new_session=new_session,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.startup_s = startup_s
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_s
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"kiln serve exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__()
+                raise AssertionError("kiln serve did not come up")
+            time.sleep(0.2)
+
+    def __enter__(self) -> str:
+        self.wait_healthy()
+        return self.url
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.server_harness import KilnServe
 from tests.test_parallel import tiny_checkpoint  # noqa: F401 (a fixture)
 
 openai = pytest.importorskip("openai")
@@ -79,32 +78,14 @@ def _gone(pid: int) -> bool:
         return True
 
 
-class Served:
+class Served(KilnServe):
     """`kiln serve ARGS` in a subprocess (its own session, so that a test can Ctrl-C its process group)."""
 
     def __init__(self, *args: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--port", str(port),
-                                      "--log-level", "warning", *args], cwd=ROOT, start_new_session=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        super().__init__(*args, new_session=True)
 
     def __enter__(self) -> Served:
-        deadline = time.monotonic() + 180
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"kiln serve exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.__exit__()
-                raise AssertionError("kiln serve did not come up")
-            time.sleep(0.2)
+        self.wait_healthy()
         self.workers = [p for p in _children(self.proc.pid)
                         if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
         self.family = _children(self.proc.pid)  # the workers and multiprocessing's resource tracker

@@ -8,9 +8,6 @@ import asyncio
 import json
 import math
 import random
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -20,7 +17,7 @@ from kiln.cli import main as kiln_main
 from kiln.runtime.bench_serve import run_benchmark
 from kiln.runtime.sampling_params import SamplingParams
 
-from tests.server_harness import TINY, metric, offline_llm, running, served, tokenizer, wait_idle
+from tests.server_harness import TINY, KilnServe, metric, offline_llm, running, served, tokenizer, wait_idle
 
 WORDS = "the cat sat on a mat while seven tired engineers wrote careful tests about streaming servers".split()
 
@@ -110,43 +107,6 @@ def test_bench_serve(tmp_path, capsys):
         (report,) = json.loads(out.read_text())
         assert report["completed"] == 4 and report["rate"] == math.inf
     assert kiln_main(["bench", "serve", "--url", "http://10.0.0.1:8000", "--rates", "1"]) == 2  # loopback only
-
-
-class KilnServe:
-    """`kiln serve ARGS` in a subprocess on a free loopback port, stopped on exit."""
-
-    def __init__(self, *args: str, startup_s: float = 180):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--port", str(port),
-                                      "--log-level", "warning", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.startup_s = startup_s
-
-    def __enter__(self) -> str:
-        deadline = time.monotonic() + self.startup_s
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"kiln serve exited: {self.proc.stdout.read().decode()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self.url
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.__exit__()
-                raise AssertionError("kiln serve did not come up")
-            time.sleep(0.2)
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def test_kiln_serve_cli_random_weights_and_bench(tmp_path, capsys):
