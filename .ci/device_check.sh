@@ -3,6 +3,8 @@
 #   bash .ci/device_check.sh tests     every GPU test (WORKERS processes); the warp-specialised prefill
 #                                       kernel's apart, under a short timeout (a barrier bug would hang)
 #   bash .ci/device_check.sh kernels   the kernel benchmark (python -m kiln.codegen.bench_kernels)
+#   bash .ci/device_check.sh variants  session 8's kernel variants (GEMV prologues, SwiGLU / rotary variants, Mamba-2 conv+scan)
+#   bash .ci/device_check.sh switches  session 8's switches off / on, end to end (KILN_GEMV_PROLOGUE, KILN_SSM_FUSE, KILN_OVERLAP)
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     the opt-in kernels not yet run on a GPU: the one-row FP8 GEMV
 #                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp): their
@@ -53,6 +55,17 @@ for mode in "$@"; do
         --quantization fp8 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done
       for v in loop warp; do echo "int4-wo, KILN_QGEMV=$v"; KILN_QGEMV=$v timeout 40 $KILN bench latency --config $L \
         --quantization int4-wo --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
+    variants)  # session 8's kernel variants beside the kernels they would replace
+      timeout ${BENCH_TIMEOUT:-200} python3 -m kiln.codegen.bench_kernels --only gemvpro,act,rope,ssm \
+        > "$OUT/variants.md" 2>&1; grep -a -E "^\||us per call|Error|error" "$OUT/variants.md" | tail -60 ;;
+    switches)  # session 8's switches, off / on, end to end: GEMV prologues, Mamba-2 conv+scan, overlapped steps
+      for v in 0 1; do echo "KILN_GEMV_PROLOGUE=$v"; KILN_GEMV_PROLOGUE=$v timeout 60 $KILN bench latency --config $L \
+        --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done
+      for v in 0 1; do for f in 0 1; do echo "mamba2 KILN_SSM_FUSE=$v KILN_GEMV_PROLOGUE=$f"; KILN_SSM_FUSE=$v \
+        KILN_GEMV_PROLOGUE=$f timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 \
+        2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done; done
+      for v in 0 1; do echo "KILN_OVERLAP=$v"; KILN_OVERLAP=$v timeout 90 $KILN bench throughput --config $L --requests 1 \
+        --max-batch 1 --input-len 128 --output-len 256 2>&1 | grep -a -E "^\| (tpot_p50_ms|decode_step_ms_p50) |Error"; done ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
         "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \

@@ -110,10 +110,11 @@ def _norm(T, hidden=HIDDEN):
     return "rmsnorm + residual", f"T={T}", ours, torch_ref, 4 * T * hidden * 2 + hidden * 2
 
 
-def _rope(T, prefetch=False):
-    """prefetch=True: the variant that issues every load first (RopeCacheSpec.prefetch), for A/B."""
+def _rope(T, prefetch=False, variant="token"):
+    """prefetch=True: the variant that issues every load first (RopeCacheSpec.prefetch), for A/B;
+    variant: RopeCacheSpec.variant (issue #12, rope_variants_table)."""
     spec = RopeCacheSpec(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, PAGE, theta=500000.0, scaling="llama3",
-                         factor=8.0, original_max_position=8192, prefetch=prefetch, origin="bench")
+                         factor=8.0, original_max_position=8192, prefetch=prefetch, variant=variant, origin="bench")
     D, H, KV = HEAD_DIM, HEADS, KV_HEADS
     qkv = torch.randn(T, (H + 2 * KV) * D, device="cuda", dtype=DT)
     q, k, v = qkv[:, : H * D], qkv[:, H * D : (H + KV) * D], qkv[:, (H + KV) * D :]
@@ -145,9 +146,11 @@ def _rope(T, prefetch=False):
     return "rotary + paged KV write", f"T={T}{', prefetch variant' if prefetch else ''}", ours, torch_ref, nbytes
 
 
-def _act(T, unroll=1):
-    """unroll > 1: the variant with several loads in flight per thread (ActSpec.unroll), for A/B."""
-    spec = ActSpec("silu", True, FFN, unroll=unroll, origin="bench")
+def _act(T, unroll=1, variant=None):
+    """unroll > 1: the variant with several loads in flight per thread (ActSpec.unroll), for A/B;
+    variant: ActSpec.variant (issue #12, act_variants_table)."""
+    variant = variant or ("flat" if unroll > 1 else ActSpec.variant)  # unroll: the flat loop's option
+    spec = ActSpec("silu", True, FFN, unroll=unroll, variant=variant, origin="bench")
     x = torch.randn(T, 2 * FFN, device="cuda", dtype=DT)
     out = torch.empty(T, FFN, device="cuda", dtype=DT)
     ours = lambda: K.activation(spec, out, x=x)  # noqa: E731
@@ -639,6 +642,65 @@ def gemv_table(copy_bw: float, T: int = 1) -> str:
     return "\n".join(lines)
 
 
+def gemv_prologue_table() -> str:
+    """The decode GEMV with the step before it in its prologue (codegen/gemv.py gemv_prologue; issue #12
+    item 2) against that step's own kernel then the GEMV (as programmatic dependent, as the cuda backend
+    runs both), bf16, T=1, weights not in L2 (copies cycled in one graph)."""
+    from .gemv import gemv, gemv_prologue, spec_for
+    from .kernels import activation, norm
+    from .specs import ActSpec, NormSpec
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases = [  # (label, n, k, the step before)
+        ("llama3 qkv <- rmsnorm+residual", 6144, 4096, NormSpec("rms", 4096, 1e-5, has_residual=True)),
+        ("llama3 gate+up <- rmsnorm+residual", 28672, 4096, NormSpec("rms", 4096, 1e-5, has_residual=True)),
+        ("llama3 down <- SwiGLU", 4096, 14336, ActSpec("silu", True, 14336)),
+        ("mamba2 in_proj <- rmsnorm+residual", 10576, 2560, NormSpec("rms", 2560, 1e-5, has_residual=True)),
+        ("mamba2 out_proj <- gated norm", 2560, 5120,
+         NormSpec("rms", 5120, 1e-5, has_residual=False, gate="silu", group=5120)),
+    ]
+    lines = ["bf16 GEMV with its prologue fused, T=1 (codegen/gemv.py gemv_prologue; issue #12 item 2)\n",
+             "| GEMM <- step before | out x in | step + GEMV, PDL (us) | fused, PDL (us) | saved (us) |",
+             "|---|---|---:|---:|---:|"]
+    for label, n, k, pro in cases:
+        norm_step = isinstance(pro, NormSpec)
+        plain, fused = spec_for(n, k, "bf16", False, "bench", sms), spec_for(n, k, "bf16", False, "bench", sms, pro)
+        a = torch.randn(1, k, device="cuda", dtype=DT)
+        gu = torch.randn(1, 2 * k, device="cuda", dtype=DT)  # z or [g | u]: a slice of a wider fused output
+        b = gu[:, :k] if not norm_step or pro.gate else torch.randn(1, k, device="cuda", dtype=DT)
+        a_in = gu[:, k:] if not norm_step else a
+        nw = torch.ones(k, device="cuda", dtype=DT) if norm_step else None
+        h, r = torch.empty(1, k, device="cuda", dtype=DT), torch.empty(1, k, device="cuda", dtype=DT)
+        res = norm_step and pro.has_residual
+        ws = _copies(lambda: torch.randn(n, k, device="cuda", dtype=DT) * 0.02, n * k * 2)
+        outs = [torch.empty(1, n, device="cuda", dtype=DT) for _ in ws]
+
+        def step():
+            if not norm_step:
+                activation(pro, h, gate=b, up=a_in)
+            elif pro.gate:
+                norm(pro, a, nw, h, gate=b)
+            else:
+                norm(pro, b, nw, h, residual=a, residual_out=r)
+
+        def two(w, o):
+            step()
+            gemv(plain, h, w, o, pdl=True)
+
+        def one(w, o):
+            if norm_step:
+                gemv_prologue(fused, w, o, a, b if res or pro.gate else None, nw, r if res else None, pdl=True)
+            else:
+                gemv_prologue(fused, w, o, b, a_in, pdl=True)
+
+        t2 = _graphed_ms([lambda w=w, o=o: two(w, o) for w, o in zip(ws, outs)])
+        t1 = _graphed_ms([lambda w=w, o=o: one(w, o) for w, o in zip(ws, outs)])
+        lines.append(f"| {label} | {n}x{k} | {t2 * 1e3:.1f} | {t1 * 1e3:.1f} | {(t2 - t1) * 1e3:.1f} |")
+        del ws, outs
+        torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
 def fp8_gemv_table(copy_bw: float) -> str:
     """The one-row FP8 W8A8 GEMV (codegen/gemv_fp8.py; issue #13) at the 8B model's decode shapes against the
     path it replaces, the activation-quant kernels (templates/quant_act.cu.j2: amax, then scale + fp8) and
@@ -694,6 +756,50 @@ def fp8_gemv_table(copy_bw: float) -> str:
     return "\n".join(lines)
 
 
+def _variants_table(title: str, make, variants, copy_bw: float, tokens=(8192, 2048)) -> str:
+    """Every variant of one kernel side by side (us per call, back-to-back launches, and the bytes it
+    must move over the copy bandwidth), against the default (the first) and eager torch."""
+    lines = [f"{title} (issue #12; target: ≥85% of copy bandwidth)\n",
+             "| variant | T | us | of copy bw | vs default | torch (us) | target |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for T in tokens:
+        base = None
+        for v in variants:
+            _, _, ours, ref, nbytes = make(T, v)
+            t = per_call_ms(ours)
+            base = base or t
+            t_ref = per_call_ms(ref) if v == variants[0] else None
+            frac = nbytes / (t * 1e-3) / copy_bw
+            lines.append(f"| {v} | {T} | {t * 1e3:.1f} | {frac:.0%} | {base / t:.2f}x | "
+                         f"{'' if t_ref is None else f'{t_ref * 1e3:.1f}'} | {'met' if frac >= 0.85 else 'NOT met'} |")
+            del ours, ref
+            torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
+def act_variants_table(copy_bw: float) -> str:
+    """SwiGLU (x = [T, 2 x 14336] gate|up, bf16) in every ActSpec.variant, and the flat loop unrolled by 4."""
+    from .specs import ACT_VARIANTS
+
+    def make(T, v):
+        return _act(T, unroll=4) if v == "flat, unroll 4" else _act(T, variant=v)
+
+    return _variants_table("SwiGLU, 8B-model shape (F=14336, bf16), per ActSpec.variant", make,
+                           list(ACT_VARIANTS) + ["flat, unroll 4"], copy_bw)
+
+
+def rope_variants_table(copy_bw: float) -> str:
+    """Rotary + paged KV write (32 q / 8 kv heads, d 128, page 16, bf16) in every RopeCacheSpec.variant,
+    and the block-per-token kernel with its loads first (prefetch)."""
+    from .specs import ROPE_VARIANTS
+
+    def make(T, v):
+        return _rope(T, prefetch=True) if v == "token, prefetch" else _rope(T, variant=v)
+
+    return _variants_table("rotary + paged KV write, 8B-model shape (bf16), per RopeCacheSpec.variant", make,
+                           list(ROPE_VARIANTS) + ["token, prefetch"], copy_bw)
+
+
 def gated_norm_table(copy_bw: float) -> str:
     """Norm kernels at few rows (issue #18): Mamba-2 2.7B's gated RMSNorm, rmsnorm(y * silu(z)) over one
     group of 5120 with z a slice of in_proj's fused output, and the residual RMSNorm at hidden 2560;
@@ -725,6 +831,63 @@ def gated_norm_table(copy_bw: float) -> str:
     return "\n".join(lines)
 
 
+def ssm_table(copy_bw: float) -> str:
+    """Mamba-2 2.7B's conv + scan at decode (issue #18): the fused kernel (codegen/ssm_kernels.py
+    SsmConvScanSpec, at three block sizes) against ssm_conv then ssm_scan on views of its output, bf16,
+    B sequences of one token each. The conv and SSM states cycle through copies that exceed L2 (as 64
+    layers' states do); x B C and dt are slices of in_proj's fused row, as in the model. Bytes: each state
+    read and written once, the inputs, weights and output once; fraction of the copy bandwidth."""
+    import dataclasses
+
+    from .ssm_kernels import SsmConvScanSpec, SsmConvSpec, SsmScanSpec
+
+    H, P, N, G, KC = 80, 64, 128, 1, 4
+    HP, C = H * P, H * P + 2 * G * N
+    conv = SsmConvSpec(C, KC, True, "silu", dtype="bf16", origin="bench conv")
+    scan = SsmScanSpec(H, P, N, G, dtype="bf16", origin="bench scan")
+    fused = SsmConvScanSpec.of(conv, scan, "bench conv -> scan")
+    sizes = (16, 32, 64)
+    lines = ["Mamba-2 2.7B conv + scan at decode, bf16 (us per call, graphed; issue #18)\n",
+             "| B | conv + scan (us) | " + " | ".join(f"fused, {r} rows/block (us)" for r in sizes)
+             + " | speedup | fused, of copy bw |", "|---:|---:|" + "---:|" * len(sizes) + "---:|---:|"]
+    for B in (1, 64):
+        dev = dict(device="cuda")
+        slots = torch.arange(B, dtype=torch.int32, **dev)
+        cu = torch.arange(B + 1, dtype=torch.int32, **dev)
+        kv_lens = torch.full((B,), 10, dtype=torch.int32, **dev)  # context: the states are read
+        row = torch.randn(B, 2 * HP + 2 * G * N + H, dtype=DT, **dev) * 0.5  # in_proj's [z; x B C; dt]
+        xbc, dt = row[:, HP:HP + C], row[:, HP + C:]
+        conv_w, conv_b = (torch.randn(C, KC, dtype=DT, **dev) * 0.5, torch.randn(C, dtype=DT, **dev) * 0.1)
+        a_log = (torch.rand(H, **dev) * 2 - 1).to(DT)
+        d, dt_bias = torch.randn(H, dtype=DT, **dev), torch.randn(H, dtype=DT, **dev) * 0.1
+        per_copy = B * (C * (KC - 1) * 2 + HP * N * 4)
+        states = _copies(lambda: (torch.randn(B, C, KC - 1, dtype=DT, **dev) * 0.5,
+                                  torch.randn(B, H, P, N, **dev) * 0.1), per_copy)
+        mid = torch.empty(B, C, dtype=DT, **dev)
+        out = torch.empty(B, HP, dtype=DT, **dev)
+        counters = torch.zeros(B * G, dtype=torch.int32, **dev)
+
+        def two(cs, st):
+            K.ssm_conv(conv, xbc, conv_w, conv_b, cs, slots, cu, kv_lens, mid, B, 1)
+            xs, b, c = mid.split([HP, G * N, G * N], dim=1)
+            K.ssm_scan(scan, xs, dt, a_log, b, c, d, dt_bias, st, slots, cu, kv_lens, out, B)
+
+        def one(spec, cs, st):
+            K.ssm_conv_scan(spec, xbc, conv_w, conv_b, cs, dt, a_log, d, dt_bias, st, slots, cu, kv_lens, counters,
+                            out, B)
+
+        t2 = _graphed_ms([lambda cs=cs, st=st: two(cs, st) for cs, st in states])
+        t1 = [_graphed_ms([lambda cs=cs, st=st, sp=dataclasses.replace(fused, block_rows=r): one(sp, cs, st)
+                           for cs, st in states]) for r in sizes]
+        nbytes = B * (C * 2 + H * 2 + 2 * per_copy // B + HP * 2) + C * (KC + 1) * 2 + 3 * H * 2
+        best = min(t1)
+        lines.append(f"| {B} | {t2 * 1e3:.2f} | " + " | ".join(f"{t * 1e3:.2f}" for t in t1)
+                     + f" | {t2 / best:.2f}x | {nbytes / (best * 1e-3) / copy_bw:.0%} |")
+        del states
+        torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=8192)
@@ -742,12 +905,16 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--only", help="comma-separated sections to run alone: gemv (bf16 decode GEMV against "
                     "cuBLAS at T=1 and 4), norm (norms at few rows); issue #18; int4 (the INT4 GEMV table at "
                     "T=1, 4 and 16, issue #13); fp8gemv (the one-row FP8 W8A8 GEMV against act-quant + "
-                    "cuBLASLt and bf16 cuBLAS, issue #13)")
+                    "cuBLASLt and bf16 cuBLAS, issue #13); gemvpro (the GEMV with the norm / gated activation "
+                    "before it fused into its prologue against that step's kernel + the GEMV, issue #12); "
+                    "ssm (Mamba-2's fused conv + scan decode kernel against the two kernels at batch 1 and 64, "
+                    "issue #18); act, rope (every SwiGLU / rotary + KV-write variant side by side at "
+                    "T=8192 and 2048, issue #12)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
     only = {w.strip() for w in args.only.split(",")} if args.only else set()
-    sections = {"gemv", "norm", "int4", "fp8gemv"}
+    sections = {"gemv", "norm", "int4", "fp8gemv", "gemvpro", "ssm", "act", "rope"}
     if only - sections:
         raise SystemExit(f"--only: unknown section(s) {', '.join(sorted(only - sections))}; "
                          f"choose from {', '.join(sorted(sections))}")
@@ -757,14 +924,22 @@ def main(argv=None) -> list[dict]:
         print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n")
         if "norm" in only:
             print(gated_norm_table(copy_bw) + "\n")
+        if "ssm" in only:
+            print(ssm_table(copy_bw) + "\n")
         if "gemv" in only:
             for T in (1, 4):
                 print(gemv_table(copy_bw, T) + "\n")
         if "fp8gemv" in only:
             print(fp8_gemv_table(copy_bw) + "\n")
+        if "gemvpro" in only:
+            print(gemv_prologue_table() + "\n")
         if "int4" in only:
             for T in (1, 4, 16):
                 print(quant_gemv_table(copy_bw, T) + "\n")
+        if "act" in only:
+            print(act_variants_table(copy_bw) + "\n")
+        if "rope" in only:
+            print(rope_variants_table(copy_bw) + "\n")
         return []
     if args.lora_only:
         print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n")

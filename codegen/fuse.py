@@ -11,6 +11,7 @@ instructions it covers, so generated code names the spec op it came from.
 from __future__ import annotations
 
 import enum
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,49 @@ def _ssm_conv_act(p: _Program) -> None:
                 p.claim(KOp(Exec.SSM, op.ins, act.outputs, (ins, act), op.spec, op.extra), act)
 
 
+def ssm_fuse_enabled() -> bool:
+    """KILN_SSM_FUSE=1: Mamba-2's conv and scan as one decode kernel (codegen/ssm_kernels.py
+    SsmConvScanSpec). Off by default: on the H200 (BENCHMARKS.md, session 8) the fused kernel was
+    1.13x the two kernels alone at batch 1, but the whole 2.7B decode step was slower with it (2.789
+    against 2.649 ms), and 0.98x at batch 64."""
+    return os.environ.get("KILN_SSM_FUSE", "0") == "1"
+
+
+def _ssm_conv_scan(p: _Program) -> None:
+    """xs, b, c = split(act(causal_conv1d(x, w, cb))); y = selective_scan(xs, dt, a_log, b, c, ...) (Mamba-2),
+    the split's parts read by the scan alone, as its x, B and C: one Exec.SSM step, extra "op" "conv_scan",
+    spec the fused decode kernel's (codegen/ssm_kernels.SsmConvScanSpec), extra "conv" and "scan" the two
+    kernels' specs, which run a step with a longer sequence (prefill, mixed) as before. Only with
+    KILN_SSM_FUSE=1 (ssm_fuse_enabled); otherwise left to ssm_conv_act and the scan's own step."""
+    if not ssm_fuse_enabled():
+        return
+    for scan in p.instrs:
+        if scan.kind is not OpKind.SELECTIVE_SCAN or not p.free(scan) or not isinstance(scan.inputs[0], Value):
+            continue
+        split = p.producer.get(scan.inputs[0])
+        if not p.free(split) or split.kind is not OpKind.SPLIT or len(split.outputs) != 3 \
+                or (scan.inputs[0], scan.inputs[3], scan.inputs[4]) != split.outputs \
+                or any(p.uses[o] != 1 for o in split.outputs):
+            continue
+        act = p.producer.get(split.inputs[0])
+        if not p.feeds_only(act, split.inputs[0]) or len(act.inputs) != 1 \
+                or activation_of(act) not in KERNEL_ACTIVATIONS:
+            continue
+        conv = p.producer.get(act.inputs[0])
+        if not p.feeds_only(conv, act.inputs[0]) or conv.kind is not OpKind.CAUSAL_CONV1D:
+            continue
+        conv_op, scan_op = _ssm(p, conv, activation_of(act)), _ssm(p, scan)
+        if conv_op is None or scan_op is None:
+            continue
+        spec = ssm_kernels.SsmConvScanSpec.of(conv_op.spec, scan_op.spec, f"{origin(conv)} -> {origin(scan)}")
+        if spec is None:  # the split is not [x; B; C] as the scan reads them
+            continue
+        p.claim(KOp(Exec.SSM, (*conv.inputs, *scan.inputs[1:3], *scan.inputs[5:]), scan.outputs,
+                    (conv, act, split, scan), spec,
+                    extra={"op": "conv_scan", "conv": conv_op.spec, "scan": scan_op.spec,
+                           "sizes": tuple(split.attrs.sizes)}), scan)
+
+
 def _gated_norm(p: _Program) -> None:
     """norm(y * act(z)) (Mamba-2's gated RMSNorm): the norm kernel reads y and z, rounds act(z) and
     the product to the run dtype where the activation and the mul would, and normalises; the
@@ -224,6 +268,48 @@ def _gated_norm(p: _Program) -> None:
                 break
 
 
+def _gemv_prologue(p: _Program) -> None:
+    """A norm step (rms: plain, residual or gated) or a gated activation step whose output x feeds
+    one GEMM step only (its sibling linears' shared x, nothing else) becomes that GEMM step's
+    prologue: one Exec.GEMM step, extra "prologue" (the norm / act step, its spec) and "gemm" (the
+    GEMM step as it was), run where the prologue stood. Its outputs: the GEMM's, then the
+    prologue's others (the residual sum r). At a few rows the cuda backend runs it as one GEMV launch
+    that forms x per chunk (codegen/gemv.py); otherwise the two steps as before. Runs on the steps
+    the other patterns made, so it comes last."""
+    made = {o: n for n, op in p.anchor.items() for o in op.outs}
+    for n, gemm in sorted(p.anchor.items()):
+        if gemm.kind is not Exec.GEMM or gemm.ins[0] not in made:
+            continue
+        x, m = gemm.ins[0], made[gemm.ins[0]]
+        pro = p.anchor.get(m)
+        if pro is None or pro.outs[0] != x or pro.collectives or not _prologue_kind(pro):
+            continue
+        # x leaves nowhere else: only the sibling linears read it (once each), and it is no output
+        if p.uses[x] != sum(a == x for i in gemm.instrs for a in i.inputs):
+            continue
+        if any(p.plan.weights[w.name].quant.quantized for w in gemm.extra["weights"]):
+            continue  # quantized weights: their own GEMV / GEMM, which take x from memory
+        fused = KOp(Exec.GEMM, pro.ins, gemm.outs + pro.outs[1:], pro.instrs + gemm.instrs,
+                    extra=dict(gemm.extra, prologue=pro, gemm=gemm))
+        del p.anchor[n], p.anchor[m]
+        if not p.claim(fused, p.instrs[m]):  # a collective would fall inside: leave both as they were
+            p.anchor[n], p.anchor[m] = gemm, pro
+
+
+def unfused(ops: list[KOp]) -> list[KOp]:
+    """The program with every gemv_prologue step split back into its prologue and its GEMM step (what
+    the cuda backend runs at more rows): for code and tests that look at the norm / act steps."""
+    return [s for op in ops for s in ((op.extra["prologue"], op.extra["gemm"]) if "prologue" in op.extra else (op,))]
+
+
+def _prologue_kind(op: KOp) -> bool:
+    """Whether the GEMV's prologue (codegen/gemv.py prologue_refusal) computes this step: an RMSNorm
+    without bias (plain, residual or gated), or a gated activation."""
+    if op.kind is Exec.NORM:
+        return op.spec.kind == "rms" and not op.spec.has_bias
+    return op.kind is Exec.ACT and op.spec.gated
+
+
 PATTERNS = (
     Pattern("sibling_gemms", "linear(x, w_i[, b_i]) for every i, as one GEMM over concat(w_i) sliced back",
             _sibling_gemms),
@@ -234,8 +320,17 @@ PATTERNS = (
             "dtype as the activation and the mul round them, then the norm (per group with group=g)", _gated_norm),
     Pattern("residual_norm", "r = a + b; h = norm(r, w): both h and r, in one pass", _residual_norm),
     Pattern("gated_act", "act(g) * u", _gated_act),
+    # before ssm_conv_act, which would take its conv
+    Pattern("ssm_conv_scan", "xs, b, c = split(act(causal_conv1d(x, w, cb))); selective_scan(xs, dt, a_log, b, c, d, "
+            "dt_bias): at one token a sequence, both in one kernel, each conv output rounded to the run dtype after "
+            "the activation as the conv step stores it", _ssm_conv_scan),
     Pattern("ssm_conv_act", "act(causal_conv1d(x, w, b)): the activation applied to the conv's output in its kernel",
             _ssm_conv_act),
+    # last: it joins steps the patterns above made
+    Pattern("gemv_prologue", "linear(h, w_i[, b_i]) for every i where h = an rms norm step's output (r = a + b; "
+            "norm(r, w); or norm(y * act(z), w); or norm(x, w)) or a gated act step's (act(g) * u) that nothing "
+            "else reads: h formed from the step's inputs, rounded as that step rounds it, and r kept",
+            _gemv_prologue),
 )
 
 

@@ -14,14 +14,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from kiln.dsl.dtypes import RUN_DTYPES
 
 from .kernels import KernelArgError, _check, _torch_dtype
 from .launch import get_kernel, i64, ptr
-from .render import _RENDERERS, KernelSource, _emit, _name, _vec
-from .specs import _dtype, _fail, _positive, _Spec
+from .render import _RENDERERS, KernelSource, _emit, _name, _vec, f32
+from .specs import ActSpec, NormSpec, _dtype, _fail, _positive, _Spec
 
 GEMV_MAX_T = 4  # rows of x one launch takes (an entry per count, accumulators in registers)
 WARPS = 8  # per block (256 threads)
@@ -42,6 +43,10 @@ class GemvSpec(_Spec):
     origin: str = ""
     rows: int = 2  # rows of W per warp
     ksplit: int = 1  # warps of a block sharing a row group, each a slice of K
+    # The step before, fused into the prologue (issue #12 item 2; fuse.py's gemv_prologue): x is computed
+    # per chunk from that step's inputs instead of read. A NormSpec (rms, plain / residual / gated, its
+    # origin stripped: one kernel for every layer) or a gated ActSpec; None: x is read as it is.
+    prologue: Any = None
 
     def __post_init__(self):
         _positive(self, "n", "k")
@@ -50,6 +55,10 @@ class GemvSpec(_Spec):
             _fail(self, "rows", f"must be one of {ROWS}, got {self.rows!r}")
         if self.ksplit not in KSPLITS:
             _fail(self, "ksplit", f"must be one of {KSPLITS}, got {self.ksplit!r}")
+        if self.prologue is not None:
+            why = prologue_refusal(self.prologue, self.k, self.dtype)
+            if why:
+                _fail(self, "prologue", why)
 
     @property
     def vec(self) -> int:
@@ -92,9 +101,32 @@ def one_wave(units: int, per_warp: tuple[int, ...], ksplits: tuple[int, ...], nc
     return (best[1], best[2]) if best else fallback
 
 
-def spec_for(n: int, k: int, dtype: str, has_bias: bool, origin: str = "linear", num_sms: int = 132) -> GemvSpec:
+def spec_for(n: int, k: int, dtype: str, has_bias: bool, origin: str = "linear", num_sms: int = 132,
+             prologue=None) -> GemvSpec:
     rows, ks = choose(n, k, dtype, num_sms)
-    return GemvSpec(n, k, has_bias, dtype, origin, rows, ks)
+    return GemvSpec(n, k, has_bias, dtype, origin, rows, ks, prologue.key() if prologue is not None else None)
+
+
+def prologue_refusal(pro, k: int, dtype: str) -> str:
+    """Why the GEMV cannot compute x [T, k] as `pro` (a NormSpec / ActSpec) would in its prologue; ""
+    where it can. Layer norms are left to their own kernel (two reductions; not in decode's hot path)."""
+    if pro.dtype != dtype:
+        return f"the prologue's dtype {pro.dtype} is not the GEMV's {dtype}"
+    if isinstance(pro, NormSpec):
+        if pro.kind != "rms" or pro.has_bias:
+            return "only an RMSNorm (no bias) is fused"
+        if pro.hidden != k:
+            return f"the norm's hidden={pro.hidden} is not k={k}"
+        if pro.width % _vec(RUN_DTYPES[dtype].itemsize, k):
+            return f"the norm's group {pro.width} is not a whole number of the GEMV's {k}-wide row's vectors"
+        return ""
+    if isinstance(pro, ActSpec):
+        if not pro.gated:
+            return "only a gated activation act(g) * u is fused"
+        if pro.features != k:
+            return f"the activation's features={pro.features} is not k={k}"
+        return ""
+    return f"must be a NormSpec or an ActSpec, got {type(pro).__name__}"
 
 
 def _render(s: GemvSpec) -> KernelSource:
@@ -108,11 +140,28 @@ def _render(s: GemvSpec) -> KernelSource:
     vp = {t: 1 << max(0, math.ceil(math.log2(t * s.rows))) for t in range(1, GEMV_MAX_T + 1)}
     params = dict(n=s.n, k=s.k, vec=vec, chunk=chunk, nch=nch, cps=cps, rows=s.rows, ksplit=s.ksplit,
                   unroll=unroll, groups=groups, warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS,
-                  k_tail=s.k % chunk != 0, few_t=FEW_T, has_bias=s.has_bias, max_t=GEMV_MAX_T, vp=vp)
+                  k_tail=s.k % chunk != 0, few_t=FEW_T, has_bias=s.has_bias, max_t=GEMV_MAX_T, vp=vp,
+                  pro=_prologue_params(s.prologue, vec))
     meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * s.rows)), vec=vec, rows=s.rows,
                 ksplit=s.ksplit, unroll=unroll)
-    name = _name(f"gemv_n{s.n}_k{s.k}_r{s.rows}_s{s.ksplit}", s)
+    kind = "" if s.prologue is None else f"_{params['pro']['variant']}"
+    name = _name(f"gemv{kind}_n{s.n}_k{s.k}_r{s.rows}_s{s.ksplit}", s)
     return _emit("gemv.cu.j2", name, s, params, [f"{name}_t{t}" for t in range(1, GEMV_MAX_T + 1)], meta)
+
+
+def _prologue_params(pro, vec: int) -> dict | None:
+    """The template's view of a prologue: which variant, and the norm's constants spelled as
+    render.py's norm spells them (the same float32 literals, so the same roundings)."""
+    if pro is None:
+        return None
+    if isinstance(pro, ActSpec):
+        return dict(variant=f"{pro.kind}_gated", norm=False, act=pro.kind, gate="", residual=False)
+    width = pro.width
+    return dict(variant=f"rmsnorm{'_res' if pro.has_residual else ''}{f'_{pro.gate}' if pro.gate else ''}",
+                norm=True, act=pro.gate, gate=pro.gate, residual=pro.has_residual, width=width,
+                ngroups=pro.hidden // width, width_vecs=width // vec, shared_weight=bool(pro.group)
+                and not pro.per_group_weight, eps=f32(pro.eps), inv_width=f32(1.0 / width),
+                weight_offset=f32(pro.weight_offset) if pro.weight_offset else "", origin=pro.origin)
 
 
 _RENDERERS[GemvSpec] = _render
@@ -135,6 +184,50 @@ def gemv(spec: GemvSpec, x, w, out, bias=None, pdl: bool = False) -> None:
     _check("out", out, dt, (T, spec.n), dev)
     check_bias(spec, bias, dt, dev)
     launch(spec, dev, T - 1, [ptr(w), ptr(x), ptr(bias), ptr(out), i64(x.stride(0))], pdl)
+
+
+def gemv_prologue(spec: GemvSpec, w, out, a, b=None, norm_weight=None, r_out=None, bias=None,
+                  pdl: bool = False) -> None:
+    """out [T, n] = x @ w^T (+ bias) where x [T, k] is what spec.prologue computes, never stored:
+    rmsnorm(a) (a: x); rmsnorm(a + b) with r_out = b + a (a: the residual, b: x, the residual norm's
+    operands); the gated norm rmsnorm(a * act(b)) (a: y, b: z); the gated activation act(a) * b (a: g,
+    b: u). a and b may be row-strided (unit column stride, rows and starts 16-byte aligned: `prologue_takes`);
+    norm_weight as the NormSpec's; r_out [T, k] contiguous."""
+    pro, dt = spec.prologue, _torch_dtype(spec)
+    if pro is None:
+        raise KernelArgError("spec: has no prologue (use gemv)")
+    _check("a", a, dt, contiguous=False, aligned=False)
+    dev, T = a.device, a.shape[0]
+    if not 1 <= T <= GEMV_MAX_T:
+        raise KernelArgError(f"a: {T} rows; the GEMV takes 1 to {GEMV_MAX_T} (more: a GEMM)")
+    norm = isinstance(pro, NormSpec)
+    two = not norm or pro.has_residual or bool(pro.gate)
+    for label, t in (("a", a), ("b", b)) if two else (("a", a),):
+        if t is None:
+            raise KernelArgError(f"{label}: required by this prologue")
+        _check(label, t, dt, device=dev, rows_aligned=True, contiguous=False)
+        if t.dim() != 2 or tuple(t.shape) != (T, spec.k) or t.stride(1) != 1:
+            raise KernelArgError(f"{label}: must be [{T}, {spec.k}] with unit column stride, got shape "
+                                 f"{tuple(t.shape)} stride {tuple(t.stride())}")
+    if norm:
+        wshape = (pro.hidden // pro.width, pro.width) if pro.per_group_weight else (pro.width,)
+        _check("norm_weight", norm_weight, dt, wshape, dev)
+    if norm and pro.has_residual:
+        _check("r_out", r_out, dt, (T, spec.k), dev)
+    elif r_out is not None:
+        raise KernelArgError("r_out: given to a prologue without a residual sum")
+    _check("w", w, dt, (spec.n, spec.k), dev)
+    _check("out", out, dt, (T, spec.n), dev)
+    check_bias(spec, bias, dt, dev)
+    launch(spec, dev, T - 1, [ptr(w), ptr(a), ptr(b if two else None), ptr(norm_weight if norm else None), ptr(bias),
+                              ptr(out), ptr(r_out), i64(a.stride(0)), i64(b.stride(0) if two else 0)], pdl)
+
+
+def prologue_takes(*inputs: torch.Tensor) -> bool:
+    """Whether the prologue's inputs can be read as the kernel reads them: 16-byte vectors of rows with
+    unit column stride (a slice of a fused GEMM's row whose start or stride is off 16 bytes: not)."""
+    return all(t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+               and (t.stride(0) * t.element_size()) % 16 == 0 for t in inputs)
 
 
 def check_bias(spec, bias, dt: torch.dtype, dev) -> None:

@@ -128,6 +128,17 @@ def slot_mapping(block_tables, seq_ids, positions, page_size: int):
     return (pages * page_size + positions % page_size).to(torch.int32)
 
 
+def _sm_of(device) -> int:
+    """The device's compute capability, major * 10 + minor (cached per device)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sm = _SM.get(index)
+    if sm is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        sm = _SM[index] = major * 10 + minor
+    return sm
+
+
 def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache, v_cache, seq_len=None,
                   k_scale: float = 1.0, v_scale: float = 1.0):
     """Rotate q in place; rotate k and write it, and v, into the paged cache (spec.kv_fp8: float8_e4m3fn
@@ -150,6 +161,8 @@ def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache
     _check("slot_mapping", slot_mapping, torch.int32, (T,), dev, aligned=False)
     _check_cache(spec, k_cache, v_cache, dt, dev)
     args = [ptr(q), ptr(k), ptr(v), ptr(positions), ptr(slot_mapping), ptr(k_cache), ptr(v_cache)]
+    if spec.variant == "bulk" and _sm_of(dev) < 90:  # bulk copies are Hopper's: the default kernel before it
+        spec = dataclasses.replace(spec, variant="token")
     kern = _kernel(spec, dev)
     if kern.source.meta["dynamic"]:
         if seq_len is None:
@@ -157,7 +170,12 @@ def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache
         args.append(ptr(_check("seq_len", seq_len, torch.int32, (1,), dev, aligned=False)))
     args += _scales(spec, k_scale, v_scale)
     args += [i64(q.stride(0)), i64(k.stride(0)), i64(v.stride(0)), i32(T)]
-    kern.launch(kern.source.entries[0], (T,), (kern.source.meta["threads"],), args)
+    meta = kern.source.meta
+    if meta["variant"] == "bulk":  # persistent: the blocks the GPU holds at once, at most a token each
+        resident = kern.num_sms * kern.blocks_per_sm(kern.source.entries[0], meta["threads"], meta["smem"])
+        kern.launch(kern.source.entries[0], (max(1, min(T, resident)),), (meta["threads"],), args, meta["smem"])
+        return
+    kern.launch(kern.source.entries[0], (T,), (meta["threads"],), args)
 
 
 def _scales(spec, k_scale, v_scale) -> list:
@@ -370,6 +388,8 @@ def activation(spec: ActSpec, out, x=None, gate=None, up=None):
     if ref is None:
         raise KernelArgError("x or gate: an input is required")
     dev = ref.device
+    if spec.variant == "bulk" and _sm_of(dev) < 90:  # bulk copies are Hopper's: the default kernel before it
+        spec = dataclasses.replace(spec, variant="flat")
     kern = _kernel(spec, dev)
     meta = kern.source.meta
     align = meta["vec"] * ref.element_size()  # the kernel's access width
@@ -394,6 +414,15 @@ def activation(spec: ActSpec, out, x=None, gate=None, up=None):
         args = [ptr(x), ptr(out), i64(x.stride(0)), i32(T)]
     if rows != T:
         raise KernelArgError(f"input: {rows} rows, out has {T}")
+    variant = meta["variant"]
+    if variant in ("rows", "rows_stream"):  # every row segment its own block
+        kern.launch(kern.source.entries[0], (max(1, T * meta["chunks"]),), (meta["threads"],), args)
+        return
+    if variant == "bulk":  # persistent: the blocks the GPU holds at once (shared memory decides), at most a tile each
+        resident = kern.num_sms * kern.blocks_per_sm(kern.source.entries[0], meta["threads"], meta["smem"])
+        blocks = max(1, min(T * meta["chunks"], resident))
+        kern.launch(kern.source.entries[0], (blocks,), (meta["threads"],), args, meta["smem"])
+        return
     needed = math.ceil(T * F // meta["vec"] / meta["threads"])
     if meta["unroll"] > 1:  # one wave: exactly the blocks the GPU holds at once (registers decide)
         resident = kern.num_sms * kern.blocks_per_sm(kern.source.entries[0], meta["threads"])
@@ -558,6 +587,19 @@ def ssm_scan(spec: SK.SsmScanSpec, x, dt_in, a_log, b, c, d, dt_bias, state, slo
         _rows(name, t, rd, cols, dev, align=t.element_size())
         if t.shape[0] != T:
             raise KernelArgError(f"{name}: {t.shape[0]} rows, x has {T}")
+    _check_scan_args(s, a_log, d, dt_bias, state, rd, dev)
+    _check("out", out, rd, (T, HP), dev)
+    meta = _ssm_step_meta(slots, cu_seqlens, kv_lens, num_seqs, dev)
+    kern = get_kernel(spec, dev)
+    km = kern.source.meta
+    kern.launch(kern.source.entries[0], (km["blocks"], num_seqs), (km["threads"],),
+                [ptr(x), i64(x.stride(0)), ptr(dt_in), i64(dt_in.stride(0)), ptr(a_log), ptr(b), i64(b.stride(0)),
+                 ptr(c), i64(c.stride(0)), ptr(d if s.has_d else None), ptr(dt_bias if s.has_dt_bias else None),
+                 ptr(state), *meta, ptr(out)])
+
+
+def _check_scan_args(s, a_log, d, dt_bias, state, rd, dev) -> None:
+    """The scan's parameters and state, as ssm_scan and ssm_conv_scan take them."""
     _check("a_log", a_log, rd, (s.heads, s.d_state) if s.a_per_state else (s.heads,), dev, aligned=False)
     if s.has_d:
         _check("d", d, rd, (s.heads,), dev, aligned=False)
@@ -567,11 +609,38 @@ def ssm_scan(spec: SK.SsmScanSpec, x, dt_in, a_log, b, c, d, dt_bias, state, slo
     if state.dim() != 4 or tuple(state.shape[1:]) != (s.heads, s.head_dim, s.d_state):
         raise KernelArgError(f"state: shape {tuple(state.shape)}, expected [slots, {s.heads}, {s.head_dim}, "
                              f"{s.d_state}]")
+
+
+def ssm_conv_scan(spec: SK.SsmConvScanSpec, xbc, conv_w, conv_b, conv_state, dt_in, a_log, d, dt_bias, state, slots,
+                  cu_seqlens, kv_lens, counters, out, num_seqs: int):
+    """A decode step of out = selective_scan(split(act(causal_conv1d(xbc)))) in one kernel: one new token
+    per sequence (a sequence of another length is left alone: run ssm_conv then ssm_scan for such a step);
+    conv_state [num_slots, channels, kernel - 1] (run dtype) and state [num_slots, heads, head_dim,
+    d_state] (fp32) read and written as ssm_conv's and ssm_scan's. xbc [T, channels], dt [T, heads]
+    (row-strided); counters: int32, at least num_seqs * groups entries, all zero (and left so)."""
+    rd, s = _torch_dtype(spec), spec
+    dev = xbc.device
+    C, K, HP = s.channels, s.kernel, s.heads * s.head_dim
+    _rows("xbc", xbc, rd, C, dev, align=xbc.element_size())
+    T = xbc.shape[0]
+    _rows("dt", dt_in, rd, s.heads, dev, align=dt_in.element_size())
+    if dt_in.shape[0] != T:
+        raise KernelArgError(f"dt: {dt_in.shape[0]} rows, xbc has {T}")
+    _check("conv_w", conv_w, rd, (C, K), dev, aligned=False)
+    if s.has_bias:
+        _check("conv_b", conv_b, rd, (C,), dev, aligned=False)
+    _check("conv_state", conv_state, rd, device=dev)
+    if conv_state.dim() != 3 or tuple(conv_state.shape[1:]) != (C, K - 1):
+        raise KernelArgError(f"conv_state: shape {tuple(conv_state.shape)}, expected [slots, {C}, {K - 1}]")
+    _check_scan_args(s, a_log, d, dt_bias, state, rd, dev)
+    _check("counters", counters, torch.int32, device=dev, aligned=False)
+    if counters.dim() != 1 or counters.shape[0] < num_seqs * s.groups:
+        raise KernelArgError(f"counters: shape {tuple(counters.shape)}, expected at least [{num_seqs * s.groups}]")
     _check("out", out, rd, (T, HP), dev)
     meta = _ssm_step_meta(slots, cu_seqlens, kv_lens, num_seqs, dev)
     kern = get_kernel(spec, dev)
     km = kern.source.meta
     kern.launch(kern.source.entries[0], (km["blocks"], num_seqs), (km["threads"],),
-                [ptr(x), i64(x.stride(0)), ptr(dt_in), i64(dt_in.stride(0)), ptr(a_log), ptr(b), i64(b.stride(0)),
-                 ptr(c), i64(c.stride(0)), ptr(d if s.has_d else None), ptr(dt_bias if s.has_dt_bias else None),
-                 ptr(state), *meta, ptr(out)])
+                [ptr(xbc), i64(xbc.stride(0)), ptr(conv_w), ptr(conv_b if s.has_bias else None), ptr(conv_state),
+                 ptr(dt_in), i64(dt_in.stride(0)), ptr(a_log), ptr(d if s.has_d else None),
+                 ptr(dt_bias if s.has_dt_bias else None), ptr(state), *meta, ptr(counters), ptr(out)])

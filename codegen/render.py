@@ -119,6 +119,19 @@ def _norm(s: NormSpec) -> KernelSource:
     return _emit("norm.cu.j2", name, s, params, [name], meta)
 
 
+ROPE_BULK_STAGES = 4  # "bulk": tokens in shared memory per block (three loading while one computes)
+ROPE_BULK_SMEM = 64 * 1024  # "bulk": stages up to this much shared memory (at least two, up to SM90_SMEM_MAX)
+
+
+def rope_variant(s: RopeCacheSpec) -> str:
+    """The variant `_rope` renders: s.variant where it applies (see RopeCacheSpec.variant)."""
+    itemsize = RUN_DTYPES[s.dtype].itemsize
+    stage = ((s.heads * s.head_dim if s.rotary_dim else 0) + 2 * s.kv_heads * s.head_dim) * itemsize
+    if s.variant == "bulk" and (s.kv_fp8 or s.head_dim * itemsize % 16 or 2 * stage + 64 > SM90_SMEM_MAX):
+        return "token"
+    return s.variant
+
+
 def _rope(s: RopeCacheSpec) -> KernelSource:
     itemsize = RUN_DTYPES[s.dtype].itemsize
     rot, d = s.rotary_dim, s.head_dim
@@ -159,7 +172,17 @@ def _rope(s: RopeCacheSpec) -> KernelSource:
         if params["longrope"]:
             params["long_inv_freq_rows"] = rows(rope.long_inv_freq(s))
     # meta "dynamic": the kernel takes the step's seq_len argument (dynamic NTK and longrope)
-    meta = dict(threads=threads, vec=vec, dynamic=params["dynamic"] or params["longrope"])
+    meta = dict(threads=threads, vec=vec, dynamic=params["dynamic"] or params["longrope"], variant="token")
+    q_elems, kv_elems = (s.heads * d if rot else 0), s.kv_heads * d
+    stage_bytes = (q_elems + 2 * kv_elems) * itemsize
+    if rope_variant(s) == "bulk":
+        stages = max(2, min(ROPE_BULK_STAGES, ROPE_BULK_SMEM // stage_bytes))
+        bar_offset = stages * stage_bytes
+        params.update(stages=stages, q_elems=q_elems, kv_elems=kv_elems, stage_elems=q_elems + 2 * kv_elems,
+                      stage_bytes=stage_bytes, q_bytes=q_elems * itemsize, kv_bytes=kv_elems * itemsize,
+                      head_bytes=d * itemsize, bar_offset=bar_offset)
+        meta.update(variant="bulk", smem=bar_offset + 8 * stages)
+    params["bulk"] = meta["variant"] == "bulk"
     name = _name(f"rope_cache_{s.layout[0]}{rot}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     return _emit("rope_cache.cu.j2", name, s, params, [name], meta)
 
@@ -441,14 +464,59 @@ def _prefill(s: PrefillAttnSpec) -> KernelSource:
     return _emit("prefill_attn.cu.j2", name, s, params, [name], meta)
 
 
+ACT_ROWS_ILP = 4  # "rows": vectors of each input a thread loads before using any (8 x 16 B gated)
+ACT_BULK_TILE_BYTES = 8192  # "bulk": at most this much of a row per input and tile (one bulk copy each)
+ACT_BULK_STAGES = 4  # "bulk": tiles in shared memory per block (three loading while one computes)
+
+
+def act_variant(s: ActSpec) -> str:
+    """The variant `_act` renders: s.variant where it applies (see ActSpec.variant)."""
+    row_bytes = s.features * RUN_DTYPES[s.dtype].itemsize
+    if s.variant == "bulk" and row_bytes % 16:
+        return "flat"
+    if s.variant == "rows_stream" and row_bytes % 16:
+        return "rows"
+    return s.variant
+
+
 def _act(s: ActSpec) -> KernelSource:
     itemsize = RUN_DTYPES[s.dtype].itemsize
     vec = _vec(itemsize, s.features)
+    vpr = s.features // vec
+    variant = act_variant(s)
+    threads = 256
+    meta = dict(threads=threads, vec=vec, unroll=s.unroll, variant=variant)
     params = dict(kind=s.kind, gated=s.gated, features=s.features, vec=vec,
-                  vec_per_row=s.features // vec, threads=256, unroll=s.unroll,
+                  vec_per_row=vpr, threads=threads, unroll=s.unroll, variant=variant,
+                  stream=variant == "rows_stream",
                   min_blocks=2)  # >= 512 threads per SM, 64 KB of loads in flight (IEEE division wants ~95 regs)
+    if variant in ("rows", "rows_stream"):
+        # A row splits into `chunks` equal segments of up to 256 threads x ilp vectors; threads are cut to
+        # what a segment needs (F = 14336 bf16: 2 segments of 224 threads x 4 vectors, none idle). The grid
+        # is every segment of every row at once (T x chunks blocks), no loop.
+        ilp = min(ACT_ROWS_ILP, math.ceil(vpr / 256))  # short rows: more threads, fewer vectors each
+        chunks = math.ceil(vpr / (256 * ilp))
+        threads = _round_up(math.ceil(vpr / (chunks * ilp)), 32)
+        seg = threads * ilp
+        stream = variant == "rows_stream"
+        params.update(threads=threads, ilp=ilp, chunks=chunks, seg=seg, tail=chunks * seg != vpr,
+                      load="load_stream" if stream else f"load_vec<{vec}>",
+                      store="store_stream" if stream else f"store_vec<{vec}>")
+        meta.update(threads=threads, chunks=chunks)
+    elif variant == "bulk":
+        # Tiles: the row cut into `chunks` near-equal runs of whole 16-byte chunks, each <= ACT_BULK_TILE_BYTES.
+        chunks = math.ceil(s.features * itemsize / ACT_BULK_TILE_BYTES)
+        tile = _round_up(math.ceil(s.features / chunks), vec)
+        chunks = math.ceil(s.features / tile)
+        inputs = 2 if s.gated else 1
+        stage_elems = inputs * tile
+        bar_offset = ACT_BULK_STAGES * stage_elems * itemsize
+        smem = bar_offset + 8 * ACT_BULK_STAGES
+        params.update(chunks=chunks, tile=tile, last=s.features - (chunks - 1) * tile, stages=ACT_BULK_STAGES,
+                      stage_elems=stage_elems, bar_offset=bar_offset)
+        meta.update(chunks=chunks, smem=smem)
     name = _name(f"{'gated_' if s.gated else ''}{s.kind}_f{s.features}", s)
-    return _emit("act.cu.j2", name, s, params, [name], dict(threads=256, vec=vec, unroll=s.unroll))
+    return _emit("act.cu.j2", name, s, params, [name], meta)
 
 
 def _embed(s: EmbedSpec) -> KernelSource:

@@ -8,14 +8,16 @@ from kiln.dsl.dtypes import dtype as dtype_of
 from kiln.dsl.plan import Plan
 from kiln.dsl.sources import Alias
 
-from .fuse import fuse
+from .fuse import fuse, unfused
 
 
 def kernel_specs(plan: Plan, dtype: str = "bf16", page_size: int = 16) -> list:
     """Each distinct kernel spec the cuda backend would compile, first occurrence first."""
     seen, out = set(), []
-    for op in fuse(plan, dtype_of(dtype).torch, page_size):
-        for spec in (op.spec if isinstance(op.spec, tuple) else (op.spec,)):
+    for op in unfused(fuse(plan, dtype_of(dtype).torch, page_size)):  # with the GEMV prologues' steps
+        # a fused conv -> scan step (fuse.py's ssm_conv_scan) also runs its two kernels, for prefill
+        fallbacks = (op.extra["conv"], op.extra["scan"]) if op.extra.get("op") == "conv_scan" else ()
+        for spec in (*(op.spec if isinstance(op.spec, tuple) else (op.spec,)), *fallbacks):
             if spec is not None and spec.key() not in seen:
                 seen.add(spec.key())
                 out.append(spec)

@@ -17,6 +17,8 @@ from kiln.dsl.dtypes import RUN_DTYPES, of_torch
 from kiln.dsl.ops.elementwise import KERNEL_ACTIVATIONS as ACTIVATIONS
 
 ROPE_LAYOUTS = ("half", "interleaved")
+ROPE_VARIANTS = ("token", "bulk")  # RopeCacheSpec.variant
+ACT_VARIANTS = ("flat", "rows", "rows_stream", "bulk")  # ActSpec.variant
 # The spec language's rope_scaling kinds that have kernels ("llama3": HF's frequency bands, low
 # frequencies divided by `factor`, high ones kept, a smooth blend between; "yarn": a static table
 # too; "longrope": a short and a long table, picked by the step's sequence length like "dynamic").
@@ -129,12 +131,22 @@ class RopeCacheSpec(_Spec):
     # at T=8192, an 8B model; its registers cut the blocks per SM), kept for A/B (bench_kernels).
     prefetch: bool = False
     origin: str = ""
+    # Issue #12 (the kernel at >= 85% of copy bandwidth), measured side by side by bench_kernels --only rope:
+    # "token": a block per token (the kernel above); "bulk": Hopper bulk copies (templates/bulk_copy.cuh.j2),
+    # a persistent grid streaming each token's q, k, v rows through a shared-memory pipeline and storing q
+    # and the cache rows with bulk stores. "bulk" renders "token" where it cannot apply (an fp8 cache, heads
+    # not whole 16-byte chunks, a stage over shared memory), and the launch wrapper before sm_90.
+    variant: str = "token"
 
     def __post_init__(self):
         _positive(self, "heads", "kv_heads", "head_dim", "page_size")
         _dtype(self)
         if not isinstance(self.prefetch, bool):
             _fail(self, "prefetch", f"must be a bool, got {self.prefetch!r}")
+        if self.variant not in ROPE_VARIANTS:
+            _fail(self, "variant", f"must be one of {ROPE_VARIANTS}, got {self.variant!r}")
+        if self.prefetch and self.variant != "token":
+            _fail(self, "prefetch", f"applies to the 'token' variant only, not {self.variant!r}")
         if self.heads % self.kv_heads:
             _fail(self, "kv_heads", f"{self.kv_heads} does not divide heads={self.heads}")
         if self.layout not in ROPE_LAYOUTS:
@@ -255,6 +267,15 @@ class ActSpec(_Spec):
     # 2 blocks per SM at 99 registers), kept for A/B (bench_kernels)
     unroll: int = 1
     origin: str = ""
+    # Issue #12 (SwiGLU at >= 85% of copy bandwidth), measured side by side by bench_kernels --only act:
+    # "flat": the grid-stride loop above; "rows": a block per row segment, each thread's vectors of every
+    # input all loaded before use, 32-bit offsets; "rows_stream": the same with L1-bypassing loads (256-byte
+    # L2 prefetch) and evict-first stores; "bulk": Hopper bulk copies (templates/bulk_copy.cuh.j2) through a
+    # shared-memory pipeline on a persistent grid. "bulk" renders "flat" where rows are not whole 16-byte
+    # chunks, and the launch wrapper picks "flat" before sm_90; "rows_stream" is "rows" below 16-byte vectors.
+    # "rows" (a block per row segment, every load issued before any use): 98% of the H200's copy bandwidth
+    # for SwiGLU at 8,192 x 14,336 against 77% for "flat" (BENCHMARKS.md, session 8)
+    variant: str = "rows"
 
     def __post_init__(self):
         if self.kind not in ACTIVATIONS:
@@ -262,6 +283,10 @@ class ActSpec(_Spec):
         _positive(self, "features", "unroll")
         if self.unroll > 16:
             _fail(self, "unroll", f"must be at most 16, got {self.unroll}")
+        if self.variant not in ACT_VARIANTS:
+            _fail(self, "variant", f"must be one of {ACT_VARIANTS}, got {self.variant!r}")
+        if self.unroll > 1 and self.variant != "flat":
+            _fail(self, "unroll", f"applies to the 'flat' variant only, not {self.variant!r}")
         _dtype(self)
 
 

@@ -10,6 +10,12 @@ Invariants (checked by `StepBatch.validate`):
 - a sequence's block table covers context + length tokens:
   len(block_table) * page_size >= context + length;
 - the token at flat index seqs[i].start + j has position seqs[i].context + j.
+
+Overlap (runtime/engine.py): a step may be launched before the step before it has been read
+back. The input tokens it continues from are then still on the device: `StepBatch.pending`
+names them (flat index here <- row of the earlier step's sampled tokens) and `tokens` holds a
+placeholder (0) at those indices. A backend makes its device token input with `device_tokens`
+(or writes them into its own buffer with `PendingTokens.apply`), on the stream: no host sync.
 """
 
 from __future__ import annotations
@@ -41,10 +47,47 @@ class SeqSlice:
         return self.start + self.length
 
 
+@dataclass(frozen=True)
+class PendingTokens:
+    """Input tokens this step takes on the device from the step launched before it."""
+
+    source: torch.Tensor  # [R] int64: the earlier step's sampled tokens, on its device (not yet read back)
+    index: tuple[int, ...]  # flat token indices of this batch to fill ...
+    rows: tuple[int, ...]  # ... each from this row of `source`
+
+    def apply(self, tokens: torch.Tensor) -> None:
+        """Write the pending tokens into `tokens` ([>= T] int64, this step's input on the source's
+        device) in place, in stream order after the kernels that produce them."""
+        k = len(self.index)
+        if not k:
+            return
+        if self.index == self.rows == tuple(range(k)):  # steady decode: the same rows, in the same order
+            tokens[:k].copy_(self.source[:k])
+            return
+        idx = torch.tensor([self.index, self.rows], dtype=torch.long)
+        if tokens.device.type == "cuda":
+            idx = idx.pin_memory().to(tokens.device, non_blocking=True)
+        tokens.index_copy_(0, idx[0], self.source.index_select(0, idx[1]))
+
+
 @dataclass
 class StepBatch:
-    tokens: torch.Tensor  # [T] int64, the new tokens of all sequences
+    tokens: torch.Tensor  # [T] int64, the new tokens of all sequences (placeholders where `pending`)
     seqs: list[SeqSlice] = field(default_factory=list)
+    pending: PendingTokens | None = None  # overlap: tokens still on the device (module docstring)
+
+    def device_tokens(self, device) -> torch.Tensor:
+        """The [T] token input on `device`, the pending tokens written in (a copy: `tokens` stays
+        as it is)."""
+        device = torch.device(device)
+        if device.type == "cuda" and self.tokens.device.type == "cpu":  # pinned staging: the copy never
+            # waits for the GPU's queued work
+            out = self.tokens.pin_memory().to(device, non_blocking=True)
+        else:
+            out = self.tokens.to(device, copy=self.pending is not None)  # already there (e.g. eval's ids): as is
+        if self.pending is not None:
+            self.pending.apply(out)
+        return out
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +122,11 @@ class StepBatch:
             offset = s.end
         if offset != self.num_tokens:
             raise ValueError(f"slices cover {offset} tokens, batch has {self.num_tokens}")
+        p = self.pending
+        if p is not None and (len(p.index) != len(p.rows) or any(not 0 <= i < offset for i in p.index)
+                              or any(not 0 <= r < p.source.shape[0] for r in p.rows)):
+            raise ValueError(f"pending tokens {list(zip(p.index, p.rows))} do not fit {offset} tokens "
+                             f"and {p.source.shape[0]} source rows")
 
 
 @dataclass

@@ -42,6 +42,14 @@ from .reference import StepContext
 # (KILN_GEMV_ROWS, at most codegen.gemv.GEMV_MAX_T). Read when a step runs (and is captured).
 GEMV = os.environ.get("KILN_GEMV", "pdl")
 GEMV_ROWS = int(os.environ.get("KILN_GEMV_ROWS", "1"))
+# A GEMM step with a prologue (fuse.py's gemv_prologue: the rms norm or gated activation before it) runs
+# as one GEMV launch that forms x itself where the GEMV runs with KILN_GEMV_PROLOGUE=1; by default
+# ("0") the prologue's own kernel, then the GEMV. Off because on the H200 (BENCHMARKS.md, session 8)
+# every warp forming x itself costs more than the launch it saves: down <- SwiGLU 61.6 against 31.1 us
+# (each warp recomputes act(g) * u for its chunk), out_proj <- gated norm 26.7 against 12.5; qkv and
+# gate+up <- rmsnorm + residual saved 0.3 and 0.7 us; the 8B-model decode step 5.63 against 4.57 ms.
+# Read when a step runs (and is captured).
+GEMV_PROLOGUE = os.environ.get("KILN_GEMV_PROLOGUE", "0")
 
 
 def _nothing() -> None:
@@ -80,6 +88,7 @@ class _Meta:
 
 class CudaModel:
     backend = "cuda"
+    takes_pending = True  # forward fills StepBatch.pending's tokens in on the device (engine overlap)
 
     def __init__(self, plan: Plan, weights: dict[str, torch.Tensor], page_size: int = 16,
                  max_context: int = 4096, max_batch: int = 256, use_graphs: bool = True):
@@ -105,6 +114,8 @@ class CudaModel:
         for n, op in enumerate(self.ops):
             if op.kind is Exec.GEMM:
                 self._gemm[n] = _fused_weight(op, weights, self.dtype)
+                if "prologue" in op.extra:  # the norm / act step fused before it (fuse.py's gemv_prologue)
+                    op.extra["prologue"].spec = canon(op.extra["prologue"].spec)
             elif op.kind is Exec.ATTENTION:
                 op.spec = tuple(canon(s) for s in op.spec)
             elif op.kind is Exec.MOE:  # experts' weights stacked [E, out, in] per grouped GEMM
@@ -215,7 +226,7 @@ class CudaModel:
                         self._pool = torch.cuda.graph_pool_handle()
                     graph = self._mixed[key] = _MixedGraph(self, kv, *key)
                 return graph.replay(batch, sample).float()
-        tokens = batch.tokens.to(self.device, non_blocking=True)
+        tokens = batch.device_tokens(self.device)
         meta = self._meta(batch)
         rows = None if all_logits else torch.tensor(sample).pin_memory().to(self.device, non_blocking=True)
         lora = None
@@ -252,6 +263,12 @@ class CudaModel:
     # -- one method per kind of step ----------------------------------------------------------
     def _gemm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         w, b = self._gemm[n]
+        pro = op.extra.get("prologue")
+        if pro is not None:
+            if self._gemv_prologue(op, pro, w, b, env, step):
+                return
+            _RUN[pro.kind](self, pro, env, step, n)  # the prologue's own kernel, then the GEMM as it was
+            op = op.extra["gemm"]
         x = env[op.ins[0]]
         if isinstance(w, (QGemm, SplitGemm)):
             y = w(x, b)
@@ -266,6 +283,33 @@ class CudaModel:
                 env[name] = y[:, start:start + width]
         else:
             env[op.outs[0]] = y
+
+    def _gemv_prologue(self, op: KOp, pro: KOp, w, b, env, step: "_Run") -> bool:
+        """A GEMM step with a prologue as one GEMV launch (codegen/gemv.py gemv_prologue) where the GEMV
+        runs it: a few rows, a plain weight the GEMV takes, no LoRA, a prologue it computes, inputs it can
+        read with 16-byte vectors. False: nothing ran."""
+        ins = [env[v] for v in pro.ins]
+        if GEMV not in ("1", "pdl") or GEMV_PROLOGUE == "0" or step.T > GEMV_ROWS or step.lora is not None \
+                or not isinstance(w, torch.Tensor) or not G.takes(ins[0], w) or not G.prologue_takes(*ins) \
+                or G.prologue_refusal(pro.spec, w.shape[1], pro.spec.dtype):
+            return False
+        gemm = op.extra["gemm"]
+        origin = f"{fuse_origin(pro.instrs[-1])} -> {fuse_origin(gemm.instrs[0])}"
+        spec = G.spec_for(w.shape[0], w.shape[1], pro.spec.dtype, b is not None, origin, G._num_sms(self.device),
+                          prologue=pro.spec)
+        y = torch.empty(step.T, w.shape[0], dtype=self.dtype, device=self.device)
+        norm = pro.kind is Exec.NORM
+        r = torch.empty_like(ins[0]) if norm and pro.spec.has_residual else None
+        G.gemv_prologue(spec, w, y, ins[0], ins[1] if len(ins) > 1 else None,
+                        self.weights[pro.extra["weight"].name] if norm else None, r, b, pdl=GEMV == "pdl")
+        if r is not None:
+            env[pro.outs[1]] = r
+        if gemm.extra["fused"]:
+            for name, (start, width) in zip(gemm.outs, gemm.extra["slices"]):
+                env[name] = y[:, start:start + width]
+        else:
+            env[gemm.outs[0]] = y
+        return True
 
     def _norm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         spec = op.spec
@@ -427,6 +471,24 @@ def fill_decode_buffers(batch: StepBatch, page_size: int, host, tables) -> None:
     tables[S:] = 0
 
 
+def _staging_free(model: CudaModel) -> None:
+    """Wait (host) until the copies out of the last replay's pinned staging buffers have run, before
+    any replay refills its own (graphs' buffers, LoRA rows, state slots). Only an overlapped engine
+    launches a step before reading the previous one back; then those copies are queued behind the
+    step still running, and refilling the memory under them would change that step's inputs."""
+    done = getattr(model, "_staging_done", None)
+    if done is not None:
+        done.synchronize()
+
+
+def _staged(model: CudaModel) -> None:
+    """Mark the end of a replay's copies out of pinned staging memory (see _staging_free)."""
+    done = getattr(model, "_staging_done", None)
+    if done is None:
+        done = model._staging_done = torch.cuda.Event()
+    done.record()
+
+
 _MIXED_KINDS = (Exec.GEMM, Exec.NORM, Exec.ATTENTION, Exec.ACT, Exec.EMBED, Exec.MAP, Exec.MOE, Exec.TORCH)
 
 
@@ -502,6 +564,7 @@ class _MixedGraph:
         """The logits of `sample` (batch.sample_rows()) for `batch`."""
         S, T = len(batch.seqs), batch.num_tokens
         h = host_meta(batch, self.model.page_size, self.tables.shape[1])
+        _staging_free(self.model)
         tok, rows, ints, tables = self.host.numpy(), self.host_rows.numpy(), self.host_int.numpy(), self.tables.numpy()
         tok[0, :T], tok[1, :T], tok[2, :T] = batch.tokens.cpu().numpy(), h.positions, h.slots
         tok[:2, T:], tok[2, T:] = 0, -1
@@ -520,6 +583,9 @@ class _MixedGraph:
         m.cu_seqlens.copy_(self.host_int[n:2 * n + 1], non_blocking=True)
         m.seq_len.copy_(self.host_int[2 * n + 1:], non_blocking=True)
         m.block_tables.copy_(self.tables, non_blocking=True)
+        _staged(self.model)
+        if batch.pending is not None:
+            batch.pending.apply(self.tokens)
         self.graph.replay()
         return self.logits[:len(sample)]
 
@@ -542,6 +608,7 @@ class _Graph:
 
     def replay(self, batch: StepBatch) -> torch.Tensor:
         m = self.meta
+        _staging_free(self.model)
         fill_decode_buffers(batch, self.model.page_size, self.host_np, self.tables_np)
         if self.lora is not None:
             self.model._lora.fill(self.lora, [s.adapter for s in batch.seqs])
@@ -553,5 +620,8 @@ class _Graph:
         m.kv_lens.copy_(h[4], non_blocking=True)
         m.seq_len.copy_(h[2, :1], non_blocking=True)
         m.block_tables.copy_(self.tables, non_blocking=True)
+        _staged(self.model)
+        if batch.pending is not None:
+            batch.pending.apply(self.tokens)
         self.graph.replay()
         return self.logits

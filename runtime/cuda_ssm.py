@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from kiln.codegen import kernels as K
-from kiln.codegen.fuse import Exec, KOp
+from kiln.codegen.fuse import Exec, KOp, ssm_fuse_enabled
 from kiln.dsl.plan import WeightArg, fetch
 
 from .batch import StepBatch
@@ -28,10 +28,20 @@ class SsmSteps:
         self.graph_slots: dict[int, torch.Tensor] = {}  # graph size -> [size] int32 slots (static buffers)
         self._host: dict[int, torch.Tensor] = {}  # graph size -> pinned staging of its slots
         self.num_slots: int | None = None  # the state store's, as last seen by a step (bounds `fill`)
+        canonical: dict = {}  # a fused step's two fallback kernels: one compiled kernel per distinct spec
         for op in self.ops:  # the kernels read weights as dense rows (a reshaped conv weight may be a view)
-            for a in op.instrs[0].inputs:
+            for a in (a for ins in op.instrs for a in ins.inputs):
                 if isinstance(a, WeightArg) and a.name in model.weights:
                     model.weights[a.name] = model.weights[a.name].contiguous()
+            if op.extra["op"] == "conv_scan":
+                for k in ("conv", "scan"):
+                    op.extra[k] = canonical.setdefault(op.extra[k].key(), op.extra[k])
+        # The fused conv+scan kernel's per-(sequence, group) counters (zero between launches), for
+        # max_batch sequences: allocated here, never inside a graph's capture (the graphs hold it).
+        groups = max((op.spec.groups for op in self.ops if op.extra["op"] == "conv_scan"), default=0)
+        self.fuse = ssm_fuse_enabled()
+        self.counters = torch.zeros(max(model.max_batch, 1) * groups, dtype=torch.int32, device=model.device)
+        self._retired: list[torch.Tensor] = []
 
     def __bool__(self) -> bool:
         return bool(self.ops)
@@ -77,6 +87,9 @@ class SsmSteps:
         ins = op.instrs[0]
         meta, spec = step.meta, op.spec
         slots, S = self._slots(step)
+        if op.extra["op"] == "conv_scan":
+            self._conv_scan(op, env, step, weights, slots, S)
+            return
         site = self.model.plan.state_sites[ins.state]
         args = [fetch(a, env, weights) for a in ins.inputs]
         x = args[0]
@@ -88,4 +101,34 @@ class SsmSteps:
         else:
             state = step.kv.state.site(ins.state, site.shape, torch.float32, x.device)
             K.ssm_scan(spec, x, *args[1:], state, slots, meta.cu_seqlens, meta.kv_lens, out, S)
+        env[op.outs[0]] = out
+
+    def _conv_scan(self, op: KOp, env: dict, step, weights: dict, slots: torch.Tensor, S: int) -> None:
+        """conv -> split -> scan (fuse.py's ssm_conv_scan): a decode step (every sequence one token, as a
+        captured decode graph's) in one kernel; any other step as the conv kernel, then the scan kernel
+        on views of its output."""
+        conv, scan = op.instrs[0], op.instrs[-1]
+        meta = step.meta
+        xbc, conv_w, conv_b, dt, a_log, d, dt_bias = (fetch(a, env, weights) for a in op.ins)
+        conv_state = step.kv.state.site(conv.state, self.model.plan.state_sites[conv.state].shape, xbc.dtype,
+                                        xbc.device)
+        state = step.kv.state.site(scan.state, self.model.plan.state_sites[scan.state].shape, torch.float32,
+                                   xbc.device)
+        spec = op.spec
+        out = torch.empty(xbc.shape[0], spec.heads * spec.head_dim, dtype=xbc.dtype, device=xbc.device)
+        if self.fuse and meta.decode:
+            if self.counters.numel() < S * spec.groups:  # past max_batch: a larger buffer; a graph captured
+                # with the old one keeps it (every launch leaves its counters at zero), so it stays alive
+                self._retired.append(self.counters)
+                self.counters = torch.zeros(max(S, self.model.max_batch) * spec.groups, dtype=torch.int32,
+                                            device=xbc.device)
+            K.ssm_conv_scan(spec, xbc, conv_w, conv_b, conv_state, dt, a_log, d, dt_bias, state, slots,
+                            meta.cu_seqlens, meta.kv_lens, self.counters, out, S)
+        else:
+            mid = torch.empty(xbc.shape[0], spec.channels, dtype=xbc.dtype, device=xbc.device)
+            K.ssm_conv(op.extra["conv"], xbc, conv_w, conv_b, conv_state, slots, meta.cu_seqlens, meta.kv_lens,
+                       mid, S, meta.max_q_len)
+            xs, b, c = mid.split(list(op.extra["sizes"]), dim=1)
+            K.ssm_scan(op.extra["scan"], xs, dt, a_log, b, c, d, dt_bias, state, slots, meta.cu_seqlens,
+                       meta.kv_lens, out, S)
         env[op.outs[0]] = out

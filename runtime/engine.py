@@ -4,11 +4,25 @@ Each `step()` asks the scheduler for a flattened batch, runs the model once, sam
 token for each sequence that produced logits, detokenises incrementally, applies stop
 strings, and returns the outputs of the requests that changed. Requests join and leave
 between steps; `n > 1` becomes n child sequences (seeds seed, seed+1, ...), as in vLLM.
+
+Overlap (EngineConfig.overlap; vLLM's "async scheduling", SGLang's "overlap scheduler"): a
+`step()` launches the step after the one it reads back before reading it, so the GPU runs step
+N + 1 while the host waits for, records and detokenises step N's tokens, and is never idle
+between steps. The rows continuing from N take their input on the device from N's sampled tokens
+(StepBatch.pending; Scheduler.schedule_ahead has the accounting). Each call still returns the
+outputs of exactly one step, N's, as without overlap; the step it launched stays in flight until
+the next call. Only when no running request needs its new token on the host to build its next
+step (guided decoding's mask, penalties' counts, speculative drafts) and no preemption, prompt
+chunk or page shortage is in the way; otherwise the call reads N back first and schedules as
+before. A request that finishes at N (eos, stop token or string, abort) has one extra row in
+N + 1: it is never recorded, and its pages are freed as usual (stream order: a later owner of a
+page only writes it in a later launch).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from dataclasses import dataclass, field, replace
 
@@ -22,7 +36,7 @@ from .model import LoadedModel
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampler import SampleOutput, Sampler, SamplingRow, make_generator
 from .sampling_params import SamplingParams
-from .scheduler import Request, Scheduler
+from .scheduler import Request, RequestState, Scheduler
 from .speculative import DEFAULT_NUM_SPECULATIVE_TOKENS, METHODS, DraftProposer, SpecStats, ngram_propose, verify
 from .state_cache import StatePool, StateStore, state_bytes_per_slot
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -32,6 +46,9 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 # (4 GiB for an 8B model), which a 16 GB laptop can hold beside the weights.
 DEFAULT_MAX_NUM_SEQS = {"cuda": 64, "cpu": 8}
 DEFAULT_MAX_MODEL_LEN = {"cuda": 4096, "cpu": 2048}
+# EngineConfig.overlap=None: on for the cuda backend (where the GPU runs while the host works),
+# unless KILN_OVERLAP=0 (a benchmark's off switch: `KILN_OVERLAP=0 kiln bench throughput ...`).
+OVERLAP_ENV = "KILN_OVERLAP"
 
 
 @dataclass
@@ -49,6 +66,10 @@ class EngineConfig:
     speculative: str | None = None
     num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
     enable_prefix_caching: bool = True  # reuse the K/V of full pages of a prompt prefix seen before
+    # Launch each step before reading the previous one back (module docstring); None: on for the cuda
+    # backend unless KILN_OVERLAP=0, off otherwise. Off with speculative decoding or a backend that
+    # cannot take device-side input tokens (tensor parallel, TensorRT).
+    overlap: bool | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str, optional: bool) -> None:
@@ -67,6 +88,8 @@ class EngineConfig:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {f!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")
+        if self.overlap is not None and not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be True, False or None, got {self.overlap!r}")
 
 
 def cache_namespace(loaded: LoadedModel) -> str:
@@ -94,6 +117,17 @@ class StepInfo:
     @property
     def kind(self) -> str:
         return "idle" if not self.num_tokens else "mixed" if self.num_prefill_tokens else "decode"
+
+
+@dataclass
+class _Launched:
+    """A step launched and not yet read back (overlap)."""
+
+    step: object  # scheduler.ScheduledStep
+    rows: list[Request]  # its sampled requests, in row order
+    out: SampleOutput  # on the host once `ready` has completed (CPU: at once)
+    device_tokens: torch.Tensor  # the sampled tokens where they were sampled: the next step's inputs
+    ready: torch.cuda.Event | None  # the copies to the host are done
 
 
 @dataclass
@@ -198,6 +232,13 @@ class LLMEngine:
         self._guided = None  # runtime.guided.GuidedDecoder, made by the first guided request
         self._guided_lock = threading.Lock()
         self.spec_stats = SpecStats()
+        overlap = config.overlap
+        if overlap is None:
+            overlap = loaded.model.backend == "cuda" and os.environ.get(OVERLAP_ENV, "1") != "0"
+        self.overlap = bool(overlap and config.speculative is None and getattr(loaded.model, "takes_pending", False))
+        self._launched: _Launched | None = None  # overlap: the step in flight between calls
+        self.num_overlapped = 0  # steps launched before the previous one was read back
+        self.num_dropped_rows = 0  # their rows of requests that finished first (never recorded)
         self._drafter = None
         if draft is not None:
             # Room for every target page plus each sequence's lookahead.
@@ -278,6 +319,8 @@ class LLMEngine:
 
     # -- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.overlap:
+            return self._step_overlap()
         proposals, qs = self._propose()
         step = self.scheduler.schedule(proposals)
         seqs = step.batch.seqs
@@ -306,6 +349,82 @@ class LLMEngine:
             self._on_finish(req)
             changed.add(self._tracks[req.request_id].parent)
         return [self._output(pid) for pid in list(self._groups) if pid in changed]  # arrival order
+
+    def _step_overlap(self) -> list[RequestOutput]:
+        """One call with overlap: make sure a step is in flight (schedule it now if none is), launch
+        the one after it when that needs nothing from the host, then read the first back."""
+        launched, self._launched = self._launched, None
+        if launched is not None and not any(r.state is RequestState.RUNNING for r in launched.step.requests):
+            self._read(launched)  # every row of it finished meanwhile: nothing to record
+            self.num_dropped_rows += len(launched.rows)
+            launched = None
+        changed: set[str] = set()
+        if launched is None:
+            step = self.scheduler.schedule()
+            if step.batch.num_tokens:
+                launched = self._launch(step)
+        if launched is not None:
+            ahead = self.scheduler.schedule_ahead(launched.step, launched.device_tokens, self._fast)
+            if ahead is not None and ahead.batch.num_tokens:
+                self._launched = self._launch(ahead)
+                self.num_overlapped += 1
+            # The GPU now runs the step after while the host waits for this one's tokens.
+            changed = self._record(launched)
+        else:
+            self.last_step = StepInfo()
+        for req in self.scheduler.take_finished():
+            self._on_finish(req)
+            changed.add(self._tracks[req.request_id].parent)
+        return [self._output(pid) for pid in list(self._groups) if pid in changed]  # arrival order
+
+    def _fast(self, req: Request) -> bool:
+        """Whether req's next step can be built without its newest token on the host."""
+        p = req.params
+        return (self._tracks[req.request_id].matcher is None and p.repetition_penalty == 1.0
+                and not p.presence_penalty and not p.frequency_penalty)
+
+    def _launch(self, step) -> _Launched:
+        """Run `step` and sample it, reading nothing back: the tokens (and logprobs) are copied to
+        pinned host memory behind the sampling kernels, in stream order."""
+        rows = step.sampled_requests
+        masks = self._start_masks(rows)  # guided rows (never in an optimistic step: `_fast`)
+        with torch.no_grad():
+            logits = self.model.forward(step.batch, self.kv)
+            out = self.sampler.sample(logits, [
+                SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, self._tracks[r.request_id].generator)
+                for r in rows], masks.result())
+        device_tokens, ready = out.tokens, None
+        if out.tokens.device.type == "cuda":
+            def host(t):
+                return None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
+                    t, non_blocking=True)
+
+            out = SampleOutput(*(host(t) for t in (out.tokens, out.topk_logprobs, out.topk_token_ids,
+                                                  out.sampled_logprobs, out.sampled_ranks)))
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Launched(step, rows, out, device_tokens, ready)
+
+    def _read(self, launched: _Launched) -> list[int]:
+        if launched.ready is not None:
+            launched.ready.synchronize()  # waits for this step only, not for the one launched after it
+        return launched.out.tokens.tolist()
+
+    def _record(self, launched: _Launched) -> set[str]:
+        """Read a launched step back and record its tokens; the parents of the requests that changed.
+        Rows of requests finished since it was scheduled are dropped by `Scheduler.update`."""
+        step = launched.step
+        seqs = step.batch.seqs
+        self.last_step = StepInfo(len(seqs), step.batch.num_tokens, sum(s.length for s in seqs if s.length > 1))
+        tokens = self._read(launched)
+        row_of = {id(r): i for i, r in enumerate(launched.rows)}
+        changed = set()
+        got = self.scheduler.update(step, tokens)
+        self.num_dropped_rows += len(launched.rows) - len(got)
+        for req in got:
+            self._on_token(req, row_of[id(req)], launched.out)
+            changed.add(self._tracks[req.request_id].parent)
+        return changed
 
     def guided_decoder(self):
         """The GuidedDecoder (runtime.guided), made on first use; thread-safe, so that a server can

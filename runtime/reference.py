@@ -17,6 +17,7 @@ from .lora import adapter_rows
 
 class ReferenceModel:
     backend = "reference"
+    takes_pending = True  # forward fills StepBatch.pending's tokens in on the device (engine overlap)
 
     def __init__(self, plan: Plan, weights: dict[str, torch.Tensor]):
         self.plan = plan
@@ -32,8 +33,8 @@ class ReferenceModel:
         # (A model without attention sites, a state-space model: the weights' device.)
         device = kv.k[0].device if kv.k else next(
             (w.device for w in self.weights.values() if isinstance(w, torch.Tensor)), batch.tokens.device)
-        if batch.tokens.device != device:
-            batch = StepBatch(batch.tokens.to(device), batch.seqs)
+        if batch.tokens.device != device or batch.pending is not None:
+            batch = StepBatch(batch.device_tokens(device), batch.seqs)
         ctx = StepContext(batch, kv, self.weights)
         if self.comm is not None:  # tensor parallel: the collectives the shard pass placed, by value
             ctx.collectives = {c.value: c.kind for c in self.plan.collectives}

@@ -43,6 +43,17 @@ Invariants:
   and with chunked prefill off also the token budget), so the most important running request can
   always make progress by preempting the others: no livelock;
 - once every request is finished or cancelled, no page is used: each is free or cached.
+
+Overlap (`schedule_ahead`, used by runtime/engine.py): the step after a launched one may be
+scheduled before that one's sampled tokens are known. At most one step is ever scheduled and not
+yet `update`d when `schedule_ahead` is called, and none when `schedule` is. Every running request
+must then have a sampled slice in the launched step; each continues with one decode token (the
+one being sampled, taken on the device: StepBatch.pending), except one whose token is its last
+(max_tokens): it is known to finish. The rows must fit the token budget and the free pages without
+preemption, else None (the caller updates first, then calls `schedule`). An optimistic row is an
+ordinary decode row for the accounting (a seat, a token of budget, its pages); if its request
+finishes at the launched step (eos, a stop token or string, an abort), `update` skips the row (its
+num_computed no longer matches) and `_finish` frees its pages, the one just ensured included.
 """
 
 from __future__ import annotations
@@ -50,12 +61,12 @@ from __future__ import annotations
 import bisect
 import enum
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
-from .batch import SeqSlice, StepBatch
+from .batch import PendingTokens, SeqSlice, StepBatch
 from .kv_cache import BlockPool, OutOfPages, namespace_hash, page_hashes
 from .sampling_params import SamplingParams
 from .state_cache import StatePool
@@ -440,6 +451,41 @@ class Scheduler:
                 self.finish(req.request_id, end[0], stop_reason=end[1])
         return got
 
+    def schedule_ahead(self, prev: ScheduledStep, source: torch.Tensor,
+                       fast: Callable[[Request], bool] | None = None) -> ScheduledStep | None:
+        """The step after `prev` (scheduled, launched, not yet updated) before prev's tokens are
+        known, or None when that cannot be done exactly (module docstring, Overlap). `source`: prev's
+        sampled tokens on the device, one per sampled slice; `fast(req)`: False for a request whose
+        next step needs its new token on the host (guided decoding, penalties), which also gives None.
+        Waiting requests are admitted as `schedule` would with what is left."""
+        if prev.drafts:
+            return None
+        slices = {id(r): s for r, s in zip(prev.requests, prev.batch.seqs)}
+        row = {id(r): j for j, r in enumerate(prev.sampled_requests)}
+        cont: list[tuple[Request, int, int]] = []  # (request, its context after prev, its row of source)
+        pages = 0
+        for req in self.running:
+            s = slices.get(id(req))
+            if s is None or not s.sample or req.num_computed != s.context or (fast is not None and not fast(req)):
+                return None  # not in prev, a prompt chunk to go, or its token is needed on the host
+            if len(req.output_token_ids) + 1 >= req.params.max_tokens:
+                continue  # prev samples its last token: no row (it finishes when prev is updated)
+            context = s.context + s.length
+            pages += max(0, self.pool.pages_needed(context + 1) - len(req.block_table))
+            cont.append((req, context, row[id(req)]))
+        if len(cont) > self.max_tokens_per_step or pages > self.pool.num_free:
+            return None  # the budget or the pages are short: `schedule` decides (it may preempt)
+        for req, context, _ in cont:
+            self.pool.ensure(req.block_table, context + 1)
+        prefills: list[tuple[Request, int]] = []
+        budget = self.max_tokens_per_step - len(cont)
+        if self.waiting and budget > 0:
+            self._admit(budget, prefills)
+        step = self._build([(r, 1) for r, _, _ in cont] + prefills, ahead={id(r): c for r, c, _ in cont})
+        if cont:  # they are its first rows, one token each
+            step.batch.pending = PendingTokens(source, tuple(range(len(cont))), tuple(j for _, _, j in cont))
+        return step
+
     # -- internals --------------------------------------------------------------------------
     def _rank(self, req: Request) -> tuple[int, ...]:
         return (req.priority, req.arrival) if self.policy == "priority" else (req.arrival,)
@@ -466,15 +512,21 @@ class Scheduler:
         self._live.pop(req.request_id, None)
         self._finished.append(req)
 
-    def _build(self, work: list[tuple[Request, int]], drafts: dict[str, list[int]] | None = None) -> ScheduledStep:
+    def _build(self, work: list[tuple[Request, int]], drafts: dict[str, list[int]] | None = None,
+               ahead: dict[int, int] | None = None) -> ScheduledStep:
+        """`ahead`: id(request) -> context of an optimistic decode row (schedule_ahead), whose token
+        is not known yet: a placeholder 0 here, the device's token in its place (StepBatch.pending)."""
         tokens: list[int] = []
         seqs: list[SeqSlice] = []
         drafts = drafts or {}
+        ahead = ahead or {}
         for req, num_new in work:
-            start = req.num_computed
+            start = ahead.get(id(req), req.num_computed)
             d = drafts.get(req.request_id)
             if d:  # the last token, then the drafts: logits for all of them
                 tokens.extend(req.token_slice(start, start + 1) + d)
+            elif id(req) in ahead:
+                tokens.append(0)
             else:
                 tokens.extend(req.token_slice(start, start + num_new))
             seqs.append(
@@ -483,7 +535,7 @@ class Scheduler:
                     length=num_new,
                     context=start,
                     block_table=tuple(req.block_table),
-                    sample=bool(d) or start + num_new == req.num_tokens,
+                    sample=bool(d) or id(req) in ahead or start + num_new == req.num_tokens,
                     logits=1 + len(d) if d else 1,
                     adapter=req.adapter,
                     state_slot=req.state_slot or 0,

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from kiln.codegen.fuse import PATTERNS, Exec, fuse
+from kiln.codegen.fuse import PATTERNS, Exec, unfused
+from kiln.codegen.fuse import fuse as fuse_steps
 from kiln.codegen.render import render
 from kiln.codegen.specs import KernelSpecError, NormSpec
 from kiln.dsl import check, load_spec, parse_spec
@@ -26,6 +27,12 @@ CONFIGS = {  # mamba2-2.7b: d_inner 5120 in one group; the test config: two grou
     "mamba2-2.7b": json.loads((ROOT / "configs" / "mamba2-2.7b.json").read_text()),
     "mamba2-test": FAMILY_CONFIGS["mamba2"],
 }
+
+
+def fuse(plan, dtype, page_size):
+    """The steps with the GEMV prologues (fuse.py's gemv_prologue) split back out: these tests look at
+    the norm and act steps themselves."""
+    return unfused(fuse_steps(plan, dtype, page_size))
 
 
 def _gated(ops):

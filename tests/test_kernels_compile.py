@@ -99,7 +99,7 @@ def _specs(full: bool):
     out.append(RopeCacheSpec(page_size=16, prefetch=True, origin=_origin(2, "rope (prefetch)"), **rope_cases[0]))
     out.append(RopeCacheSpec(8, 2, 64, 32, 16, layout="interleaved", kv_fp8=True, prefetch=True,
                              origin=_origin(2, "rope (prefetch)")))
-    out.append(ActSpec("silu", True, 14336, unroll=4, origin=_origin(4, "silu (unroll 4)")))
+    out.append(ActSpec("silu", True, 14336, unroll=4, variant="flat", origin=_origin(4, "silu (unroll 4)")))
     for fp8, d in [(False, "bf16"), (True, "bf16"), (False, "fp32")]:
         out.append(DecodeAttnSpec(32, 8, 128, 16, 128 ** -0.5, kv_fp8=fp8, tuned=False, dtype=d,
                                   origin=_origin(3, "attention (before #12)")))
@@ -196,8 +196,9 @@ def test_decode_picks_tensor_cores_without_spills(hd):
 
 
 @pytest.mark.parametrize("spec", [
-    ActSpec("silu", True, 14336, unroll=4, origin="t"), ActSpec("gelu_tanh", True, 11, dtype="fp16", unroll=4, origin="t"),
-    ActSpec("gelu", False, 3072, dtype="fp32", unroll=4, origin="t"),
+    ActSpec("silu", True, 14336, unroll=4, variant="flat", origin="t"),
+    ActSpec("gelu_tanh", True, 11, dtype="fp16", unroll=4, variant="flat", origin="t"),
+    ActSpec("gelu", False, 3072, dtype="fp32", unroll=4, variant="flat", origin="t"),
     RopeCacheSpec(32, 8, 128, 128, 16, theta=500000.0, scaling="llama3", factor=8.0, original_max_position=8192,
                   prefetch=True, origin="t"),
     RopeCacheSpec(8, 4, 256, 128, 16, layout="interleaved", scaling="dynamic", factor=2.0,

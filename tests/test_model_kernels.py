@@ -31,7 +31,8 @@ def test_every_kernel_of_the_spec_compiles(name):
     else:
         assert {"RopeCacheSpec", "DecodeAttnSpec", "PrefillAttnSpec"} <= kinds  # every attending spec
     assert specs and kinds <= {"NormSpec", "RopeCacheSpec", "DecodeAttnSpec", "PrefillAttnSpec", "ActSpec", "EmbedSpec",
-                               "MapSpec", "MoeRouteSpec", "MoeGemmSpec", "SsmConvSpec", "SsmScanSpec"}
+                               "MapSpec", "MoeRouteSpec", "MoeGemmSpec", "SsmConvSpec", "SsmScanSpec",
+                               "SsmConvScanSpec"}
     if plan.state_sites:  # state-space layers: their conv and scan kernels
         assert {"SsmConvSpec", "SsmScanSpec"} <= kinds
     for spec in specs:

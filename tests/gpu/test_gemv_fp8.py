@@ -93,9 +93,11 @@ def test_matches_reference_and_the_w8a8_path(n, k, layout, act, static, dtype, b
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     else:
         torch.testing.assert_close(out.float(), want.float(), rtol=1e-2, atol=1e-2 * float(want.float().abs().max()))
+    assert torch.equal(_path(w, x, b, "1"), out)  # QGemm's one-row branch is this kernel
+    if n % 16 or k % 16:
+        return  # the off path (cuBLASLt's fp8 GEMM) needs both dimensions multiples of 16
     off = _path(w, x, b, "0")
     assert rel(out, off) <= (1e-3 if dtype == "fp32" else 1.5e-2), rel(out, off)
-    assert torch.equal(_path(w, x, b, "1"), out)  # QGemm's one-row branch is this kernel
 
 
 @pytest.mark.parametrize("n,k", [(4096, 14336), (33, 1008), (203, 2064)])
@@ -220,7 +222,8 @@ def test_one_sequence_decode_logits_with_the_switch_match_without(scheme, dtype,
                             for m, kv in zip(models, kvs)])
         outs[switch] = res
     for (ref_off, off), (ref_on, on) in zip(outs["0"], outs["1"]):
-        assert rel(on, off) <= 5e-2 and rel(on, ref_on) <= 5e-2, (rel(on, off), rel(on, ref_on))
+        assert rel(on, off) <= 5e-2 and rel(on, ref_on) <= 5e-2, (rel(on, off), rel(on, ref_on), rel(off, ref_off),
+                                                                  rel(ref_on, ref_off))
     assert _model_kernels(), "the fp8 GEMV never ran"
 
 

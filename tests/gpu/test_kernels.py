@@ -526,7 +526,7 @@ def test_activation(dtype, kind, gated, F, T, two_inputs):
 def test_activation_unrolled(unroll, gated, F, T):
     """The unrolled grid-stride loop: vector counts that are not a multiple of the grid's stride, rows
     whose vectors straddle a stride step (F = 11: 1-element vectors), a grid smaller than the work."""
-    spec = ActSpec("silu", gated, F, unroll=unroll, origin="test")
+    spec = ActSpec("silu", gated, F, unroll=unroll, variant="flat", origin="test")
     dt = torch.bfloat16
     out = nan_like((T, F), dt)
     x = torch.randn(T, 2 * F if gated else F, device=DEV).to(dt) * 3

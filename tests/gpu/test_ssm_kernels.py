@@ -4,9 +4,18 @@ Each kernel against its op reference (dsl/ops/ssm.py, with the activation after 
 inputs over three steps of mixed sequences: prompts (one longer than a conv block's 64 tokens), a
 prompt continued in a second chunk, decode tokens, and a slot reused by a new sequence (context 0: it
 must ignore what the slot held); outputs and every slot's state after each step. Then whole models
-(mamba, mamba-bias, mamba2, jamba) against the reference backend, decode through CUDA graphs."""
+(mamba, mamba-bias, mamba2, jamba) against the reference backend, decode through CUDA graphs.
+
+Mamba-2's fused decode kernel (conv -> split -> scan in one launch, fuse.py's ssm_conv_scan) against the
+two kernels and the op references at the 2.7B shape and odd ones (groups > 1, 3 taps, lanes < 32):
+outputs, conv and scan states after each decode step, padding rows, its counters left at zero; and a
+whole Mamba-2 decoding through the CUDA graphs with the fusion on equals it off (KILN_SSM_FUSE=0)."""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +26,7 @@ from kiln.dsl.ops import OPS
 from kiln.dsl.plan import Value, WeightArg
 from kiln.runtime.batch import SeqSlice, StepBatch, host_meta
 from kiln.runtime.kv_store import KVStore
+from kiln.runtime.model import LoadedModel, make_backend
 from kiln.runtime.reference import StepContext
 from kiln.runtime.state_cache import StateStore
 
@@ -32,10 +42,29 @@ STEPS = [[(5, 0), (70, 0), (1, 0), (2, 0)],
 DTYPES = {"fp32": (torch.float32, 1e-4), "bf16": (torch.bfloat16, 2e-2)}
 
 
+@pytest.fixture(autouse=True)
+def _fusion_on(monkeypatch):
+    """The fused conv + scan step is opt-in (codegen/fuse.py ssm_fuse_enabled): on for these tests."""
+    monkeypatch.setenv("KILN_SSM_FUSE", "1")
+
+
+def _unfused(plan, dtype):
+    """The kernel program with Mamba-2's conv and scan as two steps (KILN_SSM_FUSE=0)."""
+    old = os.environ.get("KILN_SSM_FUSE")
+    os.environ["KILN_SSM_FUSE"] = "0"
+    try:
+        return fuse(plan, dtype, 16)
+    finally:
+        if old is None:
+            del os.environ["KILN_SSM_FUSE"]
+        else:
+            os.environ["KILN_SSM_FUSE"] = old
+
+
 def _ops(family: str, dtype=torch.float32):
     spec = FAMILY_CONFIGS[family]["model_type"]
     plan = check(load_spec(spec), FAMILY_CONFIGS[family])
-    return plan, [op for op in fuse(plan, dtype, 16) if op.kind is Exec.SSM][:2]  # one layer's conv, scan
+    return plan, [op for op in _unfused(plan, dtype) if op.kind is Exec.SSM][:2]  # one layer's conv, scan
 
 
 def _random_weight(plan, name: str, dtype):
@@ -158,3 +187,146 @@ def test_state_space_decode_runs_in_cuda_graphs(name):
             assert rel(b, a) <= 1e-4
             ctx = [c + 1 for c in ctx]
     assert cuda.model._graphs, "decode did not run through a CUDA graph"
+
+
+# ---- Mamba-2's fused decode kernel (conv -> split -> scan)
+
+ROOT = Path(__file__).resolve().parents[2]
+FUSED_SHAPES = {
+    "mamba2": FAMILY_CONFIGS["mamba2"],  # heads 8 x 16, d_state 8 (8 lanes a row), 2 groups of 2 blocks
+    "2.7b": json.loads((ROOT / "configs" / "mamba2-2.7b.json").read_text()),  # 80 x 64, d_state 128, 160 blocks
+    # 6 heads x 32, d_state 64 (32 lanes, 2 state entries each), 3 groups of 2 blocks, a 3-tap conv
+    "odd": dict(FAMILY_CONFIGS["mamba2"], hidden_size=96, num_heads=6, head_dim=32, state_size=64, n_groups=3,
+                conv_kernel=3),
+}
+# (tolerance against the two kernels, against the op references)
+FUSED_DTYPES = {"fp32": (torch.float32, 1e-5, 1e-4), "bf16": (torch.bfloat16, 1e-2, 2e-2)}
+# Per step: (length, context) of each sequence, in slots FUSED_SLOTS; step 0 a prefill (the two kernels),
+# then decode steps (the fused kernel); the third sequence starts over in step 2 (context 0: a zero state)
+FUSED_SLOTS = (3, 0, 5)
+FUSED_STEPS = [[(5, 0), (3, 0), (2, 0)], [(1, 5), (1, 3), (1, 2)], [(1, 6), (1, 4), (1, 0)], [(1, 7), (1, 5), (1, 1)]]
+
+
+def _reference(ctx, op, weights, env):
+    """op's instructions (conv, act, split, scan) by their references: the scan's output."""
+    for ins in op.instrs:
+        args = [env[a] if isinstance(a, Value) else weights[a.name] if a is not None else None for a in ins.inputs]
+        out = OPS[ins.kind].reference(ctx, ins, args)
+        env.update(zip(ins.outputs, out if isinstance(out, tuple) else (out,)))
+    return env[op.outs[0]]
+
+
+def _two_kernels(op, xbc, dt, w, conv_state, state, slots, cu, kv_lens, S, max_len):
+    """ssm_conv, then ssm_scan on views of its output: what the fused step runs for a prefill."""
+    scan = op.instrs[-1]
+    mid = torch.empty(xbc.shape[0], op.spec.channels, dtype=xbc.dtype, device="cuda")
+    K.ssm_conv(op.extra["conv"], xbc, w[op.ins[1].name], w.get(getattr(op.ins[2], "name", None)), conv_state, slots,
+                cu, kv_lens, mid, S, max_len)
+    xs, b, c = mid.split(list(op.extra["sizes"]), dim=1)
+    out = torch.empty(xbc.shape[0], op.spec.heads * op.spec.head_dim, dtype=xbc.dtype, device="cuda")
+    d, dt_bias = (w[a.name] if a is not None else None for a in scan.inputs[5:])
+    K.ssm_scan(op.extra["scan"], xs, dt, w[scan.inputs[2].name], b, c, d, dt_bias, state, slots, cu, kv_lens, out, S)
+    return out
+
+
+@pytest.mark.parametrize("shape", list(FUSED_SHAPES))
+@pytest.mark.parametrize("dtype", list(FUSED_DTYPES))
+def test_fused_conv_scan_matches_the_two_kernels_and_the_references(shape, dtype, fresh_seed):
+    tdt, tight, tol = FUSED_DTYPES[dtype]
+    plan = check(load_spec("mamba2"), FUSED_SHAPES[shape])
+    op = next(op for op in fuse(plan, tdt, 16) if op.kind is Exec.SSM)
+    assert op.extra["op"] == "conv_scan"
+    conv, scan = op.instrs[0], op.instrs[-1]
+    weights = {a.name: _random_weight(plan, a.name, tdt) for a in op.ins if isinstance(a, WeightArg)}
+    sites = [plan.state_sites[conv.state], plan.state_sites[scan.state]]
+    garbage = StateStore(NUM_SLOTS)  # what the slots held before: a fresh sequence must not read it
+    for site in sites:
+        sdt = torch.float32 if site.dtype == "fp32" else tdt
+        garbage.site(site.index, site.shape, sdt, "cuda").copy_(torch.randn(NUM_SLOTS, *site.shape))
+    stores = []
+    for _ in range(3):  # the references, the two kernels, the fused kernel
+        st = StateStore(NUM_SLOTS)
+        st.tensors = {k: v.clone() for k, v in garbage.tensors.items()}
+        stores.append(KVStore(plan.sites, 8, 16, tdt, "cuda", state=st))
+    ref_kv, two_kv, one_kv = stores
+    counters = torch.zeros(8 * op.spec.groups, dtype=torch.int32, device="cuda")
+    C, H = op.spec.channels, op.spec.heads
+    for n, lens in enumerate(FUSED_STEPS):
+        seqs, start = [], 0
+        for (length, context), slot in zip(lens, FUSED_SLOTS):
+            seqs.append(SeqSlice(start, length, context, tuple(range(-(-(context + length) // 16))), state_slot=slot))
+            start += length
+        decode = n > 0
+        pad = 1 if decode else 0  # a captured graph's padding row (slot -1) after the real ones
+        T = start + pad
+        batch = StepBatch(torch.zeros(start, dtype=torch.int64), seqs)
+        ctx = StepContext(batch, ref_kv, weights)
+        # in_proj's fused output: x B C and dt are row-strided slices of one wider row
+        wide = torch.randn(T, C + H + 24, device="cuda").to(tdt)
+        xbc, dt = wide[:, 3:3 + C], wide[:, C + 8:C + 8 + H]
+        want = _reference(ctx, op, weights, {conv.inputs[0]: xbc[:start], scan.inputs[1]: dt[:start]})
+        slot_list = [s.state_slot for s in seqs] + [-1] * pad
+        slots = torch.tensor(slot_list, dtype=torch.int32, device="cuda")
+        cu = torch.tensor([s.start for s in seqs] + [start] + ([T] if pad else []), dtype=torch.int32, device="cuda")
+        kv_lens = torch.tensor([s.context + s.length for s in seqs] + [1] * pad, dtype=torch.int32, device="cuda")
+        S, longest = len(slot_list), max(length for length, _ in lens)
+        states = [kv.state.site(site.index, site.shape, torch.float32 if site.dtype == "fp32" else tdt, "cuda")
+                  for kv in (two_kv, one_kv) for site in sites]
+        two = _two_kernels(op, xbc, dt, weights, states[0], states[1], slots, cu, kv_lens, S, longest)
+        if decode:
+            one = torch.empty_like(two)
+            d, dt_bias = (weights[a.name] if a is not None else None for a in scan.inputs[5:])
+            K.ssm_conv_scan(op.spec, xbc, weights[conv.inputs[1].name],
+                            weights[conv.inputs[2].name] if conv.inputs[2] is not None else None, states[2], dt,
+                            weights[scan.inputs[2].name], d, dt_bias, states[3], slots, cu, kv_lens, counters, one, S)
+        else:  # a prefill: the fused step runs the two kernels
+            one = _two_kernels(op, xbc, dt, weights, states[2], states[3], slots, cu, kv_lens, S, longest)
+        torch.cuda.synchronize()
+        what = f"{shape} {dtype} step {n}"
+        assert rel(one, two) <= tight, f"{what}: fused output {rel(one, two):.3g} from the two kernels'"
+        assert rel(one[:start], want) <= tol, f"{what}: fused output {rel(one[:start], want):.3g} from the reference"
+        assert torch.isfinite(one).all()
+        assert not counters.any(), f"{what}: counters left at {counters.tolist()}"
+        for site in sites:
+            for slot in FUSED_SLOTS:
+                a, b, r = (kv.state.tensors[site.index][slot] for kv in (one_kv, two_kv, ref_kv))
+                assert rel(a, b) <= tight, f"{what}: {site.kind} state of slot {slot} {rel(a, b):.3g} from the kernels'"
+                assert rel(a, r) <= tol, f"{what}: {site.kind} state of slot {slot} {rel(a, r):.3g} from the reference"
+            untouched = [s for s in range(NUM_SLOTS) if s not in FUSED_SLOTS]  # the padding row wrote none
+            assert torch.equal(one_kv.state.tensors[site.index][untouched], garbage.tensors[site.index][untouched])
+
+
+@pytest.mark.parametrize("dtype,tight,tol", [("fp32", 1e-5, 1e-4), ("bf16", 1e-2, None)])
+def test_mamba2_decode_with_the_fused_kernel_equals_without(dtype, tight, tol, monkeypatch):
+    """A whole Mamba-2 (groups 2): prefill eagerly (the fused step runs the two kernels), then decode
+    steps through the CUDA graphs (the fused kernel): logits equal the unfused model's (KILN_SSM_FUSE=0)
+    and, in fp32, the reference backend's."""
+    name = "mamba2"
+    ref, on = pair(FAMILY_CONFIGS[name]["model_type"], FAMILY_CONFIGS[name], dtype)
+    monkeypatch.setenv("KILN_SSM_FUSE", "0")
+    off = LoadedModel(ref.plan, make_backend(ref.plan, ref.model.weights, "cuda", "cuda"), None, ref.dtype,
+                      ref.device)
+    monkeypatch.setenv("KILN_SSM_FUSE", "1")
+    assert [op.extra["op"] for op in on.model.ops if op.kind is Exec.SSM] == ["conv_scan"] * 2
+    assert {op.extra["op"] for op in off.model.ops if op.kind is Exec.SSM} == {"conv", "scan"}
+    assert on.model.use_graphs and off.model.use_graphs
+    models = (ref, on, off)
+    kvs = [KVStore(ref.plan.sites, 32, 16, ref.dtype, "cuda", state=StateStore(4)) for _ in models]
+    seqs = [SeqSlice(0, 7, 0, (0,), state_slot=2), SeqSlice(7, 70, 0, (1, 2, 3, 4, 5), state_slot=1)]
+    tokens = torch.randint(0, ref.plan.vocab_size, (77,))
+    with torch.no_grad():
+        outs = [m.model.forward(StepBatch(tokens, seqs), kv) for m, kv in zip(models, kvs)]
+        assert rel(outs[1], outs[2]) <= tight
+        ctx = [7, 70]
+        for _ in range(4):
+            nxt = torch.randint(0, ref.plan.vocab_size, (2,))
+            d = [SeqSlice(0, 1, ctx[0], (0,), state_slot=2), SeqSlice(1, 1, ctx[1], (1, 2, 3, 4, 5), state_slot=1)]
+            a, b, c = (m.model.forward(StepBatch(nxt, d), kv) for m, kv in zip(models, kvs))
+            assert rel(b, c) <= tight, f"fused {rel(b, c):.3g} from unfused"
+            if tol is not None:
+                assert rel(b, a) <= tol, f"fused {rel(b, a):.3g} from the reference"
+            ctx = [x + 1 for x in ctx]
+    assert on.model._graphs and off.model._graphs, "decode did not run through a CUDA graph"
+    assert not on.model._ssm.counters.any()
+    for site in range(len(ref.plan.state_sites)):  # the states the two left behind
+        assert rel(kvs[1].state.tensors[site], kvs[2].state.tensors[site]) <= tight
