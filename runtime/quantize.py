@@ -3,8 +3,10 @@
 Calibration runs the float model with the reference backend over real text and records, for
 every quantizable linear weight, statistics of its input (`Recorder`, a StepContext that notes
 the input of each LINEAR instruction it evaluates): per-channel max |x| (SmoothQuant), mean |x|
-and a sample of rows (AWQ), and the Hessian X^T X (GPTQ). Statistics come from one pass of the
-float model (every layer sees float inputs, not its quantized predecessors' outputs).
+and a sample of rows (AWQ). Statistics come from one pass of the float model (every layer sees
+float inputs). GPTQ instead quantizes in the model's order in one batched pass (GptqRecorder): each
+linear's Hessian X^T X is taken on the outputs of the already quantized linears before it, as the
+reference implementations do, over chunks spread over the whole calibration text.
 
 Scale migration (SmoothQuant, AWQ) divides a linear's input by a per-channel s and multiplies
 its weight by s. The division is folded into the norm that produces the input (its weight, and
@@ -153,16 +155,30 @@ def calibrate_kv(plan: Plan, weights: dict, ids: list[int], samples: int, seq_le
     return {s: (k, v) for s, (k, v) in amax.items()}
 
 
+def calibration_chunks(ids: list[int], samples: int, seq_len: int, spread: bool = True) -> list[list[int]]:
+    """Up to `samples` chunks of `seq_len` tokens of `ids`, spread evenly over the whole text (GPTQ:
+    the first `samples` chunks alone would see only its first document (the Debian license texts: 8
+    samples of 512 tokens are all Apache-2.0), a narrow calibration set that GPTQ overfits); with
+    spread=False the first ones (SmoothQuant, AWQ and the KV scales: their README rows were measured
+    so; spreading them is not measured yet)."""
+    n = (len(ids) - seq_len) // seq_len + 1 if len(ids) >= seq_len else 0
+    if n <= 0:
+        raise QuantizeError(f"--calibration: the text has {len(ids)} tokens, fewer than one sample of "
+                            f"--seq-len {seq_len}")
+    k = min(samples, n)
+    if not spread:
+        return [ids[i * seq_len:(i + 1) * seq_len] for i in range(k)]
+    starts = [(i * (n - 1) // max(k - 1, 1)) * seq_len for i in range(k)]  # the first chunk to the last
+    return [ids[i:i + seq_len] for i in starts]
+
+
 def _run_samples(plan: Plan, weights: dict, ids: list[int], samples: int, seq_len: int, progress: bool,
                  make_ctx) -> None:
     """The float model run over up to `samples` chunks of `seq_len` tokens of `ids`, each in a
     fresh KV store, with the StepContext `make_ctx(batch, kv)` (a Recorder) evaluating it."""
     from tqdm import tqdm
 
-    chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:samples]
-    if not chunks:
-        raise QuantizeError(f"--calibration: the text has {len(ids)} tokens, fewer than one sample of "
-                            f"--seq-len {seq_len}")
+    chunks = calibration_chunks(ids, samples, seq_len, spread=False)
     page = 16
     with torch.no_grad():
         for chunk in tqdm(chunks, desc="calibrating", unit="sample", file=sys.stderr, disable=not progress):
@@ -287,6 +303,70 @@ def gptq(w: torch.Tensor, h: torch.Tensor, act_order: bool, group: int = GROUP, 
     q = q[:, inv]
     g_idx = (torch.arange(n) // group)[inv].to(torch.int32) if act_order else None
     return q, scale, zero, g_idx
+
+
+def gptq_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor | None,
+                    group: int = GROUP) -> torch.Tensor:
+    """gptq()'s result as the float weight the checkpoint holds (w = (q - zero) * scale of the
+    column's group), scales rounded to fp16 as the GPTQ format stores them."""
+    cols = g_idx.long() if g_idx is not None else torch.arange(q.shape[1]) // group
+    return (q - zero[:, cols]) * scale.half().float()[:, cols]
+
+
+class GptqRecorder(StepContext):
+    """A reference StepContext over all the calibration samples at once (one step, one sequence
+    each) that quantizes each watched linear weight with GPTQ when the forward first reaches it —
+    from the Hessian of its input there — and goes on with the quantized weight. So every linear's
+    Hessian is taken on the outputs of the already quantized linears before it, as the reference
+    implementations' layer-by-layer loop does (IST-DASLab/gptq's sequential loop, AutoGPTQ,
+    GPTQModel: each layer's inputs are its quantized predecessors' outputs)."""
+
+    def __init__(self, batch, kv, weights, watch: set[str], quant):
+        super().__init__(batch, kv, dict(weights))  # a copy: the quantized weights replace float ones here only
+        self.watch, self.quant, self.done = watch, quant, set()
+
+    def run(self, prog, env):
+        for ins in prog.instrs:
+            w = ins.inputs[1] if ins.kind is OpKind.LINEAR else None
+            if isinstance(w, WeightArg) and w.name in self.watch and w.name not in self.done:
+                self.weights[w.name] = self.quant(w.name, fetch(ins.inputs[0], env, self.weights))
+                self.done.add(w.name)
+            out = OPS[ins.kind].reference(self, ins, [fetch(a, env, self.weights) for a in ins.inputs])
+            env.update(zip(ins.outputs, out if isinstance(out, tuple) else (out,)))
+        return env[prog.output]
+
+
+def gptq_sequential(plan: Plan, weights: dict, ids: list[int], watch: set[str], samples: int, seq_len: int,
+                    act_order: bool, group: int = GROUP, progress: bool = True) -> dict[str, tuple]:
+    """Every watched weight GPTQ-quantized (gptq()'s result by slot), in the model's order, each from
+    its input's Hessian over the calibration samples with all earlier linears already quantized
+    (GptqRecorder): one forward of the samples as one batch."""
+    from tqdm import tqdm
+
+    chunks = calibration_chunks(ids, samples, seq_len)
+    page = 16
+    tables, start, seqs = [], 0, []
+    for c in chunks:
+        pages = -(-len(c) // page)
+        seqs.append(SeqSlice(start, len(c), 0, tuple(range(len(tables), len(tables) + pages))))
+        tables.extend(range(pages))
+        start += len(c)
+    result: dict[str, tuple] = {}
+    bar = tqdm(total=len(watch), desc="gptq", unit="weight", file=sys.stderr, disable=not progress)
+
+    def quant(name: str, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, x.shape[-1]).float()
+        q, scale, zero, g_idx = result[name] = gptq(weights[name], x.t() @ x, act_order, group)
+        bar.update(1)
+        return gptq_dequantize(q, scale, zero, g_idx, group).to(weights[name].dtype)
+
+    with torch.no_grad():
+        kv = KVStore(plan.sites, len(tables), page, torch.float32, "cpu")
+        batch = StepBatch(torch.tensor([t for c in chunks for t in c], dtype=torch.long), seqs)
+        ctx = GptqRecorder(batch, kv, weights, watch, quant)
+        ctx.run(plan.program, {Value("tokens"): batch.tokens, Value("positions"): ctx.positions})
+    bar.close()
+    return result
 
 
 # ---------------------------------------------------------------- writers
@@ -418,9 +498,11 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
     # float tensors to write back (norms may change), by slot
     floats = {n: w for n, w in weights.items() if isinstance(plan.weights[n].source, Tensor)}
     stats = {}
-    if scheme in CALIBRATED:
+    if scheme in ("smoothquant", "awq"):
         stats = calibrate(plan, weights, _calibration_ids(ckpt, calibration), set(modules), samples, seq_len,
-                          scheme == "gptq", progress)
+                          False, progress)
+    gptq_out = gptq_sequential(plan, weights, _calibration_ids(ckpt, calibration), set(modules), samples, seq_len,
+                               act_order, group, progress) if scheme == "gptq" else {}
     tensors: dict[str, torch.Tensor] = {}
     if scheme == "fp8-kv":
         if not plan.sites:
@@ -440,9 +522,9 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
                 ws[n] = ws[n] * s
     for n, m in modules.items():
         if scheme == "gptq":
-            if n not in stats:
+            if n not in gptq_out:
                 raise QuantizeError(f"calibration never reached weight '{n}'; give a longer --calibration text")
-            q, scale, zero, g_idx = gptq(ws[n], stats[n].hessian, act_order, group)
+            q, scale, zero, g_idx = gptq_out[n]
             tensors.update(_gptq_tensors(m, q.to(torch.uint8), scale, zero.to(torch.uint8), g_idx, group))
         elif scheme == "awq":
             qw = quantize_weight(ws[n], int4_desc(group), n)
