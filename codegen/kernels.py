@@ -292,12 +292,7 @@ _SM: dict = {}
 def prefill_for_device(spec: PrefillAttnSpec, device) -> PrefillAttnSpec:
     """The spec retargeted to the device's compute capability (spec.sm), which picks the kernel
     variant: on a Hopper GPU the wgmma kernel where it applies (render.prefill_variant)."""
-    device = torch.device(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    sm = _SM.get(index)
-    if sm is None:
-        major, minor = torch.cuda.get_device_capability(index)
-        sm = _SM[index] = major * 10 + minor
+    sm = _sm_of(device)
     return spec if spec.sm == sm else dataclasses.replace(spec, sm=sm)
 
 
