@@ -5,6 +5,8 @@
 #   bash .ci/device_check.sh kernels   the kernel benchmark (python -m kiln.codegen.bench_kernels)
 #   bash .ci/device_check.sh variants  session 8's kernel variants (GEMV prologues, SwiGLU / rotary variants, Mamba-2 conv+scan)
 #   bash .ci/device_check.sh switches  session 8's switches off / on, end to end (KILN_GEMV_PROLOGUE, KILN_SSM_FUSE, KILN_OVERLAP)
+#   bash .ci/device_check.sh thru      throughput at TensorRT-LLM's shapes: THRU="Q:ISL:OSL:N ..." (Q: bf16, fp8 = fp8
+#                                         weights + fp8 KV cache); MAXB (default 256); each run's key figures
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     the opt-in kernels not yet run on a GPU: the one-row FP8 GEMV
 #                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp): their
@@ -66,6 +68,14 @@ for mode in "$@"; do
         2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done; done
       for v in 0 1; do echo "KILN_OVERLAP=$v"; KILN_OVERLAP=$v timeout 90 $KILN bench throughput --config $L --requests 1 \
         --max-batch 1 --input-len 128 --output-len 256 2>&1 | grep -a -E "^\| (tpot_p50_ms|decode_step_ms_p50) |Error"; done ;;
+    thru)
+      for item in ${THRU:-bf16:1000:1000:1000}; do
+        IFS=: read -r q isl osl n <<< "$item"
+        qa=""; [ "$q" = fp8 ] && qa="--quantization fp8 --kv-cache-dtype fp8"
+        echo "== throughput $q $isl/$osl, $n requests, max batch ${MAXB:-256}"
+        timeout ${THRU_TIMEOUT:-300} $KILN bench throughput --config $L $qa --requests $n --input-len $isl --output-len $osl \
+          --max-batch ${MAXB:-256} 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|kv|preemptions|decode_steps|decode_steps_s|decode_step_ms_p50|mixed_steps|mixed_steps_s|mixed_step_ms_p50|ttft_p50_ms) |Error"
+      done ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
         "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \

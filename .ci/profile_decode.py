@@ -1,9 +1,10 @@
-"""Where a batch-1 decode step's time goes, kernel by kernel (GPU; a development tool).
+"""Where a decode step's time goes, kernel by kernel (GPU; a development tool).
 
 Runs the Llama-3-8B-shaped model (random weights, bf16, cuda backend) with graphs off under
-torch.profiler for a few decode steps at context 2,048 and prints GPU time per kernel name,
-summed over the steps and divided by their number, largest first, with each one's share of the
-step. Usage (device): PYTHONPATH=... python3 .ci/profile_decode.py [--quantization SCHEME]
+torch.profiler for a few decode steps of --batch sequences (1) at context --ctx (2,048) and prints GPU
+time per kernel name, summed over the steps and divided by their number, largest first, with each
+one's share of the step. Usage (device):
+PYTHONPATH=... python3 .ci/profile_decode.py [--quantization SCHEME] [--kv-cache-dtype fp8] [--batch B] [--ctx C]
 """
 
 from __future__ import annotations
@@ -20,24 +21,35 @@ from kiln.runtime.model import random_model
 ap = argparse.ArgumentParser()
 ap.add_argument("--config", default="configs/llama-3-8b.json")
 ap.add_argument("--quantization", default="none")
+ap.add_argument("--kv-cache-dtype", default="auto")
 ap.add_argument("--steps", type=int, default=8)
+ap.add_argument("--batch", type=int, default=1)
+ap.add_argument("--ctx", type=int, default=2048)
 args = ap.parse_args()
 
 config = json.load(open(args.config))
 m = random_model("models/llama.kiln", config, dtype="bf16", device="cuda", backend="cuda",
-                 quantization=args.quantization)
+                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
 m.model.use_graphs = False
-ctx = 2048
-kv = KVStore(m.plan.sites, ctx // 16 + 8, 16, m.dtype, "cuda")
-table = tuple(range(kv.num_pages))
-tok = torch.tensor([1])
+ctx, B = args.ctx, args.batch
+per_seq = (ctx + args.steps + 8) // 16 + 1  # pages a sequence needs for the run
+kv = KVStore(m.plan.sites, B * per_seq, 16, m.dtype, "cuda")
+tables = [tuple(range(b * per_seq, (b + 1) * per_seq)) for b in range(B)]
+tok = torch.ones(B, dtype=torch.long)
+
+
+def batch(i: int) -> StepBatch:  # B one-token decode rows at context ctx + i
+    return StepBatch(tok, [SeqSlice(b, 1, ctx + i, tables[b]) for b in range(B)])
+
+
+
 with torch.no_grad():
     for _ in range(3):
-        m.model.forward(StepBatch(tok, [SeqSlice(0, 1, ctx, table)]), kv)
+        m.model.forward(batch(0), kv)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for i in range(args.steps):
-            m.model.forward(StepBatch(tok, [SeqSlice(0, 1, ctx + i, table)]), kv)
+            m.model.forward(batch(i), kv)
         torch.cuda.synchronize()
 
 per: dict[str, float] = defaultdict(float)
@@ -47,7 +59,8 @@ for e in prof.events():
         per[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
         count[e.name] += 1
 total = sum(per.values()) / args.steps
-print(f"GPU kernel time per decode step: {total / 1e3:.3f} ms over {sum(count.values()) // args.steps} launches")
+print(f"batch {B}, context {ctx}: GPU kernel time per decode step: {total / 1e3:.3f} ms "
+      f"over {sum(count.values()) // args.steps} launches")
 for name, t in sorted(per.items(), key=lambda kv: -kv[1])[:25]:
     print(f"{t / args.steps / 1e3:8.3f} ms {100 * t / args.steps / total:5.1f}% {count[name] // args.steps:4d}x  "
           f"{name[:110]}")

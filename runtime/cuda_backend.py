@@ -16,6 +16,7 @@ import os
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from kiln.codegen import gemv as G
 from kiln.codegen import kernels as K
@@ -50,6 +51,12 @@ GEMV_ROWS = int(os.environ.get("KILN_GEMV_ROWS", "1"))
 # gate+up <- rmsnorm + residual saved 0.3 and 0.7 us; the 8B-model decode step 5.63 against 4.57 ms.
 # Read when a step runs (and is captured).
 GEMV_PROLOGUE = os.environ.get("KILN_GEMV_PROLOGUE", "0")
+# In a step that mixes decode rows with prompt chunks (eager: too big for a mixed graph), the decode rows
+# (the scheduler puts them first) take the decode attention kernel and only the prompt chunks the prefill
+# kernel ("1", the default), instead of every row the prefill kernel ("0": KILN_MIXED_SPLIT=0). The
+# prefill kernel gives a one-token query a whole 128-row tile, so such a row reads its cache at a
+# fraction of the decode kernel's bandwidth. Read when a step runs.
+MIXED_SPLIT = os.environ.get("KILN_MIXED_SPLIT", "1")
 
 
 def _nothing() -> None:
@@ -84,6 +91,9 @@ class _Meta:
     max_q_len: int
     max_context: int
     fresh: list[tuple[int, int]] | None = None  # (start, length) of each sequence, if none has context
+    # Mixed steps: the leading sequences with one new token (rows 0..decode_rows-1), which attention runs
+    # through the decode kernel (MIXED_SPLIT); 0: every sequence through the prefill kernel.
+    decode_rows: int = 0
 
 
 class CudaModel:
@@ -125,11 +135,11 @@ class CudaModel:
                     self.weights.pop(name, None)
             elif op.spec is not None:
                 op.spec = canon(op.spec)
-        # Every op but attention treats rows (tokens) independently, so after the last attention
-        # only the rows whose logits are wanted need computing (a prefill samples one row).
-        # (The state-space ops, conv and scan, mix rows of a sequence too.)
-        attn_at = [n for n, op in enumerate(self.ops) if op.kind is Exec.ATTENTION
-                   or op.instrs[0].kind in (OpKind.CAUSAL_CONV1D, OpKind.SELECTIVE_SCAN)]
+        # After the last step that mixes the rows (tokens) of a sequence (attention, the state-space
+        # conv and scan: OpDef.mixes_rows), however it runs (a kernel, or the op's torch reference: e.g.
+        # latent attention, ALiBi), only the rows whose logits are wanted need computing (a prefill
+        # samples one row).
+        attn_at = [n for n, op in enumerate(self.ops) if any(OPS[i.kind].mixes_rows for i in op.instrs)]
         self._rows_from = attn_at[-1] + 1 if attn_at else 0
         self._live_tail = {a for op in self.ops[self._rows_from:] for a in op.ins if isinstance(a, Value)}
         self._live_tail |= {a for op in self.ops[self._rows_from:] for ins in op.instrs for a in ins.inputs
@@ -176,6 +186,10 @@ class CudaModel:
     def drop_graphs(self) -> None:
         self._graphs.clear()
         self._mixed.clear()
+        # New mixed graphs capture into a new pool: the old one may still hold blocks that outlive its
+        # graphs (a buffer first allocated during a capture and cached), and torch's allocator refuses
+        # to capture into a pool whose graphs are all gone while it still has live blocks.
+        self._pool = None
 
     # -- metadata ---------------------------------------------------------------------------
     def _meta(self, batch: StepBatch) -> _Meta:
@@ -187,15 +201,24 @@ class CudaModel:
         def up(a):
             return torch.from_numpy(a).pin_memory().to(dev, non_blocking=True)
 
+        decode = bool((h.lengths == 1).all())
+        lead = 0  # leading one-token sequences (decode rows) of a mixed step
+        if MIXED_SPLIT == "1" and not decode:
+            lead = int(np.argmax(h.lengths != 1))
+            if lead and int(h.kv_lens[:lead].max()) > self.max_context:  # past the decode scratch's splits
+                lead = 0
         # The attention kernels' bound on context: the capacity, or this step's longest if longer.
         return _Meta(up(h.positions), up(h.slots), up(h.block_tables), up(h.kv_lens), up(h.cu_seqlens),
-                     up(h.kv_lens.max(keepdims=True)), bool((h.lengths == 1).all()), int(h.lengths.max()),
+                     up(h.kv_lens.max(keepdims=True)), decode, int(h.lengths.max()),
                      max(self.max_context, int(h.kv_lens.max())),
                      [(s.start, s.length) for s in seqs] if all(s.context == 0 and s.length > 1 for s in seqs)
-                     else None)
+                     else None, lead)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, batch: StepBatch, kv: KVStore, all_logits: bool = False) -> torch.Tensor:
+        """fp32 logits of the step's sampled rows (all rows with all_logits). A step that replays a
+        CUDA graph in fp32 returns a view of the graph's output buffer, which its next replay
+        overwrites: a caller that keeps logits across steps clones them."""
         if kv.page_size != self.page_size:
             raise ValueError(f"KV cache page size {kv.page_size} != the kernels' {self.page_size}")
         batch.validate(kv.page_size)
@@ -386,7 +409,12 @@ class CudaModel:
             K.paged_decode_attention(dspec, q, kc, vc, meta.block_tables, meta.kv_lens, out,
                                      self._scratch[dspec.key()], meta.max_context, **scales)
         else:
-            K.prefill_attention(pspec, q, kc, vc, meta.block_tables, meta.cu_seqlens, meta.kv_lens, out,
+            d = meta.decode_rows  # rows 0..d-1: one token each, through the decode kernel
+            if d:
+                K.paged_decode_attention(dspec, q[:d], kc, vc, meta.block_tables[:d], meta.kv_lens[:d], out[:d],
+                                         self._scratch[dspec.key()], meta.max_context, **scales)
+            # the rest: q / out rows stay absolute (cu_seqlens[d:] are offsets into the whole batch)
+            K.prefill_attention(pspec, q, kc, vc, meta.block_tables[d:], meta.cu_seqlens[d:], meta.kv_lens[d:], out,
                                 meta.max_q_len, max_context=meta.max_context, **scales)
         return out
 

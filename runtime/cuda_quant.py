@@ -2,7 +2,8 @@
 
 A step may fuse sibling linears (codegen/fuse.py: their rows at 16-byte aligned slices, zeros
 between); `prepare` builds the fused storage from the siblings' `QWeight`s, and `QGemm.__call__`
-computes what `QWeight.linear` (dsl/quant.py, the reference) computes for each sibling:
+computes what `QWeight.linear` (dsl/quant.py, the reference) computes for each sibling (fp8 at one
+row of x: codegen/gemv_fp8.py's GEMV instead, which quantizes x itself; FP8_GEMV below):
   fp8 activations quantized by a generated kernel (templates/quant_act.cu.j2: amax, scale and fp8
                   values in one or two launches, bit-equal to the torch ops that `ACT_KERNEL =
                   False` uses instead), then
@@ -39,11 +40,12 @@ ACT_KERNEL = True
 
 # fp8 W8A8 at one row of x through codegen/gemv_fp8.py (issue #13): x's amax, scale and fp8 values
 # computed inside the GEMV's blocks, no activation-quantization launches, the same result as below up to
-# fp32 summation order (tests/gpu/test_gemv_fp8.py). Not measured on a GPU yet, so off by default:
-# "0" off, "1" plain launches, "pdl" programmatic dependent launches. FP8_GEMV_DECODE: how the kernel
-# turns weight bytes into floats, "int" (integer ops) or "cvt" (conversion instructions); same values.
-# Read at each call (and so at graph capture).
-FP8_GEMV = os.environ.get("KILN_FP8_GEMV", "0")
+# fp32 summation order (tests/gpu/test_gemv_fp8.py, passed on the H200). "pdl" (programmatic dependent
+# launches, the default): fp8 W8A8 batch-1 decode of the 8B-model shape 3.607 against 3.805 ms without it
+# (BENCHMARKS.md, session 8); "1" plain launches; "0" off (KILN_FP8_GEMV=0). FP8_GEMV_DECODE: how the
+# kernel turns weight bytes into floats, "int" (integer ops) or "cvt" (conversion instructions); same
+# values. Read at each call (and so at graph capture).
+FP8_GEMV = os.environ.get("KILN_FP8_GEMV", "pdl")
 FP8_GEMV_DECODE = os.environ.get("KILN_FP8_GEMV_DECODE", "int")
 
 

@@ -125,3 +125,14 @@ def test_check_reports_an_op_the_backend_cannot_run(tmp_path, capsys):
     assert main(["check", "llama", "--config", str(path), "--backend", "tensorrt"]) == 2
     assert "llama.kiln:" in capsys.readouterr().err
     assert main(["check", "llama", "--config", str(path), "--backend", "cuda"]) == 0
+
+
+def test_ops_that_mix_a_sequences_rows_say_so():
+    """Backends drop the rows whose logits are not wanted after the last op that mixes rows
+    (OpDef.mixes_rows): an op with a per-sequence state (the conv, the scan) or over the KV cache
+    (attention) must say so, or a prefill that samples one row would drop the rows it still reads."""
+    for kind, d in OPS.items():
+        if d.state is not None or kind is OpKind.ATTENTION:
+            assert d.mixes_rows, kind
+    assert {k for k, d in OPS.items() if d.mixes_rows} == {OpKind.ATTENTION, OpKind.CAUSAL_CONV1D,
+                                                           OpKind.SELECTIVE_SCAN}

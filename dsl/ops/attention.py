@@ -177,6 +177,7 @@ ATTENTION = OpDef(
     reference=_reference,
     cuda=_cuda,
     trt=TrtLowering(_trt, _trt_kwargs),
+    mixes_rows=True,
 )
 
 DEFS = (ATTENTION,)

@@ -144,6 +144,9 @@ class OpDef:
     - `state(types, attrs)`: for an op that carries a per-sequence recurrent state across steps
       (dsl/ops/ssm.py), the state's shape and dtype ("float": the run dtype, or "fp32") as a TType;
       the checker gives each such instruction a state site (dsl/plan.StateSite). None: stateless.
+    - `mixes_rows`: the op combines the rows (tokens) of a sequence (attention, the causal conv, the
+      scan); every other op treats each row alone, so after the last op that mixes rows a backend
+      computes only the rows whose logits are wanted (runtime/cuda_backend.py).
     """
 
     name: str
@@ -157,6 +160,7 @@ class OpDef:
     outputs: int | str = 1  # or the name of the attr whose length gives the count
     check_attrs: Callable[[Any], None] | None = None
     state: Callable[[list[TType | None], Any], TType] | None = None
+    mixes_rows: bool = False
     attrs_type: type = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

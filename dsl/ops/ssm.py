@@ -78,6 +78,7 @@ CAUSAL_CONV1D = OpDef(
     cuda=_conv_cuda,
     trt=_NO_TRT,
     state=_conv_state,
+    mixes_rows=True,
 )
 
 
@@ -179,10 +180,7 @@ SELECTIVE_SCAN = OpDef(
     trt=_NO_TRT,
     check_attrs=_scan_attrs,
     state=_scan_state,
+    mixes_rows=True,
 )
 
 DEFS = (CAUSAL_CONV1D, SELECTIVE_SCAN)
-
-# Ops whose reference mixes the rows (tokens) of a sequence, as attention does: the cuda backend
-# must not drop rows before them (runtime/cuda_backend.py).
-STATEFUL = tuple(d.name for d in DEFS)

@@ -218,7 +218,9 @@ def test_one_sequence_decode_logits_with_the_switch_match_without(scheme, dtype,
                 m.model.forward(StepBatch(tokens, [SeqSlice(0, 23, 0, table)]), kv)
             for step in range(6):
                 nxt = torch.randint(0, 1000, (1,))
-                res.append([m.model.forward(StepBatch(nxt, [SeqSlice(0, 1, 23 + step, table)]), kv).float()
+                # clone: an fp32 graph replay returns a view of the graph's output buffer (`.float()` is then
+                # no copy), which the next replay overwrites
+                res.append([m.model.forward(StepBatch(nxt, [SeqSlice(0, 1, 23 + step, table)]), kv).float().clone()
                             for m, kv in zip(models, kvs)])
         outs[switch] = res
     for (ref_off, off), (ref_on, on) in zip(outs["0"], outs["1"]):

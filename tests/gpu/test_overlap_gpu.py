@@ -25,8 +25,10 @@ def arrivals(count=24, seed=0, **params):
 
 
 def drive(model, overlap: bool, work, abort_at=None, **cfg):
-    engine = LLMEngine(model, None, EngineConfig(**{"page_size": 16, "max_num_seqs": 8, "max_tokens_per_step": 256,
-                                                    "overlap": overlap, **cfg}))
+    # num_pages given: an engine left to size its cache takes 90% of the GPU's free memory, which the
+    # test processes running beside it (pytest-xdist) then lack
+    engine = LLMEngine(model, None, EngineConfig(**{"page_size": 16, "num_pages": 256, "max_num_seqs": 8,
+                                                    "max_tokens_per_step": 256, "overlap": overlap, **cfg}))
     assert engine.overlap == overlap
     pending, ids, final, call = sorted(work, key=lambda a: a[0]), [], {}, 0
     abort_at = dict(abort_at or {})
@@ -98,7 +100,7 @@ def test_steady_decode_does_not_synchronise(models):
     """Between launching step N + 1 and reading step N, nothing waits for the GPU: a decode step of
     the overlapped engine makes no synchronising call (the wait on N's copy event is not one)."""
     _, cuda = models
-    engine = LLMEngine(cuda, None, EngineConfig(page_size=16, max_num_seqs=4, overlap=True))
+    engine = LLMEngine(cuda, None, EngineConfig(page_size=16, num_pages=64, max_num_seqs=4, overlap=True))
     for _ in range(2):
         engine.add_request(list(range(1, 40)), SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
     for _ in range(8):  # prefill, graphs captured

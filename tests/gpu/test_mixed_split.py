@@ -1,0 +1,83 @@
+"""Mixed steps too big for a graph run eagerly; their decode rows (one new token each, first in the
+batch as the scheduler orders them) take the decode attention kernel and only the prompt chunks the
+prefill kernel (runtime/cuda_backend.py MIXED_SPLIT). Checked on every family's small config: the
+logits of such a step equal the reference backend's (fp32) and the unsplit run's."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from kiln.runtime import cuda_backend
+from kiln.runtime.batch import SeqSlice, StepBatch
+from kiln.runtime.kv_store import KVStore
+from kiln.runtime.state_cache import StateStore
+
+from tests.configs import FAMILY_CONFIGS as FAMILIES
+from tests.gpu.test_cuda_backend import LLAMA, pair, rel
+
+pytestmark = pytest.mark.usefixtures("fresh_seed")
+
+
+def _steps(rng: random.Random, vocab: int):
+    """Two steps over 6 sequences (page tables of 8 pages each): a prefill of sequences 0-3 (their
+    contexts), then the mixed step: 0-3 decode one token each, 4 a fresh prompt, 5 a prompt chunk
+    of 20 after its own first chunk of 17 (given in the first step)."""
+    tables = [tuple(range(i * 8, i * 8 + 8)) for i in range(6)]
+    lens = [rng.randint(1, 40) for _ in range(4)] + [0, 17]
+    first, flat = [], []
+    for i, n in enumerate(lens):
+        if n:
+            first.append(SeqSlice(len(flat), n, 0, tables[i], state_slot=i))
+            flat += [rng.randrange(vocab) for _ in range(n)]
+    prefill = StepBatch(torch.tensor(flat), first)
+    mixed, flat = [], []
+    for i in range(4):
+        mixed.append(SeqSlice(len(flat), 1, lens[i], tables[i], state_slot=i))
+        flat.append(rng.randrange(vocab))
+    for i, (n, ctx) in ((4, (30, 0)), (5, (20, 17))):
+        mixed.append(SeqSlice(len(flat), n, ctx, tables[i], state_slot=i))
+        flat += [rng.randrange(vocab) for _ in range(n)]
+    return prefill, StepBatch(torch.tensor(flat), mixed)
+
+
+def _run(model, prefill: StepBatch, mixed: StepBatch) -> torch.Tensor:
+    kv = KVStore(model.plan.sites, 48, 16, model.dtype, "cuda", state=StateStore(6))
+    with torch.no_grad():
+        model.model.forward(prefill, kv)
+        return model.model.forward(mixed, kv)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_mixed_step_decode_rows_through_the_decode_kernel(name, fresh_seed, monkeypatch):
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**FAMILIES[name]).to_dict()
+    ref, cuda = pair(name.split("-")[0], config, "fp32")
+    cuda.model.mixed_graphs = False  # eager, as a step past the mixed graphs' buckets runs
+    prefill, mixed = _steps(random.Random(fresh_seed), ref.plan.vocab_size)
+    want = _run(ref, prefill, mixed)
+    monkeypatch.setattr(cuda_backend, "MIXED_SPLIT", "1")
+    assert cuda.model._meta(mixed).decode_rows == 4
+    split = _run(cuda, prefill, mixed)
+    monkeypatch.setattr(cuda_backend, "MIXED_SPLIT", "0")
+    assert cuda.model._meta(mixed).decode_rows == 0
+    whole = _run(cuda, prefill, mixed)
+    assert split.shape == want.shape == (6, ref.plan.vocab_size)
+    assert rel(split, want) <= 1e-4, f"split {rel(split, want):.3g} from the reference"
+    assert rel(split, whole) <= 1e-4, f"split {rel(split, whole):.3g} from the unsplit run"
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_mixed_step_split_in_bf16(kv_cache_dtype, fresh_seed, monkeypatch):
+    """The run dtype and an fp8 KV cache: the split step within bf16 rounding of the unsplit one
+    (the same cache contents; only the attention kernel of the decode rows differs)."""
+    ref, cuda = pair("llama", LLAMA, "bf16", kv_cache_dtype=kv_cache_dtype)
+    cuda.model.mixed_graphs = False
+    prefill, mixed = _steps(random.Random(fresh_seed), ref.plan.vocab_size)
+    monkeypatch.setattr(cuda_backend, "MIXED_SPLIT", "1")
+    split = _run(cuda, prefill, mixed)
+    monkeypatch.setattr(cuda_backend, "MIXED_SPLIT", "0")
+    whole = _run(cuda, prefill, mixed)
+    assert rel(split, whole) <= 1e-2, f"split {rel(split, whole):.3g} from the unsplit run"
