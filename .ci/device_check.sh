@@ -7,6 +7,8 @@
 #   bash .ci/device_check.sh switches  session 8's switches off / on, end to end (KILN_GEMV_PROLOGUE, KILN_SSM_FUSE, KILN_OVERLAP)
 #   bash .ci/device_check.sh thru      throughput at TensorRT-LLM's shapes: THRU="Q:ISL:OSL:N ..." (Q: bf16, fp8 = fp8
 #                                         weights + fp8 KV cache); MAXB (default 256); each run's key figures
+#   bash .ci/device_check.sh fresh     KILN_FRESH_SDPA off / on: its GPU test, then TTFT of a 2,048-token prompt
+#   bash .ci/device_check.sh fp8prof   where an fp8 (weights + KV) decode step of 256 sequences at context 1,500 goes
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     the opt-in kernels not yet run on a GPU: the one-row FP8 GEMV
 #                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp): their
@@ -76,6 +78,13 @@ for mode in "$@"; do
         timeout ${THRU_TIMEOUT:-300} $KILN bench throughput --config $L $qa --requests $n --input-len $isl --output-len $osl \
           --max-batch ${MAXB:-256} 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|kv|preemptions|decode_steps|decode_steps_s|decode_step_ms_p50|mixed_steps|mixed_steps_s|mixed_step_ms_p50|ttft_p50_ms) |Error"
       done ;;
+    fresh)
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_mixed_split.py -k sdpa 2>&1 | tail -1
+      for v in 0 1; do echo "KILN_FRESH_SDPA=$v"; KILN_FRESH_SDPA=$v timeout 60 $KILN bench latency --config $L \
+        --steps 16 2>&1 | grep -a -E "^\| (ttft_ms|ttft_floor_ms) |TTFT / floor|Error"; done ;;
+    fp8prof)
+      timeout 120 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batch 256 --ctx 1500 \
+        --steps 3 2>&1 | grep -v Warn | head -24 ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
         "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \

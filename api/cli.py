@@ -571,8 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the prefix cache's hit rate shows in the output")
             q.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                            help="recompute every prompt")
-            q.add_argument("--sweep", action="store_true",
-                           help="run every shape of TensorRT-LLM's published table and print Kiln beside it")
+            q.add_argument("--sweep", nargs="?", const="all", default=None, metavar="SHAPES",
+                           help="run the shapes of TensorRT-LLM's published table (all, or a comma-separated "
+                                "list such as 1000/1000,2048/128) and print Kiln beside them")
             q.add_argument("--tp", type=int_arg(1, 1024), default=1, metavar="N",
                            help="the model split over N tensor-parallel processes (--device cpu: gloo; cuda: "
                                 "the cuda backend, one GPU per rank, NCCL)")

@@ -554,6 +554,8 @@ def check_args(args) -> None:
         for name, value in PREFIX_DEFAULTS["cpu" if cpu else "cuda"].items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
+    if args.mode == "throughput" and getattr(args, "sweep", None):
+        args.sweep_shapes = sweep_shapes(args.sweep)
     if args.mode == "throughput" and (getattr(args, "tp", 1) or 1) * (getattr(args, "pp", 1) or 1) > 1:
         check_split(args, cpu)
     if getattr(args, "tp1_overhead", False) and args.backend != "cuda":
@@ -595,13 +597,38 @@ def check_split(args, cpu: bool) -> None:
 PEERS = Path(__file__).resolve().parent.parent / "configs" / "trtllm-perf-overview.json"
 
 
+def sweep_shapes(value: str) -> tuple[tuple[int, int], ...]:
+    """--sweep's value: "all" (every published shape), or a comma-separated list of them."""
+    if value == "all":
+        return peers.SWEEP_SHAPES
+    known = {f"{i}/{o}": (i, o) for i, o in peers.SWEEP_SHAPES}
+    shapes = []
+    for item in value.split(","):
+        if item.strip() not in known:
+            raise BenchError(f"--sweep {value}: {item.strip()!r} is not a shape of the published table; "
+                             f"give all, or some of {', '.join(known)}")
+        shapes.append(known[item.strip()])
+    return tuple(dict.fromkeys(shapes))
+
+
+def precision_of(args, cpu: bool) -> str:
+    """What a throughput run computes in, for the table beside the peers' (their FP8 figures are weights
+    and KV cache)."""
+    parts = ["fp32" if cpu else "bf16"]
+    if (args.quantization or "none") != "none":
+        parts.append(f"weights {args.quantization}")
+    if (args.kv_cache_dtype or "auto") != "auto":
+        parts.append(f"KV {args.kv_cache_dtype}")
+    return ", ".join(parts)
+
+
 def sweep(args, device_name: str, precision: str) -> int:
-    """throughput at each shape of TensorRT-LLM's published table, printed beside its figures for
-    this card. On a CPU (a smoke run) the shapes are divided by 64."""
+    """throughput at each shape of TensorRT-LLM's published table (or those --sweep names), printed
+    beside its figures for this card. On a CPU (a smoke run) the shapes are divided by 64."""
     table = peers.load(PEERS)
     scale = 64 if getattr(args, "device", "cuda") == "cpu" else 1
     ours = {}
-    for isl, osl in peers.SWEEP_SHAPES:
+    for isl, osl in getattr(args, "sweep_shapes", None) or peers.SWEEP_SHAPES:
         args.input_len, args.output_len = max(1, isl // scale), max(1, osl // scale)
         r = throughput(args)
         print(f"{isl}/{osl}: {r['output_tok_s']:,.0f} output tok/s ({r['seconds']:.1f} s)", flush=True)
@@ -624,7 +651,7 @@ def main(args) -> int:
     print(f"# {name}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, spec {args.spec}, "
           f"config {args.config}, backend {args.backend}, {'fp32' if cpu else 'bf16'}")
     if args.mode == "throughput" and args.sweep:
-        return sweep(args, name, "fp32" if cpu else "bf16")
+        return sweep(args, name, precision_of(args, cpu))
     r = latency(args) if args.mode == "latency" else prefix(args) if args.mode == "prefix" else throughput(args)
     print(json.dumps(r, indent=1, default=str))
     print("| metric | value |\n| --- | --- |")

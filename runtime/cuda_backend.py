@@ -57,6 +57,11 @@ GEMV_PROLOGUE = os.environ.get("KILN_GEMV_PROLOGUE", "0")
 # prefill kernel gives a one-token query a whole 128-row tile, so such a row reads its cache at a
 # fraction of the decode kernel's bandwidth. Read when a step runs.
 MIXED_SPLIT = os.environ.get("KILN_MIXED_SPLIT", "1")
+# Whole prompts (no cached context, no decode rows beside them) on Hopper through torch's SDPA (flash)
+# instead of the wgmma prefill kernel: "1" (KILN_FRESH_SDPA=1). SDPA took 165.7 against the kernel's
+# 238.2 us at 8 x 1,024 causal tokens (BENCHMARKS.md, session 6), but pays a gather of the sequence's
+# pages and launches per sequence; not measured end to end yet, so off ("0"). Read when a step runs.
+FRESH_SDPA = os.environ.get("KILN_FRESH_SDPA", "0")
 
 
 def _nothing() -> None:
@@ -392,10 +397,12 @@ class CudaModel:
         out = torch.empty(T, dspec.heads * dspec.head_dim, dtype=self.dtype, device=self.device)
         if meta.fresh is not None and not pspec.window and not pspec.softcap and not pspec.alibi_max \
                 and pspec.causal and not pspec.kv_fp8 \
-                and K.render(K.prefill_for_device(pspec, self.device)).meta["variant"] != "sm90":
+                and (FRESH_SDPA == "1"
+                     or K.render(K.prefill_for_device(pspec, self.device)).meta["variant"] != "sm90"):
             # Whole prompts (no cached context): torch's flash attention (SDPA) over the rotated
             # K/V just written to the cache, gathered page by page. (ALiBi takes the kernel path;
-            # so does every prompt on Hopper, whose wgmma prefill kernel reads the paged cache.)
+            # so does every prompt on Hopper, whose wgmma prefill kernel reads the paged cache,
+            # unless FRESH_SDPA.)
             hd, hq, hk, ps = dspec.head_dim, dspec.heads, dspec.kv_heads, dspec.page_size
             for i, (start, length) in enumerate(meta.fresh):
                 pages = meta.block_tables[i, : -(-length // ps)].long()

@@ -61,3 +61,17 @@ def test_sweep_table_puts_published_figures_beside_ours():
     text = peers.sweep_table(table, "H100", {(1000, 1000): 7055.0, (2048, 128): 1000.0}, "bf16")
     assert "| 1000/1000 | 7,055 | 7,055 (fp16), 15,220 (fp8) | 1.00x vs fp16, 0.46x vs fp8 |" in text
     assert "| 2048/128 | 1,000 | 1,904 (fp16), 3,450 (fp8) |" in text and "perf-overview" in text
+
+
+def test_sweep_of_some_shapes_labels_its_precision(config, capsys):
+    """--sweep SHAPES runs those shapes only (a CPU smoke run divides them by 64) and labels Kiln's
+    column with what it ran: quantized weights and an fp8 KV cache are named, as the peers' FP8 is."""
+    assert main(["bench", "throughput", "--device", "cpu", "--config", config, "--requests", "2",
+                 "--max-batch", "2", "--quantization", "int8-wo", "--kv-cache-dtype", "fp8",
+                 "--sweep", "128/128,2048/128"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("output tok/s") == 2 and "128/128:" in out and "2048/128:" in out and "1000/1000:" not in out
+    assert "| Kiln (fp32, weights int8-wo, KV fp8) |" in out
+    assert main(["bench", "throughput", "--device", "cpu", "--config", config, "--sweep", "100/100"]) == 2
+    err = capsys.readouterr().err
+    assert "--sweep 100/100: '100/100' is not a shape of the published table" in err and err.count("\n") == 1

@@ -98,7 +98,8 @@ def _options(entry: str, skip: int) -> tuple[set[str], set[str], list[tuple[str,
             (optional if depth else required).add(token)
         elif re.fullmatch(r"[A-Z][A-Z_]*", token) and not previous.startswith("-"):
             positional.append((token, depth > 0))
-        previous = token
+        if token != "[":  # `--sweep [SHAPES]`: an option's optional value is still its value
+            previous = token
     return required, optional, positional
 
 

@@ -15,7 +15,7 @@ from kiln.runtime.kv_store import KVStore
 from kiln.runtime.state_cache import StateStore
 
 from tests.configs import FAMILY_CONFIGS as FAMILIES
-from tests.gpu.test_cuda_backend import LLAMA, pair, rel
+from tests.gpu.test_cuda_backend import LLAMA, bf16_check, oracle, pair, rel
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
 
@@ -81,3 +81,31 @@ def test_mixed_step_split_in_bf16(kv_cache_dtype, fresh_seed, monkeypatch):
     monkeypatch.setattr(cuda_backend, "MIXED_SPLIT", "0")
     whole = _run(cuda, prefill, mixed)
     assert rel(split, whole) <= 1e-2, f"split {rel(split, whole):.3g} from the unsplit run"
+
+
+def test_fresh_prompts_through_sdpa(fresh_seed, monkeypatch):
+    """KILN_FRESH_SDPA=1 on Hopper: a bf16 step of whole prompts (no context) runs torch's SDPA over the
+    pages just written instead of the wgmma prefill kernel; every row's logits as close to the fp32
+    oracle as the kernel path's (bf16_check). (In fp32 both paths are SDPA already.)"""
+    ref, cuda = pair("llama", LLAMA, "bf16")
+    gold = oracle("llama", LLAMA, ref)
+    rng = random.Random(fresh_seed)
+    lens = [rng.randint(2, 100) for _ in range(3)]
+    seqs, flat = [], []
+    for i, n in enumerate(lens):
+        seqs.append(SeqSlice(len(flat), n, 0, tuple(range(i * 8, i * 8 + 8))))
+        flat += [rng.randrange(ref.plan.vocab_size) for _ in range(n)]
+    batch = StepBatch(torch.tensor(flat), seqs)
+
+    def run(model):
+        kv = KVStore(model.plan.sites, 32, 16, model.dtype, "cuda")
+        with torch.no_grad():
+            return model.model.forward(batch, kv, all_logits=True)
+
+    assert cuda.model._meta(batch).fresh is not None
+    monkeypatch.setattr(cuda_backend, "FRESH_SDPA", "0")
+    kernel = run(cuda)
+    monkeypatch.setattr(cuda_backend, "FRESH_SDPA", "1")
+    sdpa = run(cuda)
+    ok, msg = bf16_check(kernel, sdpa, run(gold), 2e-2)
+    assert ok, msg
