@@ -42,7 +42,6 @@ def batch(i: int) -> StepBatch:  # B one-token decode rows at context ctx + i
     return StepBatch(tok, [SeqSlice(b, 1, ctx + i, tables[b]) for b in range(B)])
 
 
-
 with torch.no_grad():
     for _ in range(3):
         m.model.forward(batch(0), kv)

@@ -555,7 +555,7 @@ def check_args(args) -> None:
             if getattr(args, name) is None:
                 setattr(args, name, value)
     if args.mode == "throughput" and getattr(args, "sweep", None):
-        args.sweep_shapes = sweep_shapes(args.sweep)
+        sweep_shapes(args.sweep)  # refused here, before any model loads
     if args.mode == "throughput" and (getattr(args, "tp", 1) or 1) * (getattr(args, "pp", 1) or 1) > 1:
         check_split(args, cpu)
     if getattr(args, "tp1_overhead", False) and args.backend != "cuda":
@@ -612,13 +612,14 @@ def sweep_shapes(value: str) -> tuple[tuple[int, int], ...]:
 
 
 def precision_of(args, cpu: bool) -> str:
-    """What a throughput run computes in, for the table beside the peers' (their FP8 figures are weights
-    and KV cache)."""
+    """What a run computes in, for its header and the sweep's table beside the peers' (their FP8 figures
+    are weights and KV cache)."""
     parts = ["fp32" if cpu else "bf16"]
-    if (args.quantization or "none") != "none":
-        parts.append(f"weights {args.quantization}")
-    if (args.kv_cache_dtype or "auto") != "auto":
-        parts.append(f"KV {args.kv_cache_dtype}")
+    q, kv = getattr(args, "quantization", None) or "none", getattr(args, "kv_cache_dtype", None) or "auto"
+    if q != "none":
+        parts.append(f"weights {q}")
+    if kv != "auto":
+        parts.append(f"KV {kv}")
     return ", ".join(parts)
 
 
@@ -628,7 +629,7 @@ def sweep(args, device_name: str, precision: str) -> int:
     table = peers.load(PEERS)
     scale = 64 if getattr(args, "device", "cuda") == "cpu" else 1
     ours = {}
-    for isl, osl in getattr(args, "sweep_shapes", None) or peers.SWEEP_SHAPES:
+    for isl, osl in sweep_shapes(args.sweep):
         args.input_len, args.output_len = max(1, isl // scale), max(1, osl // scale)
         r = throughput(args)
         print(f"{isl}/{osl}: {r['output_tok_s']:,.0f} output tok/s ({r['seconds']:.1f} s)", flush=True)
@@ -649,7 +650,7 @@ def main(args) -> int:
     cpu = getattr(args, "device", "cuda") == "cpu"
     name = "CPU (smoke run, not a benchmark)" if cpu else torch.cuda.get_device_name()
     print(f"# {name}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, spec {args.spec}, "
-          f"config {args.config}, backend {args.backend}, {'fp32' if cpu else 'bf16'}")
+          f"config {args.config}, backend {args.backend}, {precision_of(args, cpu)}")
     if args.mode == "throughput" and args.sweep:
         return sweep(args, name, precision_of(args, cpu))
     r = latency(args) if args.mode == "latency" else prefix(args) if args.mode == "prefix" else throughput(args)

@@ -217,7 +217,7 @@ class CudaModel:
                      up(h.kv_lens.max(keepdims=True)), decode, int(h.lengths.max()),
                      max(self.max_context, int(h.kv_lens.max())),
                      [(s.start, s.length) for s in seqs] if all(s.context == 0 and s.length > 1 for s in seqs)
-                     else None, lead)
+                     else None, decode_rows=lead)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, batch: StepBatch, kv: KVStore, all_logits: bool = False) -> torch.Tensor:
