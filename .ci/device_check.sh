@@ -9,6 +9,12 @@
 #                                         weights + fp8 KV cache); MAXB (default 256); each run's key figures
 #   bash .ci/device_check.sh fresh     KILN_FRESH_SDPA off / on: its GPU test, then TTFT of a 2,048-token prompt
 #   bash .ci/device_check.sh fp8prof   where an fp8 (weights + KV) decode step of 256 sequences at context 1,500 goes
+#   bash .ci/device_check.sh triggers  KILN_PDL_TRIGGER off / on: the GEMV tests under xdist (the bf16 Mamba-2 prologue
+#                                         case failed with it on), then batch-1 decode of the 8B and Mamba-2 shapes
+#   bash .ci/device_check.sh actquant  the fp8 activation quantization's grid variants: their GPU test, the kernel
+#                                         table, then an fp8 mixed step's profile at the defaults and at 8 blocks/SM x 4
+#   bash .ci/device_check.sh fp8kv     the fp8-cache decode kernel per shape and page size, and random-chunk gathers
+#   bash .ci/device_check.sh ssmprof   where a Mamba-2 2.7B batch-1 decode step goes (kernel times, then the graphed step)
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     the opt-in kernels not yet run on a GPU: the one-row FP8 GEMV
 #                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp): their
@@ -85,6 +91,25 @@ for mode in "$@"; do
     fp8prof)
       timeout 120 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batch 256 --ctx 1500 \
         --steps 3 2>&1 | grep -v Warn | head -24 ;;
+    triggers)
+      for v in 0 1; do echo "KILN_PDL_TRIGGER=$v"; KILN_PDL_TRIGGER=$v timeout 120 python3 -m pytest -q -p no:cacheprovider -n 8 \
+        tests/gpu/test_gemv_prologue.py tests/gpu/test_gemv.py 2>&1 | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -4
+        for c in llama-3-8b mamba2-2.7b; do KILN_PDL_TRIGGER=$v timeout 60 $KILN bench latency --config configs/$c.json \
+          --prompt 1024 --steps 48 2>&1 | grep -a -E "^\| decode_ms |Error"; done; done ;;
+    actquant)
+      timeout 120 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_quant_kernels.py -k "act_quant" \
+        2>&1 | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -4
+      timeout 120 python3 -m kiln.codegen.bench_kernels --only actquant 2>&1 | grep -a -E "^\||rror"
+      for v in 2:1 8:4; do IFS=: read -r b u <<< "$v"; echo "KILN_ACT_QUANT_BLOCKS=$b KILN_ACT_QUANT_UNROLL=$u"
+        KILN_ACT_QUANT_BLOCKS=$b KILN_ACT_QUANT_UNROLL=$u timeout 120 python3 .ci/profile_decode.py --quantization fp8 \
+          --kv-cache-dtype fp8 --batch 256 --ctx 1500 --prefill 1792 --steps 3 2>&1 | grep -a -E "GPU kernel time|quant_act"; done ;;
+    fp8kv)
+      timeout 200 python3 -m kiln.codegen.bench_kernels --only fp8kv 2>&1 | grep -a -E "^\||Random|rror" ;;
+    ssmprof)
+      timeout 120 python3 .ci/profile_decode.py --spec models/mamba2.kiln --config configs/mamba2-2.7b.json --batch 1 \
+        --ctx 1024 --steps 8 2>&1 | grep -v Warn | head -24
+      timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
+        | grep -a -E "^\| (decode_ms|roofline_ms|gemms_only_ms) |decode / roofline|Error" ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
         "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \

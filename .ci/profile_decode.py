@@ -1,10 +1,11 @@
 """Where a decode step's time goes, kernel by kernel (GPU; a development tool).
 
-Runs the Llama-3-8B-shaped model (random weights, bf16, cuda backend) with graphs off under
+Runs a model (--spec, --config; default the Llama-3-8B shape; random weights, bf16, cuda backend) with graphs off under
 torch.profiler for a few decode steps of --batch sequences (1) at context --ctx (2,048) and prints GPU
 time per kernel name, summed over the steps and divided by their number, largest first, with each
 one's share of the step. Usage (device):
-PYTHONPATH=... python3 .ci/profile_decode.py [--quantization SCHEME] [--kv-cache-dtype fp8] [--batch B] [--ctx C]
+PYTHONPATH=... python3 .ci/profile_decode.py [--spec S --config C] [--quantization SCHEME]
+    [--kv-cache-dtype fp8] [--batch B] [--ctx C] [--prefill N]
 """
 
 from __future__ import annotations
@@ -19,27 +20,32 @@ from kiln.runtime.kv_store import KVStore
 from kiln.runtime.model import random_model
 
 ap = argparse.ArgumentParser()
+ap.add_argument("--spec", default="models/llama.kiln")
 ap.add_argument("--config", default="configs/llama-3-8b.json")
 ap.add_argument("--quantization", default="none")
 ap.add_argument("--kv-cache-dtype", default="auto")
 ap.add_argument("--steps", type=int, default=8)
 ap.add_argument("--batch", type=int, default=1)
 ap.add_argument("--ctx", type=int, default=2048)
+ap.add_argument("--prefill", type=int, default=0, help="a mixed step: one more sequence's N-token prompt chunk")
 args = ap.parse_args()
 
 config = json.load(open(args.config))
-m = random_model("models/llama.kiln", config, dtype="bf16", device="cuda", backend="cuda",
+m = random_model(args.spec, config, dtype="bf16", device="cuda", backend="cuda",
                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
 m.model.use_graphs = False
 ctx, B = args.ctx, args.batch
 per_seq = (ctx + args.steps + 8) // 16 + 1  # pages a sequence needs for the run
-kv = KVStore(m.plan.sites, B * per_seq, 16, m.dtype, "cuda")
+P = args.prefill
+kv = KVStore(m.plan.sites, B * per_seq + P // 16 + 1, 16, m.dtype, "cuda")
 tables = [tuple(range(b * per_seq, (b + 1) * per_seq)) for b in range(B)]
-tok = torch.ones(B, dtype=torch.long)
+chunk_table = tuple(range(B * per_seq, B * per_seq + P // 16 + 1))
+tok = torch.ones(B + P, dtype=torch.long)
 
 
-def batch(i: int) -> StepBatch:  # B one-token decode rows at context ctx + i
-    return StepBatch(tok, [SeqSlice(b, 1, ctx + i, tables[b]) for b in range(B)])
+def batch(i: int) -> StepBatch:  # B one-token decode rows at context ctx + i (+ a P-token prompt chunk)
+    seqs = [SeqSlice(b, 1, ctx + i, tables[b]) for b in range(B)]
+    return StepBatch(tok, seqs + ([SeqSlice(B, P, 0, chunk_table)] if P else []))
 
 
 with torch.no_grad():
@@ -58,7 +64,8 @@ for e in prof.events():
         per[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
         count[e.name] += 1
 total = sum(per.values()) / args.steps
-print(f"batch {B}, context {ctx}: GPU kernel time per decode step: {total / 1e3:.3f} ms "
+chunk = f", + a {P}-token prompt chunk" if P else ""
+print(f"batch {B}, context {ctx}{chunk}: GPU kernel time per decode step: {total / 1e3:.3f} ms "
       f"over {sum(count.values()) // args.steps} launches")
 for name, t in sorted(per.items(), key=lambda kv: -kv[1])[:25]:
     print(f"{t / args.steps / 1e3:8.3f} ms {100 * t / args.steps / total:5.1f}% {count[name] // args.steps:4d}x  "

@@ -209,6 +209,62 @@ def fp8_kv_decode_line(B, ctx, copy_bw: float) -> str:
             f"{times[False] * 1e3:.1f} us: {speed:.2f}x (target >= 1.8x: {'met' if speed >= 1.8 else 'NOT met'})")
 
 
+# (warps, stages, min_blocks) of the tensor-core decode kernel tried on the fp8 cache; (0, 0, 0) = the default
+FP8KV_VARIANTS = ((0, 0, 0), (4, 3, 3), (4, 4, 3), (4, 3, 4), (8, 3, 2), (8, 3, 1), (4, 6, 2), (8, 2, 2))
+
+
+def fp8_kv_variants_table(copy_bw: float, shapes=((256, 1500), (64, 4096), (1, 16384))) -> str:
+    """Paged decode attention on an FP8 cache per kernel shape (DecodeAttnSpec warps / stages /
+    min_blocks) beside the bf16 cache's default kernel, µs a call and share of copy bandwidth (K/V
+    bytes + q / out). Issue #13: an fp8 decode step at batch 256 spent 8.45 of 13.44 ms here, 72% of
+    copy bandwidth, where the bf16 kernel reaches 97%."""
+    runs = [(False, 16, (0, 0, 0))] + [(True, 16, v) for v in FP8KV_VARIANTS] + [(True, 32, (0, 0, 0)),
+                                                                                (True, 64, (0, 0, 0))]
+    head = [("bf16 cache" if not fp8 else "fp8 default" if v == (0, 0, 0) else "fp8 w{}s{}b{}".format(*v))
+            + ("" if page == PAGE else f", {page}-token pages") for fp8, page, v in runs]
+    lines = ["| B | ctx | " + " | ".join(head) + " |", "|---:|---:|" + "---:|" * len(head)]
+    for B, ctx in shapes:
+        lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(B, HEADS * HEAD_DIM, device="cuda", dtype=DT)
+        out = torch.empty_like(q)
+        cells = []
+        for fp8, page, (w, st, mb) in runs:
+            per_seq = -(-ctx // page)
+            pages = B * per_seq
+            tables = torch.randperm(pages, device="cuda").int().view(B, per_seq)
+            spec = DecodeAttnSpec(HEADS, KV_HEADS, HEAD_DIM, page, HEAD_DIM ** -0.5, kv_fp8=fp8, warps=w, stages=st,
+                                  min_blocks=mb, origin="bench")
+            kc = torch.randn(pages, KV_HEADS, page, HEAD_DIM, device="cuda", dtype=DT)
+            vc = torch.randn_like(kc)
+            if fp8:
+                kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+            try:
+                scratch = K.decode_scratch(spec, B, ctx, "cuda")
+                t = per_call_ms(Graphed(lambda spec=spec, kc=kc, vc=vc, scratch=scratch, tables=tables:
+                                        K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, scratch, ctx,
+                                                                 k_scale=1.0, v_scale=1.0)))
+                moved = 2 * B * ctx * KV_HEADS * HEAD_DIM * kc.element_size() + 2 * B * HEADS * HEAD_DIM * 2
+                cells.append(f"{t * 1e3:.1f} ({moved / (t * 1e-3) / copy_bw:.0%})")
+            except Exception as e:  # a shape the kernel refuses: named in the cell, the rest still runs
+                cells.append(f"error: {str(e)[:40]}")
+            del kc, vc
+        lines.append(f"| {B} | {ctx} | " + " | ".join(cells) + " |")
+    # Reads of random contiguous chunks (a gather of 1 GiB in chunks of each size): what a page of one KV
+    # head gives a kernel to stream, 2 KB (fp8, 16 tokens) against 4 KB (bf16)
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    chunks = []
+    for size in (1024, 2048, 4096, 8192):
+        rows = src.view(-1, size)
+        idx = torch.randperm(rows.shape[0], device="cuda")
+        dst = torch.empty_like(rows)
+        t = per_call_ms(Graphed(lambda rows=rows, idx=idx, dst=dst: torch.index_select(rows, 0, idx, out=dst), calls=2))
+        chunks.append(f"{size // 1024} KB: {2 * src.numel() / (t * 1e-3) / copy_bw:.0%}")
+    del src
+    return ("Paged decode attention, FP8 KV cache, per kernel shape (w warps, s stages, b min blocks/SM) and page "
+            "size; us per call (of copy bw)\n\n" + "\n".join(lines)
+            + "\n\nRandom-chunk gather, share of copy bandwidth: " + ", ".join(chunks))
+
+
 def decode_partition_sweep(B, ctx, tuned=True) -> str:
     """Decode attention time per tokens-per-split choice: checks the partition model (tuned: see _decode)."""
     spec = DecodeAttnSpec(HEADS, KV_HEADS, HEAD_DIM, PAGE, HEAD_DIM ** -0.5, tuned=tuned, origin="bench")
@@ -462,12 +518,12 @@ def fp8_act_quant_table(copy_bw: float) -> str:
     replaced (abs, amax, clamp, div, clamp, cast), both as CUDA-graph replays."""
     from kiln.dsl.quant import FP8_MAX, quantize_rows, scale_of
 
-    from .quant_kernels import ActQuantSpec, act_quant_fp8
+    from .quant_kernels import ActQuantSpec, act_partials, act_quant_fp8
 
     lines = ["fp8 activation quantization (x bf16 -> e4m3 + scale)\n",
              "| kernel | shape | ours (us) | MB moved | GB/s | of copy bw | torch (us) | speedup |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    partial = torch.empty(1024, device="cuda")
+    partial = act_partials("cuda")
     for mode in ("tensor", "token"):
         spec = ActQuantSpec(mode, HIDDEN, origin="bench")
         for T in (1, 16, 8192):
@@ -489,6 +545,31 @@ def fp8_act_quant_table(copy_bw: float) -> str:
                          f"{nbytes / 1e6:.2f} | {nbytes / (t * 1e-3) / 1e9:.0f} | "
                          f"{nbytes / (t * 1e-3) / copy_bw:.0%} | "
                          f"{t_ref * 1e3:.1f} | {t_ref / t:.2f}x |")
+    return "\n".join(lines)
+
+
+def act_quant_grid_table(copy_bw: float, shapes=((256, 4096), (2048, 4096), (2048, 14336), (8192, 4096))) -> str:
+    """Per-tensor dynamic fp8 activation quantization (amax launch + quantize launch) per grid: blocks
+    per SM (quant_kernels.ACT_BLOCKS_PER_SM) x loads a thread has in flight (ActQuantSpec.unroll); µs a
+    call and share of copy bandwidth (x read twice, the fp8 bytes written). Session 10: at 2 blocks per
+    SM, unroll 1 (the defaults), 2,048 x 14,336 ran at 28% (an fp8 mixed step spent 5.7 of 43 ms here)."""
+    from .quant_kernels import ActQuantSpec, act_partials, act_quant_fp8
+
+    variants = [(b, u) for b in (2, 4, 8) for u in (1, 4)]
+    lines = ["fp8 activation quantization per tensor, per grid (blocks/SM x unroll): us (of copy bw)\n",
+             "| T x K | " + " | ".join(f"{b}/SM x{u}" for b, u in variants) + " |", "|---|" + "---:|" * len(variants)]
+    partial = act_partials("cuda")
+    for T, k in shapes:
+        x = torch.randn(T, k, device="cuda", dtype=DT)
+        q = torch.empty(T, k, device="cuda", dtype=torch.float8_e4m3fn)
+        sc = torch.empty((), device="cuda")
+        nbytes = T * k * (2 * 2 + 1)
+        cells = []
+        for b, u in variants:
+            spec = ActQuantSpec("tensor", k, unroll=u, origin="bench")
+            t = per_call_ms(Graphed(lambda spec=spec, b=b: act_quant_fp8(spec, x, q, sc, partial, per_sm=b)))
+            cells.append(f"{t * 1e3:.1f} ({nbytes / (t * 1e-3) / copy_bw:.0%})")
+        lines.append(f"| {T} x {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -610,6 +691,38 @@ GEMV_SHAPES = [  # (label, n, k): Mamba-2 2.7B's decode GEMMs, then the 8B model
 ]
 
 
+def gemv_grid_table(copy_bw: float, shapes=tuple(g[0] for g in GEMV_SHAPES), waves: int = 3) -> str:
+    """The bf16 GEMV at one row (with PDL) for every (rows, ksplit) whose grid fits `waves` waves of
+    resident warps, beside `choose`'s pick (*). Session 10 (H200): alone, 4 rows x half of K beat the
+    pick at several shapes (qkv 95% of copy bw against 80%), but in whole decode steps those picks were
+    slower (Mamba-2 2.7B 2.908 against 2.726 ms, the 8B shape 4.40 against 4.38): after the kernel
+    before, a one-wave grid has all its first weight loads in flight before griddepcontrol.wait, a
+    larger one only its first wave's. So `choose` stays; this table is for the next such question."""
+    from .gemv import KSPLITS, MIN_BLOCKS, ROWS, WARPS, GemvSpec, choose, gemv
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    lines = ["bf16 GEMV, T=1, + PDL, per rows x ksplit: us (of copy bw); * = choose's pick", ""]
+    for label, n, k in (g for g in GEMV_SHAPES if g[0] in shapes):
+        nbytes = n * k * 2 + (k + n) * 2
+        x = torch.randn(1, k, device="cuda", dtype=DT)
+        ws = _copies(lambda: torch.randn(n, k, device="cuda", dtype=DT) * 0.02, n * k * 2)
+        outs = [torch.empty(1, n, device="cuda", dtype=DT) for _ in ws]
+        pick = choose(n, k, "bf16", sms)
+        cells = []
+        for r in ROWS:
+            for ks in KSPLITS:
+                warps = math.ceil(n / (r * WARPS // ks)) * WARPS
+                if warps > waves * sms * WARPS * MIN_BLOCKS or ks * 32 * 8 > k:
+                    continue
+                spec = GemvSpec(n, k, False, "bf16", f"bench {label}", r, ks)
+                t = _graphed_ms([lambda w=w, o=o: gemv(spec, x, w, o, pdl=True) for w, o in zip(ws, outs)])
+                star = "*" if (r, ks) == pick else ""
+                cells.append(f"{r}x{ks}{star} {t * 1e3:.1f} ({nbytes / (t * 1e-3) / copy_bw:.0%})")
+        lines.append(f"- {label} {n}x{k}: " + ", ".join(cells))
+        del ws, outs
+    return "\n".join(lines)
+
+
 def gemv_table(copy_bw: float, T: int = 1) -> str:
     """The generated bf16 GEMV (codegen/gemv.py) against cuBLAS (F.linear) at decode shapes: bytes
     moved (weight + x + out) per second against the copy bandwidth, weights not in L2 (copies cycled in
@@ -709,7 +822,7 @@ def fp8_gemv_table(copy_bw: float) -> str:
     (copies cycled in one graph). Ours: both weight decodes (int: integer ops; cvt: conversions), "int"
     also as a programmatic dependent launch."""
     from .gemv_fp8 import gemv_fp8, spec_for
-    from .quant_kernels import ActQuantSpec, act_quant_fp8
+    from .quant_kernels import ActQuantSpec, act_partials, act_quant_fp8
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     lines = ["FP8 W8A8 GEMV, T=1, bf16 activations (codegen/gemv_fp8.py; issue #13)\n",
@@ -735,7 +848,7 @@ def fp8_gemv_table(copy_bw: float) -> str:
         aspec = ActQuantSpec("tensor", k, False, "bf16", f"bench {label}")
         xq = torch.empty(1, k, device="cuda", dtype=torch.float8_e4m3fn)
         sx = torch.empty((), device="cuda")
-        partial = torch.empty(1024, device="cuda")
+        partial = act_partials("cuda")
 
         def current(w):
             act_quant_fp8(aspec, x, xq, sx, partial)
@@ -909,12 +1022,14 @@ def main(argv=None) -> list[dict]:
                     "before it fused into its prologue against that step's kernel + the GEMV, issue #12); "
                     "ssm (Mamba-2's fused conv + scan decode kernel against the two kernels at batch 1 and 64, "
                     "issue #18); act, rope (every SwiGLU / rotary + KV-write variant side by side at "
-                    "T=8192 and 2048, issue #12)")
+                    "T=8192 and 2048, issue #12); fp8kv (the fp8-cache decode attention kernel's shapes, "
+                    "issue #13); gemvgrid (the bf16 GEMV's every rows x ksplit at one row, issue #18); actquant (the "
+                    "fp8 activation quantization's grids, issue #13)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
     only = {w.strip() for w in args.only.split(",")} if args.only else set()
-    sections = {"gemv", "norm", "int4", "fp8gemv", "gemvpro", "ssm", "act", "rope"}
+    sections = {"gemv", "norm", "int4", "fp8gemv", "gemvpro", "ssm", "act", "rope", "fp8kv", "gemvgrid", "actquant"}
     if only - sections:
         raise SystemExit(f"--only: unknown section(s) {', '.join(sorted(only - sections))}; "
                          f"choose from {', '.join(sorted(sections))}")
@@ -940,6 +1055,12 @@ def main(argv=None) -> list[dict]:
             print(act_variants_table(copy_bw) + "\n")
         if "rope" in only:
             print(rope_variants_table(copy_bw) + "\n")
+        if "fp8kv" in only:
+            print(fp8_kv_variants_table(copy_bw) + "\n")
+        if "gemvgrid" in only:
+            print(gemv_grid_table(copy_bw) + "\n")
+        if "actquant" in only:
+            print(act_quant_grid_table(copy_bw) + "\n")
         return []
     if args.lora_only:
         print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n")

@@ -45,6 +45,7 @@ import torch
 from kiln.dsl.dtypes import RUN_DTYPES
 from kiln.dsl.quant import QWeight, unpack_int4
 
+from . import render as render_module
 from .gemv import one_wave
 from .kernels import KernelArgError, _check, _torch_dtype
 from .launch import get_kernel, i32, i64, ptr
@@ -667,6 +668,21 @@ def ggml_blocks(data: torch.Tensor, kind: str, n: int, k: int):
 ACT_THREADS = 256
 
 
+def _env_choice(name: str, default: int, allowed: tuple[int, ...]) -> int:
+    raw = os.environ.get(name, str(default))
+    if not raw.isdigit() or int(raw) not in allowed:
+        raise ValueError(f"{name}={raw!r}: must be one of {', '.join(map(str, allowed))}")
+    return int(raw)
+
+
+# Per-tensor fp8 activation quantization's grid: blocks per SM of its two grid-stride launches. At 2 (the
+# default) a 2,048 x 14,336 activation was quantized at 28% of copy bandwidth on the H200 (BENCHMARKS.md,
+# session 10: too few bytes in flight); KILN_ACT_QUANT_BLOCKS=4 / 8 and ActQuantSpec.unroll are the
+# variants `bench_kernels --only actquant` weighs. Not yet run on a GPU: the default stays.
+ACT_BLOCKS_PER_SM = _env_choice("KILN_ACT_QUANT_BLOCKS", 2, (1, 2, 4, 8))
+ACT_UNROLL = _env_choice("KILN_ACT_QUANT_UNROLL", 1, (1, 2, 4, 8))
+
+
 @dataclass(frozen=True)
 class ActQuantSpec(_Spec):
     """x [T, k] (run dtype) -> fp8 e4m3 values + fp32 scale, as dsl/quant.py's reference computes them.
@@ -678,8 +694,11 @@ class ActQuantSpec(_Spec):
     static: bool = False
     dtype: str = "bf16"
     origin: str = ""
+    unroll: int = 1  # per tensor: vectors a thread loads per step of its grid-stride loops (bytes in flight)
 
     def __post_init__(self):
+        if self.unroll not in (1, 2, 4, 8) or isinstance(self.unroll, bool):
+            _fail(self, "unroll", f"must be 1, 2, 4 or 8, got {self.unroll!r}")
         if self.mode not in ("tensor", "token"):
             _fail(self, "mode", f"must be 'tensor' or 'token', got {self.mode!r}")
         _positive(self, "k")
@@ -697,14 +716,14 @@ def _render_act(s: ActQuantSpec) -> KernelSource:
         entries = [name]
     else:
         entries = ([] if s.static else [name + "_amax"]) + [name + "_quant"]
-    params = dict(mode=s.mode, k=s.k, static=s.static, vec=vec, threads=ACT_THREADS)
+    params = dict(mode=s.mode, k=s.k, static=s.static, vec=vec, threads=ACT_THREADS, unroll=s.unroll)
     return _emit("quant_act.cu.j2", name, s, params, entries, dict(threads=ACT_THREADS, vec=vec))
 
 
 _RENDERERS[ActQuantSpec] = _render_act
 
 
-def act_quant_fp8(spec: ActQuantSpec, x, q, scale, partial=None):
+def act_quant_fp8(spec: ActQuantSpec, x, q, scale, partial=None, per_sm: int | None = None):
     """q (float8_e4m3fn [T, k]), scale (fp32: [] per tensor, [T, 1] per token) from x; no host sync.
     `partial`: fp32 scratch of at least `act_blocks(x)` values (dynamic per-tensor only)."""
     dev = x.device
@@ -722,17 +741,27 @@ def act_quant_fp8(spec: ActQuantSpec, x, q, scale, partial=None):
         kern.launch(kern.source.entries[0], (T,), (threads,), [ptr(x), ptr(q), ptr(scale)])
         return
     nvec = T * spec.k // kern.source.meta["vec"]
-    blocks = act_blocks(x, kern.num_sms)
+    blocks = act_blocks(x, kern.num_sms, per_sm)
     if not spec.static:
         if partial is None or partial.numel() < blocks:
             raise KernelArgError(f"partial: needs {blocks} fp32 values")
         _check("partial", partial, torch.float32, device=dev)
         kern.launch(kern.source.entries[0], (blocks,), (threads,), [ptr(x), ptr(partial), i64(nvec)])
-    kern.launch(kern.source.entries[-1], (blocks,), (threads,),
-                [ptr(x), ptr(q), ptr(scale), ptr(partial), i32(blocks), i64(nvec)])
+    # dynamic, with render.PDL_TRIGGER: launch 2 is a programmatic dependent of launch 1 (its start
+    # overlaps launch 1's end; it waits for launch 1's partials); otherwise a plain launch
+    run = kern.launch_dependent if render_module.PDL_TRIGGER and not spec.static else kern.launch
+    run(kern.source.entries[-1], (blocks,), (threads,),
+        [ptr(x), ptr(q), ptr(scale), ptr(partial), i32(blocks), i64(nvec)])
 
 
-def act_blocks(x: torch.Tensor, num_sms: int = 132) -> int:
-    """Blocks of the per-tensor launches: enough to stream x, at most 2 per SM (a small fold)."""
+def act_blocks(x: torch.Tensor, num_sms: int = 132, per_sm: int | None = None) -> int:
+    """Blocks of the per-tensor launches: enough to stream x, at most `per_sm` (ACT_BLOCKS_PER_SM) per
+    SM: the second launch folds every block's partial."""
     vec = 16 // x.element_size()
-    return max(1, min(2 * num_sms, math.ceil(x.numel() / vec / ACT_THREADS)))
+    return max(1, min((per_sm or ACT_BLOCKS_PER_SM) * num_sms, math.ceil(x.numel() / vec / ACT_THREADS)))
+
+
+def act_partials(device) -> torch.Tensor:
+    """The per-tensor launches' scratch: room for every block `act_blocks` can give on `device`."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.empty(max(1024, 8 * sms), dtype=torch.float32, device=device)

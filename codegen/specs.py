@@ -223,11 +223,22 @@ class DecodeAttnSpec(_AttnSpec):
     # one round trip per 32 splits (weights by shuffle), and the tensor-core kernel loads each tile's
     # page index an iteration before copying the tile. False renders the kernel as before (A/B).
     tuned: bool = True
+    # The tensor-core kernel's shape (render._decode_mma): warps per block, cp.async ring stages per
+    # warp, blocks per SM it is compiled for (__launch_bounds__' minimum, which caps registers);
+    # 0 = the renderer's choice. For A/B runs (bench_kernels --only fp8kv), not for the runtime.
+    warps: int = 0
+    stages: int = 0
+    min_blocks: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.tuned, bool):
             _fail(self, "tuned", f"must be a bool, got {self.tuned!r}")
+        for f, ok in (("warps", (0, 2, 4, 8, 16)), ("stages", (0, 2, 3, 4, 5, 6, 7, 8)),
+                      ("min_blocks", (0, 1, 2, 3, 4))):
+            v = getattr(self, f)
+            if isinstance(v, bool) or v not in ok:
+                _fail(self, f, f"must be one of {ok} (0 = the renderer's choice), got {v!r}")
 
 
 # Compute capabilities (major * 10 + minor) whose prefill attention is the wgmma kernel

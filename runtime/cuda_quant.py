@@ -30,7 +30,16 @@ from dataclasses import dataclass
 
 import torch
 from kiln.codegen import gemv_fp8
-from kiln.codegen.quant_kernels import GEMV_MAX_T, ActQuantSpec, Packed, act_quant_fp8, pack, repack  # noqa: F401
+from kiln.codegen.quant_kernels import (  # noqa: F401
+    ACT_UNROLL,
+    GEMV_MAX_T,
+    ActQuantSpec,
+    Packed,
+    act_partials,
+    act_quant_fp8,
+    pack,
+    repack,
+)
 from kiln.dsl.quant import FP8_MAX, QuantDesc, QWeight, quantize_rows, scale_of
 
 # fp8 activations through the generated kernel (templates/quant_act.cu.j2) or the torch ops: the
@@ -77,14 +86,15 @@ class QGemm:
         x = x.contiguous()
         T = x.shape[0]
         mode = "tensor" if d.act == "fp8_tensor" else "token"
-        spec = ActQuantSpec(mode, x.shape[1], mode == "tensor" and d.act_static, dtype_name(x.dtype), self.origin)
+        spec = ActQuantSpec(mode, x.shape[1], mode == "tensor" and d.act_static, dtype_name(x.dtype), self.origin,
+                            ACT_UNROLL if mode == "tensor" else 1)
         xq = torch.empty(T, x.shape[1], dtype=torch.float8_e4m3fn, device=x.device)
         if spec.static:
             sx = self.input_scale.float().reshape(())
         else:
             sx = torch.empty((T, 1) if mode == "token" else (), dtype=torch.float32, device=x.device)
         if mode == "tensor" and not spec.static and (self.partial is None or self.partial.device != x.device):
-            self.partial = torch.empty(1024, dtype=torch.float32, device=x.device)  # >= 2 blocks per SM
+            self.partial = act_partials(x.device)
         act_quant_fp8(spec, x, xq, sx, self.partial)
         return xq, sx
 
@@ -159,7 +169,7 @@ def prepare(ws: list[QWeight], slices: list[tuple[int, int]], dtype: torch.dtype
             in_scale = torch.stack([w.input_scale.float() for w in ws]).amax()
         gemm = QGemm(desc, rows, q, scale, input_scale=in_scale, origin=origin)
         if desc.act == "fp8_tensor" and not desc.act_static and q.is_cuda:
-            gemm.partial = torch.empty(1024, dtype=torch.float32, device=q.device)  # before any graph capture
+            gemm.partial = act_partials(q.device)  # before any graph capture
         return gemm
     if len(ws) > 1 and not _concatenable(ws):  # e.g. GPTQ act-order siblings, each with its own g_idx
         return SplitGemm(rows, [(prepare([w], [(0, width)], dtype, origin), start, width)

@@ -35,9 +35,12 @@ class KVStore:
         self.v_scale = [float(s.v_scale) for s in sites]
 
     def store(self, cache: torch.Tensor, scale: float, values: torch.Tensor) -> torch.Tensor:
-        """`values` as `cache` holds them: fp8 pages take values / scale, rounded, within +-448."""
+        """`values` as `cache` holds them: fp8 pages take values / scale, rounded, within +-448. The
+        division is IEEE's on every device, as the kernels' (__fdiv_rn): torch divides a CUDA tensor by a
+        Python number as a product with its reciprocal (one bit off at times), not by a tensor."""
         if cache.dtype == torch.float8_e4m3fn:
-            return (values.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+            divisor = torch.full((), float(scale), dtype=torch.float32, device=values.device)  # a fill: capturable
+            return (values.float() / divisor).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
         return values
 
     @staticmethod

@@ -621,3 +621,61 @@ def test_quant_gemv_persist_variant_compiles(fmt, mode, n, k, g, tokens):
 def test_quant_gemv_specs_past_shared_memory_are_refused(make):
     with pytest.raises(KernelSpecError, match=r"\.(splits|tpb):"):
         make()
+
+
+def test_early_pdl_triggers_only_with_the_switch(monkeypatch):
+    """KILN_PDL_TRIGGER (render.PDL_TRIGGER, opt-in): the kernels a decode GEMV follows (norms, gated
+    activations, decode attention) and the fp8 amax launch start with griddepcontrol.launch_dependents,
+    before any load, and still build; without it their source has no such call."""
+    from kiln.codegen.quant_kernels import ActQuantSpec
+
+    specs = [NormSpec("rms", 4096, 1e-5, has_residual=True, origin=_origin(1, "rmsnorm(x, w)")),
+             NormSpec("rms", 5120, 1e-5, has_residual=False, gate="silu", group=5120,
+                      origin=_origin(2, "rmsnorm(y * silu(z))")),
+             ActSpec("silu", True, 14336, origin=_origin(3, "silu(g) * u")),
+             DecodeAttnSpec(32, 8, 128, 16, 128 ** -0.5, origin=_origin(4, "attention")),
+             DecodeAttnSpec(32, 8, 128, 16, 128 ** -0.5, kv_fp8=True, origin=_origin(4, "attention fp8 kv")),
+             DecodeAttnSpec(32, 8, 48, 16, 48 ** -0.5, dtype="fp32", origin=_origin(4, "attention simt")),
+             ActQuantSpec("tensor", 4096, origin=_origin(5, "linear(x, w) fp8"))]
+    call = "pdl_launch_dependents();"
+    for on in (False, True):
+        monkeypatch.setattr(render_mod, "PDL_TRIGGER", on)
+        for spec in specs:
+            ks = render.__wrapped__(spec)  # past render's cache: the switch is read at each rendering
+            assert (call in ks.source) == on, spec
+            if on:
+                entry = ks.entries[0]
+                body = ks.source.split(f" {entry}(", 1)[1].split(") {", 1)[1]
+                first = next(line.strip() for line in body.splitlines() if line.strip() and "{%" not in line)
+                assert first.startswith(call), (spec, first)
+                nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin)
+
+
+def test_decode_kernel_shape_fields_for_ab_runs():
+    """DecodeAttnSpec warps / stages / min_blocks (bench_kernels --only fp8kv): 0 keeps the renderer's
+    choice; others render that shape and build; bad values name the field."""
+    base = dict(heads=32, kv_heads=8, head_dim=128, page_size=16, scale=128 ** -0.5, kv_fp8=True, origin="t")
+    default = render(DecodeAttnSpec(**base))
+    shaped = render(DecodeAttnSpec(**base, warps=8, stages=3, min_blocks=2))
+    assert shaped.meta["threads"] == 256 and shaped.meta["stages"] == 3 and shaped.meta["tile"] == 128
+    assert "__launch_bounds__(256, 2)" in shaped.source and default.meta["threads"] == 128
+    nvrtc.compile_source(shaped.source, shaped.name, "sm_90a", shaped.origin)
+    for field, bad in (("warps", 3), ("stages", 9), ("min_blocks", True)):
+        with pytest.raises(KernelSpecError, match=field):
+            DecodeAttnSpec(**base, **{field: bad})
+
+
+@pytest.mark.parametrize("unroll", [2, 4, 8])
+def test_fp8_act_quant_unrolled_grid_compiles(unroll, monkeypatch):
+    """ActQuantSpec.unroll (bench_kernels --only actquant): the per-tensor launches load `unroll` vectors
+    a thread before using them, and build without spills; KILN_ACT_QUANT_* values outside their choices
+    are refused by name."""
+    from kiln.codegen import quant_kernels as QK
+
+    ks = render(QK.ActQuantSpec("tensor", 14336, unroll=unroll, origin=_origin(11, "linear(x, w) fp8")))
+    assert f"Vec<8> v[{unroll}];" in ks.source
+    img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+    assert img.log.count("0 bytes spill stores") == 2, img.log
+    monkeypatch.setenv("KILN_ACT_QUANT_BLOCKS", "3")
+    with pytest.raises(ValueError, match="KILN_ACT_QUANT_BLOCKS='3'"):
+        QK._env_choice("KILN_ACT_QUANT_BLOCKS", 2, (1, 2, 4, 8))

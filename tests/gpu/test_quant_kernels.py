@@ -292,6 +292,28 @@ def test_fp8_act_quant_kernel_is_bit_equal_to_torch(act, static, T, dtype, fresh
     assert torch.equal(y, want)
 
 
+@pytest.mark.parametrize("unroll", [1, 4, 8])
+@pytest.mark.parametrize("per_sm", [2, 8])
+@pytest.mark.parametrize("T, k", [(1, 4096), (300, 4096), (2048, 14336), (77, 1000)])
+def test_fp8_act_quant_grids_are_bit_equal(unroll, per_sm, T, k, fresh_seed):
+    """The per-tensor kernels' grid variants (blocks per SM, loads in flight; bench_kernels --only actquant)
+    give the torch ops' bits, static and dynamic, at every size (tails of the unrolled steps included)."""
+    from kiln.codegen.quant_kernels import ActQuantSpec, act_partials, act_quant_fp8
+    from kiln.dsl.quant import FP8_MAX, scale_of
+
+    x = (torch.randn(T, k, device="cuda") * 7).bfloat16()
+    x[-1, -1] = 900.0
+    for static in (False, True):
+        spec = ActQuantSpec("tensor", k, static, unroll=unroll, origin="test")
+        sx = torch.full((), 0.5, device="cuda") if static else torch.empty((), device="cuda")
+        want_s = sx.clone() if static else scale_of(x.float().abs().amax(), FP8_MAX)
+        q = torch.empty(T, k, device="cuda", dtype=torch.float8_e4m3fn)
+        act_quant_fp8(spec, x, q, sx, act_partials(x.device), per_sm=per_sm)
+        want = (x.float() / want_s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        assert torch.equal(sx, want_s)
+        assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+
+
 def test_fp8_act_quant_in_a_graph():
     gemm = _fp8_gemm("fp8_tensor", False, 1024)
     x = torch.randn(4, 1024, device="cuda").bfloat16()
