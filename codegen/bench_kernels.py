@@ -254,7 +254,7 @@ def fp8_kv_variants_table(copy_bw: float, shapes=((256, 1500), (64, 4096), (1, 1
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     chunks = []
     for size in (1024, 2048, 4096, 8192):
-        rows = src.view(-1, size)
+        rows = src.view(torch.complex128).view(-1, size // 16)  # 16-byte elements: 16-byte loads
         idx = torch.randperm(rows.shape[0], device="cuda")
         dst = torch.empty_like(rows)
         t = per_call_ms(Graphed(lambda rows=rows, idx=idx, dst=dst: torch.index_select(rows, 0, idx, out=dst), calls=2))
