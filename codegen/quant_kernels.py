@@ -679,8 +679,9 @@ def _env_choice(name: str, default: int, allowed: tuple[int, ...]) -> int:
 # default) a 2,048 x 14,336 activation was quantized at 28% of copy bandwidth on the H200 (BENCHMARKS.md,
 # session 10: too few bytes in flight); KILN_ACT_QUANT_BLOCKS=4 / 8 and ActQuantSpec.unroll are the
 # variants `bench_kernels --only actquant` weighs. Not yet run on a GPU: the default stays.
-ACT_BLOCKS_PER_SM = _env_choice("KILN_ACT_QUANT_BLOCKS", 2, (1, 2, 4, 8))
-ACT_UNROLL = _env_choice("KILN_ACT_QUANT_UNROLL", 1, (1, 2, 4, 8))
+ACT_GRID_CHOICES = (1, 2, 4, 8)  # of both: blocks per SM, and vectors a thread loads per step (unroll)
+ACT_BLOCKS_PER_SM = _env_choice("KILN_ACT_QUANT_BLOCKS", 2, ACT_GRID_CHOICES)
+ACT_UNROLL = _env_choice("KILN_ACT_QUANT_UNROLL", 1, ACT_GRID_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -697,8 +698,8 @@ class ActQuantSpec(_Spec):
     unroll: int = 1  # per tensor: vectors a thread loads per step of its grid-stride loops (bytes in flight)
 
     def __post_init__(self):
-        if self.unroll not in (1, 2, 4, 8) or isinstance(self.unroll, bool):
-            _fail(self, "unroll", f"must be 1, 2, 4 or 8, got {self.unroll!r}")
+        if self.unroll not in ACT_GRID_CHOICES or isinstance(self.unroll, bool):
+            _fail(self, "unroll", f"must be one of {ACT_GRID_CHOICES}, got {self.unroll!r}")
         if self.mode not in ("tensor", "token"):
             _fail(self, "mode", f"must be 'tensor' or 'token', got {self.mode!r}")
         _positive(self, "k")
@@ -764,4 +765,4 @@ def act_blocks(x: torch.Tensor, num_sms: int = 132, per_sm: int | None = None) -
 def act_partials(device) -> torch.Tensor:
     """The per-tensor launches' scratch: room for every block `act_blocks` can give on `device`."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return torch.empty(max(1024, 8 * sms), dtype=torch.float32, device=device)
+    return torch.empty(max(1024, max(ACT_GRID_CHOICES) * sms), dtype=torch.float32, device=device)
