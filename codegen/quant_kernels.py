@@ -50,7 +50,7 @@ from .gemv import one_wave
 from .kernels import KernelArgError, _check, _torch_dtype
 from .launch import get_kernel, i32, i64, ptr
 from .render import _RENDERERS, KernelSource, _emit, _name
-from .specs import _dtype, _fail, _positive, _Spec
+from .specs import KernelSpecError, _dtype, _fail, _positive, _Spec
 
 # per format: columns per chunk (one 16-byte piece per lane), columns per lane, mma steps per piece
 FORMATS = {"int4": (64, 16, 4), "int8": (32, 8, 2)}
@@ -669,9 +669,11 @@ ACT_THREADS = 256
 
 
 def _env_choice(name: str, default: int, allowed: tuple[int, ...]) -> int:
+    """An integer switch from the environment; another value is a KernelSpecError naming it (the CLI
+    prints it and exits 2)."""
     raw = os.environ.get(name, str(default))
     if not raw.isdigit() or int(raw) not in allowed:
-        raise ValueError(f"{name}={raw!r}: must be one of {', '.join(map(str, allowed))}")
+        raise KernelSpecError(f"{name}={raw!r}: must be one of {', '.join(map(str, allowed))}")
     return int(raw)
 
 
