@@ -677,12 +677,14 @@ def _env_choice(name: str, default: int, allowed: tuple[int, ...]) -> int:
     return int(raw)
 
 
-# Per-tensor fp8 activation quantization's grid: blocks per SM of its two grid-stride launches. At 2 (the
-# default) a 2,048 x 14,336 activation was quantized at 28% of copy bandwidth on the H200 (BENCHMARKS.md,
-# session 10: too few bytes in flight); KILN_ACT_QUANT_BLOCKS=4 / 8 and ActQuantSpec.unroll are the
-# variants `bench_kernels --only actquant` weighs. Not yet run on a GPU: the default stays.
+# Per-tensor fp8 activation quantization's grid: blocks per SM of its two grid-stride launches. 8 by
+# default: on the H200 (BENCHMARKS.md, session 11) it streamed a 2,048 x 14,336 activation at 78% of copy
+# bandwidth where 2 per SM (session 10's default) reached 46%, and an fp8 mixed step's quantization took
+# 2.7 ms instead of 4.1; at 256 x 4,096 (a decode step's) 2 per SM is 0.3 us faster. The grids give the
+# same bytes (a max is order-free; tests/gpu/test_quant_kernels.py). KILN_ACT_QUANT_BLOCKS / _UNROLL
+# select the others for `bench_kernels --only actquant`; unroll 4 was no faster than 1.
 ACT_GRID_CHOICES = (1, 2, 4, 8)  # of both: blocks per SM, and vectors a thread loads per step (unroll)
-ACT_BLOCKS_PER_SM = _env_choice("KILN_ACT_QUANT_BLOCKS", 2, ACT_GRID_CHOICES)
+ACT_BLOCKS_PER_SM = _env_choice("KILN_ACT_QUANT_BLOCKS", 8, ACT_GRID_CHOICES)
 ACT_UNROLL = _env_choice("KILN_ACT_QUANT_UNROLL", 1, ACT_GRID_CHOICES)
 
 

@@ -78,18 +78,22 @@ def _name(prefix: str, spec) -> str:
     return f"kiln_{prefix}_{spec.dtype}_{digest}"
 
 
-# Early programmatic-launch triggers (templates/pdl.cuh.j2), opt-in: KILN_PDL_TRIGGER=1 renders a
+# Early programmatic-launch triggers (templates/pdl.cuh.j2), on by default (KILN_PDL_TRIGGER=0: off): a
 # griddepcontrol.launch_dependents at the start of the kernels a decode GEMV follows (norms, gated
 # activations, decode attention) and of the fp8 activation amax, so that the next kernel, launched as a
 # programmatic dependent, starts (its weight loads in flight) while they run. Measured on the H200
-# (BENCHMARKS.md, session 10): Mamba-2 2.7B batch-1 decode 2.672 -> 2.501 ms, the 8B shape 4.495 ->
-# 4.406 ms. Off by default: tests/gpu/test_gemv_prologue.py's bf16 Mamba-2 case failed with it under
-# pytest-xdist (it passed alone) and the cause is not found yet. Read once: a process renders every
-# kernel the same way (the kernel cache is keyed by spec, the NVRTC cache by source).
-PDL_TRIGGER = os.environ.get("KILN_PDL_TRIGGER", "0") == "1"
+# (BENCHMARKS.md, session 11, one call): Llama-3-8B batch-1 decode 4.711 -> 4.357 ms, Mamba-2 2.7B 2.942 ->
+# 2.501 ms. They were opt-in while a GEMV entry read wrong x with them (session 10): ptxas had moved the
+# 3- and 4-row entries' x loads above griddepcontrol.wait (pdl.cuh.j2's ld_dep; tests/test_pdl_order.py).
+# Read once: a process renders every kernel the same way (the kernel cache is keyed by spec, the NVRTC
+# cache by source).
+_PDL_TRIGGER_ENV = os.environ.get("KILN_PDL_TRIGGER", "1")
+PDL_TRIGGER = _PDL_TRIGGER_ENV == "1"
 
 
 def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> KernelSource:
+    if _PDL_TRIGGER_ENV not in ("0", "1"):  # a switch read at import; refused where a kernel is first made
+        raise KernelSpecError(f"KILN_PDL_TRIGGER={_PDL_TRIGGER_ENV!r}: must be 0 or 1")
     derived = " ".join(f"{k}={v}" for k, v in meta.items())
     ctype = RUN_DTYPES[spec.dtype].ctype
     text = env().get_template(template).render(

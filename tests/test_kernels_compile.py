@@ -624,7 +624,7 @@ def test_quant_gemv_specs_past_shared_memory_are_refused(make):
 
 
 def test_early_pdl_triggers_only_with_the_switch(monkeypatch):
-    """KILN_PDL_TRIGGER (render.PDL_TRIGGER, opt-in): the kernels a decode GEMV follows (norms, gated
+    """KILN_PDL_TRIGGER (render.PDL_TRIGGER, on by default): the kernels a decode GEMV follows (norms, gated
     activations, decode attention) and the fp8 amax launch start with griddepcontrol.launch_dependents,
     before any load, and still build; without it their source has no such call."""
     from kiln.codegen.quant_kernels import ActQuantSpec
@@ -676,6 +676,10 @@ def test_fp8_act_quant_unrolled_grid_compiles(unroll, monkeypatch):
     assert f"Vec<8> v[{unroll}];" in ks.source
     img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
     assert img.log.count("0 bytes spill stores") == 2, img.log
+    monkeypatch.setattr(render_mod, "_PDL_TRIGGER_ENV", "yes")
+    with pytest.raises(KernelSpecError, match="KILN_PDL_TRIGGER='yes'"):
+        render.__wrapped__(QK.ActQuantSpec("tensor", 4096, origin=_origin(11, "linear(x, w) fp8")))
+    monkeypatch.undo()
     monkeypatch.setenv("KILN_ACT_QUANT_BLOCKS", "3")
     with pytest.raises(ValueError, match="KILN_ACT_QUANT_BLOCKS='3'"):
         QK._env_choice("KILN_ACT_QUANT_BLOCKS", 2, (1, 2, 4, 8))

@@ -6,8 +6,9 @@ with the norms rendered without it and plain launches. A read before `griddepcon
 that races the kernel before, would show here as a difference.
 
 Why: with the triggers, tests/gpu/test_gemv_prologue.py's bf16 Mamba-2 case failed under pytest-xdist
-and passed alone (BENCHMARKS.md, session 10). If this chain holds under load while that test fails, the
-cause is not in the trigger / wait pairing of these kernels."""
+while this chain held (BENCHMARKS.md, sessions 10 and 11). The cause was not the trigger / wait pairing but
+ptxas moving the 3- and 4-row GEMV entries' x loads above the wait (tests/test_pdl_order.py checks the
+machine code of every dependent kernel for that)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,150 @@
+"""Programmatic dependent launch, checked in the machine code (CPU: NVRTC compiles sm_90a, nvdisasm reads it).
+
+A kernel launched as a programmatic dependent (LoadedKernel.launch_dependent) may start while the kernel
+before it still runs; only its `griddepcontrol.wait` (ACQBULK in SASS) waits for that kernel's writes. So
+before the wait it may read weights and nothing else, and write nothing. The CUDA source says so, but ptxas
+schedules: a load of x through a `const __restrict__` pointer is compiled to the non-coherent path, which
+ptxas treats as invariant, and in the 3- and 4-row GEMV entries it moved x's first loads above the wait. On
+the H200 those entries then read x before the norm before them had written it (tests/gpu/test_gemv_prologue.py's
+bf16 Mamba-2 case under load, with KILN_PDL_TRIGGER=1; BENCHMARKS.md, session 11). The templates now read
+the kernel before's outputs through pdl.cuh.j2's `ld_dep` (coherent loads, kept after the wait).
+
+What is checked in every entry of every programmatic-dependent kernel, at several shapes and dtypes:
+- it waits (an ACQBULK);
+- before the first ACQBULK: no store or atomic, no 16-byte asynchronous copy (x's), no coherent load (the
+  `ld_dep` loads of x, partials), and every 8- or 16-byte load is a weight-stream load (L1::no_allocate).
+4-byte non-coherent loads stay allowed before the wait: the packed INT4/INT8 weights' records and the LoRA
+row-group tables are read there on purpose; a 4-byte load of the kernel before's output goes through ld_dep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from kiln.codegen import gemv as G
+from kiln.codegen import gemv_fp8 as F
+from kiln.codegen.lora_kernels import LoraSpec
+from kiln.codegen.quant_kernels import ActQuantSpec, QGemvSpec, choose_persist, choose_splits, choose_warp
+from kiln.codegen.render import render
+from kiln.codegen.specs import ActSpec, NormSpec
+
+nvrtc = pytest.importorskip("kiln.codegen.nvrtc")
+
+
+def _nvdisasm() -> str | None:
+    """nvdisasm from the nvidia-cuda-nvdisasm wheel (a dev dependency), else from PATH."""
+    try:
+        import nvidia
+        for root in nvidia.__path__:
+            for p in Path(root).glob("cu*/bin/nvdisasm"):
+                if os.access(p, os.X_OK):
+                    return str(p)
+    except ImportError:
+        pass
+    return shutil.which("nvdisasm")
+
+
+NVDISASM = _nvdisasm()
+pytestmark = pytest.mark.skipif(NVDISASM is None, reason="nvdisasm (pip install nvidia-cuda-nvdisasm)")
+INSTR = re.compile(r"/\*[0-9a-f]{4}\*/\s*(.*?)\s*;")
+
+
+def _entries(source: str, name: str, origin: str, tmp_path) -> dict[str, list[str]]:
+    """Each entry's SASS instructions, in order, of `source` compiled for sm_90a."""
+    try:
+        cubin = nvrtc.compile_source(source, name, "sm_90a", origin=origin).data
+    except nvrtc.NvrtcError as e:  # no NVRTC library on this machine
+        pytest.skip(f"NVRTC: {e}")
+    path = tmp_path / f"{name}.cubin"
+    path.write_bytes(cubin)
+    text = subprocess.run([NVDISASM, "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    out = {}
+    for block in re.split(r"\n\s*\.text\.", text)[1:]:
+        out[block.split(":", 1)[0].split()[0]] = [m.group(1) for m in INSTR.finditer(block)]
+    return out
+
+
+def _width(ins: str) -> int:
+    m = re.search(r"\.(64|128)\b", ins)
+    return int(m.group(1)) // 8 if m else 4
+
+
+def _before_wait_problems(instrs: list[str]) -> list[str]:
+    wait = next(i for i, s in enumerate(instrs) if "ACQBULK" in s)
+    bad = []
+    for ins in instrs[:wait]:
+        op = re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0]
+        if op.startswith(("STG", "ST.", "ATOM", "RED")):
+            bad.append(f"a write before the wait: {ins}")
+        elif op.startswith("LDGSTS"):  # cp.async: 4 bytes are the packed weights' records, 16 x's rows
+            if _width(op) == 16:
+                bad.append(f"a 16-byte asynchronous copy before the wait: {ins}")
+        elif op.startswith("LDG"):
+            if ".CONSTANT" not in op:
+                bad.append(f"a coherent load (ld_dep's) before the wait: {ins}")
+            elif _width(op) > 4 and ".NA" not in op:
+                bad.append(f"a vector load that is not the weight stream before the wait: {ins}")
+    return bad
+
+
+def _gemv_specs():
+    for dt, (n, k) in itertools.product(["bf16", "fp16", "fp32"], [(296, 64), (33, 1000), (6144, 4096), (64, 128)]):
+        yield G.spec_for(n, k, dt, n == 33, "pdl-order", 132)
+    for name, (n, pro) in {
+        "rmsnorm": (296, NormSpec("rms", 64, 1e-5, has_residual=False)),
+        "rmsnorm_res": (6144, NormSpec("rms", 4096, 1e-5, has_residual=True)),
+        "gated_norm": (64, NormSpec("rms", 128, 1e-5, has_residual=False, gate="silu", group=64,
+                                    per_group_weight=False)),
+        "swiglu": (4096, ActSpec("silu", True, 14336)),
+    }.items():
+        yield G.spec_for(n, pro.hidden if isinstance(pro, NormSpec) else pro.features, "bf16", False, name, 132,
+                         prologue=pro)
+
+
+def _other_specs():
+    for n, k, static, per_channel in [(6144, 4096, False, False), (64, 128, True, True), (33, 1024, False, True)]:
+        yield F.spec_for(n, k, "bf16", False, per_channel=per_channel, static=static)
+    for fmt, mode in itertools.product(["int4", "int8"], ["post", "pre"]):
+        n, k, g = 4096, 4096, 128
+        yield QGemvSpec(fmt, mode, n, k, g, splits=choose_splits(fmt, n, k, 8, 132))
+        tpb, splits = choose_persist(fmt, n, k, 8, 132)
+        yield QGemvSpec(fmt, mode, n, k, g, variant="persist", splits=splits, tpb=tpb)
+    tpw, ks = choose_warp(4096, 4096, 128)
+    yield QGemvSpec("int4", "post", 4096, 4096, 128, variant="warp", tpw=tpw, ksplit=ks)
+    for dt in ("bf16", "fp32"):
+        yield LoraSpec(4096, 6144, 48, 16, dtype=dt)
+    yield ActQuantSpec("tensor", 4096)  # its second launch is a dependent of its first
+
+
+SPECS = list(_gemv_specs()) + list(_other_specs())
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[f"{type(s).__name__}-{i}" for i, s in enumerate(SPECS)])
+def test_dependent_kernels_read_only_weights_before_the_wait(spec, tmp_path):
+    src = render(spec)
+    entries = _entries(src.source, src.name, src.origin, tmp_path)
+    waiting = {name: ins for name, ins in entries.items() if any("ACQBULK" in s for s in ins)}
+    # plain launches: the activation quantization's amax pass, the packed weights' dequantization for cuBLAS
+    dependent = [e for e in render(spec).entries if not e.endswith(("_amax", "_dequant"))]
+    assert sorted(waiting) == sorted(dependent), "every programmatic-dependent entry waits"
+    problems = {name: _before_wait_problems(ins) for name, ins in waiting.items()}
+    assert not any(problems.values()), problems
+
+
+def test_the_check_sees_a_load_of_x_moved_above_the_wait(tmp_path):
+    """The rule catches the bug it is for: the 4-row GEMV entry as it was (x through a plain load of a
+    const __restrict__ pointer) has x loads above its wait."""
+    spec = G.spec_for(296, 64, "bf16", False, "pdl-order-old", 132)
+    src = render(spec)
+    old = src.source.replace("ld_dep(reinterpret_cast<const uint4*>(x + t * x_stride + col))",
+                             "*reinterpret_cast<const uint4*>(x + t * x_stride + col)")
+    assert old != src.source
+    entries = _entries(old, src.name + "_old", src.origin, tmp_path)
+    problems = _before_wait_problems(next(ins for name, ins in entries.items() if name.endswith("_t4")))
+    assert any("not the weight stream" in p for p in problems), problems
