@@ -12,6 +12,8 @@
 #   bash .ci/device_check.sh triggers  KILN_PDL_TRIGGER off / on: the GEMV tests and the trigger chains under load
 #                                         (tests/gpu/test_pdl_triggers.py) under xdist (the bf16 Mamba-2 prologue case failed
 #                                         with them on until session 11), then batch-1 decode of the 8B and Mamba-2 shapes
+#   bash .ci/device_check.sh depload   KILN_DEP_LOAD ca / cg / weak (how dependent kernels load the kernel before's
+#                                         output): the GEMV tests, then batch-1 decode of the 8B and Mamba-2 shapes
 #   bash .ci/device_check.sh actquant  the fp8 activation quantization's grid variants: their GPU test, the kernel
 #                                         table, then an fp8 mixed step's profile at the defaults and at 8 blocks/SM x 4
 #   bash .ci/device_check.sh fp8kv     the fp8-cache decode kernel per shape and page size, and random-chunk gathers
@@ -97,6 +99,11 @@ for mode in "$@"; do
         tests/gpu/test_gemv_prologue.py tests/gpu/test_gemv.py tests/gpu/test_pdl_triggers.py > "$OUT/triggers-$v.log" 2>&1
         grep -a -E "^(FAILED|ERROR)|passed|failed|^E  .*(rel|assert)" "$OUT/triggers-$v.log" | tail -8
         for c in llama-3-8b mamba2-2.7b; do KILN_PDL_TRIGGER=$v timeout 60 $KILN bench latency --config configs/$c.json \
+          --prompt 1024 --steps 48 2>&1 | grep -a -E "^\| decode_ms |Error"; done; done ;;
+    depload)
+      for v in ca cg weak; do echo "KILN_DEP_LOAD=$v"; KILN_DEP_LOAD=$v timeout 120 python3 -m pytest -q -p no:cacheprovider \
+        -n 8 tests/gpu/test_gemv_prologue.py tests/gpu/test_pdl_triggers.py 2>&1 | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -3
+        for c in llama-3-8b mamba2-2.7b; do KILN_DEP_LOAD=$v timeout 60 $KILN bench latency --config configs/$c.json \
           --prompt 1024 --steps 48 2>&1 | grep -a -E "^\| decode_ms |Error"; done; done ;;
     actquant)
       timeout 120 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_quant_kernels.py -k "act_quant" \

@@ -82,23 +82,33 @@ def _name(prefix: str, spec) -> str:
 # griddepcontrol.launch_dependents at the start of the kernels a decode GEMV follows (norms, gated
 # activations, decode attention) and of the fp8 activation amax, so that the next kernel, launched as a
 # programmatic dependent, starts (its weight loads in flight) while they run. Measured on the H200
-# (BENCHMARKS.md, session 11, one call): Llama-3-8B batch-1 decode 4.711 -> 4.357 ms, Mamba-2 2.7B 2.942 ->
-# 2.501 ms. They were opt-in while a GEMV entry read wrong x with them (session 10): ptxas had moved the
-# 3- and 4-row entries' x loads above griddepcontrol.wait (pdl.cuh.j2's ld_dep; tests/test_pdl_order.py).
+# (BENCHMARKS.md, session 11, one call): batch-1 decode of the 8B attention shape 4.515 -> 4.472 ms, of the
+# 2.7B state-space shape 3.028 -> 2.926 ms. They were opt-in while a GEMV entry read wrong x with them
+# (session 10): ptxas had moved the 3- and 4-row entries' x loads above griddepcontrol.wait (pdl.cuh.j2's
+# ld_dep; tests/test_pdl_order.py).
 # Read once: a process renders every kernel the same way (the kernel cache is keyed by spec, the NVRTC
 # cache by source).
 _PDL_TRIGGER_ENV = os.environ.get("KILN_PDL_TRIGGER", "1")
 PDL_TRIGGER = _PDL_TRIGGER_ENV == "1"
+# How ld_dep (pdl.cuh.j2) loads a programmatic dependent's inputs from the kernel before, every form a
+# coherent load that stays after griddepcontrol.wait (tests/test_pdl_order.py checks each): "ca" (the
+# default, __ldca: L1-cached, measured in session 11), "cg" (__ldcg: L2 only) and "weak" (a plain
+# ld.global) for `.ci/device_check.sh depload`. The non-coherent loads of session 10 were faster on
+# the 2.7B state-space shape (2.53 against 2.84 ms) but are the ones ptxas moved above the wait.
+DEP_LOADS = ("ca", "cg", "weak")
+DEP_LOAD = os.environ.get("KILN_DEP_LOAD", "ca")
 
 
 def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> KernelSource:
     if _PDL_TRIGGER_ENV not in ("0", "1"):  # a switch read at import; refused where a kernel is first made
         raise KernelSpecError(f"KILN_PDL_TRIGGER={_PDL_TRIGGER_ENV!r}: must be 0 or 1")
+    if DEP_LOAD not in DEP_LOADS:
+        raise KernelSpecError(f"KILN_DEP_LOAD={DEP_LOAD!r}: must be one of {', '.join(DEP_LOADS)}")
     derived = " ".join(f"{k}={v}" for k, v in meta.items())
     ctype = RUN_DTYPES[spec.dtype].ctype
     text = env().get_template(template).render(
         name=name, origin=spec.origin or "?", constants=spec.constants(), derived=derived,
-        ctype=ctype, pdl_trigger=PDL_TRIGGER, **params,
+        ctype=ctype, pdl_trigger=PDL_TRIGGER, dep_load=DEP_LOAD, **params,
     )
     text = re.sub(r"\n{3,}", "\n\n", text)
     return KernelSource(name, text, spec.origin or "?", tuple(entries), meta)

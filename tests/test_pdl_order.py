@@ -29,10 +29,11 @@ from pathlib import Path
 import pytest
 from kiln.codegen import gemv as G
 from kiln.codegen import gemv_fp8 as F
+from kiln.codegen import render as render_mod
 from kiln.codegen.lora_kernels import LoraSpec
 from kiln.codegen.quant_kernels import ActQuantSpec, QGemvSpec, choose_persist, choose_splits, choose_warp
 from kiln.codegen.render import render
-from kiln.codegen.specs import ActSpec, NormSpec
+from kiln.codegen.specs import ActSpec, KernelSpecError, NormSpec
 
 nvrtc = pytest.importorskip("kiln.codegen.nvrtc")
 
@@ -148,3 +149,25 @@ def test_the_check_sees_a_load_of_x_moved_above_the_wait(tmp_path):
     entries = _entries(old, src.name + "_old", src.origin, tmp_path)
     problems = _before_wait_problems(next(ins for name, ins in entries.items() if name.endswith("_t4")))
     assert any("not the weight stream" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("dep_load", render_mod.DEP_LOADS)
+def test_every_dependent_load_form_stays_after_the_wait(dep_load, monkeypatch, tmp_path):
+    """KILN_DEP_LOAD's forms (the A/B of `.ci/device_check.sh depload`), on the kernels whose loads of the
+    kernel before's output ptxas moved or could move: the 3- and 4-row GEMV, a prologue, the LoRA expand."""
+    monkeypatch.setattr(render_mod, "DEP_LOAD", dep_load)
+    for spec in (G.spec_for(296, 64, "bf16", False, "dep", 132), G.spec_for(33, 1000, "fp32", True, "dep", 132),
+                 G.spec_for(64, 128, "bf16", False, "dep", 132, prologue=NormSpec(
+                     "rms", 128, 1e-5, has_residual=False, gate="silu", group=64, per_group_weight=False)),
+                 LoraSpec(4096, 6144, 48, 16)):
+        src = render.__wrapped__(spec)  # past render's cache: the switch is read at each rendering
+        assert f"({dep_load}: render.DEP_LOAD)" in src.source
+        for name, ins in _entries(src.source, src.name, src.origin, tmp_path).items():
+            if any("ACQBULK" in s for s in ins):
+                assert not _before_wait_problems(ins), (dep_load, name)
+
+
+def test_a_bad_dependent_load_form_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(render_mod, "DEP_LOAD", "nc")
+    with pytest.raises(KernelSpecError, match="KILN_DEP_LOAD='nc'"):
+        render.__wrapped__(G.spec_for(64, 64, "bf16", False, "dep", 132))
