@@ -84,13 +84,13 @@ def _name(prefix: str, spec) -> str:
 # programmatic dependent, starts (its weight loads in flight) while they run. Measured on the H200
 # (BENCHMARKS.md, session 11, one call): batch-1 decode of the 8B attention shape 4.515 -> 4.472 ms, of the
 # 2.7B state-space shape 3.028 -> 2.926 ms. They were opt-in while a GEMV entry read wrong x with them
-# (session 10): ptxas had moved the 3- and 4-row entries' x loads above griddepcontrol.wait (pdl.cuh.j2's
+# (session 10): ptxas had moved the 3- and 4-row entries' x loads above griddepcontrol.wait (pdl_dep.cuh.j2's
 # ld_dep; tests/test_pdl_order.py).
 # Read once: a process renders every kernel the same way (the kernel cache is keyed by spec, the NVRTC
 # cache by source).
 _PDL_TRIGGER_ENV = os.environ.get("KILN_PDL_TRIGGER", "1")
 PDL_TRIGGER = _PDL_TRIGGER_ENV == "1"
-# How ld_dep (pdl.cuh.j2) loads a programmatic dependent's inputs from the kernel before, every form a
+# How ld_dep (pdl_dep.cuh.j2) loads a programmatic dependent's inputs from the kernel before, every form a
 # coherent load that stays after griddepcontrol.wait (tests/test_pdl_order.py checks each): "ca" (the
 # default, __ldca: L1-cached, measured in session 11), "cg" (__ldcg: L2 only) and "weak" (a plain
 # ld.global) for `.ci/device_check.sh depload`. The non-coherent loads of session 10 were faster on

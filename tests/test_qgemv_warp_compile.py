@@ -59,7 +59,7 @@ def test_warp_compiles_without_spills(n, k, group, dtype):
 def test_every_tpw_and_ksplit_compiles(tpw, ksplit):
     """Off the chooser's picks too (ragged tiles, a K tail, one group per row): every (tpw, ksplit)
     builds for sm_90a, spilling at most 8 bytes. Since x is read with coherent loads after the
-    programmatic wait (pdl.cuh.j2's ld_dep, session 11), 2 tiles a warp over 4 or 8 K slices spill 8
+    programmatic wait (pdl_dep.cuh.j2's ld_dep, session 11), 2 tiles a warp over 4 or 8 K slices spill 8
     bytes at this shape; none did with the non-coherent loads ptxas could move above the wait."""
     ks = render(_spec(203, 2000, 2000, tpw=tpw, ksplit=ksplit))
     img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
