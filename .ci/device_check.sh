@@ -14,6 +14,10 @@
 #                                         with them on until session 11), then batch-1 decode of the 8B and Mamba-2 shapes
 #   bash .ci/device_check.sh depload   KILN_DEP_LOAD ca / cg / weak (how dependent kernels load the kernel before's
 #                                         output): the GEMV tests, then batch-1 decode of the 8B and Mamba-2 shapes
+#   bash .ci/device_check.sh fp8mma    the one-row fp8 GEMV's tensor-core variant: its GPU tests, the kernel table with
+#                                         its grid sweep, then fp8 batch-1 decode with KILN_FP8_GEMV_DECODE=int / mma and bf16
+#   bash .ci/device_check.sh fp8race   the fp8 GEMV tests six times, early triggers on / off alternately
+#   bash .ci/device_check.sh deploadbench   depload's decode figures alone
 #   bash .ci/device_check.sh actquant  the fp8 activation quantization's grid variants: their GPU test, the kernel
 #                                         table, then an fp8 mixed step's profile at the defaults and at 8 blocks/SM x 4
 #   bash .ci/device_check.sh fp8kv     the fp8-cache decode kernel per shape and page size, and random-chunk gathers
@@ -105,6 +109,22 @@ for mode in "$@"; do
         -n 8 tests/gpu/test_gemv_prologue.py tests/gpu/test_pdl_triggers.py 2>&1 | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -3
         for c in llama-3-8b mamba2-2.7b; do KILN_DEP_LOAD=$v timeout 60 $KILN bench latency --config configs/$c.json \
           --prompt 1024 --steps 48 2>&1 | grep -a -E "^\| decode_ms |Error"; done; done ;;
+    fp8mma)  # session 12: the one-row fp8 GEMV on the tensor cores (KILN_FP8_GEMV_DECODE=mma)
+      timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_gemv_fp8.py \
+        2>&1 | tee "$OUT/fp8mma-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      timeout ${BENCH_TIMEOUT:-200} python3 -m kiln.codegen.bench_kernels --only fp8gemv > "$OUT/fp8mma-kernels.md" 2>&1
+      grep -a -E "^\||rror" "$OUT/fp8mma-kernels.md"
+      for v in int mma; do echo "fp8 batch-1, KILN_FP8_GEMV_DECODE=$v"; KILN_FP8_GEMV_DECODE=$v timeout 60 $KILN bench \
+        latency --config $L --quantization fp8 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done
+      echo "bf16 batch-1"; timeout 60 $KILN bench latency --config $L --steps 64 2>&1 \
+        | grep -a -E "^\| (decode_ms|roofline_ms) |Error" ;;
+    fp8race)  # session 12: the fp8 GEMV tests six times, triggers on / off (the engine-token test's flips: BENCHMARKS)
+      for v in 1 0 1 0 1 0; do echo "KILN_PDL_TRIGGER=$v"; KILN_PDL_TRIGGER=$v timeout 100 python3 -m pytest -q -p no:cacheprovider \
+        -n 8 tests/gpu/test_gemv_fp8.py 2>&1 | tee -a "$OUT/fp8race-$v.log" | grep -a -E "^FAILED|passed|failed" | tail -3; done ;;
+    deploadbench)  # depload's decode figures alone (no tests)
+      for v in ca cg weak; do for c in llama-3-8b mamba2-2.7b; do echo "KILN_DEP_LOAD=$v $c"; KILN_DEP_LOAD=$v timeout 60 \
+        $KILN bench latency --config configs/$c.json --prompt 1024 --steps 48 2>&1 | grep -a -E "^\| decode_ms |Error"
+      done; done ;;
     actquant)
       timeout 120 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_quant_kernels.py -k "act_quant" \
         2>&1 | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -4

@@ -819,31 +819,54 @@ def fp8_gemv_table(copy_bw: float) -> str:
     path it replaces, the activation-quant kernels (templates/quant_act.cu.j2: amax, then scale + fp8) and
     cuBLASLt's fp8 GEMM (torch._scaled_mm), timed together, and against bf16 cuBLAS (F.linear) of the same
     shape; bytes moved (fp8 weight + x + out) per second against the copy bandwidth, weights not in L2
-    (copies cycled in one graph). Ours: both weight decodes (int: integer ops; cvt: conversions), "int"
-    also as a programmatic dependent launch."""
-    from .gemv_fp8 import gemv_fp8, spec_for
+    (copies cycled in one graph). Ours: the three decodes (int: integer ops; cvt: conversions; mma: the
+    tensor cores), "int" and "mma" also as programmatic dependent launches."""
+    from .gemv import KSPLITS
+    from .gemv_fp8 import MMA_ROWS, Fp8GemvSpec, gemv_fp8, spec_for
     from .quant_kernels import ActQuantSpec, act_partials, act_quant_fp8
+
+    MMA_FORMS = [(True, 8), (False, 8), (False, 16)]  # (ring, loads in flight per lane)
+    sweep = ["\nThe tensor-core variant's grids (rows x ksplit; * = spec_for's pick) and load forms, one wave or less, "
+             "with PDL: us (of copy bw)\n",
+             "| linear | rows x ksplit | " + " | ".join(f"{'ring' if r else 'block'} of {m}" for r, m in MMA_FORMS)
+             + " |",
+             "|---|---|" + "---:|" * len(MMA_FORMS)]
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     lines = ["FP8 W8A8 GEMV, T=1, bf16 activations (codegen/gemv_fp8.py; issue #13)\n",
-             "| linear | out x in | rows x ksplit | int (us) | of copy bw | int + PDL (us) | cvt (us) | of copy bw | "
-             "act-quant + _scaled_mm (us) | of copy bw | speedup | bf16 cuBLAS (us) | fp8 speedup over bf16 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| linear | out x in | rows x ksplit | int (us) | of copy bw | int + PDL (us) | cvt (us) | "
+             "mma rows x ksplit | mma (us) | of copy bw | mma + PDL (us) | act-quant + _scaled_mm (us) | of copy bw | "
+             "speedup | bf16 cuBLAS (us) | fp8 speedup over bf16 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, n, k in GEMV_SHAPES:
         if not label.startswith("llama3"):
             continue
         nbytes = n * k + (k + n) * 2
+        pct = lambda ms: f"{nbytes / (ms * 1e-3) / copy_bw:.0%}"  # noqa: E731
         x = torch.randn(1, k, device="cuda", dtype=DT)
         sw = torch.tensor(0.02 / 448, device="cuda")
         ws = _copies(lambda: (torch.randn(n, k, device="cuda") * 200).to(torch.float8_e4m3fn), n * k)
         outs = [torch.empty(1, n, device="cuda", dtype=DT) for _ in ws]
-        times = {}
-        for decode in ("int", "cvt"):
-            spec = spec_for(n, k, "bf16", False, origin=f"bench {label}", num_sms=sms, decode=decode)
+        times, specs = {}, {}
+        for decode in ("int", "cvt", "mma"):
+            spec = specs[decode] = spec_for(n, k, "bf16", False, origin=f"bench {label}", num_sms=sms, decode=decode)
             times[decode] = _graphed_ms([lambda w=w, o=o: gemv_fp8(spec, x, w, sw, o) for w, o in zip(ws, outs)])
-            if decode == "int":
-                times["pdl"] = _graphed_ms([lambda w=w, o=o: gemv_fp8(spec, x, w, sw, o, pdl=True)
-                                            for w, o in zip(ws, outs)])
+            if decode != "cvt":
+                times[decode + "+pdl"] = _graphed_ms([lambda w=w, o=o: gemv_fp8(spec, x, w, sw, o, pdl=True)
+                                                      for w, o in zip(ws, outs)])
+        for rows in MMA_ROWS[:2]:  # the tensor-core variant's grids within one wave (64 rows: slower everywhere)
+            for ks in KSPLITS:
+                blocks = -(-n // (rows * 8 // ks))
+                if blocks * 8 > sms * 16 and (rows, ks) != (specs["mma"].rows, specs["mma"].ksplit):
+                    continue
+                pick = "*" if (rows, ks) == (specs["mma"].rows, specs["mma"].ksplit) else ""
+                row = f"| {label} | {rows}x{ks}{pick} |"
+                for ring, loads in MMA_FORMS:
+                    sp = Fp8GemvSpec(n, k, False, "bf16", f"bench {label}", rows=rows, ksplit=ks, decode="mma",
+                                     loads=loads, ring=ring)
+                    ms = _graphed_ms([lambda w=w, o=o: gemv_fp8(sp, x, w, sw, o, pdl=True) for w, o in zip(ws, outs)])
+                    row += f" {ms * 1e3:.1f} ({pct(ms)}) |"
+                sweep.append(row)
         # what runtime/cuda_quant.py QGemm runs today at one row (ACT_KERNEL, dynamic per-tensor scale)
         aspec = ActQuantSpec("tensor", k, False, "bf16", f"bench {label}")
         xq = torch.empty(1, k, device="cuda", dtype=torch.float8_e4m3fn)
@@ -860,13 +883,14 @@ def fp8_gemv_table(copy_bw: float) -> str:
         t_bf16 = _graphed_ms([lambda w=w: F.linear(x, w) for w in wb])
         del wb
         best = min(times.values())
-        pct = lambda ms: f"{nbytes / (ms * 1e-3) / copy_bw:.0%}"  # noqa: E731
-        lines.append(f"| {label} | {n}x{k} | {spec.rows}x{spec.ksplit} | {times['int'] * 1e3:.1f} | "
-                     f"{pct(times['int'])} | {times['pdl'] * 1e3:.1f} | {times['cvt'] * 1e3:.1f} | "
-                     f"{pct(times['cvt'])} | {t_cur * 1e3:.1f} | {pct(t_cur)} | {t_cur / best:.2f}x | "
+        si, sm = specs["int"], specs["mma"]
+        lines.append(f"| {label} | {n}x{k} | {si.rows}x{si.ksplit} | {times['int'] * 1e3:.1f} | "
+                     f"{pct(times['int'])} | {times['int+pdl'] * 1e3:.1f} | {times['cvt'] * 1e3:.1f} | "
+                     f"{sm.rows}x{sm.ksplit} | {times['mma'] * 1e3:.1f} | {pct(times['mma'])} | "
+                     f"{times['mma+pdl'] * 1e3:.1f} | {t_cur * 1e3:.1f} | {pct(t_cur)} | {t_cur / best:.2f}x | "
                      f"{t_bf16 * 1e3:.1f} | {t_bf16 / best:.2f}x |")
         torch.cuda.empty_cache()
-    return "\n".join(lines)
+    return "\n".join(lines + sweep)
 
 
 def _variants_table(title: str, make, variants, copy_bw: float, tokens=(8192, 2048)) -> str:

@@ -9,7 +9,13 @@ for bit as dsl/quant.py's reference (and templates/quant_act.cu.j2) do, then str
 the bf16 GEMV (codegen/gemv.py) does, accumulating the exact e4m3 products in fp32 and applying
 x_scale * w_scale (+ bias) on the way out. Weight scale per tensor or per output channel; activation
 scale measured (fp8_tensor, or fp8_token: one token, the same formula) or the checkpoint's static one.
-It has not run on a GPU yet. Needs sm_89+ (the e4m3 conversions), as fp8 weights do anyway.
+Needs sm_89+ (the e4m3 conversions), as fp8 weights do anyway.
+
+`decode` says how the products are made: "int" / "cvt" turn weight bytes into fp32 and multiply on the
+CUDA cores (about every issue slot the SMs have at full bandwidth: 43-77% of copy bandwidth on the
+H200); "mma" (templates/gemv_fp8_mma.cu.j2, 16-bit runs) keeps x as the fp16 values of its e4m3 bytes and
+multiplies on the tensor cores, 16-row tiles of W as MMA operand A, a conversion pair and half an MMA
+per 4 weight bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from kiln.dsl.dtypes import RUN_DTYPES
 
-from .gemv import KSPLITS, LOADS_FEW, MIN_BLOCKS, ROWS, WARPS, _num_sms, check_bias, choose_chunks, launch
+from .gemv import KSPLITS, LOADS_FEW, MIN_BLOCKS, ROWS, WARPS, _num_sms, check_bias, choose_chunks, launch, one_wave
 from .kernels import KernelArgError, _check, _torch_dtype
 from .launch import ptr
 from .render import _RENDERERS, KernelSource, _emit, _name
@@ -30,7 +36,15 @@ VEC = 16  # e4m3 values per 16-byte weight load
 CHUNK = 32 * VEC  # columns per warp step
 # x quantized into shared memory as fp32 (4 bytes a column, whole warp steps): <= 192 KiB of the 227
 MAX_K = 48 * 1024
-DECODES = ("int", "cvt")
+DECODES = ("int", "cvt", "mma")
+# decode="mma" (templates/gemv_fp8_mma.cu.j2): the tensor cores multiply (f16 MMAs on the exact values); a
+# warp step is 64 columns of 16-row tiles (two 16-byte loads a lane), `rows` counts rows of W (whole tiles)
+MMA_STEP = 64
+MMA_ROWS = (16, 32, 64)
+MMA_LOADS = 8  # 16-byte weight loads per lane in flight (2 x tiles x unroll), the default of `loads`
+MMA_LOAD_CHOICES = (4, 8, 16)
+MMA_RING = True  # spec_for's pick of `ring`
+MMA_DTYPES = ("bf16", "fp16")  # fp32 runs keep fp32 products summed on the CUDA cores (the reference's precision)
 
 
 @dataclass(frozen=True)
@@ -42,11 +56,16 @@ class Fp8GemvSpec(_Spec):
     origin: str = ""
     per_channel: bool = False  # weight scale [n] (else one, [])
     static: bool = False  # activation scale given (the checkpoint's input_scale), else measured
-    rows: int = 2  # rows of W per warp
+    rows: int = 2  # rows of W per warp (decode="mma": whole tiles of 16, MMA_ROWS)
     ksplit: int = 1  # warps of a block sharing a row group, each a slice of K
     # weight bytes -> fp32: "int" (shifts and a mask, no conversion unit) or "cvt" (e4m3x2 -> f16x2
-    # conversions, then f16 -> f32); the same values either way, the faster one is the GPU's to say
+    # conversions, then f16 -> f32); the same values either way, the faster one is the GPU's to say;
+    # "mma": f16 MMAs of the same exact values (16-bit runs only; fp32 sums of the same exact products)
     decode: str = "int"
+    # decode="mma" only: 16-byte weight loads per lane in flight (0: MMA_LOADS), and whether they form a
+    # ring (each step's slot refilled as soon as it is used) or are loaded U steps at a time
+    loads: int = 0
+    ring: bool = True
 
     def __post_init__(self):
         _positive(self, "n", "k")
@@ -55,30 +74,48 @@ class Fp8GemvSpec(_Spec):
             _fail(self, "k", f"{self.k} is not a whole number of 16-byte e4m3 vectors (a multiple of {VEC})")
         if self.k > MAX_K:
             _fail(self, "k", f"{self.k} columns: x's fp32 copy in shared memory takes at most {MAX_K}")
-        if self.rows not in ROWS:
-            _fail(self, "rows", f"must be one of {ROWS}, got {self.rows!r}")
-        if self.ksplit not in KSPLITS:
-            _fail(self, "ksplit", f"must be one of {KSPLITS}, got {self.ksplit!r}")
         if self.decode not in DECODES:
             _fail(self, "decode", f"must be one of {DECODES}, got {self.decode!r}")
+        if self.decode == "mma" and self.dtype not in MMA_DTYPES:
+            _fail(self, "decode", f"'mma' takes x in {MMA_DTYPES}, got {self.dtype!r} (fp32: 'int' or 'cvt')")
+        if self.loads and (self.decode != "mma" or self.loads not in MMA_LOAD_CHOICES):
+            _fail(self, "loads", f"one of {MMA_LOAD_CHOICES} with decode='mma' (0: the default), got {self.loads!r}")
+        rows = MMA_ROWS if self.decode == "mma" else ROWS
+        if self.rows not in rows:
+            _fail(self, "rows", f"must be one of {rows} (decode={self.decode!r}), got {self.rows!r}")
+        if self.ksplit not in KSPLITS:
+            _fail(self, "ksplit", f"must be one of {KSPLITS}, got {self.ksplit!r}")
+
+    @property
+    def step(self) -> int:
+        """Columns of a warp step."""
+        return MMA_STEP if self.decode == "mma" else CHUNK
 
     @property
     def nch(self) -> int:
-        return math.ceil(self.k / CHUNK)
+        return math.ceil(self.k / self.step)
 
     @property
     def smem(self) -> int:
-        """Dynamic shared memory: x quantized, fp32, whole warp steps."""
-        return self.nch * CHUNK * 4
+        """Dynamic shared memory: x quantized, whole warp steps (mma: as fp16, else fp32)."""
+        return self.nch * self.step * (2 if self.decode == "mma" else 4)
 
 
 def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = False, static: bool = False,
              origin: str = "linear", num_sms: int = 132, decode: str = "int") -> Fp8GemvSpec:
-    rows, ks = choose_chunks(n, math.ceil(k / CHUNK), num_sms)
-    return Fp8GemvSpec(n, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode)
+    if decode == "mma":
+        tiles, ks = one_wave(math.ceil(n / 16), tuple(r // 16 for r in MMA_ROWS), KSPLITS, math.ceil(k / MMA_STEP),
+                             num_sms * WARPS * MIN_BLOCKS, lambda r, s: (r * math.ceil(k / MMA_STEP / s), s), (4, 1))
+        rows = 16 * tiles
+    else:
+        rows, ks = choose_chunks(n, math.ceil(k / CHUNK), num_sms)
+    return Fp8GemvSpec(n, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode,
+                       ring=MMA_RING if decode == "mma" else True)
 
 
 def _render(s: Fp8GemvSpec) -> KernelSource:
+    if s.decode == "mma":
+        return _render_mma(s)
     nch = s.nch
     cps = math.ceil(nch / s.ksplit)
     unroll = max(1, LOADS_FEW // s.rows)
@@ -93,6 +130,22 @@ def _render(s: Fp8GemvSpec) -> KernelSource:
     tag = ("c" if s.per_channel else "t") + ("s" if s.static else "d") + s.decode[0]
     name = _name(f"gemv_fp8_{tag}_n{s.n}_k{s.k}_r{s.rows}_s{s.ksplit}", s)
     return _emit("gemv_fp8.cu.j2", name, s, params, [name], meta)
+
+
+def _render_mma(s: Fp8GemvSpec) -> KernelSource:
+    nch, tiles = s.nch, s.rows // 16
+    cps = math.ceil(nch / s.ksplit)
+    unroll = max(1, (s.loads or MMA_LOADS) // (2 * tiles))
+    groups = WARPS // s.ksplit
+    params = dict(n=s.n, k=s.k, nch=nch, cps=cps, tiles=tiles, ksplit=s.ksplit, unroll=unroll, groups=groups,
+                  warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS, k_tail=s.k % MMA_STEP != 0,
+                  has_bias=s.has_bias, per_channel=s.per_channel, static=s.static, ring=s.ring,
+                  xvec=16 // RUN_DTYPES[s.dtype].itemsize, red=max(32, WARPS * s.rows))
+    meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * s.rows)), rows=s.rows, ksplit=s.ksplit,
+                unroll=unroll, smem=s.smem, decode=s.decode)
+    tag = ("c" if s.per_channel else "t") + ("s" if s.static else "d") + ("r" if s.ring else "b")
+    name = _name(f"gemv_fp8_mma_{tag}_n{s.n}_k{s.k}_r{s.rows}_s{s.ksplit}_l{2 * tiles * unroll}", s)
+    return _emit("gemv_fp8_mma.cu.j2", name, s, params, [name], meta)
 
 
 _RENDERERS[Fp8GemvSpec] = _render
@@ -140,7 +193,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.
            x_scale: torch.Tensor | None = None, pdl: bool = False, origin: str = "linear",
            decode: str = "int") -> torch.Tensor:
     """The W8A8 linear of one row through the kernel (check `takes` first). w_scale: fp32 [] per
-    tensor, [n] or [1, n] per channel; x_scale: the static activation scale, None to measure it."""
+    tensor, [n] or [1, n] per channel; x_scale: the static activation scale, None to measure it.
+    decode "mma" applies to 16-bit x; fp32 x takes "int"."""
     from .specs import dtype_name
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous()
@@ -154,8 +208,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.
     if not ws.is_contiguous() or ws.dtype != torch.float32:
         ws = ws.float().contiguous()
     xs = None if x_scale is None else x_scale.float().reshape(())
-    spec = spec_for(n, k, dtype_name(x.dtype), bias is not None, per_channel, x_scale is not None, origin,
-                    _num_sms(x.device), decode)
+    dt = dtype_name(x.dtype)
+    if decode == "mma" and dt not in MMA_DTYPES:
+        decode = "int"  # fp32 runs keep fp32 products on the CUDA cores (the reference's precision)
+    spec = spec_for(n, k, dt, bias is not None, per_channel, x_scale is not None, origin, _num_sms(x.device), decode)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     gemv_fp8(spec, x, w, ws, out, bias, xs, pdl)
     return out

@@ -52,8 +52,9 @@ ACT_KERNEL = True
 # fp32 summation order (tests/gpu/test_gemv_fp8.py, passed on the H200). "pdl" (programmatic dependent
 # launches, the default): fp8 W8A8 batch-1 decode of the 8B-model shape 3.607 against 3.805 ms without it
 # (BENCHMARKS.md, session 8); "1" plain launches; "0" off (KILN_FP8_GEMV=0). FP8_GEMV_DECODE: how the
-# kernel turns weight bytes into floats, "int" (integer ops) or "cvt" (conversion instructions); same
-# values. Read at each call (and so at graph capture).
+# kernel multiplies, "int" (weight bytes to fp32 with integer ops, CUDA-core FMAs), "cvt" (the same with
+# conversion instructions) or "mma" (templates/gemv_fp8_mma.cu.j2: fp16 tensor-core MMAs of the same
+# exact values, 16-bit runs; fp32 runs take "int"). Read at each call (and so at graph capture).
 FP8_GEMV = os.environ.get("KILN_FP8_GEMV", "pdl")
 FP8_GEMV_DECODE = os.environ.get("KILN_FP8_GEMV_DECODE", "int")
 

@@ -40,6 +40,32 @@ def test_compiles_without_spills(n, k, dtype):
     assert len(ks.entries) == 1 and ks.meta["smem"] == -(-k // G.CHUNK) * G.CHUNK * 4
 
 
+@pytest.mark.parametrize("n,k", LLAMA3 + ODD + [(10576, 2560), (2560, 5120)])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mma_compiles_without_spills(n, k, dtype):
+    """The tensor-core variant: x as fp16 in shared memory (2 bytes a column, whole 64-column steps)."""
+    ks = _compile(G.spec_for(n, k, dtype, True, origin="models/test.kiln:3 linear(x, w)", decode="mma"))
+    assert "// origin: models/test.kiln:3 linear(x, w)" in ks.source and "mma.sync.aligned.m16n8k16" in ks.source
+    assert ks.meta["smem"] == -(-k // G.MMA_STEP) * G.MMA_STEP * 2 and ks.meta["rows"] % 16 == 0
+
+
+@pytest.mark.parametrize("rows", G.MMA_ROWS)
+@pytest.mark.parametrize("ksplit", G.KSPLITS)
+def test_every_mma_rows_and_ksplit_compiles(rows, ksplit):
+    _compile(G.Fp8GemvSpec(203, 2064, True, "bf16", "t", rows=rows, ksplit=ksplit, decode="mma"))
+
+
+def test_mma_grid_is_one_wave_of_16_row_tiles():
+    """Every pick's grid is resident at once (132 SMs x 16 warps) where any choice is; the least weight per warp."""
+    for n, k in LLAMA3 + ODD:
+        s = G.spec_for(n, k, "bf16", False, decode="mma")
+        blocks = -(-n // (s.rows * G.WARPS // s.ksplit))
+        assert blocks * G.WARPS <= 132 * 16 or (s.rows, s.ksplit) == (64, 1), (n, k, s.rows, s.ksplit)
+    # the 8B model's o projection: 256 tiles, 8 K slices of 512 columns, 2,048 warps
+    assert (G.spec_for(4096, 4096, "bf16", False, decode="mma").rows,
+            G.spec_for(4096, 4096, "bf16", False, decode="mma").ksplit) == (16, 8)
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
@@ -71,7 +97,8 @@ def test_grid_follows_the_bf16_chooser():
 
 @pytest.mark.parametrize("field,kw", [("rows", dict(rows=3)), ("ksplit", dict(ksplit=16)), ("n", dict(n=0)),
                                       ("dtype", dict(dtype="int8")), ("k", dict(k=72)), ("k", dict(k=64 * 1024)),
-                                      ("decode", dict(decode="lut"))])
+                                      ("decode", dict(decode="lut")), ("decode", dict(decode="mma", dtype="fp32")),
+                                      ("rows", dict(decode="mma", rows=8))])
 def test_bad_specs_name_the_field(field, kw):
     args = dict(n=64, k=64, has_bias=False, dtype="bf16", origin="models/x.kiln:1") | kw
     with pytest.raises(KernelSpecError, match=rf"Fp8GemvSpec\.{field}:.*models/x.kiln:1"):

@@ -111,6 +111,7 @@ def _gemv_specs():
 def _other_specs():
     for n, k, static, per_channel in [(6144, 4096, False, False), (64, 128, True, True), (33, 1024, False, True)]:
         yield F.spec_for(n, k, "bf16", False, per_channel=per_channel, static=static)
+        yield F.spec_for(n, k, "bf16", n == 33, per_channel=per_channel, static=static, decode="mma")
     for fmt, mode in itertools.product(["int4", "int8"], ["post", "pre"]):
         n, k, g = 4096, 4096, 128
         yield QGemvSpec(fmt, mode, n, k, g, splits=choose_splits(fmt, n, k, 8, 132))
