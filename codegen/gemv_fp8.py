@@ -43,7 +43,7 @@ MMA_STEP = 64
 MMA_ROWS = (16, 32, 64)
 MMA_LOADS = 8  # 16-byte weight loads per lane in flight (2 x tiles x unroll), the default of `loads`
 MMA_LOAD_CHOICES = (4, 8, 16)
-MMA_RING = True  # spec_for's pick of `ring`
+MMA_RING = True  # spec_for's pick of `ring` (read by the mma variant only)
 MMA_DTYPES = ("bf16", "fp16")  # fp32 runs keep fp32 products summed on the CUDA cores (the reference's precision)
 
 
@@ -109,8 +109,7 @@ def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = Fal
         rows = 16 * tiles
     else:
         rows, ks = choose_chunks(n, math.ceil(k / CHUNK), num_sms)
-    return Fp8GemvSpec(n, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode,
-                       ring=MMA_RING if decode == "mma" else True)
+    return Fp8GemvSpec(n, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode, ring=MMA_RING)
 
 
 def _render(s: Fp8GemvSpec) -> KernelSource:
