@@ -20,6 +20,11 @@
 #   bash .ci/device_check.sh deploadbench   depload's decode figures alone
 #   bash .ci/device_check.sh actquant  the fp8 activation quantization's grid variants: their GPU test, the kernel
 #                                         table, then an fp8 mixed step's profile at the defaults and at 8 blocks/SM x 4
+#   bash .ci/device_check.sh b1prof    where a batch-1 decode step of the 8B shape goes, bf16 then fp8 (kernel by kernel)
+#   bash .ci/device_check.sh anatomy   the one-row fp8 GEMV with parts cut from its source (.ci/fp8_gemv_anatomy.py)
+#   bash .ci/device_check.sh fp8ab     session 13: the GPU tests named fp8 or quant, the fp8 GEMV's anatomy (.ci/fp8_gemv_anatomy.py), then fp8 batch-1
+#                                         decode with KILN_FP8_GEMV_DECODE=int / mma alternately, and bf16
+#   bash .ci/device_check.sh partition batch-1 paged decode attention per KV partition (.ci/decode_partition.py)
 #   bash .ci/device_check.sh fp8kv     the fp8-cache decode kernel per shape and page size, and random-chunk gathers
 #   bash .ci/device_check.sh ssmprof   where a Mamba-2 2.7B batch-1 decode step goes (kernel times, then the graphed step)
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
@@ -132,6 +137,22 @@ for mode in "$@"; do
       for v in 2:1 8:4; do IFS=: read -r b u <<< "$v"; echo "KILN_ACT_QUANT_BLOCKS=$b KILN_ACT_QUANT_UNROLL=$u"
         KILN_ACT_QUANT_BLOCKS=$b KILN_ACT_QUANT_UNROLL=$u timeout 120 python3 .ci/profile_decode.py --quantization fp8 \
           --kv-cache-dtype fp8 --batch 256 --ctx 1500 --prefill 1792 --steps 3 2>&1 | grep -a -E "GPU kernel time|quant_act"; done ;;
+    b1prof)
+      for q in none fp8; do echo "== batch 1, --quantization $q"; timeout 120 python3 .ci/profile_decode.py --quantization $q \
+        --batch 1 --ctx 1024 --steps 8 2>&1 | grep -v Warn | head -${TOP:-24}; done ;;
+    anatomy)
+      timeout 200 python3 .ci/fp8_gemv_anatomy.py 2>&1 | grep -a -E "^\||copy|rror|Trace|line" ;;
+    fp8ab)  # session 13: the fp8 GEMV tests, its anatomy, then fp8 batch-1 decode "int" / "mma" alternately, and bf16
+      timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu -k "fp8 or quant" \
+        2>&1 | tee "$OUT/fp8ab-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      timeout 200 python3 .ci/fp8_gemv_anatomy.py 2>&1 | grep -a -E "^\||copy|rror|Trace|line"
+      for d in int mma int mma; do echo "fp8 batch-1, KILN_FP8_GEMV_DECODE=$d"; KILN_FP8_GEMV_DECODE=$d timeout 60 \
+        $KILN bench latency --config $L --quantization fp8 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"
+      done
+      echo "bf16 batch-1"; timeout 60 $KILN bench latency --config $L --steps 64 2>&1 \
+        | grep -a -E "^\| (decode_ms|roofline_ms) |Error" ;;
+    partition)
+      timeout 120 python3 .ci/decode_partition.py 2>&1 | grep -a -E "^\||copy|rror|Trace|line" ;;
     fp8kv)
       timeout 200 python3 -m kiln.codegen.bench_kernels --only fp8kv 2>&1 | grep -a -E "^\||Random|rror" ;;
     ssmprof)

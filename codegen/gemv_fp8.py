@@ -12,10 +12,10 @@ scale measured (fp8_tensor, or fp8_token: one token, the same formula) or the ch
 Needs sm_89+ (the e4m3 conversions), as fp8 weights do anyway.
 
 `decode` says how the products are made: "int" / "cvt" turn weight bytes into fp32 and multiply on the
-CUDA cores (about every issue slot the SMs have at full bandwidth: 43-77% of copy bandwidth on the
-H200); "mma" (templates/gemv_fp8_mma.cu.j2, 16-bit runs) keeps x as the fp16 values of its e4m3 bytes and
-multiplies on the tensor cores, 16-row tiles of W as MMA operand A, a conversion pair and half an MMA
-per 4 weight bytes.
+CUDA cores (43-81% of copy bandwidth on the H200); "mma" (templates/gemv_fp8_mma.cu.j2, 16-bit runs; the
+runtime's default since session 13) keeps x as the fp16 values of its e4m3 bytes and multiplies on the
+tensor cores, 16-row tiles of W as MMA operand A, a conversion pair and half an MMA per 4 weight bytes.
+Where the rest of the time goes, part by part: .ci/fp8_gemv_anatomy.py and BENCHMARKS.md (session 13).
 """
 
 from __future__ import annotations

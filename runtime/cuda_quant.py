@@ -54,9 +54,11 @@ ACT_KERNEL = True
 # (BENCHMARKS.md, session 8); "1" plain launches; "0" off (KILN_FP8_GEMV=0). FP8_GEMV_DECODE: how the
 # kernel multiplies, "int" (weight bytes to fp32 with integer ops, CUDA-core FMAs), "cvt" (the same with
 # conversion instructions) or "mma" (templates/gemv_fp8_mma.cu.j2: fp16 tensor-core MMAs of the same
-# exact values, 16-bit runs; fp32 runs take "int"). Read at each call (and so at graph capture).
+# exact values, 16-bit runs; fp32 runs take "int"). "mma" is the default since session 13: fp8 batch-1
+# decode of the 8B-model shape 3.28 against 3.52 ms for "int" in three device calls of that session (its
+# kernels faster at all four decode shapes; BENCHMARKS.md). Read at each call (and so at graph capture).
 FP8_GEMV = os.environ.get("KILN_FP8_GEMV", "pdl")
-FP8_GEMV_DECODE = os.environ.get("KILN_FP8_GEMV_DECODE", "int")
+FP8_GEMV_DECODE = os.environ.get("KILN_FP8_GEMV_DECODE", "mma")
 
 
 def runs(desc: QuantDesc) -> bool:
