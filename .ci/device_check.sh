@@ -24,6 +24,12 @@
 #   bash .ci/device_check.sh anatomy   the one-row fp8 GEMV with parts cut from its source (.ci/fp8_gemv_anatomy.py)
 #   bash .ci/device_check.sh fp8ab     session 13: the GPU tests named fp8 or quant, the fp8 GEMV's anatomy (.ci/fp8_gemv_anatomy.py), then fp8 batch-1
 #                                         decode with KILN_FP8_GEMV_DECODE=int / mma alternately, and bf16
+#   bash .ci/device_check.sh chain     KILN_PDL_CHAIN (norm, activation, rotary + KV write, decode attention as programmatic
+#                                         dependents): its GPU tests and the trigger chains under load, then batch-1 decode of the
+#                                         8B shape (bf16, fp8) and Mamba-2 with it off / on, twice
+#   bash .ci/device_check.sh unrun13   what session 13 wrote without device time: the fp8 padding-rows fix's tests
+#                                         (test_fp8_graph_padding.py, test_quant_kernels.py -k valid), then the fp8 engine test
+#                                         that failed once in session 13, five times in fresh processes
 #   bash .ci/device_check.sh partition batch-1 paged decode attention per KV partition (.ci/decode_partition.py)
 #   bash .ci/device_check.sh fp8kv     the fp8-cache decode kernel per shape and page size, and random-chunk gathers
 #   bash .ci/device_check.sh ssmprof   where a Mamba-2 2.7B batch-1 decode step goes (kernel times, then the graphed step)
@@ -151,6 +157,18 @@ for mode in "$@"; do
       done
       echo "bf16 batch-1"; timeout 60 $KILN bench latency --config $L --steps 64 2>&1 \
         | grep -a -E "^\| (decode_ms|roofline_ms) |Error" ;;
+    chain)  # session 13 (written without device time): KILN_PDL_CHAIN off / on
+      timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_pdl_chain.py \
+        tests/gpu/test_pdl_triggers.py 2>&1 | tee "$OUT/chain-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      for v in 0 1 0 1; do for c in "llama-3-8b.json" "llama-3-8b.json --quantization fp8" "mamba2-2.7b.json"; do
+        echo "KILN_PDL_CHAIN=$v $c"; KILN_PDL_CHAIN=$v timeout 60 $KILN bench latency --config configs/$c --prompt 1024 \
+          --steps 48 2>&1 | grep -a -E "^\| decode_ms |Error"; done; done ;;
+    unrun13)
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_fp8_graph_padding.py \
+        tests/gpu/test_quant_kernels.py -k "valid or act_quant or padding" 2>&1 | tee "$OUT/unrun13.log" \
+        | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
+      for i in 1 2 3 4 5; do timeout 90 python3 -m pytest -q -p no:cacheprovider \
+        "tests/gpu/test_gemv_fp8.py::test_engine_with_programmatic_launches_equals_plain" 2>&1 | tail -1; done ;;
     partition)
       timeout 120 python3 .ci/decode_partition.py 2>&1 | grep -a -E "^\||copy|rror|Trace|line" ;;
     fp8kv)

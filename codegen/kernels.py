@@ -76,9 +76,18 @@ def _kernel(spec, device) -> LoadedKernel:
     return get_kernel(spec, device)
 
 
-def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=None, gate=None):
+def _launch(kern: LoadedKernel, pdl: bool):
+    """kern's launch, as a programmatic dependent (LoadedKernel.launch_dependent) when pdl: the norm,
+    activation, rotary + KV write and decode attention kernels wait for the kernel before at their entry
+    (griddepcontrol.wait, before any read or write; tests/test_pdl_order.py checks their machine code),
+    so the launch only lets their blocks be scheduled while that kernel drains."""
+    return kern.launch_dependent if pdl else kern.launch
+
+
+def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=None, gate=None, pdl: bool = False):
     """out = norm(x [+ residual]) * (weight + offset) [+ bias]; residual_out = x + residual.
-    Gated (spec.gate): out = norm(x * gate_act(gate)) * (weight + offset) [+ bias].
+    Gated (spec.gate): out = norm(x * gate_act(gate)) * (weight + offset) [+ bias]. pdl: a programmatic
+    dependent launch (the kernel waits for the one before at its entry; _launch).
 
     x, residual, out, residual_out: [T, hidden]; residual_out may be residual (in place); gate
     [T, hidden], row-strided views work. With spec.group, each run of group features is normalised
@@ -119,7 +128,7 @@ def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=
     if spec.gate:
         args += [i64(gate.stride(0)), i32(gate_vec)]
     args.append(i32(T))
-    k.launch(k.source.entries[0], (T * k.source.meta["groups"],), (k.source.meta["threads"],), args)
+    _launch(k, pdl)(k.source.entries[0], (T * k.source.meta["groups"],), (k.source.meta["threads"],), args)
 
 
 def slot_mapping(block_tables, seq_ids, positions, page_size: int):
@@ -140,13 +149,13 @@ def _sm_of(device) -> int:
 
 
 def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache, v_cache, seq_len=None,
-                  k_scale: float = 1.0, v_scale: float = 1.0):
+                  k_scale: float = 1.0, v_scale: float = 1.0, pdl: bool = False):
     """Rotate q in place; rotate k and write it, and v, into the paged cache (spec.kv_fp8: float8_e4m3fn
     pages holding K / k_scale and V / v_scale, rounded to nearest even and clamped to +-448).
 
     q [T, heads*head_dim], k and v [T, kv_heads*head_dim] (row-strided views of a fused QKV
     output work); positions [T] int64; slot_mapping [T] int32 (negative: skip the token);
-    seq_len [1] int32, the step's max position + 1, only for dynamic scaling.
+    seq_len [1] int32, the step's max position + 1, only for dynamic scaling. pdl: as norm's.
     """
     dt, d = _torch_dtype(spec), spec.head_dim
     dev = q.device
@@ -173,9 +182,10 @@ def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache
     meta = kern.source.meta
     if meta["variant"] == "bulk":  # persistent: the blocks the GPU holds at once, at most a token each
         resident = kern.num_sms * kern.blocks_per_sm(kern.source.entries[0], meta["threads"], meta["smem"])
-        kern.launch(kern.source.entries[0], (max(1, min(T, resident)),), (meta["threads"],), args, meta["smem"])
+        _launch(kern, pdl)(kern.source.entries[0], (max(1, min(T, resident)),), (meta["threads"],), args,
+                           meta["smem"])
         return
-    kern.launch(kern.source.entries[0], (T,), (meta["threads"],), args)
+    _launch(kern, pdl)(kern.source.entries[0], (T,), (meta["threads"],), args)
 
 
 def _scales(spec, k_scale, v_scale) -> list:
@@ -242,13 +252,14 @@ def decode_partition(spec: DecodeAttnSpec, num_seqs: int, max_context: int, resi
 
 def paged_decode_attention(
     spec: DecodeAttnSpec, q, k_cache, v_cache, block_tables, context_lens, out, scratch: DecodeScratch,
-    max_context: int, partition: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+    max_context: int, partition: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0, pdl: bool = False,
 ):
     """One new token per sequence: out[b] = attention(q[b], its cached K/V).
 
     q, out [B, heads*head_dim]; block_tables [B, max_pages] int32; context_lens [B] int32
     (the new token's K/V already in the cache); max_context: a host bound on context_lens
-    (a fixed capacity when capturing a graph); partition: tokens per split (default: modeled).
+    (a fixed capacity when capturing a graph); partition: tokens per split (default: modeled); pdl: as
+    norm's.
     """
     dt, d = _torch_dtype(spec), spec.head_dim
     dev = q.device
@@ -276,7 +287,7 @@ def paged_decode_attention(
                              f"{scratch.max_splits} splits of max_context={max_context}")
     splits = math.ceil(max_context / partition)
     # One launch: the last split block of each (seq, head chunk) merges the splits into out.
-    kern.launch(
+    _launch(kern, pdl)(
         kern.source.entries[0], (splits, spec.kv_heads * meta["chunks"], B), (meta["threads"],),
         [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(context_lens),
          ptr(scratch.partial_out), ptr(scratch.partial_ml), ptr(scratch.counters), ptr(out),
@@ -375,9 +386,9 @@ def prefill_attention(
     )
 
 
-def activation(spec: ActSpec, out, x=None, gate=None, up=None):
+def activation(spec: ActSpec, out, x=None, gate=None, up=None, pdl: bool = False):
     """Plain: out = act(x). Gated: out = act(gate) * up, from x = [gate | up] ([T, 2F]) or from
-    two [T, F] tensors. out [T, F] contiguous."""
+    two [T, F] tensors. out [T, F] contiguous. pdl: as norm's."""
     dt, F = _torch_dtype(spec), spec.features
     ref = x if x is not None else gate
     if ref is None:
@@ -410,13 +421,14 @@ def activation(spec: ActSpec, out, x=None, gate=None, up=None):
     if rows != T:
         raise KernelArgError(f"input: {rows} rows, out has {T}")
     variant = meta["variant"]
+    run = _launch(kern, pdl)
     if variant in ("rows", "rows_stream"):  # every row segment its own block
-        kern.launch(kern.source.entries[0], (max(1, T * meta["chunks"]),), (meta["threads"],), args)
+        run(kern.source.entries[0], (max(1, T * meta["chunks"]),), (meta["threads"],), args)
         return
     if variant == "bulk":  # persistent: the blocks the GPU holds at once (shared memory decides), at most a tile each
         resident = kern.num_sms * kern.blocks_per_sm(kern.source.entries[0], meta["threads"], meta["smem"])
         blocks = max(1, min(T * meta["chunks"], resident))
-        kern.launch(kern.source.entries[0], (blocks,), (meta["threads"],), args, meta["smem"])
+        run(kern.source.entries[0], (blocks,), (meta["threads"],), args, meta["smem"])
         return
     needed = math.ceil(T * F // meta["vec"] / meta["threads"])
     if meta["unroll"] > 1:  # one wave: exactly the blocks the GPU holds at once (registers decide)
@@ -424,7 +436,7 @@ def activation(spec: ActSpec, out, x=None, gate=None, up=None):
         blocks = min(math.ceil(needed / meta["unroll"]), resident)
     else:
         blocks = min(needed, kern.num_sms * 8)
-    kern.launch(kern.source.entries[0], (blocks,), (meta["threads"],), args)
+    run(kern.source.entries[0], (blocks,), (meta["threads"],), args)
 
 
 def embed(spec: EmbedSpec, tokens, table, out):

@@ -728,9 +728,11 @@ def _render_act(s: ActQuantSpec) -> KernelSource:
 _RENDERERS[ActQuantSpec] = _render_act
 
 
-def act_quant_fp8(spec: ActQuantSpec, x, q, scale, partial=None, per_sm: int | None = None):
+def act_quant_fp8(spec: ActQuantSpec, x, q, scale, partial=None, per_sm: int | None = None, valid_rows=None):
     """q (float8_e4m3fn [T, k]), scale (fp32: [] per tensor, [T, 1] per token) from x; no host sync.
-    `partial`: fp32 scratch of at least `act_blocks(x)` values (dynamic per-tensor only)."""
+    `partial`: fp32 scratch of at least `act_blocks(x)` values (dynamic per-tensor only). `valid_rows`:
+    int32 [1] on the device, the rows of x that are real (a padded graph step's; the rest do not count
+    in a measured per-tensor scale, and are quantized with it); None: all T."""
     dev = x.device
     _check("x", x, _torch_dtype(spec), device=dev)
     if x.dim() != 2 or x.shape[1] != spec.k:
@@ -751,7 +753,9 @@ def act_quant_fp8(spec: ActQuantSpec, x, q, scale, partial=None, per_sm: int | N
         if partial is None or partial.numel() < blocks:
             raise KernelArgError(f"partial: needs {blocks} fp32 values")
         _check("partial", partial, torch.float32, device=dev)
-        kern.launch(kern.source.entries[0], (blocks,), (threads,), [ptr(x), ptr(partial), i64(nvec)])
+        if valid_rows is not None:
+            _check("valid_rows", valid_rows, torch.int32, (1,), dev, aligned=False)
+        kern.launch(kern.source.entries[0], (blocks,), (threads,), [ptr(x), ptr(partial), i64(nvec), ptr(valid_rows)])
     # dynamic, with render.PDL_TRIGGER: launch 2 is a programmatic dependent of launch 1 (its start
     # overlaps launch 1's end; it waits for launch 1's partials); otherwise a plain launch
     run = kern.launch_dependent if render_module.PDL_TRIGGER and not spec.static else kern.launch

@@ -22,6 +22,7 @@ from kiln.codegen import gemv as G
 from kiln.codegen import kernels as K
 from kiln.codegen.fuse import Exec, KOp, fuse
 from kiln.codegen.fuse import origin as fuse_origin
+from kiln.codegen.specs import KernelSpecError
 from kiln.dsl.ops import OPS, OpKind
 from kiln.dsl.plan import Plan, Value, WeightArg, fetch
 from kiln.dsl.quant import QWeight
@@ -62,6 +63,18 @@ MIXED_SPLIT = os.environ.get("KILN_MIXED_SPLIT", "1")
 # 238.2 us at 8 x 1,024 causal tokens (BENCHMARKS.md, session 6), but pays a gather of the sequence's
 # pages and launches per sequence; not measured end to end yet, so off ("0"). Read when a step runs.
 FRESH_SDPA = os.environ.get("KILN_FRESH_SDPA", "0")
+# The norm, activation, rotary + KV write and decode attention kernels launched as programmatic dependents
+# ("1": KILN_PDL_CHAIN=1), like the decode GEMVs: each waits for the kernel before at its entry, so only
+# its launch and block scheduling overlap that kernel's drain, and a step's chain of kernels has no plain
+# launch gap left at one row. Off ("0") until measured on the GPU (session 13 wrote it with no device time
+# left). Read when a step runs (and is captured).
+PDL_CHAIN = os.environ.get("KILN_PDL_CHAIN", "0")
+
+
+def _chain() -> bool:
+    if PDL_CHAIN not in ("0", "1"):
+        raise KernelSpecError(f"KILN_PDL_CHAIN={PDL_CHAIN!r}: must be 0 or 1")
+    return PDL_CHAIN == "1"
 
 
 def _nothing() -> None:
@@ -99,6 +112,10 @@ class _Meta:
     # Mixed steps: the leading sequences with one new token (rows 0..decode_rows-1), which attention runs
     # through the decode kernel (MIXED_SPLIT); 0: every sequence through the prefill kernel.
     decode_rows: int = 0
+    # [1] int32: in a CUDA graph captured for a bucket of rows, how many of them are the step's tokens (the
+    # rest are padding: token 0, no K/V written; their values never reach a real row except through a
+    # statistic over rows, which is why the fp8 per-tensor activation scale takes it: QGemm). None: eager.
+    valid: torch.Tensor | None = None
 
 
 class CudaModel:
@@ -299,7 +316,7 @@ class CudaModel:
             op = op.extra["gemm"]
         x = env[op.ins[0]]
         if isinstance(w, (QGemm, SplitGemm)):
-            y = w(x, b)
+            y = w(x, b, step.meta.valid)
         elif GEMV in ("1", "pdl") and x.shape[0] <= GEMV_ROWS and G.takes(x, w):
             y = G.linear(x, w, b, pdl=GEMV == "pdl", origin=fuse_origin(op.instrs[0]))
         else:
@@ -346,10 +363,12 @@ class CudaModel:
         w = self.weights[op.extra["weight"].name]
         if spec.has_residual:
             res_out = torch.empty_like(out)
-            K.norm(spec, _c(env[op.ins[1]]), w, out, residual=_c(env[op.ins[0]]), residual_out=res_out, bias=bias)
+            K.norm(spec, _c(env[op.ins[1]]), w, out, residual=_c(env[op.ins[0]]), residual_out=res_out, bias=bias,
+                   pdl=_chain())
             env[op.outs[1]] = res_out
         else:  # a gated norm (fuse.py's gated_norm) reads z, op.ins[1], as it is: row-strided views work
-            K.norm(spec, _c(env[op.ins[0]]), w, out, bias=bias, gate=env[op.ins[1]] if spec.gate else None)
+            K.norm(spec, _c(env[op.ins[0]]), w, out, bias=bias, gate=env[op.ins[1]] if spec.gate else None,
+                   pdl=_chain())
         env[op.outs[0]] = out
 
     def _attention_step(self, op: KOp, env, step: "_Run", n: int) -> None:
@@ -358,9 +377,9 @@ class CudaModel:
     def _act_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         out = torch.empty(step.T, op.spec.features, dtype=self.dtype, device=self.device)
         if op.spec.gated:
-            K.activation(op.spec, out, gate=env[op.ins[0]], up=env[op.ins[1]])
+            K.activation(op.spec, out, gate=env[op.ins[0]], up=env[op.ins[1]], pdl=_chain())
         else:
-            K.activation(op.spec, out, x=env[op.ins[0]])
+            K.activation(op.spec, out, x=env[op.ins[0]], pdl=_chain())
         env[op.outs[0]] = out
 
     def _embed_step(self, op: KOp, env, step: "_Run", n: int) -> None:
@@ -393,7 +412,8 @@ class CudaModel:
         # An fp8 site's scales: plain kernel arguments (fixed per site, so captured graphs stay valid)
         scales = dict(k_scale=kv.k_scale[site], v_scale=kv.v_scale[site])
         K.rope_write_kv(rope, q, k, v, meta.positions, meta.slots, kc, vc,
-                        seq_len=meta.seq_len if rope.scaling in ("dynamic", "longrope") else None, **scales)
+                        seq_len=meta.seq_len if rope.scaling in ("dynamic", "longrope") else None, **scales,
+                        pdl=_chain())
         out = torch.empty(T, dspec.heads * dspec.head_dim, dtype=self.dtype, device=self.device)
         if meta.fresh is not None and not pspec.window and not pspec.softcap and not pspec.alibi_max \
                 and pspec.causal and not pspec.kv_fp8 \
@@ -414,12 +434,12 @@ class CudaModel:
                 out[start:start + length] = o[0].transpose(0, 1).flatten(1)
         elif meta.decode:
             K.paged_decode_attention(dspec, q, kc, vc, meta.block_tables, meta.kv_lens, out,
-                                     self._scratch[dspec.key()], meta.max_context, **scales)
+                                     self._scratch[dspec.key()], meta.max_context, **scales, pdl=_chain())
         else:
             d = meta.decode_rows  # rows 0..d-1: one token each, through the decode kernel
             if d:
                 K.paged_decode_attention(dspec, q[:d], kc, vc, meta.block_tables[:d], meta.kv_lens[:d], out[:d],
-                                         self._scratch[dspec.key()], meta.max_context, **scales)
+                                         self._scratch[dspec.key()], meta.max_context, **scales, pdl=_chain())
             # the rest: q / out rows stay absolute (cu_seqlens[d:] are offsets into the whole batch)
             K.prefill_attention(pspec, q, kc, vc, meta.block_tables[d:], meta.cu_seqlens[d:], meta.kv_lens[d:], out,
                                 meta.max_q_len, max_context=meta.max_context, **scales)
@@ -548,7 +568,8 @@ def _static_meta(model: CudaModel, seqs: int, tokens: int, decode: bool) -> _Met
         cu_seqlens=(torch.arange(seqs + 1, dtype=torch.int32, device=dev) if decode
                     else torch.zeros(seqs + 1, dtype=torch.int32, device=dev)),
         seq_len=torch.ones(1, dtype=torch.int32, device=dev),
-        decode=decode, max_q_len=1 if decode else tokens, max_context=model.max_context)
+        decode=decode, max_q_len=1 if decode else tokens, max_context=model.max_context,
+        valid=torch.full((1,), tokens, dtype=torch.int32, device=dev))
 
 
 def _capture(model: CudaModel, run, pool=None):
@@ -589,10 +610,10 @@ class _MixedGraph:
         self.graph, self.logits = _capture(
             model, lambda: model._run(self.tokens, self.meta, kv, None, rows=self.rows), model._pool)
         # Pinned host staging (numpy views of the same memory): [tokens, positions, slots] x tokens;
-        # sampled rows; [kv_lens x seqs, cu_seqlens x (seqs + 1), longest]; block tables.
+        # sampled rows; [kv_lens x seqs, cu_seqlens x (seqs + 1), longest, real tokens]; block tables.
         self.host = torch.zeros(3, tokens, dtype=torch.int64).pin_memory()
         self.host_rows = torch.zeros(rows, dtype=torch.int64).pin_memory()
-        self.host_int = torch.zeros(2 * seqs + 2, dtype=torch.int32).pin_memory()
+        self.host_int = torch.zeros(2 * seqs + 3, dtype=torch.int32).pin_memory()  # ... longest, real tokens
         self.tables = torch.zeros_like(self.meta.block_tables, device="cpu").pin_memory()
 
     def replay(self, batch: StepBatch, sample: list[int]) -> torch.Tensor:
@@ -607,7 +628,7 @@ class _MixedGraph:
         n = self.seqs
         ints[:S], ints[S:n] = h.kv_lens, 0
         ints[n:n + S + 1], ints[n + S + 1:2 * n + 1] = h.cu_seqlens, T
-        ints[-1] = h.kv_lens.max()
+        ints[2 * n + 1], ints[2 * n + 2] = h.kv_lens.max(), T
         tables[:S], tables[S:] = h.block_tables, 0
         m = self.meta
         self.tokens.copy_(self.host[0], non_blocking=True)
@@ -616,7 +637,8 @@ class _MixedGraph:
         self.rows.copy_(self.host_rows, non_blocking=True)
         m.kv_lens.copy_(self.host_int[:n], non_blocking=True)
         m.cu_seqlens.copy_(self.host_int[n:2 * n + 1], non_blocking=True)
-        m.seq_len.copy_(self.host_int[2 * n + 1:], non_blocking=True)
+        m.seq_len.copy_(self.host_int[2 * n + 1:2 * n + 2], non_blocking=True)
+        m.valid.copy_(self.host_int[2 * n + 2:], non_blocking=True)
         m.block_tables.copy_(self.tables, non_blocking=True)
         _staged(self.model)
         if batch.pending is not None:
@@ -639,6 +661,7 @@ class _Graph:
         self.graph, self.logits = _capture(model, lambda: model._run(self.tokens, self.meta, kv, None, lora=lora))
         self.host = torch.empty(5, size, dtype=torch.int64).pin_memory()
         self.tables = torch.zeros_like(self.meta.block_tables, device="cpu").pin_memory()
+        self.host_valid = torch.zeros(1, dtype=torch.int32).pin_memory()  # the batch's sequences (real rows)
         self.host_np, self.tables_np = self.host.numpy(), self.tables.numpy()  # same memory
 
     def replay(self, batch: StepBatch) -> torch.Tensor:
@@ -655,6 +678,8 @@ class _Graph:
         m.kv_lens.copy_(h[4], non_blocking=True)
         m.seq_len.copy_(h[2, :1], non_blocking=True)
         m.block_tables.copy_(self.tables, non_blocking=True)
+        self.host_valid.numpy()[0] = len(batch.seqs)
+        m.valid.copy_(self.host_valid, non_blocking=True)
         _staged(self.model)
         if batch.pending is not None:
             batch.pending.apply(self.tokens)

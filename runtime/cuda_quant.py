@@ -80,7 +80,7 @@ class QGemm:
     packed: "Packed | None" = None  # weight-only formats with a generated kernel
     partial: torch.Tensor | None = None  # fp8 dynamic per-tensor: the amax launch's block maxima
 
-    def quantize_act(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_act(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x -> (fp8 values, fp32 scale) through the generated kernel (templates/quant_act.cu.j2): the
         same bits as the torch ops below, in one launch (per token, static) or two (dynamic per tensor)."""
         from kiln.codegen.specs import dtype_name
@@ -98,20 +98,27 @@ class QGemm:
             sx = torch.empty((T, 1) if mode == "token" else (), dtype=torch.float32, device=x.device)
         if mode == "tensor" and not spec.static and (self.partial is None or self.partial.device != x.device):
             self.partial = act_partials(x.device)
-        act_quant_fp8(spec, x, xq, sx, self.partial)
+        act_quant_fp8(spec, x, xq, sx, self.partial, valid_rows=valid if mode == "tensor" else None)
         return xq, sx
 
-    def quantize_act_torch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_act_torch(self, x: torch.Tensor,
+                           valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The same as `quantize_act` with torch ops (dsl/quant.py's reference arithmetic)."""
         d = self.desc
         xf = x.float()
         if d.act == "fp8_tensor":
-            sx = self.input_scale.float() if d.act_static else scale_of(xf.abs().amax(), FP8_MAX)
+            a = xf.abs()
+            if valid is not None:  # padding rows of a graph step: no say in the scale (no host sync)
+                a = torch.where(torch.arange(x.shape[0], device=x.device)[:, None] < valid, a, 0.0)
+            sx = self.input_scale.float() if d.act_static else scale_of(a.amax(), FP8_MAX)
             return (xf / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), sx.reshape(())
         xqf, sx = quantize_rows(xf, "fp8")
         return xqf.to(torch.float8_e4m3fn), sx.float()
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x's rows through the GEMM. valid: int32 [1] on the device, the rows of x that are real in a
+        padded graph step (runtime/cuda_backend.py _Meta.valid): a measured per-tensor activation scale
+        is taken over them only. None: every row."""
         d = self.desc
         if self.packed is not None:
             return self.packed.linear(x, bias)
@@ -122,7 +129,7 @@ class QGemm:
                 return gemv_fp8.linear(x, self.q, self.scale, bias, self.input_scale if d.act_static else None,
                                        pdl=FP8_GEMV == "pdl", origin=self.origin, decode=FP8_GEMV_DECODE)
             kernel = ACT_KERNEL and x.is_cuda and x.shape[1] % (16 // x.element_size()) == 0
-            xq, sx = self.quantize_act(x) if kernel else self.quantize_act_torch(x)
+            xq, sx = self.quantize_act(x, valid) if kernel else self.quantize_act_torch(x, valid)
             if self.scale.dim() == 0:
                 fused = bias if x.dtype != torch.float32 else None  # cuBLASLt: no bias with an fp32 output
                 y = torch._scaled_mm(xq, self.q.t(), scale_a=sx, scale_b=self.scale, bias=fused, out_dtype=x.dtype)
@@ -194,10 +201,10 @@ class SplitGemm:
     out_features: int
     parts: list[tuple[QGemm, int, int]]  # (gemm, start, rows)
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor | None = None) -> torch.Tensor:
         y = x.new_zeros(x.shape[0], self.out_features)  # the rows between slices read as zeros, as fused ones do
         for gemm, start, width in self.parts:
-            y[:, start:start + width] = gemm(x, None if bias is None else bias[start:start + width])
+            y[:, start:start + width] = gemm(x, None if bias is None else bias[start:start + width], valid)
         return y
 
 

@@ -124,7 +124,24 @@ def _other_specs():
     yield ActQuantSpec("tensor", 4096)  # its second launch is a dependent of its first
 
 
-SPECS = list(_gemv_specs()) + list(_other_specs())
+def _chain_specs():
+    """KILN_PDL_CHAIN's dependents (runtime/cuda_backend.PDL_CHAIN): they wait at their entry."""
+    from kiln.codegen.specs import ACT_VARIANTS, ROPE_VARIANTS, DecodeAttnSpec, RopeCacheSpec
+
+    yield NormSpec("rms", 4096, 1e-5, has_residual=True)
+    yield NormSpec("rms", 5120, 1e-5, has_residual=False, gate="silu", group=5120, per_group_weight=True)
+    for v in ACT_VARIANTS:
+        yield ActSpec("silu", True, 14336, variant=v)
+    for v in ROPE_VARIANTS:
+        yield RopeCacheSpec(32, 8, 128, 128, 16, variant=v)
+    yield RopeCacheSpec(32, 8, 128, 128, 16, kv_fp8=True)
+    for fp8 in (False, True):
+        yield DecodeAttnSpec(32, 8, 128, 16, 128**-0.5, kv_fp8=fp8)
+    yield DecodeAttnSpec(32, 8, 128, 16, 128**-0.5, tuned=False)
+    yield DecodeAttnSpec(32, 8, 128, 16, 128**-0.5, dtype="fp32")  # templates/decode_attn.cu.j2
+
+
+SPECS = list(_gemv_specs()) + list(_other_specs()) + list(_chain_specs())
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[f"{type(s).__name__}-{i}" for i, s in enumerate(SPECS)])

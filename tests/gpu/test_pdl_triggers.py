@@ -26,9 +26,10 @@ pytestmark = pytest.mark.usefixtures("fresh_seed")
 LAYERS, REPLAYS = 12, 40
 
 
-def _chain(kind: str, hidden: int, T: int, trigger: bool, weights, norms):
+def _chain(kind: str, hidden: int, T: int, trigger: bool, weights, norms, norm_pdl: bool = False):
     """A graph of LAYERS x (norm -> GEMV [hidden, hidden]) and its static input / output buffers. The
-    specs' origins name the variant, so each is rendered (and cached) with its own setting."""
+    specs' origins name the variant, so each is rendered (and cached) with its own setting. norm_pdl: the
+    norms launched as programmatic dependents too (KILN_PDL_CHAIN's launches)."""
     tag = f"pdl-trigger-test {kind} trigger={trigger}"
     spec = NormSpec("rms", hidden, 1e-5, has_residual=kind == "residual", gate="silu" if kind == "gated" else "",
                     group=hidden // 2 if kind == "gated" else 0, per_group_weight=False, origin=tag)
@@ -44,10 +45,10 @@ def _chain(kind: str, hidden: int, T: int, trigger: bool, weights, norms):
                 out = torch.empty_like(h)
                 if kind == "residual":
                     r = torch.empty_like(h)
-                    K.norm(spec, h, nw, out, residual=a, residual_out=r)
+                    K.norm(spec, h, nw, out, residual=a, residual_out=r, pdl=norm_pdl)
                     a = r
                 else:
-                    K.norm(spec, h, nw, out, gate=a)
+                    K.norm(spec, h, nw, out, gate=a, pdl=norm_pdl)
                 y = torch.empty_like(h)
                 G.gemv(gspec, out, w, y, pdl=trigger)
                 h = y
@@ -76,6 +77,7 @@ def test_triggered_chain_equals_the_plain_chain_under_load(kind, T):
              for _ in range(LAYERS)]
     plain = _chain(kind, hidden, T, False, weights, norms)
     fast = _chain(kind, hidden, T, True, weights, norms)
+    chained = _chain(kind, hidden, T, True, weights, norms, norm_pdl=True)
     call = "pdl_launch_dependents();"
     assert call in fast[4] and call not in plain[4]  # the norms as rendered: with the trigger, and without
     load_a = torch.randn(8192, 8192, device="cuda").bfloat16()
@@ -84,7 +86,7 @@ def test_triggered_chain_equals_the_plain_chain_under_load(kind, T):
     for i in range(REPLAYS):
         x = torch.randn(T, hidden, device="cuda").bfloat16()
         aux = torch.randn(T, hidden, device="cuda").bfloat16()
-        for g in (plain, fast):
+        for g in (plain, fast, chained):
             g[1].copy_(x)
             g[2].copy_(aux)
         plain[0].replay()
@@ -95,5 +97,8 @@ def test_triggered_chain_equals_the_plain_chain_under_load(kind, T):
                 torch.matmul(load_a, load_a, out=load_b)
         fast[0].replay()
         got = fast[3].clone()
+        chained[0].replay()
+        got_chained = chained[3].clone()
         torch.cuda.current_stream().wait_stream(busy)
         assert torch.equal(got, want), f"replay {i}: the triggered chain differs from the plain one"
+        assert torch.equal(got_chained, want), f"replay {i}: the chain of dependent norms differs from the plain one"

@@ -328,6 +328,27 @@ def test_fp8_act_quant_in_a_graph():
     assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+@pytest.mark.parametrize("valid", [0, 1, 5, 8])
+def test_fp8_act_quant_scale_takes_only_the_valid_rows(valid, fresh_seed):
+    """A padded graph step's rows past `valid_rows` (never written, or another sequence's values: here 1e30)
+    have no say in the measured per-tensor scale, in the kernel and in the torch ops alike; the real rows'
+    bytes are then what the unpadded rows alone give."""
+    gemm = _fp8_gemm("fp8_tensor", False, 1024)
+    x = (torch.randn(8, 1024, device="cuda") * 3).bfloat16()
+    x[valid:] = 1e30
+    n = torch.tensor([valid], dtype=torch.int32, device="cuda")
+    q, s = gemm.quantize_act(x, n)
+    q_t, s_t = gemm.quantize_act_torch(x, n)
+    assert torch.equal(s, s_t)
+    if valid:
+        q_ref, s_ref = gemm.quantize_act_torch(x[:valid])
+        assert torch.equal(s, s_ref)
+        assert torch.equal(q[:valid].view(torch.uint8), q_ref.view(torch.uint8))
+        assert torch.equal(q_t[:valid].view(torch.uint8), q_ref.view(torch.uint8))
+    else:  # no real row: the floor of the scale (amax 0)
+        assert float(s) == pytest.approx(1e-12 / 448)
+
+
 # ---- the persist variant (a device-sized grid; each block stages x once for its tiles, one ring per warp
 # across tiles) and the shared-memory check that replaced stream's CudaDriverError
 
