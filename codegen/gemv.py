@@ -245,7 +245,7 @@ def launch(spec, dev, entry: int, args: list, pdl: bool) -> None:
     dependent launch (LoadedKernel.launch_dependent)."""
     k = get_kernel(spec, dev)
     meta = k.source.meta
-    run = k.launch_dependent if pdl else k.launch
+    run = k.launcher(pdl)
     run(k.source.entries[entry], (meta["blocks"],), (meta["threads"],), args, meta.get("smem", 0))
 
 

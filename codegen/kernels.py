@@ -76,18 +76,12 @@ def _kernel(spec, device) -> LoadedKernel:
     return get_kernel(spec, device)
 
 
-def _launch(kern: LoadedKernel, pdl: bool):
-    """kern's launch, as a programmatic dependent (LoadedKernel.launch_dependent) when pdl: the norm,
-    activation, rotary + KV write and decode attention kernels wait for the kernel before at their entry
-    (griddepcontrol.wait, before any read or write; tests/test_pdl_order.py checks their machine code),
-    so the launch only lets their blocks be scheduled while that kernel drains."""
-    return kern.launch_dependent if pdl else kern.launch
-
-
 def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=None, gate=None, pdl: bool = False):
     """out = norm(x [+ residual]) * (weight + offset) [+ bias]; residual_out = x + residual.
     Gated (spec.gate): out = norm(x * gate_act(gate)) * (weight + offset) [+ bias]. pdl: a programmatic
-    dependent launch (the kernel waits for the one before at its entry; _launch).
+    dependent launch (LoadedKernel.launch_dependent). The norm, activation, rotary + KV write and decode
+    attention kernels wait for the kernel before at their entry, before any read or write
+    (tests/test_pdl_order.py checks their machine code), so only their scheduling overlaps its drain.
 
     x, residual, out, residual_out: [T, hidden]; residual_out may be residual (in place); gate
     [T, hidden], row-strided views work. With spec.group, each run of group features is normalised
@@ -128,7 +122,7 @@ def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=
     if spec.gate:
         args += [i64(gate.stride(0)), i32(gate_vec)]
     args.append(i32(T))
-    _launch(k, pdl)(k.source.entries[0], (T * k.source.meta["groups"],), (k.source.meta["threads"],), args)
+    k.launcher(pdl)(k.source.entries[0], (T * k.source.meta["groups"],), (k.source.meta["threads"],), args)
 
 
 def slot_mapping(block_tables, seq_ids, positions, page_size: int):
@@ -182,10 +176,10 @@ def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache
     meta = kern.source.meta
     if meta["variant"] == "bulk":  # persistent: the blocks the GPU holds at once, at most a token each
         resident = kern.num_sms * kern.blocks_per_sm(kern.source.entries[0], meta["threads"], meta["smem"])
-        _launch(kern, pdl)(kern.source.entries[0], (max(1, min(T, resident)),), (meta["threads"],), args,
-                           meta["smem"])
+        kern.launcher(pdl)(kern.source.entries[0], (max(1, min(T, resident)),), (meta["threads"],), args,
+                       meta["smem"])
         return
-    _launch(kern, pdl)(kern.source.entries[0], (T,), (meta["threads"],), args)
+    kern.launcher(pdl)(kern.source.entries[0], (T,), (meta["threads"],), args)
 
 
 def _scales(spec, k_scale, v_scale) -> list:
@@ -287,7 +281,7 @@ def paged_decode_attention(
                              f"{scratch.max_splits} splits of max_context={max_context}")
     splits = math.ceil(max_context / partition)
     # One launch: the last split block of each (seq, head chunk) merges the splits into out.
-    _launch(kern, pdl)(
+    kern.launcher(pdl)(
         kern.source.entries[0], (splits, spec.kv_heads * meta["chunks"], B), (meta["threads"],),
         [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(context_lens),
          ptr(scratch.partial_out), ptr(scratch.partial_ml), ptr(scratch.counters), ptr(out),
@@ -421,7 +415,7 @@ def activation(spec: ActSpec, out, x=None, gate=None, up=None, pdl: bool = False
     if rows != T:
         raise KernelArgError(f"input: {rows} rows, out has {T}")
     variant = meta["variant"]
-    run = _launch(kern, pdl)
+    run = kern.launcher(pdl)
     if variant in ("rows", "rows_stream"):  # every row segment its own block
         run(kern.source.entries[0], (max(1, T * meta["chunks"]),), (meta["threads"],), args)
         return

@@ -124,6 +124,10 @@ class LoadedKernel:
         )
 
 
+    def launcher(self, pdl: bool):
+        """`launch_dependent` when pdl, else `launch` (the launch wrappers' pdl argument)."""
+        return self.launch_dependent if pdl else self.launch
+
     def launch_dependent(self, entry: str, grid, block, args, smem: int = 0) -> None:
         """`launch` with programmatic stream serialization (PDL): the kernel may start while the one
         before it drains; its `griddepcontrol.wait` guards what that one writes. KILN_PDL=0, or a

@@ -758,7 +758,7 @@ def act_quant_fp8(spec: ActQuantSpec, x, q, scale, partial=None, per_sm: int | N
         kern.launch(kern.source.entries[0], (blocks,), (threads,), [ptr(x), ptr(partial), i64(nvec), ptr(valid_rows)])
     # dynamic, with render.PDL_TRIGGER: launch 2 is a programmatic dependent of launch 1 (its start
     # overlaps launch 1's end; it waits for launch 1's partials); otherwise a plain launch
-    run = kern.launch_dependent if render_module.PDL_TRIGGER and not spec.static else kern.launch
+    run = kern.launcher(render_module.PDL_TRIGGER and not spec.static)
     run(kern.source.entries[-1], (blocks,), (threads,),
         [ptr(x), ptr(q), ptr(scale), ptr(partial), i32(blocks), i64(nvec)])
 
