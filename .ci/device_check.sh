@@ -30,6 +30,8 @@
 #   bash .ci/device_check.sh unrun13   what session 13 wrote without device time: the fp8 padding-rows fix's tests
 #                                         (test_fp8_graph_padding.py, test_quant_kernels.py -k valid), then the fp8 engine test
 #                                         that failed once in session 13, five times in fresh processes
+#   bash .ci/device_check.sh epi       the gate+up GEMV with the SwiGLU in its epilogue: its GPU tests (and session 13's
+#                                         padding / chain tests), then bf16 batch-1 decode with KILN_GEMV_EPILOGUE=0 / 1, twice
 #   bash .ci/device_check.sh partition batch-1 paged decode attention per KV partition (.ci/decode_partition.py)
 #   bash .ci/device_check.sh fp8kv     the fp8-cache decode kernel per shape and page size, and random-chunk gathers
 #   bash .ci/device_check.sh ssmprof   where a Mamba-2 2.7B batch-1 decode step goes (kernel times, then the graphed step)
@@ -169,6 +171,13 @@ for mode in "$@"; do
         | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
       for i in 1 2 3 4 5; do timeout 90 python3 -m pytest -q -p no:cacheprovider \
         "tests/gpu/test_gemv_fp8.py::test_engine_with_programmatic_launches_equals_plain" 2>&1 | tail -1; done ;;
+    epi)  # session 14: the gate+up GEMV with the SwiGLU in its epilogue (KILN_GEMV_EPILOGUE): its GPU tests and the
+          # padding / chain tests session 13 wrote, then bf16 batch-1 decode of the 8B shape off / on, twice
+      timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_gemv_epilogue.py \
+        tests/gpu/test_gemv_prologue.py tests/gpu/test_fp8_graph_padding.py tests/gpu/test_pdl_chain.py \
+        tests/gpu/test_pdl_triggers.py 2>&1 | tee "$OUT/epi-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      for v in 0 1 0 1; do echo "KILN_GEMV_EPILOGUE=$v"; KILN_GEMV_EPILOGUE=$v timeout 60 $KILN bench latency --config $L \
+        --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
     partition)
       timeout 120 python3 .ci/decode_partition.py 2>&1 | grep -a -E "^\||copy|rror|Trace|line" ;;
     fp8kv)

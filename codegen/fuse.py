@@ -278,7 +278,7 @@ def _gemv_prologue(p: _Program) -> None:
     the other patterns made, so it comes last."""
     made = {o: n for n, op in p.anchor.items() for o in op.outs}
     for n, gemm in sorted(p.anchor.items()):
-        if gemm.kind is not Exec.GEMM or gemm.ins[0] not in made:
+        if gemm.kind is not Exec.GEMM or gemm.ins[0] not in made or "epilogue" in gemm.extra:
             continue
         x, m = gemm.ins[0], made[gemm.ins[0]]
         pro = p.anchor.get(m)
@@ -296,10 +296,41 @@ def _gemv_prologue(p: _Program) -> None:
             p.anchor[n], p.anchor[m] = gemm, pro
 
 
+def _gemv_epilogue(p: _Program) -> None:
+    """A gated activation step act(g) * u whose g and u are the two outputs of one GEMM step (two sibling
+    linears of one x) that nothing else reads becomes that GEMM step's epilogue: one Exec.GEMM step, extra
+    "epilogue" (the act step, its spec) and "gemm" (the GEMM step as it was), run where the GEMM stood,
+    its output the act's. At a few rows the cuda backend runs it as one GEMV launch whose warps compute
+    (gate, up) row pairs and write act(g) * u (codegen/gemv.py); otherwise the two steps as before."""
+    made = {o: n for n, op in p.anchor.items() for o in op.outs}
+    for n, act in sorted(p.anchor.items()):
+        if act.kind is not Exec.ACT or not act.spec.gated or act.collectives or act.ins[0] not in made:
+            continue
+        m = made[act.ins[0]]
+        gemm = p.anchor[m]
+        if gemm.kind is not Exec.GEMM or "prologue" in gemm.extra or gemm.collectives or made.get(act.ins[1]) != m \
+                or len(gemm.outs) != 2 or act.ins[0] == act.ins[1] or any(p.uses[v] != 1 for v in gemm.outs):
+            continue
+        if any(p.plan.weights[w.name].quant.quantized for w in gemm.extra["weights"]):
+            continue  # quantized weights: their own GEMV / GEMM
+        fused = KOp(Exec.GEMM, gemm.ins, act.outs, gemm.instrs + act.instrs,
+                    extra=dict(gemm.extra, epilogue=act, gemm=gemm))
+        del p.anchor[n], p.anchor[m]
+        if not p.claim(fused, p.instrs[m]):  # a collective would fall inside: leave both as they were
+            p.anchor[n], p.anchor[m] = act, gemm
+
+
 def unfused(ops: list[KOp]) -> list[KOp]:
-    """The program with every gemv_prologue step split back into its prologue and its GEMM step (what
-    the cuda backend runs at more rows): for code and tests that look at the norm / act steps."""
-    return [s for op in ops for s in ((op.extra["prologue"], op.extra["gemm"]) if "prologue" in op.extra else (op,))]
+    """The program with every gemv_prologue / gemv_epilogue step split back into its GEMM step and the norm
+    / act step fused with it (what the cuda backend runs at more rows): for code and tests that look at the
+    norm / act steps."""
+    def split(op: KOp) -> tuple[KOp, ...]:
+        if "prologue" in op.extra:
+            return op.extra["prologue"], op.extra["gemm"]
+        if "epilogue" in op.extra:
+            return op.extra["gemm"], op.extra["epilogue"]
+        return (op,)
+    return [s for op in ops for s in split(op)]
 
 
 def _prologue_kind(op: KOp) -> bool:
@@ -320,6 +351,10 @@ PATTERNS = (
             "dtype as the activation and the mul round them, then the norm (per group with group=g)", _gated_norm),
     Pattern("residual_norm", "r = a + b; h = norm(r, w): both h and r, in one pass", _residual_norm),
     Pattern("gated_act", "act(g) * u", _gated_act),
+    # after gated_act, whose steps it joins; before gemv_prologue, which would make the act step a prologue
+    Pattern("gemv_epilogue", "g, u = linear(x, w_g[, b_g]), linear(x, w_u[, b_u]); act(g) * u: g and u rounded to the "
+            "run dtype as the GEMM stores them, then the gated activation, g and u read by nothing else",
+            _gemv_epilogue),
     # before ssm_conv_act, which would take its conv
     Pattern("ssm_conv_scan", "xs, b, c = split(act(causal_conv1d(x, w, cb))); selective_scan(xs, dt, a_log, b, c, d, "
             "dt_bias): at one token a sequence, both in one kernel, each conv output rounded to the run dtype after "

@@ -47,6 +47,15 @@ class GemvSpec(_Spec):
     # per chunk from that step's inputs instead of read. A NormSpec (rms, plain / residual / gated, its
     # origin stripped: one kernel for every layer) or a gated ActSpec; None: x is read as it is.
     prologue: Any = None
+    # The gated activation after it, fused into the epilogue (fuse.py's gemv_epilogue): W [w_rows, k] holds
+    # the gate projection at rows [gate_row, gate_row + n) and the up projection at [up_row, up_row + n);
+    # each warp computes rows / 2 (gate, up) row pairs and writes act(g) * u, out [T, n], so the [T, 2n]
+    # product is never stored and the activation needs no launch of its own. A gated ActSpec (its origin
+    # stripped) or None.
+    epilogue: Any = None
+    gate_row: int = 0
+    up_row: int = 0
+    w_rows: int = 0  # W's rows where there is an epilogue (n otherwise)
 
     def __post_init__(self):
         _positive(self, "n", "k")
@@ -59,6 +68,26 @@ class GemvSpec(_Spec):
             why = prologue_refusal(self.prologue, self.k, self.dtype)
             if why:
                 _fail(self, "prologue", why)
+        if self.epilogue is not None:
+            why = epilogue_refusal(self.epilogue, self.n, self.dtype)
+            if why:
+                _fail(self, "epilogue", why)
+            if self.prologue is not None:
+                _fail(self, "epilogue", "a GEMV has a prologue or an epilogue, not both")
+            if self.rows < 2:
+                _fail(self, "rows", "an epilogue's warp takes (gate, up) row pairs: at least 2 rows")
+            if min(self.gate_row, self.up_row) < 0 or max(self.gate_row, self.up_row) + self.n > self.w_rows:
+                _fail(self, "w_rows", f"rows [{self.gate_row}, +{self.n}) and [{self.up_row}, +{self.n}) must lie "
+                                      f"in W's {self.w_rows}")
+            if abs(self.gate_row - self.up_row) < self.n:
+                _fail(self, "up_row", "the gate and up rows overlap")
+        elif (self.gate_row, self.up_row, self.w_rows) != (0, 0, 0):
+            _fail(self, "w_rows", "gate_row / up_row / w_rows belong to an epilogue")
+
+    @property
+    def weight_rows(self) -> int:
+        """W's rows: w_rows with an epilogue, n otherwise."""
+        return self.w_rows if self.epilogue is not None else self.n
 
     @property
     def vec(self) -> int:
@@ -102,9 +131,24 @@ def one_wave(units: int, per_warp: tuple[int, ...], ksplits: tuple[int, ...], nc
 
 
 def spec_for(n: int, k: int, dtype: str, has_bias: bool, origin: str = "linear", num_sms: int = 132,
-             prologue=None) -> GemvSpec:
+             prologue=None, epilogue=None, halves: tuple[int, int] = (0, 0)) -> GemvSpec:
+    """The GEMV of W [n, k]; with a gated `epilogue` (an ActSpec), of its row halves (gate_row, up_row) =
+    `halves`, epilogue.features rows each: out [T, epilogue.features]."""
     rows, ks = choose(n, k, dtype, num_sms)
-    return GemvSpec(n, k, has_bias, dtype, origin, rows, ks, prologue.key() if prologue is not None else None)
+    if epilogue is None:
+        return GemvSpec(n, k, has_bias, dtype, origin, rows, ks, prologue.key() if prologue is not None else None)
+    return GemvSpec(epilogue.features, k, has_bias, dtype, origin, max(2, rows), ks, None, epilogue.key(), *halves, n)
+
+
+def epilogue_refusal(epi, n: int, dtype: str) -> str:
+    """Why the GEMV cannot apply `epi` (an ActSpec) to its (gate, up) row pairs; "" where it can."""
+    if not isinstance(epi, ActSpec) or not epi.gated:
+        return "only a gated activation act(g) * u is fused after the GEMV"
+    if epi.dtype != dtype:
+        return f"the epilogue's dtype {epi.dtype} is not the GEMV's {dtype}"
+    if epi.features != n:
+        return f"the activation's features={epi.features} is not the GEMV's n={n} pairs"
+    return ""
 
 
 def prologue_refusal(pro, k: int, dtype: str) -> str:
@@ -141,10 +185,15 @@ def _render(s: GemvSpec) -> KernelSource:
     params = dict(n=s.n, k=s.k, vec=vec, chunk=chunk, nch=nch, cps=cps, rows=s.rows, ksplit=s.ksplit,
                   unroll=unroll, groups=groups, warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS,
                   k_tail=s.k % chunk != 0, few_t=FEW_T, has_bias=s.has_bias, max_t=GEMV_MAX_T, vp=vp,
-                  pro=_prologue_params(s.prologue, vec))
-    meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * s.rows)), vec=vec, rows=s.rows,
+                  pro=_prologue_params(s.prologue, vec),
+                  epi=None if s.epilogue is None else dict(act=s.epilogue.kind, gate_row=s.gate_row, up_row=s.up_row,
+                                                           w_rows=s.w_rows))
+    per_warp = s.rows // 2 if s.epilogue is not None else s.rows  # outputs: (gate, up) pairs with an epilogue
+    meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * per_warp)), vec=vec, rows=s.rows,
                 ksplit=s.ksplit, unroll=unroll)
     kind = "" if s.prologue is None else f"_{params['pro']['variant']}"
+    if s.epilogue is not None:
+        kind = f"_{s.epilogue.kind}_gated_g{s.gate_row}_u{s.up_row}"
     name = _name(f"gemv{kind}_n{s.n}_k{s.k}_r{s.rows}_s{s.ksplit}", s)
     return _emit("gemv.cu.j2", name, s, params, [f"{name}_t{t}" for t in range(1, GEMV_MAX_T + 1)], meta)
 
@@ -180,9 +229,9 @@ def gemv(spec: GemvSpec, x, w, out, bias=None, pdl: bool = False) -> None:
     if not 1 <= T <= GEMV_MAX_T:
         raise KernelArgError(f"x: {T} rows; the GEMV takes 1 to {GEMV_MAX_T} (more: a GEMM)")
     _check("x", x, dt, device=dev, rows_aligned=True, contiguous=False)
-    _check("w", w, dt, (spec.n, spec.k), dev)
+    _check("w", w, dt, (spec.weight_rows, spec.k), dev)
     _check("out", out, dt, (T, spec.n), dev)
-    check_bias(spec, bias, dt, dev)
+    check_bias(spec, bias, dt, dev, spec.weight_rows)
     launch(spec, dev, T - 1, [ptr(w), ptr(x), ptr(bias), ptr(out), i64(x.stride(0))], pdl)
 
 
@@ -230,12 +279,13 @@ def prologue_takes(*inputs: torch.Tensor) -> bool:
                and (t.stride(0) * t.element_size()) % 16 == 0 for t in inputs)
 
 
-def check_bias(spec, bias, dt: torch.dtype, dev) -> None:
-    """A GEMV spec's bias argument: [n] of the run dtype where it has one (has_bias), None where not."""
+def check_bias(spec, bias, dt: torch.dtype, dev, n: int | None = None) -> None:
+    """A GEMV spec's bias argument: [n] (default spec.n) of the run dtype where it has one (has_bias),
+    None where not."""
     if spec.has_bias:
         if bias is None:
             raise KernelArgError("bias: required by this spec (has_bias)")
-        _check("bias", bias, dt, (spec.n,), dev, aligned=False)
+        _check("bias", bias, dt, (spec.n if n is None else n,), dev, aligned=False)
     elif bias is not None:
         raise KernelArgError("bias: given to a spec without one (has_bias=False)")
 

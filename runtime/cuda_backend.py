@@ -52,6 +52,11 @@ GEMV_ROWS = int(os.environ.get("KILN_GEMV_ROWS", "1"))
 # gate+up <- rmsnorm + residual saved 0.3 and 0.7 us; the 8B-model decode step 5.63 against 4.57 ms.
 # Read when a step runs (and is captured).
 GEMV_PROLOGUE = os.environ.get("KILN_GEMV_PROLOGUE", "0")
+# A GEMM step with a gated activation after it (fuse.py's gemv_epilogue: the gate and up projections, then
+# act(g) * u) runs as one GEMV launch whose warps compute (gate, up) row pairs and write act(g) * u where
+# the GEMV runs ("1", the default), instead of the GEMV then the activation's own kernel ("0":
+# KILN_GEMV_EPILOGUE=0). Unlike the prologue it recomputes nothing. Read when a step runs (and is captured).
+GEMV_EPILOGUE = os.environ.get("KILN_GEMV_EPILOGUE", "1")
 # In a step that mixes decode rows with prompt chunks (eager: too big for a mixed graph), the decode rows
 # (the scheduler puts them first) take the decode attention kernel and only the prompt chunks the prefill
 # kernel ("1", the default), instead of every row the prefill kernel ("0": KILN_MIXED_SPLIT=0). The
@@ -148,6 +153,8 @@ class CudaModel:
                 self._gemm[n] = _fused_weight(op, weights, self.dtype)
                 if "prologue" in op.extra:  # the norm / act step fused before it (fuse.py's gemv_prologue)
                     op.extra["prologue"].spec = canon(op.extra["prologue"].spec)
+                if "epilogue" in op.extra:  # the gated act step fused after it (fuse.py's gemv_epilogue)
+                    op.extra["epilogue"].spec = canon(op.extra["epilogue"].spec)
             elif op.kind is Exec.ATTENTION:
                 op.spec = tuple(canon(s) for s in op.spec)
             elif op.kind is Exec.MOE:  # experts' weights stacked [E, out, in] per grouped GEMM
@@ -308,6 +315,12 @@ class CudaModel:
     # -- one method per kind of step ----------------------------------------------------------
     def _gemm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         w, b = self._gemm[n]
+        epi = op.extra.get("epilogue")
+        if epi is not None:
+            if not self._gemv_epilogue(op, epi, w, b, env, step):
+                self._gemm_step(op.extra["gemm"], env, step, n)  # the GEMM as it was, then the activation's kernel
+                _RUN[epi.kind](self, epi, env, step, n)
+            return
         pro = op.extra.get("prologue")
         if pro is not None:
             if self._gemv_prologue(op, pro, w, b, env, step):
@@ -354,6 +367,27 @@ class CudaModel:
                 env[name] = y[:, start:start + width]
         else:
             env[gemm.outs[0]] = y
+        return True
+
+    def _gemv_epilogue(self, op: KOp, epi: KOp, w, b, env, step: "_Run") -> bool:
+        """A GEMM step with a gated activation after it as one GEMV launch (codegen/gemv.py's epilogue) where
+        the GEMV runs it: a few rows, a plain weight the GEMV takes, no LoRA. False: nothing ran."""
+        if GEMV_EPILOGUE not in ("0", "1"):
+            raise KernelSpecError(f"KILN_GEMV_EPILOGUE={GEMV_EPILOGUE!r}: must be 0 or 1")
+        x = env[op.ins[0]]
+        if GEMV not in ("1", "pdl") or GEMV_EPILOGUE == "0" or step.T > GEMV_ROWS or step.lora is not None \
+                or not G.takes(x, w):
+            return False
+        gemm = op.extra["gemm"]
+        start = {v: s for v, (s, _) in zip(gemm.outs, gemm.extra["slices"])}
+        if not G.prologue_takes(x):
+            x = x.contiguous()
+        origin = f"{fuse_origin(gemm.instrs[0])} -> {fuse_origin(epi.instrs[-1])}"
+        spec = G.spec_for(w.shape[0], w.shape[1], epi.spec.dtype, b is not None, origin, G._num_sms(self.device),
+                          epilogue=epi.spec, halves=(start[epi.ins[0]], start[epi.ins[1]]))
+        y = torch.empty(step.T, spec.n, dtype=self.dtype, device=self.device)
+        G.gemv(spec, x, w, y, b, pdl=GEMV == "pdl")
+        env[epi.outs[0]] = y
         return True
 
     def _norm_step(self, op: KOp, env, step: "_Run", n: int) -> None:

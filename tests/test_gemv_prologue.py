@@ -22,6 +22,13 @@ from kiln.dsl.ops import OpKind
 from tests.configs import FAMILY_CONFIGS
 
 
+@pytest.fixture(autouse=True)
+def _no_epilogues(monkeypatch):
+    """The prologue pattern alone: with gemv_epilogue the SwiGLU is the gate+up GEMV's epilogue instead, and a
+    GEMM step with an epilogue takes no prologue (tests/test_gemv_epilogue.py)."""
+    monkeypatch.setattr(F, "PATTERNS", tuple(p for p in F.PATTERNS if p.name != "gemv_epilogue"))
+
+
 def _without_prologues(plan, dtype, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(F, "PATTERNS", tuple(p for p in F.PATTERNS if p.name != "gemv_prologue"))

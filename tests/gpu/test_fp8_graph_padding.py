@@ -38,14 +38,14 @@ def _run(ref, graphs: bool) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         first = StepBatch(torch.randint(1, 1000, (39,), generator=gen),
-                          [SeqSlice(0, 26, 0, tables[0]), SeqSlice(1, 13, 0, tables[1])])
+                          [SeqSlice(0, 26, 0, tables[0]), SeqSlice(26, 13, 0, tables[1])])
         out.append(model.model.forward(first, kv).float().clone())
-        third = StepBatch(torch.randint(1, 1000, (1,), generator=gen), [SeqSlice(2, 1, 0, tables[2])])
+        third = StepBatch(torch.randint(1, 1000, (1,), generator=gen), [SeqSlice(0, 1, 0, tables[2])])
         out.append(model.model.forward(third, kv).float().clone())
         for step in range(5):
             nxt = torch.randint(1, 1000, (3,), generator=gen)
             batch = StepBatch(nxt, [SeqSlice(0, 1, 26 + step, tables[0]), SeqSlice(1, 1, 13 + step, tables[1]),
-                                    SeqSlice(2, 1, 1 + step, tables[2])])
+                                    SeqSlice(2, 1, 1 + step, tables[2])])  # SeqSlice(start = flat offset, length, context, pages)
             out.append(model.model.forward(batch, kv).float().clone())
     return out
 

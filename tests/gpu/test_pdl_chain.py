@@ -40,7 +40,7 @@ def _logits(ref, chain: str, monkeypatch) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         first = StepBatch(torch.randint(0, 1000, (32,), generator=gen),
-                          [SeqSlice(0, 23, 0, tables[0]), SeqSlice(1, 9, 0, tables[1])])
+                          [SeqSlice(0, 23, 0, tables[0]), SeqSlice(23, 9, 0, tables[1])])
         out.append(model.model.forward(first, kv).float().clone())
         for step in range(6):
             nxt = torch.randint(0, 1000, (2,), generator=gen)

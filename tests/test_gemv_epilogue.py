@@ -1,0 +1,133 @@
+"""Issue #12 item 2 on the CPU: the decode GEMV with the gated activation after it fused into its epilogue
+(codegen/fuse.py's gemv_epilogue, codegen/gemv.py's GemvSpec.epilogue, templates/gemv.cu.j2): which steps of
+the llama program get one (every layer's gate+up, nothing else), that split back the program is the one
+without the pattern, that an act whose inputs are read elsewhere or come from two GEMM steps stays its own
+step; the epilogue renders, names both spec ops and NVRTC-compiles for bf16 / fp16 / fp32 (at the 8B
+model's gate+up without spills at one row); specs it cannot compute are refused with the field named.
+Results on a GPU: tests/gpu/test_gemv_epilogue.py."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from kiln.codegen import fuse as F
+from kiln.codegen import gemv as G
+from kiln.codegen.render import render
+from kiln.codegen.specs import ActSpec, KernelSpecError, NormSpec
+from kiln.dsl import check, load_spec, parse_spec
+from kiln.dsl.ops import OpKind
+
+from tests.configs import FAMILY_CONFIGS
+
+
+def _same(a: F.KOp, b: F.KOp) -> bool:
+    return (a.kind, a.ins, a.outs, a.instrs, a.spec, a.collectives) == (b.kind, b.ins, b.outs, b.instrs, b.spec,
+                                                                           b.collectives)
+
+
+def _without(plan, monkeypatch, *names):
+    with monkeypatch.context() as m:
+        m.setattr(F, "PATTERNS", tuple(p for p in F.PATTERNS if p.name not in names))
+        return F.fuse(plan, torch.bfloat16, 16)
+
+
+def test_every_layers_gate_up_takes_its_swiglu(monkeypatch):
+    plan = check(load_spec("llama"), FAMILY_CONFIGS["llama"])
+    after = _without(plan, monkeypatch, "gemv_prologue")
+    before = _without(plan, monkeypatch, "gemv_prologue", "gemv_epilogue")
+    split = F.unfused(after)
+    assert len(split) == len(before) and all(_same(a, b) for a, b in zip(split, before))
+    joined = [op for op in after if "epilogue" in op.extra]
+    assert len(joined) == FAMILY_CONFIGS["llama"]["num_hidden_layers"]
+    for op in joined:
+        epi, gemm = op.extra["epilogue"], op.extra["gemm"]
+        assert [i.kind for i in epi.instrs] == [OpKind.ACT, OpKind.MUL] and epi.spec.gated and epi.spec.kind == "silu"
+        assert [i.kind for i in gemm.instrs] == [OpKind.LINEAR, OpKind.LINEAR]
+        assert op.ins == gemm.ins and op.outs == epi.outs and op.instrs == gemm.instrs + epi.instrs
+        assert set(epi.ins) == set(gemm.outs)
+        # the act step now runs where the GEMM stood: its output is read only after it
+        at = after.index(op)
+        assert all(epi.outs[0] not in o.ins for o in after[:at])
+    # with the prologue pattern too, the epilogue's GEMM takes no prologue
+    both = F.fuse(plan, torch.bfloat16, 16)
+    assert not any("prologue" in op.extra and "epilogue" in op.extra for op in both)
+    assert sum("epilogue" in op.extra for op in both) == len(joined)
+
+
+SPEC = """spec p
+param d: int = 64
+weights { embed: [16, d] <- "e"
+          wg: [d, d] <- "wg"
+          wu: [d, d] <- "wu"
+          wg2: [d, d] <- "wg2"
+          wu2: [d, d] <- "wu2"
+          wo: [d, d] <- "wo" }
+forward(tokens) {
+  x = embedding(tokens, embed)
+  g = linear(x, wg)
+  a = silu(g) * linear(x, wu)
+  h = linear(a, wo) + g
+  b = gelu(linear(h, wg2)) * linear(h, wu2)
+  return b
+}
+"""
+
+
+def test_only_an_act_of_one_gemm_steps_outputs_read_by_nothing_else_is_joined(tmp_path, monkeypatch):
+    """g is read by the act and the residual add: that act stays its own step. b's inputs are the two
+    outputs of the GEMM of h and nothing else reads them: joined."""
+    path = tmp_path / "p.kiln"
+    path.write_text(SPEC)
+    plan = check(parse_spec(SPEC, str(path)))
+    ops = _without(plan, monkeypatch, "gemv_prologue")
+    joined = [op for op in ops if "epilogue" in op.extra]
+    assert [op.outs[0].id for op in joined] == ["b"]
+    assert joined[0].extra["epilogue"].spec.kind == "gelu"
+    assert [op.outs[0].id for op in ops if op.kind is F.Exec.ACT] == ["a"]
+
+
+DTYPES = ["bf16", "fp16", "fp32"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ["llama3_gate_up", "odd_bias_up_first"])
+def test_epilogue_compiles(shape, dtype, fresh_kernel_cache):
+    nvrtc = pytest.importorskip("kiln.codegen.nvrtc", reason="cuda-python / NVRTC not installed")
+    n, k, halves, act, bias = {"llama3_gate_up": (14336, 4096, (0, 14336), "silu", False),
+                               "odd_bias_up_first": (100, 256, (104, 0), "gelu_tanh", True)}[shape]
+    origin = "models/t.kiln:4 linear(x, w_up) -> models/t.kiln:5 silu(g) * u"
+    spec = G.spec_for(halves[0] + halves[1] + n - min(halves), k, dtype, bias, origin,
+                      epilogue=ActSpec(act, True, n, dtype=dtype), halves=halves)
+    ks = render(spec)
+    assert f"// origin: {origin}" in ks.source and "act(g) * u" in ks.source
+    assert ks.entries == tuple(f"{ks.name}_t{t}" for t in range(1, G.GEMV_MAX_T + 1))
+    img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+    spills = dict(re.findall(r"Compiling entry function '\w+_t(\d+)'.*?(\d+) bytes spill stores", img.log, re.S))
+    assert len(spills) == G.GEMV_MAX_T, img.log
+    if dtype == "bf16":  # the decode path: one row, no spills
+        assert spills["1"] == "0", img.log
+    # its grid covers the pairs: rows / 2 of them a warp
+    assert ks.meta["blocks"] * (G.WARPS // spec.ksplit) * (spec.rows // 2) >= n
+
+
+def test_the_plain_gemv_has_no_epilogue():
+    plain = render(G.spec_for(28672, 4096, "bf16", False, "o")).source
+    assert "pair0" not in plain and "act(" not in plain
+
+
+@pytest.mark.parametrize("kw, field, why", [
+    (dict(epilogue=ActSpec("silu", False, 64)), "epilogue", "only a gated activation"),
+    (dict(epilogue=ActSpec("silu", True, 32)), "epilogue", "features=32 is not the GEMV's n=64"),
+    (dict(epilogue=ActSpec("silu", True, 64, dtype="fp16")), "epilogue", "dtype fp16"),
+    (dict(epilogue=ActSpec("silu", True, 64), rows=1), "rows", "at least 2 rows"),
+    (dict(epilogue=ActSpec("silu", True, 64), up_row=32, w_rows=128), "up_row", "overlap"),
+    (dict(epilogue=ActSpec("silu", True, 64), up_row=64, w_rows=100), "w_rows", "must lie in W's 100"),
+    (dict(epilogue=ActSpec("silu", True, 64), up_row=64, w_rows=128,
+          prologue=NormSpec("rms", 64, 1e-5, has_residual=False)), "epilogue", "not both"),
+    (dict(up_row=64, w_rows=128), "w_rows", "belong to an epilogue"),
+])
+def test_epilogues_it_cannot_compute_are_refused(kw, field, why):
+    with pytest.raises(KernelSpecError, match=rf"GemvSpec\.{field}:.*{why}"):
+        G.GemvSpec(64, 64, **{"rows": 2, **kw})
