@@ -31,7 +31,10 @@
 #                                         (test_fp8_graph_padding.py, test_quant_kernels.py -k valid), then the fp8 engine test
 #                                         that failed once in session 13, five times in fresh processes
 #   bash .ci/device_check.sh epi       the gate+up GEMV with the SwiGLU in its epilogue: its GPU tests (and session 13's
-#                                         padding / chain tests), then bf16 batch-1 decode with KILN_GEMV_EPILOGUE=0 / 1, twice
+#                                         padding / chain tests), then bf16 and fp8 batch-1 decode with KILN_GEMV_EPILOGUE=0 / 1,
+#                                         twice
+#   bash .ci/device_check.sh normpro   KILN_GEMV_PROLOGUE=norm: the prologue / epilogue GPU tests, bf16 batch-1 TPOT with
+#                                         it 0 / norm, fp8 batch-1 decode with KILN_FP8_GEMV_EPILOGUE=0 / 1, each twice
 #   bash .ci/device_check.sh partition batch-1 paged decode attention per KV partition (.ci/decode_partition.py)
 #   bash .ci/device_check.sh fp8kv     the fp8-cache decode kernel per shape and page size, and random-chunk gathers
 #   bash .ci/device_check.sh ssmprof   where a Mamba-2 2.7B batch-1 decode step goes (kernel times, then the graphed step)
@@ -172,12 +175,23 @@ for mode in "$@"; do
       for i in 1 2 3 4 5; do timeout 90 python3 -m pytest -q -p no:cacheprovider \
         "tests/gpu/test_gemv_fp8.py::test_engine_with_programmatic_launches_equals_plain" 2>&1 | tail -1; done ;;
     epi)  # session 14: the gate+up GEMV with the SwiGLU in its epilogue (KILN_GEMV_EPILOGUE): its GPU tests and the
-          # padding / chain tests session 13 wrote, then bf16 batch-1 decode of the 8B shape off / on, twice
+          # padding / chain tests session 13 wrote, then bf16 and fp8 batch-1 decode of the 8B shape off / on, twice
       timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_gemv_epilogue.py \
         tests/gpu/test_gemv_prologue.py tests/gpu/test_fp8_graph_padding.py tests/gpu/test_pdl_chain.py \
         tests/gpu/test_pdl_triggers.py 2>&1 | tee "$OUT/epi-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
-      for v in 0 1 0 1; do echo "KILN_GEMV_EPILOGUE=$v"; KILN_GEMV_EPILOGUE=$v timeout 60 $KILN bench latency --config $L \
-        --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
+      for v in 0 1 0 1; do for q in none fp8; do echo "KILN_GEMV_EPILOGUE=$v (and KILN_FP8_GEMV_EPILOGUE) --quantization $q"
+        KILN_GEMV_EPILOGUE=$v KILN_FP8_GEMV_EPILOGUE=$v timeout 60 $KILN bench latency --config $L --quantization $q \
+          --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done; done ;;
+    normpro)  # session 14: KILN_GEMV_PROLOGUE=norm (the ungated RMSNorms' prologues only): the prologue / epilogue GPU
+              # tests, then bf16 batch-1 TPOT end to end 0 / norm twice, and fp8 batch-1 decode KILN_FP8_GEMV_EPILOGUE=0 / 1
+              # twice (session 14 ran it with KILN_GEMV_EPILOGUE switching both)
+      timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_gemv_prologue.py \
+        tests/gpu/test_gemv_epilogue.py 2>&1 | tee "$OUT/normpro-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
+      for v in 0 norm 0 norm; do echo "TPOT KILN_GEMV_PROLOGUE=$v"; KILN_GEMV_PROLOGUE=$v timeout 60 $KILN bench throughput \
+        --config $L --requests 1 --max-batch 1 --input-len 128 --output-len 256 2>&1 | grep -a -E "^\| tpot_p50_ms |Error"
+      done
+      for v in 0 1 0 1; do echo "fp8 KILN_FP8_GEMV_EPILOGUE=$v"; KILN_FP8_GEMV_EPILOGUE=$v timeout 60 $KILN bench latency --config $L \
+        --quantization fp8 --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| decode_ms |Error"; done ;;
     partition)
       timeout 120 python3 .ci/decode_partition.py 2>&1 | grep -a -E "^\||copy|rror|Trace|line" ;;
     fp8kv)

@@ -301,7 +301,8 @@ def _gemv_epilogue(p: _Program) -> None:
     linears of one x) that nothing else reads becomes that GEMM step's epilogue: one Exec.GEMM step, extra
     "epilogue" (the act step, its spec) and "gemm" (the GEMM step as it was), run where the GEMM stood,
     its output the act's. At a few rows the cuda backend runs it as one GEMV launch whose warps compute
-    (gate, up) row pairs and write act(g) * u (codegen/gemv.py); otherwise the two steps as before."""
+    (gate, up) row pairs and write act(g) * u (codegen/gemv.py; fp8 weights: codegen/gemv_fp8.py's "mma"
+    kernel at one row); otherwise (other formats too) the two steps as before."""
     made = {o: n for n, op in p.anchor.items() for o in op.outs}
     for n, act in sorted(p.anchor.items()):
         if act.kind is not Exec.ACT or not act.spec.gated or act.collectives or act.ins[0] not in made:
@@ -311,8 +312,6 @@ def _gemv_epilogue(p: _Program) -> None:
         if gemm.kind is not Exec.GEMM or "prologue" in gemm.extra or gemm.collectives or made.get(act.ins[1]) != m \
                 or len(gemm.outs) != 2 or act.ins[0] == act.ins[1] or any(p.uses[v] != 1 for v in gemm.outs):
             continue
-        if any(p.plan.weights[w.name].quant.quantized for w in gemm.extra["weights"]):
-            continue  # quantized weights: their own GEMV / GEMM
         fused = KOp(Exec.GEMM, gemm.ins, act.outs, gemm.instrs + act.instrs,
                     extra=dict(gemm.extra, epilogue=act, gemm=gemm))
         del p.anchor[n], p.anchor[m]

@@ -68,26 +68,16 @@ class GemvSpec(_Spec):
             why = prologue_refusal(self.prologue, self.k, self.dtype)
             if why:
                 _fail(self, "prologue", why)
+        check_epilogue(self)
         if self.epilogue is not None:
-            why = epilogue_refusal(self.epilogue, self.n, self.dtype)
-            if why:
-                _fail(self, "epilogue", why)
             if self.prologue is not None:
                 _fail(self, "epilogue", "a GEMV has a prologue or an epilogue, not both")
             if self.rows < 2:
                 _fail(self, "rows", "an epilogue's warp takes (gate, up) row pairs: at least 2 rows")
-            if min(self.gate_row, self.up_row) < 0 or max(self.gate_row, self.up_row) + self.n > self.w_rows:
-                _fail(self, "w_rows", f"rows [{self.gate_row}, +{self.n}) and [{self.up_row}, +{self.n}) must lie "
-                                      f"in W's {self.w_rows}")
-            if abs(self.gate_row - self.up_row) < self.n:
-                _fail(self, "up_row", "the gate and up rows overlap")
-        elif (self.gate_row, self.up_row, self.w_rows) != (0, 0, 0):
-            _fail(self, "w_rows", "gate_row / up_row / w_rows belong to an epilogue")
 
     @property
     def weight_rows(self) -> int:
-        """W's rows: w_rows with an epilogue, n otherwise."""
-        return self.w_rows if self.epilogue is not None else self.n
+        return epilogue_weight_rows(self)
 
     @property
     def vec(self) -> int:
@@ -138,6 +128,28 @@ def spec_for(n: int, k: int, dtype: str, has_bias: bool, origin: str = "linear",
     if epilogue is None:
         return GemvSpec(n, k, has_bias, dtype, origin, rows, ks, prologue.key() if prologue is not None else None)
     return GemvSpec(epilogue.features, k, has_bias, dtype, origin, max(2, rows), ks, None, epilogue.key(), *halves, n)
+
+
+def check_epilogue(spec) -> None:
+    """A GEMV spec's epilogue fields (GemvSpec, gemv_fp8's Fp8GemvSpec): a gated act of n pairs whose gate
+    and up rows lie apart in W's w_rows; none of the row fields without an epilogue."""
+    if spec.epilogue is None:
+        if (spec.gate_row, spec.up_row, spec.w_rows) != (0, 0, 0):
+            _fail(spec, "w_rows", "gate_row / up_row / w_rows belong to an epilogue")
+        return
+    why = epilogue_refusal(spec.epilogue, spec.n, spec.dtype)
+    if why:
+        _fail(spec, "epilogue", why)
+    g, u, n = spec.gate_row, spec.up_row, spec.n
+    if min(g, u) < 0 or max(g, u) + n > spec.w_rows:
+        _fail(spec, "w_rows", f"rows [{g}, +{n}) and [{u}, +{n}) must lie in W's {spec.w_rows}")
+    if abs(g - u) < n:
+        _fail(spec, "up_row", "the gate and up rows overlap")
+
+
+def epilogue_weight_rows(spec) -> int:
+    """W's rows: w_rows with an epilogue, n otherwise."""
+    return spec.w_rows if spec.epilogue is not None else spec.n
 
 
 def epilogue_refusal(epi, n: int, dtype: str) -> str:

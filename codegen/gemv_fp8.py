@@ -22,11 +22,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from kiln.dsl.dtypes import RUN_DTYPES
 
-from .gemv import KSPLITS, LOADS_FEW, MIN_BLOCKS, ROWS, WARPS, _num_sms, check_bias, choose_chunks, launch, one_wave
+from .gemv import (
+    KSPLITS,
+    LOADS_FEW,
+    MIN_BLOCKS,
+    ROWS,
+    WARPS,
+    _num_sms,
+    check_bias,
+    check_epilogue,
+    choose_chunks,
+    epilogue_weight_rows,
+    launch,
+    one_wave,
+)
 from .kernels import KernelArgError, _check, _torch_dtype
 from .launch import ptr
 from .render import _RENDERERS, KernelSource, _emit, _name
@@ -66,6 +80,13 @@ class Fp8GemvSpec(_Spec):
     # ring (each step's slot refilled as soon as it is used) or are loaded U steps at a time
     loads: int = 0
     ring: bool = True
+    # decode="mma" only: the gated activation after it in its epilogue, as GemvSpec's (codegen/gemv.py): W
+    # [w_rows, k] holds the gate rows [gate_row, +n) and the up rows [up_row, +n); each 16-row tile is 8
+    # (gate, up) pairs (rows g and g + 8 of the MMA: one lane holds both sums) and out [1, n] = act(g) * u.
+    epilogue: Any = None
+    gate_row: int = 0
+    up_row: int = 0
+    w_rows: int = 0
 
     def __post_init__(self):
         _positive(self, "n", "k")
@@ -85,6 +106,13 @@ class Fp8GemvSpec(_Spec):
             _fail(self, "rows", f"must be one of {rows} (decode={self.decode!r}), got {self.rows!r}")
         if self.ksplit not in KSPLITS:
             _fail(self, "ksplit", f"must be one of {KSPLITS}, got {self.ksplit!r}")
+        check_epilogue(self)
+        if self.epilogue is not None and self.decode != "mma":
+            _fail(self, "epilogue", f"fused after decode='mma' only, got {self.decode!r}")
+
+    @property
+    def weight_rows(self) -> int:
+        return epilogue_weight_rows(self)
 
     @property
     def step(self) -> int:
@@ -102,14 +130,20 @@ class Fp8GemvSpec(_Spec):
 
 
 def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = False, static: bool = False,
-             origin: str = "linear", num_sms: int = 132, decode: str = "int") -> Fp8GemvSpec:
+             origin: str = "linear", num_sms: int = 132, decode: str = "int", epilogue=None,
+             halves: tuple[int, int] = (0, 0)) -> Fp8GemvSpec:
+    """The fp8 GEMV of W [n, k]; with a gated `epilogue` (an ActSpec; decode="mma"), of its row halves
+    (gate_row, up_row) = `halves`, epilogue.features rows each: out [1, epilogue.features]."""
     if decode == "mma":
         tiles, ks = one_wave(math.ceil(n / 16), tuple(r // 16 for r in MMA_ROWS), KSPLITS, math.ceil(k / MMA_STEP),
                              num_sms * WARPS * MIN_BLOCKS, lambda r, s: (r * math.ceil(k / MMA_STEP / s), s), (4, 1))
         rows = 16 * tiles
     else:
         rows, ks = choose_chunks(n, math.ceil(k / CHUNK), num_sms)
-    return Fp8GemvSpec(n, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode, ring=MMA_RING)
+    if epilogue is None:
+        return Fp8GemvSpec(n, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode, ring=MMA_RING)
+    return Fp8GemvSpec(epilogue.features, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode,
+                       ring=MMA_RING, epilogue=epilogue.key(), gate_row=halves[0], up_row=halves[1], w_rows=n)
 
 
 def _render(s: Fp8GemvSpec) -> KernelSource:
@@ -139,10 +173,14 @@ def _render_mma(s: Fp8GemvSpec) -> KernelSource:
     params = dict(n=s.n, k=s.k, nch=nch, cps=cps, tiles=tiles, ksplit=s.ksplit, unroll=unroll, groups=groups,
                   warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS, k_tail=s.k % MMA_STEP != 0,
                   has_bias=s.has_bias, per_channel=s.per_channel, static=s.static, ring=s.ring,
-                  xvec=16 // RUN_DTYPES[s.dtype].itemsize, red=max(32, WARPS * s.rows))
-    meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * s.rows)), rows=s.rows, ksplit=s.ksplit,
+                  xvec=16 // RUN_DTYPES[s.dtype].itemsize, red=max(32, WARPS * s.rows), w_rows=s.weight_rows,
+                  epi=None if s.epilogue is None else dict(act=s.epilogue.kind, gate_row=s.gate_row, up_row=s.up_row))
+    per_warp = s.rows // 2 if s.epilogue is not None else s.rows  # outputs: (gate, up) pairs with an epilogue
+    meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * per_warp)), rows=s.rows, ksplit=s.ksplit,
                 unroll=unroll, smem=s.smem, decode=s.decode)
     tag = ("c" if s.per_channel else "t") + ("s" if s.static else "d") + ("r" if s.ring else "b")
+    if s.epilogue is not None:
+        tag += f"_{s.epilogue.kind}_gated_g{s.gate_row}_u{s.up_row}"
     name = _name(f"gemv_fp8_mma_{tag}_n{s.n}_k{s.k}_r{s.rows}_s{s.ksplit}_l{2 * tiles * unroll}", s)
     return _emit("gemv_fp8_mma.cu.j2", name, s, params, [name], meta)
 
@@ -160,9 +198,9 @@ def gemv_fp8(spec: Fp8GemvSpec, x, w, w_scale, out, bias=None, x_scale=None, pdl
     if x.dim() != 2 or tuple(x.shape) != (1, spec.k):
         raise KernelArgError(f"x: shape {tuple(x.shape)}, expected [1, {spec.k}] (one row)")
     _check("x", x, dt, device=dev)
-    _check("w", w, torch.float8_e4m3fn, (spec.n, spec.k), dev)
+    _check("w", w, torch.float8_e4m3fn, (spec.weight_rows, spec.k), dev)
     _check("w_scale", w_scale, torch.float32, device=dev, aligned=False)
-    want = spec.n if spec.per_channel else 1
+    want = spec.weight_rows if spec.per_channel else 1
     if w_scale.numel() != want:
         raise KernelArgError(f"w_scale: {w_scale.numel()} values, expected {want} "
                              f"({'per channel' if spec.per_channel else 'per tensor'})")
@@ -175,7 +213,7 @@ def gemv_fp8(spec: Fp8GemvSpec, x, w, w_scale, out, bias=None, x_scale=None, pdl
             raise KernelArgError(f"x_scale: {x_scale.numel()} values, expected 1")
     elif x_scale is not None:
         raise KernelArgError("x_scale: given to a spec that measures it (static=False)")
-    check_bias(spec, bias, dt, dev)
+    check_bias(spec, bias, dt, dev, spec.weight_rows)
     launch(spec, dev, 0, [ptr(w), ptr(x), ptr(w_scale), ptr(x_scale), ptr(bias), ptr(out)], pdl)
 
 
@@ -190,10 +228,11 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
            x_scale: torch.Tensor | None = None, pdl: bool = False, origin: str = "linear",
-           decode: str = "int") -> torch.Tensor:
+           decode: str = "int", epilogue=None, halves: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """The W8A8 linear of one row through the kernel (check `takes` first). w_scale: fp32 [] per
     tensor, [n] or [1, n] per channel; x_scale: the static activation scale, None to measure it.
-    decode "mma" applies to 16-bit x; fp32 x takes "int"."""
+    decode "mma" applies to 16-bit x; fp32 x takes "int". epilogue (a gated ActSpec; 16-bit x, "mma"):
+    act(g) * u of the row halves at `halves` (gate_row, up_row), [1, epilogue.features]."""
     from .specs import dtype_name
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous()
@@ -208,9 +247,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.
         ws = ws.float().contiguous()
     xs = None if x_scale is None else x_scale.float().reshape(())
     dt = dtype_name(x.dtype)
-    if decode == "mma" and dt not in MMA_DTYPES:
+    if decode == "mma" and dt not in MMA_DTYPES and epilogue is None:
         decode = "int"  # fp32 runs keep fp32 products on the CUDA cores (the reference's precision)
-    spec = spec_for(n, k, dt, bias is not None, per_channel, x_scale is not None, origin, _num_sms(x.device), decode)
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    spec = spec_for(n, k, dt, bias is not None, per_channel, x_scale is not None, origin, _num_sms(x.device), decode,
+                    epilogue, halves)
+    out = torch.empty(1, spec.n, dtype=x.dtype, device=x.device)
     gemv_fp8(spec, x, w, ws, out, bias, xs, pdl)
     return out

@@ -50,12 +50,16 @@ GEMV_ROWS = int(os.environ.get("KILN_GEMV_ROWS", "1"))
 # every warp forming x itself costs more than the launch it saves: down <- SwiGLU 61.6 against 31.1 us
 # (each warp recomputes act(g) * u for its chunk), out_proj <- gated norm 26.7 against 12.5; qkv and
 # gate+up <- rmsnorm + residual saved 0.3 and 0.7 us; the 8B-model decode step 5.63 against 4.57 ms.
-# Read when a step runs (and is captured).
+# "norm": only the RMSNorms without a gate (plain or residual: the attention norm before qkv, the final
+# norm before the lm_head), the ones that saved time alone; end to end still slower (session 14: 8B bf16
+# TPOT 4.178 / 4.183 ms against 4.162 / 4.161 without). Read when a step runs (and is captured).
 GEMV_PROLOGUE = os.environ.get("KILN_GEMV_PROLOGUE", "0")
 # A GEMM step with a gated activation after it (fuse.py's gemv_epilogue: the gate and up projections, then
 # act(g) * u) runs as one GEMV launch whose warps compute (gate, up) row pairs and write act(g) * u where
 # the GEMV runs ("1", the default), instead of the GEMV then the activation's own kernel ("0":
-# KILN_GEMV_EPILOGUE=0). Unlike the prologue it recomputes nothing. Read when a step runs (and is captured).
+# KILN_GEMV_EPILOGUE=0). Unlike the prologue it recomputes nothing. On the H200 (BENCHMARKS.md, session
+# 14) the 8B bf16 batch-1 TPOT went 4.316 -> 4.200 / 4.209 ms. fp8 weights take it only with
+# cuda_quant.FP8_GEMV_EPILOGUE (off: slower there). Read when a step runs (and is captured).
 GEMV_EPILOGUE = os.environ.get("KILN_GEMV_EPILOGUE", "1")
 # In a step that mixes decode rows with prompt chunks (eager: too big for a mixed graph), the decode rows
 # (the scheduler puts them first) take the decode attention kernel and only the prompt chunks the prefill
@@ -71,8 +75,9 @@ FRESH_SDPA = os.environ.get("KILN_FRESH_SDPA", "0")
 # The norm, activation, rotary + KV write and decode attention kernels launched as programmatic dependents
 # ("1": KILN_PDL_CHAIN=1), like the decode GEMVs: each waits for the kernel before at its entry, so only
 # its launch and block scheduling overlap that kernel's drain, and a step's chain of kernels has no plain
-# launch gap left at one row. Off ("0") until measured on the GPU (session 13 wrote it with no device time
-# left). Read when a step runs (and is captured).
+# launch gap left at one row. Off ("0"): correct on the H200 (its GPU tests pass) but slower (session 14,
+# 8B batch-1 decode: bf16 4.58 / 4.54 ms against 4.31 / 4.42 off, fp8 4.08 / 4.13 against 3.23 / 3.26;
+# Mamba-2 2.82 / 2.50 against 2.78 / 2.73). Read when a step runs (and is captured).
 PDL_CHAIN = os.environ.get("KILN_PDL_CHAIN", "0")
 
 
@@ -347,6 +352,10 @@ class CudaModel:
         runs it: a few rows, a plain weight the GEMV takes, no LoRA, a prologue it computes, inputs it can
         read with 16-byte vectors. False: nothing ran."""
         ins = [env[v] for v in pro.ins]
+        if GEMV_PROLOGUE not in ("0", "1", "norm"):
+            raise KernelSpecError(f"KILN_GEMV_PROLOGUE={GEMV_PROLOGUE!r}: must be 0, 1 or norm")
+        if GEMV_PROLOGUE == "norm" and (pro.kind is not Exec.NORM or pro.spec.gate):
+            return False
         if GEMV not in ("1", "pdl") or GEMV_PROLOGUE == "0" or step.T > GEMV_ROWS or step.lora is not None \
                 or not isinstance(w, torch.Tensor) or not G.takes(ins[0], w) or not G.prologue_takes(*ins) \
                 or G.prologue_refusal(pro.spec, w.shape[1], pro.spec.dtype):
@@ -370,23 +379,31 @@ class CudaModel:
         return True
 
     def _gemv_epilogue(self, op: KOp, epi: KOp, w, b, env, step: "_Run") -> bool:
-        """A GEMM step with a gated activation after it as one GEMV launch (codegen/gemv.py's epilogue) where
-        the GEMV runs it: a few rows, a plain weight the GEMV takes, no LoRA. False: nothing ran."""
+        """A GEMM step with a gated activation after it as one GEMV launch (codegen/gemv.py's epilogue; fp8
+        weights: QGemm.gemv_epilogue) where the GEMV runs it: a few rows (fp8: one), a weight the GEMV takes,
+        no LoRA. False: nothing ran."""
         if GEMV_EPILOGUE not in ("0", "1"):
             raise KernelSpecError(f"KILN_GEMV_EPILOGUE={GEMV_EPILOGUE!r}: must be 0 or 1")
         x = env[op.ins[0]]
-        if GEMV not in ("1", "pdl") or GEMV_EPILOGUE == "0" or step.T > GEMV_ROWS or step.lora is not None \
-                or not G.takes(x, w):
+        if GEMV_EPILOGUE == "0" or step.T > GEMV_ROWS or step.lora is not None:
             return False
         gemm = op.extra["gemm"]
         start = {v: s for v, (s, _) in zip(gemm.outs, gemm.extra["slices"])}
-        if not G.prologue_takes(x):
-            x = x.contiguous()
+        halves = (start[epi.ins[0]], start[epi.ins[1]])
         origin = f"{fuse_origin(gemm.instrs[0])} -> {fuse_origin(epi.instrs[-1])}"
-        spec = G.spec_for(w.shape[0], w.shape[1], epi.spec.dtype, b is not None, origin, G._num_sms(self.device),
-                          epilogue=epi.spec, halves=(start[epi.ins[0]], start[epi.ins[1]]))
-        y = torch.empty(step.T, spec.n, dtype=self.dtype, device=self.device)
-        G.gemv(spec, x, w, y, b, pdl=GEMV == "pdl")
+        if isinstance(w, QGemm):
+            y = w.gemv_epilogue(x, b, epi.spec, halves, origin)
+            if y is None:
+                return False
+        else:
+            if GEMV not in ("1", "pdl") or not G.takes(x, w):
+                return False
+            if not G.prologue_takes(x):
+                x = x.contiguous()
+            spec = G.spec_for(w.shape[0], w.shape[1], epi.spec.dtype, b is not None, origin, G._num_sms(self.device),
+                              epilogue=epi.spec, halves=halves)
+            y = torch.empty(step.T, spec.n, dtype=self.dtype, device=self.device)
+            G.gemv(spec, x, w, y, b, pdl=GEMV == "pdl")
         env[epi.outs[0]] = y
         return True
 

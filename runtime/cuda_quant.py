@@ -40,6 +40,7 @@ from kiln.codegen.quant_kernels import (  # noqa: F401
     pack,
     repack,
 )
+from kiln.codegen.specs import KernelSpecError
 from kiln.dsl.quant import FP8_MAX, QuantDesc, QWeight, quantize_rows, scale_of
 
 # fp8 activations through the generated kernel (templates/quant_act.cu.j2) or the torch ops: the
@@ -59,6 +60,11 @@ ACT_KERNEL = True
 # kernels faster at all four decode shapes; BENCHMARKS.md). Read at each call (and so at graph capture).
 FP8_GEMV = os.environ.get("KILN_FP8_GEMV", "pdl")
 FP8_GEMV_DECODE = os.environ.get("KILN_FP8_GEMV_DECODE", "mma")
+# The gate+up fp8 GEMV at one row with the gated activation in its epilogue (QGemm.gemv_epilogue, where the
+# cuda backend's KILN_GEMV_EPILOGUE fuses it): "1" (KILN_FP8_GEMV_EPILOGUE=1). Off ("0") because on the H200
+# (BENCHMARKS.md, session 14) the 8B fp8 decode step took 3.421 / 3.373 ms with it against 3.288 / 3.294
+# without, though the bf16 GEMV's epilogue saves time. Read when a step runs (and is captured).
+FP8_GEMV_EPILOGUE = os.environ.get("KILN_FP8_GEMV_EPILOGUE", "0")
 
 
 def runs(desc: QuantDesc) -> bool:
@@ -114,6 +120,26 @@ class QGemm:
             return (xf / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), sx.reshape(())
         xqf, sx = quantize_rows(xf, "fp8")
         return xqf.to(torch.float8_e4m3fn), sx.float()
+
+    def gemv_epilogue(self, x: torch.Tensor, bias: torch.Tensor | None, epilogue, halves: tuple[int, int],
+                      origin: str) -> torch.Tensor | None:
+        """act(g) * u [1, epilogue.features] of x's one row, g and u this GEMM's rows at `halves` (gate_row,
+        up_row), through the fp8 GEMV with the gated activation in its epilogue (codegen/gemv_fp8.py,
+        "mma"); None where that kernel does not run this call (other formats, more rows, fp32, another
+        decode, or KILN_FP8_GEMV_EPILOGUE=0, the default): the caller runs this GEMM, then the activation's
+        kernel. origin: both spec ops."""
+        if FP8_GEMV_EPILOGUE not in ("0", "1"):
+            raise KernelSpecError(f"KILN_FP8_GEMV_EPILOGUE={FP8_GEMV_EPILOGUE!r}: must be 0 or 1")
+        d = self.desc
+        if not (FP8_GEMV_EPILOGUE == "1" and d.dtype == "fp8" and self.packed is None and FP8_GEMV in ("1", "pdl")
+                and FP8_GEMV_DECODE == "mma"
+                and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
+                and d.act in ("fp8_tensor", "fp8_token") and gemv_fp8.takes(x, self.q)
+                and (bias is None or bias.dtype == x.dtype)):
+            return None
+        return gemv_fp8.linear(x, self.q, self.scale, bias, self.input_scale if d.act_static else None,
+                               pdl=FP8_GEMV == "pdl", origin=origin, decode="mma", epilogue=epilogue,
+                               halves=halves)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """x's rows through the GEMM. valid: int32 [1] on the device, the rows of x that are real in a

@@ -14,6 +14,7 @@ import pytest
 import torch
 from kiln.codegen import fuse as F
 from kiln.codegen import gemv as G
+from kiln.codegen import gemv_fp8 as F8
 from kiln.codegen.render import render
 from kiln.codegen.specs import ActSpec, KernelSpecError, NormSpec
 from kiln.dsl import check, load_spec, parse_spec
@@ -121,7 +122,7 @@ def test_the_plain_gemv_has_no_epilogue():
     (dict(epilogue=ActSpec("silu", False, 64)), "epilogue", "only a gated activation"),
     (dict(epilogue=ActSpec("silu", True, 32)), "epilogue", "features=32 is not the GEMV's n=64"),
     (dict(epilogue=ActSpec("silu", True, 64, dtype="fp16")), "epilogue", "dtype fp16"),
-    (dict(epilogue=ActSpec("silu", True, 64), rows=1), "rows", "at least 2 rows"),
+    (dict(epilogue=ActSpec("silu", True, 64), rows=1, up_row=64, w_rows=128), "rows", "at least 2 rows"),
     (dict(epilogue=ActSpec("silu", True, 64), up_row=32, w_rows=128), "up_row", "overlap"),
     (dict(epilogue=ActSpec("silu", True, 64), up_row=64, w_rows=100), "w_rows", "must lie in W's 100"),
     (dict(epilogue=ActSpec("silu", True, 64), up_row=64, w_rows=128,
@@ -131,3 +132,34 @@ def test_the_plain_gemv_has_no_epilogue():
 def test_epilogues_it_cannot_compute_are_refused(kw, field, why):
     with pytest.raises(KernelSpecError, match=rf"GemvSpec\.{field}:.*{why}"):
         G.GemvSpec(64, 64, **{"rows": 2, **kw})
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fp8_epilogue_compiles(dtype, per_channel, fresh_kernel_cache):
+    """The fp8 "mma" GEMV with the epilogue at the 8B model's gate+up: its 16-row tiles are 8 pairs; no spills."""
+    nvrtc = pytest.importorskip("kiln.codegen.nvrtc", reason="cuda-python / NVRTC not installed")
+    origin = "models/t.kiln:4 linear(x, w_up) -> models/t.kiln:5 silu(g) * u"
+    spec = F8.spec_for(28672, 4096, dtype, False, per_channel, False, origin, decode="mma",
+                       epilogue=ActSpec("silu", True, 14336, dtype=dtype), halves=(0, 14336))
+    plain = F8.spec_for(28672, 4096, dtype, False, per_channel, False, origin, decode="mma")
+    ks = render(spec)
+    assert f"// origin: {origin}" in ks.source and "act(gu[0]) * gu[1]" in ks.source
+    assert ks.meta["blocks"] == render(plain).meta["blocks"]  # the same W rows a warp, half the outputs
+    img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+    assert re.findall(r"(\d+) bytes spill stores", img.log) == ["0"], img.log
+
+
+def test_an_fp8_epilogue_needs_the_mma_kernel():
+    with pytest.raises(KernelSpecError, match=r"Fp8GemvSpec\.epilogue:.*decode='mma' only"):
+        F8.Fp8GemvSpec(64, 64, epilogue=ActSpec("silu", True, 64), up_row=64, w_rows=128)
+
+
+def test_quantized_gate_up_steps_take_the_epilogue_too(monkeypatch):
+    """The pattern does not look at the weights' format: the backend runs the fused kernel where one takes
+    the format (fp8 at one row) and the GEMM then the activation's kernel elsewhere."""
+    from kiln.runtime.model import quantize_plan  # runtime: above codegen, imported by this test only
+
+    plan, _ = quantize_plan(check(load_spec("llama"), FAMILY_CONFIGS["llama"]), None, "fp8", "auto")
+    ops = _without(plan, monkeypatch, "gemv_prologue")
+    assert sum("epilogue" in op.extra for op in ops) == FAMILY_CONFIGS["llama"]["num_hidden_layers"]

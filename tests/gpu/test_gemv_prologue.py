@@ -161,13 +161,37 @@ def test_decode_logits_with_prologues_equal_without_and_the_reference(name, dtyp
     monkeypatch.setattr(cuda_backend, "GEMV", "pdl")
     monkeypatch.setattr(cuda_backend, "GEMV_ROWS", 4)  # every decode step of <= 4 sequences, not only 1
     outs = {}
-    for switch in ("0", "1"):
+    for switch in ("0", "1", "norm"):  # norm: the ungated RMSNorms' prologues only
         monkeypatch.setattr(cuda_backend, "GEMV_PROLOGUE", switch)
         ref, cuda = pair(name, config, dtype)
         outs[switch] = _decode_logits(cuda, name, dtype)
     assert _prologue_kernels(), "the fused GEMV never ran"
     want = _decode_logits(ref, name, dtype)
     tol = 1e-4 if dtype == "fp32" else 3e-2
-    for off, on, r in zip(outs["0"], outs["1"], want):
-        assert _rel(on, off) < tol
-        assert _rel(on, r) < max(tol, 2 * _rel(off, r))  # no further from the reference than without
+    for on in ("1", "norm"):
+        for off, got, r in zip(outs["0"], outs[on], want):
+            assert _rel(got, off) < tol
+            assert _rel(got, r) < max(tol, 2 * _rel(off, r))  # no further from the reference than without
+
+
+def test_norm_prologues_only_take_no_gated_step(monkeypatch):
+    """KILN_GEMV_PROLOGUE=norm on mamba2 (a residual norm before in_proj, a gated norm before out_proj): only
+    ungated norm prologues are compiled; a bad value is refused by name."""
+    monkeypatch.setattr(cuda_backend, "GEMV", "pdl")
+    monkeypatch.setattr(cuda_backend, "GEMV_PROLOGUE", "norm")
+    launched = []
+    real = G.gemv_prologue
+
+    def recording(spec, *args, **kw):  # the real launch, its spec noted
+        launched.append(spec.prologue)
+        return real(spec, *args, **kw)
+
+    monkeypatch.setattr(G, "gemv_prologue", recording)
+    _, cuda = pair("mamba2", FAMILIES["mamba2"], "bf16")
+    _decode_logits(cuda, "mamba2", "bf16")
+    assert launched and all(isinstance(p, NormSpec) and not p.gate for p in launched)
+    assert any(p.has_residual for p in launched)
+    monkeypatch.setattr(cuda_backend, "GEMV_PROLOGUE", "yes")
+    from kiln.codegen.specs import KernelSpecError
+    with pytest.raises(KernelSpecError, match="KILN_GEMV_PROLOGUE='yes'"):
+        _decode_logits(pair("mamba2", FAMILIES["mamba2"], "bf16")[1], "mamba2", "bf16")
