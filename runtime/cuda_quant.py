@@ -62,8 +62,9 @@ FP8_GEMV = os.environ.get("KILN_FP8_GEMV", "pdl")
 FP8_GEMV_DECODE = os.environ.get("KILN_FP8_GEMV_DECODE", "mma")
 # The gate+up fp8 GEMV at one row with the gated activation in its epilogue (QGemm.gemv_epilogue, where the
 # cuda backend's KILN_GEMV_EPILOGUE fuses it): "1" (KILN_FP8_GEMV_EPILOGUE=1). Off ("0") because on the H200
-# (BENCHMARKS.md, session 14) the 8B fp8 decode step took 3.421 / 3.373 ms with it against 3.288 / 3.294
-# without, though the bf16 GEMV's epilogue saves time. Read when a step runs (and is captured).
+# (BENCHMARKS.md, session 14) it was not shown faster: the 8B fp8 decode step took 3.421 / 3.373 ms with it
+# against 3.288 / 3.294 without in one call, 3.418 / 3.081 against 3.245 / 3.528 in another, though the
+# bf16 GEMV's epilogue saves time. Read when a step runs (and is captured).
 FP8_GEMV_EPILOGUE = os.environ.get("KILN_FP8_GEMV_EPILOGUE", "0")
 
 
