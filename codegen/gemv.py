@@ -147,6 +147,18 @@ def check_epilogue(spec) -> None:
         _fail(spec, "up_row", "the gate and up rows overlap")
 
 
+def epilogue_params(spec) -> dict | None:
+    """The templates' view of a GEMV spec's epilogue (gemv.cu.j2, gemv_fp8_mma.cu.j2); None without one."""
+    if spec.epilogue is None:
+        return None
+    return dict(act=spec.epilogue.kind, gate_row=spec.gate_row, up_row=spec.up_row, w_rows=spec.w_rows)
+
+
+def outputs_per_warp(spec) -> int:
+    """Outputs a warp writes: its rows, or half of them, (gate, up) pairs, with an epilogue."""
+    return spec.rows // 2 if spec.epilogue is not None else spec.rows
+
+
 def epilogue_weight_rows(spec) -> int:
     """W's rows: w_rows with an epilogue, n otherwise."""
     return spec.w_rows if spec.epilogue is not None else spec.n
@@ -198,10 +210,8 @@ def _render(s: GemvSpec) -> KernelSource:
                   unroll=unroll, groups=groups, warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS,
                   k_tail=s.k % chunk != 0, few_t=FEW_T, has_bias=s.has_bias, max_t=GEMV_MAX_T, vp=vp,
                   pro=_prologue_params(s.prologue, vec),
-                  epi=None if s.epilogue is None else dict(act=s.epilogue.kind, gate_row=s.gate_row, up_row=s.up_row,
-                                                           w_rows=s.w_rows))
-    per_warp = s.rows // 2 if s.epilogue is not None else s.rows  # outputs: (gate, up) pairs with an epilogue
-    meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * per_warp)), vec=vec, rows=s.rows,
+                  epi=epilogue_params(s))
+    meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * outputs_per_warp(s))), vec=vec, rows=s.rows,
                 ksplit=s.ksplit, unroll=unroll)
     kind = "" if s.prologue is None else f"_{params['pro']['variant']}"
     if s.epilogue is not None:

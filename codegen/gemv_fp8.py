@@ -37,9 +37,11 @@ from .gemv import (
     check_bias,
     check_epilogue,
     choose_chunks,
+    epilogue_params,
     epilogue_weight_rows,
     launch,
     one_wave,
+    outputs_per_warp,
 )
 from .kernels import KernelArgError, _check, _torch_dtype
 from .launch import ptr
@@ -174,10 +176,9 @@ def _render_mma(s: Fp8GemvSpec) -> KernelSource:
                   warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS, k_tail=s.k % MMA_STEP != 0,
                   has_bias=s.has_bias, per_channel=s.per_channel, static=s.static, ring=s.ring,
                   xvec=16 // RUN_DTYPES[s.dtype].itemsize, red=max(32, WARPS * s.rows), w_rows=s.weight_rows,
-                  epi=None if s.epilogue is None else dict(act=s.epilogue.kind, gate_row=s.gate_row, up_row=s.up_row))
-    per_warp = s.rows // 2 if s.epilogue is not None else s.rows  # outputs: (gate, up) pairs with an epilogue
-    meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * per_warp)), rows=s.rows, ksplit=s.ksplit,
-                unroll=unroll, smem=s.smem, decode=s.decode)
+                  epi=epilogue_params(s))
+    meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * outputs_per_warp(s))), rows=s.rows,
+                ksplit=s.ksplit, unroll=unroll, smem=s.smem, decode=s.decode)
     tag = ("c" if s.per_channel else "t") + ("s" if s.static else "d") + ("r" if s.ring else "b")
     if s.epilogue is not None:
         tag += f"_{s.epilogue.kind}_gated_g{s.gate_row}_u{s.up_row}"

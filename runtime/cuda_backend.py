@@ -59,7 +59,7 @@ GEMV_PROLOGUE = os.environ.get("KILN_GEMV_PROLOGUE", "0")
 # the GEMV runs ("1", the default), instead of the GEMV then the activation's own kernel ("0":
 # KILN_GEMV_EPILOGUE=0). Unlike the prologue it recomputes nothing. On the H200 (BENCHMARKS.md, session
 # 14) the 8B bf16 batch-1 TPOT went 4.316 -> 4.200 / 4.209 ms. fp8 weights take it only with
-# cuda_quant.FP8_GEMV_EPILOGUE (off: slower there). Read when a step runs (and is captured).
+# cuda_quant.FP8_GEMV_EPILOGUE (off: not shown faster there). Read when a step runs (and is captured).
 GEMV_EPILOGUE = os.environ.get("KILN_GEMV_EPILOGUE", "1")
 # In a step that mixes decode rows with prompt chunks (eager: too big for a mixed graph), the decode rows
 # (the scheduler puts them first) take the decode attention kernel and only the prompt chunks the prefill

@@ -131,6 +131,12 @@ def test_prologue_variants_compile(variant, dtype, fresh_kernel_cache):
     origin = "models/t.kiln:4 rmsnorm(x, w) -> models/t.kiln:5 linear(h, wq)"
     ks = render(G.spec_for(n, k, dtype, variant == "geglu_odd", origin, prologue=pro))
     assert f"// origin: {origin}" in ks.source
+    check_gemv_entries_compile(nvrtc, ks, dtype)
+
+
+def check_gemv_entries_compile(nvrtc, ks, dtype: str) -> None:
+    """A GEMV kernel's entries, one per row count, NVRTC-compile for sm_90a; the bf16 one-row entry (the
+    decode path) without spills. Also used by tests/test_gemv_epilogue.py."""
     assert ks.entries == tuple(f"{ks.name}_t{t}" for t in range(1, G.GEMV_MAX_T + 1))
     img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
     # ptxas reports each entry ("Compiling entry function '<name>'"), then its spills
