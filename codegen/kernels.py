@@ -208,8 +208,8 @@ class DecodeScratch:
     partial_out: torch.Tensor  # [max_seqs, heads, max_splits, head_dim] float32
     partial_ml: torch.Tensor  # [max_seqs, heads, max_splits, 2] float32
     max_splits: int
-    # [max_seqs, kv_heads * head chunks] int32: split blocks done per (seq, chunk); the kernel's
-    # last split block merges and resets it, so it is zero between launches
+    # [max_seqs, kv_heads * head chunks] int32: split blocks with tokens done per (seq, chunk); the
+    # kernel's last such block merges and resets it, so it is zero between launches
     counters: torch.Tensor
 
 
@@ -280,7 +280,9 @@ def paged_decode_attention(
         raise KernelArgError(f"partition: {partition} must be a multiple of {meta['tile']} giving at most "
                              f"{scratch.max_splits} splits of max_context={max_context}")
     splits = math.ceil(max_context / partition)
-    # One launch: the last split block of each (seq, head chunk) merges the splits into out.
+    # One launch, its grid sized from max_context: on the device, the blocks of splits without tokens of
+    # a sequence leave at once, the last split block with tokens of each (seq, head chunk) merges the
+    # splits into out, and the only one, where a sequence's tokens lie in one split, writes out itself.
     kern.launcher(pdl)(
         kern.source.entries[0], (splits, spec.kv_heads * meta["chunks"], B), (meta["threads"],),
         [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(context_lens),

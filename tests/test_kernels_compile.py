@@ -222,6 +222,42 @@ def test_decode_tuned_switch_renders_both_kernels():
     assert "page_next" not in old and "wts[" in old
 
 
+# Decode variants the grids above leave out where the live-split range [s0, s1) differs: a window
+# with the kernel before #12 (its shared-memory merge, page lookups in the copy), fp8 pages with a window
+# on both kernels, and fp32 (CUDA cores) with a window and the old merge.
+LIVE_SPLIT_SPECS = [
+    DecodeAttnSpec(32, 8, 128, 16, 0.1, window=100, tuned=False, origin="t"),
+    DecodeAttnSpec(32, 8, 128, 16, 0.1, window=100, tuned=False, kv_fp8=True, origin="t"),
+    DecodeAttnSpec(32, 8, 128, 16, 0.1, window=100, kv_fp8=True, softcap=30.0, origin="t"),
+    DecodeAttnSpec(32, 1, 128, 16, 0.1, window=100, alibi_max=8.0, origin="t"),
+    DecodeAttnSpec(32, 8, 128, 16, 0.1, window=100, tuned=False, dtype="fp32", origin="t"),
+    DecodeAttnSpec(8, 2, 128, 7, 0.1, window=37, kv_fp8=True, dtype="fp32", origin="t"),
+    DecodeAttnSpec(8, 2, 72, 16, 0.1, window=37, alibi_max=4.0, origin="t"),
+]
+
+
+@pytest.mark.parametrize("spec", LIVE_SPLIT_SPECS + [
+    DecodeAttnSpec(32, 8, 128, 16, 0.1, origin="t"), DecodeAttnSpec(32, 8, 128, 16, 0.1, dtype="fp32", origin="t")],
+    ids=lambda s: render(s).name)
+def test_decode_blocks_without_tokens_leave_at_once(spec):
+    """The split grid is sized from a capacity (a CUDA graph's max_context) the context may be far below
+    (BENCHMARKS.md, session 13): a block of a split without tokens returns right after reading the
+    context length (no partials, fence or counter increment), the fused merge counts the splits with
+    tokens [s0, s1) instead of gridDim.x, and the only such split normalizes and writes out itself.
+    Both kernels (tensor cores, CUDA cores), both merges, windows and fp8 pages compile."""
+    src = render(spec).source
+    assert "if (split < s0 || split >= s1) return;" in src
+    assert "const bool alone = s1 - s0 == 1;" in src and "if (alone)" in src
+    assert "atomicAdd(counter, 1u) == (unsigned)(s1 - s0 - 1)" in src
+    assert "gridDim.x - 1" not in src and "gridDim.x == 1" not in src and "gridDim.x > 1" not in src
+    assert "(long long)tid * max_splits" not in src  # no neutral (-inf, 0) partials of empty splits any more
+    assert ("const int s0 = first / partition;" in src) == bool(spec.window)
+    # the PDL wait still comes first, before the context length is read
+    body = src[src.index(f" {render(spec).name}("):]
+    assert body.index("pdl_wait();") < body.index("context_lens[seq]") < body.index("return;  // block-uniform")
+    _compile_all(spec)
+
+
 @pytest.mark.parametrize("hd", [64, 96, 128, 256])
 def test_fp8_kv_decode_on_tensor_cores_without_spills(hd):
     """An fp8 KV cache keeps the tensor-core decode (fp16 MMAs on the exactly converted bytes, no

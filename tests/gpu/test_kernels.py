@@ -309,6 +309,74 @@ def test_paged_decode_attention_batch1(tuned, kv_fp8, ctx, partition):
         assert rel_err(out.view(1, H, D), ref) <= TOL["bf16"], f"call {call}"
 
 
+def live_splits(n: int, window: int, partition: int, splits: int) -> tuple[int, int]:
+    """The splits [s0, s1) holding a context of n tokens, as the decode kernels derive them (at n = 0:
+    split 0, which writes zeros)."""
+    s0 = max(0, n - window) // partition if window else 0
+    return s0, max(1, min(splits, math.ceil(n / partition)))
+
+
+# heads, kv_heads, head_dim, softcap, alibi_max: Llama-3-8B's group; a 32-head group (two 16-row chunks
+# on tensor cores, four of 8 on CUDA cores) with softcap and ALiBi
+CAPACITY_CASES = [(32, 8, 128, 0.0, 0.0), (32, 1, 128, 30.0, 8.0)]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])  # the tensor-core and the CUDA-core kernel
+@pytest.mark.parametrize("kv_fp8", [False, True])
+@pytest.mark.parametrize("window", [0, 37, 200])
+@pytest.mark.parametrize("case", CAPACITY_CASES)
+def test_paged_decode_attention_capacity_past_context(dtype, kv_fp8, window, case):
+    """A CUDA graph's capacity far past the contexts (BENCHMARKS.md, session 13): max_context 4,096 in
+    splits of 128 tokens is a grid of 32 splits, and the contexts hold none to all of them. The blocks
+    of splits without tokens (past the context, before the window) leave at once and the merge counts
+    the others: against the reference, the counters back at zero after each of two calls. A context of
+    0 tokens gets zeros, as before. A context whose tokens lie in one split of the 32 (all of it at
+    most 128 tokens; the window's last 37 within one split) is written by that split alone: bit for
+    bit what a one-split grid over the same tokens writes (partition = max_context = 4,096)."""
+    H, KV, D, cap, ali = case
+    dt, P, partition, max_ctx = DT[dtype], 16, 128, 4096
+    spec = DecodeAttnSpec(H, KV, D, P, D ** -0.5, window=window, softcap=cap, alibi_max=ali, dtype=dtype,
+                          kv_fp8=kv_fp8, origin="test")
+    ctx = [0, 1, 77, 128, 129, 250, 300, 1000, 2049, 4096]
+    splits = math.ceil(max_ctx / partition)
+    live = [live_splits(n, window, partition, splits) for n in ctx]
+    alone = [b for b, n in enumerate(ctx) if n and live[b][1] - live[b][0] == 1]
+    assert any(ctx[b] > partition for b in alone) == (window == 37)  # a window's tokens in one later split
+    assert len(alone) >= 3 and any(s1 - s0 > 1 for s0, s1 in live)
+    B = len(ctx)
+    tables, pages = paged_layout([max(n, 1) for n in ctx], P)
+    tables = torch.nn.functional.pad(tables, (0, max_ctx // P - tables.shape[1]))  # the capacity's width
+    if kv_fp8:
+        kc, kf = fp8_pages((pages, KV, P, D), 0.05)
+        vc, vf = fp8_pages((pages, KV, P, D), 0.02)
+        scales = dict(k_scale=0.05, v_scale=0.02)
+    else:
+        kc = kf = torch.randn(pages, KV, P, D, device=DEV).to(dt)
+        vc = vf = torch.randn(pages, KV, P, D, device=DEV).to(dt)
+        scales = {}
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    scratch = K.decode_scratch(spec, B, max_ctx, DEV, min_partition=partition)
+    for call in range(2):
+        q = torch.randn(B, H * D, device=DEV).to(dt)
+        out = nan_like((B, H * D), dt)
+        K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, scratch, max_context=max_ctx,
+                                 partition=partition, **scales)
+        assert not scratch.counters.any(), "split counters not reset after the launch"
+        assert torch.equal(out[0], torch.zeros_like(out[0])), "context 0: zeros"
+        for b, n in enumerate(ctx[1:], 1):
+            ref = attention_ref(q[b].view(1, H, D), gather(kf, tables[b], n, P), gather(vf, tables[b], n, P),
+                                torch.tensor([n - 1], device=DEV), spec.scale, window, cap, alibi_max=ali)
+            assert rel_err(out[b].view(1, H, D), ref) <= TOL[dtype], f"call {call}, sequence {b} (context {n})"
+        # the lone splits against a grid of one split: same tokens, same tiles (lo = the window's first
+        # token or 0), so the same arithmetic
+        one = torch.tensor(alone, device=DEV)
+        out1 = nan_like((len(alone), H * D), dt)
+        K.paged_decode_attention(spec, q[one], kc, vc, tables[one], lens[one], out1, scratch, max_context=max_ctx,
+                                 partition=max_ctx, **scales)
+        assert not scratch.counters.any(), "split counters not reset after the launch"
+        assert torch.equal(out1, out[one]), f"call {call}: a lone split differs from a one-split grid"
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("case", ATTN_CASES)
 @pytest.mark.parametrize("page_size", [16, 7])
