@@ -35,6 +35,8 @@
 #                                         twice
 #   bash .ci/device_check.sh normpro   KILN_GEMV_PROLOGUE=norm: the prologue / epilogue GPU tests, bf16 batch-1 TPOT with
 #                                         it 0 / norm, fp8 batch-1 decode with KILN_FP8_GEMV_EPILOGUE=0 / 1, each twice
+#   bash .ci/device_check.sh rope      the qkv GEMV with the rotary + KV write in its epilogue: its GPU tests (and the rotary,
+#                                         epilogue and kernel tests), then bf16 batch-1 TPOT and model step, KILN_GEMV_ROPE=0 / 1, twice
 #   bash .ci/device_check.sh partition batch-1 paged decode attention per KV partition (.ci/decode_partition.py)
 #   bash .ci/device_check.sh fp8kv     the fp8-cache decode kernel per shape and page size, and random-chunk gathers
 #   bash .ci/device_check.sh ssmprof   where a Mamba-2 2.7B batch-1 decode step goes (kernel times, then the graphed step)
@@ -192,6 +194,17 @@ for mode in "$@"; do
       done
       for v in 0 1 0 1; do echo "fp8 KILN_FP8_GEMV_EPILOGUE=$v"; KILN_FP8_GEMV_EPILOGUE=$v timeout 60 $KILN bench latency --config $L \
         --quantization fp8 --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| decode_ms |Error"; done ;;
+    rope)  # session 15: the qkv GEMV with the rotary + KV write in its epilogue (KILN_GEMV_ROPE) and decode attention's
+           # dead splits (ROPE_TESTS: more GPU test files): the GPU tests, then bf16 batch-1 TPOT end to end and the
+           # model step with it 0 / 1, twice
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_gemv_rope.py \
+        tests/gpu/test_act_rope_variants.py tests/gpu/test_gemv_epilogue.py tests/gpu/test_kernels.py -k "not sm90ws" \
+        ${ROPE_TESTS:-} 2>&1 | tee "$OUT/rope-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -16
+      for v in 0 1 0 1; do echo "TPOT KILN_GEMV_ROPE=$v"; KILN_GEMV_ROPE=$v timeout 60 $KILN bench throughput \
+        --config $L --requests 1 --max-batch 1 --input-len 128 --output-len 256 2>&1 | grep -a -E "^\| tpot_p50_ms |Error"
+      done
+      for v in 0 1 0 1; do echo "step KILN_GEMV_ROPE=$v"; KILN_GEMV_ROPE=$v timeout 60 $KILN bench latency --config $L \
+        --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
     partition)
       timeout 120 python3 .ci/decode_partition.py 2>&1 | grep -a -E "^\||copy|rror|Trace|line" ;;
     fp8kv)

@@ -319,6 +319,24 @@ def _gemv_epilogue(p: _Program) -> None:
             p.anchor[n], p.anchor[m] = act, gemm
 
 
+def _gemv_rope(p: _Program) -> None:
+    """An attention step (rope_attention's) whose q, k and v, before their ropes, are the three outputs of one
+    GEMM step (the q, k, v projections of one x) that nothing else reads: the GEMM step gets extra "rope",
+    the attention step. A link, not a merge: at a few rows the cuda backend runs that GEMM as one GEMV launch
+    that rotates q and k and writes k and v into the site's cache in its epilogue (codegen/gemv.py gemv_rope),
+    and the attention step then runs without its own rotary + KV write; otherwise both run as they are.
+    gemv_prologue, after this, may still give the GEMM step a prologue; it keeps the link."""
+    made = {o: n for n, op in p.anchor.items() for o in op.outs}
+    for att in list(p.anchor.values()):
+        if att.kind is not Exec.ATTENTION or att.collectives or any(v not in made for v in att.ins):
+            continue
+        gemm = p.anchor[made[att.ins[0]]]
+        if gemm.kind is Exec.GEMM and not {"epilogue", "rope"} & gemm.extra.keys() \
+                and not gemm.collectives and len(gemm.outs) == 3 and set(gemm.outs) == set(att.ins) \
+                and all(p.uses[v] == 1 for v in gemm.outs):
+            gemm.extra["rope"] = att
+
+
 def unfused(ops: list[KOp]) -> list[KOp]:
     """The program with every gemv_prologue / gemv_epilogue step split back into its GEMM step and the norm
     / act step fused with it (what the cuda backend runs at more rows): for code and tests that look at the
@@ -354,6 +372,13 @@ PATTERNS = (
     Pattern("gemv_epilogue", "g, u = linear(x, w_g[, b_g]), linear(x, w_u[, b_u]); act(g) * u: g and u rounded to the "
             "run dtype as the GEMM stores them, then the gated activation, g and u read by nothing else",
             _gemv_epilogue),
+    # after rope_attention and sibling_gemms, whose steps it links; before gemv_prologue, which keeps the link in
+    # the step it makes (a GEMV has a prologue or an epilogue, not both: the backend runs the rotary one, after
+    # the prologue's own kernel)
+    Pattern("gemv_rope", "q, k, v = linear(x, w_q[, b_q]), linear(x, w_k[, b_k]), linear(x, w_v[, b_v]); "
+            "attention(rope(q), rope(k), v): q, k and v rounded to the run dtype as the GEMM stores them, then the "
+            "rotary + KV write as the attention step's own kernel does it, q, k and v read by nothing else",
+            _gemv_rope),
     # before ssm_conv_act, which would take its conv
     Pattern("ssm_conv_scan", "xs, b, c = split(act(causal_conv1d(x, w, cb))); selective_scan(xs, dt, a_log, b, c, d, "
             "dt_bias): at one token a sequence, both in one kernel, each conv output rounded to the run dtype after "

@@ -11,6 +11,7 @@ It has not run on a GPU yet: runtime/cuda_backend.py takes it only with KILN_GEM
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,10 +20,10 @@ from typing import Any
 import torch
 from kiln.dsl.dtypes import RUN_DTYPES
 
-from .kernels import KernelArgError, _check, _torch_dtype
+from .kernels import KernelArgError, _check, _check_cache, _scales, _torch_dtype
 from .launch import get_kernel, i64, ptr
-from .render import _RENDERERS, KernelSource, _emit, _name, _vec, f32
-from .specs import ActSpec, NormSpec, _dtype, _fail, _positive, _Spec
+from .render import _RENDERERS, KernelSource, _emit, _name, _vec, f32, rope_math_params
+from .specs import ActSpec, NormSpec, RopeCacheSpec, _dtype, _fail, _positive, _Spec
 
 GEMV_MAX_T = 4  # rows of x one launch takes (an entry per count, accumulators in registers)
 WARPS = 8  # per block (256 threads)
@@ -52,10 +53,14 @@ class GemvSpec(_Spec):
     # each warp computes rows / 2 (gate, up) row pairs and writes act(g) * u, out [T, n], so the [T, 2n]
     # product is never stored and the activation needs no launch of its own. A gated ActSpec (its origin
     # stripped) or None.
+    # Or the rotary embedding + paged KV write after a qkv GEMM (fuse.py's gemv_rope): a RopeCacheSpec (origin
+    # stripped, `rope_epilogue_spec`); W's q, k and v rows start at qkv_rows; n is the (row, row) pairs,
+    # (heads + 2 kv_heads) * head_dim / 2; out is q rotated [T, heads * head_dim], k and v go to the cache.
     epilogue: Any = None
     gate_row: int = 0
     up_row: int = 0
     w_rows: int = 0  # W's rows where there is an epilogue (n otherwise)
+    qkv_rows: tuple[int, ...] = ()  # the rotary epilogue's (q, k, v) first rows in W
 
     def __post_init__(self):
         _positive(self, "n", "k")
@@ -68,7 +73,7 @@ class GemvSpec(_Spec):
             why = prologue_refusal(self.prologue, self.k, self.dtype)
             if why:
                 _fail(self, "prologue", why)
-        check_epilogue(self)
+        check_epilogue(self, rope=True)
         if self.epilogue is not None:
             if self.prologue is not None:
                 _fail(self, "epilogue", "a GEMV has a prologue or an epilogue, not both")
@@ -121,22 +126,57 @@ def one_wave(units: int, per_warp: tuple[int, ...], ksplits: tuple[int, ...], nc
 
 
 def spec_for(n: int, k: int, dtype: str, has_bias: bool, origin: str = "linear", num_sms: int = 132,
-             prologue=None, epilogue=None, halves: tuple[int, int] = (0, 0)) -> GemvSpec:
+             prologue=None, epilogue=None, halves: tuple[int, ...] = (0, 0)) -> GemvSpec:
     """The GEMV of W [n, k]; with a gated `epilogue` (an ActSpec), of its row halves (gate_row, up_row) =
-    `halves`, epilogue.features rows each: out [T, epilogue.features]."""
+    `halves`, epilogue.features rows each: out [T, epilogue.features]; with a rotary one (a RopeCacheSpec),
+    of its q, k and v rows starting at `halves` (three starts): out q [T, heads * head_dim]."""
     rows, ks = choose(n, k, dtype, num_sms)
     if epilogue is None:
         return GemvSpec(n, k, has_bias, dtype, origin, rows, ks, prologue.key() if prologue is not None else None)
+    if isinstance(epilogue, RopeCacheSpec):
+        rope = rope_epilogue_spec(epilogue)
+        return GemvSpec(rope_pairs(rope), k, has_bias, dtype, origin, max(2, rows), ks, None, rope, w_rows=n,
+                        qkv_rows=tuple(halves))
     return GemvSpec(epilogue.features, k, has_bias, dtype, origin, max(2, rows), ks, None, epilogue.key(), *halves, n)
 
 
-def check_epilogue(spec) -> None:
+def rope_epilogue_spec(rope: RopeCacheSpec) -> RopeCacheSpec:
+    """The rotary spec as the GEMV's epilogue holds it: what the math and the cache layout need, not how
+    the rotary kernel of its own would run (variant, prefetch) or where it came from (one kernel for
+    every layer)."""
+    return dataclasses.replace(rope, origin="", variant="token", prefetch=False)
+
+
+def rope_pairs(rope: RopeCacheSpec) -> int:
+    """The rotary epilogue's (row, row) pairs: head_dim / 2 for each of q's, k's and v's heads."""
+    return (rope.heads + 2 * rope.kv_heads) * rope.head_dim // 2
+
+
+def check_epilogue(spec, rope: bool = False) -> None:
     """A GEMV spec's epilogue fields (GemvSpec, gemv_fp8's Fp8GemvSpec): a gated act of n pairs whose gate
-    and up rows lie apart in W's w_rows; none of the row fields without an epilogue."""
+    and up rows lie apart in W's w_rows, or (rope: the spec's kernel has the rotary epilogue) a rotary
+    epilogue whose q, k and v rows lie apart in them; none of the row fields without an epilogue."""
+    qkv = getattr(spec, "qkv_rows", ())
     if spec.epilogue is None:
-        if (spec.gate_row, spec.up_row, spec.w_rows) != (0, 0, 0):
-            _fail(spec, "w_rows", "gate_row / up_row / w_rows belong to an epilogue")
+        if (spec.gate_row, spec.up_row, spec.w_rows) != (0, 0, 0) or qkv:
+            _fail(spec, "w_rows", "gate_row / up_row / w_rows / qkv_rows belong to an epilogue")
         return
+    if isinstance(spec.epilogue, RopeCacheSpec) and rope:
+        why = rope_epilogue_refusal(spec.epilogue, spec.dtype)
+        if why:
+            _fail(spec, "epilogue", why)
+        if spec.n != rope_pairs(spec.epilogue):
+            _fail(spec, "n", f"the rotary epilogue's pairs are {rope_pairs(spec.epilogue)}, not {spec.n}")
+        if (spec.gate_row, spec.up_row) != (0, 0) or len(qkv) != 3:
+            _fail(spec, "qkv_rows", "a rotary epilogue takes (q, k, v) first rows, not gate_row / up_row")
+        e = spec.epilogue
+        spans = sorted(zip(qkv, (e.heads * e.head_dim, e.kv_heads * e.head_dim, e.kv_heads * e.head_dim)))
+        if spans[0][0] < 0 or spans[-1][0] + spans[-1][1] > spec.w_rows \
+                or any(a + n > b for (a, n), (b, _) in zip(spans, spans[1:])):
+            _fail(spec, "qkv_rows", f"q, k and v rows {qkv} must lie apart in W's {spec.w_rows}")
+        return
+    if qkv:
+        _fail(spec, "qkv_rows", "belongs to a rotary epilogue")
     why = epilogue_refusal(spec.epilogue, spec.n, spec.dtype)
     if why:
         _fail(spec, "epilogue", why)
@@ -148,10 +188,16 @@ def check_epilogue(spec) -> None:
 
 
 def epilogue_params(spec) -> dict | None:
-    """The templates' view of a GEMV spec's epilogue (gemv.cu.j2, gemv_fp8_mma.cu.j2); None without one."""
-    if spec.epilogue is None:
+    """The templates' view of a GEMV spec's epilogue (gemv.cu.j2, gemv_fp8_mma.cu.j2); None without one.
+    "rope": a rotary epilogue's cache and head layout (its frequencies: render.rope_math_params)."""
+    e = spec.epilogue
+    if e is None:
         return None
-    return dict(act=spec.epilogue.kind, gate_row=spec.gate_row, up_row=spec.up_row, w_rows=spec.w_rows)
+    if isinstance(e, RopeCacheSpec):
+        q, k, v = spec.qkv_rows
+        return dict(rope=True, act="", heads=e.heads, kv_heads=e.kv_heads, head_dim=e.head_dim, layout=e.layout,
+                    page_size=e.page_size, kv_fp8=e.kv_fp8, q_row=q, k_row=k, v_row=v, w_rows=spec.w_rows)
+    return dict(rope=False, act=e.kind, gate_row=spec.gate_row, up_row=spec.up_row, w_rows=spec.w_rows)
 
 
 def outputs_per_warp(spec) -> int:
@@ -172,6 +218,20 @@ def epilogue_refusal(epi, n: int, dtype: str) -> str:
         return f"the epilogue's dtype {epi.dtype} is not the GEMV's {dtype}"
     if epi.features != n:
         return f"the activation's features={epi.features} is not the GEMV's n={n} pairs"
+    return ""
+
+
+def rope_epilogue_refusal(rope, dtype: str) -> str:
+    """Why the GEMV cannot apply `rope` (a RopeCacheSpec) to a qkv GEMM's pairs; "" where it can. The
+    frequencies must be a fixed table: dynamic NTK and longrope pick theirs by the step's length."""
+    if not isinstance(rope, RopeCacheSpec):
+        return "only a gated activation or the rotary + KV write is fused after the GEMV"
+    if rope.dtype != dtype:
+        return f"the rotary epilogue's dtype {rope.dtype} is not the GEMV's {dtype}"
+    if rope.rotary_dim and rope.scaling in ("dynamic", "longrope"):
+        return f"rotary scaling {rope.scaling!r} picks its frequencies per step (its own kernel does)"
+    if rope.head_dim % 2:
+        return f"head_dim {rope.head_dim} is odd: its dims do not pair"
     return ""
 
 
@@ -210,11 +270,16 @@ def _render(s: GemvSpec) -> KernelSource:
                   unroll=unroll, groups=groups, warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS,
                   k_tail=s.k % chunk != 0, few_t=FEW_T, has_bias=s.has_bias, max_t=GEMV_MAX_T, vp=vp,
                   pro=_prologue_params(s.prologue, vec),
-                  epi=epilogue_params(s))
+                  epi=epilogue_params(s), rot=0)
+    if isinstance(s.epilogue, RopeCacheSpec):
+        params.update(rope_math_params(s.epilogue))
     meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * outputs_per_warp(s))), vec=vec, rows=s.rows,
                 ksplit=s.ksplit, unroll=unroll)
     kind = "" if s.prologue is None else f"_{params['pro']['variant']}"
-    if s.epilogue is not None:
+    if isinstance(s.epilogue, RopeCacheSpec):
+        e = s.epilogue
+        kind = f"_rope_{e.layout[0]}{e.rotary_dim}_d{e.head_dim}_{e.heads}x{e.kv_heads}_p{e.page_size}"
+    elif s.epilogue is not None:
         kind = f"_{s.epilogue.kind}_gated_g{s.gate_row}_u{s.up_row}"
     name = _name(f"gemv{kind}_n{s.n}_k{s.k}_r{s.rows}_s{s.ksplit}", s)
     return _emit("gemv.cu.j2", name, s, params, [f"{name}_t{t}" for t in range(1, GEMV_MAX_T + 1)], meta)
@@ -255,6 +320,33 @@ def gemv(spec: GemvSpec, x, w, out, bias=None, pdl: bool = False) -> None:
     _check("out", out, dt, (T, spec.n), dev)
     check_bias(spec, bias, dt, dev, spec.weight_rows)
     launch(spec, dev, T - 1, [ptr(w), ptr(x), ptr(bias), ptr(out), i64(x.stride(0))], pdl)
+
+
+def gemv_rope(spec: GemvSpec, x, w, q_out, positions, slot_mapping, k_cache, v_cache, bias=None,
+              k_scale: float = 1.0, v_scale: float = 1.0, pdl: bool = False) -> None:
+    """The qkv GEMV with the rotary embedding and the paged KV write in its epilogue (spec.epilogue a
+    RopeCacheSpec): q, k, v = x [T, k] @ w [w_rows, k]^T (+ bias) at spec.qkv_rows; q_out [T, heads * head_dim]
+    gets q rotated; k rotated and v go into the paged cache at slot_mapping (negative: not written), as
+    kernels.rope_write_kv writes them (spec.epilogue.kv_fp8: float8_e4m3fn pages of K / k_scale, V / v_scale).
+    positions [T] int64, slot_mapping [T] int32."""
+    rope, dt = spec.epilogue, _torch_dtype(spec)
+    if not isinstance(rope, RopeCacheSpec):
+        raise KernelArgError("spec: has no rotary epilogue (use gemv)")
+    _check("x", x, dt, contiguous=False, aligned=False)
+    dev, T = x.device, x.shape[0]
+    if x.dim() != 2 or x.shape[1] != spec.k:
+        raise KernelArgError(f"x: shape {tuple(x.shape)}, expected [T, {spec.k}]")
+    if not 1 <= T <= GEMV_MAX_T:
+        raise KernelArgError(f"x: {T} rows; the GEMV takes 1 to {GEMV_MAX_T} (more: a GEMM)")
+    _check("x", x, dt, device=dev, rows_aligned=True, contiguous=False)
+    _check("w", w, dt, (spec.weight_rows, spec.k), dev)
+    _check("q_out", q_out, dt, (T, rope.heads * rope.head_dim), dev)
+    _check("positions", positions, torch.int64, (T,), dev, aligned=False)
+    _check("slot_mapping", slot_mapping, torch.int32, (T,), dev, aligned=False)
+    _check_cache(rope, k_cache, v_cache, dt, dev)
+    check_bias(spec, bias, dt, dev, spec.weight_rows)
+    launch(spec, dev, T - 1, [ptr(w), ptr(x), ptr(bias), ptr(q_out), ptr(positions), ptr(slot_mapping), ptr(k_cache),
+                              ptr(v_cache), *_scales(rope, k_scale, v_scale), i64(x.stride(0))], pdl)
 
 
 def gemv_prologue(spec: GemvSpec, w, out, a, b=None, norm_weight=None, r_out=None, bias=None,
@@ -334,10 +426,14 @@ def _num_sms(device: torch.device) -> int:
 def takes(x: torch.Tensor, w) -> bool:
     """Whether `linear` runs this GEMM: a plain 2-D weight of x's dtype, 1..GEMV_MAX_T rows, K in
     16-byte vectors."""
-    return (isinstance(w, torch.Tensor) and w.dim() == 2 and x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_T
-            and x.is_cuda and w.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and w.shape[1] == x.shape[1] and w.is_contiguous() and w.data_ptr() % 16 == 0
-            and (w.shape[1] * w.element_size()) % 16 == 0)
+    return x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_T and x.is_cuda and weight_takes(w, x.dtype, x.shape[1])
+
+
+def weight_takes(w, dtype: torch.dtype, k: int) -> bool:
+    """`takes`' conditions on the weight, for an x of `dtype` and k columns not yet computed."""
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_cuda and w.dtype == dtype
+            and dtype in (torch.bfloat16, torch.float16, torch.float32) and w.shape[1] == k and w.is_contiguous()
+            and w.data_ptr() % 16 == 0 and (w.shape[1] * w.element_size()) % 16 == 0)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, pdl: bool = False,

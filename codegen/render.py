@@ -158,6 +158,30 @@ def rope_variant(s: RopeCacheSpec) -> str:
     return s.variant
 
 
+def rope_math_params(s: RopeCacheSpec) -> dict:
+    """rope_math.cuh.j2's parameters (the frequency tables, cos / sin and the pair rotation), shared by
+    the rotary + KV write kernel and the qkv GEMV that rotates in its epilogue (codegen/gemv.py)."""
+    rot = s.rotary_dim
+    params = dict(rot=rot, n_freq=max(1, rot // 2), dynamic=s.scaling == "dynamic",
+                  longrope=bool(rot) and s.scaling == "longrope",
+                  attention_factor=f32(s.attention_factor) if s.attention_factor != 1.0 else "",
+                  inv_freq_rows=[], long_inv_freq_rows=[], theta=f64(s.theta), factor=f64(s.factor),
+                  factor_minus_one=f64(s.factor - 1), original_max_position=s.original_max_position,
+                  dyn_exponent="")
+
+    def rows(freqs: torch.Tensor) -> list[str]:
+        lits = [f32(x) for x in freqs.tolist()]
+        return [", ".join(lits[i : i + 4]) + "," for i in range(0, len(lits), 4)]
+
+    if rot and s.scaling == "dynamic":
+        params["dyn_exponent"] = f64(rope.dynamic_exponent(s))
+    elif rot:
+        params["inv_freq_rows"] = rows(rope.inv_freq(s))
+        if params["longrope"]:
+            params["long_inv_freq_rows"] = rows(rope.long_inv_freq(s))
+    return params
+
+
 def _rope(s: RopeCacheSpec) -> KernelSource:
     itemsize = RUN_DTYPES[s.dtype].itemsize
     rot, d = s.rotary_dim, s.head_dim
@@ -174,29 +198,15 @@ def _rope(s: RopeCacheSpec) -> KernelSource:
     q_units, kv_units = s.heads * rot_units, s.kv_heads * vec_per_head
     threads = min(256, max(64, _round_up(max(q_units, kv_units), 32)))
     params = dict(
-        heads=s.heads, kv_heads=s.kv_heads, head_dim=d, rot=rot, half=rot // 2, n_freq=max(1, rot // 2),
-        layout=s.layout, vec=vec, pairs_per_vec=vec // 2, threads=threads, page_size=s.page_size,
+        heads=s.heads, kv_heads=s.kv_heads, head_dim=d, half=rot // 2, layout=s.layout, vec=vec,
+        pairs_per_vec=vec // 2, threads=threads, page_size=s.page_size,
         page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d,
         rot_units=rot_units, rot_span=rot_units * vec, vec_per_head=vec_per_head,
-        q_units=q_units, kv_units=kv_units, dynamic=s.scaling == "dynamic", kv_fp8=s.kv_fp8,
+        q_units=q_units, kv_units=kv_units, kv_fp8=s.kv_fp8,
         prefetch=s.prefetch, q_iters=max(1, math.ceil(q_units / threads)),
         kv_iters=max(1, math.ceil(kv_units / threads)),
-        longrope=bool(rot) and s.scaling == "longrope",
-        attention_factor=f32(s.attention_factor) if s.attention_factor != 1.0 else "",
-        inv_freq_rows=[], long_inv_freq_rows=[], theta=f64(s.theta), factor=f64(s.factor),
-        factor_minus_one=f64(s.factor - 1), original_max_position=s.original_max_position, dyn_exponent="",
+        **rope_math_params(s),
     )
-
-    def rows(freqs: torch.Tensor) -> list[str]:
-        lits = [f32(x) for x in freqs.tolist()]
-        return [", ".join(lits[i : i + 4]) + "," for i in range(0, len(lits), 4)]
-
-    if rot and s.scaling == "dynamic":
-        params["dyn_exponent"] = f64(rope.dynamic_exponent(s))
-    elif rot:
-        params["inv_freq_rows"] = rows(rope.inv_freq(s))
-        if params["longrope"]:
-            params["long_inv_freq_rows"] = rows(rope.long_inv_freq(s))
     # meta "dynamic": the kernel takes the step's seq_len argument (dynamic NTK and longrope)
     meta = dict(threads=threads, vec=vec, dynamic=params["dynamic"] or params["longrope"], variant="token")
     q_elems, kv_elems = (s.heads * d if rot else 0), s.kv_heads * d

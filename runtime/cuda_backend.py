@@ -61,6 +61,12 @@ GEMV_PROLOGUE = os.environ.get("KILN_GEMV_PROLOGUE", "0")
 # 14) the 8B bf16 batch-1 TPOT went 4.316 -> 4.200 / 4.209 ms. fp8 weights take it only with
 # cuda_quant.FP8_GEMV_EPILOGUE (off: not shown faster there). Read when a step runs (and is captured).
 GEMV_EPILOGUE = os.environ.get("KILN_GEMV_EPILOGUE", "1")
+# A qkv GEMM step linked to its attention step (fuse.py's gemv_rope) runs as one GEMV launch that rotates q
+# and k and writes k and v into the cache in its epilogue where the GEMV runs ("1", the default), and the
+# attention step then skips its rotary + KV write kernel; "0" (KILN_GEMV_ROPE=0): the GEMV, then that kernel.
+# The two are bit for bit the same (tests/gpu/test_gemv_rope.py). On the H200 (BENCHMARKS.md, session 15)
+# the 8B bf16 batch-1 TPOT went 4.192 / 4.191 -> 4.113 / 4.114 ms. Read when a step runs (and is captured).
+GEMV_ROPE = os.environ.get("KILN_GEMV_ROPE", "1")
 # In a step that mixes decode rows with prompt chunks (eager: too big for a mixed graph), the decode rows
 # (the scheduler puts them first) take the decode attention kernel and only the prompt chunks the prefill
 # kernel ("1", the default), instead of every row the prefill kernel ("0": KILN_MIXED_SPLIT=0). The
@@ -313,13 +319,16 @@ class CudaModel:
             if op.collectives and self.comm is not None:  # tensor parallel: in place where it can (NCCL:
                 for v, kind in op.collectives:              # captured in the graphs like the kernels)
                     env[v] = self.comm.collective(kind, env[v])
-            if trace is not None:
-                trace.update((o.id, env[o].clone()) for o in op.outs)
+            if trace is not None:  # (not a q / k / v a linked qkv GEMV wrote rotated or into the cache: step.roped)
+                trace.update((o.id, env[o].clone()) for o in op.outs if o in env)
         return env[self.plan.program.output]
 
     # -- one method per kind of step ----------------------------------------------------------
     def _gemm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         w, b = self._gemm[n]
+        att = op.extra.get("rope")
+        if att is not None and self._gemv_rope(op, att, w, b, env, step, n):
+            return
         epi = op.extra.get("epilogue")
         if epi is not None:
             if not self._gemv_epilogue(op, epi, w, b, env, step):
@@ -407,6 +416,37 @@ class CudaModel:
         env[epi.outs[0]] = y
         return True
 
+    def _gemv_rope(self, op: KOp, att: KOp, w, b, env, step: "_Run", n: int) -> bool:
+        """A qkv GEMM step linked to its attention step as one GEMV launch whose epilogue rotates q into a
+        buffer of its own and k and v into the site's cache (codegen/gemv.py gemv_rope) where the GEMV runs
+        it: a few rows, a plain weight the GEMV takes, no LoRA, a rotary spec with fixed frequencies. Leaves
+        q in step.roped for the attention step, which then skips its rotary + KV write; q, k and v (before
+        rotation) are never in env. A prologue fused into the step (KILN_GEMV_PROLOGUE) runs as its own
+        kernel first. False: nothing ran."""
+        if GEMV_ROPE not in ("0", "1"):
+            raise KernelSpecError(f"KILN_GEMV_ROPE={GEMV_ROPE!r}: must be 0 or 1")
+        rope, pro = att.spec[0], op.extra.get("prologue")
+        if GEMV_ROPE == "0" or GEMV not in ("1", "pdl") or not 1 <= step.T <= min(GEMV_ROWS, G.GEMV_MAX_T) \
+                or step.lora is not None or not G.weight_takes(w, self.dtype, w.shape[1] if w.dim() == 2 else -1) \
+                or G.rope_epilogue_refusal(rope, rope.dtype):
+            return False
+        if pro is not None:  # (fuse.py's gemv_prologue too) its own kernel first: a GEMV has one or the other
+            _RUN[pro.kind](self, pro, env, step, n)
+            op = op.extra["gemm"]
+        x = env[op.ins[0]]
+        if not G.prologue_takes(x):
+            x = x.contiguous()
+        start = {v: s for v, (s, _) in zip(op.outs, op.extra["slices"])}
+        origin = f"{fuse_origin(op.instrs[0])} -> {fuse_origin(att.instrs[-1])}"
+        spec = G.spec_for(w.shape[0], w.shape[1], rope.dtype, b is not None, origin, G._num_sms(self.device),
+                          epilogue=rope, halves=tuple(start[v] for v in att.ins))
+        site, kv = att.extra["site"], step.kv
+        q = torch.empty(step.T, rope.heads * rope.head_dim, dtype=self.dtype, device=self.device)
+        G.gemv_rope(spec, x, w, q, step.meta.positions, step.meta.slots, kv.k[site], kv.v[site], b,
+                    kv.k_scale[site], kv.v_scale[site], pdl=GEMV == "pdl")
+        step.roped[id(att)] = q
+        return True
+
     def _norm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         spec = op.spec
         out = torch.empty(step.T, spec.hidden, dtype=self.dtype, device=self.device)
@@ -423,7 +463,7 @@ class CudaModel:
         env[op.outs[0]] = out
 
     def _attention_step(self, op: KOp, env, step: "_Run", n: int) -> None:
-        env[op.outs[0]] = self._attention(op, env, step.meta, step.kv, step.T)
+        env[op.outs[0]] = self._attention(op, env, step.meta, step.kv, step.T, step.roped.pop(id(op), None))
 
     def _act_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         out = torch.empty(step.T, op.spec.features, dtype=self.dtype, device=self.device)
@@ -455,16 +495,19 @@ class CudaModel:
         out = OPS[ins.kind].reference(step, ins, [fetch(a, env, self.weights) for a in ins.inputs])
         env.update(zip(ins.outputs, out if isinstance(out, tuple) else (out,)))
 
-    def _attention(self, op: KOp, env, meta: _Meta, kv: KVStore, T: int) -> torch.Tensor:
+    def _attention(self, op: KOp, env, meta: _Meta, kv: KVStore, T: int, q: torch.Tensor | None = None) -> torch.Tensor:
+        """q: rotated by the linked qkv GEMV (_gemv_rope), which also wrote k and v into the cache; None: the
+        rotary + KV write kernel here does both."""
         rope, dspec, pspec = op.spec
-        q, k, v = (env[i] for i in op.ins)
         site = op.extra["site"]
         kc, vc = kv.k[site], kv.v[site]
         # An fp8 site's scales: plain kernel arguments (fixed per site, so captured graphs stay valid)
         scales = dict(k_scale=kv.k_scale[site], v_scale=kv.v_scale[site])
-        K.rope_write_kv(rope, q, k, v, meta.positions, meta.slots, kc, vc,
-                        seq_len=meta.seq_len if rope.scaling in ("dynamic", "longrope") else None, **scales,
-                        pdl=_chain())
+        if q is None:
+            q, k, v = (env[i] for i in op.ins)
+            K.rope_write_kv(rope, q, k, v, meta.positions, meta.slots, kc, vc,
+                            seq_len=meta.seq_len if rope.scaling in ("dynamic", "longrope") else None, **scales,
+                            pdl=_chain())
         out = torch.empty(T, dspec.heads * dspec.head_dim, dtype=self.dtype, device=self.device)
         if meta.fresh is not None and not pspec.window and not pspec.softcap and not pspec.alibi_max \
                 and pspec.causal and not pspec.kv_fp8 \
@@ -537,6 +580,8 @@ class _Run:
     def __init__(self, model: CudaModel, tokens, meta: _Meta, kv: KVStore, batch: StepBatch | None, T: int):
         self.model, self.tokens, self.meta, self.kv, self.batch, self.T = model, tokens, meta, kv, batch, T
         self.lora = None  # runtime/lora.py LoraRows of this step's rows, if any has an adapter
+        # attention step (id of its KOp) -> q its linked qkv GEMV rotated (CudaModel._gemv_rope), until it runs
+        self.roped: dict[int, torch.Tensor] = {}
         self.positions = meta.positions
         self._host: StepContext | None = None
 
