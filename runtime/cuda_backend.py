@@ -78,19 +78,22 @@ MIXED_SPLIT = os.environ.get("KILN_MIXED_SPLIT", "1")
 # 238.2 us at 8 x 1,024 causal tokens (BENCHMARKS.md, session 6), but pays a gather of the sequence's
 # pages and launches per sequence; not measured end to end yet, so off ("0"). Read when a step runs.
 FRESH_SDPA = os.environ.get("KILN_FRESH_SDPA", "0")
-# The norm, activation, rotary + KV write and decode attention kernels launched as programmatic dependents
-# ("1": KILN_PDL_CHAIN=1), like the decode GEMVs: each waits for the kernel before at its entry, so only
-# its launch and block scheduling overlap that kernel's drain, and a step's chain of kernels has no plain
-# launch gap left at one row. Off ("0"): correct on the H200 (its GPU tests pass) but slower (session 14,
-# 8B batch-1 decode: bf16 4.58 / 4.54 ms against 4.31 / 4.42 off, fp8 4.08 / 4.13 against 3.23 / 3.26;
-# Mamba-2 2.82 / 2.50 against 2.78 / 2.73). Read when a step runs (and is captured).
-PDL_CHAIN = os.environ.get("KILN_PDL_CHAIN", "0")
+# Kernels launched as programmatic dependents, like the decode GEMVs: each waits for the kernel before at its
+# entry, so only its launch and block scheduling overlap that kernel's drain. "attention" (the default): decode
+# attention only; "1": also the norm, activation and rotary + KV write kernels; "norm": the norms only; "0":
+# none. Correct in every form on the H200 (tests/gpu/test_pdl_chain.py, bit for bit). Measured (8B bf16
+# batch-1 engine TPOT, session 15, one call, alternating): 0 4.117 / 4.117, attention 4.071 / 4.071, norm
+# 4.321 / 4.324 ms; "1" was slower than "0" in session 14 (decode 4.58 / 4.54 against 4.31 / 4.42 ms; fp8
+# 4.08 / 4.13 against 3.23 / 3.26). Read when a step runs (and is captured).
+PDL_CHAIN = os.environ.get("KILN_PDL_CHAIN", "attention")
+_CHAINS = ("0", "1", "norm", "attention")
 
 
-def _chain() -> bool:
-    if PDL_CHAIN not in ("0", "1"):
-        raise KernelSpecError(f"KILN_PDL_CHAIN={PDL_CHAIN!r}: must be 0 or 1")
-    return PDL_CHAIN == "1"
+def _chain(kind: str) -> bool:
+    """Whether the `kind` step's kernels ("norm", "act", "rope", "attention") launch as programmatic dependents."""
+    if PDL_CHAIN not in _CHAINS:
+        raise KernelSpecError(f"KILN_PDL_CHAIN={PDL_CHAIN!r}: must be one of {', '.join(_CHAINS)}")
+    return PDL_CHAIN in ("1", kind)
 
 
 def _nothing() -> None:
@@ -456,11 +459,11 @@ class CudaModel:
         if spec.has_residual:
             res_out = torch.empty_like(out)
             K.norm(spec, _c(env[op.ins[1]]), w, out, residual=_c(env[op.ins[0]]), residual_out=res_out, bias=bias,
-                   pdl=_chain())
+                   pdl=_chain("norm"))
             env[op.outs[1]] = res_out
         else:  # a gated norm (fuse.py's gated_norm) reads z, op.ins[1], as it is: row-strided views work
             K.norm(spec, _c(env[op.ins[0]]), w, out, bias=bias, gate=env[op.ins[1]] if spec.gate else None,
-                   pdl=_chain())
+                   pdl=_chain("norm"))
         env[op.outs[0]] = out
 
     def _attention_step(self, op: KOp, env, step: "_Run", n: int) -> None:
@@ -469,9 +472,9 @@ class CudaModel:
     def _act_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         out = torch.empty(step.T, op.spec.features, dtype=self.dtype, device=self.device)
         if op.spec.gated:
-            K.activation(op.spec, out, gate=env[op.ins[0]], up=env[op.ins[1]], pdl=_chain())
+            K.activation(op.spec, out, gate=env[op.ins[0]], up=env[op.ins[1]], pdl=_chain("act"))
         else:
-            K.activation(op.spec, out, x=env[op.ins[0]], pdl=_chain())
+            K.activation(op.spec, out, x=env[op.ins[0]], pdl=_chain("act"))
         env[op.outs[0]] = out
 
     def _embed_step(self, op: KOp, env, step: "_Run", n: int) -> None:
@@ -508,7 +511,7 @@ class CudaModel:
             q, k, v = (env[i] for i in op.ins)
             K.rope_write_kv(rope, q, k, v, meta.positions, meta.slots, kc, vc,
                             seq_len=meta.seq_len if rope.scaling in ("dynamic", "longrope") else None, **scales,
-                            pdl=_chain())
+                            pdl=_chain("rope"))
         out = torch.empty(T, dspec.heads * dspec.head_dim, dtype=self.dtype, device=self.device)
         if meta.fresh is not None and not pspec.window and not pspec.softcap and not pspec.alibi_max \
                 and pspec.causal and not pspec.kv_fp8 \
@@ -529,12 +532,13 @@ class CudaModel:
                 out[start:start + length] = o[0].transpose(0, 1).flatten(1)
         elif meta.decode:
             K.paged_decode_attention(dspec, q, kc, vc, meta.block_tables, meta.kv_lens, out,
-                                     self._scratch[dspec.key()], meta.max_context, **scales, pdl=_chain())
+                                     self._scratch[dspec.key()], meta.max_context, **scales, pdl=_chain("attention"))
         else:
             d = meta.decode_rows  # rows 0..d-1: one token each, through the decode kernel
             if d:
                 K.paged_decode_attention(dspec, q[:d], kc, vc, meta.block_tables[:d], meta.kv_lens[:d], out[:d],
-                                         self._scratch[dspec.key()], meta.max_context, **scales, pdl=_chain())
+                                         self._scratch[dspec.key()], meta.max_context, **scales,
+                                         pdl=_chain("attention"))
             # the rest: q / out rows stay absolute (cu_seqlens[d:] are offsets into the whole batch)
             K.prefill_attention(pspec, q, kc, vc, meta.block_tables[d:], meta.cu_seqlens[d:], meta.kv_lens[d:], out,
                                 meta.max_q_len, max_context=meta.max_context, **scales)

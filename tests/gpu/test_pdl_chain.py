@@ -49,11 +49,12 @@ def _logits(ref, chain: str, monkeypatch) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("chain", ["1", "norm", "attention"])  # every kind chained; the norms alone; attention alone
 @pytest.mark.parametrize("dtype,kv_cache_dtype", [("bf16", "auto"), ("fp32", "auto"), ("bf16", "fp8")])
-def test_chain_changes_no_logit(dtype, kv_cache_dtype, monkeypatch):
+def test_chain_changes_no_logit(dtype, kv_cache_dtype, chain, monkeypatch):
     ref = random_model("llama", LLAMA, dtype=dtype, device="cuda", seed=0, kv_cache_dtype=kv_cache_dtype)
     plain = _logits(ref, "0", monkeypatch)
-    chained = _logits(ref, "1", monkeypatch)
+    chained = _logits(ref, chain, monkeypatch)
     for step, (a, b) in enumerate(zip(plain, chained)):
         assert torch.equal(a, b), f"step {step}: logits differ with the chain on"
 
