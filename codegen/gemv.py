@@ -6,7 +6,8 @@ H200's copy bandwidth on Mamba-2's in_proj (N=10576, K=2560) and 56% (split-K + 
 out_proj (N=2560, K=5120). This kernel streams the weight with 16-byte loads, `rows` rows per warp and
 `LOADS_FEW` / `LOADS_MANY` loads per lane in flight, and splits K over the warps of a block (`ksplit`, summed in
 shared memory) only where N is too small to give every SM work. `choose` sizes both per shape and device.
-It has not run on a GPU yet: runtime/cuda_backend.py takes it only with KILN_GEMV=1 (or =pdl).
+runtime/cuda_backend.py runs it for the decode GEMMs of one row (KILN_GEMV, KILN_GEMV_ROWS); its epilogues
+(the gated activation, the rotary + KV write) spare a launch each.
 """
 
 from __future__ import annotations
@@ -429,11 +430,12 @@ def takes(x: torch.Tensor, w) -> bool:
     return x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_T and x.is_cuda and weight_takes(w, x.dtype, x.shape[1])
 
 
-def weight_takes(w, dtype: torch.dtype, k: int) -> bool:
-    """`takes`' conditions on the weight, for an x of `dtype` and k columns not yet computed."""
+def weight_takes(w, dtype: torch.dtype, k: int | None = None) -> bool:
+    """`takes`' conditions on the weight, for an x of `dtype` (and k columns; None: as many as w's, an x not
+    computed yet)."""
     return (isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_cuda and w.dtype == dtype
-            and dtype in (torch.bfloat16, torch.float16, torch.float32) and w.shape[1] == k and w.is_contiguous()
-            and w.data_ptr() % 16 == 0 and (w.shape[1] * w.element_size()) % 16 == 0)
+            and dtype in (torch.bfloat16, torch.float16, torch.float32) and w.shape[1] == (k or w.shape[1])
+            and w.is_contiguous() and w.data_ptr() % 16 == 0 and (w.shape[1] * w.element_size()) % 16 == 0)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, pdl: bool = False,

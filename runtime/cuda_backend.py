@@ -430,8 +430,7 @@ class CudaModel:
             raise KernelSpecError(f"KILN_GEMV_ROPE={GEMV_ROPE!r}: must be 0 or 1")
         rope, pro = att.spec[0], op.extra.get("prologue")
         if GEMV_ROPE == "0" or GEMV not in ("1", "pdl") or not 1 <= step.T <= min(GEMV_ROWS, G.GEMV_MAX_T) \
-                or step.lora is not None or not isinstance(w, torch.Tensor) or w.dim() != 2 \
-                or not G.weight_takes(w, self.dtype, w.shape[1]) \
+                or step.lora is not None or not G.weight_takes(w, self.dtype) \
                 or G.rope_epilogue_refusal(rope, rope.dtype):
             return False
         if pro is not None:  # (fuse.py's gemv_prologue too) its own kernel first: a GEMV has one or the other
