@@ -37,6 +37,8 @@
 #                                         it 0 / norm, fp8 batch-1 decode with KILN_FP8_GEMV_EPILOGUE=0 / 1, each twice
 #   bash .ci/device_check.sh rope      the qkv GEMV with the rotary + KV write in its epilogue: its GPU tests (and the rotary,
 #                                         epilogue and kernel tests), then bf16 batch-1 TPOT and model step, KILN_GEMV_ROPE=0 / 1, twice
+#   bash .ci/device_check.sh fp8rope   the fp8 qkv GEMV with the rotary + KV write in its epilogue: the rotary GPU tests, then fp8
+#                                         batch-1 decode with KILN_FP8_GEMV_ROPE=0 / 1, twice
 #   bash .ci/device_check.sh partition batch-1 paged decode attention per KV partition (.ci/decode_partition.py)
 #   bash .ci/device_check.sh fp8kv     the fp8-cache decode kernel per shape and page size, and random-chunk gathers
 #   bash .ci/device_check.sh ssmprof   where a Mamba-2 2.7B batch-1 decode step goes (kernel times, then the graphed step)
@@ -205,6 +207,12 @@ for mode in "$@"; do
       done
       for v in 0 1 0 1; do echo "step KILN_GEMV_ROPE=$v"; KILN_GEMV_ROPE=$v timeout 60 $KILN bench latency --config $L \
         --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
+    fp8rope)  # session 15 (written after its device time): the fp8 qkv GEMV with the rotary + KV write in its epilogue
+              # (KILN_FP8_GEMV_ROPE): the rotary GPU tests, then fp8 batch-1 decode with it 0 / 1, twice
+      timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_gemv_rope.py \
+        tests/gpu/test_gemv_epilogue.py 2>&1 | tee "$OUT/fp8rope-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      for v in 0 1 0 1; do echo "fp8 KILN_FP8_GEMV_ROPE=$v"; KILN_FP8_GEMV_ROPE=$v timeout 60 $KILN bench latency --config $L \
+        --quantization fp8 --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
     partition)
       timeout 120 python3 .ci/decode_partition.py 2>&1 | grep -a -E "^\||copy|rror|Trace|line" ;;
     fp8kv)

@@ -42,11 +42,14 @@ from .gemv import (
     launch,
     one_wave,
     outputs_per_warp,
+    rope_epilogue_spec,
+    rope_pairs,
 )
-from .kernels import KernelArgError, _check, _torch_dtype
+from .kernels import KernelArgError, _check, _check_cache, _torch_dtype
+from .launch import f32 as f32_arg
 from .launch import ptr
-from .render import _RENDERERS, KernelSource, _emit, _name
-from .specs import _dtype, _fail, _positive, _Spec
+from .render import _RENDERERS, KernelSource, _emit, _name, rope_math_params
+from .specs import RopeCacheSpec, _dtype, _fail, _positive, _Spec
 
 VEC = 16  # e4m3 values per 16-byte weight load
 CHUNK = 32 * VEC  # columns per warp step
@@ -85,10 +88,13 @@ class Fp8GemvSpec(_Spec):
     # decode="mma" only: the gated activation after it in its epilogue, as GemvSpec's (codegen/gemv.py): W
     # [w_rows, k] holds the gate rows [gate_row, +n) and the up rows [up_row, +n); each 16-row tile is 8
     # (gate, up) pairs (rows g and g + 8 of the MMA: one lane holds both sums) and out [1, n] = act(g) * u.
+    # Or the rotary + paged KV write after a qkv GEMM, as GemvSpec's (a RopeCacheSpec; qkv_rows): each tile 8
+    # (row, row) pairs of one head, out [1, heads * head_dim] q rotated, k and v into the cache.
     epilogue: Any = None
     gate_row: int = 0
     up_row: int = 0
     w_rows: int = 0
+    qkv_rows: tuple[int, ...] = ()
 
     def __post_init__(self):
         _positive(self, "n", "k")
@@ -108,7 +114,7 @@ class Fp8GemvSpec(_Spec):
             _fail(self, "rows", f"must be one of {rows} (decode={self.decode!r}), got {self.rows!r}")
         if self.ksplit not in KSPLITS:
             _fail(self, "ksplit", f"must be one of {KSPLITS}, got {self.ksplit!r}")
-        check_epilogue(self)
+        check_epilogue(self, rope=True)
         if self.epilogue is not None and self.decode != "mma":
             _fail(self, "epilogue", f"fused after decode='mma' only, got {self.decode!r}")
 
@@ -133,9 +139,10 @@ class Fp8GemvSpec(_Spec):
 
 def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = False, static: bool = False,
              origin: str = "linear", num_sms: int = 132, decode: str = "int", epilogue=None,
-             halves: tuple[int, int] = (0, 0)) -> Fp8GemvSpec:
+             halves: tuple[int, ...] = (0, 0)) -> Fp8GemvSpec:
     """The fp8 GEMV of W [n, k]; with a gated `epilogue` (an ActSpec; decode="mma"), of its row halves
-    (gate_row, up_row) = `halves`, epilogue.features rows each: out [1, epilogue.features]."""
+    (gate_row, up_row) = `halves`, epilogue.features rows each: out [1, epilogue.features]; with a rotary one
+    (a RopeCacheSpec), of its q, k and v rows starting at `halves` (three starts): out q [1, heads * head_dim]."""
     if decode == "mma":
         tiles, ks = one_wave(math.ceil(n / 16), tuple(r // 16 for r in MMA_ROWS), KSPLITS, math.ceil(k / MMA_STEP),
                              num_sms * WARPS * MIN_BLOCKS, lambda r, s: (r * math.ceil(k / MMA_STEP / s), s), (4, 1))
@@ -144,6 +151,10 @@ def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = Fal
         rows, ks = choose_chunks(n, math.ceil(k / CHUNK), num_sms)
     if epilogue is None:
         return Fp8GemvSpec(n, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode, ring=MMA_RING)
+    if isinstance(epilogue, RopeCacheSpec):
+        rope = rope_epilogue_spec(epilogue)
+        return Fp8GemvSpec(rope_pairs(rope), k, has_bias, dtype, origin, per_channel, static, rows, ks, decode,
+                           ring=MMA_RING, epilogue=rope, w_rows=n, qkv_rows=tuple(halves))
     return Fp8GemvSpec(epilogue.features, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode,
                        ring=MMA_RING, epilogue=epilogue.key(), gate_row=halves[0], up_row=halves[1], w_rows=n)
 
@@ -176,11 +187,16 @@ def _render_mma(s: Fp8GemvSpec) -> KernelSource:
                   warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS, k_tail=s.k % MMA_STEP != 0,
                   has_bias=s.has_bias, per_channel=s.per_channel, static=s.static, ring=s.ring,
                   xvec=16 // RUN_DTYPES[s.dtype].itemsize, red=max(32, WARPS * s.rows), w_rows=s.weight_rows,
-                  epi=epilogue_params(s))
+                  epi=epilogue_params(s), rot=0)
+    if isinstance(s.epilogue, RopeCacheSpec):
+        params.update(rope_math_params(s.epilogue))
     meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * outputs_per_warp(s))), rows=s.rows,
                 ksplit=s.ksplit, unroll=unroll, smem=s.smem, decode=s.decode)
     tag = ("c" if s.per_channel else "t") + ("s" if s.static else "d") + ("r" if s.ring else "b")
-    if s.epilogue is not None:
+    if isinstance(s.epilogue, RopeCacheSpec):
+        e = s.epilogue
+        tag += f"_rope_{e.layout[0]}{e.rotary_dim}_d{e.head_dim}_{e.heads}x{e.kv_heads}_p{e.page_size}"
+    elif s.epilogue is not None:
         tag += f"_{s.epilogue.kind}_gated_g{s.gate_row}_u{s.up_row}"
     name = _name(f"gemv_fp8_mma_{tag}_n{s.n}_k{s.k}_r{s.rows}_s{s.ksplit}_l{2 * tiles * unroll}", s)
     return _emit("gemv_fp8_mma.cu.j2", name, s, params, [name], meta)
@@ -189,10 +205,13 @@ def _render_mma(s: Fp8GemvSpec) -> KernelSource:
 _RENDERERS[Fp8GemvSpec] = _render
 
 
-def gemv_fp8(spec: Fp8GemvSpec, x, w, w_scale, out, bias=None, x_scale=None, pdl: bool = False) -> None:
+def gemv_fp8(spec: Fp8GemvSpec, x, w, w_scale, out, bias=None, x_scale=None, pdl: bool = False,
+             rope: tuple | None = None) -> None:
     """out [1, n] = W8A8(x [1, k], w e4m3 [n, k], w_scale) (+ bias): dsl/quant.py QWeight.linear's result
     for an fp8 weight (fp32 sums in another order). w_scale fp32 [] (or [n] / [1, n] per channel);
-    x_scale fp32 [] for a static spec. x, out, bias: the spec's dtype; x 16-byte aligned."""
+    x_scale fp32 [] for a static spec. x, out, bias: the spec's dtype; x 16-byte aligned. A spec with the
+    rotary epilogue: out is q [1, heads * head_dim], rotated, and rope = (positions [1] int64, slot_mapping
+    [1] int32, k_cache, v_cache, k_scale, v_scale) say where k and v go, as codegen/gemv.py gemv_rope's."""
     dt = _torch_dtype(spec)
     _check("x", x, dt, contiguous=False, aligned=False)
     dev = x.device
@@ -205,7 +224,22 @@ def gemv_fp8(spec: Fp8GemvSpec, x, w, w_scale, out, bias=None, x_scale=None, pdl
     if w_scale.numel() != want:
         raise KernelArgError(f"w_scale: {w_scale.numel()} values, expected {want} "
                              f"({'per channel' if spec.per_channel else 'per tensor'})")
-    _check("out", out, dt, (1, spec.n), dev, aligned=False)
+    extra = []
+    if isinstance(spec.epilogue, RopeCacheSpec):
+        e = spec.epilogue
+        _check("out", out, dt, (1, e.heads * e.head_dim), dev, aligned=False)
+        if rope is None:
+            raise KernelArgError("rope: the rotary epilogue needs (positions, slot_mapping, k_cache, v_cache, k_scale, "
+                                 "v_scale)")
+        positions, slots, kc, vc, k_scale, v_scale = rope
+        _check("positions", positions, torch.int64, (1,), dev, aligned=False)
+        _check("slot_mapping", slots, torch.int32, (1,), dev, aligned=False)
+        _check_cache(e, kc, vc, dt, dev)
+        extra = [ptr(positions), ptr(slots), ptr(kc), ptr(vc), f32_arg(k_scale), f32_arg(v_scale)]
+    else:
+        _check("out", out, dt, (1, spec.n), dev, aligned=False)
+        if rope is not None:
+            raise KernelArgError("rope: given to a spec without the rotary epilogue")
     if spec.static:
         if x_scale is None:
             raise KernelArgError("x_scale: required by this spec (static)")
@@ -215,7 +249,7 @@ def gemv_fp8(spec: Fp8GemvSpec, x, w, w_scale, out, bias=None, x_scale=None, pdl
     elif x_scale is not None:
         raise KernelArgError("x_scale: given to a spec that measures it (static=False)")
     check_bias(spec, bias, dt, dev, spec.weight_rows)
-    launch(spec, dev, 0, [ptr(w), ptr(x), ptr(w_scale), ptr(x_scale), ptr(bias), ptr(out)], pdl)
+    launch(spec, dev, 0, [ptr(w), ptr(x), ptr(w_scale), ptr(x_scale), ptr(bias), ptr(out), *extra], pdl)
 
 
 def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -229,11 +263,13 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
            x_scale: torch.Tensor | None = None, pdl: bool = False, origin: str = "linear",
-           decode: str = "int", epilogue=None, halves: tuple[int, int] = (0, 0)) -> torch.Tensor:
+           decode: str = "int", epilogue=None, halves: tuple[int, ...] = (0, 0), rope: tuple | None = None
+           ) -> torch.Tensor:
     """The W8A8 linear of one row through the kernel (check `takes` first). w_scale: fp32 [] per
     tensor, [n] or [1, n] per channel; x_scale: the static activation scale, None to measure it.
-    decode "mma" applies to 16-bit x; fp32 x takes "int". epilogue (a gated ActSpec; 16-bit x, "mma"):
-    act(g) * u of the row halves at `halves` (gate_row, up_row), [1, epilogue.features]."""
+    decode "mma" applies to 16-bit x; fp32 x takes "int". epilogue (16-bit x, "mma"): a gated ActSpec,
+    act(g) * u of the row halves at `halves` (gate_row, up_row), [1, epilogue.features]; or a RopeCacheSpec,
+    q [1, heads * head_dim] rotated, k and v into the cache `rope` names (gemv_fp8), q, k, v rows at `halves`."""
     from .specs import dtype_name
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous()
@@ -252,6 +288,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.
         decode = "int"  # fp32 runs keep fp32 products on the CUDA cores (the reference's precision)
     spec = spec_for(n, k, dt, bias is not None, per_channel, x_scale is not None, origin, _num_sms(x.device), decode,
                     epilogue, halves)
-    out = torch.empty(1, spec.n, dtype=x.dtype, device=x.device)
-    gemv_fp8(spec, x, w, ws, out, bias, xs, pdl)
+    e = spec.epilogue
+    width = e.heads * e.head_dim if isinstance(e, RopeCacheSpec) else spec.n
+    out = torch.empty(1, width, dtype=x.dtype, device=x.device)
+    gemv_fp8(spec, x, w, ws, out, bias, xs, pdl, rope)
     return out

@@ -422,31 +422,40 @@ class CudaModel:
     def _gemv_rope(self, op: KOp, att: KOp, w, b, env, step: "_Run", n: int) -> bool:
         """A qkv GEMM step linked to its attention step as one GEMV launch whose epilogue rotates q into a
         buffer of its own and k and v into the site's cache (codegen/gemv.py gemv_rope) where the GEMV runs
-        it: a few rows, a plain weight the GEMV takes, no LoRA, a rotary spec with fixed frequencies. Leaves
+        it: a few rows, a plain weight the GEMV takes (fp8: QGemm.gemv_rope's one row), no LoRA, a rotary spec
+        with fixed frequencies. Leaves
         q in step.roped for the attention step, which then skips its rotary + KV write; q, k and v (before
         rotation) are never in env. A prologue fused into the step (KILN_GEMV_PROLOGUE) runs as its own
         kernel first. False: nothing ran."""
         if GEMV_ROPE not in ("0", "1"):
             raise KernelSpecError(f"KILN_GEMV_ROPE={GEMV_ROPE!r}: must be 0 or 1")
         rope, pro = att.spec[0], op.extra.get("prologue")
+        quantized = isinstance(w, QGemm)  # fp8: QGemm.gemv_rope decides (one row, KILN_FP8_GEMV_ROPE)
         if GEMV_ROPE == "0" or GEMV not in ("1", "pdl") or not 1 <= step.T <= min(GEMV_ROWS, G.GEMV_MAX_T) \
-                or step.lora is not None or not G.weight_takes(w, self.dtype) \
+                or step.lora is not None or not (quantized or G.weight_takes(w, self.dtype)) \
                 or G.rope_epilogue_refusal(rope, rope.dtype):
             return False
         if pro is not None:  # (fuse.py's gemv_prologue too) its own kernel first: a GEMV has one or the other
             _RUN[pro.kind](self, pro, env, step, n)
             op = op.extra["gemm"]
         x = env[op.ins[0]]
-        if not G.prologue_takes(x):
-            x = x.contiguous()
         start = {v: s for v, (s, _) in zip(op.outs, op.extra["slices"])}
+        qkv = tuple(start[v] for v in att.ins)
         origin = f"{fuse_origin(op.instrs[0])} -> {fuse_origin(att.instrs[-1])}"
-        spec = G.spec_for(w.shape[0], w.shape[1], rope.dtype, b is not None, origin, G._num_sms(self.device),
-                          epilogue=rope, halves=tuple(start[v] for v in att.ins))
-        site, kv = att.extra["site"], step.kv
-        q = torch.empty(step.T, rope.heads * rope.head_dim, dtype=self.dtype, device=self.device)
-        G.gemv_rope(spec, x, w, q, step.meta.positions, step.meta.slots, kv.k[site], kv.v[site], b,
-                    kv.k_scale[site], kv.v_scale[site], pdl=GEMV == "pdl")
+        site, kv, meta = att.extra["site"], step.kv, step.meta
+        if quantized:
+            q = w.gemv_rope(x, b, rope, qkv, origin, (meta.positions, meta.slots, kv.k[site], kv.v[site],
+                                                       kv.k_scale[site], kv.v_scale[site]))
+            if q is None:
+                return False
+        else:
+            if not G.prologue_takes(x):
+                x = x.contiguous()
+            spec = G.spec_for(w.shape[0], w.shape[1], rope.dtype, b is not None, origin, G._num_sms(self.device),
+                              epilogue=rope, halves=qkv)
+            q = torch.empty(step.T, rope.heads * rope.head_dim, dtype=self.dtype, device=self.device)
+            G.gemv_rope(spec, x, w, q, meta.positions, meta.slots, kv.k[site], kv.v[site], b, kv.k_scale[site],
+                        kv.v_scale[site], pdl=GEMV == "pdl")
         step.roped[id(att)] = q
         return True
 

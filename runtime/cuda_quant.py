@@ -66,6 +66,10 @@ FP8_GEMV_DECODE = os.environ.get("KILN_FP8_GEMV_DECODE", "mma")
 # against 3.288 / 3.294 without in one call, 3.418 / 3.081 against 3.245 / 3.528 in another, though the
 # bf16 GEMV's epilogue saves time. Read when a step runs (and is captured).
 FP8_GEMV_EPILOGUE = os.environ.get("KILN_FP8_GEMV_EPILOGUE", "0")
+# The qkv fp8 GEMV at one row with the rotary + paged KV write in its epilogue (QGemm.gemv_rope, where the
+# cuda backend's KILN_GEMV_ROPE links the qkv GEMM to its attention): "1" (KILN_FP8_GEMV_ROPE=1). Off ("0")
+# until measured on the H200 (written in session 15 after its device time). Read when a step runs.
+FP8_GEMV_ROPE = os.environ.get("KILN_FP8_GEMV_ROPE", "0")
 
 
 def runs(desc: QuantDesc) -> bool:
@@ -126,21 +130,39 @@ class QGemm:
                       origin: str) -> torch.Tensor | None:
         """act(g) * u [1, epilogue.features] of x's one row, g and u this GEMM's rows at `halves` (gate_row,
         up_row), through the fp8 GEMV with the gated activation in its epilogue (codegen/gemv_fp8.py,
-        "mma"); None where that kernel does not run this call (other formats, more rows, fp32, another
-        decode, or KILN_FP8_GEMV_EPILOGUE=0, the default): the caller runs this GEMM, then the activation's
-        kernel. origin: both spec ops."""
-        if FP8_GEMV_EPILOGUE not in ("0", "1"):
-            raise KernelSpecError(f"KILN_FP8_GEMV_EPILOGUE={FP8_GEMV_EPILOGUE!r}: must be 0 or 1")
+        "mma"); None where that kernel does not run this call (`_fused_takes`, or KILN_FP8_GEMV_EPILOGUE=0,
+        the default): the caller runs this GEMM, then the activation's kernel. origin: both spec ops."""
+        if not self._fused_takes(x, bias, "KILN_FP8_GEMV_EPILOGUE", FP8_GEMV_EPILOGUE):
+            return None
+        return gemv_fp8.linear(x, self.q, self.scale, bias, self.input_scale if self.desc.act_static else None,
+                               pdl=FP8_GEMV == "pdl", origin=origin, decode="mma", epilogue=epilogue,
+                               halves=halves)
+
+    def gemv_rope(self, x: torch.Tensor, bias: torch.Tensor | None, rope, qkv_rows: tuple[int, ...], origin: str,
+                  cache: tuple) -> torch.Tensor | None:
+        """q [1, rope.heads * rope.head_dim] of x's one row, rotated, with k rotated and v written into the
+        cache (cache: positions, slot_mapping, k_cache, v_cache, k_scale, v_scale), q, k and v this GEMM's rows
+        at qkv_rows, through the fp8 GEMV with the rotary epilogue (codegen/gemv_fp8.py, "mma"); None where
+        that kernel does not run this call (`_fused_takes`, or KILN_FP8_GEMV_ROPE=0, the default): the
+        caller runs this GEMM, then the rotary kernel. origin: both spec ops."""
+        if not self._fused_takes(x, bias, "KILN_FP8_GEMV_ROPE", FP8_GEMV_ROPE):
+            return None
+        return gemv_fp8.linear(x, self.q, self.scale, bias, self.input_scale if self.desc.act_static else None,
+                               pdl=FP8_GEMV == "pdl", origin=origin, decode="mma", epilogue=rope,
+                               halves=qkv_rows, rope=cache)
+
+    def _fused_takes(self, x: torch.Tensor, bias: torch.Tensor | None, name: str, switch: str) -> bool:
+        """Whether the fp8 "mma" GEMV with an epilogue runs this call: the switch `name` (value `switch`) on,
+        fp8 weights not packed, the one-row GEMV on with its "mma" decode, one 16-bit row it takes, a
+        per-tensor or per-token activation scale, a bias of x's dtype or none."""
+        if switch not in ("0", "1"):
+            raise KernelSpecError(f"{name}={switch!r}: must be 0 or 1")
         d = self.desc
-        if not (FP8_GEMV_EPILOGUE == "1" and d.dtype == "fp8" and self.packed is None and FP8_GEMV in ("1", "pdl")
+        return (switch == "1" and d.dtype == "fp8" and self.packed is None and FP8_GEMV in ("1", "pdl")
                 and FP8_GEMV_DECODE == "mma"
                 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
                 and d.act in ("fp8_tensor", "fp8_token") and gemv_fp8.takes(x, self.q)
-                and (bias is None or bias.dtype == x.dtype)):
-            return None
-        return gemv_fp8.linear(x, self.q, self.scale, bias, self.input_scale if d.act_static else None,
-                               pdl=FP8_GEMV == "pdl", origin=origin, decode="mma", epilogue=epilogue,
-                               halves=halves)
+                and (bias is None or bias.dtype == x.dtype))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """x's rows through the GEMM. valid: int32 [1] on the device, the rows of x that are real in a

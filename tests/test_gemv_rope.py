@@ -171,8 +171,26 @@ def test_the_fp8_gemv_and_a_plain_gemv_refuse_rotary_fields():
     with pytest.raises(KernelSpecError, match=r"GemvSpec\.qkv_rows:.*belongs to a rotary epilogue"):
         G.GemvSpec(64, 64, rows=2, epilogue=ActSpec("silu", True, 64), w_rows=128, up_row=64, qkv_rows=(0, 1, 2))
     from kiln.codegen import gemv_fp8 as F8
-    with pytest.raises(KernelSpecError, match="only a gated activation"):
-        F8.Fp8GemvSpec(3072, 4096, epilogue=G.rope_epilogue_spec(LLAMA3), w_rows=6144)
+    with pytest.raises(KernelSpecError, match="fused after decode='mma' only"):
+        F8.Fp8GemvSpec(3072, 4096, epilogue=G.rope_epilogue_spec(LLAMA3), w_rows=6144, qkv_rows=(0, 4096, 5120))
+
+
+@pytest.mark.parametrize("kw", [{}, dict(kv_fp8=True), dict(layout="interleaved", rotary_dim=64)],
+                         ids=["half", "fp8-kv", "interleaved-partial"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_the_fp8_mma_gemv_takes_the_rotary_epilogue(kw, per_channel, fresh_kernel_cache):
+    """The fp8 one-row GEMV ("mma"): 8 pairs a 16-row tile, the same epilogue definitions as the bf16 GEMV's
+    (templates/gemv_rope_epi.cuh.j2); compiles without spills, its grid the plain kernel's."""
+    from kiln.codegen import gemv_fp8 as F8
+    rope = dataclasses.replace(LLAMA3, **kw)
+    spec = F8.spec_for(6144, 4096, "bf16", False, per_channel, False, "qkv -> attention", decode="mma", epilogue=rope,
+                       halves=(0, 4096, 5120))
+    ks = render(spec)
+    assert "rope_store(ra, out, 0, j, gu[0], gu[1]);" in ks.source and "_rope_" in ks.name
+    plain = render(F8.spec_for(6144, 4096, "bf16", False, per_channel, False, "qkv", decode="mma"))
+    assert ks.meta["blocks"] == plain.meta["blocks"]
+    img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+    assert re.search(r"\b0 bytes spill stores", img.log) and not re.search(r"\b[1-9]\d* bytes spill stores", img.log)
 
 
 def test_the_rope_kernels_rotation_is_written_without_contraction():

@@ -104,6 +104,74 @@ def test_rope_epilogue_equals_gemv_then_rope_kernel(case, T, dtype, kv_fp8):
             assert float((a - b).norm() / b.norm()) < (0.1 if kv_fp8 else tol)
 
 
+# fp8 weights ("mma" GEMV at one row): weight scale per tensor / per channel, activation scale measured or static
+FP8_MODES = [("per_tensor", "fp8_tensor", False), ("per_channel", "fp8_token", False), ("per_tensor", "fp8_tensor", True)]
+
+
+@pytest.mark.parametrize("case", [ROPES[0], ROPES[1]], ids=["llama3-8b", "interleaved-partial-bias"])
+@pytest.mark.parametrize("layout, act, static", FP8_MODES)
+@pytest.mark.parametrize("kv_fp8", [False, True])
+def test_fp8_rope_epilogue_equals_fp8_gemv_then_rope_kernel(case, layout, act, static, kv_fp8):
+    from kiln.codegen import gemv_fp8 as F8
+    from kiln.dsl.quant import QuantDesc, quantize_weight
+    rope, k, has_bias, gap = case
+    rope = dataclasses.replace(rope, dtype="bf16", kv_fp8=kv_fp8)
+    dt, hd = torch.bfloat16, rope.head_dim
+    qn, kn = rope.heads * hd, rope.kv_heads * hd
+    starts = (0, qn + gap, qn + kn + 2 * gap)
+    rows = starts[2] + kn
+    w = quantize_weight(torch.randn(rows, k, device="cuda") / k**0.5, QuantDesc("fp8", layout, act=act,
+                                                                                act_static=static))
+    ws = w.scale.reshape(-1) if layout == "per_channel" else w.scale.reshape(())
+    xs = torch.tensor(0.011, device="cuda") if static else None
+    b = torch.randn(rows, device="cuda").to(dt) if has_bias else None
+    x = (torch.randn(1, k, device="cuda") * 2).to(dt)
+    positions = torch.tensor([4095], device="cuda", dtype=torch.int64)
+    slots = torch.tensor([21], device="cuda", dtype=torch.int32)
+    kc, vc = _cache(rope, dt), _cache(rope, dt)
+    plain = F8.spec_for(rows, k, "bf16", has_bias, layout == "per_channel", static, "test", decode="mma")
+    y = torch.empty(1, rows, device="cuda", dtype=dt)
+    F8.gemv_fp8(plain, x, w.q, ws, y, b, xs)
+    q_want, kc_want, vc_want = y[:, :qn].clone(), kc.clone(), vc.clone()
+    K.rope_write_kv(rope, q_want, y[:, starts[1]:starts[1] + kn], y[:, starts[2]:starts[2] + kn], positions, slots,
+                    kc_want, vc_want, k_scale=0.05, v_scale=0.02)
+    spec = F8.spec_for(rows, k, "bf16", has_bias, layout == "per_channel", static, "test", decode="mma",
+                       epilogue=rope, halves=starts)
+    q = torch.full((1, qn), float("nan"), device="cuda", dtype=dt)
+    F8.gemv_fp8(spec, x, w.q, ws, q, b, xs, rope=(positions, slots, kc, vc, 0.05, 0.02))
+    torch.cuda.synchronize()
+    bits = (lambda c: c.view(torch.uint8)) if kv_fp8 else (lambda c: c)
+    assert torch.equal(q, q_want)
+    assert torch.equal(bits(kc), bits(kc_want)) and torch.equal(bits(vc), bits(vc_want))
+
+
+def test_fp8_logits_with_the_rope_epilogue_equal_without(monkeypatch):
+    """fp8 weights (per-tensor, measured activation scale): one sequence's decode step through the fp8 "mma"
+    GEMV with the rotary epilogue (KILN_FP8_GEMV_ROPE=1, opt-in); more sequences through cuBLASLt and the
+    rotary kernel either way."""
+    from kiln.codegen import gemv_fp8 as F8
+    from kiln.runtime import cuda_quant
+    from kiln.runtime.model import LoadedModel, make_backend, random_model
+    ref = random_model("llama", LLAMA, dtype="bf16", device="cuda", seed=0, quantization="fp8")
+    launched, real = [], F8.gemv_fp8
+
+    def recording(spec, *args, **kw):
+        launched.append(spec)
+        return real(spec, *args, **kw)
+
+    monkeypatch.setattr(F8, "gemv_fp8", recording)
+    outs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setattr(cuda_quant, "FP8_GEMV_ROPE", switch)
+        cuda = LoadedModel(ref.plan, make_backend(ref.plan, ref.model.weights, "cuda", "cuda"), None, ref.dtype,
+                           ref.device)
+        outs[switch] = _decode_logits(cuda, "llama", "bf16")
+    assert any(isinstance(s.epilogue, RopeCacheSpec) for s in launched), "the fused fp8 GEMV never ran"
+    assert torch.equal(outs["1"][0], outs["0"][0])  # one sequence: the fused kernel against the two launches
+    for off, on in zip(outs["0"][1:], outs["1"][1:]):  # cuBLASLt both ways (its algorithm may differ per instance)
+        assert float((on - off).norm() / off.norm()) < 1e-2
+
+
 def _recording(monkeypatch) -> list:
     """G.gemv_rope, each launch's spec noted (the backend calls it through the module)."""
     launched, real = [], G.gemv_rope
