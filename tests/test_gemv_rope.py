@@ -4,8 +4,8 @@ templates/rope_math.cuh.j2): which steps of the llama program are linked (every 
 nothing else, and the program's steps unchanged, a prologue's step keeping the link); a qkv whose output is read elsewhere is not linked; the
 pairing of W's rows covers every q, k and v row once with each rotary pair in one warp; the kernel renders,
 names both spec ops and NVRTC-compiles (every layout, partial and no rotation, an fp8 cache, a bias; the 8B
-model's qkv without spills at one row); specs it cannot compute are refused with the field named. Results on a
-GPU: tests/gpu/test_gemv_rope.py."""
+model's qkv without spills at one row), and so does the fp8 "mma" GEMV with the same epilogue; specs it cannot
+compute are refused with the field named. Results on a GPU: tests/gpu/test_gemv_rope.py."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """Issue #12 item 2 on a GPU: the qkv GEMV with the rotary embedding and the paged KV write in its epilogue
 (codegen/gemv.py gemv_rope) against the plain GEMV of the whole fused weight then the rotary + KV write kernel
 (kernels.rope_write_kv), bit for bit: q, and every byte of both caches (run dtype and fp8), with padding rows
-(slot -1) left unwritten; and the cuda backend's logits (CUDA graphs for 1, 2 and 4 sequences' decode steps,
-and an eager prompt of 3 tokens, which the prefill attention reads back from the cache) with the link on
-(runtime/cuda_backend.GEMV_ROPE, KILN_GEMV_ROPE) against it off, bit for bit, for every family whose program
-links a qkv GEMM to its attention (fp32), llama in bf16 and with an fp8 KV cache. Outputs are poisoned (NaN)
-first so an unwritten element fails."""
+(slot -1) left unwritten; the fp8 "mma" GEMV's epilogue against the fp8 GEMV then that kernel, likewise; and
+the cuda backend's logits (CUDA graphs for 1, 2 and 4 sequences' decode steps, and an eager prompt of 3
+tokens, which the prefill attention reads back from the cache) with the link on (runtime/cuda_backend.
+GEMV_ROPE, KILN_GEMV_ROPE) against it off, bit for bit, for every family whose program links a qkv GEMM to its
+attention (fp32), llama in bf16 and with an fp8 KV cache, and llama with fp8 weights (cuda_quant.FP8_GEMV_ROPE
+on / off). Outputs are poisoned (NaN) first so an unwritten element fails."""
 
 from __future__ import annotations
 
