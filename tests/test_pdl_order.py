@@ -106,6 +106,15 @@ def _gemv_specs():
     }.items():
         yield G.spec_for(n, pro.hidden if isinstance(pro, NormSpec) else pro.features, "bf16", False, name, 132,
                          prologue=pro)
+    # the epilogues: the gated activation (gate+up), the rotary + KV write (qkv; positions and slots read after
+    # the wait, the cache written after it)
+    from kiln.codegen.specs import RopeCacheSpec
+    yield G.spec_for(28672, 4096, "bf16", False, "swiglu-epilogue", 132, epilogue=ActSpec("silu", True, 14336),
+                     halves=(0, 14336))
+    for fp8 in (False, True):
+        rope = RopeCacheSpec(32, 8, 128, 128, 16, kv_fp8=fp8)
+        yield G.spec_for(6144, 4096, "bf16", fp8, "rope-epilogue", 132, epilogue=rope, halves=(0, 4096, 5120))
+        yield F.spec_for(6144, 4096, "bf16", False, decode="mma", epilogue=rope, halves=(0, 4096, 5120))
 
 
 def _other_specs():
