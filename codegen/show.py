@@ -8,7 +8,7 @@ from kiln.dsl.dtypes import dtype as dtype_of
 from kiln.dsl.plan import Plan
 from kiln.dsl.sources import Alias
 
-from .fuse import fuse, unfused
+from .fuse import Exec, fuse, origin, unfused
 
 
 def kernel_specs(plan: Plan, dtype: str = "bf16", page_size: int = 16) -> list:
@@ -24,10 +24,49 @@ def kernel_specs(plan: Plan, dtype: str = "bf16", page_size: int = 16) -> list:
     return out
 
 
+def decode_gemv_specs(plan: Plan, dtype: str = "bf16", page_size: int = 16, num_sms: int = 132) -> list:
+    """The GEMV kernels the cuda backend runs for the GEMM steps of a one-row decode step (plain weights; quantized
+    ones run their own GEMVs), with the epilogues it fuses by default (the gated activation, the rotary + KV
+    write), sized for a GPU of num_sms SMs (an H100 / H200: 132), first occurrence first."""
+    from . import gemv as G  # the launch wrappers' module: imported here so `kiln show --ir` needs no CUDA
+
+    seen, out = set(), []
+    for op in fuse(plan, dtype_of(dtype).torch, page_size):
+        if op.kind is not Exec.GEMM:
+            continue
+        gemm = op.extra.get("gemm", op)  # a prologue's or epilogue's step: the GEMM step as it was
+        if any(plan.weights[w.name].quant.quantized for w in gemm.extra["weights"]):
+            continue
+        start, width = gemm.extra["slices"][-1]
+        n, k = start + width, plan.types[gemm.ins[0]].shape[1]
+        bias, at = gemm.extra["biases"][0] is not None, origin(gemm.instrs[0])
+        starts = {v: s for v, (s, _) in zip(gemm.outs, gemm.extra["slices"])}
+        att, epi = op.extra.get("rope"), op.extra.get("epilogue")
+        if att is not None and not G.rope_epilogue_refusal(att.spec[0], dtype):
+            spec = G.spec_for(n, k, dtype, bias, f"{at} -> {origin(att.instrs[-1])}", num_sms, epilogue=att.spec[0],
+                              halves=tuple(starts[v] for v in att.ins))
+        elif epi is not None:
+            spec = G.spec_for(n, k, dtype, bias, f"{at} -> {origin(epi.instrs[-1])}", num_sms, epilogue=epi.spec,
+                              halves=(starts[epi.ins[0]], starts[epi.ins[1]]))
+        else:
+            spec = G.spec_for(n, k, dtype, bias, at, num_sms)
+        if spec.key() not in seen:
+            seen.add(spec.key())
+            out.append(spec)
+    return out
+
+
 def show_kernels(plan: Plan, dtype: str = "bf16", page_size: int = 16) -> str:
+    """Every kernel's source: kernel_specs', then the decode GEMVs' (decode_gemv_specs; their module needs
+    cuda-python, the `cuda` extra: without it a closing comment says they are left out)."""
     from .render import render  # jinja templates; imported here so `kiln show --ir` needs none
 
-    return "\n\n".join(render(spec).source.rstrip() for spec in kernel_specs(plan, dtype, page_size)) + "\n"
+    sources = [render(spec).source.rstrip() for spec in kernel_specs(plan, dtype, page_size)]
+    try:
+        sources += [render(spec).source.rstrip() for spec in decode_gemv_specs(plan, dtype, page_size)]
+    except ImportError as e:
+        sources.append(f"// (the decode GEMVs are left out: {e}; pip install 'kiln[cuda]' shows them)")
+    return "\n\n".join(sources) + "\n"
 
 
 def show_ir(plan: Plan) -> str:

@@ -201,3 +201,33 @@ def test_the_rope_kernels_rotation_is_written_without_contraction():
     body = body[:body.index("\n}")]
     assert re.search(r"y1 = __fsub_rn\(__fmul_rn\(x1, c\), __fmul_rn\(x2, s\)\);", body)
     assert re.search(r"y2 = __fadd_rn\(__fmul_rn\(x2, c\), __fmul_rn\(x1, s\)\);", body)
+
+
+def test_kiln_show_kernels_shows_the_decode_gemvs_with_their_epilogues():
+    """`kiln show --kernels` ends with the decode GEMVs the cuda backend runs at one row: llama's qkv with the
+    rotary epilogue and its gate+up with the SwiGLU, each naming both spec ops; o, down and the lm_head plain."""
+    from kiln.codegen.show import decode_gemv_specs, show_kernels
+    plan = check(load_spec("llama"), FAMILY_CONFIGS["llama"])
+    specs = decode_gemv_specs(plan)
+    kinds = [type(s.epilogue).__name__ if s.epilogue is not None else "" for s in specs]
+    assert kinds == ["RopeCacheSpec", "", "ActSpec", "", ""]  # qkv, o, gate+up, down, lm_head
+    assert " -> " in specs[0].origin and "attention" in specs[0].origin and " -> " in specs[2].origin
+    out = show_kernels(plan)
+    for s in specs:
+        assert f"// ==== {render(s).name}" in out
+
+
+def test_kiln_show_kernels_without_cuda_python_says_the_gemvs_are_left_out(monkeypatch):
+    import sys
+
+    import kiln.codegen
+    from kiln.codegen.show import show_kernels
+    for name in [m for m in sys.modules if m.startswith(("kiln.codegen.gemv", "kiln.codegen.kernels",
+                                                          "kiln.codegen.launch", "cuda"))]:
+        monkeypatch.delitem(sys.modules, name)
+    for attr in ("gemv", "gemv_fp8", "kernels", "launch"):
+        monkeypatch.delattr(kiln.codegen, attr, raising=False)
+    monkeypatch.setitem(sys.modules, "cuda", None)  # import cuda...: ImportError, as without the `cuda` extra
+    out = show_kernels(check(load_spec("llama"), FAMILY_CONFIGS["llama"]))
+    assert "// ==== kiln_rope_cache" in out and "kiln_gemv" not in out
+    assert "the decode GEMVs are left out" in out and "kiln[cuda]" in out
