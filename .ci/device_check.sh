@@ -39,6 +39,7 @@
 #                                         epilogue and kernel tests), then bf16 batch-1 TPOT and model step, KILN_GEMV_ROPE=0 / 1, twice
 #   bash .ci/device_check.sh fp8rope   the fp8 qkv GEMV with the rotary + KV write in its epilogue: the rotary GPU tests, then fp8
 #                                         batch-1 decode with KILN_FP8_GEMV_ROPE=0 / 1, twice
+#   bash .ci/device_check.sh tpot      bf16 batch-1 engine TPOT with the defaults, TPOT_RUNS (3) times, and the call's roofline
 #   bash .ci/device_check.sh partition batch-1 paged decode attention per KV partition (.ci/decode_partition.py)
 #   bash .ci/device_check.sh fp8kv     the fp8-cache decode kernel per shape and page size, and random-chunk gathers
 #   bash .ci/device_check.sh ssmprof   where a Mamba-2 2.7B batch-1 decode step goes (kernel times, then the graphed step)
@@ -213,6 +214,10 @@ for mode in "$@"; do
         tests/gpu/test_gemv_epilogue.py 2>&1 | tee "$OUT/fp8rope-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
       for v in 0 1 0 1; do echo "fp8 KILN_FP8_GEMV_ROPE=$v"; KILN_FP8_GEMV_ROPE=$v timeout 60 $KILN bench latency --config $L \
         --quantization fp8 --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
+    tpot)  # bf16 8B batch-1 engine TPOT with the defaults, TPOT_RUNS times (3), then the roofline of the call's copy bandwidth
+      for i in $(seq ${TPOT_RUNS:-3}); do timeout 60 $KILN bench throughput --config $L --requests 1 --max-batch 1 \
+        --input-len 128 --output-len 256 2>&1 | grep -a -E "^\| tpot_p50_ms |Error"; done
+      timeout 60 $KILN bench latency --config $L --prompt 128 --steps 16 2>&1 | grep -a -E "^\| roofline_ms |Error" ;;
     partition)
       timeout 120 python3 .ci/decode_partition.py 2>&1 | grep -a -E "^\||copy|rror|Trace|line" ;;
     fp8kv)
