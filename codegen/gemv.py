@@ -74,7 +74,7 @@ class GemvSpec(_Spec):
             why = prologue_refusal(self.prologue, self.k, self.dtype)
             if why:
                 _fail(self, "prologue", why)
-        check_epilogue(self, rope=True)
+        check_epilogue(self)
         if self.epilogue is not None:
             if self.prologue is not None:
                 _fail(self, "epilogue", "a GEMV has a prologue or an epilogue, not both")
@@ -153,16 +153,16 @@ def rope_pairs(rope: RopeCacheSpec) -> int:
     return (rope.heads + 2 * rope.kv_heads) * rope.head_dim // 2
 
 
-def check_epilogue(spec, rope: bool = False) -> None:
+def check_epilogue(spec) -> None:
     """A GEMV spec's epilogue fields (GemvSpec, gemv_fp8's Fp8GemvSpec): a gated act of n pairs whose gate
-    and up rows lie apart in W's w_rows, or (rope: the spec's kernel has the rotary epilogue) a rotary
-    epilogue whose q, k and v rows lie apart in them; none of the row fields without an epilogue."""
+    and up rows lie apart in W's w_rows, or a rotary epilogue whose q, k and v rows lie apart in them; none
+    of the row fields without an epilogue."""
     qkv = getattr(spec, "qkv_rows", ())
     if spec.epilogue is None:
         if (spec.gate_row, spec.up_row, spec.w_rows) != (0, 0, 0) or qkv:
             _fail(spec, "w_rows", "gate_row / up_row / w_rows / qkv_rows belong to an epilogue")
         return
-    if isinstance(spec.epilogue, RopeCacheSpec) and rope:
+    if isinstance(spec.epilogue, RopeCacheSpec):
         why = rope_epilogue_refusal(spec.epilogue, spec.dtype)
         if why:
             _fail(spec, "epilogue", why)

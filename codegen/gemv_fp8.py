@@ -114,7 +114,7 @@ class Fp8GemvSpec(_Spec):
             _fail(self, "rows", f"must be one of {rows} (decode={self.decode!r}), got {self.rows!r}")
         if self.ksplit not in KSPLITS:
             _fail(self, "ksplit", f"must be one of {KSPLITS}, got {self.ksplit!r}")
-        check_epilogue(self, rope=True)
+        check_epilogue(self)
         if self.epilogue is not None and self.decode != "mma":
             _fail(self, "epilogue", f"fused after decode='mma' only, got {self.decode!r}")
 

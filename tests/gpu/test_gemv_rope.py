@@ -105,6 +105,19 @@ def test_rope_epilogue_equals_gemv_then_rope_kernel(case, T, dtype, kv_fp8):
             assert float((a - b).norm() / b.norm()) < (0.1 if kv_fp8 else tol)
 
 
+def _recording(monkeypatch, module=G, name: str = "gemv_rope") -> list:
+    """module.name (a launch wrapper taking its spec first), each launch's spec noted (the backend calls it
+    through the module)."""
+    launched, real = [], getattr(module, name)
+
+    def recording(spec, *args, **kw):
+        launched.append(spec)
+        return real(spec, *args, **kw)
+
+    monkeypatch.setattr(module, name, recording)
+    return launched
+
+
 # fp8 weights ("mma" GEMV at one row): weight scale per tensor / per channel, activation scale measured or static
 FP8_MODES = [("per_tensor", "fp8_tensor", False), ("per_channel", "fp8_token", False), ("per_tensor", "fp8_tensor", True)]
 
@@ -154,14 +167,7 @@ def test_fp8_logits_with_the_rope_epilogue_equal_without(monkeypatch):
     from kiln.runtime import cuda_quant
     from kiln.runtime.model import LoadedModel, make_backend, random_model
     ref = random_model("llama", LLAMA, dtype="bf16", device="cuda", seed=0, quantization="fp8")
-    launched, real = [], F8.gemv_fp8
-
-    def recording(spec, *args, **kw):
-        launched.append(spec)
-        return real(spec, *args, **kw)
-
-    monkeypatch.setattr(F8, "gemv_fp8", recording)
-    outs = {}
+    launched, outs = _recording(monkeypatch, F8, "gemv_fp8"), {}
     for switch in ("0", "1"):
         monkeypatch.setattr(cuda_quant, "FP8_GEMV_ROPE", switch)
         cuda = LoadedModel(ref.plan, make_backend(ref.plan, ref.model.weights, "cuda", "cuda"), None, ref.dtype,
@@ -171,18 +177,6 @@ def test_fp8_logits_with_the_rope_epilogue_equal_without(monkeypatch):
     assert torch.equal(outs["1"][0], outs["0"][0])  # one sequence: the fused kernel against the two launches
     for off, on in zip(outs["0"][1:], outs["1"][1:]):  # cuBLASLt both ways (its algorithm may differ per instance)
         assert float((on - off).norm() / off.norm()) < 1e-2
-
-
-def _recording(monkeypatch) -> list:
-    """G.gemv_rope, each launch's spec noted (the backend calls it through the module)."""
-    launched, real = [], G.gemv_rope
-
-    def recording(spec, *args, **kw):
-        launched.append(spec)
-        return real(spec, *args, **kw)
-
-    monkeypatch.setattr(G, "gemv_rope", recording)
-    return launched
 
 
 def _logits(model, name: str, dtype: str) -> list[torch.Tensor]:
