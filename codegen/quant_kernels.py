@@ -20,16 +20,17 @@ the launch wrappers, and the packed layout they read (`repack`, `pack`: built on
        lane's records) that runs on across tiles: constant bytes in flight, no block turnover, no wait
        on staged records, and at 16 tokens x staged once per block instead of once per 16 rows (the
        stream variant moved 4x the weight bytes of x through L2 there: slower than bf16 cuBLAS).
-       The default is "loop": it passed the GPU tests against the reference on the H200; "stream"
-       measured faster at one token (49-58% of copy bandwidth against 30-56%) but slower at 16;
-       "persist" has not yet run on a GPU — opt in with `KILN_QGEMV=stream|persist` to measure them.
-       "warp" (int4 "post", 16-bit runs, T <= WARP_MAX_T; issue #13): built like codegen/gemv.py's bf16
-       GEMV on this same layout: each warp owns `tpw` tiles and a K slice (`ksplit` warps of a block per
-       tile, summed in shared memory), every lane keeps WARP_LOADS 16-byte weight loads in flight in a
-       ring, records in their own ring one group ahead, x's B fragment read per chunk through L1, no
-       staging, no split-K buffers; `choose_warp` sizes the grid to be resident in one wave. More rows
-       (or int8 / "pre" weights, or a group of other than a power of two chunks) take "loop". Not yet
-       run on a GPU: opt in with KILN_QGEMV=warp.
+       "stream" measured faster than "loop" at one token (49-58% of copy bandwidth against 30-56%) but
+       slower at 16; "persist" slower at both: opt in with `KILN_QGEMV=stream|persist`.
+       "warp" (int4 "post", 16-bit runs, T <= WARP_MAX_T; issue #13), the default where it applies: built
+       like codegen/gemv.py's bf16 GEMV on this same layout: each warp owns `tpw` tiles and a K slice
+       (`ksplit` warps of a block per tile, summed in shared memory), every lane keeps WARP_LOADS 16-byte
+       weight loads in flight in a ring, records in their own ring one group ahead, x's B fragment read
+       per chunk through L1, no staging, no split-K buffers, no branch in the chunk loop; `choose_warp`
+       sizes the grid to be resident in one wave. More rows (or int8 / "pre" weights, or a group of other
+       than a power of two chunks) take "loop". On the H200 (session 16) it runs the 8B model's four
+       linears at one row in 47 us against the loop's 61 (51-61% of copy bandwidth) and int4 batch-1
+       decode in 2.54-2.57 ms against 3.20-3.33.
        A spec whose shared memory exceeds the device's per-block limit is refused (`SMEM_MAX`; a
        stream split of 14336 columns at 16 tokens needed 241 KB and failed in cuFuncSetAttribute).
 fp32 runs take a CUDA-core variant of the same layout (full fp32 precision, as the reference).
@@ -79,12 +80,11 @@ WARP_BPS = (2, 3)
 
 
 def default_variant() -> str:
-    """KILN_QGEMV if set, else "loop" ("warp", not yet measured: the module doc). Measured on the H200
-    (BENCHMARKS.md, 8B-model shapes), "stream" is 5-30% faster than "loop" at one token and 1.5-2.4x
-    slower at 16 (it re-stages x per block); "persist" is slower at both. Stream's chain of dependent
-    launches inside a CUDA graph has its GPU test written (test_dependent_launches_chain_in_a_graph[stream])
-    but not yet run: until it has, stream stays opt-in (KILN_QGEMV=stream)."""
-    v = os.environ.get("KILN_QGEMV") or "loop"
+    """KILN_QGEMV if set, else "warp" (where it applies; the loop elsewhere: Packed.spec). Measured on the
+    H200 (BENCHMARKS.md, 8B-model shapes): warp 1.08-1.52x faster than "loop" per linear at one row and
+    int4 batch-1 decode 1.26-1.29x (session 16); "stream" 5-30% faster than "loop" at one token and
+    1.5-2.4x slower at 16 (it re-stages x per block); "persist" slower at both."""
+    v = os.environ.get("KILN_QGEMV") or "warp"
     if v not in VARIANTS:
         raise KernelArgError(f"KILN_QGEMV: must be one of {VARIANTS}, got {v!r}")
     return v

@@ -29,6 +29,10 @@ LLAMA3 = [(6144, 4096, 128), (4096, 4096, 128), (28672, 4096, 128), (4096, 14336
 # (2560: whole chunks; 2000: a K tail inside the last chunk), a group of 1024 (records span the batch)
 ODD = [(80, 2560, 128), (100, 2560, 64), (33, 2560, 2560), (200, 2000, 2000), (256, 8192, 1024)]
 CLEAN = "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"
+# Since the chunk loop lost its branches (session 16: ptxas now overlaps chunks, 1.08-1.52x faster on the
+# H200), the one-slice pick of 64 chunks (gate+up) spills 8-24 bytes under the 2-blocks-per-SM cap: a
+# few L1-resident words, in the measured kernel. Others stay clean.
+SPILL_MAX = 32
 
 
 def _spec(n, k, group, dtype="bf16", bias=True, **kw):
@@ -40,7 +44,7 @@ def _spec(n, k, group, dtype="bf16", bias=True, **kw):
 
 @pytest.mark.parametrize("n, k, group", LLAMA3 + ODD)
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_warp_compiles_without_spills(n, k, group, dtype):
+def test_warp_compiles_with_at_most_a_few_spilled_words(n, k, group, dtype):
     ks = render(_spec(n, k, group, dtype))
     assert ks.meta["variant"] == "warp"
     assert "// origin: models/test.kiln:3 linear(x, w)" in ks.source
@@ -48,34 +52,35 @@ def test_warp_compiles_without_spills(n, k, group, dtype):
     cps, unroll, nr, span = Q.warp_shape(k, group, ks.meta["tpw"], ks.meta["ksplit"])
     # WARP_LOADS 16-byte loads per lane in flight wherever a K slice has that many chunks
     assert ks.meta["tpw"] * unroll == Q.WARP_LOADS or cps < Q.WARP_LOADS
-    img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
-    assert img.log.count(CLEAN) == 2, img.log  # the GEMV and the dequantize entry
-    img = nvrtc.compile_source(ks.source, ks.name, "sm_80", ks.origin, extra_options=("--ptxas-options=-v",))
-    assert img.log.count(CLEAN) == 2, img.log
+    for arch in ("sm_90a", "sm_80"):
+        img = nvrtc.compile_source(ks.source, ks.name, arch, ks.origin, extra_options=("--ptxas-options=-v",))
+        spills = [int(b) for b in re.findall(r"(\d+) bytes spill stores", img.log)]
+        assert len(spills) == 2 and max(spills) <= SPILL_MAX, img.log  # the GEMV and the dequantize entry
+        assert img.log.count(CLEAN) == 2 or (ks.meta["tpw"], ks.meta["ksplit"], cps) == (1, 1, 64), img.log
 
 
 @pytest.mark.parametrize("tpw", Q.WARP_TPW)
 @pytest.mark.parametrize("ksplit", Q.WARP_KSPLITS)
 def test_every_tpw_and_ksplit_compiles(tpw, ksplit):
     """Off the chooser's picks too (ragged tiles, a K tail, one group per row): every (tpw, ksplit)
-    builds for sm_90a, spilling at most 8 bytes. Since x is read with coherent loads after the
-    programmatic wait (pdl_dep.cuh.j2's ld_dep, session 11), 2 tiles a warp over 4 or 8 K slices spill 8
-    bytes at this shape; none did with the non-coherent loads ptxas could move above the wait."""
+    builds for sm_90a, spilling at most SPILL_MAX bytes (4 tiles a warp, and 2 over 4 or 8 K slices, spill a
+    few words at this shape)."""
     ks = render(_spec(203, 2000, 2000, tpw=tpw, ksplit=ksplit))
     img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
     spills = [int(b) for b in re.findall(r"(\d+) bytes spill stores", img.log)]
-    assert len(spills) == 2 and max(spills) <= 8, img.log
-    assert img.log.count(CLEAN) == 2 or (tpw == 2 and ksplit >= 4), img.log
+    assert len(spills) == 2 and max(spills) <= SPILL_MAX, img.log
+    assert img.log.count(CLEAN) == 2 or tpw == 4 or (tpw == 2 and ksplit >= 4), img.log
 
 
 @pytest.mark.parametrize("n, k, group", LLAMA3)
 def test_three_blocks_per_sm_compiles(n, k, group):
-    """bps=3 (the benchmark's alternative: 80 registers) builds; at most a few bytes spill."""
+    """bps=3 (the benchmark's alternative: 80 registers) builds; at most a few words spill (40 bytes at
+    gate+up's one slice)."""
     tpw, ksplit = Q.choose_warp(n, k, group, 132, bps=3)
     ks = render(_spec(n, k, group, tpw=tpw, ksplit=ksplit, bps=3))
     assert "__launch_bounds__(256, 3)" in ks.source
     img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
-    assert all(int(b) <= 16 for b in re.findall(r"(\d+) bytes spill stores", img.log)), img.log
+    assert all(int(b) <= 48 for b in re.findall(r"(\d+) bytes spill stores", img.log)), img.log
 
 
 @pytest.mark.parametrize("n, k, group", LLAMA3 + ODD)
@@ -129,11 +134,11 @@ def _packed(n=96, k=512, group=128):
 
 
 def test_kiln_qgemv_selects_warp_up_to_its_rows(monkeypatch):
-    """KILN_QGEMV=warp: the warp spec at T <= WARP_MAX_T (bucket 8), the loop beyond and for fp32;
-    the default stays "loop"; an unknown name is refused naming the variable."""
+    """KILN_QGEMV=warp (the default): the warp spec at T <= WARP_MAX_T (bucket 8), the loop beyond and for
+    fp32; an unknown name is refused naming the variable."""
     p = _packed()
     monkeypatch.delenv("KILN_QGEMV", raising=False)
-    assert Q.default_variant() == "loop"
+    assert Q.default_variant() == "warp"
     monkeypatch.setenv("KILN_QGEMV", "warp")
     s = p.spec(torch.bfloat16, 8, False)
     assert (s.variant, s.splits) == ("warp", 1) and (s.tpw, s.ksplit) == Q.choose_warp(96, 512, 128, 132)

@@ -497,22 +497,21 @@ def _packs(model):
 
 
 @pytest.mark.parametrize("dtype, tol", [("bf16", 3e-2)])
-def test_engine_with_kiln_qgemv_warp_equals_default(dtype, tol, monkeypatch, fresh_seed):
+def test_engine_with_the_warp_gemv_equals_the_loop(dtype, tol, monkeypatch, fresh_seed):
     """A random INT4 (RTN, group 128) Llama on the cuda backend: prefill (the loop: more rows) and four
-    decode steps of 4 sequences (the warp kernel, CUDA-graph replays) with KILN_QGEMV=warp, against the
-    same model on the default variant and against the reference."""
+    decode steps of 4 sequences (the warp kernel, CUDA-graph replays) with KILN_QGEMV=warp (the default),
+    against the same model on the loop variant (pinned) and against the reference."""
     from kiln.codegen.quant_kernels import default_variant
 
     monkeypatch.delenv("KILN_QGEMV", raising=False)
+    assert default_variant() == "warp"
     ref = random_model("llama", LLAMA, dtype=dtype, device="cuda", seed=0, quantization="int4-wo")
     base = _cuda_twin(ref)
-    default = default_variant()
     for p in _packs(base):
-        p.variant = default  # pinned: the environment changes below
-    monkeypatch.setenv("KILN_QGEMV", "warp")
+        p.variant = "loop"
     warp = _cuda_twin(ref)
     packs = _packs(warp)
     assert packs and all(p.spec(DTYPES[dtype], 8, False).variant == "warp" for p in packs)
-    assert all(p.spec(DTYPES[dtype], 8, False).variant == default for p in _packs(base))
+    assert all(p.spec(DTYPES[dtype], 8, False).variant == "loop" for p in _packs(base))
     _compare(base, warp, tol, fresh_seed)
     _compare(ref, warp, tol, fresh_seed)
