@@ -67,9 +67,10 @@ FP8_GEMV_DECODE = os.environ.get("KILN_FP8_GEMV_DECODE", "mma")
 # bf16 GEMV's epilogue saves time. Read when a step runs (and is captured).
 FP8_GEMV_EPILOGUE = os.environ.get("KILN_FP8_GEMV_EPILOGUE", "0")
 # The qkv fp8 GEMV at one row with the rotary + paged KV write in its epilogue (QGemm.gemv_rope, where the
-# cuda backend's KILN_GEMV_ROPE links the qkv GEMM to its attention): "1" (KILN_FP8_GEMV_ROPE=1). Off ("0")
-# until measured on the H200 (written in session 15 after its device time). Read when a step runs.
-FP8_GEMV_ROPE = os.environ.get("KILN_FP8_GEMV_ROPE", "0")
+# cuda backend's KILN_GEMV_ROPE links the qkv GEMM to its attention): "1", the default. On the H200 (session
+# 16, BENCHMARKS.md) the 8B fp8 decode step took 3.251 / 3.233 ms with it against 3.288 / 3.287 without,
+# alternating in one call, after its GPU tests passed; KILN_FP8_GEMV_ROPE=0 turns it off. Read when a step runs.
+FP8_GEMV_ROPE = os.environ.get("KILN_FP8_GEMV_ROPE", "1")
 
 
 def runs(desc: QuantDesc) -> bool:
@@ -143,7 +144,7 @@ class QGemm:
         """q [1, rope.heads * rope.head_dim] of x's one row, rotated, with k rotated and v written into the
         cache (cache: positions, slot_mapping, k_cache, v_cache, k_scale, v_scale), q, k and v this GEMM's rows
         at qkv_rows, through the fp8 GEMV with the rotary epilogue (codegen/gemv_fp8.py, "mma"); None where
-        that kernel does not run this call (`_fused_takes`, or KILN_FP8_GEMV_ROPE=0, the default): the
+        that kernel does not run this call (`_fused_takes`, or KILN_FP8_GEMV_ROPE=0): the
         caller runs this GEMM, then the rotary kernel. origin: both spec ops."""
         if not self._fused_takes(x, bias, "KILN_FP8_GEMV_ROPE", FP8_GEMV_ROPE):
             return None

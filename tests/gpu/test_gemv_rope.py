@@ -161,7 +161,7 @@ def test_fp8_rope_epilogue_equals_fp8_gemv_then_rope_kernel(case, layout, act, s
 
 def test_fp8_logits_with_the_rope_epilogue_equal_without(monkeypatch):
     """fp8 weights (per-tensor, measured activation scale): one sequence's decode step through the fp8 "mma"
-    GEMV with the rotary epilogue (KILN_FP8_GEMV_ROPE=1, opt-in); more sequences through cuBLASLt and the
+    GEMV with the rotary epilogue (KILN_FP8_GEMV_ROPE=1, the default); more sequences through cuBLASLt and the
     rotary kernel either way."""
     from kiln.codegen import gemv_fp8 as F8
     from kiln.runtime import cuda_quant
