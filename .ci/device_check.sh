@@ -43,6 +43,10 @@
 #   bash .ci/device_check.sh partition batch-1 paged decode attention per KV partition (.ci/decode_partition.py)
 #   bash .ci/device_check.sh fp8kv     the fp8-cache decode kernel per shape and page size, and random-chunk gathers
 #   bash .ci/device_check.sh ssmprof   where a Mamba-2 2.7B batch-1 decode step goes (kernel times, then the graphed step)
+#   bash .ci/device_check.sh int4ncu   session 16: hardware counters (ncu) of the INT4 GEMV variants at one row
+#   bash .ci/device_check.sh int4anat  session 16: the one-row INT4 GEMV variants with parts cut from their source
+#   bash .ci/device_check.sh int4warp  session 16: the INT4 warp GEMV's GPU tests, then its anatomy
+#   bash .ci/device_check.sh int4ab    session 16: the INT4 warp GEMV's GPU tests and anatomy, then int4 batch-1 decode loop / warp
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     the opt-in kernels not yet run on a GPU: the one-row FP8 GEMV
 #                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp): their
@@ -227,6 +231,23 @@ for mode in "$@"; do
         --ctx 1024 --steps 8 2>&1 | grep -v Warn | head -24
       timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
         | grep -a -E "^\| (decode_ms|roofline_ms|gemms_only_ms) |decode / roofline|Error" ;;
+    int4ncu)  # session 16: hardware counters of the INT4 GEMV variants at one row (gate+up, down): where the time goes
+      timeout 240 ncu --clock-control none -k regex:gemv_int4 --launch-count 18 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats --section MemoryWorkloadAnalysis python3 .ci/int4_ncu.py ${INT4_VARIANTS:-loop,stream,warp} \
+        > "$OUT/int4ncu.log" 2>&1; grep -a -E "gemv_int4|Throughput|Duration|Achieved Occupancy|Registers|Stall|Issued Warp|No Eligible|Theoretical Occ|Block Limit|Eligible Warps|Active Warps|Warp Cycles|ok$|rror" "$OUT/int4ncu.log" | head -150 ;;
+    int4anat)  # session 16: the one-row INT4 GEMV variants with parts cut from their source (.ci/int4_gemv_anatomy.py)
+      timeout 240 python3 .ci/int4_gemv_anatomy.py ${INT4_VARIANTS:-loop,warp,stream} 2>&1 | grep -a -E "^\||copy|rror|line|^[a-z+]+: |grids" ;;
+    int4warp)  # session 16: the INT4 warp GEMV's GPU tests, then its anatomy (INT4_VARIANTS, default warp)
+      timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_quant_kernels.py \
+        -k warp 2>&1 | tee "$OUT/int4warp-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      timeout 240 python3 .ci/int4_gemv_anatomy.py ${INT4_VARIANTS:-warp} 2>&1 | grep -a -E "^\||copy|rror|line|^[a-z+]+: |grids" ;;
+    int4ab)  # session 16: the INT4 warp GEMV's GPU tests, its anatomy, then int4 batch-1 decode KILN_QGEMV=loop / warp, twice
+      timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_quant_kernels.py \
+        -k warp 2>&1 | tee "$OUT/int4ab-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      timeout 240 python3 .ci/int4_gemv_anatomy.py warp 2>&1 | grep -a -E "^\||copy|rror|line|^[a-z+]+: |grids"
+      for v in loop warp loop warp; do echo "int4-wo KILN_QGEMV=$v"; KILN_QGEMV=$v timeout 60 $KILN bench latency \
+        --config $L --quantization int4-wo --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
         "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \
