@@ -47,6 +47,9 @@
 #   bash .ci/device_check.sh int4anat  session 16: the one-row INT4 GEMV variants with parts cut from their source
 #   bash .ci/device_check.sh int4warp  session 16: the INT4 warp GEMV's GPU tests, then its anatomy
 #   bash .ci/device_check.sh int4ab    session 16: the INT4 warp GEMV's GPU tests and anatomy, then int4 batch-1 decode loop / warp
+#   bash .ci/device_check.sh int4prof  session 16: where an int4 weight-only batch-1 decode step goes (kernel by kernel)
+#   bash .ci/device_check.sh quantdefaults  session 16: the quantized paths' GPU tests under the new defaults, then
+#                                         bf16 / fp8 / int4-wo batch-1 decode
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     the opt-in kernels not yet run on a GPU: the one-row FP8 GEMV
 #                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp): their
@@ -232,10 +235,13 @@ for mode in "$@"; do
       timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
         | grep -a -E "^\| (decode_ms|roofline_ms|gemms_only_ms) |decode / roofline|Error" ;;
     int4ncu)  # session 16: hardware counters of the INT4 GEMV variants at one row (gate+up, down): where the time goes
-      timeout 240 ncu --clock-control none -k regex:gemv_int4 --launch-count 18 \
+      timeout 240 ncu --clock-control none -k regex:gemv_int4 --launch-count ${NCU_COUNT:-18} --print-details all \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section SchedulerStats --section MemoryWorkloadAnalysis python3 .ci/int4_ncu.py ${INT4_VARIANTS:-loop,stream,warp} \
-        > "$OUT/int4ncu.log" 2>&1; grep -a -E "gemv_int4|Throughput|Duration|Achieved Occupancy|Registers|Stall|Issued Warp|No Eligible|Theoretical Occ|Block Limit|Eligible Warps|Active Warps|Warp Cycles|ok$|rror" "$OUT/int4ncu.log" | head -150 ;;
+        > "$OUT/int4ncu.log" 2>&1; grep -a -E "gemv_int4|Throughput|Duration|Achieved Occupancy|Registers|Stall|Issued Warp|No Eligible|Eligible Warps|Warp Cycles|ok$|rror" "$OUT/int4ncu.log" | head -${NCU_LINES:-150} ;;
+    int4prof)  # session 16: where an int4 weight-only batch-1 decode step of the 8B shape goes (kernel by kernel)
+      timeout 120 python3 .ci/profile_decode.py --quantization int4-wo --batch 1 --ctx 1024 --steps 8 2>&1 | grep -v Warn \
+        | head -${TOP:-24} ;;
     int4anat)  # session 16: the one-row INT4 GEMV variants with parts cut from their source (.ci/int4_gemv_anatomy.py)
       timeout 240 python3 .ci/int4_gemv_anatomy.py ${INT4_VARIANTS:-loop,warp,stream} 2>&1 | grep -a -E "^\||copy|rror|line|^[a-z+]+: |grids" ;;
     int4warp)  # session 16: the INT4 warp GEMV's GPU tests, then its anatomy (INT4_VARIANTS, default warp)
@@ -248,6 +254,13 @@ for mode in "$@"; do
       timeout 240 python3 .ci/int4_gemv_anatomy.py warp 2>&1 | grep -a -E "^\||copy|rror|line|^[a-z+]+: |grids"
       for v in loop warp loop warp; do echo "int4-wo KILN_QGEMV=$v"; KILN_QGEMV=$v timeout 60 $KILN bench latency \
         --config $L --quantization int4-wo --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
+    quantdefaults)  # session 16: the GPU tests of the quantized paths under the new defaults (int4 warp GEMV, fp8 rotary
+                    # epilogue), then batch-1 decode of the 8B shape in bf16, fp8 and int4-wo
+      timeout ${TEST_TIMEOUT:-280} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu -k "fp8 or int4 or quant or gemv or rope" \
+        --ignore=tests/gpu/test_guided_gpu.py 2>&1 | tee "$OUT/quant-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -16
+      for q in bf16 fp8 int4-wo; do echo "batch-1 decode, $q"; opt=(--quantization $q); [ $q = bf16 ] && opt=()
+        timeout 60 $KILN bench latency --config $L "${opt[@]}" --prompt 1024 --steps 64 2>&1 \
+          | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
         "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \
