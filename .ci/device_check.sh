@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (the device tool), one or more modes per call (each call under its 10-minute limit):
-#   bash .ci/device_check.sh tests     every GPU test (WORKERS processes); the warp-specialised prefill
+#   bash .ci/device_check.sh tests     every GPU test (WORKERS processes, 8; TEST_TIMEOUT 420 s: 300 stopped session 16's run
+#                                       in its last 1%), the slowest 12 named; the warp-specialised prefill
 #                                       kernel's apart, under a short timeout (a barrier bug would hang)
 #   bash .ci/device_check.sh kernels   the kernel benchmark (python -m kiln.codegen.bench_kernels)
 #   bash .ci/device_check.sh variants  session 8's kernel variants (GEMV prologues, SwiGLU / rotary variants, Mamba-2 conv+scan)
@@ -71,9 +72,9 @@ L=configs/llama-3-8b.json
 for mode in "$@"; do
   case $mode in
     tests)
-      timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/gpu tests/test_op_clamp.py tests/test_ops_norm_variants.py \
-        -q -p no:cacheprovider -n ${WORKERS:-6} --maxfail=80 --ignore=tests/gpu/test_guided_gpu.py -k "not sm90ws" \
-        2>&1 | tee "$OUT/gpu-tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -50
+      timeout ${TEST_TIMEOUT:-420} python3 -m pytest tests/gpu tests/test_op_clamp.py tests/test_ops_norm_variants.py \
+        -q -p no:cacheprovider -n ${WORKERS:-8} --maxfail=80 --ignore=tests/gpu/test_guided_gpu.py -k "not sm90ws" \
+        --durations=12 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s call" | tail -50
       timeout ${WS_TIMEOUT:-45} python3 -m pytest tests/gpu/test_kernels.py -q -p no:cacheprovider -k "sm90ws" \
         > "$OUT/gpu-ws.log" 2>&1; tail -1 "$OUT/gpu-ws.log" ;;
     kernels)
