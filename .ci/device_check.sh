@@ -51,6 +51,7 @@
 #   bash .ci/device_check.sh int4prof  session 16: where an int4 weight-only batch-1 decode step goes (kernel by kernel)
 #   bash .ci/device_check.sh quantdefaults  session 16: the quantized paths' GPU tests under the new defaults, then
 #                                         bf16 / fp8 / int4-wo batch-1 decode
+#   bash .ci/device_check.sh int4epi   session 16: the int4 gate+up GEMV with the SwiGLU in its epilogue: GPU tests, decode 0 / 1
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     the opt-in kernels not yet run on a GPU: the one-row FP8 GEMV
 #                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp): their
@@ -262,6 +263,13 @@ for mode in "$@"; do
       for q in bf16 fp8 int4-wo; do echo "batch-1 decode, $q"; opt=(--quantization $q); [ $q = bf16 ] && opt=()
         timeout 60 $KILN bench latency --config $L "${opt[@]}" --prompt 1024 --steps 64 2>&1 \
           | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
+    int4epi)  # session 16 (written after its device time ran low): the int4 gate+up GEMV with the SwiGLU in its epilogue
+              # (KILN_INT4_GEMV_EPILOGUE): its GPU tests, then int4 batch-1 decode with it 0 / 1 (EPI_RUNS pairs, 1)
+      timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_quant_kernels.py \
+        -k "gated" 2>&1 | tee "$OUT/int4epi-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      for i in $(seq ${EPI_RUNS:-1}); do for v in 0 1; do echo "int4-wo KILN_INT4_GEMV_EPILOGUE=$v"
+        KILN_INT4_GEMV_EPILOGUE=$v timeout 60 $KILN bench latency --config $L --quantization int4-wo --prompt 1024 \
+          --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done; done ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
         "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \

@@ -38,16 +38,18 @@ fp32 runs take a CUDA-core variant of the same layout (full fp32 precision, as t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from kiln.dsl.dtypes import RUN_DTYPES
 from kiln.dsl.quant import QWeight, unpack_int4
 
 from . import render as render_module
-from .gemv import one_wave
+from .gemv import epilogue_refusal, one_wave
 from .kernels import KernelArgError, _check, _torch_dtype
 from .launch import get_kernel, i32, i64, ptr
 from .render import _RENDERERS, KernelSource, _emit, _name
@@ -245,6 +247,15 @@ class QGemvSpec(_Spec):
     tpw: int = 1  # warp: tiles of 16 rows per warp (choose_warp)
     ksplit: int = 1  # warp: warps of a block sharing a tile, each a slice of K (choose_warp)
     bps: int = WARP_MIN_BLOCKS  # warp: blocks per SM in the launch bounds (the register cap)
+    # W [n, k] packed as `pairs` (gate, up) row pairs (Packed.paired, int4 "post"): tile t's rows 0-7 are the gate
+    # rows gate_row + 8 t + (0..7), its rows 8-15 the up rows up_row + 8 t + (0..7); out, bias and the
+    # dequantized weight keep W's order. 0: W's own row order.
+    pairs: int = 0
+    gate_row: int = 0
+    up_row: int = 0
+    # The gated activation after it, in the warp variant's epilogue (issue #13; fuse.py's gemv_epilogue): a
+    # gated ActSpec of `pairs` features (origin stripped); out [T, pairs] = act(g) * u. None: out [T, n].
+    epilogue: Any = None
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -288,6 +299,22 @@ class QGemvSpec(_Spec):
         if self.ksplit not in WARP_KSPLITS or (self.ksplit > 1 and not self.warp):
             _fail(self, "ksplit", f"{self.ksplit!r}: K slices per block are the warp variant's (16-bit runs), one "
                   f"of {WARP_KSPLITS}")
+        if self.pairs:
+            if (self.fmt, self.mode) != ("int4", "post") or self.pairs % 8 or self.n != 2 * self.pairs:
+                _fail(self, "pairs", f"{self.pairs}: (gate, up) pairs are int4 'post' rows in whole tiles, "
+                      f"n = 2 x pairs (n={self.n})")
+            if {self.gate_row, self.up_row} != {0, self.pairs}:
+                _fail(self, "gate_row", f"the gate and up rows ({self.gate_row}, {self.up_row}) must be W's two halves "
+                      f"(0 and {self.pairs})")
+        elif (self.gate_row, self.up_row) != (0, 0):
+            _fail(self, "gate_row", "gate_row / up_row belong to a paired layout (pairs > 0)")
+        if self.epilogue is not None:
+            if not self.warp or not self.pairs:
+                _fail(self, "epilogue", "the gated activation runs in the warp variant's epilogue on a paired layout "
+                      "(16-bit runs)")
+            why = epilogue_refusal(self.epilogue, self.pairs, self.dtype)
+            if why:
+                _fail(self, "epilogue", why)
         if self.streams:
             need = stream_smem(self.fmt, self.k, self.tokens, self.splits, self.group)
             if self.variant == "persist":
@@ -330,6 +357,8 @@ def _render(s: QGemvSpec) -> KernelSource:
     meta = dict(threads=WARPS * 32, warps=WARPS, tiles=params["tiles"], nch=nch, ck=ck, kpl=kpl, qoff=qoff,
                 variant=s.variant if s.streams or s.warp else "loop", splits=s.splits, tpb=1)
     params["variant"] = meta["variant"]
+    params.update(pairs=s.pairs, gate_row=s.gate_row, up_row=s.up_row,
+                  epi=s.epilogue.kind if s.epilogue is not None and s.warp else "")
     if meta["variant"] == "warp":
         cps, unroll, nr, span = warp_shape(s.k, s.group, s.tpw, s.ksplit)
         gch = warp_group_chunks(s.k, s.group)
@@ -366,6 +395,8 @@ def _render(s: QGemvSpec) -> KernelSource:
         tag = f"_p{s.splits}x{s.tpb}"
     elif s.streams:
         tag = f"_s{s.splits}"
+    if s.pairs:
+        tag += f"_pairs{s.gate_row}x{s.up_row}" + (f"_{params['epi']}" if params["epi"] else "")
     name = _name(f"gemv_{s.fmt}_{s.mode}_n{s.n}_k{s.k}_g{s.group}_t{s.tokens}" + tag, s)
     return _emit("gemv_wq.cu.j2", name, s, params, [name, name + "_dequant"], meta)
 
@@ -426,7 +457,7 @@ def qgemv(spec: QGemvSpec, x, wq, rec, out, bias=None):
     if x.shape[1] != spec.k:
         raise KernelArgError(f"x: {x.shape[1]} columns, expected {spec.k}")
     T = x.shape[0]
-    _check("out", out, dt, (T, spec.n), dev)
+    _check("out", out, dt, (T, spec.pairs if spec.epilogue is not None else spec.n), dev)
     _check_packed(spec, wq, rec, dev)
     if spec.has_bias:
         if bias is None:
@@ -499,17 +530,26 @@ class Packed:
     tpb: int | None = None  # persist: tiles per block; None: choose_persist's
     warp_pick: tuple[int, int, int] | None = None  # warp: (tpw, ksplit, bps); None: choose_warp's, 2 blocks per SM
     _rec: dict = field(default_factory=dict)
+    pairs: tuple[int, int] | None = None  # (gate_row, up_row): rows packed in (gate, up) pairs (`paired`)
 
-    def spec(self, dtype: torch.dtype, tokens: int, has_bias: bool, num_sms: int = 132) -> QGemvSpec:
+    def spec(self, dtype: torch.dtype, tokens: int, has_bias: bool, num_sms: int = 132,
+             epilogue=None) -> QGemvSpec:
+        """The kernel at bucket `tokens` (8 or 16 rows of x a block); `epilogue`: a gated ActSpec after it, out
+        [T, n / 2] (the warp variant on a paired weight: `gated_takes`)."""
         from .specs import dtype_name
         variant = self.variant or default_variant()
         splits, tpb = 1, 1
+        rows = dict(pairs=self.n // 2, gate_row=self.pairs[0], up_row=self.pairs[1]) if self.pairs else {}
         if variant == "warp" and not self.warp_takes(dtype, tokens):
             variant = "loop"  # more rows, or a format the warp kernel does not read
+        if epilogue is not None and variant != "warp":
+            raise KernelArgError(f"{self.origin}: the gated epilogue runs in the warp variant (gated_takes), "
+                                 f"not {variant!r}")
         if variant == "warp":
             tpw, ksplit, bps = self.warp_pick or (*choose_warp(self.n, self.k, self.group, num_sms), WARP_MIN_BLOCKS)
             return QGemvSpec(self.fmt, self.mode, self.n, self.k, self.group, tokens, has_bias, dtype_name(dtype),
-                             self.origin, variant, tpw=tpw, ksplit=ksplit, bps=bps)
+                             self.origin, variant, tpw=tpw, ksplit=ksplit, bps=bps, **rows,
+                             epilogue=epilogue.key() if epilogue is not None else None)
         if variant == "stream" and dtype != torch.float32:
             splits = self.splits or choose_splits(self.fmt, self.n, self.k, tokens, num_sms)
         elif variant == "persist" and dtype != torch.float32:
@@ -520,7 +560,46 @@ class Packed:
             elif self.tpb:
                 tpb = self.tpb
         return QGemvSpec(self.fmt, self.mode, self.n, self.k, self.group, tokens, has_bias, dtype_name(dtype),
-                         self.origin, variant, splits, tpb)
+                         self.origin, variant, splits, tpb, **rows)
+
+    def paired(self, gate_row: int, up_row: int) -> "Packed":
+        """This weight with its rows packed in (gate, up) pairs (QGemvSpec.pairs): W's halves [gate_row, +n/2)
+        and [up_row, +n/2) interleaved 8 rows at a time, so that the warp variant's lanes hold both sums of a
+        pair and can write act(g) * u (`gated`). Every kernel of the paired weight still writes W's row order."""
+        half = self.n // 2
+        if self.fmt != "int4" or self.mode != "post" or self.perm is not None or self.pairs is not None \
+                or self.n % 16 or {gate_row, up_row} != {0, half}:
+            raise KernelArgError(f"{self.origin}: only an int4 'post' weight without act-order, its two halves in "
+                                 f"whole tiles, packs in (gate, up) pairs")
+        t = torch.arange(self.n, device=self.wq.device)
+        src = torch.where(t % 16 < 8, gate_row, up_row) + (t // 16) * 8 + t % 8  # packed row -> W's row
+        q = unrepack(self.wq, self.n, self.k)[src]
+        tiles, groups = self.rec32.shape[0], self.rec32.shape[1]
+        rec = self.rec32.permute(0, 2, 1, 3).reshape(tiles * 16, groups, 2)[src]
+        return Packed(self.fmt, self.mode, self.n, self.k, self.group, repack(q, "int4"),
+                      rec.reshape(tiles, 16, groups, 2).permute(0, 2, 1, 3).contiguous(), None, self.origin,
+                      self.variant, self.splits, self.tpb, self.warp_pick, pairs=(gate_row, up_row))
+
+    def gated_takes(self, x: torch.Tensor) -> bool:
+        """Whether `gated` runs for x: a paired weight, x's rows within the warp variant's (16-bit runs)."""
+        return (self.pairs is not None and (self.variant or default_variant()) == "warp"
+                and 1 <= x.shape[0] <= WARP_MAX_T and self.warp_takes(x.dtype, 8))
+
+    def gated(self, x: torch.Tensor, bias: torch.Tensor | None, epilogue, origin: str | None = None) -> torch.Tensor:
+        """act(g) * u [T, n / 2] of x through the warp variant with the gated activation `epilogue` (an ActSpec)
+        in its epilogue; g and u this paired weight's halves (`paired`), bias in W's row order. origin: the
+        kernel's comment (both spec ops), else the linear's."""
+        if not self.gated_takes(x):
+            raise KernelArgError(f"{self.origin}: the gated epilogue needs a paired weight and 1 to {WARP_MAX_T} "
+                                 f"16-bit rows of x (gated_takes)")
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+            x = x.contiguous()
+        out = torch.empty(x.shape[0], self.n // 2, dtype=x.dtype, device=x.device)
+        spec = self.spec(x.dtype, 8, bias is not None, _num_sms(x.device), epilogue=epilogue)
+        if origin is not None:
+            spec = dataclasses.replace(spec, origin=origin)
+        qgemv(spec, x, self.wq, self.records(x.dtype), out, bias)
+        return out
 
     def warp_takes(self, dtype: torch.dtype, tokens: int) -> bool:
         """Whether the warp variant serves this weight at bucket `tokens` (8: T <= WARP_MAX_T)."""
@@ -597,6 +676,16 @@ def repack(q: torch.Tensor, fmt: str) -> torch.Tensor:
     # [tile, rs, g, ch, c, j, h, e] -> [tile, ch, g, c, j, h, rs, e]
     v = qp.to(torch.int8).reshape(tiles, 2, 8, nch, 4, 2, 2, 2).permute(0, 3, 2, 4, 5, 6, 1, 7)
     return v.contiguous().view(torch.uint8).reshape(-1)
+
+
+def unrepack(wq: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """`repack`'s inverse for int4: the tile layout (flat uint8) -> integer values [n, k] (uint8, 0..15)."""
+    ck = FORMATS["int4"][0]
+    tiles, nch = math.ceil(n / 16), math.ceil(k / ck)
+    v = torch.stack((wq & 15, wq >> 4), dim=-1)  # [..., rs]
+    # [tile, ch, g, c, j, e, h, rs] -> [tile, rs, g, ch, c, j, h, e]
+    v = v.reshape(tiles, nch, 8, 4, 4, 2, 2, 2).permute(0, 7, 2, 1, 3, 4, 6, 5)
+    return v.reshape(tiles * 16, nch * ck)[:n, :k].contiguous()
 
 
 def tile_records(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -169,6 +169,9 @@ class CudaModel:
                     op.extra["prologue"].spec = canon(op.extra["prologue"].spec)
                 if "epilogue" in op.extra:  # the gated act step fused after it (fuse.py's gemv_epilogue)
                     op.extra["epilogue"].spec = canon(op.extra["epilogue"].spec)
+                    w, b = self._gemm[n]
+                    if isinstance(w, QGemm):  # int4: its halves packed in (gate, up) pairs, where it pairs
+                        self._gemm[n] = (w.paired(_epilogue_halves(op), self.dtype), b)
             elif op.kind is Exec.ATTENTION:
                 op.spec = tuple(canon(s) for s in op.spec)
             elif op.kind is Exec.MOE:  # experts' weights stacked [E, out, in] per grouped GEMM
@@ -400,8 +403,7 @@ class CudaModel:
         if GEMV_EPILOGUE == "0" or step.T > GEMV_ROWS or step.lora is not None:
             return False
         gemm = op.extra["gemm"]
-        start = {v: s for v, (s, _) in zip(gemm.outs, gemm.extra["slices"])}
-        halves = (start[epi.ins[0]], start[epi.ins[1]])
+        halves = _epilogue_halves(op)
         origin = f"{fuse_origin(gemm.instrs[0])} -> {fuse_origin(epi.instrs[-1])}"
         if isinstance(w, QGemm):
             y = w.gemv_epilogue(x, b, epi.spec, halves, origin)
@@ -551,6 +553,14 @@ class CudaModel:
             K.prefill_attention(pspec, q, kc, vc, meta.block_tables[d:], meta.cu_seqlens[d:], meta.kv_lens[d:], out,
                                 meta.max_q_len, max_context=meta.max_context, **scales)
         return out
+
+
+def _epilogue_halves(op: KOp) -> tuple[int, int]:
+    """A GEMM step with a gated act fused after it (fuse.py's gemv_epilogue): the first rows of the gate and
+    the up projection in its weight."""
+    gemm, epi = op.extra["gemm"], op.extra["epilogue"]
+    start = {v: s for v, (s, _) in zip(gemm.outs, gemm.extra["slices"])}
+    return start[epi.ins[0]], start[epi.ins[1]]
 
 
 def _fused_weight(op: KOp, weights, dtype: torch.dtype) -> tuple[torch.Tensor | QGemm | SplitGemm,

@@ -25,6 +25,7 @@ Every path runs inside a CUDA graph: no host sync, no data-dependent shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -71,6 +72,11 @@ FP8_GEMV_EPILOGUE = os.environ.get("KILN_FP8_GEMV_EPILOGUE", "0")
 # 16, BENCHMARKS.md) the 8B fp8 decode step took 3.251 / 3.233 ms with it against 3.288 / 3.287 without,
 # alternating in one call, after its GPU tests passed; KILN_FP8_GEMV_ROPE=0 turns it off. Read when a step runs.
 FP8_GEMV_ROPE = os.environ.get("KILN_FP8_GEMV_ROPE", "1")
+# The int4 gate+up GEMV at up to 8 rows with the gated activation in its epilogue (QGemm.paired: the weight's
+# halves packed in (gate, up) pairs at load; Packed.gated): "1" (KILN_INT4_GEMV_EPILOGUE=1). Off ("0") until
+# measured on the H200 (written in session 16 after its device time). Read when the backend is built (the
+# pairing) and when a step runs.
+INT4_GEMV_EPILOGUE = os.environ.get("KILN_INT4_GEMV_EPILOGUE", "0")
 
 
 def runs(desc: QuantDesc) -> bool:
@@ -132,12 +138,37 @@ class QGemm:
         """act(g) * u [1, epilogue.features] of x's one row, g and u this GEMM's rows at `halves` (gate_row,
         up_row), through the fp8 GEMV with the gated activation in its epilogue (codegen/gemv_fp8.py,
         "mma"); None where that kernel does not run this call (`_fused_takes`, or KILN_FP8_GEMV_EPILOGUE=0,
-        the default): the caller runs this GEMM, then the activation's kernel. origin: both spec ops."""
+        the default): the caller runs this GEMM, then the activation's kernel. origin: both spec ops.
+        An int4 weight paired at load (`paired`): x's rows (up to 8) through the warp GEMV with the same
+        epilogue (Packed.gated), where KILN_INT4_GEMV_EPILOGUE=1."""
+        if self.packed is not None:
+            if INT4_GEMV_EPILOGUE not in ("0", "1"):
+                raise KernelSpecError(f"KILN_INT4_GEMV_EPILOGUE={INT4_GEMV_EPILOGUE!r}: must be 0 or 1")
+            if INT4_GEMV_EPILOGUE == "0" or self.packed.pairs != tuple(halves) or not self.packed.gated_takes(x) \
+                    or (bias is not None and bias.dtype != x.dtype):
+                return None
+            return self.packed.gated(x, bias, epilogue, origin)
         if not self._fused_takes(x, bias, "KILN_FP8_GEMV_EPILOGUE", FP8_GEMV_EPILOGUE):
             return None
         return gemv_fp8.linear(x, self.q, self.scale, bias, self.input_scale if self.desc.act_static else None,
                                pdl=FP8_GEMV == "pdl", origin=origin, decode="mma", epilogue=epilogue,
                                halves=halves)
+
+    def paired(self, halves: tuple[int, int], dtype: torch.dtype | None = None) -> "QGemm":
+        """This GEMM with its packed int4 weight's two halves (gate_row, up_row) = `halves` packed in (gate, up)
+        pairs (Packed.paired) for `gemv_epilogue`'s fused activation, where KILN_INT4_GEMV_EPILOGUE=1; itself
+        otherwise, or where the weight cannot pair (not int4 "post", act-order, halves not W's two halves in
+        whole tiles). `dtype`: the run dtype, to build the records now (before any graph capture)."""
+        if INT4_GEMV_EPILOGUE not in ("0", "1"):
+            raise KernelSpecError(f"KILN_INT4_GEMV_EPILOGUE={INT4_GEMV_EPILOGUE!r}: must be 0 or 1")
+        p = self.packed
+        if INT4_GEMV_EPILOGUE == "0" or p is None or p.fmt != "int4" or p.mode != "post" or p.perm is not None \
+                or p.pairs is not None or p.n % 16 or set(halves) != {0, p.n // 2}:
+            return self
+        pp = p.paired(*halves)
+        if dtype is not None:
+            pp.records(dtype)
+        return dataclasses.replace(self, packed=pp)
 
     def gemv_rope(self, x: torch.Tensor, bias: torch.Tensor | None, rope, qkv_rows: tuple[int, ...], origin: str,
                   cache: tuple) -> torch.Tensor | None:

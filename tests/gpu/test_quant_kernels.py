@@ -515,3 +515,85 @@ def test_engine_with_the_warp_gemv_equals_the_loop(dtype, tol, monkeypatch, fres
     assert all(p.spec(DTYPES[dtype], 8, False).variant == "loop" for p in _packs(base))
     _compare(base, warp, tol, fresh_seed)
     _compare(ref, warp, tol, fresh_seed)
+
+
+# ---- the int4 gate+up GEMV with the gated activation in its epilogue (session 16, KILN_INT4_GEMV_EPILOGUE=1):
+# the weight's halves packed in (gate, up) pairs (Packed.paired); CPU checks: tests/test_qgemv_gated.py
+
+GATED_SHAPES = [(28672, 4096, False), (96, 512, True), (8192, 2560, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, k, bias", GATED_SHAPES)
+@pytest.mark.parametrize("halves", ["gate-first", "up-first"])
+def test_gemv_gated_equals_the_gemv_then_the_activation(n, k, bias, halves, dtype, fresh_seed):
+    """The paired weight through every path (the warp GEMV at up to 8 rows, the loop at 20, dequantize + cuBLAS
+    at 80) gives the unpaired weight's bits in W's order; the epilogue gives the activation kernel's bits on
+    them (g and u rounded as stored, then act(g) * u rounded as act.cu.j2 rounds it)."""
+    from kiln.codegen import kernels as K
+    from kiln.codegen.quant_kernels import pack
+    from kiln.codegen.specs import ActSpec, dtype_name
+
+    h = n // 2
+    g, u = (0, h) if halves == "gate-first" else (h, 0)
+    p = pack(_int4(n, k))
+    pp = p.paired(g, u)
+    b = torch.randn(n, device="cuda", dtype=dtype) * 0.1 if bias else None
+    act = ActSpec("silu", True, h, dtype_name(dtype))
+    for T in (1, 3, 8, 20, 80):
+        x = torch.randn(T, k, device="cuda", dtype=dtype)
+        y = p.linear(x, b)
+        assert torch.equal(pp.linear(x, b), y), T
+        if T > 8:
+            continue
+        ref = torch.empty(T, h, device="cuda", dtype=dtype)
+        K.activation(act, ref, gate=y[:, g:g + h], up=y[:, u:u + h])
+        assert torch.equal(pp.gated(x, b, act), ref), T
+
+
+def test_engine_with_the_int4_gated_epilogue_equals_without(monkeypatch, fresh_seed):
+    """A random INT4 Llama on the cuda backend, KILN_INT4_GEMV_EPILOGUE 0 / 1: prefill and four decode steps
+    of 4 sequences (CUDA-graph replays: the fused launch, its rows up to KILN_GEMV_ROWS, here 4) give the same
+    logits, bit for bit."""
+    from kiln.runtime import cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "GEMV_ROWS", 4)
+    ref = random_model("llama", LLAMA, dtype="bf16", device="cuda", seed=0, quantization="int4-wo")
+    outs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setattr(cuda_quant, "INT4_GEMV_EPILOGUE", switch)
+        cuda = _cuda_twin(ref)
+        paired = [p for p in _packs(cuda) if p.pairs is not None]
+        assert len(paired) == (LLAMA["num_hidden_layers"] if switch == "1" else 0)
+        launched = []
+        real = cuda_quant.Packed.gated
+        monkeypatch.setattr(cuda_quant.Packed, "gated", lambda self, *a, **kw: launched.append(1) or real(self, *a, **kw))
+        outs[switch] = _decode_logits(cuda, fresh_seed)
+        monkeypatch.setattr(cuda_quant.Packed, "gated", real)
+        assert bool(launched) == (switch == "1")
+    for a, b in zip(outs["0"], outs["1"]):
+        assert torch.equal(a, b)
+
+
+def _decode_logits(model, seed):
+    """Prefill of 4 sequences, then 4 decode steps: every step's logits."""
+    rng = random.Random(seed)
+    lens = [rng.randint(1, 70), 17, 33, 5]
+    kv = KVStore(model.plan.sites, 64, 16, model.dtype, "cuda")
+    tables = [tuple(range(8 * i, 8 * i + 8)) for i in range(len(lens))]
+    seqs, start = [], 0
+    for i, n in enumerate(lens):
+        seqs.append(SeqSlice(start, n, 0, tables[i]))
+        start += n
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        out.append(model.model.forward(StepBatch(torch.randint(0, model.plan.vocab_size, (start,), generator=gen), seqs),
+                                       kv, all_logits=True).clone())
+        ctx = list(lens)
+        for _ in range(4):
+            nxt = torch.randint(0, model.plan.vocab_size, (len(lens),), generator=gen)
+            out.append(model.model.forward(StepBatch(nxt, [SeqSlice(i, 1, ctx[i], tables[i])
+                                                           for i in range(len(lens))]), kv).clone())
+            ctx = [c + 1 for c in ctx]
+    return out
