@@ -1,14 +1,15 @@
 """Hardware counters of the INT4 W4A16 GEMV variants at one row (issue #13: >= 80% of copy bandwidth).
 
-Run under ncu (device_check.sh int4ncu): each variant of templates/gemv_wq.cu.j2 at Llama-3-8B's
-gate+up and down shapes, launched WARM times untimed then once profiled (ncu --launch-skip)."""
+Run under ncu (device_check.sh int4ncu: every launch profiled, NCU_COUNT of them): each variant of
+templates/gemv_wq.cu.j2 (argv[1], comma-separated) at Llama-3-8B's shapes (argv[2]: gateup, down, qkv, o;
+default gateup,down), launched three times each."""
 import sys
 
 import torch
 from kiln.codegen.quant_kernels import Packed, pack
 from kiln.dsl.quant import QuantDesc, quantize_weight
 
-SHAPES = {"gateup": (28672, 4096), "down": (4096, 14336), "qkv": (6144, 4096)}
+SHAPES = {"gateup": (28672, 4096), "down": (4096, 14336), "qkv": (6144, 4096), "o": (4096, 4096)}
 variants = sys.argv[1].split(",") if len(sys.argv) > 1 else ["loop", "stream", "warp"]
 shapes = sys.argv[2].split(",") if len(sys.argv) > 2 else ["gateup", "down"]
 desc = QuantDesc("int4", "per_group", 128, zero_points=True)
