@@ -73,8 +73,9 @@ FP8_GEMV_EPILOGUE = os.environ.get("KILN_FP8_GEMV_EPILOGUE", "0")
 # alternating in one call, after its GPU tests passed; KILN_FP8_GEMV_ROPE=0 turns it off. Read when a step runs.
 FP8_GEMV_ROPE = os.environ.get("KILN_FP8_GEMV_ROPE", "1")
 # The int4 gate+up GEMV at up to 8 rows with the gated activation in its epilogue (QGemm.paired: the weight's
-# halves packed in (gate, up) pairs at load; Packed.gated): "1" (KILN_INT4_GEMV_EPILOGUE=1). Off ("0") until
-# measured on the H200 (written in session 16 after its device time). Read when the backend is built (the
+# halves packed in (gate, up) pairs at load; Packed.gated): "1" (KILN_INT4_GEMV_EPILOGUE=1). Off ("0"): on the
+# H200 (session 16, BENCHMARKS.md) its GPU tests pass, bit-equal, but the int4 decode A/B was inconclusive (a
+# machine whose runs spread by 14%: 2.621 ms mean with it, 2.669 without). Read when the backend is built (the
 # pairing) and when a step runs.
 INT4_GEMV_EPILOGUE = os.environ.get("KILN_INT4_GEMV_EPILOGUE", "0")
 
