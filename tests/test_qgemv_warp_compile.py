@@ -1,8 +1,9 @@
 """Issue #13, CPU checks of the warp variant of the INT4 W4A16 GEMV (codegen/quant_kernels.py,
-templates/gemv_wq.cu.j2 "warp"): it renders and NVRTC compiles for sm_90a and sm_80 without
-local-memory spills at Llama-3-8B's decode shapes and odd ones, keeps WARP_LOADS weight loads in flight
-per lane, asks the dependent-launch controls, the chooser keeps the grid resident in one wave, bad specs
-are refused naming the field, and KILN_QGEMV=warp selects it where it applies (else the loop). Its
+templates/gemv_wq.cu.j2 "warp"): it renders and NVRTC compiles for sm_90a and sm_80 with at most a few
+spilled words (SPILL_MAX; none but at gate+up's one-slice pick) at Llama-3-8B's decode shapes and odd ones,
+keeps WARP_LOADS weight loads in flight per lane, asks the dependent-launch controls, the chooser keeps the
+grid resident in one wave, bad specs are refused naming the field, and KILN_QGEMV=warp (the default) selects
+it where it applies (else the loop). Its
 results against QWeight.linear: tests/gpu/test_quant_kernels.py (test_gemv_warp_*)."""
 
 from __future__ import annotations
