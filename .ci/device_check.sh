@@ -53,9 +53,9 @@
 #                                         bf16 / fp8 / int4-wo batch-1 decode
 #   bash .ci/device_check.sh int4epi   session 16: the int4 gate+up GEMV with the SwiGLU in its epilogue: GPU tests, decode 0 / 1
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
-#   bash .ci/device_check.sh optin     the opt-in kernels not yet run on a GPU: the one-row FP8 GEMV
-#                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp): their
-#                                         GPU tests, kernel tables, and batch-1 decode off / on
+#   bash .ci/device_check.sh optin     session 7's opt-in kernels (both default since): the one-row FP8 GEMV
+#                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp, against the loop):
+#                                         their GPU tests, kernel tables, and batch-1 decode off / on
 #   bash .ci/device_check.sh benches   the figures the open issues ask for: cached-prefix TTFT, LoRA (LORA=1) and
 #                                         guided decode overhead, fp8 / int4 batch-1 decode, Mamba-2 decode
 # Needs .whl carried (see device_compare.sh; pytest-xdist + execnet, llguidance + jsonschema and deps)
