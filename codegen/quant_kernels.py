@@ -566,9 +566,7 @@ class Packed:
         """This weight with its rows packed in (gate, up) pairs (QGemvSpec.pairs): W's halves [gate_row, +n/2)
         and [up_row, +n/2) interleaved 8 rows at a time, so that the warp variant's lanes hold both sums of a
         pair and can write act(g) * u (`gated`). Every kernel of the paired weight still writes W's row order."""
-        half = self.n // 2
-        if self.fmt != "int4" or self.mode != "post" or self.perm is not None or self.pairs is not None \
-                or self.n % 16 or {gate_row, up_row} != {0, half}:
+        if not self.can_pair(gate_row, up_row):
             raise KernelArgError(f"{self.origin}: only an int4 'post' weight without act-order, its two halves in "
                                  f"whole tiles, packs in (gate, up) pairs")
         t = torch.arange(self.n, device=self.wq.device)
@@ -579,6 +577,12 @@ class Packed:
         return Packed(self.fmt, self.mode, self.n, self.k, self.group, repack(q, "int4"),
                       rec.reshape(tiles, 16, groups, 2).permute(0, 2, 1, 3).contiguous(), None, self.origin,
                       self.variant, self.splits, self.tpb, self.warp_pick, pairs=(gate_row, up_row))
+
+    def can_pair(self, gate_row: int, up_row: int) -> bool:
+        """Whether `paired` takes these halves: an int4 'post' weight without act-order, not paired yet, its two
+        halves (gate_row, up_row) in whole 16-row tiles."""
+        return (self.fmt == "int4" and self.mode == "post" and self.perm is None and self.pairs is None
+                and self.n % 16 == 0 and {gate_row, up_row} == {0, self.n // 2})
 
     def gated_takes(self, x: torch.Tensor) -> bool:
         """Whether `gated` runs for x: a paired weight, x's rows within the warp variant's (16-bit runs)."""

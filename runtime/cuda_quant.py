@@ -162,11 +162,9 @@ class QGemm:
         whole tiles). `dtype`: the run dtype, to build the records now (before any graph capture)."""
         if INT4_GEMV_EPILOGUE not in ("0", "1"):
             raise KernelSpecError(f"KILN_INT4_GEMV_EPILOGUE={INT4_GEMV_EPILOGUE!r}: must be 0 or 1")
-        p = self.packed
-        if INT4_GEMV_EPILOGUE == "0" or p is None or p.fmt != "int4" or p.mode != "post" or p.perm is not None \
-                or p.pairs is not None or p.n % 16 or set(halves) != {0, p.n // 2}:
+        if INT4_GEMV_EPILOGUE == "0" or self.packed is None or not self.packed.can_pair(*halves):
             return self
-        pp = p.paired(*halves)
+        pp = self.packed.paired(*halves)
         if dtype is not None:
             pp.records(dtype)
         return dataclasses.replace(self, packed=pp)
