@@ -54,9 +54,8 @@
 #   bash .ci/device_check.sh int4epi   session 16: the int4 gate+up GEMV with the SwiGLU in its epilogue: GPU tests, decode 0 / 1
 #   bash .ci/device_check.sh overlap   session 17: a decode step of 256 sequences as one batch, as two halves in turn, and as two
 #                                         halves on two streams at once (.ci/overlap_probe.py), bf16 then fp8 (weights + KV)
-#   bash .ci/device_check.sh fp8ring   session 17: the one-row fp8 GEMV with its weights in a shared-memory ring (cp.async,
-#                                         KILN_FP8_GEMV_STAGES): its GPU tests, the kernel table (.ci/fp8_ring_probe.py),
-#                                         then fp8 batch-1 decode with STAGES_AB (stages:pre:x_once, 0:0:0 8:2:0) alternately, RING_RUNS (2) times
+#   bash .ci/device_check.sh fp8x      session 17: the one-row fp8 GEMV with x read once (KILN_FP8_GEMV_XONCE): its GPU tests,
+#                                         the kernel table (.ci/fp8_x_probe.py), then fp8 batch-1 decode with it 0 / 1, X_RUNS (2) times
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     session 7's opt-in kernels (both default since): the one-row FP8 GEMV
 #                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp, against the loop):
@@ -278,12 +277,12 @@ for mode in "$@"; do
     overlap)  # session 17: do two half-batches on two streams overlap attention with GEMMs (NanoFlow)?
       timeout 200 python3 .ci/overlap_probe.py 2>&1 | grep -a -v Warning | tail -8
       timeout 200 python3 .ci/overlap_probe.py --quantization fp8 --kv-cache-dtype fp8 2>&1 | grep -a -v Warning | tail -8 ;;
-    fp8ring)  # session 17: the fp8 GEMV's weights through a ring in shared memory
-      timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_gemv_fp8_ring.py \
-        2>&1 | tee "$OUT/fp8ring-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
-      timeout 150 python3 .ci/fp8_ring_probe.py ${RINGS:+--rings $RINGS} 2>&1 | grep -a -v Warning | tail -9
-      for i in $(seq ${RING_RUNS:-2}); do for v in ${STAGES_AB:-0:0:0 8:2:0}; do echo "fp8 KILN_FP8_GEMV_STAGES:PRE:XONCE=$v"
-        IFS=: read -r st pr xo <<< "$v"; KILN_FP8_GEMV_STAGES=$st KILN_FP8_GEMV_PRE=$pr KILN_FP8_GEMV_XONCE=$xo timeout 60 $KILN bench latency --config $L --quantization fp8 --prompt 1024 \
+    fp8x)  # session 17: the fp8 GEMV with x read once into registers
+      timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_gemv_fp8_xonce.py \
+        2>&1 | tee "$OUT/fp8x-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      timeout 150 python3 .ci/fp8_x_probe.py 2>&1 | grep -a -v Warning | tail -9
+      for i in $(seq ${X_RUNS:-2}); do for v in 0 1; do echo "fp8 KILN_FP8_GEMV_XONCE=$v"
+        KILN_FP8_GEMV_XONCE=$v timeout 60 $KILN bench latency --config $L --quantization fp8 --prompt 1024 \
           --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done; done ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \

@@ -64,9 +64,6 @@ MMA_ROWS = (16, 32, 64)
 MMA_LOADS = 8  # 16-byte weight loads per lane in flight (2 x tiles x unroll), the default of `loads`
 MMA_LOAD_CHOICES = (4, 8, 16)
 MMA_RING = True  # spec_for's pick of `ring` (read by the mma variant only)
-# decode="mma": steps of the weight ring in shared memory per warp (cp.async; `stages`), 0 = the register ring
-MMA_STAGE_CHOICES = (0, 3, 4, 6, 8, 12)
-SMEM_MAX = 227 * 1024  # the per-block dynamic shared memory sm_90 grants on opt-in
 MMA_DTYPES = ("bf16", "fp16")  # fp32 runs keep fp32 products summed on the CUDA cores (the reference's precision)
 
 
@@ -89,13 +86,8 @@ class Fp8GemvSpec(_Spec):
     # ring (each step's slot refilled as soon as it is used) or are loaded U steps at a time
     loads: int = 0
     ring: bool = True
-    # decode="mma" only: the weights through a ring of `stages` steps per warp in shared memory, filled by
-    # cp.async (stages - 1 steps in flight, no registers held by them: the stream goes on while x is read
-    # and quantized), instead of registers (0: `loads` / `ring` above). MMA_STAGE_CHOICES.
-    stages: int = 0
-    # with stages: ring steps issued before griddepcontrol.wait (0: all stages - 1); the rest follow x's loads
-    pre: int = 0
-    # decode="mma": x read once into registers, its amax and quantization from them (with stages: always)
+    # decode="mma" only: x read once into registers, its amax and quantization from them (else read twice: the
+    # amax pass, then the quantization's); the same bits either way. Default: KILN_FP8_GEMV_XONCE
     x_once: bool = False
     # decode="mma" only: the gated activation after it in its epilogue, as GemvSpec's (codegen/gemv.py): W
     # [w_rows, k] holds the gate rows [gate_row, +n) and the up rows [up_row, +n); each 16-row tile is 8
@@ -121,14 +113,8 @@ class Fp8GemvSpec(_Spec):
             _fail(self, "decode", f"'mma' takes x in {MMA_DTYPES}, got {self.dtype!r} (fp32: 'int' or 'cvt')")
         if self.loads and (self.decode != "mma" or self.loads not in MMA_LOAD_CHOICES):
             _fail(self, "loads", f"one of {MMA_LOAD_CHOICES} with decode='mma' (0: the default), got {self.loads!r}")
-        if (self.stages not in MMA_STAGE_CHOICES or isinstance(self.stages, bool)
-                or (self.stages and self.decode != "mma")):
-            _fail(self, "stages", f"one of {MMA_STAGE_CHOICES} (non-zero with decode='mma' only), got {self.stages!r}")
-        if self.pre and not 0 < self.pre < max(self.stages, 2):
-            _fail(self, "pre", f"1 .. stages - 1 with stages (0: all), got {self.pre!r}")
-        if self.stages and self.smem > SMEM_MAX:
-            _fail(self, "stages", f"{self.stages} steps of {self.rows} rows for {WARPS} warps beside x take "
-                                  f"{self.smem} bytes of shared memory, more than {SMEM_MAX}")
+        if not isinstance(self.x_once, bool) or (self.x_once and self.decode != "mma"):
+            _fail(self, "x_once", f"a bool, True with decode='mma' only, got {self.x_once!r}")
         rows = MMA_ROWS if self.decode == "mma" else ROWS
         if self.rows not in rows:
             _fail(self, "rows", f"must be one of {rows} (decode={self.decode!r}), got {self.rows!r}")
@@ -153,27 +139,14 @@ class Fp8GemvSpec(_Spec):
 
     @property
     def smem(self) -> int:
-        """Dynamic shared memory: x quantized, whole warp steps (mma: as fp16, else fp32); then the warps'
-        weight rings (stages: 16 bytes a lane per row half and tile)."""
-        ring = WARPS * self.stages * (self.rows // 16) * 2 * 32 * 16
-        return self.nch * self.step * (2 if self.decode == "mma" else 4) + ring
-
-
-def default_stages() -> tuple[int, int]:
-    """spec_for's (stages, pre) for decode="mma": KILN_FP8_GEMV_STAGES if set, else 0 (the register ring), and
-    KILN_FP8_GEMV_PRE if set, else 0 (every ring step before the wait)."""
-    v = os.environ.get("KILN_FP8_GEMV_STAGES") or "0"
-    if not v.isdigit() or int(v) not in MMA_STAGE_CHOICES:
-        raise KernelArgError(f"KILN_FP8_GEMV_STAGES: must be one of {MMA_STAGE_CHOICES}, got {v!r}")
-    p = os.environ.get("KILN_FP8_GEMV_PRE") or "0"
-    if not p.isdigit() or (int(p) and not int(p) < int(v)):
-        raise KernelArgError(f"KILN_FP8_GEMV_PRE: ring steps before the wait, 1 .. KILN_FP8_GEMV_STAGES - 1 "
-                             f"(0: all), got {p!r}")
-    return int(v), int(p)
+        """Dynamic shared memory: x quantized, whole warp steps (mma: as fp16, else fp32)."""
+        return self.nch * self.step * (2 if self.decode == "mma" else 4)
 
 
 def default_x_once() -> bool:
-    """KILN_FP8_GEMV_XONCE ("0" or "1", default "0"): spec_for's `x_once` for decode="mma"."""
+    """KILN_FP8_GEMV_XONCE ("0" or "1", default "0"): spec_for's `x_once` for decode="mma". Session 17 (H200,
+    .ci/fp8_x_probe.py): o 7.5 -> 6.5 us, down 20.5 -> 19.0, gate+up 35.0 -> 34.5, qkv 9.0 either way; decode
+    A/B inconclusive on that machine. Read at each spec_for (so at graph capture)."""
     v = os.environ.get("KILN_FP8_GEMV_XONCE") or "0"
     if v not in ("0", "1"):
         raise KernelArgError(f"KILN_FP8_GEMV_XONCE: must be 0 or 1, got {v!r}")
@@ -186,7 +159,6 @@ def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = Fal
     """The fp8 GEMV of W [n, k]; with a gated `epilogue` (an ActSpec; decode="mma"), of its row halves
     (gate_row, up_row) = `halves`, epilogue.features rows each: out [1, epilogue.features]; with a rotary one
     (a RopeCacheSpec), of its q, k and v rows starting at `halves` (three starts): out q [1, heads * head_dim]."""
-    stages, pre = default_stages() if decode == "mma" else (0, 0)
     once = default_x_once() if decode == "mma" else False
     if decode == "mma":
         tiles, ks = one_wave(math.ceil(n / 16), tuple(r // 16 for r in MMA_ROWS), KSPLITS, math.ceil(k / MMA_STEP),
@@ -196,14 +168,13 @@ def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = Fal
         rows, ks = choose_chunks(n, math.ceil(k / CHUNK), num_sms)
     if epilogue is None:
         return Fp8GemvSpec(n, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode, ring=MMA_RING,
-                           stages=stages, pre=pre, x_once=once)
+                           x_once=once)
     if isinstance(epilogue, RopeCacheSpec):
         rope = rope_epilogue_spec(epilogue)
         return Fp8GemvSpec(rope_pairs(rope), k, has_bias, dtype, origin, per_channel, static, rows, ks, decode,
-                           ring=MMA_RING, stages=stages, pre=pre, x_once=once, epilogue=rope, w_rows=n,
-                           qkv_rows=tuple(halves))
+                           ring=MMA_RING, x_once=once, epilogue=rope, w_rows=n, qkv_rows=tuple(halves))
     return Fp8GemvSpec(epilogue.features, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode,
-                       ring=MMA_RING, stages=stages, pre=pre, x_once=once, epilogue=epilogue.key(), gate_row=halves[0],
+                       ring=MMA_RING, x_once=once, epilogue=epilogue.key(), gate_row=halves[0],
                        up_row=halves[1], w_rows=n)
 
 
@@ -233,16 +204,16 @@ def _render_mma(s: Fp8GemvSpec) -> KernelSource:
     groups = WARPS // s.ksplit
     params = dict(n=s.n, k=s.k, nch=nch, cps=cps, tiles=tiles, ksplit=s.ksplit, unroll=unroll, groups=groups,
                   warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS, k_tail=s.k % MMA_STEP != 0,
-                  has_bias=s.has_bias, per_channel=s.per_channel, static=s.static, ring=s.ring, stages=s.stages,
-                  pre=s.pre or s.stages - 1, x_once=s.x_once, xv=math.ceil(nch * 8 / (WARPS * 32)),
+                  has_bias=s.has_bias, per_channel=s.per_channel, static=s.static, ring=s.ring, x_once=s.x_once,
+                  xv=math.ceil(nch * 8 / (WARPS * 32)),
                   xvec=16 // RUN_DTYPES[s.dtype].itemsize, red=max(32, WARPS * s.rows), w_rows=s.weight_rows,
                   epi=epilogue_params(s), rot=0)
     if isinstance(s.epilogue, RopeCacheSpec):
         params.update(rope_math_params(s.epilogue))
     meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * outputs_per_warp(s))), rows=s.rows,
                 ksplit=s.ksplit, unroll=unroll, smem=s.smem, decode=s.decode)
-    ring = (f"w{s.stages}p{s.pre or s.stages - 1}" if s.stages else "r" if s.ring else "b") + ("x" if s.x_once else "")
-    tag = ("c" if s.per_channel else "t") + ("s" if s.static else "d") + ring
+    tag = ("c" if s.per_channel else "t") + ("s" if s.static else "d") + ("r" if s.ring else "b")
+    tag += "x" if s.x_once else ""
     if isinstance(s.epilogue, RopeCacheSpec):
         e = s.epilogue
         tag += f"_rope_{e.layout[0]}{e.rotary_dim}_d{e.head_dim}_{e.heads}x{e.kv_heads}_p{e.page_size}"

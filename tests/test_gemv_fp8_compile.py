@@ -6,6 +6,7 @@ and bad specs and arguments are refused with the field named. Its results: tests
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -98,7 +99,8 @@ def test_grid_follows_the_bf16_chooser():
 @pytest.mark.parametrize("field,kw", [("rows", dict(rows=3)), ("ksplit", dict(ksplit=16)), ("n", dict(n=0)),
                                       ("dtype", dict(dtype="int8")), ("k", dict(k=72)), ("k", dict(k=64 * 1024)),
                                       ("decode", dict(decode="lut")), ("decode", dict(decode="mma", dtype="fp32")),
-                                      ("rows", dict(decode="mma", rows=8))])
+                                      ("rows", dict(decode="mma", rows=8)), ("x_once", dict(x_once=True)),
+                                      ("x_once", dict(decode="mma", x_once=1))])
 def test_bad_specs_name_the_field(field, kw):
     args = dict(n=64, k=64, has_bias=False, dtype="bf16", origin="models/x.kiln:1") | kw
     with pytest.raises(KernelSpecError, match=rf"Fp8GemvSpec\.{field}:.*models/x.kiln:1"):
@@ -115,3 +117,20 @@ def test_wrapper_refuses_bad_arguments():
     assert not G.takes(torch.zeros(2, 64, dtype=torch.bfloat16), w)
     assert not G.takes(x, w)  # on the host
     assert not G.takes(x, torch.zeros(64, 64, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("n,k", LLAMA3 + ODD + [(10576, 2560), (2560, 5120)])
+@pytest.mark.parametrize("static", [False, True])
+def test_x_once_compiles_without_spills(n, k, static):
+    """x read once into registers (x_once): its vectors beside the weight loads in flight, no spills."""
+    ks = _compile(dataclasses.replace(G.spec_for(n, k, "bf16", True, static=static, decode="mma"), x_once=True))
+    assert "x read once, into registers" in ks.source and ks.name.split("_")[4].endswith("x")
+
+
+def test_x_once_follows_the_variable(monkeypatch):
+    monkeypatch.setenv("KILN_FP8_GEMV_XONCE", "1")
+    assert G.spec_for(4096, 4096, "bf16", False, decode="mma").x_once
+    assert not G.spec_for(4096, 4096, "fp32", False).x_once  # "int": x_once is the tensor-core variant's
+    monkeypatch.setenv("KILN_FP8_GEMV_XONCE", "yes")
+    with pytest.raises(KernelArgError, match="KILN_FP8_GEMV_XONCE: must be 0 or 1"):
+        G.spec_for(4096, 4096, "bf16", False, decode="mma")

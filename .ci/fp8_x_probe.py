@@ -1,16 +1,14 @@
-"""The one-row fp8 GEMV's tensor-core variant with its weights in a register ring (stages 0, the default) or in
-a ring of `stages` steps per warp in shared memory filled by cp.async, `pre` of them before griddepcontrol.wait
-and the rest after x's loads (GPU; a development tool, issue #13).
-
-At the 8B model's decode shapes and Mamba-2's: microseconds per call (share of copy bandwidth), graphed back
-to back with programmatic launches, copies of W cycled as codegen/bench_kernels.py does; last, the register
-ring's kernel with x's read and quantization cut from its source (the weights' part alone).
-Usage (device): PYTHONPATH=... python3 .ci/fp8_ring_probe.py [--rings 0:0,8:2,12:4]
+"""The one-row fp8 GEMV's tensor-core variant with x read twice (its amax pass, then its quantization's: the default)
+or once into registers (`x_once`), and with x's read and quantization cut from its source (the weights' part alone)
+(GPU; a development tool, issue #13). At the 8B model's decode shapes and Mamba-2's: microseconds per call (share
+of copy bandwidth), graphed back to back with programmatic launches, copies of W cycled as
+codegen/bench_kernels.py does.
+Session 17 measured here, then dropped, a ring of weights in shared memory filled by cp.async (commit 090d00b).
+Usage (device): PYTHONPATH=... python3 .ci/fp8_x_probe.py
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
@@ -39,14 +37,9 @@ def no_x(spec):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rings", default="0:0,8:0,8:1,8:2,8:4,12:2,12:4,6:2",
-                    help="stages:pre[:1] (pre 0: all before the wait; :1 x read once into registers)")
-    rings = [tuple(int(v) for v in (r + ":0").split(":")[:3]) for r in ap.parse_args().rings.split(",")]
     bw = _copy_bw()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cols = [("regs" if s == 0 else f"ring {s}, {p or s - 1} before") + (", x once" if o else "")
-            for s, p, o in rings] + ["regs, no x"]
+    cols = ["x read twice", "x read once", "no x"]
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s\n")
     print("| linear | n x k | " + " | ".join(cols) + " |")
     print("|---|---|" + "---:|" * len(cols))
@@ -57,17 +50,14 @@ def main() -> None:
         ws = _copies(lambda: (torch.randn(n, k, device="cuda") * 200).to(torch.float8_e4m3fn), nbytes)
         outs = [torch.empty(1, n, device="cuda", dtype=DT) for _ in ws]
         row = []
-        for cut, (s, p, o) in [(False, r) for r in rings] + [(True, (0, 0, 0))]:
-            base = G.spec_for(n, k, "bf16", False, origin=f"ring {label} {s} {p} {o} {cut}", num_sms=sms, decode="mma")
-            spec = dataclasses.replace(base, stages=s, pre=p, x_once=bool(o))
-            if spec.smem > G.SMEM_MAX:
-                row.append(None)
-                continue
+        for col, once, cut in (("twice", False, False), ("once", True, False), ("nox", False, True)):
+            base = G.spec_for(n, k, "bf16", False, origin=f"x probe {label} {col}", num_sms=sms, decode="mma")
+            spec = dataclasses.replace(base, x_once=once)
             if cut:
                 no_x(spec)
             row.append(_graphed_ms([lambda w=w, o=o: G.gemv_fp8(spec, x, w, sw, o, pdl=True)
                                     for w, o in zip(ws, outs)]))
-        cells = ["-" if t is None else f"{t * 1e3:.1f} ({nbytes / (t * 1e-3) / bw:.0%})" for t in row]
+        cells = [f"{t * 1e3:.1f} ({nbytes / (t * 1e-3) / bw:.0%})" for t in row]
         print(f"| {label} | {n}x{k} | " + " | ".join(cells) + " |", flush=True)
         del ws, outs
         torch.cuda.empty_cache()
