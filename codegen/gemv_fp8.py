@@ -87,7 +87,7 @@ class Fp8GemvSpec(_Spec):
     loads: int = 0
     ring: bool = True
     # decode="mma" only: x read once into registers, its amax and quantization from them (else read twice: the
-    # amax pass, then the quantization's); the same bits either way. Default: KILN_FP8_GEMV_XONCE
+    # amax pass, then the quantization's); the same bits either way. spec_for's pick: KILN_FP8_GEMV_XONCE (on)
     x_once: bool = False
     # decode="mma" only: the gated activation after it in its epilogue, as GemvSpec's (codegen/gemv.py): W
     # [w_rows, k] holds the gate rows [gate_row, +n) and the up rows [up_row, +n); each 16-row tile is 8
@@ -144,10 +144,12 @@ class Fp8GemvSpec(_Spec):
 
 
 def default_x_once() -> bool:
-    """KILN_FP8_GEMV_XONCE ("0" or "1", default "0"): spec_for's `x_once` for decode="mma". Session 17 (H200,
-    .ci/fp8_x_probe.py): o 7.5 -> 6.5 us, down 20.5 -> 19.0, gate+up 35.0 -> 34.5, qkv 9.0 either way; decode
-    A/B inconclusive on that machine. Read at each spec_for (so at graph capture)."""
-    v = os.environ.get("KILN_FP8_GEMV_XONCE") or "0"
+    """KILN_FP8_GEMV_XONCE ("0" or "1", default "1"): spec_for's `x_once` for decode="mma". Session 17 (H200,
+    .ci/fp8_x_probe.py, two calls): o 7.4 -> 6.4 us, down 20.2 -> 18.9, gate+up 34.7 -> 34.0, qkv 9.0 either way
+    (Mamba-2's in_proj 9.8 -> 10.0); 8B fp8 batch-1 decode 3.152 against 3.231 ms, the mean of four pairs
+    alternating in two calls; the same bits (tests/gpu/test_gemv_fp8_xonce.py). Read at each spec_for (so at
+    graph capture)."""
+    v = os.environ.get("KILN_FP8_GEMV_XONCE") or "1"
     if v not in ("0", "1"):
         raise KernelArgError(f"KILN_FP8_GEMV_XONCE: must be 0 or 1, got {v!r}")
     return v == "1"
