@@ -204,7 +204,7 @@ def _ssm_conv_act(p: _Program) -> None:
 
 def ssm_fuse_enabled() -> bool:
     """KILN_SSM_FUSE=1: Mamba-2's conv and scan as one decode kernel (codegen/ssm_kernels.py
-    SsmConvScanSpec). Off by default: on the H200 (BENCHMARKS.md, session 8) the fused kernel was
+    SsmConvScanSpec). Off by default: on the H200 (benchmarks/2026-12-02-03.md, session 8) the fused kernel was
     1.13x the two kernels alone at batch 1, but the whole 2.7B decode step was slower with it (2.789
     against 2.649 ms), and 0.98x at batch 64."""
     return os.environ.get("KILN_SSM_FUSE", "0") == "1"

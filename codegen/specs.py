@@ -285,7 +285,7 @@ class ActSpec(_Spec):
     # shared-memory pipeline on a persistent grid. "bulk" renders "flat" where rows are not whole 16-byte
     # chunks, and the launch wrapper picks "flat" before sm_90; "rows_stream" is "rows" below 16-byte vectors.
     # "rows" (a block per row segment, every load issued before any use): 98% of the H200's copy bandwidth
-    # for SwiGLU at 8,192 x 14,336 against 77% for "flat" (BENCHMARKS.md, session 8)
+    # for SwiGLU at 8,192 x 14,336 against 77% for "flat" (benchmarks/2026-12-02-03.md, session 8)
     variant: str = "rows"
 
     def __post_init__(self):

@@ -38,15 +38,15 @@ from .reference import StepContext
 
 # GEMMs of at most GEMV_ROWS rows with a plain weight (decode) run codegen/gemv.py's kernel instead of
 # cuBLAS, as programmatic dependents ("pdl", the default), plain launches ("1") or not at all ("0":
-# KILN_GEMV=0). On the H200 at one row (BENCHMARKS.md, session 7), 8B-model shapes: qkv 14.4 against cuBLAS's
-# 16.5 us, o 9.6 / 13.1, down 28.9 / 32.0, gate+up 57.8 / 57.2; Mamba-2 2.7B decode 3.17 -> 2.90 ms. At
-# 4 rows cuBLAS is faster at the wide shapes (gate+up 57.5 against 73.6 us), so one row by default
-# (KILN_GEMV_ROWS, at most codegen.gemv.GEMV_MAX_T). Read when a step runs (and is captured).
+# KILN_GEMV=0). On the H200 at one row (benchmarks/2026-12-02-03.md, session 7), 8B-model shapes: qkv
+# 14.4 against cuBLAS's 16.5 us, o 9.6 / 13.1, down 28.9 / 32.0, gate+up 57.8 / 57.2; Mamba-2 2.7B decode
+# 3.17 -> 2.90 ms. At 4 rows cuBLAS is faster at the wide shapes (gate+up 57.5 against 73.6 us), so one row
+# by default (KILN_GEMV_ROWS, at most codegen.gemv.GEMV_MAX_T). Read when a step runs (and is captured).
 GEMV = os.environ.get("KILN_GEMV", "pdl")
 GEMV_ROWS = int(os.environ.get("KILN_GEMV_ROWS", "1"))
 # A GEMM step with a prologue (fuse.py's gemv_prologue: the rms norm or gated activation before it) runs
 # as one GEMV launch that forms x itself where the GEMV runs with KILN_GEMV_PROLOGUE=1; by default
-# ("0") the prologue's own kernel, then the GEMV. Off because on the H200 (BENCHMARKS.md, session 8)
+# ("0") the prologue's own kernel, then the GEMV. Off because on the H200 (benchmarks/2026-12-02-03.md, session 8)
 # every warp forming x itself costs more than the launch it saves: down <- SwiGLU 61.6 against 31.1 us
 # (each warp recomputes act(g) * u for its chunk), out_proj <- gated norm 26.7 against 12.5; qkv and
 # gate+up <- rmsnorm + residual saved 0.3 and 0.7 us; the 8B-model decode step 5.63 against 4.57 ms.
@@ -75,7 +75,7 @@ GEMV_ROPE = os.environ.get("KILN_GEMV_ROPE", "1")
 MIXED_SPLIT = os.environ.get("KILN_MIXED_SPLIT", "1")
 # Whole prompts (no cached context, no decode rows beside them) on Hopper through torch's SDPA (flash)
 # instead of the wgmma prefill kernel: "1" (KILN_FRESH_SDPA=1). SDPA took 165.7 against the kernel's
-# 238.2 us at 8 x 1,024 causal tokens (BENCHMARKS.md, session 6), but pays a gather of the sequence's
+# 238.2 us at 8 x 1,024 causal tokens (benchmarks/2026-12-02-03.md, session 6), but pays a gather of the sequence's
 # pages and launches per sequence; not measured end to end yet, so off ("0"). Read when a step runs.
 FRESH_SDPA = os.environ.get("KILN_FRESH_SDPA", "0")
 # Kernels launched as programmatic dependents, like the decode GEMVs: each waits for the kernel before at its

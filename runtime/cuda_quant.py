@@ -53,7 +53,7 @@ ACT_KERNEL = True
 # computed inside the GEMV's blocks, no activation-quantization launches, the same result as below up to
 # fp32 summation order (tests/gpu/test_gemv_fp8.py, passed on the H200). "pdl" (programmatic dependent
 # launches, the default): fp8 W8A8 batch-1 decode of the 8B-model shape 3.607 against 3.805 ms without it
-# (BENCHMARKS.md, session 8); "1" plain launches; "0" off (KILN_FP8_GEMV=0). FP8_GEMV_DECODE: how the
+# (benchmarks/2026-12-02-03.md, session 8); "1" plain launches; "0" off (KILN_FP8_GEMV=0). FP8_GEMV_DECODE: how the
 # kernel multiplies, "int" (weight bytes to fp32 with integer ops, CUDA-core FMAs), "cvt" (the same with
 # conversion instructions) or "mma" (templates/gemv_fp8_mma.cu.j2: fp16 tensor-core MMAs of the same
 # exact values, 16-bit runs; fp32 runs take "int"). "mma" is the default since session 13: fp8 batch-1
