@@ -20,6 +20,7 @@ Where the rest of the time goes, part by part: .ci/fp8_gemv_anatomy.py and BENCH
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ MMA_ROWS = (16, 32, 64)
 MMA_LOADS = 8  # 16-byte weight loads per lane in flight (2 x tiles x unroll), the default of `loads`
 MMA_LOAD_CHOICES = (4, 8, 16)
 MMA_RING = True  # spec_for's pick of `ring` (read by the mma variant only)
+# x_once: x's 8-column vectors a thread holds at most (k <= 16,384 at 256 threads): 9 reach the 128-register
+# cap beside the weight loads in flight, 12 spill (ptxas, sm_90a); past it x is read twice
+X_ONCE_MAX_VECS = 8
 MMA_DTYPES = ("bf16", "fp16")  # fp32 runs keep fp32 products summed on the CUDA cores (the reference's precision)
 
 
@@ -115,6 +119,9 @@ class Fp8GemvSpec(_Spec):
             _fail(self, "loads", f"one of {MMA_LOAD_CHOICES} with decode='mma' (0: the default), got {self.loads!r}")
         if not isinstance(self.x_once, bool) or (self.x_once and self.decode != "mma"):
             _fail(self, "x_once", f"a bool, True with decode='mma' only, got {self.x_once!r}")
+        if self.x_once and self.x_vecs > X_ONCE_MAX_VECS:
+            _fail(self, "x_once", f"k = {self.k} puts {self.x_vecs} of x's 8-column vectors in each thread's "
+                                  f"registers, more than {X_ONCE_MAX_VECS}")
         rows = MMA_ROWS if self.decode == "mma" else ROWS
         if self.rows not in rows:
             _fail(self, "rows", f"must be one of {rows} (decode={self.decode!r}), got {self.rows!r}")
@@ -136,6 +143,11 @@ class Fp8GemvSpec(_Spec):
     @property
     def nch(self) -> int:
         return math.ceil(self.k / self.step)
+
+    @property
+    def x_vecs(self) -> int:
+        """decode="mma": x's 8-column vectors (whole warp steps) per thread of the block."""
+        return math.ceil(self.nch * self.step / 8 / (WARPS * 32))
 
     @property
     def smem(self) -> int:
@@ -161,7 +173,6 @@ def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = Fal
     """The fp8 GEMV of W [n, k]; with a gated `epilogue` (an ActSpec; decode="mma"), of its row halves
     (gate_row, up_row) = `halves`, epilogue.features rows each: out [1, epilogue.features]; with a rotary one
     (a RopeCacheSpec), of its q, k and v rows starting at `halves` (three starts): out q [1, heads * head_dim]."""
-    once = default_x_once() if decode == "mma" else False
     if decode == "mma":
         tiles, ks = one_wave(math.ceil(n / 16), tuple(r // 16 for r in MMA_ROWS), KSPLITS, math.ceil(k / MMA_STEP),
                              num_sms * WARPS * MIN_BLOCKS, lambda r, s: (r * math.ceil(k / MMA_STEP / s), s), (4, 1))
@@ -169,15 +180,18 @@ def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = Fal
     else:
         rows, ks = choose_chunks(n, math.ceil(k / CHUNK), num_sms)
     if epilogue is None:
-        return Fp8GemvSpec(n, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode, ring=MMA_RING,
-                           x_once=once)
-    if isinstance(epilogue, RopeCacheSpec):
+        spec = Fp8GemvSpec(n, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode, ring=MMA_RING)
+    elif isinstance(epilogue, RopeCacheSpec):
         rope = rope_epilogue_spec(epilogue)
-        return Fp8GemvSpec(rope_pairs(rope), k, has_bias, dtype, origin, per_channel, static, rows, ks, decode,
-                           ring=MMA_RING, x_once=once, epilogue=rope, w_rows=n, qkv_rows=tuple(halves))
-    return Fp8GemvSpec(epilogue.features, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode,
-                       ring=MMA_RING, x_once=once, epilogue=epilogue.key(), gate_row=halves[0],
-                       up_row=halves[1], w_rows=n)
+        spec = Fp8GemvSpec(rope_pairs(rope), k, has_bias, dtype, origin, per_channel, static, rows, ks, decode,
+                           ring=MMA_RING, epilogue=rope, w_rows=n, qkv_rows=tuple(halves))
+    else:
+        spec = Fp8GemvSpec(epilogue.features, k, has_bias, dtype, origin, per_channel, static, rows, ks, decode,
+                           ring=MMA_RING, epilogue=epilogue.key(), gate_row=halves[0], up_row=halves[1], w_rows=n)
+    # x read once where its vectors fit in registers (KILN_FP8_GEMV_XONCE)
+    if decode == "mma" and default_x_once() and spec.x_vecs <= X_ONCE_MAX_VECS:
+        spec = dataclasses.replace(spec, x_once=True)
+    return spec
 
 
 def _render(s: Fp8GemvSpec) -> KernelSource:
@@ -207,7 +221,7 @@ def _render_mma(s: Fp8GemvSpec) -> KernelSource:
     params = dict(n=s.n, k=s.k, nch=nch, cps=cps, tiles=tiles, ksplit=s.ksplit, unroll=unroll, groups=groups,
                   warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS, k_tail=s.k % MMA_STEP != 0,
                   has_bias=s.has_bias, per_channel=s.per_channel, static=s.static, ring=s.ring, x_once=s.x_once,
-                  xv=math.ceil(nch * 8 / (WARPS * 32)),
+                  xv=s.x_vecs,
                   xvec=16 // RUN_DTYPES[s.dtype].itemsize, red=max(32, WARPS * s.rows), w_rows=s.weight_rows,
                   epi=epilogue_params(s), rot=0)
     if isinstance(s.epilogue, RopeCacheSpec):

@@ -100,7 +100,8 @@ def test_grid_follows_the_bf16_chooser():
                                       ("dtype", dict(dtype="int8")), ("k", dict(k=72)), ("k", dict(k=64 * 1024)),
                                       ("decode", dict(decode="lut")), ("decode", dict(decode="mma", dtype="fp32")),
                                       ("rows", dict(decode="mma", rows=8)), ("x_once", dict(x_once=True)),
-                                      ("x_once", dict(decode="mma", x_once=1))])
+                                      ("x_once", dict(decode="mma", x_once=1)),
+                                      ("x_once", dict(decode="mma", x_once=True, k=16448))])
 def test_bad_specs_name_the_field(field, kw):
     args = dict(n=64, k=64, has_bias=False, dtype="bf16", origin="models/x.kiln:1") | kw
     with pytest.raises(KernelSpecError, match=rf"Fp8GemvSpec\.{field}:.*models/x.kiln:1"):
@@ -131,6 +132,8 @@ def test_x_once_follows_the_variable(monkeypatch):
     monkeypatch.setenv("KILN_FP8_GEMV_XONCE", "1")
     assert G.spec_for(4096, 4096, "bf16", False, decode="mma").x_once
     assert not G.spec_for(4096, 4096, "fp32", False).x_once  # "int": x_once is the tensor-core variant's
+    assert G.spec_for(4096, 16384, "bf16", False, decode="mma").x_once  # 8 vectors a thread: the most
+    assert not G.spec_for(4096, 16448, "bf16", False, decode="mma").x_once  # 9: x read twice
     monkeypatch.setenv("KILN_FP8_GEMV_XONCE", "yes")
     with pytest.raises(KernelArgError, match="KILN_FP8_GEMV_XONCE: must be 0 or 1"):
         G.spec_for(4096, 4096, "bf16", False, decode="mma")
