@@ -111,8 +111,9 @@ def add_model_arguments(p, quantization: bool = True) -> None:
         add_quantization_argument(p)
 
 
-QUANT_HELP = ("quantize on load: fp8, fp8-channel, int8-wo, int4-wo; gguf keeps a GGUF file's blocks "
-              "(a quantized checkpoint needs none: its own scheme is used; `kiln quantize` makes one)")
+QUANT_HELP = ("quantize on load: fp8, fp8-channel, int8-wo, int4-wo, each with +lm-head to quantize the LM head too "
+              "(e.g. fp8+lm-head); gguf keeps a GGUF file's blocks (a quantized checkpoint needs none: its own scheme "
+              "is used; `kiln quantize` makes one)")
 
 
 def add_quantization_argument(p) -> None:

@@ -19,31 +19,37 @@ from .checker import check
 from .errors import SpecError
 from .ops import OpKind
 from .plan import REPLICATED, Collective, Plan, ShardDesc, Stage, Value, WeightArg, tie_chain
-from .quant import SCHEMES, UNQUANTIZED, QuantDesc
+from .quant import NAMES, UNQUANTIZED, QuantDesc, split_name
 from .sources import Alias
 
 Pass = Callable[[Plan], Plan]
 
-QUANT_SCHEMES = tuple(SCHEMES)
+QUANT_SCHEMES = NAMES
 
 
 def quantize(scheme: str = "none", only: Mapping[str, QuantDesc] | None = None) -> Pass:
-    """Set the storage of every quantizable weight (`quantizable`) to the scheme's; `only` (from
-    a pre-quantized checkpoint) names the weights that are quantized and each one's descriptor
-    instead, and must name quantizable weights only."""
-    if scheme not in SCHEMES:
+    """Set the storage of every quantizable weight (`quantizable`; with the LM_HEAD suffix, the LM head
+    too) to the scheme's; `only` (from a pre-quantized checkpoint) names the weights that are quantized
+    and each one's descriptor instead, and must name quantizable weights only."""
+    if scheme not in QUANT_SCHEMES:
         raise SpecError(f"unknown quantization scheme '{scheme}'", None, "schemes: " + ", ".join(QUANT_SCHEMES))
+    base, lm_head = split_name(scheme)
 
     def run(plan: Plan) -> Plan:
-        can = quantizable(plan)
+        can = quantizable(plan, lm_head or only is not None)  # a stored LM head (an engine built with +lm-head)
+        if lm_head and not can & _lm_heads(plan):
+            heads = ", ".join(f"'{h}'" for h in sorted(_lm_heads(plan))) or "none found"
+            raise SpecError(f"--quantization {scheme}: the LM head ({heads}) is tied to another weight or read by "
+                            f"more than its linear, so it cannot be quantized (--quantization {base.name} leaves it "
+                            f"as it is)", None)
         if only is not None:
             bad = sorted(set(only) - can)
             if bad:
                 raise SpecError(f"weight '{bad[0]}' is stored quantized, but only the weights of linear ops "
-                                f"(not the LM head, not tied ones) can be", None)
+                                f"(not tied ones) can be", None)
             descs = dict(only)
         else:
-            desc = SCHEMES[scheme].weight
+            desc = base.weight
             descs = {n: desc for n in can} if desc.quantized else {}
             for n in sorted(descs):
                 shape = plan.weights[n].shape
@@ -55,10 +61,10 @@ def quantize(scheme: str = "none", only: Mapping[str, QuantDesc] | None = None) 
     return run
 
 
-def quantizable(plan: Plan) -> set[str]:
+def quantizable(plan: Plan, lm_head: bool = False) -> set[str]:
     """Weights a scheme quantizes: those read only as the weight of `linear` ops (experts'
     included), never tied, and not the LM head (the last linear before the logits, which
-    quantization hurts most and which most checkpoints keep in high precision)."""
+    quantization hurts most and which most checkpoints keep in high precision) unless `lm_head`."""
     as_linear, elsewhere = set(), set()
     for ins in plan.program.walk():
         for i, a in enumerate(ins.inputs):
@@ -66,7 +72,7 @@ def quantizable(plan: Plan) -> set[str]:
                 (as_linear if ins.kind is OpKind.LINEAR and i == 1 else elsewhere).add(a.name)
     tied = {n for n, w in plan.weights.items() if plan.alias_target(n) != n}
     tied |= {plan.alias_target(n) for n in tied}
-    return as_linear - elsewhere - tied - _lm_heads(plan)
+    return as_linear - elsewhere - tied - (set() if lm_head else _lm_heads(plan))
 
 
 def sibling_groups(plan: Plan) -> list[list[str]]:

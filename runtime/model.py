@@ -16,7 +16,7 @@ from kiln.dsl import Plan, load_spec, passes
 from kiln.dsl.dtypes import dtype as dtype_of
 from kiln.dsl.errors import SpecError
 from kiln.dsl.loader import MODELS_DIR, spec_files
-from kiln.dsl.quant import SCHEMES, quantize_weight, share_scale
+from kiln.dsl.quant import SCHEMES, quantize_weight, share_scale, split_name
 
 from . import quant_formats
 from .backend import Backend
@@ -55,8 +55,8 @@ def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: st
                device: str = "cpu", backend: str = "reference", quantization: str = "none",
                kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
                expert_parallel: bool = False, pipeline_parallel_size: int = 1) -> LoadedModel:
-    """`quantization`: a scheme of kiln.dsl.quant.SCHEMES applied on load ("fp8", "int8-wo", ...;
-    "gguf" keeps a GGUF file's blocks); a pre-quantized checkpoint brings its own.
+    """`quantization`: a scheme of kiln.dsl.quant.SCHEMES applied on load ("fp8", "int8-wo", ...; with
+    "+lm-head" the LM head too; "gguf" keeps a GGUF file's blocks); a pre-quantized checkpoint brings its own.
     `kv_cache_dtype`: "auto" (the run dtype) or "fp8". `tensor_parallel_size` > 1: the model split
     over that many processes of this machine (runtime/distributed.py: the reference backend on the
     CPU over gloo, or `backend="cuda"` with `device="cuda"`: one GPU per rank, NCCL), MoE experts whole
@@ -137,7 +137,7 @@ def _load_parallel(checkpoint, spec, dtype, device, backend, quantization, kv_ca
 def quantize_plan(plan: Plan, ckpt: Checkpoint | None, quantization: str, kv_cache_dtype: str = "auto"):
     """The plan with its weights' (and KV cache's) storage set, and the checkpoint's quantized
     format (or None)."""
-    if quantization not in SCHEMES:
+    if quantization not in passes.QUANT_SCHEMES:
         raise SpecError(f"--quantization {quantization}: no such scheme", None,
                         "schemes: " + ", ".join(passes.QUANT_SCHEMES))
     fmt = quant_formats.detect(ckpt, quantization) if ckpt is not None else None
@@ -151,7 +151,7 @@ def quantize_plan(plan: Plan, ckpt: Checkpoint | None, quantization: str, kv_cac
             raise SpecError(f"the checkpoint is already quantized ({fmt.scheme}); --quantization {quantization} "
                             f"cannot be applied on top", None, "leave --quantization out to run it as stored")
         return passes.run(plan, [passes.quantize(fmt.scheme, fmt.descs(plan))]), fmt
-    scheme = SCHEMES[quantization]
+    scheme, _ = split_name(quantization)
     if not scheme.on_load:
         why = "keeps a GGUF file's blocks: load a GGUF file" if quantization == "gguf" else \
             f"needs calibration: make a checkpoint with `kiln quantize CHECKPOINT --scheme {quantization}`"

@@ -386,3 +386,10 @@ def test_engine_directories_work_where_checkpoints_do(capsys, folders):
     args = build_parser().parse_args(["serve", folders["engine"], "--max-model-len", "32"])
     app, summary = server_cli._load(args, server_cli._plan(args))
     assert "engine: " + folders["engine"] in summary and "max_model_len 32" in summary
+
+
+def test_an_lm_head_tied_to_the_embedding_is_not_quantized(capsys, folders):
+    """--quantization SCHEME+lm-head quantizes the LM head too; a tied one (the tiny model's, like SmolLM2's) is one
+    tensor with the embedding table, which is gathered, not multiplied: refused, naming the head."""
+    one_line_error(capsys, ["generate", str(folders["tiny"]), "--prompt", "x", "--max-tokens", "1",
+                            "--quantization", "fp8+lm-head"], "--quantization fp8+lm-head", "'lm_head'", "tied")

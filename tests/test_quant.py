@@ -108,6 +108,44 @@ def test_schemes_cover_the_linear_weights_but_not_the_head_or_ties(ckpt):
         passes.run(m.plan, [passes.quantize("int8-wo", {"embed": SCHEMES["int8-wo"].weight})])
 
 
+def test_the_lm_head_suffix_quantizes_the_head_too(ckpt, base):
+    """SCHEME+lm-head: the same linears and the LM head, stored as the scheme's QWeight and run through it (so the
+    logits move from the scheme's without the suffix, and stay as close to the float model's); an engine
+    directory keeps it."""
+    for scheme in ("int8-wo", "fp8", "int4-wo"):
+        m = load_model(ckpt, quantization=scheme + "+lm-head")
+        quantized = {n for n, w in m.plan.weights.items() if w.quant.quantized}
+        assert quantized == {f"layer.{i}.{k}" for i in range(2) for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up",
+                                                                           "w_down")} | {"lm_head"}
+        assert isinstance(m.model.weights["lm_head"], QWeight) and m.plan.weights["lm_head"].quant == \
+            SCHEMES[scheme].weight
+        out, without = logits(m), logits(load_model(ckpt, quantization=scheme))
+        assert not torch.equal(out, without)
+        bound = {"int8-wo": 0.05, "fp8": 0.25, "int4-wo": 0.75}[scheme]
+        assert ((out - base).norm() / base.norm()).item() < bound
+    with pytest.raises(SpecError, match=r"--quantization gguf\+lm-head: no such scheme"):
+        load_model(ckpt, quantization="gguf+lm-head")
+
+
+def test_an_engine_directory_keeps_a_quantized_lm_head(ckpt, tmp_path):
+    out = build(None, ckpt, tmp_path / "engine", backend="cuda", dtype="fp32", quantization="int4-wo+lm-head",
+                progress=False)
+    engine = load_engine(out, device="cpu")
+    assert isinstance(engine.model.weights["lm_head"], QWeight)
+    torch.testing.assert_close(logits(engine), logits(load_model(ckpt, quantization="int4-wo+lm-head")), rtol=0,
+                               atol=0)
+
+
+def test_a_tied_lm_head_is_not_quantized(tmp_path):
+    tied = dict(CONFIG, tie_word_embeddings=True)
+    save_safetensors_checkpoint(tmp_path, {k: v for k, v in llama_tensors(tied).items() if k != "lm_head.weight"},
+                                tied)
+    assert not load_model(tmp_path, quantization="fp8").plan.weights["embed"].quant.quantized
+    with pytest.raises(SpecError, match=r"--quantization fp8\+lm-head: the LM head \('lm_head'\) is tied to another "
+                                        r"weight .* cannot be quantized \(--quantization fp8 leaves it"):
+        load_model(tmp_path, quantization="fp8+lm-head")
+
+
 # Relative RMS error of the logits on random weights (which amplify errors; measured: fp8 0.12,
 # int8-wo 0.025, int4-wo 0.38): each bound about twice that.
 @pytest.mark.parametrize("scheme, bound", [("fp8", 0.25), ("fp8-channel", 0.25), ("int8-wo", 0.05),

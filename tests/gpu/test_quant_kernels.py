@@ -167,9 +167,11 @@ def _cuda_twin(ref):
 
 
 @pytest.mark.parametrize("dtype, tol", [("bf16", 3e-2), ("fp32", 2e-3)])
-@pytest.mark.parametrize("scheme", ["fp8", "fp8-channel", "int8-wo", "int4-wo"])
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-channel", "int8-wo", "int4-wo", "fp8+lm-head", "int8-wo+lm-head",
+                                    "int4-wo+lm-head"])
 def test_quantized_model_cuda_matches_reference(scheme, dtype, tol, fresh_seed):
-    if scheme in ("fp8", "fp8-channel"):
+    """Each on-load scheme (+lm-head: the LM head quantized too, a GEMV / GEMM of the vocabulary's width)."""
+    if scheme.startswith("fp8"):
         # W8A8: every linear rounds its input to fp8 (steps of up to 1/8 of a value), so an fp32
         # rounding difference upstream can move a value across a step; test_fp8_linear_matches_reference
         # checks the GEMMs on equal inputs, exactly. (Fused per-tensor siblings also share one scale.)
