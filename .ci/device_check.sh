@@ -56,6 +56,9 @@
 #                                         halves on two streams at once (.ci/overlap_probe.py), bf16 then fp8 (weights + KV)
 #   bash .ci/device_check.sh fp8x      session 17: the one-row fp8 GEMV with x read once (KILN_FP8_GEMV_XONCE): its GPU tests,
 #                                         the kernel table (.ci/fp8_x_probe.py), then fp8 batch-1 decode with it 0 / 1, X_RUNS (2) times
+#   bash .ci/device_check.sh lmhead    session 17 (written without device time): the quantized LM head (--quantization
+#                                         SCHEME+lm-head): the GPU scheme tests, then batch-1 decode of the 8B shape in bf16, fp8,
+#                                         fp8+lm-head, int4-wo and int4-wo+lm-head, twice
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     session 7's opt-in kernels (both default since): the one-row FP8 GEMV
 #                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp, against the loop):
@@ -284,6 +287,12 @@ for mode in "$@"; do
       for i in $(seq ${X_RUNS:-2}); do for v in 0 1; do echo "fp8 KILN_FP8_GEMV_XONCE=$v"
         KILN_FP8_GEMV_XONCE=$v timeout 60 $KILN bench latency --config $L --quantization fp8 --prompt 1024 \
           --steps 64 2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done; done ;;
+    lmhead)  # session 17: the LM head quantized too (SCHEME+lm-head)
+      timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_quant_kernels.py \
+        -k "quantized_model_cuda_matches_reference" 2>&1 | tee "$OUT/lmhead-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      for i in 1 2; do for q in bf16 fp8 fp8+lm-head int4-wo int4-wo+lm-head; do opt=(--quantization $q); [ $q = bf16 ] && opt=()
+        echo "batch-1 decode, $q $(timeout 60 $KILN bench latency --config $L "${opt[@]}" --prompt 1024 --steps 64 2>&1 \
+          | grep -a -E "^\| (decode_ms|roofline_ms) |Error" | tr '\n' ' ')"; done; done ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
         "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \
