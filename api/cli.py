@@ -297,7 +297,8 @@ def cmd_quantize(args) -> int:
     from kiln.runtime.quantize import quantize_checkpoint
 
     out = quantize_checkpoint(args.checkpoint, args.scheme, args.out, args.calibration, args.alpha, args.samples,
-                              args.seq_len, args.act_order, args.force, args.spec, group_size=args.group_size)
+                              args.seq_len, args.act_order, args.force, args.spec, group_size=args.group_size,
+                              lm_head=args.lm_head)
     print(f"wrote {out} ({args.scheme})")
     return 0
 
@@ -641,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int_arg(1), default=None, metavar="N",
                    help="int4-wo, awq, gptq: input columns per scale and zero point (default 128); must divide "
                         "every quantized weight's input features")
+    p.add_argument("--lm-head", action="store_true",
+                   help="fp8, fp8-channel, int8-wo, int4-wo: quantize the LM head too (by default it stays in the "
+                        "checkpoint's precision, as llm-compressor leaves it)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--spec", metavar="SPEC", help="the spec (default: from the checkpoint's architectures)")
     p.set_defaults(fn=cmd_quantize)

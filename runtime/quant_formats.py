@@ -181,13 +181,14 @@ def _first_tensor(src) -> str | None:
     return src.name if src is not None else None
 
 
-def linear_modules(plan: Plan) -> dict[str, str]:
+def linear_modules(plan: Plan, lm_head: bool = False) -> dict[str, str]:
     """Quantizable weight slot -> the checkpoint module it comes from ('...q_proj' for the
-    tensor '...q_proj.weight'): quantized checkpoints name a linear's tensors after its module."""
+    tensor '...q_proj.weight'): quantized checkpoints name a linear's tensors after its module.
+    lm_head: the (untied) LM head's too (dsl.passes.quantizable)."""
     from kiln.dsl.passes import quantizable
 
     out = {}
-    for name in sorted(quantizable(plan)):
+    for name in sorted(quantizable(plan, lm_head)):
         src = plan.weights[name].source
         if isinstance(src, Tensor) and src.name.endswith(".weight"):
             out[name] = src.name[: -len(".weight")]
@@ -200,6 +201,9 @@ class _Quantized:
     scheme = "none"
     suffixes: tuple[str, ...] = ()
     kv_tensors: tuple[str, ...] = ()
+    # whether desc_of is asked about the LM head too: formats whose config says per module which are quantized
+    # (compressed-tensors' `ignore`); the others never quantize it
+    lm_head_by_config = False
 
     def kv_scales(self, plan: Plan) -> dict[int, tuple[float, float]]:
         return {}
@@ -213,7 +217,7 @@ class _Quantized:
 
     def descs(self, plan: Plan) -> dict[str, QuantDesc]:
         out = {}
-        for slot, module in linear_modules(plan).items():
+        for slot, module in linear_modules(plan, self.lm_head_by_config).items():
             d = self.desc_of(module, plan.weights[slot].shape)
             if d is not None:
                 out[slot] = self._descs[module] = d
@@ -301,8 +305,10 @@ class CompressedTensors(_Quantized):
                      out; w = (q - zero) * scale; act-order `group`: `weight_g_idx` [in]
 
     Each config group's `targets` ('Linear', module names, 're:' regexes) pick its modules; the
-    `ignore` list (same syntax) keeps modules unquantized."""
+    `ignore` list (same syntax) keeps modules unquantized: the LM head is quantized where it is not
+    listed (llm-compressor's recipes list it; `kiln quantize --lm-head` does not)."""
 
+    lm_head_by_config = True
     suffixes = ("weight_scale", "input_scale", "weight_packed", "weight_shape", "weight_zero_point",
                 "weight_g_idx")
 

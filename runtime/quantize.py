@@ -65,6 +65,7 @@ from .reference import StepContext
 from .weights import load_weights
 
 QUANTIZE_SCHEMES = ("fp8", "fp8-channel", "int8-wo", "int4-wo", "smoothquant", "awq", "gptq", "fp8-kv")
+LM_HEAD_SCHEMES = ("fp8", "fp8-channel", "int8-wo", "int4-wo")  # --lm-head: round to nearest, no calibration
 CALIBRATED = ("smoothquant", "awq", "gptq")
 FP8_MAX = 448.0  # e4m3's largest finite value
 INT4_SCHEMES = ("int4-wo", "awq", "gptq")  # the ones --group-size applies to
@@ -372,7 +373,7 @@ def gptq_sequential(plan: Plan, weights: dict, ids: list[int], watch: set[str], 
 # ---------------------------------------------------------------- writers
 
 
-def _ct_config(scheme: str, group: int = GROUP) -> dict:
+def _ct_config(scheme: str, group: int = GROUP, lm_head: bool = False) -> dict:
     """compressed-tensors' quantization_config for a scheme (its documented field names)."""
     def args(bits, kind, strategy, group=None, symmetric=True, dynamic=False):
         return dict(num_bits=bits, type=kind, strategy=strategy, group_size=group, symmetric=symmetric,
@@ -387,7 +388,7 @@ def _ct_config(scheme: str, group: int = GROUP) -> dict:
     return dict(quant_method="compressed-tensors", format=fmt, quantization_status="compressed",
                 config_groups={"group_0": dict(targets=["Linear"], weights=w, input_activations=a,
                                                output_activations=None, format=fmt)},
-                ignore=["lm_head"], kv_cache_scheme=None, sparsity_config={}, transform_config={})
+                ignore=[] if lm_head else ["lm_head"], kv_cache_scheme=None, sparsity_config={}, transform_config={})
 
 
 def _ct_kv_config() -> dict:
@@ -453,10 +454,11 @@ def _gptq_tensors(m: str, q, scale, zero, g_idx, group: int = GROUP) -> dict[str
 def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, calibration: str | None = None,
                         alpha: float = 0.5, samples: int = 32, seq_len: int = 512, act_order: bool = False,
                         force: bool = False, spec: str | Path | None = None, progress: bool = True,
-                        migrate: bool = True, group_size: int | None = None) -> Path:
+                        migrate: bool = True, group_size: int | None = None, lm_head: bool = False) -> Path:
     """Quantize a float checkpoint (a safetensors folder or a GGUF file) with `scheme` and write the
     result to `out` (module doc). `migrate=False` skips SmoothQuant's / AWQ's scale migration (the
-    round-to-nearest baseline). `group_size`: the int4 schemes' group (default 128)."""
+    round-to-nearest baseline). `group_size`: the int4 schemes' group (default 128). `lm_head`: the
+    round-to-nearest schemes (LM_HEAD_SCHEMES) quantize the LM head too (not listed in `ignore`)."""
     from .generate import resolve_source
     from .model import spec_for_config
 
@@ -467,6 +469,9 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
         raise QuantizeError("--act-order applies to --scheme gptq only")
     if group_size is not None and scheme not in INT4_SCHEMES:
         raise QuantizeError(f"--group-size applies to the int4 schemes ({', '.join(INT4_SCHEMES)}), "
+                            f"not --scheme {scheme}")
+    if lm_head and scheme not in LM_HEAD_SCHEMES:
+        raise QuantizeError(f"--lm-head applies to the round-to-nearest schemes ({', '.join(LM_HEAD_SCHEMES)}), "
                             f"not --scheme {scheme}")
     if group_size is not None and group_size < 1:
         raise QuantizeError(f"--group-size {group_size}: must be a positive integer")
@@ -482,9 +487,15 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
         raise QuantizeError(f"CHECKPOINT {checkpoint} is already quantized (config.json quantization_config)")
     spec_path = spec or spec_for_config(ckpt.config, str(ckpt.path))
     plan = passes.build(load_spec(spec_path), ckpt.config)
-    modules = linear_modules(plan) if scheme != "fp8-kv" else {}  # slot -> module (fp8-kv: weights stay float)
+    modules = linear_modules(plan, lm_head) if scheme != "fp8-kv" else {}  # slot -> module (fp8-kv: float)
     if not modules and scheme != "fp8-kv":
         raise QuantizeError(f"CHECKPOINT {checkpoint}: no linear weight can be quantized")
+    heads = sorted(set(modules.values()) - set(linear_modules(plan).values())) if lm_head else []
+    if lm_head and not heads:
+        raise QuantizeError(f"--lm-head: the LM head of CHECKPOINT {checkpoint} is tied to its embedding table (one "
+                            f"tensor) or read by more than its linear, so it cannot be quantized")
+    if heads and heads != ["lm_head"]:  # the config's `ignore` names modules: ours lists 'lm_head' or nothing
+        raise QuantizeError(f"--lm-head: the LM head's module is {', '.join(map(repr, heads))}, not 'lm_head'")
     if scheme in INT4_SCHEMES:
         for slot in modules:
             n_in = plan.weights[slot].shape[1]
@@ -554,7 +565,7 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
     elif scheme == "fp8-kv":
         config["quantization_config"] = _ct_kv_config()
     else:
-        config["quantization_config"] = _ct_config(scheme, group)
+        config["quantization_config"] = _ct_config(scheme, group, lm_head)
     tokenizer = _gguf_tokenizer(ckpt) if ckpt.format == "gguf" else None
     return _write(ckpt, out, config, tensors, force, tokenizer)
 

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from kiln.cli import main
+from kiln.dsl.quant import QWeight
 from kiln.runtime.checkpoint import open_checkpoint
 from kiln.runtime.eval import calibration_text
 from kiln.runtime.model import SingleSequence, load_model
@@ -282,3 +283,30 @@ def test_kl_base_compares_a_written_checkpoint_with_its_float_model(gguf_model, 
     assert based["ppl_base"] != based["ppl"]
     assert main(["eval", "perplexity", str(out), "--kl-base", str(path), "--max-tokens", "96", "--context", "32"]) == 2
     assert "--kl-base applies with --kl-divergence" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int4-wo"])
+def test_lm_head_quantized_too(setup, scheme):
+    """--lm-head: the LM head written quantized (compressed-tensors, left out of `ignore`), read back quantized,
+    and the logits those of quantizing on load with SCHEME+lm-head (the same rounding; scales stored as
+    written)."""
+    _, folder, _, ids = setup
+    out = quantize(setup, scheme, scheme + "-lm-head", "--lm-head")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["ignore"] == []
+    m = load_model(out)
+    assert m.plan.weights["lm_head"].quant.quantized and isinstance(m.model.weights["lm_head"], QWeight)
+    ours = SingleSequence(m, len(ids) + 1).step(ids, all_logits=True)
+    on_load = SingleSequence(load_model(folder, quantization=scheme + "+lm-head"), len(ids) + 1).step(
+        ids, all_logits=True)
+    assert err(ours, on_load) < 1e-3
+    assert err(ours, logits(quantize(setup, scheme) if not (setup[0] / scheme).exists() else setup[0] / scheme,
+                            ids)) > 1e-3  # the head's rounding shows
+
+
+def test_lm_head_needs_a_round_to_nearest_scheme(setup, capsys):
+    root, folder, _, _ = setup
+    rc = main(["quantize", str(folder), "--scheme", "awq", "--lm-head", "--out", str(root / "never-awq")])
+    err_text = capsys.readouterr().err
+    assert rc == 2 and "--lm-head applies to the round-to-nearest schemes" in err_text, err_text
+    assert not (root / "never-awq").exists()
