@@ -599,6 +599,7 @@ class ModelOptFp8(_Quantized):
 
     suffixes = ("weight_scale", "input_scale", "k_scale", "v_scale")
     ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
+    lm_head_by_config = True  # quantized unless exclude_modules lists it (TensorRT-LLM's --quantize_lm_head)
 
     def __init__(self, ckpt: Checkpoint, qc: dict, where: str):
         super().__init__(ckpt, qc, where)

@@ -243,17 +243,18 @@ def gptq_checkpoint(tmp, model, act_order: bool, qc_over=None, drop=None, name="
         float_copy(tmp, model, deq, name + "-deq")
 
 
-def modelopt_checkpoint(tmp, model, in_config: bool, name="modelopt"):
-    """ModelOpt FP8 as TensorRT-LLM's quantize script exports it (hf_quant_config.json)."""
+def modelopt_checkpoint(tmp, model, in_config: bool, name="modelopt", lm_head: bool = False):
+    """ModelOpt FP8 as TensorRT-LLM's quantize script exports it (hf_quant_config.json); lm_head: the LM head
+    quantized too (its --quantize_lm_head: not in exclude_modules)."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     deq = {}
-    for m in modules(model):
+    for m in modules(model) + (["lm_head"] if lm_head else []):
         w = sd[f"{m}.weight"].float()
         s = w.abs().amax() / 448.0
         q = (w / s).clamp(-448, 448).to(torch.float8_e4m3fn)
         deq[m] = q.float() * s
         sd[f"{m}.weight"], sd[f"{m}.weight_scale"], sd[f"{m}.input_scale"] = q, s.reshape(()), torch.tensor(0.03)
-    quant = {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+    quant = {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": [] if lm_head else ["lm_head"]}
     config = model.config.to_dict()
     if in_config:
         config["quantization_config"] = dict(quant_method="modelopt", **quant)
@@ -287,6 +288,15 @@ def test_modelopt_fp8(tmp_path, in_config):
         assert_stored_fp8(loaded, n, w, ref.model.weights[n].float())
         assert w.desc.act_static and w.input_scale.item() == pytest.approx(0.03)
     # W8A8: the activations are quantized too (a static scale), and q/k/v and gate/up share one scale
+    assert rel(logits(q), logits(deq)) < 8e-2
+
+
+def test_modelopt_fp8_with_the_lm_head_quantized(tmp_path):
+    """exclude_modules without lm_head: the LM head stored fp8 too, read as such (not as a float tensor)."""
+    q, deq = modelopt_checkpoint(tmp_path, hf_model(), True, lm_head=True)
+    loaded, ref = load_model(q), load_model(deq)
+    assert isinstance(loaded.model.weights["lm_head"], QWeight)
+    assert_stored_fp8(loaded, "lm_head", loaded.model.weights["lm_head"], ref.model.weights["lm_head"].float())
     assert rel(logits(q), logits(deq)) < 8e-2
 
 
