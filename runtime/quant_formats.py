@@ -534,7 +534,8 @@ class Gptq(_Quantized):
     `scales` [in / g, out], `g_idx` int32 [in] (each input column's group; with `desc_act` the
     columns were quantized in activation order and the groups interleave).
     `checkpoint_format` gptq (v1, the default) stores each zero point minus one — the kernels add
-    the one back — gptq_v2 stores it as is; w = (q - zero) * scale of group g_idx[i]."""
+    the one back — gptq_v2 stores it as is; w = (q - zero) * scale of group g_idx[i]. `lm_head: true`
+    (GPTQModel's, which vLLM reads as lm_head_quantized): the LM head is stored so too."""
 
     scheme = "gptq"
     suffixes = ("qweight", "qzeros", "scales", "g_idx")
@@ -553,6 +554,7 @@ class Gptq(_Quantized):
             raise CheckpointError(f"{where}.checkpoint_format {fmt!r} is not supported (supported: gptq, gptq_v2)")
         self.zero_offset = 1 if fmt == "gptq" else 0
         self.skip = self.key("modules_to_not_convert", None, (list, type(None))) or []
+        self.lm_head_by_config = self.key("lm_head", False, (bool,))
 
     def desc_of(self, module: str, shape: tuple[int, int]) -> QuantDesc | None:
         if any(s in module for s in self.skip):

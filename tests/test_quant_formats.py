@@ -214,11 +214,11 @@ def awq_checkpoint(tmp, model, qc_over=None, drop=None, name="awq"):
         float_copy(tmp, model, deq, name + "-deq")
 
 
-def gptq_checkpoint(tmp, model, act_order: bool, qc_over=None, drop=None, name="gptq", fmt="gptq"):
+def gptq_checkpoint(tmp, model, act_order: bool, qc_over=None, drop=None, name="gptq", fmt="gptq", lm_head=False):
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(1)
     deq = {}
-    for m in modules(model):
+    for m in modules(model) + (["lm_head"] if lm_head else []):
         w = sd.pop(f"{m}.weight")
         n_in = w.shape[1]
         # act-order: a column permutation defines the groups, g_idx names each column's group
@@ -238,7 +238,7 @@ def gptq_checkpoint(tmp, model, act_order: bool, qc_over=None, drop=None, name="
     for k in drop or ():
         sd.pop(k)
     qc = dict(dict(quant_method="gptq", bits=4, group_size=GROUP, desc_act=act_order, sym=False,
-                   checkpoint_format=fmt), **(qc_over or {}))
+                   checkpoint_format=fmt), **(dict(lm_head=True) if lm_head else {}), **(qc_over or {}))
     return write(tmp / name, dict(model.config.to_dict(), quantization_config=qc), sd), \
         float_copy(tmp, model, deq, name + "-deq")
 
@@ -275,6 +275,14 @@ def test_gptq_equals_dequantized(tmp_path, act_order, fmt):
     quantized = [w for w in loaded.model.weights.values() if isinstance(w, QWeight)]
     assert len(quantized) == 2 * len(LINEARS) and all(w.desc.act_order == act_order for w in quantized)
     assert all((w.g_idx is not None) == act_order for w in quantized)
+    assert rel(logits(q), logits(deq)) < 1e-3
+
+
+def test_gptq_with_the_lm_head_quantized(tmp_path):
+    """GPTQModel's `lm_head: true`: the LM head stored as qweight / qzeros / scales / g_idx too, read as such."""
+    q, deq = gptq_checkpoint(tmp_path, hf_model(), False, lm_head=True)
+    loaded = load_model(q)
+    assert isinstance(loaded.model.weights["lm_head"], QWeight)
     assert rel(logits(q), logits(deq)) < 1e-3
 
 
