@@ -201,8 +201,8 @@ class _Quantized:
     scheme = "none"
     suffixes: tuple[str, ...] = ()
     kv_tensors: tuple[str, ...] = ()
-    # whether desc_of is asked about the LM head too: formats whose config says per module which are quantized
-    # (compressed-tensors' `ignore`); the others never quantize it
+    # whether desc_of is asked about the LM head too: formats whose config says so per module (compressed-tensors'
+    # `ignore`, ModelOpt's `exclude_modules`) or for the head itself (GPTQModel's `lm_head`); AutoAWQ never quantizes it
     lm_head_by_config = False
 
     def kv_scales(self, plan: Plan) -> dict[int, tuple[float, float]]:
