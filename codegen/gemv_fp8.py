@@ -62,6 +62,7 @@ DECODES = ("int", "cvt", "mma")
 # warp step is 64 columns of 16-row tiles (two 16-byte loads a lane), `rows` counts rows of W (whole tiles)
 MMA_STEP = 64
 MMA_ROWS = (16, 32, 64)
+ONE_WAVE_TILES = (1, 2)  # spec_for's one-wave tiles a warp (64 rows spill, and lose to waves of 16: spec_for)
 MMA_LOADS = 8  # 16-byte weight loads per lane in flight (2 x tiles x unroll), the default of `loads`
 MMA_LOAD_CHOICES = (4, 8, 16)
 MMA_RING = True  # spec_for's pick of `ring` (read by the mma variant only)
@@ -174,8 +175,12 @@ def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = Fal
     (gate_row, up_row) = `halves`, epilogue.features rows each: out [1, epilogue.features]; with a rotary one
     (a RopeCacheSpec), of its q, k and v rows starting at `halves` (three starts): out q [1, heads * head_dim]."""
     if decode == "mma":
-        tiles, ks = one_wave(math.ceil(n / 16), tuple(r // 16 for r in MMA_ROWS), KSPLITS, math.ceil(k / MMA_STEP),
-                             num_sms * WARPS * MIN_BLOCKS, lambda r, s: (r * math.ceil(k / MMA_STEP / s), s), (4, 1))
+        # One wave of at most 2 tiles a warp; larger (an LM head): one tile a warp over half of K, in waves. At
+        # 128,256 x 4,096 on the H200 (.ci/lmhead_probe.py, session 18): 134.6 us (92% of copy bandwidth) against
+        # 222.7 for its one wave of 4 tiles a warp (whose 128 registers spill); 16 rows x 1 slice 139.0, 32 x 1 140.0.
+        tiles, ks = one_wave(math.ceil(n / 16), ONE_WAVE_TILES, KSPLITS, math.ceil(k / MMA_STEP),
+                             num_sms * WARPS * MIN_BLOCKS, lambda r, s: (r * math.ceil(k / MMA_STEP / s), s),
+                             (1, min(2, math.ceil(k / MMA_STEP))))
         rows = 16 * tiles
     else:
         rows, ks = choose_chunks(n, math.ceil(k / CHUNK), num_sms)

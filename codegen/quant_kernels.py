@@ -224,10 +224,12 @@ def choose_warp(n: int, k: int, group: int, num_sms: int = 132, bps: int = WARP_
     """(tpw, ksplit) of the warp variant, as codegen/gemv.py `choose`: the least weight per warp (the
     critical path when every warp runs at once) such that the grid's warps are all resident
     (num_sms x WARPS x bps blocks per SM); ties to the fewest K slices, then the fewest tiles per warp.
-    Too large for one wave: 4 tiles a warp, no split."""
+    At most 2 tiles a warp; larger (an LM head): one tile a warp over half of K, in waves — at 128,256 x 4,096
+    on the H200 (.ci/lmhead_probe.py, session 18) 85.3 us (77% of copy bandwidth) against 100.8 for its one
+    wave of 4 tiles a warp, and 95.3 for waves of one tile over the whole of K."""
     tiles, nch = math.ceil(n / 16), math.ceil(k / FORMATS["int4"][0])
-    return one_wave(tiles, WARP_TPW, WARP_KSPLITS, nch, num_sms * WARPS * bps,
-                    lambda tw, ks: (tw * warp_shape(k, group, tw, ks)[0], ks, tw), (WARP_TPW[-1], 1))
+    return one_wave(tiles, WARP_TPW[:2], WARP_KSPLITS, nch, num_sms * WARPS * bps,
+                    lambda tw, ks: (tw * warp_shape(k, group, tw, ks)[0], ks, tw), (1, min(2, nch)))
 
 
 @dataclass(frozen=True)

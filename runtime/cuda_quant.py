@@ -91,7 +91,7 @@ def runs(desc: QuantDesc) -> bool:
 class QGemm:
     desc: QuantDesc
     out_features: int
-    q: torch.Tensor  # fp8: [out, in] (row-major: `q.t()` is the column-major operand cuBLASLt wants)
+    q: torch.Tensor  # fp8: [out rounded up to 16, in] (row-major: `q.t()` is the column-major operand cuBLASLt wants)
     scale: torch.Tensor  # fp8 per-tensor: [] ; per-channel: [1, out]
     weight: QWeight | None = None  # formats without a fused kernel yet: the (fused) stored weight
     input_scale: torch.Tensor | None = None
@@ -190,6 +190,7 @@ class QGemm:
             raise KernelSpecError(f"{name}={switch!r}: must be 0 or 1")
         d = self.desc
         return (switch == "1" and d.dtype == "fp8" and self.packed is None and FP8_GEMV in ("1", "pdl")
+                and self.q.shape[0] == self.out_features
                 and FP8_GEMV_DECODE == "mma"
                 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
                 and d.act in ("fp8_tensor", "fp8_token") and gemv_fp8.takes(x, self.q)
@@ -202,6 +203,10 @@ class QGemm:
         d = self.desc
         if self.packed is not None:
             return self.packed.linear(x, bias)
+        if d.dtype == "fp8" and self.q.shape[0] != self.out_features:
+            # rows padded at load (`prepare`): the real rows of the padded GEMM, the bias after them
+            y = dataclasses.replace(self, out_features=self.q.shape[0])(x, None, valid)[:, :self.out_features]
+            return (y if bias is None else y + bias).contiguous()
         if d.dtype == "fp8":
             if (FP8_GEMV in ("1", "pdl") and x.shape[0] == 1 and d.act in ("fp8_tensor", "fp8_token")
                     and gemv_fp8.takes(x, self.q) and (bias is None or bias.dtype == x.dtype)):
@@ -241,16 +246,19 @@ def prepare(ws: list[QWeight], slices: list[tuple[int, int]], dtype: torch.dtype
     rows = slices[-1][0] + slices[-1][1]
     n_in = ws[0].shape[1]
     if desc.dtype == "fp8":
+        # cuBLASLt's fp8 GEMM (torch._scaled_mm) takes only multiples of 16 rows: others (a vocabulary of 1,000
+        # or 50,257 in an LM head) are padded with zero rows here, and QGemm returns the real rows
+        padded = -(-rows // 16) * 16
         if desc.scale_layout == "per_tensor":
             s = max(float(w.scale) for w in ws)
-            q = torch.zeros(rows, n_in, dtype=torch.float8_e4m3fn, device=ws[0].device)
+            q = torch.zeros(padded, n_in, dtype=torch.float8_e4m3fn, device=ws[0].device)
             for (start, width), w in zip(slices, ws):
                 # requantize to the shared scale: exact when the sibling's scale is the largest
                 q[start:start + width] = (w.q.float() * (w.scale.float() / s)).to(torch.float8_e4m3fn)
             scale = torch.tensor(s, dtype=torch.float32, device=q.device)
         else:
-            q = torch.zeros(rows, n_in, dtype=torch.float8_e4m3fn, device=ws[0].device)
-            scale = torch.ones(1, rows, dtype=torch.float32, device=q.device)
+            q = torch.zeros(padded, n_in, dtype=torch.float8_e4m3fn, device=ws[0].device)
+            scale = torch.ones(1, padded, dtype=torch.float32, device=q.device)
             for (start, width), w in zip(slices, ws):
                 q[start:start + width] = w.q
                 scale[0, start:start + width] = w.scale
