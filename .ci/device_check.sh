@@ -59,8 +59,8 @@
 #   bash .ci/device_check.sh lmhead    session 17 (written without device time): the quantized LM head (--quantization
 #                                         SCHEME+lm-head): the GPU scheme tests, then batch-1 decode of the 8B shape in bf16, fp8,
 #                                         fp8+lm-head, int4-wo and int4-wo+lm-head, twice
-#   bash .ci/device_check.sh prefetch  session 18: decode attention's K/V prefetched into L2 before griddepcontrol.wait
-#                                         (KILN_DECODE_PREFETCH=1): its GPU tests, then batch-1 decode off / on
+#   bash .ci/device_check.sh epi       session 18: the opt-in fp8 / int4 GEMV epilogues and the fused Mamba-2 conv + scan,
+#                                         off / on, on the GPU's step time (decode_back_to_back_ms)
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     session 7's opt-in kernels (both default since): the one-row FP8 GEMV
 #                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp, against the loop):
@@ -295,17 +295,15 @@ for mode in "$@"; do
       for i in 1 2; do for q in bf16 fp8 fp8+lm-head int4-wo int4-wo+lm-head; do opt=(--quantization $q); [ $q = bf16 ] && opt=()
         echo "batch-1 decode, $q $(timeout 60 $KILN bench latency --config $L "${opt[@]}" --prompt 1024 --steps 64 2>&1 \
           | grep -a -E "^\| (decode_ms|decode_back_to_back_ms|roofline_ms) |Error" | tr '\n' ' ')"; done; done ;;
-    prefetch)  # session 18: decode attention prefetches its first tiles' K/V into L2 before griddepcontrol.wait
-               # (KILN_DECODE_PREFETCH): the decode-attention and whole-model GPU tests with it on, then batch-1
-               # decode of the 8B shape off / on alternately (PF_RUNS pairs, 2) in bf16, fp8 and int4-wo
-      KILN_DECODE_PREFETCH=1 timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} \
-        tests/gpu/test_kernels.py tests/gpu/test_cuda_backend.py -k "decode or engine or graph" 2>&1 \
-        | tee "$OUT/prefetch-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
-      for i in $(seq ${PF_RUNS:-2}); do for q in bf16 fp8 int4-wo; do for v in 0 1; do opt=(--quantization $q)
-        [ $q = bf16 ] && opt=()
-        echo "batch-1 decode, $q KILN_DECODE_PREFETCH=$v $(KILN_DECODE_PREFETCH=$v timeout 60 $KILN bench latency \
-          --config $L "${opt[@]}" --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_ms|decode_back_to_back_ms) |Error" | tr '\n' ' ')"
-        done; done; done ;;
+    epi)  # session 18: the opt-in fusions A/B'd on the GPU's step time (bench latency's decode_back_to_back_ms, steady
+          # within 0.2% where decode_ms spreads by 5-10%), 0 / 1 alternately, EPI_RUNS pairs (2): fp8
+          # KILN_FP8_GEMV_EPILOGUE, int4-wo KILN_INT4_GEMV_EPILOGUE (8B shape), KILN_SSM_FUSE (Mamba-2 2.7B, bf16)
+      for i in $(seq ${EPI_RUNS:-2}); do
+        for ab in "fp8 KILN_FP8_GEMV_EPILOGUE $L" "int4-wo KILN_INT4_GEMV_EPILOGUE $L" "none KILN_SSM_FUSE configs/mamba2-2.7b.json"; do
+          read -r q var cfg <<< "$ab"; opt=(--quantization $q); [ $q = none ] && opt=()
+          for v in 0 1; do echo "batch-1 decode, $cfg $q $var=$v $(env $var=$v timeout 60 $KILN bench latency --config $cfg \
+            "${opt[@]}" --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error" \
+            | tr '\n' ' ')"; done; done; done ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
         "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \

@@ -243,13 +243,6 @@ def _merge_params(s: DecodeAttnSpec, d: int) -> dict:
     return dict(merge_dpl=dpl, fast_merge=s.tuned, merge_rows=max(4, 16 // dpl))
 
 
-# The tensor-core decode kernel prefetches its first tiles' K/V into L2 before griddepcontrol.wait
-# (KILN_DECODE_PREFETCH=1; off by default until measured): at batch 1 the kernel is latency-bound (7.6 us a
-# layer at context 1,024 for 4 MB of K/V, BENCHMARKS.md session 14), and launched early behind the qkv GEMV
-# it can start the DRAM reads of earlier tokens' pages while that GEMV still runs. Read once, as KILN_PDL_TRIGGER.
-_DECODE_PREFETCH_ENV = os.environ.get("KILN_DECODE_PREFETCH", "0")
-DECODE_PREFETCH_TILES = 3  # tiles a warp prefetched: the ring's first copies and the next iteration's
-
 DECODE_WARPS = 4  # tensor-core decode: warps per block, each streaming its own 16-token tiles
 # Shared memory per tensor-core decode block: two blocks (8 warps) per SM on Hopper and Ampere-class
 # parts (228 KB per SM, 1 KB of it reserved per block), which keeps 2 tiles per warp in flight.
@@ -302,11 +295,7 @@ def _decode_mma(s: DecodeAttnSpec, group: int) -> KernelSource:
         else "scores: q.k * scale * log2 e",
         alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s), **_merge_params(s, d),
         prefetch_pages=s.tuned, min_blocks=s.min_blocks,
-        l2_prefetch=_DECODE_PREFETCH_ENV == "1" and not s.window, pf_tokens=16 * warps * DECODE_PREFETCH_TILES,
-        pf_lines=max(1, s.page_size * d * citem // 128), line_elems=128 // citem,
     )
-    if _DECODE_PREFETCH_ENV not in ("0", "1"):
-        raise KernelSpecError(f"KILN_DECODE_PREFETCH={_DECODE_PREFETCH_ENV!r}: must be 0 or 1")
     name = _name(f"decode_attn_mma{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     # tile: the partition granule (one 16-token tile per warp), so every warp gets the same work
     meta = dict(threads=threads, smem=smem, tile=16 * warps, stages=stages, gc=gc, chunks=group // gc, mma=True)
