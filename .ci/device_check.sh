@@ -59,7 +59,7 @@
 #   bash .ci/device_check.sh lmhead    session 17 (written without device time): the quantized LM head (--quantization
 #                                         SCHEME+lm-head): the GPU scheme tests, then batch-1 decode of the 8B shape in bf16, fp8,
 #                                         fp8+lm-head, int4-wo and int4-wo+lm-head, twice
-#   bash .ci/device_check.sh epi       session 18: the opt-in fp8 / int4 GEMV epilogues and the fused Mamba-2 conv + scan,
+#   bash .ci/device_check.sh fusions   session 18: the opt-in fp8 / int4 GEMV epilogues and the fused Mamba-2 conv + scan,
 #                                         off / on, on the GPU's step time (decode_back_to_back_ms)
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     session 7's opt-in kernels (both default since): the one-row FP8 GEMV
@@ -295,7 +295,7 @@ for mode in "$@"; do
       for i in 1 2; do for q in bf16 fp8 fp8+lm-head int4-wo int4-wo+lm-head; do opt=(--quantization $q); [ $q = bf16 ] && opt=()
         echo "batch-1 decode, $q $(timeout 60 $KILN bench latency --config $L "${opt[@]}" --prompt 1024 --steps 64 2>&1 \
           | grep -a -E "^\| (decode_ms|decode_back_to_back_ms|roofline_ms) |Error" | tr '\n' ' ')"; done; done ;;
-    epi)  # session 18: the opt-in fusions A/B'd on the GPU's step time (bench latency's decode_back_to_back_ms, steady
+    fusions)  # session 18: the opt-in fusions A/B'd on the GPU's step time (bench latency's decode_back_to_back_ms, steady
           # within 0.2% where decode_ms spreads by 5-10%), 0 / 1 alternately, EPI_RUNS pairs (2): fp8
           # KILN_FP8_GEMV_EPILOGUE, int4-wo KILN_INT4_GEMV_EPILOGUE (8B shape), KILN_SSM_FUSE (Mamba-2 2.7B, bf16)
       for i in $(seq ${EPI_RUNS:-2}); do
@@ -304,6 +304,12 @@ for mode in "$@"; do
           for v in 0 1; do echo "batch-1 decode, $cfg $q $var=$v $(env $var=$v timeout 60 $KILN bench latency --config $cfg \
             "${opt[@]}" --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error" \
             | tr '\n' ' ')"; done; done; done ;;
+    refix)  # session 18, after call 5: the fp8 GEMM tests (rows padded to 16 at load) and call 5's LoRA failure's seed
+      timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_gemv_fp8.py \
+        tests/gpu/test_quant_kernels.py tests/gpu/test_gemv_fp8_xonce.py tests/gpu/test_fp8_graph_padding.py 2>&1 \
+        | tee "$OUT/refix-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      KILN_TEST_SEED=3212102691 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_lora.py \
+        -k "test_cuda_backend_with_adapters_matches_reference and fp32" 2>&1 | grep -a -E "^E  .*step|passed|failed" | tail -6 ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
         "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \

@@ -190,7 +190,7 @@ class QGemm:
             raise KernelSpecError(f"{name}={switch!r}: must be 0 or 1")
         d = self.desc
         return (switch == "1" and d.dtype == "fp8" and self.packed is None and FP8_GEMV in ("1", "pdl")
-                and self.q.shape[0] == self.out_features
+                and self.q.shape[0] == self.out_features  # not padded (`prepare`)
                 and FP8_GEMV_DECODE == "mma"
                 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
                 and d.act in ("fp8_tensor", "fp8_token") and gemv_fp8.takes(x, self.q)
@@ -203,26 +203,29 @@ class QGemm:
         d = self.desc
         if self.packed is not None:
             return self.packed.linear(x, bias)
-        if d.dtype == "fp8" and self.q.shape[0] != self.out_features:
-            # rows padded at load (`prepare`): the real rows of the padded GEMM, the bias after them
-            y = dataclasses.replace(self, out_features=self.q.shape[0])(x, None, valid)[:, :self.out_features]
-            return (y if bias is None else y + bias).contiguous()
         if d.dtype == "fp8":
+            n = self.out_features  # q's rows past n: `prepare`'s padding to a multiple of 16 (zeros)
             if (FP8_GEMV in ("1", "pdl") and x.shape[0] == 1 and d.act in ("fp8_tensor", "fp8_token")
                     and gemv_fp8.takes(x, self.q) and (bias is None or bias.dtype == x.dtype)):
-                # one token: per-token and per-tensor activation scales are the same number
-                return gemv_fp8.linear(x, self.q, self.scale, bias, self.input_scale if d.act_static else None,
+                # one token: per-token and per-tensor activation scales are the same number; the GEMV takes
+                # any row count, so it reads the real rows only (views: contiguous, q's alignment)
+                return gemv_fp8.linear(x, self.q[:n], self.scale if self.scale.dim() == 0 else self.scale[:, :n],
+                                       bias, self.input_scale if d.act_static else None,
                                        pdl=FP8_GEMV == "pdl", origin=self.origin, decode=FP8_GEMV_DECODE)
             kernel = ACT_KERNEL and x.is_cuda and x.shape[1] % (16 // x.element_size()) == 0
             xq, sx = self.quantize_act(x, valid) if kernel else self.quantize_act_torch(x, valid)
+            padded = self.q.shape[0] != n
             if self.scale.dim() == 0:
-                fused = bias if x.dtype != torch.float32 else None  # cuBLASLt: no bias with an fp32 output
+                # cuBLASLt: no bias with an fp32 output; padded rows: the bias added to the real ones after
+                fused = bias if x.dtype != torch.float32 and not padded else None
                 y = torch._scaled_mm(xq, self.q.t(), scale_a=sx, scale_b=self.scale, bias=fused, out_dtype=x.dtype)
+                y = y[:, :n].contiguous() if padded else y
                 return y if bias is None or fused is not None else y + bias
             # Per-channel: the products with unit scales in fp32, then both scales (cuBLASLt's own
             # row-wise scaling disagreed with the reference by ~3% on the H200, so it is not used).
             one = torch.ones((), dtype=torch.float32, device=x.device)
-            y = torch._scaled_mm(xq, self.q.t(), scale_a=one, scale_b=one, out_dtype=torch.float32) * sx * self.scale
+            y = torch._scaled_mm(xq, self.q.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)[:, :n] * sx \
+                * self.scale[:, :n]
             return (y if bias is None else y + bias.float()).to(x.dtype)
         w = self.weight
         if d.act == "int8_token":
