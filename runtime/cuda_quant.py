@@ -62,22 +62,23 @@ ACT_KERNEL = True
 FP8_GEMV = os.environ.get("KILN_FP8_GEMV", "pdl")
 FP8_GEMV_DECODE = os.environ.get("KILN_FP8_GEMV_DECODE", "mma")
 # The gate+up fp8 GEMV at one row with the gated activation in its epilogue (QGemm.gemv_epilogue, where the
-# cuda backend's KILN_GEMV_EPILOGUE fuses it): "1" (KILN_FP8_GEMV_EPILOGUE=1). Off ("0") because on the H200
-# (BENCHMARKS.md, session 14) it was not shown faster: the 8B fp8 decode step took 3.421 / 3.373 ms with it
-# against 3.288 / 3.294 without in one call, 3.418 / 3.081 against 3.245 / 3.528 in another, though the
-# bf16 GEMV's epilogue saves time. Read when a step runs (and is captured).
-FP8_GEMV_EPILOGUE = os.environ.get("KILN_FP8_GEMV_EPILOGUE", "0")
+# cuda backend's KILN_GEMV_EPILOGUE fuses it): "1", the default since session 18; "0" off. On the H200 the 8B
+# fp8 batch-1 step on the GPU (bench latency's decode_back_to_back_ms, BENCHMARKS.md session 18) took 2.831 /
+# 2.825 ms with it against 2.980 / 2.979 without, alternating in one call. Session 14's per-step events, whose
+# host jitter spread by 5-10%, had not shown it faster. Read when a step runs (and is captured).
+FP8_GEMV_EPILOGUE = os.environ.get("KILN_FP8_GEMV_EPILOGUE", "1")
 # The qkv fp8 GEMV at one row with the rotary + paged KV write in its epilogue (QGemm.gemv_rope, where the
 # cuda backend's KILN_GEMV_ROPE links the qkv GEMM to its attention): "1", the default. On the H200 (session
 # 16, BENCHMARKS.md) the 8B fp8 decode step took 3.251 / 3.233 ms with it against 3.288 / 3.287 without,
 # alternating in one call, after its GPU tests passed; KILN_FP8_GEMV_ROPE=0 turns it off. Read when a step runs.
 FP8_GEMV_ROPE = os.environ.get("KILN_FP8_GEMV_ROPE", "1")
 # The int4 gate+up GEMV at up to 8 rows with the gated activation in its epilogue (QGemm.paired: the weight's
-# halves packed in (gate, up) pairs at load; Packed.gated): "1" (KILN_INT4_GEMV_EPILOGUE=1). Off ("0"): on the
-# H200 (session 16, BENCHMARKS.md) its GPU tests pass, bit-equal, but the int4 decode A/B was inconclusive (a
-# machine whose runs spread by 14%: 2.621 ms mean with it, 2.669 without). Read when the backend is built (the
-# pairing) and when a step runs.
-INT4_GEMV_EPILOGUE = os.environ.get("KILN_INT4_GEMV_EPILOGUE", "0")
+# halves packed in (gate, up) pairs at load; Packed.gated): "1", the default since session 18; "0" off. Its GPU
+# tests pass, bit-equal (session 16). On the H200 the 8B int4-wo batch-1 step on the GPU (bench latency's
+# decode_back_to_back_ms, BENCHMARKS.md session 18) took 2.291 / 2.287 ms with it against 2.387 / 2.384 without,
+# alternating in one call (sessions 16-17's per-step events had spread too much to tell). Read when the backend
+# is built (the pairing) and when a step runs.
+INT4_GEMV_EPILOGUE = os.environ.get("KILN_INT4_GEMV_EPILOGUE", "1")
 
 
 def runs(desc: QuantDesc) -> bool:

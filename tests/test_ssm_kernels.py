@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _fusion_on(monkeypatch):
-    """The fused conv + scan step is opt-in (codegen/fuse.py ssm_fuse_enabled): on for these tests
-    (a test that sets KILN_SSM_FUSE itself overrides it)."""
+    """The fused conv + scan step (codegen/fuse.py ssm_fuse_enabled, the default): on for these tests whatever the
+    environment says (a test that sets KILN_SSM_FUSE itself overrides it)."""
     monkeypatch.setenv("KILN_SSM_FUSE", "1")
 
 def _ssm_specs(name: str, config: dict, dtype: torch.dtype) -> list:

@@ -44,7 +44,8 @@ DTYPES = {"fp32": (torch.float32, 1e-4), "bf16": (torch.bfloat16, 2e-2)}
 
 @pytest.fixture(autouse=True)
 def _fusion_on(monkeypatch):
-    """The fused conv + scan step is opt-in (codegen/fuse.py ssm_fuse_enabled): on for these tests."""
+    """The fused conv + scan step (codegen/fuse.py ssm_fuse_enabled, the default): on for these tests whatever the
+    environment says."""
     monkeypatch.setenv("KILN_SSM_FUSE", "1")
 
 
