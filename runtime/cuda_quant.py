@@ -152,7 +152,7 @@ class QGemm:
             return self.packed.gated(x, bias, epilogue, origin)
         if not self._fused_takes(x, bias, "KILN_FP8_GEMV_EPILOGUE", FP8_GEMV_EPILOGUE):
             return None
-        return gemv_fp8.linear(x, self.q, self.scale, bias, self.input_scale if self.desc.act_static else None,
+        return gemv_fp8.linear(x, *self.real_rows(), bias, self.input_scale if self.desc.act_static else None,
                                pdl=FP8_GEMV == "pdl", origin=origin, decode="mma", epilogue=epilogue,
                                halves=halves)
 
@@ -179,9 +179,15 @@ class QGemm:
         caller runs this GEMM, then the rotary kernel. origin: both spec ops."""
         if not self._fused_takes(x, bias, "KILN_FP8_GEMV_ROPE", FP8_GEMV_ROPE):
             return None
-        return gemv_fp8.linear(x, self.q, self.scale, bias, self.input_scale if self.desc.act_static else None,
+        return gemv_fp8.linear(x, *self.real_rows(), bias, self.input_scale if self.desc.act_static else None,
                                pdl=FP8_GEMV == "pdl", origin=origin, decode="mma", epilogue=rope,
                                halves=qkv_rows, rope=cache)
+
+    def real_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp8 (q, scale) without `prepare`'s padding rows, for the one-row GEMVs, which take any row count
+        (views: contiguous, with q's alignment)."""
+        n = self.out_features
+        return self.q[:n], self.scale if self.scale.dim() == 0 else self.scale[:, :n]
 
     def _fused_takes(self, x: torch.Tensor, bias: torch.Tensor | None, name: str, switch: str) -> bool:
         """Whether the fp8 "mma" GEMV with an epilogue runs this call: the switch `name` (value `switch`) on,
@@ -191,7 +197,6 @@ class QGemm:
             raise KernelSpecError(f"{name}={switch!r}: must be 0 or 1")
         d = self.desc
         return (switch == "1" and d.dtype == "fp8" and self.packed is None and FP8_GEMV in ("1", "pdl")
-                and self.q.shape[0] == self.out_features  # not padded (`prepare`)
                 and FP8_GEMV_DECODE == "mma"
                 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
                 and d.act in ("fp8_tensor", "fp8_token") and gemv_fp8.takes(x, self.q)
@@ -208,10 +213,8 @@ class QGemm:
             n = self.out_features  # q's rows past n: `prepare`'s padding to a multiple of 16 (zeros)
             if (FP8_GEMV in ("1", "pdl") and x.shape[0] == 1 and d.act in ("fp8_tensor", "fp8_token")
                     and gemv_fp8.takes(x, self.q) and (bias is None or bias.dtype == x.dtype)):
-                # one token: per-token and per-tensor activation scales are the same number; the GEMV takes
-                # any row count, so it reads the real rows only (views: contiguous, q's alignment)
-                return gemv_fp8.linear(x, self.q[:n], self.scale if self.scale.dim() == 0 else self.scale[:, :n],
-                                       bias, self.input_scale if d.act_static else None,
+                # one token: per-token and per-tensor activation scales are the same number
+                return gemv_fp8.linear(x, *self.real_rows(), bias, self.input_scale if d.act_static else None,
                                        pdl=FP8_GEMV == "pdl", origin=self.origin, decode=FP8_GEMV_DECODE)
             kernel = ACT_KERNEL and x.is_cuda and x.shape[1] % (16 // x.element_size()) == 0
             xq, sx = self.quantize_act(x, valid) if kernel else self.quantize_act_torch(x, valid)
