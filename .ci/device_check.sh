@@ -59,8 +59,8 @@
 #   bash .ci/device_check.sh lmhead    session 17 (written without device time): the quantized LM head (--quantization
 #                                         SCHEME+lm-head): the GPU scheme tests, then batch-1 decode of the 8B shape in bf16, fp8,
 #                                         fp8+lm-head, int4-wo and int4-wo+lm-head, twice
-#   bash .ci/device_check.sh fusions   session 18: the opt-in fp8 / int4 GEMV epilogues and the fused Mamba-2 conv + scan,
-#                                         off / on, on the GPU's step time (decode_back_to_back_ms)
+#   bash .ci/device_check.sh fusions   session 18: switches off / on on the GPU's step time (decode_back_to_back_ms): by
+#                                         default the fp8 / int4 GEMV epilogues and the fused Mamba-2 conv + scan; AB=...
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     session 7's opt-in kernels (both default since): the one-row FP8 GEMV
 #                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp, against the loop):
@@ -295,15 +295,16 @@ for mode in "$@"; do
       for i in 1 2; do for q in bf16 fp8 fp8+lm-head int4-wo int4-wo+lm-head; do opt=(--quantization $q); [ $q = bf16 ] && opt=()
         echo "batch-1 decode, $q $(timeout 60 $KILN bench latency --config $L "${opt[@]}" --prompt 1024 --steps 64 2>&1 \
           | grep -a -E "^\| (decode_ms|decode_back_to_back_ms|roofline_ms) |Error" | tr '\n' ' ')"; done; done ;;
-    fusions)  # session 18: the opt-in fusions A/B'd on the GPU's step time (bench latency's decode_back_to_back_ms, steady
-          # within 0.2% where decode_ms spreads by 5-10%), 0 / 1 alternately, EPI_RUNS pairs (2): fp8
-          # KILN_FP8_GEMV_EPILOGUE, int4-wo KILN_INT4_GEMV_EPILOGUE (8B shape), KILN_SSM_FUSE (Mamba-2 2.7B, bf16)
-      for i in $(seq ${EPI_RUNS:-2}); do
-        for ab in "fp8 KILN_FP8_GEMV_EPILOGUE $L" "int4-wo KILN_INT4_GEMV_EPILOGUE $L" "none KILN_SSM_FUSE configs/mamba2-2.7b.json"; do
-          read -r q var cfg <<< "$ab"; opt=(--quantization $q); [ $q = none ] && opt=()
-          for v in 0 1; do echo "batch-1 decode, $cfg $q $var=$v $(env $var=$v timeout 60 $KILN bench latency --config $cfg \
-            "${opt[@]}" --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error" \
-            | tr '\n' ' ')"; done; done; done ;;
+    fusions)  # session 18: switches A/B'd on the GPU's step time (bench latency's decode_back_to_back_ms, steady within
+              # 0.2% where decode_ms spreads by 5-10%), alternately, AB_RUNS pairs (2). AB: ';'-separated items
+              # "QUANTIZATION VARIABLE OFF ON CONFIG" (none: bf16); by default session 18's three fusions, then on:
+              # fp8 KILN_FP8_GEMV_EPILOGUE, int4-wo KILN_INT4_GEMV_EPILOGUE (8B shape), KILN_SSM_FUSE (Mamba-2 2.7B)
+      IFS=';' read -ra items <<< "${AB:-fp8 KILN_FP8_GEMV_EPILOGUE 0 1 $L;int4-wo KILN_INT4_GEMV_EPILOGUE 0 1 $L;none KILN_SSM_FUSE 0 1 configs/mamba2-2.7b.json}"
+      for i in $(seq ${AB_RUNS:-2}); do for item in "${items[@]}"; do
+        read -r q var off on cfg <<< "$item"; opt=(--quantization $q); [ $q = none ] && opt=()
+        for v in $off $on; do echo "batch-1 decode, $cfg $q $var=$v $(env $var=$v timeout 60 $KILN bench latency --config $cfg \
+          "${opt[@]}" --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error" \
+          | tr '\n' ' ')"; done; done; done ;;
     refix)  # session 18, after call 5: the fp8 GEMM tests (rows padded to 16 at load) and call 5's LoRA failure's seed
       timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_gemv_fp8.py \
         tests/gpu/test_quant_kernels.py tests/gpu/test_gemv_fp8_xonce.py tests/gpu/test_fp8_graph_padding.py 2>&1 \

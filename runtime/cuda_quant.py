@@ -93,7 +93,7 @@ class QGemm:
     desc: QuantDesc
     out_features: int
     q: torch.Tensor  # fp8: [out rounded up to 16, in] (row-major: `q.t()` is the column-major operand cuBLASLt wants)
-    scale: torch.Tensor  # fp8 per-tensor: [] ; per-channel: [1, out]
+    scale: torch.Tensor  # fp8 per-tensor: [] ; per-channel: [1, out rounded up to 16] (1 past out)
     weight: QWeight | None = None  # formats without a fused kernel yet: the (fused) stored weight
     input_scale: torch.Tensor | None = None
     origin: str = "linear"
