@@ -296,7 +296,7 @@ for mode in "$@"; do
         echo "batch-1 decode, $q $(timeout 60 $KILN bench latency --config $L "${opt[@]}" --prompt 1024 --steps 64 2>&1 \
           | grep -a -E "^\| (decode_ms|decode_back_to_back_ms|roofline_ms) |Error" | tr '\n' ' ')"; done; done ;;
     fusions)  # session 18: switches A/B'd on the GPU's step time (bench latency's decode_back_to_back_ms, steady within
-              # 0.2% where decode_ms spreads by 5-10%), alternately, AB_RUNS pairs (2). AB: ';'-separated items
+              # 0.2% where decode_ms spreads by 8% or more), alternately, AB_RUNS pairs (2). AB: ';'-separated items
               # "QUANTIZATION VARIABLE OFF ON CONFIG" (none: bf16); by default session 18's three fusions, then on:
               # fp8 KILN_FP8_GEMV_EPILOGUE, int4-wo KILN_INT4_GEMV_EPILOGUE (8B shape), KILN_SSM_FUSE (Mamba-2 2.7B)
       IFS=';' read -ra items <<< "${AB:-fp8 KILN_FP8_GEMV_EPILOGUE 0 1 $L;int4-wo KILN_INT4_GEMV_EPILOGUE 0 1 $L;none KILN_SSM_FUSE 0 1 configs/mamba2-2.7b.json}"

@@ -64,8 +64,8 @@ FP8_GEMV_DECODE = os.environ.get("KILN_FP8_GEMV_DECODE", "mma")
 # The gate+up fp8 GEMV at one row with the gated activation in its epilogue (QGemm.gemv_epilogue, where the
 # cuda backend's KILN_GEMV_EPILOGUE fuses it): "1", the default since session 18; "0" off. On the H200 the 8B
 # fp8 batch-1 step on the GPU (bench latency's decode_back_to_back_ms, BENCHMARKS.md session 18) took 2.831 /
-# 2.825 ms with it against 2.980 / 2.979 without, alternating in one call. Session 14's per-step events, whose
-# host jitter spread by 5-10%, had not shown it faster. Read when a step runs (and is captured).
+# 2.825 ms with it against 2.980 / 2.979 without, alternating in one call. Session 14's per-step events (the host's
+# jitter included) had not shown it faster. Read when a step runs (and is captured).
 FP8_GEMV_EPILOGUE = os.environ.get("KILN_FP8_GEMV_EPILOGUE", "1")
 # The qkv fp8 GEMV at one row with the rotary + paged KV write in its epilogue (QGemm.gemv_rope, where the
 # cuda backend's KILN_GEMV_ROPE links the qkv GEMM to its attention): "1", the default. On the H200 (session
