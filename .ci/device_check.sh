@@ -61,6 +61,8 @@
 #                                         fp8+lm-head, int4-wo and int4-wo+lm-head, twice
 #   bash .ci/device_check.sh fusions   session 18: switches off / on on the GPU's step time (decode_back_to_back_ms): by
 #                                         default the fp8 / int4 GEMV epilogues and the fused Mamba-2 conv + scan; AB=...
+#   bash .ci/device_check.sh int4rope  session 18 (written without device time): the int4 qkv GEMV's rotary epilogue
+#                                         (KILN_INT4_GEMV_ROPE=1): its GPU tests, then int4-wo+lm-head decode off / on
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     session 7's opt-in kernels (both default since): the one-row FP8 GEMV
 #                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp, against the loop):
@@ -79,6 +81,17 @@ for p in dsl codegen runtime; do ln -s "$(readlink -f "$p")" /tmp/new/kiln/$p; d
 export PYTHONPATH=/tmp/new:/tmp/site:.
 KILN="python3 -m kiln.cli"  # a command, not a shell function: `timeout` runs it
 L=configs/llama-3-8b.json
+# Switches A/B'd on the GPU's step time (bench latency's decode_back_to_back_ms, steady within 0.2% where decode_ms
+# spreads by 8% or more), alternately, AB_RUNS pairs (2). $1: ';'-separated items "QUANTIZATION VARIABLE OFF ON
+# CONFIG" (none: bf16).
+ab_runs() {
+  IFS=';' read -ra items <<< "$1"
+  for i in $(seq ${AB_RUNS:-2}); do for item in "${items[@]}"; do
+    read -r q var off on cfg <<< "$item"; opt=(--quantization $q); [ $q = none ] && opt=()
+    for v in $off $on; do echo "batch-1 decode, $cfg $q $var=$v $(env $var=$v timeout 60 $KILN bench latency --config $cfg \
+      "${opt[@]}" --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error" \
+      | tr '\n' ' ')"; done; done; done
+}
 for mode in "$@"; do
   case $mode in
     tests)
@@ -295,16 +308,15 @@ for mode in "$@"; do
       for i in 1 2; do for q in bf16 fp8 fp8+lm-head int4-wo int4-wo+lm-head; do opt=(--quantization $q); [ $q = bf16 ] && opt=()
         echo "batch-1 decode, $q $(timeout 60 $KILN bench latency --config $L "${opt[@]}" --prompt 1024 --steps 64 2>&1 \
           | grep -a -E "^\| (decode_ms|decode_back_to_back_ms|roofline_ms) |Error" | tr '\n' ' ')"; done; done ;;
-    fusions)  # session 18: switches A/B'd on the GPU's step time (bench latency's decode_back_to_back_ms, steady within
-              # 0.2% where decode_ms spreads by 8% or more), alternately, AB_RUNS pairs (2). AB: ';'-separated items
-              # "QUANTIZATION VARIABLE OFF ON CONFIG" (none: bf16); by default session 18's three fusions, then on:
-              # fp8 KILN_FP8_GEMV_EPILOGUE, int4-wo KILN_INT4_GEMV_EPILOGUE (8B shape), KILN_SSM_FUSE (Mamba-2 2.7B)
-      IFS=';' read -ra items <<< "${AB:-fp8 KILN_FP8_GEMV_EPILOGUE 0 1 $L;int4-wo KILN_INT4_GEMV_EPILOGUE 0 1 $L;none KILN_SSM_FUSE 0 1 configs/mamba2-2.7b.json}"
-      for i in $(seq ${AB_RUNS:-2}); do for item in "${items[@]}"; do
-        read -r q var off on cfg <<< "$item"; opt=(--quantization $q); [ $q = none ] && opt=()
-        for v in $off $on; do echo "batch-1 decode, $cfg $q $var=$v $(env $var=$v timeout 60 $KILN bench latency --config $cfg \
-          "${opt[@]}" --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error" \
-          | tr '\n' ' ')"; done; done; done ;;
+    fusions)  # session 18: switches A/B'd on the GPU's step time (ab_runs above); AB: its items, by default session
+              # 18's three fusions, then on: fp8 KILN_FP8_GEMV_EPILOGUE, int4-wo KILN_INT4_GEMV_EPILOGUE (8B shape),
+              # KILN_SSM_FUSE (Mamba-2 2.7B)
+      ab_runs "${AB:-fp8 KILN_FP8_GEMV_EPILOGUE 0 1 $L;int4-wo KILN_INT4_GEMV_EPILOGUE 0 1 $L;none KILN_SSM_FUSE 0 1 configs/mamba2-2.7b.json}" ;;
+    int4rope)  # session 18 (written without device time): the int4 qkv GEMV with the rotary + KV write epilogue
+               # (KILN_INT4_GEMV_ROPE): its GPU tests, then int4-wo (+lm-head) batch-1 decode off / on (ab_runs)
+      timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_quant_kernels.py \
+        -k "int4_rope" 2>&1 | tee "$OUT/int4rope-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      ab_runs "int4-wo+lm-head KILN_INT4_GEMV_ROPE 0 1 $L" ;;
     refix)  # session 18, after call 5: the fp8 GEMM tests (rows padded to 16 at load) and call 5's LoRA failure's seed
       timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_gemv_fp8.py \
         tests/gpu/test_quant_kernels.py tests/gpu/test_gemv_fp8_xonce.py tests/gpu/test_fp8_graph_padding.py 2>&1 \

@@ -153,6 +153,24 @@ def rope_pairs(rope: RopeCacheSpec) -> int:
     return (rope.heads + 2 * rope.kv_heads) * rope.head_dim // 2
 
 
+def rope_pair_rows(rope: RopeCacheSpec, qkv_rows: tuple[int, int, int]) -> torch.Tensor:
+    """W's rows of each rotary-epilogue pair, int64 [rope_pairs, 2]: what gemv_rope_epi.cuh.j2's pair_row(j, false /
+    true) computes in the kernels, for layouts built at load (quant_kernels.Packed.rope_paired). Pair j is head
+    j // (head_dim / 2) of q's, then k's, then v's heads, and p = j % (head_dim / 2) its dims (p, p + rot / 2)
+    where it is a rotary pair of the "half" layout, else (2p, 2p + 1)."""
+    hd, rot = rope.head_dim, rope.rotary_dim
+    j = torch.arange(rope_pairs(rope))
+    h, p = j // (hd // 2), j % (hd // 2)
+    da, db = 2 * p, 2 * p + 1
+    if rot and rope.layout == "half":
+        rotary = (h < rope.heads + rope.kv_heads) & (p < rot // 2)
+        da, db = torch.where(rotary, p, da), torch.where(rotary, p + rot // 2, db)
+    q, k, v = qkv_rows
+    nq, nqk = rope.heads, rope.heads + rope.kv_heads
+    base = torch.where(h < nq, q + h * hd, torch.where(h < nqk, k + (h - nq) * hd, v + (h - nqk) * hd))
+    return torch.stack([base + da, base + db], dim=1)
+
+
 def check_epilogue(spec) -> None:
     """A GEMV spec's epilogue fields (GemvSpec, gemv_fp8's Fp8GemvSpec): a gated act of n pairs whose gate
     and up rows lie apart in W's w_rows, or a rotary epilogue whose q, k and v rows lie apart in them; none

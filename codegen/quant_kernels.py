@@ -49,11 +49,11 @@ from kiln.dsl.dtypes import RUN_DTYPES
 from kiln.dsl.quant import QWeight, unpack_int4
 
 from . import render as render_module
-from .gemv import epilogue_refusal, one_wave
-from .kernels import KernelArgError, _check, _torch_dtype
+from .gemv import epilogue_refusal, one_wave, rope_epilogue_refusal, rope_pair_rows, rope_pairs
+from .kernels import KernelArgError, _check, _check_cache, _scales, _torch_dtype
 from .launch import get_kernel, i32, i64, ptr
-from .render import _RENDERERS, KernelSource, _emit, _name
-from .specs import KernelSpecError, _dtype, _fail, _positive, _Spec
+from .render import _RENDERERS, KernelSource, _emit, _name, rope_math_params
+from .specs import KernelSpecError, RopeCacheSpec, _dtype, _fail, _positive, _Spec
 
 # per format: columns per chunk (one 16-byte piece per lane), columns per lane, mma steps per piece
 FORMATS = {"int4": (64, 16, 4), "int8": (32, 8, 2)}
@@ -258,6 +258,14 @@ class QGemvSpec(_Spec):
     # The gated activation after it, in the warp variant's epilogue (issue #13; fuse.py's gemv_epilogue): a
     # gated ActSpec of `pairs` features (origin stripped); out [T, pairs] = act(g) * u. None: out [T, n].
     epilogue: Any = None
+    # Or W [n, k] a qkv weight packed in the rotary epilogue's pairs (Packed.rope_paired, int4 "post"): `rope` a
+    # RopeCacheSpec (gemv.rope_epilogue_spec's), qkv_rows W's first q, k and v rows (the three spans cover W, no gaps);
+    # tile t's rows 0-7 are the first rows of pairs 8 t + (0..7) (gemv.rope_pair_rows), its rows 8-15 their second
+    # rows; out, bias and the dequantized weight keep W's order. rope_epi: the warp variant writes q rotated into
+    # out [T, heads x head_dim] and k (rotated) and v into the paged cache instead (kernels.rope_write_kv's math).
+    rope: Any = None
+    qkv_rows: tuple = ()
+    rope_epi: bool = False
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -310,6 +318,16 @@ class QGemvSpec(_Spec):
                       f"(0 and {self.pairs})")
         elif (self.gate_row, self.up_row) != (0, 0):
             _fail(self, "gate_row", "gate_row / up_row belong to a paired layout (pairs > 0)")
+        if self.rope is not None:
+            self._check_rope()
+        elif self.qkv_rows or self.rope_epi:
+            _fail(self, "qkv_rows", "qkv_rows / rope_epi belong to a layout packed in rotary pairs (rope)")
+        if self.rope_epi:
+            if not self.warp:
+                _fail(self, "rope_epi", "the rotary epilogue runs in the warp variant (16-bit runs)")
+            why = rope_epilogue_refusal(self.rope, self.dtype)
+            if why:
+                _fail(self, "rope_epi", why)
         if self.epilogue is not None:
             if not self.warp or not self.pairs:
                 _fail(self, "epilogue", "the gated activation runs in the warp variant's epilogue on a paired layout "
@@ -325,6 +343,20 @@ class QGemvSpec(_Spec):
                 _fail(self, "splits", f"{self.splits}: x's slice of {self.tokens} rows needs {need} bytes of shared "
                       f"memory, over the {SMEM_MAX} a block can have (choose_splits / choose_persist pick counts "
                       "that fit)")
+
+    def _check_rope(self) -> None:
+        e = self.rope
+        if not isinstance(e, RopeCacheSpec):
+            _fail(self, "rope", f"must be a RopeCacheSpec, got {type(e).__name__}")
+        if (self.fmt, self.mode) != ("int4", "post") or self.pairs:
+            _fail(self, "rope", "rotary pairs are an int4 'post' layout, without (gate, up) pairs")
+        if e.head_dim % 2 or self.n != 2 * rope_pairs(e) or self.n % 16:
+            _fail(self, "n", f"{self.n}: a layout in rotary pairs holds exactly q's, k's and v's rows "
+                  f"({2 * rope_pairs(e)}), in whole 16-row tiles")
+        hd = e.head_dim
+        spans = sorted(zip(self.qkv_rows, (e.heads * hd, e.kv_heads * hd, e.kv_heads * hd)))
+        if len(self.qkv_rows) != 3 or spans[0][0] != 0 or any(a + m != b for (a, m), (b, _) in zip(spans, spans[1:])):
+            _fail(self, "qkv_rows", f"{self.qkv_rows}: q's, k's and v's first rows must tile W's {self.n} rows")
 
     @property
     def streams(self) -> bool:
@@ -360,7 +392,12 @@ def _render(s: QGemvSpec) -> KernelSource:
                 variant=s.variant if s.streams or s.warp else "loop", splits=s.splits, tpb=1)
     params["variant"] = meta["variant"]
     params.update(pairs=s.pairs, gate_row=s.gate_row, up_row=s.up_row,
-                  epi=s.epilogue.kind if s.epilogue is not None and s.warp else "")
+                  epi=s.epilogue.kind if s.epilogue is not None and s.warp else "", rope=None, rope_epi=False)
+    if s.rope is not None:  # gemv_rope_epi.cuh.j2's view (gemv.epilogue_params' "rope" form) and rope_math.cuh.j2's
+        e, (q, k, v) = s.rope, s.qkv_rows
+        params.update(rope=dict(rope=True, heads=e.heads, kv_heads=e.kv_heads, head_dim=e.head_dim, layout=e.layout,
+                                page_size=e.page_size, kv_fp8=e.kv_fp8, q_row=q, k_row=k, v_row=v, w_rows=s.n),
+                      rope_epi=s.rope_epi and s.warp, rope_n=s.n // 2, **rope_math_params(e))
     if meta["variant"] == "warp":
         cps, unroll, nr, span = warp_shape(s.k, s.group, s.tpw, s.ksplit)
         gch = warp_group_chunks(s.k, s.group)
@@ -399,6 +436,8 @@ def _render(s: QGemvSpec) -> KernelSource:
         tag = f"_s{s.splits}"
     if s.pairs:
         tag += f"_pairs{s.gate_row}x{s.up_row}" + (f"_{params['epi']}" if params["epi"] else "")
+    if s.rope is not None:
+        tag += "_ropepairs" + ("_rope" if params["rope_epi"] else "")
     name = _name(f"gemv_{s.fmt}_{s.mode}_n{s.n}_k{s.k}_g{s.group}_t{s.tokens}" + tag, s)
     return _emit("gemv_wq.cu.j2", name, s, params, [name, name + "_dequant"], meta)
 
@@ -451,15 +490,32 @@ class Workspace:
             self.count = torch.zeros(count, dtype=torch.int32, device=self.device)
 
 
-def qgemv(spec: QGemvSpec, x, wq, rec, out, bias=None):
-    """out [T, n] = x [T, k] @ W^T (+ bias) for any T (blocks of `spec.tokens` rows)."""
+def qgemv(spec: QGemvSpec, x, wq, rec, out, bias=None, rope=None):
+    """out [T, n] = x [T, k] @ W^T (+ bias) for any T (blocks of `spec.tokens` rows). spec.rope_epi: out is q_out
+    [T, heads x head_dim] and rope = (positions, slot_mapping, k_cache, v_cache, k_scale, v_scale), as
+    gemv.gemv_rope takes them: q rotated into out, k rotated and v into the paged cache."""
     dt = _torch_dtype(spec)
     dev = x.device
     _check("x", x, dt, device=dev, rows_aligned=True, contiguous=False)
     if x.shape[1] != spec.k:
         raise KernelArgError(f"x: {x.shape[1]} columns, expected {spec.k}")
     T = x.shape[0]
-    _check("out", out, dt, (T, spec.pairs if spec.epilogue is not None else spec.n), dev)
+    extra = []
+    if spec.rope_epi:
+        e = spec.rope
+        if rope is None:
+            raise KernelArgError("rope: (positions, slot_mapping, k_cache, v_cache, k_scale, v_scale) required by "
+                                 "this spec's rotary epilogue")
+        positions, slots, k_cache, v_cache, k_scale, v_scale = rope
+        _check("out", out, dt, (T, e.heads * e.head_dim), dev)
+        _check("positions", positions, torch.int64, (T,), dev, aligned=False)
+        _check("slot_mapping", slots, torch.int32, (T,), dev, aligned=False)
+        _check_cache(e, k_cache, v_cache, dt, dev)
+        extra = [ptr(positions), ptr(slots), ptr(k_cache), ptr(v_cache), *_scales(e, k_scale, v_scale)]
+    elif rope is not None:
+        raise KernelArgError("rope: this spec has no rotary epilogue (rope_epi)")
+    else:
+        _check("out", out, dt, (T, spec.pairs if spec.epilogue is not None else spec.n), dev)
     _check_packed(spec, wq, rec, dev)
     if spec.has_bias:
         if bias is None:
@@ -475,7 +531,7 @@ def qgemv(spec: QGemvSpec, x, wq, rec, out, bias=None):
                                  "to another variant)")
         kern.launch_dependent(kern.source.entries[0], (meta["blocks"],), (meta["threads"],),
                               [ptr(wq), ptr(rec), ptr(x), ptr(bias if spec.has_bias else None), ptr(out),
-                               i64(x.stride(0)), i32(T)])
+                               i64(x.stride(0)), i32(T), *extra])
         return
     if meta["variant"] == "loop":
         kern.launch(kern.source.entries[0], (meta["tiles"], math.ceil(T / spec.tokens)), (meta["threads"],),
@@ -533,25 +589,30 @@ class Packed:
     warp_pick: tuple[int, int, int] | None = None  # warp: (tpw, ksplit, bps); None: choose_warp's, 2 blocks per SM
     _rec: dict = field(default_factory=dict)
     pairs: tuple[int, int] | None = None  # (gate_row, up_row): rows packed in (gate, up) pairs (`paired`)
+    rope: Any = None  # a RopeCacheSpec: rows packed in the rotary epilogue's pairs (`rope_paired`) ...
+    qkv_rows: tuple = ()  # ... q's, k's and v's first rows in W
 
     def spec(self, dtype: torch.dtype, tokens: int, has_bias: bool, num_sms: int = 132,
-             epilogue=None) -> QGemvSpec:
+             epilogue=None, rope_epi: bool = False) -> QGemvSpec:
         """The kernel at bucket `tokens` (8 or 16 rows of x a block); `epilogue`: a gated ActSpec after it, out
-        [T, n / 2] (the warp variant on a paired weight: `gated_takes`)."""
+        [T, n / 2] (the warp variant on a paired weight: `gated_takes`); rope_epi: the rotary epilogue (the warp
+        variant on a weight packed in rotary pairs: `rope_takes`)."""
         from .specs import dtype_name
         variant = self.variant or default_variant()
         splits, tpb = 1, 1
         rows = dict(pairs=self.n // 2, gate_row=self.pairs[0], up_row=self.pairs[1]) if self.pairs else {}
+        if self.rope is not None:
+            rows = dict(rope=dataclasses.replace(self.rope, dtype=dtype_name(dtype)), qkv_rows=self.qkv_rows)
         if variant == "warp" and not self.warp_takes(dtype, tokens):
             variant = "loop"  # more rows, or a format the warp kernel does not read
-        if epilogue is not None and variant != "warp":
-            raise KernelArgError(f"{self.origin}: the gated epilogue runs in the warp variant (gated_takes), "
-                                 f"not {variant!r}")
+        if (epilogue is not None or rope_epi) and variant != "warp":
+            raise KernelArgError(f"{self.origin}: the {'gated' if epilogue is not None else 'rotary'} epilogue runs "
+                                 f"in the warp variant (gated_takes / rope_takes), not {variant!r}")
         if variant == "warp":
             tpw, ksplit, bps = self.warp_pick or (*choose_warp(self.n, self.k, self.group, num_sms), WARP_MIN_BLOCKS)
             return QGemvSpec(self.fmt, self.mode, self.n, self.k, self.group, tokens, has_bias, dtype_name(dtype),
                              self.origin, variant, tpw=tpw, ksplit=ksplit, bps=bps, **rows,
-                             epilogue=epilogue.key() if epilogue is not None else None)
+                             epilogue=epilogue.key() if epilogue is not None else None, rope_epi=rope_epi)
         if variant == "stream" and dtype != torch.float32:
             splits = self.splits or choose_splits(self.fmt, self.n, self.k, tokens, num_sms)
         elif variant == "persist" and dtype != torch.float32:
@@ -584,7 +645,60 @@ class Packed:
         """Whether `paired` takes these halves: an int4 'post' weight without act-order, not paired yet, its two
         halves (gate_row, up_row) in whole 16-row tiles."""
         return (self.fmt == "int4" and self.mode == "post" and self.perm is None and self.pairs is None
-                and self.n % 16 == 0 and {gate_row, up_row} == {0, self.n // 2})
+                and self.rope is None and self.n % 16 == 0 and {gate_row, up_row} == {0, self.n // 2})
+
+    def rope_paired(self, rope, qkv_rows: tuple[int, int, int]) -> "Packed":
+        """This qkv weight with its rows packed in the rotary epilogue's pairs (QGemvSpec.rope): tile t's rows 0-7
+        the first rows of pairs 8 t + (0..7) (codegen/gemv.py rope_pair_rows), its rows 8-15 their second rows, so
+        that the warp variant's lanes hold both sums of a pair and can rotate and store them (`rope_gemv`). Every
+        kernel of the paired weight still writes W's row order. rope: a RopeCacheSpec (gemv.rope_epilogue_spec's)."""
+        if not self.can_rope_pair(rope, qkv_rows):
+            raise KernelArgError(f"{self.origin}: only an int4 'post' weight without act-order whose rows are exactly "
+                                 f"q's, k's and v's, in whole tiles, packs in rotary pairs")
+        pr = rope_pair_rows(rope, tuple(qkv_rows)).to(self.wq.device)
+        t = torch.arange(self.n, device=self.wq.device)
+        src = pr[(t // 16) * 8 + t % 8, (t % 16 >= 8).long()]  # packed row -> W's row
+        q = unrepack(self.wq, self.n, self.k)[src]
+        tiles, groups = self.rec32.shape[0], self.rec32.shape[1]
+        rec = self.rec32.permute(0, 2, 1, 3).reshape(tiles * 16, groups, 2)[src]
+        return Packed(self.fmt, self.mode, self.n, self.k, self.group, repack(q, "int4"),
+                      rec.reshape(tiles, 16, groups, 2).permute(0, 2, 1, 3).contiguous(), None, self.origin,
+                      self.variant, self.splits, self.tpb, self.warp_pick, rope=rope, qkv_rows=tuple(qkv_rows))
+
+    def can_rope_pair(self, rope, qkv_rows: tuple[int, ...]) -> bool:
+        """Whether `rope_paired` takes this weight: int4 'post' without act-order, not paired yet, its rows exactly
+        q's, k's and v's at qkv_rows (no rows between), in whole 16-row tiles."""
+        if not (self.fmt == "int4" and self.mode == "post" and self.perm is None and self.pairs is None
+                and self.rope is None and isinstance(rope, RopeCacheSpec) and len(qkv_rows) == 3
+                and rope.head_dim % 2 == 0 and self.n % 16 == 0 and self.n == 2 * rope_pairs(rope)):
+            return False
+        hd = rope.head_dim
+        spans = sorted(zip(qkv_rows, (rope.heads * hd, rope.kv_heads * hd, rope.kv_heads * hd)))
+        return spans[0][0] == 0 and all(a + m == b for (a, m), (b, _) in zip(spans, spans[1:]))
+
+    def rope_takes(self, x: torch.Tensor) -> bool:
+        """Whether `rope_gemv` runs for x: a weight packed in rotary pairs, x's rows within the warp variant's
+        (16-bit runs), frequencies the epilogue can compute."""
+        return (self.rope is not None and (self.variant or default_variant()) == "warp"
+                and 1 <= x.shape[0] <= WARP_MAX_T and self.warp_takes(x.dtype, 8)
+                and not rope_epilogue_refusal(self.rope, self.rope.dtype))
+
+    def rope_gemv(self, x: torch.Tensor, bias: torch.Tensor | None, cache: tuple,
+                  origin: str | None = None) -> torch.Tensor:
+        """q [T, heads x head_dim] of x rotated, with k rotated and v written into the paged cache (cache:
+        positions, slot_mapping, k_cache, v_cache, k_scale, v_scale), through the warp variant with the rotary
+        epilogue; bias in W's row order. origin: the kernel's comment (both spec ops), else the linear's."""
+        if not self.rope_takes(x):
+            raise KernelArgError(f"{self.origin}: the rotary epilogue needs a weight packed in rotary pairs and 1 to "
+                                 f"{WARP_MAX_T} 16-bit rows of x (rope_takes)")
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+            x = x.contiguous()
+        out = torch.empty(x.shape[0], self.rope.heads * self.rope.head_dim, dtype=x.dtype, device=x.device)
+        spec = self.spec(x.dtype, 8, bias is not None, _num_sms(x.device), rope_epi=True)
+        if origin is not None:
+            spec = dataclasses.replace(spec, origin=origin)
+        qgemv(spec, x, self.wq, self.records(x.dtype), out, bias, rope=cache)
+        return out
 
     def gated_takes(self, x: torch.Tensor) -> bool:
         """Whether `gated` runs for x: a paired weight, x's rows within the warp variant's (16-bit runs)."""

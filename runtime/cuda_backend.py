@@ -173,6 +173,10 @@ class CudaModel:
                     w, b = self._gemm[n]
                     if isinstance(w, QGemm):  # int4: its halves packed in (gate, up) pairs, where it pairs
                         self._gemm[n] = (w.paired(_epilogue_halves(op), self.dtype), b)
+                att = op.extra.get("rope")  # the attention step a qkv GEMM is linked to (fuse.py's gemv_rope)
+                if att is not None and isinstance(self._gemm[n][0], QGemm):  # int4: rows in rotary pairs, where so
+                    w, b = self._gemm[n]
+                    self._gemm[n] = (w.rope_paired(att.spec[0], _rope_qkv_rows(op, att), self.dtype), b)
             elif op.kind is Exec.ATTENTION:
                 op.spec = tuple(canon(s) for s in op.spec)
             elif op.kind is Exec.MOE:  # experts' weights stacked [E, out, in] per grouped GEMM
@@ -425,7 +429,7 @@ class CudaModel:
     def _gemv_rope(self, op: KOp, att: KOp, w, b, env, step: "_Run", n: int) -> bool:
         """A qkv GEMM step linked to its attention step as one GEMV launch whose epilogue rotates q into a
         buffer of its own and k and v into the site's cache (codegen/gemv.py gemv_rope) where the GEMV runs
-        it: a few rows, a plain weight the GEMV takes (fp8: QGemm.gemv_rope's one row), no LoRA, a rotary spec
+        it: a few rows, a plain weight the GEMV takes (quantized: QGemm.gemv_rope decides), no LoRA, a rotary spec
         with fixed frequencies. Leaves
         q in step.roped for the attention step, which then skips its rotary + KV write; q, k and v (before
         rotation) are never in env. A prologue fused into the step (KILN_GEMV_PROLOGUE) runs as its own
@@ -433,7 +437,7 @@ class CudaModel:
         if GEMV_ROPE not in ("0", "1"):
             raise KernelSpecError(f"KILN_GEMV_ROPE={GEMV_ROPE!r}: must be 0 or 1")
         rope, pro = att.spec[0], op.extra.get("prologue")
-        quantized = isinstance(w, QGemm)  # fp8: QGemm.gemv_rope decides (one row, KILN_FP8_GEMV_ROPE)
+        quantized = isinstance(w, QGemm)  # QGemm.gemv_rope decides (fp8: one row; int4: KILN_INT4_GEMV_ROPE)
         if GEMV_ROPE == "0" or GEMV not in ("1", "pdl") or not 1 <= step.T <= min(GEMV_ROWS, G.GEMV_MAX_T) \
                 or step.lora is not None or not (quantized or G.weight_takes(w, self.dtype)) \
                 or G.rope_epilogue_refusal(rope, rope.dtype):
@@ -442,8 +446,7 @@ class CudaModel:
             _RUN[pro.kind](self, pro, env, step, n)
             op = op.extra["gemm"]
         x = env[op.ins[0]]
-        start = {v: s for v, (s, _) in zip(op.outs, op.extra["slices"])}
-        qkv = tuple(start[v] for v in att.ins)
+        qkv = _rope_qkv_rows(op, att)
         origin = f"{fuse_origin(op.instrs[0])} -> {fuse_origin(att.instrs[-1])}"
         site, kv, meta = att.extra["site"], step.kv, step.meta
         if quantized:
@@ -554,6 +557,14 @@ class CudaModel:
             K.prefill_attention(pspec, q, kc, vc, meta.block_tables[d:], meta.cu_seqlens[d:], meta.kv_lens[d:], out,
                                 meta.max_q_len, max_context=meta.max_context, **scales)
         return out
+
+
+def _rope_qkv_rows(op: KOp, att: KOp) -> tuple[int, ...]:
+    """A qkv GEMM step linked to its attention step (fuse.py's gemv_rope): the first rows of q, k and v in its
+    weight (of the GEMM itself where a prologue is fused before it)."""
+    gemm = op.extra["gemm"] if "prologue" in op.extra else op
+    start = {v: s for v, (s, _) in zip(gemm.outs, gemm.extra["slices"])}
+    return tuple(start[v] for v in att.ins)
 
 
 def _epilogue_halves(op: KOp) -> tuple[int, int]:

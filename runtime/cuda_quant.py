@@ -79,6 +79,11 @@ FP8_GEMV_ROPE = os.environ.get("KILN_FP8_GEMV_ROPE", "1")
 # alternating in one call (sessions 16-17's per-step events had spread too much to tell). Read when the backend
 # is built (the pairing) and when a step runs.
 INT4_GEMV_EPILOGUE = os.environ.get("KILN_INT4_GEMV_EPILOGUE", "1")
+# The int4 qkv GEMV at up to 8 rows with the rotary + paged KV write in its epilogue (QGemm.rope_paired: the weight's
+# rows packed in the rotary pairs at load; Packed.rope_gemv): "1" (KILN_INT4_GEMV_ROPE=1). Off ("0") until a GPU
+# has run its tests and measured it (written in session 18 without device time). Read when the backend is built
+# (the pairing) and when a step runs.
+INT4_GEMV_ROPE = os.environ.get("KILN_INT4_GEMV_ROPE", "0")
 
 
 def runs(desc: QuantDesc) -> bool:
@@ -170,13 +175,38 @@ class QGemm:
             pp.records(dtype)
         return dataclasses.replace(self, packed=pp)
 
+    def rope_paired(self, rope, qkv_rows: tuple[int, ...], dtype: torch.dtype | None = None) -> "QGemm":
+        """This qkv GEMM with its packed int4 weight's rows packed in the rotary epilogue's pairs (Packed.rope_paired)
+        for `gemv_rope`, where KILN_INT4_GEMV_ROPE=1; itself otherwise, or where the weight cannot pair (not int4
+        "post", act-order, rows other than q's, k's and v's). rope: the attention's RopeCacheSpec. `dtype`: the run
+        dtype, to build the records now (before any graph capture)."""
+        from kiln.codegen.gemv import rope_epilogue_spec
+
+        if INT4_GEMV_ROPE not in ("0", "1"):
+            raise KernelSpecError(f"KILN_INT4_GEMV_ROPE={INT4_GEMV_ROPE!r}: must be 0 or 1")
+        if INT4_GEMV_ROPE == "0" or self.packed is None or not self.packed.can_rope_pair(rope, tuple(qkv_rows)):
+            return self
+        pp = self.packed.rope_paired(rope_epilogue_spec(rope), tuple(qkv_rows))
+        if dtype is not None:
+            pp.records(dtype)
+        return dataclasses.replace(self, packed=pp)
+
     def gemv_rope(self, x: torch.Tensor, bias: torch.Tensor | None, rope, qkv_rows: tuple[int, ...], origin: str,
                   cache: tuple) -> torch.Tensor | None:
         """q [1, rope.heads * rope.head_dim] of x's one row, rotated, with k rotated and v written into the
         cache (cache: positions, slot_mapping, k_cache, v_cache, k_scale, v_scale), q, k and v this GEMM's rows
         at qkv_rows, through the fp8 GEMV with the rotary epilogue (codegen/gemv_fp8.py, "mma"); None where
         that kernel does not run this call (`_fused_takes`, or KILN_FP8_GEMV_ROPE=0): the
-        caller runs this GEMM, then the rotary kernel. origin: both spec ops."""
+        caller runs this GEMM, then the rotary kernel. origin: both spec ops. An int4 weight packed in rotary pairs at
+        load (`rope_paired`): x's rows (up to 8) through the warp GEMV with the same epilogue (Packed.rope_gemv), where
+        KILN_INT4_GEMV_ROPE=1."""
+        if self.packed is not None:
+            if INT4_GEMV_ROPE not in ("0", "1"):
+                raise KernelSpecError(f"KILN_INT4_GEMV_ROPE={INT4_GEMV_ROPE!r}: must be 0 or 1")
+            if INT4_GEMV_ROPE == "0" or not self.packed.rope_takes(x) or self.packed.qkv_rows != tuple(qkv_rows) \
+                    or (bias is not None and bias.dtype != x.dtype):
+                return None
+            return self.packed.rope_gemv(x, bias, cache, origin)
         if not self._fused_takes(x, bias, "KILN_FP8_GEMV_ROPE", FP8_GEMV_ROPE):
             return None
         return gemv_fp8.linear(x, *self.real_rows(), bias, self.input_scale if self.desc.act_static else None,

@@ -102,6 +102,12 @@ def _spec(n, k, dtype="bf16", bias=True, **kw):
 def test_gated_epilogue_compiles(n, k, dtype):
     ks = render(_spec(n, k, dtype))
     assert "act(gs) * us" in ks.source and "// origin: models/test.kiln:3 linear(x, w)" in ks.source
+    assert_compiles(ks)
+
+
+def assert_compiles(ks) -> None:
+    """A warp-variant kernel source: it waits on the kernel before (PDL), and both entries compile for sm_90a and
+    sm_80 with at most SPILL_MAX bytes spilled."""
     assert "griddepcontrol.wait" in ks.source
     for arch in ("sm_90a", "sm_80"):
         img = nvrtc.compile_source(ks.source, ks.name, arch, ks.origin, extra_options=("--ptxas-options=-v",))
@@ -116,11 +122,17 @@ def test_every_variant_renders_the_paired_row_map(variant):
     kw = dict(pairs=48, gate_row=48, up_row=0)
     if variant == "warp":
         kw |= dict(tpw=1, ksplit=2)
-    ks = render(Q.QGemvSpec("int4", "post", 96, 512, 128, 8, True, "bf16", "t", variant, **kw))
-    assert "return (p < 8 ? 48 : 0) + (row >> 4) * 8 + (p & 7);" in ks.source
+    assert_row_map(Q.QGemvSpec("int4", "post", 96, 512, 128, 8, True, "bf16", "t", variant, **kw),
+                   "return (p < 8 ? 48 : 0) + (row >> 4) * 8 + (p & 7);")
+
+
+def assert_row_map(spec, row_map: str) -> None:
+    """spec's kernel defines w_row as `row_map`, stores every output and dequantized row through it, and compiles."""
+    ks = render(spec)
+    assert row_map in ks.source
     stores = re.findall(r"out\[[^\]]*\] = from_float", ks.source)
     assert stores and all("w_row(row)" in s for s in stores), stores
-    assert "w + (size_t)w_row(row) * 512" in ks.source
+    assert f"w + (size_t)w_row(row) * {spec.k}" in ks.source
     nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin)
 
 

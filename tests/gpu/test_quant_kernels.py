@@ -546,36 +546,48 @@ def test_gemv_gated_equals_the_gemv_then_the_activation(n, k, bias, halves, dtyp
     pp = p.paired(g, u)
     b = torch.randn(n, device="cuda", dtype=dtype) * 0.1 if bias else None
     act = ActSpec("silu", True, h, dtype_name(dtype))
+    for T, x, y in _same_rows_in_w_order(p, pp, k, dtype, b):
+        ref = torch.empty(T, h, device="cuda", dtype=dtype)
+        K.activation(act, ref, gate=y[:, g:g + h], up=y[:, u:u + h])
+        assert torch.equal(pp.gated(x, b, act), ref), T
+
+
+def _same_rows_in_w_order(p, pp, k: int, dtype: torch.dtype, b):
+    """A repacked weight pp through every path (the warp GEMV at up to 8 rows, the loop at 20, dequantize + cuBLAS at
+    80) gives p's bits in W's order; yields (T, x, p's output) at the rows a fused epilogue takes (up to 8)."""
     for T in (1, 3, 8, 20, 80):
         x = torch.randn(T, k, device="cuda", dtype=dtype)
         y = p.linear(x, b)
         assert torch.equal(pp.linear(x, b), y), T
-        if T > 8:
-            continue
-        ref = torch.empty(T, h, device="cuda", dtype=dtype)
-        K.activation(act, ref, gate=y[:, g:g + h], up=y[:, u:u + h])
-        assert torch.equal(pp.gated(x, b, act), ref), T
+        if T <= 8:
+            yield T, x, y
 
 
 def test_engine_with_the_int4_gated_epilogue_equals_without(monkeypatch, fresh_seed):
     """A random INT4 Llama on the cuda backend, KILN_INT4_GEMV_EPILOGUE 0 / 1: prefill and four decode steps
     of 4 sequences (CUDA-graph replays: the fused launch, its rows up to KILN_GEMV_ROWS, here 4) give the same
     logits, bit for bit."""
+    _int4_switch_keeps_the_logits(monkeypatch, fresh_seed, "INT4_GEMV_EPILOGUE", "gated", lambda p: p.pairs)
+
+
+def _int4_switch_keeps_the_logits(monkeypatch, seed, switch_name: str, method: str, layout) -> None:
+    """A random INT4 Llama's logits (_decode_logits) with cuda_quant.<switch_name> "0" and "1" are equal bit for bit;
+    with "1" every layer's weight has the fused kernel's layout (`layout(packed)` set) and Packed.<method> runs."""
     from kiln.runtime import cuda_backend
 
     monkeypatch.setattr(cuda_backend, "GEMV_ROWS", 4)
     ref = random_model("llama", LLAMA, dtype="bf16", device="cuda", seed=0, quantization="int4-wo")
     outs = {}
     for switch in ("0", "1"):
-        monkeypatch.setattr(cuda_quant, "INT4_GEMV_EPILOGUE", switch)
+        monkeypatch.setattr(cuda_quant, switch_name, switch)
         cuda = _cuda_twin(ref)
-        paired = [p for p in _packs(cuda) if p.pairs is not None]
-        assert len(paired) == (LLAMA["num_hidden_layers"] if switch == "1" else 0)
+        laid = [p for p in _packs(cuda) if layout(p) is not None]
+        assert len(laid) == (LLAMA["num_hidden_layers"] if switch == "1" else 0)
         launched = []
-        real = cuda_quant.Packed.gated
-        monkeypatch.setattr(cuda_quant.Packed, "gated", lambda self, *a, **kw: launched.append(1) or real(self, *a, **kw))
-        outs[switch] = _decode_logits(cuda, fresh_seed)
-        monkeypatch.setattr(cuda_quant.Packed, "gated", real)
+        real = getattr(cuda_quant.Packed, method)
+        monkeypatch.setattr(cuda_quant.Packed, method, lambda self, *a, **kw: launched.append(1) or real(self, *a, **kw))
+        outs[switch] = _decode_logits(cuda, seed)
+        monkeypatch.setattr(cuda_quant.Packed, method, real)
         assert bool(launched) == (switch == "1")
     for a, b in zip(outs["0"], outs["1"]):
         assert torch.equal(a, b)
@@ -603,3 +615,63 @@ def _decode_logits(model, seed):
                                                            for i in range(len(lens))]), kv).clone())
             ctx = [c + 1 for c in ctx]
     return out
+
+
+# ---- the int4 qkv GEMV with the rotary + paged KV write in its epilogue (session 18, KILN_INT4_GEMV_ROPE=1): the
+# weight's rows packed in the rotary pairs (Packed.rope_paired); CPU checks: tests/test_qgemv_rope.py
+
+def _rope_case(name: str, dtype: torch.dtype, kv_fp8: bool):
+    """(rope spec, k, bias) of Llama-3-8B's qkv, and of a small interleaved partial rotation with a bias."""
+    import dataclasses
+
+    from kiln.codegen.specs import RopeCacheSpec, dtype_name
+    llama3 = RopeCacheSpec(32, 8, 128, 128, 16, theta=500000.0, scaling="llama3", factor=8.0,
+                           original_max_position=8192)
+    rope, k, bias = {"llama3-8b": (llama3, 4096, False),
+                     "interleaved-partial-bias": (dataclasses.replace(llama3, heads=4, kv_heads=2, head_dim=64,
+                                                                      rotary_dim=32, layout="interleaved"), 256, True)}[name]
+    return dataclasses.replace(rope, dtype=dtype_name(dtype), kv_fp8=kv_fp8), k, bias
+
+
+@pytest.mark.parametrize("name", ["llama3-8b", "interleaved-partial-bias"])
+@pytest.mark.parametrize("dtype, kv_fp8", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)])
+def test_int4_rope_epilogue_equals_the_gemv_then_the_rope_kernel(name, dtype, kv_fp8, fresh_seed):
+    """The weight packed in rotary pairs through every path (the warp GEMV at up to 8 rows, the loop at 20,
+    dequantize + cuBLAS at 80) gives the unpacked weight's bits in W's order; the epilogue gives q and every cache
+    byte of that GEMV then the rotary + KV write kernel (kernels.rope_write_kv), with the padding row (slot -1)
+    and every other slot left as they were."""
+    from kiln.codegen import kernels as K
+    from kiln.codegen.gemv import rope_epilogue_spec
+    from kiln.codegen.quant_kernels import pack
+
+    rope, k, bias = _rope_case(name, dtype, kv_fp8)
+    hd = rope.head_dim
+    qn, kn = rope.heads * hd, rope.kv_heads * hd
+    n, qkv = qn + 2 * kn, (0, qn, qn + kn)
+    p = pack(_int4(n, k))
+    pp = p.rope_paired(rope_epilogue_spec(rope), qkv)
+    b = torch.randn(n, device="cuda", dtype=dtype) * 0.1 if bias else None
+    pages = 8
+    for T, x, y in _same_rows_in_w_order(p, pp, k, dtype, b):
+        positions = torch.tensor([7, 4095, 0, 130, 5, 64, 300, 1][:T], device="cuda", dtype=torch.int64)
+        slots = torch.tensor([17, 3, -1, 126, 40, 41, 90, 0][:T], device="cuda", dtype=torch.int32)
+        shape = (pages, rope.kv_heads, rope.page_size, hd)
+        if kv_fp8:  # arbitrary bytes: compared as bytes; unwritten slots keep theirs
+            kc = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+            vc = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+        else:
+            kc, vc = torch.randn(shape, device="cuda").to(dtype), torch.randn(shape, device="cuda").to(dtype)
+        q_want, kc_want, vc_want = y[:, :qn].clone(), kc.clone(), vc.clone()
+        K.rope_write_kv(rope, q_want, y[:, qn:qn + kn], y[:, qn + kn:], positions, slots, kc_want, vc_want,
+                        k_scale=0.05, v_scale=0.02)
+        q = pp.rope_gemv(x, b, (positions, slots, kc, vc, 0.05, 0.02))
+        assert torch.equal(q, q_want), T
+        as_bytes = (lambda c: c.view(torch.uint8)) if kv_fp8 else (lambda c: c)
+        assert torch.equal(as_bytes(kc), as_bytes(kc_want)) and torch.equal(as_bytes(vc), as_bytes(vc_want)), T
+
+
+def test_engine_with_the_int4_rope_epilogue_equals_without(monkeypatch, fresh_seed):
+    """A random INT4 Llama on the cuda backend, KILN_INT4_GEMV_ROPE 0 / 1: prefill and four decode steps of 4
+    sequences (CUDA-graph replays: the fused launch, its rows up to KILN_GEMV_ROWS, here 4) give the same logits,
+    bit for bit."""
+    _int4_switch_keeps_the_logits(monkeypatch, fresh_seed, "INT4_GEMV_ROPE", "rope_gemv", lambda p: p.rope)
