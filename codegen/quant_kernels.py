@@ -634,12 +634,17 @@ class Packed:
                                  f"whole tiles, packs in (gate, up) pairs")
         t = torch.arange(self.n, device=self.wq.device)
         src = torch.where(t % 16 < 8, gate_row, up_row) + (t // 16) * 8 + t % 8  # packed row -> W's row
+        return self._rows_from(src, pairs=(gate_row, up_row))
+
+    def _rows_from(self, src: torch.Tensor, **layout) -> "Packed":
+        """This weight repacked with its packed row r holding W's row src[r] (records alike); `layout`: the Packed
+        fields that name the order (pairs, or rope and qkv_rows), which the kernels' row map turns back."""
         q = unrepack(self.wq, self.n, self.k)[src]
         tiles, groups = self.rec32.shape[0], self.rec32.shape[1]
         rec = self.rec32.permute(0, 2, 1, 3).reshape(tiles * 16, groups, 2)[src]
         return Packed(self.fmt, self.mode, self.n, self.k, self.group, repack(q, "int4"),
                       rec.reshape(tiles, 16, groups, 2).permute(0, 2, 1, 3).contiguous(), None, self.origin,
-                      self.variant, self.splits, self.tpb, self.warp_pick, pairs=(gate_row, up_row))
+                      self.variant, self.splits, self.tpb, self.warp_pick, **layout)
 
     def can_pair(self, gate_row: int, up_row: int) -> bool:
         """Whether `paired` takes these halves: an int4 'post' weight without act-order, not paired yet, its two
@@ -658,12 +663,7 @@ class Packed:
         pr = rope_pair_rows(rope, tuple(qkv_rows)).to(self.wq.device)
         t = torch.arange(self.n, device=self.wq.device)
         src = pr[(t // 16) * 8 + t % 8, (t % 16 >= 8).long()]  # packed row -> W's row
-        q = unrepack(self.wq, self.n, self.k)[src]
-        tiles, groups = self.rec32.shape[0], self.rec32.shape[1]
-        rec = self.rec32.permute(0, 2, 1, 3).reshape(tiles * 16, groups, 2)[src]
-        return Packed(self.fmt, self.mode, self.n, self.k, self.group, repack(q, "int4"),
-                      rec.reshape(tiles, 16, groups, 2).permute(0, 2, 1, 3).contiguous(), None, self.origin,
-                      self.variant, self.splits, self.tpb, self.warp_pick, rope=rope, qkv_rows=tuple(qkv_rows))
+        return self._rows_from(src, rope=rope, qkv_rows=tuple(qkv_rows))
 
     def can_rope_pair(self, rope, qkv_rows: tuple[int, ...]) -> bool:
         """Whether `rope_paired` takes this weight: int4 'post' without act-order, not paired yet, its rows exactly

@@ -86,6 +86,13 @@ INT4_GEMV_EPILOGUE = os.environ.get("KILN_INT4_GEMV_EPILOGUE", "1")
 INT4_GEMV_ROPE = os.environ.get("KILN_INT4_GEMV_ROPE", "0")
 
 
+def _on(name: str, value: str) -> bool:
+    """A "0" / "1" switch's value (name: its environment variable); anything else is refused naming it."""
+    if value not in ("0", "1"):
+        raise KernelSpecError(f"{name}={value!r}: must be 0 or 1")
+    return value == "1"
+
+
 def runs(desc: QuantDesc) -> bool:
     """Whether the cuda backend runs weights stored as `desc`."""
     # GGUF: the 32-value block types have kernels; the K-quants would dequantize on the host in
@@ -144,14 +151,13 @@ class QGemm:
                       origin: str) -> torch.Tensor | None:
         """act(g) * u [1, epilogue.features] of x's one row, g and u this GEMM's rows at `halves` (gate_row,
         up_row), through the fp8 GEMV with the gated activation in its epilogue (codegen/gemv_fp8.py,
-        "mma"); None where that kernel does not run this call (`_fused_takes`, or KILN_FP8_GEMV_EPILOGUE=0,
-        the default): the caller runs this GEMM, then the activation's kernel. origin: both spec ops.
+        "mma"); None where that kernel does not run this call (`_fused_takes`, or KILN_FP8_GEMV_EPILOGUE=0):
+        the caller runs this GEMM, then the activation's kernel. origin: both spec ops.
         An int4 weight paired at load (`paired`): x's rows (up to 8) through the warp GEMV with the same
         epilogue (Packed.gated), where KILN_INT4_GEMV_EPILOGUE=1."""
         if self.packed is not None:
-            if INT4_GEMV_EPILOGUE not in ("0", "1"):
-                raise KernelSpecError(f"KILN_INT4_GEMV_EPILOGUE={INT4_GEMV_EPILOGUE!r}: must be 0 or 1")
-            if INT4_GEMV_EPILOGUE == "0" or self.packed.pairs != tuple(halves) or not self.packed.gated_takes(x) \
+            if not _on("KILN_INT4_GEMV_EPILOGUE", INT4_GEMV_EPILOGUE) or self.packed.pairs != tuple(halves) \
+                    or not self.packed.gated_takes(x) \
                     or (bias is not None and bias.dtype != x.dtype):
                 return None
             return self.packed.gated(x, bias, epilogue, origin)
@@ -166,14 +172,10 @@ class QGemm:
         pairs (Packed.paired) for `gemv_epilogue`'s fused activation, where KILN_INT4_GEMV_EPILOGUE=1; itself
         otherwise, or where the weight cannot pair (not int4 "post", act-order, halves not W's two halves in
         whole tiles). `dtype`: the run dtype, to build the records now (before any graph capture)."""
-        if INT4_GEMV_EPILOGUE not in ("0", "1"):
-            raise KernelSpecError(f"KILN_INT4_GEMV_EPILOGUE={INT4_GEMV_EPILOGUE!r}: must be 0 or 1")
-        if INT4_GEMV_EPILOGUE == "0" or self.packed is None or not self.packed.can_pair(*halves):
+        if not _on("KILN_INT4_GEMV_EPILOGUE", INT4_GEMV_EPILOGUE) or self.packed is None \
+                or not self.packed.can_pair(*halves):
             return self
-        pp = self.packed.paired(*halves)
-        if dtype is not None:
-            pp.records(dtype)
-        return dataclasses.replace(self, packed=pp)
+        return self._repacked(self.packed.paired(*halves), dtype)
 
     def rope_paired(self, rope, qkv_rows: tuple[int, ...], dtype: torch.dtype | None = None) -> "QGemm":
         """This qkv GEMM with its packed int4 weight's rows packed in the rotary epilogue's pairs (Packed.rope_paired)
@@ -182,14 +184,17 @@ class QGemm:
         dtype, to build the records now (before any graph capture)."""
         from kiln.codegen.gemv import rope_epilogue_spec
 
-        if INT4_GEMV_ROPE not in ("0", "1"):
-            raise KernelSpecError(f"KILN_INT4_GEMV_ROPE={INT4_GEMV_ROPE!r}: must be 0 or 1")
-        if INT4_GEMV_ROPE == "0" or self.packed is None or not self.packed.can_rope_pair(rope, tuple(qkv_rows)):
+        if not _on("KILN_INT4_GEMV_ROPE", INT4_GEMV_ROPE) or self.packed is None \
+                or not self.packed.can_rope_pair(rope, tuple(qkv_rows)):
             return self
-        pp = self.packed.rope_paired(rope_epilogue_spec(rope), tuple(qkv_rows))
+        return self._repacked(self.packed.rope_paired(rope_epilogue_spec(rope), tuple(qkv_rows)), dtype)
+
+    def _repacked(self, packed: "Packed", dtype: torch.dtype | None) -> "QGemm":
+        """This GEMM on `packed` (a new layout of its weight), its records for `dtype` built now (before any graph
+        capture) where given."""
         if dtype is not None:
-            pp.records(dtype)
-        return dataclasses.replace(self, packed=pp)
+            packed.records(dtype)
+        return dataclasses.replace(self, packed=packed)
 
     def gemv_rope(self, x: torch.Tensor, bias: torch.Tensor | None, rope, qkv_rows: tuple[int, ...], origin: str,
                   cache: tuple) -> torch.Tensor | None:
@@ -201,9 +206,8 @@ class QGemm:
         load (`rope_paired`): x's rows (up to 8) through the warp GEMV with the same epilogue (Packed.rope_gemv), where
         KILN_INT4_GEMV_ROPE=1."""
         if self.packed is not None:
-            if INT4_GEMV_ROPE not in ("0", "1"):
-                raise KernelSpecError(f"KILN_INT4_GEMV_ROPE={INT4_GEMV_ROPE!r}: must be 0 or 1")
-            if INT4_GEMV_ROPE == "0" or not self.packed.rope_takes(x) or self.packed.qkv_rows != tuple(qkv_rows) \
+            if not _on("KILN_INT4_GEMV_ROPE", INT4_GEMV_ROPE) or not self.packed.rope_takes(x) \
+                    or self.packed.qkv_rows != tuple(qkv_rows) \
                     or (bias is not None and bias.dtype != x.dtype):
                 return None
             return self.packed.rope_gemv(x, bias, cache, origin)
@@ -223,10 +227,8 @@ class QGemm:
         """Whether the fp8 "mma" GEMV with an epilogue runs this call: the switch `name` (value `switch`) on,
         fp8 weights not packed, the one-row GEMV on with its "mma" decode, one 16-bit row it takes, a
         per-tensor or per-token activation scale, a bias of x's dtype or none."""
-        if switch not in ("0", "1"):
-            raise KernelSpecError(f"{name}={switch!r}: must be 0 or 1")
         d = self.desc
-        return (switch == "1" and d.dtype == "fp8" and self.packed is None and FP8_GEMV in ("1", "pdl")
+        return (_on(name, switch) and d.dtype == "fp8" and self.packed is None and FP8_GEMV in ("1", "pdl")
                 and FP8_GEMV_DECODE == "mma"
                 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
                 and d.act in ("fp8_tensor", "fp8_token") and gemv_fp8.takes(x, self.q)
