@@ -80,10 +80,11 @@ FP8_GEMV_ROPE = os.environ.get("KILN_FP8_GEMV_ROPE", "1")
 # is built (the pairing) and when a step runs.
 INT4_GEMV_EPILOGUE = os.environ.get("KILN_INT4_GEMV_EPILOGUE", "1")
 # The int4 qkv GEMV at up to 8 rows with the rotary + paged KV write in its epilogue (QGemm.rope_paired: the weight's
-# rows packed in the rotary pairs at load; Packed.rope_gemv): "1" (KILN_INT4_GEMV_ROPE=1). Off ("0") until a GPU
-# has run its tests and measured it (written in session 18 without device time). Read when the backend is built
-# (the pairing) and when a step runs.
-INT4_GEMV_ROPE = os.environ.get("KILN_INT4_GEMV_ROPE", "0")
+# rows packed in the rotary pairs at load; Packed.rope_gemv): "1", the default since session 19; "0" off. Its GPU
+# tests pass, bit-equal (session 19). On the H200 the 8B int4-wo+lm-head batch-1 step on the GPU (bench latency's
+# decode_back_to_back_ms, BENCHMARKS.md session 19) took 2.054 / 2.054 ms with it against 2.145 / 2.134 without,
+# alternating in one call. Read when the backend is built (the pairing) and when a step runs.
+INT4_GEMV_ROPE = os.environ.get("KILN_INT4_GEMV_ROPE", "1")
 
 
 def _on(name: str, value: str) -> bool:
