@@ -9,12 +9,14 @@ each column's difference from the full kernel is what that part costs:
   no-math  the weight words XORed into the accumulator instead of decoded and multiplied (timing only)
 and the bf16 GEMV (codegen/gemv.py) over the same bytes (W viewed as bf16 [n, k/4]): its stream's rate.
 Each as microseconds and fraction of the copy bandwidth.
+ANAT_QUICK=1: the full kernel at the chooser's grid only (and the bf16 GEMV), to compare two trees in one call.
 Usage (device): PYTHONPATH=... python3 .ci/int4_gemv_anatomy.py [variants, comma-separated]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 
@@ -73,7 +75,8 @@ def main() -> None:
     bw = _copy_bw()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     desc = QuantDesc("int4", "per_group", 128, zero_points=True)
-    cuts = (("full", set()), ("no-zsub", {"zsub"}), ("no-math", {"math"}))
+    quick = os.environ.get("ANAT_QUICK") == "1"  # the shipped kernel at its chooser's grid only (tree-to-tree A/B)
+    cuts = (("full", set()),) if quick else (("full", set()), ("no-zsub", {"zsub"}), ("no-math", {"math"}))
     cols = [f"{v} {c}" for v in variants for c, _ in cuts] + ["bf16 k/4"]
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s\n")
     print("| linear | n x k | " + " | ".join(cols) + " |")
@@ -93,14 +96,14 @@ def main() -> None:
                 row.append(_graphed_ms([lambda p=p: p.linear(x, None) for p in packs]))
             _loaded.pop((spec, 0), None)
             del packs
-        if "warp" in variants:  # the warp kernel at other grids: (tiles per warp, K slices, blocks per SM)
+        if "warp" in variants and not quick:  # the warp kernel at other grids: (tiles per warp, K slices, blocks/SM)
             for pick in PICKS:
                 packs = _copies(lambda: Packed(base.fmt, base.mode, n, k, base.group, base.wq.clone(), base.rec32,
                                                None, base.origin, "warp", warp_pick=pick), nbytes)
                 t = _graphed_ms([lambda p=p: p.linear(x, None) for p in packs])
                 extra.append(f"{pick[0]}x{pick[1]}b{pick[2]}: {t * 1e3:.1f} ({nbytes / (t * 1e-3) / bw:.0%})")
                 del packs
-        if "warp" in variants:  # the chooser's grid with fewer weight loads in flight (fewer registers)
+        if "warp" in variants and not quick:  # the chooser's grid with fewer weight loads in flight (fewer registers)
             for loads in (4, 6):
                 qk.WARP_LOADS, keep = loads, qk.WARP_LOADS
                 _loaded.clear()

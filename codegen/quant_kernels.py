@@ -402,8 +402,14 @@ def _render(s: QGemvSpec) -> KernelSource:
         cps, unroll, nr, span = warp_shape(s.k, s.group, s.tpw, s.ksplit)
         gch = warp_group_chunks(s.k, s.group)
         blocks = math.ceil(params["tiles"] / (s.tpw * WARPS // s.ksplit))
+        # whole: every K slice is whole batches of `unroll` chunks of k, so x is read with no test. stepped: the
+        # weight refills through one pointer stepped a batch at a time, where a warp has a whole tile (ksplit 1);
+        # with K slices, at the 128-register cap, ptxas spilled the o GEMV's loop with it (session 19's SASS)
+        lens = [min((i + 1) * cps, nch) - i * cps for i in range(s.ksplit)]
+        whole = not params["k_tail"] and all(n % unroll == 0 for n in lens if n > 0)
         params.update(tpw=s.tpw, ksplit=s.ksplit, cps=cps, unroll=unroll, nr=nr, span=span, gch=gch or 0,
-                      single=gch is None, blocks=blocks, min_blocks=s.bps, max_t=WARP_MAX_T)
+                      single=gch is None, blocks=blocks, min_blocks=s.bps, max_t=WARP_MAX_T, whole=whole,
+                      stepped=s.ksplit == 1)
         meta.update(blocks=blocks, tpw=s.tpw, ksplit=s.ksplit, bps=s.bps, cps=cps, unroll=unroll)
     elif meta["variant"] == "persist":
         cps = _cps(s.fmt, s.k, s.splits)
