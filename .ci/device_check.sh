@@ -63,6 +63,12 @@
 #                                         default the fp8 / int4 GEMV epilogues and the fused Mamba-2 conv + scan; AB=...
 #   bash .ci/device_check.sh int4rope  session 18 (written without device time): the int4 qkv GEMV's rotary epilogue
 #                                         (KILN_INT4_GEMV_ROPE=1): its GPU tests, then int4-wo+lm-head decode off / on
+#   bash .ci/device_check.sh lorarel   session 19: the fp32 cuda backend with adapters against the reference over LORA_SEEDS
+#                                         seeds (.ci/lora_rel_probe.py): each seed's worst step, adapters mixed and base rows only
+#   bash .ci/device_check.sh lorabisect  session 19: that probe at the failing seed under each of LORA_ENVS (KILN_GEMV=0, ...)
+#   bash .ci/device_check.sh int4q     session 19: the INT4 warp GEMV at the 8B shapes (chooser's grid) and the int4-wo+lm-head
+#                                         step: run in two trees in turn to A/B a kernel change
+#   bash .ci/device_check.sh steps     session 19: 8B batch-1 decode_back_to_back_ms by precision (STEP_QUANTS), STEP_RUNS rounds
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     session 7's opt-in kernels (both default since): the one-row FP8 GEMV
 #                                         (KILN_FP8_GEMV) and the INT4 warp GEMV (KILN_QGEMV=warp, against the loop):
@@ -323,6 +329,25 @@ for mode in "$@"; do
         | tee "$OUT/refix-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
       KILN_TEST_SEED=3212102691 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_lora.py \
         -k "test_cuda_backend_with_adapters_matches_reference and fp32" 2>&1 | grep -a -E "^E  .*step|passed|failed" | tail -6 ;;
+    lorarel)  # session 19: the fp32 cuda backend's distance from the reference with adapters, over LORA_SEEDS seeds
+              # (session 18's test_lora.py failure at KILN_TEST_SEED=3212102691 first): a bug, or fp32's own spread?
+      timeout 240 python3 .ci/lora_rel_probe.py ${LORA_SEEDS:-12} 2>&1 | grep -a -v Warning | tail -16 ;;
+    lorabisect)  # session 19: the lorarel probe at the failing seed alone, under each switch that could be the part
+                 # that departs (LORA_ENVS), with each row's error at the worst step
+      for e in ${LORA_ENVS:-none KILN_LORA_KERNEL=split PROBE_EAGER=1 KILN_GEMV=0 KILN_PDL=0 KILN_PDL_TRIGGER=0}; do
+        echo "== $e"; env $([ $e = none ] || echo $e) timeout 120 python3 .ci/lora_rel_probe.py 1 2>&1 | grep -a -v Warning | tail -3
+      done ;;
+    int4q)  # session 19: this tree's INT4 warp GEMV at the 8B shapes (ANAT_QUICK: the chooser's grid, µs and share of copy
+            # bandwidth) and the int4-wo+lm-head batch-1 step (decode_back_to_back_ms): run in two trees in turn to A/B them
+      ANAT_QUICK=1 timeout 120 python3 .ci/int4_gemv_anatomy.py warp 2>&1 | grep -a -E "^\| [a-z]|copy|rror"
+      echo "batch-1 decode, int4-wo+lm-head $(timeout 60 $KILN bench latency --config $L --quantization int4-wo+lm-head \
+        --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error" | tr '\n' ' ')" ;;
+    steps)  # session 19: batch-1 decode of the 8B shape by precision on the GPU's step time (decode_back_to_back_ms),
+            # this tree's defaults, STEP_RUNS (2) rounds: bf16, fp8, fp8+lm-head, int4-wo, int4-wo+lm-head
+      for i in $(seq ${STEP_RUNS:-2}); do for q in ${STEP_QUANTS:-bf16 fp8 fp8+lm-head int4-wo int4-wo+lm-head}; do
+        opt=(--quantization $q); [ $q = bf16 ] && opt=()
+        echo "batch-1 decode, $q $(timeout 60 $KILN bench latency --config $L "${opt[@]}" --prompt 1024 --steps 64 2>&1 \
+          | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error" | tr '\n' ' ')"; done; done ;;
     retest)  # tests changed after the `tests` call
       timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-6} tests/gpu/test_kv_scales_gpu.py \
         "tests/gpu/test_cuda_backend.py::test_state_space_engine_equals_reference_fp32" \

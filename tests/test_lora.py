@@ -180,8 +180,9 @@ def test_moe_expert_targets_are_refused(tmp_path):
 
 
 def write_adapter(path, layers: int, hidden: int, r: int, seed: int, modules=("q_proj", "v_proj"), out=None,
-                  widths=None):
-    """A PEFT-format adapter written directly (the served tiny model has no transformers twin)."""
+                  widths=None, scale: float = 0.3):
+    """A PEFT-format adapter written directly (the served tiny model has no transformers twin); A and B drawn
+    from N(0, scale^2)."""
     import json
 
     from safetensors.torch import save_file
@@ -195,8 +196,8 @@ def write_adapter(path, layers: int, hidden: int, r: int, seed: int, modules=("q
         for m in modules:
             key = f"base_model.model.model.layers.{layer}.self_attn.{m}"
             width = out or (widths or {}).get(m) or (hidden // 2 if m in ("k_proj", "v_proj") else hidden)
-            tensors[f"{key}.lora_A.weight"] = torch.randn(r, hidden, generator=gen) * 0.3
-            tensors[f"{key}.lora_B.weight"] = torch.randn(width, r, generator=gen) * 0.3
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, hidden, generator=gen) * scale
+            tensors[f"{key}.lora_B.weight"] = torch.randn(width, r, generator=gen) * scale
     save_file(tensors, str(path / "adapter_model.safetensors"))
     return path
 
