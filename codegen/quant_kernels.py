@@ -77,6 +77,9 @@ WARP_MAX_T = 8
 WARP_TPW = (1, 2, 4)
 WARP_KSPLITS = (1, 2, 4, 8)
 WARP_LOADS = 8  # 16 (as the bf16 GEMV at one row) wanted 168 registers: spills under the cap of 2 blocks per SM
+# Half WARP_LOADS where that makes a K slice whole batches (warp_shape), down to this: the 8B down GEMV at 4 loads a
+# lane was 11.4 against 12.2 us at 8 (session 16, before whole batches read x with no test)
+WARP_MIN_UNROLL = 4
 WARP_MIN_BLOCKS = 2  # the default; 3 (`bps`, for the benchmark's sweep) caps registers at 80: a few bytes spill
 WARP_BPS = (2, 3)
 
@@ -208,11 +211,14 @@ def warp_group_chunks(k: int, group: int) -> int | None:
 
 def warp_shape(k: int, group: int, tpw: int, ksplit: int) -> tuple[int, int, int, int]:
     """(chunks per K slice, unroll, record slots, chunks per record slot) of the warp variant: `unroll`
-    chunks per tile in flight (WARP_LOADS / tpw, fewer where a slice has fewer chunks: a power of two),
-    slices starting on group boundaries so that each record slot serves whole chunks of one group."""
+    chunks per tile in flight (WARP_LOADS / tpw, fewer where a slice has fewer chunks: a power of two; half
+    where that makes the slice whole batches of it), slices starting on group boundaries so that each record
+    slot serves whole chunks of one group."""
     nch = math.ceil(k / FORMATS["int4"][0])
     raw = math.ceil(nch / ksplit)
     unroll = min(WARP_LOADS // tpw, 1 << (raw - 1).bit_length())
+    if raw % unroll and raw % (unroll // 2) == 0 and unroll // 2 >= WARP_MIN_UNROLL:
+        unroll //= 2  # whole batches: the template then reads x with no test (the 8B down GEMV's 28 chunks a slice)
     gch = warp_group_chunks(k, group)
     if gch is None:
         return raw, unroll, 1, unroll
