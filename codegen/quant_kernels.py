@@ -393,6 +393,7 @@ def _render(s: QGemvSpec) -> KernelSource:
         pair_t="__nv_bfloat162" if s.dtype == "bf16" else "__half2",
         splat="__bfloat162bfloat162" if s.dtype == "bf16" else "__half2half2",
         magic="0x43004300u" if s.dtype == "bf16" else "0x64006400u",
+        magic_byte="0x43434343u" if s.dtype == "bf16" else "0x64646464u",
     )
     meta = dict(threads=WARPS * 32, warps=WARPS, tiles=params["tiles"], nch=nch, ck=ck, kpl=kpl, qoff=qoff,
                 variant=s.variant if s.streams or s.warp else "loop", splits=s.splits, tpb=1)

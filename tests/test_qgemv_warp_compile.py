@@ -67,13 +67,13 @@ def test_warp_compiles_with_at_most_a_few_spilled_words(n, k, group, dtype):
 @pytest.mark.parametrize("ksplit", Q.WARP_KSPLITS)
 def test_every_tpw_and_ksplit_compiles(tpw, ksplit):
     """Off the chooser's picks too (ragged tiles, a K tail, one group per row): every (tpw, ksplit)
-    builds for sm_90a, spilling at most SPILL_MAX bytes (4 tiles a warp, and 2 over 4 or 8 K slices, spill a
-    few words at this shape)."""
+    builds for sm_90a, spilling at most SPILL_MAX bytes (4 tiles a warp, 2 over 4 or 8 K slices, and since the
+    byte-permute dequantization 1 over the whole of K (24 bytes) spill a few words at this shape)."""
     ks = render(_spec(203, 2000, 2000, tpw=tpw, ksplit=ksplit))
     img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
     spills = [int(b) for b in re.findall(r"(\d+) bytes spill stores", img.log)]
     assert len(spills) == 2 and max(spills) <= SPILL_MAX, img.log
-    assert img.log.count(CLEAN) == 2 or tpw == 4 or (tpw == 2 and ksplit >= 4), img.log
+    assert img.log.count(CLEAN) == 2 or tpw == 4 or (tpw == 2 and ksplit >= 4) or (tpw, ksplit) == (1, 1), img.log
 
 
 @pytest.mark.parametrize("n, k, group", LLAMA3)

@@ -176,9 +176,10 @@ def test_quantized_model_cuda_matches_reference(scheme, dtype, tol, fresh_seed):
         # rounding difference upstream can move a value across a step; test_fp8_linear_matches_reference
         # checks the GEMMs on equal inputs, exactly. (Fused per-tensor siblings also share one scale.)
         tol = max(tol, 5e-2)
-        if scheme.endswith("+lm-head") and dtype == "bf16":
-            # the logits are themselves an fp8 GEMM's: a bf16 difference upstream that moves one of the head's
-            # inputs across an fp8 step moves every logit, with no later layer to average it out (H200: 0.053)
+        if scheme.endswith("+lm-head"):
+            # the logits are themselves an fp8 GEMM's: a rounding difference upstream that moves one of the head's
+            # inputs across an fp8 step moves every logit, with no later layer to average it out (H200: bf16 0.053
+            # in session 18, fp32 0.055 in session 19)
             tol = 8e-2
     ref = random_model("llama", LLAMA, dtype=dtype, device="cuda", seed=0, quantization=scheme)
     _compare(ref, _cuda_twin(ref), tol, fresh_seed)
