@@ -28,9 +28,11 @@ the launch wrappers, and the packed layout they read (`repack`, `pack`: built on
        weight loads in flight in a ring, records in their own ring one group ahead, x's B fragment read
        per chunk through L1, no staging, no split-K buffers, no branch in the chunk loop; `choose_warp`
        sizes the grid to be resident in one wave. More rows (or int8 / "pre" weights, or a group of other
-       than a power of two chunks) take "loop". On the H200 (session 16) it runs the 8B model's four
+       than a power of two chunks) take "loop". On the H200 (session 16) it ran the 8B model's four
        linears at one row in 47 us against the loop's 61 (51-61% of copy bandwidth) and int4 batch-1
-       decode in 2.54-2.57 ms against 3.20-3.33.
+       decode in 2.54-2.57 ms against 3.20-3.33; session 19 cut its loop from 94 to 61 instructions a chunk
+       (byte-permute dequantization, x read with no test where slices are whole batches): 36.6 us
+       (qkv 57%, o 54%, gate+up 85%, down 78% of copy bandwidth).
        A spec whose shared memory exceeds the device's per-block limit is refused (`SMEM_MAX`; a
        stream split of 14336 columns at 16 tokens needed 241 KB and failed in cuFuncSetAttribute).
 fp32 runs take a CUDA-core variant of the same layout (full fp32 precision, as the reference).
