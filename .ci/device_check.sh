@@ -68,6 +68,7 @@
 #   bash .ci/device_check.sh lorabisect  session 19: that probe at the failing seed under each of LORA_ENVS (KILN_GEMV=0, ...)
 #   bash .ci/device_check.sh int4q     session 19: the INT4 warp GEMV at the 8B shapes (chooser's grid) and the int4-wo+lm-head
 #                                         step: run in two trees in turn to A/B a kernel change
+#   bash .ci/device_check.sh e4m3cvt   session 19 (unrun): KILN_E4M3_CVT=1's GPU tests, then the fp8-cache decode kernel 0 / 1
 #   bash .ci/device_check.sh steps     session 19: 8B batch-1 decode_back_to_back_ms by precision (STEP_QUANTS), STEP_RUNS rounds
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     session 7's opt-in kernels (both default since): the one-row FP8 GEMV
@@ -342,6 +343,15 @@ for mode in "$@"; do
       ANAT_QUICK=1 timeout 120 python3 .ci/int4_gemv_anatomy.py warp 2>&1 | grep -a -E "^\| [a-z]|copy|rror"
       echo "batch-1 decode, int4-wo+lm-head $(timeout 60 $KILN bench latency --config $L --quantization int4-wo+lm-head \
         --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error" | tr '\n' ' ')" ;;
+    e4m3cvt)  # session 19 (written after its device time): E4M3 to fp16 by cvt (KILN_E4M3_CVT=1): its GPU tests (the same
+              # bits as the integer conversion), then the fp8-cache decode kernel against the bf16 cache's, 0 / 1 alternately
+      timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_kernels.py \
+        tests/gpu/test_cuda_backend.py -k "fp8" 2>&1 | tee "$OUT/e4m3cvt-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
+      for i in 1 2; do for v in 0 1; do echo "KILN_E4M3_CVT=$v"; KILN_E4M3_CVT=$v timeout 90 python3 -c "
+from kiln.codegen.bench_kernels import fp8_kv_decode_line, copy_bandwidth
+bw = copy_bandwidth()
+for B, c in ((256, 1500), (64, 4096), (1, 16384)): print(fp8_kv_decode_line(B, c, bw), flush=True)" 2>&1 | grep -a "decode att"
+      done; done ;;
     steps)  # session 19: batch-1 decode of the 8B shape by precision on the GPU's step time (decode_back_to_back_ms),
             # this tree's defaults, STEP_RUNS (2) rounds: bf16, fp8, fp8+lm-head, int4-wo, int4-wo+lm-head
       for i in $(seq ${STEP_RUNS:-2}); do for q in ${STEP_QUANTS:-bf16 fp8 fp8+lm-head int4-wo int4-wo+lm-head}; do

@@ -745,6 +745,36 @@ def test_fp8_kv_decode(dtype, case, page_size):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("case", FP8_CASES)
+def test_fp8_kv_decode_with_cvt_equals_integer_conversion(dtype, case, monkeypatch):
+    """KILN_E4M3_CVT=1 (fp8.cuh.j2: E4M3 to fp16 by cvt.rn.f16x2.e4m3x2, the pairs' unit moved into the scales):
+    the same bits as the integer conversion, every kernel shape and dtype of test_fp8_kv_decode."""
+    from kiln.codegen import render as R
+
+    H, KV, D, window, cap, ali = case
+    dt = DT[dtype]
+    ks, vs = 0.05, 0.02
+    ctx = [1, 17, 100, 513, 2049]
+    B = len(ctx)
+    tables, pages = paged_layout(ctx, 16)
+    kc, _ = fp8_pages((pages, KV, 16, D), ks)
+    vc, _ = fp8_pages((pages, KV, 16, D), vs)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    q = torch.randn(B, H * D, device=DEV).to(dt)
+    outs = []
+    for on in ("0", "1"):  # distinct origins: distinct specs, so each renders and loads its own kernel
+        monkeypatch.setattr(R, "E4M3_CVT", on)
+        spec = DecodeAttnSpec(H, KV, D, 16, D ** -0.5, window=window, softcap=cap, alibi_max=ali, dtype=dtype,
+                              kv_fp8=True, origin=f"test e4m3 cvt {on}")
+        assert ("opt-in: on here" in R.render(spec).source) == (on == "1")
+        out = nan_like((B, H * D), dt)
+        K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, K.decode_scratch(spec, B, max(ctx), DEV),
+                                 max_context=max(ctx), k_scale=ks, v_scale=vs)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", FP8_CASES)
 @pytest.mark.parametrize("page_size", [16, 7])
 def test_fp8_kv_prefill(dtype, case, page_size):
     H, KV, D, window, cap, ali = case
