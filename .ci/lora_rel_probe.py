@@ -98,13 +98,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     models = pair("llama", LLAMA, "fp32")
     L, H = LLAMA["num_hidden_layers"], LLAMA["hidden_size"]
+    scale = float(os.environ.get("PROBE_SCALE", ADAPTER_SCALE))
     for model in models:
         lora = LoraSet(model.plan, "cuda", model.dtype)
         for i in range(8):
             p = tmp / f"a{i}"
             if not p.exists():
-                write_adapter(p, L, H, (4, 8, 16, 24)[i % 4], seed=i, widths=WIDTHS, scale=float(os.environ.get(
-                              "PROBE_SCALE", ADAPTER_SCALE)),
+                write_adapter(p, L, H, (4, 8, 16, 24)[i % 4], seed=i, widths=WIDTHS, scale=scale,
                               modules=("q_proj", "v_proj") if i % 2 else ("q_proj", "k_proj", "v_proj", "o_proj"))
             lora.load(f"a{i}", p)
         model.model.lora = lora
