@@ -20,35 +20,17 @@ import random
 import sys
 
 import torch
-from kiln.runtime.batch import SeqSlice, StepBatch
-from kiln.runtime.kv_store import KVStore
-from kiln.runtime.lora import LoraSet
+from kiln.runtime.batch import StepBatch
 
 from tests.gpu.test_cuda_backend import LLAMA, pair, rel
-from tests.gpu.test_lora import ADAPTER_SCALE, WIDTHS
-from tests.test_lora import write_adapter
+from tests.gpu.test_lora import ADAPTER_SCALE, attach_adapters, mixed_steps
 
 
 def run(models, seed: int, mix: bool, rows: list | None = None) -> list[float]:
     """The test's steps at `seed`: the cuda backend's rel error from the reference, step by step (`rows`:
     receives each step's per-row errors)."""
-    vocab = models[0].plan.vocab_size
-    rng = random.Random(seed)
-    S = 12
-    lens = [rng.randint(1, 40) for _ in range(S)]
-    adapters = [i % 9 - 1 if mix else -1 for i in range(S)]
-    kvs = [KVStore(m.plan.sites, 128, 16, m.dtype, "cuda") for m in models]
-    tables = [tuple(range(i * 8, i * 8 + 8)) for i in range(S)]
-    tokens = [[rng.randrange(vocab) for _ in range(n)] for n in lens]
-    ctx, out = [0] * S, []
-    for step in range(7):
-        seqs, flat = [], []
-        for i in range(S):
-            new = tokens[i] if step == 0 else [rng.randrange(vocab)]
-            seqs.append(SeqSlice(len(flat), len(new), ctx[i], tables[i], adapter=adapters[i]))
-            flat += new
-            ctx[i] += len(new)
-        batch = StepBatch(torch.tensor(flat), seqs)
+    out = []
+    for step, batch, kvs in mixed_steps(models, seed, mix):
         with torch.no_grad():
             if os.environ.get("PROBE_TRACE") == str(step) and rows is not None:
                 a, b = traced(models, kvs, batch)
@@ -97,17 +79,7 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 12
     tmp = Path(tempfile.mkdtemp())
     models = pair("llama", LLAMA, "fp32")
-    L, H = LLAMA["num_hidden_layers"], LLAMA["hidden_size"]
-    scale = float(os.environ.get("PROBE_SCALE", ADAPTER_SCALE))
-    for model in models:
-        lora = LoraSet(model.plan, "cuda", model.dtype)
-        for i in range(8):
-            p = tmp / f"a{i}"
-            if not p.exists():
-                write_adapter(p, L, H, (4, 8, 16, 24)[i % 4], seed=i, widths=WIDTHS, scale=scale,
-                              modules=("q_proj", "v_proj") if i % 2 else ("q_proj", "k_proj", "v_proj", "o_proj"))
-            lora.load(f"a{i}", p)
-        model.model.lora = lora
+    attach_adapters(models, tmp, float(os.environ.get("PROBE_SCALE", ADAPTER_SCALE)))
     if os.environ.get("PROBE_EAGER") == "1":
         models[1].model.use_graphs = False
     seeds = [3212102691] + [random.Random(i).randrange(2**32) for i in range(n - 1)]

@@ -177,6 +177,46 @@ def _ref(step, slot, x, y):
     return s.apply(slot, x.float(), y.float())
 
 
+def attach_adapters(models, folder, scale: float = ADAPTER_SCALE) -> list[str]:
+    """The 8 test adapters (ranks 4, 8, 16, 24; the odd ones on q and v only, the even ones on q, k, v and o),
+    written into `folder` once and attached to every model; their names."""
+    L, H = LLAMA["num_hidden_layers"], LLAMA["hidden_size"]
+    names = []
+    for model in models:
+        lora = LoraSet(model.plan, "cuda", model.dtype)
+        for i in range(8):
+            p = folder / f"a{i}"
+            if not p.exists():
+                write_adapter(p, L, H, (4, 8, 16, 24)[i % 4], seed=i, widths=WIDTHS, scale=scale,
+                              modules=("q_proj", "v_proj") if i % 2 else ("q_proj", "k_proj", "v_proj", "o_proj"))
+            lora.load(f"a{i}", p)
+        model.model.lora = lora
+        names = lora.names
+    return names
+
+
+def mixed_steps(models, seed: int, mix: bool = True, S: int = 12, steps: int = 7):
+    """(step, batch, KV stores) of a prefill of S random prompts (1-40 tokens) and decode steps, sequence i on
+    adapter i % 9 - 1 (-1: the base model; every row on the base without `mix`), one KV store per model; the
+    caller runs each batch on every model before the next is made."""
+    vocab = models[0].plan.vocab_size
+    rng = random.Random(seed)
+    lens = [rng.randint(1, 40) for _ in range(S)]
+    adapters = [i % 9 - 1 if mix else -1 for i in range(S)]  # -1 (base) and the 8 adapters
+    kvs = [KVStore(m.plan.sites, 128, 16, m.dtype, "cuda") for m in models]
+    tables = [tuple(range(i * 8, i * 8 + 8)) for i in range(S)]
+    tokens = [[rng.randrange(vocab) for _ in range(n)] for n in lens]
+    ctx = [0] * S
+    for step in range(steps):
+        seqs, flat = [], []
+        for i in range(S):
+            new = tokens[i] if step == 0 else [rng.randrange(vocab)]
+            seqs.append(SeqSlice(len(flat), len(new), ctx[i], tables[i], adapter=adapters[i]))
+            flat += new
+            ctx[i] += len(new)
+        yield step, StepBatch(torch.tensor(flat), seqs), kvs
+
+
 @pytest.mark.parametrize("kernel", ["tiled", "split"])
 @pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("bf16", 3e-2)])
 def test_cuda_backend_with_adapters_matches_reference(dtype, tol, kernel, tmp_path, fresh_seed, monkeypatch):
@@ -185,36 +225,8 @@ def test_cuda_backend_with_adapters_matches_reference(dtype, tol, kernel, tmp_pa
     monkeypatch.setenv("KILN_LORA_KERNEL", kernel)
     ref, cuda = pair("llama", LLAMA, dtype)
     models = (ref, cuda) if dtype == "fp32" else (ref, cuda, oracle("llama", LLAMA, ref))
-    L, H = LLAMA["num_hidden_layers"], LLAMA["hidden_size"]
-    names = []
-    for model in models:
-        lora = LoraSet(model.plan, "cuda", model.dtype)
-        for i in range(8):
-            p = tmp_path / f"a{i}"
-            if not p.exists():
-                write_adapter(p, L, H, (4, 8, 16, 24)[i % 4], seed=i, widths=WIDTHS, scale=ADAPTER_SCALE,
-                              modules=("q_proj", "v_proj") if i % 2 else ("q_proj", "k_proj", "v_proj", "o_proj"))
-            lora.load(f"a{i}", p)
-        model.model.lora = lora
-        names = lora.names
-    assert len(names) == 8
-    vocab = ref.plan.vocab_size
-    rng = random.Random(fresh_seed)
-    S = 12
-    lens = [rng.randint(1, 40) for _ in range(S)]
-    adapters = [i % 9 - 1 for i in range(S)]  # -1 (base) and the 8 adapters
-    kvs = [KVStore(m.plan.sites, 128, 16, m.dtype, "cuda") for m in models]
-    tables = [tuple(range(i * 8, i * 8 + 8)) for i in range(S)]
-    tokens = [[rng.randrange(vocab) for _ in range(n)] for n in lens]
-    ctx = [0] * S
-    for step in range(7):  # a prefill, then decode steps (CUDA graphs)
-        seqs, flat = [], []
-        for i in range(S):
-            new = tokens[i] if step == 0 else [rng.randrange(vocab)]
-            seqs.append(SeqSlice(len(flat), len(new), ctx[i], tables[i], adapter=adapters[i]))
-            flat += new
-            ctx[i] += len(new)
-        batch = StepBatch(torch.tensor(flat), seqs)
+    assert len(attach_adapters(models, tmp_path)) == 8
+    for step, batch, kvs in mixed_steps(models, fresh_seed):  # a prefill, then decode steps (CUDA graphs)
         with torch.no_grad():
             out = [m.model.forward(batch, kv) for m, kv in zip(models, kvs)]
         if dtype == "fp32":
