@@ -186,7 +186,7 @@ def fp8_kv_decode_line(B, ctx, copy_bw: float) -> str:
     times, moved = {}, {}
     for fp8 in (False, True):
         spec = DecodeAttnSpec(HEADS, KV_HEADS, HEAD_DIM, PAGE, HEAD_DIM ** -0.5, kv_fp8=fp8, origin="bench")
-        per_seq = ctx // PAGE
+        per_seq = -(-ctx // PAGE)  # a context that is not whole pages ends in a partly filled one
         pages = B * per_seq
         kc = torch.randn(pages, KV_HEADS, PAGE, HEAD_DIM, device="cuda", dtype=DT)
         vc = torch.randn_like(kc)

@@ -79,9 +79,10 @@ def _kernel(spec, device) -> LoadedKernel:
 def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=None, gate=None, pdl: bool = False):
     """out = norm(x [+ residual]) * (weight + offset) [+ bias]; residual_out = x + residual.
     Gated (spec.gate): out = norm(x * gate_act(gate)) * (weight + offset) [+ bias]. pdl: a programmatic
-    dependent launch (LoadedKernel.launch_dependent). The norm, activation, rotary + KV write and decode
-    attention kernels wait for the kernel before at their entry, before any read or write
-    (tests/test_pdl_order.py checks their machine code), so only their scheduling overlaps its drain.
+    dependent launch (LoadedKernel.launch_dependent). The norm, activation and rotary + KV write kernels
+    wait for the kernel before at their entry, before any read or write (tests/test_pdl_order.py checks
+    their machine code), so only their scheduling overlaps its drain; the tensor-core decode attention
+    copies its first cached K/V tiles before its wait (render.EARLY_KV).
 
     x, residual, out, residual_out: [T, hidden]; residual_out may be residual (in place); gate
     [T, hidden], row-strided views work. With spec.group, each run of group features is normalised

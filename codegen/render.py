@@ -97,12 +97,21 @@ PDL_TRIGGER = _PDL_TRIGGER_ENV == "1"
 # the 2.7B state-space shape (2.53 against 2.84 ms) but are the ones ptxas moved above the wait.
 DEP_LOADS = ("ca", "cg", "weak")
 DEP_LOAD = os.environ.get("KILN_DEP_LOAD", "ca")
-# E4M3 (fp8 KV cache) bytes to fp16 by the cvt.rn.f16x2.e4m3x2 instruction on sm_89 and later ("1"), instead of
-# integer ops ("0", the default, any arch): fp8.cuh.j2. The fp8-cache decode kernel's loop then takes 418 instead of
-# 567 instructions a 16-token tile (session 19, its SASS); the same bits by construction (the pairs' unit, a power of
-# two, moves into the scales). Written without device time: opt-in until its GPU tests and timings have run
-# (`.ci/device_check.sh e4m3cvt`). Read once, as the two above.
-E4M3_CVT = os.environ.get("KILN_E4M3_CVT", "0")
+# E4M3 (fp8 KV cache) bytes to fp16 by the cvt.rn.f16x2.e4m3x2 instruction on sm_89 and later ("1", the default),
+# or by integer ops ("0", any arch): fp8.cuh.j2. The fp8-cache decode kernel's loop takes 418 instead of 567
+# instructions a 16-token tile (session 19, its SASS); the same bits by construction (the pairs' unit, a power of
+# two, moves into the scales; its GPU test is bit-equality). H200, session 20, the kernel alone: B=256 ctx 1,500
+# 260.7 -> 225.6 us, B=64 ctx 4,096 171.5 -> 143.4 us, B=1 ctx 16,384 19.4 -> 16.7 us. Read once, as the two above.
+E4M3_CVT = os.environ.get("KILN_E4M3_CVT", "1")
+# The tensor-core decode attention kernel's first K/V copies before its griddepcontrol.wait ("1", the default) or
+# after it ("0"): templates/decode_attn_mma.cu.j2. Launched as a programmatic dependent of the qkv GEMV that
+# writes the new token's K/V (KILN_PDL_CHAIN), its prologue's copies of the cached tokens then overlap that
+# kernel; the one row that kernel writes (the new token, ctx - 1) is read again after the wait. Sound because a
+# decode row has exactly one token written in its step: every other K/V row was written by a kernel that
+# completed before the step's graph began (tests/gpu/test_decode_early_kv.py poisons the new rows each replay).
+# H200, session 20, 8B batch-1 step (decode_back_to_back_ms, 0 / 1 alternately, twice): bf16 4.103 / 4.098 ->
+# 4.065 / 4.066 ms, fp8+lm-head 2.718 / 2.720 -> 2.696 / 2.699, int4-wo+lm-head 1.719 / 1.723 -> 1.685 / 1.686.
+EARLY_KV = os.environ.get("KILN_DECODE_EARLY_KV", "1")
 
 
 def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> KernelSource:
@@ -112,6 +121,8 @@ def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> 
         raise KernelSpecError(f"KILN_DEP_LOAD={DEP_LOAD!r}: must be one of {', '.join(DEP_LOADS)}")
     if E4M3_CVT not in ("0", "1"):
         raise KernelSpecError(f"KILN_E4M3_CVT={E4M3_CVT!r}: must be 0 or 1")
+    if EARLY_KV not in ("0", "1"):
+        raise KernelSpecError(f"KILN_DECODE_EARLY_KV={EARLY_KV!r}: must be 0 or 1")
     derived = " ".join(f"{k}={v}" for k, v in meta.items())
     ctype = RUN_DTYPES[spec.dtype].ctype
     text = env().get_template(template).render(
@@ -303,6 +314,7 @@ def _decode_mma(s: DecodeAttnSpec, group: int) -> KernelSource:
         else "scores: q.k * scale * log2 e",
         alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s), **_merge_params(s, d),
         prefetch_pages=s.tuned, min_blocks=s.min_blocks,
+        early_kv=EARLY_KV == "1", fresh_regs=-(-2 * (d * citem // 16) // 32),
     )
     name = _name(f"decode_attn_mma{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     # tile: the partition granule (one 16-token tile per warp), so every warp gets the same work

@@ -28,7 +28,7 @@ def test_the_decode_kernel_converts_by_cvt_only_where_switched_on_and_the_gpu_ha
     spec = DecodeAttnSpec(32, 8, 128, 16, 128 ** -0.5, kv_fp8=True, origin="models/test.kiln:7 attention(q, k, v)")
     assert (CVT in _ptx(spec, "compute_90a")) == (on == "1")
     assert CVT not in _ptx(spec, "compute_80")  # before sm_89: the integer conversion either way
-    assert f"opt-in: {'on' if on == '1' else 'off'} here" in render.__wrapped__(spec).source
+    assert f"render.E4M3_CVT: {'on' if on == '1' else 'off'} here" in render.__wrapped__(spec).source
 
 
 @pytest.mark.parametrize("spec", [

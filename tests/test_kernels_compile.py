@@ -252,9 +252,12 @@ def test_decode_blocks_without_tokens_leave_at_once(spec):
     assert "gridDim.x - 1" not in src and "gridDim.x == 1" not in src and "gridDim.x > 1" not in src
     assert "(long long)tid * max_splits" not in src  # no neutral (-inf, 0) partials of empty splits any more
     assert ("const int s0 = first / partition;" in src) == bool(spec.window)
-    # the PDL wait still comes first, before the context length is read
     body = src[src.index(f" {render(spec).name}("):]
-    assert body.index("pdl_wait();") < body.index("context_lens[seq]") < body.index("return;  // block-uniform")
+    if "int fresh_j" in src:  # render.EARLY_KV (tensor cores): the wait after the first cache copies, before q
+        assert body.index("context_lens[seq]") < body.index("return;  // block-uniform") < body.index(
+            "load_tile(0") < body.index("pdl_wait();") < body.index("const scalar_t* qh = q")
+    else:  # the PDL wait comes first, before the context length is read
+        assert body.index("pdl_wait();") < body.index("context_lens[seq]") < body.index("return;  // block-uniform")
     _compile_all(spec)
 
 

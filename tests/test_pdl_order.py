@@ -33,7 +33,7 @@ from kiln.codegen import render as render_mod
 from kiln.codegen.lora_kernels import LoraSpec
 from kiln.codegen.quant_kernels import ActQuantSpec, QGemvSpec, choose_persist, choose_splits, choose_warp
 from kiln.codegen.render import render
-from kiln.codegen.specs import ActSpec, KernelSpecError, NormSpec
+from kiln.codegen.specs import ActSpec, DecodeAttnSpec, KernelSpecError, NormSpec
 
 nvrtc = pytest.importorskip("kiln.codegen.nvrtc")
 
@@ -76,7 +76,9 @@ def _width(ins: str) -> int:
     return int(m.group(1)) // 8 if m else 4
 
 
-def _before_wait_problems(instrs: list[str]) -> list[str]:
+def _before_wait_problems(instrs: list[str], cache_copies: bool = False) -> list[str]:
+    """cache_copies: 16-byte asynchronous copies are the KV cache's earlier tokens (render.EARLY_KV's decode
+    attention), allowed."""
     wait = next(i for i, s in enumerate(instrs) if "ACQBULK" in s)
     bad = []
     for ins in instrs[:wait]:
@@ -84,8 +86,10 @@ def _before_wait_problems(instrs: list[str]) -> list[str]:
         if op.startswith(("STG", "ST.", "ATOM", "RED")):
             bad.append(f"a write before the wait: {ins}")
         elif op.startswith("LDGSTS"):  # cp.async: 4 bytes are the packed weights' records, 16 x's rows
-            if _width(op) == 16:
+            if _width(op) == 16 and not cache_copies:
                 bad.append(f"a 16-byte asynchronous copy before the wait: {ins}")
+        elif op.startswith("LDGDEPBAR"):  # cp.async.commit_group: no memory access of its own
+            continue
         elif op.startswith("LDG"):
             if ".CONSTANT" not in op:
                 bad.append(f"a coherent load (ld_dep's) before the wait: {ins}")
@@ -134,7 +138,8 @@ def _other_specs():
 
 
 def _chain_specs():
-    """KILN_PDL_CHAIN's dependents (runtime/cuda_backend.PDL_CHAIN): they wait at their entry."""
+    """KILN_PDL_CHAIN's dependents (runtime/cuda_backend.PDL_CHAIN): they wait at their entry (the tensor-core
+    decode attention after its first cache copies: render.EARLY_KV)."""
     from kiln.codegen.specs import ACT_VARIANTS, ROPE_VARIANTS, DecodeAttnSpec, RopeCacheSpec
 
     yield NormSpec("rms", 4096, 1e-5, has_residual=True)
@@ -161,7 +166,8 @@ def test_dependent_kernels_read_only_weights_before_the_wait(spec, tmp_path):
     # plain launches: the activation quantization's amax pass, the packed weights' dequantization for cuBLAS
     dependent = [e for e in render(spec).entries if not e.endswith(("_amax", "_dequant"))]
     assert sorted(waiting) == sorted(dependent), "every programmatic-dependent entry waits"
-    problems = {name: _before_wait_problems(ins) for name, ins in waiting.items()}
+    copies = isinstance(spec, DecodeAttnSpec) and render_mod.EARLY_KV == "1"  # the cached K/V, on purpose
+    problems = {name: _before_wait_problems(ins, cache_copies=copies) for name, ins in waiting.items()}
     assert not any(problems.values()), problems
 
 
@@ -198,3 +204,25 @@ def test_a_bad_dependent_load_form_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(render_mod, "DEP_LOAD", "nc")
     with pytest.raises(KernelSpecError, match="KILN_DEP_LOAD='nc'"):
         render.__wrapped__(G.spec_for(64, 64, "bf16", False, "dep", 132))
+
+
+EARLY_KV_SPECS = [DecodeAttnSpec(32, 8, 128, 16, 128**-0.5, kv_fp8=fp8, origin="early-kv") for fp8 in (False, True)] + [
+    DecodeAttnSpec(32, 8, 128, 16, 128**-0.5, tuned=False, origin="early-kv"),
+    DecodeAttnSpec(8, 2, 64, 16, 0.125, window=37, softcap=30.0, kv_fp8=True, dtype="fp16", origin="early-kv"),
+    DecodeAttnSpec(16, 8, 256, 7, 256**-0.5, alibi_max=8.0, origin="early-kv")]
+
+
+@pytest.mark.parametrize("spec", EARLY_KV_SPECS, ids=["bf16", "fp8", "untuned", "fp8-window-softcap", "d256-alibi"])
+def test_the_early_kv_decode_kernel_copies_the_cache_before_the_wait_and_nothing_else(spec, monkeypatch, tmp_path):
+    """render.EARLY_KV (KILN_DECODE_EARLY_KV=1): the tensor-core decode attention's first K/V copies come before
+    its wait (the point of it), and nothing else the kernel before writes: q and the new token's row are read by
+    ld_dep after it, and nothing is written before it. Off, the wait is the kernel's first instruction of note."""
+    for early in ("0", "1"):
+        monkeypatch.setattr(render_mod, "EARLY_KV", early)
+        src = render.__wrapped__(spec)  # past render's cache: the switch is read at each rendering
+        (ins,) = _entries(src.source, src.name, src.origin, tmp_path).values()
+        assert [s for s in ins if "ACQBULK" in s], "it waits"
+        assert not _before_wait_problems(ins, cache_copies=early == "1")
+        wait = next(i for i, s in enumerate(ins) if "ACQBULK" in s)
+        copies = [s for s in ins[:wait] if "LDGSTS" in s and _width(s.split()[0]) == 16]
+        assert bool(copies) == (early == "1"), f"EARLY_KV={early}: {len(copies)} cache copies before the wait"

@@ -765,7 +765,7 @@ def test_fp8_kv_decode_with_cvt_equals_integer_conversion(dtype, case, monkeypat
         monkeypatch.setattr(R, "E4M3_CVT", on)
         spec = DecodeAttnSpec(H, KV, D, 16, D ** -0.5, window=window, softcap=cap, alibi_max=ali, dtype=dtype,
                               kv_fp8=True, origin=f"test e4m3 cvt {on}")
-        assert ("opt-in: on here" in R.render(spec).source) == (on == "1")
+        assert ("render.E4M3_CVT: on here" in R.render(spec).source) == (on == "1")
         out = nan_like((B, H * D), dt)
         K.paged_decode_attention(spec, q, kc, vc, tables, lens, out, K.decode_scratch(spec, B, max(ctx), DEV),
                                  max_context=max(ctx), k_scale=ks, v_scale=vs)

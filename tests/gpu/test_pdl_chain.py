@@ -1,5 +1,6 @@
 """KILN_PDL_CHAIN (runtime/cuda_backend.PDL_CHAIN) on a GPU: the norm, activation, rotary + KV write and
-decode attention kernels launched as programmatic dependents (each waits for the kernel before at its entry;
+decode attention kernels launched as programmatic dependents (each waits for the kernel before at its entry,
+the tensor-core decode attention after copying its first cached K/V tiles;
 tests/test_pdl_order.py checks their machine code) compute what their plain launches compute, bit for bit:
 whole models' decode (CUDA graph replays, every GEMM one row, bf16 and an fp8 KV cache) and their eager
 prompt steps, and greedy tokens through the engine with requests of mixed lengths side by side."""
