@@ -69,7 +69,8 @@
 #   bash .ci/device_check.sh int4q     session 19: the INT4 warp GEMV at the 8B shapes (chooser's grid) and the int4-wo+lm-head
 #                                         step: run in two trees in turn to A/B a kernel change
 #   bash .ci/device_check.sh e4m3cvt   session 19: KILN_E4M3_CVT=1's GPU tests, then the fp8-cache decode kernel 0 / 1 (on since)
-#   bash .ci/device_check.sh earlykv   session 20 (unrun): KILN_DECODE_EARLY_KV=1's GPU tests, then batch-1 steps 0 / 1
+#   bash .ci/device_check.sh earlykv   session 20: KILN_DECODE_EARLY_KV=1's GPU tests, then batch-1 steps 0 / 1 (on since)
+#   bash .ci/device_check.sh grid      session 20: KILN_DECODE_GRID=splits-last's GPU tests, batch-1 steps in each order (on since)
 #   bash .ci/device_check.sh steps     session 19: 8B batch-1 decode_back_to_back_ms by precision (STEP_QUANTS), STEP_RUNS rounds
 #   bash .ci/device_check.sh retest    the GPU tests changed after a `tests` run (ssm engine, kv scales, quant)
 #   bash .ci/device_check.sh optin     session 7's opt-in kernels (both default since): the one-row FP8 GEMV
@@ -363,6 +364,14 @@ for B, c in ((256, 1500), (64, 4096), (1, 16384)): print(fp8_kv_decode_line(B, c
         | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
       timeout 120 python3 .ci/early_kv_probe.py 2>&1 | grep -a -E "replays|rror"
       ab_runs "${AB:-none KILN_DECODE_EARLY_KV 0 1 $L;fp8+lm-head KILN_DECODE_EARLY_KV 0 1 $L;int4-wo+lm-head KILN_DECODE_EARLY_KV 0 1 $L}" ;;
+    grid)  # session 20 (written without device time): the decode attention grid split-last (KILN_DECODE_GRID): the decode
+           # GPU tests with it, then batch-1 steps splits-first / splits-last (ab_runs), then KILN_PDL_CHAIN attention / 1
+           # for int4-wo+lm-head (one round)
+      KILN_DECODE_GRID=splits-last timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} \
+        tests/gpu/test_kernels.py tests/gpu/test_decode_early_kv.py tests/gpu/test_pdl_chain.py \
+        -k "decode or early or chain or fp8_kv" 2>&1 | tee "$OUT/grid-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      ab_runs "${AB:-int4-wo+lm-head KILN_DECODE_GRID splits-first splits-last $L;none KILN_DECODE_GRID splits-first splits-last $L}"
+      AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_PDL_CHAIN attention 1 $L" ;;
     steps)  # session 19: batch-1 decode of the 8B shape by precision on the GPU's step time (decode_back_to_back_ms),
             # this tree's defaults, STEP_RUNS (2) rounds: bf16, fp8, fp8+lm-head, int4-wo, int4-wo+lm-head
       for i in $(seq ${STEP_RUNS:-2}); do for q in ${STEP_QUANTS:-bf16 fp8 fp8+lm-head int4-wo int4-wo+lm-head}; do

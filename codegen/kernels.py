@@ -284,8 +284,9 @@ def paged_decode_attention(
     # One launch, its grid sized from max_context: on the device, the blocks of splits without tokens of
     # a sequence leave at once, the last split block with tokens of each (seq, head chunk) merges the
     # splits into out, and the only one, where a sequence's tokens lie in one split, writes out itself.
+    n_hc = spec.kv_heads * meta["chunks"]
     kern.launcher(pdl)(
-        kern.source.entries[0], (splits, spec.kv_heads * meta["chunks"], B), (meta["threads"],),
+        kern.source.entries[0], (n_hc, B, splits) if meta["splits_last"] else (splits, n_hc, B), (meta["threads"],),
         [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(context_lens),
          ptr(scratch.partial_out), ptr(scratch.partial_ml), ptr(scratch.counters), ptr(out),
          i64(q.stride(0)), i64(out.stride(0)), i32(block_tables.shape[1]), i32(partition),

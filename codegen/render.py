@@ -112,6 +112,15 @@ E4M3_CVT = os.environ.get("KILN_E4M3_CVT", "1")
 # H200, session 20, 8B batch-1 step (decode_back_to_back_ms, 0 / 1 alternately, twice): bf16 4.103 / 4.098 ->
 # 4.065 / 4.066 ms, fp8+lm-head 2.718 / 2.720 -> 2.696 / 2.699, int4-wo+lm-head 1.719 / 1.723 -> 1.685 / 1.686.
 EARLY_KV = os.environ.get("KILN_DECODE_EARLY_KV", "1")
+# The decode attention grid's order (templates/decode_attn_grid.cuh.j2): "splits-last" (the default), (kv head x
+# head chunk, sequence, split), or "splits-first", (split, kv head x head chunk, sequence). Blocks are dispatched
+# in grid order, x fastest; the grid is sized from a capacity (a CUDA graph's max_context), and at batch 1 and a
+# context far below it most splits are empty: splits-last dispatches every block with tokens first, the empty
+# ones (which leave at once) after them. H200, session 20, 8B batch-1 step at context 1,024 in a 4,096-token
+# graph (decode_back_to_back_ms, alternating, twice): bf16 4.068 / 4.070 -> 4.045 / 4.042 ms, int4-wo+lm-head
+# 1.687 / 1.688 -> 1.673 / 1.671; its GPU tests (decode kernels, models, engine, speculation) pass in both orders.
+DECODE_GRIDS = ("splits-first", "splits-last")
+DECODE_GRID = os.environ.get("KILN_DECODE_GRID", "splits-last")
 
 
 def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> KernelSource:
@@ -123,6 +132,8 @@ def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> 
         raise KernelSpecError(f"KILN_E4M3_CVT={E4M3_CVT!r}: must be 0 or 1")
     if EARLY_KV not in ("0", "1"):
         raise KernelSpecError(f"KILN_DECODE_EARLY_KV={EARLY_KV!r}: must be 0 or 1")
+    if DECODE_GRID not in DECODE_GRIDS:
+        raise KernelSpecError(f"KILN_DECODE_GRID={DECODE_GRID!r}: must be one of {', '.join(DECODE_GRIDS)}")
     derived = " ".join(f"{k}={v}" for k, v in meta.items())
     ctype = RUN_DTYPES[spec.dtype].ctype
     text = env().get_template(template).render(
@@ -314,11 +325,12 @@ def _decode_mma(s: DecodeAttnSpec, group: int) -> KernelSource:
         else "scores: q.k * scale * log2 e",
         alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s), **_merge_params(s, d),
         prefetch_pages=s.tuned, min_blocks=s.min_blocks,
-        early_kv=EARLY_KV == "1", fresh_regs=-(-2 * (d * citem // 16) // 32),
+        early_kv=EARLY_KV == "1", fresh_regs=-(-2 * (d * citem // 16) // 32), splits_last=DECODE_GRID == "splits-last",
     )
     name = _name(f"decode_attn_mma{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     # tile: the partition granule (one 16-token tile per warp), so every warp gets the same work
-    meta = dict(threads=threads, smem=smem, tile=16 * warps, stages=stages, gc=gc, chunks=group // gc, mma=True)
+    meta = dict(threads=threads, smem=smem, tile=16 * warps, stages=stages, gc=gc, chunks=group // gc, mma=True,
+                splits_last=params["splits_last"])
     return _emit("decode_attn_mma.cu.j2", name, s, params, [name], meta)
 
 
@@ -366,10 +378,12 @@ def _decode(s: DecodeAttnSpec) -> KernelSource:
         q_scale=f32(s.scale / s.softcap if s.softcap else log_scale),
         q_scale_doc="scale / softcap (tanh, then softcap * log2 e)" if s.softcap else "scale * log2 e",
         alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s), **_merge_params(s, d),
+        splits_last=DECODE_GRID == "splits-last",
     )
     params["merge_rows"] = min(params["merge_rows"], 8)  # the CUDA-core kernel: fewer registers in the merge
     name = _name(f"decode_attn{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
-    meta = dict(threads=threads, smem=smem, tile=tile, stages=stages, gc=gc, chunks=group // gc, mma=False)
+    meta = dict(threads=threads, smem=smem, tile=tile, stages=stages, gc=gc, chunks=group // gc, mma=False,
+                splits_last=params["splits_last"])
     return _emit("decode_attn.cu.j2", name, s, params, [name], meta)
 
 

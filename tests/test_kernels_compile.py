@@ -722,3 +722,29 @@ def test_fp8_act_quant_unrolled_grid_compiles(unroll, monkeypatch):
     monkeypatch.setenv("KILN_ACT_QUANT_BLOCKS", "3")
     with pytest.raises(ValueError, match="KILN_ACT_QUANT_BLOCKS='3'"):
         QK._env_choice("KILN_ACT_QUANT_BLOCKS", 2, (1, 2, 4, 8))
+
+
+@pytest.mark.parametrize("spec", [DecodeAttnSpec(32, 8, 128, 16, 0.1, origin="grid"),
+                                  DecodeAttnSpec(32, 8, 128, 16, 0.1, kv_fp8=True, window=100, origin="grid"),
+                                  DecodeAttnSpec(32, 8, 128, 16, 0.1, dtype="fp32", origin="grid")],
+                         ids=["mma", "mma-fp8-window", "cuda-cores"])
+@pytest.mark.parametrize("grid", render_mod.DECODE_GRIDS)
+def test_decode_grid_orders_name_the_split_and_head_chunk_once(spec, grid, monkeypatch):
+    """render.DECODE_GRID (KILN_DECODE_GRID): both decode kernels read their split, head chunk and sequence from
+    the grid dimensions the launcher (kernels.paged_decode_attention, meta["splits_last"]) gives them, and only
+    there; each order compiles."""
+    monkeypatch.setattr(render_mod, "DECODE_GRID", grid)
+    ks = render.__wrapped__(spec)  # past render's cache: the switch is read at each rendering
+    last = grid == "splits-last"
+    assert ks.meta["splits_last"] == last
+    assert ("split = blockIdx.z" in ks.source) == last and ("split = blockIdx.x" in ks.source) != last
+    body = ks.source[ks.source.index("__global__"):]
+    assert len(re.findall(r"blockIdx\.|gridDim\.", body)) == 5  # the one line naming them
+    for arch in ARCHS:
+        nvrtc.compile_source(ks.source, ks.name, arch, ks.origin)
+
+
+def test_a_bad_decode_grid_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(render_mod, "DECODE_GRID", "heads")
+    with pytest.raises(KernelSpecError, match="KILN_DECODE_GRID='heads'"):
+        render.__wrapped__(DecodeAttnSpec(32, 8, 128, 16, 0.1, origin="grid"))
