@@ -35,9 +35,9 @@ def main() -> None:
             plain = _graph("0", dtype, kv_fp8, ctx, tables, pages, x, w, cache0)
             tag = f"early-kv-test 1 {dtype} fp8={kv_fp8}"
             spec = DecodeAttnSpec(H, KV, D, P, D ** -0.5, dtype=dtype, kv_fp8=kv_fp8, origin=tag)
-            R.EARLY_KV = "1"
-            src = R.render.__wrapped__(spec)
-            R.EARLY_KV = "0"
+            saved, R.EARLY_KV = R.EARLY_KV, "1"
+            src = R.render.__wrapped__(spec)  # the early kernel's source, past render's cache
+            R.EARLY_KV = saved
             cut = src.source.replace("if (j == fresh_j) {", "if (false) {")
             key = (spec, torch.cuda.current_device())
             for name, text in (("re-read cut", cut), ("shipped", src.source)):
