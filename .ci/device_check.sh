@@ -10,6 +10,8 @@
 #                                         weights + fp8 KV cache); MAXB (default 256); each run's key figures
 #   bash .ci/device_check.sh fresh     KILN_FRESH_SDPA off / on: its GPU test, then TTFT of a 2,048-token prompt
 #   bash .ci/device_check.sh fp8prof   where an fp8 (weights + KV) decode step of 256 sequences at context 1,500 goes
+#   bash .ci/device_check.sh mixedprof where an fp8 mixed step of a 1000/1000 run goes (256 decode rows + a 1,792-token chunk),
+#                                         kernel by kernel, then bf16's
 #   bash .ci/device_check.sh triggers  KILN_PDL_TRIGGER off / on: the GEMV tests and the trigger chains under load
 #                                         (tests/gpu/test_pdl_triggers.py) under xdist (the bf16 Mamba-2 prologue case failed
 #                                         with them on until session 11), then batch-1 decode of the 8B and Mamba-2 shapes
@@ -159,6 +161,12 @@ for mode in "$@"; do
     fp8prof)
       timeout 120 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batch 256 --ctx 1500 \
         --steps 3 2>&1 | grep -v Warn | head -24 ;;
+    mixedprof)  # session 20 (unrun): where an fp8 (weights + KV) mixed step of a 1000/1000 run goes: MIX_BATCH (256) decode
+                # rows at context MIX_CTX (1,500) beside a MIX_PREFILL-token prompt chunk (1,792: the rest of the step's
+                # 2,048-token budget), kernel by kernel, then bf16's
+      for q in fp8 none; do kv=auto; [ $q = fp8 ] && kv=fp8; echo "== mixed step, --quantization $q --kv-cache-dtype $kv"
+        timeout 150 python3 .ci/profile_decode.py --quantization $q --kv-cache-dtype $kv --batch ${MIX_BATCH:-256} \
+          --ctx ${MIX_CTX:-1500} --prefill ${MIX_PREFILL:-1792} --steps 3 2>&1 | grep -v Warn | head -${TOP:-28}; done ;;
     triggers)
       for v in 0 1; do echo "KILN_PDL_TRIGGER=$v"; KILN_PDL_TRIGGER=$v timeout 120 python3 -m pytest -q -p no:cacheprovider -n 8 \
         tests/gpu/test_gemv_prologue.py tests/gpu/test_gemv.py tests/gpu/test_pdl_triggers.py > "$OUT/triggers-$v.log" 2>&1
