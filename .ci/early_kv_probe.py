@@ -32,7 +32,7 @@ def main() -> None:
             w = (torch.randn((H + 2 * KV) * D, 4096, device="cuda") / 64).to(dt)
             cache0 = [(torch.randn(pages, KV, P, D, device="cuda") * (2 if kv_fp8 else 1)).to(
                 torch.float8_e4m3fn if kv_fp8 else dt) for _ in range(2)]
-            plain = _graph("0", dtype, kv_fp8, ctx, tables, pages, x, w, cache0)
+            plain = _graph("0", dtype, kv_fp8, ctx, tables, x, w, cache0)
             tag = f"early-kv-test 1 {dtype} fp8={kv_fp8}"
             spec = DecodeAttnSpec(H, KV, D, P, D ** -0.5, dtype=dtype, kv_fp8=kv_fp8, origin=tag)
             saved, R.EARLY_KV = R.EARLY_KV, "1"
@@ -43,7 +43,7 @@ def main() -> None:
             for name, text in (("re-read cut", cut), ("shipped", src.source)):
                 launch._loaded[key] = launch.LoadedKernel(dataclasses.replace(src, source=text),
                                                           torch.device("cuda", key[1]))
-                early = _graph("1", dtype, kv_fp8, ctx, tables, pages, x, w, cache0)
+                early = _graph("1", dtype, kv_fp8, ctx, tables, x, w, cache0)
                 bad = 0
                 for _ in range(REPLAYS):
                     plain[0].replay()

@@ -29,7 +29,7 @@ REPLAYS = 24
 K_SCALE, V_SCALE = 0.05, 0.04
 
 
-def _graph(early: str, dtype: str, kv_fp8: bool, ctx: list[int], tables, pages: int, x, w, cache0):
+def _graph(early: str, dtype: str, kv_fp8: bool, ctx: list[int], tables, x, w, cache0):
     """A graph of poison -> qkv GEMV with the rotary + KV write -> decode attention (programmatic dependents),
     with render.EARLY_KV = early: (graph, out, q, k cache, v cache, the other tensors it reads)."""
     tag = f"early-kv-test {early} {dtype} fp8={kv_fp8}"  # distinct origins: each setting renders its own kernels
@@ -90,8 +90,8 @@ def test_early_kv_copies_equal_the_wait_at_entry_under_load(dtype, kv_fp8, ctx):
         cache0 = [(torch.randn(pages, KV, P, D, device="cuda") * 2).to(torch.float8_e4m3fn) for _ in range(2)]
     else:
         cache0 = [torch.randn(pages, KV, P, D, device="cuda").to(dt) for _ in range(2)]
-    plain = _graph("0", dtype, kv_fp8, ctx, tables, pages, x, w, cache0)
-    early = _graph("1", dtype, kv_fp8, ctx, tables, pages, x, w, cache0)
+    plain = _graph("0", dtype, kv_fp8, ctx, tables, x, w, cache0)
+    early = _graph("1", dtype, kv_fp8, ctx, tables, x, w, cache0)
     load_a = torch.randn(8192, 8192, device="cuda").bfloat16()
     load_b = torch.empty_like(load_a)
     busy = torch.cuda.Stream()
