@@ -18,6 +18,7 @@ pytest.importorskip("cuda.bindings")
 from kiln.codegen import gemv as G  # noqa: E402
 from kiln.codegen import kernels as K  # noqa: E402
 from kiln.codegen import render as render_mod  # noqa: E402
+from kiln.codegen.bench_kernels import Graphed  # noqa: E402
 from kiln.codegen.specs import DecodeAttnSpec, RopeCacheSpec  # noqa: E402
 
 from tests.gpu.test_kernels import TOL, attention_ref, gather, paged_layout, rel_err  # noqa: E402
@@ -31,7 +32,8 @@ K_SCALE, V_SCALE = 0.05, 0.04
 
 def _graph(early: str, dtype: str, kv_fp8: bool, ctx: list[int], tables, x, w, cache0):
     """A graph of poison -> qkv GEMV with the rotary + KV write -> decode attention (programmatic dependents),
-    with render.EARLY_KV = early: (graph, out, q, k cache, v cache, the other tensors it reads)."""
+    with render.EARLY_KV = early: (the graph, called to replay it; out, q, k cache, v cache, the other tensors
+    it reads)."""
     tag = f"early-kv-test {early} {dtype} fp8={kv_fp8}"  # distinct origins: each setting renders its own kernels
     rope = RopeCacheSpec(H, KV, D, D, P, theta=500000.0, dtype=dtype, kv_fp8=kv_fp8)
     gspec = G.spec_for(w.shape[0], w.shape[1], dtype, False, tag, epilogue=rope, halves=(0, H * D, (H + KV) * D))
@@ -61,19 +63,11 @@ def _graph(early: str, dtype: str, kv_fp8: bool, ctx: list[int], tables, x, w, c
             K.paged_decode_attention(dspec, q, kc, vc, tables, lens, out, scratch, max(ctx), k_scale=K_SCALE,
                                      v_scale=V_SCALE, pdl=True)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()  # renders and loads the kernels with the setting above
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
+        graph = Graphed(run, calls=1)  # its warm-up renders and loads the kernels with the setting above
         src = K.render(dspec).source
     finally:
         render_mod.EARLY_KV = saved
     assert ("int fresh_j" in src) == (early == "1")  # the kernel as rendered: early copies or not
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
     # the graph holds raw pointers: every tensor it reads that was made outside the capture stays referenced
     keep = (pos, page, slots, off, lens, scratch, poison)
     return graph, out, q, kc, vc, keep
@@ -96,13 +90,13 @@ def test_early_kv_copies_equal_the_wait_at_entry_under_load(dtype, kv_fp8, ctx):
     load_b = torch.empty_like(load_a)
     busy = torch.cuda.Stream()
     for i in range(REPLAYS):
-        plain[0].replay()
+        plain[0]()
         want = plain[1].clone()
         busy.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(busy):  # another stream's GEMMs beside the replay: blocks scheduled late
             for _ in range(i % 3):
                 torch.matmul(load_a, load_a, out=load_b)
-        early[0].replay()
+        early[0]()
         got = early[1].clone()
         torch.cuda.current_stream().wait_stream(busy)
         assert not want.isnan().any(), f"replay {i}: the plain kernel read a poisoned row"
