@@ -12,11 +12,12 @@ between steps. The rows continuing from N take their input on the device from N'
 (StepBatch.pending; Scheduler.schedule_ahead has the accounting). Each call still returns the
 outputs of exactly one step, N's, as without overlap; the step it launched stays in flight until
 the next call. Only when no running request needs its new token on the host to build its next
-step (guided decoding's mask, penalties' counts, speculative drafts) and no preemption, prompt
-chunk or page shortage is in the way; otherwise the call reads N back first and schedules as
-before. A request that finishes at N (eos, stop token or string, abort) has one extra row in
-N + 1: it is never recorded, and its pages are freed as usual (stream order: a later owner of a
-page only writes it in a later launch).
+step (guided decoding's mask, penalties' counts, speculative drafts) and no preemption or page
+shortage is in the way; otherwise the call reads N back first and schedules as before. A prompt
+longer than the token budget is no obstacle: its next chunk's tokens are on the host. A request
+that finishes at N (eos, stop token or string, abort) has one extra row in N + 1: it is never
+recorded, and its pages are freed as usual (stream order: a later owner of a page only writes it
+in a later launch).
 """
 
 from __future__ import annotations

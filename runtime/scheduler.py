@@ -47,10 +47,12 @@ Invariants:
 Overlap (`schedule_ahead`, used by runtime/engine.py): the step after a launched one may be
 scheduled before that one's sampled tokens are known. At most one step is ever scheduled and not
 yet `update`d when `schedule_ahead` is called, and none when `schedule` is. Every running request
-must then have a sampled slice in the launched step; each continues with one decode token (the
+must then have a slice in the launched step. One that samples continues with one decode token (the
 one being sampled, taken on the device: StepBatch.pending), except one whose token is its last
-(max_tokens): it is known to finish. The rows must fit the token budget and the free pages without
-preemption, else None (the caller updates first, then calls `schedule`). An optimistic row is an
+(max_tokens): it is known to finish. One whose slice was a prompt chunk with more to go continues
+with its next chunk, whose tokens are on the host (a long prompt no longer stops the overlap for
+every step it spans). The rows must fit the token budget and the free pages without preemption,
+else None (the caller updates first, then calls `schedule`). An optimistic row is an
 ordinary decode row for the accounting (a seat, a token of budget, its pages); if its request
 finishes at the launched step (eos, a stop token or string, an abort), `update` skips the row (its
 num_computed no longer matches) and `_finish` frees its pages, the one just ensured included.
@@ -463,11 +465,15 @@ class Scheduler:
         slices = {id(r): s for r, s in zip(prev.requests, prev.batch.seqs)}
         row = {id(r): j for j, r in enumerate(prev.sampled_requests)}
         cont: list[tuple[Request, int, int]] = []  # (request, its context after prev, its row of source)
+        chunks: list[tuple[Request, int]] = []  # (request, its context after prev): a prompt chunk to go
         pages = 0
         for req in self.running:
             s = slices.get(id(req))
-            if s is None or not s.sample or req.num_computed != s.context or (fast is not None and not fast(req)):
-                return None  # not in prev, a prompt chunk to go, or its token is needed on the host
+            if s is None or req.num_computed != s.context or (fast is not None and not fast(req)):
+                return None  # not in prev, or its token is needed on the host
+            if not s.sample:  # prev ran a prompt chunk with more to go: the next one is on the host
+                chunks.append((req, s.context + s.length))
+                continue
             if len(req.output_token_ids) + 1 >= req.params.max_tokens:
                 continue  # prev samples its last token: no row (it finishes when prev is updated)
             context = s.context + s.length
@@ -475,13 +481,29 @@ class Scheduler:
             cont.append((req, context, row[id(req)]))
         if len(cont) > self.max_tokens_per_step or pages > self.pool.num_free:
             return None  # the budget or the pages are short: `schedule` decides (it may preempt)
+        # The chunks as `schedule` sizes them (running order, then shrunk to the free pages), counted
+        # before anything is allocated: a chunk that would need a preemption leaves it to `schedule`.
+        budget, free, ps = self.max_tokens_per_step - len(cont), self.pool.num_free - pages, self.pool.page_size
+        resumed: list[tuple[Request, int, int]] = []  # (request, its context after prev, its chunk's tokens)
+        for req, context in chunks:
+            if budget == 0:
+                break
+            room = (len(req.block_table) + free) * ps - context
+            if room <= 0:
+                return None
+            num_new = min(req.num_tokens - context, budget, room)
+            free -= max(0, self.pool.pages_needed(context + num_new) - len(req.block_table))
+            resumed.append((req, context, num_new))
+            budget -= num_new
         for req, context, _ in cont:
             self.pool.ensure(req.block_table, context + 1)
+        for req, context, num_new in resumed:
+            self.pool.ensure(req.block_table, context + num_new)
         prefills: list[tuple[Request, int]] = []
-        budget = self.max_tokens_per_step - len(cont)
         if self.waiting and budget > 0:
             self._admit(budget, prefills)
-        step = self._build([(r, 1) for r, _, _ in cont] + prefills, ahead={id(r): c for r, c, _ in cont})
+        step = self._build([(r, 1) for r, _, _ in cont] + [(r, n) for r, _, n in resumed] + prefills,
+                           ahead={id(r): c for r, c, _ in cont}, resume={id(r): c for r, c, _ in resumed})
         if cont:  # they are its first rows, one token each
             step.batch.pending = PendingTokens(source, tuple(range(len(cont))), tuple(j for _, _, j in cont))
         return step
@@ -513,15 +535,17 @@ class Scheduler:
         self._finished.append(req)
 
     def _build(self, work: list[tuple[Request, int]], drafts: dict[str, list[int]] | None = None,
-               ahead: dict[int, int] | None = None) -> ScheduledStep:
+               ahead: dict[int, int] | None = None, resume: dict[int, int] | None = None) -> ScheduledStep:
         """`ahead`: id(request) -> context of an optimistic decode row (schedule_ahead), whose token
-        is not known yet: a placeholder 0 here, the device's token in its place (StepBatch.pending)."""
+        is not known yet: a placeholder 0 here, the device's token in its place (StepBatch.pending).
+        `resume`: id(request) -> context of a prompt chunk scheduled ahead (its tokens are known)."""
         tokens: list[int] = []
         seqs: list[SeqSlice] = []
         drafts = drafts or {}
         ahead = ahead or {}
+        resume = resume or {}
         for req, num_new in work:
-            start = ahead.get(id(req), req.num_computed)
+            start = ahead.get(id(req), resume.get(id(req), req.num_computed))
             d = drafts.get(req.request_id)
             if d:  # the last token, then the drafts: logits for all of them
                 tokens.extend(req.token_slice(start, start + 1) + d)

@@ -127,6 +127,18 @@ def test_greedy_arrivals_over_time(model):
     assert e_on.num_overlapped > 20
 
 
+def test_long_prompts_in_chunks(model):
+    """Prompts several times the token budget, arriving while others decode: the steps after a prompt
+    chunk are launched ahead too (Scheduler.schedule_ahead continues the chunk), with the same tokens.
+    Before, every step after a chunk with more to go waited for the read-back."""
+    rng = random.Random(6)
+    arrivals = [(2 * i, [rng.randrange(97) for _ in range(rng.randint(20, 90))],
+                 SamplingParams(temperature=0.0, max_tokens=rng.randint(2, 12), ignore_eos=True)) for i in range(8)]
+    _, e_off, e_on = both(model, arrivals, cfg=dict(max_tokens_per_step=16, num_pages=128))
+    chunk_steps = sum(-(-len(p) // 16) for _, p, _ in arrivals)
+    assert e_on.num_overlapped > chunk_steps
+
+
 def test_overlap_on_by_default_for_cuda_only(model):
     assert not LLMEngine(model, None, EngineConfig(page_size=4)).overlap  # the reference backend
     assert not LLMEngine(model, None, EngineConfig(page_size=4, overlap=True, speculative="ngram")).overlap

@@ -285,3 +285,56 @@ def test_random_traffic_with_cancels_keeps_pages_consistent(seed):
             assert r.output_token_ids == want[0][: len(r.output_token_ids)]
         else:
             assert (r.output_token_ids, r.finish_reason) == want, r.request_id
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_schedule_ahead_continues_prompt_chunks(prefix_caching):
+    """Overlap (Scheduler.schedule_ahead): after a step that ran part of a long prompt, the step after it is
+    scheduled ahead with that prompt's next chunk. Its rows for the requests already running are the ones
+    `schedule` gives once the first step is updated (the same slices, page counts and tokens; the decode
+    rows' tokens come from the device); only admissions may differ (pages that step frees come back at
+    its update). Long prompts of mixed lengths arriving over time, page shortage and finishing requests
+    included; every token stream equals the single-sequence reference."""
+    import copy
+
+    rng = random.Random(7)
+    pool, sched, model = make(pages=40, ps=4, seqs=5, budget=12, prefix_caching=prefix_caching)
+    shared = [rng.randrange(V) for _ in range(9)]
+    arrivals = {i * 3: Request(f"r{i}", (shared if i % 2 else []) + [rng.randrange(V) for _ in range(rng.randint(5, 40))],
+                               SamplingParams(max_tokens=rng.randint(1, 12))) for i in range(12)}
+    done, ahead_chunks, calls, prev = {}, 0, 0, None
+    while arrivals or sched.has_work() or prev is not None:
+        if calls in arrivals:
+            sched.add(arrivals.pop(calls))
+        calls += 1
+        if prev is None:
+            prev = sched.schedule()
+            if not prev.batch.num_tokens:
+                prev = None
+                continue
+        tokens = model.forward(prev.batch)
+        twin_sched, twin_prev = copy.deepcopy((sched, prev))  # the other path: update first, then schedule
+        twin_sched.update(twin_prev, tokens)
+        running = {r.request_id for r in sched.running}
+        ahead = sched.schedule_ahead(prev, torch.tensor(tokens))
+        sched.update(prev, tokens)
+        done.update({r.request_id: r for r in sched.take_finished()})
+        if ahead is not None and ahead.batch.num_tokens:
+            if ahead.batch.pending is not None:
+                ahead.batch.pending.apply(ahead.batch.tokens)
+            want = twin_sched.schedule()
+
+            def rows(step):
+                return [(r.request_id, q.context, q.length, q.sample, len(q.block_table),
+                         step.batch.tokens[q.start:q.end].tolist())
+                        for r, q in zip(step.requests, step.batch.seqs) if r.request_id in running]
+            assert rows(ahead) == rows(want)
+            ahead_chunks += sum(1 for r, q in zip(ahead.requests, ahead.batch.seqs)
+                                if r.request_id in running and q.length > 1)
+            prev = ahead
+        else:
+            prev = None
+    assert not sched.has_work() and pool.num_used == 0
+    assert len(done) == 12 and ahead_chunks >= 5
+    for r in done.values():
+        assert (r.output_token_ids, r.finish_reason) == reference(r.prompt_token_ids, r.params, set())

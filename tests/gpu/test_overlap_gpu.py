@@ -68,6 +68,19 @@ def test_greedy_overlap_equals_off_and_reference(models):
     assert drive(ref, True, work)[0] == expected
 
 
+def test_prompt_chunks_launched_ahead(models):
+    """A token budget below the prompts' lengths: the steps after a prompt chunk are launched ahead too
+    (Scheduler.schedule_ahead continues the chunk on the host while its decode rows take their tokens on
+    the device), through mixed graphs and eager steps; greedy outputs equal overlap off and the reference."""
+    ref, cuda = models
+    work = arrivals(seed=3)
+    expected, _ = drive(ref, False, work, max_tokens_per_step=24)
+    off, _ = drive(cuda, False, work, max_tokens_per_step=24)
+    on, engine = drive(cuda, True, work, max_tokens_per_step=24)
+    assert off == expected and on == expected
+    assert engine.num_overlapped > sum(-(-len(p) // 24) for _, p, _ in work)
+
+
 def test_stop_tokens_abort_and_preemption(models):
     _, cuda = models
     work = arrivals(seed=1)
