@@ -52,6 +52,21 @@ with torch.no_grad():
     for _ in range(3):
         m.model.forward(batch(0), kv)
     torch.cuda.synchronize()
+    # Host time of an eager forward (its launches, with nothing queued before them) against its wall time: an
+    # eager step whose host time is near its wall time is launch-bound, and overlap hides only what the step
+    # before it leaves (runtime/engine.py)
+    import time
+    host, wall = [], []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        m.model.forward(batch(i), kv)
+        host.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        wall.append(time.perf_counter() - t0)
+    host.sort()
+    wall.sort()
+    mid = len(host) // 2
+    print(f"eager forward: host (launches) {1e3 * host[mid]:.3f} ms, wall {1e3 * wall[mid]:.3f} ms (medians)")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for i in range(args.steps):
             m.model.forward(batch(i), kv)
