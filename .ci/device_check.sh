@@ -6,8 +6,12 @@
 #   bash .ci/device_check.sh kernels   the kernel benchmark (python -m kiln.codegen.bench_kernels)
 #   bash .ci/device_check.sh variants  session 8's kernel variants (GEMV prologues, SwiGLU / rotary variants, Mamba-2 conv+scan)
 #   bash .ci/device_check.sh switches  session 8's switches off / on, end to end (KILN_GEMV_PROLOGUE, KILN_SSM_FUSE, KILN_OVERLAP)
-#   bash .ci/device_check.sh thru      throughput at TensorRT-LLM's shapes: THRU="Q:ISL:OSL:N ..." (Q: bf16, fp8 = fp8
-#                                         weights + fp8 KV cache); MAXB (default 256); each run's key figures
+#   bash .ci/device_check.sh thru      throughput at TensorRT-LLM's shapes: THRU="Q:ISL:OSL:N[:MAXB[:BUDGET[:ENV=V]]] ..."
+#                                         (Q: bf16, fp8 = fp8 weights + fp8 KV cache; MAXB default $MAXB or 256, BUDGET
+#                                         --max-tokens-per-step, default 2048; ENV=V set for that run); each run's key figures
+#   bash .ci/device_check.sh chunkab   session 21 (unrun): fp8 1000/1000 with KILN_OVERLAP_CHUNKS=0 / 1 (steps after a prompt
+#                                         chunk launched ahead), then max batch 512 at a 2,048 and an 8,192-token budget
+#                                         (CHUNK_MORE: those runs; empty: none; ~100 s a run, so two calls)
 #   bash .ci/device_check.sh fresh     KILN_FRESH_SDPA off / on: its GPU test, then TTFT of a 2,048-token prompt
 #   bash .ci/device_check.sh fp8prof   where an fp8 (weights + KV) decode step of 256 sequences at context 1,500 goes
 #   bash .ci/device_check.sh mixedprof where an fp8 mixed step of a 1000/1000 run goes (256 decode rows + a 1,792-token chunk),
@@ -103,6 +107,16 @@ ab_runs() {
       "${opt[@]}" --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error" \
       | tr '\n' ' ')"; done; done; done
 }
+thru_runs() {  # $1: the THRU items (see the thru mode)
+  for item in $1; do
+    IFS=: read -r q isl osl n mb budget envset <<< "$item"
+    mb=${mb:-${MAXB:-256}}; budget=${budget:-2048}; envset=${envset:-KILN_NOTHING=0}
+    qa=""; [ "$q" = fp8 ] && qa="--quantization fp8 --kv-cache-dtype fp8"
+    echo "== throughput $q $isl/$osl, $n requests, max batch $mb, $budget tokens a step, $envset"
+    env "$envset" timeout ${THRU_TIMEOUT:-300} $KILN bench throughput --config $L $qa --requests $n --input-len $isl \
+      --output-len $osl --max-batch $mb --max-tokens-per-step $budget 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|kv|preemptions|decode_steps|decode_steps_s|decode_step_ms_p50|mixed_steps|mixed_steps_s|mixed_step_ms_p50|ttft_p50_ms) |Error"
+  done
+}
 for mode in "$@"; do
   case $mode in
     tests)
@@ -146,14 +160,10 @@ for mode in "$@"; do
         2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done; done
       for v in 0 1; do echo "KILN_OVERLAP=$v"; KILN_OVERLAP=$v timeout 90 $KILN bench throughput --config $L --requests 1 \
         --max-batch 1 --input-len 128 --output-len 256 2>&1 | grep -a -E "^\| (tpot_p50_ms|decode_step_ms_p50) |Error"; done ;;
-    thru)
-      for item in ${THRU:-bf16:1000:1000:1000}; do
-        IFS=: read -r q isl osl n <<< "$item"
-        qa=""; [ "$q" = fp8 ] && qa="--quantization fp8 --kv-cache-dtype fp8"
-        echo "== throughput $q $isl/$osl, $n requests, max batch ${MAXB:-256}"
-        timeout ${THRU_TIMEOUT:-300} $KILN bench throughput --config $L $qa --requests $n --input-len $isl --output-len $osl \
-          --max-batch ${MAXB:-256} 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|kv|preemptions|decode_steps|decode_steps_s|decode_step_ms_p50|mixed_steps|mixed_steps_s|mixed_step_ms_p50|ttft_p50_ms) |Error"
-      done ;;
+    thru) thru_runs "${THRU:-bf16:1000:1000:1000}" ;;
+    chunkab)  # session 21 (unrun): the chunk-continuing overlap against its baseline, then two batch / budget pairs
+      thru_runs "fp8:1000:1000:1000:256:2048:KILN_OVERLAP_CHUNKS=0 fp8:1000:1000:1000:256:2048:KILN_OVERLAP_CHUNKS=1"
+      thru_runs "${CHUNK_MORE-fp8:1000:1000:1000:512:2048 fp8:1000:1000:1000:512:8192}" ;;  # CHUNK_MORE= : skipped
     fresh)
       timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_mixed_split.py -k sdpa 2>&1 | tail -1
       for v in 0 1; do echo "KILN_FRESH_SDPA=$v"; KILN_FRESH_SDPA=$v timeout 60 $KILN bench latency --config $L \

@@ -50,6 +50,9 @@ DEFAULT_MAX_MODEL_LEN = {"cuda": 4096, "cpu": 2048}
 # EngineConfig.overlap=None: on for the cuda backend (where the GPU runs while the host works),
 # unless KILN_OVERLAP=0 (a benchmark's off switch: `KILN_OVERLAP=0 kiln bench throughput ...`).
 OVERLAP_ENV = "KILN_OVERLAP"
+# KILN_OVERLAP_CHUNKS=0: no step is launched ahead after a prompt chunk with more to go (as before session 21);
+# a benchmark's same-run baseline for Scheduler.schedule_ahead's chunk continuation. Read when an engine is made.
+OVERLAP_CHUNKS_ENV = "KILN_OVERLAP_CHUNKS"
 
 
 @dataclass
@@ -238,6 +241,7 @@ class LLMEngine:
             overlap = loaded.model.backend == "cuda" and os.environ.get(OVERLAP_ENV, "1") != "0"
         self.overlap = bool(overlap and config.speculative is None and getattr(loaded.model, "takes_pending", False))
         self._launched: _Launched | None = None  # overlap: the step in flight between calls
+        self._ahead_chunks = os.environ.get(OVERLAP_CHUNKS_ENV, "1") != "0"
         self.num_overlapped = 0  # steps launched before the previous one was read back
         self.num_dropped_rows = 0  # their rows of requests that finished first (never recorded)
         self._drafter = None
@@ -365,7 +369,8 @@ class LLMEngine:
             if step.batch.num_tokens:
                 launched = self._launch(step)
         if launched is not None:
-            ahead = self.scheduler.schedule_ahead(launched.step, launched.device_tokens, self._fast)
+            ahead = self.scheduler.schedule_ahead(launched.step, launched.device_tokens, self._fast,
+                                                  chunks=self._ahead_chunks)
             if ahead is not None and ahead.batch.num_tokens:
                 self._launched = self._launch(ahead)
                 self.num_overlapped += 1

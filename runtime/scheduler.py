@@ -454,25 +454,29 @@ class Scheduler:
         return got
 
     def schedule_ahead(self, prev: ScheduledStep, source: torch.Tensor,
-                       fast: Callable[[Request], bool] | None = None) -> ScheduledStep | None:
+                       fast: Callable[[Request], bool] | None = None, chunks: bool = True) -> ScheduledStep | None:
         """The step after `prev` (scheduled, launched, not yet updated) before prev's tokens are
         known, or None when that cannot be done exactly (module docstring, Overlap). `source`: prev's
         sampled tokens on the device, one per sampled slice; `fast(req)`: False for a request whose
-        next step needs its new token on the host (guided decoding, penalties), which also gives None.
-        Waiting requests are admitted as `schedule` would with what is left."""
+        next step needs its new token on the host (guided decoding, penalties), which also gives None;
+        `chunks` False: a prompt chunk with more to go gives None too (the engine's KILN_OVERLAP_CHUNKS=0,
+        for a benchmark's same-run baseline). Waiting requests are admitted as `schedule` would with what
+        is left."""
         if prev.drafts:
             return None
         slices = {id(r): s for r, s in zip(prev.requests, prev.batch.seqs)}
         row = {id(r): j for j, r in enumerate(prev.sampled_requests)}
         cont: list[tuple[Request, int, int]] = []  # (request, its context after prev, its row of source)
-        chunks: list[tuple[Request, int]] = []  # (request, its context after prev): a prompt chunk to go
+        resume: list[tuple[Request, int]] = []  # (request, its context after prev): a prompt chunk to go
         pages = 0
         for req in self.running:
             s = slices.get(id(req))
             if s is None or req.num_computed != s.context or (fast is not None and not fast(req)):
                 return None  # not in prev, or its token is needed on the host
             if not s.sample:  # prev ran a prompt chunk with more to go: the next one is on the host
-                chunks.append((req, s.context + s.length))
+                if not chunks:
+                    return None
+                resume.append((req, s.context + s.length))
                 continue
             if len(req.output_token_ids) + 1 >= req.params.max_tokens:
                 continue  # prev samples its last token: no row (it finishes when prev is updated)
@@ -485,7 +489,7 @@ class Scheduler:
         # before anything is allocated: a chunk that would need a preemption leaves it to `schedule`.
         budget, free, ps = self.max_tokens_per_step - len(cont), self.pool.num_free - pages, self.pool.page_size
         resumed: list[tuple[Request, int, int]] = []  # (request, its context after prev, its chunk's tokens)
-        for req, context in chunks:
+        for req, context in resume:
             if budget == 0:
                 break
             room = (len(req.block_table) + free) * ps - context
