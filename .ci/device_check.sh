@@ -12,6 +12,10 @@
 #   bash .ci/device_check.sh chunkab   session 21 (unrun): fp8 1000/1000 with KILN_OVERLAP_CHUNKS=0 / 1 (steps after a prompt
 #                                         chunk launched ahead), then max batch 512 at a 2,048 and an 8,192-token budget
 #                                         (CHUNK_MORE: those runs; empty: none; ~100 s a run, so two calls)
+#   bash .ci/device_check.sh fp8prefill  session 21 (unrun): KILN_PREFILL_FP8_SM90=1 (the wgmma prefill kernel on an fp8
+#                                         cache): its GPU tests and the fp8-cache model / mixed-step tests with it on, the
+#                                         kernel table (bench_kernels --only fp8prefill), an fp8 mixed step's profile 0 / 1,
+#                                         then fp8 2048/128 throughput (PF8_N requests, 300) 0 / 1
 #   bash .ci/device_check.sh fresh     KILN_FRESH_SDPA off / on: its GPU test, then TTFT of a 2,048-token prompt
 #   bash .ci/device_check.sh fp8prof   where an fp8 (weights + KV) decode step of 256 sequences at context 1,500 goes
 #   bash .ci/device_check.sh mixedprof where an fp8 mixed step of a 1000/1000 run goes (256 decode rows + a 1,792-token chunk),
@@ -161,6 +165,17 @@ for mode in "$@"; do
       for v in 0 1; do echo "KILN_OVERLAP=$v"; KILN_OVERLAP=$v timeout 90 $KILN bench throughput --config $L --requests 1 \
         --max-batch 1 --input-len 128 --output-len 256 2>&1 | grep -a -E "^\| (tpot_p50_ms|decode_step_ms_p50) |Error"; done ;;
     thru) thru_runs "${THRU:-bf16:1000:1000:1000}" ;;
+    fp8prefill)  # session 21 (unrun): the wgmma prefill kernel on fp8 pages
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_kernels.py \
+        -k "fp8_kv_prefill" 2>&1 | tee "$OUT/fp8prefill-kernels.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      KILN_PREFILL_FP8_SM90=1 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} \
+        tests/gpu/test_kernels.py tests/gpu/test_mixed_split.py tests/gpu/test_cuda_backend.py -k "fp8" 2>&1 \
+        | tee "$OUT/fp8prefill-on.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      timeout 200 python3 -m kiln.codegen.bench_kernels --only fp8prefill 2>&1 | grep -a -E "^\||rror|prefill"
+      for v in 0 1; do echo "== fp8 mixed step, KILN_PREFILL_FP8_SM90=$v"; KILN_PREFILL_FP8_SM90=$v timeout 150 python3 \
+        .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batch 256 --ctx 1500 --prefill 1792 --steps 3 2>&1 \
+        | grep -v Warn | head -${TOP:-14}; done
+      thru_runs "fp8:2048:128:${PF8_N:-300}:256:2048:KILN_PREFILL_FP8_SM90=0 fp8:2048:128:${PF8_N:-300}:256:2048:KILN_PREFILL_FP8_SM90=1" ;;
     chunkab)  # session 21 (unrun): the chunk-continuing overlap against its baseline, then two batch / budget pairs
       thru_runs "fp8:1000:1000:1000:256:2048:KILN_OVERLAP_CHUNKS=0 fp8:1000:1000:1000:256:2048:KILN_OVERLAP_CHUNKS=1"
       thru_runs "${CHUNK_MORE-fp8:1000:1000:1000:512:2048 fp8:1000:1000:1000:512:8192}" ;;  # CHUNK_MORE= : skipped

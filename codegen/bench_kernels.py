@@ -15,6 +15,7 @@ replayed the same way: the GPU's time, not the host's launch cost.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 
@@ -314,6 +315,68 @@ def _prefill(T, seqs, ws=False):
     meta = K.render(K.prefill_for_device(spec, q.device)).meta
     variant = meta["variant"] + ("-ws" if meta.get("ws") else "")  # sm90: the wgmma kernel, -ws: warp-specialised
     return "prefill attention (causal)", f"{seqs}x{L} tok, {variant} kernel", ours, torch_ref, nbytes, flops
+
+
+def fp8_prefill_table(shapes=(((1024,) * 8, (0,) * 8), ((1000, 792), (0, 0)), ((792,), (208,)))) -> str:
+    """Prefill attention on an fp8 KV cache (issue #13): the mma kernel (the default), the wgmma kernel on the
+    same pages (render.PREFILL_FP8_SM90, opt-in), the bf16 cache's wgmma kernel and torch SDPA (flash, dense bf16
+    K/V) on the same queries, µs a call and TFLOP/s. Shapes: (new tokens, cached context) per sequence: 8 x 1,024
+    fresh; an fp8 mixed step's prompt chunk (a 1,000-token prompt and a 792-token first chunk); a 792-token
+    chunk after 208 cached. In session 10's fp8 mixed step the mma kernel ran at about 62 TFLOP/s."""
+    from . import render as R
+    lines = ["| sequences (new + cached) | fp8 cache, mma | fp8 cache, wgmma | bf16 cache, wgmma | torch SDPA |",
+             "|---|---:|---:|---:|---:|"]
+    D, ks, vs = HEAD_DIM, 0.05, 0.02
+    for new, ctx in shapes:
+        lens = [a + b for a, b in zip(new, ctx)]
+        per = [math.ceil(n / PAGE) for n in lens]
+        pages = sum(per)
+        perm = torch.randperm(pages, device="cuda").int()
+        tables = torch.zeros(len(new), max(per), dtype=torch.int32, device="cuda")
+        at = 0
+        for i, n in enumerate(per):
+            tables[i, :n] = perm[at:at + n]
+            at += n
+        T = sum(new)
+        q = torch.randn(T, HEADS * D, device="cuda", dtype=DT)
+        out = torch.empty_like(q)
+        cu = torch.tensor([0] + list(itertools.accumulate(new)), dtype=torch.int32, device="cuda")
+        kv_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        kb = torch.randn(pages, KV_HEADS, PAGE, D, device="cuda", dtype=DT)
+        vb = torch.randn_like(kb)
+        k8, v8 = (kb / ks).to(torch.float8_e4m3fn), (vb / vs).to(torch.float8_e4m3fn)
+        flops = sum(4 * HEADS * D * (n * c + n * (n + 1) // 2) for n, c in zip(new, ctx))
+        cells = []
+        for fp8, on in ((True, "0"), (True, "1"), (False, "0")):
+            saved = R.PREFILL_FP8_SM90
+            R.PREFILL_FP8_SM90 = on  # read where the spec renders: a distinct origin renders anew
+            try:
+                spec = PrefillAttnSpec(HEADS, KV_HEADS, D, PAGE, D ** -0.5, kv_fp8=fp8,
+                                       origin=f"bench fp8 prefill {on}")
+                K.render(K.prefill_for_device(spec, q.device))
+            finally:
+                R.PREFILL_FP8_SM90 = saved
+            kc, vc = (k8, v8) if fp8 else (kb, vb)
+            t = per_call_ms(Graphed(lambda: K.prefill_attention(spec, q, kc, vc, tables, cu, kv_lens, out, max(new),
+                                                                k_scale=ks, v_scale=vs)))
+            cells.append(f"{t * 1e3:.1f} ({flops / (t * 1e-3) / 1e12:.0f})")
+        sdpa = []
+        for n, c in zip(new, ctx):
+            qd = torch.randn(1, HEADS, n, D, device="cuda", dtype=DT)
+            kd = torch.randn(1, KV_HEADS, n + c, D, device="cuda", dtype=DT)
+            vd = torch.randn_like(kd)
+            mask = None if not c else torch.ones(n, n + c, dtype=torch.bool, device="cuda").tril(c)
+            sdpa.append((qd, kd, vd, mask))
+
+        def run_sdpa():
+            for qd, kd, vd, mask in sdpa:
+                F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        t = per_call_ms(run_sdpa)
+        cells.append(f"{t * 1e3:.1f} ({flops / (t * 1e-3) / 1e12:.0f})")
+        name = " + ".join(f"{n}{f' after {c}' if c else ''}" for n, c in zip(new, ctx)) if len(new) < 8 \
+            else f"{len(new)} x {new[0]}"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(["prefill attention on an fp8 KV cache, µs (TFLOP/s), Llama-3-8B heads:"] + lines)
 
 
 def _embed(T):
@@ -1053,7 +1116,8 @@ def main(argv=None) -> list[dict]:
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
     only = {w.strip() for w in args.only.split(",")} if args.only else set()
-    sections = {"gemv", "norm", "int4", "fp8gemv", "gemvpro", "ssm", "act", "rope", "fp8kv", "gemvgrid", "actquant"}
+    sections = {"gemv", "norm", "int4", "fp8gemv", "gemvpro", "ssm", "act", "rope", "fp8kv", "gemvgrid", "actquant",
+                "fp8prefill"}
     if only - sections:
         raise SystemExit(f"--only: unknown section(s) {', '.join(sorted(only - sections))}; "
                          f"choose from {', '.join(sorted(sections))}")
@@ -1085,6 +1149,8 @@ def main(argv=None) -> list[dict]:
             print(gemv_grid_table(copy_bw) + "\n")
         if "actquant" in only:
             print(act_quant_grid_table(copy_bw) + "\n")
+        if "fp8prefill" in only:
+            print(fp8_prefill_table() + "\n")
         return []
     if args.lora_only:
         print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s\n")

@@ -375,7 +375,8 @@ def prefill_attention(
     kern.launch(
         kern.source.entries[1], (grid[0] * splits, grid[1], grid[2]), (meta["threads"],),
         [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(cu_seqlens), ptr(kv_lens),
-         ptr(part_o), ptr(part_ml), i64(q.stride(0)), i32(block_tables.shape[1]), i32(splits)],
+         ptr(part_o), ptr(part_ml), i64(q.stride(0)), i32(block_tables.shape[1]), i32(splits),
+         *_scales(spec, k_scale, v_scale)],
         smem=meta["smem"],
     )
     kern.launch(

@@ -121,6 +121,12 @@ EARLY_KV = os.environ.get("KILN_DECODE_EARLY_KV", "1")
 # 1.687 / 1.688 -> 1.673 / 1.671; its GPU tests (decode kernels, models, engine, speculation) pass in both orders.
 DECODE_GRIDS = ("splits-first", "splits-last")
 DECODE_GRID = os.environ.get("KILN_DECODE_GRID", "splits-last")
+# Prefill attention over an fp8 KV cache on Hopper through the wgmma kernel ("1": templates/prefill_attn_sm90.cu.j2
+# copies each tile's E4M3 bytes and converts them in shared memory) instead of the mma.sync kernel ("0", the
+# default). Written in session 21 without device time, so opt-in until its GPU tests pass and it is measured:
+# in session 10's profile of an fp8 mixed step (256 decode rows beside a 1,792-token prompt chunk) the mma
+# kernel took 6.88 of 42.99 ms, about 62 TFLOP/s, where the bf16 cache's wgmma kernel runs at 150-310.
+PREFILL_FP8_SM90 = os.environ.get("KILN_PREFILL_FP8_SM90", "0")
 
 
 def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> KernelSource:
@@ -134,6 +140,8 @@ def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> 
         raise KernelSpecError(f"KILN_DECODE_EARLY_KV={EARLY_KV!r}: must be 0 or 1")
     if DECODE_GRID not in DECODE_GRIDS:
         raise KernelSpecError(f"KILN_DECODE_GRID={DECODE_GRID!r}: must be one of {', '.join(DECODE_GRIDS)}")
+    if PREFILL_FP8_SM90 not in ("0", "1"):
+        raise KernelSpecError(f"KILN_PREFILL_FP8_SM90={PREFILL_FP8_SM90!r}: must be 0 or 1")
     derived = " ".join(f"{k}={v}" for k, v in meta.items())
     ctype = RUN_DTYPES[spec.dtype].ctype
     text = env().get_template(template).render(
@@ -432,11 +440,12 @@ def _prefill_mma(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
 
 def prefill_variant(s: PrefillAttnSpec) -> str:
     """Which prefill template a spec renders to: "sm90" (wgmma, Hopper: 16-bit types, head_dim 64
-    or 128, causal or not, sliding window; no softcap or ALiBi yet), "mma" (mma.sync, any 16-bit
+    or 128, causal or not, sliding window; no softcap or ALiBi yet; an fp8 KV cache with
+    KILN_PREFILL_FP8_SM90=1, not in the warp-specialised form), "mma" (mma.sync, any 16-bit
     head_dim up to 128 that is a multiple of 16), else "simt" (fp32, other head dims)."""
     d = s.head_dim
-    if s.sm in HOPPER_SM and s.dtype != "fp32" and d in (64, 128) and not s.softcap and not s.alibi_max \
-            and not s.kv_fp8:  # an fp8 KV cache: the mma kernel, which converts its tiles
+    fp8_ok = not s.kv_fp8 or (PREFILL_FP8_SM90 == "1" and not s.ws)  # else the mma kernel, which converts its tiles
+    if s.sm in HOPPER_SM and s.dtype != "fp32" and d in (64, 128) and not s.softcap and not s.alibi_max and fp8_ok:
         return "sm90"
     if s.dtype != "fp32" and d % 16 == 0 and d <= 128:  # fp32 keeps full precision on CUDA cores
         return "mma"
@@ -451,7 +460,10 @@ def _prefill_sm90(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
     chunks16 = d // 8
     q_bytes, tile_bytes = rows * d * 2, bn * d * 2
     stage_bytes = 2 * tile_bytes
-    smem = q_bytes + 3 * stage_bytes + 1024  # + slack to align the base to 1024 bytes
+    # An fp8 cache: 2 converted stages and 2 slots of K / V bytes (the bytes are copied a tile ahead), the same
+    # 192 KB as 3 stages at either head dim
+    nstages = 2 if s.kv_fp8 else 3
+    smem = q_bytes + nstages * stage_bytes + (2 * 2 * bn * d if s.kv_fp8 else 0) + 1024  # + 1024-byte alignment slack
 
     def regs(n: int) -> list[str]:  # "{%0, %1, ..., %n-1}," in rows of 16 operands
         names = [f"%{i}" for i in range(n)]
@@ -472,10 +484,11 @@ def _prefill_sm90(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
         tile_bytes=tile_bytes, stage_bytes=stage_bytes, q_iters=rows * chunks16 // 256,
         kv_iters=bn * chunks16 // 256, o_iters=64 * chunks16 // 128, s_regs=s_regs, s_outs=outs(bn // 2),
         o_regs=o_regs, o_outs=outs(d // 2), a_regs="{" + ", ".join(f"%{a0 + i}" for i in range(4)) + "}",
+        nstages=nstages, kv_iters8=bn * (d // 16) // 256,
     )
     if s.ws:
         return _prefill_sm90_ws(s, params)
-    name = _name(f"prefill_attn_sm90_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    name = _name(f"prefill_attn_sm90{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     # The merge: a thread per (row, 4 dims), as many rows per block as 256 threads hold
     merge_rows = max(1, 256 // (d // 4))
     params.update(merge_rows=merge_rows, merge_groups=-(-rows // merge_rows), merge_threads=merge_rows * (d // 4))

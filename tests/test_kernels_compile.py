@@ -279,6 +279,33 @@ def test_fp8_kv_decode_on_tensor_cores_without_spills(hd):
         DecodeAttnSpec(8, 2, 72, 16, 0.1, kv_fp8=True, origin="t")
 
 
+@pytest.mark.parametrize("d, dt, causal, window", [(128, "bf16", True, 0), (64, "fp16", False, 100),
+                                                  (128, "fp16", True, 37)])
+def test_fp8_kv_prefill_on_wgmma_builds(d, dt, causal, window, monkeypatch):
+    """KILN_PREFILL_FP8_SM90=1: the wgmma prefill kernel takes fp8 pages (its plain and split forms take the
+    scales), 2 converted stages and 2 byte slots in the 3 stages' shared memory, and builds for sm_90a without
+    spills; the warp-specialised form keeps the mma kernel; a bad switch value is refused."""
+    from kiln.codegen import render as R
+    monkeypatch.setattr(R, "PREFILL_FP8_SM90", "1")
+    spec = PrefillAttnSpec(32, 8, d, 16, 0.1, causal=causal, window=window, dtype=dt, kv_fp8=True, origin="t fp8 sm90")
+    ks = render(spec)
+    plain = render(PrefillAttnSpec(32, 8, d, 16, 0.1, causal=causal, window=window, dtype=dt, origin="t"))
+    assert ks.meta["variant"] == "sm90" and not ks.meta["ws"] and "fp8kv" in ks.name
+    assert ks.meta["smem"] == plain.meta["smem"] <= 227 * 1024
+    src = ks.source
+    assert "convert_tile(it);" in src and "unsigned char* raw_s" in src and "(it % 2)" in src
+    assert src.count("float k_scale, float v_scale)") == 2  # the plain kernel and its split form
+    mt = "bf16" if dt == "bf16" else "f16"
+    assert f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.{mt}.{mt}" in src
+    img = nvrtc.compile_source(src, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+    assert img.kind == "cubin" and ks.name.encode() in img.data
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in img.log, img.log
+    assert render(dataclasses.replace(spec, ws=True, origin="t fp8 ws")).meta["variant"] == "mma"
+    monkeypatch.setattr(R, "PREFILL_FP8_SM90", "yes")
+    with pytest.raises(KernelSpecError, match="KILN_PREFILL_FP8_SM90"):
+        render(dataclasses.replace(spec, origin="t fp8 bad"))
+
+
 def test_prefill_picks_tensor_cores_for_16_bit():
     mk = lambda d, dt: render(PrefillAttnSpec(32, 8, d, 16, 0.1, dtype=dt, sm=80, origin="t"))  # noqa: E731
     assert mk(128, "bf16").meta["mma"] and mk(80, "fp16").meta["mma"]

@@ -777,13 +777,16 @@ def test_fp8_kv_decode_with_cvt_equals_integer_conversion(dtype, case, monkeypat
 @pytest.mark.parametrize("case", FP8_CASES)
 @pytest.mark.parametrize("page_size", [16, 7])
 def test_fp8_kv_prefill(dtype, case, page_size):
+    from kiln.codegen import render as R
     H, KV, D, window, cap, ali = case
     dt = DT[dtype]
     ks, vs = 0.05, 0.02
     spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, softcap=cap, alibi_max=ali, dtype=dtype,
                            kv_fp8=True, origin="test")
-    if dtype != "fp32":
-        assert K.render(K.prefill_for_device(spec, DEV)).meta["variant"] == "mma"  # never wgmma on fp8 pages
+    if dtype != "fp32":  # wgmma on fp8 pages only with KILN_PREFILL_FP8_SM90=1 (test_fp8_kv_prefill_wgmma)
+        want = "sm90" if R.PREFILL_FP8_SM90 == "1" and R.prefill_variant(K.prefill_for_device(spec, DEV)) == "sm90" \
+            else "mma"
+        assert K.render(K.prefill_for_device(spec, DEV)).meta["variant"] == want
     ctx, new = [0, 5, 100, 0, 64], [37, 64, 1, 130, 3]
     kv_lens = [a + b for a, b in zip(ctx, new)]
     tables, pages = paged_layout(kv_lens, page_size)
@@ -801,6 +804,59 @@ def test_fp8_kv_prefill(dtype, case, page_size):
                             gather(vf, tables[s], c + n, page_size), torch.arange(c, c + n, device=DEV),
                             spec.scale, window, cap, alibi_max=ali)
         assert rel_err(out[rows].view(n, H, D), ref) <= TOL[dtype], f"sequence {s}"
+
+
+# heads, kv_heads, head_dim, window, causal (the wgmma kernel's cases: no softcap or ALiBi)
+FP8_HOPPER_CASES = [(32, 8, 128, 0, True), (8, 2, 64, 0, True), (16, 2, 128, 100, True), (12, 4, 64, 37, True),
+                    (32, 8, 128, 0, False)]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("case", FP8_HOPPER_CASES)
+@pytest.mark.parametrize("page_size", [16, 7])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fp8_kv_prefill_wgmma(dtype, case, page_size, splits, monkeypatch):
+    """KILN_PREFILL_FP8_SM90=1: the wgmma prefill kernel on fp8 pages (each tile's bytes copied, then converted
+    exactly in shared memory; k_scale in the score scale, v_scale in the output), plain and split-KV, against
+    the reference on the pages' values and against the mma kernel on the same pages. Fresh prompts, chunks
+    after cached context, a single query, lengths that are no multiple of the tile or page, more tiles than
+    its 2 stages; twice, so nothing carries over between launches."""
+    from kiln.codegen import render as R
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma prefill kernel is for Hopper GPUs")
+    H, KV, D, window, causal = case
+    dt = DT[dtype]
+    ks, vs = 0.05, 0.02
+    specs = {}
+    for on in ("1", "0"):  # distinct origins: distinct specs, each rendered with its own switch value
+        monkeypatch.setattr(R, "PREFILL_FP8_SM90", on)
+        spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, causal=causal, dtype=dtype,
+                               kv_fp8=True, origin=f"test fp8 wgmma {on}")
+        specs[on] = spec
+        assert K.render(K.prefill_for_device(spec, DEV)).meta["variant"] == ("sm90" if on == "1" else "mma")
+    ctx, new = [0, 5, 300, 0, 64, 1000, 129], [37, 64, 1, 519, 3, 130, 128]
+    kv_lens = [a + b for a, b in zip(ctx, new)]
+    tables, pages = paged_layout(kv_lens, page_size)
+    kc, kf = fp8_pages((pages, KV, page_size, D), ks)
+    vc, vf = fp8_pages((pages, KV, page_size, D), vs)
+    T = sum(new)
+    cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    for call in range(2):
+        q = (torch.randn(T, H * D, device=DEV) * 2).to(dt)
+        outs = {}
+        for on, spec in specs.items():
+            outs[on] = nan_like((T, H * D), dt)
+            K.prefill_attention(spec, q, kc, vc, tables, cu, lens, outs[on], max_q_len=max(new), k_scale=ks,
+                                v_scale=vs, splits=splits if on == "1" else 1)
+        for s, (c, n) in enumerate(zip(ctx, new)):
+            rows = slice(int(cu[s]), int(cu[s + 1]))
+            ref = attention_ref(q[rows].view(n, H, D), gather(kf, tables[s], c + n, page_size),
+                                gather(vf, tables[s], c + n, page_size), torch.arange(c, c + n, device=DEV),
+                                spec.scale, window, 0.0, causal=causal)
+            got = outs["1"][rows].view(n, H, D)
+            assert rel_err(got, ref) <= TOL[dtype], f"call {call}, sequence {s} (context {c}, new {n})"
+            assert rel_err(got, outs["0"][rows].view(n, H, D).float()) <= TOL[dtype], f"sequence {s} against mma"
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
