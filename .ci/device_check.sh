@@ -16,6 +16,9 @@
 #                                         cache): its GPU tests and the fp8-cache model / mixed-step tests with it on, the
 #                                         kernel table (bench_kernels --only fp8prefill), an fp8 mixed step's profile 0 / 1,
 #                                         then fp8 2048/128 throughput (PF8_N requests, 300) 0 / 1
+#   bash .ci/device_check.sh fastaccum  session 21 (unrun): KILN_FP8_FAST_ACCUM=1 (cuBLASLt fp8 GEMMs with fast
+#                                         accumulation): its GPU test and the fp8 GEMM / model tests with it on, the GEMM table
+#                                         (bench_kernels --only fp8gemm), then fp8 1000/1000 throughput 0 / 1
 #   bash .ci/device_check.sh fresh     KILN_FRESH_SDPA off / on: its GPU test, then TTFT of a 2,048-token prompt
 #   bash .ci/device_check.sh fp8prof   where an fp8 (weights + KV) decode step of 256 sequences at context 1,500 goes
 #   bash .ci/device_check.sh mixedprof where an fp8 mixed step of a 1000/1000 run goes (256 decode rows + a 1,792-token chunk),
@@ -176,6 +179,12 @@ for mode in "$@"; do
         .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batch 256 --ctx 1500 --prefill 1792 --steps 3 2>&1 \
         | grep -v Warn | head -${TOP:-14}; done
       thru_runs "fp8:2048:128:${PF8_N:-300}:256:2048:KILN_PREFILL_FP8_SM90=0 fp8:2048:128:${PF8_N:-300}:256:2048:KILN_PREFILL_FP8_SM90=1" ;;
+    fastaccum)  # session 21 (unrun): cuBLASLt's fp8 GEMMs with fast accumulation
+      KILN_FP8_FAST_ACCUM=1 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} \
+        tests/gpu/test_quant_kernels.py tests/gpu/test_fp8_graph_padding.py -k "fp8 or quantized_model" 2>&1 \
+        | tee "$OUT/fastaccum-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      timeout 200 python3 -m kiln.codegen.bench_kernels --only fp8gemm 2>&1 | grep -a -E "^\||rror"
+      thru_runs "fp8:1000:1000:1000:256:2048:KILN_FP8_FAST_ACCUM=0 fp8:1000:1000:1000:256:2048:KILN_FP8_FAST_ACCUM=1" ;;
     chunkab)  # session 21 (unrun): the chunk-continuing overlap against its baseline, then two batch / budget pairs
       thru_runs "fp8:1000:1000:1000:256:2048:KILN_OVERLAP_CHUNKS=0 fp8:1000:1000:1000:256:2048:KILN_OVERLAP_CHUNKS=1"
       thru_runs "${CHUNK_MORE-fp8:1000:1000:1000:512:2048 fp8:1000:1000:1000:512:8192}" ;;  # CHUNK_MORE= : skipped

@@ -85,6 +85,13 @@ INT4_GEMV_EPILOGUE = os.environ.get("KILN_INT4_GEMV_EPILOGUE", "1")
 # decode_back_to_back_ms, BENCHMARKS.md session 19) took 2.054 / 2.054 ms with it against 2.145 / 2.134 without,
 # alternating in one call. Read when the backend is built (the pairing) and when a step runs.
 INT4_GEMV_ROPE = os.environ.get("KILN_INT4_GEMV_ROPE", "1")
+# cuBLASLt's fp8 GEMMs (torch._scaled_mm: more than one row) with fast accumulation ("1": use_fast_accum, products
+# summed in the tensor cores' accumulator without cuBLASLt's periodic promotion to fp32, as vLLM's CUTLASS fp8
+# kernels for Hopper do (their FP8FastAccum schedules)) or without ("0", the default). Written in session 21
+# without device time, so off until measured: `.ci/device_check.sh fastaccum` times the GEMMs
+# (bench_kernels --only fp8gemm) and fp8 throughput with it 0 / 1, and tests/gpu/test_quant_kernels.py bounds its
+# difference from the reference. Read when a step runs (and is captured).
+FP8_FAST_ACCUM = os.environ.get("KILN_FP8_FAST_ACCUM", "0")
 
 
 def _on(name: str, value: str) -> bool:
@@ -252,16 +259,19 @@ class QGemm:
             kernel = ACT_KERNEL and x.is_cuda and x.shape[1] % (16 // x.element_size()) == 0
             xq, sx = self.quantize_act(x, valid) if kernel else self.quantize_act_torch(x, valid)
             padded = self.q.shape[0] != n
+            fast = _on("KILN_FP8_FAST_ACCUM", FP8_FAST_ACCUM)
             if self.scale.dim() == 0:
                 # cuBLASLt: no bias with an fp32 output; padded rows: the bias added to the real ones after
                 fused = bias if x.dtype != torch.float32 and not padded else None
-                y = torch._scaled_mm(xq, self.q.t(), scale_a=sx, scale_b=self.scale, bias=fused, out_dtype=x.dtype)
+                y = torch._scaled_mm(xq, self.q.t(), scale_a=sx, scale_b=self.scale, bias=fused, out_dtype=x.dtype,
+                                     use_fast_accum=fast)
                 y = y[:, :n].contiguous() if padded else y
                 return y if bias is None or fused is not None else y + bias
             # Per-channel: the products with unit scales in fp32, then both scales (cuBLASLt's own
             # row-wise scaling disagreed with the reference by ~3% on the H200, so it is not used).
             one = torch.ones((), dtype=torch.float32, device=x.device)
-            y = torch._scaled_mm(xq, self.q.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)[:, :n] * sx \
+            y = torch._scaled_mm(xq, self.q.t(), scale_a=one, scale_b=one, out_dtype=torch.float32,
+                                 use_fast_accum=fast)[:, :n] * sx \
                 * self.scale[:, :n]
             return (y if bias is None else y + bias.float()).to(x.dtype)
         w = self.weight

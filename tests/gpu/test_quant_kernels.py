@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from kiln.codegen.specs import KernelSpecError
 from kiln.dsl.quant import QuantDesc, QWeight, quantize_weight, share_scale
 from kiln.runtime import cuda_quant
 from kiln.runtime.batch import SeqSlice, StepBatch
@@ -111,6 +112,30 @@ def test_fp8_linear_matches_reference(layout, act, T, dtype, fresh_seed):
     for (s, r), w in zip([(0, 96), (96, 32)], ws):
         want = w.linear(x, bias[s:s + r])
         assert rel(y[:, s:s + r], want) <= tol, f"sibling at {s}: {rel(y[:, s:s + r], want)}"
+
+
+@pytest.mark.parametrize("k", [512, 4096, 14336])
+@pytest.mark.parametrize("T", [16, 300])
+@pytest.mark.parametrize("layout, act", [("per_tensor", "fp8_tensor"), ("per_channel", "fp8_token")])
+def test_fp8_fast_accumulation_within_bf16_rounding(layout, act, T, k, monkeypatch, fresh_seed):
+    """KILN_FP8_FAST_ACCUM=1 (cuBLASLt's fast accumulation: the tensor cores' accumulator, no promotion to fp32
+    on the way): the bf16 outputs against QWeight.linear on the same input stay within the bf16 tolerance at
+    the 8B model's K, as without it."""
+    desc = QuantDesc("fp8", layout, act=act)
+    ws = [quantize_weight(torch.randn(r, k, device="cuda"), desc) for r in (96, 32)]
+    if layout == "per_tensor":
+        ws = share_scale(ws)
+    gemm = cuda_quant.prepare(ws, [(0, 96), (96, 32)], dtype=torch.bfloat16, origin="test fp8 fast accum")
+    x = (torch.randn(T, k, device="cuda") * torch.rand(T, 1, device="cuda") * 10).to(torch.bfloat16)
+    errs = {}
+    for on in ("0", "1"):
+        monkeypatch.setattr(cuda_quant, "FP8_FAST_ACCUM", on)
+        y = gemm(x, None)
+        errs[on] = max(rel(y[:, s:s + r], w.linear(x, None)) for (s, r), w in zip([(0, 96), (96, 32)], ws))
+    assert errs["1"] <= TOL["bf16"] and errs["0"] <= TOL["bf16"], errs
+    monkeypatch.setattr(cuda_quant, "FP8_FAST_ACCUM", "on")
+    with pytest.raises(KernelSpecError, match="KILN_FP8_FAST_ACCUM"):
+        gemm(x, None)
 
 
 def test_strided_input_and_graph_capture():
