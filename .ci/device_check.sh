@@ -19,6 +19,11 @@
 #   bash .ci/device_check.sh fastaccum  session 21 (unrun): KILN_FP8_FAST_ACCUM=1 (cuBLASLt fp8 GEMMs with fast
 #                                         accumulation): its GPU test and the fp8 GEMM / model tests with it on, the GEMM table
 #                                         (bench_kernels --only fp8gemm), then fp8 1000/1000 throughput 0 / 1
+#   bash .ci/device_check.sh s21       session 21's unrun work in one call (~6 min): the GPU tests of the fp8 wgmma prefill,
+#                                         fast accumulation and chunk-continuing overlap, the fp8prefill and fp8gemm kernel
+#                                         tables, then an fp8 mixed step's profile (host vs wall too) with the defaults and with
+#                                         KILN_PREFILL_FP8_SM90=1 KILN_FP8_FAST_ACCUM=1; the throughput A/Bs are chunkab,
+#                                         fastaccum's and fp8prefill's thru_runs lines
 #   bash .ci/device_check.sh fresh     KILN_FRESH_SDPA off / on: its GPU test, then TTFT of a 2,048-token prompt
 #   bash .ci/device_check.sh fp8prof   where an fp8 (weights + KV) decode step of 256 sequences at context 1,500 goes
 #   bash .ci/device_check.sh mixedprof where an fp8 mixed step of a 1000/1000 run goes (256 decode rows + a 1,792-token chunk),
@@ -179,6 +184,17 @@ for mode in "$@"; do
         .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batch 256 --ctx 1500 --prefill 1792 --steps 3 2>&1 \
         | grep -v Warn | head -${TOP:-14}; done
       thru_runs "fp8:2048:128:${PF8_N:-300}:256:2048:KILN_PREFILL_FP8_SM90=0 fp8:2048:128:${PF8_N:-300}:256:2048:KILN_PREFILL_FP8_SM90=1" ;;
+    s21)  # session 21's unrun work: tests, kernel tables, the mixed step's profile
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_kernels.py \
+        tests/gpu/test_quant_kernels.py tests/gpu/test_overlap_gpu.py -k "fp8_kv_prefill or fast_accum or overlap or chunks" \
+        2>&1 | tee "$OUT/s21-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      KILN_PREFILL_FP8_SM90=1 KILN_FP8_FAST_ACCUM=1 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
+        -n ${WORKERS:-8} tests/gpu/test_mixed_split.py tests/gpu/test_cuda_backend.py tests/gpu/test_quant_kernels.py -k "fp8" \
+        2>&1 | tee "$OUT/s21-on.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      timeout 240 python3 -m kiln.codegen.bench_kernels --only fp8prefill,fp8gemm 2>&1 | grep -a -E "^\||rror|µs"
+      for v in "KILN_NOTHING=0" "KILN_PREFILL_FP8_SM90=1 KILN_FP8_FAST_ACCUM=1"; do echo "== fp8 mixed step, $v"
+        env $v timeout 150 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batch 256 --ctx 1500 \
+          --prefill 1792 --steps 3 2>&1 | grep -v Warn | head -${TOP:-16}; done ;;
     fastaccum)  # session 21 (unrun): cuBLASLt's fp8 GEMMs with fast accumulation
       KILN_FP8_FAST_ACCUM=1 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} \
         tests/gpu/test_quant_kernels.py tests/gpu/test_fp8_graph_padding.py -k "fp8 or quantized_model" 2>&1 \
