@@ -24,6 +24,9 @@
 #                                         tables, then an fp8 mixed step's profile (host vs wall too) with the defaults and with
 #                                         KILN_PREFILL_FP8_SM90=1 KILN_FP8_FAST_ACCUM=1; the throughput A/Bs are chunkab,
 #                                         fastaccum's and fp8prefill's thru_runs lines
+#   bash .ci/device_check.sh dynpart   session 21 (unrun): KILN_DECODE_DYN_PART=1 (the decode partition from the step's
+#                                         context): its GPU tests and the decode / race / model tests with it on, then
+#                                         batch-1 steps 0 / 1 (ab_runs: int4-wo+lm-head and bf16)
 #   bash .ci/device_check.sh fresh     KILN_FRESH_SDPA off / on: its GPU test, then TTFT of a 2,048-token prompt
 #   bash .ci/device_check.sh fp8prof   where an fp8 (weights + KV) decode step of 256 sequences at context 1,500 goes
 #   bash .ci/device_check.sh mixedprof where an fp8 mixed step of a 1000/1000 run goes (256 decode rows + a 1,792-token chunk),
@@ -422,6 +425,11 @@ for B, c in ((256, 1500), (64, 4096), (1, 16384)): print(fp8_kv_decode_line(B, c
         | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
       timeout 120 python3 .ci/early_kv_probe.py 2>&1 | grep -a -E "replays|rror"
       ab_runs "${AB:-none KILN_DECODE_EARLY_KV 0 1 $L;fp8+lm-head KILN_DECODE_EARLY_KV 0 1 $L;int4-wo+lm-head KILN_DECODE_EARLY_KV 0 1 $L}" ;;
+    dynpart)  # session 21 (unrun): the decode partition from the step's context
+      KILN_DECODE_DYN_PART=1 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} \
+        tests/gpu/test_kernels.py tests/gpu/test_decode_early_kv.py tests/gpu/test_cuda_backend.py \
+        -k "decode or early or dynamic or fp8_kv" 2>&1 | tee "$OUT/dynpart-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      ab_runs "${AB:-int4-wo+lm-head KILN_DECODE_DYN_PART 0 1 $L;none KILN_DECODE_DYN_PART 0 1 $L}" ;;
     grid)  # session 20 (written without device time): the decode attention grid split-last (KILN_DECODE_GRID): the decode
            # GPU tests with it, then batch-1 steps splits-first / splits-last (ab_runs), then KILN_PDL_CHAIN attention / 1
            # for int4-wo+lm-head (one round)

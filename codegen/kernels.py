@@ -274,6 +274,10 @@ def paged_decode_attention(
     meta = kern.source.meta
     if tuple(scratch.counters.shape[1:]) != (spec.kv_heads * meta["chunks"],) or scratch.counters.shape[0] < B:
         raise KernelArgError("scratch.counters: sized for a different batch or spec (use decode_scratch(spec, ...))")
+    n_hc = spec.kv_heads * meta["chunks"]
+    # render.DECODE_DYN_PART: the splits a (sequence, head chunk) should fill where the launch picks the
+    # partition; 0 where the caller gives one (the kernel takes it as it is)
+    dyn = [i32(kern.num_sms // (B * n_hc) if partition is None else 0)] if meta.get("dyn_part") else []
     if partition is None:
         resident = kern.num_sms * kern.blocks_per_sm(kern.source.entries[0], meta["threads"], meta["smem"])
         partition = decode_partition(spec, B, max_context, resident, scratch.max_splits)
@@ -284,13 +288,12 @@ def paged_decode_attention(
     # One launch, its grid sized from max_context: on the device, the blocks of splits without tokens of
     # a sequence leave at once, the last split block with tokens of each (seq, head chunk) merges the
     # splits into out, and the only one, where a sequence's tokens lie in one split, writes out itself.
-    n_hc = spec.kv_heads * meta["chunks"]
     kern.launcher(pdl)(
         kern.source.entries[0], (n_hc, B, splits) if meta["splits_last"] else (splits, n_hc, B), (meta["threads"],),
         [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(context_lens),
          ptr(scratch.partial_out), ptr(scratch.partial_ml), ptr(scratch.counters), ptr(out),
          i64(q.stride(0)), i64(out.stride(0)), i32(block_tables.shape[1]), i32(partition),
-         i32(scratch.max_splits), *_scales(spec, k_scale, v_scale)],
+         i32(scratch.max_splits), *_scales(spec, k_scale, v_scale), *dyn],
         smem=meta["smem"],
     )
 

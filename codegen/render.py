@@ -121,6 +121,16 @@ EARLY_KV = os.environ.get("KILN_DECODE_EARLY_KV", "1")
 # 1.687 / 1.688 -> 1.673 / 1.671; its GPU tests (decode kernels, models, engine, speculation) pass in both orders.
 DECODE_GRIDS = ("splits-first", "splits-last")
 DECODE_GRID = os.environ.get("KILN_DECODE_GRID", "splits-last")
+# The tensor-core decode kernel's KV partition from the step's context ("1") instead of the host's one for the
+# grid's capacity only ("0", the default). A CUDA graph's grid is sized from its capacity (max_context, 4,096 in
+# `bench latency`), and the host's model (kernels.decode_partition) picks the partition for it: at batch 1 that is
+# 128 tokens, 8 live splits of 64 blocks at context 1,024, where 64-token splits over a capacity of 1,024 ran
+# faster (session 13, .ci/decode_partition.py: 5.9 against 7.3 us). With "1" each block derives the partition
+# from its sequence's length: the host's, or less where the launch's grid would leave SMs idle (the launch passes
+# how many splits a (sequence, head chunk) should fill: SMs / (sequences x head chunks)), in whole tiles, never
+# more splits than the grid has. Only where the launch picks the partition (partition=None). Written in
+# session 21 without device time: opt-in until its GPU tests pass and it is measured.
+DECODE_DYN_PART = os.environ.get("KILN_DECODE_DYN_PART", "0")
 # Prefill attention over an fp8 KV cache on Hopper through the wgmma kernel ("1": templates/prefill_attn_sm90.cu.j2
 # copies each tile's E4M3 bytes and converts them in shared memory) instead of the mma.sync kernel ("0", the
 # default). Written in session 21 without device time, so opt-in until its GPU tests pass and it is measured:
@@ -140,6 +150,8 @@ def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> 
         raise KernelSpecError(f"KILN_DECODE_EARLY_KV={EARLY_KV!r}: must be 0 or 1")
     if DECODE_GRID not in DECODE_GRIDS:
         raise KernelSpecError(f"KILN_DECODE_GRID={DECODE_GRID!r}: must be one of {', '.join(DECODE_GRIDS)}")
+    if DECODE_DYN_PART not in ("0", "1"):
+        raise KernelSpecError(f"KILN_DECODE_DYN_PART={DECODE_DYN_PART!r}: must be 0 or 1")
     if PREFILL_FP8_SM90 not in ("0", "1"):
         raise KernelSpecError(f"KILN_PREFILL_FP8_SM90={PREFILL_FP8_SM90!r}: must be 0 or 1")
     derived = " ".join(f"{k}={v}" for k, v in meta.items())
@@ -334,11 +346,12 @@ def _decode_mma(s: DecodeAttnSpec, group: int) -> KernelSource:
         alibi=bool(s.alibi_max), alibi_rows=_alibi_rows(s), **_merge_params(s, d),
         prefetch_pages=s.tuned, min_blocks=s.min_blocks,
         early_kv=EARLY_KV == "1", fresh_regs=-(-2 * (d * citem // 16) // 32), splits_last=DECODE_GRID == "splits-last",
+        dyn_part=DECODE_DYN_PART == "1", tile=16 * warps,
     )
     name = _name(f"decode_attn_mma{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     # tile: the partition granule (one 16-token tile per warp), so every warp gets the same work
     meta = dict(threads=threads, smem=smem, tile=16 * warps, stages=stages, gc=gc, chunks=group // gc, mma=True,
-                splits_last=params["splits_last"])
+                splits_last=params["splits_last"], dyn_part=params["dyn_part"])
     return _emit("decode_attn_mma.cu.j2", name, s, params, [name], meta)
 
 

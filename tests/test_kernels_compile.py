@@ -306,6 +306,30 @@ def test_fp8_kv_prefill_on_wgmma_builds(d, dt, causal, window, monkeypatch):
         render(dataclasses.replace(spec, origin="t fp8 bad"))
 
 
+@pytest.mark.parametrize("kv_fp8, window", [(False, 0), (True, 0), (False, 100)])
+def test_decode_dynamic_partition_builds(kv_fp8, window, monkeypatch):
+    """KILN_DECODE_DYN_PART=1: the tensor-core decode kernel takes the splits to fill (dyn_splits) after its
+    other arguments and derives its partition from the sequence's length, capped by the host's, in whole tiles;
+    without a window the first page's load then follows the length's; it builds without spills. The launch
+    passes SMs / (sequences x head chunks) where it picks the partition, else 0."""
+    from kiln.codegen import render as R
+    monkeypatch.setattr(R, "DECODE_DYN_PART", "1")
+    spec = DecodeAttnSpec(32, 8, 128, 16, 0.1, kv_fp8=kv_fp8, window=window, origin="t dyn part")
+    ks = render(spec)
+    src = ks.source
+    assert ks.meta["dyn_part"] and "int partition_cap, int max_splits" in src and "int dyn_splits)" in src
+    body = src[src.index(f" {ks.name}("):]
+    assert body.index("const int ctx = context_lens[seq];") < body.index("int partition = partition_cap;")
+    if not window:
+        assert body.index("int partition = partition_cap;") < body.index("int page0;")
+    assert f"/ {ks.meta['tile']}) * {ks.meta['tile']})" in src
+    img = nvrtc.compile_source(src, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+    assert "0 bytes spill stores" in img.log and "0 bytes stack frame" in img.log, img.log
+    monkeypatch.setattr(R, "DECODE_DYN_PART", "2")
+    with pytest.raises(KernelSpecError, match="KILN_DECODE_DYN_PART"):
+        render(dataclasses.replace(spec, origin="t dyn bad"))
+
+
 def test_prefill_picks_tensor_cores_for_16_bit():
     mk = lambda d, dt: render(PrefillAttnSpec(32, 8, d, 16, 0.1, dtype=dt, sm=80, origin="t"))  # noqa: E731
     assert mk(128, "bf16").meta["mma"] and mk(80, "fp16").meta["mma"]

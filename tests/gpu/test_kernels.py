@@ -309,6 +309,51 @@ def test_paged_decode_attention_batch1(tuned, kv_fp8, ctx, partition):
         assert rel_err(out.view(1, H, D), ref) <= TOL["bf16"], f"call {call}"
 
 
+@pytest.mark.parametrize("kv_fp8", [False, True])
+@pytest.mark.parametrize("window", [0, 200])
+@pytest.mark.parametrize("ctx", [[1], [65], [1000], [1024], [4096], [3000, 17]])
+def test_paged_decode_attention_dynamic_partition(kv_fp8, window, ctx, monkeypatch):
+    """KILN_DECODE_DYN_PART=1: in a grid sized for a 4,096-token capacity, each sequence's blocks derive the
+    partition from its length (fewer tokens a split at batch 1 and 2): against the reference, the counters back
+    at zero after each of two calls; and a partition the caller gives is taken as it is (the same bits as the
+    kernel without the switch)."""
+    from kiln.codegen import render as R
+    H, KV, D, P, cap = 32, 8, 128, 16, 4096
+    specs = {}
+    for on in ("1", "0"):
+        monkeypatch.setattr(R, "DECODE_DYN_PART", on)
+        specs[on] = DecodeAttnSpec(H, KV, D, P, D ** -0.5, window=window, kv_fp8=kv_fp8, origin=f"test dyn part {on}")
+        assert K.render(specs[on]).meta.get("dyn_part") == (on == "1")
+    B = len(ctx)
+    tables, pages = paged_layout(ctx, P)
+    tables = torch.nn.functional.pad(tables, (0, cap // P - tables.shape[1]))
+    if kv_fp8:
+        kc, kf = fp8_pages((pages, KV, P, D), 0.05)
+        vc, vf = fp8_pages((pages, KV, P, D), 0.02)
+        scales = dict(k_scale=0.05, v_scale=0.02)
+    else:
+        kc = kf = torch.randn(pages, KV, P, D, device=DEV).to(torch.bfloat16)
+        vc = vf = torch.randn(pages, KV, P, D, device=DEV).to(torch.bfloat16)
+        scales = {}
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    scratch = K.decode_scratch(specs["1"], B, cap, DEV)
+    for call in range(2):
+        q = torch.randn(B, H * D, device=DEV).to(torch.bfloat16)
+        out = nan_like((B, H * D), torch.bfloat16)
+        K.paged_decode_attention(specs["1"], q, kc, vc, tables, lens, out, scratch, max_context=cap, **scales)
+        assert not scratch.counters.any(), "split counters not reset after the launch"
+        for b, n in enumerate(ctx):
+            ref = attention_ref(q[b].view(1, H, D), gather(kf, tables[b], n, P), gather(vf, tables[b], n, P),
+                                torch.tensor([n - 1], device=DEV), specs["1"].scale, window, 0.0)
+            assert rel_err(out[b].view(1, H, D), ref) <= TOL["bf16"], f"call {call}, sequence {b} (context {n})"
+        given = {}
+        for on, spec in specs.items():
+            given[on] = nan_like((B, H * D), torch.bfloat16)
+            K.paged_decode_attention(spec, q, kc, vc, tables, lens, given[on], scratch, max_context=cap, partition=128,
+                                     **scales)
+        assert torch.equal(given["1"], given["0"])
+
+
 def live_splits(n: int, window: int, partition: int, splits: int) -> tuple[int, int]:
     """The splits [s0, s1) holding a context of n tokens, as the decode kernels derive them (at n = 0:
     split 0, which writes zeros)."""
