@@ -376,7 +376,7 @@ def fp8_prefill_table(shapes=(((1024,) * 8, (0,) * 8), ((1000, 792), (0, 0)), ((
         name = " + ".join(f"{n}{f' after {c}' if c else ''}" for n, c in zip(new, ctx)) if len(new) < 8 \
             else f"{len(new)} x {new[0]}"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(["prefill attention on an fp8 KV cache, µs (TFLOP/s), Llama-3-8B heads:"] + lines)
+    return "\n".join(["prefill attention on an fp8 KV cache, µs (TFLOP/s), the 8B model's heads:"] + lines)
 
 
 def _embed(T):
