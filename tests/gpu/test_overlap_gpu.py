@@ -68,17 +68,22 @@ def test_greedy_overlap_equals_off_and_reference(models):
     assert drive(ref, True, work)[0] == expected
 
 
-def test_prompt_chunks_launched_ahead(models):
+def test_prompt_chunks_launched_ahead(models, monkeypatch):
     """A token budget below the prompts' lengths: the steps after a prompt chunk are launched ahead too
     (Scheduler.schedule_ahead continues the chunk on the host while its decode rows take their tokens on
-    the device), through mixed graphs and eager steps; greedy outputs equal overlap off and the reference."""
+    the device), through mixed graphs and eager steps; greedy outputs equal overlap off and the reference,
+    and more steps are launched ahead than with KILN_OVERLAP_CHUNKS=0 (the baseline, as before)."""
     ref, cuda = models
     work = arrivals(seed=3)
     expected, _ = drive(ref, False, work, max_tokens_per_step=24)
     off, _ = drive(cuda, False, work, max_tokens_per_step=24)
     on, engine = drive(cuda, True, work, max_tokens_per_step=24)
     assert off == expected and on == expected
-    assert engine.num_overlapped > sum(-(-len(p) // 24) for _, p, _ in work)
+    monkeypatch.setenv("KILN_OVERLAP_CHUNKS", "0")
+    base, base_engine = drive(cuda, True, work, max_tokens_per_step=24)
+    assert base == expected
+    chunks = sum(-(-len(p) // 24) - 1 for _, p, _ in work)  # chunks with more to go after them
+    assert engine.num_overlapped > base_engine.num_overlapped + chunks // 2
 
 
 def test_stop_tokens_abort_and_preemption(models):
