@@ -20,7 +20,8 @@
 #                                         accumulation): its GPU test and the fp8 GEMM / model tests with it on, the GEMM table
 #                                         (bench_kernels --only fp8gemm), then fp8 1000/1000 throughput 0 / 1
 #   bash .ci/device_check.sh s21       session 21's unrun work in one call (~6 min): the GPU tests of the fp8 wgmma prefill,
-#                                         fast accumulation and chunk-continuing overlap, the fp8prefill and fp8gemm kernel
+#                                         fast accumulation, chunk-continuing overlap and the graphs captured ahead (bench
+#                                         throughput's warm-up), the fp8prefill and fp8gemm kernel
 #                                         tables, then an fp8 mixed step's profile (host vs wall too) with the defaults and with
 #                                         KILN_PREFILL_FP8_SM90=1 KILN_FP8_FAST_ACCUM=1; the throughput A/Bs are chunkab,
 #                                         fastaccum's and fp8prefill's thru_runs lines
@@ -189,7 +190,8 @@ for mode in "$@"; do
       thru_runs "fp8:2048:128:${PF8_N:-300}:256:2048:KILN_PREFILL_FP8_SM90=0 fp8:2048:128:${PF8_N:-300}:256:2048:KILN_PREFILL_FP8_SM90=1" ;;
     s21)  # session 21's unrun work: tests, kernel tables, the mixed step's profile
       timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_kernels.py \
-        tests/gpu/test_quant_kernels.py tests/gpu/test_overlap_gpu.py -k "fp8_kv_prefill or fast_accum or overlap or chunks" \
+        tests/gpu/test_quant_kernels.py tests/gpu/test_overlap_gpu.py tests/gpu/test_cuda_backend.py \
+        -k "fp8_kv_prefill or fast_accum or overlap or chunks or captured_ahead" \
         2>&1 | tee "$OUT/s21-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
       KILN_PREFILL_FP8_SM90=1 KILN_FP8_FAST_ACCUM=1 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
         -n ${WORKERS:-8} tests/gpu/test_mixed_split.py tests/gpu/test_cuda_backend.py tests/gpu/test_quant_kernels.py -k "fp8" \

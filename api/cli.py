@@ -555,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--max-batch", type=int_arg(1), default=None,
                            help="sequences per step (default: 256 (GPU), 4 (--device cpu))")
             q.add_argument("--max-tokens-per-step", type=int_arg(1), default=2048)
+            q.add_argument("--no-warmup", action="store_true",
+                           help="time from a cold start: without the warm-up request and the decode graphs' capture "
+                                "(each bucket up to --max-batch) that otherwise run before the timed region")
             q.add_argument("--kv-fraction", type=float_arg(0, 1, lo_open=True), default=0.9,
                            help="share of free GPU memory (after weights) given to the KV cache")
             q.add_argument("--hf-batch", type=int_arg(0), default=0, help="HF generate() baseline batch (0: none)")

@@ -234,6 +234,27 @@ class CudaModel:
                 self._scratch[op.spec[1].key()] = K.decode_scratch(op.spec[1], self.max_batch, self.max_context,
                                                                     self.device)
 
+    def capture_decode_graphs(self, kv: KVStore, max_batch: int) -> int:
+        """Capture now the decode graph of every batch bucket a step of up to `max_batch` sequences may take,
+        instead of at each bucket's first step (vLLM captures its graphs at start-up): a benchmark's timed
+        region then holds no capture. Returns how many were captured (0 without graphs)."""
+        if not self.use_graphs:
+            return 0
+        if max_batch > self.max_batch:
+            self.reserve(max_batch, self.max_context)  # (drops the graphs captured so far)
+        if self._graph_kv() is not kv:  # as forward: graphs write to one KV store's pages
+            self.drop_graphs()
+            self._graph_kv = weakref.ref(kv)
+        top = next((b for b in GRAPH_BUCKETS if b >= max_batch and b <= self.max_batch), None)
+        made = 0
+        for b in GRAPH_BUCKETS:
+            if top is None or b > top:
+                break
+            if b not in self._graphs:
+                self._graphs[b] = _Graph(self, kv, b)
+                made += 1
+        return made
+
     def drop_graphs(self) -> None:
         self._graphs.clear()
         self._mixed.clear()

@@ -37,6 +37,20 @@ def test_throughput_counts_steps_by_kind(config):
     assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"]
 
 
+def test_warm_up_stays_out_of_the_timed_run(config):
+    """The warm-up request (and on a GPU the decode graphs' capture) runs before the timed region: the
+    reported counters cover the workload alone (its prompt tokens, no prefix hits from the warm-up's
+    prompt), the same as with --no-warmup."""
+    common = ("--requests", "5", "--input-len", "20", "--output-len", "4", "--max-batch", "4",
+              "--max-tokens-per-step", "16")
+    warm = throughput(args_for(config, *common))
+    cold = throughput(args_for(config, *common, "--no-warmup"))
+    assert warm["graphs_captured"] == 0 and warm["warmup_s"] > 0 and "graphs_captured" not in cold
+    for r in (warm, cold):
+        assert r["prefix_query_tokens"] == 5 * 20 and r["prefix_hit_tokens"] == 0 and r["preemptions"] == 0
+    assert (warm["mixed_steps"], warm["decode_steps"]) == (cold["mixed_steps"], cold["decode_steps"])
+
+
 def test_cli_smoke_run_and_refusals(config, capsys):
     assert main(["bench", "throughput", "--device", "cpu", "--backend", "reference", "--config", config,
                  "--requests", "2", "--input-len", "4", "--output-len", "3"]) == 0

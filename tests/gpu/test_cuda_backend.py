@@ -219,6 +219,32 @@ def test_engine_runs_any_batch_width(seqs):
         assert run(ref, [prompts[i]]) == [together[i]], i
 
 
+def test_decode_graphs_captured_ahead():
+    """CudaModel.capture_decode_graphs (bench throughput's warm-up): every bucket up to the batch, once; the
+    decode steps then replay them (no capture of their own) and equal the reference (fp32)."""
+    from kiln.runtime.cuda_backend import GRAPH_BUCKETS
+    ref, cuda = pair("llama", LLAMA, "fp32")
+    kv_ref, kv = (KVStore(ref.plan.sites, 64, 16, ref.dtype, "cuda") for _ in range(2))
+    assert cuda.model.capture_decode_graphs(kv, 5) == len([b for b in GRAPH_BUCKETS if b <= 8])
+    assert sorted(cuda.model._graphs) == [1, 2, 4, 8] and cuda.model.capture_decode_graphs(kv, 5) == 0
+    graphs = dict(cuda.model._graphs)
+    tables = [tuple(range(i * 8, i * 8 + 8)) for i in range(5)]
+    rng = random.Random(5)
+    ctx = [rng.randint(2, 30) for _ in range(5)]
+    prompt = StepBatch(torch.tensor([rng.randrange(1000) for _ in range(sum(ctx))]),
+                       [SeqSlice(sum(ctx[:i]), n, 0, tables[i]) for i, n in enumerate(ctx)])
+    with torch.no_grad():
+        for m, store in ((ref, kv_ref), (cuda, kv)):
+            m.model.forward(prompt, store)
+        for step in range(3):
+            rows = list(range(5 - step))  # batches of 5, 4 and 3: buckets 8 and 4
+            batch = StepBatch(torch.tensor([rng.randrange(1000) for _ in rows]),
+                              [SeqSlice(j, 1, ctx[i] + step, tables[i]) for j, i in enumerate(rows)])
+            want, got = ref.model.forward(batch, kv_ref), cuda.model.forward(batch, kv)
+            assert rel(got, want) <= 1e-4, f"step {step}: {rel(got, want):.3g}"
+    assert cuda.model._graphs == graphs  # the same graph objects: replayed, none captured anew
+
+
 @pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("bf16", 2e-2)])
 def test_mixed_steps_replay_graphs(dtype, tol, fresh_seed):
     """Steps that are not pure decode and fit a bucket (queries after a cached context, speculative
