@@ -124,12 +124,12 @@ DECODE_GRID = os.environ.get("KILN_DECODE_GRID", "splits-last")
 # The tensor-core decode kernel's KV partition from the step's context ("1") instead of the host's one for the
 # grid's capacity only ("0", the default). A CUDA graph's grid is sized from its capacity (max_context, 4,096 in
 # `bench latency`), and the host's model (kernels.decode_partition) picks the partition for it: at batch 1 that is
-# 128 tokens, 8 live splits of 64 blocks at context 1,024, where 64-token splits over a capacity of 1,024 ran
-# faster (session 13, .ci/decode_partition.py: 5.9 against 7.3 us). With "1" each block derives the partition
-# from its sequence's length: the host's, or less where the launch's grid would leave SMs idle (the launch passes
-# how many splits a (sequence, head chunk) should fill: SMs / (sequences x head chunks)), in whole tiles, never
-# more splits than the grid has. Only where the launch picks the partition (partition=None). Written in
-# session 21 without device time: opt-in until its GPU tests pass and it is measured.
+# 128 tokens, so at context 1,024 8 splits hold tokens (64 blocks for 132 SMs), where 64-token splits over a
+# capacity of 1,024 ran faster (session 13, .ci/decode_partition.py: 5.9 against 7.3 us). With "1" each block
+# derives the partition from its sequence's length: the host's, or less where the launch's grid would leave SMs
+# idle (the launch passes how many splits a (sequence, head chunk) should fill: SMs / (sequences x head
+# chunks)), in whole tiles, never more splits than the grid has. Only where the launch picks the partition
+# (partition=None). Written in session 21 without device time: opt-in until its GPU tests pass and it is measured.
 DECODE_DYN_PART = os.environ.get("KILN_DECODE_DYN_PART", "0")
 # Prefill attention over an fp8 KV cache on Hopper through the wgmma kernel ("1": templates/prefill_attn_sm90.cu.j2
 # copies each tile's E4M3 bytes and converts them in shared memory) instead of the mma.sync kernel ("0", the
