@@ -9,7 +9,7 @@
 #   bash .ci/device_check.sh thru      throughput at TensorRT-LLM's shapes: THRU="Q:ISL:OSL:N[:MAXB[:BUDGET[:ENV=V]]] ..."
 #                                         (Q: bf16, fp8 = fp8 weights + fp8 KV cache; MAXB default $MAXB or 256, BUDGET
 #                                         --max-tokens-per-step, default 2048; ENV=V set for that run); each run's key figures
-#   bash .ci/device_check.sh chunkab   session 21 (unrun): fp8 1000/1000 with KILN_OVERLAP_CHUNKS=0 / 1 (steps after a prompt
+#   bash .ci/device_check.sh chunkab   session 21 (unrun): fp8 2048/128 (300 requests) and 1000/1000 with KILN_OVERLAP_CHUNKS=0 / 1 (steps after a prompt
 #                                         chunk launched ahead), then max batch 512 at a 2,048 and an 8,192-token budget
 #                                         (CHUNK_MORE: those runs; empty: none; ~100 s a run, so two calls)
 #   bash .ci/device_check.sh fp8prefill  session 21 (unrun): KILN_PREFILL_FP8_SM90=1 (the wgmma prefill kernel on an fp8
@@ -207,6 +207,7 @@ for mode in "$@"; do
       timeout 200 python3 -m kiln.codegen.bench_kernels --only fp8gemm 2>&1 | grep -a -E "^\||rror"
       thru_runs "fp8:1000:1000:1000:256:2048:KILN_FP8_FAST_ACCUM=0 fp8:1000:1000:1000:256:2048:KILN_FP8_FAST_ACCUM=1" ;;
     chunkab)  # session 21 (unrun): the chunk-continuing overlap against its baseline, then two batch / budget pairs
+      thru_runs "fp8:2048:128:300:256:2048:KILN_OVERLAP_CHUNKS=0 fp8:2048:128:300:256:2048:KILN_OVERLAP_CHUNKS=1"
       thru_runs "fp8:1000:1000:1000:256:2048:KILN_OVERLAP_CHUNKS=0 fp8:1000:1000:1000:256:2048:KILN_OVERLAP_CHUNKS=1"
       thru_runs "${CHUNK_MORE-fp8:1000:1000:1000:512:2048 fp8:1000:1000:1000:512:8192}" ;;  # CHUNK_MORE= : skipped
     fresh)
