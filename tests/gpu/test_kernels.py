@@ -288,14 +288,7 @@ def test_paged_decode_attention_batch1(tuned, kv_fp8, ctx, partition):
     H, KV, D, P = 32, 8, 128, 16
     spec = DecodeAttnSpec(H, KV, D, P, D ** -0.5, kv_fp8=kv_fp8, tuned=tuned, origin="test")
     tables, pages = paged_layout([ctx], P)
-    if kv_fp8:
-        kc, kf = fp8_pages((pages, KV, P, D), 0.05)
-        vc, vf = fp8_pages((pages, KV, P, D), 0.02)
-        scales = dict(k_scale=0.05, v_scale=0.02)
-    else:
-        kc = kf = torch.randn(pages, KV, P, D, device=DEV).to(torch.bfloat16)
-        vc = vf = torch.randn(pages, KV, P, D, device=DEV).to(torch.bfloat16)
-        scales = {}
+    kc, kf, vc, vf, scales = kv_pages((pages, KV, P, D), kv_fp8, torch.bfloat16)
     lens = torch.tensor([ctx], dtype=torch.int32, device=DEV)
     scratch = K.decode_scratch(spec, 1, ctx, DEV, min_partition=64)
     for call in range(2):
@@ -327,14 +320,7 @@ def test_paged_decode_attention_dynamic_partition(kv_fp8, window, ctx, monkeypat
     B = len(ctx)
     tables, pages = paged_layout(ctx, P)
     tables = torch.nn.functional.pad(tables, (0, cap // P - tables.shape[1]))
-    if kv_fp8:
-        kc, kf = fp8_pages((pages, KV, P, D), 0.05)
-        vc, vf = fp8_pages((pages, KV, P, D), 0.02)
-        scales = dict(k_scale=0.05, v_scale=0.02)
-    else:
-        kc = kf = torch.randn(pages, KV, P, D, device=DEV).to(torch.bfloat16)
-        vc = vf = torch.randn(pages, KV, P, D, device=DEV).to(torch.bfloat16)
-        scales = {}
+    kc, kf, vc, vf, scales = kv_pages((pages, KV, P, D), kv_fp8, torch.bfloat16)
     lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
     scratch = K.decode_scratch(specs["1"], B, cap, DEV)
     for call in range(2):
@@ -391,14 +377,7 @@ def test_paged_decode_attention_capacity_past_context(dtype, kv_fp8, window, cas
     B = len(ctx)
     tables, pages = paged_layout([max(n, 1) for n in ctx], P)
     tables = torch.nn.functional.pad(tables, (0, max_ctx // P - tables.shape[1]))  # the capacity's width
-    if kv_fp8:
-        kc, kf = fp8_pages((pages, KV, P, D), 0.05)
-        vc, vf = fp8_pages((pages, KV, P, D), 0.02)
-        scales = dict(k_scale=0.05, v_scale=0.02)
-    else:
-        kc = kf = torch.randn(pages, KV, P, D, device=DEV).to(dt)
-        vc = vf = torch.randn(pages, KV, P, D, device=DEV).to(dt)
-        scales = {}
+    kc, kf, vc, vf, scales = kv_pages((pages, KV, P, D), kv_fp8, dt)
     lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
     scratch = K.decode_scratch(spec, B, max_ctx, DEV, min_partition=partition)
     for call in range(2):
@@ -751,6 +730,18 @@ def fp8_pages(shape, scale):
     x = torch.randn(shape, device=DEV) * 3
     q = (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     return q, KVStore.load(q, scale)
+
+
+def kv_pages(shape, kv_fp8: bool, dt):
+    """(k_cache, k values, v_cache, v values, the kernel's scale arguments): random K / V pages of `shape`,
+    E4M3 with k_scale 0.05 and v_scale 0.02 (fp8_pages) or of dtype dt (the values are the pages)."""
+    if kv_fp8:
+        kc, kf = fp8_pages(shape, 0.05)
+        vc, vf = fp8_pages(shape, 0.02)
+        return kc, kf, vc, vf, dict(k_scale=0.05, v_scale=0.02)
+    kc = torch.randn(*shape, device=DEV).to(dt)
+    vc = torch.randn(*shape, device=DEV).to(dt)
+    return kc, kc, vc, vc, {}
 
 
 # heads, kv_heads, head_dim, window, softcap, alibi_max: Llama-3-8B's group; head_dim 64; window +
