@@ -88,6 +88,17 @@ FRESH_SDPA = os.environ.get("KILN_FRESH_SDPA", "0")
 # 4.08 / 4.13 against 3.23 / 3.26). Read when a step runs (and is captured).
 PDL_CHAIN = os.environ.get("KILN_PDL_CHAIN", "attention")
 _CHAINS = ("0", "1", "norm", "attention")
+# Decode GEMVs that ask L2 to prefetch their weight before griddepcontrol.wait (templates/l2_prefetch.cuh.j2):
+# launched as programmatic dependents, they are resident while the kernel before runs, and where that kernel
+# is short and latency-bound (a norm, decode attention, a state-space step: not a GEMV streaming its own
+# weight) DRAM idles meanwhile. KILN_L2_PREFETCH: "0" (the default, none), "1" (up to half the device's L2
+# per GEMV) or a budget in MiB; KILN_L2_PREFETCH_AFTER: "small" (the default: only GEMVs after such a
+# kernel) or "all". The same bits either way (a prefetch is a hint). Not measured yet (written in session
+# 22 without a device). Read when the model is built.
+L2_PREFETCH = os.environ.get("KILN_L2_PREFETCH", "0")
+L2_PREFETCH_AFTER = os.environ.get("KILN_L2_PREFETCH_AFTER", "small")
+# Steps whose kernels stream weights themselves: a GEMV after one gains nothing from prefetching (DRAM is busy).
+_STREAMING = (Exec.GEMM, Exec.MOE)
 
 
 def _chain(kind: str) -> bool:
@@ -95,6 +106,33 @@ def _chain(kind: str) -> bool:
     if PDL_CHAIN not in _CHAINS:
         raise KernelSpecError(f"KILN_PDL_CHAIN={PDL_CHAIN!r}: must be one of {', '.join(_CHAINS)}")
     return PDL_CHAIN in ("1", kind)
+
+
+def l2_prefetch_budget(setting: str, l2_bytes: int) -> int:
+    """KILN_L2_PREFETCH's bytes a GEMV may prefetch: "0" none, "1" half of an L2 of `l2_bytes`, "N" N MiB."""
+    if setting == "1":
+        return l2_bytes // 2
+    if not setting.isdigit():
+        raise KernelSpecError(f"KILN_L2_PREFETCH={setting!r}: must be 0, 1 (half the L2) or a budget in MiB")
+    return int(setting) << 20
+
+
+def l2_prefetch_plan(ops: list[KOp], budget: int, after: str = "small") -> dict[int, int]:
+    """{GEMM step index: bytes its GEMV may prefetch into L2} (L2_PREFETCH): with after="small", the GEMM steps
+    whose kernel before is not a weight stream (_STREAMING) or that run a prologue's kernel first; with "all",
+    every GEMM step. Empty for a budget of 0."""
+    if after not in ("small", "all"):
+        raise KernelSpecError(f"KILN_L2_PREFETCH_AFTER={after!r}: must be small or all")
+    if budget <= 0:
+        return {}
+    plan = {}
+    for n, op in enumerate(ops):
+        if op.kind is not Exec.GEMM:
+            continue
+        before = Exec.NORM if "prologue" in op.extra else ops[n - 1].kind if n else None
+        if after == "all" or before not in _STREAMING:
+            plan[n] = budget
+    return plan
 
 
 def _nothing() -> None:
@@ -186,6 +224,14 @@ class CudaModel:
                     self.weights.pop(name, None)
             elif op.spec is not None:
                 op.spec = canon(op.spec)
+        # GEMVs that prefetch their weight into L2 before their wait (L2_PREFETCH): bf16 weights at each launch
+        # (self._l2), quantized ones carry it (QGemm.with_l2_prefetch).
+        self._l2 = l2_prefetch_plan(self.ops, l2_prefetch_budget(
+            L2_PREFETCH, torch.cuda.get_device_properties(self.device).L2_cache_size), L2_PREFETCH_AFTER)
+        for n, budget in self._l2.items():
+            w, b = self._gemm[n]
+            if isinstance(w, QGemm):
+                self._gemm[n] = (w.with_l2_prefetch(budget), b)
         # After the last step that mixes the rows (tokens) of a sequence (attention, the state-space
         # conv and scan: OpDef.mixes_rows), however it runs (a kernel, or the op's torch reference: e.g.
         # latent attention, ALiBi), only the rows whose logits are wanted need computing (a prefill
@@ -363,13 +409,13 @@ class CudaModel:
             return
         epi = op.extra.get("epilogue")
         if epi is not None:
-            if not self._gemv_epilogue(op, epi, w, b, env, step):
+            if not self._gemv_epilogue(op, epi, w, b, env, step, n):
                 self._gemm_step(op.extra["gemm"], env, step, n)  # the GEMM as it was, then the activation's kernel
                 _RUN[epi.kind](self, epi, env, step, n)
             return
         pro = op.extra.get("prologue")
         if pro is not None:
-            if self._gemv_prologue(op, pro, w, b, env, step):
+            if self._gemv_prologue(op, pro, w, b, env, step, n):
                 return
             _RUN[pro.kind](self, pro, env, step, n)  # the prologue's own kernel, then the GEMM as it was
             op = op.extra["gemm"]
@@ -377,7 +423,7 @@ class CudaModel:
         if isinstance(w, (QGemm, SplitGemm)):
             y = w(x, b, step.meta.valid)
         elif GEMV in ("1", "pdl") and x.shape[0] <= GEMV_ROWS and G.takes(x, w):
-            y = G.linear(x, w, b, pdl=GEMV == "pdl", origin=fuse_origin(op.instrs[0]))
+            y = G.linear(x, w, b, pdl=GEMV == "pdl", origin=fuse_origin(op.instrs[0]), l2_prefetch=self._l2.get(n, 0))
         else:
             y = torch.nn.functional.linear(x, w, b)
         if step.lora is not None:  # each row's LoRA adapter: y += (x A^T) B^T (runtime/lora.py)
@@ -388,7 +434,7 @@ class CudaModel:
         else:
             env[op.outs[0]] = y
 
-    def _gemv_prologue(self, op: KOp, pro: KOp, w, b, env, step: "_Run") -> bool:
+    def _gemv_prologue(self, op: KOp, pro: KOp, w, b, env, step: "_Run", n: int) -> bool:
         """A GEMM step with a prologue as one GEMV launch (codegen/gemv.py gemv_prologue) where the GEMV
         runs it: a few rows, a plain weight the GEMV takes, no LoRA, a prologue it computes, inputs it can
         read with 16-byte vectors. False: nothing ran."""
@@ -404,7 +450,7 @@ class CudaModel:
         gemm = op.extra["gemm"]
         origin = f"{fuse_origin(pro.instrs[-1])} -> {fuse_origin(gemm.instrs[0])}"
         spec = G.spec_for(w.shape[0], w.shape[1], pro.spec.dtype, b is not None, origin, G._num_sms(self.device),
-                          prologue=pro.spec)
+                          prologue=pro.spec, l2_prefetch=self._l2.get(n, 0))
         y = torch.empty(step.T, w.shape[0], dtype=self.dtype, device=self.device)
         norm = pro.kind is Exec.NORM
         r = torch.empty_like(ins[0]) if norm and pro.spec.has_residual else None
@@ -419,7 +465,7 @@ class CudaModel:
             env[gemm.outs[0]] = y
         return True
 
-    def _gemv_epilogue(self, op: KOp, epi: KOp, w, b, env, step: "_Run") -> bool:
+    def _gemv_epilogue(self, op: KOp, epi: KOp, w, b, env, step: "_Run", n: int) -> bool:
         """A GEMM step with a gated activation after it as one GEMV launch (codegen/gemv.py's epilogue; fp8
         weights: QGemm.gemv_epilogue) where the GEMV runs it: a few rows (fp8: one), a weight the GEMV takes,
         no LoRA. False: nothing ran."""
@@ -441,7 +487,7 @@ class CudaModel:
             if not G.prologue_takes(x):
                 x = x.contiguous()
             spec = G.spec_for(w.shape[0], w.shape[1], epi.spec.dtype, b is not None, origin, G._num_sms(self.device),
-                              epilogue=epi.spec, halves=halves)
+                              epilogue=epi.spec, halves=halves, l2_prefetch=self._l2.get(n, 0))
             y = torch.empty(step.T, spec.n, dtype=self.dtype, device=self.device)
             G.gemv(spec, x, w, y, b, pdl=GEMV == "pdl")
         env[epi.outs[0]] = y
@@ -479,7 +525,7 @@ class CudaModel:
             if not G.prologue_takes(x):
                 x = x.contiguous()
             spec = G.spec_for(w.shape[0], w.shape[1], rope.dtype, b is not None, origin, G._num_sms(self.device),
-                              epilogue=rope, halves=qkv)
+                              epilogue=rope, halves=qkv, l2_prefetch=self._l2.get(n, 0))
             q = torch.empty(step.T, rope.heads * rope.head_dim, dtype=self.dtype, device=self.device)
             G.gemv_rope(spec, x, w, q, meta.positions, meta.slots, kv.k[site], kv.v[site], b, kv.k_scale[site],
                         kv.v_scale[site], pdl=GEMV == "pdl")
