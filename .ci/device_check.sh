@@ -32,6 +32,10 @@
 #                                         (KILN_L2_PREFETCH=1): its GPU tests, then batch-1 steps 0 / 1 (ab_runs: int4-wo+lm-head,
 #                                         fp8+lm-head, bf16, Mamba-2 2.7B), then int4-wo+lm-head after short kernels / after all;
 #                                         L2PF_SWEEP=1: then int4-wo+lm-head at budgets of 8, 16, 40 MiB against 0 (one round)
+#   bash .ci/device_check.sh l2ahead   session 22 (unrun): the prefetch ahead on a second stream (KILN_L2_PREFETCH_AHEAD=1,
+#                                         codegen/l2_ahead.py): batch-1 steps 0 / 1 (ab_runs: int4-wo+lm-head, fp8+lm-head,
+#                                         Mamba-2 2.7B, bf16), then both prefetches against the ahead one alone (one round);
+#                                         its GPU tests are l2pf's
 #   bash .ci/device_check.sh fresh     KILN_FRESH_SDPA off / on: its GPU test, then TTFT of a 2,048-token prompt
 #   bash .ci/device_check.sh fp8prof   where an fp8 (weights + KV) decode step of 256 sequences at context 1,500 goes
 #   bash .ci/device_check.sh mixedprof where an fp8 mixed step of a 1000/1000 run goes (256 decode rows + a 1,792-token chunk),
@@ -440,6 +444,9 @@ for B, c in ((256, 1500), (64, 4096), (1, 16384)): print(fp8_kv_decode_line(B, c
       if [ -n "${L2PF_SWEEP:-}" ]; then
         AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_L2_PREFETCH 0 8 $L;int4-wo+lm-head KILN_L2_PREFETCH 16 40 $L"
       fi ;;
+    l2ahead)  # session 22 (unrun): the prefetch ahead on a second stream
+      ab_runs "${AB:-int4-wo+lm-head KILN_L2_PREFETCH_AHEAD 0 1 $L;fp8+lm-head KILN_L2_PREFETCH_AHEAD 0 1 $L;none KILN_L2_PREFETCH_AHEAD 0 1 configs/mamba2-2.7b.json;none KILN_L2_PREFETCH_AHEAD 0 1 $L}"
+      (export KILN_L2_PREFETCH_AHEAD=1; AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_L2_PREFETCH 0 1 $L;none KILN_L2_PREFETCH 0 1 configs/mamba2-2.7b.json") ;;
     dynpart)  # session 21 (unrun): the decode partition from the step's context
       KILN_DECODE_DYN_PART=1 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} \
         tests/gpu/test_kernels.py tests/gpu/test_decode_early_kv.py tests/gpu/test_cuda_backend.py \

@@ -148,6 +148,21 @@ def spec_for(n: int, k: int, dtype: str, has_bias: bool, origin: str = "linear",
                     **pf)
 
 
+def row_slices(rows: int, row_bytes: int, slice_bytes: int) -> list[tuple[int, int, int, int]]:
+    """A decode GEMV's weight as its warps stream it, for a prefetch ahead of it (codegen/l2_ahead.py): per K
+    slice of `slice_bytes` (the last one shorter), (offset, stride, count, length) = `rows` ranges of its
+    bytes, `row_bytes` apart. The bf16 / fp8 GEMVs' rows are W's rows, the INT4 warp GEMV's its 16-row tiles."""
+    return [(off, row_bytes, rows, min(slice_bytes, row_bytes - off)) for off in range(0, row_bytes, slice_bytes)]
+
+
+def l2_slices(n: int, k: int, dtype: str, num_sms: int = 132) -> list[tuple[int, int, int, int]]:
+    """`row_slices` of W [n, k] (n: its rows, epilogue or not) as this module's GEMV streams it."""
+    es = RUN_DTYPES[dtype].itemsize
+    chunk = 32 * _vec(es, k)
+    _, ks = choose(n, k, dtype, num_sms)
+    return row_slices(n, k * es, math.ceil(math.ceil(k / chunk) / ks) * chunk * es)
+
+
 def check_l2_prefetch(spec) -> None:
     """A GEMV spec's l2_prefetch: a byte count, 0 or more."""
     if not isinstance(spec.l2_prefetch, int) or isinstance(spec.l2_prefetch, bool) or spec.l2_prefetch < 0:

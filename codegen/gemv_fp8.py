@@ -48,6 +48,7 @@ from .gemv import (
     outputs_per_warp,
     rope_epilogue_spec,
     rope_pairs,
+    row_slices,
 )
 from .kernels import KernelArgError, _check, _check_cache, _torch_dtype
 from .launch import f32 as f32_arg
@@ -208,6 +209,13 @@ def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = Fal
     if decode == "mma" and l2_prefetch:
         spec = dataclasses.replace(spec, l2_prefetch=l2_prefetch)
     return spec
+
+
+def l2_slices(n: int, k: int, num_sms: int = 132) -> list[tuple[int, int, int, int]]:
+    """codegen/gemv.py `row_slices` of an e4m3 W [n, k] as the "mma" GEMV streams it (its K slices of whole
+    64-column steps)."""
+    s = spec_for(n, k, "bf16", False, num_sms=num_sms, decode="mma")
+    return row_slices(n, k, math.ceil(s.nch / s.ksplit) * MMA_STEP)
 
 
 def _render(s: Fp8GemvSpec) -> KernelSource:

@@ -59,6 +59,7 @@ from .gemv import (
     rope_epilogue_refusal,
     rope_pair_rows,
     rope_pairs,
+    row_slices,
 )
 from .kernels import KernelArgError, _check, _check_cache, _scales, _torch_dtype
 from .launch import get_kernel, i32, i64, ptr
@@ -753,6 +754,19 @@ class Packed:
             spec = dataclasses.replace(spec, origin=origin)
         qgemv(spec, x, self.wq, self.records(x.dtype), out, bias)
         return out
+
+    def l2_ranges(self, dtype: torch.dtype, num_sms: int = 132) -> list[tuple[torch.Tensor, list]] | None:
+        """What its one-row GEMV (the warp variant) streams, for a prefetch ahead of it (codegen/l2_ahead.py):
+        [(the packed weight, its tiles' K slices: gemv.row_slices), (the records for `dtype`, each tile's
+        whole)]; None where another variant runs it."""
+        spec = self.spec(dtype, 8, False, num_sms)
+        if not spec.warp:
+            return None
+        tiles, nch = math.ceil(self.n / 16), math.ceil(self.k / FORMATS["int4"][0])
+        cps = warp_shape(self.k, self.group, spec.tpw, spec.ksplit)[0]
+        rec = self.records(dtype)
+        per_tile = rec[0].numel() * rec.element_size()
+        return [(self.wq, row_slices(tiles, nch * 512, cps * 512)), (rec, [(0, per_tile, tiles, per_tile)])]
 
     def warp_takes(self, dtype: torch.dtype, tokens: int) -> bool:
         """Whether the warp variant serves this weight at bucket `tokens` (8: T <= WARP_MAX_T)."""

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from kiln.codegen import gemv as G
 from kiln.codegen import kernels as K
+from kiln.codegen import l2_ahead
 from kiln.codegen.fuse import Exec, KOp, fuse
 from kiln.codegen.fuse import origin as fuse_origin
 from kiln.codegen.specs import KernelSpecError
@@ -99,6 +100,16 @@ L2_PREFETCH = os.environ.get("KILN_L2_PREFETCH", "0")
 L2_PREFETCH_AFTER = os.environ.get("KILN_L2_PREFETCH_AFTER", "small")
 # Steps whose kernels stream weights themselves: a GEMV after one gains nothing from prefetching (DRAM is busy).
 _STREAMING = (Exec.GEMM, Exec.MOE)
+_AHEAD_SPEC = l2_ahead.L2AheadSpec(origin="runtime/cuda_backend.py L2_AHEAD: the weights of the GEMVs after a stretch")
+# The same, ahead, on a second stream (codegen/l2_ahead.py): after the GEMV before a stretch of short kernels, a
+# prefetch kernel asks L2 for the next two GEMVs' weights (L2_AHEAD_TARGETS), up to the budget, so that they land
+# while the whole stretch runs (decode attention, a state-space step and a norm, not only the kernel just before
+# the GEMV). KILN_L2_PREFETCH_AHEAD: "0" (the default, none), "1" (half the device's L2) or a budget in MiB. In
+# decode-sized steps only (L2_AHEAD_ROWS tokens at most). Not measured yet (session 22, without a device). Read
+# when the model is built.
+L2_AHEAD = os.environ.get("KILN_L2_PREFETCH_AHEAD", "0")
+L2_AHEAD_TARGETS = 2
+L2_AHEAD_ROWS = 8
 
 
 def _chain(kind: str) -> bool:
@@ -115,6 +126,20 @@ def l2_prefetch_budget(setting: str, l2_bytes: int) -> int:
     if not setting.isdigit():
         raise KernelSpecError(f"KILN_L2_PREFETCH={setting!r}: must be 0, 1 (half the L2) or a budget in MiB")
     return int(setting) << 20
+
+
+def l2_ahead_plan(ops: list[KOp], targets: int = L2_AHEAD_TARGETS) -> dict[int, list[int]]:
+    """{m: the GEMM steps a prefetch forked off after step m covers}: m a weight-streaming step (_STREAMING) that a
+    stretch of other steps (or a GEMM step's prologue) follows before the next GEMM step n; the GEMM steps from n
+    on, `targets` of them at most."""
+    gemms = [n for n, op in enumerate(ops) if op.kind is Exec.GEMM]
+    plan = {}
+    for i, n in enumerate(gemms):
+        m = max((j for j in range(n) if ops[j].kind in _STREAMING), default=None)
+        if m is None or (m == n - 1 and "prologue" not in ops[n].extra):
+            continue  # nothing streams before it, or nothing runs between: no stretch
+        plan[m] = gemms[i:i + targets]
+    return plan
 
 
 def l2_prefetch_plan(ops: list[KOp], budget: int, after: str = "small") -> dict[int, int]:
@@ -232,6 +257,9 @@ class CudaModel:
             w, b = self._gemm[n]
             if isinstance(w, QGemm):
                 self._gemm[n] = (w.with_l2_prefetch(budget), b)
+        self._ahead = self._l2_ahead(l2_prefetch_budget(
+            L2_AHEAD, torch.cuda.get_device_properties(self.device).L2_cache_size)) if L2_AHEAD != "0" else {}
+        self._side = torch.cuda.Stream(self.device) if self._ahead else None
         # After the last step that mixes the rows (tokens) of a sequence (attention, the state-space
         # conv and scan: OpDef.mixes_rows), however it runs (a kernel, or the op's torch reference: e.g.
         # latent attention, ALiBi), only the rows whose logits are wanted need computing (a prefill
@@ -300,6 +328,40 @@ class CudaModel:
                 self._graphs[b] = _Graph(self, kv, b)
                 made += 1
         return made
+
+    def _l2_ahead(self, budget: int) -> dict[int, tuple[torch.Tensor, int]]:
+        """{step m: (its prefetch's segment table, its ranges)} of l2_ahead_plan, `budget` bytes each (L2_AHEAD)."""
+        from kiln.codegen.specs import dtype_name
+
+        sms = G._num_sms(self.device)
+        out = {}
+        for m, gemms in l2_ahead_plan(self.ops).items():
+            weights = []
+            for n in gemms:
+                w, _ = self._gemm[n]
+                if isinstance(w, QGemm):
+                    ranges = w.l2_ranges(self.dtype, sms)
+                elif isinstance(w, torch.Tensor) and G.weight_takes(w, self.dtype):
+                    ranges = [(w, G.l2_slices(w.shape[0], w.shape[1], dtype_name(self.dtype), sms))]
+                else:
+                    ranges = None
+                if not ranges or any(t.data_ptr() % 16 or any(v % 16 for sl in r for v in (sl[0], sl[1], sl[3]))
+                                     for t, r in ranges):
+                    break  # a GEMV with nothing to prefetch ahead of it (or not in 16-byte units): none after it
+                weights.append(([(t.data_ptr(), r) for t, r in ranges],
+                                sum(c * n_ for _, r in ranges for _, _, c, n_ in r)))
+            segments = l2_ahead.fit(weights, budget)
+            if segments:
+                out[m] = (l2_ahead.table(segments, self.device), sum(c for _, _, c, _ in segments))
+        return out
+
+    def _prefetch_ahead(self, m: int) -> None:
+        """Fork step m's prefetch (self._ahead) off onto the second stream: it starts once what the current stream
+        has queued so far is done (the GEMV before the stretch), and runs beside the stretch. _run joins it."""
+        segments, ranges = self._ahead[m]
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            l2_ahead.prefetch(_AHEAD_SPEC, segments, ranges)
 
     def drop_graphs(self) -> None:
         self._graphs.clear()
@@ -383,6 +445,7 @@ class CudaModel:
         env: dict[Value, torch.Tensor] = {Value("tokens"): tokens, Value("positions"): meta.positions}
         step = _Run(self, tokens, meta, kv, batch, tokens.shape[0])
         step.lora = lora[0] if lora is not None else None  # (all rows, sampled rows) grouped by adapter
+        ahead = self._ahead if step.T <= L2_AHEAD_ROWS else {}
         for n, op in enumerate(self.ops):
             if n == self._rows_from and rows is not None:
                 step.lora = lora[1] if lora is not None else None
@@ -394,11 +457,15 @@ class CudaModel:
             if run is None:
                 raise NotImplementedError(f"cuda backend: unhandled step '{op.kind}' ({op.instrs[0].op.pos})")
             run(self, op, env, step, n)
+            if n in ahead:
+                self._prefetch_ahead(n)
             if op.collectives and self.comm is not None:  # tensor parallel: in place where it can (NCCL:
                 for v, kind in op.collectives:              # captured in the graphs like the kernels)
                     env[v] = self.comm.collective(kind, env[v])
             if trace is not None:  # (not a q / k / v a linked qkv GEMV wrote rotated or into the cache: step.roped)
                 trace.update((o.id, env[o].clone()) for o in op.outs if o in env)
+        if ahead:  # the prefetches' stream joins this one (a graph's capture must end on one stream)
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
         return env[self.plan.program.output]
 
     # -- one method per kind of step ----------------------------------------------------------

@@ -206,6 +206,18 @@ class QGemm:
         packed = dataclasses.replace(self.packed, l2_prefetch=budget) if self.packed is not None else None
         return dataclasses.replace(self, l2_prefetch=budget, packed=packed)
 
+    def l2_ranges(self, dtype: torch.dtype, num_sms: int) -> list[tuple[torch.Tensor, list]] | None:
+        """What its one-row GEMV streams, for a prefetch ahead of it (codegen/l2_ahead.py): [(tensor, its
+        codegen/gemv.py row_slices)]; None where no such GEMV runs it (a format without one, x in fp32)."""
+        if self.packed is not None:
+            return self.packed.l2_ranges(dtype, num_sms)
+        d = self.desc
+        if d.dtype != "fp8" or d.act not in ("fp8_tensor", "fp8_token") or FP8_GEMV_DECODE != "mma" \
+                or dtype == torch.float32:
+            return None
+        q = self.real_rows()[0]
+        return [(q, gemv_fp8.l2_slices(q.shape[0], q.shape[1], num_sms))]
+
     def _repacked(self, packed: "Packed", dtype: torch.dtype | None) -> "QGemm":
         """This GEMM on `packed` (a new layout of its weight), its records for `dtype` built now (before any graph
         capture) where given."""

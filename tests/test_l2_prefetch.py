@@ -15,12 +15,14 @@ import torch
 from kiln.codegen import fuse as F
 from kiln.codegen import gemv as G
 from kiln.codegen import gemv_fp8 as F8
+from kiln.codegen import l2_ahead
 from kiln.codegen.fuse import Exec
+from kiln.codegen.kernels import KernelArgError
 from kiln.codegen.quant_kernels import QGemvSpec, choose_warp
 from kiln.codegen.render import render
 from kiln.codegen.specs import ActSpec, KernelSpecError, RopeCacheSpec
 from kiln.dsl import check, load_spec
-from kiln.runtime.cuda_backend import l2_prefetch_budget, l2_prefetch_plan
+from kiln.runtime.cuda_backend import l2_ahead_plan, l2_prefetch_budget, l2_prefetch_plan
 
 from tests.configs import FAMILY_CONFIGS
 from tests.test_pdl_order import _before_wait_problems, _entries
@@ -130,3 +132,91 @@ def test_specs_that_cannot_prefetch_are_refused():
     assert F8.spec_for(64, 128, "bf16", False, decode="int", l2_prefetch=MIB).l2_prefetch == 0  # not the mma decode
     with pytest.raises(KernelSpecError, match="l2_prefetch"):
         QGemvSpec("int4", "post", 4096, 4096, 128, variant="loop", l2_prefetch=MIB)
+
+
+# ---- the prefetch ahead, on a second stream (codegen/l2_ahead.py, KILN_L2_PREFETCH_AHEAD)
+
+def _covered(segments, base: int) -> list[tuple[int, int]]:
+    """The byte ranges [start, end) the segments cover, relative to `base`, merged and sorted."""
+    spans = sorted((b - base + i * s, b - base + i * s + n) for b, s, c, n in segments for i in range(c))
+    out = []
+    for a, b in spans:
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _weights():
+    """(label, [(base, row_slices)], streamed bytes, [(base, that tensor's bytes)]) at three layouts, bases made up."""
+    from kiln.codegen.quant_kernels import pack
+    from kiln.dsl.quant import QuantDesc, quantize_weight
+
+    sl = G.l2_slices(6144, 4096, "bf16")
+    yield "bf16 qkv", [(1 << 32, sl)], 6144 * 4096 * 2, [(1 << 32, 6144 * 4096 * 2)]
+    sl = G.l2_slices(1000, 520, "bf16")  # K slices of unequal length (the last one shorter)
+    yield "bf16 odd", [(1 << 32, sl)], 1000 * 520 * 2, [(1 << 32, 1000 * 520 * 2)]
+    sl = F8.l2_slices(4096, 14336)
+    yield "fp8 down", [(1 << 32, sl)], 4096 * 14336, [(1 << 32, 4096 * 14336)]
+    p = pack(quantize_weight(torch.randn(512, 1024) * 0.05, QuantDesc("int4", "per_group", 128, zero_points=True)))
+    (wq, wsl), (rec, rsl) = p.l2_ranges(torch.bfloat16)
+    nbytes = wq.numel() + rec.numel() * rec.element_size()
+    yield "int4", [(1 << 32, wsl), (1 << 40, rsl)], nbytes, [(1 << 32, wq.numel()),
+                                                              (1 << 40, rec.numel() * rec.element_size())]
+
+
+@pytest.mark.parametrize("w", list(_weights()), ids=lambda w: w[0])
+def test_a_whole_prefetch_covers_the_weight_once(w):
+    _, ranges, total, tensors = w
+    assert sum(c * n for _, sl in ranges for _, _, c, n in sl) == total  # no byte twice
+    segments = l2_ahead.fit([(ranges, total)], total)
+    for base, size in tensors:
+        mine = [s for s in segments if base <= s[0] < base + size]
+        assert _covered(mine, base) == [(0, size)]
+    # a third of the budget: the same third of every range, the first bytes of each, whole 16-byte units
+    part = l2_ahead.fit([(ranges, total)], total // 3)
+    kept = [s for s in segments if s[3] * (total // 3) // total >= 16]  # a share under 16 bytes: left out
+    assert [p[:3] for p in part] == [s[:3] for s in kept]
+    assert all(p[3] % 16 == 0 and s[3] // 3 - 16 <= p[3] <= s[3] // 3 for p, s in zip(part, kept))
+    assert sum(c * n for _, _, c, n in part) <= total // 3
+
+
+def test_the_budget_goes_to_the_gemvs_in_order():
+    a = ([(1 << 32, [(0, 1024, 100, 1024)])], 100 * 1024)
+    b = ([(1 << 33, [(0, 2048, 100, 2048)])], 100 * 2048)
+    both = l2_ahead.fit([a, b], 100 * 1024 + 50 * 2048)
+    assert both == [(1 << 32, 1024, 100, 1024), (1 << 33, 2048, 100, 1024)]  # a whole, then half of each of b's
+    assert l2_ahead.fit([a, b], 100 * 1024) == [(1 << 32, 1024, 100, 1024)]
+    assert l2_ahead.fit([a, b], 0) == []
+    with pytest.raises(KernelArgError):  # a range not in 16-byte units
+        l2_ahead.table([(1 << 32, 1000, 2, 1000)], "cpu")
+    t = l2_ahead.table(both, "cpu")
+    assert t.dtype == torch.int64 and t.shape == (2, 4)
+
+
+@pytest.mark.parametrize("family", ["llama", "mamba2"])
+def test_a_prefetch_is_forked_after_each_gemv_that_a_stretch_follows(family):
+    ops = _ops(family)
+    plan = l2_ahead_plan(ops)
+    gemms = [n for n, op in enumerate(ops) if op.kind is Exec.GEMM]
+    for m, targets in plan.items():
+        assert ops[m].kind is Exec.GEMM
+        n = targets[0]
+        assert n == min(g for g in gemms if g > m) and targets == gemms[gemms.index(n):gemms.index(n) + 2]
+        assert n > m + 1 or "prologue" in ops[n].extra  # a stretch runs between
+    if family == "llama":  # after qkv: o, gate+up; after o: gate+up, down; after down: the next qkv, o
+        layers = FAMILY_CONFIGS["llama"]["num_hidden_layers"]
+        assert len(plan) == 3 * layers  # (after the last down: the LM head, its norm between)
+        kinds = {m: ops[m + 1].kind for m in plan}
+        assert sum(k is Exec.ATTENTION for k in kinds.values()) == layers
+    else:  # after in_proj: out_proj, the next in_proj; after out_proj: the next in_proj and out_proj
+        assert set(plan) == set(gemms[:-1])
+
+
+def test_the_prefetch_kernel_compiles_with_its_bulk_prefetch(tmp_path):
+    src = render(l2_ahead.L2AheadSpec(origin="test"))
+    entries = _entries(src.source, src.name, src.origin, tmp_path)
+    (ins,) = entries.values()
+    assert any("UBLKPF" in s for s in ins)
+    assert not any(s.split()[0].startswith(("STG", "ST.", "ATOM", "RED")) for s in ins)  # it writes nothing

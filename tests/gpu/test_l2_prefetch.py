@@ -3,7 +3,8 @@ griddepcontrol.wait gives the same bits as without (a prefetch is a hint): each 
 and the rotary epilogues; the fp8 "mma" one; the INT4 warp one, plain and gated), launched as a programmatic
 dependent, with the whole weight prefetched and with a budget that covers part of each slice; and a random
 Llama's decode logits (bf16, fp8, int4 weights; CUDA graphs; 1, 2 and 4 sequences) with the switch at half the
-L2 (after short kernels only, and after every kernel) and at 2 MiB, against it off. CPU checks (the plan, the
+L2 (after short kernels only, and after every kernel) and at 2 MiB, against it off; the same with the prefetch
+ahead on a second stream (KILN_L2_PREFETCH_AHEAD, codegen/l2_ahead.py), Mamba-2 too. CPU checks (the plan, the
 machine code): tests/test_l2_prefetch.py."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kiln.dsl.quant import QuantDesc, quantize_weight  # noqa: E402
 from kiln.runtime import cuda_backend, cuda_quant  # noqa: E402
 from kiln.runtime.model import random_model  # noqa: E402
 
+from tests.configs import FAMILY_CONFIGS as FAMILIES  # noqa: E402
 from tests.gpu.test_cuda_backend import LLAMA  # noqa: E402
 from tests.gpu.test_gemv_prologue import _decode_logits  # noqa: E402
 from tests.gpu.test_quant_kernels import _cuda_twin, _int4  # noqa: E402
@@ -149,3 +151,28 @@ def _indexed_packs(model):
     for n, (g, _) in model.model._gemm.items():
         if isinstance(g, cuda_quant.QGemm) and g.packed is not None:
             yield n, g.packed
+
+
+@pytest.mark.parametrize("name, quantization", [("llama", "none"), ("llama", "fp8"), ("llama", "int4-wo"),
+                                                ("mamba2", "none")])
+def test_decode_logits_with_the_prefetch_ahead_equal_without(name, quantization, monkeypatch):
+    """KILN_L2_PREFETCH_AHEAD (codegen/l2_ahead.py): the prefetch kernels forked onto a second stream, captured in
+    the decode graphs with it and joined at the step's end; the same logits, bit for bit, with the budget at half
+    the L2 and at 2 MiB (a share of each slice), and with the GEMVs' own prefetch on too."""
+    from kiln.codegen.l2_ahead import L2AheadSpec
+
+    monkeypatch.setattr(cuda_backend, "GEMV", "pdl")
+    monkeypatch.setattr(cuda_backend, "GEMV_ROWS", 4)
+    ref = random_model(name, LLAMA if name == "llama" else FAMILIES[name], dtype="bf16", device="cuda", seed=0,
+                       quantization=quantization)
+    outs = {}
+    for ahead, own in [("0", "0"), ("1", "0"), ("2", "0"), ("1", "1")]:
+        monkeypatch.setattr(cuda_backend, "L2_AHEAD", ahead)
+        monkeypatch.setattr(cuda_backend, "L2_PREFETCH", own)
+        cuda = _cuda_twin(ref)
+        assert bool(cuda.model._ahead) == (ahead != "0")
+        outs[(ahead, own)] = _decode_logits(cuda, name, "bf16")
+    assert any(isinstance(s, L2AheadSpec) for (s, _) in list(_loaded)), "no prefetch ahead ran"
+    for key, got in outs.items():
+        for a, b in zip(outs[("0", "0")], got):
+            assert torch.equal(a, b), key
