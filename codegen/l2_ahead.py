@@ -77,5 +77,7 @@ def prefetch(spec: L2AheadSpec, segments: torch.Tensor, ranges: int) -> None:
     if ranges < 1:
         return
     k = get_kernel(spec, segments.device)
-    k.launch(k.source.entries[0], (min(MAX_BLOCKS, math.ceil(ranges / THREADS)),), (THREADS,),
+    # at the greatest priority: the next GEMV, launched early behind the stretch's first kernel, takes every
+    # register file it finds free (one wave, two blocks a SM) and would hold this grid off until it is done
+    k.launch_first(k.source.entries[0], (min(MAX_BLOCKS, math.ceil(ranges / THREADS)),), (THREADS,),
              [ptr(segments), i32(segments.shape[0]), i32(ranges)])

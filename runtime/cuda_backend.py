@@ -259,7 +259,8 @@ class CudaModel:
                 self._gemm[n] = (w.with_l2_prefetch(budget), b)
         self._ahead = self._l2_ahead(l2_prefetch_budget(
             L2_AHEAD, torch.cuda.get_device_properties(self.device).L2_cache_size)) if L2_AHEAD != "0" else {}
-        self._side = torch.cuda.Stream(self.device) if self._ahead else None
+        self._side = torch.cuda.Stream(self.device, priority=-1) if self._ahead else None  # (high; and l2_ahead's
+        # launches take the greatest priority themselves, which a captured graph keeps)
         # After the last step that mixes the rows (tokens) of a sequence (attention, the state-space
         # conv and scan: OpDef.mixes_rows), however it runs (a kernel, or the op's torch reference: e.g.
         # latent attention, ALiBi), only the rows whose logits are wanted need computing (a prefill
