@@ -441,6 +441,9 @@ for B, c in ((256, 1500), (64, 4096), (1, 16384)): print(fp8_kv_decode_line(B, c
         2>&1 | tee "$OUT/l2pf-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
       ab_runs "${AB:-int4-wo+lm-head KILN_L2_PREFETCH 0 1 $L;fp8+lm-head KILN_L2_PREFETCH 0 1 $L;none KILN_L2_PREFETCH 0 1 $L;none KILN_L2_PREFETCH 0 1 configs/mamba2-2.7b.json}"
       (export KILN_L2_PREFETCH=1; AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_L2_PREFETCH_AFTER small all $L")
+      for v in 0 1; do  # where the int4 step's critical path goes, graphed, without and with it
+        KILN_L2_PREFETCH=$v timeout 120 python3 .ci/profile_decode.py --quantization int4-wo+lm-head --ctx 1024 --graphs \
+          2>&1 | grep -a -E "graphed|critical\]|rror" | head -12; done
       if [ -n "${L2PF_SWEEP:-}" ]; then
         AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_L2_PREFETCH 0 8 $L;int4-wo+lm-head KILN_L2_PREFETCH 16 40 $L"
       fi ;;

@@ -3,9 +3,12 @@
 Runs a model (--spec, --config; default the Llama-3-8B shape; random weights, bf16, cuda backend) with graphs off under
 torch.profiler for a few decode steps of --batch sequences (1) at context --ctx (2,048) and prints GPU
 time per kernel name, summed over the steps and divided by their number, largest first, with each
-one's share of the step. Usage (device):
+one's share of the step. --graphs: the decode steps as CUDA-graph replays (the kernels as the engine runs
+them: programmatic launches overlap, so a kernel's own duration counts the time it waited for the one before);
+it then prints, per kernel name, its step on the critical path too: the time from the previous kernel's end to
+its own (kernels ordered by their ends), which sums to the step's span. Usage (device):
 PYTHONPATH=... python3 .ci/profile_decode.py [--spec S --config C] [--quantization SCHEME]
-    [--kv-cache-dtype fp8] [--batch B] [--ctx C] [--prefill N]
+    [--kv-cache-dtype fp8] [--batch B] [--ctx C] [--prefill N] [--graphs]
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ ap.add_argument("--steps", type=int, default=8)
 ap.add_argument("--batch", type=int, default=1)
 ap.add_argument("--ctx", type=int, default=2048)
 ap.add_argument("--prefill", type=int, default=0, help="a mixed step: one more sequence's N-token prompt chunk")
+ap.add_argument("--graphs", action="store_true", help="decode steps as CUDA-graph replays (not with --prefill)")
 args = ap.parse_args()
 
 config = json.load(open(args.config))
 m = random_model(args.spec, config, dtype="bf16", device="cuda", backend="cuda",
                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
-m.model.use_graphs = False
+m.model.use_graphs = args.graphs and not args.prefill
 ctx, B = args.ctx, args.batch
 per_seq = (ctx + args.steps + 8) // 16 + 1  # pages a sequence needs for the run
 P = args.prefill
@@ -74,10 +78,23 @@ with torch.no_grad():
 
 per: dict[str, float] = defaultdict(float)
 count: dict[str, int] = defaultdict(int)
+crit: dict[str, float] = defaultdict(float)  # --graphs: each kernel's end minus the previous kernel's end
+kernels = []
 for e in prof.events():
     if e.device_type == torch.autograd.DeviceType.CUDA:
         per[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
         count[e.name] += 1
+        kernels.append((e.time_range.end, e.time_range.start, e.name))
+if args.graphs:
+    kernels.sort()
+    for (end0, _, _), (end, _, name) in zip(kernels, kernels[1:]):
+        crit[name] += end - end0
+    span = sum(crit.values()) / args.steps
+    print(f"graphed: critical path per step {span / 1e3:.3f} ms (the kernels' ends, in order; includes the gaps "
+          f"between steps' graphs)")
+    for name, t in sorted(crit.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"{t / args.steps / 1e3:8.3f} ms {100 * t / args.steps / span:5.1f}% {count[name] // args.steps:4d}x  "
+              f"[critical] {name[:100]}")
 total = sum(per.values()) / args.steps
 chunk = f", + a {P}-token prompt chunk" if P else ""
 print(f"batch {B}, context {ctx}{chunk}: GPU kernel time per decode step: {total / 1e3:.3f} ms "

@@ -84,7 +84,7 @@ def _specs(budget: int):
     yield G.spec_for(4096, 4096, "bf16", False, "o", 132, **pf)
     yield G.spec_for(28672, 4096, "bf16", False, "gate+up", 132, epilogue=ActSpec("silu", True, 14336),
                      halves=(0, 14336), **pf)
-    yield G.spec_for(6144, 4096, "bf16", False, "qkv", 132, epilogue=RopeCacheSpec(32, 8, 128, 128, 16),
+    yield G.spec_for(6144, 4096, "bf16", False, "qkv", 132, epilogue=RopeCacheSpec(32, 8, 128, 128, 16, dtype="bf16"),
                      halves=(0, 4096, 5120), **pf)
     yield G.spec_for(1000, 512, "fp32", True, "fp32", 132, **pf)
     yield F8.spec_for(4096, 4096, "bf16", False, decode="mma", **pf)

@@ -68,7 +68,7 @@ def test_bf16_gemv_with_the_prefetch_equals_without(kind, T, budget):
             G.gemv(s, x, w, out, pdl=True)
             return out
     else:
-        rope = RopeCacheSpec(32, 8, 128, 128, 16)
+        rope = RopeCacheSpec(32, 8, 128, 128, 16, dtype="bf16")
         w = (torch.randn(6144, k, device="cuda") / k**0.5).to(dt)
         spec = G.spec_for(6144, k, "bf16", False, "qkv", epilogue=rope, halves=(0, 4096, 5120))
         positions = torch.arange(7, 7 + T, device="cuda")
