@@ -36,6 +36,12 @@
 #                                         codegen/l2_ahead.py): batch-1 steps 0 / 1 (ab_runs: int4-wo+lm-head, fp8+lm-head,
 #                                         Mamba-2 2.7B, bf16), then both prefetches against the ahead one alone (one round);
 #                                         its GPU tests are l2pf's
+#   bash .ci/device_check.sh ssmnorm   session 22 (unrun): Mamba-2's gated norm in the fused conv + scan decode kernel
+#                                         (KILN_SSM_NORM_FUSE=1): its GPU tests and the state-space ones with it on, then the
+#                                         2.7B batch-1 step 0 / 1 (ab_runs)
+#   bash .ci/device_check.sh s22       session 22's unrun work in one call (~8 min): the GPU tests of l2pf, l2ahead and
+#                                         ssmnorm, then one round of each switch's batch-1 A/B (int4-wo+lm-head, fp8+lm-head,
+#                                         Mamba-2 2.7B); the modes above hold the second rounds and the sweeps
 #   bash .ci/device_check.sh fresh     KILN_FRESH_SDPA off / on: its GPU test, then TTFT of a 2,048-token prompt
 #   bash .ci/device_check.sh fp8prof   where an fp8 (weights + KV) decode step of 256 sequences at context 1,500 goes
 #   bash .ci/device_check.sh mixedprof where an fp8 mixed step of a 1000/1000 run goes (256 decode rows + a 1,792-token chunk),
@@ -450,6 +456,16 @@ for B, c in ((256, 1500), (64, 4096), (1, 16384)): print(fp8_kv_decode_line(B, c
     l2ahead)  # session 22 (unrun): the prefetch ahead on a second stream
       ab_runs "${AB:-int4-wo+lm-head KILN_L2_PREFETCH_AHEAD 0 1 $L;fp8+lm-head KILN_L2_PREFETCH_AHEAD 0 1 $L;none KILN_L2_PREFETCH_AHEAD 0 1 configs/mamba2-2.7b.json;none KILN_L2_PREFETCH_AHEAD 0 1 $L}"
       (export KILN_L2_PREFETCH_AHEAD=1; AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_L2_PREFETCH 0 1 $L;none KILN_L2_PREFETCH 0 1 configs/mamba2-2.7b.json") ;;
+    ssmnorm)  # session 22 (unrun): Mamba-2's gated norm in the fused conv + scan decode kernel
+      KILN_SSM_NORM_FUSE=1 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} \
+        tests/gpu/test_ssm_norm_fuse.py tests/gpu/test_ssm_kernels.py 2>&1 | tee "$OUT/ssmnorm-tests.log" \
+        | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      ab_runs "${AB:-none KILN_SSM_NORM_FUSE 0 1 configs/mamba2-2.7b.json}" ;;
+    s22)  # session 22's unrun work: the GPU tests, then one round of each A/B
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_l2_prefetch.py \
+        tests/gpu/test_ssm_norm_fuse.py 2>&1 | tee "$OUT/s22-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      M=configs/mamba2-2.7b.json
+      AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_L2_PREFETCH 0 1 $L;fp8+lm-head KILN_L2_PREFETCH 0 1 $L;int4-wo+lm-head KILN_L2_PREFETCH_AHEAD 0 1 $L;none KILN_L2_PREFETCH_AHEAD 0 1 $M;none KILN_SSM_NORM_FUSE 0 1 $M;none KILN_L2_PREFETCH 0 1 $M" ;;
     dynpart)  # session 21 (unrun): the decode partition from the step's context
       KILN_DECODE_DYN_PART=1 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} \
         tests/gpu/test_kernels.py tests/gpu/test_decode_early_kv.py tests/gpu/test_cuda_backend.py \

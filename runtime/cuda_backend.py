@@ -482,7 +482,9 @@ class CudaModel:
                 _RUN[epi.kind](self, epi, env, step, n)
             return
         pro = op.extra.get("prologue")
-        if pro is not None:
+        if pro is not None and all(o in env for o in pro.outs):
+            op = op.extra["gemm"]  # the step before computed the prologue too (cuda_ssm.py's fused gated norm)
+        elif pro is not None:
             if self._gemv_prologue(op, pro, w, b, env, step, n):
                 return
             _RUN[pro.kind](self, pro, env, step, n)  # the prologue's own kernel, then the GEMM as it was
@@ -578,7 +580,8 @@ class CudaModel:
                 or G.rope_epilogue_refusal(rope, rope.dtype):
             return False
         if pro is not None:  # (fuse.py's gemv_prologue too) its own kernel first: a GEMV has one or the other
-            _RUN[pro.kind](self, pro, env, step, n)
+            if not all(o in env for o in pro.outs):  # (unless the step before computed it)
+                _RUN[pro.kind](self, pro, env, step, n)
             op = op.extra["gemm"]
         x = env[op.ins[0]]
         qkv = _rope_qkv_rows(op, att)
