@@ -15,8 +15,8 @@ import torch
 pytest.importorskip("cuda.bindings")
 
 from kiln.codegen import kernels as K  # noqa: E402
-from kiln.codegen.ssm_kernels import SsmConvScanSpec  # noqa: E402
 from kiln.codegen.specs import NormSpec  # noqa: E402
+from kiln.codegen.ssm_kernels import SsmConvScanSpec  # noqa: E402
 from kiln.runtime import cuda_ssm  # noqa: E402
 from kiln.runtime.batch import SeqSlice, StepBatch  # noqa: E402
 from kiln.runtime.kv_store import KVStore  # noqa: E402
