@@ -23,7 +23,7 @@ from kiln.codegen import kernels as K
 from kiln.codegen import l2_ahead
 from kiln.codegen.fuse import Exec, KOp, fuse
 from kiln.codegen.fuse import origin as fuse_origin
-from kiln.codegen.specs import KernelSpecError
+from kiln.codegen.specs import KernelSpecError, dtype_name
 from kiln.dsl.ops import OPS, OpKind
 from kiln.dsl.plan import Plan, Value, WeightArg, fetch
 from kiln.dsl.quant import QWeight
@@ -100,7 +100,6 @@ L2_PREFETCH = os.environ.get("KILN_L2_PREFETCH", "0")
 L2_PREFETCH_AFTER = os.environ.get("KILN_L2_PREFETCH_AFTER", "small")
 # Steps whose kernels stream weights themselves: a GEMV after one gains nothing from prefetching (DRAM is busy).
 _STREAMING = (Exec.GEMM, Exec.MOE)
-_AHEAD_SPEC = l2_ahead.L2AheadSpec(origin="runtime/cuda_backend.py L2_AHEAD: the weights of the GEMVs after a stretch")
 # The same, ahead, on a second stream (codegen/l2_ahead.py): after the GEMV before a stretch of short kernels, a
 # prefetch kernel asks L2 for the next two GEMVs' weights (L2_AHEAD_TARGETS), up to the budget, so that they land
 # while the whole stretch runs (decode attention, a state-space step and a norm, not only the kernel just before
@@ -110,6 +109,7 @@ _AHEAD_SPEC = l2_ahead.L2AheadSpec(origin="runtime/cuda_backend.py L2_AHEAD: the
 L2_AHEAD = os.environ.get("KILN_L2_PREFETCH_AHEAD", "0")
 L2_AHEAD_TARGETS = 2
 L2_AHEAD_ROWS = 8
+_AHEAD_SPEC = l2_ahead.L2AheadSpec(origin="runtime/cuda_backend.py L2_AHEAD: the weights of the GEMVs after a stretch")
 
 
 def _chain(kind: str) -> bool:
@@ -251,14 +251,13 @@ class CudaModel:
                 op.spec = canon(op.spec)
         # GEMVs that prefetch their weight into L2 before their wait (L2_PREFETCH): bf16 weights at each launch
         # (self._l2), quantized ones carry it (QGemm.with_l2_prefetch).
-        self._l2 = l2_prefetch_plan(self.ops, l2_prefetch_budget(
-            L2_PREFETCH, torch.cuda.get_device_properties(self.device).L2_cache_size), L2_PREFETCH_AFTER)
+        l2 = torch.cuda.get_device_properties(self.device).L2_cache_size
+        self._l2 = l2_prefetch_plan(self.ops, l2_prefetch_budget(L2_PREFETCH, l2), L2_PREFETCH_AFTER)
         for n, budget in self._l2.items():
             w, b = self._gemm[n]
             if isinstance(w, QGemm):
                 self._gemm[n] = (w.with_l2_prefetch(budget), b)
-        self._ahead = self._l2_ahead(l2_prefetch_budget(
-            L2_AHEAD, torch.cuda.get_device_properties(self.device).L2_cache_size)) if L2_AHEAD != "0" else {}
+        self._ahead = self._l2_ahead(l2_prefetch_budget(L2_AHEAD, l2)) if L2_AHEAD != "0" else {}
         self._side = torch.cuda.Stream(self.device, priority=-1) if self._ahead else None  # (high; and l2_ahead's
         # launches take the greatest priority themselves, which a captured graph keeps)
         # After the last step that mixes the rows (tokens) of a sequence (attention, the state-space
@@ -332,8 +331,6 @@ class CudaModel:
 
     def _l2_ahead(self, budget: int) -> dict[int, tuple[torch.Tensor, int]]:
         """{step m: (its prefetch's segment table, its ranges)} of l2_ahead_plan, `budget` bytes each (L2_AHEAD)."""
-        from kiln.codegen.specs import dtype_name
-
         sms = G._num_sms(self.device)
         out = {}
         for m, gemms in l2_ahead_plan(self.ops).items():
@@ -350,7 +347,7 @@ class CudaModel:
                                      for t, r in ranges):
                     break  # a GEMV with nothing to prefetch ahead of it (or not in 16-byte units): none after it
                 weights.append(([(t.data_ptr(), r) for t, r in ranges],
-                                sum(c * n_ for _, r in ranges for _, _, c, n_ in r)))
+                                sum(count * length for _, r in ranges for _, _, count, length in r)))
             segments = l2_ahead.fit(weights, budget)
             if segments:
                 out[m] = (l2_ahead.table(segments, self.device), sum(c for _, _, c, _ in segments))
