@@ -25,7 +25,7 @@ from kiln.dsl import check, load_spec
 from kiln.runtime.cuda_backend import l2_ahead_plan, l2_prefetch_budget, l2_prefetch_plan
 
 from tests.configs import FAMILY_CONFIGS
-from tests.test_pdl_order import _before_wait_problems, _entries
+from tests.test_pdl_order import NVDISASM, _before_wait_problems, _entries
 
 MIB = 1 << 20
 
@@ -102,6 +102,10 @@ def _spills(ins: list[str]) -> int:
     return sum(1 for s in ins if s.split()[0].lstrip("@!P0123456789 ").startswith(("STL", "LDL")))
 
 
+SASS = pytest.mark.skipif(NVDISASM is None, reason="nvdisasm (pip install nvidia-cuda-nvdisasm)")
+
+
+@SASS
 @pytest.mark.parametrize("i", range(len(list(_specs(0)))))
 def test_the_prefetches_come_before_the_wait(i, tmp_path):
     off = list(_specs(0))[i]
@@ -214,6 +218,7 @@ def test_a_prefetch_is_forked_after_each_gemv_that_a_stretch_follows(family):
         assert set(plan) == set(gemms[:-1])
 
 
+@SASS
 def test_the_prefetch_kernel_compiles_with_its_bulk_prefetch(tmp_path):
     src = render(l2_ahead.L2AheadSpec(origin="test"))
     entries = _entries(src.source, src.name, src.origin, tmp_path)
