@@ -465,6 +465,16 @@ for B, c in ((256, 1500), (64, 4096), (1, 16384)): print(fp8_kv_decode_line(B, c
         tests/gpu/test_ssm_norm_fuse.py tests/gpu/test_ssm_kernels.py 2>&1 | tee "$OUT/ssmnorm-tests.log" \
         | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
       ab_runs "${AB:-none KILN_SSM_NORM_FUSE 0 1 configs/mamba2-2.7b.json}" ;;
+    first)  # sessions 21 and 22's unrun GPU tests in one run (session 21's on-by-default chunk overlap and warm-up among
+            # them), the prefetch probe, then one round of session 22's batch-1 A/Bs: the most a first call can tell
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_kernels.py \
+        tests/gpu/test_quant_kernels.py tests/gpu/test_overlap_gpu.py tests/gpu/test_cuda_backend.py \
+        tests/gpu/test_l2_prefetch.py tests/gpu/test_ssm_norm_fuse.py \
+        -k "fp8_kv_prefill or fast_accum or overlap or chunks or captured_ahead or dynamic_partition or prefetch or norm" \
+        2>&1 | tee "$OUT/first-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -16
+      timeout 150 python3 .ci/l2pf_probe.py 2,8 2>&1 | grep -a -v Warn | tail -12
+      M=configs/mamba2-2.7b.json
+      AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_L2_PREFETCH 0 1 $L;int4-wo+lm-head KILN_L2_PREFETCH_AHEAD 0 1 $L;none KILN_L2_PREFETCH_AHEAD 0 1 $M;none KILN_SSM_NORM_FUSE 0 1 $M;fp8+lm-head KILN_L2_PREFETCH 0 1 $L" ;;
     s22)  # session 22's unrun work: the GPU tests, then one round of each A/B
       timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_l2_prefetch.py \
         tests/gpu/test_ssm_norm_fuse.py 2>&1 | tee "$OUT/s22-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
