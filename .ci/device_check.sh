@@ -28,23 +28,6 @@
 #   bash .ci/device_check.sh dynpart   session 21 (unrun): KILN_DECODE_DYN_PART=1 (the decode partition from the step's
 #                                         context): its GPU tests and the decode / race / model tests with it on, then
 #                                         batch-1 steps 0 / 1 (ab_runs: int4-wo+lm-head and bf16)
-#   bash .ci/device_check.sh l2pf      session 22 (unrun): decode GEMVs prefetching their weight into L2 before their wait
-#                                         (KILN_L2_PREFETCH=1): its GPU tests, .ci/l2pf_probe.py (a spinning kernel, then a
-#                                         GEMV: off / on), the int4 step's critical path graphed (profile_decode --graphs) 0 / 1,
-#                                         batch-1 steps 0 / 1 (ab_runs, one round: int4-wo+lm-head, fp8+lm-head, bf16, Mamba-2
-#                                         2.7B), then int4-wo+lm-head after short kernels / after all;
-#                                         L2PF_SWEEP=1: then int4-wo+lm-head at budgets of 8, 16, 40 MiB against 0 (one round)
-#   bash .ci/device_check.sh l2ahead   session 22 (unrun): the prefetch ahead on a second stream (KILN_L2_PREFETCH_AHEAD=1,
-#                                         codegen/l2_ahead.py): batch-1 steps 0 / 1 (ab_runs: int4-wo+lm-head, fp8+lm-head,
-#                                         Mamba-2 2.7B, bf16), then both prefetches against the ahead one alone (one round);
-#                                         its GPU tests are l2pf's
-#   bash .ci/device_check.sh ssmnorm   session 22 (unrun): Mamba-2's gated norm in the fused conv + scan decode kernel
-#                                         (KILN_SSM_NORM_FUSE=1): its GPU tests and the state-space ones with it on, then the
-#                                         2.7B batch-1 step 0 / 1 (ab_runs)
-#   bash .ci/device_check.sh s22       session 22's unrun work in one call (~8 min): the GPU tests of l2pf, l2ahead and
-#                                         ssmnorm, .ci/l2pf_probe.py at 2 and 8 µs spins, then one round of each switch's
-#                                         batch-1 A/B (int4-wo+lm-head, fp8+lm-head,
-#                                         Mamba-2 2.7B); the modes above hold the second rounds and the sweeps
 #   bash .ci/device_check.sh fresh     KILN_FRESH_SDPA off / on: its GPU test, then TTFT of a 2,048-token prompt
 #   bash .ci/device_check.sh fp8prof   where an fp8 (weights + KV) decode step of 256 sequences at context 1,500 goes
 #   bash .ci/device_check.sh mixedprof where an fp8 mixed step of a 1000/1000 run goes (256 decode rows + a 1,792-token chunk),
@@ -445,42 +428,6 @@ for B, c in ((256, 1500), (64, 4096), (1, 16384)): print(fp8_kv_decode_line(B, c
         | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
       timeout 120 python3 .ci/early_kv_probe.py 2>&1 | grep -a -E "replays|rror"
       ab_runs "${AB:-none KILN_DECODE_EARLY_KV 0 1 $L;fp8+lm-head KILN_DECODE_EARLY_KV 0 1 $L;int4-wo+lm-head KILN_DECODE_EARLY_KV 0 1 $L}" ;;
-    l2pf)  # session 22 (unrun): the decode GEMVs' L2 prefetch before their wait
-      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_l2_prefetch.py \
-        2>&1 | tee "$OUT/l2pf-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
-      timeout 240 python3 .ci/l2pf_probe.py 2>&1 | grep -a -v Warn | tail -12  # the mechanism alone: spin + GEMV pairs
-      for v in 0 1; do  # where the int4 step's critical path goes, graphed, without and with it
-        KILN_L2_PREFETCH=$v timeout 120 python3 .ci/profile_decode.py --quantization int4-wo+lm-head --ctx 1024 --graphs \
-          2>&1 | grep -a -E "graphed|critical\]|rror" | head -12; done
-      AB_RUNS=${AB_RUNS:-1} ab_runs "${AB:-int4-wo+lm-head KILN_L2_PREFETCH 0 1 $L;fp8+lm-head KILN_L2_PREFETCH 0 1 $L;none KILN_L2_PREFETCH 0 1 $L;none KILN_L2_PREFETCH 0 1 configs/mamba2-2.7b.json}"
-      (export KILN_L2_PREFETCH=1; AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_L2_PREFETCH_AFTER small all $L")
-      if [ -n "${L2PF_SWEEP:-}" ]; then
-        AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_L2_PREFETCH 0 8 $L;int4-wo+lm-head KILN_L2_PREFETCH 16 40 $L"
-      fi ;;
-    l2ahead)  # session 22 (unrun): the prefetch ahead on a second stream
-      ab_runs "${AB:-int4-wo+lm-head KILN_L2_PREFETCH_AHEAD 0 1 $L;fp8+lm-head KILN_L2_PREFETCH_AHEAD 0 1 $L;none KILN_L2_PREFETCH_AHEAD 0 1 configs/mamba2-2.7b.json;none KILN_L2_PREFETCH_AHEAD 0 1 $L}"
-      (export KILN_L2_PREFETCH_AHEAD=1; AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_L2_PREFETCH 0 1 $L;none KILN_L2_PREFETCH 0 1 configs/mamba2-2.7b.json") ;;
-    ssmnorm)  # session 22 (unrun): Mamba-2's gated norm in the fused conv + scan decode kernel
-      KILN_SSM_NORM_FUSE=1 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} \
-        tests/gpu/test_ssm_norm_fuse.py tests/gpu/test_ssm_kernels.py 2>&1 | tee "$OUT/ssmnorm-tests.log" \
-        | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
-      ab_runs "${AB:-none KILN_SSM_NORM_FUSE 0 1 configs/mamba2-2.7b.json}" ;;
-    first)  # sessions 21 and 22's unrun GPU tests in one run (session 21's on-by-default chunk overlap and warm-up among
-            # them), the prefetch probe, then one round of session 22's batch-1 A/Bs: the most a first call can tell
-      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_kernels.py \
-        tests/gpu/test_quant_kernels.py tests/gpu/test_overlap_gpu.py tests/gpu/test_cuda_backend.py \
-        tests/gpu/test_l2_prefetch.py tests/gpu/test_ssm_norm_fuse.py \
-        -k "fp8_kv_prefill or fast_accum or overlap or chunks or captured_ahead or dynamic_partition or prefetch or norm" \
-        2>&1 | tee "$OUT/first-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -16
-      timeout 150 python3 .ci/l2pf_probe.py 2,8 2>&1 | grep -a -v Warn | tail -12
-      M=configs/mamba2-2.7b.json
-      AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_L2_PREFETCH 0 1 $L;int4-wo+lm-head KILN_L2_PREFETCH_AHEAD 0 1 $L;none KILN_L2_PREFETCH_AHEAD 0 1 $M;none KILN_SSM_NORM_FUSE 0 1 $M;fp8+lm-head KILN_L2_PREFETCH 0 1 $L" ;;
-    s22)  # session 22's unrun work: the GPU tests, then one round of each A/B
-      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_l2_prefetch.py \
-        tests/gpu/test_ssm_norm_fuse.py 2>&1 | tee "$OUT/s22-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
-      timeout 240 python3 .ci/l2pf_probe.py 2,8 2>&1 | grep -a -v Warn | tail -12
-      M=configs/mamba2-2.7b.json
-      AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_L2_PREFETCH 0 1 $L;fp8+lm-head KILN_L2_PREFETCH 0 1 $L;int4-wo+lm-head KILN_L2_PREFETCH_AHEAD 0 1 $L;none KILN_L2_PREFETCH_AHEAD 0 1 $M;none KILN_SSM_NORM_FUSE 0 1 $M;none KILN_L2_PREFETCH 0 1 $M" ;;
     dynpart)  # session 21 (unrun): the decode partition from the step's context
       KILN_DECODE_DYN_PART=1 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} \
         tests/gpu/test_kernels.py tests/gpu/test_decode_early_kv.py tests/gpu/test_cuda_backend.py \

@@ -62,14 +62,10 @@ class GemvSpec(_Spec):
     up_row: int = 0
     w_rows: int = 0  # W's rows where there is an epilogue (n otherwise)
     qkv_rows: tuple[int, ...] = ()  # the rotary epilogue's (q, k, v) first rows in W
-    # Bytes of W at most that the warps ask L2 to prefetch before griddepcontrol.wait, each its rows' slices of K
-    # (templates/l2_prefetch.cuh.j2; `l2_prefetch_bytes`); 0: none. The runtime's KILN_L2_PREFETCH sets it.
-    l2_prefetch: int = 0
 
     def __post_init__(self):
         _positive(self, "n", "k")
         _dtype(self)
-        check_l2_prefetch(self)
         if self.rows not in ROWS:
             _fail(self, "rows", f"must be one of {ROWS}, got {self.rows!r}")
         if self.ksplit not in KSPLITS:
@@ -131,53 +127,18 @@ def one_wave(units: int, per_warp: tuple[int, ...], ksplits: tuple[int, ...], nc
 
 
 def spec_for(n: int, k: int, dtype: str, has_bias: bool, origin: str = "linear", num_sms: int = 132,
-             prologue=None, epilogue=None, halves: tuple[int, ...] = (0, 0), l2_prefetch: int = 0) -> GemvSpec:
+             prologue=None, epilogue=None, halves: tuple[int, ...] = (0, 0)) -> GemvSpec:
     """The GEMV of W [n, k]; with a gated `epilogue` (an ActSpec), of its row halves (gate_row, up_row) =
     `halves`, epilogue.features rows each: out [T, epilogue.features]; with a rotary one (a RopeCacheSpec),
-    of its q, k and v rows starting at `halves` (three starts): out q [T, heads * head_dim]. l2_prefetch:
-    GemvSpec's (bytes; 0: none)."""
+    of its q, k and v rows starting at `halves` (three starts): out q [T, heads * head_dim]."""
     rows, ks = choose(n, k, dtype, num_sms)
-    pf = dict(l2_prefetch=l2_prefetch)
     if epilogue is None:
-        return GemvSpec(n, k, has_bias, dtype, origin, rows, ks, prologue.key() if prologue is not None else None, **pf)
+        return GemvSpec(n, k, has_bias, dtype, origin, rows, ks, prologue.key() if prologue is not None else None)
     if isinstance(epilogue, RopeCacheSpec):
         rope = rope_epilogue_spec(epilogue)
         return GemvSpec(rope_pairs(rope), k, has_bias, dtype, origin, max(2, rows), ks, None, rope, w_rows=n,
-                        qkv_rows=tuple(halves), **pf)
-    return GemvSpec(epilogue.features, k, has_bias, dtype, origin, max(2, rows), ks, None, epilogue.key(), *halves, n,
-                    **pf)
-
-
-def row_slices(rows: int, row_bytes: int, slice_bytes: int) -> list[tuple[int, int, int, int]]:
-    """A decode GEMV's weight as its warps stream it, for a prefetch ahead of it (codegen/l2_ahead.py): per K
-    slice of `slice_bytes` (the last one shorter), (offset, stride, count, length) = `rows` ranges of its
-    bytes, `row_bytes` apart. The bf16 / fp8 GEMVs' rows are W's rows, the INT4 warp GEMV's its 16-row tiles."""
-    return [(off, row_bytes, rows, min(slice_bytes, row_bytes - off)) for off in range(0, row_bytes, slice_bytes)]
-
-
-def l2_slices(n: int, k: int, dtype: str, num_sms: int = 132) -> list[tuple[int, int, int, int]]:
-    """`row_slices` of W [n, k] (n: its rows, epilogue or not) as this module's GEMV streams it."""
-    es = RUN_DTYPES[dtype].itemsize
-    chunk = 32 * _vec(es, k)
-    _, ks = choose(n, k, dtype, num_sms)
-    return row_slices(n, k * es, math.ceil(math.ceil(k / chunk) / ks) * chunk * es)
-
-
-def check_l2_prefetch(spec) -> None:
-    """A GEMV spec's l2_prefetch: a byte count, 0 or more."""
-    if not isinstance(spec.l2_prefetch, int) or isinstance(spec.l2_prefetch, bool) or spec.l2_prefetch < 0:
-        _fail(spec, "l2_prefetch", f"bytes of the weight to prefetch into L2 (0: none), got {spec.l2_prefetch!r}")
-
-
-def l2_prefetch_bytes(budget: int, weight_bytes: int, slice_bytes: int) -> int:
-    """The template's `pf`: bytes of each of a warp's row slices (a row's `slice_bytes` of K, the longest a warp
-    has) that it asks L2 to prefetch before griddepcontrol.wait (templates/l2_prefetch.cuh.j2). Every slice
-    gets the same share, so that whatever has landed when the wait returns shortens every warp's stream
-    alike (the GEMV lasts as long as its slowest warp): all of it where the whole weight fits the budget,
-    else budget / weight of it; whole 16-byte units (the bulk prefetch's). 0: no prefetch."""
-    if budget <= 0 or weight_bytes <= 0:
-        return 0
-    return min(slice_bytes, slice_bytes * budget // weight_bytes) // 16 * 16
+                        qkv_rows=tuple(halves))
+    return GemvSpec(epilogue.features, k, has_bias, dtype, origin, max(2, rows), ks, None, epilogue.key(), *halves, n)
 
 
 def rope_epilogue_spec(rope: RopeCacheSpec) -> RopeCacheSpec:
@@ -328,9 +289,7 @@ def _render(s: GemvSpec) -> KernelSource:
                   unroll=unroll, groups=groups, warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS,
                   k_tail=s.k % chunk != 0, few_t=FEW_T, has_bias=s.has_bias, max_t=GEMV_MAX_T, vp=vp,
                   pro=_prologue_params(s.prologue, vec),
-                  epi=epilogue_params(s), rot=0,
-                  pf=l2_prefetch_bytes(s.l2_prefetch, s.weight_rows * s.k * RUN_DTYPES[s.dtype].itemsize,
-                                       cps * chunk * RUN_DTYPES[s.dtype].itemsize))
+                  epi=epilogue_params(s), rot=0)
     if isinstance(s.epilogue, RopeCacheSpec):
         params.update(rope_math_params(s.epilogue))
     meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * outputs_per_warp(s))), vec=vec, rows=s.rows,
@@ -498,15 +457,15 @@ def weight_takes(w, dtype: torch.dtype, k: int | None = None) -> bool:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, pdl: bool = False,
-           origin: str = "linear", l2_prefetch: int = 0) -> torch.Tensor:
-    """torch.nn.functional.linear(x, w, bias) through the GEMV (check `takes` first); l2_prefetch: GemvSpec's."""
+           origin: str = "linear") -> torch.Tensor:
+    """torch.nn.functional.linear(x, w, bias) through the GEMV (check `takes` first)."""
     from .specs import dtype_name
     if x.stride(-1) != 1 or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
         x = x.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     n, k = w.shape
-    spec = spec_for(n, k, dtype_name(x.dtype), bias is not None, origin, _num_sms(x.device), l2_prefetch=l2_prefetch)
+    spec = spec_for(n, k, dtype_name(x.dtype), bias is not None, origin, _num_sms(x.device))
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     gemv(spec, x, w, out, bias, pdl)
     return out

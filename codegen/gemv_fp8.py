@@ -38,17 +38,14 @@ from .gemv import (
     _num_sms,
     check_bias,
     check_epilogue,
-    check_l2_prefetch,
     choose_chunks,
     epilogue_params,
     epilogue_weight_rows,
-    l2_prefetch_bytes,
     launch,
     one_wave,
     outputs_per_warp,
     rope_epilogue_spec,
     rope_pairs,
-    row_slices,
 )
 from .kernels import KernelArgError, _check, _check_cache, _torch_dtype
 from .launch import f32 as f32_arg
@@ -107,16 +104,10 @@ class Fp8GemvSpec(_Spec):
     up_row: int = 0
     w_rows: int = 0
     qkv_rows: tuple[int, ...] = ()
-    # decode="mma" only: bytes of W at most that the warps ask L2 to prefetch before griddepcontrol.wait, as GemvSpec's
-    # (codegen/gemv.py l2_prefetch_bytes); 0: none
-    l2_prefetch: int = 0
 
     def __post_init__(self):
         _positive(self, "n", "k")
         _dtype(self)
-        check_l2_prefetch(self)
-        if self.l2_prefetch and self.decode != "mma":
-            _fail(self, "l2_prefetch", "the L2 prefetch is the 'mma' decode's (0 otherwise)")
         if self.k % VEC:
             _fail(self, "k", f"{self.k} is not a whole number of 16-byte e4m3 vectors (a multiple of {VEC})")
         if self.k > MAX_K:
@@ -179,11 +170,10 @@ def default_x_once() -> bool:
 
 def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = False, static: bool = False,
              origin: str = "linear", num_sms: int = 132, decode: str = "int", epilogue=None,
-             halves: tuple[int, ...] = (0, 0), l2_prefetch: int = 0) -> Fp8GemvSpec:
+             halves: tuple[int, ...] = (0, 0)) -> Fp8GemvSpec:
     """The fp8 GEMV of W [n, k]; with a gated `epilogue` (an ActSpec; decode="mma"), of its row halves
     (gate_row, up_row) = `halves`, epilogue.features rows each: out [1, epilogue.features]; with a rotary one
-    (a RopeCacheSpec), of its q, k and v rows starting at `halves` (three starts): out q [1, heads * head_dim].
-    l2_prefetch: Fp8GemvSpec's, where decode is "mma" (other decodes ignore it)."""
+    (a RopeCacheSpec), of its q, k and v rows starting at `halves` (three starts): out q [1, heads * head_dim]."""
     if decode == "mma":
         # One wave of at most 2 tiles a warp; larger (an LM head): one tile a warp over half of K, in waves. At
         # 128,256 x 4,096 on the H200 (.ci/lmhead_probe.py, session 18): 134.6 us (92% of copy bandwidth) against
@@ -206,16 +196,7 @@ def spec_for(n: int, k: int, dtype: str, has_bias: bool, per_channel: bool = Fal
     # x read once where its vectors fit in registers (KILN_FP8_GEMV_XONCE)
     if decode == "mma" and default_x_once() and spec.x_vecs <= X_ONCE_MAX_VECS:
         spec = dataclasses.replace(spec, x_once=True)
-    if decode == "mma" and l2_prefetch:
-        spec = dataclasses.replace(spec, l2_prefetch=l2_prefetch)
     return spec
-
-
-def l2_slices(n: int, k: int, num_sms: int = 132) -> list[tuple[int, int, int, int]]:
-    """codegen/gemv.py `row_slices` of an e4m3 W [n, k] as the "mma" GEMV streams it (its K slices of whole
-    64-column steps)."""
-    s = spec_for(n, k, "bf16", False, num_sms=num_sms, decode="mma")
-    return row_slices(n, k, math.ceil(s.nch / s.ksplit) * MMA_STEP)
 
 
 def _render(s: Fp8GemvSpec) -> KernelSource:
@@ -247,8 +228,7 @@ def _render_mma(s: Fp8GemvSpec) -> KernelSource:
                   has_bias=s.has_bias, per_channel=s.per_channel, static=s.static, ring=s.ring, x_once=s.x_once,
                   xv=s.x_vecs,
                   xvec=16 // RUN_DTYPES[s.dtype].itemsize, red=max(32, WARPS * s.rows), w_rows=s.weight_rows,
-                  epi=epilogue_params(s), rot=0,
-                  pf=l2_prefetch_bytes(s.l2_prefetch, s.weight_rows * s.k, cps * MMA_STEP))
+                  epi=epilogue_params(s), rot=0)
     if isinstance(s.epilogue, RopeCacheSpec):
         params.update(rope_math_params(s.epilogue))
     meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * outputs_per_warp(s))), rows=s.rows,
@@ -325,14 +305,13 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
            x_scale: torch.Tensor | None = None, pdl: bool = False, origin: str = "linear",
-           decode: str = "int", epilogue=None, halves: tuple[int, ...] = (0, 0), rope: tuple | None = None,
-           l2_prefetch: int = 0) -> torch.Tensor:
+           decode: str = "int", epilogue=None, halves: tuple[int, ...] = (0, 0), rope: tuple | None = None
+           ) -> torch.Tensor:
     """The W8A8 linear of one row through the kernel (check `takes` first). w_scale: fp32 [] per
     tensor, [n] or [1, n] per channel; x_scale: the static activation scale, None to measure it.
     decode "mma" applies to 16-bit x; fp32 x takes "int". epilogue (16-bit x, "mma"): a gated ActSpec,
     act(g) * u of the row halves at `halves` (gate_row, up_row), [1, epilogue.features]; or a RopeCacheSpec,
-    q [1, heads * head_dim] rotated, k and v into the cache `rope` names (gemv_fp8), q, k, v rows at `halves`.
-    l2_prefetch: spec_for's."""
+    q [1, heads * head_dim] rotated, k and v into the cache `rope` names (gemv_fp8), q, k, v rows at `halves`."""
     from .specs import dtype_name
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous()
@@ -350,7 +329,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.
     if decode == "mma" and dt not in MMA_DTYPES and epilogue is None:
         decode = "int"  # fp32 runs keep fp32 products on the CUDA cores (the reference's precision)
     spec = spec_for(n, k, dt, bias is not None, per_channel, x_scale is not None, origin, _num_sms(x.device), decode,
-                    epilogue, halves, l2_prefetch)
+                    epilogue, halves)
     e = spec.epilogue
     width = e.heads * e.head_dim if isinstance(e, RopeCacheSpec) else spec.n
     out = torch.empty(1, width, dtype=x.dtype, device=x.device)

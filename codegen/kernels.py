@@ -621,14 +621,12 @@ def _check_scan_args(s, a_log, d, dt_bias, state, rd, dev) -> None:
 
 
 def ssm_conv_scan(spec: SK.SsmConvScanSpec, xbc, conv_w, conv_b, conv_state, dt_in, a_log, d, dt_bias, state, slots,
-                  cu_seqlens, kv_lens, counters, out, num_seqs: int, gate=None, norm_weight=None, norm_counters=None):
+                  cu_seqlens, kv_lens, counters, out, num_seqs: int):
     """A decode step of out = selective_scan(split(act(causal_conv1d(xbc)))) in one kernel: one new token
     per sequence (a sequence of another length is left alone: run ssm_conv then ssm_scan for such a step);
     conv_state [num_slots, channels, kernel - 1] (run dtype) and state [num_slots, heads, head_dim,
     d_state] (fp32) read and written as ssm_conv's and ssm_scan's. xbc [T, channels], dt [T, heads]
-    (row-strided); counters: int32, at least num_seqs * groups entries, all zero (and left so). A spec with
-    the gated norm (spec.norm): out = that norm of the scan's y, gate z [T, >= heads * head_dim] (row-strided),
-    norm_weight its weight, norm_counters like counters (another buffer)."""
+    (row-strided); counters: int32, at least num_seqs * groups entries, all zero (and left so)."""
     rd, s = _torch_dtype(spec), spec
     dev = xbc.device
     C, K, HP = s.channels, s.kernel, s.heads * s.head_dim
@@ -648,29 +646,10 @@ def ssm_conv_scan(spec: SK.SsmConvScanSpec, xbc, conv_w, conv_b, conv_state, dt_
     if counters.dim() != 1 or counters.shape[0] < num_seqs * s.groups:
         raise KernelArgError(f"counters: shape {tuple(counters.shape)}, expected at least [{num_seqs * s.groups}]")
     _check("out", out, rd, (T, HP), dev)
-    extra = []
-    if s.norm is not None:
-        if gate is None or norm_weight is None or norm_counters is None:
-            raise KernelArgError("gate, norm_weight, norm_counters: required by a spec with the gated norm")
-        _check("gate", gate, rd, device=dev, contiguous=False, aligned=False)
-        if gate.dim() != 2 or gate.shape[0] != T or gate.shape[1] < HP or gate.stride(1) != 1:
-            raise KernelArgError(f"gate: shape {tuple(gate.shape)}, expected [{T}, >= {HP}] with contiguous rows")
-        want = s.norm.hidden if s.norm.per_group_weight else s.norm.width
-        _check("norm_weight", norm_weight, rd, device=dev, aligned=False)
-        if norm_weight.numel() != want or not norm_weight.is_contiguous():
-            raise KernelArgError(f"norm_weight: {norm_weight.numel()} values, expected {want} (contiguous)")
-        _check("norm_counters", norm_counters, torch.int32, device=dev, aligned=False)
-        if norm_counters.dim() != 1 or norm_counters.shape[0] < num_seqs * s.groups \
-                or norm_counters.data_ptr() == counters.data_ptr():
-            raise KernelArgError(f"norm_counters: shape {tuple(norm_counters.shape)}, expected at least "
-                                 f"[{num_seqs * s.groups}], a buffer of its own")
-        extra = [ptr(gate), i64(gate.stride(0)), ptr(norm_weight), ptr(norm_counters)]
-    elif gate is not None or norm_weight is not None or norm_counters is not None:
-        raise KernelArgError("gate / norm_weight / norm_counters: given to a spec without the gated norm")
     meta = _ssm_step_meta(slots, cu_seqlens, kv_lens, num_seqs, dev)
     kern = get_kernel(spec, dev)
     km = kern.source.meta
     kern.launch(kern.source.entries[0], (km["blocks"], num_seqs), (km["threads"],),
                 [ptr(xbc), i64(xbc.stride(0)), ptr(conv_w), ptr(conv_b if s.has_bias else None), ptr(conv_state),
                  ptr(dt_in), i64(dt_in.stride(0)), ptr(a_log), ptr(d if s.has_d else None),
-                 ptr(dt_bias if s.has_dt_bias else None), ptr(state), *meta, ptr(counters), ptr(out), *extra])
+                 ptr(dt_bias if s.has_dt_bias else None), ptr(state), *meta, ptr(counters), ptr(out)])

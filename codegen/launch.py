@@ -124,30 +124,6 @@ class LoadedKernel:
         )
 
 
-    def launch_first(self, entry: str, grid, block, args, smem: int = 0) -> None:
-        """`launch` at the context's greatest launch priority (CU_LAUNCH_ATTRIBUTE_PRIORITY, kept in a captured
-        graph's node): where blocks of several grids wait for room on the SMs, this grid's are placed first (the
-        L2 prefetch ahead, codegen/l2_ahead.py, which a one-wave GEMV launched early would otherwise hold off
-        until it is done)."""
-        gx, gy, gz = (tuple(grid) + (1, 1))[:3]
-        if gx == 0 or gy == 0 or gz == 0:
-            return
-        f = self._opt_in(entry, smem)
-        cfg = driver.CUlaunchConfig()
-        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = gx, gy, gz
-        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = (tuple(block) + (1, 1))[:3]
-        cfg.sharedMemBytes = smem
-        cfg.hStream = driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
-        attr = driver.CUlaunchAttribute()
-        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PRIORITY
-        attr.value.priority = _greatest_priority()
-        cfg.attrs = [attr]
-        cfg.numAttrs = 1
-        values = tuple(a[0] for a in args)
-        types = tuple(a[1] for a in args)
-        check((driver.cuLaunchKernelEx(cfg, f, (values, types), 0)[0],),
-              f"cuLaunchKernelEx({entry}, grid={grid}, launch priority)")
-
     def launcher(self, pdl: bool):
         """`launch_dependent` when pdl, else `launch` (the launch wrappers' pdl argument)."""
         return self.launch_dependent if pdl else self.launch
@@ -182,13 +158,6 @@ class LoadedKernel:
             self.launch(entry, grid, block, args, smem)
             return
         check((err,), f"cuLaunchKernelEx({entry}, grid={grid}, smem={smem}, programmatic serialization)")
-
-
-def _greatest_priority() -> int:
-    """The current context's greatest (numerically least) stream / launch priority."""
-    err, _, greatest = driver.cuCtxGetStreamPriorityRange()
-    check((err,), "cuCtxGetStreamPriorityRange")
-    return int(greatest)
 
 
 _pdl_refused: set = set()  # devices whose driver refused a programmatic launch

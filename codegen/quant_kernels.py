@@ -51,16 +51,7 @@ from kiln.dsl.dtypes import RUN_DTYPES
 from kiln.dsl.quant import QWeight, unpack_int4
 
 from . import render as render_module
-from .gemv import (
-    check_l2_prefetch,
-    epilogue_refusal,
-    l2_prefetch_bytes,
-    one_wave,
-    rope_epilogue_refusal,
-    rope_pair_rows,
-    rope_pairs,
-    row_slices,
-)
+from .gemv import epilogue_refusal, one_wave, rope_epilogue_refusal, rope_pair_rows, rope_pairs
 from .kernels import KernelArgError, _check, _check_cache, _scales, _torch_dtype
 from .launch import get_kernel, i32, i64, ptr
 from .render import _RENDERERS, KernelSource, _emit, _name, rope_math_params
@@ -283,9 +274,6 @@ class QGemvSpec(_Spec):
     rope: Any = None
     qkv_rows: tuple = ()
     rope_epi: bool = False
-    # warp: bytes of the packed weight at most that the warps ask L2 to prefetch before griddepcontrol.wait, as
-    # codegen/gemv.py GemvSpec's (l2_prefetch_bytes: each tile's slice of K); 0: none
-    l2_prefetch: int = 0
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -322,9 +310,6 @@ class QGemvSpec(_Spec):
             if self.group != self.k and not _pow2(self.group // ck):
                 _fail(self, "group", f"the warp variant needs a power of two of {ck}-column chunks per group "
                       f"(or one group per row), got {self.group}")
-        check_l2_prefetch(self)
-        if self.l2_prefetch and not self.warp:
-            _fail(self, "l2_prefetch", "the L2 prefetch is the warp variant's (16-bit runs; 0 otherwise)")
         if self.tpw not in WARP_TPW or (self.tpw > 1 and not self.warp):
             _fail(self, "tpw", f"{self.tpw!r}: tiles per warp are the warp variant's (16-bit runs), one of {WARP_TPW}")
         if self.bps not in WARP_BPS or (self.bps != WARP_MIN_BLOCKS and not self.warp):
@@ -411,7 +396,6 @@ def _render(s: QGemvSpec) -> KernelSource:
         splat="__bfloat162bfloat162" if s.dtype == "bf16" else "__half2half2",
         magic="0x43004300u" if s.dtype == "bf16" else "0x64006400u",
         magic_byte="0x43434343u" if s.dtype == "bf16" else "0x64646464u",
-        pf=0,  # the warp variant's L2 prefetch (below)
     )
     meta = dict(threads=WARPS * 32, warps=WARPS, tiles=params["tiles"], nch=nch, ck=ck, kpl=kpl, qoff=qoff,
                 variant=s.variant if s.streams or s.warp else "loop", splits=s.splits, tpb=1)
@@ -434,8 +418,7 @@ def _render(s: QGemvSpec) -> KernelSource:
         whole = not params["k_tail"] and all(n % unroll == 0 for n in lens if n > 0)
         params.update(tpw=s.tpw, ksplit=s.ksplit, cps=cps, unroll=unroll, nr=nr, span=span, gch=gch or 0,
                       single=gch is None, blocks=blocks, min_blocks=s.bps, max_t=WARP_MAX_T, whole=whole,
-                      stepped=s.ksplit == 1,
-                      pf=l2_prefetch_bytes(s.l2_prefetch, params["tiles"] * nch * 512, cps * 512))
+                      stepped=s.ksplit == 1)
         meta.update(blocks=blocks, tpw=s.tpw, ksplit=s.ksplit, bps=s.bps, cps=cps, unroll=unroll)
     elif meta["variant"] == "persist":
         cps = _cps(s.fmt, s.k, s.splits)
@@ -623,7 +606,6 @@ class Packed:
     pairs: tuple[int, int] | None = None  # (gate_row, up_row): rows packed in (gate, up) pairs (`paired`)
     rope: Any = None  # a RopeCacheSpec: rows packed in the rotary epilogue's pairs (`rope_paired`) ...
     qkv_rows: tuple = ()  # ... q's, k's and v's first rows in W
-    l2_prefetch: int = 0  # the warp variant's QGemvSpec.l2_prefetch (the runtime's KILN_L2_PREFETCH sets it)
 
     def spec(self, dtype: torch.dtype, tokens: int, has_bias: bool, num_sms: int = 132,
              epilogue=None, rope_epi: bool = False) -> QGemvSpec:
@@ -645,8 +627,7 @@ class Packed:
             tpw, ksplit, bps = self.warp_pick or (*choose_warp(self.n, self.k, self.group, num_sms), WARP_MIN_BLOCKS)
             return QGemvSpec(self.fmt, self.mode, self.n, self.k, self.group, tokens, has_bias, dtype_name(dtype),
                              self.origin, variant, tpw=tpw, ksplit=ksplit, bps=bps, **rows,
-                             epilogue=epilogue.key() if epilogue is not None else None, rope_epi=rope_epi,
-                             l2_prefetch=self.l2_prefetch)
+                             epilogue=epilogue.key() if epilogue is not None else None, rope_epi=rope_epi)
         if variant == "stream" and dtype != torch.float32:
             splits = self.splits or choose_splits(self.fmt, self.n, self.k, tokens, num_sms)
         elif variant == "persist" and dtype != torch.float32:
@@ -754,19 +735,6 @@ class Packed:
             spec = dataclasses.replace(spec, origin=origin)
         qgemv(spec, x, self.wq, self.records(x.dtype), out, bias)
         return out
-
-    def l2_ranges(self, dtype: torch.dtype, num_sms: int = 132) -> list[tuple[torch.Tensor, list]] | None:
-        """What its one-row GEMV (the warp variant) streams, for a prefetch ahead of it (codegen/l2_ahead.py):
-        [(the packed weight, its tiles' K slices: gemv.row_slices), (the records for `dtype`, each tile's
-        whole)]; None where another variant runs it."""
-        spec = self.spec(dtype, 8, False, num_sms)
-        if not spec.warp:
-            return None
-        tiles, nch = math.ceil(self.n / 16), math.ceil(self.k / FORMATS["int4"][0])
-        cps = warp_shape(self.k, self.group, spec.tpw, spec.ksplit)[0]
-        rec = self.records(dtype)
-        per_tile = rec[0].numel() * rec.element_size()
-        return [(self.wq, row_slices(tiles, nch * 512, cps * 512)), (rec, [(0, per_tile, tiles, per_tile)])]
 
     def warp_takes(self, dtype: torch.dtype, tokens: int) -> bool:
         """Whether the warp variant serves this weight at bucket `tokens` (8: T <= WARP_MAX_T)."""

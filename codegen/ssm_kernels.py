@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from kiln.dsl.ops.elementwise import KERNEL_ACTIVATIONS
 
-from .render import _RENDERERS, KernelSource, _emit, _name, f32
-from .specs import NormSpec, _dtype, _fail, _positive, _Spec
+from .render import _RENDERERS, KernelSource, _emit, _name
+from .specs import _dtype, _fail, _positive, _Spec
 
 CONV_THREADS = 128  # channels per conv block
 CONV_TOKENS = 64  # tokens per conv block of a prefill chunk (blocks over a sequence's tokens run at once)
@@ -103,10 +102,6 @@ class SsmConvScanSpec(_Spec):
     block_rows: int = FUSED_ROWS
     dtype: str = "bf16"
     origin: str = ""
-    # The gated norm after the scan, rms(y * gate(z)) per group (Mamba-2's; a NormSpec, origin stripped), fused
-    # (KILN_SSM_NORM_FUSE, runtime/cuda_ssm.py): the last block of each (sequence, group) to write its y rows
-    # normalises the group's y in place, so `out` holds the norm's output. None: out holds y.
-    norm: Any = None
 
     def __post_init__(self):
         _positive(self, "heads", "head_dim", "d_state", "groups", "kernel", "block_rows")
@@ -117,10 +112,6 @@ class SsmConvScanSpec(_Spec):
             _fail(self, "kernel", f"must be >= 2 (a width-1 conv keeps no state), got {self.kernel}")
         if self.act and self.act not in KERNEL_ACTIVATIONS:
             _fail(self, "act", f"must be '' or one of {KERNEL_ACTIVATIONS}, got {self.act!r}")
-        if self.norm is not None:
-            why = norm_refusal(self.norm, self.heads * self.head_dim, self.groups, self.dtype)
-            if why:
-                _fail(self, "norm", why)
 
     @classmethod
     def of(cls, conv: SsmConvSpec, scan: SsmScanSpec, origin: str) -> SsmConvScanSpec | None:
@@ -149,23 +140,6 @@ class SsmConvScanSpec(_Spec):
     def threads(self) -> int:
         """Whole warps (every lane takes the shuffles): lane groups past the block's rows idle."""
         return min(FUSED_THREADS, -(-self.rows_per_block * self.lanes // 32) * 32)
-
-
-def norm_refusal(norm, rows: int, groups: int, dtype: str) -> str:
-    """Why the fused conv + scan kernel cannot run `norm` after its scan (of `rows` = heads x head_dim outputs in
-    `groups` groups), or "": an rms norm of y * gate(z) (no residual, no bias), one group of it per scan group,
-    the run dtype. The kernel's last block per (sequence, group) normalises that group."""
-    if not isinstance(norm, NormSpec):
-        return f"must be a NormSpec, got {type(norm).__name__}"
-    if norm.kind != "rms" or not norm.gate or norm.has_residual or norm.has_bias:
-        return "the fused norm is a gated rms norm (no residual, no bias)"
-    if norm.hidden != rows or norm.width * groups != rows:
-        return f"its groups ({norm.hidden} features, {norm.width} a group) must be the scan's ({rows}, {groups} groups)"
-    if norm.dtype != dtype:
-        return f"dtype {norm.dtype!r} is not the scan's {dtype!r}"
-    if norm.gate not in KERNEL_ACTIVATIONS:
-        return f"gate {norm.gate!r} is not a kernel activation"
-    return ""
 
 
 def _conv_render(s: SsmConvSpec) -> KernelSource:
@@ -207,22 +181,11 @@ def _conv_scan_render(s: SsmConvScanSpec) -> KernelSource:
                   prologue=prologue, per_thread=-(-prologue // threads),
                   shuffles=[lanes >> i for i in range(1, int(math.log2(lanes)) + 1)],
                   state_row=s.d_state, state_slot=rows * s.d_state,
-                  a_len=s.d_state // lanes if s.a_per_state else 1, a_index="j" if s.a_per_state else "0",
-                  norm=_norm_params(s.norm, threads))
+                  a_len=s.d_state // lanes if s.a_per_state else 1, a_index="j" if s.a_per_state else "0")
     name = _name(f"ssm_conv_scan_h{s.heads}_p{s.head_dim}_n{s.d_state}_g{s.groups}_k{s.kernel}"
-                 f"{'_' + s.act if s.act else ''}{'_gnorm' if s.norm is not None else ''}", s)
+                 f"{'_' + s.act if s.act else ''}", s)
     meta = dict(threads=threads, lanes=lanes, rows_per_block=rb, blocks=rows // rb)
     return _emit("ssm_conv_scan.cu.j2", name, s, params, [name], meta)
-
-
-def _norm_params(norm, threads: int) -> dict | None:
-    """The fused gated norm as the template reads it: its constants spelled as render.py's norm spells them."""
-    if norm is None:
-        return None
-    w = norm.width
-    return dict(width=w, iters=-(-w // threads), gate=norm.gate, eps=f32(norm.eps), inv_width=f32(1.0 / w),
-                per_group_weight=norm.per_group_weight and norm.group > 0,
-                weight_offset=f32(norm.weight_offset) if norm.weight_offset else "")
 
 
 _RENDERERS[SsmConvSpec] = _conv_render

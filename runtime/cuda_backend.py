@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from kiln.codegen import gemv as G
 from kiln.codegen import kernels as K
-from kiln.codegen import l2_ahead
 from kiln.codegen.fuse import Exec, KOp, fuse
 from kiln.codegen.fuse import origin as fuse_origin
-from kiln.codegen.specs import KernelSpecError, dtype_name
+from kiln.codegen.specs import KernelSpecError
 from kiln.dsl.ops import OPS, OpKind
 from kiln.dsl.plan import Plan, Value, WeightArg, fetch
 from kiln.dsl.quant import QWeight
@@ -89,27 +88,6 @@ FRESH_SDPA = os.environ.get("KILN_FRESH_SDPA", "0")
 # 4.08 / 4.13 against 3.23 / 3.26). Read when a step runs (and is captured).
 PDL_CHAIN = os.environ.get("KILN_PDL_CHAIN", "attention")
 _CHAINS = ("0", "1", "norm", "attention")
-# Decode GEMVs that ask L2 to prefetch their weight before griddepcontrol.wait (templates/l2_prefetch.cuh.j2):
-# launched as programmatic dependents, they are resident while the kernel before runs, and where that kernel
-# is short and latency-bound (a norm, decode attention, a state-space step: not a GEMV streaming its own
-# weight) DRAM idles meanwhile. KILN_L2_PREFETCH: "0" (the default, none), "1" (up to half the device's L2
-# per GEMV) or a budget in MiB; KILN_L2_PREFETCH_AFTER: "small" (the default: only GEMVs after such a
-# kernel) or "all". The same bits either way (a prefetch is a hint). Not measured yet (written in session
-# 22 without a device). Read when the model is built.
-L2_PREFETCH = os.environ.get("KILN_L2_PREFETCH", "0")
-L2_PREFETCH_AFTER = os.environ.get("KILN_L2_PREFETCH_AFTER", "small")
-# Steps whose kernels stream weights themselves: a GEMV after one gains nothing from prefetching (DRAM is busy).
-_STREAMING = (Exec.GEMM, Exec.MOE)
-# The same, ahead, on a second stream (codegen/l2_ahead.py): after the GEMV before a stretch of short kernels, a
-# prefetch kernel asks L2 for the next two GEMVs' weights (L2_AHEAD_TARGETS), up to the budget, so that they land
-# while the whole stretch runs (decode attention, a state-space step and a norm, not only the kernel just before
-# the GEMV). KILN_L2_PREFETCH_AHEAD: "0" (the default, none), "1" (half the device's L2) or a budget in MiB. In
-# decode-sized steps only (L2_AHEAD_ROWS tokens at most). Not measured yet (session 22, without a device). Read
-# when the model is built.
-L2_AHEAD = os.environ.get("KILN_L2_PREFETCH_AHEAD", "0")
-L2_AHEAD_TARGETS = 2
-L2_AHEAD_ROWS = 8
-_AHEAD_SPEC = l2_ahead.L2AheadSpec(origin="runtime/cuda_backend.py L2_AHEAD: the weights of the GEMVs after a stretch")
 
 
 def _chain(kind: str) -> bool:
@@ -117,47 +95,6 @@ def _chain(kind: str) -> bool:
     if PDL_CHAIN not in _CHAINS:
         raise KernelSpecError(f"KILN_PDL_CHAIN={PDL_CHAIN!r}: must be one of {', '.join(_CHAINS)}")
     return PDL_CHAIN in ("1", kind)
-
-
-def l2_prefetch_budget(setting: str, l2_bytes: int) -> int:
-    """KILN_L2_PREFETCH's bytes a GEMV may prefetch: "0" none, "1" half of an L2 of `l2_bytes`, "N" N MiB."""
-    if setting == "1":
-        return l2_bytes // 2
-    if not setting.isdigit():
-        raise KernelSpecError(f"KILN_L2_PREFETCH={setting!r}: must be 0, 1 (half the L2) or a budget in MiB")
-    return int(setting) << 20
-
-
-def l2_ahead_plan(ops: list[KOp], targets: int = L2_AHEAD_TARGETS) -> dict[int, list[int]]:
-    """{m: the GEMM steps a prefetch forked off after step m covers}: m a weight-streaming step (_STREAMING) that a
-    stretch of other steps (or a GEMM step's prologue) follows before the next GEMM step n; the GEMM steps from n
-    on, `targets` of them at most."""
-    gemms = [n for n, op in enumerate(ops) if op.kind is Exec.GEMM]
-    plan = {}
-    for i, n in enumerate(gemms):
-        m = max((j for j in range(n) if ops[j].kind in _STREAMING), default=None)
-        if m is None or (m == n - 1 and "prologue" not in ops[n].extra):
-            continue  # nothing streams before it, or nothing runs between: no stretch
-        plan[m] = gemms[i:i + targets]
-    return plan
-
-
-def l2_prefetch_plan(ops: list[KOp], budget: int, after: str = "small") -> dict[int, int]:
-    """{GEMM step index: bytes its GEMV may prefetch into L2} (L2_PREFETCH): with after="small", the GEMM steps
-    whose kernel before is not a weight stream (_STREAMING) or that run a prologue's kernel first; with "all",
-    every GEMM step. Empty for a budget of 0."""
-    if after not in ("small", "all"):
-        raise KernelSpecError(f"KILN_L2_PREFETCH_AFTER={after!r}: must be small or all")
-    if budget <= 0:
-        return {}
-    plan = {}
-    for n, op in enumerate(ops):
-        if op.kind is not Exec.GEMM:
-            continue
-        before = Exec.NORM if "prologue" in op.extra else ops[n - 1].kind if n else None
-        if after == "all" or before not in _STREAMING:
-            plan[n] = budget
-    return plan
 
 
 def _nothing() -> None:
@@ -249,17 +186,6 @@ class CudaModel:
                     self.weights.pop(name, None)
             elif op.spec is not None:
                 op.spec = canon(op.spec)
-        # GEMVs that prefetch their weight into L2 before their wait (L2_PREFETCH): bf16 weights at each launch
-        # (self._l2), quantized ones carry it (QGemm.with_l2_prefetch).
-        l2 = torch.cuda.get_device_properties(self.device).L2_cache_size
-        self._l2 = l2_prefetch_plan(self.ops, l2_prefetch_budget(L2_PREFETCH, l2), L2_PREFETCH_AFTER)
-        for n, budget in self._l2.items():
-            w, b = self._gemm[n]
-            if isinstance(w, QGemm):
-                self._gemm[n] = (w.with_l2_prefetch(budget), b)
-        self._ahead = self._l2_ahead(l2_prefetch_budget(L2_AHEAD, l2)) if L2_AHEAD != "0" else {}
-        self._side = torch.cuda.Stream(self.device, priority=-1) if self._ahead else None  # (high; and l2_ahead's
-        # launches take the greatest priority themselves, which a captured graph keeps)
         # After the last step that mixes the rows (tokens) of a sequence (attention, the state-space
         # conv and scan: OpDef.mixes_rows), however it runs (a kernel, or the op's torch reference: e.g.
         # latent attention, ALiBi), only the rows whose logits are wanted need computing (a prefill
@@ -328,38 +254,6 @@ class CudaModel:
                 self._graphs[b] = _Graph(self, kv, b)
                 made += 1
         return made
-
-    def _l2_ahead(self, budget: int) -> dict[int, tuple[torch.Tensor, int]]:
-        """{step m: (its prefetch's segment table, its ranges)} of l2_ahead_plan, `budget` bytes each (L2_AHEAD)."""
-        sms = G._num_sms(self.device)
-        out = {}
-        for m, gemms in l2_ahead_plan(self.ops).items():
-            weights = []
-            for n in gemms:
-                w, _ = self._gemm[n]
-                if isinstance(w, QGemm):
-                    ranges = w.l2_ranges(self.dtype, sms)
-                elif isinstance(w, torch.Tensor) and G.weight_takes(w, self.dtype):
-                    ranges = [(w, G.l2_slices(w.shape[0], w.shape[1], dtype_name(self.dtype), sms))]
-                else:
-                    ranges = None
-                if not ranges or any(t.data_ptr() % 16 or any(v % 16 for sl in r for v in (sl[0], sl[1], sl[3]))
-                                     for t, r in ranges):
-                    break  # a GEMV with nothing to prefetch ahead of it (or not in 16-byte units): none after it
-                weights.append(([(t.data_ptr(), r) for t, r in ranges],
-                                sum(count * length for _, r in ranges for _, _, count, length in r)))
-            segments = l2_ahead.fit(weights, budget)
-            if segments:
-                out[m] = (l2_ahead.table(segments, self.device), sum(c for _, _, c, _ in segments))
-        return out
-
-    def _prefetch_ahead(self, m: int) -> None:
-        """Fork step m's prefetch (self._ahead) off onto the second stream: it starts once what the current stream
-        has queued so far is done (the GEMV before the stretch), and runs beside the stretch. _run joins it."""
-        segments, ranges = self._ahead[m]
-        self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._side):
-            l2_ahead.prefetch(_AHEAD_SPEC, segments, ranges)
 
     def drop_graphs(self) -> None:
         self._graphs.clear()
@@ -443,7 +337,6 @@ class CudaModel:
         env: dict[Value, torch.Tensor] = {Value("tokens"): tokens, Value("positions"): meta.positions}
         step = _Run(self, tokens, meta, kv, batch, tokens.shape[0])
         step.lora = lora[0] if lora is not None else None  # (all rows, sampled rows) grouped by adapter
-        ahead = self._ahead if step.T <= L2_AHEAD_ROWS else {}
         for n, op in enumerate(self.ops):
             if n == self._rows_from and rows is not None:
                 step.lora = lora[1] if lora is not None else None
@@ -455,15 +348,11 @@ class CudaModel:
             if run is None:
                 raise NotImplementedError(f"cuda backend: unhandled step '{op.kind}' ({op.instrs[0].op.pos})")
             run(self, op, env, step, n)
-            if n in ahead:
-                self._prefetch_ahead(n)
             if op.collectives and self.comm is not None:  # tensor parallel: in place where it can (NCCL:
                 for v, kind in op.collectives:              # captured in the graphs like the kernels)
                     env[v] = self.comm.collective(kind, env[v])
             if trace is not None:  # (not a q / k / v a linked qkv GEMV wrote rotated or into the cache: step.roped)
                 trace.update((o.id, env[o].clone()) for o in op.outs if o in env)
-        if ahead:  # the prefetches' stream joins this one (a graph's capture must end on one stream)
-            torch.cuda.current_stream(self.device).wait_stream(self._side)
         return env[self.plan.program.output]
 
     # -- one method per kind of step ----------------------------------------------------------
@@ -474,15 +363,13 @@ class CudaModel:
             return
         epi = op.extra.get("epilogue")
         if epi is not None:
-            if not self._gemv_epilogue(op, epi, w, b, env, step, n):
+            if not self._gemv_epilogue(op, epi, w, b, env, step):
                 self._gemm_step(op.extra["gemm"], env, step, n)  # the GEMM as it was, then the activation's kernel
                 _RUN[epi.kind](self, epi, env, step, n)
             return
         pro = op.extra.get("prologue")
-        if pro is not None and all(o in env for o in pro.outs):
-            op = op.extra["gemm"]  # the step before computed the prologue too (cuda_ssm.py's fused gated norm)
-        elif pro is not None:
-            if self._gemv_prologue(op, pro, w, b, env, step, n):
+        if pro is not None:
+            if self._gemv_prologue(op, pro, w, b, env, step):
                 return
             _RUN[pro.kind](self, pro, env, step, n)  # the prologue's own kernel, then the GEMM as it was
             op = op.extra["gemm"]
@@ -490,7 +377,7 @@ class CudaModel:
         if isinstance(w, (QGemm, SplitGemm)):
             y = w(x, b, step.meta.valid)
         elif GEMV in ("1", "pdl") and x.shape[0] <= GEMV_ROWS and G.takes(x, w):
-            y = G.linear(x, w, b, pdl=GEMV == "pdl", origin=fuse_origin(op.instrs[0]), l2_prefetch=self._l2.get(n, 0))
+            y = G.linear(x, w, b, pdl=GEMV == "pdl", origin=fuse_origin(op.instrs[0]))
         else:
             y = torch.nn.functional.linear(x, w, b)
         if step.lora is not None:  # each row's LoRA adapter: y += (x A^T) B^T (runtime/lora.py)
@@ -501,7 +388,7 @@ class CudaModel:
         else:
             env[op.outs[0]] = y
 
-    def _gemv_prologue(self, op: KOp, pro: KOp, w, b, env, step: "_Run", n: int) -> bool:
+    def _gemv_prologue(self, op: KOp, pro: KOp, w, b, env, step: "_Run") -> bool:
         """A GEMM step with a prologue as one GEMV launch (codegen/gemv.py gemv_prologue) where the GEMV
         runs it: a few rows, a plain weight the GEMV takes, no LoRA, a prologue it computes, inputs it can
         read with 16-byte vectors. False: nothing ran."""
@@ -517,7 +404,7 @@ class CudaModel:
         gemm = op.extra["gemm"]
         origin = f"{fuse_origin(pro.instrs[-1])} -> {fuse_origin(gemm.instrs[0])}"
         spec = G.spec_for(w.shape[0], w.shape[1], pro.spec.dtype, b is not None, origin, G._num_sms(self.device),
-                          prologue=pro.spec, l2_prefetch=self._l2.get(n, 0))
+                          prologue=pro.spec)
         y = torch.empty(step.T, w.shape[0], dtype=self.dtype, device=self.device)
         norm = pro.kind is Exec.NORM
         r = torch.empty_like(ins[0]) if norm and pro.spec.has_residual else None
@@ -532,7 +419,7 @@ class CudaModel:
             env[gemm.outs[0]] = y
         return True
 
-    def _gemv_epilogue(self, op: KOp, epi: KOp, w, b, env, step: "_Run", n: int) -> bool:
+    def _gemv_epilogue(self, op: KOp, epi: KOp, w, b, env, step: "_Run") -> bool:
         """A GEMM step with a gated activation after it as one GEMV launch (codegen/gemv.py's epilogue; fp8
         weights: QGemm.gemv_epilogue) where the GEMV runs it: a few rows (fp8: one), a weight the GEMV takes,
         no LoRA. False: nothing ran."""
@@ -554,7 +441,7 @@ class CudaModel:
             if not G.prologue_takes(x):
                 x = x.contiguous()
             spec = G.spec_for(w.shape[0], w.shape[1], epi.spec.dtype, b is not None, origin, G._num_sms(self.device),
-                              epilogue=epi.spec, halves=halves, l2_prefetch=self._l2.get(n, 0))
+                              epilogue=epi.spec, halves=halves)
             y = torch.empty(step.T, spec.n, dtype=self.dtype, device=self.device)
             G.gemv(spec, x, w, y, b, pdl=GEMV == "pdl")
         env[epi.outs[0]] = y
@@ -577,8 +464,7 @@ class CudaModel:
                 or G.rope_epilogue_refusal(rope, rope.dtype):
             return False
         if pro is not None:  # (fuse.py's gemv_prologue too) its own kernel first: a GEMV has one or the other
-            if not all(o in env for o in pro.outs):  # (unless the step before computed it)
-                _RUN[pro.kind](self, pro, env, step, n)
+            _RUN[pro.kind](self, pro, env, step, n)
             op = op.extra["gemm"]
         x = env[op.ins[0]]
         qkv = _rope_qkv_rows(op, att)
@@ -593,7 +479,7 @@ class CudaModel:
             if not G.prologue_takes(x):
                 x = x.contiguous()
             spec = G.spec_for(w.shape[0], w.shape[1], rope.dtype, b is not None, origin, G._num_sms(self.device),
-                              epilogue=rope, halves=qkv, l2_prefetch=self._l2.get(n, 0))
+                              epilogue=rope, halves=qkv)
             q = torch.empty(step.T, rope.heads * rope.head_dim, dtype=self.dtype, device=self.device)
             G.gemv_rope(spec, x, w, q, meta.positions, meta.slots, kv.k[site], kv.v[site], b, kv.k_scale[site],
                         kv.v_scale[site], pdl=GEMV == "pdl")

@@ -119,9 +119,6 @@ class QGemm:
     origin: str = "linear"
     packed: "Packed | None" = None  # weight-only formats with a generated kernel
     partial: torch.Tensor | None = None  # fp8 dynamic per-tensor: the amax launch's block maxima
-    # bytes of the weight at most that its one-row GEMVs (fp8 "mma", int4 warp) ask L2 to prefetch before their
-    # griddepcontrol.wait (codegen/gemv.py l2_prefetch_bytes); 0: none. `with_l2_prefetch` sets it.
-    l2_prefetch: int = 0
 
     def quantize_act(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x -> (fp8 values, fp32 scale) through the generated kernel (templates/quant_act.cu.j2): the
@@ -176,7 +173,7 @@ class QGemm:
             return None
         return gemv_fp8.linear(x, *self.real_rows(), bias, self.input_scale if self.desc.act_static else None,
                                pdl=FP8_GEMV == "pdl", origin=origin, decode="mma", epilogue=epilogue,
-                               halves=halves, l2_prefetch=self.l2_prefetch)
+                               halves=halves)
 
     def paired(self, halves: tuple[int, int], dtype: torch.dtype | None = None) -> "QGemm":
         """This GEMM with its packed int4 weight's two halves (gate_row, up_row) = `halves` packed in (gate, up)
@@ -199,24 +196,6 @@ class QGemm:
                 or not self.packed.can_rope_pair(rope, tuple(qkv_rows)):
             return self
         return self._repacked(self.packed.rope_paired(rope_epilogue_spec(rope), tuple(qkv_rows)), dtype)
-
-    def with_l2_prefetch(self, budget: int) -> "QGemm":
-        """This GEMM with its one-row GEMVs prefetching up to `budget` bytes of the weight into L2 before their
-        wait (runtime/cuda_backend.py l2_prefetch_plan decides where); the packed weight's too."""
-        packed = dataclasses.replace(self.packed, l2_prefetch=budget) if self.packed is not None else None
-        return dataclasses.replace(self, l2_prefetch=budget, packed=packed)
-
-    def l2_ranges(self, dtype: torch.dtype, num_sms: int) -> list[tuple[torch.Tensor, list]] | None:
-        """What its one-row GEMV streams, for a prefetch ahead of it (codegen/l2_ahead.py): [(tensor, its
-        codegen/gemv.py row_slices)]; None where no such GEMV runs it (a format without one, x in fp32)."""
-        if self.packed is not None:
-            return self.packed.l2_ranges(dtype, num_sms)
-        d = self.desc
-        if d.dtype != "fp8" or d.act not in ("fp8_tensor", "fp8_token") or FP8_GEMV_DECODE != "mma" \
-                or dtype == torch.float32:
-            return None
-        q = self.real_rows()[0]
-        return [(q, gemv_fp8.l2_slices(q.shape[0], q.shape[1], num_sms))]
 
     def _repacked(self, packed: "Packed", dtype: torch.dtype | None) -> "QGemm":
         """This GEMM on `packed` (a new layout of its weight), its records for `dtype` built now (before any graph
@@ -244,7 +223,7 @@ class QGemm:
             return None
         return gemv_fp8.linear(x, *self.real_rows(), bias, self.input_scale if self.desc.act_static else None,
                                pdl=FP8_GEMV == "pdl", origin=origin, decode="mma", epilogue=rope,
-                               halves=qkv_rows, rope=cache, l2_prefetch=self.l2_prefetch)
+                               halves=qkv_rows, rope=cache)
 
     def real_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp8 (q, scale) without `prepare`'s padding rows, for the one-row GEMVs, which take any row count
@@ -276,8 +255,7 @@ class QGemm:
                     and gemv_fp8.takes(x, self.q) and (bias is None or bias.dtype == x.dtype)):
                 # one token: per-token and per-tensor activation scales are the same number
                 return gemv_fp8.linear(x, *self.real_rows(), bias, self.input_scale if d.act_static else None,
-                                       pdl=FP8_GEMV == "pdl", origin=self.origin, decode=FP8_GEMV_DECODE,
-                                       l2_prefetch=self.l2_prefetch)
+                                       pdl=FP8_GEMV == "pdl", origin=self.origin, decode=FP8_GEMV_DECODE)
             kernel = ACT_KERNEL and x.is_cuda and x.shape[1] % (16 // x.element_size()) == 0
             xq, sx = self.quantize_act(x, valid) if kernel else self.quantize_act_torch(x, valid)
             padded = self.q.shape[0] != n

@@ -11,24 +11,12 @@ host, and a state-space model decodes through the CUDA graphs.
 
 from __future__ import annotations
 
-import dataclasses
-import os
-
 import torch
 from kiln.codegen import kernels as K
 from kiln.codegen.fuse import Exec, KOp, ssm_fuse_enabled
-from kiln.codegen.specs import KernelSpecError
-from kiln.codegen.ssm_kernels import norm_refusal
-from kiln.dsl.plan import Value, WeightArg, fetch
+from kiln.dsl.plan import WeightArg, fetch
 
 from .batch import StepBatch
-
-# The gated norm after a fused conv + scan step (Mamba-2's rms(y * silu(z)) before out_proj, the next GEMM step's
-# prologue) in the same decode kernel ("1", KILN_SSM_NORM_FUSE=1): its last block per (sequence, group)
-# normalises the group (codegen/ssm_kernels.py SsmConvScanSpec.norm), which spares the norm's launch, about 2.5 of
-# a 2.7B layer's 36 us at batch 1 (BENCHMARKS.md, session 8's profile). Off ("0") until measured: written in
-# session 22 without a device. Read when the model is built.
-SSM_NORM_FUSE = os.environ.get("KILN_SSM_NORM_FUSE", "0")
 
 
 class SsmSteps:
@@ -54,11 +42,6 @@ class SsmSteps:
         self.fuse = ssm_fuse_enabled()
         self.counters = torch.zeros(max(model.max_batch, 1) * groups, dtype=torch.int32, device=model.device)
         self._retired: list[torch.Tensor] = []
-        # {id(conv + scan step): the gated-norm prologue of the GEMM step after it}, fused into its decode kernel
-        if SSM_NORM_FUSE not in ("0", "1"):
-            raise KernelSpecError(f"KILN_SSM_NORM_FUSE={SSM_NORM_FUSE!r}: must be 0 or 1")
-        self.norms = norm_fusions(model.ops) if self.fuse and SSM_NORM_FUSE == "1" else {}
-        self.norm_counters = torch.zeros_like(self.counters) if self.norms else None
 
     def __bool__(self) -> bool:
         return bool(self.ops)
@@ -139,18 +122,6 @@ class SsmSteps:
                 self._retired.append(self.counters)
                 self.counters = torch.zeros(max(S, self.model.max_batch) * spec.groups, dtype=torch.int32,
                                             device=xbc.device)
-                if self.norm_counters is not None:
-                    self._retired.append(self.norm_counters)
-                    self.norm_counters = torch.zeros_like(self.counters)
-            pro = self.norms.get(id(op))
-            if pro is not None:  # the gated norm too: out is its output, and the GEMM step skips its prologue
-                spec = dataclasses.replace(spec, norm=pro.spec.key(), origin=f"{spec.origin} -> {pro.spec.origin}")
-                K.ssm_conv_scan(spec, xbc, conv_w, conv_b, conv_state, dt, a_log, d, dt_bias, state, slots,
-                                meta.cu_seqlens, meta.kv_lens, self.counters, out, S, gate=env[pro.ins[1]],
-                                norm_weight=self.model.weights[pro.extra["weight"].name],
-                                norm_counters=self.norm_counters)
-                env[pro.outs[0]] = out
-                return
             K.ssm_conv_scan(spec, xbc, conv_w, conv_b, conv_state, dt, a_log, d, dt_bias, state, slots,
                             meta.cu_seqlens, meta.kv_lens, self.counters, out, S)
         else:
@@ -161,29 +132,3 @@ class SsmSteps:
             K.ssm_scan(op.extra["scan"], xs, dt, a_log, b, c, d, dt_bias, state, slots, meta.cu_seqlens,
                        meta.kv_lens, out, S)
         env[op.outs[0]] = out
-
-
-def norm_fusions(ops: list[KOp]) -> dict[int, KOp]:
-    """{id(conv + scan step): the gated-norm prologue its decode kernel can compute} (KILN_SSM_NORM_FUSE): a
-    conv + scan step whose next step is a GEMM step with a gated rms-norm prologue of the scan's output, which no
-    other step reads (the kernel overwrites it with the norm's output), in the scan's groups."""
-    out = {}
-    for n, op in enumerate(ops[:-1]):
-        nxt = ops[n + 1]
-        pro = nxt.extra.get("prologue") if nxt.kind is Exec.GEMM else None
-        if op.kind is not Exec.SSM or op.extra.get("op") != "conv_scan" or pro is None or pro.kind is not Exec.NORM:
-            continue
-        y = op.outs[0]
-        if pro.ins[0] != y or norm_refusal(pro.spec, op.spec.heads * op.spec.head_dim, op.spec.groups, op.spec.dtype):
-            continue
-        readers = [m for m, o in enumerate(ops) if m != n + 1 and y in _reads(o)]
-        if readers or y in nxt.extra["gemm"].ins:
-            continue
-        out[id(op)] = pro
-    return out
-
-
-def _reads(op: KOp) -> set:
-    """Every Value a step reads (its inputs and its instructions')."""
-    inputs = [*op.ins, *(a for ins in op.instrs for a in ins.inputs)]
-    return {a for a in inputs if isinstance(a, Value)}
