@@ -850,10 +850,8 @@ FP8_HOPPER_CASES = [(32, 8, 128, 0, True), (8, 2, 64, 0, True), (16, 2, 128, 100
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("case", FP8_HOPPER_CASES)
 @pytest.mark.parametrize("page_size", [16, 7])
-@pytest.mark.parametrize("splits", [1, pytest.param(3, marks=pytest.mark.xfail(
-    strict=True, reason="a known bug (BENCHMARKS.md, session 22): the split-KV form on fp8 pages is 0.48-0.73 off "
-    "for sequences past one key tile; the plain form passes. KILN_PREFILL_FP8_SM90 stays opt-in until it is fixed"))])
-def test_fp8_kv_prefill_wgmma(dtype, case, page_size, splits, monkeypatch):
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fp8_kv_prefill_wgmma(dtype, case, page_size, splits, monkeypatch, request):
     """KILN_PREFILL_FP8_SM90=1: the wgmma prefill kernel on fp8 pages (each tile's bytes copied, then converted
     exactly in shared memory; k_scale in the score scale, v_scale in the output), plain and split-KV, against
     the reference on the pages' values and against the mma kernel on the same pages. Fresh prompts, chunks
@@ -862,6 +860,11 @@ def test_fp8_kv_prefill_wgmma(dtype, case, page_size, splits, monkeypatch):
     from kiln.codegen import render as R
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma prefill kernel is for Hopper GPUs")
+    if splits > 1 and case[4] and case[3] in (0, 37):  # strict: the day it passes, this mark must go
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "a known bug (BENCHMARKS.md, session 22): the split-KV form on fp8 pages is 0.48-0.73 off for causal "
+            "sequences past one key tile (no window, or window 37); the plain form, non-causal and window 100 pass. "
+            "KILN_PREFILL_FP8_SM90 stays opt-in until it is fixed")))
     H, KV, D, window, causal = case
     dt = DT[dtype]
     ks, vs = 0.05, 0.02
