@@ -33,11 +33,13 @@ ap.add_argument("--ctx", type=int, default=2048)
 ap.add_argument("--prefill", type=int, default=0, help="a mixed step: one more sequence's N-token prompt chunk")
 ap.add_argument("--graphs", action="store_true", help="decode steps as CUDA-graph replays (not with --prefill)")
 args = ap.parse_args()
+if args.graphs and args.prefill:
+    ap.error("--graphs: decode steps only (a step with --prefill runs eagerly)")
 
 config = json.load(open(args.config))
 m = random_model(args.spec, config, dtype="bf16", device="cuda", backend="cuda",
                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
-m.model.use_graphs = args.graphs and not args.prefill
+m.model.use_graphs = args.graphs
 ctx, B = args.ctx, args.batch
 per_seq = (ctx + args.steps + 8) // 16 + 1  # pages a sequence needs for the run
 P = args.prefill
@@ -84,10 +86,10 @@ for e in prof.events():
     if e.device_type == torch.autograd.DeviceType.CUDA:
         per[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
         count[e.name] += 1
-        kernels.append((e.time_range.end, e.time_range.start, e.name))
+        kernels.append((e.time_range.end, e.name))
 if args.graphs:
     kernels.sort()
-    for (end0, _, _), (end, _, name) in zip(kernels, kernels[1:]):
+    for (end0, _), (end, name) in zip(kernels, kernels[1:]):
         crit[name] += end - end0
     span = sum(crit.values()) / args.steps
     print(f"graphed: critical path per step {span / 1e3:.3f} ms (the kernels' ends, in order; includes the gaps "
