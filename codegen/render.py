@@ -137,7 +137,7 @@ DECODE_DYN_PART = os.environ.get("KILN_DECODE_DYN_PART", "0")
 # in session 10's profile of an fp8 mixed step (256 decode rows beside a 1,792-token prompt chunk) the mma
 # kernel took 6.88 of 42.99 ms, about 62 TFLOP/s, where the bf16 cache's wgmma kernel runs at 150-310. On the
 # H200 (session 22) its plain form passed its GPU test and its split-KV form did not (0.48-0.73 off past one key
-# tile; the test is marked as that known failure): do not turn it on until that is fixed.
+# tile), so the fp8 form is rendered without the split (_prefill_sm90): its launches are always whole.
 PREFILL_FP8_SM90 = os.environ.get("KILN_PREFILL_FP8_SM90", "0")
 
 
@@ -506,13 +506,19 @@ def _prefill_sm90(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
     name = _name(f"prefill_attn_sm90{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     # The merge: a thread per (row, 4 dims), as many rows per block as 256 threads hold
     merge_rows = max(1, 256 // (d // 4))
-    params.update(merge_rows=merge_rows, merge_groups=-(-rows // merge_rows), merge_threads=merge_rows * (d // 4))
+    # An fp8 cache: the plain form only. Its split-KV form was 0.48-0.73 off on the H200 (session 22) for causal
+    # sequences past one key tile, a fault not found (a tile-level model of its index arithmetic in float64
+    # matches the reference), so it is not rendered and prefill_splits keeps such launches whole.
+    split_form = not s.kv_fp8
+    params.update(merge_rows=merge_rows, merge_groups=-(-rows // merge_rows), merge_threads=merge_rows * (d // 4),
+                  split_form=split_form)
     # Entries: the kernel; its split-KV form and the merge of its partials (kernels.prefill_attention
     # picks the pair when the grid is too small for the GPU). split_kv: the launch may pick splits.
     meta = dict(threads=256, smem=smem, bm_tok=rows // gc, chunks=group // gc, bn=bn, mma=True, variant="sm90",
-                ws=False, split_kv=True, merge_threads=merge_rows * (d // 4), merge_groups=-(-rows // merge_rows),
+                ws=False, split_kv=split_form, merge_threads=merge_rows * (d // 4), merge_groups=-(-rows // merge_rows),
                 part_rows=rows)
-    return _emit("prefill_attn_sm90.cu.j2", name, s, params, [name, f"{name}_split", f"{name}_merge"], meta)
+    entries = [name, f"{name}_split", f"{name}_merge"] if split_form else [name]
+    return _emit("prefill_attn_sm90.cu.j2", name, s, params, entries, meta)
 
 
 SM90_SMEM_MAX = 227 * 1024  # a Hopper block's dynamic shared-memory limit
