@@ -12,6 +12,11 @@
 #   bash .ci/device_check.sh chunkab   session 21 (unrun): fp8 2048/128 (300 requests) and 1000/1000 with KILN_OVERLAP_CHUNKS=0 / 1 (steps after a prompt
 #                                         chunk launched ahead), then max batch 512 at a 2,048 and an 8,192-token budget
 #                                         (CHUNK_MORE: those runs; empty: none; ~100 s a run, so two calls)
+#   bash .ci/device_check.sh s23       session 23 (~7 min): GPU tests of the amax outputs (KILN_FP8_AMAX_FUSE) and of the fp8
+#                                         wgmma prefill without its split form, the fp8 model tests with both on, the fp8
+#                                         prefill kernel table, then an fp8 mixed step's profile: defaults, each switch
+#   bash .ci/device_check.sh s23thru   session 23: fp8 2048/128 (300 requests): defaults, KILN_PREFILL_FP8_SM90=1,
+#                                         KILN_FP8_AMAX_FUSE=1, a budget of 8,192 tokens (S23_THRU: the runs)
 #   bash .ci/device_check.sh fp8prefill  session 21 (unrun): KILN_PREFILL_FP8_SM90=1 (the wgmma prefill kernel on an fp8
 #                                         cache): its GPU tests and the fp8-cache model / mixed-step tests with it on, the
 #                                         kernel table (bench_kernels --only fp8prefill), an fp8 mixed step's profile 0 / 1,
@@ -177,6 +182,19 @@ for mode in "$@"; do
       for v in 0 1; do echo "KILN_OVERLAP=$v"; KILN_OVERLAP=$v timeout 90 $KILN bench throughput --config $L --requests 1 \
         --max-batch 1 --input-len 128 --output-len 256 2>&1 | grep -a -E "^\| (tpot_p50_ms|decode_step_ms_p50) |Error"; done ;;
     thru) thru_runs "${THRU:-bf16:1000:1000:1000}" ;;
+    s23)  # session 23: the fp8 wgmma prefill without its split form, and the norm / activation amax outputs
+      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_amax_fuse.py \
+        tests/gpu/test_kernels.py -k "amax or fp8_kv_prefill" 2>&1 | tee "$OUT/s23-kernels.log" \
+        | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      KILN_PREFILL_FP8_SM90=1 KILN_FP8_AMAX_FUSE=1 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider \
+        -n ${WORKERS:-8} tests/gpu/test_mixed_split.py tests/gpu/test_cuda_backend.py tests/gpu/test_quant_kernels.py \
+        tests/gpu/test_fp8_graph_padding.py -k "fp8" 2>&1 | tee "$OUT/s23-on.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      timeout 150 python3 -m kiln.codegen.bench_kernels --only fp8prefill 2>&1 | grep -a -E "^\||rror|prefill"
+      for v in "KILN_NOTHING=0" "KILN_PREFILL_FP8_SM90=1" "KILN_FP8_AMAX_FUSE=1"; do echo "== fp8 mixed step, $v"; env $v \
+        timeout 150 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batch 256 --ctx 1500 \
+        --prefill 1792 --steps 3 2>&1 | grep -v Warn | head -${TOP:-16}; done ;;
+    s23thru)  # session 23: fp8 2048/128 with the defaults, each switch, both; then a budget of 8,192 tokens a step
+      thru_runs "${S23_THRU-fp8:2048:128:300:256:2048 fp8:2048:128:300:256:2048:KILN_PREFILL_FP8_SM90=1 fp8:2048:128:300:256:2048:KILN_FP8_AMAX_FUSE=1 fp8:2048:128:300:256:8192}" ;;
     fp8prefill)  # session 21 (unrun): the wgmma prefill kernel on fp8 pages
       timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_kernels.py \
         -k "fp8_kv_prefill" 2>&1 | tee "$OUT/fp8prefill-kernels.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12

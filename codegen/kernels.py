@@ -76,7 +76,8 @@ def _kernel(spec, device) -> LoadedKernel:
     return get_kernel(spec, device)
 
 
-def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=None, gate=None, pdl: bool = False):
+def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=None, gate=None, pdl: bool = False,
+         amax=None, valid_rows=None):
     """out = norm(x [+ residual]) * (weight + offset) [+ bias]; residual_out = x + residual.
     Gated (spec.gate): out = norm(x * gate_act(gate)) * (weight + offset) [+ bias]. pdl: a programmatic
     dependent launch (LoadedKernel.launch_dependent). The norm, activation and rotary + KV write kernels
@@ -87,6 +88,8 @@ def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=
     x, residual, out, residual_out: [T, hidden]; residual_out may be residual (in place); gate
     [T, hidden], row-strided views work. With spec.group, each run of group features is normalised
     on its own; weight and bias [group], or [hidden / group, group] (spec.per_group_weight).
+    spec.amax: also each row's max |out| into amax (fp32 [T]; 0 for rows at or past valid_rows, int32 [1] on
+    the device, where given): the partials `quant_kernels.act_quant_fp8_folded` takes.
     """
     dt, h = _torch_dtype(spec), spec.hidden
     _check("x", x, dt)
@@ -120,10 +123,33 @@ def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=
             raise KernelArgError("bias: required by this layer norm")
         args.append(ptr(_check("bias", bias, dt, wshape, dev)))
     args.append(ptr(out))
+    args += _amax_args(spec, amax, valid_rows, T, dev)
     if spec.gate:
         args += [i64(gate.stride(0)), i32(gate_vec)]
     args.append(i32(T))
     k.launcher(pdl)(k.source.entries[0], (T * k.source.meta["groups"],), (k.source.meta["threads"],), args)
+
+
+def amax_parts(spec: NormSpec | ActSpec, T: int) -> int:
+    """How many partial maxima a launch of `spec` (NormSpec / ActSpec with amax) over T rows writes: one a row
+    (norm), one a block (activation: T x the row's segments)."""
+    if isinstance(spec, NormSpec):
+        return T
+    return T * render(spec).meta["chunks"]
+
+
+def _amax_args(spec, amax, valid_rows, T: int, dev) -> list:
+    """The amax / valid_rows kernel arguments of a norm or activation spec with `amax` (none without)."""
+    if not spec.amax:
+        if amax is not None:
+            raise KernelArgError("amax: this kernel's spec has no amax output (spec.amax)")
+        return []
+    if amax is None:
+        raise KernelArgError("amax: required by a spec with amax")
+    _check("amax", amax, torch.float32, (amax_parts(spec, T),), dev, aligned=False)
+    if valid_rows is not None:
+        _check("valid_rows", valid_rows, torch.int32, (1,), dev, aligned=False)
+    return [ptr(amax), ptr(valid_rows)]
 
 
 def slot_mapping(block_tables, seq_ids, positions, page_size: int):
@@ -388,9 +414,10 @@ def prefill_attention(
     )
 
 
-def activation(spec: ActSpec, out, x=None, gate=None, up=None, pdl: bool = False):
+def activation(spec: ActSpec, out, x=None, gate=None, up=None, pdl: bool = False, amax=None, valid_rows=None):
     """Plain: out = act(x). Gated: out = act(gate) * up, from x = [gate | up] ([T, 2F]) or from
-    two [T, F] tensors. out [T, F] contiguous. pdl: as norm's."""
+    two [T, F] tensors. out [T, F] contiguous. pdl: as norm's. spec.amax: also each block's max |out| into
+    amax (fp32 [amax_parts(spec, T)]), as norm's."""
     dt, F = _torch_dtype(spec), spec.features
     ref = x if x is not None else gate
     if ref is None:
@@ -415,11 +442,12 @@ def activation(spec: ActSpec, out, x=None, gate=None, up=None, pdl: bool = False
             _rows("gate", gate, dt, F, dev, align)
             _rows("up", up, dt, F, dev, align)
             g_ptr, u_ptr, gs, us, rows = gate.data_ptr(), up.data_ptr(), gate.stride(0), up.stride(0), gate.shape[0]
-        args = [(g_ptr, ctypes.c_void_p), (u_ptr, ctypes.c_void_p), ptr(out), i64(gs), i64(us), i32(T)]
+        args = [(g_ptr, ctypes.c_void_p), (u_ptr, ctypes.c_void_p), ptr(out),
+                *_amax_args(spec, amax, valid_rows, T, dev), i64(gs), i64(us), i32(T)]
     else:
         _rows("x", x, dt, F, dev, align)
         rows = x.shape[0]
-        args = [ptr(x), ptr(out), i64(x.stride(0)), i32(T)]
+        args = [ptr(x), ptr(out), *_amax_args(spec, amax, valid_rows, T, dev), i64(x.stride(0)), i32(T)]
     if rows != T:
         raise KernelArgError(f"input: {rows} rows, out has {T}")
     variant = meta["variant"]

@@ -987,6 +987,35 @@ def act_quant_fp8(spec: ActQuantSpec, x, q, scale, partial=None, per_sm: int | N
         [ptr(x), ptr(q), ptr(scale), ptr(partial), i32(blocks), i64(nvec)])
 
 
+def act_quant_fp8_folded(spec: ActQuantSpec, x, q, scale, partial):
+    """act_quant_fp8 of a dynamic per-tensor spec whose amax pass a producer already did: `partial` (fp32, every
+    value a maximum of |x| over some of x's real rows, zeros for the rest: NormSpec.amax / ActSpec.amax) is what
+    the second launch folds into the scale. One launch; the same bits as act_quant_fp8 over the same rows."""
+    dev = x.device
+    if spec.mode != "tensor" or spec.static:
+        raise KernelArgError(f"partial maxima: only a dynamic per-tensor scale folds them, not {spec.mode}"
+                             f"{' (static)' if spec.static else ''}")
+    _check("x", x, _torch_dtype(spec), device=dev)
+    if x.dim() != 2 or x.shape[1] != spec.k:
+        raise KernelArgError(f"x: shape {tuple(x.shape)}, expected [T, {spec.k}]")
+    T = x.shape[0]
+    _check("q", q, torch.float8_e4m3fn, (T, spec.k), dev, align=8)
+    _check("scale", scale, torch.float32, (), dev, aligned=False)
+    _check("partial", partial, torch.float32, device=dev, aligned=False)
+    if partial.dim() != 1 or partial.numel() < 1:
+        raise KernelArgError(f"partial: must be a non-empty vector, got shape {tuple(partial.shape)}")
+    if T == 0:
+        return
+    kern = get_kernel(spec, dev)
+    threads, vec = kern.source.meta["threads"], kern.source.meta["vec"]
+    nvec = T * spec.k // vec
+    blocks = act_blocks(x, kern.num_sms)
+    # a programmatic dependent where triggers are on: it waits (griddepcontrol.wait) before reading the partials
+    kern.launcher(render_module.PDL_TRIGGER)(kern.source.entries[-1], (blocks,), (threads,),
+                                             [ptr(x), ptr(q), ptr(scale), ptr(partial), i32(partial.numel()),
+                                              i64(nvec)])
+
+
 def act_blocks(x: torch.Tensor, num_sms: int = 132, per_sm: int | None = None) -> int:
     """Blocks of the per-tensor launches: enough to stream x, at most `per_sm` (ACT_BLOCKS_PER_SM) per
     SM: the second launch folds every block's partial."""

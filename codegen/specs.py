@@ -75,6 +75,9 @@ class NormSpec(_Spec):
     per_group_weight: bool = False  # weight (and bias) [hidden / g, g], a row per group; else [g]
     # A gated norm's prologue, norm(x * gate(z)) (fuse.py's gated_norm): the activation, "" for none
     gate: str = ""
+    # Also each row's max |out| into a [T] buffer: the partials of an fp8 per-tensor activation quantization of out
+    # (runtime/cuda_quant.py AMAX_FUSE), whose own amax launch is then skipped. Whole rows only (no group).
+    amax: bool = False
 
     @property
     def width(self) -> int:
@@ -100,6 +103,8 @@ class NormSpec(_Spec):
             _fail(self, "gate", f"must be '' or one of {', '.join(ACTIVATIONS)}, got {self.gate!r}")
         if self.gate and self.has_residual:
             _fail(self, "gate", "a gated norm has no fused residual add (one prologue per kernel)")
+        if self.amax and self.group:
+            _fail(self, "amax", "row maxima need whole rows (no group)")
 
 
 @dataclass(frozen=True)
@@ -287,6 +292,8 @@ class ActSpec(_Spec):
     # "rows" (a block per row segment, every load issued before any use): 98% of the H200's copy bandwidth
     # for SwiGLU at 8,192 x 14,336 against 77% for "flat" (benchmarks/2026-12-02-03.md, session 8)
     variant: str = "rows"
+    # Also each block's max |out| into a [T x chunks] buffer (as NormSpec.amax): the "rows" variants only.
+    amax: bool = False
 
     def __post_init__(self):
         if self.kind not in ACTIVATIONS:
@@ -298,6 +305,8 @@ class ActSpec(_Spec):
             _fail(self, "variant", f"must be one of {ACT_VARIANTS}, got {self.variant!r}")
         if self.unroll > 1 and self.variant != "flat":
             _fail(self, "unroll", f"applies to the 'flat' variant only, not {self.variant!r}")
+        if self.amax and self.variant not in ("rows", "rows_stream"):
+            _fail(self, "amax", f"block maxima need the 'rows' or 'rows_stream' variant, not {self.variant!r}")
         _dtype(self)
 
 

@@ -11,6 +11,7 @@ the table `_RUN`, keyed by codegen.fuse.Exec.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import weakref
@@ -186,6 +187,7 @@ class CudaModel:
                     self.weights.pop(name, None)
             elif op.spec is not None:
                 op.spec = canon(op.spec)
+        self._amax = self._amax_specs(canon)
         # After the last step that mixes the rows (tokens) of a sequence (attention, the state-space
         # conv and scan: OpDef.mixes_rows), however it runs (a kernel, or the op's torch reference: e.g.
         # latent attention, ALiBi), only the rows whose logits are wanted need computing (a prefill
@@ -217,6 +219,26 @@ class CudaModel:
         self._graph_kv = _nothing  # the KV store the graphs write to (weak: an engine's end frees it)
         self._lora = CudaLora(self)  # LoRA adapters of `self.lora` (a runtime/lora.py LoraSet, set by the engine)
         self.reserve(max_batch, max_context)
+
+    def _amax_specs(self, canon) -> dict:
+        """Norm and activation steps (on their own, or a GEMM step's prologue / epilogue that runs as its own
+        kernel) whose output an fp8 GEMM quantizes with a dynamic per-tensor scale (QGemm.takes_amax): id of the
+        step -> its spec with `amax`, so that the kernel also writes the output's partial maxima and the GEMM skips
+        its amax launch (cuda_quant.AMAX_FUSE). Empty where the switch is off or nothing is fp8."""
+        wanted = set()
+        for n, op in enumerate(self.ops):
+            w = self._gemm.get(n, (None,))[0]
+            if op.kind is Exec.GEMM and isinstance(w, QGemm) and w.takes_amax():
+                wanted.add(op.extra.get("gemm", op).ins[0])
+        found = {}
+        for op in self.ops:
+            for leaf in (op, op.extra.get("prologue"), op.extra.get("epilogue")):
+                if leaf is None or not leaf.outs or leaf.outs[0] not in wanted:
+                    continue
+                if leaf.kind is Exec.NORM and not leaf.spec.group \
+                        or leaf.kind is Exec.ACT and K.render(leaf.spec).meta["variant"] in ("rows", "rows_stream"):
+                    found[id(leaf)] = canon(dataclasses.replace(leaf.spec, amax=True))
+        return found
 
     def reserve(self, max_seqs: int, max_context: int) -> None:
         """Size the decode scratch for `max_seqs` sequences; graphs are captured up to that batch and
@@ -344,6 +366,7 @@ class CudaModel:
                 env = {name: v.index_select(0, rows) if v.dim() and v.shape[0] == step.T else v
                        for name, v in env.items() if name in self._live_tail}
                 step.T = rows.shape[0]
+                step.amax.clear()  # maxima over the rows before the gather
             run = _RUN.get(op.kind)
             if run is None:
                 raise NotImplementedError(f"cuda backend: unhandled step '{op.kind}' ({op.instrs[0].op.pos})")
@@ -351,6 +374,7 @@ class CudaModel:
             if op.collectives and self.comm is not None:  # tensor parallel: in place where it can (NCCL:
                 for v, kind in op.collectives:              # captured in the graphs like the kernels)
                     env[v] = self.comm.collective(kind, env[v])
+                    step.amax.pop(v, None)  # maxima of the rank's own values, not of the result
             if trace is not None:  # (not a q / k / v a linked qkv GEMV wrote rotated or into the cache: step.roped)
                 trace.update((o.id, env[o].clone()) for o in op.outs if o in env)
         return env[self.plan.program.output]
@@ -374,7 +398,9 @@ class CudaModel:
             _RUN[pro.kind](self, pro, env, step, n)  # the prologue's own kernel, then the GEMM as it was
             op = op.extra["gemm"]
         x = env[op.ins[0]]
-        if isinstance(w, (QGemm, SplitGemm)):
+        if isinstance(w, QGemm):
+            y = w(x, b, step.meta.valid, step.amax.get(op.ins[0]))
+        elif isinstance(w, SplitGemm):
             y = w(x, b, step.meta.valid)
         elif GEMV in ("1", "pdl") and x.shape[0] <= GEMV_ROWS and G.takes(x, w):
             y = G.linear(x, w, b, pdl=GEMV == "pdl", origin=fuse_origin(op.instrs[0]))
@@ -486,30 +512,44 @@ class CudaModel:
         step.roped[id(att)] = q
         return True
 
+    def _amax_out(self, op: KOp, step: "_Run"):
+        """(spec, partial maxima buffer or None) of a norm / activation step: its spec with `amax` and a buffer
+        for them where an fp8 GEMM quantizes its output per tensor (CudaModel._amax) from more than one row (one
+        row: the fp8 GEMV quantizes x itself)."""
+        spec = self._amax.get(id(op))
+        if spec is None or step.T < 2 or not cuda_quant._on("KILN_FP8_AMAX_FUSE", cuda_quant.AMAX_FUSE):
+            return op.spec, None
+        parts = torch.empty(K.amax_parts(spec, step.T), dtype=torch.float32, device=self.device)
+        step.amax[op.outs[0]] = parts
+        return spec, parts
+
     def _norm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
-        spec = op.spec
+        spec, parts = self._amax_out(op, step)
         out = torch.empty(step.T, spec.hidden, dtype=self.dtype, device=self.device)
         bias = self.weights[op.extra["bias"].name] if spec.has_bias else None
         w = self.weights[op.extra["weight"].name]
+        amax = dict(amax=parts, valid_rows=step.meta.valid) if parts is not None else {}
         if spec.has_residual:
             res_out = torch.empty_like(out)
             K.norm(spec, _c(env[op.ins[1]]), w, out, residual=_c(env[op.ins[0]]), residual_out=res_out, bias=bias,
-                   pdl=_chain("norm"))
+                   pdl=_chain("norm"), **amax)
             env[op.outs[1]] = res_out
         else:  # a gated norm (fuse.py's gated_norm) reads z, op.ins[1], as it is: row-strided views work
             K.norm(spec, _c(env[op.ins[0]]), w, out, bias=bias, gate=env[op.ins[1]] if spec.gate else None,
-                   pdl=_chain("norm"))
+                   pdl=_chain("norm"), **amax)
         env[op.outs[0]] = out
 
     def _attention_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         env[op.outs[0]] = self._attention(op, env, step.meta, step.kv, step.T, step.roped.pop(id(op), None))
 
     def _act_step(self, op: KOp, env, step: "_Run", n: int) -> None:
-        out = torch.empty(step.T, op.spec.features, dtype=self.dtype, device=self.device)
-        if op.spec.gated:
-            K.activation(op.spec, out, gate=env[op.ins[0]], up=env[op.ins[1]], pdl=_chain("act"))
+        spec, parts = self._amax_out(op, step)
+        amax = dict(amax=parts, valid_rows=step.meta.valid) if parts is not None else {}
+        out = torch.empty(step.T, spec.features, dtype=self.dtype, device=self.device)
+        if spec.gated:
+            K.activation(spec, out, gate=env[op.ins[0]], up=env[op.ins[1]], pdl=_chain("act"), **amax)
         else:
-            K.activation(op.spec, out, x=env[op.ins[0]], pdl=_chain("act"))
+            K.activation(spec, out, x=env[op.ins[0]], pdl=_chain("act"), **amax)
         env[op.outs[0]] = out
 
     def _embed_step(self, op: KOp, env, step: "_Run", n: int) -> None:
@@ -638,6 +678,8 @@ class _Run:
         self.lora = None  # runtime/lora.py LoraRows of this step's rows, if any has an adapter
         # attention step (id of its KOp) -> q its linked qkv GEMV rotated (CudaModel._gemv_rope), until it runs
         self.roped: dict[int, torch.Tensor] = {}
+        # value -> its partial maxima, written by the norm / activation kernel that wrote it (CudaModel._amax)
+        self.amax: dict[Value, torch.Tensor] = {}
         self.positions = meta.positions
         self._host: StepContext | None = None
 

@@ -38,6 +38,7 @@ from kiln.codegen.quant_kernels import (  # noqa: F401
     Packed,
     act_partials,
     act_quant_fp8,
+    act_quant_fp8_folded,
     pack,
     repack,
 )
@@ -92,6 +93,15 @@ INT4_GEMV_ROPE = os.environ.get("KILN_INT4_GEMV_ROPE", "1")
 # (bench_kernels --only fp8gemm) and fp8 throughput with it 0 / 1, and tests/gpu/test_quant_kernels.py bounds its
 # difference from the reference. Read when a step runs (and is captured).
 FP8_FAST_ACCUM = os.environ.get("KILN_FP8_FAST_ACCUM", "0")
+# fp8 activations with a dynamic per-tensor scale whose amax pass is done by the kernel that wrote them: the cuda
+# backend renders the RMS / layer norm and the activation (SwiGLU, ...) before such a GEMM with each row's (block's)
+# max |out| as a second output (NormSpec.amax / ActSpec.amax), and `quantize_act` then folds those partials into
+# the scale in its one quantize launch instead of two launches (the amax one reading x from DRAM again). The same
+# bits (the same maxima of the same stored values). In session 22's fp8 mixed step (256 decode rows + a 1,792-token
+# chunk) the activation quantization was 2.4 of 38.4 ms of kernels and 256 of 717 launches; this removes 96 of
+# those launches (the o projection's input keeps both). "1" on; "0" (the default) off: written in session 23
+# without device time (`.ci/device_check.sh amaxfuse`). Read when the backend is built and when a step runs.
+AMAX_FUSE = os.environ.get("KILN_FP8_AMAX_FUSE", "0")
 
 
 def _on(name: str, value: str) -> bool:
@@ -120,9 +130,11 @@ class QGemm:
     packed: "Packed | None" = None  # weight-only formats with a generated kernel
     partial: torch.Tensor | None = None  # fp8 dynamic per-tensor: the amax launch's block maxima
 
-    def quantize_act(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_act(self, x: torch.Tensor, valid: torch.Tensor | None = None,
+                     amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x -> (fp8 values, fp32 scale) through the generated kernel (templates/quant_act.cu.j2): the
-        same bits as the torch ops below, in one launch (per token, static) or two (dynamic per tensor)."""
+        same bits as the torch ops below, in one launch (per token, static) or two (dynamic per tensor).
+        amax: x's partial maxima from the kernel that wrote it (`takes_amax`): one launch, the same bits."""
         from kiln.codegen.specs import dtype_name
 
         d = self.desc
@@ -136,10 +148,20 @@ class QGemm:
             sx = self.input_scale.float().reshape(())
         else:
             sx = torch.empty((T, 1) if mode == "token" else (), dtype=torch.float32, device=x.device)
+        if amax is not None:
+            act_quant_fp8_folded(spec, x, xq, sx, amax)
+            return xq, sx
         if mode == "tensor" and not spec.static and (self.partial is None or self.partial.device != x.device):
             self.partial = act_partials(x.device)
         act_quant_fp8(spec, x, xq, sx, self.partial, valid_rows=valid if mode == "tensor" else None)
         return xq, sx
+
+    def takes_amax(self) -> bool:
+        """Whether this GEMM quantizes x (more than one row) with a dynamic per-tensor scale through the generated
+        kernel, and so can take x's partial maxima from the kernel that wrote x (AMAX_FUSE)."""
+        d = self.desc
+        return (_on("KILN_FP8_AMAX_FUSE", AMAX_FUSE) and ACT_KERNEL and self.packed is None and d.dtype == "fp8"
+                and d.act == "fp8_tensor" and not d.act_static)
 
     def quantize_act_torch(self, x: torch.Tensor,
                            valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,10 +264,12 @@ class QGemm:
                 and d.act in ("fp8_tensor", "fp8_token") and gemv_fp8.takes(x, self.q)
                 and (bias is None or bias.dtype == x.dtype))
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor | None = None,
+                 amax: torch.Tensor | None = None) -> torch.Tensor:
         """x's rows through the GEMM. valid: int32 [1] on the device, the rows of x that are real in a
         padded graph step (runtime/cuda_backend.py _Meta.valid): a measured per-tensor activation scale
-        is taken over them only. None: every row."""
+        is taken over them only. None: every row. amax: x's partial maxima over those rows from the kernel
+        that wrote x (`takes_amax`), used where x's quantization runs through the generated kernel."""
         d = self.desc
         if self.packed is not None:
             return self.packed.linear(x, bias)
@@ -257,7 +281,8 @@ class QGemm:
                 return gemv_fp8.linear(x, *self.real_rows(), bias, self.input_scale if d.act_static else None,
                                        pdl=FP8_GEMV == "pdl", origin=self.origin, decode=FP8_GEMV_DECODE)
             kernel = ACT_KERNEL and x.is_cuda and x.shape[1] % (16 // x.element_size()) == 0
-            xq, sx = self.quantize_act(x, valid) if kernel else self.quantize_act_torch(x, valid)
+            xq, sx = self.quantize_act(x, valid, amax if self.takes_amax() else None) if kernel \
+                else self.quantize_act_torch(x, valid)
             padded = self.q.shape[0] != n
             fast = _on("KILN_FP8_FAST_ACCUM", FP8_FAST_ACCUM)
             if self.scale.dim() == 0:

@@ -802,3 +802,25 @@ def test_a_bad_decode_grid_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(render_mod, "DECODE_GRID", "heads")
     with pytest.raises(KernelSpecError, match="KILN_DECODE_GRID='heads'"):
         render.__wrapped__(DecodeAttnSpec(32, 8, 128, 16, 0.1, origin="grid"))
+
+
+@pytest.mark.parametrize("spec", [
+    NormSpec("rms", 4096, 1e-5, origin="t amax", amax=True),
+    NormSpec("layer", 2048, 1e-5, has_bias=True, has_residual=False, dtype="fp16", origin="t amax", amax=True),
+    ActSpec("silu", True, 14336, origin="t amax", amax=True),
+    ActSpec("gelu_tanh", False, 3072, variant="rows_stream", origin="t amax", amax=True)], ids=str)
+def test_amax_producers_build(spec):
+    """KILN_FP8_AMAX_FUSE: a norm / activation that also writes its output's partial maxima (one a row / a block,
+    zero past valid_rows) builds for sm_90a without spills, under its own name; the same spec without it has
+    neither the argument nor the reduction; amax is refused where a block does not hold whole rows / segments."""
+    ks = render(spec)
+    plain = render(dataclasses.replace(spec, amax=False))
+    assert "_amax_" in ks.name and "_amax_" not in plain.name
+    assert "float* __restrict__ amax" in ks.source and "valid_rows" in ks.source
+    assert "float* __restrict__ amax" not in plain.source and "block_amax<" not in plain.source
+    assert "block_amax<" in ks.source
+    assert ("amax[row] =" if isinstance(spec, NormSpec) else "amax[blockIdx.x] =") in ks.source
+    img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in img.log, img.log
+    with pytest.raises(KernelSpecError, match="amax"):
+        dataclasses.replace(spec, group=128) if isinstance(spec, NormSpec) else dataclasses.replace(spec, variant="flat")
