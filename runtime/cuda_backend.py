@@ -114,6 +114,15 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 5
 MIXED_SEQS = (1, 2, 4, 8, 16, 32, 64)
 MIXED_TOKENS = (16, 32, 64, 128, 256, 512)
 MIXED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Larger mixed steps (KILN_MIXED_GRAPHS_LARGE=1): a throughput run's steps, up to max_batch decode rows beside prompt
+# chunks that fill the token budget, ~20 launches a layer each. Eager, the host issues them at ~57 us a launch
+# (session 22's fp8 mixed step: 40.5 ms of host time for 38.4 ms of kernels, so the GPU waited). As graphs they are
+# bucketed by decode rows (GRAPH_BUCKETS), prompt sequences and tokens, the decode rows through the decode kernel as
+# in an eager step (MIXED_SPLIT); every row a sequence samples at most once. "0" (the default): eager. Written in
+# session 23 without device time (`.ci/device_check.sh s23`); read when a step runs.
+MIXED_GRAPHS_LARGE = os.environ.get("KILN_MIXED_GRAPHS_LARGE", "0")
+LARGE_SEQS = (1, 2, 4, 8, 16, 32, 64)
+LARGE_TOKENS = (1024, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 
 
 @dataclass
@@ -336,6 +345,8 @@ class CudaModel:
         if self.mixed_graphs and not decode and not all_logits and longest <= self.max_context \
                 and not self._lora.ops:  # adapters: eager (their row groups are per token)
             key = _mixed_key(len(batch.seqs), batch.num_tokens, len(sample))
+            if key is None and cuda_quant._on("KILN_MIXED_GRAPHS_LARGE", MIXED_GRAPHS_LARGE):
+                key = large_mixed_key(batch, len(sample), self.max_batch)
             if key is not None:
                 graph = self._mixed.get(key)
                 if graph is None:
@@ -788,6 +799,45 @@ def _capture(model: CudaModel, run, pool=None):
     return graph, out
 
 
+def large_mixed_key(batch: StepBatch, rows: int, max_batch: int) -> tuple[int, int, int, int] | None:
+    """The (prompt sequences, tokens, rows, decode rows) buckets of a large mixed step (MIXED_GRAPHS_LARGE): its
+    leading one-token sequences (the decode rows, MIXED_SPLIT) in a GRAPH_BUCKETS bucket of at most max_batch,
+    the rest in LARGE_SEQS, its tokens in LARGE_TOKENS (at least the decode bucket: the decode kernel's padding
+    rows are token rows the prefill kernel overwrites, or padding), `rows` sampled rows (at most one a sequence:
+    the rows bucket is the sequences'). None: eager."""
+    seqs = batch.seqs
+    lead = next((i for i, s in enumerate(seqs) if s.length != 1), len(seqs)) if MIXED_SPLIT == "1" else 0
+    if rows > len(seqs) or lead == len(seqs):
+        return None
+
+    def fit(n, buckets):
+        return next((b for b in buckets if b >= n), None)
+    d = fit(lead, GRAPH_BUCKETS) if lead else 0
+    p = fit(len(seqs) - lead, LARGE_SEQS)
+    t = fit(max(batch.num_tokens, d or 0), LARGE_TOKENS)
+    if None in (d, p, t) or d > max_batch:
+        return None
+    return p, t, d + p, d
+
+
+def _large_layout(h, decode: int, n: int, T: int, ints, tables) -> None:
+    """A large mixed graph's sequence metadata (host_int's kv_lens [n] and cu_seqlens [n + 1], tables [n]) for
+    `h` (host_meta of a step whose first D sequences are one-token decode rows, D <= decode): sequences 0..D-1 are
+    the decode rows; D..decode-1 the decode bucket's padding, one cached token on page 0 each, whose rows D..decode-1
+    the decode kernel writes and the prefill kernel then overwrites (they are the prompts' first token rows) or
+    nobody reads (padding); then the step's prompt sequences, then padding sequences with no queries and no context.
+    cu_seqlens: the decode section's entries are unread (the decode kernel maps sequence i to row i)."""
+    S = len(h.kv_lens)
+    D = int(np.argmax(h.lengths != 1))  # (large_mixed_key: the step has a prompt sequence)
+    P = S - D
+    kv, cu = ints[:n], ints[n:2 * n + 1]
+    kv[:D], kv[D:decode], kv[decode:decode + P], kv[decode + P:] = h.kv_lens[:D], 1, h.kv_lens[D:], 0
+    cu[:decode] = np.minimum(np.arange(decode), D)
+    cu[decode:decode + P + 1], cu[decode + P + 1:] = h.cu_seqlens[D:], T
+    tables[:D], tables[D:decode] = h.block_tables[:D], 0
+    tables[decode:decode + P], tables[decode + P:] = h.block_tables[D:], 0
+
+
 class _MixedGraph:
     """A step of up to `seqs` sequences, `tokens` new tokens and `rows` sampled rows, captured once
     and replayed with new metadata. The prefill attention kernel's grid covers `tokens` queries per
@@ -795,19 +845,23 @@ class _MixedGraph:
     tokens past the step's write no K/V (slot -1) and belong to no sequence; sequences past it
     have no queries and no context; rows past it read row 0. The logits of real rows only are used."""
 
-    def __init__(self, model: CudaModel, kv: KVStore, seqs: int, tokens: int, rows: int):
-        self.model, self.seqs, self.tokens_n, self.rows_n = model, seqs, tokens, rows
+    def __init__(self, model: CudaModel, kv: KVStore, seqs: int, tokens: int, rows: int, decode: int = 0):
+        self.model, self.tokens_n, self.rows_n, self.decode = model, tokens, rows, decode
+        self.seqs = decode + seqs  # the metadata's sequences: `decode` rows' (MIXED_GRAPHS_LARGE), then the prompts'
         dev = model.device
         self.tokens = torch.zeros(tokens, dtype=torch.int64, device=dev)
         self.rows = torch.zeros(rows, dtype=torch.int64, device=dev)
-        self.meta = _static_meta(model, seqs, tokens, decode=False)
+        self.meta = _static_meta(model, self.seqs, tokens, decode=False)
+        if decode:  # the decode kernel's rows: one cached token each until replays fill them (as _Graph's)
+            self.meta.decode_rows = decode
+            self.meta.kv_lens[:decode] = 1
         self.graph, self.logits = _capture(
             model, lambda: model._run(self.tokens, self.meta, kv, None, rows=self.rows), model._pool)
         # Pinned host staging (numpy views of the same memory): [tokens, positions, slots] x tokens;
         # sampled rows; [kv_lens x seqs, cu_seqlens x (seqs + 1), longest, real tokens]; block tables.
         self.host = torch.zeros(3, tokens, dtype=torch.int64).pin_memory()
         self.host_rows = torch.zeros(rows, dtype=torch.int64).pin_memory()
-        self.host_int = torch.zeros(2 * seqs + 3, dtype=torch.int32).pin_memory()  # ... longest, real tokens
+        self.host_int = torch.zeros(2 * self.seqs + 3, dtype=torch.int32).pin_memory()  # ... longest, real tokens
         self.tables = torch.zeros_like(self.meta.block_tables, device="cpu").pin_memory()
 
     def replay(self, batch: StepBatch, sample: list[int]) -> torch.Tensor:
@@ -820,10 +874,13 @@ class _MixedGraph:
         tok[:2, T:], tok[2, T:] = 0, -1
         rows[:len(sample)], rows[len(sample):] = sample, 0
         n = self.seqs
-        ints[:S], ints[S:n] = h.kv_lens, 0
-        ints[n:n + S + 1], ints[n + S + 1:2 * n + 1] = h.cu_seqlens, T
+        if self.decode:  # [decode rows | their bucket's padding | prompts | padding]; see _large_layout
+            _large_layout(h, self.decode, n, T, ints, tables)
+        else:
+            ints[:S], ints[S:n] = h.kv_lens, 0
+            ints[n:n + S + 1], ints[n + S + 1:2 * n + 1] = h.cu_seqlens, T
+            tables[:S], tables[S:] = h.block_tables, 0
         ints[2 * n + 1], ints[2 * n + 2] = h.kv_lens.max(), T
-        tables[:S], tables[S:] = h.block_tables, 0
         m = self.meta
         self.tokens.copy_(self.host[0], non_blocking=True)
         m.positions.copy_(self.host[1], non_blocking=True)

@@ -109,3 +109,29 @@ def test_fresh_prompts_through_sdpa(fresh_seed, monkeypatch):
     sdpa = run(cuda)
     ok, msg = bf16_check(kernel, sdpa, run(gold), 2e-2)
     assert ok, msg
+
+
+@pytest.mark.parametrize("dtype, kv_cache_dtype", [("fp32", "auto"), ("bf16", "fp8")])
+def test_large_mixed_graph_equals_eager(dtype, kv_cache_dtype, fresh_seed, monkeypatch):
+    """KILN_MIXED_GRAPHS_LARGE=1: a mixed step past the small graphs' buckets (here made small) replays a graph
+    bucketed by decode rows (4 in the bucket of 4), prompt sequences and tokens, its decode rows through the decode
+    kernel; its logits equal the eager run's, and in fp32 the reference's. Twice, with other contexts (each run's
+    new KV store drops the graphs captured for the one before)."""
+    from kiln.runtime.model import LoadedModel, make_backend
+    monkeypatch.setattr(cuda_backend, "MIXED_GRAPHS_LARGE", "1")
+    monkeypatch.setattr(cuda_backend, "MIXED_TOKENS", (16,))  # every mixed step here past the small graphs
+    monkeypatch.setattr(cuda_backend, "LARGE_TOKENS", (64, 128, 256))
+    ref, cuda = pair("llama", LLAMA, dtype, kv_cache_dtype=kv_cache_dtype)
+    eager = LoadedModel(ref.plan, make_backend(ref.plan, ref.model.weights, "cuda", "cuda"), None, ref.dtype,
+                        ref.device)
+    eager.model.mixed_graphs = False
+    for seed in (fresh_seed, fresh_seed + 1):
+        prefill, mixed = _steps(random.Random(seed), ref.plan.vocab_size)
+        got, plain = _run(cuda, prefill, mixed), _run(eager, prefill, mixed)
+        assert got.shape == plain.shape == (6, ref.plan.vocab_size)
+        assert rel(got, plain) <= (1e-5 if dtype == "fp32" else 1e-2), f"graph vs eager {rel(got, plain):.3g}"
+        if dtype == "fp32":
+            want = _run(ref, prefill, mixed)
+            assert rel(got, want) <= 1e-4, f"{rel(got, want):.3g} from the reference"
+    large = [k for k in cuda.model._mixed if len(k) == 4 and k[3] == 4]
+    assert len(large) == 1, f"one large graph with 4 decode rows: {list(cuda.model._mixed)}"
