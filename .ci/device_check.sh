@@ -12,11 +12,12 @@
 #   bash .ci/device_check.sh chunkab   session 21 (unrun): fp8 2048/128 (300 requests) and 1000/1000 with KILN_OVERLAP_CHUNKS=0 / 1 (steps after a prompt
 #                                         chunk launched ahead), then max batch 512 at a 2,048 and an 8,192-token budget
 #                                         (CHUNK_MORE: those runs; empty: none; ~100 s a run, so two calls)
-#   bash .ci/device_check.sh s23       session 23 (~7 min): GPU tests of the amax outputs (KILN_FP8_AMAX_FUSE) and of the fp8
-#                                         wgmma prefill without its split form, the fp8 model tests with both on, the fp8
+#   bash .ci/device_check.sh s23       session 23 (~7 min): GPU tests of the amax outputs (KILN_FP8_AMAX_FUSE), of the fp8
+#                                         wgmma prefill without its split form and of the large mixed graphs
+#                                         (KILN_MIXED_GRAPHS_LARGE), the fp8 model tests with the first two on, the fp8
 #                                         prefill kernel table, then an fp8 mixed step's profile: defaults, each switch
 #   bash .ci/device_check.sh s23thru   session 23: fp8 2048/128 (300 requests): defaults, KILN_PREFILL_FP8_SM90=1,
-#                                         KILN_FP8_AMAX_FUSE=1, a budget of 8,192 tokens (S23_THRU: the runs)
+#                                         KILN_FP8_AMAX_FUSE=1, KILN_MIXED_GRAPHS_LARGE=1, a budget of 8,192 tokens (S23_THRU: the runs)
 #   bash .ci/device_check.sh fp8prefill  session 21 (unrun): KILN_PREFILL_FP8_SM90=1 (the wgmma prefill kernel on an fp8
 #                                         cache): its GPU tests and the fp8-cache model / mixed-step tests with it on, the
 #                                         kernel table (bench_kernels --only fp8prefill), an fp8 mixed step's profile 0 / 1,
@@ -184,7 +185,7 @@ for mode in "$@"; do
     thru) thru_runs "${THRU:-bf16:1000:1000:1000}" ;;
     s23)  # session 23: the fp8 wgmma prefill without its split form, and the norm / activation amax outputs
       timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_amax_fuse.py \
-        tests/gpu/test_kernels.py -k "amax or fp8_kv_prefill" 2>&1 | tee "$OUT/s23-kernels.log" \
+        tests/gpu/test_kernels.py tests/gpu/test_mixed_split.py -k "amax or fp8_kv_prefill or large" 2>&1 | tee "$OUT/s23-kernels.log" \
         | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
       KILN_PREFILL_FP8_SM90=1 KILN_FP8_AMAX_FUSE=1 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider \
         -n ${WORKERS:-8} tests/gpu/test_mixed_split.py tests/gpu/test_cuda_backend.py tests/gpu/test_quant_kernels.py \
@@ -194,7 +195,7 @@ for mode in "$@"; do
         timeout 150 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batch 256 --ctx 1500 \
         --prefill 1792 --steps 3 2>&1 | grep -v Warn | head -${TOP:-16}; done ;;
     s23thru)  # session 23: fp8 2048/128 with the defaults, each switch, both; then a budget of 8,192 tokens a step
-      thru_runs "${S23_THRU-fp8:2048:128:300:256:2048 fp8:2048:128:300:256:2048:KILN_PREFILL_FP8_SM90=1 fp8:2048:128:300:256:2048:KILN_FP8_AMAX_FUSE=1 fp8:2048:128:300:256:8192}" ;;
+      thru_runs "${S23_THRU-fp8:2048:128:300:256:2048 fp8:2048:128:300:256:2048:KILN_PREFILL_FP8_SM90=1 fp8:2048:128:300:256:2048:KILN_FP8_AMAX_FUSE=1 fp8:2048:128:300:256:2048:KILN_MIXED_GRAPHS_LARGE=1 fp8:2048:128:300:256:8192}" ;;
     fp8prefill)  # session 21 (unrun): the wgmma prefill kernel on fp8 pages
       timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_kernels.py \
         -k "fp8_kv_prefill" 2>&1 | tee "$OUT/fp8prefill-kernels.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12

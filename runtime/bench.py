@@ -430,9 +430,10 @@ def guided_workload(kind: str, output_len: int) -> dict:
 def warm_up(engine: LLMEngine, input_len: int, output_len: int, max_batch: int) -> int:
     """What a throughput benchmark's timed region leaves out, as its peers' do (vLLM captures its CUDA graphs
     at start-up; a TensorRT-LLM engine is built before trtllm-bench runs): the kernels one request of the
-    workload's shape compiles and loads, and the decode graph of every batch bucket up to max_batch (the
-    number captured is returned). The request's prompt is drawn apart from the workload's, so it gives the
-    prefix cache no hits, and the counters the result reports start from zero after it."""
+    workload's shape compiles and loads, and the decode graph of every batch bucket up to max_batch (with
+    KILN_MIXED_GRAPHS_LARGE, also the full steps' large mixed graphs; the number captured is returned). The
+    request's prompt is drawn apart from the workload's, so it gives the prefix cache no hits, and the counters
+    the result reports start from zero after it."""
     gen = torch.Generator().manual_seed(12345)
     vocab = engine.tokenizer.vocab_size if engine.tokenizer is not None else engine.loaded.plan.vocab_size
     prompt = torch.randint(0, vocab, (input_len,), generator=gen).tolist()
@@ -440,7 +441,7 @@ def warm_up(engine: LLMEngine, input_len: int, output_len: int, max_batch: int) 
     while engine.has_unfinished():
         engine.step()
     capture = getattr(engine.model, "capture_decode_graphs", None)
-    made = capture(engine.kv, max_batch) if capture is not None else 0
+    made = capture(engine.kv, max_batch, engine.config.max_tokens_per_step) if capture is not None else 0
     if engine.loaded.device.type == "cuda":
         torch.cuda.synchronize(engine.loaded.device)
     s = engine.scheduler

@@ -121,7 +121,11 @@ MIXED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # in an eager step (MIXED_SPLIT); every row a sequence samples at most once. "0" (the default): eager. Written in
 # session 23 without device time (`.ci/device_check.sh s23`); read when a step runs.
 MIXED_GRAPHS_LARGE = os.environ.get("KILN_MIXED_GRAPHS_LARGE", "0")
-LARGE_SEQS = (1, 2, 4, 8, 16, 32, 64)
+# Coarse buckets: the GEMMs' rows are the token bucket's whatever the others, and a padding decode row (one cached
+# token) or prompt sequence (no queries) costs its kernel a block that leaves at once, so few buckets (few captures)
+# cost little. Sampled rows: the decode and prompt buckets together (the LM head's rows).
+LARGE_DECODE = (16, 32, 64, 128, 256, 512, 1024)
+LARGE_SEQS = (2, 8, 32, 64)
 LARGE_TOKENS = (1024, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 
 
@@ -265,10 +269,13 @@ class CudaModel:
                 self._scratch[op.spec[1].key()] = K.decode_scratch(op.spec[1], self.max_batch, self.max_context,
                                                                     self.device)
 
-    def capture_decode_graphs(self, kv: KVStore, max_batch: int) -> int:
+    def capture_decode_graphs(self, kv: KVStore, max_batch: int, tokens: int = 0) -> int:
         """Capture now the decode graph of every batch bucket a step of up to `max_batch` sequences may take,
         instead of at each bucket's first step (vLLM captures its graphs at start-up): a benchmark's timed
-        region then holds no capture. Returns how many were captured (0 without graphs)."""
+        region then holds no capture. With MIXED_GRAPHS_LARGE and `tokens` (a step's token budget), also the
+        large mixed graphs of a full step (its token bucket) of one or two prompt chunks beside each decode
+        bucket up to max_batch: the steps a throughput run takes most. Returns how many were captured (0
+        without graphs)."""
         if not self.use_graphs:
             return 0
         if max_batch > self.max_batch:
@@ -284,6 +291,18 @@ class CudaModel:
             if b not in self._graphs:
                 self._graphs[b] = _Graph(self, kv, b)
                 made += 1
+        t = next((b for b in LARGE_TOKENS if b >= tokens), None)
+        if tokens and t is not None and self.mixed_graphs and not self._lora.ops \
+                and cuda_quant._on("KILN_MIXED_GRAPHS_LARGE", MIXED_GRAPHS_LARGE):
+            for d in (0,) + LARGE_DECODE:
+                if d > min(max_batch, self.max_batch, t):
+                    break
+                key = (LARGE_SEQS[0], t, d + LARGE_SEQS[0], d)
+                if key not in self._mixed:
+                    if self._pool is None:
+                        self._pool = torch.cuda.graph_pool_handle()
+                    self._mixed[key] = _MixedGraph(self, kv, *key)
+                    made += 1
         return made
 
     def drop_graphs(self) -> None:
@@ -801,7 +820,7 @@ def _capture(model: CudaModel, run, pool=None):
 
 def large_mixed_key(batch: StepBatch, rows: int, max_batch: int) -> tuple[int, int, int, int] | None:
     """The (prompt sequences, tokens, rows, decode rows) buckets of a large mixed step (MIXED_GRAPHS_LARGE): its
-    leading one-token sequences (the decode rows, MIXED_SPLIT) in a GRAPH_BUCKETS bucket of at most max_batch,
+    leading one-token sequences (the decode rows, MIXED_SPLIT) in a LARGE_DECODE bucket of at most max_batch,
     the rest in LARGE_SEQS, its tokens in LARGE_TOKENS (at least the decode bucket: the decode kernel's padding
     rows are token rows the prefill kernel overwrites, or padding), `rows` sampled rows (at most one a sequence:
     the rows bucket is the sequences'). None: eager."""
@@ -812,7 +831,7 @@ def large_mixed_key(batch: StepBatch, rows: int, max_batch: int) -> tuple[int, i
 
     def fit(n, buckets):
         return next((b for b in buckets if b >= n), None)
-    d = fit(lead, GRAPH_BUCKETS) if lead else 0
+    d = fit(lead, LARGE_DECODE) if lead else 0
     p = fit(len(seqs) - lead, LARGE_SEQS)
     t = fit(max(batch.num_tokens, d or 0), LARGE_TOKENS)
     if None in (d, p, t) or d > max_batch:

@@ -31,10 +31,11 @@ def test_large_mixed_key_buckets(monkeypatch):
     assert CB.large_mixed_key(b, 102, 256) == (2, 2048, 130, 128)  # 100 decode rows in the bucket of 128
     assert CB.large_mixed_key(b, 102, 96) is None  # the decode bucket past max_batch
     assert CB.large_mixed_key(b, 103, 256) is None  # a sequence that samples more than one row
-    assert CB.large_mixed_key(mixed_batch(rng, 0, [900, 900, 900]), 3, 256) == (4, 3072, 4, 0)
+    assert CB.large_mixed_key(mixed_batch(rng, 0, [900, 900, 900]), 3, 256) == (8, 3072, 8, 0)
     assert CB.large_mixed_key(mixed_batch(rng, 8, []), 8, 256) is None  # pure decode: the decode graphs'
     assert CB.large_mixed_key(mixed_batch(rng, 3, [20000]), 4, 256) is None  # past the largest token bucket
-    assert CB.large_mixed_key(mixed_batch(rng, 500, [8]), 501, 1024) == (1, 1024, 513, 512)  # tokens >= decode rows
+    assert CB.large_mixed_key(mixed_batch(rng, 500, [8]), 501, 1024) == (2, 1024, 514, 512)  # tokens >= decode rows
+    assert CB.large_mixed_key(mixed_batch(rng, 3, [10] * 65), 68, 256) is None  # past the largest prompt bucket
     monkeypatch.setattr(CB, "MIXED_SPLIT", "0")  # no decode kernel: every row a prompt sequence of one token
     assert CB.large_mixed_key(mixed_batch(rng, 30, [500]), 31, 256) == (32, 1024, 32, 0)
     assert CB.large_mixed_key(b, 102, 256) is None  # 102 sequences: past LARGE_SEQS

@@ -114,7 +114,7 @@ def test_fresh_prompts_through_sdpa(fresh_seed, monkeypatch):
 @pytest.mark.parametrize("dtype, kv_cache_dtype", [("fp32", "auto"), ("bf16", "fp8")])
 def test_large_mixed_graph_equals_eager(dtype, kv_cache_dtype, fresh_seed, monkeypatch):
     """KILN_MIXED_GRAPHS_LARGE=1: a mixed step past the small graphs' buckets (here made small) replays a graph
-    bucketed by decode rows (4 in the bucket of 4), prompt sequences and tokens, its decode rows through the decode
+    bucketed by decode rows (4 in the bucket of 16), prompt sequences and tokens, its decode rows through the decode
     kernel; its logits equal the eager run's, and in fp32 the reference's. Twice, with other contexts (each run's
     new KV store drops the graphs captured for the one before)."""
     from kiln.runtime.model import LoadedModel, make_backend
@@ -133,5 +133,17 @@ def test_large_mixed_graph_equals_eager(dtype, kv_cache_dtype, fresh_seed, monke
         if dtype == "fp32":
             want = _run(ref, prefill, mixed)
             assert rel(got, want) <= 1e-4, f"{rel(got, want):.3g} from the reference"
-    large = [k for k in cuda.model._mixed if len(k) == 4 and k[3] == 4]
-    assert len(large) == 1, f"one large graph with 4 decode rows: {list(cuda.model._mixed)}"
+    large = [k for k in cuda.model._mixed if len(k) == 4 and k[3] == 16]
+    assert len(large) == 1, f"one large graph with 16 decode rows: {list(cuda.model._mixed)}"
+
+
+def test_large_mixed_graphs_captured_ahead(monkeypatch):
+    """capture_decode_graphs with a token budget (bench throughput's warm-up) also captures the large mixed graphs
+    of a full step of one or two prompt chunks beside each decode bucket up to max_batch (KILN_MIXED_GRAPHS_LARGE)."""
+    monkeypatch.setattr(cuda_backend, "MIXED_GRAPHS_LARGE", "1")
+    monkeypatch.setattr(cuda_backend, "LARGE_TOKENS", (64, 128, 256))
+    _, cuda = pair("llama", LLAMA, "bf16")
+    kv = KVStore(cuda.plan.sites, 48, 16, cuda.dtype, "cuda")
+    made = cuda.model.capture_decode_graphs(kv, 20, tokens=100)
+    assert sorted(cuda.model._mixed) == [(2, 128, 2, 0), (2, 128, 18, 16)]
+    assert made == len(cuda.model._graphs) + 2
