@@ -194,7 +194,8 @@ for mode in "$@"; do
       for v in "KILN_NOTHING=0" "KILN_PREFILL_FP8_SM90=1" "KILN_FP8_AMAX_FUSE=1"; do echo "== fp8 mixed step, $v"; env $v \
         timeout 150 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batch 256 --ctx 1500 \
         --prefill 1792 --steps 3 2>&1 | grep -v Warn | head -${TOP:-16}; done ;;
-    s23thru)  # session 23: fp8 2048/128 with the defaults, each switch, both; then a budget of 8,192 tokens a step
+    s23thru)  # session 23: the fp8-cache decode kernel by page size; fp8 2048/128 with the defaults, each switch, a budget of 8,192
+      timeout 120 python3 -m kiln.codegen.bench_kernels --only fp8kv 2>&1 | grep -a -E "^\||Random|rror" | tail -8
       thru_runs "${S23_THRU-fp8:2048:128:300:256:2048 fp8:2048:128:300:256:2048:KILN_PREFILL_FP8_SM90=1 fp8:2048:128:300:256:2048:KILN_FP8_AMAX_FUSE=1 fp8:2048:128:300:256:2048:KILN_MIXED_GRAPHS_LARGE=1 fp8:2048:128:300:256:8192}" ;;
     fp8prefill)  # session 21 (unrun): the wgmma prefill kernel on fp8 pages
       timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_kernels.py \
