@@ -269,6 +269,25 @@ class CudaModel:
                 self._scratch[op.spec[1].key()] = K.decode_scratch(op.spec[1], self.max_batch, self.max_context,
                                                                     self.device)
 
+    def set_page_size(self, page_size: int) -> None:
+        """Specialise the kernels that read or write the paged KV cache for `page_size`-token pages (the engine's
+        EngineConfig.page_size): the attention steps' specs, which the linked qkv GEMVs read at each call, and an
+        int4 qkv weight packed for the rotary epilogue, which holds its own. Drops the graphs; the decode scratch is
+        sized anew."""
+        if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
+            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+        if page_size == self.page_size:
+            return
+        for n, op in enumerate(self.ops):
+            if op.kind is Exec.ATTENTION:
+                op.spec = tuple(dataclasses.replace(s, page_size=page_size) for s in op.spec)
+            w = self._gemm.get(n, (None,))[0]
+            if isinstance(w, QGemm) and w.packed is not None and w.packed.rope is not None:
+                w.packed.rope = dataclasses.replace(w.packed.rope, page_size=page_size)
+        self.page_size = page_size
+        self._scratch = {}  # reserve sizes it anew (and drops the graphs)
+        self.reserve(self.max_batch, self.max_context)
+
     def capture_decode_graphs(self, kv: KVStore, max_batch: int, tokens: int = 0) -> int:
         """Capture now the decode graph of every batch bucket a step of up to `max_batch` sequences may take,
         instead of at each bucket's first step (vLLM captures its graphs at start-up): a benchmark's timed

@@ -182,6 +182,10 @@ class LLMEngine:
         if (config.speculative == "draft") != (draft is not None):
             raise ValueError("speculative='draft' needs a draft model (--draft CHECKPOINT)" if draft is None else
                              f"a draft model was given but speculative is {config.speculative!r}, not 'draft'")
+        for m in (loaded, draft) if draft is not None else (loaded,):
+            repage = getattr(m.model, "set_page_size", None)  # the cuda backend's kernels are built per page size
+            if repage is not None:
+                repage(config.page_size)
         self.model.reserve(config.max_num_seqs, config.max_model_len)  # the backend sizes its per-step state
         # State-space layers keep a fixed-size recurrent state per sequence (runtime/state_cache.py): a
         # slot per seat, taken from the memory budget before the pages. Their state cannot be rewound,

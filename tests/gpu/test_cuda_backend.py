@@ -162,16 +162,53 @@ def greedy_through_engine(model, reqs, config: EngineConfig):
     return [done[i] for i in ids], engine
 
 
-def test_engine_greedy_equals_reference_fp32():
+@pytest.mark.parametrize("page_size", [16, 7, 32])
+def test_engine_greedy_equals_reference_fp32(page_size):
+    """Greedy tokens through the engine equal the reference's; at pages of 7 or 32 tokens the engine has the cuda
+    backend (built for 16) respecialise its cache kernels (CudaModel.set_page_size)."""
     ref, cuda = pair("llama", LLAMA, "fp32")
     rng = random.Random(0)
     reqs = [([rng.randrange(1000) for _ in range(rng.randint(1, 60))], rng.randint(1, 20)) for _ in range(16)]
 
     def run(model):
-        return greedy_through_engine(model, reqs, EngineConfig(page_size=16, num_pages=256, max_num_seqs=16,
-                                                               max_tokens_per_step=128))[0]
+        return greedy_through_engine(model, reqs, EngineConfig(page_size=page_size, num_pages=4096 // page_size,
+                                                               max_num_seqs=16, max_tokens_per_step=128))[0]
 
     assert run(cuda) == run(ref)
+    assert cuda.model.page_size == page_size
+
+
+@pytest.mark.parametrize("quantization", ["int4-wo", "fp8"])
+def test_set_page_size_writes_the_same_cache(quantization):
+    """A quantized bf16 model at 32-token pages after 16-token ones (set_page_size), one sequence: a prefill, then
+    decode steps (CUDA graphs; the qkv GEMV rotates and writes K / V in its epilogue, the int4 one from the page size
+    its packed weight holds): every token's cached K and V are the same bits either way, and the logits agree."""
+    ref = random_model("llama", LLAMA, dtype="bf16", device="cuda", seed=0, quantization=quantization)
+    cuda = LoadedModel(ref.plan, make_backend(ref.plan, ref.model.weights, "cuda", "cuda"), None, ref.dtype,
+                       ref.device)
+    prompt = torch.tensor([5, 17, 300, 2, 9, 41, 7, 7, 100, 3, 1, 999, 4, 8, 15, 16, 23, 42, 11])
+    nxt = [6, 60, 600, 61]
+    caches, logits = {}, {}
+    for page in (16, 32):
+        cuda.model.set_page_size(page)
+        pages = 64 // page
+        kv = KVStore(ref.plan.sites, pages + 2, page, ref.dtype, "cuda")
+        table = tuple(range(2, 2 + pages))  # not from page 0
+        out = []
+        with torch.no_grad():
+            out.append(cuda.model.forward(StepBatch(prompt, [SeqSlice(0, len(prompt), 0, table)]), kv).float().clone())
+            for i, t in enumerate(nxt):
+                out.append(cuda.model.forward(StepBatch(torch.tensor([t]), [SeqSlice(0, 1, len(prompt) + i, table)]),
+                                              kv).float().clone())
+        n = len(prompt) + len(nxt)
+        # [site][token, kv heads, head_dim] in token order
+        caches[page] = [torch.cat([c[p] for p in table], 1)[:, :n].transpose(0, 1).contiguous()
+                        for c in kv.k + kv.v]
+        logits[page] = out
+    for a, b in zip(caches[16], caches[32]):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    for a, b in zip(logits[16], logits[32]):
+        assert rel(a, b) <= 1e-2
 
 
 @pytest.mark.parametrize("name", ["mamba", "mamba2", "jamba"])
