@@ -131,12 +131,12 @@ ab_runs() {
 }
 thru_runs() {  # $1: the THRU items (see the thru mode)
   for item in $1; do
-    IFS=: read -r q isl osl n mb budget envset <<< "$item"
-    mb=${mb:-${MAXB:-256}}; budget=${budget:-2048}; envset=${envset:-KILN_NOTHING=0}
+    IFS=: read -r q isl osl n mb budget envset page <<< "$item"
+    mb=${mb:-${MAXB:-256}}; budget=${budget:-2048}; envset=${envset:-KILN_NOTHING=0}; page=${page:-16}
     qa=""; [ "$q" = fp8 ] && qa="--quantization fp8 --kv-cache-dtype fp8"
-    echo "== throughput $q $isl/$osl, $n requests, max batch $mb, $budget tokens a step, $envset"
+    echo "== throughput $q $isl/$osl, $n requests, max batch $mb, $budget tokens a step, $envset, $page-token pages"
     env "$envset" timeout ${THRU_TIMEOUT:-300} $KILN bench throughput --config $L $qa --requests $n --input-len $isl \
-      --output-len $osl --max-batch $mb --max-tokens-per-step $budget 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|kv|preemptions|decode_steps|decode_steps_s|decode_step_ms_p50|mixed_steps|mixed_steps_s|mixed_step_ms_p50|ttft_p50_ms) |Error"
+      --output-len $osl --max-batch $mb --max-tokens-per-step $budget --page-size $page 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|kv|preemptions|decode_steps|decode_steps_s|decode_step_ms_p50|mixed_steps|mixed_steps_s|mixed_step_ms_p50|ttft_p50_ms) |Error"
   done
 }
 for mode in "$@"; do

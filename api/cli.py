@@ -555,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--max-batch", type=int_arg(1), default=None,
                            help="sequences per step (default: 256 (GPU), 4 (--device cpu))")
             q.add_argument("--max-tokens-per-step", type=int_arg(1), default=2048)
+            q.add_argument("--page-size", type=int_arg(1, 1024), default=16,
+                           help="tokens per KV cache page (default 16)")
             q.add_argument("--no-warmup", action="store_true",
                            help="time from a cold start: without the warm-up request and the decode graphs' capture "
                                 "(each bucket up to --max-batch) that otherwise run before the timed region")

@@ -281,11 +281,12 @@ def _throughput(args) -> dict:
         m = random_model(args.spec, _config(args.config), dtype="fp32" if cpu else "bf16",
                          device="cpu" if cpu else "cuda", backend=args.backend,
                          quantization=args.quantization or "none", kv_cache_dtype=args.kv_cache_dtype or "auto")
-    engine = LLMEngine(m, None, EngineConfig(page_size=16, max_num_seqs=args.max_batch,
+    engine = LLMEngine(m, None, EngineConfig(page_size=getattr(args, "page_size", 16), max_num_seqs=args.max_batch,
                                              kv_memory_fraction=args.kv_fraction,
                                              max_tokens_per_step=args.max_tokens_per_step,
                                              max_model_len=args.input_len + args.output_len,
                                              enable_prefix_caching=getattr(args, "prefix_caching", True)))
+    result["page_size"] = engine.config.page_size
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, m.plan.vocab_size, (args.requests, args.input_len), generator=gen).tolist()
     shared = min(getattr(args, "shared_prefix", 0), args.input_len)

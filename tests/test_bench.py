@@ -26,11 +26,13 @@ def args_for(config, *extra):
                                       "--config", config, "--spec", "llama", *extra])
 
 
-def test_throughput_counts_steps_by_kind(config):
+@pytest.mark.parametrize("page", [None, "7"])
+def test_throughput_counts_steps_by_kind(config, page):
     # 6 requests of 12 prompt tokens, 4 at a time, 16 tokens a step: prompts need >= 72/16 steps.
     r = throughput(args_for(config, "--requests", "6", "--input-len", "12", "--output-len", "5",
-                            "--max-batch", "4", "--max-tokens-per-step", "16"))
+                            "--max-batch", "4", "--max-tokens-per-step", "16", *(("--page-size", page) if page else ())))
     assert r["requests"] == 6 and r["output_tok_s"] > 0 and r["preemptions"] == 0
+    assert r["page_size"] == int(page or 16)
     assert r["mixed_steps"] >= 5  # 72 prompt tokens at <= 16 a step
     assert r["decode_steps"] >= 4  # the last 4 tokens of the last request are decode-only steps
     assert r["decode_steps_s"] + r["mixed_steps_s"] <= r["seconds"]
