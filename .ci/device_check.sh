@@ -186,7 +186,7 @@ for mode in "$@"; do
     s23)  # session 23: the fp8 wgmma prefill without its split form, and the norm / activation amax outputs
       timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_amax_fuse.py \
         tests/gpu/test_kernels.py tests/gpu/test_mixed_split.py tests/gpu/test_cuda_backend.py \
-        -k "amax or fp8_kv_prefill or large or greedy_equals or set_page_size" 2>&1 | tee "$OUT/s23-kernels.log" \
+        -k "amax or fp8_kv_prefill or large or greedy_equals or set_page_size or many_q_tiles" 2>&1 | tee "$OUT/s23-kernels.log" \
         | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
       KILN_PREFILL_FP8_SM90=1 KILN_FP8_AMAX_FUSE=1 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider \
         -n ${WORKERS:-8} tests/gpu/test_mixed_split.py tests/gpu/test_cuda_backend.py tests/gpu/test_quant_kernels.py \

@@ -534,6 +534,35 @@ def test_prefill_hopper_split_kv(splits, case, page_size):
             assert rel_err(out[rows].view(n, H, D), ref) <= TOL["bf16"], f"call {call}, sequence {s} ({c} + {n})"
 
 
+@pytest.mark.parametrize("splits", [1, 3], ids=lambda x: f"splits{x}")
+@pytest.mark.parametrize("case", [(32, 8, 128, 0, True), (8, 2, 64, 0, True), (12, 4, 64, 37, True)])
+def test_prefill_hopper_split_kv_many_q_tiles(splits, case):
+    """The bf16 split-KV form on the shapes its fp8 twin failed on (session 22: causal sequences past one key tile,
+    several q tiles each): a 519-token prompt, 128 after 129 cached, 130 after 1,000; beside short ones."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma prefill kernel is for Hopper GPUs")
+    H, KV, D, window, causal = case
+    dt, page_size = torch.bfloat16, 16
+    spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, causal=causal, origin="test")
+    ctx, new = [0, 5, 300, 0, 64, 1000, 129], [37, 64, 1, 519, 3, 130, 128]
+    kv_lens = [a + b for a, b in zip(ctx, new)]
+    tables, pages = paged_layout(kv_lens, page_size)
+    kc = torch.randn(pages, KV, page_size, D, device=DEV).to(dt)
+    vc = torch.randn(pages, KV, page_size, D, device=DEV).to(dt)
+    T = sum(new)
+    cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    q = (torch.randn(T, H * D, device=DEV) * 2).to(dt)
+    out = nan_like((T, H * D), dt)
+    K.prefill_attention(spec, q, kc, vc, tables, cu, lens, out, max_q_len=max(new), splits=splits)
+    for s, (c, n) in enumerate(zip(ctx, new)):
+        rows = slice(int(cu[s]), int(cu[s + 1]))
+        ref = attention_ref(q[rows].view(n, H, D), gather(kc, tables[s], c + n, page_size),
+                            gather(vc, tables[s], c + n, page_size), torch.arange(c, c + n, device=DEV),
+                            spec.scale, window, 0.0, causal=causal)
+        assert rel_err(out[rows].view(n, H, D), ref) <= TOL["bf16"], f"sequence {s} ({c} + {n})"
+
+
 def test_prefill_hopper_split_kv_matches_plain_at_bench_shape():
     """The issue's shape (32 new tokens after 2,000 cached, Llama-3-8B heads): the modeled split
     count splits it, and matches both the plain kernel (splits=1) and torch SDPA."""
