@@ -16,6 +16,8 @@
 #                                         wgmma prefill without its split form and of the large mixed graphs
 #                                         (KILN_MIXED_GRAPHS_LARGE), the fp8 model tests with the first two on, the fp8
 #                                         prefill kernel table, then an fp8 mixed step's profile: defaults, each switch
+#   bash .ci/device_check.sh s23all    session 23 in one call: the tests, the fp8 prefill table, fp8 2048/128 with the
+#                                         defaults, with the three switches on, and on with a budget of 8,192
 #   bash .ci/device_check.sh s23thru   session 23: fp8 2048/128 (300 requests): defaults, KILN_PREFILL_FP8_SM90=1,
 #                                         KILN_FP8_AMAX_FUSE=1, KILN_MIXED_GRAPHS_LARGE=1, a budget of 8,192 tokens (S23_THRU: the runs)
 #   bash .ci/device_check.sh fp8prefill  session 21 (unrun): KILN_PREFILL_FP8_SM90=1 (the wgmma prefill kernel on an fp8
@@ -195,6 +197,17 @@ for mode in "$@"; do
       for v in "KILN_NOTHING=0" "KILN_PREFILL_FP8_SM90=1" "KILN_FP8_AMAX_FUSE=1"; do echo "== fp8 mixed step, $v"; env $v \
         timeout 150 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batch 256 --ctx 1500 \
         --prefill 1792 --steps 3 2>&1 | grep -v Warn | head -${TOP:-16}; done ;;
+    s23all)  # session 23 in one call (~8 min): its GPU tests, the fp8 prefill table, fp8 2048/128 defaults / all three on / + 8,192
+      timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_amax_fuse.py \
+        tests/gpu/test_kernels.py tests/gpu/test_mixed_split.py tests/gpu/test_cuda_backend.py \
+        -k "amax or fp8_kv_prefill or large or greedy_equals or set_page_size or many_q_tiles" 2>&1 | tee "$OUT/s23-tests.log" \
+        | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -14
+      timeout 90 python3 -m kiln.codegen.bench_kernels --only fp8prefill 2>&1 | grep -a -E "^\||rror"
+      ON="KILN_PREFILL_FP8_SM90=1 KILN_FP8_AMAX_FUSE=1 KILN_MIXED_GRAPHS_LARGE=1"
+      thru_runs "fp8:2048:128:300:256:2048"
+      for b in 2048 8192; do echo "== all three on, budget $b"; env $ON timeout 200 $KILN bench throughput --config $L \
+        --quantization fp8 --kv-cache-dtype fp8 --requests 300 --input-len 2048 --output-len 128 --max-batch 256 \
+        --max-tokens-per-step $b 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|graphs_captured|warmup_s|mixed_steps|mixed_steps_s|mixed_step_ms_p50|decode_step_ms_p50) |Error"; done ;;
     s23thru)  # session 23: the fp8-cache decode kernel by page size; fp8 2048/128 with the defaults, each switch, a budget of 8,192
       timeout 120 python3 -m kiln.codegen.bench_kernels --only fp8kv 2>&1 | grep -a -E "^\||Random|rror" | tail -8
       thru_runs "${S23_THRU-fp8:2048:128:300:256:2048 fp8:2048:128:300:256:2048:KILN_PREFILL_FP8_SM90=1 fp8:2048:128:300:256:2048:KILN_FP8_AMAX_FUSE=1 fp8:2048:128:300:256:2048:KILN_MIXED_GRAPHS_LARGE=1 fp8:2048:128:300:256:8192}" ;;
