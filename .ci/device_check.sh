@@ -18,6 +18,8 @@
 #                                         prefill kernel table, then an fp8 mixed step's profile: defaults, each switch
 #   bash .ci/device_check.sh s23all    session 23 in one call: the tests, the fp8 prefill table, fp8 2048/128 with the
 #                                         defaults, with the three switches on, and on with a budget of 8,192
+#   bash .ci/device_check.sh s23b      session 23: the fp8-cache decode kernel by page size, then fp8 1000/1000 with
+#                                         S23_ON at 16- and 32-token pages and with KILN_FP8_FAST_ACCUM=1
 #   bash .ci/device_check.sh s23thru   session 23: fp8 2048/128 (300 requests): defaults, KILN_PREFILL_FP8_SM90=1,
 #                                         KILN_FP8_AMAX_FUSE=1, KILN_MIXED_GRAPHS_LARGE=1, a budget of 8,192 tokens (S23_THRU: the runs)
 #   bash .ci/device_check.sh fp8prefill  session 21 (unrun): KILN_PREFILL_FP8_SM90=1 (the wgmma prefill kernel on an fp8
@@ -208,6 +210,13 @@ for mode in "$@"; do
       for b in 2048 8192; do echo "== all three on, budget $b"; env $ON timeout 200 $KILN bench throughput --config $L \
         --quantization fp8 --kv-cache-dtype fp8 --requests 300 --input-len 2048 --output-len 128 --max-batch 256 \
         --max-tokens-per-step $b 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|graphs_captured|warmup_s|mixed_steps|mixed_steps_s|mixed_step_ms_p50|decode_step_ms_p50) |Error"; done ;;
+    s23b)  # session 23: the fp8-cache decode kernel by page size, then fp8 1000/1000 with S23_ON (the switches that won)
+           # at 16- and 32-token pages, and with fast accumulation
+      timeout 100 python3 -m kiln.codegen.bench_kernels --only fp8kv 2>&1 | grep -a -E "^\||Random|rror" | tail -8
+      for v in "16 KILN_NOTHING=0" "32 KILN_NOTHING=0" "16 KILN_FP8_FAST_ACCUM=1"; do set -- $v
+        echo "== fp8 1000/1000, $1-token pages, $2, ${S23_ON:-}"; env ${S23_ON:-KILN_NOTHING=0} $2 timeout 200 $KILN bench \
+          throughput --config $L --quantization fp8 --kv-cache-dtype fp8 --requests 1000 --input-len 1000 --output-len 1000 \
+          --max-batch 256 --page-size $1 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|mixed_steps_s|mixed_step_ms_p50|decode_step_ms_p50) |Error"; done ;;
     s23thru)  # session 23: the fp8-cache decode kernel by page size; fp8 2048/128 with the defaults, each switch, a budget of 8,192
       timeout 120 python3 -m kiln.codegen.bench_kernels --only fp8kv 2>&1 | grep -a -E "^\||Random|rror" | tail -8
       thru_runs "${S23_THRU-fp8:2048:128:300:256:2048 fp8:2048:128:300:256:2048:KILN_PREFILL_FP8_SM90=1 fp8:2048:128:300:256:2048:KILN_FP8_AMAX_FUSE=1 fp8:2048:128:300:256:2048:KILN_MIXED_GRAPHS_LARGE=1 fp8:2048:128:300:256:8192}" ;;
