@@ -117,9 +117,9 @@ MIXED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Larger mixed steps (KILN_MIXED_GRAPHS_LARGE=1): a throughput run's steps, up to max_batch decode rows beside prompt
 # chunks that fill the token budget, ~20 launches a layer each. Eager, the host issues them at ~57 us a launch
 # (session 22's fp8 mixed step: 40.5 ms of host time for 38.4 ms of kernels, so the GPU waited). As graphs they are
-# bucketed by decode rows (GRAPH_BUCKETS), prompt sequences and tokens, the decode rows through the decode kernel as
-# in an eager step (MIXED_SPLIT); every row a sequence samples at most once. "0" (the default): eager. Written in
-# session 23 without device time (`.ci/device_check.sh s23`); read when a step runs.
+# bucketed by decode rows, prompt sequences and tokens (below), the decode rows through the decode kernel as in an
+# eager step (MIXED_SPLIT); every sequence samples at most one row. "0" (the default): eager. Written in session 23
+# without device time (`.ci/device_check.sh s23all`); read when a step runs.
 MIXED_GRAPHS_LARGE = os.environ.get("KILN_MIXED_GRAPHS_LARGE", "0")
 # Coarse buckets: the GEMMs' rows are the token bucket's whatever the others, and a padding decode row (one cached
 # token) or prompt sequence (no queries) costs its kernel a block that leaves at once, so few buckets (few captures)
@@ -313,9 +313,8 @@ class CudaModel:
         t = next((b for b in LARGE_TOKENS if b >= tokens), None)
         if tokens and t is not None and self.mixed_graphs and not self._lora.ops \
                 and cuda_quant._on("KILN_MIXED_GRAPHS_LARGE", MIXED_GRAPHS_LARGE):
-            for d in (0,) + LARGE_DECODE:
-                if d > min(max_batch, self.max_batch, t):
-                    break
+            cap = min(max_batch, self.max_batch, t)
+            for d in sorted({0} | {min(b, cap) for b in LARGE_DECODE}):
                 key = (LARGE_SEQS[0], t, d + LARGE_SEQS[0], d)
                 if key not in self._mixed:
                     if self._pool is None:
@@ -839,7 +838,7 @@ def _capture(model: CudaModel, run, pool=None):
 
 def large_mixed_key(batch: StepBatch, rows: int, max_batch: int) -> tuple[int, int, int, int] | None:
     """The (prompt sequences, tokens, rows, decode rows) buckets of a large mixed step (MIXED_GRAPHS_LARGE): its
-    leading one-token sequences (the decode rows, MIXED_SPLIT) in a LARGE_DECODE bucket of at most max_batch,
+    leading one-token sequences (the decode rows, MIXED_SPLIT) in a LARGE_DECODE bucket (or max_batch, the most),
     the rest in LARGE_SEQS, its tokens in LARGE_TOKENS (at least the decode bucket: the decode kernel's padding
     rows are token rows the prefill kernel overwrites, or padding), `rows` sampled rows (at most one a sequence:
     the rows bucket is the sequences'). None: eager."""
@@ -850,10 +849,12 @@ def large_mixed_key(batch: StepBatch, rows: int, max_batch: int) -> tuple[int, i
 
     def fit(n, buckets):
         return next((b for b in buckets if b >= n), None)
-    d = fit(lead, LARGE_DECODE) if lead else 0
+    if lead > max_batch:  # (the decode scratch holds max_batch rows)
+        return None
+    d = min(fit(lead, LARGE_DECODE) or max_batch, max_batch) if lead else 0
     p = fit(len(seqs) - lead, LARGE_SEQS)
-    t = fit(max(batch.num_tokens, d or 0), LARGE_TOKENS)
-    if None in (d, p, t) or d > max_batch:
+    t = fit(max(batch.num_tokens, d), LARGE_TOKENS)
+    if None in (p, t):
         return None
     return p, t, d + p, d
 

@@ -29,7 +29,8 @@ def test_large_mixed_key_buckets(monkeypatch):
     rng = random.Random(0)
     b = mixed_batch(rng, 100, [1500, 300])
     assert CB.large_mixed_key(b, 102, 256) == (2, 2048, 130, 128)  # 100 decode rows in the bucket of 128
-    assert CB.large_mixed_key(b, 102, 96) is None  # the decode bucket past max_batch
+    assert CB.large_mixed_key(b, 102, 100) == (2, 2048, 102, 100)  # the bucket past max_batch: max_batch
+    assert CB.large_mixed_key(b, 102, 96) is None  # decode rows past max_batch
     assert CB.large_mixed_key(b, 103, 256) is None  # a sequence that samples more than one row
     assert CB.large_mixed_key(mixed_batch(rng, 0, [900, 900, 900]), 3, 256) == (8, 3072, 8, 0)
     assert CB.large_mixed_key(mixed_batch(rng, 8, []), 8, 256) is None  # pure decode: the decode graphs'

@@ -139,11 +139,12 @@ def test_large_mixed_graph_equals_eager(dtype, kv_cache_dtype, fresh_seed, monke
 
 def test_large_mixed_graphs_captured_ahead(monkeypatch):
     """capture_decode_graphs with a token budget (bench throughput's warm-up) also captures the large mixed graphs
-    of a full step of one or two prompt chunks beside each decode bucket up to max_batch (KILN_MIXED_GRAPHS_LARGE)."""
+    of a full step of one or two prompt chunks beside each decode bucket up to max_batch, and max_batch's own
+    (KILN_MIXED_GRAPHS_LARGE)."""
     monkeypatch.setattr(cuda_backend, "MIXED_GRAPHS_LARGE", "1")
     monkeypatch.setattr(cuda_backend, "LARGE_TOKENS", (64, 128, 256))
     _, cuda = pair("llama", LLAMA, "bf16")
     kv = KVStore(cuda.plan.sites, 48, 16, cuda.dtype, "cuda")
     made = cuda.model.capture_decode_graphs(kv, 20, tokens=100)
-    assert sorted(cuda.model._mixed) == [(2, 128, 2, 0), (2, 128, 18, 16)]
-    assert made == len(cuda.model._graphs) + 2
+    assert sorted(cuda.model._mixed) == [(2, 128, 2, 0), (2, 128, 18, 16), (2, 128, 22, 20)]  # 20: max_batch's
+    assert made == len(cuda.model._graphs) + 3
