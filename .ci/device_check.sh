@@ -16,8 +16,8 @@
 #                                         wgmma prefill without its split form and of the large mixed graphs
 #                                         (KILN_MIXED_GRAPHS_LARGE), the fp8 model tests with the first two on, the fp8
 #                                         prefill kernel table, then an fp8 mixed step's profile: defaults, each switch
-#   bash .ci/device_check.sh s23all    session 23 in one call: the tests, the fp8 prefill table, fp8 2048/128 with the
-#                                         defaults, with the three switches on, and on with a budget of 8,192
+#   bash .ci/device_check.sh s23all    session 23 in one call: the tests, then fp8 2048/128 with the defaults, with the
+#                                         three switches on, with fast accumulation too, and on with a budget of 8,192
 #   bash .ci/device_check.sh s23b      session 23: the fp8-cache decode kernel by page size, then fp8 1000/1000 with
 #                                         S23_ON at 16- and 32-token pages and with KILN_FP8_FAST_ACCUM=1
 #   bash .ci/device_check.sh s23thru   session 23: fp8 2048/128 (300 requests): defaults, KILN_PREFILL_FP8_SM90=1,
@@ -204,12 +204,12 @@ for mode in "$@"; do
         tests/gpu/test_kernels.py tests/gpu/test_mixed_split.py tests/gpu/test_cuda_backend.py \
         -k "amax or fp8_kv_prefill or large or greedy_equals or set_page_size or many_q_tiles" 2>&1 | tee "$OUT/s23-tests.log" \
         | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -14
-      timeout 90 python3 -m kiln.codegen.bench_kernels --only fp8prefill 2>&1 | grep -a -E "^\||rror"
       ON="KILN_PREFILL_FP8_SM90=1 KILN_FP8_AMAX_FUSE=1 KILN_MIXED_GRAPHS_LARGE=1"
       thru_runs "fp8:2048:128:300:256:2048"
-      for b in 2048 8192; do echo "== all three on, budget $b"; env $ON timeout 200 $KILN bench throughput --config $L \
+      for v in "2048 KILN_NOTHING=0" "2048 KILN_FP8_FAST_ACCUM=1" "8192 KILN_NOTHING=0"; do set -- $v
+        echo "== all three on, budget $1, $2"; env $ON $2 timeout 200 $KILN bench throughput --config $L \
         --quantization fp8 --kv-cache-dtype fp8 --requests 300 --input-len 2048 --output-len 128 --max-batch 256 \
-        --max-tokens-per-step $b 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|graphs_captured|warmup_s|mixed_steps|mixed_steps_s|mixed_step_ms_p50|decode_step_ms_p50) |Error"; done ;;
+        --max-tokens-per-step $1 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|graphs_captured|warmup_s|mixed_steps|mixed_steps_s|mixed_step_ms_p50|decode_step_ms_p50) |Error"; done ;;
     s23b)  # session 23: the fp8-cache decode kernel by page size, then fp8 1000/1000 with S23_ON (the switches that won)
            # at 16- and 32-token pages, and with fast accumulation
       timeout 100 python3 -m kiln.codegen.bench_kernels --only fp8kv 2>&1 | grep -a -E "^\||Random|rror" | tail -8
