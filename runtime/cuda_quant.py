@@ -100,7 +100,7 @@ FP8_FAST_ACCUM = os.environ.get("KILN_FP8_FAST_ACCUM", "0")
 # bits (the same maxima of the same stored values). In session 22's fp8 mixed step (256 decode rows + a 1,792-token
 # chunk) the activation quantization was 2.4 of 38.4 ms of kernels and 256 of 717 launches; this removes 96 of
 # those launches (the o projection's input keeps both). "1" on; "0" (the default) off: written in session 23
-# without device time (`.ci/device_check.sh amaxfuse`). Read when the backend is built and when a step runs.
+# without device time (`.ci/device_check.sh s23all`). Read when the backend is built and when a step runs.
 AMAX_FUSE = os.environ.get("KILN_FP8_AMAX_FUSE", "0")
 
 
