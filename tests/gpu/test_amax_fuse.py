@@ -7,7 +7,6 @@ Llama's logits with the switch off and on."""
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import pytest
 import torch
@@ -21,11 +20,10 @@ from kiln.codegen.quant_kernels import act_quant_fp8_folded  # noqa: E402
 from kiln.codegen.specs import ActSpec, KernelSpecError, NormSpec  # noqa: E402
 from kiln.dsl.quant import QuantDesc, quantize_weight  # noqa: E402
 from kiln.runtime import cuda_quant  # noqa: E402
-from kiln.runtime.batch import SeqSlice, StepBatch  # noqa: E402
-from kiln.runtime.kv_store import KVStore  # noqa: E402
 from kiln.runtime.model import LoadedModel, make_backend, random_model  # noqa: E402
 
 from tests.gpu.test_cuda_backend import LLAMA  # noqa: E402
+from tests.gpu.test_quant_kernels import _decode_logits  # noqa: E402
 
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -106,31 +104,6 @@ def test_amax_specs_are_checked():
         K.norm(spec, torch.randn_like(out), w, out, amax=torch.empty(3, device="cuda"))  # one a row: 4
 
 
-def _logits(model, seed: int) -> list[torch.Tensor]:
-    """A prefill of 3 sequences (every row's logits: eager, rows > 1), then 3 decode steps (a CUDA graph of 4
-    rows: one padding row)."""
-    rng = random.Random(seed)
-    lens = [rng.randint(2, 70), 17, 33]
-    kv = KVStore(model.plan.sites, 64, 16, model.dtype, "cuda")
-    tables = [tuple(range(8 * i, 8 * i + 8)) for i in range(len(lens))]
-    seqs, start = [], 0
-    for i, n in enumerate(lens):
-        seqs.append(SeqSlice(start, n, 0, tables[i]))
-        start += n
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    with torch.no_grad():
-        out.append(model.model.forward(StepBatch(torch.randint(0, model.plan.vocab_size, (start,), generator=gen), seqs),
-                                       kv, all_logits=True).clone())
-        ctx = list(lens)
-        for _ in range(3):
-            nxt = torch.randint(0, model.plan.vocab_size, (len(lens),), generator=gen)
-            out.append(model.model.forward(StepBatch(nxt, [SeqSlice(i, 1, ctx[i], tables[i])
-                                                           for i in range(len(lens))]), kv).clone())
-            ctx = [c + 1 for c in ctx]
-    return out
-
-
 def test_fp8_logits_with_the_fused_amax_equal_without(monkeypatch):
     """One fp8 (dynamic per-tensor activations) backend, the switch off then on (the graphs dropped between): the
     same logits bit for bit, and with it on the norms and the SwiGLU run their amax kernels (two norms and one
@@ -147,7 +120,7 @@ def test_fp8_logits_with_the_fused_amax_equal_without(monkeypatch):
     for switch in ("0", "1"):
         monkeypatch.setattr(cuda_quant, "AMAX_FUSE", switch)
         cuda.model.drop_graphs()
-        outs[switch] = _logits(cuda, 3)
+        outs[switch] = _decode_logits(cuda, 3, seqs=3, steps=3)
     assert any(getattr(spec, "amax", False) for spec, _ in _loaded), "no amax kernel ran"
     for off, on in zip(outs["0"], outs["1"]):
         assert torch.equal(off, on)

@@ -495,22 +495,12 @@ def test_prefill_hopper_matches_sdpa_at_bench_shape(ws):
 SPLIT_CASES = [(32, 8, 128, 0, True), (16, 2, 128, 300, True), (8, 8, 64, 0, True), (32, 8, 128, 0, False)]
 
 
-@pytest.mark.parametrize("splits", [1, 2, 7, 16, None], ids=lambda x: f"splits{x or '_auto'}")
-@pytest.mark.parametrize("case", SPLIT_CASES)
-@pytest.mark.parametrize("page_size", [16, 7])
-def test_prefill_hopper_split_kv(splits, case, page_size):
-    """Issue #16: split-KV in the wgmma kernel. Short queries after long cached contexts (no multiple
-    of the tile or page): a prompt after a 2,000-token prefix, speculative verification (5 queries),
-    a single query, a chunk; padding sequences with no queries and no context; a launch bound 3x
-    the longest context (the splits then outnumber a short context's tiles: empty splits are
-    neutral). Splits forced to 1 (the plain kernel), 2, 7, 16, and the modeled count. Twice: the
-    scratch is fresh per launch, nothing carries over."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the wgmma prefill kernel is for Hopper GPUs")
+def _split_prefill_check(case, page_size: int, ctx: list[int], new: list[int], splits, bound=None, calls: int = 1):
+    """bf16 pages of sequences with ctx[i] cached and new[i] new tokens through the wgmma prefill kernel at
+    `splits` (max_context `bound`), `calls` times with fresh queries: each sequence's rows against the reference."""
     H, KV, D, window, causal = case
     dt = torch.bfloat16
     spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, causal=causal, origin="test")
-    ctx, new = [2000, 0, 777, 1234, 0, 130, 4095], [32, 0, 5, 1, 0, 61, 17]
     kv_lens = [a + b for a, b in zip(ctx, new)]
     tables, pages = paged_layout(kv_lens, page_size)
     kc = torch.randn(pages, KV, page_size, D, device=DEV).to(dt)
@@ -518,8 +508,7 @@ def test_prefill_hopper_split_kv(splits, case, page_size):
     T = sum(new)
     cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
     lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
-    bound = 3 * max(kv_lens)
-    for call in range(2):
+    for call in range(calls):
         q = (torch.randn(T, H * D, device=DEV) * 2).to(dt)
         out = nan_like((T, H * D), dt)
         K.prefill_attention(spec, q, kc, vc, tables, cu, lens, out, max_q_len=max(new), max_context=bound,
@@ -534,6 +523,22 @@ def test_prefill_hopper_split_kv(splits, case, page_size):
             assert rel_err(out[rows].view(n, H, D), ref) <= TOL["bf16"], f"call {call}, sequence {s} ({c} + {n})"
 
 
+@pytest.mark.parametrize("splits", [1, 2, 7, 16, None], ids=lambda x: f"splits{x or '_auto'}")
+@pytest.mark.parametrize("case", SPLIT_CASES)
+@pytest.mark.parametrize("page_size", [16, 7])
+def test_prefill_hopper_split_kv(splits, case, page_size):
+    """Issue #16: split-KV in the wgmma kernel. Short queries after long cached contexts (no multiple
+    of the tile or page): a prompt after a 2,000-token prefix, speculative verification (5 queries),
+    a single query, a chunk; padding sequences with no queries and no context; a launch bound 3x
+    the longest context (the splits then outnumber a short context's tiles: empty splits are
+    neutral). Splits forced to 1 (the plain kernel), 2, 7, 16, and the modeled count. Twice: the
+    scratch is fresh per launch, nothing carries over."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma prefill kernel is for Hopper GPUs")
+    ctx, new = [2000, 0, 777, 1234, 0, 130, 4095], [32, 0, 5, 1, 0, 61, 17]
+    _split_prefill_check(case, page_size, ctx, new, splits, bound=3 * max(a + b for a, b in zip(ctx, new)), calls=2)
+
+
 @pytest.mark.parametrize("splits", [1, 3], ids=lambda x: f"splits{x}")
 @pytest.mark.parametrize("case", [(32, 8, 128, 0, True), (8, 2, 64, 0, True), (12, 4, 64, 37, True)])
 def test_prefill_hopper_split_kv_many_q_tiles(splits, case):
@@ -541,26 +546,7 @@ def test_prefill_hopper_split_kv_many_q_tiles(splits, case):
     several q tiles each): a 519-token prompt, 128 after 129 cached, 130 after 1,000; beside short ones."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma prefill kernel is for Hopper GPUs")
-    H, KV, D, window, causal = case
-    dt, page_size = torch.bfloat16, 16
-    spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, causal=causal, origin="test")
-    ctx, new = [0, 5, 300, 0, 64, 1000, 129], [37, 64, 1, 519, 3, 130, 128]
-    kv_lens = [a + b for a, b in zip(ctx, new)]
-    tables, pages = paged_layout(kv_lens, page_size)
-    kc = torch.randn(pages, KV, page_size, D, device=DEV).to(dt)
-    vc = torch.randn(pages, KV, page_size, D, device=DEV).to(dt)
-    T = sum(new)
-    cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
-    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
-    q = (torch.randn(T, H * D, device=DEV) * 2).to(dt)
-    out = nan_like((T, H * D), dt)
-    K.prefill_attention(spec, q, kc, vc, tables, cu, lens, out, max_q_len=max(new), splits=splits)
-    for s, (c, n) in enumerate(zip(ctx, new)):
-        rows = slice(int(cu[s]), int(cu[s + 1]))
-        ref = attention_ref(q[rows].view(n, H, D), gather(kc, tables[s], c + n, page_size),
-                            gather(vc, tables[s], c + n, page_size), torch.arange(c, c + n, device=DEV),
-                            spec.scale, window, 0.0, causal=causal)
-        assert rel_err(out[rows].view(n, H, D), ref) <= TOL["bf16"], f"sequence {s} ({c} + {n})"
+    _split_prefill_check(case, 16, [0, 5, 300, 0, 64, 1000, 129], [37, 64, 1, 519, 3, 130, 128], splits)
 
 
 def test_prefill_hopper_split_kv_matches_plain_at_bench_shape():

@@ -619,10 +619,11 @@ def _int4_switch_keeps_the_logits(monkeypatch, seed, switch_name: str, method: s
         assert torch.equal(a, b)
 
 
-def _decode_logits(model, seed):
-    """Prefill of 4 sequences, then 4 decode steps: every step's logits."""
+def _decode_logits(model, seed, seqs: int = 4, steps: int = 4):
+    """Prefill of `seqs` (up to 4) sequences (every row's logits), then `steps` decode steps (CUDA graphs; 3
+    sequences: a padding row in the bucket of 4): every step's logits."""
     rng = random.Random(seed)
-    lens = [rng.randint(1, 70), 17, 33, 5]
+    lens = [rng.randint(1, 70), 17, 33, 5][:seqs]
     kv = KVStore(model.plan.sites, 64, 16, model.dtype, "cuda")
     tables = [tuple(range(8 * i, 8 * i + 8)) for i in range(len(lens))]
     seqs, start = [], 0
@@ -635,7 +636,7 @@ def _decode_logits(model, seed):
         out.append(model.model.forward(StepBatch(torch.randint(0, model.plan.vocab_size, (start,), generator=gen), seqs),
                                        kv, all_logits=True).clone())
         ctx = list(lens)
-        for _ in range(4):
+        for _ in range(steps):
             nxt = torch.randint(0, model.plan.vocab_size, (len(lens),), generator=gen)
             out.append(model.model.forward(StepBatch(nxt, [SeqSlice(i, 1, ctx[i], tables[i])
                                                            for i in range(len(lens))]), kv).clone())
