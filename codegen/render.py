@@ -132,13 +132,15 @@ DECODE_GRID = os.environ.get("KILN_DECODE_GRID", "splits-last")
 # (partition=None). Written in session 21 without device time: opt-in until its GPU tests pass and it is measured.
 DECODE_DYN_PART = os.environ.get("KILN_DECODE_DYN_PART", "0")
 # Prefill attention over an fp8 KV cache on Hopper through the wgmma kernel ("1": templates/prefill_attn_sm90.cu.j2
-# copies each tile's E4M3 bytes and converts them in shared memory) instead of the mma.sync kernel ("0", the
-# default). Written in session 21 without device time, so opt-in until its GPU tests pass and it is measured:
-# in session 10's profile of an fp8 mixed step (256 decode rows beside a 1,792-token prompt chunk) the mma
-# kernel took 6.88 of 42.99 ms, about 62 TFLOP/s, where the bf16 cache's wgmma kernel runs at 150-310. On the
-# H200 (session 22) its plain form passed its GPU test and its split-KV form did not (0.48-0.73 off past one key
-# tile), so the fp8 form is rendered without the split (_prefill_sm90): its launches are always whole.
-PREFILL_FP8_SM90 = os.environ.get("KILN_PREFILL_FP8_SM90", "0")
+# copies each tile's E4M3 bytes and converts them in shared memory, the default) instead of the mma.sync kernel
+# ("0"). Written in session 21 without device time; on since session 24, where its GPU tests passed and, with the two
+# switches of session 23 (KILN_FP8_AMAX_FUSE, KILN_MIXED_GRAPHS_LARGE), fp8 2048/128 went from 2,624 to 2,860
+# output tok/s on an H100 in one call (BENCHMARKS.md). In session 10's profile of an fp8 mixed step (256 decode
+# rows beside a 1,792-token prompt chunk) the mma kernel took 6.88 of 42.99 ms, about 62 TFLOP/s, where the bf16
+# cache's wgmma kernel runs at 150-310. On the H200 (session 22) its plain form passed its GPU test and its split-KV
+# form did not (0.48-0.73 off past one key tile), so the fp8 form is rendered without the split (_prefill_sm90): its
+# launches are always whole.
+PREFILL_FP8_SM90 = os.environ.get("KILN_PREFILL_FP8_SM90", "1")
 
 
 def _emit(template: str, name: str, spec, params: dict, entries, meta: dict) -> KernelSource:

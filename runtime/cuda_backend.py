@@ -118,9 +118,11 @@ MIXED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # chunks that fill the token budget, ~20 launches a layer each. Eager, the host issues them at ~57 us a launch
 # (session 22's fp8 mixed step: 40.5 ms of host time for 38.4 ms of kernels, so the GPU waited). As graphs they are
 # bucketed by decode rows, prompt sequences and tokens (below), the decode rows through the decode kernel as in an
-# eager step (MIXED_SPLIT); every sequence samples at most one row. "0" (the default): eager. Written in session 23
-# without device time (`.ci/device_check.sh s23all`); read when a step runs.
-MIXED_GRAPHS_LARGE = os.environ.get("KILN_MIXED_GRAPHS_LARGE", "0")
+# eager step (MIXED_SPLIT); every sequence samples at most one row. "1" (the default) on, "0": eager. Written in
+# session 23 without device time; on since its GPU tests passed in session 24 (`.ci/device_check.sh s23all`: with
+# the other two switches of session 23, the fp8 2048/128 mixed step 43.5 -> 39.9 ms on an H100). Read when a step
+# runs.
+MIXED_GRAPHS_LARGE = os.environ.get("KILN_MIXED_GRAPHS_LARGE", "1")
 # Coarse buckets: the GEMMs' rows are the token bucket's whatever the others, and a padding decode row (one cached
 # token) or prompt sequence (no queries) costs its kernel a block that leaves at once, so few buckets (few captures)
 # cost little. Sampled rows: the decode and prompt buckets together (the LM head's rows).
@@ -229,6 +231,8 @@ class CudaModel:
         self._graphs: dict[int, _Graph] = {}
         self._mixed: dict[tuple[int, int, int], _MixedGraph] = {}  # (sequences, tokens, rows) buckets
         self._pool = None  # the mixed graphs' shared memory pool (they never run at the same time)
+        self._pool_peak = 0  # the most one capture into it took (its blocks, free again after it, serve the next)
+        self._eager_mixed: set[tuple] = set()  # mixed buckets refused a capture for want of memory (_mixed_graph)
         self._graph_kv = _nothing  # the KV store the graphs write to (weak: an engine's end frees it)
         self._lora = CudaLora(self)  # LoRA adapters of `self.lora` (a runtime/lora.py LoraSet, set by the engine)
         self.reserve(max_batch, max_context)
@@ -316,16 +320,27 @@ class CudaModel:
             cap = min(max_batch, self.max_batch, t)
             for d in sorted({0} | {min(b, cap) for b in LARGE_DECODE}):
                 key = (LARGE_SEQS[0], t, d + LARGE_SEQS[0], d)
-                if key not in self._mixed:
-                    if self._pool is None:
-                        self._pool = torch.cuda.graph_pool_handle()
-                    self._mixed[key] = _MixedGraph(self, kv, *key)
-                    made += 1
+                if key not in self._mixed and key not in self._eager_mixed:
+                    made += self._mixed_graph(kv, key) is not None
         return made
+
+    def _mixed_graph(self, kv: KVStore, key: tuple) -> "_MixedGraph | None":
+        """The mixed graph of bucket `key`, captured now; None where the device lacks the memory for it and an
+        eager step of its size beside it (_capture's check): that bucket's steps then run eagerly."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._pool_peak = 0
+        try:
+            graph = self._mixed[key] = _MixedGraph(self, kv, *key)
+        except GraphMemoryShort:
+            self._eager_mixed.add(key)
+            return None
+        return graph
 
     def drop_graphs(self) -> None:
         self._graphs.clear()
         self._mixed.clear()
+        self._eager_mixed.clear()
         # New mixed graphs capture into a new pool: the old one may still hold blocks that outlive its
         # graphs (a buffer first allocated during a capture and cached), and torch's allocator refuses
         # to capture into a pool whose graphs are all gone while it still has live blocks.
@@ -384,13 +399,10 @@ class CudaModel:
             key = _mixed_key(len(batch.seqs), batch.num_tokens, len(sample))
             if key is None and cuda_quant._on("KILN_MIXED_GRAPHS_LARGE", MIXED_GRAPHS_LARGE):
                 key = large_mixed_key(batch, len(sample), self.max_batch)
-            if key is not None:
-                graph = self._mixed.get(key)
-                if graph is None:
-                    if self._pool is None:
-                        self._pool = torch.cuda.graph_pool_handle()
-                    graph = self._mixed[key] = _MixedGraph(self, kv, *key)
-                return graph.replay(batch, sample).float()
+            if key is not None and key not in self._eager_mixed:
+                graph = self._mixed.get(key) or self._mixed_graph(kv, key)
+                if graph is not None:
+                    return graph.replay(batch, sample).float()
         tokens = batch.device_tokens(self.device)
         meta = self._meta(batch)
         rows = None if all_logits else torch.tensor(sample).pin_memory().to(self.device, non_blocking=True)
@@ -814,15 +826,39 @@ def _static_meta(model: CudaModel, seqs: int, tokens: int, decode: bool) -> _Met
         valid=torch.full((1,), tokens, dtype=torch.int32, device=dev))
 
 
+class GraphMemoryShort(Exception):
+    """A mixed graph's capture refused for want of device memory (_capture): its steps run eagerly."""
+
+
+# A mixed graph is captured only where the device keeps, after it, this share more than an eager step of its size
+# takes: a graph's pool is memory no eager step can use, and the KV cache took most of the rest at start-up
+# (EngineConfig.kv_memory_fraction), so graphs of the largest buckets could otherwise starve the steps they do not
+# cover (session 24, H100: an 8,192-token budget's graphs took 14 GB and the next step ran out of memory).
+GRAPH_MEMORY_MARGIN = 1.25
+
+
 def _capture(model: CudaModel, run, pool=None):
     """Warm `run` up on a side stream (first launches load modules, cuBLAS picks algorithms), then
-    capture it: (graph, its output)."""
+    capture it: (graph, its output). Into `pool` (the mixed graphs'): first a check that the device holds
+    the memory the warm-up took twice over, once for the capture (less what the pool's earlier captures
+    freed in it) and once for an eager step after it; else GraphMemoryShort."""
     dev = model.device
     stream = torch.cuda.Stream(dev)
     stream.wait_stream(torch.cuda.current_stream(dev))
+    if pool is not None:
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
     with torch.cuda.stream(stream):
         run()
     torch.cuda.current_stream(dev).wait_stream(stream)
+    if pool is not None:
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        stream.synchronize()
+        torch.cuda.empty_cache()  # the warm-up's blocks are cached for its side stream alone: back to the device
+        free, _ = torch.cuda.mem_get_info(dev)
+        if free < GRAPH_MEMORY_MARGIN * (max(0, peak - model._pool_peak) + peak):
+            raise GraphMemoryShort(f"{free / 2**30:.2f} GiB free, a step of this size takes {peak / 2**30:.2f}")
+        model._pool_peak = max(model._pool_peak, peak)
     graph = torch.cuda.CUDAGraph()
     # No garbage collection inside the capture: collecting an unreachable CUDA graph (or its
     # memory) while another is being captured aborts the process.

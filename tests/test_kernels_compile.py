@@ -264,8 +264,7 @@ def test_decode_blocks_without_tokens_leave_at_once(spec):
 @pytest.mark.parametrize("hd", [64, 96, 128, 256])
 def test_fp8_kv_decode_on_tensor_cores_without_spills(hd):
     """An fp8 KV cache keeps the tensor-core decode (fp16 MMAs on the exactly converted bytes, no
-    ldmatrix) with more stages in flight than the 16-bit cache, and no spills; prefill never picks
-    the wgmma kernel for fp8 pages."""
+    ldmatrix) with more stages in flight than the 16-bit cache, and no spills."""
     for dt in ("bf16", "fp16"):
         ks = render(DecodeAttnSpec(32, 8, hd, 16, 0.1, dtype=dt, kv_fp8=True, softcap=30.0, alibi_max=8.0,
                                    window=100, origin="t"))
@@ -274,7 +273,6 @@ def test_fp8_kv_decode_on_tensor_cores_without_spills(hd):
         assert ks.meta["stages"] >= plain.meta["stages"]
         img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
         assert "0 bytes spill stores" in img.log and "0 bytes stack frame" in img.log, img.log
-        assert prefill_variant(PrefillAttnSpec(32, 8, 128, 16, 0.1, dtype=dt, kv_fp8=True, sm=90, origin="t")) == "mma"
     with pytest.raises(KernelSpecError, match="kv_fp8|head_dim"):
         DecodeAttnSpec(8, 2, 72, 16, 0.1, kv_fp8=True, origin="t")
 
@@ -282,7 +280,7 @@ def test_fp8_kv_decode_on_tensor_cores_without_spills(hd):
 @pytest.mark.parametrize("d, dt, causal, window", [(128, "bf16", True, 0), (64, "fp16", False, 100),
                                                   (128, "fp16", True, 37)])
 def test_fp8_kv_prefill_on_wgmma_builds(d, dt, causal, window, monkeypatch):
-    """KILN_PREFILL_FP8_SM90=1: the wgmma prefill kernel takes fp8 pages (the scales as arguments), 2 converted
+    """KILN_PREFILL_FP8_SM90=1 (the default; "0": the mma kernel): the wgmma prefill kernel takes fp8 pages (the scales as arguments), 2 converted
     stages and 2 byte slots in the 3 stages' shared memory, and builds for sm_90a without spills; on fp8 pages it
     has no split-KV form (failed on the H200) where a 16-bit cache's has one; the warp-specialised form keeps the
     mma kernel; a bad switch value is refused."""
@@ -304,6 +302,9 @@ def test_fp8_kv_prefill_on_wgmma_builds(d, dt, causal, window, monkeypatch):
     assert img.kind == "cubin" and ks.name.encode() in img.data
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in img.log, img.log
     assert render(dataclasses.replace(spec, ws=True, origin="t fp8 ws")).meta["variant"] == "mma"
+    assert prefill_variant(dataclasses.replace(spec, sm=90)) == "sm90"
+    monkeypatch.setattr(R, "PREFILL_FP8_SM90", "0")
+    assert prefill_variant(dataclasses.replace(spec, sm=90)) == "mma"
     monkeypatch.setattr(R, "PREFILL_FP8_SM90", "yes")
     with pytest.raises(KernelSpecError, match="KILN_PREFILL_FP8_SM90"):
         render(dataclasses.replace(spec, origin="t fp8 bad"))

@@ -137,6 +137,23 @@ def test_large_mixed_graph_equals_eager(dtype, kv_cache_dtype, fresh_seed, monke
     assert len(large) == 1, f"one large graph with 16 decode rows: {list(cuda.model._mixed)}"
 
 
+def test_mixed_graph_short_of_memory_runs_eagerly(fresh_seed, monkeypatch):
+    """A mixed bucket whose capture the device lacks the memory for (here: a margin no device meets) is not
+    captured; its steps run eagerly and their logits equal the reference's; the capture-ahead skips it too."""
+    monkeypatch.setattr(cuda_backend, "MIXED_GRAPHS_LARGE", "1")
+    monkeypatch.setattr(cuda_backend, "MIXED_TOKENS", (16,))
+    monkeypatch.setattr(cuda_backend, "LARGE_TOKENS", (64, 128, 256))
+    monkeypatch.setattr(cuda_backend, "GRAPH_MEMORY_MARGIN", 1e9)
+    ref, cuda = pair("llama", LLAMA, "fp32")
+    prefill, mixed = _steps(random.Random(fresh_seed), ref.plan.vocab_size)
+    got, want = _run(cuda, prefill, mixed), _run(ref, prefill, mixed)
+    assert rel(got, want) <= 1e-4, f"{rel(got, want):.3g} from the reference"
+    assert not cuda.model._mixed and cuda.model._eager_mixed, "no mixed graph kept, the buckets marked eager"
+    kv = KVStore(cuda.plan.sites, 48, 16, cuda.dtype, "cuda")
+    made = cuda.model.capture_decode_graphs(kv, 20, tokens=100)
+    assert made == len(cuda.model._graphs) and not cuda.model._mixed
+
+
 def test_large_mixed_graphs_captured_ahead(monkeypatch):
     """capture_decode_graphs with a token budget (bench throughput's warm-up) also captures the large mixed graphs
     of a full step of one or two prompt chunks beside each decode bucket up to max_batch, and max_batch's own
