@@ -344,9 +344,12 @@ PREFILL_SPLIT_FILL = 0.5  # split the KV of a prefill grid holding fewer blocks 
 # Off (the launch keeps prefill grids whole unless a caller forces splits) since session 24: on an H100 the bf16
 # split form was 0.46 off for 128 queries after 129 cached tokens at 8B-model heads (32 / 8 of 128; 3 splits;
 # deterministic, the sequence alone too; tests/gpu/test_kernels.py::test_prefill_hopper_split_kv_many_q_tiles),
-# where the plain kernel matches; the fault is not found yet (.ci/split_probe.py compares every block's partials
-# with float64 ones). An automatic split that can be wrong is worse than a slower whole grid (~1 ms a step of a short
-# prompt after a long prefix at 8B shapes, per the figures above).
+# where the plain kernel matched. Cause found on the CPU: a split past a row's position masks all its keys, and the
+# online softmax's rescale factor, contracted by ptxas into an fma, came out inf there, so the merge wrote those
+# rows as zeros (templates/prefill_attn_sm90.cu.j2, tests/test_softmax_rescale_sass.py; a float model of it gives
+# 0.4565 at head dim 128, 0 at 64, as measured). Fixed in the template; back on once the GPU test passes with the
+# fix (`.ci/device_check.sh s25`): an automatic split that might be wrong is worse than a slower whole grid (~1 ms
+# a step of a short prompt after a long prefix at 8B shapes, per the figures above).
 PREFILL_AUTO_SPLIT = False
 PREFILL_MAX_SPLITS = 8  # each split re-loads its Q tile and writes an fp32 partial: a cost per split
 

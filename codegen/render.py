@@ -509,8 +509,9 @@ def _prefill_sm90(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
     # The merge: a thread per (row, 4 dims), as many rows per block as 256 threads hold
     merge_rows = max(1, 256 // (d // 4))
     # An fp8 cache: the plain form only. Its split-KV form was 0.48-0.73 off on the H200 (session 22) for causal
-    # sequences past one key tile, a fault not found (a tile-level model of its index arithmetic in float64
-    # matches the reference), so it is not rendered and prefill_splits keeps such launches whole.
+    # sequences past one key tile: most likely the masked rows' rescale factor that made the bf16 form 0.46 off at
+    # head dim 128 (session 24, fixed in the template; kernels.PREFILL_AUTO_SPLIT), its sign here set by the
+    # runtime k_scale. Not rendered until a GPU test shows it right; prefill_splits keeps such launches whole.
     split_form = not s.kv_fp8
     params.update(merge_rows=merge_rows, merge_groups=-(-rows // merge_rows), merge_threads=merge_rows * (d // 4),
                   split_form=split_form)
