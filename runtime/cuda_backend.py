@@ -833,7 +833,7 @@ class GraphMemoryShort(Exception):
 # A mixed graph is captured only where the device keeps, after it, this share more than an eager step of its size
 # takes: a graph's pool is memory no eager step can use, and the KV cache took most of the rest at start-up
 # (EngineConfig.kv_memory_fraction), so graphs of the largest buckets could otherwise starve the steps they do not
-# cover (session 24, H100: an 8,192-token budget's graphs took 14 GB and the next step ran out of memory).
+# cover (session 24, H100: at an 8,192-token budget bench throughput ran out of memory with 13.9 GiB in graph pools).
 GRAPH_MEMORY_MARGIN = 1.25
 
 
