@@ -280,10 +280,10 @@ def test_fp8_kv_decode_on_tensor_cores_without_spills(hd):
 @pytest.mark.parametrize("d, dt, causal, window", [(128, "bf16", True, 0), (64, "fp16", False, 100),
                                                   (128, "fp16", True, 37)])
 def test_fp8_kv_prefill_on_wgmma_builds(d, dt, causal, window, monkeypatch):
-    """KILN_PREFILL_FP8_SM90=1 (the default; "0": the mma kernel): the wgmma prefill kernel takes fp8 pages (the scales as arguments), 2 converted
-    stages and 2 byte slots in the 3 stages' shared memory, and builds for sm_90a without spills; on fp8 pages it
-    has no split-KV form (failed on the H200) where a 16-bit cache's has one; the warp-specialised form keeps the
-    mma kernel; a bad switch value is refused."""
+    """KILN_PREFILL_FP8_SM90=1 (the default; "0": the mma kernel): the wgmma prefill kernel takes fp8 pages (the
+    scales as arguments), 2 converted stages and 2 byte slots in the 3 stages' shared memory, and builds for sm_90a
+    without spills; on fp8 pages it has no split-KV form (failed on the H200) where a 16-bit cache's has one; the
+    warp-specialised form keeps the mma kernel; a bad switch value is refused."""
     from kiln.codegen import render as R
     monkeypatch.setattr(R, "PREFILL_FP8_SM90", "1")
     spec = PrefillAttnSpec(32, 8, d, 16, 0.1, causal=causal, window=window, dtype=dt, kv_fp8=True, origin="t fp8 sm90")
