@@ -18,8 +18,10 @@
 #                                         prefill kernel table, then an fp8 mixed step's profile: defaults, each switch
 #   bash .ci/device_check.sh s23all    session 23 in one call: the tests, then fp8 2048/128 with the defaults, with the
 #                                         three switches on, with fast accumulation too, and on with a budget of 8,192
-#   bash .ci/device_check.sh s25       next session: the split-KV probe, session 24's unrun GPU tests, fp8 2048/128 at budgets
-#                                         2,048 / 8,192 and fp8 1000/1000 with session 24's defaults
+#   bash .ci/device_check.sh s25       next session: the split-KV prefill's probe and tests (bf16 and fp8 forms), the mixed
+#                                         graphs' memory check, KILN_DECODE_DYN_PART's tests and batch-1 A/B
+#   bash .ci/device_check.sh s25thru   next session: bench throughput --sweep (one process, one model): fp8 at 128/128,
+#                                         128/2048, 1000/1000, 2048/128 (SWEEP_Q=bf16, SWEEP_SHAPES, SWEEP_N, MAXB)
 #   bash .ci/device_check.sh s24       session 24: the split-KV prefill probe, the fp8 / graph tests with session 23's switches and
 #                                         fast accumulation on, then fp8 1000/1000 with the defaults and with them on
 #   bash .ci/device_check.sh s24b      session 24: the split-KV probe on four head shapes, the mixed-graph memory check's tests,
@@ -216,15 +218,24 @@ for mode in "$@"; do
         echo "== all three on, budget $1, $2"; env $ON $2 timeout 200 $KILN bench throughput --config $L \
         --quantization fp8 --kv-cache-dtype fp8 --requests 300 --input-len 2048 --output-len 128 --max-batch 256 \
         --max-tokens-per-step $1 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|graphs_captured|warmup_s|mixed_steps|mixed_steps_s|mixed_step_ms_p50|decode_step_ms_p50) |Error"; done ;;
-    s25)  # next session: the split-KV probe (two head shapes), session 24's unrun GPU tests (the mixed graphs' memory
-          # check, the split case marked xfail, prefill / prefix paths with the automatic split off), then fp8 2048/128
-          # at budgets of 2,048 and 8,192 and fp8 1000/1000 with session 24's defaults
-      for sh in ${PROBE_SHAPES:-32,8,128,16 8,2,128,16}; do echo "=== SHAPE $sh"
-        SHAPE=$sh REPEAT=1 CTX=129,0 NEW=128,5 timeout 100 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -24; done
+    s25)  # next session (~7 min): the split-KV prefill with session 24's rescale fix, bf16 and (new) fp8 forms (a probe,
+          # then the tests: prefill, prefix, the mixed graphs' memory check); KILN_DECODE_DYN_PART's tests, then its
+          # batch-1 A/B (int4-wo+lm-head, bf16)
+      SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 100 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12
       timeout 240 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_mixed_split.py \
         tests/gpu/test_kernels.py tests/gpu/test_prefix_cache_gpu.py -k "memory or large or split or prefill or prefix" 2>&1 \
         | tee "$OUT/s25-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -10
-      thru_runs "fp8:2048:128:300:256:2048 fp8:2048:128:300:256:8192 fp8:1000:1000:1000:256:2048" ;;
+      KILN_DECODE_DYN_PART=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_kernels.py \
+        tests/gpu/test_decode_early_kv.py tests/gpu/test_cuda_backend.py -k "decode or early or dynamic" 2>&1 \
+        | tee "$OUT/s25-dynpart.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
+      ab_runs "${AB:-int4-wo+lm-head KILN_DECODE_DYN_PART 0 1 $L;none KILN_DECODE_DYN_PART 0 1 $L}" ;;
+    s25thru)  # next session (~6-8 min): TensorRT-LLM's shapes in one process (bench throughput --sweep: one model, an
+              # engine per shape), SWEEP_Q (fp8: weights + KV cache; bf16), SWEEP_N requests a shape (1000),
+              # SWEEP_SHAPES (fp8: 128/128, 128/2048, 1000/1000, 2048/128), max batch MAXB (256)
+      q=${SWEEP_Q:-fp8}; qa=""; [ "$q" = fp8 ] && qa="--quantization fp8 --kv-cache-dtype fp8"
+      timeout ${THRU_TIMEOUT:-560} $KILN bench throughput --config $L $qa --requests ${SWEEP_N:-1000} \
+        --max-batch ${MAXB:-256} --sweep ${SWEEP_SHAPES:-128/128,128/2048,1000/1000,2048/128} 2>&1 \
+        | tee -a "$OUT/sweep.log" | grep -a -E "output tok/s|^\||Error" ;;
     s24)  # session 24: where the split-KV prefill goes wrong (.ci/split_probe.py); the fp8 / graph tests with session 23's
           # three switches and fast accumulation on; fp8 1000/1000 (S24_N requests) with the defaults and with them on
       timeout 150 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -30

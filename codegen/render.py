@@ -508,19 +508,18 @@ def _prefill_sm90(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
     name = _name(f"prefill_attn_sm90{'_fp8kv' if s.kv_fp8 else ''}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     # The merge: a thread per (row, 4 dims), as many rows per block as 256 threads hold
     merge_rows = max(1, 256 // (d // 4))
-    # An fp8 cache: the plain form only. Its split-KV form was 0.48-0.73 off on the H200 (session 22) for causal
-    # sequences past one key tile: most likely the masked rows' rescale factor that made the bf16 form 0.46 off at
-    # head dim 128 (session 24, fixed in the template; kernels.PREFILL_AUTO_SPLIT), its sign here set by the
-    # runtime k_scale. Not rendered until a GPU test shows it right; prefill_splits keeps such launches whole.
-    split_form = not s.kv_fp8
-    params.update(merge_rows=merge_rows, merge_groups=-(-rows // merge_rows), merge_threads=merge_rows * (d // 4),
-                  split_form=split_form)
+    # The split-KV form on fp8 pages too. It was 0.48-0.73 off on the H200 (session 22) for causal sequences past one
+    # key tile, most likely the masked rows' rescale factor that made the bf16 form 0.46 off at head dim 128
+    # (session 24, fixed in the template; tests/test_softmax_rescale_sass.py checks both caches' machine code), its
+    # sign here set by the runtime k_scale. Only a caller's forced split reaches it until the GPU tests pass:
+    # kernels.PREFILL_AUTO_SPLIT keeps the launch's own choice whole.
+    params.update(merge_rows=merge_rows, merge_groups=-(-rows // merge_rows), merge_threads=merge_rows * (d // 4))
     # Entries: the kernel; its split-KV form and the merge of its partials (kernels.prefill_attention
     # picks the pair when the grid is too small for the GPU). split_kv: the launch may pick splits.
     meta = dict(threads=256, smem=smem, bm_tok=rows // gc, chunks=group // gc, bn=bn, mma=True, variant="sm90",
-                ws=False, split_kv=split_form, merge_threads=merge_rows * (d // 4), merge_groups=-(-rows // merge_rows),
+                ws=False, split_kv=True, merge_threads=merge_rows * (d // 4), merge_groups=-(-rows // merge_rows),
                 part_rows=rows)
-    entries = [name, f"{name}_split", f"{name}_merge"] if split_form else [name]
+    entries = [name, f"{name}_split", f"{name}_merge"]
     return _emit("prefill_attn_sm90.cu.j2", name, s, params, entries, meta)
 
 

@@ -21,6 +21,7 @@ startup:    process start to first token of `kiln generate` in fresh processes (
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -247,40 +248,66 @@ def hf_decode_ms(config_path: str, steps: int, batch: int = 1, prompt: int = 128
     return statistics.median(steps_s) * 1e3
 
 
-def throughput(args) -> dict:
+def throughput(args, m=None) -> dict:
+    """`m`: a model bench_model(args) built, reused (a sweep builds one for all its shapes; a paired run one for
+    both halves); None: built here."""
     if getattr(args, "guided", None):  # the same workload free first, then every request constrained
-        free = _throughput(argparse.Namespace(**{**vars(args), "guided": None, "hf_batch": 0, "_tokenizer": True}))
-        result = _throughput(argparse.Namespace(**{**vars(args), "_tokenizer": True}))
+        m = m if m is not None else bench_model(args)
+        free = _throughput(argparse.Namespace(**{**vars(args), "guided": None, "hf_batch": 0, "_tokenizer": True}), m)
+        result = _throughput(argparse.Namespace(**{**vars(args), "_tokenizer": True}), m)
         result["free_decode_step_ms_p50"] = free["decode_step_ms_p50"]
         result["free_output_tok_s"] = free["output_tok_s"]
         result["guided_step_overhead"] = result["decode_step_ms_p50"] / max(free["decode_step_ms_p50"], 1e-9) - 1
         return result
     if getattr(args, "lora_adapters", 0):  # the same workload without adapters first, then with them
-        base = throughput(argparse.Namespace(**{**vars(args), "lora_adapters": 0, "hf_batch": 0}))
-        result = _throughput(args)
+        m = m if m is not None else bench_model(args)
+        base = throughput(argparse.Namespace(**{**vars(args), "lora_adapters": 0, "hf_batch": 0}), m)
+        result = _throughput(args, m)
         result["base_decode_step_ms_p50"] = base["decode_step_ms_p50"]
         result["base_output_tok_s"] = base["output_tok_s"]
         result["lora_decode_ratio"] = base["decode_step_ms_p50"] / max(result["decode_step_ms_p50"], 1e-9)
         return result
-    return _throughput(args)
+    return _throughput(args, m)
 
 
-def _throughput(args) -> dict:
+def bench_model(args):
+    """The random model a throughput run measures: --config's shape, --quantization / --kv-cache-dtype applied on
+    load; with --tp / --pp split over that many processes of this machine."""
+    cpu = getattr(args, "device", "cuda") == "cpu"  # a smoke run of the same code (CI), not a benchmark
+    tp, pp = getattr(args, "tp", 1) or 1, getattr(args, "pp", 1) or 1
+    if tp * pp > 1:  # check_args allowed it (the cuda backend: --tp alone, one GPU per rank)
+        return split_random_model(args.spec, _config(args.config), tp, pp, "reference" if cpu else "cuda")
+    return random_model(args.spec, _config(args.config), dtype="fp32" if cpu else "bf16",
+                        device="cpu" if cpu else "cuda", backend=args.backend,
+                        quantization=args.quantization or "none", kv_cache_dtype=args.kv_cache_dtype or "auto")
+
+
+def release_engine(m) -> None:
+    """After a run on a reused model: its graphs (which hold the finished engine's KV cache) dropped and the freed
+    memory back to the device, so that the next engine sizes its KV cache from all of it again."""
+    drop = getattr(m.model, "drop_graphs", None)
+    if drop is not None:
+        drop()
+    gc.collect()  # the engine's reference cycles, if any, before the cache is emptied
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _throughput(args, m=None) -> dict:
     result: dict = {}
-    if args.hf_batch:  # first, on an empty GPU
+    if args.hf_batch:  # first: on an empty GPU unless the model is already built (a reused one)
         ms = hf_decode_ms(args.config, 32, batch=args.hf_batch, prompt=args.input_len)
         result["hf_batch"] = args.hf_batch
         result["hf_step_ms"] = ms
         result["hf_output_tok_s"] = args.hf_batch / (ms / 1e3)
-    cpu = getattr(args, "device", "cuda") == "cpu"  # a smoke run of the same code (CI), not a benchmark
     tp, pp = getattr(args, "tp", 1) or 1, getattr(args, "pp", 1) or 1
-    if tp * pp > 1:  # check_args allowed it (the cuda backend: --tp alone, one GPU per rank)
-        m = split_random_model(args.spec, _config(args.config), tp, pp, "reference" if cpu else "cuda")
-        result.update(tp=tp, pp=pp)
+    owned = m is None  # built here: a split model's processes stop at the end
+    if owned:
+        m = bench_model(args)
     else:
-        m = random_model(args.spec, _config(args.config), dtype="fp32" if cpu else "bf16",
-                         device="cpu" if cpu else "cuda", backend=args.backend,
-                         quantization=args.quantization or "none", kv_cache_dtype=args.kv_cache_dtype or "auto")
+        release_engine(m)  # a reused model: the run before's graphs and KV cache go first
+    if tp * pp > 1:
+        result.update(tp=tp, pp=pp)
     engine = LLMEngine(m, None, EngineConfig(page_size=getattr(args, "page_size", 16), max_num_seqs=args.max_batch,
                                              kv_memory_fraction=args.kv_fraction,
                                              max_tokens_per_step=args.max_tokens_per_step,
@@ -327,7 +354,7 @@ def _throughput(args) -> dict:
             if o.finished:
                 end[o.request_id] = now
     total = time.perf_counter() - start
-    if tp * pp > 1:
+    if tp * pp > 1 and owned:
         m.model.shutdown()  # the worker processes exit
     ttft = percentiles([first[r] - start for r in first])
     tpot = percentiles([(end[r] - first[r]) / max(1, args.output_len - 1) for r in end])
@@ -668,11 +695,17 @@ def sweep(args, device_name: str, precision: str) -> int:
     table = peers.load(PEERS)
     scale = 64 if getattr(args, "device", "cuda") == "cpu" else 1
     ours = {}
+    m = bench_model(args)  # one model for every shape: each run makes its own engine, KV cache and graphs
     for isl, osl in sweep_shapes(args.sweep):
         args.input_len, args.output_len = max(1, isl // scale), max(1, osl // scale)
-        r = throughput(args)
-        print(f"{isl}/{osl}: {r['output_tok_s']:,.0f} output tok/s ({r['seconds']:.1f} s)", flush=True)
+        r = throughput(args, m)
+        print(f"{isl}/{osl}: {r['output_tok_s']:,.0f} output tok/s ({r['seconds']:.1f} s: {r['decode_steps']} decode "
+              f"steps, p50 {r['decode_step_ms_p50']:.2f} ms; {r['mixed_steps']} with prompt tokens, "
+              f"{r['mixed_steps_s']:.1f} s, p50 {r['mixed_step_ms_p50']:.2f} ms; {r['preemptions']} preemptions)",
+              flush=True)
         ours[(isl, osl)] = r["output_tok_s"]
+    if hasattr(m.model, "shutdown"):  # a split model (--tp / --pp): its worker processes exit
+        m.model.shutdown()
     print(peers.sweep_table(table, peers.card_of(device_name), ours, precision))
     return 0
 

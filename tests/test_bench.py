@@ -91,3 +91,34 @@ def test_sweep_of_some_shapes_labels_its_precision(config, capsys):
     assert main(["bench", "throughput", "--device", "cpu", "--config", config, "--sweep", "100/100"]) == 2
     err = capsys.readouterr().err
     assert "--sweep 100/100: '100/100' is not a shape of the published table" in err and err.count("\n") == 1
+
+
+def test_sweep_and_paired_runs_build_the_model_once(config, capsys, monkeypatch):
+    """A sweep builds one model for all its shapes (each shape its own engine: a KV cache sized for it, every
+    request of it finished), and a paired run (--lora-adapters: without, then with) one for both halves; each
+    run's counts are what a run on a fresh model gives."""
+    from kiln.runtime import bench
+    built = []
+    real = bench.random_model
+
+    def counting(*a, **k):  # the real builder, counted
+        built.append(a[1]["hidden_size"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench, "random_model", counting)
+    assert main(["bench", "throughput", "--device", "cpu", "--config", config, "--requests", "3",
+                 "--max-batch", "2", "--sweep", "128/128,2048/128,1000/1000"]) == 0
+    assert built == [TINY["hidden_size"]]
+    assert capsys.readouterr().out.count("output tok/s") == 3
+    fresh = throughput(args_for(config, "--requests", "3", "--max-batch", "2", "--input-len", "16",
+                                "--output-len", "5"))
+    m = bench.bench_model(args_for(config))
+    for _ in range(2):  # the same model twice: the same counts as a fresh one's
+        again = throughput(args_for(config, "--requests", "3", "--max-batch", "2", "--input-len", "16",
+                                    "--output-len", "5"), m)
+        assert {k: again[k] for k in ("decode_steps", "mixed_steps", "preemptions", "requests")} \
+            == {k: fresh[k] for k in ("decode_steps", "mixed_steps", "preemptions", "requests")}
+    built.clear()
+    r = throughput(args_for(config, "--requests", "2", "--max-batch", "2", "--input-len", "8", "--output-len", "4",
+                            "--lora-adapters", "2", "--lora-rank", "4"))
+    assert len(built) == 1 and r["lora_adapters"] == 2 and r["base_output_tok_s"] > 0

@@ -282,8 +282,8 @@ def test_fp8_kv_decode_on_tensor_cores_without_spills(hd):
 def test_fp8_kv_prefill_on_wgmma_builds(d, dt, causal, window, monkeypatch):
     """KILN_PREFILL_FP8_SM90=1 (the default; "0": the mma kernel): the wgmma prefill kernel takes fp8 pages (the
     scales as arguments), 2 converted stages and 2 byte slots in the 3 stages' shared memory, and builds for sm_90a
-    without spills; on fp8 pages it has no split-KV form (failed on the H200) where a 16-bit cache's has one; the
-    warp-specialised form keeps the mma kernel; a bad switch value is refused."""
+    without spills, its split-KV form and merge too (the k_scale in the split's score scale, v_scale in its
+    partials); the warp-specialised form keeps the mma kernel; a bad switch value is refused."""
     from kiln.codegen import render as R
     monkeypatch.setattr(R, "PREFILL_FP8_SM90", "1")
     spec = PrefillAttnSpec(32, 8, d, 16, 0.1, causal=causal, window=window, dtype=dt, kv_fp8=True, origin="t fp8 sm90")
@@ -293,14 +293,16 @@ def test_fp8_kv_prefill_on_wgmma_builds(d, dt, causal, window, monkeypatch):
     assert ks.meta["smem"] == plain.meta["smem"] <= 227 * 1024
     src = ks.source
     assert "convert_tile(it);" in src and "unsigned char* raw_s" in src and "(it % 2)" in src
-    assert src.count("float k_scale, float v_scale)") == 1 and "_split(" not in src and "_merge(" not in src
-    assert ks.entries == (ks.name,) and not ks.meta["split_kv"]
-    assert plain.meta["split_kv"] and plain.entries == (plain.name, plain.name + "_split", plain.name + "_merge")
+    assert src.count("float k_scale, float v_scale)") == 2  # the kernel and its split form; the merge takes none
+    assert src.count("o[n][2 * h] * v_scale") == 1  # the split's partials carry v_scale, as the plain form's 1 / sum
+    for r in (ks, plain):
+        assert r.meta["split_kv"] and r.entries == (r.name, r.name + "_split", r.name + "_merge")
     mt = "bf16" if dt == "bf16" else "f16"
     assert f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.{mt}.{mt}" in src
     img = nvrtc.compile_source(src, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
     assert img.kind == "cubin" and ks.name.encode() in img.data
-    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in img.log, img.log
+    frames = re.findall(r"\d+ bytes stack frame, \d+ bytes spill stores, \d+ bytes spill loads", img.log)
+    assert frames == ["0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"] * 3, img.log
     assert render(dataclasses.replace(spec, ws=True, origin="t fp8 ws")).meta["variant"] == "mma"
     assert prefill_variant(dataclasses.replace(spec, sm=90)) == "sm90"
     monkeypatch.setattr(R, "PREFILL_FP8_SM90", "0")

@@ -37,3 +37,15 @@ def test_no_rescale_fma_on_the_masked_max(d, dt, window, ws, tmp_path):
         bad = [i for i in instrs if i.split()[0].startswith("FFMA")
                and any(int(e) >= 20 for e in IMM.findall(i))]
         assert not bad, f"{entry}: the rescale contracted into an fma with -1e30 * scale as its immediate: {bad[:2]}"
+
+
+@pytest.mark.parametrize("d, dt", [(128, "bf16"), (64, "fp16")])
+def test_fp8_pages_rescale_by_the_difference(d, dt):
+    """On fp8 pages the score scale is log2 e * scale * k_scale, a register (k_scale is an argument), so the
+    contraction above would have a product of registers as its addend, not an immediate the check could find: here
+    the rendered factor itself is checked, (m - mx) * sc, in the plain and the split-KV entry alike."""
+    spec = PrefillAttnSpec(32, 8, d, 16, d ** -0.5, dtype=dt, sm=90, kv_fp8=True, origin="t rescale fp8")
+    ks = render(spec)
+    assert ks.meta["split_kv"] and ks.entries == (ks.name, f"{ks.name}_split", f"{ks.name}_merge")
+    alphas = re.findall(r"alpha\[h\] = exp2f\((.*)\);", ks.source)
+    assert alphas == ["(m[h] - mx) * sc"] * 2, alphas
