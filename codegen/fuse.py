@@ -279,15 +279,19 @@ def _gemv_prologue(p: _Program) -> None:
     GEMM step as it was), run where the prologue stood. Its outputs: the GEMM's, then the
     prologue's others (the residual sum r). At a few rows the cuda backend runs it as one GEMV launch
     that forms x per chunk (codegen/gemv.py); otherwise the two steps as before. Runs on the steps
-    the other patterns made, so it comes last."""
+    the other patterns made, so it comes last: an ungated RMSNorm also joins a GEMM step that has an
+    epilogue (the gated activation's, gemv_epilogue; "gemm" is then that step) or a rotary link (gemv_rope),
+    so that the norm, the GEMV and the step after it are one launch."""
     made = {o: n for n, op in p.anchor.items() for o in op.outs}
     for n, gemm in sorted(p.anchor.items()):
-        if gemm.kind is not Exec.GEMM or gemm.ins[0] not in made or "epilogue" in gemm.extra:
+        if gemm.kind is not Exec.GEMM or gemm.ins[0] not in made:
             continue
         x, m = gemm.ins[0], made[gemm.ins[0]]
         pro = p.anchor.get(m)
         if pro is None or pro.outs[0] != x or pro.collectives or not _prologue_kind(pro):
             continue
+        if "epilogue" in gemm.extra and not (pro.kind is Exec.NORM and not pro.spec.gate):
+            continue  # before a GEMV with an epilogue: an ungated RMSNorm only (codegen/gemv.py)
         # x leaves nowhere else: only the sibling linears read it (once each), and it is no output
         if p.uses[x] != sum(a == x for i in gemm.instrs for a in i.inputs):
             continue
@@ -346,8 +350,8 @@ def unfused(ops: list[KOp]) -> list[KOp]:
     / act step fused with it (what the cuda backend runs at more rows): for code and tests that look at the
     norm / act steps."""
     def split(op: KOp) -> tuple[KOp, ...]:
-        if "prologue" in op.extra:
-            return op.extra["prologue"], op.extra["gemm"]
+        if "prologue" in op.extra:  # its GEMM step may have an epilogue too
+            return (op.extra["prologue"], *split(op.extra["gemm"]))
         if "epilogue" in op.extra:
             return op.extra["gemm"], op.extra["epilogue"]
         return (op,)
@@ -377,8 +381,7 @@ PATTERNS = (
             "run dtype as the GEMM stores them, then the gated activation, g and u read by nothing else",
             _gemv_epilogue),
     # after rope_attention and sibling_gemms, whose steps it links; before gemv_prologue, which keeps the link in
-    # the step it makes (a GEMV has a prologue or an epilogue, not both: the backend runs the rotary one, after
-    # the prologue's own kernel)
+    # the step it makes (the backend's GEMV then runs the norm, the linear and the rotary + KV write in one launch)
     Pattern("gemv_rope", "q, k, v = linear(x, w_q[, b_q]), linear(x, w_k[, b_k]), linear(x, w_v[, b_v]); "
             "attention(rope(q), rope(k), v): q, k and v rounded to the run dtype as the GEMM stores them, then the "
             "rotary + KV write as the attention step's own kernel does it, q, k and v read by nothing else",

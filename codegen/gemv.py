@@ -76,8 +76,9 @@ class GemvSpec(_Spec):
                 _fail(self, "prologue", why)
         check_epilogue(self)
         if self.epilogue is not None:
-            if self.prologue is not None:
-                _fail(self, "epilogue", "a GEMV has a prologue or an epilogue, not both")
+            if self.prologue is not None and not epilogue_takes_prologue(self.prologue):
+                _fail(self, "prologue", "with an epilogue, only an RMSNorm without a gate (plain or residual) is fused "
+                                        "before the GEMV")
             if self.rows < 2:
                 _fail(self, "rows", "an epilogue's warp takes (gate, up) row pairs: at least 2 rows")
 
@@ -132,13 +133,20 @@ def spec_for(n: int, k: int, dtype: str, has_bias: bool, origin: str = "linear",
     `halves`, epilogue.features rows each: out [T, epilogue.features]; with a rotary one (a RopeCacheSpec),
     of its q, k and v rows starting at `halves` (three starts): out q [T, heads * head_dim]."""
     rows, ks = choose(n, k, dtype, num_sms)
+    pro = prologue.key() if prologue is not None else None
     if epilogue is None:
-        return GemvSpec(n, k, has_bias, dtype, origin, rows, ks, prologue.key() if prologue is not None else None)
+        return GemvSpec(n, k, has_bias, dtype, origin, rows, ks, pro)
     if isinstance(epilogue, RopeCacheSpec):
         rope = rope_epilogue_spec(epilogue)
-        return GemvSpec(rope_pairs(rope), k, has_bias, dtype, origin, max(2, rows), ks, None, rope, w_rows=n,
+        return GemvSpec(rope_pairs(rope), k, has_bias, dtype, origin, max(2, rows), ks, pro, rope, w_rows=n,
                         qkv_rows=tuple(halves))
-    return GemvSpec(epilogue.features, k, has_bias, dtype, origin, max(2, rows), ks, None, epilogue.key(), *halves, n)
+    return GemvSpec(epilogue.features, k, has_bias, dtype, origin, max(2, rows), ks, pro, epilogue.key(), *halves, n)
+
+
+def epilogue_takes_prologue(pro) -> bool:
+    """Whether a GEMV with an epilogue (rotary + KV write, gated activation) also takes `pro` before it: an RMSNorm
+    without a gate, plain or after its residual sum (the attention norm before qkv, the MLP norm before gate+up)."""
+    return isinstance(pro, NormSpec) and pro.kind == "rms" and not pro.gate
 
 
 def rope_epilogue_spec(rope: RopeCacheSpec) -> RopeCacheSpec:
@@ -297,9 +305,9 @@ def _render(s: GemvSpec) -> KernelSource:
     kind = "" if s.prologue is None else f"_{params['pro']['variant']}"
     if isinstance(s.epilogue, RopeCacheSpec):
         e = s.epilogue
-        kind = f"_rope_{e.layout[0]}{e.rotary_dim}_d{e.head_dim}_{e.heads}x{e.kv_heads}_p{e.page_size}"
+        kind += f"_rope_{e.layout[0]}{e.rotary_dim}_d{e.head_dim}_{e.heads}x{e.kv_heads}_p{e.page_size}"
     elif s.epilogue is not None:
-        kind = f"_{s.epilogue.kind}_gated_g{s.gate_row}_u{s.up_row}"
+        kind += f"_{s.epilogue.kind}_gated_g{s.gate_row}_u{s.up_row}"
     name = _name(f"gemv{kind}_n{s.n}_k{s.k}_r{s.rows}_s{s.ksplit}", s)
     return _emit("gemv.cu.j2", name, s, params, [f"{name}_t{t}" for t in range(1, GEMV_MAX_T + 1)], meta)
 
@@ -369,15 +377,22 @@ def gemv_rope(spec: GemvSpec, x, w, q_out, positions, slot_mapping, k_cache, v_c
 
 
 def gemv_prologue(spec: GemvSpec, w, out, a, b=None, norm_weight=None, r_out=None, bias=None,
-                  pdl: bool = False) -> None:
+                  pdl: bool = False, rope_args: tuple | None = None) -> None:
     """out [T, n] = x @ w^T (+ bias) where x [T, k] is what spec.prologue computes, never stored:
     rmsnorm(a) (a: x); rmsnorm(a + b) with r_out = b + a (a: the residual, b: x, the residual norm's
     operands); the gated norm rmsnorm(a * act(b)) (a: y, b: z); the gated activation act(a) * b (a: g,
     b: u). a and b may be row-strided (unit column stride, rows and starts 16-byte aligned: `prologue_takes`);
-    norm_weight as the NormSpec's; r_out [T, k] contiguous."""
+    norm_weight as the NormSpec's; r_out [T, k] contiguous. With an epilogue too (an RMSNorm prologue): a gated
+    one's out is [T, n] = act(g) * u as `gemv` writes it; a rotary one's out is q_out as `gemv_rope` writes it,
+    and rope_args its (positions, slot_mapping, k_cache, v_cache, k_scale, v_scale)."""
     pro, dt = spec.prologue, _torch_dtype(spec)
     if pro is None:
         raise KernelArgError("spec: has no prologue (use gemv)")
+    rope = spec.epilogue if isinstance(spec.epilogue, RopeCacheSpec) else None
+    if (rope_args is not None) != (rope is not None):
+        raise KernelArgError("rope_args: given without a rotary epilogue" if rope is None else
+                             "rope_args: the rotary epilogue needs (positions, slot_mapping, k_cache, v_cache, "
+                             "k_scale, v_scale)")
     _check("a", a, dt, contiguous=False, aligned=False)
     dev, T = a.device, a.shape[0]
     if not 1 <= T <= GEMV_MAX_T:
@@ -398,11 +413,20 @@ def gemv_prologue(spec: GemvSpec, w, out, a, b=None, norm_weight=None, r_out=Non
         _check("r_out", r_out, dt, (T, spec.k), dev)
     elif r_out is not None:
         raise KernelArgError("r_out: given to a prologue without a residual sum")
-    _check("w", w, dt, (spec.n, spec.k), dev)
-    _check("out", out, dt, (T, spec.n), dev)
-    check_bias(spec, bias, dt, dev)
+    _check("w", w, dt, (spec.weight_rows, spec.k), dev)
+    extra = []
+    if rope is not None:
+        positions, slot_mapping, k_cache, v_cache, k_scale, v_scale = rope_args
+        _check("q_out", out, dt, (T, rope.heads * rope.head_dim), dev)
+        _check("positions", positions, torch.int64, (T,), dev, aligned=False)
+        _check("slot_mapping", slot_mapping, torch.int32, (T,), dev, aligned=False)
+        _check_cache(rope, k_cache, v_cache, dt, dev)
+        extra = [ptr(positions), ptr(slot_mapping), ptr(k_cache), ptr(v_cache), *_scales(rope, k_scale, v_scale)]
+    else:
+        _check("out", out, dt, (T, spec.n), dev)
+    check_bias(spec, bias, dt, dev, spec.weight_rows)
     launch(spec, dev, T - 1, [ptr(w), ptr(a), ptr(b if two else None), ptr(norm_weight if norm else None), ptr(bias),
-                              ptr(out), ptr(r_out), i64(a.stride(0)), i64(b.stride(0) if two else 0)], pdl)
+                              ptr(out), *extra, ptr(r_out), i64(a.stride(0)), i64(b.stride(0) if two else 0)], pdl)
 
 
 def prologue_takes(*inputs: torch.Tensor) -> bool:

@@ -34,7 +34,9 @@ def decode_gemv_specs(plan: Plan, dtype: str = "bf16", page_size: int = 16, num_
     for op in fuse(plan, dtype_of(dtype).torch, page_size):
         if op.kind is not Exec.GEMM:
             continue
-        gemm = op.extra.get("gemm", op)  # a prologue's or epilogue's step: the GEMM step as it was
+        gemm = op
+        while "gemm" in gemm.extra:  # a prologue's or epilogue's step (or both): the GEMM step as it was
+            gemm = gemm.extra["gemm"]
         if any(plan.weights[w.name].quant.quantized for w in gemm.extra["weights"]):
             continue
         start, width = gemm.extra["slices"][-1]

@@ -51,9 +51,12 @@ GEMV_ROWS = int(os.environ.get("KILN_GEMV_ROWS", "1"))
 # every warp forming x itself costs more than the launch it saves: down <- SwiGLU 61.6 against 31.1 us
 # (each warp recomputes act(g) * u for its chunk), out_proj <- gated norm 26.7 against 12.5; qkv and
 # gate+up <- rmsnorm + residual saved 0.3 and 0.7 us; the 8B-model decode step 5.63 against 4.57 ms.
-# "norm": only the RMSNorms without a gate (plain or residual: the attention norm before qkv, the final
-# norm before the lm_head), the ones that saved time alone; end to end still slower (session 14: 8B bf16
-# TPOT 4.178 / 4.183 ms against 4.162 / 4.161 without). Read when a step runs (and is captured).
+# "norm": only the RMSNorms without a gate (plain or residual), the ones that saved time alone; end to end still
+# slower (session 14: 8B bf16 TPOT 4.178 / 4.183 ms against 4.162 / 4.161 without). But then a GEMV had a prologue or
+# an epilogue: the attention norm before qkv ran as its own kernel beside the rotary epilogue, and the MLP norm
+# before gate+up beside the SwiGLU one, so only the final norm was fused. Since session 25 an ungated RMSNorm joins a
+# GEMV with an epilogue too (the norm, the linear and the rotary + KV write, or the SwiGLU: one launch; two fewer
+# launches a layer), not yet measured: off until a same-call A/B (.ci/device_check.sh s25ab). Read when a step runs.
 GEMV_PROLOGUE = os.environ.get("KILN_GEMV_PROLOGUE", "0")
 # A GEMM step with a gated activation after it (fuse.py's gemv_epilogue: the gate and up projections, then
 # act(g) * u) runs as one GEMV launch whose warps compute (gate, up) row pairs and write act(g) * u where
@@ -445,6 +448,12 @@ class CudaModel:
         att = op.extra.get("rope")
         if att is not None and self._gemv_rope(op, att, w, b, env, step, n):
             return
+        pro = op.extra.get("prologue")
+        if pro is not None and "epilogue" in op.extra:  # a norm, then a GEMM step with an epilogue (fuse.py)
+            if self._gemv_prologue(op, pro, w, b, env, step):
+                return  # one launch: the norm, the GEMV and the gated activation
+            _RUN[pro.kind](self, pro, env, step, n)  # the norm's own kernel, then the GEMM step with its epilogue
+            op = op.extra["gemm"]
         epi = op.extra.get("epilogue")
         if epi is not None:
             if not self._gemv_epilogue(op, epi, w, b, env, step):
@@ -479,31 +488,54 @@ class CudaModel:
         runs it: a few rows, a plain weight the GEMV takes, no LoRA, a prologue it computes, inputs it can
         read with 16-byte vectors. False: nothing ran."""
         ins = [env[v] for v in pro.ins]
-        if GEMV_PROLOGUE not in ("0", "1", "norm"):
-            raise KernelSpecError(f"KILN_GEMV_PROLOGUE={GEMV_PROLOGUE!r}: must be 0, 1 or norm")
-        if GEMV_PROLOGUE == "norm" and (pro.kind is not Exec.NORM or pro.spec.gate):
-            return False
-        if GEMV not in ("1", "pdl") or GEMV_PROLOGUE == "0" or step.T > GEMV_ROWS or step.lora is not None \
-                or not isinstance(w, torch.Tensor) or not G.takes(ins[0], w) or not G.prologue_takes(*ins) \
-                or G.prologue_refusal(pro.spec, w.shape[1], pro.spec.dtype):
+        if not self._prologue_runs(pro, ins, w, step):
             return False
         gemm = op.extra["gemm"]
+        epi = gemm.extra.get("epilogue")  # (fuse.py: after an ungated RMSNorm only)
+        if epi is not None and GEMV_EPILOGUE != "1":
+            return False  # KILN_GEMV_EPILOGUE=0: the activation's own kernel (_gemv_epilogue refuses a bad value)
         origin = f"{fuse_origin(pro.instrs[-1])} -> {fuse_origin(gemm.instrs[0])}"
-        spec = G.spec_for(w.shape[0], w.shape[1], pro.spec.dtype, b is not None, origin, G._num_sms(self.device),
-                          prologue=pro.spec)
-        y = torch.empty(step.T, w.shape[0], dtype=self.dtype, device=self.device)
-        norm = pro.kind is Exec.NORM
-        r = torch.empty_like(ins[0]) if norm and pro.spec.has_residual else None
-        G.gemv_prologue(spec, w, y, ins[0], ins[1] if len(ins) > 1 else None,
-                        self.weights[pro.extra["weight"].name] if norm else None, r, b, pdl=GEMV == "pdl")
-        if r is not None:
-            env[pro.outs[1]] = r
-        if gemm.extra["fused"]:
+        if epi is not None:
+            origin += f" -> {fuse_origin(epi.instrs[-1])}"
+            spec = G.spec_for(w.shape[0], w.shape[1], pro.spec.dtype, b is not None, origin, G._num_sms(self.device),
+                              prologue=pro.spec, epilogue=epi.spec, halves=_epilogue_halves(gemm))
+        else:
+            spec = G.spec_for(w.shape[0], w.shape[1], pro.spec.dtype, b is not None, origin, G._num_sms(self.device),
+                              prologue=pro.spec)
+        y = torch.empty(step.T, spec.n, dtype=self.dtype, device=self.device)
+        self._run_prologue(spec, pro, w, b, y, ins, env)
+        if epi is not None:
+            env[epi.outs[0]] = y
+        elif gemm.extra["fused"]:
             for name, (start, width) in zip(gemm.outs, gemm.extra["slices"]):
                 env[name] = y[:, start:start + width]
         else:
             env[gemm.outs[0]] = y
         return True
+
+    @staticmethod
+    def _prologue_runs(pro: KOp, ins: list, w, step: "_Run") -> bool:
+        """Whether the GEMV runs `pro` (a step fused before a GEMM, inputs `ins`) in its prologue: KILN_GEMV_PROLOGUE
+        takes it, a few rows, a plain weight the GEMV takes, no LoRA, a prologue it computes, inputs it can read
+        with 16-byte vectors."""
+        if GEMV_PROLOGUE not in ("0", "1", "norm"):
+            raise KernelSpecError(f"KILN_GEMV_PROLOGUE={GEMV_PROLOGUE!r}: must be 0, 1 or norm")
+        if GEMV_PROLOGUE == "norm" and (pro.kind is not Exec.NORM or pro.spec.gate):
+            return False
+        return not (GEMV not in ("1", "pdl") or GEMV_PROLOGUE == "0" or step.T > GEMV_ROWS or step.lora is not None
+                    or not isinstance(w, torch.Tensor) or not G.takes(ins[0], w) or not G.prologue_takes(*ins)
+                    or G.prologue_refusal(pro.spec, w.shape[1], pro.spec.dtype))
+
+    def _run_prologue(self, spec, pro: KOp, w, b, y, ins: list, env, rope_args: tuple | None = None) -> None:
+        """G.gemv_prologue of `spec` into y from the prologue step's inputs; its residual sum, where it has one,
+        into env."""
+        norm = pro.kind is Exec.NORM
+        r = torch.empty_like(ins[0]) if norm and pro.spec.has_residual else None
+        G.gemv_prologue(spec, w, y, ins[0], ins[1] if len(ins) > 1 else None,
+                        self.weights[pro.extra["weight"].name] if norm else None, r, b, pdl=GEMV == "pdl",
+                        rope_args=rope_args)
+        if r is not None:
+            env[pro.outs[1]] = r
 
     def _gemv_epilogue(self, op: KOp, epi: KOp, w, b, env, step: "_Run") -> bool:
         """A GEMM step with a gated activation after it as one GEMV launch (codegen/gemv.py's epilogue; fp8
@@ -549,16 +581,26 @@ class CudaModel:
                 or step.lora is not None or not (quantized or G.weight_takes(w, self.dtype)) \
                 or G.rope_epilogue_refusal(rope, rope.dtype):
             return False
-        if pro is not None:  # (fuse.py's gemv_prologue too) its own kernel first: a GEMV has one or the other
-            _RUN[pro.kind](self, pro, env, step, n)
-            op = op.extra["gemm"]
-        x = env[op.ins[0]]
         qkv = _rope_qkv_rows(op, att)
-        origin = f"{fuse_origin(op.instrs[0])} -> {fuse_origin(att.instrs[-1])}"
         site, kv, meta = att.extra["site"], step.kv, step.meta
+        rope_args = (meta.positions, meta.slots, kv.k[site], kv.v[site], kv.k_scale[site], kv.v_scale[site])
+        if pro is not None:  # (fuse.py's gemv_prologue too): the norm, the GEMV and the rotary in one launch
+            ins = [env[v] for v in pro.ins]
+            gemm = op.extra["gemm"]
+            if self._prologue_runs(pro, ins, w, step) and G.epilogue_takes_prologue(pro.spec):
+                origin = " -> ".join(fuse_origin(i) for i in (pro.instrs[-1], gemm.instrs[0], att.instrs[-1]))
+                spec = G.spec_for(w.shape[0], w.shape[1], rope.dtype, b is not None, origin, G._num_sms(self.device),
+                                  prologue=pro.spec, epilogue=rope, halves=qkv)
+                q = torch.empty(step.T, rope.heads * rope.head_dim, dtype=self.dtype, device=self.device)
+                self._run_prologue(spec, pro, w, b, q, ins, env, rope_args)
+                step.roped[id(att)] = q
+                return True
+            _RUN[pro.kind](self, pro, env, step, n)  # its own kernel first, then the GEMV with the rotary
+            op = gemm
+        x = env[op.ins[0]]
+        origin = f"{fuse_origin(op.instrs[0])} -> {fuse_origin(att.instrs[-1])}"
         if quantized:
-            q = w.gemv_rope(x, b, rope, qkv, origin, (meta.positions, meta.slots, kv.k[site], kv.v[site],
-                                                       kv.k_scale[site], kv.v_scale[site]))
+            q = w.gemv_rope(x, b, rope, qkv, origin, rope_args)
             if q is None:
                 return False
         else:
@@ -680,18 +722,26 @@ class CudaModel:
         return out
 
 
+def base_gemm(op: KOp) -> KOp:
+    """The GEMM step as the patterns found it, under any prologue and epilogue fused around it (fuse.py): its
+    outputs are the slices of its weight's rows."""
+    while "gemm" in op.extra:
+        op = op.extra["gemm"]
+    return op
+
+
 def _rope_qkv_rows(op: KOp, att: KOp) -> tuple[int, ...]:
     """A qkv GEMM step linked to its attention step (fuse.py's gemv_rope): the first rows of q, k and v in its
     weight (of the GEMM itself where a prologue is fused before it)."""
-    gemm = op.extra["gemm"] if "prologue" in op.extra else op
+    gemm = base_gemm(op)
     start = {v: s for v, (s, _) in zip(gemm.outs, gemm.extra["slices"])}
     return tuple(start[v] for v in att.ins)
 
 
 def _epilogue_halves(op: KOp) -> tuple[int, int]:
-    """A GEMM step with a gated act fused after it (fuse.py's gemv_epilogue): the first rows of the gate and
-    the up projection in its weight."""
-    gemm, epi = op.extra["gemm"], op.extra["epilogue"]
+    """A GEMM step with a gated act fused after it (fuse.py's gemv_epilogue; a norm may be fused before it too):
+    the first rows of the gate and the up projection in its weight."""
+    gemm, epi = base_gemm(op), op.extra["epilogue"]
     start = {v: s for v, (s, _) in zip(gemm.outs, gemm.extra["slices"])}
     return start[epi.ins[0]], start[epi.ins[1]]
 

@@ -52,10 +52,17 @@ def test_every_layers_gate_up_takes_its_swiglu(monkeypatch):
         # the act step now runs where the GEMM stood: its output is read only after it
         at = after.index(op)
         assert all(epi.outs[0] not in o.ins for o in after[:at])
-    # with the prologue pattern too, the epilogue's GEMM takes no prologue
+    # with the prologue pattern too, every epilogue's GEMM also takes the MLP's residual RMSNorm before it, as one
+    # step (the norm, the GEMM and the SwiGLU: one launch at a few rows), which splits back into the three
     both = F.fuse(plan, torch.bfloat16, 16)
-    assert not any("prologue" in op.extra and "epilogue" in op.extra for op in both)
-    assert sum("epilogue" in op.extra for op in both) == len(joined)
+    fused = [op for op in both if "epilogue" in op.extra]
+    assert len(fused) == len(joined) and all("prologue" in op.extra for op in fused)
+    for op, e in zip(fused, joined):
+        pro = op.extra["prologue"]
+        assert _same(op.extra["gemm"], e)  # the epilogue's step, whole
+        assert [i.kind for i in pro.instrs] == [OpKind.ADD, OpKind.RMSNORM] and not pro.spec.gate
+        assert op.ins == pro.ins and op.outs == e.outs + pro.outs[1:] and op.instrs == pro.instrs + e.instrs
+    assert len(F.unfused(both)) == len(before)
 
 
 SPEC = """spec p
@@ -122,7 +129,10 @@ def test_the_plain_gemv_has_no_epilogue():
     (dict(epilogue=ActSpec("silu", True, 64), up_row=32, w_rows=128), "up_row", "overlap"),
     (dict(epilogue=ActSpec("silu", True, 64), up_row=64, w_rows=100), "w_rows", "must lie in W's 100"),
     (dict(epilogue=ActSpec("silu", True, 64), up_row=64, w_rows=128,
-          prologue=NormSpec("rms", 64, 1e-5, has_residual=False)), "epilogue", "not both"),
+          prologue=NormSpec("rms", 64, 1e-5, has_residual=False, gate="silu", group=64)), "prologue",
+     "only an RMSNorm without a gate"),
+    (dict(epilogue=ActSpec("silu", True, 64), up_row=64, w_rows=128, prologue=ActSpec("silu", True, 64)),
+     "prologue", "only an RMSNorm without a gate"),
     (dict(up_row=64, w_rows=128), "w_rows", "belong to an epilogue"),
 ])
 def test_epilogues_it_cannot_compute_are_refused(kw, field, why):

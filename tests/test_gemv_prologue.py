@@ -15,7 +15,7 @@ import torch
 from kiln.codegen import fuse as F
 from kiln.codegen import gemv as G
 from kiln.codegen.render import render
-from kiln.codegen.specs import ActSpec, KernelSpecError, NormSpec
+from kiln.codegen.specs import ActSpec, KernelSpecError, NormSpec, RopeCacheSpec
 from kiln.dsl import check, load_spec, parse_spec
 from kiln.dsl.ops import OpKind
 
@@ -144,6 +144,30 @@ def check_gemv_entries_compile(nvrtc, ks, dtype: str) -> None:
     assert len(spills) == G.GEMV_MAX_T, img.log
     if dtype == "bf16":  # the decode path: one row, no spills
         assert spills["1"] == "0", img.log
+
+
+@pytest.mark.parametrize("epilogue", ["swiglu", "rope"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [True, False])
+def test_norm_prologue_with_an_epilogue_compiles(epilogue, dtype, residual, fresh_kernel_cache):
+    """An RMSNorm before a GEMV with an epilogue (the MLP norm before gate+up's SwiGLU, the attention norm before
+    qkv's rotary + KV write): one kernel that reads the norm's inputs, not x, names the three spec ops, keeps the
+    epilogue's output and arguments, and builds for sm_90a (bf16's one-row entry without spills)."""
+    nvrtc = pytest.importorskip("kiln.codegen.nvrtc", reason="cuda-python / NVRTC not installed")
+    pro = NormSpec("rms", 4096, 1e-5, has_residual=residual, dtype=dtype)
+    origin = "models/t.kiln:4 rmsnorm(x, w) -> models/t.kiln:5 linear(h, wg) -> models/t.kiln:6 silu(g) * u"
+    if epilogue == "swiglu":
+        epi, halves, n = ActSpec("silu", True, 14336, dtype=dtype), (0, 14336), 28672
+    else:
+        epi, halves, n = RopeCacheSpec(32, 8, 128, 128, 16, theta=5e5, dtype=dtype), (0, 4096, 5120), 6144
+    spec = G.spec_for(n, 4096, dtype, False, origin, prologue=pro, epilogue=epi, halves=halves)
+    assert spec.prologue == pro.key() and spec.epilogue is not None and spec.weight_rows == n
+    ks = render(spec)
+    assert f"// origin: {origin}" in ks.source and "pro_in(" in ks.source
+    assert ("rope_store(ra, out" in ks.source) == (epilogue == "rope")
+    assert ("out[(long long)t * 14336 + j] = from_float<scalar_t>(act(g) * u)" in ks.source) == (epilogue == "swiglu")
+    assert ("rmsnorm_res" if residual else "rmsnorm_") in ks.name
+    check_gemv_entries_compile(nvrtc, ks, dtype)
 
 
 def test_without_a_prologue_the_kernel_is_the_plain_gemv():

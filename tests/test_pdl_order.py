@@ -119,6 +119,12 @@ def _gemv_specs():
         rope = RopeCacheSpec(32, 8, 128, 128, 16, kv_fp8=fp8)
         yield G.spec_for(6144, 4096, "bf16", fp8, "rope-epilogue", 132, epilogue=rope, halves=(0, 4096, 5120))
         yield F.spec_for(6144, 4096, "bf16", False, decode="mma", epilogue=rope, halves=(0, 4096, 5120))
+    # a residual RMSNorm before, an epilogue after: the norm's inputs read after the wait, like x
+    res = NormSpec("rms", 4096, 1e-5, has_residual=True)
+    yield G.spec_for(28672, 4096, "bf16", False, "norm-swiglu", 132, prologue=res,
+                     epilogue=ActSpec("silu", True, 14336), halves=(0, 14336))
+    yield G.spec_for(6144, 4096, "bf16", False, "norm-rope", 132, prologue=res,
+                     epilogue=RopeCacheSpec(32, 8, 128, 128, 16), halves=(0, 4096, 5120))
 
 
 def _other_specs():

@@ -126,6 +126,63 @@ def test_gated_act_prologue_equals_act_kernel_then_gemv(n, k, T, dtype):
     assert _rel(want, ref) < _tol(dtype)
 
 
+@pytest.mark.parametrize("epilogue", ["swiglu", "rope"])
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_norm_prologue_with_an_epilogue_equals_norm_kernel_then_that_gemv(epilogue, T, dtype, residual):
+    """An RMSNorm (plain or residual), the GEMV and its epilogue (the gated activation; the rotary + KV write) in
+    one launch, against the norm's kernel then the GEMV with that epilogue: the same outputs up to the 1 / rms's
+    fp32 summation order (the cache rows too), the residual sum bit for bit, unwritten cache slots untouched."""
+    from kiln.codegen.specs import RopeCacheSpec
+    dt, k = DT[dtype], 512
+    pro = NormSpec("rms", k, 1e-5, weight_offset=0.0 if residual else 1.0, has_residual=residual, dtype=dtype)
+    w_rows = 2 * 384 if epilogue == "swiglu" else 8 * 64 + 2 * 2 * 64
+    w = (torch.randn(w_rows, k, device="cuda") / k**0.5).to(dt)
+    nw = (1 + 0.1 * torch.randn(k, device="cuda")).to(dt)
+    a, b = torch.randn(T, k, device="cuda").to(dt), _strided(T, k, dt)
+    h = torch.empty(T, k, device="cuda", dtype=dt)
+    r_want = torch.empty(T, k, device="cuda", dtype=dt) if residual else None
+    K.norm(pro, b.contiguous() if residual else a, nw, h, residual=a if residual else None, residual_out=r_want)
+    r = torch.full((T, k), float("nan"), device="cuda", dtype=dt) if residual else None
+    inputs = (a, b) if residual else (a,)
+    if epilogue == "swiglu":
+        act = ActSpec("silu", True, 384, dtype=dtype)
+        plain = G.spec_for(w_rows, k, dtype, False, "test", epilogue=act, halves=(0, 384))
+        want = torch.empty(T, 384, device="cuda", dtype=dt)
+        G.gemv(plain, h, w, want)
+        spec = G.spec_for(w_rows, k, dtype, False, "test", prologue=pro, epilogue=act, halves=(0, 384))
+        out = torch.full((T, 384), float("nan"), device="cuda", dtype=dt)
+        G.gemv_prologue(spec, w, out, *inputs, norm_weight=nw, r_out=r)
+        torch.cuda.synchronize()
+        assert not out.isnan().any() and _rel(out, want) < _tol(dtype)
+    else:
+        rope = RopeCacheSpec(8, 2, 64, 64, 16, theta=5e5, dtype=dtype)
+        starts = (0, 512, 640)
+        positions = torch.tensor([7, 4095, 130][:T], device="cuda", dtype=torch.int64)
+        slots = torch.tensor([17, -1, 126][:T], device="cuda", dtype=torch.int32)  # -1: a padding row
+        caches = [torch.randn(8, 2, 16, 64, device="cuda").to(dt) for _ in range(4)]  # k, v want; k, v got
+        caches[2].copy_(caches[0])
+        caches[3].copy_(caches[1])
+        before = caches[0].clone()
+        q_want = torch.empty(T, 512, device="cuda", dtype=dt)
+        G.gemv_rope(G.spec_for(w_rows, k, dtype, False, "test", epilogue=rope, halves=starts), h, w, q_want,
+                    positions, slots, caches[0], caches[1])
+        spec = G.spec_for(w_rows, k, dtype, False, "test", prologue=pro, epilogue=rope, halves=starts)
+        q = torch.full((T, 512), float("nan"), device="cuda", dtype=dt)
+        G.gemv_prologue(spec, w, q, *inputs, norm_weight=nw, r_out=r,
+                        rope_args=(positions, slots, caches[2], caches[3], 1.0, 1.0))
+        torch.cuda.synchronize()
+        assert not q.isnan().any() and _rel(q, q_want) < _tol(dtype)
+        for got, want in ((caches[2], caches[0]), (caches[3], caches[1])):
+            assert _rel(got, want) < _tol(dtype)
+        flat = caches[2].transpose(1, 2).reshape(8 * 16, -1)  # [slot, kv heads x dims]
+        untouched = [s for s in range(8 * 16) if s not in slots.tolist()]
+        assert torch.equal(flat[untouched], before.transpose(1, 2).reshape(8 * 16, -1)[untouched])
+    if residual:
+        assert torch.equal(r, r_want)  # the residual sum: one rounding, the same as the norm kernel's
+
+
 def _decode_logits(model, name, dtype):
     """Prefill 1-4 sequences, then one decode step of them (CUDA graphs on the cuda backend): the decode
     logits per batch size."""
