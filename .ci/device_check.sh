@@ -21,8 +21,8 @@
 #   bash .ci/device_check.sh s25       next session: GPU tests of session 25's work: the split-KV prefill (bf16 and fp8 forms,
 #                                         the rescale fix), the mixed graphs' memory check, an RMSNorm before a GEMV with an
 #                                         epilogue; the split probe if those fail
-#   bash .ci/device_check.sh s25ab     next session: batch-1 A/Bs of KILN_GEMV_PROLOGUE 0 / norm (8B bf16, Mamba-2) and of
-#                                         KILN_DECODE_DYN_PART 0 / 1 (with its tests)
+#   bash .ci/device_check.sh s25ab     next session: batch-1 A/B of KILN_GEMV_PROLOGUE 0 / norm / post (8B bf16, Mamba-2)
+#   bash .ci/device_check.sh s25dyn    next session: KILN_DECODE_DYN_PART's tests and batch-1 A/B
 #   bash .ci/device_check.sh s25thru   next session: bench throughput --sweep (one process, one model): fp8 at 128/128,
 #                                         128/2048, 1000/1000, 2048/128 (SWEEP_Q=bf16, SWEEP_SHAPES, SWEEP_N, MAXB)
 #   bash .ci/device_check.sh s24       session 24: the split-KV prefill probe, the fp8 / graph tests with session 23's switches and
@@ -233,13 +233,13 @@ for mode in "$@"; do
         | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -10
       if [ -n "${S25_PROBE:-}" ] || grep -q -E "^FAILED.*(split|prefill)" "$OUT/s25-tests.log"; then
         SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 100 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12; fi ;;
-    s25ab)  # next session (~8 min): batch-1 A/Bs: KILN_GEMV_PROLOGUE 0 / norm (the 8B shape bf16, Mamba-2 2.7B), then
-            # KILN_DECODE_DYN_PART's tests and 0 / 1 (int4-wo+lm-head, bf16)
-      AB_RUNS=${AB_RUNS:-2} ab_runs "none KILN_GEMV_PROLOGUE 0 norm $L;none KILN_GEMV_PROLOGUE 0 norm configs/mamba2-2.7b.json"
+    s25ab)  # next session (~6 min): batch-1 A/B of KILN_GEMV_PROLOGUE 0 / norm / post (the 8B shape bf16; Mamba-2 2.7B 0 / post)
+      AB_RUNS=${AB_RUNS:-2} ab_runs "none KILN_GEMV_PROLOGUE 0 norm $L;none KILN_GEMV_PROLOGUE 0 post $L;none KILN_GEMV_PROLOGUE 0 post configs/mamba2-2.7b.json" ;;
+    s25dyn)  # next session (~5 min): KILN_DECODE_DYN_PART's tests, then its batch-1 A/B (int4-wo+lm-head, bf16)
       KILN_DECODE_DYN_PART=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_kernels.py \
         tests/gpu/test_decode_early_kv.py tests/gpu/test_cuda_backend.py -k "decode or early or dynamic" 2>&1 \
         | tee "$OUT/s25-dynpart.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
-      AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_DECODE_DYN_PART 0 1 $L;none KILN_DECODE_DYN_PART 0 1 $L" ;;
+      AB_RUNS=${AB_RUNS:-1} ab_runs "int4-wo+lm-head KILN_DECODE_DYN_PART 0 1 $L;none KILN_DECODE_DYN_PART 0 1 $L" ;;
     s25thru)  # next session (~6-8 min): TensorRT-LLM's shapes in one process (bench throughput --sweep: one model, an
               # engine per shape), SWEEP_Q (fp8: weights + KV cache; bf16), SWEEP_N requests a shape (1000),
               # SWEEP_SHAPES (fp8: 128/128, 128/2048, 1000/1000, 2048/128), max batch MAXB (256)

@@ -62,6 +62,10 @@ class GemvSpec(_Spec):
     up_row: int = 0
     w_rows: int = 0  # W's rows where there is an epilogue (n otherwise)
     qkv_rows: tuple[int, ...] = ()  # the rotary epilogue's (q, k, v) first rows in W
+    # An RMSNorm prologue post-scaled: x = h * w, each sum times the row's 1 / rms at the end (sum(h^2) gathered
+    # beside the sums), instead of a first pass over h for the 1 / rms before x is formed. The same norm, another
+    # rounding: h / rms * w is not rounded to the run dtype as the norm kernel stores it.
+    post_norm: bool = False
 
     def __post_init__(self):
         _positive(self, "n", "k")
@@ -75,6 +79,8 @@ class GemvSpec(_Spec):
             if why:
                 _fail(self, "prologue", why)
         check_epilogue(self)
+        if self.post_norm and not post_norm_takes(self.prologue):
+            _fail(self, "post_norm", "needs an RMSNorm prologue without a gate or groups")
         if self.epilogue is not None:
             if self.prologue is not None and not epilogue_takes_prologue(self.prologue):
                 _fail(self, "prologue", "with an epilogue, only an RMSNorm without a gate (plain or residual) is fused "
@@ -128,19 +134,27 @@ def one_wave(units: int, per_warp: tuple[int, ...], ksplits: tuple[int, ...], nc
 
 
 def spec_for(n: int, k: int, dtype: str, has_bias: bool, origin: str = "linear", num_sms: int = 132,
-             prologue=None, epilogue=None, halves: tuple[int, ...] = (0, 0)) -> GemvSpec:
+             prologue=None, epilogue=None, halves: tuple[int, ...] = (0, 0), post_norm: bool = False) -> GemvSpec:
     """The GEMV of W [n, k]; with a gated `epilogue` (an ActSpec), of its row halves (gate_row, up_row) =
     `halves`, epilogue.features rows each: out [T, epilogue.features]; with a rotary one (a RopeCacheSpec),
-    of its q, k and v rows starting at `halves` (three starts): out q [T, heads * head_dim]."""
+    of its q, k and v rows starting at `halves` (three starts): out q [T, heads * head_dim]. post_norm: an RMSNorm
+    prologue's 1 / rms applied to the sums (GemvSpec.post_norm)."""
     rows, ks = choose(n, k, dtype, num_sms)
     pro = prologue.key() if prologue is not None else None
     if epilogue is None:
-        return GemvSpec(n, k, has_bias, dtype, origin, rows, ks, pro)
+        return GemvSpec(n, k, has_bias, dtype, origin, rows, ks, pro, post_norm=post_norm)
     if isinstance(epilogue, RopeCacheSpec):
         rope = rope_epilogue_spec(epilogue)
         return GemvSpec(rope_pairs(rope), k, has_bias, dtype, origin, max(2, rows), ks, pro, rope, w_rows=n,
-                        qkv_rows=tuple(halves))
-    return GemvSpec(epilogue.features, k, has_bias, dtype, origin, max(2, rows), ks, pro, epilogue.key(), *halves, n)
+                        qkv_rows=tuple(halves), post_norm=post_norm)
+    return GemvSpec(epilogue.features, k, has_bias, dtype, origin, max(2, rows), ks, pro, epilogue.key(), *halves, n,
+                    post_norm=post_norm)
+
+
+def post_norm_takes(pro) -> bool:
+    """Whether `pro` can be post-scaled (GemvSpec.post_norm): an RMSNorm without a gate, over the whole row (one
+    1 / rms a row of x, one weight of k values)."""
+    return isinstance(pro, NormSpec) and pro.kind == "rms" and not pro.gate and pro.width == pro.hidden
 
 
 def epilogue_takes_prologue(pro) -> bool:
@@ -296,13 +310,13 @@ def _render(s: GemvSpec) -> KernelSource:
     params = dict(n=s.n, k=s.k, vec=vec, chunk=chunk, nch=nch, cps=cps, rows=s.rows, ksplit=s.ksplit,
                   unroll=unroll, groups=groups, warps=WARPS, threads=WARPS * 32, min_blocks=MIN_BLOCKS,
                   k_tail=s.k % chunk != 0, few_t=FEW_T, has_bias=s.has_bias, max_t=GEMV_MAX_T, vp=vp,
-                  pro=_prologue_params(s.prologue, vec),
+                  pro=_prologue_params(s.prologue, vec), post=s.post_norm,
                   epi=epilogue_params(s), rot=0)
     if isinstance(s.epilogue, RopeCacheSpec):
         params.update(rope_math_params(s.epilogue))
     meta = dict(threads=WARPS * 32, blocks=math.ceil(s.n / (groups * outputs_per_warp(s))), vec=vec, rows=s.rows,
                 ksplit=s.ksplit, unroll=unroll)
-    kind = "" if s.prologue is None else f"_{params['pro']['variant']}"
+    kind = "" if s.prologue is None else f"_{params['pro']['variant']}{'_post' if s.post_norm else ''}"
     if isinstance(s.epilogue, RopeCacheSpec):
         e = s.epilogue
         kind += f"_rope_{e.layout[0]}{e.rotary_dim}_d{e.head_dim}_{e.heads}x{e.kv_heads}_p{e.page_size}"

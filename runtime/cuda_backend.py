@@ -56,7 +56,9 @@ GEMV_ROWS = int(os.environ.get("KILN_GEMV_ROWS", "1"))
 # an epilogue: the attention norm before qkv ran as its own kernel beside the rotary epilogue, and the MLP norm
 # before gate+up beside the SwiGLU one, so only the final norm was fused. Since session 25 an ungated RMSNorm joins a
 # GEMV with an epilogue too (the norm, the linear and the rotary + KV write, or the SwiGLU: one launch; two fewer
-# launches a layer), not yet measured: off until a same-call A/B (.ci/device_check.sh s25ab). Read when a step runs.
+# launches a layer), not yet measured: off until a same-call A/B (.ci/device_check.sh s25ab). "post": as "norm", each
+# RMSNorm over a whole row post-scaled (GemvSpec.post_norm: no first pass over the norm's input for its 1 / rms; x is
+# then not rounded to the run dtype between the norm and the linear). Read when a step runs.
 GEMV_PROLOGUE = os.environ.get("KILN_GEMV_PROLOGUE", "0")
 # A GEMM step with a gated activation after it (fuse.py's gemv_epilogue: the gate and up projections, then
 # act(g) * u) runs as one GEMV launch whose warps compute (gate, up) row pairs and write act(g) * u where
@@ -498,10 +500,11 @@ class CudaModel:
         if epi is not None:
             origin += f" -> {fuse_origin(epi.instrs[-1])}"
             spec = G.spec_for(w.shape[0], w.shape[1], pro.spec.dtype, b is not None, origin, G._num_sms(self.device),
-                              prologue=pro.spec, epilogue=epi.spec, halves=_epilogue_halves(gemm))
+                              prologue=pro.spec, epilogue=epi.spec, halves=_epilogue_halves(gemm),
+                              post_norm=_post_norm(pro))
         else:
             spec = G.spec_for(w.shape[0], w.shape[1], pro.spec.dtype, b is not None, origin, G._num_sms(self.device),
-                              prologue=pro.spec)
+                              prologue=pro.spec, post_norm=_post_norm(pro))
         y = torch.empty(step.T, spec.n, dtype=self.dtype, device=self.device)
         self._run_prologue(spec, pro, w, b, y, ins, env)
         if epi is not None:
@@ -518,9 +521,9 @@ class CudaModel:
         """Whether the GEMV runs `pro` (a step fused before a GEMM, inputs `ins`) in its prologue: KILN_GEMV_PROLOGUE
         takes it, a few rows, a plain weight the GEMV takes, no LoRA, a prologue it computes, inputs it can read
         with 16-byte vectors."""
-        if GEMV_PROLOGUE not in ("0", "1", "norm"):
-            raise KernelSpecError(f"KILN_GEMV_PROLOGUE={GEMV_PROLOGUE!r}: must be 0, 1 or norm")
-        if GEMV_PROLOGUE == "norm" and (pro.kind is not Exec.NORM or pro.spec.gate):
+        if GEMV_PROLOGUE not in ("0", "1", "norm", "post"):
+            raise KernelSpecError(f"KILN_GEMV_PROLOGUE={GEMV_PROLOGUE!r}: must be 0, 1, norm or post")
+        if GEMV_PROLOGUE in ("norm", "post") and (pro.kind is not Exec.NORM or pro.spec.gate):
             return False
         return not (GEMV not in ("1", "pdl") or GEMV_PROLOGUE == "0" or step.T > GEMV_ROWS or step.lora is not None
                     or not isinstance(w, torch.Tensor) or not G.takes(ins[0], w) or not G.prologue_takes(*ins)
@@ -590,7 +593,7 @@ class CudaModel:
             if self._prologue_runs(pro, ins, w, step) and G.epilogue_takes_prologue(pro.spec):
                 origin = " -> ".join(fuse_origin(i) for i in (pro.instrs[-1], gemm.instrs[0], att.instrs[-1]))
                 spec = G.spec_for(w.shape[0], w.shape[1], rope.dtype, b is not None, origin, G._num_sms(self.device),
-                                  prologue=pro.spec, epilogue=rope, halves=qkv)
+                                  prologue=pro.spec, epilogue=rope, halves=qkv, post_norm=_post_norm(pro))
                 q = torch.empty(step.T, rope.heads * rope.head_dim, dtype=self.dtype, device=self.device)
                 self._run_prologue(spec, pro, w, b, q, ins, env, rope_args)
                 step.roped[id(att)] = q
@@ -720,6 +723,12 @@ class CudaModel:
             K.prefill_attention(pspec, q, kc, vc, meta.block_tables[d:], meta.cu_seqlens[d:], meta.kv_lens[d:], out,
                                 meta.max_q_len, max_context=meta.max_context, **scales)
         return out
+
+
+def _post_norm(pro: KOp) -> bool:
+    """KILN_GEMV_PROLOGUE=post: an RMSNorm prologue's 1 / rms applied to the GEMV's sums (GemvSpec.post_norm)
+    where the norm takes it."""
+    return GEMV_PROLOGUE == "post" and pro.kind is Exec.NORM and G.post_norm_takes(pro.spec)
 
 
 def base_gemm(op: KOp) -> KOp:

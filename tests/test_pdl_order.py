@@ -123,8 +123,10 @@ def _gemv_specs():
     res = NormSpec("rms", 4096, 1e-5, has_residual=True)
     yield G.spec_for(28672, 4096, "bf16", False, "norm-swiglu", 132, prologue=res,
                      epilogue=ActSpec("silu", True, 14336), halves=(0, 14336))
-    yield G.spec_for(6144, 4096, "bf16", False, "norm-rope", 132, prologue=res,
-                     epilogue=RopeCacheSpec(32, 8, 128, 128, 16), halves=(0, 4096, 5120))
+    for post in (False, True):  # post: the 1 / rms on the sums (GemvSpec.post_norm)
+        yield G.spec_for(6144, 4096, "bf16", False, "norm-rope", 132, prologue=res,
+                         epilogue=RopeCacheSpec(32, 8, 128, 128, 16), halves=(0, 4096, 5120), post_norm=post)
+    yield G.spec_for(64, 4096, "bf16", True, "norm-post-ksplit", 132, prologue=res, post_norm=True)
 
 
 def _other_specs():

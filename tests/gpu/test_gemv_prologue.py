@@ -126,14 +126,17 @@ def test_gated_act_prologue_equals_act_kernel_then_gemv(n, k, T, dtype):
     assert _rel(want, ref) < _tol(dtype)
 
 
-@pytest.mark.parametrize("epilogue", ["swiglu", "rope"])
+@pytest.mark.parametrize("epilogue", ["swiglu", "rope", None])
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("residual", [True, False])
-def test_norm_prologue_with_an_epilogue_equals_norm_kernel_then_that_gemv(epilogue, T, dtype, residual):
+@pytest.mark.parametrize("post", [False, True])
+def test_norm_prologue_with_an_epilogue_equals_norm_kernel_then_that_gemv(epilogue, T, dtype, residual, post):
     """An RMSNorm (plain or residual), the GEMV and its epilogue (the gated activation; the rotary + KV write) in
     one launch, against the norm's kernel then the GEMV with that epilogue: the same outputs up to the 1 / rms's
-    fp32 summation order (the cache rows too), the residual sum bit for bit, unwritten cache slots untouched."""
+    fp32 summation order (the cache rows too), the residual sum bit for bit, unwritten cache slots untouched.
+    post: the 1 / rms on the sums (GemvSpec.post_norm; x not rounded between the norm and the linear), with and
+    without an epilogue (then at a few rows of W: K split over the block's warps, the sum(h^2) summed over them)."""
     from kiln.codegen.specs import RopeCacheSpec
     dt, k = DT[dtype], 512
     pro = NormSpec("rms", k, 1e-5, weight_offset=0.0 if residual else 1.0, has_residual=residual, dtype=dtype)
@@ -146,12 +149,23 @@ def test_norm_prologue_with_an_epilogue_equals_norm_kernel_then_that_gemv(epilog
     K.norm(pro, b.contiguous() if residual else a, nw, h, residual=a if residual else None, residual_out=r_want)
     r = torch.full((T, k), float("nan"), device="cuda", dtype=dt) if residual else None
     inputs = (a, b) if residual else (a,)
-    if epilogue == "swiglu":
+    if epilogue is None:  # a few rows of W: a K split over the block's warps
+        spec = G.spec_for(40, k, dtype, True, "test", prologue=pro, post_norm=post)
+        assert spec.ksplit > 1
+        wn, bias = w[:40].contiguous(), torch.randn(40, device="cuda").to(dt)
+        want = torch.empty(T, 40, device="cuda", dtype=dt)
+        G.gemv(G.spec_for(40, k, dtype, True, "test"), h, wn, want, bias)
+        out = torch.full((T, 40), float("nan"), device="cuda", dtype=dt)
+        G.gemv_prologue(spec, wn, out, *inputs, norm_weight=nw, r_out=r, bias=bias)
+        torch.cuda.synchronize()
+        assert not out.isnan().any() and _rel(out, want) < _tol(dtype)
+    elif epilogue == "swiglu":
         act = ActSpec("silu", True, 384, dtype=dtype)
         plain = G.spec_for(w_rows, k, dtype, False, "test", epilogue=act, halves=(0, 384))
         want = torch.empty(T, 384, device="cuda", dtype=dt)
         G.gemv(plain, h, w, want)
-        spec = G.spec_for(w_rows, k, dtype, False, "test", prologue=pro, epilogue=act, halves=(0, 384))
+        spec = G.spec_for(w_rows, k, dtype, False, "test", prologue=pro, epilogue=act, halves=(0, 384),
+                          post_norm=post)
         out = torch.full((T, 384), float("nan"), device="cuda", dtype=dt)
         G.gemv_prologue(spec, w, out, *inputs, norm_weight=nw, r_out=r)
         torch.cuda.synchronize()
@@ -168,7 +182,8 @@ def test_norm_prologue_with_an_epilogue_equals_norm_kernel_then_that_gemv(epilog
         q_want = torch.empty(T, 512, device="cuda", dtype=dt)
         G.gemv_rope(G.spec_for(w_rows, k, dtype, False, "test", epilogue=rope, halves=starts), h, w, q_want,
                     positions, slots, caches[0], caches[1])
-        spec = G.spec_for(w_rows, k, dtype, False, "test", prologue=pro, epilogue=rope, halves=starts)
+        spec = G.spec_for(w_rows, k, dtype, False, "test", prologue=pro, epilogue=rope, halves=starts,
+                          post_norm=post)
         q = torch.full((T, 512), float("nan"), device="cuda", dtype=dt)
         G.gemv_prologue(spec, w, q, *inputs, norm_weight=nw, r_out=r,
                         rope_args=(positions, slots, caches[2], caches[3], 1.0, 1.0))
@@ -218,14 +233,14 @@ def test_decode_logits_with_prologues_equal_without_and_the_reference(name, dtyp
     monkeypatch.setattr(cuda_backend, "GEMV", "pdl")
     monkeypatch.setattr(cuda_backend, "GEMV_ROWS", 4)  # every decode step of <= 4 sequences, not only 1
     outs = {}
-    for switch in ("0", "1", "norm"):  # norm: the ungated RMSNorms' prologues only
+    for switch in ("0", "1", "norm", "post"):  # norm: the ungated RMSNorms' prologues only; post: post-scaled
         monkeypatch.setattr(cuda_backend, "GEMV_PROLOGUE", switch)
         ref, cuda = pair(name, config, dtype)
         outs[switch] = _decode_logits(cuda, name, dtype)
     assert _prologue_kernels(), "the fused GEMV never ran"
     want = _decode_logits(ref, name, dtype)
     tol = 1e-4 if dtype == "fp32" else 3e-2
-    for on in ("1", "norm"):
+    for on in ("1", "norm", "post"):
         for off, got, r in zip(outs["0"], outs[on], want):
             assert _rel(got, off) < tol
             assert _rel(got, r) < max(tol, 2 * _rel(off, r))  # no further from the reference than without
