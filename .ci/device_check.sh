@@ -20,9 +20,10 @@
 #                                         three switches on, with fast accumulation too, and on with a budget of 8,192
 #   bash .ci/device_check.sh s25       next session: GPU tests of session 25's work: the split-KV prefill (bf16 and fp8 forms,
 #                                         the rescale fix), the mixed graphs' memory check, an RMSNorm before a GEMV with an
-#                                         epilogue or post-scaled, KILN_DECODE_DYN_PART=1; the split probe if the first fail
-#   bash .ci/device_check.sh s25ab     next session: batch-1 A/Bs of KILN_GEMV_PROLOGUE 0 / norm / post (8B bf16, Mamba-2)
-#                                         and of KILN_DECODE_DYN_PART 0 / 1
+#                                         epilogue or post-scaled, KILN_SSM_PDL, KILN_DECODE_DYN_PART=1; the split probe if
+#                                         the first fail
+#   bash .ci/device_check.sh s25ab     next session: batch-1 A/Bs of KILN_GEMV_PROLOGUE 0 / norm / post (8B bf16, Mamba-2),
+#                                         KILN_SSM_PDL 0 / 1 (Mamba-2) and KILN_DECODE_DYN_PART 0 / 1
 #   bash .ci/device_check.sh s25thru   next session: bench throughput --sweep (one process, one model): fp8 at 128/128,
 #                                         128/2048, 1000/1000, 2048/128 (SWEEP_Q=bf16, SWEEP_SHAPES, SWEEP_N, MAXB)
 #   bash .ci/device_check.sh s24       session 24: the split-KV prefill probe, the fp8 / graph tests with session 23's switches and
@@ -223,13 +224,14 @@ for mode in "$@"; do
         --max-tokens-per-step $1 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|graphs_captured|warmup_s|mixed_steps|mixed_steps_s|mixed_step_ms_p50|decode_step_ms_p50) |Error"; done ;;
     s25)  # next session (~8 min): the GPU tests of what session 25 wrote: the split-KV prefill with session 24's rescale
           # fix, bf16 and (new) fp8 forms (prefill, prefix, the mixed graphs' memory check); an RMSNorm fused before a GEMV
-          # with an epilogue and post-scaled (KILN_GEMV_PROLOGUE=norm / post); KILN_DECODE_DYN_PART=1's decode tests; on a
-          # failure of the first, the split probe (S25_PROBE=1: always)
+          # with an epilogue and post-scaled (KILN_GEMV_PROLOGUE=norm / post); Mamba-2's conv + scan as a programmatic
+          # dependent (KILN_SSM_PDL); KILN_DECODE_DYN_PART=1's decode tests; on a failure of the first, the split probe
+          # (S25_PROBE=1: always)
       timeout 240 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_mixed_split.py \
         tests/gpu/test_kernels.py tests/gpu/test_prefix_cache_gpu.py -k "memory or large or split or prefill or prefix" 2>&1 \
         | tee "$OUT/s25-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -10
       timeout 120 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_gemv_prologue.py \
-        tests/gpu/test_gemv_rope.py tests/gpu/test_gemv_epilogue.py 2>&1 | tee "$OUT/s25-prologue.log" \
+        tests/gpu/test_gemv_rope.py tests/gpu/test_gemv_epilogue.py tests/gpu/test_ssm_kernels.py 2>&1 | tee "$OUT/s25-prologue.log" \
         | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -10
       KILN_DECODE_DYN_PART=1 timeout 120 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_kernels.py \
         tests/gpu/test_decode_early_kv.py tests/gpu/test_cuda_backend.py -k "decode or early or dynamic" 2>&1 \
@@ -237,9 +239,10 @@ for mode in "$@"; do
       if [ -n "${S25_PROBE:-}" ] || grep -q -E "^FAILED.*(split|prefill)" "$OUT/s25-tests.log"; then
         SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 60 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12; fi ;;
     s25ab)  # next session (~8 min): batch-1 A/Bs (decode_back_to_back_ms): KILN_GEMV_PROLOGUE 0 / norm / post (the 8B shape
-            # bf16, twice; Mamba-2 2.7B 0 / post), then KILN_DECODE_DYN_PART 0 / 1 (int4-wo+lm-head, bf16; once)
+            # bf16, twice; Mamba-2 2.7B 0 / post), then once each KILN_SSM_PDL 0 / 1 (Mamba-2) and KILN_DECODE_DYN_PART
+            # 0 / 1 (int4-wo+lm-head, bf16)
       AB_RUNS=${AB_RUNS:-2} ab_runs "none KILN_GEMV_PROLOGUE 0 norm $L;none KILN_GEMV_PROLOGUE 0 post $L;none KILN_GEMV_PROLOGUE 0 post configs/mamba2-2.7b.json"
-      AB_RUNS=1 ab_runs "int4-wo+lm-head KILN_DECODE_DYN_PART 0 1 $L;none KILN_DECODE_DYN_PART 0 1 $L" ;;
+      AB_RUNS=1 ab_runs "none KILN_SSM_PDL 0 1 configs/mamba2-2.7b.json;int4-wo+lm-head KILN_DECODE_DYN_PART 0 1 $L;none KILN_DECODE_DYN_PART 0 1 $L" ;;
     s25thru)  # next session (~6-8 min): TensorRT-LLM's shapes in one process (bench throughput --sweep: one model, an
               # engine per shape), SWEEP_Q (fp8: weights + KV cache; bf16), SWEEP_N requests a shape (1000),
               # SWEEP_SHAPES (fp8: 128/128, 128/2048, 1000/1000, 2048/128), max batch MAXB (256)

@@ -658,12 +658,14 @@ def _check_scan_args(s, a_log, d, dt_bias, state, rd, dev) -> None:
 
 
 def ssm_conv_scan(spec: SK.SsmConvScanSpec, xbc, conv_w, conv_b, conv_state, dt_in, a_log, d, dt_bias, state, slots,
-                  cu_seqlens, kv_lens, counters, out, num_seqs: int):
+                  cu_seqlens, kv_lens, counters, out, num_seqs: int, pdl: bool = False):
     """A decode step of out = selective_scan(split(act(causal_conv1d(xbc)))) in one kernel: one new token
     per sequence (a sequence of another length is left alone: run ssm_conv then ssm_scan for such a step);
     conv_state [num_slots, channels, kernel - 1] (run dtype) and state [num_slots, heads, head_dim,
     d_state] (fp32) read and written as ssm_conv's and ssm_scan's. xbc [T, channels], dt [T, heads]
-    (row-strided); counters: int32, at least num_seqs * groups entries, all zero (and left so)."""
+    (row-strided); counters: int32, at least num_seqs * groups entries, all zero (and left so). pdl: a
+    programmatic dependent launch of the kernel that writes xbc and dt (its states and weights read before
+    its griddepcontrol.wait; norm's `pdl` says the rest)."""
     rd, s = _torch_dtype(spec), spec
     dev = xbc.device
     C, K, HP = s.channels, s.kernel, s.heads * s.head_dim
@@ -686,7 +688,7 @@ def ssm_conv_scan(spec: SK.SsmConvScanSpec, xbc, conv_w, conv_b, conv_state, dt_
     meta = _ssm_step_meta(slots, cu_seqlens, kv_lens, num_seqs, dev)
     kern = get_kernel(spec, dev)
     km = kern.source.meta
-    kern.launch(kern.source.entries[0], (km["blocks"], num_seqs), (km["threads"],),
+    kern.launcher(pdl)(kern.source.entries[0], (km["blocks"], num_seqs), (km["threads"],),
                 [ptr(xbc), i64(xbc.stride(0)), ptr(conv_w), ptr(conv_b if s.has_bias else None), ptr(conv_state),
                  ptr(dt_in), i64(dt_in.stride(0)), ptr(a_log), ptr(d if s.has_d else None),
                  ptr(dt_bias if s.has_dt_bias else None), ptr(state), *meta, ptr(counters), ptr(out)])

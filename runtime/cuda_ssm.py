@@ -11,12 +11,20 @@ host, and a state-space model decodes through the CUDA graphs.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from kiln.codegen import kernels as K
 from kiln.codegen.fuse import Exec, KOp, ssm_fuse_enabled
 from kiln.dsl.plan import WeightArg, fetch
 
 from .batch import StepBatch
+
+# The fused conv + scan decode kernel as a programmatic dependent of the in_proj GEMV before it ("1"): its SSM state
+# rows, conv weights and conv windows load while that GEMV drains, xbc and dt after its griddepcontrol.wait
+# (templates/ssm_conv_scan.cu.j2). Written in session 25 without a GPU: off ("0") until its GPU tests pass and a
+# same-call A/B (.ci/device_check.sh) shows the Mamba-2 decode step faster. Read when a step runs (and is captured).
+SSM_PDL = os.environ.get("KILN_SSM_PDL", "0")
 
 
 class SsmSteps:
@@ -122,8 +130,10 @@ class SsmSteps:
                 self._retired.append(self.counters)
                 self.counters = torch.zeros(max(S, self.model.max_batch) * spec.groups, dtype=torch.int32,
                                             device=xbc.device)
+            if SSM_PDL not in ("0", "1"):
+                raise K.KernelSpecError(f"KILN_SSM_PDL={SSM_PDL!r}: must be 0 or 1")
             K.ssm_conv_scan(spec, xbc, conv_w, conv_b, conv_state, dt, a_log, d, dt_bias, state, slots,
-                            meta.cu_seqlens, meta.kv_lens, self.counters, out, S)
+                            meta.cu_seqlens, meta.kv_lens, self.counters, out, S, pdl=SSM_PDL == "1")
         else:
             mid = torch.empty(xbc.shape[0], spec.channels, dtype=xbc.dtype, device=xbc.device)
             K.ssm_conv(op.extra["conv"], xbc, conv_w, conv_b, conv_state, slots, meta.cu_seqlens, meta.kv_lens,

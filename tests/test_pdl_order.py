@@ -143,6 +143,11 @@ def _other_specs():
     for dt in ("bf16", "fp32"):
         yield LoraSpec(4096, 6144, 48, 16, dtype=dt)
     yield ActQuantSpec("tensor", 4096)  # its second launch is a dependent of its first
+    # Mamba-2's fused conv + scan (KILN_SSM_PDL): its states, conv weights and the step's metadata before the wait
+    from kiln.codegen.ssm_kernels import SsmConvScanSpec
+    for dt in ("bf16", "fp32"):
+        yield SsmConvScanSpec(80, 64, 128, act="silu", dtype=dt)
+    yield SsmConvScanSpec(6, 5, 12, groups=3, kernel=3, has_bias=False, a_per_state=True, has_d=False)
 
 
 def _chain_specs():
@@ -234,3 +239,25 @@ def test_the_early_kv_decode_kernel_copies_the_cache_before_the_wait_and_nothing
         wait = next(i for i, s in enumerate(ins) if "ACQBULK" in s)
         copies = [s for s in ins[:wait] if "LDGSTS" in s and _width(s.split()[0]) == 16]
         assert bool(copies) == (early == "1"), f"EARLY_KV={early}: {len(copies)} cache copies before the wait"
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp32"])
+def test_the_ssm_conv_scan_reads_the_gemms_output_after_the_wait_and_its_states_before(dt, tmp_path):
+    """KILN_SSM_PDL: Mamba-2's fused conv + scan, a programmatic dependent of in_proj, reads xbc and dt (in_proj's
+    output) through ld_dep, coherent, after its griddepcontrol.wait; before it, the state rows and conv windows (its
+    own previous launch's) and the weights, all through the non-coherent path, and no write. The generic check above
+    allows 4-byte non-coherent loads before the wait; this one asserts the kernel's own split: at least a load of
+    the state rows before (fp32: 4 bytes) and the 16- or 32-bit coherent loads of xbc and dt after."""
+    from kiln.codegen.ssm_kernels import SsmConvScanSpec
+    spec = SsmConvScanSpec(80, 64, 128, act="silu", dtype=dt, origin="t ssm pdl")
+    ks = render(spec)
+    (instrs,) = _entries(ks.source, ks.name, ks.origin, tmp_path).values()
+    wait = next(i for i, s in enumerate(instrs) if "ACQBULK" in s)
+    loads = [(i, re.sub(r"^@!?U?P\w+\s+", "", s).split()[0]) for i, s in enumerate(instrs)
+             if re.sub(r"^@!?U?P\w+\s+", "", s).startswith("LDG")]
+    before = [op for i, op in loads if i < wait]
+    after_coherent = [op for i, op in loads if i > wait and ".CONSTANT" not in op]
+    assert before and all(".CONSTANT" in op for op in before), before
+    assert any(_width(op) == 4 and not re.search(r"\.[US](8|16)\b", op) for op in before)  # the fp32 state rows
+    assert len(after_coherent) >= 2, after_coherent  # xbc's and dt's (ld_dep)
+    assert not _before_wait_problems(instrs)

@@ -331,3 +331,50 @@ def test_mamba2_decode_with_the_fused_kernel_equals_without(dtype, tight, tol, m
     assert not on.model._ssm.counters.any()
     for site in range(len(ref.plan.state_sites)):  # the states the two left behind
         assert rel(kvs[1].state.tensors[site], kvs[2].state.tensors[site]) <= tight
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_mamba2_decode_with_the_scan_as_a_programmatic_dependent_is_bit_equal(dtype, monkeypatch):
+    """KILN_SSM_PDL=1 (runtime/cuda_ssm.py): the fused conv + scan kernel launched as a programmatic dependent of
+    the in_proj GEMV before it, its states, conv weights and windows read before its griddepcontrol.wait, xbc and
+    dt after. Decode through the CUDA graphs (2 sequences, in_proj through the GEMV: KILN_GEMV_ROWS 4), 12 steps:
+    logits bit-equal to the plain launch's, step by step (the same arithmetic; a read of xbc before the GEMV wrote
+    it would take the graph's previous replay's values)."""
+    from kiln.runtime import cuda_backend, cuda_ssm
+    monkeypatch.setenv("KILN_SSM_FUSE", "1")
+    monkeypatch.setattr(cuda_backend, "GEMV", "pdl")
+    monkeypatch.setattr(cuda_backend, "GEMV_ROWS", 4)
+    name = "mamba2"
+    ref, on = pair(FAMILY_CONFIGS[name]["model_type"], FAMILY_CONFIGS[name], dtype)
+    off = LoadedModel(ref.plan, make_backend(ref.plan, ref.model.weights, "cuda", "cuda"), None, ref.dtype,
+                      ref.device)
+    assert [op.extra["op"] for op in on.model.ops if op.kind is Exec.SSM] == ["conv_scan"] * 2
+    models = {"1": on, "0": off}
+    kvs = {k: KVStore(ref.plan.sites, 32, 16, ref.dtype, "cuda", state=StateStore(4)) for k in models}
+    seqs = [SeqSlice(0, 7, 0, (0,), state_slot=2), SeqSlice(7, 70, 0, (1, 2, 3, 4, 5), state_slot=1)]
+    tokens = torch.randint(0, ref.plan.vocab_size, (77,))
+
+    def run(batch):  # each model under its own switch value (its graphs are captured with it)
+        outs = {}
+        for k, m in models.items():
+            monkeypatch.setattr(cuda_ssm, "SSM_PDL", k)
+            outs[k] = m.model.forward(batch, kvs[k])
+        return outs
+
+    with torch.no_grad():
+        run(StepBatch(tokens, seqs))
+        ctx = [7, 70]
+        for step in range(12):
+            nxt = torch.randint(0, ref.plan.vocab_size, (2,))
+            outs = run(StepBatch(nxt, [SeqSlice(0, 1, ctx[0], (0,), state_slot=2),
+                                       SeqSlice(1, 1, ctx[1], (1, 2, 3, 4, 5), state_slot=1)]))
+            assert torch.isfinite(outs["1"]).all() and torch.equal(outs["1"], outs["0"]), f"decode step {step}"
+            ctx = [x + 1 for x in ctx]
+    assert on.model._graphs and off.model._graphs, "decode did not run through a CUDA graph"
+    monkeypatch.setattr(cuda_ssm, "SSM_PDL", "yes")
+    from kiln.codegen.specs import KernelSpecError
+    eager = make_backend(ref.plan, ref.model.weights, "cuda", "cuda")
+    eager.use_graphs = eager.mixed_graphs = False  # the refusal in an eager step, not inside a capture
+    with pytest.raises(KernelSpecError, match="KILN_SSM_PDL='yes'"), torch.no_grad():
+        eager.forward(StepBatch(nxt, [SeqSlice(0, 1, 0, (0,), state_slot=0)]),
+                      KVStore(ref.plan.sites, 4, 16, ref.dtype, "cuda", state=StateStore(1)))
