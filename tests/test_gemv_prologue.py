@@ -146,10 +146,12 @@ def check_gemv_entries_compile(nvrtc, ks, dtype: str, max_spill: int = 0) -> Non
         assert int(spills["1"]) <= max_spill, img.log
 
 
-@pytest.mark.parametrize("epilogue", ["swiglu", "rope", None])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("residual", [True, False])
-@pytest.mark.parametrize("post", [False, True])
+# bf16 (the decode path) in every form; fp16 and fp32 in the residual ones (what the template spells per dtype)
+PRO_EPI = [(e, "bf16", r, p) for e in ("swiglu", "rope", None) for r in (True, False) for p in (False, True)] + \
+    [(e, dt, True, p) for e in ("swiglu", "rope") for dt in ("fp16", "fp32") for p in (False, True)]
+
+
+@pytest.mark.parametrize("epilogue, dtype, residual, post", PRO_EPI)
 def test_norm_prologue_with_an_epilogue_compiles(epilogue, dtype, residual, post, fresh_kernel_cache):
     """An RMSNorm before a GEMV with an epilogue (the MLP norm before gate+up's SwiGLU, the attention norm before
     qkv's rotary + KV write): one kernel that reads the norm's inputs, not x, names the three spec ops, keeps the
