@@ -154,7 +154,7 @@ def spec_for(n: int, k: int, dtype: str, has_bias: bool, origin: str = "linear",
 def post_norm_takes(pro) -> bool:
     """Whether `pro` can be post-scaled (GemvSpec.post_norm): an RMSNorm without a gate, over the whole row (one
     1 / rms a row of x, one weight of k values)."""
-    return isinstance(pro, NormSpec) and pro.kind == "rms" and not pro.gate and pro.width == pro.hidden
+    return epilogue_takes_prologue(pro) and pro.width == pro.hidden
 
 
 def epilogue_takes_prologue(pro) -> bool:
@@ -381,13 +381,21 @@ def gemv_rope(spec: GemvSpec, x, w, q_out, positions, slot_mapping, k_cache, v_c
         raise KernelArgError(f"x: {T} rows; the GEMV takes 1 to {GEMV_MAX_T} (more: a GEMM)")
     _check("x", x, dt, device=dev, rows_aligned=True, contiguous=False)
     _check("w", w, dt, (spec.weight_rows, spec.k), dev)
-    _check("q_out", q_out, dt, (T, rope.heads * rope.head_dim), dev)
+    extra = rope_epilogue_args(rope, q_out, (positions, slot_mapping, k_cache, v_cache, k_scale, v_scale), T, dt, dev)
+    check_bias(spec, bias, dt, dev, spec.weight_rows)
+    launch(spec, dev, T - 1, [ptr(w), ptr(x), ptr(bias), ptr(q_out), *extra, i64(x.stride(0))], pdl)
+
+
+def rope_epilogue_args(rope: RopeCacheSpec, q_out, rope_args: tuple, T: int, dt: torch.dtype, dev,
+                       out_name: str = "q_out") -> list:
+    """A rotary epilogue's output and arguments checked (q_out [T, heads * head_dim]; rope_args: positions [T]
+    int64, slot_mapping [T] int32, the site's k and v caches, k_scale, v_scale): the launch arguments after q_out."""
+    positions, slot_mapping, k_cache, v_cache, k_scale, v_scale = rope_args
+    _check(out_name, q_out, dt, (T, rope.heads * rope.head_dim), dev)
     _check("positions", positions, torch.int64, (T,), dev, aligned=False)
     _check("slot_mapping", slot_mapping, torch.int32, (T,), dev, aligned=False)
     _check_cache(rope, k_cache, v_cache, dt, dev)
-    check_bias(spec, bias, dt, dev, spec.weight_rows)
-    launch(spec, dev, T - 1, [ptr(w), ptr(x), ptr(bias), ptr(q_out), ptr(positions), ptr(slot_mapping), ptr(k_cache),
-                              ptr(v_cache), *_scales(rope, k_scale, v_scale), i64(x.stride(0))], pdl)
+    return [ptr(positions), ptr(slot_mapping), ptr(k_cache), ptr(v_cache), *_scales(rope, k_scale, v_scale)]
 
 
 def gemv_prologue(spec: GemvSpec, w, out, a, b=None, norm_weight=None, r_out=None, bias=None,
@@ -430,12 +438,7 @@ def gemv_prologue(spec: GemvSpec, w, out, a, b=None, norm_weight=None, r_out=Non
     _check("w", w, dt, (spec.weight_rows, spec.k), dev)
     extra = []
     if rope is not None:
-        positions, slot_mapping, k_cache, v_cache, k_scale, v_scale = rope_args
-        _check("q_out", out, dt, (T, rope.heads * rope.head_dim), dev)
-        _check("positions", positions, torch.int64, (T,), dev, aligned=False)
-        _check("slot_mapping", slot_mapping, torch.int32, (T,), dev, aligned=False)
-        _check_cache(rope, k_cache, v_cache, dt, dev)
-        extra = [ptr(positions), ptr(slot_mapping), ptr(k_cache), ptr(v_cache), *_scales(rope, k_scale, v_scale)]
+        extra = rope_epilogue_args(rope, out, rope_args, T, dt, dev)
     else:
         _check("out", out, dt, (T, spec.n), dev)
     check_bias(spec, bias, dt, dev, spec.weight_rows)

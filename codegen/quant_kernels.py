@@ -51,8 +51,8 @@ from kiln.dsl.dtypes import RUN_DTYPES
 from kiln.dsl.quant import QWeight, unpack_int4
 
 from . import render as render_module
-from .gemv import epilogue_refusal, one_wave, rope_epilogue_refusal, rope_pair_rows, rope_pairs
-from .kernels import KernelArgError, _check, _check_cache, _scales, _torch_dtype
+from .gemv import epilogue_refusal, one_wave, rope_epilogue_args, rope_epilogue_refusal, rope_pair_rows, rope_pairs
+from .kernels import KernelArgError, _check, _torch_dtype
 from .launch import get_kernel, i32, i64, ptr
 from .render import _RENDERERS, KernelSource, _emit, _name, rope_math_params
 from .specs import KernelSpecError, RopeCacheSpec, _dtype, _fail, _positive, _Spec
@@ -521,12 +521,7 @@ def qgemv(spec: QGemvSpec, x, wq, rec, out, bias=None, rope=None):
         if rope is None:
             raise KernelArgError("rope: (positions, slot_mapping, k_cache, v_cache, k_scale, v_scale) required by "
                                  "this spec's rotary epilogue")
-        positions, slots, k_cache, v_cache, k_scale, v_scale = rope
-        _check("out", out, dt, (T, e.heads * e.head_dim), dev)
-        _check("positions", positions, torch.int64, (T,), dev, aligned=False)
-        _check("slot_mapping", slots, torch.int32, (T,), dev, aligned=False)
-        _check_cache(e, k_cache, v_cache, dt, dev)
-        extra = [ptr(positions), ptr(slots), ptr(k_cache), ptr(v_cache), *_scales(e, k_scale, v_scale)]
+        extra = rope_epilogue_args(e, out, rope, T, dt, dev, out_name="out")
     elif rope is not None:
         raise KernelArgError("rope: this spec has no rotary epilogue (rope_epi)")
     else:
