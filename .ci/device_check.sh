@@ -22,6 +22,8 @@
 #                                         the rescale fix), the mixed graphs' memory check, an RMSNorm before a GEMV with an
 #                                         epilogue or post-scaled, KILN_SSM_PDL, KILN_DECODE_DYN_PART=1; the split probe if
 #                                         the first fail
+#   bash .ci/device_check.sh s26       session 26: the fixed KILN_SSM_PDL test, "lone" prologues, the split prefill on;
+#                                         batch-1 A/Bs: Mamba-2 KILN_SSM_PDL=1 + KILN_GEMV_PROLOGUE=lone, 8B bf16 lone
 #   bash .ci/device_check.sh s25ab     next session: batch-1 A/Bs of KILN_GEMV_PROLOGUE 0 / norm / post (8B bf16, Mamba-2),
 #                                         KILN_SSM_PDL 0 / 1 (Mamba-2) and KILN_DECODE_DYN_PART 0 / 1
 #   bash .ci/device_check.sh s25thru   next session: bench throughput --sweep (one process, one model): fp8 at 128/128,
@@ -238,6 +240,17 @@ for mode in "$@"; do
         | tee "$OUT/s25-dynpart.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
       if [ -n "${S25_PROBE:-}" ] || grep -q -E "^FAILED.*(split|prefill)" "$OUT/s25-tests.log"; then
         SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 60 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12; fi ;;
+    s26)  # session 26 (~4 min): the fixed KILN_SSM_PDL test, the prologue logits test with "lone", the prefill / prefix /
+          # mixed tests with the automatic split on; then batch-1 A/Bs (two pairs): Mamba-2 2.7B with neither and with
+          # KILN_SSM_PDL=1 KILN_GEMV_PROLOGUE=lone, 8B bf16 KILN_GEMV_PROLOGUE 0 / lone
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_ssm_kernels.py \
+        tests/gpu/test_gemv_prologue.py tests/gpu/test_mixed_split.py tests/gpu/test_prefix_cache_gpu.py 2>&1 \
+        | tee "$OUT/s26-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -10
+      for i in 1 2; do for v in "0 0" "1 lone"; do set -- $v
+        echo "batch-1 decode, mamba2-2.7b KILN_SSM_PDL=$1 KILN_GEMV_PROLOGUE=$2 $(KILN_SSM_PDL=$1 KILN_GEMV_PROLOGUE=$2 \
+          timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
+          | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error" | tr '\n' ' ')"; done; done
+      AB_RUNS=2 ab_runs "none KILN_GEMV_PROLOGUE 0 lone $L" ;;
     s25ab)  # next session (~8 min): batch-1 A/Bs (decode_back_to_back_ms): KILN_GEMV_PROLOGUE 0 / norm / post (the 8B shape
             # bf16, twice; Mamba-2 2.7B 0 / post), then once each KILN_SSM_PDL 0 / 1 (Mamba-2) and KILN_DECODE_DYN_PART
             # 0 / 1 (int4-wo+lm-head, bf16)

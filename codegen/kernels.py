@@ -347,10 +347,11 @@ PREFILL_SPLIT_FILL = 0.5  # split the KV of a prefill grid holding fewer blocks 
 # where the plain kernel matched. Cause found on the CPU: a split past a row's position masks all its keys, and the
 # online softmax's rescale factor, contracted by ptxas into an fma, came out inf there, so the merge wrote those
 # rows as zeros (templates/prefill_attn_sm90.cu.j2, tests/test_softmax_rescale_sass.py; a float model of it gives
-# 0.4565 at head dim 128, 0 at 64, as measured). Fixed in the template; back on once the GPU test passes with the
-# fix (`.ci/device_check.sh s25`): an automatic split that might be wrong is worse than a slower whole grid (~1 ms
-# a step of a short prompt after a long prefix at 8B shapes, per the figures above).
-PREFILL_AUTO_SPLIT = False
+# 0.4565 at head dim 128, 0 at 64, as measured). Fixed in the template; on again since session 26, when the split
+# tests passed with the fix on an H100 (bf16 and fp8 pages, forced 3-way splits against the reference and the
+# whole grid: 284 prefill / prefix / split tests) and `kiln bench prefix` (8B shape, a cached 2,000-token system
+# prompt) went 9.37 / 9.32 -> 8.99 / 8.13 ms TTFT, alternating.
+PREFILL_AUTO_SPLIT = True
 PREFILL_MAX_SPLITS = 8  # each split re-loads its Q tile and writes an fp32 partial: a cost per split
 
 

@@ -511,8 +511,8 @@ def _prefill_sm90(s: PrefillAttnSpec, gc: int, group: int) -> KernelSource:
     # The split-KV form on fp8 pages too. It was 0.48-0.73 off on the H200 (session 22) for causal sequences past one
     # key tile, most likely the masked rows' rescale factor that made the bf16 form 0.46 off at head dim 128
     # (session 24, fixed in the template; tests/test_softmax_rescale_sass.py checks both caches' machine code), its
-    # sign here set by the runtime k_scale. Only a caller's forced split reaches it until the GPU tests pass:
-    # kernels.PREFILL_AUTO_SPLIT keeps the launch's own choice whole.
+    # sign here set by the runtime k_scale. Its GPU tests (forced 3-way splits against the reference and the whole
+    # grid) passed on an H100 in session 26, when kernels.PREFILL_AUTO_SPLIT came back on.
     params.update(merge_rows=merge_rows, merge_groups=-(-rows // merge_rows), merge_threads=merge_rows * (d // 4))
     # Entries: the kernel; its split-KV form and the merge of its partials (kernels.prefill_attention
     # picks the pair when the grid is too small for the GPU). split_kv: the launch may pick splits.

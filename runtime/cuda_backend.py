@@ -58,7 +58,10 @@ GEMV_ROWS = int(os.environ.get("KILN_GEMV_ROWS", "1"))
 # GEMV with an epilogue too (the norm, the linear and the rotary + KV write, or the SwiGLU: one launch; two fewer
 # launches a layer), not yet measured: off until a same-call A/B (.ci/device_check.sh s25ab). "post": as "norm", each
 # RMSNorm over a whole row post-scaled (GemvSpec.post_norm: no first pass over the norm's input for its 1 / rms; x is
-# then not rounded to the run dtype between the norm and the linear). Read when a step runs.
+# then not rounded to the run dtype between the norm and the linear). Measured (H100, session 26, batch-1
+# decode_back_to_back_ms, two pairs): 8B bf16 5.414 -> norm 5.847 / post 5.709 ms (the GEMVs with an epilogue slower by
+# more than the launches saved); Mamba-2 2.7B (in_proj and the LM head: no epilogue) 2.919 -> post 2.843. "lone": as
+# "post", only into a GEMV without an epilogue (no rotary, no activation). Read when a step runs.
 GEMV_PROLOGUE = os.environ.get("KILN_GEMV_PROLOGUE", "0")
 # A GEMM step with a gated activation after it (fuse.py's gemv_epilogue: the gate and up projections, then
 # act(g) * u) runs as one GEMV launch whose warps compute (gate, up) row pairs and write act(g) * u where
@@ -490,10 +493,10 @@ class CudaModel:
         runs it: a few rows, a plain weight the GEMV takes, no LoRA, a prologue it computes, inputs it can
         read with 16-byte vectors. False: nothing ran."""
         ins = [env[v] for v in pro.ins]
-        if not self._prologue_runs(pro, ins, w, step):
-            return False
         gemm = op.extra["gemm"]
         epi = gemm.extra.get("epilogue")  # (fuse.py: after an ungated RMSNorm only)
+        if not self._prologue_runs(pro, ins, w, step, linked=epi is not None):
+            return False
         if epi is not None and GEMV_EPILOGUE != "1":
             return False  # KILN_GEMV_EPILOGUE=0: the activation's own kernel (_gemv_epilogue refuses a bad value)
         origin = f"{fuse_origin(pro.instrs[-1])} -> {fuse_origin(gemm.instrs[0])}"
@@ -517,13 +520,15 @@ class CudaModel:
         return True
 
     @staticmethod
-    def _prologue_runs(pro: KOp, ins: list, w, step: "_Run") -> bool:
-        """Whether the GEMV runs `pro` (a step fused before a GEMM, inputs `ins`) in its prologue: KILN_GEMV_PROLOGUE
-        takes it, a few rows, a plain weight the GEMV takes, no LoRA, a prologue it computes, inputs it can read
-        with 16-byte vectors."""
-        if GEMV_PROLOGUE not in ("0", "1", "norm", "post"):
-            raise KernelSpecError(f"KILN_GEMV_PROLOGUE={GEMV_PROLOGUE!r}: must be 0, 1, norm or post")
-        if GEMV_PROLOGUE in ("norm", "post") and (pro.kind is not Exec.NORM or pro.spec.gate):
+    def _prologue_runs(pro: KOp, ins: list, w, step: "_Run", linked: bool = False) -> bool:
+        """Whether the GEMV runs `pro` (a step fused before a GEMM, inputs `ins`; `linked`: a GEMV with an epilogue,
+        the rotary or an activation) in its prologue: KILN_GEMV_PROLOGUE takes it, a few rows, a plain weight the
+        GEMV takes, no LoRA, a prologue it computes, inputs it can read with 16-byte vectors."""
+        if GEMV_PROLOGUE not in ("0", "1", "norm", "post", "lone"):
+            raise KernelSpecError(f"KILN_GEMV_PROLOGUE={GEMV_PROLOGUE!r}: must be 0, 1, norm, post or lone")
+        if GEMV_PROLOGUE in ("norm", "post", "lone") and (pro.kind is not Exec.NORM or pro.spec.gate):
+            return False
+        if GEMV_PROLOGUE == "lone" and linked:
             return False
         return not (GEMV not in ("1", "pdl") or GEMV_PROLOGUE == "0" or step.T > GEMV_ROWS or step.lora is not None
                     or not isinstance(w, torch.Tensor) or not G.takes(ins[0], w) or not G.prologue_takes(*ins)
@@ -590,7 +595,7 @@ class CudaModel:
         if pro is not None:  # (fuse.py's gemv_prologue too): the norm, the GEMV and the rotary in one launch
             ins = [env[v] for v in pro.ins]
             gemm = op.extra["gemm"]
-            if self._prologue_runs(pro, ins, w, step) and G.epilogue_takes_prologue(pro.spec):
+            if self._prologue_runs(pro, ins, w, step, linked=True) and G.epilogue_takes_prologue(pro.spec):
                 origin = " -> ".join(fuse_origin(i) for i in (pro.instrs[-1], gemm.instrs[0], att.instrs[-1]))
                 spec = G.spec_for(w.shape[0], w.shape[1], rope.dtype, b is not None, origin, G._num_sms(self.device),
                                   prologue=pro.spec, epilogue=rope, halves=qkv, post_norm=_post_norm(pro))
@@ -726,9 +731,9 @@ class CudaModel:
 
 
 def _post_norm(pro: KOp) -> bool:
-    """KILN_GEMV_PROLOGUE=post: an RMSNorm prologue's 1 / rms applied to the GEMV's sums (GemvSpec.post_norm)
+    """KILN_GEMV_PROLOGUE=post or lone: an RMSNorm prologue's 1 / rms applied to the GEMV's sums (GemvSpec.post_norm)
     where the norm takes it."""
-    return GEMV_PROLOGUE == "post" and pro.kind is Exec.NORM and G.post_norm_takes(pro.spec)
+    return GEMV_PROLOGUE in ("post", "lone") and pro.kind is Exec.NORM and G.post_norm_takes(pro.spec)
 
 
 def base_gemm(op: KOp) -> KOp:

@@ -233,14 +233,15 @@ def test_decode_logits_with_prologues_equal_without_and_the_reference(name, dtyp
     monkeypatch.setattr(cuda_backend, "GEMV", "pdl")
     monkeypatch.setattr(cuda_backend, "GEMV_ROWS", 4)  # every decode step of <= 4 sequences, not only 1
     outs = {}
-    for switch in ("0", "1", "norm", "post"):  # norm: the ungated RMSNorms' prologues only; post: post-scaled
+    for switch in ("0", "1", "norm", "post", "lone"):  # norm: the ungated RMSNorms' prologues only; post: post-scaled;
+        # lone: post, only into a GEMV without an epilogue
         monkeypatch.setattr(cuda_backend, "GEMV_PROLOGUE", switch)
         ref, cuda = pair(name, config, dtype)
         outs[switch] = _decode_logits(cuda, name, dtype)
     assert _prologue_kernels(), "the fused GEMV never ran"
     want = _decode_logits(ref, name, dtype)
     tol = 1e-4 if dtype == "fp32" else 3e-2
-    for on in ("1", "norm", "post"):
+    for on in ("1", "norm", "post", "lone"):
         for off, got, r in zip(outs["0"], outs[on], want):
             assert _rel(got, off) < tol
             assert _rel(got, r) < max(tol, 2 * _rel(off, r))  # no further from the reference than without

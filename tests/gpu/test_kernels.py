@@ -900,7 +900,7 @@ def test_fp8_kv_prefill_wgmma(dtype, case, page_size, monkeypatch):
         outs = {}
         for key, on, splits in (("1", "1", None), ("0", "0", None), ("1 split", "1", 3)):
             outs[key] = nan_like((T, H * D), dt)
-            # `splits` None: the launch's own choice (kept whole: kernels.PREFILL_AUTO_SPLIT)
+            # `splits` None: the launch's own choice (kernels.PREFILL_AUTO_SPLIT)
             K.prefill_attention(specs[on], q, kc, vc, tables, cu, lens, outs[key], max_q_len=max(new), k_scale=ks,
                                 v_scale=vs, max_context=8192, splits=splits)
         for s, (c, n) in enumerate(zip(ctx, new)):

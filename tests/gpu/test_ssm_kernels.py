@@ -175,7 +175,7 @@ def test_state_space_decode_runs_in_cuda_graphs(name):
     assert cuda.model.use_graphs
     lens = [7, 70]
     kvs = [KVStore(ref.plan.sites, 32, 16, torch.float32, "cuda", state=StateStore(4)) for _ in range(2)]
-    seqs = [SeqSlice(0, 7, 0, (0,), state_slot=2), SeqSlice(7, 70, 0, (1, 2, 3, 4, 5), state_slot=1)]
+    seqs = [SeqSlice(0, 7, 0, (0, 6), state_slot=2), SeqSlice(7, 70, 0, (1, 2, 3, 4, 5), state_slot=1)]
     tokens = torch.randint(0, ref.plan.vocab_size, (77,))
     with torch.no_grad():
         for m, kv in zip((ref, cuda), kvs):
@@ -366,7 +366,7 @@ def test_mamba2_decode_with_the_scan_as_a_programmatic_dependent_is_bit_equal(dt
         ctx = [7, 70]
         for step in range(12):
             nxt = torch.randint(0, ref.plan.vocab_size, (2,))
-            outs = run(StepBatch(nxt, [SeqSlice(0, 1, ctx[0], (0,), state_slot=2),
+            outs = run(StepBatch(nxt, [SeqSlice(0, 1, ctx[0], (0, 6), state_slot=2),
                                        SeqSlice(1, 1, ctx[1], (1, 2, 3, 4, 5), state_slot=1)]))
             assert torch.isfinite(outs["1"]).all() and torch.equal(outs["1"], outs["0"]), f"decode step {step}"
             ctx = [x + 1 for x in ctx]
