@@ -61,7 +61,9 @@ GEMV_ROWS = int(os.environ.get("KILN_GEMV_ROWS", "1"))
 # then not rounded to the run dtype between the norm and the linear). Measured (H100, session 26, batch-1
 # decode_back_to_back_ms, two pairs): 8B bf16 5.414 -> norm 5.847 / post 5.709 ms (the GEMVs with an epilogue slower by
 # more than the launches saved); Mamba-2 2.7B (in_proj and the LM head: no epilogue) 2.919 -> post 2.843. "lone": as
-# "post", only into a GEMV without an epilogue (no rotary, no activation). Read when a step runs.
+# "post", only into a GEMV without an epilogue (no rotary, no activation): 8B bf16 5.412 / 5.416 -> 5.417 / 5.419 ms;
+# Mamba-2 with KILN_SSM_PDL=1 as well 2.827 / 2.825 against 2.920 / 2.924 with neither, where the scan's PDL alone
+# gave 2.814 against 2.919 in the call before. So "0" stays the default. Read when a step runs.
 GEMV_PROLOGUE = os.environ.get("KILN_GEMV_PROLOGUE", "0")
 # A GEMM step with a gated activation after it (fuse.py's gemv_epilogue: the gate and up projections, then
 # act(g) * u) runs as one GEMV launch whose warps compute (gate, up) row pairs and write act(g) * u where
