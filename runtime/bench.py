@@ -343,11 +343,15 @@ def _throughput(args, m=None) -> dict:
     for i, p in enumerate(prompts):
         engine.add_request(p, loras[i % len(loras)] if loras else params)
     kinds: dict[str, list[float]] = {"decode": [], "mixed": []}  # step wall times by kind
+    prompt_tokens = 0  # of the steps with prompt tokens
+    counts = getattr(engine.model, "step_counts", None)  # how the backend ran its steps (cuda: graphs or eager)
+    counts_before = dict(counts) if counts is not None else {}
     last = time.perf_counter()
     while engine.has_unfinished():
         outs = engine.step()
         now = time.perf_counter()
         kinds.setdefault(engine.last_step.kind, []).append(now - last)
+        prompt_tokens += engine.last_step.num_prefill_tokens
         last = now
         for o in outs:
             first.setdefault(o.request_id, now)
@@ -370,6 +374,11 @@ def _throughput(args, m=None) -> dict:
         "decode_step_ms_p50": percentiles(kinds["decode"])["p50"] if kinds["decode"] else 0.0,
         "mixed_steps": len(kinds["mixed"]), "mixed_steps_s": sum(kinds["mixed"]),
         "mixed_step_ms_p50": percentiles(kinds["mixed"])["p50"] if kinds["mixed"] else 0.0,
+        "mixed_step_ms_p90": percentiles(kinds["mixed"])["p90"] if kinds["mixed"] else 0.0,
+        "mixed_step_ms_max": 1e3 * max(kinds["mixed"], default=0.0),
+        "prompt_tokens_per_mixed_step": prompt_tokens / len(kinds["mixed"]) if kinds["mixed"] else 0.0,
+        # the backend's steps in the timed region by how they ran (runtime/cuda_backend.py step_counts)
+        **{f"steps_{k}": v - counts_before.get(k, 0) for k, v in sorted((counts or {}).items())},
     })
     return result
 
@@ -689,6 +698,12 @@ def precision_of(args, cpu: bool) -> str:
     return ", ".join(parts)
 
 
+def _step_counts(r: dict) -> str:
+    """The backend's step counts of a throughput result ("steps_*"), as '; steps: eager 3, mixed_graph 70'."""
+    counts = [f"{k[len('steps_'):]} {v}" for k, v in r.items() if k.startswith("steps_") and v]
+    return "; steps: " + ", ".join(counts) if counts else ""
+
+
 def sweep(args, device_name: str, precision: str) -> int:
     """throughput at each shape of TensorRT-LLM's published table (or those --sweep names), printed
     beside its figures for this card. On a CPU (a smoke run) the shapes are divided by 64."""
@@ -701,8 +716,9 @@ def sweep(args, device_name: str, precision: str) -> int:
         r = throughput(args, m)
         print(f"{isl}/{osl}: {r['output_tok_s']:,.0f} output tok/s ({r['seconds']:.1f} s: {r['decode_steps']} decode "
               f"steps, p50 {r['decode_step_ms_p50']:.2f} ms; {r['mixed_steps']} with prompt tokens, "
-              f"{r['mixed_steps_s']:.1f} s, p50 {r['mixed_step_ms_p50']:.2f} ms; {r['preemptions']} preemptions)",
-              flush=True)
+              f"{r['mixed_steps_s']:.1f} s, p50 {r['mixed_step_ms_p50']:.2f} / p90 {r['mixed_step_ms_p90']:.2f} / max "
+              f"{r['mixed_step_ms_max']:.0f} ms, {r['prompt_tokens_per_mixed_step']:,.0f} prompt tokens each; "
+              f"{r['preemptions']} preemptions{_step_counts(r)})", flush=True)
         ours[(isl, osl)] = r["output_tok_s"]
     if hasattr(m.model, "shutdown"):  # a split model (--tp / --pp): its worker processes exit
         m.model.shutdown()

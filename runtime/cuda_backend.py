@@ -11,6 +11,7 @@ the table `_RUN`, keyed by codegen.fuse.Exec.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import os
@@ -245,6 +246,10 @@ class CudaModel:
         self._eager_mixed: set[tuple] = set()  # mixed buckets refused a capture for want of memory (_mixed_graph)
         self._graph_kv = _nothing  # the KV store the graphs write to (weak: an engine's end frees it)
         self._lora = CudaLora(self)  # LoRA adapters of `self.lora` (a runtime/lora.py LoraSet, set by the engine)
+        # How forward's steps ran, counted (bench throughput reports the counts of its timed region): "decode_graph"
+        # and "mixed_graph" replays, "eager" steps, and the graphs forward captured on first use ("decode_capture",
+        # "mixed_capture") or could not for want of memory ("mixed_short"); captures ahead of time are not counted.
+        self.step_counts: collections.Counter[str] = collections.Counter()
         self.reserve(max_batch, max_context)
 
     def _amax_specs(self, canon) -> dict:
@@ -402,6 +407,8 @@ class CudaModel:
                 graph = self._graphs.get(bucket)
                 if graph is None:
                     graph = self._graphs[bucket] = _Graph(self, kv, bucket)
+                    self.step_counts["decode_capture"] += 1
+                self.step_counts["decode_graph"] += 1
                 return graph.replay(batch)[: len(batch.seqs)].float()
         sample = batch.sample_rows()
         if self.mixed_graphs and not decode and not all_logits and longest <= self.max_context \
@@ -410,9 +417,14 @@ class CudaModel:
             if key is None and cuda_quant._on("KILN_MIXED_GRAPHS_LARGE", MIXED_GRAPHS_LARGE):
                 key = large_mixed_key(batch, len(sample), self.max_batch)
             if key is not None and key not in self._eager_mixed:
-                graph = self._mixed.get(key) or self._mixed_graph(kv, key)
+                graph = self._mixed.get(key)
+                if graph is None:
+                    graph = self._mixed_graph(kv, key)
+                    self.step_counts["mixed_capture" if graph is not None else "mixed_short"] += 1
                 if graph is not None:
+                    self.step_counts["mixed_graph"] += 1
                     return graph.replay(batch, sample).float()
+        self.step_counts["eager"] += 1
         tokens = batch.device_tokens(self.device)
         meta = self._meta(batch)
         rows = None if all_logits else torch.tensor(sample).pin_memory().to(self.device, non_blocking=True)

@@ -112,6 +112,9 @@ def test_sweep_and_paired_runs_build_the_model_once(config, capsys, monkeypatch)
     assert capsys.readouterr().out.count("output tok/s") == 3
     fresh = throughput(args_for(config, "--requests", "3", "--max-batch", "2", "--input-len", "16",
                                 "--output-len", "5"))
+    # every prompt token in a step with prompt tokens (no prefix hits: random prompts), the step times in order
+    assert fresh["prompt_tokens_per_mixed_step"] * fresh["mixed_steps"] == 3 * 16
+    assert 0 < fresh["mixed_step_ms_p50"] <= fresh["mixed_step_ms_p90"] <= fresh["mixed_step_ms_max"]
     m = bench.bench_model(args_for(config))
     for _ in range(2):  # the same model twice: the same counts as a fresh one's
         again = throughput(args_for(config, "--requests", "3", "--max-batch", "2", "--input-len", "16",

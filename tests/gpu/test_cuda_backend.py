@@ -280,6 +280,8 @@ def test_decode_graphs_captured_ahead():
             want, got = ref.model.forward(batch, kv_ref), cuda.model.forward(batch, kv)
             assert rel(got, want) <= 1e-4, f"step {step}: {rel(got, want):.3g}"
     assert cuda.model._graphs == graphs  # the same graph objects: replayed, none captured anew
+    # step_counts (bench throughput's report): three decode replays, no decode graph captured in forward
+    assert cuda.model.step_counts["decode_graph"] == 3 and not cuda.model.step_counts["decode_capture"]
 
 
 @pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("bf16", 2e-2)])
@@ -316,3 +318,6 @@ def test_mixed_steps_replay_graphs(dtype, tol, fresh_seed):
             assert rel(got, want) <= tol, f"step {step}: {rel(got, want):.3g} from the reference"
     assert cuda.model._mixed, "the mixed steps ran in captured graphs"
     assert not eager.model._mixed
+    counts = cuda.model.step_counts  # each capture in forward counted, each replay (the capturing step's too)
+    assert counts["mixed_capture"] == len(cuda.model._mixed) and counts["mixed_graph"] >= counts["mixed_capture"]
+    assert not eager.model.step_counts["mixed_graph"] and eager.model.step_counts["eager"] >= counts["mixed_graph"]

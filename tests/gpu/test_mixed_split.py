@@ -149,6 +149,7 @@ def test_mixed_graph_short_of_memory_runs_eagerly(fresh_seed, monkeypatch):
     got, want = _run(cuda, prefill, mixed), _run(ref, prefill, mixed)
     assert rel(got, want) <= 1e-4, f"{rel(got, want):.3g} from the reference"
     assert not cuda.model._mixed and cuda.model._eager_mixed, "no mixed graph kept, the buckets marked eager"
+    assert cuda.model.step_counts["mixed_short"] == len(cuda.model._eager_mixed) and not cuda.model.step_counts["mixed_graph"]
     kv = KVStore(cuda.plan.sites, 48, 16, cuda.dtype, "cuda")
     made = cuda.model.capture_decode_graphs(kv, 20, tokens=100)
     assert made == len(cuda.model._graphs) and not cuda.model._mixed
