@@ -22,6 +22,8 @@
 #                                         the rescale fix), the mixed graphs' memory check, an RMSNorm before a GEMV with an
 #                                         epilogue or post-scaled, KILN_SSM_PDL, KILN_DECODE_DYN_PART=1; the split probe if
 #                                         the first fail
+#   bash .ci/device_check.sh s27       next session: session 26's graph tests, then s25thru (fp8 at the four shapes; SWEEP_Q=bf16
+#                                         for #12's)
 #   bash .ci/device_check.sh s26       session 26: the fixed KILN_SSM_PDL test, "lone" prologues, the split prefill on;
 #                                         batch-1 A/Bs: Mamba-2 KILN_SSM_PDL=1 + KILN_GEMV_PROLOGUE=lone, 8B bf16 lone
 #   bash .ci/device_check.sh s25ab     next session: batch-1 A/Bs of KILN_GEMV_PROLOGUE 0 / norm / post (8B bf16, Mamba-2),
@@ -240,6 +242,14 @@ for mode in "$@"; do
         | tee "$OUT/s25-dynpart.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
       if [ -n "${S25_PROBE:-}" ] || grep -q -E "^FAILED.*(split|prefill)" "$OUT/s25-tests.log"; then
         SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 60 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12; fi ;;
+    s27)  # next session (~7 min): the GPU tests of session 26's step counts and prompt-bucket captures ahead, then fp8 at
+          # TensorRT-LLM's four shapes (s25thru; its lines now give the mixed steps' p90 / max, prompt tokens a step and
+          # how the steps ran: session 26's 128/128 spent half its mixed time past the median, captures in the timed
+          # region the likely cause)
+      timeout 120 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_mixed_split.py \
+        tests/gpu/test_cuda_backend.py -k "graph or mixed" 2>&1 | tee "$OUT/s27-tests.log" \
+        | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
+      bash "$0" s25thru ;;
     s26)  # session 26 (~4 min): the fixed KILN_SSM_PDL test, the prologue logits test with "lone", the prefill / prefix /
           # mixed tests with the automatic split on; then batch-1 A/Bs (two pairs): Mamba-2 2.7B with neither and with
           # KILN_SSM_PDL=1 KILN_GEMV_PROLOGUE=lone, 8B bf16 KILN_GEMV_PROLOGUE 0 / lone

@@ -468,7 +468,8 @@ def warm_up(engine: LLMEngine, input_len: int, output_len: int, max_batch: int) 
     """What a throughput benchmark's timed region leaves out, as its peers' do (vLLM captures its CUDA graphs
     at start-up; a TensorRT-LLM engine is built before trtllm-bench runs): the kernels one request of the
     workload's shape compiles and loads, and the decode graph of every batch bucket up to max_batch (with
-    KILN_MIXED_GRAPHS_LARGE, also the full steps' large mixed graphs; the number captured is returned). The
+    KILN_MIXED_GRAPHS_LARGE, also the full steps' large mixed graphs, with as many prompts as the workload's
+    full steps hold; the number captured is returned). The
     request's prompt is drawn apart from the workload's, so it gives the prefix cache no hits, and the counters
     the result reports start from zero after it."""
     gen = torch.Generator().manual_seed(12345)
@@ -478,7 +479,10 @@ def warm_up(engine: LLMEngine, input_len: int, output_len: int, max_batch: int) 
     while engine.has_unfinished():
         engine.step()
     capture = getattr(engine.model, "capture_decode_graphs", None)
-    made = capture(engine.kv, max_batch, engine.config.max_tokens_per_step) if capture is not None else 0
+    budget = engine.config.max_tokens_per_step
+    # A full step's prompts: as many whole ones as the budget holds, and a chunk of one more at each end
+    prompt_seqs = min(max_batch, -(-budget // max(1, input_len)) + 1)
+    made = capture(engine.kv, max_batch, budget, prompt_seqs) if capture is not None else 0
     if engine.loaded.device.type == "cuda":
         torch.cuda.synchronize(engine.loaded.device)
     s = engine.scheduler

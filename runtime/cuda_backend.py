@@ -307,13 +307,15 @@ class CudaModel:
         self._scratch = {}  # reserve sizes it anew (and drops the graphs)
         self.reserve(self.max_batch, self.max_context)
 
-    def capture_decode_graphs(self, kv: KVStore, max_batch: int, tokens: int = 0) -> int:
+    def capture_decode_graphs(self, kv: KVStore, max_batch: int, tokens: int = 0, prompt_seqs: int = 2) -> int:
         """Capture now the decode graph of every batch bucket a step of up to `max_batch` sequences may take,
         instead of at each bucket's first step (vLLM captures its graphs at start-up): a benchmark's timed
         region then holds no capture. With MIXED_GRAPHS_LARGE and `tokens` (a step's token budget), also the
         large mixed graphs of a full step (its token bucket) of one or two prompt chunks beside each decode
-        bucket up to max_batch: the steps a throughput run takes most. Returns how many were captured (0
-        without graphs)."""
+        bucket up to max_batch, and of `prompt_seqs` prompts where that is more (a workload of short prompts:
+        a full step holds budget / prompt length of them; session 26's fp8 128/128 run spent half its mixed
+        steps' time beyond their median, their LARGE_SEQS bucket captured in the timed region): the steps a
+        throughput run takes most. Returns how many were captured (0 without graphs)."""
         if not self.use_graphs:
             return 0
         if max_batch > self.max_batch:
@@ -333,10 +335,12 @@ class CudaModel:
         if tokens and t is not None and self.mixed_graphs and not self._lora.ops \
                 and cuda_quant._on("KILN_MIXED_GRAPHS_LARGE", MIXED_GRAPHS_LARGE):
             cap = min(max_batch, self.max_batch, t)
-            for d in sorted({0} | {min(b, cap) for b in LARGE_DECODE}):
-                key = (LARGE_SEQS[0], t, d + LARGE_SEQS[0], d)
-                if key not in self._mixed and key not in self._eager_mixed:
-                    made += self._mixed_graph(kv, key) is not None
+            seq_buckets = {LARGE_SEQS[0], next((b for b in LARGE_SEQS if b >= prompt_seqs), LARGE_SEQS[0])}
+            for p in sorted(seq_buckets):
+                for d in sorted({0} | {min(b, cap) for b in LARGE_DECODE}):
+                    key = (p, t, d + p, d)
+                    if key not in self._mixed and key not in self._eager_mixed:
+                        made += self._mixed_graph(kv, key) is not None
         return made
 
     def _mixed_graph(self, kv: KVStore, key: tuple) -> "_MixedGraph | None":
