@@ -24,6 +24,7 @@
 #                                         the first fail
 #   bash .ci/device_check.sh s27       next session: session 26's graph tests, then s25thru (fp8 at the four shapes; SWEEP_Q=bf16
 #                                         for #12's)
+#   bash .ci/device_check.sh s27b      next session: fp8 128/128 and 128/2048 at max batch 512 and 1,024
 #   bash .ci/device_check.sh s26       session 26: the fixed KILN_SSM_PDL test, "lone" prologues, the split prefill on;
 #                                         batch-1 A/Bs: Mamba-2 KILN_SSM_PDL=1 + KILN_GEMV_PROLOGUE=lone, 8B bf16 lone
 #   bash .ci/device_check.sh s25ab     next session: batch-1 A/Bs of KILN_GEMV_PROLOGUE 0 / norm / post (8B bf16, Mamba-2),
@@ -250,6 +251,9 @@ for mode in "$@"; do
         tests/gpu/test_cuda_backend.py -k "graph or mixed" 2>&1 | tee "$OUT/s27-tests.log" \
         | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
       bash "$0" s25thru ;;
+    s27b)  # next session (~6 min): the short-context shapes at wider batches, where session 26's decode GEMMs of 256 rows
+           # ran at about half the fp8 peak: 128/128 and 128/2048 at max batch 512 and 1,024 (4,096 tokens a step)
+      for mb in 512 1024; do MAXB=$mb BUDGET=4096 SWEEP_SHAPES=128/128,128/2048 THRU_TIMEOUT=280 bash "$0" s25thru; done ;;
     s26)  # session 26 (~4 min): the fixed KILN_SSM_PDL test, the prologue logits test with "lone", the prefill / prefix /
           # mixed tests with the automatic split on; then batch-1 A/Bs (two pairs): Mamba-2 2.7B with neither and with
           # KILN_SSM_PDL=1 KILN_GEMV_PROLOGUE=lone, 8B bf16 KILN_GEMV_PROLOGUE 0 / lone
@@ -268,10 +272,12 @@ for mode in "$@"; do
       AB_RUNS=1 ab_runs "none KILN_SSM_PDL 0 1 configs/mamba2-2.7b.json;int4-wo+lm-head KILN_DECODE_DYN_PART 0 1 $L;none KILN_DECODE_DYN_PART 0 1 $L" ;;
     s25thru)  # next session (~6-8 min): TensorRT-LLM's shapes in one process (bench throughput --sweep: one model, an
               # engine per shape), SWEEP_Q (fp8: weights + KV cache; bf16), SWEEP_N requests a shape (1000),
-              # SWEEP_SHAPES (fp8: 128/128, 128/2048, 1000/1000, 2048/128), max batch MAXB (256)
+              # SWEEP_SHAPES (fp8: 128/128, 128/2048, 1000/1000, 2048/128), max batch MAXB (256), BUDGET tokens a
+              # step (2048)
       q=${SWEEP_Q:-fp8}; qa=""; [ "$q" = fp8 ] && qa="--quantization fp8 --kv-cache-dtype fp8"
       timeout ${THRU_TIMEOUT:-560} $KILN bench throughput --config $L $qa --requests ${SWEEP_N:-1000} \
-        --max-batch ${MAXB:-256} --sweep ${SWEEP_SHAPES:-128/128,128/2048,1000/1000,2048/128} 2>&1 \
+        --max-batch ${MAXB:-256} --max-tokens-per-step ${BUDGET:-2048} \
+        --sweep ${SWEEP_SHAPES:-128/128,128/2048,1000/1000,2048/128} 2>&1 \
         | tee -a "$OUT/sweep.log" | grep -a -E "output tok/s|^\||Error" ;;
     s24)  # session 24: where the split-KV prefill goes wrong (.ci/split_probe.py); the fp8 / graph tests with session 23's
           # three switches and fast accumulation on; fp8 1000/1000 (S24_N requests) with the defaults and with them on
