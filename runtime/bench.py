@@ -469,9 +469,8 @@ def warm_up(engine: LLMEngine, input_len: int, output_len: int, max_batch: int) 
     at start-up; a TensorRT-LLM engine is built before trtllm-bench runs): the kernels one request of the
     workload's shape compiles and loads, and the decode graph of every batch bucket up to max_batch (with
     KILN_MIXED_GRAPHS_LARGE, also the full steps' large mixed graphs, with as many prompts as the workload's
-    full steps hold; the number captured is returned). The
-    request's prompt is drawn apart from the workload's, so it gives the prefix cache no hits, and the counters
-    the result reports start from zero after it."""
+    full steps hold; the number captured is returned). The request's prompt is drawn apart from the workload's,
+    so it gives the prefix cache no hits, and the counters the result reports start from zero after it."""
     gen = torch.Generator().manual_seed(12345)
     vocab = engine.tokenizer.vocab_size if engine.tokenizer is not None else engine.loaded.plan.vocab_size
     prompt = torch.randint(0, vocab, (input_len,), generator=gen).tolist()

@@ -57,9 +57,9 @@ GEMV_ROWS = int(os.environ.get("KILN_GEMV_ROWS", "1"))
 # an epilogue: the attention norm before qkv ran as its own kernel beside the rotary epilogue, and the MLP norm
 # before gate+up beside the SwiGLU one, so only the final norm was fused. Since session 25 an ungated RMSNorm joins a
 # GEMV with an epilogue too (the norm, the linear and the rotary + KV write, or the SwiGLU: one launch; two fewer
-# launches a layer), not yet measured: off until a same-call A/B (.ci/device_check.sh s25ab). "post": as "norm", each
-# RMSNorm over a whole row post-scaled (GemvSpec.post_norm: no first pass over the norm's input for its 1 / rms; x is
-# then not rounded to the run dtype between the norm and the linear). Measured (H100, session 26, batch-1
+# launches a layer). "post": as "norm", each RMSNorm over a whole row post-scaled (GemvSpec.post_norm: no first pass
+# over the norm's input for its 1 / rms; x is then not rounded to the run dtype between the norm and the linear).
+# Measured (H100, session 26, batch-1
 # decode_back_to_back_ms, two pairs): 8B bf16 5.414 -> norm 5.847 / post 5.709 ms (the GEMVs with an epilogue slower by
 # more than the launches saved); Mamba-2 2.7B (in_proj and the LM head: no epilogue) 2.919 -> post 2.843. "lone": as
 # "post", only into a GEMV without an epilogue (no rotary, no activation): 8B bf16 5.412 / 5.416 -> 5.417 / 5.419 ms;
