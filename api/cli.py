@@ -369,6 +369,9 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--kv-memory-fraction", type=float_arg(0, 1, lo_open=True), default=0.8,
                    help="CUDA: share of the free GPU memory (after weights) for the KV cache")
     p.add_argument("--max-tokens-per-step", type=int_arg(1), default=2048)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="cuda backend: run every step eagerly, without CUDA graphs (less memory, slower steps; "
+                        "default: the graphs are captured at start-up)")
     p.add_argument("--tp", type=int_arg(1, 1024), default=1, metavar="N",
                    help="split the model over N processes of this machine (tensor parallelism; CPU, reference "
                         "backend; one model)")

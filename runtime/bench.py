@@ -335,7 +335,7 @@ def _throughput(args, m=None) -> dict:
         result.update(lora_adapters=args.lora_adapters, lora_rank=args.lora_rank)
     t0 = time.perf_counter()  # after the adapters are loaded (loading them drops captured graphs)
     if not getattr(args, "no_warmup", False):
-        result["graphs_captured"] = warm_up(engine, args.input_len, args.output_len, args.max_batch)
+        result["graphs_captured"] = warm_up(engine, args.input_len, args.output_len)
     result["warmup_s"] = time.perf_counter() - t0
     start = time.perf_counter()
     first: dict[str, float] = {}
@@ -464,12 +464,12 @@ def guided_workload(kind: str, output_len: int) -> dict:
     return {"regex": "(?:[a-z]+ ){" + str(output_len) + ",}[a-z]+"}
 
 
-def warm_up(engine: LLMEngine, input_len: int, output_len: int, max_batch: int) -> int:
+def warm_up(engine: LLMEngine, input_len: int, output_len: int) -> int:
     """What a throughput benchmark's timed region leaves out, as its peers' do (vLLM captures its CUDA graphs
     at start-up; a TensorRT-LLM engine is built before trtllm-bench runs): the kernels one request of the
-    workload's shape compiles and loads, and the decode graph of every batch bucket up to max_batch (with
-    KILN_MIXED_GRAPHS_LARGE, also the full steps' large mixed graphs, with as many prompts as the workload's
-    full steps hold; the number captured is returned). The request's prompt is drawn apart from the workload's,
+    workload's shape compiles and loads, and the CUDA graphs (LLMEngine.capture_graphs: every decode bucket up
+    to the engine's max_num_seqs, the full steps' large mixed graphs with as many prompts as the workload's full
+    steps hold; the number captured is returned). The request's prompt is drawn apart from the workload's,
     so it gives the prefix cache no hits, and the counters the result reports start from zero after it."""
     gen = torch.Generator().manual_seed(12345)
     vocab = engine.tokenizer.vocab_size if engine.tokenizer is not None else engine.loaded.plan.vocab_size
@@ -477,13 +477,7 @@ def warm_up(engine: LLMEngine, input_len: int, output_len: int, max_batch: int) 
     engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=min(output_len, 4), ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
-    capture = getattr(engine.model, "capture_decode_graphs", None)
-    budget = engine.config.max_tokens_per_step
-    # A full step's prompts: as many whole ones as the budget holds, and a chunk of one more at each end
-    prompt_seqs = min(max_batch, -(-budget // max(1, input_len)) + 1)
-    made = capture(engine.kv, max_batch, budget, prompt_seqs) if capture is not None else 0
-    if engine.loaded.device.type == "cuda":
-        torch.cuda.synchronize(engine.loaded.device)
+    made = engine.capture_graphs(input_len)
     s = engine.scheduler
     s.prefix_query_tokens = s.prefix_hit_tokens = s.num_preemptions = 0
     engine.num_overlapped = engine.num_dropped_rows = 0

@@ -356,6 +356,11 @@ class CudaModel:
             return None
         return graph
 
+    def disable_graphs(self) -> None:
+        """Every step eager from now on (`kiln serve --enforce-eager`): no graph captured, none kept."""
+        self.use_graphs = self.mixed_graphs = False
+        self.drop_graphs()
+
     def drop_graphs(self) -> None:
         self._graphs.clear()
         self._mixed.clear()

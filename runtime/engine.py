@@ -315,6 +315,23 @@ class LLMEngine:
             raise ValueError(f"LoRA adapter {name!r} is in use by {len(users)} request(s); unload it when they finish")
         self.lora.unload(name)
 
+    def capture_graphs(self, prompt_len: int | None = None) -> int:
+        """Capture now the CUDA graphs this engine's steps replay, as vLLM does at start-up, so that no request
+        waits for one: the decode graph of every batch bucket up to max_num_seqs and the large mixed graphs of a
+        full token budget (the backend's capture_decode_graphs), of `prompt_len`-token prompts where given (as
+        many as a full step holds; else of one or two). Returns how many were captured: 0 for a backend without
+        graphs. (A LoRA adapter loaded later drops them; they are captured again on first use.)"""
+        capture = getattr(self.model, "capture_decode_graphs", None)
+        if capture is None:
+            return 0
+        budget, seqs = self.config.max_tokens_per_step, self.config.max_num_seqs
+        # A full step's prompts: as many whole ones as the budget holds, and a chunk of one more at each end
+        prompt_seqs = min(seqs, -(-budget // prompt_len) + 1) if prompt_len else 2
+        made = capture(self.kv, seqs, budget, prompt_seqs)
+        if self.loaded.device.type == "cuda":
+            torch.cuda.synchronize(self.loaded.device)
+        return made
+
     def abort(self, request_id: str) -> bool:
         group = self._groups.get(request_id)
         if group is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 
@@ -242,12 +243,21 @@ def _load(args, planned: list, loaded_models: list | None = None, engines: list 
         if engine.pool.num_pages * args.page_size < max_len:
             raise ServeError(f"the KV cache of {name!r} ({engine.pool.num_pages} pages x {args.page_size}) cannot "
                              f"hold one sequence of --max-model-len {max_len}")
+        graphs = ""
+        if getattr(args, "enforce_eager", False):
+            eager = getattr(loaded.model, "disable_graphs", None)  # (a backend without graphs runs eagerly anyway)
+            if eager is not None:
+                eager()
+        else:  # the CUDA graphs captured now, not at the first requests of each size (0 for a backend without)
+            t0 = time.perf_counter()
+            made = engine.capture_graphs()
+            graphs = f"; {made} CUDA graphs captured in {time.perf_counter() - t0:.1f} s" if made else ""
         served = ServedModel(name, AsyncLLMEngine(engine, max_waiting=args.max_waiting), tokenizer, max_len)
         if engines is not None:
             engines.append(served.engine)
         tp, pp = getattr(args, "tp", 1) or 1, getattr(args, "pp", 1) or 1
         split = f"; tp {tp} x pp {pp}: {tp * pp} processes" if _parallel(loaded) else ""
-        lines.append((served, f"  {name}: {what} (max_model_len {max_len}; {engine.capacity}{split})"))
+        lines.append((served, f"  {name}: {what} (max_model_len {max_len}; {engine.capacity}{split}{graphs})"))
     config = ServerConfig(api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                           request_timeout=args.request_timeout)
     auth = "API key required" if args.api_key else "no API key"

@@ -113,7 +113,7 @@ def test_kiln_serve_cli_random_weights_and_bench(tmp_path, capsys):
     """`kiln serve --random-weights CONFIG` + `kiln bench serve` against it, both through the CLI."""
     config = tmp_path / "tiny-test.json"
     config.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], **TINY}))
-    with KilnServe("--random-weights", str(config), "--max-num-seqs", "4", "--api-key", "k") as url:
+    with KilnServe("--random-weights", str(config), "--max-num-seqs", "4", "--api-key", "k", "--enforce-eager") as url:
         models = httpx.get(f"{url}/v1/models", headers={"authorization": "Bearer k"}, timeout=10).json()
         assert [m["id"] for m in models["data"]] == ["tiny-test"] and models["data"][0]["max_model_len"] == 512
         assert kiln_main(["bench", "serve", "--url", url, "--api-key", "k", "--rates", "50,inf", "--num-requests",

@@ -178,6 +178,33 @@ def test_engine_greedy_equals_reference_fp32(page_size):
     assert cuda.model.page_size == page_size
 
 
+def test_engine_graphs_captured_at_start_serve_every_step_without_a_capture():
+    """LLMEngine.capture_graphs (kiln serve's start-up): afterwards a run of mixed lengths replays graphs only,
+    captures none, and its greedy tokens equal the reference's; disable_graphs (--enforce-eager) runs it all
+    eagerly, to the same tokens."""
+    ref, cuda = pair("llama", LLAMA, "fp32")
+    rng = random.Random(1)
+    reqs = [([rng.randrange(1000) for _ in range(rng.randint(1, 40))], rng.randint(1, 12)) for _ in range(6)]
+    config = EngineConfig(page_size=16, num_pages=128, max_num_seqs=8, max_tokens_per_step=128)
+    engine = LLMEngine(cuda, None, config)
+    assert engine.capture_graphs() >= 4  # the decode buckets 1, 2, 4, 8 at least
+    before = dict(cuda.model.step_counts)
+    ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in reqs]
+    done = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+    counts = {k: v - before.get(k, 0) for k, v in cuda.model.step_counts.items()}
+    assert counts.get("decode_graph") and not counts.get("decode_capture"), counts
+    want = greedy_through_engine(ref, reqs, config)[0]
+    assert [done[i] for i in ids] == want
+    cuda.model.disable_graphs()
+    assert not cuda.model._graphs and not cuda.model._mixed
+    assert greedy_through_engine(cuda, reqs, config)[0] == want
+    assert not cuda.model._graphs and not cuda.model._mixed  # nothing captured after
+
+
 @pytest.mark.parametrize("quantization", ["int4-wo", "fp8"])
 def test_set_page_size_writes_the_same_cache(quantization):
     """A quantized bf16 model at 32-token pages after 16-token ones (set_page_size), one sequence: a prefill, then
