@@ -152,6 +152,11 @@ def greedy_through_engine(model, reqs, config: EngineConfig):
     """Each (prompt, max_tokens) of `reqs` through one engine, greedy: (their tokens, the engine),
     every page free again at the end."""
     engine = LLMEngine(model, None, config)
+    return greedy_on(engine, reqs), engine
+
+
+def greedy_on(engine: LLMEngine, reqs) -> list:
+    """Each (prompt, max_tokens) of `reqs` through `engine`, greedy: their tokens, every page free again at the end."""
     ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in reqs]
     done = {}
     while engine.has_unfinished():
@@ -159,7 +164,7 @@ def greedy_through_engine(model, reqs, config: EngineConfig):
             if o.finished:
                 done[o.request_id] = o.outputs[0].token_ids
     assert engine.pool.num_free == engine.pool.num_pages
-    return [done[i] for i in ids], engine
+    return [done[i] for i in ids]
 
 
 @pytest.mark.parametrize("page_size", [16, 7, 32])
@@ -189,16 +194,11 @@ def test_engine_graphs_captured_at_start_serve_every_step_without_a_capture():
     engine = LLMEngine(cuda, None, config)
     assert engine.capture_graphs() >= 4  # the decode buckets 1, 2, 4, 8 at least
     before = dict(cuda.model.step_counts)
-    ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in reqs]
-    done = {}
-    while engine.has_unfinished():
-        for o in engine.step():
-            if o.finished:
-                done[o.request_id] = o.outputs[0].token_ids
+    got = greedy_on(engine, reqs)
     counts = {k: v - before.get(k, 0) for k, v in cuda.model.step_counts.items()}
     assert counts.get("decode_graph") and not counts.get("decode_capture"), counts
     want = greedy_through_engine(ref, reqs, config)[0]
-    assert [done[i] for i in ids] == want
+    assert got == want
     cuda.model.disable_graphs()
     assert not cuda.model._graphs and not cuda.model._mixed
     assert greedy_through_engine(cuda, reqs, config)[0] == want
