@@ -307,7 +307,7 @@ class CudaModel:
         self._scratch = {}  # reserve sizes it anew (and drops the graphs)
         self.reserve(self.max_batch, self.max_context)
 
-    def capture_decode_graphs(self, kv: KVStore, max_batch: int, tokens: int = 0, prompt_seqs: int = 2) -> int:
+    def capture_decode_graphs(self, kv: KVStore, max_batch: int, tokens: int = 0, prompt_seqs: int = 0) -> int:
         """Capture now the decode graph of every batch bucket a step of up to `max_batch` sequences may take,
         instead of at each bucket's first step (vLLM captures its graphs at start-up): a benchmark's timed
         region then holds no capture. With MIXED_GRAPHS_LARGE and `tokens` (a step's token budget), also the

@@ -326,7 +326,7 @@ class LLMEngine:
             return 0
         budget, seqs = self.config.max_tokens_per_step, self.config.max_num_seqs
         # A full step's prompts: as many whole ones as the budget holds, and a chunk of one more at each end
-        prompt_seqs = min(seqs, -(-budget // prompt_len) + 1) if prompt_len else 2
+        prompt_seqs = min(seqs, -(-budget // prompt_len) + 1) if prompt_len else 0
         made = capture(self.kv, seqs, budget, prompt_seqs)
         if self.loaded.device.type == "cuda":
             torch.cuda.synchronize(self.loaded.device)
