@@ -119,6 +119,13 @@ _HOST_READERS = (OpKind.MOE, OpKind.ATTENTION, OpKind.ROPE, OpKind.CAUSAL_CONV1D
 
 # Decode batch sizes a CUDA graph is captured for (a batch runs in the smallest that holds it).
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+# Where the decode graphs' memory comes from. "shared" (the default): the pool the mixed graphs share (CudaModel.
+# graph_pool), as vLLM's graphs share one; safe since the graphs run one at a time on one stream and none reads
+# another's output (torch's docs, pytorch/pytorch#166975), and the outputs stay live (each graph keeps its own).
+# "private": a pool each, as before session 27, when a max batch of 512 ran out of memory on an H100 with 18 GiB
+# in graph pools (each pool holds its capture's peak: the sum over 16 buckets). KILN_GRAPH_POOL, read when a decode
+# graph is captured.
+GRAPH_POOL = "shared"
 # Small steps that are not pure decode — a prompt after a cached prefix, a speculative verification,
 # short prefill chunks — are graphs too, bucketed by sequences, new tokens and sampled rows: eager,
 # such a step costs its ~400 launches on the host (more than its GPU time at these sizes).
@@ -223,6 +230,21 @@ class CudaModel:
         self._live_tail = {a for op in self.ops[self._rows_from:] for a in op.ins if isinstance(a, Value)}
         self._live_tail |= {a for op in self.ops[self._rows_from:] for ins in op.instrs for a in ins.inputs
                             if isinstance(a, Value)}
+        # The step after which each value is read no more (or, never read, made): _run drops it there, so that an
+        # eager step holds about a layer's values at a time, not the whole step's, and a graph's capture takes as
+        # little from its pool (session 27: a 4,352-token fp8 step peaked 19.8 GiB above the weights and KV cache,
+        # 238 MiB a layer's gate_up output among them, every layer's kept to the end of the step).
+        last: dict[Value, int] = {}
+        for n, op in enumerate(self.ops):
+            for v in op.outs:
+                last.setdefault(v, n)
+            for a in (*op.ins, *(a for ins in op.instrs for a in ins.inputs)):
+                if isinstance(a, Value):
+                    last[a] = n
+        self._dead_after: list[list[Value]] = [[] for _ in self.ops]
+        for v, n in last.items():
+            if v != self.plan.program.output:
+                self._dead_after[n].append(v)
         # Weights that only fed a fused GEMM live on in its concatenation: drop the originals.
         needed = {a.name for op in self.ops if op.kind is not Exec.GEMM for ins in op.instrs for a in ins.inputs
                   if isinstance(a, WeightArg)}
@@ -241,7 +263,7 @@ class CudaModel:
         self._ssm = SsmSteps(self)  # Exec.SSM steps: conv / scan kernels on the state slots (graph-capturable)
         self._graphs: dict[int, _Graph] = {}
         self._mixed: dict[tuple[int, int, int], _MixedGraph] = {}  # (sequences, tokens, rows) buckets
-        self._pool = None  # the mixed graphs' shared memory pool (they never run at the same time)
+        self._pool = None  # the graphs' shared memory pool (they never run at the same time): GRAPH_POOL
         self._pool_peak = 0  # the most one capture into it took (its blocks, free again after it, serve the next)
         self._eager_mixed: set[tuple] = set()  # mixed buckets refused a capture for want of memory (_mixed_graph)
         self._graph_kv = _nothing  # the KV store the graphs write to (weak: an engine's end frees it)
@@ -325,10 +347,9 @@ class CudaModel:
             self._graph_kv = weakref.ref(kv)
         top = next((b for b in GRAPH_BUCKETS if b >= max_batch and b <= self.max_batch), None)
         made = 0
-        for b in GRAPH_BUCKETS:
-            if top is None or b > top:
-                break
-            if b not in self._graphs:
+        # Largest first: in the shared pool (GRAPH_POOL) the smaller buckets' steps fit in the blocks its capture took
+        for b in reversed(GRAPH_BUCKETS):
+            if top is not None and b <= top and b not in self._graphs:
                 self._graphs[b] = _Graph(self, kv, b)
                 made += 1
         t = next((b for b in LARGE_TOKENS if b >= tokens), None)
@@ -346,15 +367,20 @@ class CudaModel:
     def _mixed_graph(self, kv: KVStore, key: tuple) -> "_MixedGraph | None":
         """The mixed graph of bucket `key`, captured now; None where the device lacks the memory for it and an
         eager step of its size beside it (_capture's check): that bucket's steps then run eagerly."""
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-            self._pool_peak = 0
+        self.graph_pool()
         try:
             graph = self._mixed[key] = _MixedGraph(self, kv, *key)
         except GraphMemoryShort:
             self._eager_mixed.add(key)
             return None
         return graph
+
+    def graph_pool(self):
+        """The memory pool the graphs capture into (made on first use; drop_graphs starts a new one)."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._pool_peak = 0
+        return self._pool
 
     def disable_graphs(self) -> None:
         """Every step eager from now on (`kiln serve --enforce-eager`): no graph captured, none kept."""
@@ -468,6 +494,9 @@ class CudaModel:
                     step.amax.pop(v, None)  # maxima of the rank's own values, not of the result
             if trace is not None:  # (not a q / k / v a linked qkv GEMV wrote rotated or into the cache: step.roped)
                 trace.update((o.id, env[o].clone()) for o in op.outs if o in env)
+            for v in self._dead_after[n]:
+                env.pop(v, None)
+                step.amax.pop(v, None)
         return env[self.plan.program.output]
 
     # -- one method per kind of step ----------------------------------------------------------
@@ -924,21 +953,21 @@ class GraphMemoryShort(Exception):
 GRAPH_MEMORY_MARGIN = 1.25
 
 
-def _capture(model: CudaModel, run, pool=None):
+def _capture(model: CudaModel, run, pool=None, check: bool = False):
     """Warm `run` up on a side stream (first launches load modules, cuBLAS picks algorithms), then
-    capture it: (graph, its output). Into `pool` (the mixed graphs'): first a check that the device holds
-    the memory the warm-up took twice over, once for the capture (less what the pool's earlier captures
-    freed in it) and once for an eager step after it; else GraphMemoryShort."""
+    capture it: (graph, its output), into `pool` (None: a private one). With `check` (a mixed graph): first a
+    check that the device holds the memory the warm-up took twice over, once for the capture (less what the
+    pool's earlier captures freed in it) and once for an eager step after it; else GraphMemoryShort."""
     dev = model.device
     stream = torch.cuda.Stream(dev)
     stream.wait_stream(torch.cuda.current_stream(dev))
-    if pool is not None:
+    if check:
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     with torch.cuda.stream(stream):
         run()
     torch.cuda.current_stream(dev).wait_stream(stream)
-    if pool is not None:
+    if check:
         peak = torch.cuda.max_memory_allocated(dev) - base
         stream.synchronize()
         torch.cuda.empty_cache()  # the warm-up's blocks are cached for its side stream alone: back to the device
@@ -1018,7 +1047,7 @@ class _MixedGraph:
             self.meta.decode_rows = decode
             self.meta.kv_lens[:decode] = 1
         self.graph, self.logits = _capture(
-            model, lambda: model._run(self.tokens, self.meta, kv, None, rows=self.rows), model._pool)
+            model, lambda: model._run(self.tokens, self.meta, kv, None, rows=self.rows), model.graph_pool(), check=True)
         # Pinned host staging (numpy views of the same memory): [tokens, positions, slots] x tokens;
         # sampled rows; [kv_lens x seqs, cu_seqlens x (seqs + 1), longest, real tokens]; block tables.
         self.host = torch.zeros(3, tokens, dtype=torch.int64).pin_memory()
@@ -1071,7 +1100,11 @@ class _Graph:
         self.meta = _static_meta(model, size, size, decode=True)
         self.lora = model._lora.static_rows(size)  # adapters' row grouping, refreshed per replay
         lora = (self.lora, None) if self.lora is not None else None
-        self.graph, self.logits = _capture(model, lambda: model._run(self.tokens, self.meta, kv, None, lora=lora))
+        where = os.environ.get("KILN_GRAPH_POOL", GRAPH_POOL)
+        if where not in ("shared", "private"):
+            raise ValueError(f"KILN_GRAPH_POOL must be 'shared' or 'private', got {where!r}")
+        self.graph, self.logits = _capture(model, lambda: model._run(self.tokens, self.meta, kv, None, lora=lora),
+                                           model.graph_pool() if where == "shared" else None)
         self.host = torch.empty(5, size, dtype=torch.int64).pin_memory()
         self.tables = torch.zeros_like(self.meta.block_tables, device="cpu").pin_memory()
         self.host_valid = torch.zeros(1, dtype=torch.int32).pin_memory()  # the batch's sequences (real rows)

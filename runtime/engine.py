@@ -31,7 +31,7 @@ import torch
 
 from .checkpoint import context_length
 from .kv_cache import BlockPool, describe_capacity, kv_bytes_per_page, pages_for_memory
-from .kv_store import KVStore
+from .kv_store import KVStore, page_sites
 from .lora import LoraSet
 from .model import LoadedModel
 from .outputs import CompletionOutput, Logprob, RequestOutput
@@ -196,13 +196,12 @@ class LLMEngine:
             raise ValueError(f"speculative decoding ({config.speculative}) is not supported for a model with "
                              f"recurrent state (state-space layers): rejected drafts would advance its state")
         # (a site with no KV heads: one another pipeline stage holds, runtime/parallel_weights.py local_plan)
-        sites = [(s.kv_heads, s.head_dim, s.v_head_dim) for s in loaded.plan.sites if s.kv_heads]
-        per_page = kv_bytes_per_page(config.page_size, sites, loaded.dtype.itemsize) if sites else 0
+        sites = page_sites(loaded.plan.sites, loaded.dtype)
+        per_page = kv_bytes_per_page(config.page_size, sites) if sites else 0
         draft_per_page = 0
         if draft is not None:  # its KV cache takes its share of the memory: as many pages as the target's
             draft.model.reserve(config.max_num_seqs, config.max_model_len + config.num_speculative_tokens)
-            draft_per_page = kv_bytes_per_page(config.page_size, [(s.kv_heads, s.head_dim, s.v_head_dim)
-                                                                  for s in draft.plan.sites], draft.dtype.itemsize)
+            draft_per_page = kv_bytes_per_page(config.page_size, page_sites(draft.plan.sites, draft.dtype))
         num_pages, free = config.num_pages, None
         if num_pages is None:
             if loaded.device.type == "cuda" and per_page + draft_per_page:

@@ -267,18 +267,21 @@ class BlockPool:
 
 
 # -- capacity sizing ------------------------------------------------------------------------
-def kv_bytes_per_page(page_size: int, sites: Sequence[tuple[int, int, int]], dtype_bytes: int) -> int:
-    """Bytes one page takes over all attention sites; each site is (kv_heads, head_dim_k, head_dim_v)."""
-    if page_size < 1 or dtype_bytes < 1:
-        raise KVCacheError(f"page_size and dtype_bytes must be positive, got {page_size}, {dtype_bytes}")
+def kv_bytes_per_page(page_size: int, sites: Sequence[tuple[int, int, int, int]]) -> int:
+    """Bytes one page takes over all attention sites; each site is (kv_heads, head_dim_k, head_dim_v, bytes a
+    value) (kv_store.page_sites: 1 for an fp8 cache)."""
+    if page_size < 1:
+        raise KVCacheError(f"page_size must be positive, got {page_size}")
     if not sites:
         raise KVCacheError("kv_bytes_per_page needs at least one attention site")
     per_token = 0
-    for i, (kv_heads, dk, dv) in enumerate(sites):
-        if kv_heads < 1 or dk < 1 or dv < 1:
-            raise KVCacheError(f"attention site {i}: kv_heads and head dims must be positive, got {(kv_heads, dk, dv)}")
-        per_token += kv_heads * (dk + dv)
-    return page_size * per_token * dtype_bytes
+    for i, site in enumerate(sites):
+        if len(site) != 4 or min(site) < 1:
+            raise KVCacheError(f"attention site {i}: kv_heads, head dims and bytes a value must be positive, "
+                               f"got {tuple(site)}")
+        kv_heads, dk, dv, nbytes = site
+        per_token += kv_heads * (dk + dv) * nbytes
+    return page_size * per_token
 
 
 def pages_for_memory(free_bytes: int, fraction: float, bytes_per_page: int) -> int:

@@ -18,19 +18,28 @@ from kiln.dsl.plan import AttentionSite
 from .state_cache import StateStore
 
 
+def page_dtype(site: AttentionSite, dtype: torch.dtype) -> torch.dtype:
+    """What a site's pages hold: fp8 for an fp8 KV cache, else the model's activation dtype."""
+    return torch.float8_e4m3fn if site.kv_dtype == "fp8" else dtype
+
+
+def page_sites(sites: list[AttentionSite], dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+    """The (kv_heads, head_dim, v_head_dim, bytes a value) of each site with KV heads, as the KV cache's sizing
+    (kv_cache.kv_bytes_per_page) reads them: the bytes those of the pages KVStore allocates (session 27: an fp8
+    cache had been sized at the activations' 2 bytes a value, so it took half the memory it was given)."""
+    return [(s.kv_heads, s.head_dim, s.v_head_dim, page_dtype(s, dtype).itemsize) for s in sites if s.kv_heads]
+
+
 class KVStore:
     def __init__(self, sites: list[AttentionSite], num_pages: int, page_size: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu", state: StateStore | None = None):
         self.num_pages = num_pages
         self.state = state if state is not None else StateStore()
         self.page_size = page_size
-        def kind(s):
-            return torch.float8_e4m3fn if s.kv_dtype == "fp8" else dtype
-
-        self.k = [torch.zeros(num_pages, s.kv_heads, page_size, s.head_dim, dtype=kind(s), device=device)
+        self.k = [torch.zeros(num_pages, s.kv_heads, page_size, s.head_dim, dtype=page_dtype(s, dtype), device=device)
                   for s in sites]
-        self.v = [torch.zeros(num_pages, s.kv_heads, page_size, s.v_head_dim, dtype=kind(s), device=device)
-                  for s in sites]
+        self.v = [torch.zeros(num_pages, s.kv_heads, page_size, s.v_head_dim, dtype=page_dtype(s, dtype),
+                              device=device) for s in sites]
         self.k_scale = [float(s.k_scale) for s in sites]  # the plan's (passes.kv_cache), 1.0 unless calibrated
         self.v_scale = [float(s.v_scale) for s in sites]
 

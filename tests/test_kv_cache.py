@@ -1,4 +1,6 @@
 import pytest
+import torch
+from kiln.dsl.plan import AttentionSite
 from kiln.runtime.kv_cache import (
     BlockPool,
     KVCacheError,
@@ -8,6 +10,7 @@ from kiln.runtime.kv_cache import (
     kv_bytes_per_page,
     pages_for_memory,
 )
+from kiln.runtime.kv_store import KVStore, page_sites
 
 
 def test_allocate_lowest_ids_first_and_reuse_after_free():
@@ -90,11 +93,11 @@ def test_bad_pool_arguments():
 
 def test_capacity_sizing():
     # 32 layers, 8 kv heads of 128, bf16, 16-token pages: 2 * 32 * 8 * 128 * 2 * 16 = 2 MiB / page
-    sites = [(8, 128, 128)] * 32
-    bpp = kv_bytes_per_page(16, sites, 2)
+    sites = [(8, 128, 128, 2)] * 32
+    bpp = kv_bytes_per_page(16, sites)
     assert bpp == 16 * 32 * 8 * (128 + 128) * 2
     # differing K and V head dims count separately
-    assert kv_bytes_per_page(4, [(2, 192, 128)], 1) == 4 * 2 * 320
+    assert kv_bytes_per_page(4, [(2, 192, 128, 1)]) == 4 * 2 * 320
     free = int(41.2 * 1024**3)
     n = pages_for_memory(free, 0.9, bpp)
     assert n == int(free * 0.9) // bpp
@@ -104,4 +107,16 @@ def test_capacity_sizing():
     with pytest.raises(KVCacheError, match="fraction"):
         pages_for_memory(free, 1.5, bpp)
     with pytest.raises(KVCacheError, match="site 1"):
-        kv_bytes_per_page(16, [(8, 128, 128), (0, 128, 128)], 2)
+        kv_bytes_per_page(16, [(8, 128, 128, 2), (0, 128, 128, 2)])
+
+
+@pytest.mark.parametrize("kv_dtype", ["run", "fp8"])
+def test_capacity_sizing_counts_the_bytes_the_store_allocates(kv_dtype):
+    # The sizing's bytes a page are those KVStore's tensors take, fp8 pages at one byte a value (session 27: an
+    # fp8 cache was sized at two, so it filled half the memory it was given); a site without KV heads (another
+    # pipeline stage's) takes none.
+    sites = [AttentionSite(i, f"layers.{i}.attn", 8, h, 64, 32, kv_dtype=kv_dtype) for i, h in enumerate((2, 4, 0))]
+    store = KVStore([s for s in sites if s.kv_heads], 3, 16, torch.bfloat16)
+    allocated = sum(t.numel() * t.element_size() for t in store.k + store.v)
+    assert kv_bytes_per_page(16, page_sites(sites, torch.bfloat16)) * 3 == allocated
+    assert allocated == 3 * 16 * 6 * (64 + 32) * (1 if kv_dtype == "fp8" else 2)
