@@ -52,8 +52,7 @@ for b in cb.GRAPH_BUCKETS:
         break
     model.capture_decode_graphs(engine.kv, b)  # (the buckets below it are captured already: this one alone)
     line(f"decode graph {b}")
-prompt_seqs = min(args.max_batch, -(-args.budget // args.input_len) + 1)
-made = model.capture_decode_graphs(engine.kv, args.max_batch, args.budget, prompt_seqs)
+made = model.capture_decode_graphs(engine.kv, args.max_batch, args.budget, args.input_len)
 line(f"+ {made} mixed graphs {sorted(model._mixed)} (short: {sorted(model._eager_mixed)})")
 stats = torch.cuda.memory_stats()
 print({k: round(v / GiB, 2) for k, v in stats.items() if k.endswith("bytes.all.peak") or k.endswith("bytes.all.current")

@@ -329,15 +329,12 @@ class CudaModel:
         self._scratch = {}  # reserve sizes it anew (and drops the graphs)
         self.reserve(self.max_batch, self.max_context)
 
-    def capture_decode_graphs(self, kv: KVStore, max_batch: int, tokens: int = 0, prompt_seqs: int = 0) -> int:
+    def capture_decode_graphs(self, kv: KVStore, max_batch: int, tokens: int = 0, prompt_len: int | None = None) -> int:
         """Capture now the decode graph of every batch bucket a step of up to `max_batch` sequences may take,
         instead of at each bucket's first step (vLLM captures its graphs at start-up): a benchmark's timed
         region then holds no capture. With MIXED_GRAPHS_LARGE and `tokens` (a step's token budget), also the
-        large mixed graphs of a full step (its token bucket) of one or two prompt chunks beside each decode
-        bucket up to max_batch, and of `prompt_seqs` prompts where that is more (a workload of short prompts:
-        a full step holds budget / prompt length of them; session 26's fp8 128/128 run spent half its mixed
-        steps' time beyond their median, their LARGE_SEQS bucket captured in the timed region): the steps a
-        throughput run takes most. Returns how many were captured (0 without graphs)."""
+        large mixed graphs a throughput run's steps take most (large_warm_keys, of `prompt_len`-token prompts
+        where given). Returns how many were captured (0 without graphs)."""
         if not self.use_graphs:
             return 0
         if max_batch > self.max_batch:
@@ -352,16 +349,10 @@ class CudaModel:
             if top is not None and b <= top and b not in self._graphs:
                 self._graphs[b] = _Graph(self, kv, b)
                 made += 1
-        t = next((b for b in LARGE_TOKENS if b >= tokens), None)
-        if tokens and t is not None and self.mixed_graphs and not self._lora.ops \
-                and cuda_quant._on("KILN_MIXED_GRAPHS_LARGE", MIXED_GRAPHS_LARGE):
-            cap = min(max_batch, self.max_batch, t)
-            seq_buckets = {LARGE_SEQS[0], next((b for b in LARGE_SEQS if b >= prompt_seqs), LARGE_SEQS[0])}
-            for p in sorted(seq_buckets):
-                for d in sorted({0} | {min(b, cap) for b in LARGE_DECODE}):
-                    key = (p, t, d + p, d)
-                    if key not in self._mixed and key not in self._eager_mixed:
-                        made += self._mixed_graph(kv, key) is not None
+        if self.mixed_graphs and not self._lora.ops and cuda_quant._on("KILN_MIXED_GRAPHS_LARGE", MIXED_GRAPHS_LARGE):
+            for key in large_warm_keys(min(max_batch, self.max_batch), tokens, prompt_len):
+                if key not in self._mixed and key not in self._eager_mixed:
+                    made += self._mixed_graph(kv, key) is not None
         return made
 
     def _mixed_graph(self, kv: KVStore, key: tuple) -> "_MixedGraph | None":
@@ -986,6 +977,30 @@ def _capture(model: CudaModel, run, pool=None, check: bool = False):
     finally:
         gc.enable()
     return graph, out
+
+
+def large_warm_keys(max_batch: int, tokens: int, prompt_len: int | None = None) -> list[tuple[int, int, int, int]]:
+    """The large mixed buckets (large_mixed_key's) of the steps a throughput run takes most, to capture ahead, for
+    steps of up to `max_batch` sequences and `tokens` tokens (the budget), of `prompt_len`-token prompts where
+    known: a full step (the budget's token bucket) of one or two prompt chunks, or of as many prompts as it holds
+    (short prompts: the whole ones, or those and a chunk of one more at each end), beside each decode
+    bucket up to max_batch (the seats filling); then every seat taken (max_batch's decode bucket) and prompts
+    trickling in as others finish, the same prompt buckets at each smaller token bucket past the decode rows.
+    Largest first (in the shared pool the smaller captures fit in the blocks the first took). Session 27: at max
+    batch 512, 4,096 tokens a step, a 128/128 run's 32-prompt steps (the warm-up had taken 33: bucket 64) were
+    captured in its timed region, 6 captures of ~0.4 s in 7 s (tests/test_graph_buckets.py simulates the shapes)."""
+    def fit(n, buckets):
+        return next((b for b in buckets if b >= n), None)
+    t = fit(tokens, LARGE_TOKENS)
+    if not tokens or t is None:
+        return []
+    cap = min(max_batch, t)
+    full = (tokens // prompt_len, -(-tokens // prompt_len) + 1) if prompt_len else ()
+    seqs = {LARGE_SEQS[0]} | {fit(min(n, max_batch), LARGE_SEQS) for n in full if n > 0} - {None}
+    keys = {(p, t, d + p, d) for p in seqs for d in {0} | {min(b, cap) for b in LARGE_DECODE}}
+    top = min(fit(max_batch, LARGE_DECODE) or max_batch, max_batch)  # large_mixed_key's bucket of max_batch rows
+    keys |= {(p, t2, top + p, top) for p in seqs for t2 in LARGE_TOKENS if top < t2 < t}
+    return sorted(keys, key=lambda k: (k[1], k[2], k[0]), reverse=True)
 
 
 def large_mixed_key(batch: StepBatch, rows: int, max_batch: int) -> tuple[int, int, int, int] | None:

@@ -323,10 +323,7 @@ class LLMEngine:
         capture = getattr(self.model, "capture_decode_graphs", None)
         if capture is None:
             return 0
-        budget, seqs = self.config.max_tokens_per_step, self.config.max_num_seqs
-        # A full step's prompts: as many whole ones as the budget holds, and a chunk of one more at each end
-        prompt_seqs = min(seqs, -(-budget // prompt_len) + 1) if prompt_len else 0
-        made = capture(self.kv, seqs, budget, prompt_seqs)
+        made = capture(self.kv, self.config.max_num_seqs, self.config.max_tokens_per_step, prompt_len)
         if self.loaded.device.type == "cuda":
             torch.cuda.synchronize(self.loaded.device)
         return made

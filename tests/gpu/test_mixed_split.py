@@ -158,19 +158,22 @@ def test_mixed_graph_short_of_memory_runs_eagerly(fresh_seed, monkeypatch):
 def test_large_mixed_graphs_captured_ahead(monkeypatch):
     """capture_decode_graphs with a token budget (bench throughput's warm-up) also captures the large mixed graphs
     of a full step of one or two prompt chunks beside each decode bucket up to max_batch, and max_batch's own
-    (KILN_MIXED_GRAPHS_LARGE), and of as many prompts as a workload's full step holds where asked."""
+    (KILN_MIXED_GRAPHS_LARGE), and of as many prompts as a workload's full step holds where asked
+    (large_warm_keys; tests/test_graph_buckets.py checks them against the scheduler's steps)."""
     monkeypatch.setattr(cuda_backend, "MIXED_GRAPHS_LARGE", "1")
     monkeypatch.setattr(cuda_backend, "LARGE_TOKENS", (64, 128, 256))
     _, cuda = pair("llama", LLAMA, "bf16")
     kv = KVStore(cuda.plan.sites, 48, 16, cuda.dtype, "cuda")
     made = cuda.model.capture_decode_graphs(kv, 20, tokens=100)
-    assert sorted(cuda.model._mixed) == [(2, 128, 2, 0), (2, 128, 18, 16), (2, 128, 22, 20)]  # 20: max_batch's
-    assert made == len(cuda.model._graphs) + 3
-    # A workload of short prompts (five in a full step): their LARGE_SEQS bucket (8) too, and a step of four decode
+    # 20: max_batch's; (2, 64, 22, 20): every seat taken, a prompt trickling in (a smaller token bucket)
+    assert sorted(cuda.model._mixed) == [(2, 64, 22, 20), (2, 128, 2, 0), (2, 128, 18, 16), (2, 128, 22, 20)]
+    assert made == len(cuda.model._graphs) + 4
+    # A workload of short prompts (20 tokens: five in a full step): their LARGE_SEQS bucket (8) too, and a step of four decode
     # rows beside five prompts of 20 (104 tokens: bucket 128; no small mixed bucket holds it) then replays one of
     # them without a capture of its own
-    assert cuda.model.capture_decode_graphs(kv, 20, tokens=100, prompt_seqs=5) == 3
-    assert sorted(k for k in cuda.model._mixed if k[0] == 8) == [(8, 128, 8, 0), (8, 128, 24, 16), (8, 128, 28, 20)]
+    assert cuda.model.capture_decode_graphs(kv, 20, tokens=100, prompt_len=20) == 4
+    assert sorted(k for k in cuda.model._mixed if k[0] == 8) == [(8, 64, 28, 20), (8, 128, 8, 0), (8, 128, 24, 16),
+                                                                 (8, 128, 28, 20)]
     monkeypatch.setattr(cuda_backend, "MIXED_TOKENS", (16,))
     rng = random.Random(3)
     flat = [rng.randrange(cuda.plan.vocab_size) for _ in range(4 + 5 * 20)]
