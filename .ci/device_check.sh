@@ -22,9 +22,11 @@
 #                                         the rescale fix), the mixed graphs' memory check, an RMSNorm before a GEMV with an
 #                                         epilogue or post-scaled, KILN_SSM_PDL, KILN_DECODE_DYN_PART=1; the split probe if
 #                                         the first fail
-#   bash .ci/device_check.sh s27       next session: session 26's graph tests, then s25thru (fp8 at the four shapes; SWEEP_Q=bf16
+#   bash .ci/device_check.sh s28       next session: session 27's memory / capture tests, fp8 short shapes at max batch 512
+#   bash .ci/device_check.sh s28h200   on an H200: fp8 at the four shapes, bf16 at three (issues 12, 13 targets)
+#   bash .ci/device_check.sh s27       session 27: session 26's graph tests, then s25thru (fp8 at the four shapes; SWEEP_Q=bf16
 #                                         for #12's)
-#   bash .ci/device_check.sh s27b      next session: fp8 128/128 and 128/2048 at max batch 512 and 1,024
+#   bash .ci/device_check.sh s27b      session 27: fp8 128/128 and 128/2048 at max batch 512 and 1,024 (ran out of memory)
 #   bash .ci/device_check.sh s26       session 26: the fixed KILN_SSM_PDL test, "lone" prologues, the split prefill on;
 #                                         batch-1 A/Bs: Mamba-2 KILN_SSM_PDL=1 + KILN_GEMV_PROLOGUE=lone, 8B bf16 lone
 #   bash .ci/device_check.sh s25ab     next session: batch-1 A/Bs of KILN_GEMV_PROLOGUE 0 / norm / post (8B bf16, Mamba-2),
@@ -243,6 +245,19 @@ for mode in "$@"; do
         | tee "$OUT/s25-dynpart.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
       if [ -n "${S25_PROBE:-}" ] || grep -q -E "^FAILED.*(split|prefill)" "$OUT/s25-tests.log"; then
         SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 60 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12; fi ;;
+    s28)  # next session (~8 min): session 27's GPU tests (step memory, the shared pool, the captures ahead), then fp8
+          # 128/128 and 128/2048 at max batch 512 / 4,096 tokens (session 27: 6 and 12 mixed captures in the timed
+          # region; large_warm_keys now covers them, tests/test_graph_buckets.py) and 128/128 at 256 / 2,048
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_graph_memory.py \
+        tests/gpu/test_mixed_split.py tests/gpu/test_cuda_backend.py -k "memory or pool or graph or mixed or large" 2>&1 \
+        | tee "$OUT/s28-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
+      MAXB=512 BUDGET=4096 SWEEP_SHAPES=128/128,128/2048 THRU_TIMEOUT=260 bash "$0" s25thru
+      SWEEP_SHAPES=128/128 THRU_TIMEOUT=100 bash "$0" s25thru ;;
+    s28h200)  # on an H200 (~9 min): fp8 at the four shapes (TensorRT-LLM's H200 fp8: 128/128 27,911, 128/2048 26,221,
+              # 1000/1000 17,744, 2048/128 3,538), then bf16 at three (issue 12: 1000/1000 >= 12,000, 128/128 >=
+              # 18,000, 2048/128 >= 2,300)
+      THRU_TIMEOUT=300 bash "$0" s25thru
+      SWEEP_Q=bf16 SWEEP_SHAPES=128/128,1000/1000,2048/128 THRU_TIMEOUT=240 bash "$0" s25thru ;;
     s27)  # next session (~7 min): the GPU tests of session 26's step counts and prompt-bucket captures ahead, then fp8 at
           # TensorRT-LLM's four shapes (s25thru; its lines now give the mixed steps' p90 / max, prompt tokens a step and
           # how the steps ran: session 26's 128/128 spent half its mixed time past the median, captures in the timed
