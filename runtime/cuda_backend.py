@@ -265,6 +265,7 @@ class CudaModel:
         self._mixed: dict[tuple[int, int, int], _MixedGraph] = {}  # (sequences, tokens, rows) buckets
         self._pool = None  # the graphs' shared memory pool (they never run at the same time): GRAPH_POOL
         self._pool_peak = 0  # the most one capture into it took (its blocks, free again after it, serve the next)
+        self._mixed_out = None  # the logits buffer the mixed graphs share (mixed_out)
         self._eager_mixed: set[tuple] = set()  # mixed buckets refused a capture for want of memory (_mixed_graph)
         self._graph_kv = _nothing  # the KV store the graphs write to (weak: an engine's end frees it)
         self._lora = CudaLora(self)  # LoRA adapters of `self.lora` (a runtime/lora.py LoraSet, set by the engine)
@@ -378,10 +379,33 @@ class CudaModel:
         self.use_graphs = self.mixed_graphs = False
         self.drop_graphs()
 
+    def mixed_out(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (a mixed graph's, in its capture) copied into the rows of the buffer every mixed graph writes
+        its logits to: the graph's own then is scratch, free in the shared pool for the next capture, not memory
+        each graph keeps (at max batch 512 and 4,096 tokens a step, 14-30 graphs of up to 576 rows x the
+        vocabulary). Safe as the pool is: one graph runs at a time, and each step's logits are read (sampled,
+        or copied by forward) in stream order before the next replay. Made at the first graph's warm-up, on the
+        device's default stream (where steps run), not the warm-up's side stream: the allocator frees a block to
+        the stream it was made on."""
+        rows = max(MIXED_ROWS[-1], self.max_batch + LARGE_SEQS[-1])  # any mixed bucket's sampled rows
+        buf = self._mixed_out
+        if buf is None or buf.shape[1:] != logits.shape[1:] or buf.dtype != logits.dtype:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the mixed graphs' output buffer is made in a warm-up, never in a capture")
+            with torch.cuda.stream(torch.cuda.default_stream(logits.device)):
+                buf = torch.empty((rows, *logits.shape[1:]), dtype=logits.dtype, device=logits.device)
+            self._mixed_out = buf
+        if logits.shape[0] > rows:
+            raise ValueError(f"a mixed graph of {logits.shape[0]} sampled rows: its output buffer holds {rows}")
+        out = buf[:logits.shape[0]]
+        out.copy_(logits)
+        return out
+
     def drop_graphs(self) -> None:
         self._graphs.clear()
         self._mixed.clear()
         self._eager_mixed.clear()
+        self._mixed_out = None  # (sized from max_batch, which a reserve that drops the graphs may have grown)
         # New mixed graphs capture into a new pool: the old one may still hold blocks that outlive its
         # graphs (a buffer first allocated during a capture and cached), and torch's allocator refuses
         # to capture into a pool whose graphs are all gone while it still has live blocks.
@@ -449,7 +473,8 @@ class CudaModel:
                     self.step_counts["mixed_capture" if graph is not None else "mixed_short"] += 1
                 if graph is not None:
                     self.step_counts["mixed_graph"] += 1
-                    return graph.replay(batch, sample).float()
+                    out = graph.replay(batch, sample)  # (a view of the buffer every mixed graph writes)
+                    return out.clone() if out.dtype == torch.float32 else out.float()
         self.step_counts["eager"] += 1
         tokens = batch.device_tokens(self.device)
         meta = self._meta(batch)
@@ -1062,7 +1087,8 @@ class _MixedGraph:
             self.meta.decode_rows = decode
             self.meta.kv_lens[:decode] = 1
         self.graph, self.logits = _capture(
-            model, lambda: model._run(self.tokens, self.meta, kv, None, rows=self.rows), model.graph_pool(), check=True)
+            model, lambda: model.mixed_out(model._run(self.tokens, self.meta, kv, None, rows=self.rows)),
+            model.graph_pool(), check=True)
         # Pinned host staging (numpy views of the same memory): [tokens, positions, slots] x tokens;
         # sampled rows; [kv_lens x seqs, cu_seqlens x (seqs + 1), longest, real tokens]; block tables.
         self.host = torch.zeros(3, tokens, dtype=torch.int64).pin_memory()

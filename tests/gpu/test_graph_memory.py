@@ -74,3 +74,29 @@ def test_graph_pool_setting_checked(monkeypatch):
     with pytest.raises(ValueError, match="KILN_GRAPH_POOL"):
         m.model.capture_decode_graphs(kv, 1)
     assert cuda_backend.GRAPH_POOL == "shared"
+
+
+def test_mixed_graphs_write_one_output_buffer(monkeypatch):
+    # Their logits are views of one buffer (CudaModel.mixed_out), not memory each graph keeps; a step's logits
+    # survive the next mixed step's replay (fp32: forward returns a copy), and equal an eager step's.
+    monkeypatch.setattr(cuda_backend, "MIXED_GRAPHS_LARGE", "1")
+    monkeypatch.setattr(cuda_backend, "MIXED_TOKENS", (16,))
+    monkeypatch.setattr(cuda_backend, "LARGE_TOKENS", (64, 128, 256))
+    m = random_model("models/llama.kiln", dict(LLAMA), dtype="fp32", device="cuda", backend="cuda", seed=0)
+    kv = KVStore(m.plan.sites, 48, 16, m.dtype, "cuda")
+    assert m.model.capture_decode_graphs(kv, 20, tokens=100, prompt_len=20) > len(m.model._graphs)
+    ptrs = {g.logits.untyped_storage().data_ptr() for g in m.model._mixed.values()}
+    assert ptrs == {m.model._mixed_out.untyped_storage().data_ptr()}
+
+    def step(prompts: int, n: int) -> StepBatch:  # 20 decode rows (every seat) beside `prompts` prompts of n tokens
+        seqs = [SeqSlice(i, 1, 5, (i,)) for i in range(20)]
+        seqs += [SeqSlice(20 + n * j, n, 0, tuple(range(20 + 3 * j, 23 + 3 * j))) for j in range(prompts)]
+        return StepBatch(torch.randint(0, LLAMA["vocab_size"], (20 + prompts * n,)), seqs)
+    a, b = step(5, 20), step(1, 40)  # buckets (8, 128, 28, 20) and (2, 64, 22, 20): both captured ahead
+    with torch.no_grad():
+        got_a = m.model.forward(a, kv)
+        got_b = m.model.forward(b, kv)
+        assert m.model.step_counts["mixed_graph"] == 2 and not m.model.step_counts["mixed_capture"]
+        m.model.use_graphs = m.model.mixed_graphs = False
+        want_a, want_b = m.model.forward(a, kv), m.model.forward(b, kv)
+    assert torch.allclose(got_a, want_a, rtol=1e-4, atol=1e-4) and torch.allclose(got_b, want_b, rtol=1e-4, atol=1e-4)
