@@ -23,6 +23,7 @@
 #                                         epilogue or post-scaled, KILN_SSM_PDL, KILN_DECODE_DYN_PART=1; the split probe if
 #                                         the first fail
 #   bash .ci/device_check.sh s28       next session: session 27's memory / capture tests, fp8 short shapes at max batch 512
+#   bash .ci/device_check.sh gemms     the 8B's GEMMs at 64-2,048 rows: bf16, fp8, fp8 operands swapped, share of fp8 peak
 #   bash .ci/device_check.sh s28h200   on an H200: fp8 at the four shapes, bf16 at three (issues 12, 13 targets)
 #   bash .ci/device_check.sh s27       session 27: session 26's graph tests, then s25thru (fp8 at the four shapes; SWEEP_Q=bf16
 #                                         for #12's)
@@ -253,6 +254,8 @@ for mode in "$@"; do
         | tee "$OUT/s28-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
       MAXB=512 BUDGET=4096 SWEEP_SHAPES=128/128,128/2048 THRU_TIMEOUT=260 bash "$0" s25thru
       SWEEP_SHAPES=128/128 THRU_TIMEOUT=100 bash "$0" s25thru ;;
+    gemms)  # (~1 min) the step's GEMMs by row count: bf16, fp8 per-tensor, fp8 with the operands swapped (.ci/gemm_probe.py)
+      timeout 120 python3 .ci/gemm_probe.py 2>&1 | grep -v Warn | tail -30 ;;
     s28h200)  # on an H200 (~9 min): fp8 at the four shapes (TensorRT-LLM's H200 fp8: 128/128 27,911, 128/2048 26,221,
               # 1000/1000 17,744, 2048/128 3,538), then bf16 at three (issue 12: 1000/1000 >= 12,000, 128/128 >=
               # 18,000, 2048/128 >= 2,300)

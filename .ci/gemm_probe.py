@@ -1,0 +1,59 @@
+"""How fast the GEMMs of a throughput step run at each row count (GPU; a development tool): Llama-3-8B's four
+linear shapes at M rows, bf16 (F.linear) against fp8 per-tensor (`torch._scaled_mm`, the cuda backend's QGemm path)
+and fp8 with the operands swapped (y^T = W x^T: cuBLASLt then tiles the row count as its N, which may suit few
+rows), each the median of --reps timed launches (CUDA events), in TFLOP/s and as a share of the fp8 peak measured
+in the same run (an 8192^3 GEMM). Session 26: the decode GEMMs at 256 rows ran at about half the fp8 peak; with
+M/128 x N/256 tiles, o_proj and down_proj (N 4,096) fill 32 of the H100's 132 SMs. Usage (device):
+python3 .ci/gemm_probe.py [--rows 64,128,256,512,1024,2048] [--reps 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--rows", default="64,128,256,512,1024,2048")
+ap.add_argument("--reps", type=int, default=50)
+args = ap.parse_args()
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+dev = "cuda"
+E4M3 = torch.float8_e4m3fn
+
+
+def timed(fn) -> float:
+    """Median milliseconds of fn over --reps launches (after three untimed)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(args.reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+one = torch.ones((), device=dev)
+big = torch.randn(8192, 8192, device=dev).to(E4M3)
+peak = 2 * 8192**3 / timed(lambda: torch._scaled_mm(big, big.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                                    use_fast_accum=True)) / 1e9
+print(f"{torch.cuda.get_device_name()}: fp8 8192^3 {peak:.0f} TFLOP/s (the peak below)")
+print("| rows | linear | bf16 TFLOP/s | fp8 | fp8 swapped | fp8 share of peak | swapped / fp8 time |")
+print("|---:|---|---:|---:|---:|---:|---:|")
+for m in (int(r) for r in args.rows.split(",")):
+    for name, (n, k) in SHAPES.items():
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
+        xq, wq = x.to(E4M3), w.to(E4M3)
+        flop = 2 * m * n * k / 1e9
+        bf = timed(lambda: torch.nn.functional.linear(x, w))
+        f8 = timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                            use_fast_accum=True))
+        sw = timed(lambda: torch._scaled_mm(wq, xq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                            use_fast_accum=True).t().contiguous())
+        print(f"| {m} | {name} {n}x{k} | {flop / bf:.0f} | {flop / f8:.0f} | {flop / sw:.0f} | {flop / f8 / peak:.0%} "
+              f"| {sw / f8:.2f} |", flush=True)
