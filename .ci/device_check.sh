@@ -22,7 +22,9 @@
 #                                         the rescale fix), the mixed graphs' memory check, an RMSNorm before a GEMV with an
 #                                         epilogue or post-scaled, KILN_SSM_PDL, KILN_DECODE_DYN_PART=1; the split probe if
 #                                         the first fail
-#   bash .ci/device_check.sh s28       next session: session 27's memory / capture tests, fp8 short shapes at max batch 512
+#   bash .ci/device_check.sh s28       next session: session 27's memory / capture / linear-grid tests, a mixed step's profile
+#   bash .ci/device_check.sh s28b      next session: fp8 short shapes at max batch 512 (KILN_PREFILL_LINEAR 0 / 1)
+#   bash .ci/device_check.sh mixedgraph  a 128/128 mixed step's kernels, eager and as its graph (the prefill grid's empty blocks)
 #   bash .ci/device_check.sh gemms     the 8B's GEMMs at 64-2,048 rows: bf16, fp8, fp8 operands swapped, share of fp8 peak
 #   bash .ci/device_check.sh s28h200   on an H200: fp8 at the four shapes, bf16 at three (issues 12, 13 targets)
 #   bash .ci/device_check.sh s27       session 27: session 26's graph tests, then s25thru (fp8 at the four shapes; SWEEP_Q=bf16
@@ -246,14 +248,31 @@ for mode in "$@"; do
         | tee "$OUT/s25-dynpart.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
       if [ -n "${S25_PROBE:-}" ] || grep -q -E "^FAILED.*(split|prefill)" "$OUT/s25-tests.log"; then
         SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 60 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12; fi ;;
-    s28)  # next session (~8 min): session 27's GPU tests (step memory, the shared pool, the captures ahead), then fp8
-          # 128/128 and 128/2048 at max batch 512 / 4,096 tokens (session 27: 6 and 12 mixed captures in the timed
-          # region; large_warm_keys now covers them, tests/test_graph_buckets.py) and 128/128 at 256 / 2,048
+    s28)  # next session (~6 min): session 27's GPU tests (step memory, the shared pool, the captures ahead, the linear
+          # prefill grid, and the engine's tests with it on), then the mixed step's profile (mixedgraph)
       timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_graph_memory.py \
-        tests/gpu/test_mixed_split.py tests/gpu/test_cuda_backend.py -k "memory or pool or graph or mixed or large" 2>&1 \
+        tests/gpu/test_mixed_split.py tests/gpu/test_cuda_backend.py tests/gpu/test_kernels.py \
+        -k "memory or pool or graph or mixed or large or linear" 2>&1 \
         | tee "$OUT/s28-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
-      MAXB=512 BUDGET=4096 SWEEP_SHAPES=128/128,128/2048 THRU_TIMEOUT=260 bash "$0" s25thru
+      KILN_PREFILL_LINEAR=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} \
+        tests/gpu/test_mixed_split.py tests/gpu/test_prefix_cache_gpu.py tests/gpu/test_cuda_backend.py 2>&1 \
+        | tee "$OUT/s28-linear.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
+      bash "$0" mixedgraph ;;
+    s28b)  # next session (~8 min): fp8 128/128 at max batch 512 / 4,096 tokens with KILN_PREFILL_LINEAR 0 and 1, then
+           # 128/2048 there and 128/128 at 256 / 2,048 (session 27: 6 and 12 mixed captures in the timed region at 512;
+           # large_warm_keys now covers them, tests/test_graph_buckets.py)
+      for v in 0 1; do echo "== KILN_PREFILL_LINEAR=$v"; KILN_PREFILL_LINEAR=$v MAXB=512 BUDGET=4096 SWEEP_SHAPES=128/128 \
+        THRU_TIMEOUT=100 bash "$0" s25thru; done
+      MAXB=512 BUDGET=4096 SWEEP_SHAPES=128/2048 THRU_TIMEOUT=200 bash "$0" s25thru
       SWEEP_SHAPES=128/128 THRU_TIMEOUT=100 bash "$0" s25thru ;;
+    mixedgraph)  # (~2 min) a 128/128 run's mixed step (256 decode rows at context 200 beside 14 prompts of 128: bucket
+                 # (32, 2048, 288, 256)), fp8, eager then replayed as its graph. The graph's prefill attention grid
+                 # covers the token bucket for each of the bucket's 32 sequences (64 x 8 x 32 blocks of one block an SM
+                 # each, 448 of them with queries): does the empty blocks' time show?
+      # (then with KILN_PREFILL_LINEAR=1: the kernel on a grid of the tiles with queries)
+      for g in "0 " "0 --graphs" "1 --graphs"; do set -- $g; echo "== mixed step KILN_PREFILL_LINEAR=$1 $2"
+        KILN_PREFILL_LINEAR=$1 timeout 150 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 \
+          --batch 256 --ctx 200 --prefill 128 --prompts 14 --steps 4 $2 2>&1 | grep -v Warn | head -${TOP:-16}; done ;;
     gemms)  # (~1 min) the step's GEMMs by row count: bf16, fp8 per-tensor, fp8 with the operands swapped (.ci/gemm_probe.py)
       timeout 120 python3 .ci/gemm_probe.py 2>&1 | grep -v Warn | tail -30 ;;
     s28h200)  # on an H200 (~9 min): fp8 at the four shapes (TensorRT-LLM's H200 fp8: 128/128 27,911, 128/2048 26,221,

@@ -8,7 +8,7 @@ them: programmatic launches overlap, so a kernel's own duration counts the time 
 it then prints, per kernel name, its step on the critical path too: the time from the previous kernel's end to
 its own (kernels ordered by their ends), which sums to the step's span. Usage (device):
 PYTHONPATH=... python3 .ci/profile_decode.py [--spec S --config C] [--quantization SCHEME]
-    [--kv-cache-dtype fp8] [--batch B] [--ctx C] [--prefill N] [--graphs]
+    [--kv-cache-dtype fp8] [--batch B] [--ctx C] [--prefill N [--prompts K]] [--graphs]
 """
 
 from __future__ import annotations
@@ -31,27 +31,29 @@ ap.add_argument("--steps", type=int, default=8)
 ap.add_argument("--batch", type=int, default=1)
 ap.add_argument("--ctx", type=int, default=2048)
 ap.add_argument("--prefill", type=int, default=0, help="a mixed step: one more sequence's N-token prompt chunk")
-ap.add_argument("--graphs", action="store_true", help="decode steps as CUDA-graph replays (not with --prefill)")
+ap.add_argument("--prompts", type=int, default=1, help="with --prefill: that many prompt chunks of N tokens each")
+ap.add_argument("--graphs", action="store_true", help="steps as CUDA-graph replays (with --prefill: a mixed graph "
+                "of its bucket, captured at the first step, as a throughput run replays it)")
 args = ap.parse_args()
-if args.graphs and args.prefill:
-    ap.error("--graphs: decode steps only (a step with --prefill runs eagerly)")
 
 config = json.load(open(args.config))
 m = random_model(args.spec, config, dtype="bf16", device="cuda", backend="cuda",
                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
-m.model.use_graphs = args.graphs
+m.model.use_graphs = m.model.mixed_graphs = args.graphs
 ctx, B = args.ctx, args.batch
 per_seq = (ctx + args.steps + 8) // 16 + 1  # pages a sequence needs for the run
-P = args.prefill
-kv = KVStore(m.plan.sites, B * per_seq + P // 16 + 1, 16, m.dtype, "cuda")
+P, N = args.prefill, args.prompts if args.prefill else 0
+m.model.reserve(B + N, max(ctx + args.steps, P) + 16)  # (graphs: up to this batch and context)
+chunk_pages = P // 16 + 1
+kv = KVStore(m.plan.sites, B * per_seq + N * chunk_pages, 16, m.dtype, "cuda")
 tables = [tuple(range(b * per_seq, (b + 1) * per_seq)) for b in range(B)]
-chunk_table = tuple(range(B * per_seq, B * per_seq + P // 16 + 1))
-tok = torch.ones(B + P, dtype=torch.long)
+chunk_tables = [tuple(range(B * per_seq + j * chunk_pages, B * per_seq + (j + 1) * chunk_pages)) for j in range(N)]
+tok = torch.ones(B + N * P, dtype=torch.long)
 
 
-def batch(i: int) -> StepBatch:  # B one-token decode rows at context ctx + i (+ a P-token prompt chunk)
+def batch(i: int) -> StepBatch:  # B one-token decode rows at context ctx + i (+ N P-token prompt chunks)
     seqs = [SeqSlice(b, 1, ctx + i, tables[b]) for b in range(B)]
-    return StepBatch(tok, seqs + ([SeqSlice(B, P, 0, chunk_table)] if P else []))
+    return StepBatch(tok, seqs + [SeqSlice(B + j * P, P, 0, chunk_tables[j]) for j in range(N)])
 
 
 with torch.no_grad():
@@ -72,7 +74,8 @@ with torch.no_grad():
     host.sort()
     wall.sort()
     mid = len(host) // 2
-    print(f"eager forward: host (launches) {1e3 * host[mid]:.3f} ms, wall {1e3 * wall[mid]:.3f} ms (medians)")
+    print(f"{'forward' if args.graphs else 'eager forward'}: host (launches) {1e3 * host[mid]:.3f} ms, wall "
+          f"{1e3 * wall[mid]:.3f} ms (medians; steps run: {dict(m.model.step_counts)})")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for i in range(args.steps):
             m.model.forward(batch(i), kv)
@@ -98,7 +101,7 @@ if args.graphs:
         print(f"{t / args.steps / 1e3:8.3f} ms {100 * t / args.steps / span:5.1f}% {count[name] // args.steps:4d}x  "
               f"[critical] {name[:100]}")
 total = sum(per.values()) / args.steps
-chunk = f", + a {P}-token prompt chunk" if P else ""
+chunk = f", + {N} prompt chunk(s) of {P} tokens" if P else ""
 print(f"batch {B}, context {ctx}{chunk}: GPU kernel time per decode step: {total / 1e3:.3f} ms "
       f"over {sum(count.values()) // args.steps} launches")
 for name, t in sorted(per.items(), key=lambda kv: -kv[1])[:25]:

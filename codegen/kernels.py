@@ -369,12 +369,16 @@ def prefill_splits(meta: dict, grid_blocks: int, kv_bound: int, num_sms: int) ->
 def prefill_attention(
     spec: PrefillAttnSpec, q, k_cache, v_cache, block_tables, cu_seqlens, kv_lens, out, max_q_len: int,
     k_scale: float = 1.0, v_scale: float = 1.0, max_context: int | None = None, splits: int | None = None,
+    linear: bool = False,
 ):
     """Packed variable-length prefill: the queries of sequence s are rows cu_seqlens[s]:cu_seqlens[s+1]
     of q and out ([T, heads*head_dim]); query i of s sits at position kv_lens[s] - q_len_s + i, and
     the K/V of all kv_lens[s] tokens are in the cache. max_q_len: a host bound on the q lengths;
     max_context: one on kv_lens (default: what the block tables hold), which sizes the KV splits;
-    splits: force a split count (1: the plain kernel; default: prefill_splits)."""
+    splits: force a split count (1: the plain kernel; default: prefill_splits). linear: the Hopper kernel
+    unsplit on a grid of the q tiles that have queries, T / tile + S of them at most, not max_q_len's tiles
+    for each sequence (a CUDA graph's bucket, whose max_q_len is its token count; the template says more);
+    other kernels ignore it."""
     dt, d = _torch_dtype(spec), spec.head_dim
     dev = q.device
     _rows("q", q, dt, spec.heads * d, dev)
@@ -398,10 +402,15 @@ def prefill_attention(
         raise KernelArgError(f"splits: {splits} needs the Hopper (sm90) prefill kernel; "
                              f"{kern.source.name} has no split-KV form")
     if splits == 1 or 0 in grid:
+        linear_seqs = []  # the sm90 kernel's linear_seqs argument: 0 for its 3-D grid
+        if meta["variant"] == "sm90" and not meta.get("ws"):  # (the warp-specialised form has neither)
+            if linear and 0 not in grid:
+                grid = (math.ceil(q.shape[0] / meta["bm_tok"]) + S, grid[1], 1)
+            linear_seqs = [i32(S if linear else 0)]
         kern.launch(
             kern.source.entries[0], grid, (meta["threads"],),
             [ptr(q), ptr(k_cache), ptr(v_cache), ptr(block_tables), ptr(cu_seqlens), ptr(kv_lens),
-             ptr(out), i64(q.stride(0)), i64(out.stride(0)), i32(block_tables.shape[1]),
+             ptr(out), i64(q.stride(0)), i64(out.stride(0)), i32(block_tables.shape[1]), *linear_seqs,
              *_scales(spec, k_scale, v_scale)],
             smem=meta["smem"],
         )

@@ -91,6 +91,12 @@ MIXED_SPLIT = os.environ.get("KILN_MIXED_SPLIT", "1")
 # 238.2 us at 8 x 1,024 causal tokens (benchmarks/2026-12-02-03.md, session 6), but pays a gather of the sequence's
 # pages and launches per sequence; not measured end to end yet, so off ("0"). Read when a step runs.
 FRESH_SDPA = os.environ.get("KILN_FRESH_SDPA", "0")
+# The Hopper prefill kernel on a linear grid of the q tiles that have queries (kernels.prefill_attention's
+# `linear`), not a tile per bucket token for each sequence: "1". A mixed graph's grid is fixed by its bucket; at a
+# 128/128 run's (32 prompts, 2,048 tokens) bucket its 3-D grid is 64 x 8 x 32 blocks a layer, 448 of them with
+# queries, each empty one holding an SM while it starts and exits. Written in session 27 without device time; off
+# ("0") until its GPU tests pass and a mixed step measures it (`.ci/device_check.sh mixedgraph`). Read when a step runs.
+PREFILL_LINEAR = os.environ.get("KILN_PREFILL_LINEAR", "0")
 # Kernels launched as programmatic dependents, like the decode GEMVs: each waits for the kernel before at its
 # entry, so only its launch and block scheduling overlap that kernel's drain. "attention" (the default): decode
 # attention only; "1": also the norm, activation and rotary + KV write kernels; "norm": the norms only; "0":
@@ -794,7 +800,8 @@ class CudaModel:
                                          pdl=_chain("attention"))
             # the rest: q / out rows stay absolute (cu_seqlens[d:] are offsets into the whole batch)
             K.prefill_attention(pspec, q, kc, vc, meta.block_tables[d:], meta.cu_seqlens[d:], meta.kv_lens[d:], out,
-                                meta.max_q_len, max_context=meta.max_context, **scales)
+                                meta.max_q_len, max_context=meta.max_context, **scales,
+                                linear=cuda_quant._on("KILN_PREFILL_LINEAR", PREFILL_LINEAR))
         return out
 
 

@@ -490,6 +490,47 @@ def test_prefill_hopper_matches_sdpa_at_bench_shape(ws):
     assert rel_err(out.view(S, L, H, D).transpose(1, 2), ref) <= 1e-2
 
 
+@pytest.mark.parametrize("kv_fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("case", [(32, 8, 128, 0, True), (16, 2, 128, 100, True), (8, 8, 64, 0, True),
+                                  (32, 8, 128, 0, False)])
+def test_prefill_hopper_linear_grid(kv_fp8, case):
+    """The linear grid (kernels.prefill_attention's `linear`, KILN_PREFILL_LINEAR) as a CUDA graph's bucket launches
+    it: max_q_len the bucket's 2,048 tokens, 40 sequences (past 32: the tile search's second warp round), some
+    with no queries (a bucket's padding, last, and one between), chunks after cached context. Equal to the 3-D grid
+    with the real max_q_len, to the bit (the same tiles, other blocks), and to the reference."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma prefill kernel is for Hopper GPUs")
+    H, KV, D, window, causal = case
+    dt, page_size = torch.bfloat16, 16
+    spec = PrefillAttnSpec(H, KV, D, page_size, D ** -0.5, window=window, causal=causal, kv_fp8=kv_fp8, origin="test")
+    rng = torch.Generator().manual_seed(7)
+    new = [int(n) for n in torch.randint(1, 160, (37,), generator=rng)]
+    new[5], new[20] = 0, 700
+    ctx = [int(c) for c in torch.randint(0, 300, (37,), generator=rng)]
+    new, ctx = new + [0, 0, 0], ctx + [0, 0, 0]  # padding sequences: no queries, no context
+    kv_lens = [a + b for a, b in zip(ctx, new)]
+    tables, pages = paged_layout(kv_lens, page_size)
+    kc, kf, vc, vf, scales = kv_pages((pages, KV, page_size, D), kv_fp8, dt)
+    T = sum(new)
+    q = (torch.randn(T, H * D, device=DEV) * 2).to(dt)
+    cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
+    lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    outs = []
+    for linear, bound in ((False, max(new)), (True, 2048)):
+        out = nan_like((T, H * D), dt)
+        K.prefill_attention(spec, q, kc, vc, tables, cu, lens, out, max_q_len=bound, splits=1, linear=linear,
+                            **scales)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]), "the linear grid's output differs from the 3-D grid's"
+    for s, (c, n) in enumerate(zip(ctx, new)):
+        if n:
+            rows = slice(int(cu[s]), int(cu[s + 1]))
+            ref = attention_ref(q[rows].view(n, H, D), gather(kf, tables[s], c + n, page_size),
+                                gather(vf, tables[s], c + n, page_size), torch.arange(c, c + n, device=DEV),
+                                spec.scale, window, 0.0, causal=causal)
+            assert rel_err(outs[1][rows].view(n, H, D), ref) <= TOL["bf16"], f"sequence {s} ({c} + {n})"
+
+
 # heads, kv_heads, head_dim, window, causal: Llama-3-8B's heads, a sliding window, MHA at head_dim 64,
 # a non-causal one
 SPLIT_CASES = [(32, 8, 128, 0, True), (16, 2, 128, 300, True), (8, 8, 64, 0, True), (32, 8, 128, 0, False)]
