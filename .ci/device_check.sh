@@ -27,6 +27,7 @@
 #   bash .ci/device_check.sh mixedgraph  a 128/128 mixed step's kernels, eager and as its graph (the prefill grid's empty blocks)
 #   bash .ci/device_check.sh gemms     the 8B's GEMMs at 64-2,048 rows: bf16, fp8, fp8 operands swapped, share of fp8 peak
 #   bash .ci/device_check.sh s28h200   on an H200: fp8 at the four shapes, bf16 at three (issues 12, 13 targets)
+#   bash .ci/device_check.sh s28h200b  on an H200: fp8 at the four shapes, max batch 512, 4,096 tokens a step
 #   bash .ci/device_check.sh s27       session 27: session 26's graph tests, then s25thru (fp8 at the four shapes; SWEEP_Q=bf16
 #                                         for #12's)
 #   bash .ci/device_check.sh s27b      session 27: fp8 128/128 and 128/2048 at max batch 512 and 1,024 (ran out of memory)
@@ -280,6 +281,9 @@ for mode in "$@"; do
               # 18,000, 2048/128 >= 2,300)
       THRU_TIMEOUT=300 bash "$0" s25thru
       SWEEP_Q=bf16 SWEEP_SHAPES=128/128,1000/1000,2048/128 THRU_TIMEOUT=240 bash "$0" s25thru ;;
+    s28h200b)  # on an H200 (~8 min): fp8 at the four shapes at max batch 512, 4,096 tokens a step (the H200's cache
+               # holds 512 sequences of 2,176 tokens twice over since session 27's fp8 sizing fix)
+      MAXB=512 BUDGET=4096 THRU_TIMEOUT=500 bash "$0" s25thru ;;
     s27)  # next session (~7 min): the GPU tests of session 26's step counts and prompt-bucket captures ahead, then fp8 at
           # TensorRT-LLM's four shapes (s25thru; its lines now give the mixed steps' p90 / max, prompt tokens a step and
           # how the steps ran: session 26's 128/128 spent half its mixed time past the median, captures in the timed
