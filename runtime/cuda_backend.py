@@ -349,7 +349,10 @@ class CudaModel:
         if self._graph_kv() is not kv:  # as forward: graphs write to one KV store's pages
             self.drop_graphs()
             self._graph_kv = weakref.ref(kv)
-        top = next((b for b in GRAPH_BUCKETS if b >= max_batch and b <= self.max_batch), None)
+        # forward's buckets: the smallest that holds the batch, within the decode scratch (max_batch); past the
+        # largest bucket (a max batch over 1,024) steps run eagerly, the buckets below it as graphs
+        fits = [b for b in GRAPH_BUCKETS if b <= self.max_batch]
+        top = next((b for b in fits if b >= max_batch), fits[-1] if fits else None)
         made = 0
         # Largest first: in the shared pool (GRAPH_POOL) the smaller buckets' steps fit in the blocks its capture took
         for b in reversed(GRAPH_BUCKETS):

@@ -100,3 +100,13 @@ def test_mixed_graphs_write_one_output_buffer(monkeypatch):
         m.model.use_graphs = m.model.mixed_graphs = False
         want_a, want_b = m.model.forward(a, kv), m.model.forward(b, kv)
     assert torch.allclose(got_a, want_a, rtol=1e-4, atol=1e-4) and torch.allclose(got_b, want_b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_max_batch_past_the_largest_bucket_captures_every_bucket():
+    # (TensorRT-LLM's default max batch is 2,048.) Batches up to 1,024 replay graphs, so all are captured ahead;
+    # before session 27 none were (no bucket holds 2,048).
+    m = random_model("models/llama.kiln", dict(LLAMA), dtype="bf16", device="cuda", backend="cuda", seed=0)
+    kv = KVStore(m.plan.sites, 8, 16, m.dtype, "cuda")
+    m.model.reserve(2048, 64)
+    assert m.model.capture_decode_graphs(kv, 2048) == len(cuda_backend.GRAPH_BUCKETS)
+    assert sorted(m.model._graphs) == list(cuda_backend.GRAPH_BUCKETS)
