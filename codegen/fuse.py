@@ -345,6 +345,24 @@ def _gemv_rope(p: _Program) -> None:
             gemm.extra["rope"] = att
 
 
+def last_reads(ops: list[KOp], output: Value) -> list[list[Value]]:
+    """For each step, the values no later step reads: those it is the last to read, and those it makes that nothing
+    reads (all but `output`, the program's). A backend that holds a step's values by name drops these after the
+    step, so that it holds about a layer's values at a time, not the whole step's (the cuda backend's _run)."""
+    last: dict[Value, int] = {}
+    for n, op in enumerate(ops):
+        for v in op.outs:
+            last.setdefault(v, n)
+        for a in (*op.ins, *(a for ins in op.instrs for a in ins.inputs)):
+            if isinstance(a, Value):
+                last[a] = n
+    dead: list[list[Value]] = [[] for _ in ops]
+    for v, n in last.items():
+        if v != output:
+            dead[n].append(v)
+    return dead
+
+
 def unfused(ops: list[KOp]) -> list[KOp]:
     """The program with every gemv_prologue / gemv_epilogue step split back into its GEMM step and the norm
     / act step fused with it (what the cuda backend runs at more rows): for code and tests that look at the

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from kiln.codegen import gemv as G
 from kiln.codegen import kernels as K
-from kiln.codegen.fuse import Exec, KOp, fuse
+from kiln.codegen.fuse import Exec, KOp, fuse, last_reads
 from kiln.codegen.fuse import origin as fuse_origin
 from kiln.codegen.specs import KernelSpecError
 from kiln.dsl.ops import OPS, OpKind
@@ -236,21 +236,11 @@ class CudaModel:
         self._live_tail = {a for op in self.ops[self._rows_from:] for a in op.ins if isinstance(a, Value)}
         self._live_tail |= {a for op in self.ops[self._rows_from:] for ins in op.instrs for a in ins.inputs
                             if isinstance(a, Value)}
-        # The step after which each value is read no more (or, never read, made): _run drops it there, so that an
-        # eager step holds about a layer's values at a time, not the whole step's, and a graph's capture takes as
-        # little from its pool (session 27: a 4,352-token fp8 step peaked 19.8 GiB above the weights and KV cache,
-        # 238 MiB a layer's gate_up output among them, every layer's kept to the end of the step).
-        last: dict[Value, int] = {}
-        for n, op in enumerate(self.ops):
-            for v in op.outs:
-                last.setdefault(v, n)
-            for a in (*op.ins, *(a for ins in op.instrs for a in ins.inputs)):
-                if isinstance(a, Value):
-                    last[a] = n
-        self._dead_after: list[list[Value]] = [[] for _ in self.ops]
-        for v, n in last.items():
-            if v != self.plan.program.output:
-                self._dead_after[n].append(v)
+        # The values each step is the last to read: _run drops them after it, so that an eager step holds about a
+        # layer's values at a time, not the whole step's, and a graph's capture takes as little from its pool
+        # (session 27: a 4,352-token fp8 step peaked 19.8 GiB above the weights and KV cache, 238 MiB a layer's
+        # gate_up output among them, every layer's kept to the end of the step).
+        self._dead_after = last_reads(self.ops, self.plan.program.output)
         # Weights that only fed a fused GEMM live on in its concatenation: drop the originals.
         needed = {a.name for op in self.ops if op.kind is not Exec.GEMM for ins in op.instrs for a in ins.inputs
                   if isinstance(a, WeightArg)}
