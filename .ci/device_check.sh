@@ -25,6 +25,7 @@
 #   bash .ci/device_check.sh s28       next session: session 27's memory / capture / linear-grid tests, a mixed step's profile
 #   bash .ci/device_check.sh s28b      next session: fp8 short shapes at max batch 512 (KILN_PREFILL_LINEAR 0 / 1)
 #   bash .ci/device_check.sh mixedgraph  a 128/128 mixed step's kernels, eager and as its graph (the prefill grid's empty blocks)
+#   bash .ci/device_check.sh swapab    KILN_FP8_SWAP_ROWS' test and fp8 128/128 with it 0 / 512
 #   bash .ci/device_check.sh gemms     the 8B's GEMMs at 64-2,048 rows: bf16, fp8, fp8 operands swapped, share of fp8 peak
 #   bash .ci/device_check.sh s28h200   on an H200: fp8 at the four shapes, bf16 at three (issues 12, 13 targets)
 #   bash .ci/device_check.sh s28h200b  on an H200: fp8 at the four shapes, max batch 512, 4,096 tokens a step
@@ -274,6 +275,12 @@ for mode in "$@"; do
       for g in "0 " "0 --graphs" "1 --graphs"; do set -- $g; echo "== mixed step KILN_PREFILL_LINEAR=$1 $2"
         KILN_PREFILL_LINEAR=$1 timeout 150 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 \
           --batch 256 --ctx 200 --prefill 128 --prompts 14 --steps 4 $2 2>&1 | grep -v Warn | head -${TOP:-16}; done ;;
+    swapab)  # (~4 min) KILN_FP8_SWAP_ROWS (fp8 GEMMs of up to N rows with the operands swapped): its test, then fp8
+             # 128/128 at max batch 256 with it 0 / 512 (run if `gemms` shows the swapped form faster at 64-512 rows)
+      timeout 100 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_quant_kernels.py -k swapped \
+        2>&1 | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -4
+      for v in 0 512; do echo "== KILN_FP8_SWAP_ROWS=$v"; KILN_FP8_SWAP_ROWS=$v SWEEP_SHAPES=128/128 THRU_TIMEOUT=100 \
+        bash "$0" s25thru; done ;;
     gemms)  # (~1 min) the step's GEMMs by row count: bf16, fp8 per-tensor, fp8 with the operands swapped (.ci/gemm_probe.py)
       timeout 120 python3 .ci/gemm_probe.py 2>&1 | grep -v Warn | tail -30 ;;
     s28h200)  # on an H200 (~9 min): fp8 at the four shapes (TensorRT-LLM's H200 fp8: 128/128 27,911, 128/2048 26,221,

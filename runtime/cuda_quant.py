@@ -103,6 +103,12 @@ FP8_FAST_ACCUM = os.environ.get("KILN_FP8_FAST_ACCUM", "1")
 # without device time; its GPU tests passed in session 24 (`.ci/device_check.sh s23all`). Read when the backend
 # is built and when a step runs.
 AMAX_FUSE = os.environ.get("KILN_FP8_AMAX_FUSE", "1")
+# A per-tensor fp8 GEMM of M rows, 16 <= M <= KILN_FP8_SWAP_ROWS and M a multiple of 16, with its operands swapped:
+# y^T = W x^T, then y copied back to rows. cuBLASLt then tiles the row count as its N. Session 26's decode GEMMs at
+# 256 rows ran at about half the fp8 peak; at M / 128 x N / 256 tiles the 4,096-wide outputs (o, down) fill 32 of an
+# H100's 132 SMs, which the swapped form may tile otherwise (`.ci/gemm_probe.py` times both, the copy included).
+# "0" (the default): never. Written in session 27 without device time. Read when a step runs.
+FP8_SWAP_ROWS = os.environ.get("KILN_FP8_SWAP_ROWS", "0")
 
 
 def _on(name: str, value: str) -> bool:
@@ -287,6 +293,14 @@ class QGemm:
             padded = self.q.shape[0] != n
             fast = _on("KILN_FP8_FAST_ACCUM", FP8_FAST_ACCUM)
             if self.scale.dim() == 0:
+                m = xq.shape[0]
+                if not FP8_SWAP_ROWS.isdigit():
+                    raise KernelSpecError(f"KILN_FP8_SWAP_ROWS={FP8_SWAP_ROWS!r}: must be a row count (0: off)")
+                if 16 <= m <= int(FP8_SWAP_ROWS) and m % 16 == 0:  # (cuBLASLt's fp8 dims: multiples of 16)
+                    yt = torch._scaled_mm(self.q, xq.t(), scale_a=self.scale, scale_b=sx, out_dtype=x.dtype,
+                                          use_fast_accum=fast)
+                    y = yt[:n].t().contiguous()
+                    return y if bias is None else y + bias
                 # cuBLASLt: no bias with an fp32 output; padded rows: the bias added to the real ones after
                 fused = bias if x.dtype != torch.float32 and not padded else None
                 y = torch._scaled_mm(xq, self.q.t(), scale_a=sx, scale_b=self.scale, bias=fused, out_dtype=x.dtype,
