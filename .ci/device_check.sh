@@ -26,6 +26,7 @@
 #   bash .ci/device_check.sh s28b      next session: fp8 short shapes at max batch 512 (KILN_PREFILL_LINEAR 0 / 1)
 #   bash .ci/device_check.sh mixedgraph  a 128/128 mixed step's kernels, eager and as its graph (the prefill grid's empty blocks)
 #   bash .ci/device_check.sh swapab    KILN_FP8_SWAP_ROWS' test and fp8 128/128 with it 0 / 512
+#   bash .ci/device_check.sh static    fp8 static activation scales + KILN_FP8_OUT_FUSE: tests, 2048/128 and 128/128 A/B
 #   bash .ci/device_check.sh gemms     the 8B's GEMMs at 64-2,048 rows: bf16, fp8, fp8 operands swapped, share of fp8 peak
 #   bash .ci/device_check.sh s28h200   on an H200: fp8 at the four shapes, bf16 at three (issues 12, 13 targets)
 #   bash .ci/device_check.sh s28h200b  on an H200: fp8 at the four shapes, max batch 512, 4,096 tokens a step
@@ -281,6 +282,16 @@ for mode in "$@"; do
         2>&1 | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -4
       for v in 0 512; do echo "== KILN_FP8_SWAP_ROWS=$v"; KILN_FP8_SWAP_ROWS=$v SWEEP_SHAPES=128/128 THRU_TIMEOUT=100 \
         bash "$0" s25thru; done ;;
+    static)  # (~6 min) fp8 with static activation scales (--fp8-act-scale: TensorRT-LLM's FP8 recipe) and the norm /
+             # SwiGLU kernels writing the GEMMs' fp8 inputs (KILN_FP8_OUT_FUSE): its GPU tests, then fp8 2048/128 and
+             # 128/128 (weights + KV) dynamic, static, static + fused
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_fp8_out.py 2>&1 \
+        | tee "$OUT/static-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -6
+      for shape in 2048/128 128/128; do for v in "dyn 0" "0.05 0" "0.05 1"; do set -- $v
+        sa=""; [ "$1" != dyn ] && sa="--fp8-act-scale $1"
+        echo "== $shape act scale $1, KILN_FP8_OUT_FUSE=$2 $(KILN_FP8_OUT_FUSE=$2 timeout 150 $KILN bench throughput \
+          --config $L --quantization fp8 --kv-cache-dtype fp8 $sa --requests ${STATIC_N:-500} --sweep $shape 2>&1 \
+          | grep -a -E "output tok/s|Error" | head -2)"; done; done ;;
     gemms)  # (~1 min) the step's GEMMs by row count: bf16, fp8 per-tensor, fp8 with the operands swapped (.ci/gemm_probe.py)
       timeout 120 python3 .ci/gemm_probe.py 2>&1 | grep -v Warn | tail -30 ;;
     s28h200)  # on an H200 (~9 min): fp8 at the four shapes (TensorRT-LLM's H200 fp8: 128/128 27,911, 128/2048 26,221,

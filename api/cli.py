@@ -565,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(each bucket up to --max-batch) that otherwise run before the timed region")
             q.add_argument("--kv-fraction", type=float_arg(0, 1, lo_open=True), default=0.9,
                            help="share of free GPU memory (after weights) given to the KV cache")
+            q.add_argument("--fp8-act-scale", type=float_arg(0, None, lo_open=True), default=None, metavar="S",
+                           help="with --quantization fp8: quantize every linear's activations with this static "
+                                "per-tensor scale, as a calibrated checkpoint's input_scale (TensorRT-LLM's FP8 "
+                                "recipe) would, instead of measuring one each step; random weights have nothing "
+                                "to calibrate on, so the figure is the static path's speed only")
             q.add_argument("--hf-batch", type=int_arg(0), default=0, help="HF generate() baseline batch (0: none)")
             q.add_argument("--lora-adapters", type=int_arg(0), default=0,
                            help="also run with N random LoRA adapters (round-robin over the requests) and report "

@@ -77,7 +77,7 @@ def _kernel(spec, device) -> LoadedKernel:
 
 
 def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=None, gate=None, pdl: bool = False,
-         amax=None, valid_rows=None):
+         amax=None, valid_rows=None, out_scale=None):
     """out = norm(x [+ residual]) * (weight + offset) [+ bias]; residual_out = x + residual.
     Gated (spec.gate): out = norm(x * gate_act(gate)) * (weight + offset) [+ bias]. pdl: a programmatic
     dependent launch (LoadedKernel.launch_dependent). The norm, activation and rotary + KV write kernels
@@ -90,6 +90,7 @@ def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=
     on its own; weight and bias [group], or [hidden / group, group] (spec.per_group_weight).
     spec.amax: also each row's max |out| into amax (fp32 [T]; 0 for rows at or past valid_rows, int32 [1] on
     the device, where given): the partials `quant_kernels.act_quant_fp8_folded` takes.
+    spec.fp8_out: out is float8_e4m3fn [T, hidden], the values / out_scale (fp32, one element, on the device).
     """
     dt, h = _torch_dtype(spec), spec.hidden
     _check("x", x, dt)
@@ -97,7 +98,7 @@ def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=
     _check("x", x, dt, (T, h))
     wshape = (h // spec.width, spec.width) if spec.per_group_weight else (spec.width,)
     _check("weight", weight, dt, wshape, dev)
-    _check("out", out, dt, (T, h), dev)
+    _check("out", out, torch.float8_e4m3fn if spec.fp8_out else dt, (T, h), dev)
     args = [ptr(x)]
     if spec.has_residual:
         if residual is None or residual_out is None:
@@ -123,6 +124,7 @@ def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=
             raise KernelArgError("bias: required by this layer norm")
         args.append(ptr(_check("bias", bias, dt, wshape, dev)))
     args.append(ptr(out))
+    args += _out_scale_args(spec, out_scale, dev)
     args += _amax_args(spec, amax, valid_rows, T, dev)
     if spec.gate:
         args += [i64(gate.stride(0)), i32(gate_vec)]
@@ -136,6 +138,20 @@ def amax_parts(spec: NormSpec | ActSpec, T: int) -> int:
     if isinstance(spec, NormSpec):
         return T
     return T * render(spec).meta["chunks"]
+
+
+def _out_scale_args(spec, out_scale, dev) -> list:
+    """The out_scale kernel argument of a norm or activation spec with `fp8_out` (none without)."""
+    if not spec.fp8_out:
+        if out_scale is not None:
+            raise KernelArgError("out_scale: this kernel's spec has no fp8 output (spec.fp8_out)")
+        return []
+    if out_scale is None:
+        raise KernelArgError("out_scale: required by a spec with an fp8 output")
+    _check("out_scale", out_scale, torch.float32, device=dev, aligned=False)
+    if out_scale.numel() != 1:
+        raise KernelArgError(f"out_scale: one value (a per-tensor scale), got shape {tuple(out_scale.shape)}")
+    return [ptr(out_scale)]
 
 
 def _amax_args(spec, amax, valid_rows, T: int, dev) -> list:
@@ -433,10 +449,11 @@ def prefill_attention(
     )
 
 
-def activation(spec: ActSpec, out, x=None, gate=None, up=None, pdl: bool = False, amax=None, valid_rows=None):
+def activation(spec: ActSpec, out, x=None, gate=None, up=None, pdl: bool = False, amax=None, valid_rows=None,
+               out_scale=None):
     """Plain: out = act(x). Gated: out = act(gate) * up, from x = [gate | up] ([T, 2F]) or from
     two [T, F] tensors. out [T, F] contiguous. pdl: as norm's. spec.amax: also each block's max |out| into
-    amax (fp32 [amax_parts(spec, T)]), as norm's."""
+    amax (fp32 [amax_parts(spec, T)]), as norm's. spec.fp8_out: out is float8_e4m3fn, as norm's."""
     dt, F = _torch_dtype(spec), spec.features
     ref = x if x is not None else gate
     if ref is None:
@@ -447,9 +464,10 @@ def activation(spec: ActSpec, out, x=None, gate=None, up=None, pdl: bool = False
     kern = _kernel(spec, dev)
     meta = kern.source.meta
     align = meta["vec"] * ref.element_size()  # the kernel's access width
-    _check("out", out, dt, device=dev, align=align)
+    odt, oalign = (torch.float8_e4m3fn, meta["vec"]) if spec.fp8_out else (dt, align)
+    _check("out", out, odt, device=dev, align=oalign)
     T = out.shape[0]
-    _check("out", out, dt, (T, F), dev, align=align)
+    _check("out", out, odt, (T, F), dev, align=oalign)
     if spec.gated:
         if x is not None:
             _rows("x", x, dt, 2 * F, dev, align)
@@ -461,12 +479,13 @@ def activation(spec: ActSpec, out, x=None, gate=None, up=None, pdl: bool = False
             _rows("gate", gate, dt, F, dev, align)
             _rows("up", up, dt, F, dev, align)
             g_ptr, u_ptr, gs, us, rows = gate.data_ptr(), up.data_ptr(), gate.stride(0), up.stride(0), gate.shape[0]
-        args = [(g_ptr, ctypes.c_void_p), (u_ptr, ctypes.c_void_p), ptr(out),
+        args = [(g_ptr, ctypes.c_void_p), (u_ptr, ctypes.c_void_p), ptr(out), *_out_scale_args(spec, out_scale, dev),
                 *_amax_args(spec, amax, valid_rows, T, dev), i64(gs), i64(us), i32(T)]
     else:
         _rows("x", x, dt, F, dev, align)
         rows = x.shape[0]
-        args = [ptr(x), ptr(out), *_amax_args(spec, amax, valid_rows, T, dev), i64(x.stride(0)), i32(T)]
+        args = [ptr(x), ptr(out), *_out_scale_args(spec, out_scale, dev), *_amax_args(spec, amax, valid_rows, T, dev),
+                i64(x.stride(0)), i32(T)]
     if rows != T:
         raise KernelArgError(f"input: {rows} rows, out has {T}")
     variant = meta["variant"]

@@ -186,7 +186,10 @@ def _norm(s: NormSpec) -> KernelSource:
     threads = _round_up(math.ceil(n_vec / iters), 32)
     meta = dict(threads=threads, vec=vec, iters=iters, groups=groups)
     kind = f"{s.kind}norm{'_res' if s.has_residual else ''}{f'_{s.gate}' if s.gate else ''}"
-    name = _name(f"{kind}_h{s.hidden}{f'_g{width}' if s.group else ''}{'_amax' if s.amax else ''}", s)
+    if s.fp8_out and vec % 2:
+        raise KernelSpecError(f"{s.origin or 'norm'}: an fp8 output needs an even vector width, {s.hidden} gives {vec}")
+    name = _name(f"{kind}_h{s.hidden}{f'_g{width}' if s.group else ''}{'_amax' if s.amax else ''}"
+                 f"{'_fp8' if s.fp8_out else ''}", s)
     params = dict(
         title="RMSNorm" if s.kind == "rms" else "LayerNorm", kind=s.kind, hidden=s.hidden,
         width=width, groups=groups, per_group_weight=s.per_group_weight,
@@ -194,7 +197,7 @@ def _norm(s: NormSpec) -> KernelSource:
         vec=vec, iters=iters, threads=threads, warps=threads // 32,
         tail=threads * iters != n_vec, eps=f32(s.eps), inv_width=f32(1.0 / width),
         weight_offset=f32(s.weight_offset) if s.weight_offset else "",
-        has_bias=s.has_bias, has_residual=s.has_residual, gate=s.gate, amax=s.amax,
+        has_bias=s.has_bias, has_residual=s.has_residual, gate=s.gate, amax=s.amax, fp8_out=s.fp8_out,
     )
     return _emit("norm.cu.j2", name, s, params, [name], meta)
 
@@ -599,7 +602,10 @@ def _act(s: ActSpec) -> KernelSource:
     variant = act_variant(s)
     threads = 256
     meta = dict(threads=threads, vec=vec, unroll=s.unroll, variant=variant)
-    params = dict(kind=s.kind, gated=s.gated, features=s.features, vec=vec, amax=s.amax,
+    if s.fp8_out and vec % 2:
+        raise KernelSpecError(f"{s.origin or 'act'}: an fp8 output needs an even vector width, "
+                              f"{s.features} gives {vec}")
+    params = dict(kind=s.kind, gated=s.gated, features=s.features, vec=vec, amax=s.amax, fp8_out=s.fp8_out,
                   vec_per_row=vpr, threads=threads, unroll=s.unroll, variant=variant,
                   stream=variant == "rows_stream",
                   min_blocks=2)  # >= 512 threads per SM, 64 KB of loads in flight (IEEE division wants ~95 regs)
@@ -628,7 +634,8 @@ def _act(s: ActSpec) -> KernelSource:
         params.update(chunks=chunks, tile=tile, last=s.features - (chunks - 1) * tile, stages=ACT_BULK_STAGES,
                       stage_elems=stage_elems, bar_offset=bar_offset)
         meta.update(chunks=chunks, smem=smem)
-    name = _name(f"{'gated_' if s.gated else ''}{s.kind}_f{s.features}{'_amax' if s.amax else ''}", s)
+    name = _name(f"{'gated_' if s.gated else ''}{s.kind}_f{s.features}{'_amax' if s.amax else ''}"
+                 f"{'_fp8' if s.fp8_out else ''}", s)
     return _emit("act.cu.j2", name, s, params, [name], meta)
 
 

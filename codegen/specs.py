@@ -78,6 +78,10 @@ class NormSpec(_Spec):
     # Also each row's max |out| into a [T] buffer: the partials of an fp8 per-tensor activation quantization of out
     # (runtime/cuda_quant.py AMAX_FUSE), whose own amax launch is then skipped. Whole rows only (no group).
     amax: bool = False
+    # out as float8_e4m3fn values of out / s, s the static per-tensor activation scale (fp32 on the device) of the
+    # fp8 GEMM that reads it: the bytes that GEMM's own quantization of out would give (runtime/cuda_quant.py
+    # FP8_OUT_FUSE), without writing out in the run dtype and reading it back. Whole rows (no group), no amax.
+    fp8_out: bool = False
 
     @property
     def width(self) -> int:
@@ -105,6 +109,8 @@ class NormSpec(_Spec):
             _fail(self, "gate", "a gated norm has no fused residual add (one prologue per kernel)")
         if self.amax and self.group:
             _fail(self, "amax", "row maxima need whole rows (no group)")
+        if self.fp8_out and (self.group or self.amax):
+            _fail(self, "fp8_out", "an fp8 output needs whole rows (no group) and a static scale (no amax)")
 
 
 @dataclass(frozen=True)
@@ -294,6 +300,8 @@ class ActSpec(_Spec):
     variant: str = "rows"
     # Also each block's max |out| into a [T x chunks] buffer (as NormSpec.amax): the "rows" variants only.
     amax: bool = False
+    # out as fp8 values of out / a static scale (as NormSpec.fp8_out): the "rows" variants only, no amax.
+    fp8_out: bool = False
 
     def __post_init__(self):
         if self.kind not in ACTIVATIONS:
@@ -307,6 +315,9 @@ class ActSpec(_Spec):
             _fail(self, "unroll", f"applies to the 'flat' variant only, not {self.variant!r}")
         if self.amax and self.variant not in ("rows", "rows_stream"):
             _fail(self, "amax", f"block maxima need the 'rows' or 'rows_stream' variant, not {self.variant!r}")
+        if self.fp8_out and (self.variant not in ("rows", "rows_stream") or self.amax):
+            _fail(self, "fp8_out", f"an fp8 output needs the 'rows' or 'rows_stream' variant and no amax, not "
+                                   f"{self.variant!r}{' with amax' if self.amax else ''}")
         _dtype(self)
 
 

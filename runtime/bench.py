@@ -279,7 +279,8 @@ def bench_model(args):
         return split_random_model(args.spec, _config(args.config), tp, pp, "reference" if cpu else "cuda")
     return random_model(args.spec, _config(args.config), dtype="fp32" if cpu else "bf16",
                         device="cpu" if cpu else "cuda", backend=args.backend,
-                        quantization=args.quantization or "none", kv_cache_dtype=args.kv_cache_dtype or "auto")
+                        quantization=args.quantization or "none", kv_cache_dtype=args.kv_cache_dtype or "auto",
+                        act_scale=getattr(args, "fp8_act_scale", None))
 
 
 def release_engine(m) -> None:
@@ -628,6 +629,9 @@ def check_args(args) -> None:
                 setattr(args, name, value)
     if args.mode == "throughput" and getattr(args, "sweep", None):
         sweep_shapes(args.sweep)  # refused here, before any model loads
+    if getattr(args, "fp8_act_scale", None) is not None and args.quantization != "fp8":
+        raise BenchError(f"--fp8-act-scale quantizes the activations of fp8 weights with per-tensor scales "
+                         f"(--quantization fp8), not --quantization {args.quantization or 'none'}")
     if args.mode == "throughput" and (getattr(args, "tp", 1) or 1) * (getattr(args, "pp", 1) or 1) > 1:
         check_split(args, cpu)
     if getattr(args, "tp1_overhead", False) and args.backend != "cuda":
@@ -689,7 +693,8 @@ def precision_of(args, cpu: bool) -> str:
     parts = ["fp32" if cpu else "bf16"]
     q, kv = getattr(args, "quantization", None) or "none", getattr(args, "kv_cache_dtype", None) or "auto"
     if q != "none":
-        parts.append(f"weights {q}")
+        static = getattr(args, "fp8_act_scale", None)
+        parts.append(f"weights {q}" + (f", activations static (scale {static:g})" if static is not None else ""))
     if kv != "auto":
         parts.append(f"KV {kv}")
     return ", ".join(parts)

@@ -115,6 +115,13 @@ def _chain(kind: str) -> bool:
     return PDL_CHAIN in ("1", kind)
 
 
+def _gather_rows(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """v's `rows` (fp8 values, an fp8 GEMM's input written by the kernel before it, as their bytes)."""
+    if v.dtype == torch.float8_e4m3fn:
+        return v.view(torch.uint8).index_select(0, rows).view(v.dtype)
+    return v.index_select(0, rows)
+
+
 def _nothing() -> None:
     """A dead weak reference: no KV store yet."""
     return None
@@ -227,6 +234,7 @@ class CudaModel:
             elif op.spec is not None:
                 op.spec = canon(op.spec)
         self._amax = self._amax_specs(canon)
+        self._fp8_out = self._fp8_out_specs(canon)
         # After the last step that mixes the rows (tokens) of a sequence (attention, the state-space
         # conv and scan: OpDef.mixes_rows), however it runs (a kernel, or the op's torch reference: e.g.
         # latent attention, ALiBi), only the rows whose logits are wanted need computing (a prefill
@@ -290,6 +298,41 @@ class CudaModel:
                         or leaf.kind is Exec.ACT and K.render(leaf.spec).meta["variant"] in ("rows", "rows_stream"):
                     found[id(leaf)] = canon(dataclasses.replace(leaf.spec, amax=True))
         return found
+
+    def _fp8_out_specs(self, canon) -> dict:
+        """Norm and activation steps (as _amax_specs finds them) whose output only an fp8 GEMM with a static
+        per-tensor activation scale reads (QGemm.takes_fp8): id of the step -> (its spec with `fp8_out`, the GEMM),
+        so that the kernel writes the GEMM's fp8 input itself (cuda_quant.FP8_OUT_FUSE). Empty where the switch is
+        off or no GEMM has a static scale."""
+        reads = {}
+        for n, op in enumerate(self.ops):
+            for a in {a for a in (*op.ins, *(a for ins in op.instrs for a in ins.inputs)) if isinstance(a, Value)}:
+                reads.setdefault(a, []).append(n)
+        wanted = {}
+        for n, op in enumerate(self.ops):
+            w = self._gemm.get(n, (None,))[0]
+            x = op.extra.get("gemm", op).ins[0] if op.kind is Exec.GEMM else None
+            if isinstance(w, QGemm) and w.takes_fp8() and reads.get(x) == [n]:
+                wanted[x] = w
+        found = {}
+        for op in self.ops:
+            for leaf in (op, op.extra.get("prologue"), op.extra.get("epilogue")):
+                if leaf is None or not leaf.outs or leaf.outs[0] not in wanted:
+                    continue
+                if leaf.kind is Exec.NORM and not leaf.spec.group \
+                        or leaf.kind is Exec.ACT and K.render(leaf.spec).meta["variant"] in ("rows", "rows_stream"):
+                    found[id(leaf)] = (canon(dataclasses.replace(leaf.spec, fp8_out=True, amax=False)),
+                                       wanted[leaf.outs[0]])
+        return found
+
+    def _fp8_target(self, op: KOp, step: "_Run"):
+        """(spec with fp8_out, the GEMM) where this norm / activation step writes its output as the fp8 GEMM's
+        input (_fp8_out_specs) this step: two rows and more, no LoRA adapters, not traced; else None."""
+        t = self._fp8_out.get(id(op))
+        if t is None or step.T < 2 or step.lora is not None or step.traced \
+                or not cuda_quant._on("KILN_FP8_OUT_FUSE", cuda_quant.FP8_OUT_FUSE):
+            return None
+        return t
 
     def reserve(self, max_seqs: int, max_context: int) -> None:
         """Size the decode scratch for `max_seqs` sequences; graphs are captured up to that batch and
@@ -491,11 +534,12 @@ class CudaModel:
         env: dict[Value, torch.Tensor] = {Value("tokens"): tokens, Value("positions"): meta.positions}
         step = _Run(self, tokens, meta, kv, batch, tokens.shape[0])
         step.lora = lora[0] if lora is not None else None  # (all rows, sampled rows) grouped by adapter
+        step.traced = trace is not None
         for n, op in enumerate(self.ops):
             if n == self._rows_from and rows is not None:
                 step.lora = lora[1] if lora is not None else None
                 # Only the values later steps read (a handful, not every layer's): one gather each.
-                env = {name: v.index_select(0, rows) if v.dim() and v.shape[0] == step.T else v
+                env = {name: _gather_rows(v, rows) if v.dim() and v.shape[0] == step.T else v
                        for name, v in env.items() if name in self._live_tail}
                 step.T = rows.shape[0]
                 step.amax.clear()  # maxima over the rows before the gather
@@ -540,7 +584,7 @@ class CudaModel:
             op = op.extra["gemm"]
         x = env[op.ins[0]]
         if isinstance(w, QGemm):
-            y = w(x, b, step.meta.valid, step.amax.get(op.ins[0]))
+            y = w(x, b, step.meta.valid, step.amax.get(op.ins[0]), out_dtype=self.dtype)
         elif isinstance(w, SplitGemm):
             y = w(x, b, step.meta.valid)
         elif GEMV in ("1", "pdl") and x.shape[0] <= GEMV_ROWS and G.takes(x, w):
@@ -701,32 +745,44 @@ class CudaModel:
         return spec, parts
 
     def _norm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
-        spec, parts = self._amax_out(op, step)
-        out = torch.empty(step.T, spec.hidden, dtype=self.dtype, device=self.device)
+        fp8 = self._fp8_target(op, step)
+        if fp8 is not None:  # the next GEMM's fp8 input, written here
+            spec, q = fp8
+            out = torch.empty(step.T, spec.hidden, dtype=torch.float8_e4m3fn, device=self.device)
+            extra = dict(out_scale=q.input_scale)
+        else:
+            spec, parts = self._amax_out(op, step)
+            out = torch.empty(step.T, spec.hidden, dtype=self.dtype, device=self.device)
+            extra = dict(amax=parts, valid_rows=step.meta.valid) if parts is not None else {}
         bias = self.weights[op.extra["bias"].name] if spec.has_bias else None
         w = self.weights[op.extra["weight"].name]
-        amax = dict(amax=parts, valid_rows=step.meta.valid) if parts is not None else {}
         if spec.has_residual:
-            res_out = torch.empty_like(out)
+            res_out = torch.empty(step.T, spec.hidden, dtype=self.dtype, device=self.device)
             K.norm(spec, _c(env[op.ins[1]]), w, out, residual=_c(env[op.ins[0]]), residual_out=res_out, bias=bias,
-                   pdl=_chain("norm"), **amax)
+                   pdl=_chain("norm"), **extra)
             env[op.outs[1]] = res_out
         else:  # a gated norm (fuse.py's gated_norm) reads z, op.ins[1], as it is: row-strided views work
             K.norm(spec, _c(env[op.ins[0]]), w, out, bias=bias, gate=env[op.ins[1]] if spec.gate else None,
-                   pdl=_chain("norm"), **amax)
+                   pdl=_chain("norm"), **extra)
         env[op.outs[0]] = out
 
     def _attention_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         env[op.outs[0]] = self._attention(op, env, step.meta, step.kv, step.T, step.roped.pop(id(op), None))
 
     def _act_step(self, op: KOp, env, step: "_Run", n: int) -> None:
-        spec, parts = self._amax_out(op, step)
-        amax = dict(amax=parts, valid_rows=step.meta.valid) if parts is not None else {}
-        out = torch.empty(step.T, spec.features, dtype=self.dtype, device=self.device)
-        if spec.gated:
-            K.activation(spec, out, gate=env[op.ins[0]], up=env[op.ins[1]], pdl=_chain("act"), **amax)
+        fp8 = self._fp8_target(op, step)
+        if fp8 is not None:  # the next GEMM's fp8 input, written here
+            spec, q = fp8
+            extra = dict(out_scale=q.input_scale)
+            out = torch.empty(step.T, spec.features, dtype=torch.float8_e4m3fn, device=self.device)
         else:
-            K.activation(spec, out, x=env[op.ins[0]], pdl=_chain("act"), **amax)
+            spec, parts = self._amax_out(op, step)
+            extra = dict(amax=parts, valid_rows=step.meta.valid) if parts is not None else {}
+            out = torch.empty(step.T, spec.features, dtype=self.dtype, device=self.device)
+        if spec.gated:
+            K.activation(spec, out, gate=env[op.ins[0]], up=env[op.ins[1]], pdl=_chain("act"), **extra)
+        else:
+            K.activation(spec, out, x=env[op.ins[0]], pdl=_chain("act"), **extra)
         env[op.outs[0]] = out
 
     def _embed_step(self, op: KOp, env, step: "_Run", n: int) -> None:
@@ -872,6 +928,7 @@ class _Run:
         self.roped: dict[int, torch.Tensor] = {}
         # value -> its partial maxima, written by the norm / activation kernel that wrote it (CudaModel._amax)
         self.amax: dict[Value, torch.Tensor] = {}
+        self.traced = False  # (_run with a trace: every value in the run dtype, as the reference's)
         self.positions = meta.positions
         self._host: StepContext | None = None
 

@@ -109,6 +109,14 @@ AMAX_FUSE = os.environ.get("KILN_FP8_AMAX_FUSE", "1")
 # H100's 132 SMs, which the swapped form may tile otherwise (`.ci/gemm_probe.py` times both, the copy included).
 # "0" (the default): never. Written in session 27 without device time. Read when a step runs.
 FP8_SWAP_ROWS = os.environ.get("KILN_FP8_SWAP_ROWS", "0")
+# A norm or activation kernel before an fp8 GEMM with a static per-tensor activation scale (a checkpoint's
+# input_scale: ModelOpt FP8, compressed-tensors static) writes its output as that GEMM's fp8 input itself
+# (NormSpec / ActSpec fp8_out), the same bytes as writing it in the run dtype and quantizing it after, without
+# the quantization's launch and its read and write of the activations (TensorRT-LLM's FP8 recipe fuses its norm
+# and SwiGLU with the quantization likewise). Two rows and more (one row: the fp8 GEMV quantizes x itself), no LoRA
+# on the GEMM. "1" on; "0" (the default) until its GPU tests pass: written in session 27 without device time.
+# Read when the backend is built and when a step runs.
+FP8_OUT_FUSE = os.environ.get("KILN_FP8_OUT_FUSE", "0")
 
 
 def _on(name: str, value: str) -> bool:
@@ -162,6 +170,14 @@ class QGemm:
             self.partial = act_partials(x.device)
         act_quant_fp8(spec, x, xq, sx, self.partial, valid_rows=valid if mode == "tensor" else None)
         return xq, sx
+
+    def takes_fp8(self) -> bool:
+        """Whether this GEMM quantizes x with a static per-tensor scale (the checkpoint's input_scale), so that the
+        kernel that writes x can write it quantized (FP8_OUT_FUSE; __call__ then takes fp8 x as it is)."""
+        d = self.desc
+        return (_on("KILN_FP8_OUT_FUSE", FP8_OUT_FUSE) and ACT_KERNEL and self.packed is None and d.dtype == "fp8"
+                and d.act == "fp8_tensor" and d.act_static and self.input_scale is not None
+                and self.input_scale.numel() == 1 and self.input_scale.dtype == torch.float32)
 
     def takes_amax(self) -> bool:
         """Whether this GEMM quantizes x (more than one row) with a dynamic per-tensor scale through the generated
@@ -272,12 +288,16 @@ class QGemm:
                 and (bias is None or bias.dtype == x.dtype))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor | None = None,
-                 amax: torch.Tensor | None = None) -> torch.Tensor:
+                 amax: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x's rows through the GEMM. valid: int32 [1] on the device, the rows of x that are real in a
         padded graph step (runtime/cuda_backend.py _Meta.valid): a measured per-tensor activation scale
         is taken over them only. None: every row. amax: x's partial maxima over those rows from the kernel
-        that wrote x (`takes_amax`), used where x's quantization runs through the generated kernel."""
+        that wrote x (`takes_amax`), used where x's quantization runs through the generated kernel.
+        out_dtype: the output's (default x's); required where x is fp8, quantized already (`takes_fp8`)."""
         d = self.desc
+        odt = out_dtype or x.dtype
+        if odt == torch.float8_e4m3fn:
+            raise ValueError(f"{self.origin}: an fp8 input needs out_dtype (the run dtype)")
         if self.packed is not None:
             return self.packed.linear(x, bias)
         if d.dtype == "fp8":
@@ -288,8 +308,13 @@ class QGemm:
                 return gemv_fp8.linear(x, *self.real_rows(), bias, self.input_scale if d.act_static else None,
                                        pdl=FP8_GEMV == "pdl", origin=self.origin, decode=FP8_GEMV_DECODE)
             kernel = ACT_KERNEL and x.is_cuda and x.shape[1] % (16 // x.element_size()) == 0
-            xq, sx = self.quantize_act(x, valid, amax if self.takes_amax() else None) if kernel \
-                else self.quantize_act_torch(x, valid)
+            if x.dtype == torch.float8_e4m3fn:  # quantized by the kernel that wrote it (takes_fp8)
+                if not (d.act == "fp8_tensor" and d.act_static):
+                    raise ValueError(f"{self.origin}: an fp8 input needs a static per-tensor activation scale")
+                xq, sx = x, self.input_scale.reshape(())
+            else:
+                xq, sx = self.quantize_act(x, valid, amax if self.takes_amax() else None) if kernel \
+                    else self.quantize_act_torch(x, valid)
             padded = self.q.shape[0] != n
             fast = _on("KILN_FP8_FAST_ACCUM", FP8_FAST_ACCUM)
             if self.scale.dim() == 0:
@@ -297,13 +322,13 @@ class QGemm:
                 if not FP8_SWAP_ROWS.isdigit():
                     raise KernelSpecError(f"KILN_FP8_SWAP_ROWS={FP8_SWAP_ROWS!r}: must be a row count (0: off)")
                 if 16 <= m <= int(FP8_SWAP_ROWS) and m % 16 == 0:  # (cuBLASLt's fp8 dims: multiples of 16)
-                    yt = torch._scaled_mm(self.q, xq.t(), scale_a=self.scale, scale_b=sx, out_dtype=x.dtype,
+                    yt = torch._scaled_mm(self.q, xq.t(), scale_a=self.scale, scale_b=sx, out_dtype=odt,
                                           use_fast_accum=fast)
                     y = yt[:n].t().contiguous()
                     return y if bias is None else y + bias
                 # cuBLASLt: no bias with an fp32 output; padded rows: the bias added to the real ones after
-                fused = bias if x.dtype != torch.float32 and not padded else None
-                y = torch._scaled_mm(xq, self.q.t(), scale_a=sx, scale_b=self.scale, bias=fused, out_dtype=x.dtype,
+                fused = bias if odt != torch.float32 and not padded else None
+                y = torch._scaled_mm(xq, self.q.t(), scale_a=sx, scale_b=self.scale, bias=fused, out_dtype=odt,
                                      use_fast_accum=fast)
                 y = y[:, :n].contiguous() if padded else y
                 return y if bias is None or fused is not None else y + bias

@@ -7,6 +7,8 @@ smallest possible driver (one sequence, its own KV store and block table) used b
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,11 +204,17 @@ def cuda_runs():
 
 def random_model(spec: str | Path, config: dict[str, Any] | None = None, dtype: str = "fp32",
                  device: str = "cpu", seed: int = 0, backend: str = "reference",
-                 quantization: str = "none", kv_cache_dtype: str = "auto") -> LoadedModel:
+                 quantization: str = "none", kv_cache_dtype: str = "auto",
+                 act_scale: float | None = None) -> LoadedModel:
     """A model with random weights made directly on the device (no checkpoint, no download):
     for benchmarks and runtime tests. Norm weights are near 1, others N(0, 0.02); an on-load
-    `quantization` scheme quantizes them as a checkpoint's would be."""
+    `quantization` scheme quantizes them as a checkpoint's would be. `act_scale`: with a scheme of fp8 weights
+    and per-tensor activations, those are quantized with this static scale, as with a checkpoint's calibrated
+    input_scale (ModelOpt FP8, TensorRT-LLM's recipe; `bench throughput --fp8-act-scale`): random weights have
+    nothing to calibrate on, so one scale stands in for them in a measurement of the static path's speed."""
     plan, _ = quantize_plan(passes.build(load_spec(spec), config), None, quantization, kv_cache_dtype)
+    if act_scale is not None:
+        plan = static_act_scales(plan, quantization, act_scale)
     torch_dtype = dtype_of(dtype).torch
     gen = torch.Generator(device=device).manual_seed(seed)
     weights: dict[str, torch.Tensor] = {}
@@ -217,11 +225,27 @@ def random_model(spec: str | Path, config: dict[str, Any] | None = None, dtype: 
         if len(slot.shape) == 1:
             t += 1.0
         weights[slot.name] = quantize_weight(t, slot.quant, slot.name) if slot.quant.quantized else t.to(torch_dtype)
+        if slot.quant.act_static:
+            weights[slot.name].input_scale = torch.tensor(float(act_scale), device=device)
     for slot in plan.weights.values():
         if slot.source is not None and slot.name not in weights:  # a tie: the tensor it names
             weights[slot.name] = weights[plan.alias_target(slot.name)]
     weights = share_scales(plan, weights)
     return LoadedModel(plan, make_backend(plan, weights, backend, device), None, torch_dtype, torch.device(device))
+
+
+def static_act_scales(plan: Plan, quantization: str, act_scale: float) -> Plan:
+    """The plan with every quantized weight's activations quantized with a static per-tensor scale (random_model's
+    act_scale): only a scheme of fp8 weights with per-tensor activations has one."""
+    if not (isinstance(act_scale, (int, float)) and math.isfinite(act_scale) and act_scale > 0):
+        raise ValueError(f"act_scale must be a positive finite number, got {act_scale!r}")
+    quantized = [s for s in plan.weights.values() if s.quant.quantized]
+    if not quantized or any(s.quant.dtype != "fp8" or s.quant.act != "fp8_tensor" for s in quantized):
+        raise ValueError(f"a static activation scale needs fp8 weights with per-tensor activations "
+                         f"(--quantization fp8), not {quantization!r}")
+    return dataclasses.replace(plan, weights={
+        name: dataclasses.replace(s, quant=dataclasses.replace(s.quant, act_static=True)) if s.quant.quantized else s
+        for name, s in plan.weights.items()})
 
 
 def share_scales(plan: Plan, weights: dict) -> dict:

@@ -125,3 +125,17 @@ def test_sweep_and_paired_runs_build_the_model_once(config, capsys, monkeypatch)
     r = throughput(args_for(config, "--requests", "2", "--max-batch", "2", "--input-len", "8", "--output-len", "4",
                             "--lora-adapters", "2", "--lora-rank", "4"))
     assert len(built) == 1 and r["lora_adapters"] == 2 and r["base_output_tok_s"] > 0
+
+
+def test_static_fp8_activation_scale_runs_and_is_named(config, capsys):
+    """--fp8-act-scale S (with --quantization fp8): the run's activations quantized with that static scale (the
+    path a calibrated checkpoint takes), named in the header; without fp8 weights it is refused by name."""
+    assert main(["bench", "throughput", "--device", "cpu", "--config", config, "--requests", "2",
+                 "--input-len", "4", "--output-len", "3", "--quantization", "fp8", "--fp8-act-scale", "0.05"]) == 0
+    assert "weights fp8, activations static (scale 0.05)" in capsys.readouterr().out
+    assert main(["bench", "throughput", "--device", "cpu", "--config", config, "--fp8-act-scale", "0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "--fp8-act-scale quantizes the activations of fp8 weights" in err and err.count("\n") == 1
+    assert main(["bench", "throughput", "--device", "cpu", "--config", config, "--quantization", "fp8",
+                 "--fp8-act-scale", "0"]) == 2
+    assert "--fp8-act-scale" in capsys.readouterr().err

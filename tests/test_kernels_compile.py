@@ -827,3 +827,28 @@ def test_amax_producers_build(spec):
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in img.log, img.log
     with pytest.raises(KernelSpecError, match="amax"):
         dataclasses.replace(spec, group=128) if isinstance(spec, NormSpec) else dataclasses.replace(spec, variant="flat")
+
+
+@pytest.mark.parametrize("spec", [
+    NormSpec("rms", 4096, 1e-5, origin="t fp8 out", fp8_out=True),
+    NormSpec("rms", 2560, 1e-5, has_residual=False, origin="t fp8 out", fp8_out=True),
+    NormSpec("layer", 2048, 1e-5, has_bias=True, dtype="fp16", origin="t fp8 out", fp8_out=True),
+    NormSpec("rms", 1024, 1e-5, dtype="fp32", origin="t fp8 out", fp8_out=True),
+    ActSpec("silu", True, 14336, origin="t fp8 out", fp8_out=True),
+    ActSpec("gelu_tanh", False, 3072, variant="rows_stream", origin="t fp8 out", fp8_out=True)], ids=str)
+def test_fp8_out_producers_build(spec):
+    """KILN_FP8_OUT_FUSE: a norm / activation that writes its output as the next fp8 GEMM's input (e4m3 bytes of
+    out / a static scale) builds for sm_90a without spills, under its own name, converting with the quantization
+    kernel's instruction; the same spec without it stores the run dtype; refused with a group, a variant that is
+    not a "rows" one, or amax beside it."""
+    ks = render(spec)
+    plain = render(dataclasses.replace(spec, fp8_out=False))
+    assert "_fp8_" in ks.name and "_fp8_" not in plain.name
+    assert "unsigned char* __restrict__ out" in ks.source and "out_scale" in ks.source
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ks.source and "out_scale" not in plain.source
+    img = nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin, extra_options=("--ptxas-options=-v",))
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in img.log, img.log
+    with pytest.raises(KernelSpecError, match="fp8_out"):
+        dataclasses.replace(spec, amax=True)
+    with pytest.raises(KernelSpecError, match="fp8_out"):
+        dataclasses.replace(spec, group=128) if isinstance(spec, NormSpec) else dataclasses.replace(spec, variant="flat")
