@@ -10,7 +10,8 @@ import dataclasses
 import pytest
 import torch
 from kiln.codegen import kernels as K
-from kiln.codegen.specs import ActSpec, KernelArgError, NormSpec
+from kiln.codegen.kernels import KernelArgError
+from kiln.codegen.specs import ActSpec, NormSpec
 from kiln.dsl.quant import QWeight
 from kiln.runtime import cuda_quant
 from kiln.runtime.batch import SeqSlice, StepBatch
