@@ -641,8 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Hugging Face safetensors folder or a .gguf file (its weights dequantized); "
                         "'default': the embedded SmolLM2-135M-Instruct")
     p.add_argument("--scheme", required=True,
-                   choices=("fp8", "fp8-channel", "int8-wo", "int4-wo", "smoothquant", "awq", "gptq", "fp8-kv"),
-                   help="fp8-kv: the weights unchanged plus calibrated fp8 KV cache scales (used with "
+                   choices=("fp8", "fp8-static", "fp8-channel", "int8-wo", "int4-wo", "smoothquant", "awq", "gptq",
+                            "fp8-kv"),
+                   help="fp8-static: fp8 with calibrated static activation scales (TensorRT-LLM's FP8 recipe); "
+                        "fp8-kv: the weights unchanged plus calibrated fp8 KV cache scales (used with "
                         "--kv-cache-dtype fp8)")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
     p.add_argument("--calibration", metavar="TEXTFILE",

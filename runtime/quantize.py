@@ -16,6 +16,9 @@ SmoothQuant and AutoAWQ do without a foldable predecessor as well.
 
 Output formats (each readable by runtime/quant_formats.py, and by vLLM):
   fp8, fp8-channel   compressed-tensors float-quantized (dynamic activation scales)
+  fp8-static         compressed-tensors float-quantized, per-tensor weights and static per-tensor activation
+                     scales: each linear's `input_scale` is the largest |input| calibration saw / 448
+                     (llm-compressor's FP8 static scheme, TensorRT-LLM's FP8 recipe)
   int8-wo            compressed-tensors int-quantized, weight-only per-channel int8
   smoothquant        compressed-tensors int-quantized W8A8 (per-channel weights, dynamic per-token
                      activations) with the smoothing folded into the norms — llm-compressor's
@@ -64,7 +67,7 @@ from .quant_formats import _AWQ_NIBBLE, linear_modules, pack_int32_nibbles
 from .reference import StepContext
 from .weights import load_weights
 
-QUANTIZE_SCHEMES = ("fp8", "fp8-channel", "int8-wo", "int4-wo", "smoothquant", "awq", "gptq", "fp8-kv")
+QUANTIZE_SCHEMES = ("fp8", "fp8-static", "fp8-channel", "int8-wo", "int4-wo", "smoothquant", "awq", "gptq", "fp8-kv")
 LM_HEAD_SCHEMES = ("fp8", "fp8-channel", "int8-wo", "int4-wo")  # --lm-head: round to nearest, no calibration
 CALIBRATED = ("smoothquant", "awq", "gptq")
 FP8_MAX = 448.0  # e4m3's largest finite value
@@ -380,6 +383,8 @@ def _ct_config(scheme: str, group: int = GROUP, lm_head: bool = False) -> dict:
                     dynamic=dynamic, actorder=None, block_structure=None, observer=None)
     w, a, fmt = {
         "fp8": (args(8, "float", "tensor"), args(8, "float", "tensor", dynamic=True), "float-quantized"),
+        "fp8-static": (args(8, "float", "tensor"), dict(args(8, "float", "tensor"), observer="minmax"),
+                       "float-quantized"),
         "fp8-channel": (args(8, "float", "channel"), args(8, "float", "token", dynamic=True), "float-quantized"),
         "int8-wo": (args(8, "int", "channel"), None, "int-quantized"),
         "smoothquant": (args(8, "int", "channel"), args(8, "int", "token", dynamic=True), "int-quantized"),
@@ -399,6 +404,12 @@ def _ct_kv_config() -> dict:
               actorder=None, block_structure=None, observer="minmax")
     return dict(quant_method="compressed-tensors", format="dense", quantization_status="compressed",
                 config_groups={}, ignore=["lm_head"], kv_cache_scheme=kv, sparsity_config={}, transform_config={})
+
+
+def act_scale(absmax: torch.Tensor) -> float:
+    """A static fp8 activation scale: the largest |input| calibration saw over e4m3's largest (amax / 448, as
+    llm-compressor's minmax observer gives it; 1.0 for an input that was all zeros)."""
+    return kv_scale(absmax)
 
 
 def kv_scale(amax: torch.Tensor) -> float:
@@ -509,7 +520,7 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
     # float tensors to write back (norms may change), by slot
     floats = {n: w for n, w in weights.items() if isinstance(plan.weights[n].source, Tensor)}
     stats = {}
-    if scheme in ("smoothquant", "awq"):
+    if scheme in ("smoothquant", "awq", "fp8-static"):
         stats = calibrate(plan, weights, _calibration_ids(ckpt, calibration), set(modules), samples, seq_len,
                           False, progress)
     gptq_out = gptq_sequential(plan, weights, _calibration_ids(ckpt, calibration), set(modules), samples, seq_len,
@@ -540,6 +551,11 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
         elif scheme == "awq":
             qw = quantize_weight(ws[n], int4_desc(group), n)
             tensors.update(_awq_tensors(m, unpack_int4(qw.q), qw.scale, qw.zero.round().to(torch.uint8)))
+        elif scheme == "fp8-static":
+            if n not in stats:
+                raise QuantizeError(f"calibration never reached weight '{n}'; give a longer --calibration text")
+            tensors.update(_ct_tensors(m, quantize_weight(ws[n], SCHEMES["fp8"].weight, n), scheme))
+            tensors[f"{m}.input_scale"] = torch.tensor([act_scale(stats[n].absmax)], dtype=torch.float32)
         else:
             desc: QuantDesc = int4_desc(group) if scheme == "int4-wo" else SCHEMES[scheme].weight
             tensors.update(_ct_tensors(m, quantize_weight(ws[n], desc, n), scheme))

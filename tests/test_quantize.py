@@ -64,7 +64,8 @@ def quantize(setup, scheme, name=None, *extra):
     return out
 
 
-BOUNDS = {"fp8": 0.25, "fp8-channel": 0.15, "int8-wo": 0.05, "smoothquant": 0.25, "int4-wo": 0.5}
+BOUNDS = {"fp8": 0.25, "fp8-static": 0.25, "fp8-channel": 0.15, "int8-wo": 0.05, "smoothquant": 0.25,
+          "int4-wo": 0.5}
 
 
 @pytest.mark.parametrize("scheme", list(BOUNDS))
@@ -94,6 +95,29 @@ def test_calibration_beats_round_to_nearest(setup, scheme, extra):
         assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == scheme
     calibrated, plain = err(logits(out, ids), ref), err(logits(baseline, ids), ref)
     assert calibrated < plain, (scheme, calibrated, plain)
+
+
+def test_fp8_static_writes_calibrated_activation_scales(setup):
+    """fp8-static (llm-compressor's FP8 static scheme): every linear gets an fp32 [1] `input_scale`, the largest
+    |input| the float model's calibration pass saw / 448, which load_model reads as a static per-tensor activation
+    scale (the path TensorRT-LLM's FP8 checkpoints take); siblings of one input share what they saw."""
+    from safetensors.torch import load_file
+
+    root = setup[0]
+    out = root / "fp8-static" if (root / "fp8-static").exists() else quantize(setup, "fp8-static")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    act = qc["config_groups"]["group_0"]["input_activations"]
+    assert (act["type"], act["strategy"], act["dynamic"]) == ("float", "tensor", False)
+    stored = {}
+    for f in out.glob("*.safetensors"):
+        stored.update({k: v for k, v in load_file(f).items() if k.endswith(".input_scale")})
+    assert len(stored) == 7 * 2 and all(v.dtype == torch.float32 and v.shape == (1,) and v > 0 for v in stored.values())
+    layer = "model.layers.0."
+    assert stored[layer + "self_attn.q_proj.input_scale"] == stored[layer + "self_attn.v_proj.input_scale"]
+    assert stored[layer + "mlp.gate_proj.input_scale"] == stored[layer + "mlp.up_proj.input_scale"]
+    weights = load_model(out).model.weights
+    loaded = [w for w in weights.values() if isinstance(w, QWeight)]
+    assert len(loaded) == 7 * 2 and all(w.desc.act_static and float(w.input_scale) > 0 for w in loaded)
 
 
 def test_failure_leaves_nothing(setup, capsys):
