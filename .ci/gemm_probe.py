@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from kiln.runtime.bench import _events_ms
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--rows", default="64,128,256,512,1024,2048")
@@ -26,14 +27,7 @@ def timed(fn) -> float:
     """Median milliseconds of fn over --reps launches (after three untimed)."""
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(args.reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    times = _events_ms(fn, args.reps)
     return sorted(times)[len(times) // 2]
 
 

@@ -345,6 +345,11 @@ def _gemv_rope(p: _Program) -> None:
             gemm.extra["rope"] = att
 
 
+def step_reads(op: KOp) -> set[Value]:
+    """The values a step reads: its inputs and its instructions' (a fused step's inner values among them)."""
+    return {a for a in (*op.ins, *(a for ins in op.instrs for a in ins.inputs)) if isinstance(a, Value)}
+
+
 def last_reads(ops: list[KOp], output: Value) -> list[list[Value]]:
     """For each step, the values no later step reads: those it is the last to read, and those it makes that nothing
     reads (all but `output`, the program's). A backend that holds a step's values by name drops these after the
@@ -353,9 +358,8 @@ def last_reads(ops: list[KOp], output: Value) -> list[list[Value]]:
     for n, op in enumerate(ops):
         for v in op.outs:
             last.setdefault(v, n)
-        for a in (*op.ins, *(a for ins in op.instrs for a in ins.inputs)):
-            if isinstance(a, Value):
-                last[a] = n
+        for a in step_reads(op):
+            last[a] = n
     dead: list[list[Value]] = [[] for _ in ops]
     for v, n in last.items():
         if v != output:

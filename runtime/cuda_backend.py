@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from kiln.codegen import gemv as G
 from kiln.codegen import kernels as K
-from kiln.codegen.fuse import Exec, KOp, fuse, last_reads
+from kiln.codegen.fuse import Exec, KOp, fuse, last_reads, step_reads
 from kiln.codegen.fuse import origin as fuse_origin
 from kiln.codegen.specs import KernelSpecError
 from kiln.dsl.ops import OPS, OpKind
@@ -289,24 +289,28 @@ class CudaModel:
             w = self._gemm.get(n, (None,))[0]
             if op.kind is Exec.GEMM and isinstance(w, QGemm) and w.takes_amax():
                 wanted.add(op.extra.get("gemm", op).ins[0])
-        found = {}
+        return {id(leaf): canon(dataclasses.replace(leaf.spec, amax=True)) for leaf in self._row_producers(wanted)}
+
+    def _row_producers(self, values):
+        """The norm and activation steps (on their own, or a GEMM step's prologue / epilogue that runs as its own
+        kernel) that write one of `values` a block per whole row (segment): the kernels that can also write its
+        partial maxima (amax) or write it as fp8 (fp8_out)."""
         for op in self.ops:
             for leaf in (op, op.extra.get("prologue"), op.extra.get("epilogue")):
-                if leaf is None or not leaf.outs or leaf.outs[0] not in wanted:
+                if leaf is None or not leaf.outs or leaf.outs[0] not in values:
                     continue
                 if leaf.kind is Exec.NORM and not leaf.spec.group \
                         or leaf.kind is Exec.ACT and K.render(leaf.spec).meta["variant"] in ("rows", "rows_stream"):
-                    found[id(leaf)] = canon(dataclasses.replace(leaf.spec, amax=True))
-        return found
+                    yield leaf
 
     def _fp8_out_specs(self, canon) -> dict:
-        """Norm and activation steps (as _amax_specs finds them) whose output only an fp8 GEMM with a static
+        """Norm and activation steps (_row_producers) whose output only an fp8 GEMM with a static
         per-tensor activation scale reads (QGemm.takes_fp8): id of the step -> (its spec with `fp8_out`, the GEMM),
         so that the kernel writes the GEMM's fp8 input itself (cuda_quant.FP8_OUT_FUSE). Empty where the switch is
         off or no GEMM has a static scale."""
         reads = {}
         for n, op in enumerate(self.ops):
-            for a in {a for a in (*op.ins, *(a for ins in op.instrs for a in ins.inputs)) if isinstance(a, Value)}:
+            for a in step_reads(op):
                 reads.setdefault(a, []).append(n)
         wanted = {}
         for n, op in enumerate(self.ops):
@@ -314,16 +318,8 @@ class CudaModel:
             x = op.extra.get("gemm", op).ins[0] if op.kind is Exec.GEMM else None
             if isinstance(w, QGemm) and w.takes_fp8() and reads.get(x) == [n]:
                 wanted[x] = w
-        found = {}
-        for op in self.ops:
-            for leaf in (op, op.extra.get("prologue"), op.extra.get("epilogue")):
-                if leaf is None or not leaf.outs or leaf.outs[0] not in wanted:
-                    continue
-                if leaf.kind is Exec.NORM and not leaf.spec.group \
-                        or leaf.kind is Exec.ACT and K.render(leaf.spec).meta["variant"] in ("rows", "rows_stream"):
-                    found[id(leaf)] = (canon(dataclasses.replace(leaf.spec, fp8_out=True, amax=False)),
-                                       wanted[leaf.outs[0]])
-        return found
+        return {id(leaf): (canon(dataclasses.replace(leaf.spec, fp8_out=True, amax=False)), wanted[leaf.outs[0]])
+                for leaf in self._row_producers(wanted)}
 
     def _fp8_target(self, op: KOp, step: "_Run"):
         """(spec with fp8_out, the GEMM) where this norm / activation step writes its output as the fp8 GEMM's

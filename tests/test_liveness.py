@@ -36,7 +36,7 @@ def _most_live(plan, ops) -> int:
     most = 0
     for n, op in enumerate(ops):
         made = {o for ins in op.instrs for o in ins.outputs} | set(op.outs)
-        reads = {a for a in (*op.ins, *(a for ins in op.instrs for a in ins.inputs)) if isinstance(a, Value)}
+        reads = F.step_reads(op)
         missing = reads - made - env
         assert not missing, f"step {n} ({op.kind.name}) reads {sorted(v.id for v in missing)}, dropped or never made"
         env |= made
