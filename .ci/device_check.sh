@@ -22,10 +22,11 @@
 #                                         the rescale fix), the mixed graphs' memory check, an RMSNorm before a GEMV with an
 #                                         epilogue or post-scaled, KILN_SSM_PDL, KILN_DECODE_DYN_PART=1; the split probe if
 #                                         the first fail
+#   bash .ci/device_check.sh s29       next session: session 28's GPU tests, cuBLASLt's algorithms for the decode GEMMs
+#   bash .ci/device_check.sh ltab      fp8 128/128 and 128/2048 with KILN_FP8_LT 0 / 512 (tuned cuBLASLt plans in graphs)
 #   bash .ci/device_check.sh s28       next session: session 27's memory / capture / linear-grid tests, a mixed step's profile
 #   bash .ci/device_check.sh s28b      next session: fp8 short shapes at max batch 512 (KILN_PREFILL_LINEAR 0 / 1)
 #   bash .ci/device_check.sh mixedgraph  a 128/128 mixed step's kernels, eager and as its graph (the prefill grid's empty blocks)
-#   bash .ci/device_check.sh swapab    KILN_FP8_SWAP_ROWS' test and fp8 128/128 with it 0 / 512
 #   bash .ci/device_check.sh static    fp8 static activation scales + KILN_FP8_OUT_FUSE: tests, 2048/128 and 128/128 A/B
 #   bash .ci/device_check.sh gemms     the 8B's GEMMs at 64-2,048 rows: bf16, fp8, fp8 operands swapped, share of fp8 peak
 #   bash .ci/device_check.sh s28h200   on an H200: fp8 at the four shapes, bf16 at three (issues 12, 13 targets)
@@ -251,6 +252,18 @@ for mode in "$@"; do
         | tee "$OUT/s25-dynpart.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
       if [ -n "${S25_PROBE:-}" ] || grep -q -E "^FAILED.*(split|prefill)" "$OUT/s25-tests.log"; then
         SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 60 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12; fi ;;
+    s29)  # next session (~6 min): session 28's GPU tests (one warm-up stream for the captures, the mixed graphs'
+          # buffer test mended, the defaults it flipped: KILN_PREFILL_LINEAR, KILN_FP8_OUT_FUSE; KILN_FP8_LT's plans),
+          # cuBLASLt's algorithms for the decode GEMMs (.ci/lt_probe.py; nvmath-python + cuda-core wheels in .whl),
+          # then `ltab` if its best algorithms beat _scaled_mm
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_graph_memory.py \
+        tests/gpu/test_fp8_lt.py tests/gpu/test_fp8_out.py tests/gpu/test_quant_kernels.py tests/gpu/test_kernels.py \
+        -k "not sm90ws" 2>&1 | tee "$OUT/s29-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -8
+      timeout 200 python3 .ci/lt_probe.py 2>&1 | grep -v Warn | tail -26 ;;
+    ltab)  # (~5 min) fp8 128/128 and 128/2048 at max batch 256 and 512 with KILN_FP8_LT 0 / 512 (its tuned cuBLASLt
+           # plans in the decode graphs)
+      for v in 0 512; do echo "== KILN_FP8_LT=$v"; KILN_FP8_LT=$v SWEEP_SHAPES=128/128 THRU_TIMEOUT=100 bash "$0" s25thru
+        KILN_FP8_LT=$v MAXB=512 BUDGET=4096 SWEEP_SHAPES=128/128,128/2048 THRU_TIMEOUT=200 bash "$0" s25thru; done ;;
     s28)  # next session (~6 min): session 27's GPU tests (step memory, the shared pool, the captures ahead, the linear
           # prefill grid, and the engine's tests with it on), then the mixed step's profile (mixedgraph)
       timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_graph_memory.py \
@@ -273,15 +286,9 @@ for mode in "$@"; do
                  # covers the token bucket for each of the bucket's 32 sequences (64 x 8 x 32 blocks of one block an SM
                  # each, 448 of them with queries): does the empty blocks' time show?
       # (then with KILN_PREFILL_LINEAR=1: the kernel on a grid of the tiles with queries)
-      for g in "0 " "0 --graphs" "1 --graphs"; do set -- $g; echo "== mixed step KILN_PREFILL_LINEAR=$1 $2"
+      for g in "0 " "0 --graphs" "1 --graphs"; do set -- $g ""; echo "== mixed step KILN_PREFILL_LINEAR=$1 $2"
         KILN_PREFILL_LINEAR=$1 timeout 150 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 \
           --batch 256 --ctx 200 --prefill 128 --prompts 14 --steps 4 $2 2>&1 | grep -v Warn | head -${TOP:-16}; done ;;
-    swapab)  # (~4 min) KILN_FP8_SWAP_ROWS (fp8 GEMMs of up to N rows with the operands swapped): its test, then fp8
-             # 128/128 at max batch 256 with it 0 / 512 (run if `gemms` shows the swapped form faster at 64-512 rows)
-      timeout 100 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} tests/gpu/test_quant_kernels.py -k swapped \
-        2>&1 | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -4
-      for v in 0 512; do echo "== KILN_FP8_SWAP_ROWS=$v"; KILN_FP8_SWAP_ROWS=$v SWEEP_SHAPES=128/128 THRU_TIMEOUT=100 \
-        bash "$0" s25thru; done ;;
     static)  # (~6 min) fp8 with static activation scales (--fp8-act-scale: TensorRT-LLM's FP8 recipe) and the norm /
              # SwiGLU kernels writing the GEMMs' fp8 inputs (KILN_FP8_OUT_FUSE): its GPU tests, then fp8 2048/128 and
              # 128/128 (weights + KV) dynamic, static, static + fused

@@ -3,7 +3,9 @@ linear shapes at M rows, bf16 (F.linear) against fp8 per-tensor (`torch._scaled_
 and fp8 with the operands swapped (y^T = W x^T: cuBLASLt then tiles the row count as its N, which may suit few
 rows), each the median of --reps timed launches (CUDA events), in TFLOP/s and as a share of the fp8 peak measured
 in the same run (an 8192^3 GEMM). Session 26: the decode GEMMs at 256 rows ran at about half the fp8 peak; with
-M/128 x N/256 tiles, o_proj and down_proj (N 4,096) fill 32 of the H100's 132 SMs. Usage (device):
+M/128 x N/256 tiles, o_proj and down_proj (N 4,096) fill 32 of the H100's 132 SMs. Session 28 (H200): the swapped
+form took 1.18-1.97x the plain one's time at every row count (the KILN_FP8_SWAP_ROWS switch was removed); these
+single-launch times include host latency, which .ci/lt_probe.py's graph-timed ones do not. Usage (device):
 python3 .ci/gemm_probe.py [--rows 64,128,256,512,1024,2048] [--reps 50]
 """
 

@@ -29,7 +29,7 @@ from kiln.dsl.ops import OPS, OpKind
 from kiln.dsl.plan import Plan, Value, WeightArg, fetch
 from kiln.dsl.quant import QWeight
 
-from . import cuda_quant
+from . import cuda_lt, cuda_quant
 from .batch import StepBatch, host_meta
 from .cuda_moe import MoeStep
 from .cuda_quant import QGemm, SplitGemm
@@ -77,7 +77,7 @@ GEMV_EPILOGUE = os.environ.get("KILN_GEMV_EPILOGUE", "1")
 # A qkv GEMM step linked to its attention step (fuse.py's gemv_rope) runs as one GEMV launch that rotates q
 # and k and writes k and v into the cache in its epilogue where the GEMV runs ("1", the default), and the
 # attention step then skips its rotary + KV write kernel; "0" (KILN_GEMV_ROPE=0): the GEMV, then that kernel.
-# The two are bit for bit the same (tests/gpu/test_gemv_rope.py). On the H200 (BENCHMARKS.md, session 15)
+# The two are bit for bit the same (tests/gpu/test_gemv_rope.py). On the H200 (benchmarks/2026-12-04.md, session 15)
 # the 8B bf16 batch-1 TPOT went 4.192 / 4.191 -> 4.113 / 4.114 ms. Read when a step runs (and is captured).
 GEMV_ROPE = os.environ.get("KILN_GEMV_ROPE", "1")
 # In a step that mixes decode rows with prompt chunks (eager: too big for a mixed graph), the decode rows
@@ -94,9 +94,10 @@ FRESH_SDPA = os.environ.get("KILN_FRESH_SDPA", "0")
 # The Hopper prefill kernel on a linear grid of the q tiles that have queries (kernels.prefill_attention's
 # `linear`), not a tile per bucket token for each sequence: "1". A mixed graph's grid is fixed by its bucket; at a
 # 128/128 run's (32 prompts, 2,048 tokens) bucket its 3-D grid is 64 x 8 x 32 blocks a layer, 448 of them with
-# queries, each empty one holding an SM while it starts and exits. Written in session 27 without device time; off
-# ("0") until its GPU tests pass and a mixed step measures it (`.ci/device_check.sh mixedgraph`). Read when a step runs.
-PREFILL_LINEAR = os.environ.get("KILN_PREFILL_LINEAR", "0")
+# queries, each empty one holding an SM while it starts and exits. Session 28, H200: that mixed step's graph spent
+# 2.06 ms of its 26.6 in prefill attention on the 3-D grid, 0.97 of 25.5 on the linear one (its eager launch's 0.96);
+# the engine's GPU tests pass with it. "1" (the default) on; "0" off. Read when a step runs.
+PREFILL_LINEAR = os.environ.get("KILN_PREFILL_LINEAR", "1")
 # Kernels launched as programmatic dependents, like the decode GEMVs: each waits for the kernel before at its
 # entry, so only its launch and block scheduling overlap that kernel's drain. "attention" (the default): decode
 # attention only; "1": also the norm, activation and rotary + KV write kernels; "norm": the norms only; "0":
@@ -235,6 +236,7 @@ class CudaModel:
                 op.spec = canon(op.spec)
         self._amax = self._amax_specs(canon)
         self._fp8_out = self._fp8_out_specs(canon)
+        self._lt = self._lt_plans()
         # After the last step that mixes the rows (tokens) of a sequence (attention, the state-space
         # conv and scan: OpDef.mixes_rows), however it runs (a kernel, or the op's torch reference: e.g.
         # latent attention, ALiBi), only the rows whose logits are wanted need computing (a prefill
@@ -269,6 +271,10 @@ class CudaModel:
         self._mixed: dict[tuple[int, int, int], _MixedGraph] = {}  # (sequences, tokens, rows) buckets
         self._pool = None  # the graphs' shared memory pool (they never run at the same time): GRAPH_POOL
         self._pool_peak = 0  # the most one capture into it took (its blocks, free again after it, serve the next)
+        # The captures' warm-up stream, one for the model's life: torch keeps a cuBLAS / cuBLASLt workspace for each
+        # (handle, stream) a GEMM ran on, 32 MiB on Hopper, so a new stream per capture held one more each
+        # (session 28: 378 MiB of a small model's twelve decode graphs, shared pool or not)
+        self._warm_stream = None
         self._mixed_out = None  # the logits buffer the mixed graphs share (mixed_out)
         self._eager_mixed: set[tuple] = set()  # mixed buckets refused a capture for want of memory (_mixed_graph)
         self._graph_kv = _nothing  # the KV store the graphs write to (weak: an engine's end frees it)
@@ -364,6 +370,20 @@ class CudaModel:
         self.page_size = page_size
         self._scratch = {}  # reserve sizes it anew (and drops the graphs)
         self.reserve(self.max_batch, self.max_context)
+
+    def _lt_plans(self) -> "cuda_lt.LtPlans | None":
+        """The tuned cuBLASLt plans the per-tensor fp8 GEMMs share (cuda_quant.FP8_LT), given to each; None where
+        the switch is off or no GEMM is per-tensor fp8."""
+        limit = cuda_lt.rows_limit(os.environ.get("KILN_FP8_LT", cuda_quant.FP8_LT))
+        gemms = [g for w, _ in self._gemm.values()
+                 for g in ([p for p, _, _ in w.parts] if isinstance(w, SplitGemm) else [w])
+                 if isinstance(g, QGemm) and g.desc.dtype == "fp8" and g.scale.dim() == 0 and g.packed is None]
+        if not limit or not gemms:
+            return None
+        plans = cuda_lt.LtPlans(limit)
+        for g in gemms:
+            g.lt = plans
+        return plans
 
     def capture_decode_graphs(self, kv: KVStore, max_batch: int, tokens: int = 0, prompt_len: int | None = None) -> int:
         """Capture now the decode graph of every batch bucket a step of up to `max_batch` sequences may take,
@@ -1028,13 +1048,22 @@ def _capture(model: CudaModel, run, pool=None, check: bool = False):
     check that the device holds the memory the warm-up took twice over, once for the capture (less what the
     pool's earlier captures freed in it) and once for an eager step after it; else GraphMemoryShort."""
     dev = model.device
-    stream = torch.cuda.Stream(dev)
+    if model._warm_stream is None:
+        model._warm_stream = torch.cuda.Stream(dev)
+    stream = model._warm_stream
     stream.wait_stream(torch.cuda.current_stream(dev))
     if check:
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    with torch.cuda.stream(stream):
-        run()
+    lt = model._lt  # (the per-tensor fp8 GEMMs' cuBLASLt plans are made and tuned in this run: cuda_lt)
+    if lt is not None:
+        lt.tuning = True
+    try:
+        with torch.cuda.stream(stream):
+            run()
+    finally:
+        if lt is not None:
+            lt.tuning = False
     torch.cuda.current_stream(dev).wait_stream(stream)
     if check:
         peak = torch.cuda.max_memory_allocated(dev) - base

@@ -45,6 +45,8 @@ from kiln.codegen.quant_kernels import (  # noqa: F401
 from kiln.codegen.specs import KernelSpecError
 from kiln.dsl.quant import FP8_MAX, QuantDesc, QWeight, quantize_rows, scale_of
 
+from .cuda_lt import LtPlans
+
 # fp8 activations through the generated kernel (templates/quant_act.cu.j2) or the torch ops: the
 # kernel is bit-equal to them (tests/gpu/test_quant_kernels.py, passed on the H200) and 3.7-15x
 # faster (BENCHMARKS.md); False keeps the torch ops, for comparison.
@@ -103,20 +105,20 @@ FP8_FAST_ACCUM = os.environ.get("KILN_FP8_FAST_ACCUM", "1")
 # without device time; its GPU tests passed in session 24 (`.ci/device_check.sh s23all`). Read when the backend
 # is built and when a step runs.
 AMAX_FUSE = os.environ.get("KILN_FP8_AMAX_FUSE", "1")
-# A per-tensor fp8 GEMM of M rows, 16 <= M <= KILN_FP8_SWAP_ROWS and M a multiple of 16, with its operands swapped:
-# y^T = W x^T, then y copied back to rows. cuBLASLt then tiles the row count as its N. Session 26's decode GEMMs at
-# 256 rows ran at about half the fp8 peak; at M / 128 x N / 256 tiles the 4,096-wide outputs (o, down) fill 32 of an
-# H100's 132 SMs, which the swapped form may tile otherwise (`.ci/gemm_probe.py` times both, the copy included).
-# "0" (the default): never. Written in session 27 without device time. Read when a step runs.
-FP8_SWAP_ROWS = os.environ.get("KILN_FP8_SWAP_ROWS", "0")
 # A norm or activation kernel before an fp8 GEMM with a static per-tensor activation scale (a checkpoint's
 # input_scale: ModelOpt FP8, compressed-tensors static) writes its output as that GEMM's fp8 input itself
 # (NormSpec / ActSpec fp8_out), the same bytes as writing it in the run dtype and quantizing it after, without
 # the quantization's launch and its read and write of the activations (TensorRT-LLM's FP8 recipe fuses its norm
 # and SwiGLU with the quantization likewise). Two rows and more (one row: the fp8 GEMV quantizes x itself), no LoRA
-# on the GEMM. "1" on; "0" (the default) until its GPU tests pass: written in session 27 without device time.
-# Read when the backend is built and when a step runs.
-FP8_OUT_FUSE = os.environ.get("KILN_FP8_OUT_FUSE", "0")
+# on the GEMM. "1" (the default) on; "0" off. Session 28, H200, fp8 weights + KV at 1,000 requests with static
+# scales: 2048/128 3,207 -> 3,260 tok/s, 128/128 23,724 -> 24,276 (BENCHMARKS.md). Read when the backend is built and
+# when a step runs.
+FP8_OUT_FUSE = os.environ.get("KILN_FP8_OUT_FUSE", "1")
+# Per-tensor fp8 GEMMs of 16 to KILN_FP8_LT rows, inside CUDA graphs, through cuBLASLt's algorithm measured fastest
+# for the shape (runtime/cuda_lt.py: nvmath-python's Matmul, autotuned in the captures' warm-ups) instead of the
+# first of its heuristic (`_scaled_mm`). "0" (the default): never. Written in session 28 without device time (the
+# device was withdrawn before `.ci/lt_probe.py` ran). Read when the backend is built.
+FP8_LT = os.environ.get("KILN_FP8_LT", "0")
 
 
 def _on(name: str, value: str) -> bool:
@@ -144,6 +146,7 @@ class QGemm:
     origin: str = "linear"
     packed: "Packed | None" = None  # weight-only formats with a generated kernel
     partial: torch.Tensor | None = None  # fp8 dynamic per-tensor: the amax launch's block maxima
+    lt: "LtPlans | None" = None  # fp8 per-tensor: the model's tuned cuBLASLt plans (FP8_LT), used in captures
 
     def quantize_act(self, x: torch.Tensor, valid: torch.Tensor | None = None,
                      amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,13 +321,9 @@ class QGemm:
             padded = self.q.shape[0] != n
             fast = _on("KILN_FP8_FAST_ACCUM", FP8_FAST_ACCUM)
             if self.scale.dim() == 0:
-                m = xq.shape[0]
-                if not FP8_SWAP_ROWS.isdigit():
-                    raise KernelSpecError(f"KILN_FP8_SWAP_ROWS={FP8_SWAP_ROWS!r}: must be a row count (0: off)")
-                if 16 <= m <= int(FP8_SWAP_ROWS) and m % 16 == 0:  # (cuBLASLt's fp8 dims: multiples of 16)
-                    yt = torch._scaled_mm(self.q, xq.t(), scale_a=self.scale, scale_b=sx, out_dtype=odt,
-                                          use_fast_accum=fast)
-                    y = yt[:n].t().contiguous()
+                y = self.lt.mm(xq, self.q, sx, self.scale, odt, fast) if self.lt is not None else None
+                if y is not None:  # (FP8_LT, inside a capture)
+                    y = y[:, :n].contiguous() if padded else y
                     return y if bias is None else y + bias
                 # cuBLASLt: no bias with an fp32 output; padded rows: the bias added to the real ones after
                 fused = bias if odt != torch.float32 and not padded else None

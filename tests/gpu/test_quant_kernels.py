@@ -138,31 +138,6 @@ def test_fp8_fast_accumulation_within_bf16_rounding(layout, act, T, k, monkeypat
         gemm(x, None)
 
 
-@pytest.mark.parametrize("dtype", sorted(DTYPES))
-@pytest.mark.parametrize("T", [16, 48, 256, 300])
-def test_fp8_swapped_operands_match_reference(T, dtype, monkeypatch, fresh_seed):
-    """KILN_FP8_SWAP_ROWS (y^T = W x^T, then back to rows) for a per-tensor GEMM of 16..N rows, a multiple of 16
-    (300: not, the plain form): against QWeight.linear on the same input, fused siblings with a bias and the
-    LM head's padding rows (100 outputs, stored as 112), as the plain form."""
-    dt = DTYPES[dtype]
-    tol = {"bf16": TOL["bf16"], "fp32": 5e-4}[dtype]
-    desc = QuantDesc("fp8", "per_tensor", act="fp8_tensor")
-    ws = share_scale([quantize_weight(torch.randn(r, 512, device="cuda"), desc) for r in (64, 36)])
-    gemm = cuda_quant.prepare(ws, [(0, 64), (64, 36)], dtype=dt, origin="test fp8 swap")
-    assert gemm.q.shape[0] == 112 and gemm.out_features == 100
-    bias = torch.randn(100, device="cuda").to(dt)
-    x = (torch.randn(T, 512, device="cuda") * torch.rand(T, 1, device="cuda") * 10).to(dt)
-    monkeypatch.setattr(cuda_quant, "FP8_SWAP_ROWS", "512")
-    y = gemm(x, bias)
-    assert y.shape == (T, 100) and y.is_contiguous()
-    for (s, r), w in zip([(0, 64), (64, 36)], ws):
-        want = w.linear(x, bias[s:s + r])
-        assert rel(y[:, s:s + r], want) <= tol, f"sibling at {s}: {rel(y[:, s:s + r], want)}"
-    monkeypatch.setattr(cuda_quant, "FP8_SWAP_ROWS", "all")
-    with pytest.raises(KernelSpecError, match="KILN_FP8_SWAP_ROWS"):
-        gemm(x, bias)
-
-
 def test_strided_input_and_graph_capture():
     """A row-strided x (a slice of a fused output) and a CUDA graph replay with new inputs."""
     w = _int4(256, 512)
