@@ -1,10 +1,11 @@
 """Can cuBLASLt run the decode step's fp8 GEMMs faster than the one algorithm torch._scaled_mm's heuristic picks?
 (GPU; a development tool.) For Llama-3-8B's four linear shapes at M rows: bf16 F.linear, fp8 per-tensor
 torch._scaled_mm (the cuda backend's QGemm path), and every algorithm cuBLASLt's heuristic offers for the same fp8
-GEMM (nvmath-python's Matmul.plan, up to --limit of them), each timed as a CUDA graph of --calls launches (the GPU's
-time alone: session 28's gemm_probe timed single launches, host latency included), the best algorithm's result
-checked against _scaled_mm's. Session 28 (H200): at 256 rows the fp8 qkv GEMM ran at 22% of the fp8 peak, the
-four GEMMs of a layer ~2.5x their compute floor. TensorRT-LLM profiles cuBLASLt's algorithms for each shape.
+GEMM (nvmath-python's Matmul.plan, up to --limit of them), all fp8 with fast accumulation (the engine's default),
+each timed as a CUDA graph of --calls launches (the GPU's time alone: session 28's gemm_probe timed single
+launches, host latency included), the best algorithm's result checked against _scaled_mm's. Session 28 (H200): at
+256 rows the fp8 qkv GEMM ran at 22% of the fp8 peak, the four GEMMs of a layer ~2.5x their compute floor.
+TensorRT-LLM profiles cuBLASLt's algorithms for each shape.
 Usage (device, nvmath-python and cuda-core on the path): python3 .ci/lt_probe.py [--rows 64,128,256,512]
 """
 
@@ -59,7 +60,7 @@ except Exception as e:  # (the probe still prints torch's figures)
 one = torch.ones((), device=dev)
 big = torch.randn(8192, 8192, device=dev).to(E4M3)
 peak = 2 * 8192**3 / graph_us(lambda: torch._scaled_mm(big, big.t(), scale_a=one, scale_b=one,
-                                                       out_dtype=torch.bfloat16)) / 1e6
+                                                       out_dtype=torch.bfloat16, use_fast_accum=True)) / 1e6
 print(f"{torch.cuda.get_device_name()}: fp8 8192^3 {peak:.0f} TFLOP/s (the peak below); times in us, graph-timed")
 print("| rows | linear | bf16 | fp8 _scaled_mm | fp8 best of cuBLASLt's (algos) | best / _scaled_mm "
       "| floor (peak, bytes) |")
@@ -70,16 +71,19 @@ for m in (int(r) for r in args.rows.split(",")):
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
         xq, wq = x.to(E4M3), w.to(E4M3)
         bf = graph_us(lambda: torch.nn.functional.linear(x, w))
-        f8 = graph_us(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+        f8 = graph_us(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                               use_fast_accum=True))
         floor = max(2 * m * n * k / peak / 1e6, (n * k + m * k + 2 * m * n) / 4.24e6)
         best, count = "", 0
         if Matmul is not None:
             try:
                 mm = Matmul(xq, wq.t(), quantization_scales={"a": one, "b": one},
-                            options={"result_type": nvmath.CudaDataType.CUDA_R_16BF}, stream=stream)
+                            options={"result_type": nvmath.CudaDataType.CUDA_R_16BF, "fast_accumulation": True},
+                            stream=stream)
                 algos = mm.plan(preferences={"limit": args.limit}, stream=stream)
                 count = len(algos)
-                want = torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+                want = torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                        use_fast_accum=True)
                 times = []
                 for alg in algos:
                     try:
