@@ -94,6 +94,8 @@ for m in (int(r) for r in args.rows.split(",")):
                         times.append((t, err))
                     except Exception as e:  # (an algorithm that will not run or capture: skipped)
                         times.append((float("inf"), repr(e)[:60]))
+                if m == 64 and name == "qkv":
+                    print(f"(nvmath's result: strides {mm.execute(algorithm=algos[0], stream=stream).stride()})")
                 t, err = min(times, key=lambda te: te[0])
                 best = f"{t:.1f} (rel err {err:.1e})" if isinstance(err, float) else f"none ran: {err}"
                 ratio = f"{t / f8:.2f}" if t != float("inf") else ""

@@ -69,7 +69,7 @@ class LtPlans:
             return None
         stream = torch.cuda.current_stream(x.device)
         plan.reset_operands(a=x, b=w.t(), quantization_scales={"a": sx, "b": sw}, stream=stream)
-        return plan.execute(stream=stream)
+        return plan.execute(stream=stream).contiguous()  # (row-major as _scaled_mm's: a no-op where nvmath's is)
 
     @staticmethod
     def _plan(x, w, sx, sw, out_dtype, fast):

@@ -38,7 +38,7 @@ def test_plan_in_a_graph_is_scaled_mm(m, n, k):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
         y = plans.mm(x, w, sx, sw, torch.bfloat16, False)
-    assert y is not None and y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert y is not None and y.shape == (m, n) and y.dtype == torch.bfloat16 and y.is_contiguous()
     graph.replay()
     torch.cuda.synchronize()
     assert rel(y, want()) <= 1e-2
