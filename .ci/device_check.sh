@@ -24,6 +24,7 @@
 #                                         the first fail
 #   bash .ci/device_check.sh s29       next session: session 28's GPU tests, cuBLASLt's algorithms for the decode GEMMs
 #   bash .ci/device_check.sh ltab      fp8 128/128 and 128/2048 with KILN_FP8_LT 0 / 512 (tuned cuBLASLt plans in graphs)
+#   bash .ci/device_check.sh decode512 an fp8 decode step of 512 x 1,100 as its graph, KILN_FP8_LT 0 / 512: GEMMs vs attention
 #   bash .ci/device_check.sh s28       next session: session 27's memory / capture / linear-grid tests, a mixed step's profile
 #   bash .ci/device_check.sh s28b      next session: fp8 short shapes at max batch 512 (KILN_PREFILL_LINEAR 0 / 1)
 #   bash .ci/device_check.sh mixedgraph  a 128/128 mixed step's kernels, eager and as its graph (the prefill grid's empty blocks)
@@ -260,6 +261,12 @@ for mode in "$@"; do
         tests/gpu/test_fp8_lt.py tests/gpu/test_fp8_out.py tests/gpu/test_quant_kernels.py tests/gpu/test_kernels.py \
         -k "not sm90ws" 2>&1 | tee "$OUT/s29-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -8
       timeout 200 python3 .ci/lt_probe.py 2>&1 | grep -v Warn | tail -26 ;;
+    decode512)  # (~2 min) an fp8 decode step of 512 sequences at context 1,100 (a 128/2048 run's mean at max batch
+                # 512: 20.4 ms a step in session 28) as its graph, KILN_FP8_LT 0 / 512: the GEMMs' share against
+                # attention's (floors: the four GEMMs at the fp8 peak ~5.2 ms, the KV read ~8.9 ms)
+      for v in 0 512; do echo "== decode step, 512 x 1,100, KILN_FP8_LT=$v"; KILN_FP8_LT=$v timeout 150 python3 \
+        .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batch 512 --ctx 1100 --steps 4 --graphs 2>&1 \
+        | grep -v Warn | head -${TOP:-14}; done ;;
     ltab)  # (~5 min) fp8 128/128 and 128/2048 at max batch 256 and 512 with KILN_FP8_LT 0 / 512 (its tuned cuBLASLt
            # plans in the decode graphs)
       for v in 0 512; do echo "== KILN_FP8_LT=$v"; KILN_FP8_LT=$v SWEEP_SHAPES=128/128 THRU_TIMEOUT=100 bash "$0" s25thru
