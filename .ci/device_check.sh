@@ -263,7 +263,7 @@ for mode in "$@"; do
       timeout 200 python3 .ci/lt_probe.py 2>&1 | grep -v Warn | tail -26 ;;
     decode512)  # (~2 min) an fp8 decode step of 512 sequences at context 1,100 (a 128/2048 run's mean at max batch
                 # 512: 20.4 ms a step in session 28) as its graph, KILN_FP8_LT 0 / 512: the GEMMs' share against
-                # attention's (floors: the four GEMMs at the fp8 peak ~5.2 ms, the KV read ~8.9 ms)
+                # attention's (floors: the four GEMMs at the fp8 peak ~5.2 ms, the KV read ~8.7 ms)
       for v in 0 512; do echo "== decode step, 512 x 1,100, KILN_FP8_LT=$v"; KILN_FP8_LT=$v timeout 150 python3 \
         .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8 --batch 512 --ctx 1100 --steps 4 --graphs 2>&1 \
         | grep -v Warn | head -${TOP:-14}; done ;;
