@@ -21,9 +21,11 @@ MIN_ROWS = 16
 # Each plan's workspace limit: split-K algorithms need M x N fp32 partials, which at 512 rows of the 8B's gate/up
 # projection would be 58 MiB a split; the plans of one model hold one workspace each (up to a few dozen).
 WORKSPACE_BYTES = 32 << 20
-# Candidates cuBLASLt's heuristic returns per shape, each timed by autotune.
-CANDIDATES = 16
-TUNE_ITERATIONS = 10
+# Candidates cuBLASLt's heuristic returns per shape, each timed by nvmath's autotune that many times (each run
+# after an L2 flush, a host-to-device copy of the L2's size: ~2.5 ms, so ~0.15 s a shape; a model's 16 decode
+# buckets x 4 linear shapes take ~10 s once, in the graph captures ahead of serving).
+CANDIDATES = 12
+TUNE_ITERATIONS = 5
 
 
 def rows_limit(value: str) -> int:
