@@ -7,7 +7,8 @@ the launch wrappers, and the packed layout they read (`repack`, `pack`: built on
   mode "post": value = (q - z) * s with the group spanning whole chunks; the tensor cores multiply the
        exact integers and each chunk's sum is scaled in fp32 (AWQ / GPTQ / RTN int4, int8 per channel,
        ggml q8_0)
-       "pre": value = q * s + m rounded to the run dtype first (ggml q4_0 / q4_1: groups of 32)
+       "pre": value = q * s + m rounded to the run dtype first (ggml q4_0 / q4_1 / q4_k as int4, q5_k / q6_k as
+       int8: groups of 32, q6_k's of 16; `ggml_blocks`)
   tokens the bucket of rows per block (8: one mma n-tile, 16: two); the grid covers more rows.
   variant "stream" (16-bit runs): records and x staged in shared memory per block, a ring of `DEPTH`
        weight loads per lane kept full, K split over `splits` blocks (`choose_splits`: enough blocks
@@ -858,28 +859,74 @@ def pack(w: QWeight, origin: str = "linear") -> Packed | None:
         return Packed("int8", "post", n, k, k, repack(w.q, "int8"), tile_records(torch.zeros_like(s), s),
                       None, origin)
     kind = d.dtype.removeprefix("gguf_")
-    if kind in ("q4_0", "q4_1", "q8_0"):
-        q, s, m = ggml_blocks(w.q, kind, n, k)
+    if kind in GGML_PACKED:
+        q, s, m, group = ggml_blocks(w.q, kind, n, k)
         if kind == "q8_0":
             return Packed("int8", "post", n, k, 32, repack(q, "int8"), tile_records(torch.zeros_like(s), s),
                           None, origin)
-        return Packed("int4", "pre", n, k, 32, repack(q, "int4"), tile_records(s, m), None, origin)
+        fmt = "int4" if kind in ("q4_0", "q4_1", "q4_k") else "int8"
+        return Packed(fmt, "pre", n, k, group, repack(q, fmt), tile_records(s, m), None, origin)
     return None
 
 
+# The ggml block types the generated kernels run as they are (`pack`): each is integers q with a scale s and an
+# offset m per group of 16 or 32 values, value = q * s + m. The K-quants' super-blocks of 256 values carry their
+# sub-blocks' scales (and minima) as 6-bit or 8-bit integers times one fp16 scale; their products are exact in fp32
+# (at most 24 bits: Q6_K's fp16 x int8 x 6-bit), so the records hold the values gguf's dequantization computes.
+GGML_PACKED = ("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k")
+
+
 def ggml_blocks(data: torch.Tensor, kind: str, n: int, k: int):
-    """ggml q4_0 / q4_1 / q8_0 rows [n, bytes] -> integer values [n, k] and per-32 (s, m) [n, k / 32]
-    with value = q * s + m (q4_0: m = -8 s; q8_0: m = 0), as dsl.quant.gguf_dequantize reads them."""
+    """ggml rows [n, bytes] of a GGML_PACKED type -> (integer values q [n, k], s and m [n, k / group], group) with
+    value = q * s + m as gguf's dequantization computes it (dsl.quant.gguf_dequantize): q4_0 m = -8 s, q8_0 and
+    q6_k m = 0 (q6_k's q signed, -32..31); q4_0 / q4_1 / q5_k / q4_k q unsigned. Groups: 32 values, q6_k's 16."""
+    if kind in ("q4_k", "q5_k", "q6_k"):
+        return _ggml_k_blocks(data, kind, n, k)
     size = {"q4_0": 18, "q4_1": 20, "q8_0": 34}[kind]
     b = data.reshape(n, k // 32, size)
     s = b[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)
     if kind == "q8_0":
-        return b[..., 2:].contiguous().view(torch.int8).reshape(n, k), s, torch.zeros_like(s)
+        return b[..., 2:].contiguous().view(torch.int8).reshape(n, k), s, torch.zeros_like(s), 32
     head = 2 if kind == "q4_0" else 4
     qs = b[..., head:]
     q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(n, k)  # low nibbles: the first 16 values
     m = -8.0 * s if kind == "q4_0" else b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
-    return q, s, m
+    return q, s, m, 32
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """Two bytes a block [..., 2] -> their fp16 value as fp32 [..., 1]."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _ggml_k_blocks(data: torch.Tensor, kind: str, n: int, k: int):
+    """The K-quants (super-blocks of 256 values), field by field as ggml lays them out (ggml-common.h's
+    block_q4_K / block_q5_K / block_q6_K; gguf-py's quants.py reads them the same way)."""
+    size = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind]
+    b = data.reshape(n * (k // 256), size)
+    nb = b.shape[0]
+    shifts4 = torch.tensor([0, 4], dtype=torch.uint8, device=data.device)
+    if kind == "q6_k":
+        # ql [128] (low nibbles), qh [64] (two high bits each), scales [16] int8, d fp16: 16 groups of 16
+        ql = (b[:, :128].reshape(nb, 2, 1, 64) >> shifts4.reshape(1, 1, 2, 1)) & 0x0F
+        shifts2 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=data.device)
+        qh = (b[:, 128:192].reshape(nb, 2, 1, 32) >> shifts2.reshape(1, 1, 4, 1)) & 0x03
+        q = (ql.reshape(nb, 8, 32) | (qh.reshape(nb, 8, 32) << 4)).to(torch.int8) - 32
+        s = _f16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()  # [nb, 16]
+        return q.reshape(n, k), s.reshape(n, k // 16), torch.zeros(n, k // 16, device=data.device), 16
+    # q4_k / q5_k: d fp16, dmin fp16, 12 bytes of 6-bit (scale, min) pairs for 8 groups of 32, [qh [32]], qs [128]
+    d, dmin, sc = _f16(b[:, 0:2]), _f16(b[:, 2:4]), b[:, 4:16].reshape(nb, 3, 4)
+    lo, mi, hi = sc[:, 0], sc[:, 1], sc[:, 2]  # bytes 0-3, 4-7, 8-11
+    scale = torch.cat((lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30)), dim=-1).float()  # [nb, 8]
+    minimum = torch.cat((mi & 0x3F, (hi >> 4) | ((mi >> 2) & 0x30)), dim=-1).float()
+    qs = b[:, 16:] if kind == "q4_k" else b[:, 48:]
+    q = ((qs.reshape(nb, 4, 1, 32) >> shifts4.reshape(1, 1, 2, 1)) & 0x0F).reshape(nb, 8, 32)
+    if kind == "q5_k":  # bit j of qh's byte i: value i of group j's fifth bit
+        shifts8 = torch.arange(8, dtype=torch.uint8, device=data.device)
+        qh = (b[:, 16:48].reshape(nb, 1, 32) >> shifts8.reshape(1, 8, 1)) & 0x01
+        q = q | (qh << 4)
+    s, m = d * scale, -(dmin * minimum)
+    return q.reshape(n, k), s.reshape(n, k // 32), m.reshape(n, k // 32), 32
 
 
 # ---- fp8 activation quantization for W8A8 GEMMs (templates/quant_act.cu.j2)

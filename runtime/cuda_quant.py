@@ -11,14 +11,14 @@ row of x: codegen/gemv_fp8.py's GEMV instead, which quantizes x itself; FP8_GEMV
                   (`torch._scaled_mm`); siblings with different scales are requantized to the
                   largest (as vLLM does for fused QKV: a rounding step the reference does not take)
   fp8 per-channel activations scaled per token, `_scaled_mm` in fp32 with unit scales, then both
-  int4 / int8 weight-only, ggml q4_0 / q4_1 / q8_0
+  int4 / int8 weight-only, ggml q4_0 / q4_1 / q8_0 / q4_k / q5_k / q6_k
                   generated kernels (codegen/quant_kernels.py, templates/gemv_wq.cu.j2) on a layout
                   `repack` builds once at load: T <= GEMV_MAX_T rows through the GEMV (tensor cores,
                   weights streamed once per 16 rows), more rows dequantize the weight into a
                   transient run-dtype buffer (one generated kernel) and call cuBLAS. GPTQ act-order:
                   the weight's columns are permuted at load so groups are contiguous, and x's
                   columns are gathered to match (torch `index_select`, one small launch per call)
-  other formats   (K-quants, other group sizes) dequantized to the run dtype in the step, then
+  other formats   (other group sizes) dequantized to the run dtype in the step, then
                   cuBLAS; int8 W8A8 multiplies the quantized operands exactly in bf16 (|q| <= 127 is exact)
 Every path runs inside a CUDA graph: no host sync, no data-dependent shapes.
 """
@@ -34,6 +34,7 @@ from kiln.codegen import gemv_fp8
 from kiln.codegen.quant_kernels import (  # noqa: F401
     ACT_UNROLL,
     GEMV_MAX_T,
+    GGML_PACKED,
     ActQuantSpec,
     Packed,
     act_partials,
@@ -130,9 +131,9 @@ def _on(name: str, value: str) -> bool:
 
 def runs(desc: QuantDesc) -> bool:
     """Whether the cuda backend runs weights stored as `desc`."""
-    # GGUF: the 32-value block types have kernels; the K-quants would dequantize on the host in
-    # every step (no CUDA graph could hold that), so they are refused, by name, until theirs exist.
-    return desc.dtype in ("fp8", "int8", "int4") or desc.dtype in ("gguf_q4_0", "gguf_q4_1", "gguf_q8_0")
+    # GGUF: the block types the generated kernels read as they are (quant_kernels.GGML_PACKED); another would
+    # dequantize on the host in every step (no CUDA graph could hold that), so it is refused, by name.
+    return desc.dtype in ("fp8", "int8", "int4") or desc.dtype.removeprefix("gguf_") in GGML_PACKED
 
 
 @dataclass

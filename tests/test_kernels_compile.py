@@ -117,10 +117,11 @@ def _specs(full: bool):
             out.append(MoeGemmSpec(e, n, kd, gather, bias, dtype=d, origin=_origin(8, "linear(x, w1)")))
             out.append(MoeRouteSpec(e, k, 4096 if n > 4096 else n, dtype=d, origin=_origin(9, "moe(h, logits)")))
     # weight-only quantized linears: Llama-3-8B's shapes (int4 group 128, fused qkv / gate+up), int8 per
-    # channel, ggml q4 (groups of 32, a chunk past k) and q8_0; both token buckets, with and without bias
+    # channel, ggml q4 (groups of 32, a chunk past k) and q8_0, q5_k / q6_k (int8 "pre", groups of 32 / 16); both
+    # token buckets, with and without bias
     qgemv = [("int4", "post", 6144, 4096, 128), ("int4", "post", 28672, 4096, 128), ("int4", "post", 4096, 14336, 128),
              ("int8", "post", 4096, 4096, 4096), ("int8", "post", 100, 40, 40), ("int4", "pre", 1536, 576, 32),
-             ("int8", "post", 576, 1536, 32)]
+             ("int8", "post", 576, 1536, 32), ("int8", "pre", 576, 1536, 16), ("int8", "pre", 1536, 512, 32)]
     for i, (fmt, mode, n, kd, g) in enumerate(qgemv):
         for j, d in enumerate(DTYPES if full else (next(dt),)):
             tokens = (8, 16)[(i + j) % 2]

@@ -136,6 +136,19 @@ def _gguf(n, k, kind):
     return QWeight(QuantDesc(f"gguf_{kind}", "blocks"), (n, k), q, torch.empty(0))
 
 
+def _k_blocks(n, k, kind):
+    """Random ggml K-quant rows (gguf-py dequantizes them but cannot quantize to them): random bytes with the
+    fp16 scale fields set to small normal values, as a quantizer would leave them."""
+    rng = np.random.default_rng(k + n)
+    size = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind]
+    b = rng.integers(0, 256, (n * k // 256, size), dtype=np.uint8)
+    fields = (208,) if kind == "q6_k" else (0, 2)  # q6_k: d last; q4_k / q5_k: d, dmin first
+    for at in fields:
+        b[:, at:at + 2] = (rng.uniform(1e-3, 2e-2, (b.shape[0], 1)).astype(np.float16)).view(np.uint8)
+    q = torch.from_numpy(b.reshape(n, -1).copy())
+    return QWeight(QuantDesc(f"gguf_{kind}", "blocks"), (n, k), q, torch.empty(0))
+
+
 CASES = {
     "int4": lambda: _int4(40, 256),
     "int4-symmetric": lambda: _int4(16, 128, zeros=False),
@@ -146,6 +159,9 @@ CASES = {
     "q4_0": lambda: _gguf(18, 96, "q4_0"),  # 96 % 64: a chunk half past k
     "q4_1": lambda: _gguf(16, 64, "q4_1"),
     "q8_0": lambda: _gguf(20, 96, "q8_0"),
+    "q4_k": lambda: _k_blocks(20, 512, "q4_k"),
+    "q5_k": lambda: _k_blocks(18, 256, "q5_k"),
+    "q6_k": lambda: _k_blocks(17, 512, "q6_k"),  # groups of 16: two a 32-column chunk
 }
 
 
@@ -160,7 +176,8 @@ def test_packed_layout_round_trips(case):
     torch.testing.assert_close(emulate_dequant(p), w.dequantize(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["int4", "int4-act-order", "int8-k-tail", "q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("case", ["int4", "int4-act-order", "int8-k-tail", "q4_0", "q4_1", "q8_0", "q4_k", "q5_k",
+                                  "q6_k"])
 @pytest.mark.parametrize("T", [1, 11])
 def test_fragments_compute_the_linear(case, T):
     torch.manual_seed(1)
@@ -311,3 +328,19 @@ def test_persist_ring_covers_every_item_once(fmt, n, k, group, tokens):
             for length in (pw, 3 * pw, 7 * pw):
                 consumed, flushed = _persist_walk(pw, depth, ring, length)
                 assert consumed == list(range(length)) and flushed == list(range(length // pw))
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+def test_k_quant_fields_are_gguf_values(kind):
+    # ggml_blocks' integers and records, q * s + m, against gguf-py's own dequantization, bit for bit; the integers
+    # in the range the kernel's format holds
+    from kiln.codegen.quant_kernels import ggml_blocks
+
+    w = _k_blocks(6, 768, kind)
+    q, sc, m, group = ggml_blocks(w.q, kind, 6, 768)
+    want = gguf.quants.dequantize(w.q.numpy().reshape(-1), gguf.GGMLQuantizationType[kind.upper()]).reshape(6, 768)
+    got = q.float() * sc.repeat_interleave(group, 1) + m.repeat_interleave(group, 1)
+    assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(want, dtype=np.float32)))
+    lo, hi = {"q4_k": (0, 15), "q5_k": (0, 31), "q6_k": (-32, 31)}[kind]
+    assert int(q.min()) >= lo and int(q.max()) <= hi and int(q.max()) - int(q.min()) == hi - lo
+

@@ -44,6 +44,13 @@ def _gguf(n, k, kind):
     return QWeight(QuantDesc(f"gguf_{kind}", "blocks"), (n, k), q, torch.empty(0, device="cuda"))
 
 
+def _k_quant(n, k, kind):  # (random K-quant blocks: gguf-py cannot quantize to them; tests/test_quant_layout.py)
+    from tests.test_quant_layout import _k_blocks
+
+    w = _k_blocks(n, k, kind)
+    return QWeight(w.desc, w.shape, w.q.cuda(), torch.empty(0, device="cuda"))
+
+
 def _int8(n, k):
     return quantize_weight(torch.randn(n, k, device="cuda"), QuantDesc("int8", "per_channel"))
 
@@ -57,6 +64,9 @@ FORMATS = {
     "q4_0": (lambda n, k: _gguf(n, k, "q4_0"), 288, (40, 16)),
     "q4_1": (lambda n, k: _gguf(n, k, "q4_1"), 576, (64,)),
     "q8_0": (lambda n, k: _gguf(n, k, "q8_0"), 320, (32, 32)),
+    "q4_k": (lambda n, k: _k_quant(n, k, "q4_k"), 512, (40, 16)),
+    "q5_k": (lambda n, k: _k_quant(n, k, "q5_k"), 256, (32,)),
+    "q6_k": (lambda n, k: _k_quant(n, k, "q6_k"), 512, (48, 16)),
 }
 
 
