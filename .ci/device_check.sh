@@ -254,12 +254,14 @@ for mode in "$@"; do
       if [ -n "${S25_PROBE:-}" ] || grep -q -E "^FAILED.*(split|prefill)" "$OUT/s25-tests.log"; then
         SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 60 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12; fi ;;
     s29)  # next session (~6 min): session 28's GPU tests (one warm-up stream for the captures, the mixed graphs'
-          # buffer test mended, the defaults it flipped: KILN_PREFILL_LINEAR, KILN_FP8_OUT_FUSE; KILN_FP8_LT's plans),
+          # buffer test mended, the defaults it flipped: KILN_PREFILL_LINEAR, KILN_FP8_OUT_FUSE; KILN_FP8_LT's plans;
+          # the GGUF K-quants' kernels; state-space prefix reuse through kept states),
           # cuBLASLt's algorithms for the decode GEMMs (.ci/lt_probe.py; nvmath-python + cuda-core wheels in .whl),
           # then `ltab` if its best algorithms beat _scaled_mm
-      timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_graph_memory.py \
+      timeout 180 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_graph_memory.py \
         tests/gpu/test_fp8_lt.py tests/gpu/test_fp8_out.py tests/gpu/test_quant_kernels.py tests/gpu/test_kernels.py \
-        -k "not sm90ws" 2>&1 | tee "$OUT/s29-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -8
+        tests/gpu/test_ssm_kernels.py -k "not sm90ws" 2>&1 | tee "$OUT/s29-tests.log" \
+        | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -8
       timeout 200 python3 .ci/lt_probe.py 2>&1 | grep -v Warn | tail -26 ;;
     decode512)  # (~2 min) an fp8 decode step of 512 sequences at context 1,100 (a 128/2048 run's mean at max batch
                 # 512: 20.4 ms a step in session 28) as its graph, KILN_FP8_LT 0 / 512: the GEMMs' share against

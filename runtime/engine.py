@@ -39,7 +39,7 @@ from .sampler import SampleOutput, Sampler, SamplingRow, make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Request, RequestState, Scheduler
 from .speculative import DEFAULT_NUM_SPECULATIVE_TOKENS, METHODS, DraftProposer, SpecStats, ngram_propose, verify
-from .state_cache import StatePool, StateStore, state_bytes_per_slot
+from .state_cache import StatePool, StateSnapshots, StateStore, state_bytes_per_slot
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 # Defaults by device. On the CPU the KV cache holds max_num_seqs sequences of max_model_len
@@ -70,6 +70,10 @@ class EngineConfig:
     speculative: str | None = None
     num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
     enable_prefix_caching: bool = True  # reuse the K/V of full pages of a prompt prefix seen before
+    # Models with recurrent state (state-space layers): how many states at prompt page boundaries are kept for
+    # prefix reuse (runtime/state_cache.py StateSnapshots), each the size of a sequence's state, from the same
+    # memory as the live ones. None: max_num_seqs; 0: none, and no prefix reuse for such a model.
+    state_snapshots: int | None = None
     # Launch each step before reading the previous one back (module docstring); None: on for the cuda
     # backend unless KILN_OVERLAP=0, off otherwise. Off with speculative decoding or a backend that
     # cannot take device-side input tokens (tensor parallel, TensorRT).
@@ -90,6 +94,9 @@ class EngineConfig:
         f = self.kv_memory_fraction
         if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {f!r}")
+        v = self.state_snapshots
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"state_snapshots must be an integer >= 0 or None, got {v!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")
         if self.overlap is not None and not isinstance(self.overlap, bool):
@@ -188,10 +195,14 @@ class LLMEngine:
                 repage(config.page_size)
         self.model.reserve(config.max_num_seqs, config.max_model_len)  # the backend sizes its per-step state
         # State-space layers keep a fixed-size recurrent state per sequence (runtime/state_cache.py): a
-        # slot per seat, taken from the memory budget before the pages. Their state cannot be rewound,
-        # so no prefix reuse (it would skip the tokens that build the state) and no speculation.
+        # slot per seat, taken from the memory budget before the pages. Their state cannot be rewound: a
+        # prefix is reused only where the state after it was kept (config.state_snapshots, from the same
+        # budget), and there is no speculation.
         state_sites = loaded.plan.state_sites
-        state_bytes = config.max_num_seqs * state_bytes_per_slot(state_sites, loaded.dtype)
+        snapshots = 0
+        if state_sites and config.enable_prefix_caching:
+            snapshots = config.max_num_seqs if config.state_snapshots is None else config.state_snapshots
+        state_bytes = (config.max_num_seqs + snapshots) * state_bytes_per_slot(state_sites, loaded.dtype)
         if state_sites and config.speculative is not None:
             raise ValueError(f"speculative decoding ({config.speculative}) is not supported for a model with "
                              f"recurrent state (state-space layers): rejected drafts would advance its state")
@@ -217,17 +228,19 @@ class LLMEngine:
                              f"{num_pages * config.page_size:,} tokens, {num_pages * per_page / 2**30:.2f} GiB "
                              f"({loaded.device.type} memory)")
         if state_sites:
-            self.capacity += f"; recurrent state: {config.max_num_seqs} slots, {state_bytes / 2**30:.2f} GiB"
+            self.capacity += (f"; recurrent state: {config.max_num_seqs} slots + {snapshots} kept for prefix reuse, "
+                              f"{state_bytes / 2**30:.2f} GiB")
         self.kv = KVStore(loaded.plan.sites, num_pages, config.page_size, loaded.dtype, loaded.device,
-                          state=StateStore(config.max_num_seqs, state_sites, loaded.dtype, loaded.device)
-                          if state_sites else None)
+                          state=StateStore(config.max_num_seqs, state_sites, loaded.dtype, loaded.device,
+                                           num_snapshots=snapshots) if state_sites else None)
         self.pool = BlockPool(num_pages, config.page_size)
         eos = tokenizer.eos_token_ids if tokenizer is not None else ()
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_tokens_per_step,
                                    config.chunked_prefill, config.policy, eos_token_ids=eos,
-                                   prefix_caching=config.enable_prefix_caching and not state_sites,
+                                   prefix_caching=config.enable_prefix_caching and (not state_sites or snapshots > 0),
                                    namespace=cache_namespace(loaded),
-                                   states=StatePool(config.max_num_seqs) if state_sites else None)
+                                   states=StatePool(config.max_num_seqs) if state_sites else None,
+                                   snapshots=StateSnapshots(snapshots) if snapshots else None)
         self.sampler = Sampler()
         self._tracks: dict[str, _Track] = {}
         self._groups: dict[str, _Group] = {}
@@ -355,7 +368,7 @@ class LLMEngine:
             # Guided rows' masks are computed on a worker thread while the model runs.
             masks = self._start_masks(rows)
             with torch.no_grad():  # tokens stay on the host: each backend moves what it needs
-                logits = self.model.forward(step.batch, self.kv)
+                logits = self._forward(step)
             if step.drafts:
                 changed.update(self._verify(step, logits, masks, qs))
             else:
@@ -400,6 +413,16 @@ class LLMEngine:
             changed.add(self._tracks[req.request_id].parent)
         return [self._output(pid) for pid in list(self._groups) if pid in changed]  # arrival order
 
+    def _forward(self, step) -> torch.Tensor:
+        """The step's logits, with the recurrent state it continues from restored first and the states it
+        leaves at kept boundaries saved after it (Scheduler: prefix reuse with state), in stream order."""
+        if step.restore:
+            self.kv.state.restore(step.restore)
+        logits = self.model.forward(step.batch, self.kv)
+        if step.save:
+            self.kv.state.save(step.save)
+        return logits
+
     def _fast(self, req: Request) -> bool:
         """Whether req's next step can be built without its newest token on the host."""
         p = req.params
@@ -412,7 +435,7 @@ class LLMEngine:
         rows = step.sampled_requests
         masks = self._start_masks(rows)  # guided rows (never in an optimistic step: `_fast`)
         with torch.no_grad():
-            logits = self.model.forward(step.batch, self.kv)
+            logits = self._forward(step)
             out = self.sampler.sample(logits, [
                 SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, self._tracks[r.request_id].generator)
                 for r in rows], masks.result())

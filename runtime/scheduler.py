@@ -25,6 +25,15 @@ tokens come from the cache: the last prompt token is always computed, as its log
 Preemption and finishing release pages as before; registered ones stay resident (cached) until
 evicted, so a preempted request usually finds its own prefix again on readmission.
 
+Recurrent state (models with state sites, `states`): a request holds one state slot while RUNNING. With
+prefix caching such a model also needs `snapshots` (runtime/state_cache.StateSnapshots): a prefix hit
+stops at the last hit page boundary whose state was kept, and the step that admits the request
+restores that snapshot into its slot first (`ScheduledStep.restore`). A prompt chunk then ends on a
+page boundary where the budget allows, and always at the request's last boundary before its final
+token (`_state_chunk`: one more step for that token's page); a chunk that ends on a boundary whose
+state is not kept yet saves it after the step (`ScheduledStep.save`), named by the chain hash of the
+pages before it. With chunked prefill off no chunk ends early, so no state is kept.
+
 Admission order with prefix caching: among the first `max_num_seqs` waiting requests (in rank
 order), those whose first page is resident are admitted first (then by rank; under the priority
 policy only within one priority value). Starvation bound: each time a request is admitted ahead
@@ -71,7 +80,7 @@ import torch
 from .batch import PendingTokens, SeqSlice, StepBatch
 from .kv_cache import BlockPool, OutOfPages, namespace_hash, page_hashes
 from .sampling_params import SamplingParams
-from .state_cache import StatePool
+from .state_cache import StatePool, StateSnapshots
 
 
 class SchedulerError(ValueError):
@@ -135,6 +144,10 @@ class ScheduledStep:
     # Speculative decoding: request id -> the draft tokens its decode slice carries after its
     # last token (the slice then has logits for all 1 + len(drafts) tokens).
     drafts: dict[str, list[int]] = field(default_factory=dict)
+    # Recurrent state kept for prefix reuse (module docstring): (snapshot slot, state slot) pairs to copy
+    # before the step runs, and (state slot, snapshot slot) pairs after it (StateStore.restore / save).
+    restore: list[tuple[int, int]] = field(default_factory=list)
+    save: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def sampled_requests(self) -> list[Request]:
@@ -154,15 +167,22 @@ class Scheduler:
         prefix_caching: bool = False,
         namespace: str = "",
         states: StatePool | None = None,
+        snapshots: StateSnapshots | None = None,
     ):
         """`namespace`: what the K/V of a page depend on besides its tokens (the model, its weights,
-        dtype and quantization); prefix cache hits only happen within one namespace."""
+        dtype and quantization); prefix cache hits only happen within one namespace. `snapshots`: with
+        `states` and prefix caching, the kept states a prefix hit restores (module docstring)."""
         if max_num_seqs < 1:
             raise SchedulerError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_tokens_per_step < 1:
             raise SchedulerError(f"max_tokens_per_step must be >= 1, got {max_tokens_per_step}")
         if policy not in ("fcfs", "priority"):
             raise SchedulerError(f"policy must be 'fcfs' or 'priority', got {policy!r}")
+        if prefix_caching and states is not None and snapshots is None:
+            raise SchedulerError("prefix caching for a model with recurrent state needs state snapshots: a hit "
+                                 "would skip the tokens that build the state")
+        if snapshots is not None and (states is None or not prefix_caching):
+            raise SchedulerError("state snapshots serve prefix caching of a model with recurrent state only")
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_tokens_per_step = max_tokens_per_step
@@ -175,6 +195,7 @@ class Scheduler:
         # Recurrent state slots (runtime/state_cache.py) of a model with state sites: one per running
         # request, taken on admission, given back on finish, cancel and preemption (recompute rebuilds it).
         self.states = states
+        self.snapshots = snapshots
         # Prefix cache hit rate = prefix_hit_tokens / prefix_query_tokens, over admissions: a request
         # asks for its num_tokens (prompt, plus output so far after a preemption) each time it is
         # admitted; the hits are the tokens it then reuses from the cache.
@@ -297,7 +318,8 @@ class Scheduler:
                 num_new = min(req.num_tokens - req.num_computed, budget)
                 # Shrink the chunk to the free pages rather than preempt, while any token fits.
                 room = (len(req.block_table) + self.pool.num_free) * self.pool.page_size - req.num_computed
-                reserve(req, min(num_new, room) if room > 0 else num_new, prefills)
+                num_new = min(num_new, room) if room > 0 else num_new
+                reserve(req, self._state_chunk(req, req.num_computed, num_new), prefills)
         kept: dict[str, list[int]] = {}
         for n, (req, num_new) in enumerate(decodes):
             proposal = drafts.get(req.request_id) if drafts else None
@@ -312,13 +334,15 @@ class Scheduler:
                 kept[req.request_id] = d
                 budget -= len(d)
         # After a preemption pages are short: admitting now would only cause more (as in vLLM).
+        restore: list[tuple[int, int]] = []
         if self.num_preemptions == preemptions_before and self.waiting and budget > 0:
-            self._admit(budget, prefills)
-        return self._build(decodes + prefills, kept)
+            self._admit(budget, prefills, restore)
+        return self._build(decodes + prefills, kept, restore=restore)
 
-    def _admit(self, budget: int, prefills: list[tuple[Request, int]]) -> None:
+    def _admit(self, budget: int, prefills: list[tuple[Request, int]], restore: list[tuple[int, int]]) -> None:
         """Move waiting requests to running while seats, token budget and pages last; stop at the
-        first one that does not fit (no skipping ahead for size, which could starve it)."""
+        first one that does not fit (no skipping ahead for size, which could starve it). `restore`
+        receives the (snapshot, state slot) copies of the admitted requests' prefix hits."""
         ps = self.pool.page_size
         window = self.waiting[: self.max_num_seqs]
         admitted = []
@@ -334,6 +358,7 @@ class Scheduler:
                 if not self.chunked_prefill:
                     break  # whole or not at all
                 num_new = budget
+            num_new = self._state_chunk(req, cached, num_new)
             need = self.pool.pages_needed(cached + num_new) - len(hit)
             # Touching a cached hit takes it out of num_free: count it before deciding.
             if need > self.pool.num_free - self.pool.num_cached_among(hit):
@@ -344,6 +369,8 @@ class Scheduler:
             req.num_registered = len(hit)
             if self.states is not None:
                 req.state_slot = self.states.allocate()
+                if hit:  # the state after the hit pages, kept when a chunk ended there (_prefix_hit)
+                    restore.append((self.snapshots.use(req.page_hashes[len(hit) - 1]), req.state_slot))
             self.prefix_query_tokens += req.num_tokens
             self.prefix_hit_tokens += cached
             self.waiting.remove(req)
@@ -373,10 +400,33 @@ class Scheduler:
         return sorted(window, key=key)
 
     def _prefix_hit(self, req: Request) -> list[int]:
-        """The resident pages of req's leading full pages, leaving at least its last token to compute."""
+        """The resident pages of req's leading full pages, leaving at least its last token to compute; with
+        recurrent state, only up to the last of them whose state was kept (a snapshot at its end)."""
         if not self.prefix_caching:
             return []
-        return self.pool.lookup(self._hashes(req, (req.num_tokens - 1) // self.pool.page_size))
+        hit = self.pool.lookup(self._hashes(req, (req.num_tokens - 1) // self.pool.page_size))
+        if self.snapshots is not None:
+            n = len(hit)
+            while n and self.snapshots.find(req.page_hashes[n - 1]) is None:
+                n -= 1
+            hit = hit[:n]
+        return hit
+
+    def _state_chunk(self, req: Request, context: int, num_new: int) -> int:
+        """A prompt chunk's length with kept states (snapshots, chunked prefill): cut at the request's last
+        page boundary before its final token (the state a later request with this prompt restores), else
+        down to a page boundary where one lies past `context` (a state that a shorter shared prefix may
+        restore); otherwise as given."""
+        if self.snapshots is None or not self.chunked_prefill or num_new <= 1:
+            return num_new
+        ps = self.pool.page_size
+        last = (req.num_tokens - 1) // ps * ps
+        end = context + num_new
+        if context < last < end:
+            return last - context
+        if end < last and end // ps * ps > context:
+            return end // ps * ps - context
+        return num_new
 
     def _hashes(self, req: Request, n: int) -> list[bytes]:
         """The hashes of req's first n full pages (computed once per page, kept on the request)."""
@@ -495,7 +545,7 @@ class Scheduler:
             room = (len(req.block_table) + free) * ps - context
             if room <= 0:
                 return None
-            num_new = min(req.num_tokens - context, budget, room)
+            num_new = self._state_chunk(req, context, min(req.num_tokens - context, budget, room))
             free -= max(0, self.pool.pages_needed(context + num_new) - len(req.block_table))
             resumed.append((req, context, num_new))
             budget -= num_new
@@ -504,10 +554,12 @@ class Scheduler:
         for req, context, num_new in resumed:
             self.pool.ensure(req.block_table, context + num_new)
         prefills: list[tuple[Request, int]] = []
+        restore: list[tuple[int, int]] = []
         if self.waiting and budget > 0:
-            self._admit(budget, prefills)
+            self._admit(budget, prefills, restore)
         step = self._build([(r, 1) for r, _, _ in cont] + [(r, n) for r, _, n in resumed] + prefills,
-                           ahead={id(r): c for r, c, _ in cont}, resume={id(r): c for r, c, _ in resumed})
+                           ahead={id(r): c for r, c, _ in cont}, resume={id(r): c for r, c, _ in resumed},
+                           restore=restore)
         if cont:  # they are its first rows, one token each
             step.batch.pending = PendingTokens(source, tuple(range(len(cont))), tuple(j for _, _, j in cont))
         return step
@@ -539,17 +591,27 @@ class Scheduler:
         self._finished.append(req)
 
     def _build(self, work: list[tuple[Request, int]], drafts: dict[str, list[int]] | None = None,
-               ahead: dict[int, int] | None = None, resume: dict[int, int] | None = None) -> ScheduledStep:
+               ahead: dict[int, int] | None = None, resume: dict[int, int] | None = None,
+               restore: list[tuple[int, int]] | None = None) -> ScheduledStep:
         """`ahead`: id(request) -> context of an optimistic decode row (schedule_ahead), whose token
         is not known yet: a placeholder 0 here, the device's token in its place (StepBatch.pending).
-        `resume`: id(request) -> context of a prompt chunk scheduled ahead (its tokens are known)."""
+        `resume`: id(request) -> context of a prompt chunk scheduled ahead (its tokens are known).
+        `restore`: the admitted requests' snapshot copies (_admit); the step's saves are added here."""
         tokens: list[int] = []
         seqs: list[SeqSlice] = []
         drafts = drafts or {}
         ahead = ahead or {}
         resume = resume or {}
+        save: list[tuple[int, int]] = []
+        ps = self.pool.page_size
         for req, num_new in work:
             start = ahead.get(id(req), resume.get(id(req), req.num_computed))
+            end = start + num_new
+            if self.snapshots is not None and end % ps == 0 and end < req.num_tokens:
+                # a prompt chunk that ends on a page boundary: keep the state there (named as its pages are)
+                key = self._hashes(req, end // ps)[-1]
+                if self.snapshots.find(key) is None:
+                    save.append((req.state_slot, self.snapshots.put(key)))
             d = drafts.get(req.request_id)
             if d:  # the last token, then the drafts: logits for all of them
                 tokens.extend(req.token_slice(start, start + 1) + d)
@@ -571,4 +633,5 @@ class Scheduler:
             )
         batch = StepBatch(tokens=torch.tensor(tokens, dtype=torch.long), seqs=seqs)
         return ScheduledStep(batch=batch, requests=[r for r, _ in work],
-                             drafts={r.request_id: drafts[r.request_id] for r, _ in work if r.request_id in drafts})
+                             drafts={r.request_id: drafts[r.request_id] for r, _ in work if r.request_id in drafts},
+                             restore=restore or [], save=save)

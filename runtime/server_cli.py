@@ -232,6 +232,7 @@ def _load(args, planned: list, loaded_models: list | None = None, engines: list 
             page_size=args.page_size, num_pages=args.num_pages, kv_memory_fraction=args.kv_memory_fraction,
             max_num_seqs=max_seqs, max_tokens_per_step=args.max_tokens_per_step, max_model_len=max_len,
             enable_prefix_caching=getattr(args, "prefix_caching", True), speculative=method,
+            state_snapshots=getattr(args, "state_snapshots", None),
             num_speculative_tokens=getattr(args, "num_speculative_tokens", 4)),
             context_len=max_len, draft=draft)
         from .lora import LoraError

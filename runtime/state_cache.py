@@ -11,13 +11,24 @@ Nothing needs clearing between owners: an op whose sequence starts at context 0 
 zero state and overwrites its slot (dsl/ops/ssm.py). A preempted request is recomputed from its
 prompt like any other, so its state is rebuilt, not saved.
 
+Prefix reuse: a state cannot be rewound, so a request can skip a cached prefix only where the state
+after exactly that prefix was kept. `StateSnapshots` names up to `capacity` *snapshots* (copies of
+every site's state of one sequence, `StateStore.save` / `restore`) by the chained hash of the full
+pages before the boundary (kv_cache.page_hashes); the scheduler takes one where a prompt chunk ends
+on a page boundary and restores it into a request admitted with that prefix. Snapshots are evicted
+least recently used first, like cached pages; a snapshot whose pages were evicted is never found
+(the pages are looked up first).
+
 Invariants of `StatePool`: every slot in [0, num_slots) is free or held, never both;
 `allocate` hands out the lowest free slot; freeing a free slot raises `StateAccountingError`.
+Invariants of `StateSnapshots`: a hash names at most one snapshot slot and a slot at most one hash;
+kept + free == capacity; `put` takes the lowest free slot, else the least recently used one's.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -65,6 +76,45 @@ class StatePool:
         heapq.heappush(self._free, slot)
 
 
+class StateSnapshots:
+    """Which snapshot slot holds the state at which prefix (module docstring): accounting only."""
+
+    def __init__(self, capacity: int):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise StateCacheError(f"capacity must be a positive integer, got {capacity!r}")
+        self.capacity = capacity
+        self._slot_of: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
+        self._free = list(range(capacity))  # a min-heap
+
+    @property
+    def num_kept(self) -> int:
+        return len(self._slot_of)
+
+    def find(self, key: bytes) -> int | None:
+        """The slot of the snapshot named `key`, or None (its recency unchanged)."""
+        return self._slot_of.get(key)
+
+    def use(self, key: bytes) -> int:
+        """The slot of the kept snapshot `key`, now the most recently used."""
+        self._slot_of.move_to_end(key)
+        return self._slot_of[key]
+
+    def put(self, key: bytes) -> int:
+        """A slot for a new snapshot named `key` (not kept yet): a free one, else the least recently used
+        snapshot's, whose name is dropped."""
+        if key in self._slot_of:
+            raise StateAccountingError("a snapshot of this prefix is kept already")
+        slot = heapq.heappop(self._free) if self._free else self._slot_of.popitem(last=False)[1]
+        self._slot_of[key] = slot
+        return slot
+
+    def check(self) -> None:
+        slots = list(self._slot_of.values())
+        if len(set(slots)) != len(slots) or set(slots) & set(self._free) \
+                or len(slots) + len(self._free) != self.capacity:
+            raise StateAccountingError(f"snapshot slots inconsistent: kept {sorted(slots)}, free {sorted(self._free)}")
+
+
 def _torch_dtype(site_dtype: str, run_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if site_dtype == "fp32" else run_dtype
 
@@ -89,13 +139,44 @@ class StateStore:
     the same memory budget as the KV pages."""
 
     def __init__(self, num_slots: int = 1, sites: Sequence = (), dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", num_snapshots: int = 0):
         if not isinstance(num_slots, int) or num_slots < 1:
             raise StateCacheError(f"num_slots must be a positive integer, got {num_slots!r}")
+        if not isinstance(num_snapshots, int) or num_snapshots < 0 or (num_snapshots and not sites):
+            raise StateCacheError(f"num_snapshots must be an integer >= 0 (and > 0 only with the sites allocated), "
+                                  f"got {num_snapshots!r}")
         self.num_slots = num_slots
+        self.num_snapshots = num_snapshots
         self.tensors: dict[int, torch.Tensor] = {
             s.index: torch.zeros(num_slots, *s.shape, dtype=_torch_dtype(s.dtype, dtype), device=device)
             for s in sites}
+        # snapshots (StateSnapshots' slots), apart from the live slots the kernels index
+        self.snapshots: dict[int, torch.Tensor] = {
+            i: t.new_zeros(num_snapshots, *t.shape[1:]) for i, t in self.tensors.items()} if num_snapshots else {}
+
+    def save(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy live slot a's state to snapshot slot b for each (a, b), in stream order (after the step that
+        computed it, before the next one)."""
+        if pairs:
+            src, dst = self._indices(pairs, self.num_slots, self.num_snapshots)
+            for i, t in self.tensors.items():
+                self.snapshots[i].index_copy_(0, dst, t.index_select(0, src))
+
+    def restore(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy snapshot slot a's state to live slot b for each (a, b) (before the step that continues from it)."""
+        if pairs:
+            src, dst = self._indices(pairs, self.num_snapshots, self.num_slots)
+            for i, t in self.tensors.items():
+                t.index_copy_(0, dst, self.snapshots[i].index_select(0, src))
+
+    def _indices(self, pairs, n_src: int, n_dst: int):
+        if any(not 0 <= a < n_src or not 0 <= b < n_dst for a, b in pairs) or len({b for _, b in pairs}) != len(pairs):
+            raise StateAccountingError(f"state copies {list(pairs)}: out of range ({n_src}, {n_dst}) or a target twice")
+        dev = next(iter(self.tensors.values())).device
+        idx = torch.tensor([[a for a, _ in pairs], [b for _, b in pairs]])
+        if dev.type == "cuda":  # (from pinned memory, not synchronously: the host does not wait for the GPU)
+            idx = idx.pin_memory().to(dev, non_blocking=True)
+        return idx[0], idx[1]
 
     def site(self, index: int, shape: tuple[int, ...], dtype: torch.dtype,
              device: torch.device | str) -> torch.Tensor:
@@ -120,4 +201,4 @@ class StateStore:
         return slots
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.numel() * t.element_size() for t in (*self.tensors.values(), *self.snapshots.values()))

@@ -133,6 +133,7 @@ PARSE_ERRORS = [
     (["serve", "--max-num-seqs", "0"], "--max-num-seqs"),
     (["serve", "--max-waiting", "-1"], "--max-waiting"),
     (["serve", "--max-model-len", "0"], "--max-model-len"),
+    (["serve", "--state-snapshots", "-1"], "--state-snapshots", ">= 0"),
     (["serve", "--page-size", "0"], "--page-size"),
     (["serve", "--num-pages", "0"], "--num-pages"),
     (["serve", "--kv-memory-fraction", "0"], "--kv-memory-fraction"),

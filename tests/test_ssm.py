@@ -5,7 +5,9 @@ FAMILY_CONFIGS entries mamba, mamba-bias, mamba2, jamba). Here: in-flight batchi
 what a request generates when every layer carries a recurrent state. Greedy outputs of concurrent
 requests of mixed lengths equal each request run alone, with chunked prefill (a prompt's state
 carried from chunk to chunk) and with preemption (the state rebuilt from the prompt); at the end
-every state slot and every page is free.
+every state slot and every page is free. Prefix reuse: a request whose cached pages reach a boundary
+where a state was kept restores it and generates what it generates alone; kept states are evicted
+least recently used; the scheduler's chunks, saves and restores, exactly.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from kiln.dsl.errors import SpecError
 from kiln.dsl.ops import OPS, Kernel, KernelCall, OpKind
 from kiln.runtime.batch import SeqSlice, StepBatch
 from kiln.runtime.engine import EngineConfig, LLMEngine
+from kiln.runtime.kv_cache import BlockPool
 from kiln.runtime.kv_store import KVStore
 from kiln.runtime.model import random_model
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.state_cache import StateAccountingError, StateCacheError, StatePool
+from kiln.runtime.scheduler import Request, Scheduler, SchedulerError
+from kiln.runtime.state_cache import StateAccountingError, StateCacheError, StatePool, StateSnapshots, StateStore
 
 from tests.configs import FAMILY_CONFIGS
 from tests.test_engine import alone
@@ -100,13 +104,63 @@ def test_cancel_frees_the_state_slot(family):
     assert all_free(engine)
 
 
-def test_no_prefix_reuse_or_speculation_with_state(family):
+def test_no_prefix_reuse_without_kept_states_and_no_speculation(family):
     _, model, _ = family
-    engine = LLMEngine(model, None, EngineConfig(page_size=4, num_pages=64, enable_prefix_caching=True))
+    engine = LLMEngine(model, None, EngineConfig(page_size=4, num_pages=64, max_num_seqs=4, state_snapshots=0))
     assert not engine.scheduler.prefix_caching  # a prefix hit would skip the tokens that build the state
     assert engine.kv.state.nbytes() > 0  # every slot allocated up front
+    kept = LLMEngine(model, None, EngineConfig(page_size=4, num_pages=64, max_num_seqs=4))
+    assert kept.scheduler.prefix_caching and kept.scheduler.snapshots.capacity == 4  # one kept state a seat
+    assert kept.kv.state.nbytes() == 2 * engine.kv.state.nbytes()
     with pytest.raises(ValueError, match="recurrent state"):
         LLMEngine(model, None, EngineConfig(page_size=4, num_pages=64, speculative="ngram"))
+    with pytest.raises(ValueError, match="state_snapshots"):
+        EngineConfig(state_snapshots=-1)
+
+
+def _greedy(engine, prompt, n):
+    rid = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished and out.request_id == rid:
+                got = out.outputs[0].token_ids
+    return got
+
+
+def test_prefix_reuse_restores_the_kept_state(family):
+    # A 22-token prompt in chunks of up to 16 (pages of 4) ends its chunks at 16 and at 20, its last page
+    # boundary before its final token, and keeps the state at both. A prompt sharing its first 16 tokens
+    # restores the state at 16; the same prompt again, at 20; one sharing 13 tokens finds no state at 12 and
+    # computes everything. Each generates what it generates alone.
+    _, model, _ = family
+    rng = random.Random(5)
+    a = [rng.randrange(VOCAB) for _ in range(22)]
+    engine = LLMEngine(model, None, EngineConfig(page_size=4, num_pages=64, max_num_seqs=4, max_tokens_per_step=16))
+    sched = engine.scheduler
+    assert _greedy(engine, a, 6) == alone(model, a, 6)
+    assert sched.prefix_hit_tokens == 0 and sched.snapshots.num_kept == 2
+    for prompt, hit in [(a[:16] + [3, 1, 4, 1, 5], 16), (a, 20), (a[:13] + [9, 2, 6], 0)]:
+        before = sched.prefix_hit_tokens
+        assert _greedy(engine, prompt, 5) == alone(model, prompt, 5), (len(prompt), hit)
+        assert sched.prefix_hit_tokens - before == hit
+    sched.snapshots.check()
+    assert all_free(engine)
+
+
+def test_kept_states_are_evicted_least_recently_used_first(family):
+    _, model, _ = family
+    rng = random.Random(6)
+    a, b = ([rng.randrange(VOCAB) for _ in range(10)] for _ in range(2))
+    engine = LLMEngine(model, None, EngineConfig(page_size=4, num_pages=64, max_num_seqs=2, state_snapshots=1))
+    sched = engine.scheduler
+    _greedy(engine, a, 2)  # keeps the state at 8 (its last boundary before its final token)
+    _greedy(engine, b, 2)  # the one kept slot now holds b's
+    assert sched.snapshots.num_kept == 1 and sched.snapshots.find(sched._hashes(Request("x", b), 2)[-1]) == 0
+    before = sched.prefix_hit_tokens
+    assert _greedy(engine, a, 3) == alone(model, a, 3)  # a's pages are cached, its state is not: no hit
+    assert _greedy(engine, b + [7], 3) == alone(model, b + [7], 3)  # a's run kept its own again (at 8)...
+    assert sched.prefix_hit_tokens == before  # ...so b's was evicted
+    assert all_free(engine)
 
 
 # ---- the plan: state sites, backends
@@ -192,3 +246,56 @@ def test_state_pool_accounting():
     assert pool.allocate() == 0 and pool.num_free == 1
     with pytest.raises(StateAccountingError):
         pool.free(2)
+
+
+def test_state_snapshots_accounting():
+    kept = StateSnapshots(2)
+    assert kept.put(b"a") == 0 and kept.put(b"b") == 1 and kept.find(b"a") == 0
+    assert kept.use(b"a") == 0  # now b is the least recently used
+    assert kept.put(b"c") == 1 and kept.find(b"b") is None and kept.num_kept == 2
+    with pytest.raises(StateAccountingError):
+        kept.put(b"a")
+    kept.check()
+
+
+def test_state_store_saves_and_restores_slots():
+    from kiln.dsl.plan import StateSite
+
+    site = StateSite(0, "layers.0.conv", "causal_conv1d", (2, 3), "fp32")
+    store = StateStore(3, [site], num_snapshots=2)
+    live = store.tensors[0]
+    live.copy_(torch.arange(18.0).reshape(3, 2, 3))
+    store.save([(2, 0), (0, 1)])
+    assert torch.equal(store.snapshots[0][0], live[2]) and torch.equal(store.snapshots[0][1], live[0])
+    store.restore([(0, 1)])
+    assert torch.equal(live[1], live[2])
+    for bad in ([(3, 0)], [(0, 2)], [(0, 0), (1, 0)]):
+        with pytest.raises(StateAccountingError):
+            store.save(bad)
+    with pytest.raises(StateCacheError):
+        StateStore(2, num_snapshots=1)  # (lazily made sites have no snapshots)
+
+
+def test_scheduler_keeps_and_restores_states_exactly():
+    # Pages of 4, 16 tokens a step: a's 22-token prompt runs as 16 (kept in snapshot slot 0), 4 (the last
+    # boundary before its final token, 20: slot 1), then 2 that sample. b, with the same prompt, is admitted
+    # beside a's first decode row in the step scheduled ahead of a's update: its 20 cached tokens continue from
+    # snapshot 1 restored into its own state slot before that step.
+    sched = Scheduler(BlockPool(32, 4), 4, 16, prefix_caching=True, states=StatePool(4), snapshots=StateSnapshots(4))
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    sched.add(Request("a", list(range(22)), params))
+    steps = []
+    for want_len, want_save in [(16, [(0, 0)]), (4, [(0, 1)])]:
+        step = sched.schedule()
+        assert [s.length for s in step.batch.seqs] == [want_len] and step.save == want_save and not step.restore
+        sched.update(step, [])
+        steps.append(step)
+    last = sched.schedule()
+    assert [(s.length, s.sample) for s in last.batch.seqs] == [(2, True)] and not last.save
+    sched.add(Request("b", list(range(22)), params))
+    ahead = sched.schedule_ahead(last, torch.tensor([7]))
+    assert [(s.context, s.length, s.state_slot) for s in ahead.batch.seqs] == [(22, 1, 0), (20, 2, 1)]
+    assert ahead.restore == [(1, 1)] and not ahead.save and sched.prefix_hit_tokens == 20
+    with pytest.raises(SchedulerError, match="snapshots"):
+        Scheduler(BlockPool(8, 4), 2, 16, prefix_caching=True, states=StatePool(2))
+

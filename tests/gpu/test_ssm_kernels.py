@@ -190,6 +190,33 @@ def test_state_space_decode_runs_in_cuda_graphs(name):
     assert cuda.model._graphs, "decode did not run through a CUDA graph"
 
 
+@pytest.mark.parametrize("name", ["mamba2", "jamba"])
+def test_prefix_reuse_restores_kept_states_on_the_cuda_backend(name):
+    """The engine on the cuda backend (CUDA graphs, overlapped steps): a prompt sharing another's first 32
+    tokens restores the state kept at 32 (runtime/state_cache.py StateSnapshots) and continues from it; its
+    greedy tokens equal those of an engine that keeps no state and computes the whole prompt (fp32)."""
+    from kiln.runtime.engine import EngineConfig, LLMEngine
+    from kiln.runtime.sampling_params import SamplingParams
+
+    _, cuda = pair(FAMILY_CONFIGS[name]["model_type"], FAMILY_CONFIGS[name], "fp32")
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(0, cuda.plan.vocab_size, (45,), generator=g).tolist()
+    b = a[:32] + torch.randint(0, cuda.plan.vocab_size, (11,), generator=g).tolist()
+    got = {}
+    for kept in (None, 0):
+        engine = LLMEngine(cuda, None, EngineConfig(page_size=16, num_pages=64, max_num_seqs=4,
+                                                     max_tokens_per_step=64, state_snapshots=kept))
+        got[kept] = []
+        for prompt in (a, b):  # one after the other: b finds a's pages and (kept) its state at 32
+            rid = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.finished and out.request_id == rid:
+                        got[kept].append(out.outputs[0].token_ids)
+        assert engine.scheduler.prefix_hit_tokens == (32 if kept is None else 0)
+    assert got[None] == got[0] and len(got[0]) == 2
+
+
 # ---- Mamba-2's fused decode kernel (conv -> split -> scan)
 
 ROOT = Path(__file__).resolve().parents[2]
