@@ -382,7 +382,8 @@ def add_serve_arguments(p) -> None:
                    help="recompute every prompt (default: reuse the KV cache pages of prompt prefixes seen before)")
     p.add_argument("--state-snapshots", type=int_arg(0), default=None, metavar="N",
                    help="models with recurrent state (Mamba, hybrids): states kept at prompt page boundaries for "
-                        "prefix reuse, each a sequence's state in size (default: --max-num-seqs; 0: no reuse)")
+                        "prefix reuse, each a sequence's state in size (default: --max-num-seqs, fewer where live "
+                        "and kept states would take over half the free GPU memory; 0: no reuse)")
     p.add_argument("--max-body-bytes", type=int_arg(1), default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--request-timeout", type=float_arg(0, lo_open=True), default=600.0,
                    help="seconds; then 504 (or an error event)")

@@ -72,7 +72,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the K/V of full pages of a prompt prefix seen before
     # Models with recurrent state (state-space layers): how many states at prompt page boundaries are kept for
     # prefix reuse (runtime/state_cache.py StateSnapshots), each the size of a sequence's state, from the same
-    # memory as the live ones. None: max_num_seqs; 0: none, and no prefix reuse for such a model.
+    # memory as the live ones. None: max_num_seqs (on a GPU, fewer where live and kept states would take over half
+    # the free memory); 0: none, and no prefix reuse for such a model.
     state_snapshots: int | None = None
     # Launch each step before reading the previous one back (module docstring); None: on for the cuda
     # backend unless KILN_OVERLAP=0, off otherwise. Off with speculative decoding or a backend that
@@ -199,10 +200,16 @@ class LLMEngine:
         # prefix is reused only where the state after it was kept (config.state_snapshots, from the same
         # budget), and there is no speculation.
         state_sites = loaded.plan.state_sites
+        per_slot = state_bytes_per_slot(state_sites, loaded.dtype)
         snapshots = 0
         if state_sites and config.enable_prefix_caching:
             snapshots = config.max_num_seqs if config.state_snapshots is None else config.state_snapshots
-        state_bytes = (config.max_num_seqs + snapshots) * state_bytes_per_slot(state_sites, loaded.dtype)
+            if config.state_snapshots is None and loaded.device.type == "cuda":
+                # the default gives way where live and kept states would take over half the free memory (a
+                # 2.7B Mamba-2's state is 168 MiB: 256 seats hold 42 GiB before any is kept)
+                half = torch.cuda.mem_get_info(loaded.device)[0] // 2
+                snapshots = max(0, min(snapshots, half // per_slot - config.max_num_seqs))
+        state_bytes = (config.max_num_seqs + snapshots) * per_slot
         if state_sites and config.speculative is not None:
             raise ValueError(f"speculative decoding ({config.speculative}) is not supported for a model with "
                              f"recurrent state (state-space layers): rejected drafts would advance its state")
