@@ -137,8 +137,11 @@
 #                                         their GPU tests, kernel tables, and batch-1 decode off / on
 #   bash .ci/device_check.sh benches   the figures the open issues ask for: cached-prefix TTFT, LoRA (LORA=1) and
 #                                         guided decode overhead, fp8 / int4 batch-1 decode, Mamba-2 decode
-# Needs .whl carried (see device_compare.sh; pytest-xdist + execnet, llguidance + jsonschema and deps)
-# and, for the guided benchmark, .tok (a tokenizer.json folder: SmolLM2's, exported from the GGUF).
+# Needs .whl carried (see device_compare.sh; pytest-xdist + execnet, llguidance + jsonschema and deps;
+# for KILN_FP8_LT, s29's lt_probe and ltab also nvmath-python 1.0.1 and cuda-core 1.2.2, cp312: `python3 -m pip
+# download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+# -d .whl nvmath-python==1.0.1 cuda-core==1.2.2`) and, for the guided benchmark, .tok (a tokenizer.json folder:
+# SmolLM2's, exported from the GGUF).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
