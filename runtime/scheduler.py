@@ -30,9 +30,11 @@ prefix caching such a model also needs `snapshots` (runtime/state_cache.StateSna
 stops at the last hit page boundary whose state was kept, and the step that admits the request
 restores that snapshot into its slot first (`ScheduledStep.restore`). A prompt chunk then ends on a
 page boundary where the budget allows, and always at the request's last boundary before its final
-token (`_state_chunk`: one more step for that token's page); a chunk that ends on a boundary whose
-state is not kept yet saves it after the step (`ScheduledStep.save`), named by the chain hash of the
-pages before it. With chunked prefill off no chunk ends early, so no state is kept.
+token (`_state_chunk`: one more step for that token's page) and at the end of the resident pages it
+found past its kept state (a prefix another request shares: the next one with it restores the state);
+a chunk that ends on a boundary whose state is not kept yet saves it after the step
+(`ScheduledStep.save`), named by the chain hash of the pages before it. With chunked prefill off no
+chunk ends early, so no state is kept.
 
 Admission order with prefix caching: among the first `max_num_seqs` waiting requests (in rank
 order), those whose first page is resident are admitted first (then by rank; under the priority
@@ -116,6 +118,9 @@ class Request:
     num_cached_tokens: int = 0  # tokens found in the prefix cache when it was last admitted
     passed_over: int = 0  # times a lower-ranked request with a resident prefix was admitted first
     state_slot: int | None = None  # its recurrent state slot while RUNNING (models with state sites)
+    # With kept states: a page boundary past its prefix hit up to which its pages were resident (a prefix another
+    # request shares, whose state nobody kept): a chunk ends there so that it is kept (_state_chunk)
+    state_cut: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -351,7 +356,7 @@ class Scheduler:
                 break
             if self.states is not None and not self.states.num_free:
                 break  # no recurrent state slot free (the engine sizes one per seat: not expected)
-            hit = self._prefix_hit(req)
+            hit, resident = self._prefix_hit(req)
             cached = len(hit) * ps
             num_new = req.num_tokens - cached
             if num_new > budget:
@@ -366,6 +371,7 @@ class Scheduler:
             self.pool.touch(hit)
             req.block_table = hit + self.pool.allocate(need)
             req.num_computed = req.num_cached_tokens = cached
+            req.state_cut = resident * ps if self.snapshots is not None and resident > len(hit) else 0
             req.num_registered = len(hit)
             if self.states is not None:
                 req.state_slot = self.states.allocate()
@@ -399,31 +405,35 @@ class Scheduler:
 
         return sorted(window, key=key)
 
-    def _prefix_hit(self, req: Request) -> list[int]:
+    def _prefix_hit(self, req: Request) -> tuple[list[int], int]:
         """The resident pages of req's leading full pages, leaving at least its last token to compute; with
-        recurrent state, only up to the last of them whose state was kept (a snapshot at its end)."""
+        recurrent state, only up to the last of them whose state was kept (a snapshot at its end). Also how
+        many leading pages were resident."""
         if not self.prefix_caching:
-            return []
+            return [], 0
         hit = self.pool.lookup(self._hashes(req, (req.num_tokens - 1) // self.pool.page_size))
+        resident = len(hit)
         if self.snapshots is not None:
             n = len(hit)
             while n and self.snapshots.find(req.page_hashes[n - 1]) is None:
                 n -= 1
             hit = hit[:n]
-        return hit
+        return hit, resident
 
     def _state_chunk(self, req: Request, context: int, num_new: int) -> int:
-        """A prompt chunk's length with kept states (snapshots, chunked prefill): cut at the request's last
-        page boundary before its final token (the state a later request with this prompt restores), else
-        down to a page boundary where one lies past `context` (a state that a shorter shared prefix may
+        """A prompt chunk's length with kept states (snapshots, chunked prefill): cut at the end of the
+        resident pages it found past its kept state (`state_cut`: a prefix another request shares), then at
+        its last page boundary before its final token (the state a later request with this prompt restores),
+        else down to a page boundary where one lies past `context` (a state that a shorter shared prefix may
         restore); otherwise as given."""
         if self.snapshots is None or not self.chunked_prefill or num_new <= 1:
             return num_new
         ps = self.pool.page_size
         last = (req.num_tokens - 1) // ps * ps
         end = context + num_new
-        if context < last < end:
-            return last - context
+        for cut in (req.state_cut, last):
+            if context < cut < end:
+                return cut - context
         if end < last and end // ps * ps > context:
             return end // ps * ps - context
         return num_new

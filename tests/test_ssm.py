@@ -130,8 +130,9 @@ def _greedy(engine, prompt, n):
 def test_prefix_reuse_restores_the_kept_state(family):
     # A 22-token prompt in chunks of up to 16 (pages of 4) ends its chunks at 16 and at 20, its last page
     # boundary before its final token, and keeps the state at both. A prompt sharing its first 16 tokens
-    # restores the state at 16; the same prompt again, at 20; one sharing 13 tokens finds no state at 12 and
-    # computes everything. Each generates what it generates alone.
+    # restores the state at 16; the same prompt again, at 20; one sharing 13 tokens finds no state at 12,
+    # computes everything, and ends its first chunk at 12 (the end of the pages it found resident), so the
+    # next prompt sharing those 12 tokens restores the state there. Each generates what it generates alone.
     _, model, _ = family
     rng = random.Random(5)
     a = [rng.randrange(VOCAB) for _ in range(22)]
@@ -139,7 +140,7 @@ def test_prefix_reuse_restores_the_kept_state(family):
     sched = engine.scheduler
     assert _greedy(engine, a, 6) == alone(model, a, 6)
     assert sched.prefix_hit_tokens == 0 and sched.snapshots.num_kept == 2
-    for prompt, hit in [(a[:16] + [3, 1, 4, 1, 5], 16), (a, 20), (a[:13] + [9, 2, 6], 0)]:
+    for prompt, hit in [(a[:16] + [3, 1, 4, 1, 5], 16), (a, 20), (a[:13] + [9, 2, 6], 0), (a[:12] + [8] * 5, 12)]:
         before = sched.prefix_hit_tokens
         assert _greedy(engine, prompt, 5) == alone(model, prompt, 5), (len(prompt), hit)
         assert sched.prefix_hit_tokens - before == hit
