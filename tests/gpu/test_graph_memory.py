@@ -66,11 +66,12 @@ def test_decode_graphs_share_a_pool(monkeypatch):
     # Each graph's pool holds its capture's peak: private pools hold the sum over the buckets, the shared one
     # about the largest bucket's and every graph's output. And no capture keeps memory of its own beyond that:
     # session 28 found each holding a 32 MiB cuBLAS workspace (one for each new warm-up stream), 378 MiB in all
-    # here, shared pool or not, where the twelve graphs' values take a few MiB.
+    # here, shared pool or not, where the twelve graphs' values take a few MiB (in the allocator's segments of
+    # 2 and 20 MiB: the bound leaves room for a few).
     private = _decode_graph_bytes(monkeypatch, "private")
     shared = _decode_graph_bytes(monkeypatch, "shared")
     assert shared < 0.6 * private, f"{shared / 2**20:.1f} MiB shared vs {private / 2**20:.1f} MiB private"
-    assert shared < 64 * 2**20, f"{shared / 2**20:.1f} MiB"
+    assert shared < 160 * 2**20, f"{shared / 2**20:.1f} MiB"
 
 
 def test_graph_pool_setting_checked(monkeypatch):
