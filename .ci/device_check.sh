@@ -262,9 +262,10 @@ for mode in "$@"; do
           # cuBLASLt's algorithms for the decode GEMMs (.ci/lt_probe.py; nvmath-python + cuda-core wheels in .whl),
           # then `ltab` if its best algorithms beat _scaled_mm
       timeout 180 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_graph_memory.py \
-        tests/gpu/test_fp8_lt.py tests/gpu/test_fp8_out.py tests/gpu/test_quant_kernels.py tests/gpu/test_kernels.py \
-        tests/gpu/test_ssm_kernels.py -k "not sm90ws" 2>&1 | tee "$OUT/s29-tests.log" \
-        | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -8
+        tests/gpu/test_fp8_lt.py tests/gpu/test_fp8_out.py tests/gpu/test_ssm_kernels.py 2>&1 \
+        | tee "$OUT/s29-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -8
+      timeout 120 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_quant_kernels.py \
+        -k "q4_k or q5_k or q6_k" 2>&1 | tee "$OUT/s29-kquant.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -6
       timeout 200 python3 .ci/lt_probe.py 2>&1 | grep -v Warn | tail -26 ;;
     decode512)  # (~2 min) an fp8 decode step of 512 sequences at context 1,100 (a 128/2048 run's mean at max batch
                 # 512: 20.4 ms a step in session 28) as its graph, KILN_FP8_LT 0 / 512: the GEMMs' share against
