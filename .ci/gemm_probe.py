@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 
 import torch
+from gemm_shapes import SHAPES, fp8_mm, operands, peak_operands  # (.ci/, the script's own folder)
 from kiln.runtime.bench import _events_ms
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--rows", default="64,128,256,512,1024,2048")
 ap.add_argument("--reps", type=int, default=50)
 args = ap.parse_args()
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-dev = "cuda"
-E4M3 = torch.float8_e4m3fn
 
 
 def timed(fn) -> float:
@@ -33,23 +31,17 @@ def timed(fn) -> float:
     return sorted(times)[len(times) // 2]
 
 
-one = torch.ones((), device=dev)
-big = torch.randn(8192, 8192, device=dev).to(E4M3)
-peak = 2 * 8192**3 / timed(lambda: torch._scaled_mm(big, big.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
-                                                    use_fast_accum=True)) / 1e9
+big, one = peak_operands()
+peak = 2 * 8192**3 / timed(lambda: fp8_mm(big, big, one)) / 1e9
 print(f"{torch.cuda.get_device_name()}: fp8 8192^3 {peak:.0f} TFLOP/s (the peak below)")
 print("| rows | linear | bf16 TFLOP/s | fp8 | fp8 swapped | fp8 share of peak | swapped / fp8 time |")
 print("|---:|---|---:|---:|---:|---:|---:|")
 for m in (int(r) for r in args.rows.split(",")):
     for name, (n, k) in SHAPES.items():
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
-        xq, wq = x.to(E4M3), w.to(E4M3)
+        x, w, xq, wq = operands(m, n, k)
         flop = 2 * m * n * k / 1e9
         bf = timed(lambda: torch.nn.functional.linear(x, w))
-        f8 = timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
-                                            use_fast_accum=True))
-        sw = timed(lambda: torch._scaled_mm(wq, xq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
-                                            use_fast_accum=True).t().contiguous())
+        f8 = timed(lambda: fp8_mm(xq, wq, one))
+        sw = timed(lambda: fp8_mm(wq, xq, one).t().contiguous())
         print(f"| {m} | {name} {n}x{k} | {flop / bf:.0f} | {flop / f8:.0f} | {flop / sw:.0f} | {flop / f8 / peak:.0%} "
               f"| {sw / f8:.2f} |", flush=True)

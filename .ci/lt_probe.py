@@ -15,15 +15,13 @@ import argparse
 import statistics
 
 import torch
+from gemm_shapes import SHAPES, fp8_mm, operands, peak_operands  # (.ci/, the script's own folder)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--rows", default="64,128,256,512,1024")
 ap.add_argument("--calls", type=int, default=20)
 ap.add_argument("--limit", type=int, default=32)
 args = ap.parse_args()
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-dev = "cuda"
-E4M3 = torch.float8_e4m3fn
 stream = torch.cuda.Stream()
 
 
@@ -57,22 +55,17 @@ except Exception as e:  # (the probe still prints torch's figures)
     print(f"nvmath-python: {type(e).__name__}: {e}")
     Matmul = None
 
-one = torch.ones((), device=dev)
-big = torch.randn(8192, 8192, device=dev).to(E4M3)
-peak = 2 * 8192**3 / graph_us(lambda: torch._scaled_mm(big, big.t(), scale_a=one, scale_b=one,
-                                                       out_dtype=torch.bfloat16, use_fast_accum=True)) / 1e6
+big, one = peak_operands()
+peak = 2 * 8192**3 / graph_us(lambda: fp8_mm(big, big, one)) / 1e6
 print(f"{torch.cuda.get_device_name()}: fp8 8192^3 {peak:.0f} TFLOP/s (the peak below); times in us, graph-timed")
 print("| rows | linear | bf16 | fp8 _scaled_mm | fp8 best of cuBLASLt's (algos) | best / _scaled_mm "
       "| floor (peak, bytes) |")
 print("|---:|---|---:|---:|---:|---:|---:|")
 for m in (int(r) for r in args.rows.split(",")):
     for name, (n, k) in SHAPES.items():
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
-        xq, wq = x.to(E4M3), w.to(E4M3)
+        x, w, xq, wq = operands(m, n, k)
         bf = graph_us(lambda: torch.nn.functional.linear(x, w))
-        f8 = graph_us(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
-                                               use_fast_accum=True))
+        f8 = graph_us(lambda: fp8_mm(xq, wq, one))
         floor = max(2 * m * n * k / peak / 1e6, (n * k + m * k + 2 * m * n) / 4.24e6)
         best, count = "", 0
         if Matmul is not None:
@@ -82,8 +75,7 @@ for m in (int(r) for r in args.rows.split(",")):
                             stream=stream)
                 algos = mm.plan(preferences={"limit": args.limit}, stream=stream)
                 count = len(algos)
-                want = torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
-                                        use_fast_accum=True)
+                want = fp8_mm(xq, wq, one)
                 times = []
                 for alg in algos:
                     try:

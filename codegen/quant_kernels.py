@@ -864,16 +864,17 @@ def pack(w: QWeight, origin: str = "linear") -> Packed | None:
         if kind == "q8_0":
             return Packed("int8", "post", n, k, 32, repack(q, "int8"), tile_records(torch.zeros_like(s), s),
                           None, origin)
-        fmt = "int4" if kind in ("q4_0", "q4_1", "q4_k") else "int8"
+        fmt = GGML_PACKED[kind]
         return Packed(fmt, "pre", n, k, group, repack(q, fmt), tile_records(s, m), None, origin)
     return None
 
 
-# The ggml block types the generated kernels run as they are (`pack`): each is integers q with a scale s and an
-# offset m per group of 16 or 32 values, value = q * s + m. The K-quants' super-blocks of 256 values carry their
-# sub-blocks' scales (and minima) as 6-bit or 8-bit integers times one fp16 scale; their products are exact in fp32
-# (at most 24 bits: Q6_K's fp16 x int8 x 6-bit), so the records hold the values gguf's dequantization computes.
-GGML_PACKED = ("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k")
+# The ggml block types the generated kernels run as they are (`pack`), with the kernel format that holds their
+# integers: each is integers q with a scale s and an offset m per group of 16 or 32 values, value = q * s + m. The
+# K-quants' super-blocks of 256 values carry their sub-blocks' scales (and minima) as 6-bit or 8-bit integers times
+# one fp16 scale; their products are exact in fp32 (at most 24 bits: Q6_K's fp16 x int8 x 6-bit), so the records
+# hold the values gguf's dequantization computes.
+GGML_PACKED = {"q4_0": "int4", "q4_1": "int4", "q8_0": "int8", "q4_k": "int4", "q5_k": "int8", "q6_k": "int8"}
 
 
 def ggml_blocks(data: torch.Tensor, kind: str, n: int, k: int):
