@@ -10,9 +10,13 @@ reference implementations do, over chunks spread over the whole calibration text
 
 Scale migration (SmoothQuant, AWQ) divides a linear's input by a per-channel s and multiplies
 its weight by s. The division is folded into the norm that produces the input (its weight, and
-bias, are divided by s): standard formats have no place for a separate divisor. Linears whose
-input is not a norm output (the attention output and down projections) keep s = 1 — what llm-compressor's
-SmoothQuant and AutoAWQ do without a foldable predecessor as well.
+bias, are divided by s): standard formats have no place for a separate divisor. AWQ also folds
+a down projection's s into the up projection whose output its input multiplies (act(gate) * up:
+up's rows / s), as AutoAWQ does for mlp.down_proj, and then clips each group's weight range to
+the one with the smallest output error on the calibration rows (AutoAWQ's clip search; the
+query and key projections unclipped). Other linears whose input is not a norm output (the attention
+output projection) keep s = 1 — what llm-compressor's SmoothQuant and AutoAWQ do without a
+foldable predecessor as well (AutoAWQ's v_proj -> o_proj fold needs as many KV heads as heads).
 
 Output formats (each readable by runtime/quant_formats.py, and by vLLM):
   fp8, fp8-channel   compressed-tensors float-quantized (dynamic activation scales)
@@ -50,7 +54,7 @@ import math
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -74,7 +78,8 @@ FP8_MAX = 448.0  # e4m3's largest finite value
 INT4_SCHEMES = ("int4-wo", "awq", "gptq")  # the ones --group-size applies to
 GROUP = 128  # the default group size
 AWQ_GRID = 20  # alpha = 0, 1/20, ..., 19/20 as in AutoAWQ's _search_best_scale
-AWQ_ROWS = 512  # calibration rows kept per input for the AWQ loss
+AWQ_ROWS = 2048  # calibration rows kept per input for the AWQ loss (a uniform sample of all the rows seen)
+AWQ_CLIP_ROWS = 512  # of them, the rows the clip search scores on (AutoAWQ's n_sample_token)
 
 
 class QuantizeError(Exception):
@@ -91,7 +96,8 @@ class Stats:
     absmax: torch.Tensor
     abssum: torch.Tensor
     hessian: torch.Tensor | None
-    rows: list[torch.Tensor] = field(default_factory=list)
+    rows: torch.Tensor | None = None  # up to AWQ_ROWS of the rows seen, a uniform sample of them all
+    keys: torch.Tensor | None = None  # the rows' random keys: the sample keeps the smallest
     n: int = 0
 
     def add(self, x: torch.Tensor, gen: torch.Generator) -> None:
@@ -101,11 +107,14 @@ class Stats:
         if self.hessian is not None:
             self.hessian += x.t() @ x
         self.n += x.shape[0]
-        keep = min(x.shape[0], AWQ_ROWS // 4)
-        self.rows.append(x[torch.randperm(x.shape[0], generator=gen)[:keep]])
+        keys = torch.rand(x.shape[0], generator=gen)
+        if self.rows is not None:
+            x, keys = torch.cat([self.rows, x]), torch.cat([self.keys, keys])
+        keep = keys.argsort()[:AWQ_ROWS]
+        self.rows, self.keys = x[keep], keys[keep]
 
-    def sample(self) -> torch.Tensor:
-        return torch.cat(self.rows)[:AWQ_ROWS]
+    def sample(self, n: int = AWQ_ROWS) -> torch.Tensor:
+        return self.rows[:n]
 
 
 class Recorder(StepContext):
@@ -200,11 +209,7 @@ def input_groups(plan: Plan, slots: set[str]) -> list[tuple[list[str], str | Non
     """The watched linear weights grouped by their input value, each with the weight slot of the
     norm producing that input when the smoothing can be folded into it (else None)."""
     producer = {o: ins for ins in plan.program.instrs for o in ins.outputs}
-    uses: dict[str, int] = {}
-    for ins in plan.program.walk():
-        for a in ins.inputs:
-            if isinstance(a, WeightArg):
-                uses[a.name] = uses.get(a.name, 0) + 1
+    uses = _weight_uses(plan)
     groups: dict[Value, list[str]] = {}
     for ins in plan.program.instrs:
         if ins.kind is OpKind.LINEAR and isinstance(ins.inputs[1], WeightArg) and ins.inputs[1].name in slots:
@@ -221,6 +226,68 @@ def input_groups(plan: Plan, slots: set[str]) -> list[tuple[list[str], str | Non
                     all(c.kind is OpKind.LINEAR and c.inputs[1].name in slots for c in consumers):
                 fold = norm
         out.append((names, fold))
+    return out
+
+
+def _weight_uses(plan: Plan) -> dict[str, int]:
+    uses: dict[str, int] = {}
+    for ins in plan.program.walk():
+        for a in ins.inputs:
+            if isinstance(a, WeightArg):
+                uses[a.name] = uses.get(a.name, 0) + 1
+    return uses
+
+
+def product_folds(plan: Plan, slots: set[str]) -> list[tuple[str, str, str | None]]:
+    """(down, up, up's bias or None) for each watched linear whose input is a product act(gate) * up
+    where `up` is a watched linear read nowhere else: the down projection's smoothing s can be
+    folded into up's output rows (up / s, its bias / s), as AutoAWQ folds mlp.down_proj's into
+    mlp.up_proj. Weights read by more than one instruction (tied) are left alone."""
+    producer = {o: ins for ins in plan.program.walk() for o in ins.outputs}
+    consumers: dict[Value, list] = {}
+    for ins in plan.program.walk():
+        for a in ins.inputs:
+            if isinstance(a, Value):
+                consumers.setdefault(a, []).append(ins)
+    uses = _weight_uses(plan)
+
+    def foldable(ins) -> bool:
+        ws = [a.name for a in ins.inputs[1:] if isinstance(a, WeightArg)]
+        return ins.kind is OpKind.LINEAR and ins.inputs[1].name in slots and \
+            all(uses.get(w) == 1 and isinstance(plan.weights[w].source, Tensor) for w in ws) and \
+            len(consumers.get(ins.outputs[0], [])) == 1
+
+    out = []
+    for ins in plan.program.walk():
+        if ins.kind is not OpKind.LINEAR or not isinstance(ins.inputs[1], WeightArg) or ins.inputs[1].name not in slots:
+            continue
+        mul = producer.get(ins.inputs[0])
+        if mul is None or mul.kind is not OpKind.MUL or \
+                any(c.kind is not OpKind.LINEAR or c is not ins for c in consumers[ins.inputs[0]]):
+            continue
+        for a in mul.inputs:
+            up = producer.get(a) if isinstance(a, Value) else None
+            if up is not None and foldable(up):
+                bias = up.inputs[2].name if len(up.inputs) > 2 and isinstance(up.inputs[2], WeightArg) else None
+                out.append((ins.inputs[1].name, up.inputs[1].name, bias))
+                break
+    return out
+
+
+def query_key_slots(plan: Plan) -> set[str]:
+    """The linear weights whose outputs become attention's queries or keys (through rotary or not):
+    AutoAWQ leaves their weights unclipped, their errors multiply in q.k."""
+    producer = {o: ins for ins in plan.program.walk() for o in ins.outputs}
+    out = set()
+    for ins in plan.program.walk():
+        if ins.kind is OpKind.ATTENTION:
+            for a in ins.inputs[:2]:
+                src = producer.get(a)
+                while src is not None and src.kind is not OpKind.LINEAR and src.inputs \
+                        and isinstance(src.inputs[0], Value):
+                    src = producer.get(src.inputs[0])
+                if src is not None and src.kind is OpKind.LINEAR and isinstance(src.inputs[1], WeightArg):
+                    out.add(src.inputs[1].name)
     return out
 
 
@@ -244,20 +311,58 @@ def rtn_int4(w: torch.Tensor, group: int = GROUP) -> torch.Tensor:
 
 
 def awq_scales(ws: list[torch.Tensor], st: Stats, group: int = GROUP) -> torch.Tensor:
-    """AutoAWQ's _search_best_scale: s = mean|x|^alpha over a grid of alpha, the one whose
-    quantized (w * s) / s gives the smallest output error on the calibration rows."""
+    """AutoAWQ's _search_best_scale: over a grid of alpha, s = mean|x|^alpha (the AWQ paper's form)
+    and s = mean|x|^alpha / mean|w|^(1 - alpha) (AutoAWQ's default `duo_scaling`, mean|w| of each
+    input channel with every group divided by its max |w|), the s whose quantized (w * s) / s gives
+    the smallest output error on the calibration rows. Both forms are searched: the loss picks."""
     x = st.sample()
     mean = (st.abssum / max(st.n, 1)).clamp(min=1e-4)
     w = torch.cat(ws)
+    wg = w.abs().reshape(-1, group)
+    w_mean = (wg / (wg.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
     ref = x @ w.t()
     best, best_s = math.inf, torch.ones_like(mean)
     for k in range(AWQ_GRID):
-        s = mean.pow(k / AWQ_GRID)
-        s = s / (s.max() * s.min()).sqrt()
-        err = (x @ (rtn_int4(w * s, group) / s).t() - ref).pow(2).mean().item()
-        if err < best:
-            best, best_s = err, s
+        a = k / AWQ_GRID
+        for s in (mean.pow(a), (mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)):
+            s = s / (s.max() * s.min()).sqrt()
+            err = (x @ (rtn_int4(w * s, group) / s).t() - ref).pow(2).mean().item()
+            if err < best:
+                best, best_s = err, s
     return best_s
+
+
+def awq_clip(w: torch.Tensor, x: torch.Tensor, group: int = GROUP, sides: bool = True) -> torch.Tensor:
+    """AutoAWQ's _search_best_clip: each group's weights clamped to +-(1 - i/20) of its max |w|
+    (i < 10), the i whose round-to-nearest int4 gives the group's smallest error in its share of the
+    output on the calibration rows x (the migrated input). With `sides`, then each side of the
+    asymmetric range alone the same way (the top, then the bottom: the grid's scale and zero point
+    move apart). Returns w clamped."""
+    out, n = w.shape
+    xg = x.reshape(x.shape[0], n // group, group)  # [rows, groups, group]
+    wg = w.reshape(out, n // group, group)
+    ref = torch.einsum("tgk,cgk->ctg", xg, wg)
+
+    def error(lo, hi):
+        q = rtn_int4(torch.maximum(torch.minimum(wg, hi), lo).reshape(out, n), group).reshape(wg.shape)
+        return (torch.einsum("tgk,cgk->ctg", xg, q) - ref).pow(2).mean(1).unsqueeze(-1)
+
+    amax = wg.abs().amax(-1, keepdim=True)  # [out, groups, 1]
+    lo, hi = -amax, amax.clone()
+    best = error(lo, hi)
+    steps = [(-amax * (1 - i / AWQ_GRID), amax * (1 - i / AWQ_GRID)) for i in range(1, AWQ_GRID // 2)]
+    searches = [steps]
+    if sides:
+        top, bottom = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
+        searches += [[(None, top * (1 - i / AWQ_GRID)) for i in range(1, AWQ_GRID // 2)],
+                     [(bottom * (1 - i / AWQ_GRID), None) for i in range(1, AWQ_GRID // 2)]]
+    for search in searches:
+        for c_lo, c_hi in search:
+            c_lo, c_hi = lo if c_lo is None else c_lo, hi if c_hi is None else c_hi
+            err = error(c_lo, c_hi)
+            better = err < best
+            best, lo, hi = torch.where(better, err, best), torch.where(better, c_lo, lo), torch.where(better, c_hi, hi)
+    return torch.maximum(torch.minimum(wg, hi), lo).reshape(out, n)
 
 
 def smooth_scales(ws: list[torch.Tensor], st: Stats, alpha: float) -> torch.Tensor:
@@ -532,6 +637,7 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
         amax = calibrate_kv(plan, weights, _calibration_ids(ckpt, calibration), samples, seq_len, progress)
         tensors.update(_kv_scale_tensors(plan, amax))
     ws = {n: weights[n].float() for n in modules}
+    moved = {}  # slot -> the s its input was divided by
     if scheme in ("smoothquant", "awq") and migrate:
         for names, norm in input_groups(plan, set(modules)):
             if norm is None or any(n not in stats for n in names):
@@ -541,7 +647,20 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
                 awq_scales([ws[n] for n in names], st, group)
             fold_into_norm(norm, s, plan, floats)
             for n in names:
-                ws[n] = ws[n] * s
+                ws[n], moved[n] = ws[n] * s, s
+    if scheme == "awq" and migrate:
+        for down, up, bias in product_folds(plan, set(modules)):  # AutoAWQ's up_proj -> down_proj
+            if down not in stats:
+                continue
+            s = awq_scales([ws[down]], stats[down], group)
+            ws[down], moved[down] = ws[down] * s, s
+            ws[up] = ws[up] / s[:, None]
+            if bias is not None:
+                floats[bias] = floats[bias].float() / s
+        qk = query_key_slots(plan)
+        for n in modules:
+            if n in stats and n not in qk:
+                ws[n] = awq_clip(ws[n], stats[n].sample(AWQ_CLIP_ROWS) / moved.get(n, 1.0), group)
     for n, m in modules.items():
         if scheme == "gptq":
             if n not in gptq_out:

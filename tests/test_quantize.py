@@ -334,3 +334,55 @@ def test_lm_head_needs_a_round_to_nearest_scheme(setup, capsys):
     err_text = capsys.readouterr().err
     assert rc == 2 and "--lm-head applies to the round-to-nearest schemes" in err_text, err_text
     assert not (root / "never-awq").exists()
+
+
+def _llama_plan(**over):
+    from kiln.dsl import load_spec, passes
+
+    cfg = dict(FAMILY_CONFIGS["llama"], hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+               **over)
+    return passes.build(load_spec("models/llama.kiln"), cfg)
+
+
+def test_awq_folds_the_down_projection_into_up_and_leaves_queries_and_keys_unclipped():
+    """AutoAWQ's up_proj -> down_proj smoothing: each layer's down projection reads act(gate) * up, so its s folds
+    into up's rows; the linears feeding attention's queries and keys (through rotary) are the ones left unclipped."""
+    from kiln.runtime.quantize import product_folds, query_key_slots
+
+    plan = _llama_plan()
+    slots = {n for n in plan.weights if n.split(".")[-1] in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
+    assert product_folds(plan, slots) == [(f"layer.{i}.w_down", f"layer.{i}.w_up", None) for i in range(2)]
+    assert query_key_slots(plan) == {f"layer.{i}.{w}" for i in range(2) for w in ("wq", "wk")}
+    # up not quantized (not watched): nothing to fold into
+    assert product_folds(plan, slots - {"layer.0.w_up"}) == [("layer.1.w_down", "layer.1.w_up", None)]
+
+
+def test_awq_fold_keeps_the_float_model():
+    """Dividing up's rows (and bias) by s and multiplying down's columns by s leaves the MLP's output unchanged."""
+    torch.manual_seed(0)
+    h, gate, up, down, bias = torch.randn(5, 16), torch.randn(24, 16), torch.randn(24, 16), torch.randn(16, 24), \
+        torch.randn(24)
+    s = torch.rand(24) * 4 + 0.25
+    mlp = torch.nn.functional.silu(h @ gate.t()) * (h @ up.t() + bias) @ down.t()
+    folded = torch.nn.functional.silu(h @ gate.t()) * (h @ (up / s[:, None]).t() + bias / s) @ (down * s).t()
+    torch.testing.assert_close(folded, mlp, rtol=1e-5, atol=1e-5)
+
+
+def test_awq_clip_never_worse_than_round_to_nearest_per_group():
+    """The clip search scores each group's share of the output on the calibration rows; the unclipped weight is one
+    of its candidates, so no group's error grows, and with heavy-tailed weights some shrink."""
+    from kiln.runtime.quantize import awq_clip, rtn_int4
+
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(2.0).sample((32, 128))
+    x = torch.randn(256, 128)
+    group = 32
+
+    def group_err(q):
+        d = (q - w).reshape(32, 4, group)
+        return torch.einsum("tgk,cgk->ctg", x.reshape(256, 4, group), d).pow(2).mean(1)
+
+    plain, clipped = group_err(rtn_int4(w, group)), group_err(rtn_int4(awq_clip(w, x, group), group))
+    assert (clipped <= plain * (1 + 1e-5)).all()
+    assert (clipped < 0.9 * plain).sum() > 8
+    assert awq_clip(w, x, group).abs().le(w.abs()).all()
