@@ -435,13 +435,19 @@ class GptqRecorder(StepContext):
         self.watch, self.quant, self.done = watch, quant, set()
 
     def run(self, prog, env):
-        for ins in prog.instrs:
+        # All the samples run as one batch (32 x 512 tokens: each [T, 1536] value 100 MB), so a value this
+        # program computed is dropped after its last use: keeping every one OOM-killed --samples 32 at 24 GiB.
+        last = {a: i for i, ins in enumerate(prog.instrs) for a in ins.inputs if isinstance(a, Value)}
+        for i, ins in enumerate(prog.instrs):
             w = ins.inputs[1] if ins.kind is OpKind.LINEAR else None
             if isinstance(w, WeightArg) and w.name in self.watch and w.name not in self.done:
                 self.weights[w.name] = self.quant(w.name, fetch(ins.inputs[0], env, self.weights))
                 self.done.add(w.name)
             out = OPS[ins.kind].reference(self, ins, [fetch(a, env, self.weights) for a in ins.inputs])
             env.update(zip(ins.outputs, out if isinstance(out, tuple) else (out,)))
+            for a in ins.inputs:
+                if isinstance(a, Value) and last[a] == i and a != prog.output and a not in prog.inputs:
+                    del env[a]
         return env[prog.output]
 
 

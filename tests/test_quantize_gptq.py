@@ -109,3 +109,35 @@ def test_sequential_quantizes_from_quantized_predecessors(smollm):
         agree[name] = (q == out[name][0]).float().mean().item()
         assert ((scale - out[name][1]).abs().mean() / scale.abs().mean()).item() < 0.1  # the same weight's grid
     assert agree[first] > 0.999 and agree[later] < 0.98, agree
+
+
+def test_sequential_pass_drops_each_value_after_its_last_use(smollm):
+    """GptqRecorder runs every sample as one batch; it keeps no value past its last use (all of them kept,
+    --samples 32 took more than 24 GiB on the default model), and the model's output is the float reference
+    run's with the same quantized weights."""
+    from kiln.dsl.plan import Value
+    from kiln.runtime.batch import SeqSlice, StepBatch
+    from kiln.runtime.kv_store import KVStore
+    from kiln.runtime.reference import StepContext
+
+    plan, weights, modules, ids = smollm
+    watch = {n for n in modules if n.startswith("layer.0.")}
+    quantized = {}
+
+    def quant(name, x):
+        quantized[name] = Q.rtn_int4(weights[name], GROUP)
+        return quantized[name]
+
+    def run(make):
+        kv = KVStore(plan.sites, 2, 16, torch.float32, "cpu")
+        batch = StepBatch(torch.tensor(ids[:32], dtype=torch.long), [SeqSlice(0, 32, 0, (0, 1))])
+        ctx = make(batch, kv)
+        env = {Value("tokens"): batch.tokens, Value("positions"): ctx.positions}
+        return ctx.run(plan.program, env), env
+
+    out, env = run(lambda b, kv: Q.GptqRecorder(b, kv, weights, watch, quant))
+    assert set(quantized) == watch
+    assert set(env) <= {Value("tokens"), Value("positions"), plan.program.output}
+    ref, ref_env = run(lambda b, kv: StepContext(b, kv, {**weights, **quantized}))
+    assert len(ref_env) > 100  # the plain reference run keeps them all
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
