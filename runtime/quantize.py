@@ -208,7 +208,7 @@ def _run_samples(plan: Plan, weights: dict, ids: list[int], samples: int, seq_le
 def input_groups(plan: Plan, slots: set[str]) -> list[tuple[list[str], str | None]]:
     """The watched linear weights grouped by their input value, each with the weight slot of the
     norm producing that input when the smoothing can be folded into it (else None)."""
-    producer = {o: ins for ins in plan.program.instrs for o in ins.outputs}
+    producer, consumers = _dataflow(plan)
     uses = _weight_uses(plan)
     groups: dict[Value, list[str]] = {}
     for ins in plan.program.instrs:
@@ -221,12 +221,23 @@ def input_groups(plan: Plan, slots: set[str]) -> list[tuple[list[str], str | Non
         if norm is not None and norm.kind in (OpKind.RMSNORM, OpKind.LAYERNORM) and not norm.attrs.group \
                 and len(norm.outputs) == 1 and isinstance(norm.inputs[1], WeightArg):
             w = norm.inputs[1].name
-            consumers = [i for i in plan.program.walk() if value in i.inputs]
             if uses.get(w) == 1 and isinstance(plan.weights[w].source, Tensor) and \
-                    all(c.kind is OpKind.LINEAR and c.inputs[1].name in slots for c in consumers):
+                    all(c.kind is OpKind.LINEAR and c.inputs[1].name in slots for c in consumers[value]):
                 fold = norm
         out.append((names, fold))
     return out
+
+
+def _dataflow(plan: Plan) -> tuple[dict[Value, object], dict[Value, list]]:
+    """Each value's producing instruction and its consumers, experts' programs included (their values are
+    named apart)."""
+    producer, consumers = {}, {}
+    for ins in plan.program.walk():
+        producer.update((o, ins) for o in ins.outputs)
+        for a in ins.inputs:
+            if isinstance(a, Value):
+                consumers.setdefault(a, []).append(ins)
+    return producer, consumers
 
 
 def _weight_uses(plan: Plan) -> dict[str, int]:
@@ -243,12 +254,7 @@ def product_folds(plan: Plan, slots: set[str]) -> list[tuple[str, str, str | Non
     where `up` is a watched linear read nowhere else: the down projection's smoothing s can be
     folded into up's output rows (up / s, its bias / s), as AutoAWQ folds mlp.down_proj's into
     mlp.up_proj. Weights read by more than one instruction (tied) are left alone."""
-    producer = {o: ins for ins in plan.program.walk() for o in ins.outputs}
-    consumers: dict[Value, list] = {}
-    for ins in plan.program.walk():
-        for a in ins.inputs:
-            if isinstance(a, Value):
-                consumers.setdefault(a, []).append(ins)
+    producer, consumers = _dataflow(plan)
     uses = _weight_uses(plan)
 
     def foldable(ins) -> bool:
@@ -262,8 +268,7 @@ def product_folds(plan: Plan, slots: set[str]) -> list[tuple[str, str, str | Non
         if ins.kind is not OpKind.LINEAR or not isinstance(ins.inputs[1], WeightArg) or ins.inputs[1].name not in slots:
             continue
         mul = producer.get(ins.inputs[0])
-        if mul is None or mul.kind is not OpKind.MUL or \
-                any(c.kind is not OpKind.LINEAR or c is not ins for c in consumers[ins.inputs[0]]):
+        if mul is None or mul.kind is not OpKind.MUL or consumers[ins.inputs[0]] != [ins]:
             continue
         for a in mul.inputs:
             up = producer.get(a) if isinstance(a, Value) else None
@@ -277,7 +282,7 @@ def product_folds(plan: Plan, slots: set[str]) -> list[tuple[str, str, str | Non
 def query_key_slots(plan: Plan) -> set[str]:
     """The linear weights whose outputs become attention's queries or keys (through rotary or not):
     AutoAWQ leaves their weights unclipped, their errors multiply in q.k."""
-    producer = {o: ins for ins in plan.program.walk() for o in ins.outputs}
+    producer, _ = _dataflow(plan)
     out = set()
     for ins in plan.program.walk():
         if ins.kind is OpKind.ATTENTION:
@@ -350,8 +355,7 @@ def awq_clip(w: torch.Tensor, x: torch.Tensor, group: int = GROUP, sides: bool =
     amax = wg.abs().amax(-1, keepdim=True)  # [out, groups, 1]
     lo, hi = -amax, amax.clone()
     best = error(lo, hi)
-    steps = [(-amax * (1 - i / AWQ_GRID), amax * (1 - i / AWQ_GRID)) for i in range(1, AWQ_GRID // 2)]
-    searches = [steps]
+    searches = [[(-amax * (1 - i / AWQ_GRID), amax * (1 - i / AWQ_GRID)) for i in range(1, AWQ_GRID // 2)]]
     if sides:
         top, bottom = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
         searches += [[(None, top * (1 - i / AWQ_GRID)) for i in range(1, AWQ_GRID // 2)],
