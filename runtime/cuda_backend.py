@@ -409,7 +409,7 @@ class CudaModel:
                 self._graphs[b] = _Graph(self, kv, b)
                 made += 1
         if self.mixed_graphs and not self._lora.ops and cuda_quant._on("KILN_MIXED_GRAPHS_LARGE", MIXED_GRAPHS_LARGE):
-            for key in large_warm_keys(min(max_batch, self.max_batch), tokens, prompt_len):
+            for key in large_warm_keys(min(max_batch, self.max_batch), tokens, prompt_len, self.max_batch):
                 if key not in self._mixed and key not in self._eager_mixed:
                     made += self._mixed_graph(kv, key) is not None
         return made
@@ -1086,7 +1086,8 @@ def _capture(model: CudaModel, run, pool=None, check: bool = False):
     return graph, out
 
 
-def large_warm_keys(max_batch: int, tokens: int, prompt_len: int | None = None) -> list[tuple[int, int, int, int]]:
+def large_warm_keys(max_batch: int, tokens: int, prompt_len: int | None = None,
+                    scratch: int | None = None) -> list[tuple[int, int, int, int]]:
     """The large mixed buckets (large_mixed_key's) of the steps a throughput run takes most, to capture ahead, for
     steps of up to `max_batch` sequences and `tokens` tokens (the budget), of `prompt_len`-token prompts where
     known: a full step (the budget's token bucket) of one or two prompt chunks, or of as many prompts as it holds
@@ -1095,17 +1096,20 @@ def large_warm_keys(max_batch: int, tokens: int, prompt_len: int | None = None) 
     trickling in as others finish, the same prompt buckets at each smaller token bucket past the decode rows.
     Largest first (in the shared pool the smaller captures fit in the blocks the first took). Session 27: at max
     batch 512, 4,096 tokens a step, a 128/128 run's 32-prompt steps (the warm-up had taken 33: bucket 64) were
-    captured in its timed region, 6 captures of ~0.4 s in 7 s (tests/test_graph_buckets.py simulates the shapes)."""
+    captured in its timed region, 6 captures of ~0.4 s in 7 s (tests/test_graph_buckets.py simulates the shapes).
+    `scratch`: the model's decode scratch (its max_batch, at least `max_batch`; default `max_batch`), which caps
+    large_mixed_key's decode bucket: with a larger scratch, 20 seats' decode rows take bucket 32, not 20."""
     def fit(n, buckets):
         return next((b for b in buckets if b >= n), None)
     t = fit(tokens, LARGE_TOKENS)
     if not tokens or t is None:
         return []
-    cap = min(max_batch, t)
+    scratch = max(scratch or max_batch, max_batch)
+    top = min(fit(max_batch, LARGE_DECODE) or scratch, scratch)  # large_mixed_key's bucket of max_batch rows
+    cap = min(top, t)
     full = (tokens // prompt_len, -(-tokens // prompt_len) + 1) if prompt_len else ()
     seqs = {LARGE_SEQS[0]} | {fit(min(n, max_batch), LARGE_SEQS) for n in full if n > 0} - {None}
     keys = {(p, t, d + p, d) for p in seqs for d in {0} | {min(b, cap) for b in LARGE_DECODE}}
-    top = min(fit(max_batch, LARGE_DECODE) or max_batch, max_batch)  # large_mixed_key's bucket of max_batch rows
     keys |= {(p, t2, top + p, top) for p in seqs for t2 in LARGE_TOKENS if top < t2 < t}
     return sorted(keys, key=lambda k: (k[1], k[2], k[0]), reverse=True)
 

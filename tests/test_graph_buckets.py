@@ -16,9 +16,10 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Request, Scheduler
 
 
-def _large_steps(prompt: int, output: int, requests: int, max_batch: int, budget: int) -> Counter:
+def _large_steps(prompt: int, output: int, requests: int, max_batch: int, budget: int, scratch: int) -> Counter:
     """How many of the run's mixed steps take each large mixed bucket (the steps a small mixed graph or no graph
-    runs are left out), pages enough for every seat's whole sequence (no preemption)."""
+    runs are left out), pages enough for every seat's whole sequence (no preemption), on a model whose decode
+    scratch holds `scratch` rows (its max_batch: the engine's seats, or more where it was reserved larger)."""
     pages = max_batch * -(-(prompt + output) // 16)
     sched = Scheduler(BlockPool(pages, 16), max_batch, budget)
     for i in range(requests):
@@ -29,7 +30,7 @@ def _large_steps(prompt: int, output: int, requests: int, max_batch: int, budget
         batch = step.batch
         rows = len(batch.sample_rows())
         if not all(s.length == 1 for s in batch.seqs) and cb._mixed_key(len(batch.seqs), batch.num_tokens, rows) is None:
-            key = cb.large_mixed_key(batch, rows, max_batch)
+            key = cb.large_mixed_key(batch, rows, scratch)
             if key is not None:
                 steps[key] += 1
         sched.update(step, [0] * len(step.sampled_requests))
@@ -37,12 +38,15 @@ def _large_steps(prompt: int, output: int, requests: int, max_batch: int, budget
     return steps
 
 
-@pytest.mark.parametrize("prompt,output,max_batch,budget", [
-    (128, 128, 256, 2048), (128, 128, 512, 4096), (1000, 200, 256, 2048), (2048, 64, 256, 2048),
-    (128, 256, 512, 4096)])
-def test_graphs_captured_ahead_cover_a_throughput_runs_mixed_steps(prompt, output, max_batch, budget):
-    steps = _large_steps(prompt, output, 3 * max_batch, max_batch, budget)
-    ahead = cb.large_warm_keys(max_batch, budget, prompt)  # as LLMEngine.capture_graphs asks for them
+@pytest.mark.parametrize("prompt,output,max_batch,budget,scratch", [
+    (128, 128, 256, 2048, 256), (128, 128, 512, 4096, 512), (1000, 200, 256, 2048, 256), (2048, 64, 256, 2048, 256),
+    (128, 256, 512, 4096, 512),
+    # seats fewer than the model's scratch, and not a bucket: every seat's decode rows take bucket 256, not 200
+    # (session 30's GPU test caught the warm keys' bucket of 20 seats on a larger model)
+    (128, 128, 200, 2048, 512)])
+def test_graphs_captured_ahead_cover_a_throughput_runs_mixed_steps(prompt, output, max_batch, budget, scratch):
+    steps = _large_steps(prompt, output, 3 * max_batch, max_batch, budget, scratch)
+    ahead = cb.large_warm_keys(max_batch, budget, prompt, scratch)  # as CudaModel.capture_decode_graphs asks
     assert len(set(ahead)) == len(ahead) and len(ahead) <= 32
     missed = {k: n for k, n in steps.items() if k not in ahead}
     # The run's last steps (its remaining prompts, fewer than a full step) may take a bucket of their own, once
