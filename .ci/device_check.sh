@@ -256,6 +256,17 @@ for mode in "$@"; do
         | tee "$OUT/s25-dynpart.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
       if [ -n "${S25_PROBE:-}" ] || grep -q -E "^FAILED.*(split|prefill)" "$OUT/s25-tests.log"; then
         SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 60 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12; fi ;;
+    s30)  # session 30 (~6 min): the mended mixed-graph buffer test; where the step goes, as graphs: fp8 decode at 512
+          # sequences (context 200: a 128/128 run's; 1,100: 128/2048's), fp8+lm-head and Mamba-2 at batch 1
+      timeout 120 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_graph_memory.py 2>&1 \
+        | tee "$OUT/s30-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -4
+      for c in 200 1100; do echo "== fp8 decode step, 512 x $c"; timeout 150 python3 .ci/profile_decode.py \
+        --quantization fp8 --kv-cache-dtype fp8 --batch 512 --ctx $c --steps 4 --graphs 2>&1 | grep -v Warn \
+        | head -${TOP:-22}; done
+      echo "== fp8+lm-head, batch 1, context 1,024"; timeout 120 python3 .ci/profile_decode.py --quantization \
+        fp8+lm-head --ctx 1024 --steps 8 --graphs 2>&1 | grep -v Warn | head -${TOP:-22}
+      echo "== Mamba-2 2.7B, batch 1"; timeout 120 python3 .ci/profile_decode.py --spec models/mamba2.kiln \
+        --config configs/mamba2-2.7b.json --ctx 1024 --steps 8 --graphs 2>&1 | grep -v Warn | head -${TOP:-22} ;;
     s29)  # next session (~6 min): session 28's GPU tests (one warm-up stream for the captures, the mixed graphs'
           # buffer test mended, the defaults it flipped: KILN_PREFILL_LINEAR, KILN_FP8_OUT_FUSE; KILN_FP8_LT's plans;
           # the GGUF K-quants' kernels; state-space prefix reuse through kept states),
