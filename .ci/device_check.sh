@@ -260,7 +260,7 @@ for mode in "$@"; do
           # sequences (context 200: a 128/128 run's; 1,100: 128/2048's), fp8+lm-head and Mamba-2 at batch 1
       timeout 120 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_graph_memory.py 2>&1 \
         | tee "$OUT/s30-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -4
-      for c in 200 1100; do echo "== fp8 decode step, 512 x $c"; timeout 150 python3 .ci/profile_decode.py \
+      for c in ${CTXS:-200 1100}; do echo "== fp8 decode step, 512 x $c"; timeout 150 python3 .ci/profile_decode.py \
         --quantization fp8 --kv-cache-dtype fp8 --batch 512 --ctx $c --steps 4 --graphs 2>&1 | grep -v Warn \
         | head -${TOP:-22}; done
       echo "== fp8+lm-head, batch 1, context 1,024"; timeout 120 python3 .ci/profile_decode.py --quantization \
