@@ -256,6 +256,13 @@ for mode in "$@"; do
         | tee "$OUT/s25-dynpart.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
       if [ -n "${S25_PROBE:-}" ] || grep -q -E "^FAILED.*(split|prefill)" "$OUT/s25-tests.log"; then
         SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 60 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12; fi ;;
+    s31)  # next session (~7 min): session 30's KILN_DECODE_SHORT (the fp8-cache decode kernel's two-warp shape for
+          # steps of >= S sequences within C tokens, eager and as second graphs): its GPU tests, then fp8 128/128 and
+          # 128/2048 at max batch 512 with it off / 256:512 (session 30: the kernel alone 27% faster at 512 x 200)
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_decode_short.py \
+        tests/gpu/test_graph_memory.py 2>&1 | tee "$OUT/s31-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -6
+      for v in 0 256:512; do echo "== KILN_DECODE_SHORT=$v"; KILN_DECODE_SHORT=$v MAXB=512 BUDGET=4096 \
+        SWEEP_SHAPES=128/128,128/2048 THRU_TIMEOUT=200 bash "$0" s25thru; done ;;
     s30)  # session 30 (~6 min): the mended mixed-graph buffer test; where the step goes, as graphs: fp8 decode at 512
           # sequences (context 200: a 128/128 run's; 1,100: 128/2048's), fp8+lm-head and Mamba-2 at batch 1
       timeout 120 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_graph_memory.py 2>&1 \

@@ -133,6 +133,35 @@ _HOST_READERS = (OpKind.MOE, OpKind.ATTENTION, OpKind.ROPE, OpKind.CAUSAL_CONV1D
 
 # Decode batch sizes a CUDA graph is captured for (a batch runs in the smallest that holds it).
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+# Decode steps of many short sequences on an fp8 cache through the decode kernel's short-context shape
+# (DECODE_SHORT_SHAPE: two warps a block, four cp.async stages a warp, four blocks an SM), "S:C": steps of at
+# least S sequences whose longest context is at most C, eager, or as a second graph of their bucket ("0": off,
+# the default, until an end-to-end A/B). Measured (session 30, H100, the kernel alone): 512 sequences at
+# context 200 87.9 us (83% of copy bandwidth) against the default shape's 119.5 (61%); at 1,100 a tie; with fewer
+# sequences or longer contexts the default shape wins by 5-28% (BENCHMARKS.md). Read when a step runs.
+DECODE_SHORT = os.environ.get("KILN_DECODE_SHORT", "0")
+DECODE_SHORT_SHAPE = dict(warps=2, stages=4, min_blocks=4)
+
+
+def decode_short_bounds() -> tuple[int, int] | None:
+    """KILN_DECODE_SHORT's (least sequences, most context), or None: off."""
+    value = os.environ.get("KILN_DECODE_SHORT", DECODE_SHORT)
+    if value == "0":
+        return None
+    parts = value.split(":")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise KernelSpecError(f"KILN_DECODE_SHORT={value!r}: must be 0 or S:C (at least S sequences, contexts of at "
+                              f"most C tokens; e.g. 256:512)")
+    return int(parts[0]), int(parts[1])
+
+
+def decode_is_short(seqs: int, longest: int) -> bool:
+    """Whether a decode step of `seqs` sequences, the longest `longest` tokens of context (its new token
+    included), takes the short-context decode kernel (KILN_DECODE_SHORT)."""
+    bounds = decode_short_bounds()
+    return bounds is not None and seqs >= bounds[0] and longest <= bounds[1]
+
+
 # Where the decode graphs' memory comes from. "shared" (the default): the pool the mixed graphs share (CudaModel.
 # graph_pool), as vLLM's graphs share one; safe since the graphs run one at a time on one stream and none reads
 # another's output (torch's docs, pytorch/pytorch#166975), and the outputs stay live (each graph keeps its own).
@@ -184,6 +213,8 @@ class _Meta:
     # rest are padding: token 0, no K/V written; their values never reach a real row except through a
     # statistic over rows, which is why the fp8 per-tensor activation scale takes it: QGemm). None: eager.
     valid: torch.Tensor | None = None
+    # A decode step of many short sequences (decode_is_short): an fp8 site's decode kernel in its short shape
+    short: bool = False
 
 
 class CudaModel:
@@ -268,6 +299,7 @@ class CudaModel:
         self.mixed_graphs = self.use_graphs and all(op.kind in _MIXED_KINDS for op in self.ops)
         self._ssm = SsmSteps(self)  # Exec.SSM steps: conv / scan kernels on the state slots (graph-capturable)
         self._graphs: dict[int, _Graph] = {}
+        self._short_graphs: dict[int, _Graph] = {}  # decode buckets' steps of short sequences (KILN_DECODE_SHORT)
         self._mixed: dict[tuple[int, int, int], _MixedGraph] = {}  # (sequences, tokens, rows) buckets
         self._pool = None  # the graphs' shared memory pool (they never run at the same time): GRAPH_POOL
         self._pool_peak = 0  # the most one capture into it took (its blocks, free again after it, serve the next)
@@ -348,9 +380,10 @@ class CudaModel:
         self.drop_graphs()
         self._scratch = {}
         for op in self.ops:
-            if op.kind is Exec.ATTENTION and op.spec[1].key() not in self._scratch:
-                self._scratch[op.spec[1].key()] = K.decode_scratch(op.spec[1], self.max_batch, self.max_context,
-                                                                    self.device)
+            short = short_spec(op.spec[1]) if op.kind is Exec.ATTENTION and decode_short_bounds() else None
+            for spec in (op.spec[1], short) if op.kind is Exec.ATTENTION else ():
+                if spec is not None and spec.key() not in self._scratch:
+                    self._scratch[spec.key()] = K.decode_scratch(spec, self.max_batch, self.max_context, self.device)
 
     def set_page_size(self, page_size: int) -> None:
         """Specialise the kernels that read or write the paged KV cache for `page_size`-token pages (the engine's
@@ -408,6 +441,11 @@ class CudaModel:
             if top is not None and b <= top and b not in self._graphs:
                 self._graphs[b] = _Graph(self, kv, b)
                 made += 1
+        bounds = decode_short_bounds()  # and the buckets' short-context graphs (KILN_DECODE_SHORT)
+        for b in reversed(GRAPH_BUCKETS) if bounds is not None else ():
+            if top is not None and bounds[0] <= b <= top and b not in self._short_graphs:
+                self._short_graphs[b] = _Graph(self, kv, b, short=True)
+                made += 1
         if self.mixed_graphs and not self._lora.ops and cuda_quant._on("KILN_MIXED_GRAPHS_LARGE", MIXED_GRAPHS_LARGE):
             for key in large_warm_keys(min(max_batch, self.max_batch), tokens, prompt_len, self.max_batch):
                 if key not in self._mixed and key not in self._eager_mixed:
@@ -461,6 +499,7 @@ class CudaModel:
 
     def drop_graphs(self) -> None:
         self._graphs.clear()
+        self._short_graphs.clear()
         self._mixed.clear()
         self._eager_mixed.clear()
         self._mixed_out = None  # (sized from max_batch, which a reserve that drops the graphs may have grown)
@@ -490,7 +529,8 @@ class CudaModel:
                      up(h.kv_lens.max(keepdims=True)), decode, int(h.lengths.max()),
                      max(self.max_context, int(h.kv_lens.max())),
                      [(s.start, s.length) for s in seqs] if all(s.context == 0 and s.length > 1 for s in seqs)
-                     else None, decode_rows=lead)
+                     else None, decode_rows=lead,
+                     short=decode and decode_is_short(len(seqs), int(h.kv_lens.max())))
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, batch: StepBatch, kv: KVStore, all_logits: bool = False) -> torch.Tensor:
@@ -512,9 +552,11 @@ class CudaModel:
         if self.use_graphs and decode and not all_logits and longest <= self.max_context:
             bucket = next((b for b in GRAPH_BUCKETS if b >= len(batch.seqs) and b <= self.max_batch), None)
             if bucket is not None:
-                graph = self._graphs.get(bucket)
+                short = decode_is_short(len(batch.seqs), longest)  # (its own graph: the kernel's shape is captured)
+                graphs = self._short_graphs if short else self._graphs
+                graph = graphs.get(bucket)
                 if graph is None:
-                    graph = self._graphs[bucket] = _Graph(self, kv, bucket)
+                    graph = graphs[bucket] = _Graph(self, kv, bucket, short)
                     self.step_counts["decode_capture"] += 1
                 self.step_counts["decode_graph"] += 1
                 return graph.replay(batch)[: len(batch.seqs)].float()
@@ -855,6 +897,9 @@ class CudaModel:
                     qs[None], ks[None], vs[None], is_causal=True, scale=dspec.scale, enable_gqa=hq != hk)
                 out[start:start + length] = o[0].transpose(0, 1).flatten(1)
         elif meta.decode:
+            short = short_spec(dspec) if meta.short else None
+            if short is not None and short.key() in self._scratch:  # (sized where the bounds were set at reserve)
+                dspec = short
             K.paged_decode_attention(dspec, q, kc, vc, meta.block_tables, meta.kv_lens, out,
                                      self._scratch[dspec.key()], meta.max_context, **scales, pdl=_chain("attention"))
         else:
@@ -868,6 +913,12 @@ class CudaModel:
                                 meta.max_q_len, max_context=meta.max_context, **scales,
                                 linear=cuda_quant._on("KILN_PREFILL_LINEAR", PREFILL_LINEAR))
         return out
+
+
+def short_spec(dspec):
+    """An fp8 site's decode kernel in its short-context shape (DECODE_SHORT_SHAPE), or None: a 16-bit cache, whose
+    shapes were not measured."""
+    return dataclasses.replace(dspec, **DECODE_SHORT_SHAPE) if dspec.kv_fp8 else None
 
 
 def _post_norm(pro: KOp) -> bool:
@@ -1219,12 +1270,15 @@ class _MixedGraph:
 class _Graph:
     """A decode step for `size` sequences, captured once and replayed with new metadata."""
 
-    def __init__(self, model: CudaModel, kv: KVStore, size: int):
+    def __init__(self, model: CudaModel, kv: KVStore, size: int, short: bool = False):
         self.model = model
         dev = model.device
         self.size = size
         self.tokens = torch.zeros(size, dtype=torch.int64, device=dev)
         self.meta = _static_meta(model, size, size, decode=True)
+        if short:  # replayed only for steps whose contexts are within the bound: the kernels' grids sized for it
+            bound = decode_short_bounds()[1]
+            self.meta = dataclasses.replace(self.meta, short=True, max_context=min(bound, self.meta.max_context))
         self.lora = model._lora.static_rows(size)  # adapters' row grouping, refreshed per replay
         lora = (self.lora, None) if self.lora is not None else None
         where = os.environ.get("KILN_GRAPH_POOL", GRAPH_POOL)
