@@ -300,6 +300,8 @@ class CudaModel:
         self._ssm = SsmSteps(self)  # Exec.SSM steps: conv / scan kernels on the state slots (graph-capturable)
         self._graphs: dict[int, _Graph] = {}
         self._short_graphs: dict[int, _Graph] = {}  # decode buckets' steps of short sequences (KILN_DECODE_SHORT)
+        # (only where a site has a short shape: an fp8 cache's)
+        self._short_kv = any(op.kind is Exec.ATTENTION and short_spec(op.spec[1]) is not None for op in self.ops)
         self._mixed: dict[tuple[int, int, int], _MixedGraph] = {}  # (sequences, tokens, rows) buckets
         self._pool = None  # the graphs' shared memory pool (they never run at the same time): GRAPH_POOL
         self._pool_peak = 0  # the most one capture into it took (its blocks, free again after it, serve the next)
@@ -442,7 +444,7 @@ class CudaModel:
                 self._graphs[b] = _Graph(self, kv, b)
                 made += 1
         bounds = decode_short_bounds()  # and the buckets' short-context graphs (KILN_DECODE_SHORT)
-        for b in reversed(GRAPH_BUCKETS) if bounds is not None else ():
+        for b in reversed(GRAPH_BUCKETS) if bounds is not None and self._short_kv else ():
             if top is not None and bounds[0] <= b <= top and b not in self._short_graphs:
                 self._short_graphs[b] = _Graph(self, kv, b, short=True)
                 made += 1
@@ -552,7 +554,7 @@ class CudaModel:
         if self.use_graphs and decode and not all_logits and longest <= self.max_context:
             bucket = next((b for b in GRAPH_BUCKETS if b >= len(batch.seqs) and b <= self.max_batch), None)
             if bucket is not None:
-                short = decode_is_short(len(batch.seqs), longest)  # (its own graph: the kernel's shape is captured)
+                short = self._short_kv and decode_is_short(len(batch.seqs), longest)  # own graph: its shape is fixed
                 graphs = self._short_graphs if short else self._graphs
                 graph = graphs.get(bucket)
                 if graph is None:
