@@ -300,8 +300,9 @@ class CudaModel:
         self._ssm = SsmSteps(self)  # Exec.SSM steps: conv / scan kernels on the state slots (graph-capturable)
         self._graphs: dict[int, _Graph] = {}
         self._short_graphs: dict[int, _Graph] = {}  # decode buckets' steps of short sequences (KILN_DECODE_SHORT)
-        # (only where a site has a short shape: an fp8 cache's)
-        self._short_kv = any(op.kind is Exec.ATTENTION and short_spec(op.spec[1]) is not None for op in self.ops)
+        # Each fp8 site's decode spec key -> its short shape, where KILN_DECODE_SHORT was on at reserve (which sizes
+        # their scratch); empty: no step takes the short shape
+        self._short_specs: dict = {}
         self._mixed: dict[tuple[int, int, int], _MixedGraph] = {}  # (sequences, tokens, rows) buckets
         self._pool = None  # the graphs' shared memory pool (they never run at the same time): GRAPH_POOL
         self._pool_peak = 0  # the most one capture into it took (its blocks, free again after it, serve the next)
@@ -381,11 +382,12 @@ class CudaModel:
             return
         self.drop_graphs()
         self._scratch = {}
-        for op in self.ops:
-            short = short_spec(op.spec[1]) if op.kind is Exec.ATTENTION and decode_short_bounds() else None
-            for spec in (op.spec[1], short) if op.kind is Exec.ATTENTION else ():
-                if spec is not None and spec.key() not in self._scratch:
-                    self._scratch[spec.key()] = K.decode_scratch(spec, self.max_batch, self.max_context, self.device)
+        dspecs = [op.spec[1] for op in self.ops if op.kind is Exec.ATTENTION]
+        self._short_specs = {d.key(): short_spec(d) for d in dspecs
+                             if decode_short_bounds() is not None and short_spec(d) is not None}
+        for spec in (*dspecs, *self._short_specs.values()):
+            if spec.key() not in self._scratch:
+                self._scratch[spec.key()] = K.decode_scratch(spec, self.max_batch, self.max_context, self.device)
 
     def set_page_size(self, page_size: int) -> None:
         """Specialise the kernels that read or write the paged KV cache for `page_size`-token pages (the engine's
@@ -444,7 +446,7 @@ class CudaModel:
                 self._graphs[b] = _Graph(self, kv, b)
                 made += 1
         bounds = decode_short_bounds()  # and the buckets' short-context graphs (KILN_DECODE_SHORT)
-        for b in reversed(GRAPH_BUCKETS) if bounds is not None and self._short_kv else ():
+        for b in reversed(GRAPH_BUCKETS) if bounds is not None and self._short_specs else ():
             if top is not None and bounds[0] <= b <= top and b not in self._short_graphs:
                 self._short_graphs[b] = _Graph(self, kv, b, short=True)
                 made += 1
@@ -532,7 +534,7 @@ class CudaModel:
                      max(self.max_context, int(h.kv_lens.max())),
                      [(s.start, s.length) for s in seqs] if all(s.context == 0 and s.length > 1 for s in seqs)
                      else None, decode_rows=lead,
-                     short=decode and decode_is_short(len(seqs), int(h.kv_lens.max())))
+                     short=decode and bool(self._short_specs) and decode_is_short(len(seqs), int(h.kv_lens.max())))
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, batch: StepBatch, kv: KVStore, all_logits: bool = False) -> torch.Tensor:
@@ -554,7 +556,7 @@ class CudaModel:
         if self.use_graphs and decode and not all_logits and longest <= self.max_context:
             bucket = next((b for b in GRAPH_BUCKETS if b >= len(batch.seqs) and b <= self.max_batch), None)
             if bucket is not None:
-                short = self._short_kv and decode_is_short(len(batch.seqs), longest)  # own graph: its shape is fixed
+                short = bool(self._short_specs) and decode_is_short(len(batch.seqs), longest)  # own graph: shape fixed
                 graphs = self._short_graphs if short else self._graphs
                 graph = graphs.get(bucket)
                 if graph is None:
@@ -899,9 +901,8 @@ class CudaModel:
                     qs[None], ks[None], vs[None], is_causal=True, scale=dspec.scale, enable_gqa=hq != hk)
                 out[start:start + length] = o[0].transpose(0, 1).flatten(1)
         elif meta.decode:
-            short = short_spec(dspec) if meta.short else None
-            if short is not None and short.key() in self._scratch:  # (sized where the bounds were set at reserve)
-                dspec = short
+            if meta.short:
+                dspec = self._short_specs.get(dspec.key(), dspec)
             K.paged_decode_attention(dspec, q, kc, vc, meta.block_tables, meta.kv_lens, out,
                                      self._scratch[dspec.key()], meta.max_context, **scales, pdl=_chain("attention"))
         else:
