@@ -256,6 +256,15 @@ for mode in "$@"; do
         | tee "$OUT/s25-dynpart.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
       if [ -n "${S25_PROBE:-}" ] || grep -q -E "^FAILED.*(split|prefill)" "$OUT/s25-tests.log"; then
         SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 60 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12; fi ;;
+    s32)  # session 31 (~5 min): Mamba-2's output gate in the scan (KILN_SSM_GATE) and its GPU test, then batch-1 A/Bs of
+          # the 2.7B shape, twice: gate in the norm / in the scan, each with the GEMV prologues 0 / lone (lone with the gate
+          # in the scan: both of a layer's norms in their GEMVs, post-scaled, so three launches a layer)
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_ssm_kernels.py \
+        tests/gpu/test_gemv_prologue.py 2>&1 | tee "$OUT/s32-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
+      for i in 1 2; do for v in "0 0" "1 0" "0 lone" "1 lone"; do set -- $v
+        echo "batch-1 decode, mamba2-2.7b KILN_SSM_GATE=$1 KILN_GEMV_PROLOGUE=$2 $(KILN_SSM_GATE=$1 KILN_GEMV_PROLOGUE=$2 \
+          timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
+          | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error" | tr '\n' ' ')"; done; done ;;
     s31)  # next session (~7 min): session 30's KILN_DECODE_SHORT (the fp8-cache decode kernel's two-warp shape for
           # steps of >= S sequences within C tokens, eager and as second graphs): its GPU tests, then fp8 128/128 and
           # 128/2048 at max batch 512 with it off / 256:512 (session 30: the kernel alone 27% faster at 512 x 200)

@@ -647,12 +647,13 @@ def ssm_conv(spec: SK.SsmConvSpec, x, weight, bias, state, slots, cu_seqlens, kv
 
 
 def ssm_scan(spec: SK.SsmScanSpec, x, dt_in, a_log, b, c, d, dt_bias, state, slots, cu_seqlens, kv_lens, out,
-             num_seqs: int):
+             num_seqs: int, z=None):
     """out = selective_scan(x, dt, A_log, B, C, D, dt_bias) over each sequence's rows (as ssm_conv's),
     starting from state[slots[s]] ([num_slots, heads, head_dim, d_state] fp32) when it has context, which
     then holds the state after its last token. x [T, heads * head_dim], dt [T, heads], b and c
     [T, groups * d_state] (all row-strided); a_log [heads] or [heads, d_state]; d, dt_bias [heads];
-    out [T, heads * head_dim]."""
+    out [T, heads * head_dim]. z: the gate's input [T, heads * head_dim] (row-strided) where the spec has a
+    gate (out = y * gate(z)), else None."""
     rd, s = _torch_dtype(spec), spec
     dev = x.device
     HP, GN = s.heads * s.head_dim, s.groups * s.d_state
@@ -663,6 +664,7 @@ def ssm_scan(spec: SK.SsmScanSpec, x, dt_in, a_log, b, c, d, dt_bias, state, slo
         if t.shape[0] != T:
             raise KernelArgError(f"{name}: {t.shape[0]} rows, x has {T}")
     _check_scan_args(s, a_log, d, dt_bias, state, rd, dev)
+    gate = _ssm_gate_args(s, z, T, rd, dev)
     _check("out", out, rd, (T, HP), dev)
     meta = _ssm_step_meta(slots, cu_seqlens, kv_lens, num_seqs, dev)
     kern = get_kernel(spec, dev)
@@ -670,7 +672,21 @@ def ssm_scan(spec: SK.SsmScanSpec, x, dt_in, a_log, b, c, d, dt_bias, state, slo
     kern.launch(kern.source.entries[0], (km["blocks"], num_seqs), (km["threads"],),
                 [ptr(x), i64(x.stride(0)), ptr(dt_in), i64(dt_in.stride(0)), ptr(a_log), ptr(b), i64(b.stride(0)),
                  ptr(c), i64(c.stride(0)), ptr(d if s.has_d else None), ptr(dt_bias if s.has_dt_bias else None),
-                 ptr(state), *meta, ptr(out)])
+                 ptr(state), *meta, *gate, ptr(out)])
+
+
+def _ssm_gate_args(s, z, T: int, rd, dev) -> list:
+    """A scan spec's gate input z ([T, heads * head_dim], row-strided) as kernel arguments: [] without a gate."""
+    if not s.gate:
+        if z is not None:
+            raise KernelArgError("z: given to a spec without a gate")
+        return []
+    if z is None:
+        raise KernelArgError(f"z: required by this spec (gate={s.gate!r})")
+    _rows("z", z, rd, s.heads * s.head_dim, dev, align=z.element_size())
+    if z.shape[0] != T:
+        raise KernelArgError(f"z: {z.shape[0]} rows, expected {T}")
+    return [ptr(z), i64(z.stride(0))]
 
 
 def _check_scan_args(s, a_log, d, dt_bias, state, rd, dev) -> None:
@@ -687,14 +703,14 @@ def _check_scan_args(s, a_log, d, dt_bias, state, rd, dev) -> None:
 
 
 def ssm_conv_scan(spec: SK.SsmConvScanSpec, xbc, conv_w, conv_b, conv_state, dt_in, a_log, d, dt_bias, state, slots,
-                  cu_seqlens, kv_lens, counters, out, num_seqs: int, pdl: bool = False):
+                  cu_seqlens, kv_lens, counters, out, num_seqs: int, pdl: bool = False, z=None):
     """A decode step of out = selective_scan(split(act(causal_conv1d(xbc)))) in one kernel: one new token
     per sequence (a sequence of another length is left alone: run ssm_conv then ssm_scan for such a step);
     conv_state [num_slots, channels, kernel - 1] (run dtype) and state [num_slots, heads, head_dim,
     d_state] (fp32) read and written as ssm_conv's and ssm_scan's. xbc [T, channels], dt [T, heads]
     (row-strided); counters: int32, at least num_seqs * groups entries, all zero (and left so). pdl: a
     programmatic dependent launch of the kernel that writes xbc and dt (its states and weights read before
-    its griddepcontrol.wait; norm's `pdl` says the rest)."""
+    its griddepcontrol.wait; norm's `pdl` says the rest). z: the gate's input, as ssm_scan's."""
     rd, s = _torch_dtype(spec), spec
     dev = xbc.device
     C, K, HP = s.channels, s.kernel, s.heads * s.head_dim
@@ -713,6 +729,7 @@ def ssm_conv_scan(spec: SK.SsmConvScanSpec, xbc, conv_w, conv_b, conv_state, dt_
     _check("counters", counters, torch.int32, device=dev, aligned=False)
     if counters.dim() != 1 or counters.shape[0] < num_seqs * s.groups:
         raise KernelArgError(f"counters: shape {tuple(counters.shape)}, expected at least [{num_seqs * s.groups}]")
+    gate = _ssm_gate_args(s, z, T, rd, dev)
     _check("out", out, rd, (T, HP), dev)
     meta = _ssm_step_meta(slots, cu_seqlens, kv_lens, num_seqs, dev)
     kern = get_kernel(spec, dev)
@@ -720,4 +737,4 @@ def ssm_conv_scan(spec: SK.SsmConvScanSpec, xbc, conv_w, conv_b, conv_state, dt_
     kern.launcher(pdl)(kern.source.entries[0], (km["blocks"], num_seqs), (km["threads"],),
                 [ptr(xbc), i64(xbc.stride(0)), ptr(conv_w), ptr(conv_b if s.has_bias else None), ptr(conv_state),
                  ptr(dt_in), i64(dt_in.stride(0)), ptr(a_log), ptr(d if s.has_d else None),
-                 ptr(dt_bias if s.has_dt_bias else None), ptr(state), *meta, ptr(counters), ptr(out)])
+                 ptr(dt_bias if s.has_dt_bias else None), ptr(state), *meta, ptr(counters), *gate, ptr(out)])

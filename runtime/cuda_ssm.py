@@ -116,9 +116,10 @@ class SsmSteps:
         """conv -> split -> scan (fuse.py's ssm_conv_scan): a decode step (every sequence one token, as a
         captured decode graph's) in one kernel; any other step as the conv kernel, then the scan kernel
         on views of its output."""
-        conv, scan = op.instrs[0], op.instrs[-1]
+        conv, scan = op.instrs[0], op.instrs[3]  # (conv, act, split, scan[, gate act, mul])
         meta = step.meta
-        xbc, conv_w, conv_b, dt, a_log, d, dt_bias = (fetch(a, env, weights) for a in op.ins)
+        xbc, conv_w, conv_b, dt, a_log, d, dt_bias, *gate = (fetch(a, env, weights) for a in op.ins)
+        z = gate[0] if gate else None  # the output gate's input (fuse.py's ssm_conv_scan with KILN_SSM_GATE=1)
         conv_state = step.kv.state.site(conv.state, self.model.plan.state_sites[conv.state].shape, xbc.dtype,
                                         xbc.device)
         state = step.kv.state.site(scan.state, self.model.plan.state_sites[scan.state].shape, torch.float32,
@@ -134,12 +135,12 @@ class SsmSteps:
             if SSM_PDL not in ("0", "1"):
                 raise K.KernelSpecError(f"KILN_SSM_PDL={SSM_PDL!r}: must be 0 or 1")
             K.ssm_conv_scan(spec, xbc, conv_w, conv_b, conv_state, dt, a_log, d, dt_bias, state, slots,
-                            meta.cu_seqlens, meta.kv_lens, self.counters, out, S, pdl=SSM_PDL == "1")
+                            meta.cu_seqlens, meta.kv_lens, self.counters, out, S, pdl=SSM_PDL == "1", z=z)
         else:
             mid = torch.empty(xbc.shape[0], spec.channels, dtype=xbc.dtype, device=xbc.device)
             K.ssm_conv(op.extra["conv"], xbc, conv_w, conv_b, conv_state, slots, meta.cu_seqlens, meta.kv_lens,
                        mid, S, meta.max_q_len)
             xs, b, c = mid.split(list(op.extra["sizes"]), dim=1)
             K.ssm_scan(op.extra["scan"], xs, dt, a_log, b, c, d, dt_bias, state, slots, meta.cu_seqlens,
-                       meta.kv_lens, out, S)
+                       meta.kv_lens, out, S, z=z)
         env[op.outs[0]] = out

@@ -405,3 +405,62 @@ def test_mamba2_decode_with_the_scan_as_a_programmatic_dependent_is_bit_equal(dt
     with pytest.raises(KernelSpecError, match="KILN_SSM_PDL='yes'"), torch.no_grad():
         eager.forward(StepBatch(nxt[:1], [SeqSlice(0, 1, 0, (0,), state_slot=0)]),
                       KVStore(ref.plan.sites, 4, 16, ref.dtype, "cuda", state=StateStore(1)))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_mamba2_with_the_output_gate_in_the_scan(groups, dtype, monkeypatch):
+    """KILN_SSM_GATE=1 (fuse.py's ssm_conv_scan takes y * silu(z)): prefill eagerly (the conv kernel, then the scan
+    kernel's gated form), then 6 decode steps through the CUDA graphs (the fused kernel's gated form, a programmatic
+    dependent, in_proj through the GEMV): logits and states bit-equal to the gate in the norm kernel (the same
+    roundings, the same norm after them). With KILN_GEMV_PROLOGUE=lone as well, the plain norm left after the gate
+    joins out_proj's GEMV post-scaled where it spans the whole row (groups 1, as Mamba-2 2.7B's): logits within
+    the post-scaled norm's tolerance of the others and no further from the reference backend's."""
+    from kiln.codegen import gemv as G
+    from kiln.codegen.launch import _loaded
+    from kiln.codegen.specs import NormSpec
+    from kiln.runtime import cuda_backend
+    monkeypatch.setattr(cuda_backend, "GEMV", "pdl")
+    monkeypatch.setattr(cuda_backend, "GEMV_ROWS", 4)
+    config = dict(FAMILY_CONFIGS["mamba2"], n_groups=groups)
+    ref, off = pair("mamba2", config, dtype)
+    monkeypatch.setenv("KILN_SSM_GATE", "1")
+    models = {(g, p): LoadedModel(ref.plan, make_backend(ref.plan, ref.model.weights, "cuda", "cuda"), None,
+                                  ref.dtype, ref.device) for g, p in (("1", "0"), ("1", "lone"))}
+    models[("0", "0")] = off
+    for (g, _), m in models.items():
+        ssm = [op for op in m.model.ops if op.kind is Exec.SSM]
+        assert [op.spec.gate for op in ssm] == (["silu"] * 2 if g == "1" else [""] * 2)
+    kvs = {k: KVStore(ref.plan.sites, 32, 16, ref.dtype, "cuda", state=StateStore(4)) for k in (*models, "ref")}
+    tables = ((0, 6), (1, 2, 3, 4, 5, 7))
+    seqs = [SeqSlice(0, 7, 0, tables[0], state_slot=2), SeqSlice(7, 70, 0, tables[1], state_slot=1)]
+    tokens = torch.randint(0, ref.plan.vocab_size, (77,))
+    tol = 1e-4 if dtype == "fp32" else 3e-2
+
+    def run(batch):  # each model under its own prologue switch (its graphs are captured with it)
+        outs = {}
+        for k, m in models.items():
+            monkeypatch.setattr(cuda_backend, "GEMV_PROLOGUE", k[1])
+            outs[k] = m.model.forward(batch, kvs[k])
+        return outs, ref.model.forward(batch, kvs["ref"])
+
+    with torch.no_grad():
+        outs, want = run(StepBatch(tokens, seqs))
+        assert torch.equal(outs[("1", "0")], outs[("0", "0")]), "prefill"
+        ctx = [7, 70]
+        for step in range(6):
+            nxt = torch.randint(0, ref.plan.vocab_size, (2,))
+            outs, want = run(StepBatch(nxt, [SeqSlice(i, 1, ctx[i], tables[i], state_slot=2 - i) for i in (0, 1)]))
+            base, lone = outs[("0", "0")], outs[("1", "lone")]
+            assert torch.isfinite(outs[("1", "0")]).all() and torch.equal(outs[("1", "0")], base), f"decode step {step}"
+            assert rel(lone, base) < tol, f"decode step {step}: lone {rel(lone, base):.3g} from the gate in the norm"
+            assert rel(lone, want) < max(tol, 2 * rel(base, want)), f"decode step {step}: from the reference"
+            ctx = [x + 1 for x in ctx]
+    for k in models:
+        assert models[k].model._graphs, f"{k}: decode did not run through a CUDA graph"
+    for site in range(len(ref.plan.state_sites)):
+        assert torch.equal(kvs[("1", "0")].state.tensors[site], kvs[("0", "0")].state.tensors[site])
+    # out_proj's GEMV (k = d_inner = 128) with the plain norm in its prologue: post-scaled over the whole row
+    out_proj = [spec for (spec, _), _k in list(_loaded.items()) if isinstance(spec, G.GemvSpec) and spec.k == 128
+                and isinstance(spec.prologue, NormSpec) and not spec.prologue.gate and spec.prologue.width == 128 // groups]
+    assert out_proj and any(s.post_norm for s in out_proj) == (groups == 1), [(s.prologue, s.post_norm) for s in out_proj]
