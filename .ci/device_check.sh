@@ -256,6 +256,14 @@ for mode in "$@"; do
         | tee "$OUT/s25-dynpart.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
       if [ -n "${S25_PROBE:-}" ] || grep -q -E "^FAILED.*(split|prefill)" "$OUT/s25-tests.log"; then
         SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 60 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12; fi ;;
+    s33)  # session 31 (~5 min): L2 prefetch hints (KILN_L2_PREFETCH, MB of the next GEMM's weight a norm / fused scan
+          # kernel streams into L2): GPU tests with the new default KILN_DECODE_SHORT, then batch-1 A/Bs (two pairs each):
+          # Mamba-2 2.7B 0 / 16 / 48, the 8B bf16 0 / 16, fp8 0 / 16
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_l2_prefetch.py \
+        tests/gpu/test_decode_short.py tests/gpu/test_graph_memory.py tests/gpu/test_pdl_triggers.py \
+        tests/gpu/test_gated_norm.py 2>&1 | tee "$OUT/s33-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
+      AB_RUNS=2 ab_runs "none KILN_L2_PREFETCH 0 16 configs/mamba2-2.7b.json;none KILN_L2_PREFETCH 0 48 configs/mamba2-2.7b.json"
+      AB_RUNS=2 ab_runs "none KILN_L2_PREFETCH 0 16 $L;fp8 KILN_L2_PREFETCH 0 16 $L" ;;
     s32)  # session 31 (~5 min): Mamba-2's output gate in the scan (KILN_SSM_GATE) and its GPU test, then batch-1 A/Bs of
           # the 2.7B shape, twice: gate in the norm / in the scan, each with the GEMV prologues 0 / lone (lone with the gate
           # in the scan: both of a layer's norms in their GEMVs, post-scaled, so three launches a layer)

@@ -92,12 +92,13 @@ class SsmSteps:
         buf.copy_(host, non_blocking=True)
 
     # -- one step ------------------------------------------------------------------------------
-    def __call__(self, op: KOp, env: dict, step, weights: dict) -> None:
+    def __call__(self, op: KOp, env: dict, step, weights: dict, prefetch=None) -> None:
+        """Step `op`; prefetch: its kernel's L2 prefetch hint (CudaModel.prefetch_hint; the fused decode kernel's)."""
         ins = op.instrs[0]
         meta, spec = step.meta, op.spec
         slots, S = self._slots(step)
         if op.extra["op"] == "conv_scan":
-            self._conv_scan(op, env, step, weights, slots, S)
+            self._conv_scan(op, env, step, weights, slots, S, prefetch)
             return
         site = self.model.plan.state_sites[ins.state]
         args = [fetch(a, env, weights) for a in ins.inputs]
@@ -112,7 +113,7 @@ class SsmSteps:
             K.ssm_scan(spec, x, *args[1:], state, slots, meta.cu_seqlens, meta.kv_lens, out, S)
         env[op.outs[0]] = out
 
-    def _conv_scan(self, op: KOp, env: dict, step, weights: dict, slots: torch.Tensor, S: int) -> None:
+    def _conv_scan(self, op: KOp, env: dict, step, weights: dict, slots: torch.Tensor, S: int, prefetch) -> None:
         """conv -> split -> scan (fuse.py's ssm_conv_scan): a decode step (every sequence one token, as a
         captured decode graph's) in one kernel; any other step as the conv kernel, then the scan kernel
         on views of its output."""
@@ -135,7 +136,8 @@ class SsmSteps:
             if SSM_PDL not in ("0", "1"):
                 raise K.KernelSpecError(f"KILN_SSM_PDL={SSM_PDL!r}: must be 0 or 1")
             K.ssm_conv_scan(spec, xbc, conv_w, conv_b, conv_state, dt, a_log, d, dt_bias, state, slots,
-                            meta.cu_seqlens, meta.kv_lens, self.counters, out, S, pdl=SSM_PDL == "1", z=z)
+                            meta.cu_seqlens, meta.kv_lens, self.counters, out, S, pdl=SSM_PDL == "1", z=z,
+                            prefetch=prefetch)
         else:
             mid = torch.empty(xbc.shape[0], spec.channels, dtype=xbc.dtype, device=xbc.device)
             K.ssm_conv(op.extra["conv"], xbc, conv_w, conv_b, conv_state, slots, meta.cu_seqlens, meta.kv_lens,

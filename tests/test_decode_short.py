@@ -11,11 +11,14 @@ from kiln.codegen.specs import DecodeAttnSpec, KernelSpecError
 from kiln.runtime import cuda_backend as cb
 
 
-def test_off_by_default_and_bounds_read_from_the_environment(monkeypatch):
-    monkeypatch.delenv("KILN_DECODE_SHORT", raising=False)
+def test_on_by_default_and_bounds_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("KILN_DECODE_SHORT", "0")
     assert cb.decode_short_bounds() is None and not cb.decode_is_short(4096, 1)
+    monkeypatch.delenv("KILN_DECODE_SHORT", raising=False)
+    assert cb.decode_short_bounds() == (256, 512)  # the default (cb.DECODE_SHORT)
+    monkeypatch.setenv("KILN_DECODE_SHORT", "64:100")
+    assert cb.decode_short_bounds() == (64, 100)
     monkeypatch.setenv("KILN_DECODE_SHORT", "256:512")
-    assert cb.decode_short_bounds() == (256, 512)
     # at least 256 sequences, the longest context (its new token included) at most 512
     assert cb.decode_is_short(256, 512) and cb.decode_is_short(1024, 17)
     assert not cb.decode_is_short(255, 100) and not cb.decode_is_short(512, 513)
