@@ -256,23 +256,6 @@ for mode in "$@"; do
         | tee "$OUT/s25-dynpart.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
       if [ -n "${S25_PROBE:-}" ] || grep -q -E "^FAILED.*(split|prefill)" "$OUT/s25-tests.log"; then
         SHAPE=32,8,128,16 REPEAT=1 CTX=129,0 NEW=128,5 timeout 60 python3 .ci/split_probe.py 2>&1 | grep -v Warn | tail -12; fi ;;
-    s33)  # session 31 (~5 min): L2 prefetch hints (KILN_L2_PREFETCH, MB of the next GEMM's weight a norm / fused scan
-          # kernel streams into L2): GPU tests with the new default KILN_DECODE_SHORT, then batch-1 A/Bs (two pairs each):
-          # Mamba-2 2.7B 0 / 16 / 48, the 8B bf16 0 / 16, fp8 0 / 16
-      timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_l2_prefetch.py \
-        tests/gpu/test_decode_short.py tests/gpu/test_graph_memory.py tests/gpu/test_pdl_triggers.py \
-        tests/gpu/test_gated_norm.py 2>&1 | tee "$OUT/s33-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
-      AB_RUNS=2 ab_runs "none KILN_L2_PREFETCH 0 16 configs/mamba2-2.7b.json;none KILN_L2_PREFETCH 0 48 configs/mamba2-2.7b.json"
-      AB_RUNS=2 ab_runs "none KILN_L2_PREFETCH 0 16 $L;fp8 KILN_L2_PREFETCH 0 16 $L" ;;
-    s32)  # session 31 (~5 min): Mamba-2's output gate in the scan (KILN_SSM_GATE) and its GPU test, then batch-1 A/Bs of
-          # the 2.7B shape, twice: gate in the norm / in the scan, each with the GEMV prologues 0 / lone (lone with the gate
-          # in the scan: both of a layer's norms in their GEMVs, post-scaled, so three launches a layer)
-      timeout 150 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_ssm_kernels.py \
-        tests/gpu/test_gemv_prologue.py 2>&1 | tee "$OUT/s32-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
-      for i in 1 2; do for v in "0 0" "1 0" "0 lone" "1 lone"; do set -- $v
-        echo "batch-1 decode, mamba2-2.7b KILN_SSM_GATE=$1 KILN_GEMV_PROLOGUE=$2 $(KILN_SSM_GATE=$1 KILN_GEMV_PROLOGUE=$2 \
-          timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
-          | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error" | tr '\n' ' ')"; done; done ;;
     s31)  # next session (~7 min): session 30's KILN_DECODE_SHORT (the fp8-cache decode kernel's two-warp shape for
           # steps of >= S sequences within C tokens, eager and as second graphs): its GPU tests, then fp8 128/128 and
           # 128/2048 at max batch 512 with it off / 256:512 (session 30: the kernel alone 27% faster at 512 x 200)
@@ -291,6 +274,13 @@ for mode in "$@"; do
         fp8+lm-head --ctx 1024 --steps 8 --graphs 2>&1 | grep -v Warn | head -${TOP:-22}
       echo "== Mamba-2 2.7B, batch 1"; timeout 120 python3 .ci/profile_decode.py --spec models/mamba2.kiln \
         --config configs/mamba2-2.7b.json --ctx 1024 --steps 8 --graphs 2>&1 | grep -v Warn | head -${TOP:-22} ;;
+    kvshapes16)  # (~2 min) the same shapes on a bf16 cache (session 31, H100: the default within 2% of the best
+                 # shape at 256 x 200 (89% of copy bandwidth), 95-101% at longer contexts: no short shape for bf16)
+      timeout 300 python3 -c "
+import kiln.codegen.bench_kernels as b
+b.FP8KV_VARIANTS = ((0, 0, 0), (4, 3, 3), (2, 4, 4), (2, 3, 4), (2, 6, 4), (4, 4, 4))
+print(b.fp8_kv_variants_table(b.copy_bandwidth(), shapes=((256, 200), (256, 1100), (256, 2000), (64, 4096)), bf16=True))
+" 2>&1 | grep -v Warn | tail -10 ;;
     kvshapes)  # (~2 min) the fp8-cache decode kernel's shapes (warps, stages, min blocks an SM) at a 128/128 run's
                # 512 x 200 and a 128/2048 run's 512 x 1,100 (session 30, H100: 60% of copy bandwidth at 512 x 200 by
                # default, 83% with w2s4b4), beside 256 x 1,500 and 64 x 4,096 (min blocks: at most 4)

@@ -216,14 +216,19 @@ def fp8_kv_decode_line(B, ctx, copy_bw: float) -> str:
 FP8KV_VARIANTS = ((0, 0, 0), (4, 3, 3), (4, 4, 3), (4, 3, 4), (2, 4, 4), (2, 3, 4), (8, 3, 2), (4, 6, 2))
 
 
-def fp8_kv_variants_table(copy_bw: float, shapes=((512, 200), (256, 1500), (64, 4096), (1, 16384))) -> str:
+def fp8_kv_variants_table(copy_bw: float, shapes=((512, 200), (256, 1500), (64, 4096), (1, 16384)),
+                          bf16: bool = False) -> str:
     """Paged decode attention on an FP8 cache per kernel shape (DecodeAttnSpec warps / stages /
     min_blocks) beside the bf16 cache's default kernel, µs a call and share of copy bandwidth (K/V
     bytes + q / out). Issue #13: an fp8 decode step at batch 256 spent 8.45 of 13.44 ms here, 72% of
-    copy bandwidth, where the bf16 kernel reaches 97%."""
-    runs = [(False, 16, (0, 0, 0))] + [(True, 16, v) for v in FP8KV_VARIANTS] + [(True, 32, (0, 0, 0)),
-                                                                                (True, 64, (0, 0, 0))]
-    head = [("bf16 cache" if not fp8 else "fp8 default" if v == (0, 0, 0) else "fp8 w{}s{}b{}".format(*v))
+    copy bandwidth, where the bf16 kernel reaches 97%. bf16: the same shapes on the bf16 cache instead (no page
+    sizes)."""
+    if bf16:
+        runs = [(False, 16, v) for v in FP8KV_VARIANTS]
+    else:
+        runs = [(False, 16, (0, 0, 0))] + [(True, 16, v) for v in FP8KV_VARIANTS] + [(True, 32, (0, 0, 0)),
+                                                                                    (True, 64, (0, 0, 0))]
+    head = [("bf16" if not fp8 else "fp8") + (" default" if v == (0, 0, 0) else " w{}s{}b{}".format(*v))
             + ("" if page == PAGE else f", {page}-token pages") for fp8, page, v in runs]
     lines = ["| B | ctx | " + " | ".join(head) + " |", "|---:|---:|" + "---:|" * len(head)]
     for B, ctx in shapes:

@@ -10,7 +10,6 @@ instructions it covers, so generated code names the spec op it came from.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import os
 from collections import Counter
@@ -215,43 +214,14 @@ def ssm_fuse_enabled() -> bool:
     return v == "1"
 
 
-def ssm_gate_enabled() -> bool:
-    """Mamba-2's output gate y * act(z) in the scan's kernels (ssm_conv_scan's gated form, KILN_SSM_GATE=1), so that
-    the norm after it is a plain RMSNorm, which a GEMV's post-scaled prologue can take (KILN_GEMV_PROLOGUE=lone);
-    "0" (the default until measured): the gated norm kernel forms the product."""
-    v = os.environ.get("KILN_SSM_GATE") or "0"
-    if v not in ("0", "1"):
-        raise ks.KernelSpecError(f"KILN_SSM_GATE={v!r}: must be 0 or 1")
-    return v == "1"
-
-
-def _output_gate(p: _Program, y: Value) -> tuple[Instr, Instr] | None:
-    """(act, mul) where y's one use is mul = y * act(z) (or act(z) * y), act a kernel activation of one input that
-    feeds the mul alone: the gate the scan's kernels can apply (SsmScanSpec.gate)."""
-    users = p.users.get(y, [])
-    mul = p.instrs[users[0]] if len(users) == 1 and p.uses[y] == 1 else None
-    if mul is None or not p.free(mul) or mul.kind is not OpKind.MUL \
-            or p.plan.types[mul.inputs[0]] != p.plan.types[mul.inputs[1]]:
-        return None
-    other = mul.inputs[1] if mul.inputs[0] == y else mul.inputs[0]
-    act = p.producer.get(other)
-    if other == y or not p.feeds_only(act, other) or len(act.inputs) != 1 \
-            or activation_of(act) not in KERNEL_ACTIVATIONS:
-        return None
-    return act, mul
-
-
 def _ssm_conv_scan(p: _Program) -> None:
     """xs, b, c = split(act(causal_conv1d(x, w, cb))); y = selective_scan(xs, dt, a_log, b, c, ...) (Mamba-2),
     the split's parts read by the scan alone, as its x, B and C: one Exec.SSM step, extra "op" "conv_scan",
     spec the fused decode kernel's (codegen/ssm_kernels.SsmConvScanSpec), extra "conv" and "scan" the two
     kernels' specs, which run a step with a longer sequence (prefill, mixed) as before. Only with
-    KILN_SSM_FUSE=1 (ssm_fuse_enabled); otherwise left to ssm_conv_act and the scan's own step. With
-    KILN_SSM_GATE=1 (ssm_gate_enabled) the step also takes y's output gate, y * act(z) (_output_gate): its last
-    input z, its output the product, emitted where the mul stood."""
+    KILN_SSM_FUSE=1 (ssm_fuse_enabled); otherwise left to ssm_conv_act and the scan's own step."""
     if not ssm_fuse_enabled():
         return
-    gated = ssm_gate_enabled()
     for scan in p.instrs:
         if scan.kind is not OpKind.SELECTIVE_SCAN or not p.free(scan) or not isinstance(scan.inputs[0], Value):
             continue
@@ -270,18 +240,13 @@ def _ssm_conv_scan(p: _Program) -> None:
         conv_op, scan_op = _ssm(p, conv, activation_of(act)), _ssm(p, scan)
         if conv_op is None or scan_op is None:
             continue
-        ins, instrs, last, scan_spec = (*conv.inputs, *scan.inputs[1:3], *scan.inputs[5:]), (conv, act, split, scan), \
-            scan, scan_op.spec
-        gate = _output_gate(p, scan.out) if gated else None
-        if gate is not None:  # y * g(z): z the step's last input, the product its output
-            ins, instrs, last = (*ins, gate[0].inputs[0]), (*instrs, *gate), gate[1]
-            scan_spec = dataclasses.replace(scan_spec, gate=activation_of(gate[0]))
-        spec = ssm_kernels.SsmConvScanSpec.of(conv_op.spec, scan_spec, f"{origin(conv)} -> {origin(last)}")
+        spec = ssm_kernels.SsmConvScanSpec.of(conv_op.spec, scan_op.spec, f"{origin(conv)} -> {origin(scan)}")
         if spec is None:  # the split is not [x; B; C] as the scan reads them
             continue
-        p.claim(KOp(Exec.SSM, ins, last.outputs, instrs, spec,
-                    extra={"op": "conv_scan", "conv": conv_op.spec, "scan": scan_spec,
-                           "sizes": tuple(split.attrs.sizes)}), last)
+        p.claim(KOp(Exec.SSM, (*conv.inputs, *scan.inputs[1:3], *scan.inputs[5:]), scan.outputs,
+                    (conv, act, split, scan), spec,
+                    extra={"op": "conv_scan", "conv": conv_op.spec, "scan": scan_op.spec,
+                           "sizes": tuple(split.attrs.sizes)}), scan)
 
 
 def _gated_norm(p: _Program) -> None:
@@ -428,13 +393,6 @@ PATTERNS = (
             _sibling_gemms),
     Pattern("rope_attention", "attention(rope(q), rope(k), v): rope of q and k (same attributes), K/V appended "
             "to the cache, then attention; without ropes, the K/V write and attention", _rope_attention),
-    # before ssm_conv_act, which would take its conv, and before gated_norm, which would take its output gate
-    Pattern("ssm_conv_scan", "xs, b, c = split(act(causal_conv1d(x, w, cb))); y = selective_scan(xs, dt, a_log, b, "
-            "c, d, dt_bias) [; y * g(z)]: at one token a sequence, both in one kernel, each conv output rounded to the "
-            "run dtype after the activation as the conv step stores it; the gate's g(z) and product rounded as the "
-            "activation and the mul round them", _ssm_conv_scan),
-    Pattern("ssm_conv_act", "act(causal_conv1d(x, w, b)): the activation applied to the conv's output in its kernel",
-            _ssm_conv_act),
     # before residual_norm and gated_act, which would each take a part of it
     Pattern("gated_norm", "h = norm(y * act(z), w) (or act(z) * y): act(z) and the product rounded to the run "
             "dtype as the activation and the mul round them, then the norm (per group with group=g)", _gated_norm),
@@ -450,6 +408,12 @@ PATTERNS = (
             "attention(rope(q), rope(k), v): q, k and v rounded to the run dtype as the GEMM stores them, then the "
             "rotary + KV write as the attention step's own kernel does it, q, k and v read by nothing else",
             _gemv_rope),
+    # before ssm_conv_act, which would take its conv
+    Pattern("ssm_conv_scan", "xs, b, c = split(act(causal_conv1d(x, w, cb))); selective_scan(xs, dt, a_log, b, c, d, "
+            "dt_bias): at one token a sequence, both in one kernel, each conv output rounded to the run dtype after "
+            "the activation as the conv step stores it", _ssm_conv_scan),
+    Pattern("ssm_conv_act", "act(causal_conv1d(x, w, b)): the activation applied to the conv's output in its kernel",
+            _ssm_conv_act),
     # last: it joins steps the patterns above made
     Pattern("gemv_prologue", "linear(h, w_i[, b_i]) for every i where h = an rms norm step's output (r = a + b; "
             "norm(r, w); or norm(y * act(z), w); or norm(x, w)) or a gated act step's (act(g) * u) that nothing "

@@ -77,7 +77,7 @@ def _kernel(spec, device) -> LoadedKernel:
 
 
 def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=None, gate=None, pdl: bool = False,
-         amax=None, valid_rows=None, out_scale=None, prefetch=None):
+         amax=None, valid_rows=None, out_scale=None):
     """out = norm(x [+ residual]) * (weight + offset) [+ bias]; residual_out = x + residual.
     Gated (spec.gate): out = norm(x * gate_act(gate)) * (weight + offset) [+ bias]. pdl: a programmatic
     dependent launch (LoadedKernel.launch_dependent). The norm, activation and rotary + KV write kernels
@@ -91,8 +91,6 @@ def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=
     spec.amax: also each row's max |out| into amax (fp32 [T]; 0 for rows at or past valid_rows, int32 [1] on
     the device, where given): the partials `quant_kernels.act_quant_fp8_folded` takes.
     spec.fp8_out: out is float8_e4m3fn [T, hidden], the values / out_scale (fp32, one element, on the device).
-    prefetch: (tensor, most bytes), the weight of the decode GEMV after this kernel, streamed into L2 once the
-    kernel before has finished (templates/l2_prefetch.cuh.j2); None: nothing.
     """
     dt, h = _torch_dtype(spec), spec.hidden
     _check("x", x, dt)
@@ -131,19 +129,7 @@ def norm(spec: NormSpec, x, weight, out, residual=None, residual_out=None, bias=
     if spec.gate:
         args += [i64(gate.stride(0)), i32(gate_vec)]
     args.append(i32(T))
-    args += prefetch_args(prefetch)
     k.launcher(pdl)(k.source.entries[0], (T * k.source.meta["groups"],), (k.source.meta["threads"],), args)
-
-
-def prefetch_args(prefetch) -> list:
-    """The (pf, pf_bytes) arguments of a kernel that takes an L2 prefetch hint (templates/l2_prefetch.cuh.j2):
-    `prefetch` (tensor, most bytes) -> its first min(bytes, cap) bytes, rounded down to 16; None -> none."""
-    if prefetch is None:
-        return [ptr(None), i64(0)]
-    t, cap = prefetch
-    if not isinstance(t, torch.Tensor) or not t.is_cuda or t.data_ptr() % 16:
-        raise KernelArgError("prefetch: a CUDA tensor on a 16-byte boundary")
-    return [ptr(t), i64(min(t.numel() * t.element_size(), int(cap)) // 16 * 16)]
 
 
 def amax_parts(spec: NormSpec | ActSpec, T: int) -> int:
@@ -661,13 +647,12 @@ def ssm_conv(spec: SK.SsmConvSpec, x, weight, bias, state, slots, cu_seqlens, kv
 
 
 def ssm_scan(spec: SK.SsmScanSpec, x, dt_in, a_log, b, c, d, dt_bias, state, slots, cu_seqlens, kv_lens, out,
-             num_seqs: int, z=None):
+             num_seqs: int):
     """out = selective_scan(x, dt, A_log, B, C, D, dt_bias) over each sequence's rows (as ssm_conv's),
     starting from state[slots[s]] ([num_slots, heads, head_dim, d_state] fp32) when it has context, which
     then holds the state after its last token. x [T, heads * head_dim], dt [T, heads], b and c
     [T, groups * d_state] (all row-strided); a_log [heads] or [heads, d_state]; d, dt_bias [heads];
-    out [T, heads * head_dim]. z: the gate's input [T, heads * head_dim] (row-strided) where the spec has a
-    gate (out = y * gate(z)), else None."""
+    out [T, heads * head_dim]."""
     rd, s = _torch_dtype(spec), spec
     dev = x.device
     HP, GN = s.heads * s.head_dim, s.groups * s.d_state
@@ -678,7 +663,6 @@ def ssm_scan(spec: SK.SsmScanSpec, x, dt_in, a_log, b, c, d, dt_bias, state, slo
         if t.shape[0] != T:
             raise KernelArgError(f"{name}: {t.shape[0]} rows, x has {T}")
     _check_scan_args(s, a_log, d, dt_bias, state, rd, dev)
-    gate = _ssm_gate_args(s, z, T, rd, dev)
     _check("out", out, rd, (T, HP), dev)
     meta = _ssm_step_meta(slots, cu_seqlens, kv_lens, num_seqs, dev)
     kern = get_kernel(spec, dev)
@@ -686,21 +670,7 @@ def ssm_scan(spec: SK.SsmScanSpec, x, dt_in, a_log, b, c, d, dt_bias, state, slo
     kern.launch(kern.source.entries[0], (km["blocks"], num_seqs), (km["threads"],),
                 [ptr(x), i64(x.stride(0)), ptr(dt_in), i64(dt_in.stride(0)), ptr(a_log), ptr(b), i64(b.stride(0)),
                  ptr(c), i64(c.stride(0)), ptr(d if s.has_d else None), ptr(dt_bias if s.has_dt_bias else None),
-                 ptr(state), *meta, *gate, ptr(out)])
-
-
-def _ssm_gate_args(s, z, T: int, rd, dev) -> list:
-    """A scan spec's gate input z ([T, heads * head_dim], row-strided) as kernel arguments: [] without a gate."""
-    if not s.gate:
-        if z is not None:
-            raise KernelArgError("z: given to a spec without a gate")
-        return []
-    if z is None:
-        raise KernelArgError(f"z: required by this spec (gate={s.gate!r})")
-    _rows("z", z, rd, s.heads * s.head_dim, dev, align=z.element_size())
-    if z.shape[0] != T:
-        raise KernelArgError(f"z: {z.shape[0]} rows, expected {T}")
-    return [ptr(z), i64(z.stride(0))]
+                 ptr(state), *meta, ptr(out)])
 
 
 def _check_scan_args(s, a_log, d, dt_bias, state, rd, dev) -> None:
@@ -717,14 +687,14 @@ def _check_scan_args(s, a_log, d, dt_bias, state, rd, dev) -> None:
 
 
 def ssm_conv_scan(spec: SK.SsmConvScanSpec, xbc, conv_w, conv_b, conv_state, dt_in, a_log, d, dt_bias, state, slots,
-                  cu_seqlens, kv_lens, counters, out, num_seqs: int, pdl: bool = False, z=None, prefetch=None):
+                  cu_seqlens, kv_lens, counters, out, num_seqs: int, pdl: bool = False):
     """A decode step of out = selective_scan(split(act(causal_conv1d(xbc)))) in one kernel: one new token
     per sequence (a sequence of another length is left alone: run ssm_conv then ssm_scan for such a step);
     conv_state [num_slots, channels, kernel - 1] (run dtype) and state [num_slots, heads, head_dim,
     d_state] (fp32) read and written as ssm_conv's and ssm_scan's. xbc [T, channels], dt [T, heads]
     (row-strided); counters: int32, at least num_seqs * groups entries, all zero (and left so). pdl: a
     programmatic dependent launch of the kernel that writes xbc and dt (its states and weights read before
-    its griddepcontrol.wait; norm's `pdl` says the rest). z: the gate's input, as ssm_scan's. prefetch: as norm's."""
+    its griddepcontrol.wait; norm's `pdl` says the rest)."""
     rd, s = _torch_dtype(spec), spec
     dev = xbc.device
     C, K, HP = s.channels, s.kernel, s.heads * s.head_dim
@@ -743,7 +713,6 @@ def ssm_conv_scan(spec: SK.SsmConvScanSpec, xbc, conv_w, conv_b, conv_state, dt_
     _check("counters", counters, torch.int32, device=dev, aligned=False)
     if counters.dim() != 1 or counters.shape[0] < num_seqs * s.groups:
         raise KernelArgError(f"counters: shape {tuple(counters.shape)}, expected at least [{num_seqs * s.groups}]")
-    gate = _ssm_gate_args(s, z, T, rd, dev)
     _check("out", out, rd, (T, HP), dev)
     meta = _ssm_step_meta(slots, cu_seqlens, kv_lens, num_seqs, dev)
     kern = get_kernel(spec, dev)
@@ -751,5 +720,4 @@ def ssm_conv_scan(spec: SK.SsmConvScanSpec, xbc, conv_w, conv_b, conv_state, dt_
     kern.launcher(pdl)(kern.source.entries[0], (km["blocks"], num_seqs), (km["threads"],),
                 [ptr(xbc), i64(xbc.stride(0)), ptr(conv_w), ptr(conv_b if s.has_bias else None), ptr(conv_state),
                  ptr(dt_in), i64(dt_in.stride(0)), ptr(a_log), ptr(d if s.has_d else None),
-                 ptr(dt_bias if s.has_dt_bias else None), ptr(state), *meta, ptr(counters), *gate, ptr(out),
-                 *prefetch_args(prefetch)])
+                 ptr(dt_bias if s.has_dt_bias else None), ptr(state), *meta, ptr(counters), ptr(out)])

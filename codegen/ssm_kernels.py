@@ -54,9 +54,7 @@ class SsmConvSpec(_Spec):
 @dataclass(frozen=True)
 class SsmScanSpec(_Spec):
     """selective_scan: `heads` heads of `head_dim` rows, each row a state of `d_state` (fp32), B/C per
-    one of `groups` groups; A_log per head (Mamba-2) or per head and state (`a_per_state`, Mamba-1).
-    `gate`: an activation (fuse.py's ssm_gate): each output y written as y * gate(z) instead, z a [T, heads *
-    head_dim] input; gate(z) and the product rounded to the run dtype as the activation and the mul round them."""
+    one of `groups` groups; A_log per head (Mamba-2) or per head and state (`a_per_state`, Mamba-1)."""
 
     heads: int
     head_dim: int
@@ -66,7 +64,6 @@ class SsmScanSpec(_Spec):
     has_d: bool = True
     has_dt_bias: bool = True
     softplus: bool = True
-    gate: str = ""
     dtype: str = "bf16"
     origin: str = ""
 
@@ -75,7 +72,6 @@ class SsmScanSpec(_Spec):
         _dtype(self)
         if self.heads % self.groups:
             _fail(self, "groups", f"{self.groups} does not divide heads={self.heads}")
-        _check_gate(self)
 
     @property
     def lanes(self) -> int:
@@ -90,7 +86,7 @@ class SsmScanSpec(_Spec):
 class SsmConvScanSpec(_Spec):
     """A decode step (one new token per sequence) of Mamba-2's act(causal_conv1d([x; B; C])) -> split ->
     selective_scan in one kernel: `channels` = heads * head_dim + 2 * groups * d_state conv channels of
-    `kernel` taps, then the scan as SsmScanSpec's (its `gate` too). `block_rows`: state rows per block (a target)."""
+    `kernel` taps, then the scan as SsmScanSpec's. `block_rows`: state rows per block (a target)."""
 
     heads: int
     head_dim: int
@@ -104,7 +100,6 @@ class SsmConvScanSpec(_Spec):
     has_dt_bias: bool = True
     softplus: bool = True
     block_rows: int = FUSED_ROWS
-    gate: str = ""
     dtype: str = "bf16"
     origin: str = ""
 
@@ -117,7 +112,6 @@ class SsmConvScanSpec(_Spec):
             _fail(self, "kernel", f"must be >= 2 (a width-1 conv keeps no state), got {self.kernel}")
         if self.act and self.act not in KERNEL_ACTIVATIONS:
             _fail(self, "act", f"must be '' or one of {KERNEL_ACTIVATIONS}, got {self.act!r}")
-        _check_gate(self)
 
     @classmethod
     def of(cls, conv: SsmConvSpec, scan: SsmScanSpec, origin: str) -> SsmConvScanSpec | None:
@@ -126,8 +120,7 @@ class SsmConvScanSpec(_Spec):
         if conv.channels != scan.heads * scan.head_dim + 2 * scan.groups * scan.d_state or conv.dtype != scan.dtype:
             return None
         return cls(scan.heads, scan.head_dim, scan.d_state, scan.groups, conv.kernel, conv.has_bias, conv.act,
-                   scan.a_per_state, scan.has_d, scan.has_dt_bias, scan.softplus, gate=scan.gate, dtype=scan.dtype,
-                   origin=origin)
+                   scan.a_per_state, scan.has_d, scan.has_dt_bias, scan.softplus, dtype=scan.dtype, origin=origin)
 
     @property
     def channels(self) -> int:
@@ -149,11 +142,6 @@ class SsmConvScanSpec(_Spec):
         return min(FUSED_THREADS, -(-self.rows_per_block * self.lanes // 32) * 32)
 
 
-def _check_gate(s) -> None:
-    if s.gate and s.gate not in KERNEL_ACTIVATIONS:
-        _fail(s, "gate", f"must be '' or one of {KERNEL_ACTIVATIONS}, got {s.gate!r}")
-
-
 def _conv_render(s: SsmConvSpec) -> KernelSource:
     params = dict(channels=s.channels, kernel=s.kernel, hist=s.kernel - 1, hist_m1=s.kernel - 2, has_bias=s.has_bias,
                   act=s.act, threads=CONV_THREADS, tokens=CONV_TOKENS)
@@ -167,12 +155,12 @@ def _scan_render(s: SsmScanSpec) -> KernelSource:
     rows_per_block = SCAN_THREADS // lanes
     params = dict(heads=s.heads, head_dim=s.head_dim, d_state=s.d_state, groups=s.groups,
                   heads_per_group=s.heads // s.groups, a_per_state=s.a_per_state, has_d=s.has_d,
-                  has_dt_bias=s.has_dt_bias, softplus=s.softplus, gate=s.gate, lanes=lanes, per_lane=s.d_state // lanes,
+                  has_dt_bias=s.has_dt_bias, softplus=s.softplus, lanes=lanes, per_lane=s.d_state // lanes,
                   rows=rows, rows_per_block=rows_per_block, threads=SCAN_THREADS,
                   shuffles=[lanes >> i for i in range(1, int(math.log2(lanes)) + 1)],
                   state_row=s.d_state, state_slot=rows * s.d_state,
                   a_len=s.d_state // lanes if s.a_per_state else 1, a_index="j" if s.a_per_state else "0")
-    name = _name(f"ssm_scan_h{s.heads}_p{s.head_dim}_n{s.d_state}_g{s.groups}{'_gate_' + s.gate if s.gate else ''}", s)
+    name = _name(f"ssm_scan_h{s.heads}_p{s.head_dim}_n{s.d_state}_g{s.groups}", s)
     meta = dict(threads=SCAN_THREADS, lanes=lanes, rows_per_block=rows_per_block,
                 blocks=math.ceil(rows / rows_per_block))
     return _emit("ssm_scan.cu.j2", name, s, params, [name], meta)
@@ -187,16 +175,15 @@ def _conv_scan_render(s: SsmConvScanSpec) -> KernelSource:
                   has_bias=s.has_bias, act=s.act,
                   heads=s.heads, head_dim=s.head_dim, d_state=s.d_state, groups=s.groups,
                   heads_per_group=s.heads // s.groups, a_per_state=s.a_per_state, has_d=s.has_d,
-                  has_dt_bias=s.has_dt_bias, softplus=s.softplus, gate=s.gate, lanes=lanes,
-                  per_lane=s.d_state // lanes, rows=rows, rows_per_group=rows // s.groups, rb=rb,
-                  blocks_per_group=rows // s.groups // rb,
+                  has_dt_bias=s.has_dt_bias, softplus=s.softplus, lanes=lanes, per_lane=s.d_state // lanes,
+                  rows=rows, rows_per_group=rows // s.groups, rb=rb, blocks_per_group=rows // s.groups // rb,
                   threads=threads, lane_groups=lane_groups, rows_per_lane_group=-(-rb // lane_groups),
                   prologue=prologue, per_thread=-(-prologue // threads),
                   shuffles=[lanes >> i for i in range(1, int(math.log2(lanes)) + 1)],
                   state_row=s.d_state, state_slot=rows * s.d_state,
                   a_len=s.d_state // lanes if s.a_per_state else 1, a_index="j" if s.a_per_state else "0")
     name = _name(f"ssm_conv_scan_h{s.heads}_p{s.head_dim}_n{s.d_state}_g{s.groups}_k{s.kernel}"
-                 f"{'_' + s.act if s.act else ''}{'_gate_' + s.gate if s.gate else ''}", s)
+                 f"{'_' + s.act if s.act else ''}", s)
     meta = dict(threads=threads, lanes=lanes, rows_per_block=rb, blocks=rows // rb)
     return _emit("ssm_conv_scan.cu.j2", name, s, params, [name], meta)
 

@@ -143,12 +143,6 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 5
 # (BENCHMARKS.md). Read when a step runs.
 DECODE_SHORT = os.environ.get("KILN_DECODE_SHORT", "256:512")
 DECODE_SHORT_SHAPE = dict(warps=2, stages=4, min_blocks=4)
-# L2 prefetch hints (KILN_L2_PREFETCH, megabytes; "0": off, the default until an A/B): in a decode step of at most
-# GEMV_ROWS rows, the norm kernels and Mamba-2's fused conv + scan stream the first megabytes of the weight of the next
-# GEMM step (its plain or fp8 weight) into L2 once the kernel before them has finished (templates/l2_prefetch.cuh.j2).
-# At batch 1 DRAM idles while those short kernels run (Mamba-2 2.7B, H100: 13.6 of a layer's 42 us); the GEMV then
-# finds the prefetched bytes in L2. Read when a step runs (and is captured).
-L2_PREFETCH = os.environ.get("KILN_L2_PREFETCH", "0")
 
 
 def decode_short_bounds() -> tuple[int, int] | None:
@@ -273,13 +267,6 @@ class CudaModel:
                     self.weights.pop(name, None)
             elif op.spec is not None:
                 op.spec = canon(op.spec)
-        # each step's next GEMM step's streamed weight (a plain or fp8 tensor), for the L2 prefetch hints
-        self._next_weight: list[torch.Tensor | None] = [None] * len(self.ops)
-        following = None
-        for n in range(len(self.ops) - 1, -1, -1):
-            self._next_weight[n] = following
-            if n in self._gemm:
-                following = _streamed(self._gemm[n][0])
         self._amax = self._amax_specs(canon)
         self._fp8_out = self._fp8_out_specs(canon)
         self._lt = self._lt_plans()
@@ -821,17 +808,6 @@ class CudaModel:
         step.amax[op.outs[0]] = parts
         return spec, parts
 
-    def prefetch_hint(self, op: KOp, step: "_Run", n: int) -> tuple[torch.Tensor, int] | None:
-        """What step `op` (step n's own, or the prologue of GEMM step n that runs as its own kernel) hands its kernel to
-        prefetch into L2 (KILN_L2_PREFETCH): the next GEMM's weight and the megabytes cap, in a decode step of at most
-        GEMV_ROWS rows; None otherwise."""
-        if L2_PREFETCH == "0" or step.T > GEMV_ROWS:
-            return None
-        if not L2_PREFETCH.isdigit():
-            raise KernelSpecError(f"KILN_L2_PREFETCH={L2_PREFETCH!r}: must be 0 (off) or a number of megabytes")
-        w = self._next_weight[n] if self.ops[n] is op else _streamed(self._gemm[n][0])
-        return (w, int(L2_PREFETCH) << 20) if w is not None else None
-
     def _norm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         fp8 = self._fp8_target(op, step)
         if fp8 is not None:  # the next GEMM's fp8 input, written here
@@ -844,7 +820,6 @@ class CudaModel:
             extra = dict(amax=parts, valid_rows=step.meta.valid) if parts is not None else {}
         bias = self.weights[op.extra["bias"].name] if spec.has_bias else None
         w = self.weights[op.extra["weight"].name]
-        extra["prefetch"] = self.prefetch_hint(op, step, n)
         if spec.has_residual:
             res_out = torch.empty(step.T, spec.hidden, dtype=self.dtype, device=self.device)
             K.norm(spec, _c(env[op.ins[1]]), w, out, residual=_c(env[op.ins[0]]), residual_out=res_out, bias=bias,
@@ -889,7 +864,7 @@ class CudaModel:
         self._moe[n](env, step, self.weights)
 
     def _ssm_step(self, op: KOp, env, step: "_Run", n: int) -> None:
-        self._ssm(op, env, step, self.weights, self.prefetch_hint(op, step, n))
+        self._ssm(op, env, step, self.weights)
 
     def _torch_step(self, op: KOp, env, step: "_Run", n: int) -> None:
         ins = op.instrs[0]
@@ -943,16 +918,6 @@ class CudaModel:
                                 meta.max_q_len, max_context=meta.max_context, **scales,
                                 linear=cuda_quant._on("KILN_PREFILL_LINEAR", PREFILL_LINEAR))
         return out
-
-
-def _streamed(w) -> torch.Tensor | None:
-    """The tensor a decode GEMM streams for weight `w`: a plain weight, or an fp8 QGemm's values; None for the
-    other formats (their packed layouts are not prefetched yet)."""
-    if isinstance(w, torch.Tensor):
-        return w
-    if isinstance(w, QGemm) and w.packed is None and w.q is not None and w.q.dtype == torch.float8_e4m3fn:
-        return w.q
-    return None
 
 
 def short_spec(dspec):

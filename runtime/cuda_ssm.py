@@ -92,13 +92,12 @@ class SsmSteps:
         buf.copy_(host, non_blocking=True)
 
     # -- one step ------------------------------------------------------------------------------
-    def __call__(self, op: KOp, env: dict, step, weights: dict, prefetch=None) -> None:
-        """Step `op`; prefetch: its kernel's L2 prefetch hint (CudaModel.prefetch_hint; the fused decode kernel's)."""
+    def __call__(self, op: KOp, env: dict, step, weights: dict) -> None:
         ins = op.instrs[0]
         meta, spec = step.meta, op.spec
         slots, S = self._slots(step)
         if op.extra["op"] == "conv_scan":
-            self._conv_scan(op, env, step, weights, slots, S, prefetch)
+            self._conv_scan(op, env, step, weights, slots, S)
             return
         site = self.model.plan.state_sites[ins.state]
         args = [fetch(a, env, weights) for a in ins.inputs]
@@ -113,14 +112,13 @@ class SsmSteps:
             K.ssm_scan(spec, x, *args[1:], state, slots, meta.cu_seqlens, meta.kv_lens, out, S)
         env[op.outs[0]] = out
 
-    def _conv_scan(self, op: KOp, env: dict, step, weights: dict, slots: torch.Tensor, S: int, prefetch) -> None:
+    def _conv_scan(self, op: KOp, env: dict, step, weights: dict, slots: torch.Tensor, S: int) -> None:
         """conv -> split -> scan (fuse.py's ssm_conv_scan): a decode step (every sequence one token, as a
         captured decode graph's) in one kernel; any other step as the conv kernel, then the scan kernel
         on views of its output."""
-        conv, scan = op.instrs[0], op.instrs[3]  # (conv, act, split, scan[, gate act, mul])
+        conv, scan = op.instrs[0], op.instrs[-1]
         meta = step.meta
-        xbc, conv_w, conv_b, dt, a_log, d, dt_bias, *gate = (fetch(a, env, weights) for a in op.ins)
-        z = gate[0] if gate else None  # the output gate's input (fuse.py's ssm_conv_scan with KILN_SSM_GATE=1)
+        xbc, conv_w, conv_b, dt, a_log, d, dt_bias = (fetch(a, env, weights) for a in op.ins)
         conv_state = step.kv.state.site(conv.state, self.model.plan.state_sites[conv.state].shape, xbc.dtype,
                                         xbc.device)
         state = step.kv.state.site(scan.state, self.model.plan.state_sites[scan.state].shape, torch.float32,
@@ -136,13 +134,12 @@ class SsmSteps:
             if SSM_PDL not in ("0", "1"):
                 raise K.KernelSpecError(f"KILN_SSM_PDL={SSM_PDL!r}: must be 0 or 1")
             K.ssm_conv_scan(spec, xbc, conv_w, conv_b, conv_state, dt, a_log, d, dt_bias, state, slots,
-                            meta.cu_seqlens, meta.kv_lens, self.counters, out, S, pdl=SSM_PDL == "1", z=z,
-                            prefetch=prefetch)
+                            meta.cu_seqlens, meta.kv_lens, self.counters, out, S, pdl=SSM_PDL == "1")
         else:
             mid = torch.empty(xbc.shape[0], spec.channels, dtype=xbc.dtype, device=xbc.device)
             K.ssm_conv(op.extra["conv"], xbc, conv_w, conv_b, conv_state, slots, meta.cu_seqlens, meta.kv_lens,
                        mid, S, meta.max_q_len)
             xs, b, c = mid.split(list(op.extra["sizes"]), dim=1)
             K.ssm_scan(op.extra["scan"], xs, dt, a_log, b, c, d, dt_bias, state, slots, meta.cu_seqlens,
-                       meta.kv_lens, out, S, z=z)
+                       meta.kv_lens, out, S)
         env[op.outs[0]] = out

@@ -18,7 +18,7 @@ from kiln.dsl.ops import OpKind
 pytest.importorskip("cuda.bindings")
 
 from kiln.codegen import nvrtc  # noqa: E402
-from kiln.codegen.fuse import Exec, fuse, unfused  # noqa: E402
+from kiln.codegen.fuse import Exec, fuse  # noqa: E402
 from kiln.codegen.render import render  # noqa: E402
 from kiln.codegen.specs import KernelSpecError  # noqa: E402
 from kiln.codegen.ssm_kernels import SsmConvScanSpec, SsmConvSpec, SsmScanSpec  # noqa: E402
@@ -60,13 +60,6 @@ def _cases():
                                           has_dt_bias=False, softplus=False, dtype=dt, origin="t.kiln:3 fused")),
                 ("fused", SsmConvScanSpec(24, 32, 64, groups=3, act="gelu", block_rows=64, dtype=dt,
                                           origin="t.kiln:4 fused"))]
-    # the output gate (KILN_SSM_GATE): the same activation as the conv's, another one beside it (two functions in
-    # one kernel), and in the scan alone
-    out += [("gated", SsmConvScanSpec(80, 64, 128, act="silu", gate="silu", origin="t.kiln:5 fused")),
-            ("gated", SsmConvScanSpec(6, 5, 12, groups=3, kernel=3, act="silu", gate="gelu", dtype="fp32",
-                                      origin="t.kiln:6 fused")),
-            ("gated", SsmScanSpec(80, 64, 128, gate="silu", origin="t.kiln:7 scan")),
-            ("gated", SsmScanSpec(24, 1, 12, a_per_state=True, gate="gelu_tanh", dtype="fp16", origin="t.kiln:8 scan"))]
     return out
 
 
@@ -104,52 +97,6 @@ def test_every_family_gets_a_conv_and_a_scan_kernel_per_mamba_layer(fused, monke
         assert kinds.count(SsmConvSpec) == kinds.count(SsmScanSpec) == layers
         conv = next(op.spec for op in ops if isinstance(op.spec, SsmConvSpec))
         assert conv.act == "silu"  # the act(...) around the conv runs in its kernel
-
-
-@pytest.mark.parametrize("gate", ["1", "0"])
-def test_mamba2_output_gate_joins_the_conv_scan_step(gate, monkeypatch):
-    """KILN_SSM_GATE=1: Mamba-2's y * silu(z) joins its conv_scan step (the scan's kernels apply the gate, z the
-    step's last input, the product its output), so the norm after it is a plain RMSNorm step of the product;
-    "0": the gated norm step forms the product, as before. A bad value is refused by name."""
-    from kiln.codegen.specs import NormSpec
-    monkeypatch.setenv("KILN_SSM_GATE", gate)
-    plan = check(load_spec("mamba2"), FAMILY_CONFIGS["mamba2"])
-    ops = fuse(plan, torch.bfloat16, 16)
-    ssm = [op for op in ops if op.kind is Exec.SSM]
-    assert len(ssm) == len(plan.state_sites) // 2 and ssm
-    for op in ssm:
-        kinds = [i.kind for i in op.instrs]
-        if gate == "1":
-            assert kinds[4:] == [OpKind.SILU, OpKind.MUL] and op.outs == op.instrs[-1].outputs
-            assert op.spec.gate == op.extra["scan"].gate == "silu" and len(op.ins) == 8
-            z = op.ins[-1]
-            assert plan.types[z].shape[1] == op.spec.heads * op.spec.head_dim
-            assert SsmConvScanSpec.of(op.extra["conv"], op.extra["scan"], op.spec.origin) == op.spec
-            assert "y * silu(" in op.spec.origin  # named after the mul it ends in
-        else:
-            assert len(kinds) == 4 and not op.spec.gate and len(op.ins) == 7
-    norms = [op.spec for op in unfused(ops) if op.kind is Exec.NORM and isinstance(op.spec, NormSpec)]
-    gated_norms = [n for n in norms if n.gate]
-    assert len(gated_norms) == (0 if gate == "1" else len(ssm)) and len(norms) == 2 * len(ssm) + 1
-    monkeypatch.setenv("KILN_SSM_GATE", "yes")
-    with pytest.raises(KernelSpecError, match="KILN_SSM_GATE='yes'"):
-        fuse(plan, torch.bfloat16, 16)
-
-
-def test_the_output_gate_joins_only_a_product_nothing_else_reads(monkeypatch):
-    """The gate joins the scan's step only where y feeds the mul alone and act(z) feeds nothing else."""
-    monkeypatch.setenv("KILN_SSM_GATE", "1")
-    extra = '\n          w_z: [8, 16] <- "wz"'
-    plan = check(parse_spec(TINY.format(extra=extra, ret="linear(y * silu(linear(x, w_z)), w_y)")), {})
-    ssm = [op for op in fuse(plan, torch.float32, 16) if op.kind is Exec.SSM]
-    assert [op.spec.gate for op in ssm] == ["silu"]
-    ks = render(ssm[0].spec)
-    assert "gate_act(" in ks.source and nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin).kind == "cubin"
-    for ret in ("linear(y * silu(linear(x, w_z)), w_y) + linear(y, w_y)",  # y read again
-                "linear(y * linear(x, w_z), w_y)"):  # no activation on the other side
-        plan = check(parse_spec(TINY.format(extra=extra, ret=ret)), {})
-        ssm = [op for op in fuse(plan, torch.float32, 16) if op.kind is Exec.SSM]
-        assert [op.spec.gate for op in ssm] == [""]
 
 
 def test_mamba2_27b_shape():
@@ -204,8 +151,6 @@ def test_conv_scan_fuses_only_when_the_split_feeds_the_scan_alone():
     (lambda: SsmConvScanSpec(6, 4, 8, kernel=1), "kernel"),
     (lambda: SsmConvScanSpec(6, 4, 8, act="tanh"), "act"),
     (lambda: SsmConvScanSpec(6, 4, 8, block_rows=0), "block_rows"),
-    (lambda: SsmConvScanSpec(6, 4, 8, gate="tanh"), "gate"),
-    (lambda: SsmScanSpec(6, 4, 8, gate="softmax"), "gate"),
 ])
 def test_bad_specs_name_the_field(make, field):
     with pytest.raises(KernelSpecError, match=rf"\.{field}:"):
