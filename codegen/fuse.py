@@ -147,6 +147,8 @@ def _rope_attention(p: _Program) -> None:
         c = dict(call.constants)
         causal = c.pop("causal")
         site = p.plan.sites[ins.site]
+        if site.kv_dtype not in ("run", "fp8"):  # fp8-rotated: the reference backend's alone (runtime/kv_store.py)
+            raise ks.KernelSpecError(f"attention site {site.index}: no kernels for a {site.kv_dtype} KV cache")
         fp8 = site.kv_dtype == "fp8"  # the site's pages hold E4M3 (scaled): every kernel reads / writes them so
         common = dict(c, page_size=p.page_size, dtype=p.dt, kv_fp8=fp8, origin=origin(ins))
         rope = dict(rope_constants(qr.attrs)) if roped else dict(rotary_dim=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from . import ir
 from .checker import check
@@ -103,34 +103,50 @@ def _lm_heads(plan: Plan) -> set[str]:
     return heads
 
 
-KV_CACHE_DTYPES = ("run", "fp8")
+KV_CACHE_DTYPES = ("run", "fp8", "fp8-rotated")
 
 
-def kv_cache(dtype: str = "run", scales: Mapping[int, tuple[float, float]] | None = None) -> Pass:
+def kv_cache(dtype: str = "run", scales: Mapping[int, tuple[float, float]] | None = None,
+             means: Mapping[int, Sequence[float]] | None = None) -> Pass:
     """Set how every attention site stores its K/V pages: the run dtype, or fp8 E4M3 with one
     scale per site for K and one for V (KVStore holds them), written quantized and read back
     dequantized by every backend. `scales` {site index: (k_scale, v_scale)} are calibrated ones
     (a checkpoint's, `kiln quantize --scheme fp8-kv`); a site without one keeps 1.0 (vLLM's default
-    without calibration: values below 2^-6 fall into e4m3's subnormals)."""
+    without calibration: values below 2^-6 fall into e4m3's subnormals). "fp8-rotated" (runtime/kv_store.py):
+    E4M3 in a Hadamard-rotated basis of each head (head sizes powers of 2), the keys less `means` {site:
+    [kv_heads * head_dim] floats} (calibrated per channel; zeros without), each sequence's first key kept exact."""
     if dtype not in KV_CACHE_DTYPES:
         raise SpecError(f"--kv-cache-dtype {dtype}: no such KV cache dtype", None,
                         "KV cache dtypes: " + ", ".join(KV_CACHE_DTYPES))
-    scales = dict(scales or {})
-    if scales and dtype != "fp8":
-        raise SpecError(f"KV cache scales apply to --kv-cache-dtype fp8, not {dtype}", None)
+    scales, means = dict(scales or {}), {i: tuple(float(x) for x in m) for i, m in (means or {}).items()}
+    if scales and not dtype.startswith("fp8"):
+        raise SpecError(f"KV cache scales apply to an fp8 --kv-cache-dtype, not {dtype}", None)
+    if means and dtype != "fp8-rotated":
+        raise SpecError(f"KV cache key means apply to --kv-cache-dtype fp8-rotated, not {dtype}", None)
     for i, pair in scales.items():
         if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in pair):
             raise SpecError(f"attention site {i}: KV cache scales must be finite floats > 0, got {pair!r}", None)
+    for i, m in means.items():
+        if not all(math.isfinite(x) for x in m):
+            raise SpecError(f"attention site {i}: KV cache key means must be finite", None)
 
     def run(plan: Plan) -> Plan:
-        bad = sorted(set(scales) - set(range(len(plan.sites))))
+        bad = sorted((set(scales) | set(means)) - set(range(len(plan.sites))))
         if bad:
             raise SpecError(f"KV cache scales for attention site {bad[0]}, but the plan has {len(plan.sites)} sites",
                             None)
         sites = []
         for s in plan.sites:
+            if dtype == "fp8-rotated" and s.kv_heads and (s.head_dim & (s.head_dim - 1) or s.v_head_dim != s.head_dim):
+                raise SpecError(f"--kv-cache-dtype fp8-rotated: attention site {s.index} ({s.path}) has head sizes "
+                                f"{s.head_dim} / {s.v_head_dim}; the rotation needs one head size, a power of 2", None,
+                                "use --kv-cache-dtype fp8")
+            mean = means.get(s.index, ())
+            if mean and len(mean) != s.kv_heads * s.head_dim:
+                raise SpecError(f"attention site {s.index}: {len(mean)} KV cache key means, expected kv_heads x "
+                                f"head_dim = {s.kv_heads * s.head_dim}", None)
             k, v = scales.get(s.index, (1.0, 1.0))
-            sites.append(dataclasses.replace(s, kv_dtype=dtype, k_scale=float(k), v_scale=float(v)))
+            sites.append(dataclasses.replace(s, kv_dtype=dtype, k_scale=float(k), v_scale=float(v), k_mean=mean))
         return dataclasses.replace(plan, sites=sites)
     return run
 

@@ -125,9 +125,13 @@ class AttentionSite:
     kv_heads: int
     head_dim: int
     v_head_dim: int
-    kv_dtype: str = "run"  # how its K/V pages are stored: "run" (the run dtype) or "fp8" (E4M3, scaled)
+    # how its K/V pages are stored: "run" (the run dtype), "fp8" (E4M3, scaled) or "fp8-rotated" (E4M3 in a
+    # Hadamard-rotated basis of each head, keys less k_mean, each sequence's first key also kept in the run dtype:
+    # runtime/kv_store.py)
+    kv_dtype: str = "run"
     k_scale: float = 1.0  # fp8 pages hold K / k_scale (1.0 unless calibrated: `kiln quantize --scheme fp8-kv`)
     v_scale: float = 1.0  # ... and V / v_scale
+    k_mean: tuple[float, ...] = ()  # fp8-rotated: the keys' calibrated per-channel mean, [kv_heads * head_dim]; ()=0
 
 
 @dataclass(frozen=True)

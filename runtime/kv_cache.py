@@ -267,21 +267,23 @@ class BlockPool:
 
 
 # -- capacity sizing ------------------------------------------------------------------------
-def kv_bytes_per_page(page_size: int, sites: Sequence[tuple[int, int, int, int]]) -> int:
+def kv_bytes_per_page(page_size: int, sites: Sequence[tuple[int, ...]]) -> int:
     """Bytes one page takes over all attention sites; each site is (kv_heads, head_dim_k, head_dim_v, bytes a
-    value) (kv_store.page_sites: 1 for an fp8 cache)."""
+    value[, bytes a page beside its tokens]) (kv_store.page_sites: 1 a value for an fp8 cache; fp8-rotated's first
+    key a page)."""
     if page_size < 1:
         raise KVCacheError(f"page_size must be positive, got {page_size}")
     if not sites:
         raise KVCacheError("kv_bytes_per_page needs at least one attention site")
-    per_token = 0
+    per_token = per_page = 0
     for i, site in enumerate(sites):
-        if len(site) != 4 or min(site) < 1:
-            raise KVCacheError(f"attention site {i}: kv_heads, head dims and bytes a value must be positive, "
-                               f"got {tuple(site)}")
-        kv_heads, dk, dv, nbytes = site
+        if len(site) not in (4, 5) or min(site[:4]) < 1 or min(site[4:], default=0) < 0:
+            raise KVCacheError(f"attention site {i}: kv_heads, head dims and bytes a value must be positive (and "
+                               f"bytes a page not negative), got {tuple(site)}")
+        kv_heads, dk, dv, nbytes = site[:4]
         per_token += kv_heads * (dk + dv) * nbytes
-    return page_size * per_token
+        per_page += site[4] if len(site) == 5 else 0
+    return page_size * per_token + per_page
 
 
 def pages_for_memory(free_bytes: int, fraction: float, bytes_per_page: int) -> int:

@@ -5,6 +5,14 @@ at absolute position p of a sequence lives in page block_table[p // page_size], 
 p % page_size. A site whose `kv_dtype` is "fp8" stores float8_e4m3fn values of K / k_scale
 and V / v_scale (`store`/`load` say how; the scales are fp32 per site, from the plan's sites: 1.0 unless a
 checkpoint brings calibrated ones, see `kiln quantize --scheme fp8-kv`).
+
+"fp8-rotated" (`write` / `read`) rounds in a better basis: each head's key less the site's calibrated per-channel
+mean (k_mean), and each head's value, turned by the normalised Hadamard matrix H of the head size (orthonormal and
+symmetric: H H = I), so one large channel's rounding spreads over all of them, as QuaRot does; and each sequence's
+first key (its attention sink, which most queries weigh heavily) is also kept in the run dtype beside the pages,
+one per page (`sink`: the page holding position 0). Read back: H of the stored values, plus the mean, the first
+key from `sink`. On SmolLM2-135M (CPU, the whole of pydoc_data.topics) perplexity +0.29% / mean KL 0.0030 against
+fp8's +0.89% / 0.0098 (BENCHMARKS.md, session 31). Only the reference backend runs it so far.
 Which pages a sequence owns is the block pool's business
 (runtime/kv_cache.py); this class only holds the memory. Beside the pages, `state` holds the
 per-sequence recurrent state of state-space layers (runtime/state_cache.py; one slot by default).
@@ -17,17 +25,29 @@ from kiln.dsl.plan import AttentionSite
 
 from .state_cache import StateStore
 
+ROTATED = "fp8-rotated"
+
 
 def page_dtype(site: AttentionSite, dtype: torch.dtype) -> torch.dtype:
     """What a site's pages hold: fp8 for an fp8 KV cache, else the model's activation dtype."""
-    return torch.float8_e4m3fn if site.kv_dtype == "fp8" else dtype
+    return torch.float8_e4m3fn if site.kv_dtype in ("fp8", ROTATED) else dtype
 
 
-def page_sites(sites: list[AttentionSite], dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
-    """The (kv_heads, head_dim, v_head_dim, bytes a value) of each site with KV heads, as the KV cache's sizing
-    (kv_cache.kv_bytes_per_page) reads them: the bytes those of the pages KVStore allocates (session 27: an fp8
-    cache had been sized at the activations' 2 bytes a value, so it took half the memory it was given)."""
-    return [(s.kv_heads, s.head_dim, s.v_head_dim, page_dtype(s, dtype).itemsize) for s in sites if s.kv_heads]
+def page_sites(sites: list[AttentionSite], dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
+    """The (kv_heads, head_dim, v_head_dim, bytes a value, bytes a page beside its tokens) of each site with KV
+    heads, as the KV cache's sizing (kv_cache.kv_bytes_per_page) reads them: the bytes of what KVStore allocates
+    (session 27: an fp8 cache had been sized at the activations' 2 bytes a value, so it took half the memory it was
+    given); fp8-rotated: a first key a page in the run dtype."""
+    return [(s.kv_heads, s.head_dim, s.v_head_dim, page_dtype(s, dtype).itemsize,
+             s.kv_heads * s.head_dim * dtype.itemsize if s.kv_dtype == ROTATED else 0) for s in sites if s.kv_heads]
+
+
+def hadamard(n: int, device=None) -> torch.Tensor:
+    """The normalised Sylvester Hadamard matrix of size n (a power of 2), fp32: orthonormal and symmetric."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n ** 0.5).to(device)
 
 
 class KVStore:
@@ -42,6 +62,37 @@ class KVStore:
                               device=device) for s in sites]
         self.k_scale = [float(s.k_scale) for s in sites]  # the plan's (passes.kv_cache), 1.0 unless calibrated
         self.v_scale = [float(s.v_scale) for s in sites]
+        rotated = [s.kv_dtype == ROTATED and s.kv_heads > 0 for s in sites]
+        # fp8-rotated: H of the head size, the keys' mean [kv_heads, head_dim] and each page's first key (run dtype)
+        self.rotation = [hadamard(s.head_dim, device) if r else None for s, r in zip(sites, rotated)]
+        self.k_mean = [(torch.tensor(s.k_mean, dtype=torch.float32, device=device).view(s.kv_heads, s.head_dim)
+                        if s.k_mean else torch.zeros(s.kv_heads, s.head_dim, device=device)) if r else None
+                       for s, r in zip(sites, rotated)]
+        self.sink = [torch.zeros(num_pages, s.kv_heads, s.head_dim, dtype=dtype, device=device) if r else None
+                     for s, r in zip(sites, rotated)]
+
+    def write(self, site: int, pages: torch.Tensor, offs: torch.Tensor, first: int, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """A sequence's new tokens at positions first.. (k, v [L, kv_heads, head size]) into their pages (`slots`),
+        as the site stores them."""
+        kc, vc = self.k[site], self.v[site]
+        H = self.rotation[site]
+        if H is not None:
+            if first == 0:  # the sequence's first key, kept in the run dtype too
+                self.sink[site][pages[0]] = k[0].to(self.sink[site].dtype)
+            k, v = (k.float() - self.k_mean[site]) @ H, v.float() @ H
+        kc[pages, :, offs] = self.store(kc, self.k_scale[site], k)
+        vc[pages, :, offs] = self.store(vc, self.v_scale[site], v)
+
+    def read(self, site: int, pages: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0.. of a sequence (their `slots`) as fp32 keys and values [N, kv_heads, head size]."""
+        keys = self.load(self.k[site][pages, :, offs], self.k_scale[site])
+        vals = self.load(self.v[site][pages, :, offs], self.v_scale[site])
+        H = self.rotation[site]
+        if H is not None:
+            keys, vals = keys @ H + self.k_mean[site], vals @ H
+            keys[0] = self.sink[site][pages[0]].float()
+        return keys, vals
 
     def store(self, cache: torch.Tensor, scale: float, values: torch.Tensor) -> torch.Tensor:
         """`values` as `cache` holds them: fp8 pages take values / scale, rounded, within +-448. The
@@ -58,7 +109,8 @@ class KVStore:
         return pages.float() * scale if pages.dtype == torch.float8_e4m3fn else pages.float()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v) + self.state.nbytes()
+        sinks = [t for t in self.sink if t is not None]
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + sinks) + self.state.nbytes()
 
     def slots(self, block_table, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(page ids, offsets in page) of absolute positions start..stop-1 of one sequence."""

@@ -59,7 +59,8 @@ def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: st
                expert_parallel: bool = False, pipeline_parallel_size: int = 1) -> LoadedModel:
     """`quantization`: a scheme of kiln.dsl.quant.SCHEMES applied on load ("fp8", "int8-wo", ...; with
     "+lm-head" the LM head too; "gguf" keeps a GGUF file's blocks); a pre-quantized checkpoint brings its own.
-    `kv_cache_dtype`: "auto" (the run dtype) or "fp8". `tensor_parallel_size` > 1: the model split
+    `kv_cache_dtype`: "auto" (the run dtype), "fp8" or "fp8-rotated" (runtime/kv_store.py; the reference
+    backend). `tensor_parallel_size` > 1: the model split
     over that many processes of this machine (runtime/distributed.py: the reference backend on the
     CPU over gloo, or `backend="cuda"` with `device="cuda"`: one GPU per rank, NCCL), MoE experts whole
     per rank with `expert_parallel` (reference only); `pipeline_parallel_size` > 1: its layers in that
@@ -146,8 +147,11 @@ def quantize_plan(plan: Plan, ckpt: Checkpoint | None, quantization: str, kv_cac
     # a checkpoint's calibrated KV scales (`kiln quantize --scheme fp8-kv`): read (and checked) always,
     # used by an fp8 cache; like vLLM, a run-dtype cache ignores them
     kv_scales = fmt.kv_scales(plan) if fmt is not None else {}
+    kv_means = quant_formats.read_kv_means(ckpt, plan) if ckpt is not None and kv_cache_dtype == "fp8-rotated" \
+        else {}
     if kv_cache_dtype != "auto":
-        plan = passes.run(plan, [passes.kv_cache(kv_cache_dtype, kv_scales if kv_cache_dtype == "fp8" else None)])
+        scales = kv_scales if kv_cache_dtype.startswith("fp8") else None
+        plan = passes.run(plan, [passes.kv_cache(kv_cache_dtype, scales, kv_means)])
     if fmt is not None:
         if quantization not in ("none", fmt.scheme):
             raise SpecError(f"the checkpoint is already quantized ({fmt.scheme}); --quantization {quantization} "
@@ -184,6 +188,10 @@ def make_backend(plan: Plan, weights: dict[str, torch.Tensor], backend: str, dev
     refused = passes.unsupported_weights(plan, backend, runs)
     if refused:
         raise SpecError(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""), None)
+    if backend != "reference" and any(s.kv_dtype == "fp8-rotated" for s in plan.sites):
+        raise SpecError(f"--kv-cache-dtype fp8-rotated runs on the reference backend only (no {backend} kernels read "
+                        f"or write its rotated pages and first keys yet)", None,
+                        "use --kv-cache-dtype fp8, or --backend reference")
     if backend == "reference":
         return ReferenceModel(plan, weights)
     if backend == "cuda":

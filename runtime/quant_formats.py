@@ -10,6 +10,9 @@ naming it.
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -141,6 +144,37 @@ def pack_int32_nibbles(v: torch.Tensor, dim: int, order: tuple[int, ...] = tuple
     word = sum(x[..., j] << (4 * order[j]) for j in range(8))
     word = torch.where(word >= 2 ** 31, word - 2 ** 32, word)  # the same 32 bits, as a signed int32
     return word.to(torch.int32).movedim(-1, dim).contiguous()
+
+
+KV_MEANS_NAME = "kiln_kv_means.json"  # `kiln quantize --scheme fp8-kv`'s mean keys (quantize.kv_means_json)
+
+
+def read_kv_means(ckpt: Checkpoint, plan: Plan) -> dict[int, tuple[float, ...]]:
+    """A checkpoint folder's kiln_kv_means.json as {attention site: its mean key per channel, kv_heads x head_dim
+    floats}, for --kv-cache-dtype fp8-rotated; {} without the file (the keys then lose nothing: zero means)."""
+    path = Path(ckpt.path) / KV_MEANS_NAME
+    if not Path(ckpt.path).is_dir() or not path.is_file():
+        return {}
+    try:
+        modules = json.loads(path.read_text())["modules"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a KV means file ({e})") from None
+    if not isinstance(modules, dict):
+        raise CheckpointError(f"{path}: 'modules' must map attention modules to their mean keys")
+    out = {}
+    for site, module in attention_modules(plan).items():
+        s = plan.sites[site]
+        rows = modules.get(module)
+        if rows is None:
+            raise CheckpointError(f"{path}: no mean key for attention module '{module}' (site {site})")
+        flat = [x for row in rows for x in row] if isinstance(rows, list) and all(isinstance(r, list) for r in rows) \
+            else None
+        if flat is None or len(rows) != s.kv_heads or len(flat) != s.kv_heads * s.head_dim \
+                or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in flat):
+            raise CheckpointError(f"{path}: the mean key of '{module}' must be {s.kv_heads} rows of {s.head_dim} "
+                                  f"finite numbers (kv_heads x head_dim)")
+        out[site] = tuple(float(x) for x in flat)
+    return out
 
 
 def attention_modules(plan: Plan) -> dict[int, str]:

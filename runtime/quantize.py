@@ -35,7 +35,9 @@ Output formats (each readable by runtime/quant_formats.py, and by vLLM):
                      attention site's max |K| and |V| over the calibration text / 448, stored as
                      compressed-tensors' `kv_cache_scheme` (static, per tensor) with fp32 [1]
                      `k_scale` / `v_scale` under each attention module (llm-compressor's layout);
-                     applied when the checkpoint runs with --kv-cache-dtype fp8
+                     applied when the checkpoint runs with --kv-cache-dtype fp8; and each site's mean
+                     key per channel in kiln_kv_means.json (a file other readers leave alone), which
+                     --kv-cache-dtype fp8-rotated subtracts before rounding
 
 The input is a Hugging Face safetensors folder or a GGUF file. A GGUF's float weights are its
 tensors dequantized (the weights `kiln eval` runs unquantized), with llama.cpp's rotary row
@@ -67,7 +69,7 @@ from kiln.dsl.sources import Tensor
 from .batch import SeqSlice, StepBatch
 from .checkpoint import CONFIG_NAME, Checkpoint, open_checkpoint
 from .kv_store import KVStore
-from .quant_formats import _AWQ_NIBBLE, linear_modules, pack_int32_nibbles
+from .quant_formats import _AWQ_NIBBLE, KV_MEANS_NAME, linear_modules, pack_int32_nibbles
 from .reference import StepContext
 from .weights import load_weights
 
@@ -153,19 +155,23 @@ def calibrate(plan: Plan, weights: dict, ids: list[int], watch: set[str], sample
 
 
 def calibrate_kv(plan: Plan, weights: dict, ids: list[int], samples: int, seq_len: int,
-                 progress: bool = True) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Each attention site's max |K| and max |V| per KV head (fp32 [kv_heads] each) over the
-    calibration samples: the values its cache stores (keys after rotary embedding)."""
+                 progress: bool = True) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each attention site's max |K| and max |V| per KV head (fp32 [kv_heads] each) and mean K per channel (fp32
+    [kv_heads, head_dim]) over the calibration samples: of the values its cache stores (keys after rotary
+    embedding)."""
     amax: dict[int, list[torch.Tensor]] = {}
+    sums: dict[int, tuple[torch.Tensor, int]] = {}
 
     def kv_note(site: int, k: torch.Tensor, v: torch.Tensor) -> None:
         hk = plan.sites[site].kv_heads
         now = [t.detach().float().reshape(t.shape[0], hk, -1).abs().amax(dim=(0, 2)) for t in (k, v)]
         amax[site] = now if site not in amax else [torch.maximum(a, b) for a, b in zip(amax[site], now)]
+        total, n = sums.get(site, (0.0, 0))
+        sums[site] = (total + k.detach().float().reshape(k.shape[0], hk, -1).sum(0), n + k.shape[0])
 
     _run_samples(plan, weights, ids, samples, seq_len, progress,
                  lambda b, kv: Recorder(b, kv, weights, set(), None, kv_note))
-    return {s: (k, v) for s, (k, v) in amax.items()}
+    return {s: (k, v, sums[s][0] / sums[s][1]) for s, (k, v) in amax.items()}
 
 
 def calibration_chunks(ids: list[int], samples: int, seq_len: int, spread: bool = True) -> list[list[int]]:
@@ -534,6 +540,21 @@ def kv_scale(amax: torch.Tensor) -> float:
     return m / FP8_MAX if m > 0 and math.isfinite(m) else 1.0
 
 
+def kv_means_json(plan: Plan, means: dict[int, torch.Tensor]) -> str:
+    """kiln_kv_means.json: each attention module's mean key per channel ([kv_heads][head_dim] floats), which
+    --kv-cache-dtype fp8-rotated subtracts before rounding (quant_formats.read_kv_means reads it)."""
+    from .quant_formats import attention_modules
+
+    modules = {}
+    for site, module in attention_modules(plan).items():
+        if site not in means:
+            raise QuantizeError(f"calibration never reached attention site {site} ({plan.sites[site].path})")
+        modules[module] = [[round(float(x), 7) for x in row] for row in means[site]]
+    lines = ",\n".join(f"  {json.dumps(m)}: {json.dumps(rows)}" for m, rows in modules.items())  # a module a line
+    return ('{"format": "kiln fp8-rotated KV cache: mean key per channel, after rotary embedding",\n'
+            f' "modules": {{\n{lines}\n }}}}\n')
+
+
 def _kv_scale_tensors(plan: Plan, amax: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Each attention module's `k_scale` / `v_scale` (fp32 [1]), where llm-compressor puts them."""
     from .quant_formats import attention_modules
@@ -542,7 +563,7 @@ def _kv_scale_tensors(plan: Plan, amax: dict[int, tuple[torch.Tensor, torch.Tens
     for site, module in attention_modules(plan).items():
         if site not in amax:
             raise QuantizeError(f"calibration never reached attention site {site} ({plan.sites[site].path})")
-        k, v = amax[site]
+        k, v = amax[site][:2]
         out[f"{module}.k_scale"] = torch.tensor([kv_scale(k)], dtype=torch.float32)
         out[f"{module}.v_scale"] = torch.tensor([kv_scale(v)], dtype=torch.float32)
     return out
@@ -641,11 +662,13 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
     gptq_out = gptq_sequential(plan, weights, _calibration_ids(ckpt, calibration), set(modules), samples, seq_len,
                                act_order, group, progress) if scheme == "gptq" else {}
     tensors: dict[str, torch.Tensor] = {}
+    extra: dict[str, str] = {}  # other files of the checkpoint: name -> text
     if scheme == "fp8-kv":
         if not plan.sites:
             raise QuantizeError(f"CHECKPOINT {checkpoint}: the model has no attention KV cache to calibrate")
         amax = calibrate_kv(plan, weights, _calibration_ids(ckpt, calibration), samples, seq_len, progress)
         tensors.update(_kv_scale_tensors(plan, amax))
+        extra[KV_MEANS_NAME] = kv_means_json(plan, {site: m for site, (_, _, m) in amax.items()})
     ws = {n: weights[n].float() for n in modules}
     moved = {}  # slot -> the s its input was divided by
     if scheme in ("smoothquant", "awq") and migrate:
@@ -712,7 +735,7 @@ def quantize_checkpoint(checkpoint: str | Path, scheme: str, out: str | Path, ca
     else:
         config["quantization_config"] = _ct_config(scheme, group, lm_head)
     tokenizer = _gguf_tokenizer(ckpt) if ckpt.format == "gguf" else None
-    return _write(ckpt, out, config, tensors, force, tokenizer)
+    return _write(ckpt, out, config, tensors, force, tokenizer, extra)
 
 
 def _hf_config(config: dict, spec) -> dict:
@@ -747,7 +770,7 @@ def _calibration_ids(ckpt: Checkpoint, calibration: str | None) -> list[int]:
 
 
 def _write(ckpt: Checkpoint, out: Path, config: dict, tensors: dict[str, torch.Tensor], force: bool,
-           tokenizer=None) -> Path:
+           tokenizer=None, extra: dict[str, str] | None = None) -> Path:
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -761,6 +784,8 @@ def _write(ckpt: Checkpoint, out: Path, config: dict, tensors: dict[str, torch.T
         for f in Path(ckpt.path).iterdir() if Path(ckpt.path).is_dir() else ():  # tokenizer, chat template ...
             if f.is_file() and f.name != CONFIG_NAME and not f.name.endswith((".safetensors", ".index.json", ".bin")):
                 shutil.copy2(f, tmp / f.name)
+        for name, text in (extra or {}).items():  # (after the copies: a source's own is replaced)
+            (tmp / name).write_text(text)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
