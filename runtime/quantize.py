@@ -551,7 +551,7 @@ def kv_means_json(plan: Plan, means: dict[int, torch.Tensor]) -> str:
             raise QuantizeError(f"calibration never reached attention site {site} ({plan.sites[site].path})")
         modules[module] = [[round(float(x), 7) for x in row] for row in means[site]]
     lines = ",\n".join(f"  {json.dumps(m)}: {json.dumps(rows)}" for m, rows in modules.items())  # a module a line
-    return ('{"format": "kiln fp8-rotated KV cache: mean key per channel, after rotary embedding",\n'
+    return ('{"format": "fp8-rotated KV cache key means (Kiln): the mean key per channel, after rotary embedding",\n'
             f' "modules": {{\n{lines}\n }}}}\n')
 
 

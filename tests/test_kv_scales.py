@@ -167,7 +167,7 @@ def test_missing_and_bad_values(setup):
         load_model(_rewrite(setup, name, lambda t: -t), kv_cache_dtype="fp8")
     with pytest.raises(SpecError, match="finite floats > 0"):
         passes.kv_cache("fp8", {0: (0.0, 1.0)})
-    with pytest.raises(SpecError, match="apply to --kv-cache-dtype fp8"):
+    with pytest.raises(SpecError, match="apply to an fp8 --kv-cache-dtype, not run"):
         passes.kv_cache("run", {0: (1.0, 1.0)})
 
 
