@@ -116,9 +116,12 @@ QUANT_HELP = ("quantize on load: fp8, fp8-channel, int8-wo, int4-wo, each with +
               "is used; `kiln quantize` makes one)")
 
 
-def add_quantization_argument(p) -> None:
+def add_quantization_argument(p, kv_cache: bool = True) -> None:
+    """--quantization, and --kv-cache-dtype where the command runs a model (kv_cache; `kiln build`'s engine
+    directories keep a run-dtype cache)."""
     p.add_argument("--quantization", default=None, metavar="SCHEME", help=QUANT_HELP)
-    add_kv_cache_argument(p)
+    if kv_cache:
+        add_kv_cache_argument(p)
 
 
 def add_kv_cache_argument(p) -> None:
@@ -495,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int_arg(1, 1024), default=16, help="tokens per KV cache page")
     p.add_argument("--arch", type=lambda s: tuple(a.strip() for a in s.split(",")), metavar="sm86,...",
                    help="TensorRT-RTX targets, comma-separated (default: sm80,sm86,sm89,sm120)")
-    add_quantization_argument(p)
+    add_quantization_argument(p, kv_cache=False)
     p.set_defaults(fn=cmd_build)
 
     p = sub.add_parser("run", help="generate from an engine directory made by `kiln build`")

@@ -292,9 +292,6 @@ def _progress(steps: list[str], enabled: bool) -> _Bar:
 def cmd_build(args) -> int:
     from .generate import resolve_source
 
-    if getattr(args, "kv_cache_dtype", None) not in (None, "auto"):  # (it reached the parser with --quantization)
-        raise BuildError(f"--kv-cache-dtype {args.kv_cache_dtype}: an engine directory's KV cache is the run dtype "
-                         f"(yet); run the checkpoint with --kv-cache-dtype instead (kiln generate / serve / bench)")
     out = build(args.spec, resolve_source(args.checkpoint), args.out, args.backend, args.dtype, args.max_batch,
                 args.max_tokens, args.max_seq_len, args.page_size, args.arch,
                 quantization=getattr(args, "quantization", None) or "none")
