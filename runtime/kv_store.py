@@ -5,17 +5,18 @@ at absolute position p of a sequence lives in page block_table[p // page_size], 
 p % page_size. A site whose `kv_dtype` is "fp8" stores float8_e4m3fn values of K / k_scale
 and V / v_scale (`store`/`load` say how; the scales are fp32 per site, from the plan's sites: 1.0 unless a
 checkpoint brings calibrated ones, see `kiln quantize --scheme fp8-kv`).
-
-"fp8-rotated" (`write` / `read`) rounds in a better basis: each head's key less the site's calibrated per-channel
-mean (k_mean), and each head's value, turned by the normalised Hadamard matrix H of the head size (orthonormal and
-symmetric: H H = I), so one large channel's rounding spreads over all of them, as QuaRot does; and each sequence's
-first key (its attention sink, which most queries weigh heavily) is also kept in the run dtype beside the pages,
-one per page (`sink`: the page holding position 0). Read back: H of the stored values, plus the mean, the first
-key from `sink`. On SmolLM2-135M (CPU, the whole of pydoc_data.topics) perplexity +0.29% / mean KL 0.0030 against
-fp8's +0.89% / 0.0098 (BENCHMARKS.md, session 31). Only the reference backend runs it so far.
 Which pages a sequence owns is the block pool's business
 (runtime/kv_cache.py); this class only holds the memory. Beside the pages, `state` holds the
 per-sequence recurrent state of state-space layers (runtime/state_cache.py; one slot by default).
+
+"fp8-rotated" (`write` / `read`) rounds in a better basis: each head's key less the site's calibrated per-channel
+mean (k_mean), and each head's value, turned by the normalised Hadamard matrix H of the head size (orthonormal and
+symmetric: H H = I), so that a channel large in both queries and keys has its rounding spread over all of them, as
+QuaRot does; and each sequence's first key (its attention sink, which most queries weigh heavily) is also kept in
+the run dtype beside the pages, one per page (`sink`: read for the page holding position 0). Read back: H of the
+stored values, plus the mean, the first key from `sink`. On SmolLM2-135M (CPU, the whole of pydoc_data.topics,
+calibrated means) perplexity +0.35% / mean KL 0.0031 against fp8's +0.89% / 0.0098 (BENCHMARKS.md, session 31).
+Only the reference backend runs it so far.
 """
 
 from __future__ import annotations

@@ -555,7 +555,7 @@ def kv_means_json(plan: Plan, means: dict[int, torch.Tensor]) -> str:
             f' "modules": {{\n{lines}\n }}}}\n')
 
 
-def _kv_scale_tensors(plan: Plan, amax: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _kv_scale_tensors(plan: Plan, amax: dict[int, tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
     """Each attention module's `k_scale` / `v_scale` (fp32 [1]), where llm-compressor puts them."""
     from .quant_formats import attention_modules
 
