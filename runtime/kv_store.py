@@ -9,14 +9,16 @@ Which pages a sequence owns is the block pool's business
 (runtime/kv_cache.py); this class only holds the memory. Beside the pages, `state` holds the
 per-sequence recurrent state of state-space layers (runtime/state_cache.py; one slot by default).
 
-"fp8-rotated" (`write` / `read`) rounds in a better basis: each head's key less the site's calibrated per-channel
-mean (k_mean), and each head's value, turned by the normalised Hadamard matrix H of the head size (orthonormal and
-symmetric: H H = I), so that a channel large in both queries and keys has its rounding spread over all of them, as
-QuaRot does; and each sequence's first key (its attention sink, which most queries weigh heavily) is also kept in
-the run dtype beside the pages, one per page (`sink`: read for the page holding position 0). Read back: H of the
-stored values, plus the mean, the first key from `sink`. On SmolLM2-135M (CPU, the whole of pydoc_data.topics,
-calibrated means) perplexity +0.35% / mean KL 0.0031 against fp8's +0.89% / 0.0098 (BENCHMARKS.md, session 31).
-Only the reference backend runs it so far.
+"fp8-rotated" (`write` / `read`) rounds in a better basis: each head's key less a shift, and each head's value,
+turned by the normalised Hadamard matrix H of the head size (orthonormal and symmetric: H H = I), so that a channel
+large in both queries and keys has its rounding spread over all of them, as QuaRot does. A sequence's shift is the
+site's calibrated per-channel key mean (k_mean) plus its first key's rounding residual (`shift`, one per page, in
+the run dtype: that of the page holding position 0), so that the first key, the attention sink most queries weigh
+heavily, is stored exactly. A shift is the same for every key a query sees, so attention without a logit
+soft-cap is unchanged by it: kernels would only write differently, never read differently. Read back here: H of
+the stored values, plus the shift. On SmolLM2-135M (CPU, the whole of pydoc_data.topics, calibrated means)
+perplexity +0.35% / mean KL 0.0031 against fp8's +0.89% / 0.0098 (BENCHMARKS.md, session 31). Only the reference
+backend runs it so far.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def page_sites(sites: list[AttentionSite], dtype: torch.dtype) -> list[tuple[int
     """The (kv_heads, head_dim, v_head_dim, bytes a value, bytes a page beside its tokens) of each site with KV
     heads, as the KV cache's sizing (kv_cache.kv_bytes_per_page) reads them: the bytes of what KVStore allocates
     (session 27: an fp8 cache had been sized at the activations' 2 bytes a value, so it took half the memory it was
-    given); fp8-rotated: a first key a page in the run dtype."""
+    given); fp8-rotated: a first key's residual a page in the run dtype."""
     return [(s.kv_heads, s.head_dim, s.v_head_dim, page_dtype(s, dtype).itemsize,
              s.kv_heads * s.head_dim * dtype.itemsize if s.kv_dtype == ROTATED else 0) for s in sites if s.kv_heads]
 
@@ -64,13 +66,14 @@ class KVStore:
         self.k_scale = [float(s.k_scale) for s in sites]  # the plan's (passes.kv_cache), 1.0 unless calibrated
         self.v_scale = [float(s.v_scale) for s in sites]
         rotated = [s.kv_dtype == ROTATED and s.kv_heads > 0 for s in sites]
-        # fp8-rotated: H of the head size, the keys' mean [kv_heads, head_dim] and each page's first key (run dtype)
+        # fp8-rotated: H of the head size, the keys' mean [kv_heads, head_dim] and, per page, the first key's rounding
+        # residual of the sequence whose position 0 it holds (run dtype)
         self.rotation = [hadamard(s.head_dim, device) if r else None for s, r in zip(sites, rotated)]
         self.k_mean = [(torch.tensor(s.k_mean, dtype=torch.float32, device=device).view(s.kv_heads, s.head_dim)
                         if s.k_mean else torch.zeros(s.kv_heads, s.head_dim, device=device)) if r else None
                        for s, r in zip(sites, rotated)]
-        self.sink = [torch.zeros(num_pages, s.kv_heads, s.head_dim, dtype=dtype, device=device) if r else None
-                     for s, r in zip(sites, rotated)]
+        self.shift = [torch.zeros(num_pages, s.kv_heads, s.head_dim, dtype=dtype, device=device) if r else None
+                      for s, r in zip(sites, rotated)]
 
     def write(self, site: int, pages: torch.Tensor, offs: torch.Tensor, first: int, k: torch.Tensor,
               v: torch.Tensor) -> None:
@@ -79,9 +82,13 @@ class KVStore:
         kc, vc = self.k[site], self.v[site]
         H = self.rotation[site]
         if H is not None:
-            if first == 0:  # the sequence's first key, kept in the run dtype too
-                self.sink[site][pages[0]] = k[0].to(self.sink[site].dtype)
-            k, v = (k.float() - self.k_mean[site]) @ H, v.float() @ H
+            mean = self.k_mean[site]
+            if first == 0:  # the first key's rounding residual: stored less it, that key is an exact fp8 value
+                d = k[0].float() - mean
+                rounded = self.load(self.store(kc, self.k_scale[site], d @ H), self.k_scale[site])
+                self.shift[site][pages[0]] = (d - rounded @ H).to(self.shift[site].dtype)
+            shift = mean + self.shift[site][pages[0]].float()  # (as stored: the run dtype's rounding)
+            k, v = (k.float() - shift) @ H, v.float() @ H
         kc[pages, :, offs] = self.store(kc, self.k_scale[site], k)
         vc[pages, :, offs] = self.store(vc, self.v_scale[site], v)
 
@@ -91,8 +98,7 @@ class KVStore:
         vals = self.load(self.v[site][pages, :, offs], self.v_scale[site])
         H = self.rotation[site]
         if H is not None:
-            keys, vals = keys @ H + self.k_mean[site], vals @ H
-            keys[0] = self.sink[site][pages[0]].float()
+            keys, vals = keys @ H + self.k_mean[site] + self.shift[site][pages[0]].float(), vals @ H
         return keys, vals
 
     def store(self, cache: torch.Tensor, scale: float, values: torch.Tensor) -> torch.Tensor:
@@ -110,8 +116,8 @@ class KVStore:
         return pages.float() * scale if pages.dtype == torch.float8_e4m3fn else pages.float()
 
     def nbytes(self) -> int:
-        sinks = [t for t in self.sink if t is not None]
-        return sum(t.numel() * t.element_size() for t in self.k + self.v + sinks) + self.state.nbytes()
+        shifts = [t for t in self.shift if t is not None]
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + shifts) + self.state.nbytes()
 
     def slots(self, block_table, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(page ids, offsets in page) of absolute positions start..stop-1 of one sequence."""
