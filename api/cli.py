@@ -127,8 +127,8 @@ def add_quantization_argument(p, kv_cache: bool = True) -> None:
 def add_kv_cache_argument(p) -> None:
     p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8", "fp8-rotated"],
                    help="KV cache storage: auto (the run dtype; the default), fp8 (E4M3, scaled per site) or "
-                        "fp8-rotated (E4M3 in a Hadamard-rotated basis of each head, keys less a calibrated mean, each "
-                        "sequence's first key exact; the reference backend only so far)")
+                        "fp8-rotated (E4M3 in a Hadamard-rotated basis of each head, keys less a calibrated mean and "
+                        "shifted so that each sequence's first is exact; the reference backend only so far)")
 
 
 class KilnParser(argparse.ArgumentParser):

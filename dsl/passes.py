@@ -114,7 +114,8 @@ def kv_cache(dtype: str = "run", scales: Mapping[int, tuple[float, float]] | Non
     (a checkpoint's, `kiln quantize --scheme fp8-kv`); a site without one keeps 1.0 (vLLM's default
     without calibration: values below 2^-6 fall into e4m3's subnormals). "fp8-rotated" (runtime/kv_store.py):
     E4M3 in a Hadamard-rotated basis of each head (head sizes powers of 2), the keys less `means` {site:
-    [kv_heads * head_dim] floats} (calibrated per channel; zeros without), each sequence's first key kept exact."""
+    [kv_heads * head_dim] floats} (calibrated per channel; zeros without) and shifted so that each sequence's first
+    is exact."""
     if dtype not in KV_CACHE_DTYPES:
         raise SpecError(f"--kv-cache-dtype {dtype}: no such KV cache dtype", None,
                         "KV cache dtypes: " + ", ".join(KV_CACHE_DTYPES))

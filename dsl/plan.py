@@ -126,7 +126,7 @@ class AttentionSite:
     head_dim: int
     v_head_dim: int
     # how its K/V pages are stored: "run" (the run dtype), "fp8" (E4M3, scaled) or "fp8-rotated" (E4M3 in a
-    # Hadamard-rotated basis of each head, keys less k_mean, each sequence's first key also kept in the run dtype:
+    # Hadamard-rotated basis of each head, keys less k_mean and shifted so that each sequence's first is exact:
     # runtime/kv_store.py)
     kv_dtype: str = "run"
     k_scale: float = 1.0  # fp8 pages hold K / k_scale (1.0 unless calibrated: `kiln quantize --scheme fp8-kv`)

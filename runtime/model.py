@@ -189,8 +189,8 @@ def make_backend(plan: Plan, weights: dict[str, torch.Tensor], backend: str, dev
     if refused:
         raise SpecError(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""), None)
     if backend != "reference" and any(s.kv_dtype == "fp8-rotated" for s in plan.sites):
-        raise SpecError(f"--kv-cache-dtype fp8-rotated runs on the reference backend only (no {backend} kernels read "
-                        f"or write its rotated pages and first keys yet)", None,
+        raise SpecError(f"--kv-cache-dtype fp8-rotated runs on the reference backend only (no {backend} kernels "
+                        f"write its rotated, shifted keys yet)", None,
                         "use --kv-cache-dtype fp8, or --backend reference")
     if backend == "reference":
         return ReferenceModel(plan, weights)
