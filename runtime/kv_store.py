@@ -75,30 +75,32 @@ class KVStore:
         self.shift = [torch.zeros(num_pages, s.kv_heads, s.head_dim, dtype=dtype, device=device) if r else None
                       for s, r in zip(sites, rotated)]
 
-    def write(self, site: int, pages: torch.Tensor, offs: torch.Tensor, first: int, k: torch.Tensor,
-              v: torch.Tensor) -> None:
-        """A sequence's new tokens at positions first.. (k, v [L, kv_heads, head size]) into their pages (`slots`),
-        as the site stores them."""
+    def write(self, site: int, block_table, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A sequence's new tokens at positions first.. (k, v [L, kv_heads, head size]) into their pages, as the site
+        stores them."""
         kc, vc = self.k[site], self.v[site]
+        pages, offs = self.slots(block_table, first, first + k.shape[0])
         H = self.rotation[site]
         if H is not None:
-            mean = self.k_mean[site]
+            mean, home = self.k_mean[site], int(block_table[0])  # home: the page of position 0, holding the shift
             if first == 0:  # the first key's rounding residual: stored less it, that key is an exact fp8 value
                 d = k[0].float() - mean
                 rounded = self.load(self.store(kc, self.k_scale[site], d @ H), self.k_scale[site])
-                self.shift[site][pages[0]] = (d - rounded @ H).to(self.shift[site].dtype)
-            shift = mean + self.shift[site][pages[0]].float()  # (as stored: the run dtype's rounding)
+                self.shift[site][home] = (d - rounded @ H).to(self.shift[site].dtype)
+            shift = mean + self.shift[site][home].float()  # (as stored: the run dtype's rounding)
             k, v = (k.float() - shift) @ H, v.float() @ H
         kc[pages, :, offs] = self.store(kc, self.k_scale[site], k)
         vc[pages, :, offs] = self.store(vc, self.v_scale[site], v)
 
-    def read(self, site: int, pages: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions 0.. of a sequence (their `slots`) as fp32 keys and values [N, kv_heads, head size]."""
+    def read(self, site: int, block_table, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0..length-1 of a sequence as fp32 keys and values [length, kv_heads, head size]."""
+        pages, offs = self.slots(block_table, 0, length)
         keys = self.load(self.k[site][pages, :, offs], self.k_scale[site])
         vals = self.load(self.v[site][pages, :, offs], self.v_scale[site])
         H = self.rotation[site]
         if H is not None:
-            keys, vals = keys @ H + self.k_mean[site] + self.shift[site][pages[0]].float(), vals @ H
+            keys = keys @ H + self.k_mean[site] + self.shift[site][int(block_table[0])].float()
+            vals = vals @ H
         return keys, vals
 
     def store(self, cache: torch.Tensor, scale: float, values: torch.Tensor) -> torch.Tensor:

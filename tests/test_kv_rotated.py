@@ -35,9 +35,9 @@ def _round_trip(kv_dtype, k, v, mean=()):
     """k, v [N, 2, 64] written at positions 0.. of one sequence and read back."""
     n = k.shape[0]
     kv = KVStore([_site(kv_dtype, mean)], -(-n // PAGE), PAGE, torch.float32)
-    pages, offs = kv.slots(tuple(range(-(-n // PAGE))), 0, n)
-    kv.write(0, pages, offs, 0, k, v)
-    return kv.read(0, pages, offs)
+    table = tuple(range(-(-n // PAGE)))
+    kv.write(0, table, 0, k, v)
+    return kv.read(0, table, n)
 
 
 def test_hadamard_is_orthonormal_and_symmetric():
@@ -82,21 +82,23 @@ def test_the_mean_leaves_only_the_spread_to_round():
     assert with_mean < without / 10, (with_mean, without)
 
 
-def test_a_shift_leaves_the_scores_softmax_unchanged():
-    """What the kernels rely on: a key's shift is the same for every key of the sequence, so the scores of a query
-    against the stored (shifted) keys differ from those against the keys read back by one constant per query."""
+def test_every_key_of_a_sequence_is_stored_less_one_shift():
+    """What kernels that read the pages rely on: every key of a sequence, whichever step wrote it and on whichever
+    page (here a prompt of 17 in pages 5 and 2, then 7 more tokens), is stored as fp8(H (k - shift)) with the one shift
+    of its sequence, the mean plus the residual kept for the page of position 0, so a query's scores against the
+    stored keys are off by one constant each, which softmax ignores."""
     torch.manual_seed(4)
     k, v = torch.randn(24, 2, 64) + 3, torch.randn(24, 2, 64)
-    kv = KVStore([_site("fp8-rotated", tuple((torch.randn(2, 64) * 0.5).flatten().tolist()))], 2, PAGE, torch.float32)
-    kv.write(0, *kv.slots((0, 1), 0, 17), 0, k[:17], v[:17])  # a prompt, then more tokens
-    kv.write(0, *kv.slots((0, 1), 17, 24), 17, k[17:], v[17:])
-    pages, offs = kv.slots((0, 1), 0, 24)
-    keys, _ = kv.read(0, pages, offs)
-    stored = KVStore.load(kv.k[0][pages, :, offs], 1.0) @ kv.rotation[0]  # the pages' keys, unrotated
-    q = torch.randn(2, 64)
-    diff = torch.einsum("nhd,hd->nh", keys, q) - torch.einsum("nhd,hd->nh", stored, q)
-    assert torch.allclose(diff, diff[:1].expand_as(diff), atol=1e-4)
-    assert diff.abs().max() > 1  # a real shift, not none
+    mean = torch.randn(2, 64) * 0.5
+    kv = KVStore([_site("fp8-rotated", tuple(mean.flatten().tolist()))], 6, PAGE, torch.float32)
+    table = (5, 2)
+    kv.write(0, table, 0, k[:17], v[:17])
+    kv.write(0, table, 17, k[17:], v[17:])
+    shift = mean + kv.shift[0][5]
+    assert shift.abs().max() > 1 and not kv.shift[0][2].any()  # a real shift, kept for page 5 alone
+    pages, offs = kv.slots(table, 0, 24)
+    want = kv.store(kv.k[0], 1.0, (k - shift) @ kv.rotation[0])
+    assert torch.equal(kv.k[0][pages, :, offs].view(torch.uint8), want.view(torch.uint8))
 
 
 def test_pages_are_sized_with_their_first_keys():

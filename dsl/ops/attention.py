@@ -56,12 +56,10 @@ def _reference(ctx, ins, a):
     scale = scale_of(at)
     out = torch.empty(q.shape[0], hq * vc.shape[-1], dtype=q.dtype, device=q.device)
     for s in ctx.batch.seqs:
-        pages, offs = kv.slots(s.block_table, s.context, s.context + s.length)
         # Written as the cache stores them (fp8 pages: scaled and rounded), read back from it.
-        kv.write(ins.site, pages, offs, s.context, k[s.start:s.end].view(s.length, hk, -1),
+        kv.write(ins.site, s.block_table, s.context, k[s.start:s.end].view(s.length, hk, -1),
                  v[s.start:s.end].view(s.length, hk, -1))
-        pages, offs = kv.slots(s.block_table, 0, s.context + s.length)
-        keys, vals = (t.transpose(0, 1) for t in kv.read(ins.site, pages, offs))  # [Hk, N, D], [Hk, N, Dv]
+        keys, vals = (t.transpose(0, 1) for t in kv.read(ins.site, s.block_table, s.context + s.length))  # [Hk, N, D]
         qs = q[s.start:s.end].view(s.length, hk, hq // hk, hd).permute(1, 2, 0, 3)  # [Hk, G, L, D]
         scores = torch.einsum("hgld,hnd->hgln", qs.float(), keys.float()) * scale
         if at.softcap is not None:
