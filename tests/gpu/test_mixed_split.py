@@ -165,15 +165,16 @@ def test_large_mixed_graphs_captured_ahead(monkeypatch):
     _, cuda = pair("llama", LLAMA, "bf16")
     kv = KVStore(cuda.plan.sites, 48, 16, cuda.dtype, "cuda")
     made = cuda.model.capture_decode_graphs(kv, 20, tokens=100)
-    # 20: max_batch's; (2, 64, 22, 20): every seat taken, a prompt trickling in (a smaller token bucket)
-    assert sorted(cuda.model._mixed) == [(2, 64, 22, 20), (2, 128, 2, 0), (2, 128, 18, 16), (2, 128, 22, 20)]
+    # 32: the decode bucket of 20 seats' rows within the model's 256-row decode scratch (what forward takes: session
+    # 30); (2, 64, 34, 32): every seat taken, a prompt trickling in (a smaller token bucket)
+    assert sorted(cuda.model._mixed) == [(2, 64, 34, 32), (2, 128, 2, 0), (2, 128, 18, 16), (2, 128, 34, 32)]
     assert made == len(cuda.model._graphs) + 4
     # A workload of short prompts (20 tokens: five in a full step): their LARGE_SEQS bucket (8) too, and a step of four decode
     # rows beside five prompts of 20 (104 tokens: bucket 128; no small mixed bucket holds it) then replays one of
     # them without a capture of its own
     assert cuda.model.capture_decode_graphs(kv, 20, tokens=100, prompt_len=20) == 4
-    assert sorted(k for k in cuda.model._mixed if k[0] == 8) == [(8, 64, 28, 20), (8, 128, 8, 0), (8, 128, 24, 16),
-                                                                 (8, 128, 28, 20)]
+    assert sorted(k for k in cuda.model._mixed if k[0] == 8) == [(8, 64, 40, 32), (8, 128, 8, 0), (8, 128, 24, 16),
+                                                                 (8, 128, 40, 32)]
     monkeypatch.setattr(cuda_backend, "MIXED_TOKENS", (16,))
     rng = random.Random(3)
     flat = [rng.randrange(cuda.plan.vocab_size) for _ in range(4 + 5 * 20)]
