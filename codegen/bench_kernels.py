@@ -268,8 +268,8 @@ def fp8_kv_variants_table(copy_bw: float, shapes=((512, 200), (256, 1500), (64, 
         t = per_call_ms(Graphed(lambda rows=rows, idx=idx, dst=dst: torch.index_select(rows, 0, idx, out=dst), calls=2))
         chunks.append(f"{size // 1024} KB: {2 * src.numel() / (t * 1e-3) / copy_bw:.0%}")
     del src
-    return ("Paged decode attention, FP8 KV cache, per kernel shape (w warps, s stages, b min blocks/SM) and page "
-            "size; us per call (of copy bw)\n\n" + "\n".join(lines)
+    return (f"Paged decode attention, {'bf16' if bf16 else 'FP8'} KV cache, per kernel shape (w warps, s stages, b min "
+            "blocks/SM) and page size; us per call (of copy bw)\n\n" + "\n".join(lines)
             + "\n\nRandom-chunk gather, share of copy bandwidth: " + ", ".join(chunks))
 
 

@@ -134,8 +134,8 @@ def kv_cache(dtype: str = "run", scales: Mapping[int, tuple[float, float]] | Non
     def run(plan: Plan) -> Plan:
         bad = sorted((set(scales) | set(means)) - set(range(len(plan.sites))))
         if bad:
-            raise SpecError(f"KV cache scales for attention site {bad[0]}, but the plan has {len(plan.sites)} sites",
-                            None)
+            raise SpecError(f"KV cache scales or key means for attention site {bad[0]}, but the plan has "
+                            f"{len(plan.sites)} sites", None)
         sites = []
         for s in plan.sites:
             if dtype == "fp8-rotated" and s.kv_heads and (s.head_dim & (s.head_dim - 1) or s.v_head_dim != s.head_dim):

@@ -385,8 +385,8 @@ class CudaModel:
         self.drop_graphs()
         self._scratch = {}
         dspecs = [op.spec[1] for op in self.ops if op.kind is Exec.ATTENTION]
-        self._short_specs = {d.key(): short_spec(d) for d in dspecs
-                             if decode_short_bounds() is not None and short_spec(d) is not None}
+        shorts = [(d.key(), short_spec(d)) for d in dspecs] if decode_short_bounds() is not None else []
+        self._short_specs = {key: spec for key, spec in shorts if spec is not None}
         for spec in (*dspecs, *self._short_specs.values()):
             if spec.key() not in self._scratch:
                 self._scratch[spec.key()] = K.decode_scratch(spec, self.max_batch, self.max_context, self.device)
