@@ -7,7 +7,7 @@
 #   bash .ci/device_check.sh variants  session 8's kernel variants (GEMV prologues, SwiGLU / rotary variants, Mamba-2 conv+scan)
 #   bash .ci/device_check.sh switches  session 8's switches off / on, end to end (KILN_GEMV_PROLOGUE, KILN_SSM_FUSE, KILN_OVERLAP)
 #   bash .ci/device_check.sh thru      throughput at TensorRT-LLM's shapes: THRU="Q:ISL:OSL:N[:MAXB[:BUDGET[:ENV=V]]] ..."
-#                                         (Q: bf16, fp8 = fp8 weights + fp8 KV cache; MAXB default $MAXB or 256, BUDGET
+#                                         (Q: bf16, fp8 = fp8 weights + fp8 KV cache, fp8r: + fp8-rotated; MAXB default $MAXB or 256, BUDGET
 #                                         --max-tokens-per-step, default 2048; ENV=V set for that run); each run's key figures
 #   bash .ci/device_check.sh chunkab   session 21 (unrun): fp8 2048/128 (300 requests) and 1000/1000 with KILN_OVERLAP_CHUNKS=0 / 1 (steps after a prompt
 #                                         chunk launched ahead), then max batch 512 at a 2,048 and an 8,192-token budget
@@ -22,6 +22,7 @@
 #                                         the rescale fix), the mixed graphs' memory check, an RMSNorm before a GEMV with an
 #                                         epilogue or post-scaled, KILN_SSM_PDL, KILN_DECODE_DYN_PART=1; the split probe if
 #                                         the first fail
+#   bash .ci/device_check.sh s32       session 32: fp8-rotated's GPU tests (and fp8 KV's, rotary GEMV's), batch-1 fp8 / fp8-rotated
 #   bash .ci/device_check.sh s29       next session: session 28's GPU tests, cuBLASLt's algorithms for the decode GEMMs
 #   bash .ci/device_check.sh ltab      fp8 128/128 and 128/2048 with KILN_FP8_LT 0 / 512 (tuned cuBLASLt plans in graphs)
 #   bash .ci/device_check.sh decode512 an fp8 decode step of 512 x 1,100 as its graph, KILN_FP8_LT 0 / 512: GEMMs vs attention
@@ -168,6 +169,7 @@ thru_runs() {  # $1: the THRU items (see the thru mode)
     IFS=: read -r q isl osl n mb budget envset page <<< "$item"
     mb=${mb:-${MAXB:-256}}; budget=${budget:-2048}; envset=${envset:-KILN_NOTHING=0}; page=${page:-16}
     qa=""; [ "$q" = fp8 ] && qa="--quantization fp8 --kv-cache-dtype fp8"
+    [ "$q" = fp8r ] && qa="--quantization fp8 --kv-cache-dtype fp8-rotated"
     echo "== throughput $q $isl/$osl, $n requests, max batch $mb, $budget tokens a step, $envset, $page-token pages"
     env "$envset" timeout ${THRU_TIMEOUT:-300} $KILN bench throughput --config $L $qa --requests $n --input-len $isl \
       --output-len $osl --max-batch $mb --max-tokens-per-step $budget --page-size $page 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|kv|preemptions|decode_steps|decode_steps_s|decode_step_ms_p50|mixed_steps|mixed_steps_s|mixed_step_ms_p50|ttft_p50_ms) |Error"
@@ -289,6 +291,15 @@ import kiln.codegen.bench_kernels as b
 b.FP8KV_VARIANTS = ((0, 0, 0), (4, 3, 3), (4, 2, 4), (2, 4, 4), (2, 3, 4), (2, 6, 4), (8, 3, 2))
 print(b.fp8_kv_variants_table(b.copy_bandwidth(), shapes=((512, 200), (512, 1100), (256, 1500), (64, 4096))))
 " 2>&1 | grep -v Warn | tail -12 ;;
+    s32)  # session 32 (~5 min): --kv-cache-dtype fp8-rotated on the cuda backend: its GPU tests, the fp8 KV tests and
+          # rotary GEMV tests beside them; batch-1 latency with fp8 weights, an fp8 and an fp8-rotated cache
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_kv_rotated_gpu.py \
+        tests/gpu/test_cuda_backend.py tests/gpu/test_gemv_rope.py tests/gpu/test_pdl_chain.py \
+        tests/gpu/test_prefix_cache_gpu.py tests/gpu/test_decode_short.py 2>&1 | tee "$OUT/s32-tests.log" \
+        | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -20
+      for kvd in fp8 fp8-rotated; do echo "== latency fp8 weights, --kv-cache-dtype $kvd"; timeout 60 $KILN bench latency \
+        --config $L --quantization fp8 --kv-cache-dtype $kvd --prompt 1024 --steps 64 2>&1 \
+        | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
     s29)  # next session (~6 min): session 28's GPU tests (one warm-up stream for the captures, the mixed graphs'
           # buffer test mended, the defaults it flipped: KILN_PREFILL_LINEAR, KILN_FP8_OUT_FUSE; KILN_FP8_LT's plans;
           # the GGUF K-quants' kernels; state-space prefix reuse through kept states),

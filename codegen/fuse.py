@@ -147,13 +147,20 @@ def _rope_attention(p: _Program) -> None:
         c = dict(call.constants)
         causal = c.pop("causal")
         site = p.plan.sites[ins.site]
-        if site.kv_dtype not in ("run", "fp8"):  # fp8-rotated: the reference backend's alone (runtime/kv_store.py)
+        if site.kv_dtype not in ("run", "fp8", "fp8-rotated"):
             raise ks.KernelSpecError(f"attention site {site.index}: no kernels for a {site.kv_dtype} KV cache")
-        fp8 = site.kv_dtype == "fp8"  # the site's pages hold E4M3 (scaled): every kernel reads / writes them so
+        # fp8-rotated (runtime/kv_store.py): only the rotary + KV write differs (and a turn back after the attention);
+        # its keys' shift leaves softmax alone, but not a soft-cap applied before it
+        rotated = site.kv_dtype == "fp8-rotated"
+        if rotated and c.get("softcap"):
+            raise ks.KernelSpecError(f"attention site {site.index}: --kv-cache-dtype fp8-rotated shifts the keys, "
+                                     f"which changes a logit soft-cap's scores (use fp8, or --backend reference)")
+        fp8 = site.kv_dtype != "run"  # the site's pages hold E4M3 (scaled): every kernel reads / writes them so
         common = dict(c, page_size=p.page_size, dtype=p.dt, kv_fp8=fp8, origin=origin(ins))
         rope = dict(rope_constants(qr.attrs)) if roped else dict(rotary_dim=0)
         rope_spec = ks.RopeCacheSpec(heads=site.heads, kv_heads=site.kv_heads, head_dim=c["head_dim"],
-                                     page_size=p.page_size, dtype=p.dt, kv_fp8=fp8, origin=origin(ins), **rope)
+                                     page_size=p.page_size, dtype=p.dt, kv_fp8=fp8, kv_rotated=rotated,
+                                     origin=origin(ins), **rope)
         p.claim(KOp(Exec.ATTENTION, (qr.inputs[0] if roped else q, kr.inputs[0] if roped else k, v), ins.outputs,
                     (qr, kr, ins) if roped else (ins,),
                     (rope_spec, ks.DecodeAttnSpec(**common), ks.PrefillAttnSpec(causal=causal, **common)),

@@ -273,6 +273,8 @@ def rope_epilogue_refusal(rope, dtype: str) -> str:
         return f"rotary scaling {rope.scaling!r} picks its frequencies per step (its own kernel does)"
     if rope.head_dim % 2:
         return f"head_dim {rope.head_dim} is odd: its dims do not pair"
+    if rope.kv_rotated:
+        return "an fp8-rotated cache's write turns whole heads (its own kernel does)"
     return ""
 
 

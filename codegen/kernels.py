@@ -186,13 +186,16 @@ def _sm_of(device) -> int:
 
 
 def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache, v_cache, seq_len=None,
-                  k_scale: float = 1.0, v_scale: float = 1.0, pdl: bool = False):
+                  k_scale: float = 1.0, v_scale: float = 1.0, pdl: bool = False, rotated=None):
     """Rotate q in place; rotate k and write it, and v, into the paged cache (spec.kv_fp8: float8_e4m3fn
     pages holding K / k_scale and V / v_scale, rounded to nearest even and clamped to +-448).
 
     q [T, heads*head_dim], k and v [T, kv_heads*head_dim] (row-strided views of a fused QKV
     output work); positions [T] int64; slot_mapping [T] int32 (negative: skip the token);
     seq_len [1] int32, the step's max position + 1, only for dynamic scaling. pdl: as norm's.
+    spec.kv_rotated (fp8-rotated, runtime/kv_store.py): q, k and v also turned by each head's Hadamard matrix, k
+    less its sequence's shift; rotated = (shift [pages, kv_heads, head_dim] run dtype, k_mean [kv_heads, head_dim]
+    fp32, cu_seqlens [n + 1] int32, block_tables [n, width] int32), the KV store's and the step's metadata.
     """
     dt, d = _torch_dtype(spec), spec.head_dim
     dev = q.device
@@ -207,6 +210,8 @@ def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache
     _check("slot_mapping", slot_mapping, torch.int32, (T,), dev, aligned=False)
     _check_cache(spec, k_cache, v_cache, dt, dev)
     args = [ptr(q), ptr(k), ptr(v), ptr(positions), ptr(slot_mapping), ptr(k_cache), ptr(v_cache)]
+    if spec.kv_rotated:
+        args += _rotated_args(spec, rotated, k_cache, dt, dev)
     if spec.variant == "bulk" and _sm_of(dev) < 90:  # bulk copies are Hopper's: the default kernel before it
         spec = dataclasses.replace(spec, variant="token")
     kern = _kernel(spec, dev)
@@ -222,7 +227,38 @@ def rope_write_kv(spec: RopeCacheSpec, q, k, v, positions, slot_mapping, k_cache
         kern.launcher(pdl)(kern.source.entries[0], (max(1, min(T, resident)),), (meta["threads"],), args,
                        meta["smem"])
         return
-    kern.launcher(pdl)(kern.source.entries[0], (T,), (meta["threads"],), args)
+    grid = (T, meta["grid_y"]) if meta["variant"] == "rotated" else (T,)  # rotated: a warp per head row
+    kern.launcher(pdl)(kern.source.entries[0], grid, (meta["threads"],), args)
+
+
+def _rotated_args(spec: RopeCacheSpec, rotated, k_cache, dt, dev) -> list:
+    """fp8-rotated's arguments: the shifts, the key mean and the step's sequences (rope_write_kv)."""
+    if rotated is None or len(rotated) != 4:
+        raise KernelArgError("rotated: an fp8-rotated cache needs (shift, k_mean, cu_seqlens, block_tables)")
+    shift, k_mean, cu_seqlens, block_tables = rotated
+    d = spec.head_dim
+    _check("shift", shift, dt, (k_cache.shape[0], spec.kv_heads, d), dev)
+    _check("k_mean", k_mean, torch.float32, (spec.kv_heads, d), dev)
+    _check("block_tables", block_tables, torch.int32, device=dev)
+    n = block_tables.shape[0]
+    _check("block_tables", block_tables, torch.int32, (n, block_tables.shape[1]), dev)
+    _check("cu_seqlens", cu_seqlens, torch.int32, (n + 1,), dev, aligned=False)
+    if n < 1:
+        raise KernelArgError("block_tables: no sequences")
+    return [ptr(shift), ptr(k_mean), ptr(cu_seqlens), ptr(block_tables), i32(n), i32(block_tables.stride(0))]
+
+
+def unrotate_heads(spec: RopeCacheSpec, out, pdl: bool = False):
+    """fp8-rotated (spec.kv_rotated): an attention's output [T, heads * head_dim] over a rotated cache comes out
+    turned by each head's Hadamard matrix; turn each head back in place (H H = I)."""
+    if not spec.kv_rotated:
+        raise KernelArgError("unrotate_heads: the spec's cache is not fp8-rotated")
+    dt = _torch_dtype(spec)
+    _rows("out", out, dt, spec.heads * spec.head_dim, out.device)
+    kern = _kernel(spec, out.device)
+    meta = kern.source.meta
+    kern.launcher(pdl)(kern.source.entries[1], (out.shape[0], meta["unrotate_grid_y"]), (meta["threads"],),
+                       [ptr(out), i64(out.stride(0)), i32(out.shape[0])])
 
 
 def _scales(spec, k_scale, v_scale) -> list:

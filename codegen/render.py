@@ -240,6 +240,8 @@ def rope_math_params(s: RopeCacheSpec) -> dict:
 
 
 def _rope(s: RopeCacheSpec) -> KernelSource:
+    if s.kv_rotated:
+        return _rope_rotated(s)
     itemsize = RUN_DTYPES[s.dtype].itemsize
     rot, d = s.rotary_dim, s.head_dim
     if not rot:
@@ -278,6 +280,27 @@ def _rope(s: RopeCacheSpec) -> KernelSource:
     params["bulk"] = meta["variant"] == "bulk"
     name = _name(f"rope_cache_{s.layout[0]}{rot}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
     return _emit("rope_cache.cu.j2", name, s, params, [name], meta)
+
+
+ROTATED_WARPS = 4  # fp8-rotated's write: head rows (a warp each) per block
+
+
+def _rope_rotated(s: RopeCacheSpec) -> KernelSource:
+    """fp8-rotated's rotary + KV write and its output's turn back (templates/rope_cache_rotated.cu.j2): a warp per
+    head row, whose lanes hold head_dim / 32 dims each (one dim each on the first head_dim lanes, under 32), so the
+    Hadamard transforms run in registers and shuffles; a block per token and ROTATED_WARPS rows."""
+    d = s.head_dim
+    lanes = min(32, d)
+    rows = s.heads + 2 * s.kv_heads
+    params = dict(heads=s.heads, kv_heads=s.kv_heads, head_dim=d, half=s.rotary_dim // 2, layout=s.layout,
+                  lanes=lanes, per_lane=d // lanes, warps=ROTATED_WARPS, threads=32 * ROTATED_WARPS,
+                  grid_y=-(-rows // ROTATED_WARPS), unrotate_grid_y=-(-s.heads // ROTATED_WARPS),
+                  page_size=s.page_size, page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d,
+                  inv_sqrt_n=f32(1 / math.sqrt(d)), **rope_math_params(s))
+    meta = dict(threads=params["threads"], grid_y=params["grid_y"], unrotate_grid_y=params["unrotate_grid_y"],
+                dynamic=params["dynamic"] or params["longrope"], variant="rotated")
+    name = _name(f"rope_cache_rot_{s.layout[0]}{s.rotary_dim}_d{d}_{s.heads}x{s.kv_heads}_p{s.page_size}", s)
+    return _emit("rope_cache_rotated.cu.j2", name, s, params, [name, f"{name}_unrotate"], meta)
 
 
 def _alibi_rows(s) -> list[str]:

@@ -137,6 +137,10 @@ class RopeCacheSpec(_Spec):
     # FP8 KV cache: K/V pages hold float8_e4m3fn values of K / k_scale, V / v_scale (the kernel
     # takes the site's scales as arguments), else the run dtype
     kv_fp8: bool = False
+    # --kv-cache-dtype fp8-rotated (runtime/kv_store.py; needs kv_fp8 and a power-of-2 head_dim): q, k and v turned by
+    # each head's Hadamard matrix, k less its sequence's shift (templates/rope_cache_rotated.cu.j2); the attention's
+    # output is turned back after it (kernels.unrotate_heads). The variant and prefetch do not apply.
+    kv_rotated: bool = False
     # Each thread issues all its q, k and v loads before the cos/sin table and the first store (one
     # memory round trip per block instead of three). Off: measured slower on the H200 (70.3 vs 62.6 us
     # at T=8192, an 8B model; its registers cut the blocks per SM), kept for A/B (bench_kernels).
@@ -185,6 +189,9 @@ class RopeCacheSpec(_Spec):
         if not self.attention_factor > 0:
             _fail(self, "attention_factor", f"must be > 0, got {self.attention_factor!r}")
         _fp8_rows(self)
+        if self.kv_rotated and not (self.kv_fp8 and self.head_dim & (self.head_dim - 1) == 0):
+            _fail(self, "kv_rotated", f"needs kv_fp8 and a power-of-2 head_dim, got kv_fp8={self.kv_fp8}, "
+                                      f"head_dim={self.head_dim}")
 
 
 def _fp8_rows(spec):

@@ -881,9 +881,11 @@ class CudaModel:
         scales = dict(k_scale=kv.k_scale[site], v_scale=kv.v_scale[site])
         if q is None:
             q, k, v = (env[i] for i in op.ins)
+            rotated = (kv.shift[site], kv.k_mean[site], meta.cu_seqlens, meta.block_tables) if rope.kv_rotated \
+                else None  # fp8-rotated: the shifts, the key mean and where each token's sequence begins
             K.rope_write_kv(rope, q, k, v, meta.positions, meta.slots, kc, vc,
                             seq_len=meta.seq_len if rope.scaling in ("dynamic", "longrope") else None, **scales,
-                            pdl=_chain("rope"))
+                            pdl=_chain("rope"), rotated=rotated)
         out = torch.empty(T, dspec.heads * dspec.head_dim, dtype=self.dtype, device=self.device)
         if meta.fresh is not None and not pspec.window and not pspec.softcap and not pspec.alibi_max \
                 and pspec.causal and not pspec.kv_fp8 \
@@ -917,6 +919,8 @@ class CudaModel:
             K.prefill_attention(pspec, q, kc, vc, meta.block_tables[d:], meta.cu_seqlens[d:], meta.kv_lens[d:], out,
                                 meta.max_q_len, max_context=meta.max_context, **scales,
                                 linear=cuda_quant._on("KILN_PREFILL_LINEAR", PREFILL_LINEAR))
+        if rope.kv_rotated:  # q and the cache in each head's Hadamard basis: the output too, turned back here
+            K.unrotate_heads(rope, out)
         return out
 
 

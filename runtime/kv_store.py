@@ -17,8 +17,9 @@ the run dtype: that of the page holding position 0), so that the first key, the 
 heavily, is stored exactly. A shift is the same for every key a query sees, so attention without a logit
 soft-cap is unchanged by it: kernels would only write differently, never read differently. Read back here: H of
 the stored values, plus the shift. On SmolLM2-135M (CPU, the whole of pydoc_data.topics, calibrated means)
-perplexity +0.31% / mean KL 0.0030 against fp8's +0.89% / 0.0098 (BENCHMARKS.md, session 31). Only the reference
-backend runs it so far.
+perplexity +0.31% / mean KL 0.0030 against fp8's +0.89% / 0.0098 (BENCHMARKS.md, session 31). The cuda backend
+writes the same pages with its own kernel (templates/rope_cache_rotated.cu.j2), which turns q as well instead of
+turning keys back on read, and turns the attention's output back after it.
 """
 
 from __future__ import annotations

@@ -59,8 +59,8 @@ def load_model(checkpoint: str | Path, spec: str | Path | None = None, dtype: st
                expert_parallel: bool = False, pipeline_parallel_size: int = 1) -> LoadedModel:
     """`quantization`: a scheme of kiln.dsl.quant.SCHEMES applied on load ("fp8", "int8-wo", ...; with
     "+lm-head" the LM head too; "gguf" keeps a GGUF file's blocks); a pre-quantized checkpoint brings its own.
-    `kv_cache_dtype`: "auto" (the run dtype), "fp8" or "fp8-rotated" (runtime/kv_store.py; the reference
-    backend). `tensor_parallel_size` > 1: the model split
+    `kv_cache_dtype`: "auto" (the run dtype), "fp8" or "fp8-rotated" (runtime/kv_store.py; the reference and
+    cuda backends). `tensor_parallel_size` > 1: the model split
     over that many processes of this machine (runtime/distributed.py: the reference backend on the
     CPU over gloo, or `backend="cuda"` with `device="cuda"`: one GPU per rank, NCCL), MoE experts whole
     per rank with `expert_parallel` (reference only); `pipeline_parallel_size` > 1: its layers in that
@@ -188,10 +188,9 @@ def make_backend(plan: Plan, weights: dict[str, torch.Tensor], backend: str, dev
     refused = passes.unsupported_weights(plan, backend, runs)
     if refused:
         raise SpecError(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""), None)
-    if backend != "reference" and any(s.kv_dtype == "fp8-rotated" for s in plan.sites):
-        raise SpecError(f"--kv-cache-dtype fp8-rotated runs on the reference backend only (no {backend} kernels "
-                        f"write its rotated, shifted keys yet)", None,
-                        "use --kv-cache-dtype fp8, or --backend reference")
+    if backend == "tensorrt" and any(s.kv_dtype == "fp8-rotated" for s in plan.sites):
+        raise SpecError("--kv-cache-dtype fp8-rotated runs on the reference and cuda backends (no TensorRT layer "
+                        "writes its rotated, shifted keys)", None, "use --kv-cache-dtype fp8, or --backend cuda")
     if backend == "reference":
         return ReferenceModel(plan, weights)
     if backend == "cuda":

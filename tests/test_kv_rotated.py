@@ -13,6 +13,10 @@ import shutil
 import pytest
 import torch
 from kiln.cli import main
+from kiln.codegen.fuse import Exec, fuse
+from kiln.codegen.gemv import rope_epilogue_refusal
+from kiln.codegen.render import render
+from kiln.codegen.specs import KernelSpecError, RopeCacheSpec
 from kiln.dsl import passes
 from kiln.dsl.errors import SpecError
 from kiln.dsl.plan import AttentionSite
@@ -25,6 +29,18 @@ from tests.configs import FAMILY_CONFIGS
 from tests.test_kv_scales import LAYERS, SEQ, err, logits, setup  # noqa: F401  (the fixture)
 
 PAGE = 16
+# Rotary cases of the rotated write kernel: Llama-3's (llama3 scaling), interleaved with dynamic NTK, none, longrope,
+# partial rotary with an attention factor (yarn's): every rotary path the kernel has
+ROTATED_CASES = [
+    dict(heads=32, kv_heads=8, head_dim=128, rotary_dim=128, layout="half", scaling="llama3", factor=8.0,
+         original_max_position=8192, theta=500000.0),
+    dict(heads=8, kv_heads=4, head_dim=256, rotary_dim=128, layout="interleaved", scaling="dynamic", factor=2.0,
+         original_max_position=4096),
+    dict(heads=12, kv_heads=12, head_dim=64, rotary_dim=0),
+    dict(heads=8, kv_heads=2, head_dim=64, rotary_dim=32, layout="interleaved", scaling="longrope", factor=8.0,
+         original_max_position=16, short_factor=(1.0,) * 16, long_factor=tuple(range(1, 17))),
+    dict(heads=4, kv_heads=2, head_dim=128, rotary_dim=96, layout="half", attention_factor=1.25),
+]
 
 
 def _site(kv_dtype, mean=()):
@@ -120,8 +136,40 @@ def test_bad_input_is_one_error():
     with pytest.raises(SpecError, match="attention site 0 .* head sizes 24 / 24; the rotation needs"):
         passes.run(odd_plan, [passes.kv_cache("fp8-rotated")])
     rotated = passes.run(plan, [passes.kv_cache("fp8-rotated")])
-    with pytest.raises(SpecError, match="fp8-rotated runs on the reference backend only"):
-        make_backend(rotated, {}, "cuda", "cuda")
+    with pytest.raises(SpecError, match="fp8-rotated runs on the reference and cuda backends"):
+        make_backend(rotated, {}, "tensorrt", "cuda")
+    with pytest.raises(KernelSpecError, match="RopeCacheSpec.kv_rotated: needs kv_fp8 and a power-of-2 head_dim"):
+        RopeCacheSpec(8, 2, 64, 64, 16, kv_rotated=True)
+
+
+def test_cuda_program_writes_it_and_refuses_a_softcap():
+    """The cuda backend's program: each attention step's rotary + KV write is the rotated kernel (fp8 pages), which
+    no qkv GEMV epilogue takes over; a logit soft-cap, which a shift would change, is refused by name."""
+    plan = passes.run(random_model("llama", FAMILY_CONFIGS["llama"]).plan, [passes.kv_cache("fp8-rotated")])
+    atts = [op for op in fuse(plan, torch.bfloat16, 16) if op.kind is Exec.ATTENTION]
+    assert atts and all(op.spec[0].kv_rotated and op.spec[1].kv_fp8 and op.spec[2].kv_fp8 for op in atts)
+    assert rope_epilogue_refusal(atts[0].spec[0], "bf16").startswith("an fp8-rotated cache")
+    capped = passes.run(random_model("gemma2", FAMILY_CONFIGS["gemma2"]).plan, [passes.kv_cache("fp8-rotated")])
+    with pytest.raises(KernelSpecError, match="attention site 0: --kv-cache-dtype fp8-rotated shifts the keys"):
+        fuse(capped, torch.bfloat16, 16)
+
+
+@pytest.mark.parametrize("case", ROTATED_CASES)
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_rotated_kernel_compiles(case, dtype, fresh_kernel_cache):
+    """The write and turn-back kernels render with their origin and NVRTC compiles both for sm_90a and sm_80 without
+    spills, for every rotary layout and scaling (and none)."""
+    pytest.importorskip("cuda.bindings")
+    from kiln.codegen import nvrtc
+    spec = RopeCacheSpec(page_size=16, dtype=dtype, kv_fp8=True, kv_rotated=True, origin="models/t.kiln:3 attention",
+                         **case)
+    ks = render(spec)
+    assert ks.meta["variant"] == "rotated" and ks.entries == (ks.name, f"{ks.name}_unrotate")
+    assert ks.source.count("// origin: models/t.kiln:3 attention") == 3  # the header's and each kernel's
+    for arch in ("sm_80", "sm_90a"):
+        img = nvrtc.compile_source(ks.source, ks.name, arch, ks.origin, extra_options=("--ptxas-options=-v",))
+        assert all(e.encode() in img.data for e in ks.entries)
+        assert "0 bytes spill stores" in img.log, img.log
 
 
 def test_a_model_runs_with_it_near_the_float_cache():

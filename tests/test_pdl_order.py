@@ -162,6 +162,7 @@ def _chain_specs():
     for v in ROPE_VARIANTS:
         yield RopeCacheSpec(32, 8, 128, 128, 16, variant=v)
     yield RopeCacheSpec(32, 8, 128, 128, 16, kv_fp8=True)
+    yield RopeCacheSpec(32, 8, 128, 128, 16, kv_fp8=True, kv_rotated=True)  # fp8-rotated: its write and turn back
     for fp8 in (False, True):
         yield DecodeAttnSpec(32, 8, 128, 16, 128**-0.5, kv_fp8=fp8)
     yield DecodeAttnSpec(32, 8, 128, 16, 128**-0.5, tuned=False)
