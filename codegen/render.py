@@ -291,9 +291,15 @@ def _rope_rotated(s: RopeCacheSpec) -> KernelSource:
     Hadamard transforms run in registers and shuffles; a block per token and ROTATED_WARPS rows."""
     d = s.head_dim
     lanes = min(32, d)
+    per_lane = d // lanes
+    if s.rotary_dim and (s.rotary_dim // 2 % per_lane if s.layout == "half" else s.rotary_dim % per_lane
+                         or per_lane % 2 and per_lane != 1):
+        raise KernelSpecError(f"RopeCacheSpec.rotary_dim: fp8-rotated's lanes hold {per_lane} dims each, which do not "
+                              f"split {s.rotary_dim} {s.layout} rotary dims into whole pairs")
     rows = s.heads + 2 * s.kv_heads
     params = dict(heads=s.heads, kv_heads=s.kv_heads, head_dim=d, half=s.rotary_dim // 2, layout=s.layout,
-                  lanes=lanes, per_lane=d // lanes, warps=ROTATED_WARPS, threads=32 * ROTATED_WARPS,
+                  lanes=lanes, per_lane=per_lane, vec=min(per_lane, 16 // RUN_DTYPES[s.dtype].itemsize),
+                  warps=ROTATED_WARPS, threads=32 * ROTATED_WARPS,
                   grid_y=-(-rows // ROTATED_WARPS), unrotate_grid_y=-(-s.heads // ROTATED_WARPS),
                   page_size=s.page_size, page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d,
                   inv_sqrt_n=f32(1 / math.sqrt(d)), **rope_math_params(s))

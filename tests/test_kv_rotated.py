@@ -40,6 +40,8 @@ ROTATED_CASES = [
     dict(heads=8, kv_heads=2, head_dim=64, rotary_dim=32, layout="interleaved", scaling="longrope", factor=8.0,
          original_max_position=16, short_factor=(1.0,) * 16, long_factor=tuple(range(1, 17))),
     dict(heads=4, kv_heads=2, head_dim=128, rotary_dim=96, layout="half", attention_factor=1.25),
+    dict(heads=4, kv_heads=2, head_dim=32, rotary_dim=32, layout="interleaved"),  # a dim a lane: pairs by shuffles
+    dict(heads=4, kv_heads=1, head_dim=16, rotary_dim=16, layout="half"),  # half the lanes idle
 ]
 
 
@@ -140,6 +142,8 @@ def test_bad_input_is_one_error():
         make_backend(rotated, {}, "tensorrt", "cuda")
     with pytest.raises(KernelSpecError, match="RopeCacheSpec.kv_rotated: needs kv_fp8 and a power-of-2 head_dim"):
         RopeCacheSpec(8, 2, 64, 64, 16, kv_rotated=True)
+    with pytest.raises(KernelSpecError, match="lanes hold 4 dims each, which do not split 36 half rotary dims"):
+        render(RopeCacheSpec(8, 2, 128, 36, 16, kv_fp8=True, kv_rotated=True))
 
 
 def test_cuda_program_writes_it_and_refuses_a_softcap():

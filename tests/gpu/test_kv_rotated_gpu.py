@@ -18,7 +18,11 @@ from tests.test_kv_scales import err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-PAGE, HEADS, KV_HEADS, D = 16, 8, 2, 64
+PAGE, HEADS, KV_HEADS = 16, 8, 2
+# rotary cases: Llama-3's (head_dim 64: two dims a lane, pairs a chunk apart) and interleaved pairs at head_dim 32 (a dim
+# a lane: pairs by shuffles)
+ROPES = [dict(head_dim=64, rotary_dim=64, scaling="llama3", factor=8.0, original_max_position=64, theta=500000.0),
+         dict(head_dim=32, rotary_dim=32, layout="interleaved")]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -26,7 +30,7 @@ def _launch(spec, plain, kv, ref, seqs, dt, gen):
     """One launch of `seqs` [(block_table, context, new tokens)] through the rotated kernel into `kv`, and the same
     tokens through the reference store `ref` (their rotary from the plain kernel, into a run-dtype scratch cache).
     Returns (q the kernel turned, q rotated by the plain kernel)."""
-    T = sum(n for _, _, n in seqs)
+    T, D = sum(n for _, _, n in seqs), spec.head_dim
     q = torch.randn(T, HEADS * D, generator=gen, device="cuda").to(dt)
     k = (torch.randn(T, KV_HEADS * D, generator=gen, device="cuda") * 3 + 1).to(dt)
     v = torch.randn(T, KV_HEADS * D, generator=gen, device="cuda").to(dt)
@@ -50,17 +54,18 @@ def _launch(spec, plain, kv, ref, seqs, dt, gen):
     return q_rot, q_plain
 
 
+@pytest.mark.parametrize("case", range(len(ROPES)))
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("scales", [(1.0, 1.0), (0.25, 2.0)])
-def test_kernel_writes_what_the_reference_store_writes(dtype, scales):
+def test_kernel_writes_what_the_reference_store_writes(case, dtype, scales):
     dt, gen = DTYPES[dtype], torch.Generator("cuda").manual_seed(5)
+    D = ROPES[case]["head_dim"]
     mean = tuple((torch.randn(KV_HEADS * D, generator=gen, device="cuda") * 2).tolist())
     site = AttentionSite(0, "layer.0", HEADS, KV_HEADS, D, D, kv_dtype="fp8-rotated", k_mean=mean)
     kv, ref = (KVStore([site], 32, PAGE, dt, "cuda") for _ in range(2))
     for store in (kv, ref):
         store.k_scale, store.v_scale = [scales[0]], [scales[1]]
-    rope = dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=D, rotary_dim=D, page_size=PAGE, dtype=dtype,
-                scaling="llama3", factor=8.0, original_max_position=64, theta=500000.0, origin="test")
+    rope = dict(heads=HEADS, kv_heads=KV_HEADS, page_size=PAGE, dtype=dtype, origin="test", **ROPES[case])
     spec = RopeCacheSpec(kv_fp8=True, kv_rotated=True, **rope)
     plain = RopeCacheSpec(**rope)
     a, b, c, d = (3, 9, 4), (12, 5), (20, 21, 22), (30,)  # page tables: a new prompt, two continued, a 1-token prompt
