@@ -26,6 +26,9 @@
 #   bash .ci/device_check.sh s32b      session 32: fp8-rotated's batch-1 cost taken apart (latency A/B/C, profiles)
 #   bash .ci/device_check.sh s32c      session 32: the rotated write kernel's second form: tests, latency, its kernels at 512
 #   bash .ci/device_check.sh s32d      session 32's last call: tests, latency pairs, the rotated kernels at 512 (+ thru)
+#   bash .ci/device_check.sh s32e      session 32: Mamba-2 batch 1, KILN_PDL_CHAIN attention / norm / 1
+#   bash .ci/device_check.sh s32f      session 32: KILN_PDL_CHAIN=gated: chain tests, Mamba-2 batch 1 A/B/C
+#   bash .ci/device_check.sh s32g      session 32: KILN_PDL_CHAIN=auto's tests, Mamba-2 and 8B batch 1
 #   bash .ci/device_check.sh s29       next session: session 28's GPU tests, cuBLASLt's algorithms for the decode GEMMs
 #   bash .ci/device_check.sh ltab      fp8 128/128 and 128/2048 with KILN_FP8_LT 0 / 512 (tuned cuBLASLt plans in graphs)
 #   bash .ci/device_check.sh decode512 an fp8 decode step of 512 x 1,100 as its graph, KILN_FP8_LT 0 / 512: GEMMs vs attention
@@ -333,6 +336,28 @@ print(b.fp8_kv_variants_table(b.copy_bandwidth(), shapes=((512, 200), (512, 1100
           2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done
       timeout 120 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8-rotated --batch 512 --ctx 200 \
         --graphs 2>&1 | grep -a -E "rope|unrotate|GPU kernel time" ;;
+    s32e)  # session 32 (~4 min): Mamba-2 2.7B batch 1 with its norms as programmatic dependents too (KILN_PDL_CHAIN norm,
+           # 1) against the default (attention), alternating, twice
+      for i in 1 2; do for c in attention norm 1; do echo "== mamba2 batch 1, KILN_PDL_CHAIN=$c"; KILN_PDL_CHAIN=$c \
+        timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
+        | grep -a -E "^\| (decode_ms|decode_back_to_back_ms|roofline_ms) |Error"; done; done ;;
+    s32f)  # session 32 (~4 min): KILN_PDL_CHAIN=gated (decode attention and the gated norms): the chain tests, then
+           # Mamba-2 batch 1 attention / gated / norm alternating, twice
+      timeout 200 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_pdl_chain.py \
+        tests/gpu/test_pdl_triggers.py 2>&1 | tee "$OUT/s32f-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
+      for i in 1 2; do for c in attention gated norm; do echo "== mamba2 batch 1, KILN_PDL_CHAIN=$c"; KILN_PDL_CHAIN=$c \
+        timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
+        | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error"; done; done ;;
+    s32g)  # session 32 (~3 min): KILN_PDL_CHAIN=auto (the default: a state-space model's norms chained too): the chain,
+           # trigger and state-space GPU tests; Mamba-2 batch 1 auto / attention, twice; the 8B bf16 batch 1 (unchanged)
+      timeout 240 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_pdl_chain.py \
+        tests/gpu/test_pdl_triggers.py tests/gpu/test_ssm_kernels.py 2>&1 | tee "$OUT/s32g-tests.log" \
+        | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
+      for i in 1 2; do for c in auto attention; do echo "== mamba2 batch 1, KILN_PDL_CHAIN=$c"; KILN_PDL_CHAIN=$c \
+        timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
+        | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error"; done; done
+      for c in auto attention; do echo "== 8B bf16 batch 1, KILN_PDL_CHAIN=$c"; KILN_PDL_CHAIN=$c timeout 60 $KILN bench \
+        latency --config $L --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error"; done ;;
     s29)  # next session (~6 min): session 28's GPU tests (one warm-up stream for the captures, the mixed graphs'
           # buffer test mended, the defaults it flipped: KILN_PREFILL_LINEAR, KILN_FP8_OUT_FUSE; KILN_FP8_LT's plans;
           # the GGUF K-quants' kernels; state-space prefix reuse through kept states),

@@ -99,21 +99,30 @@ FRESH_SDPA = os.environ.get("KILN_FRESH_SDPA", "0")
 # the engine's GPU tests pass with it. "1" (the default) on; "0" off. Read when a step runs.
 PREFILL_LINEAR = os.environ.get("KILN_PREFILL_LINEAR", "1")
 # Kernels launched as programmatic dependents, like the decode GEMVs: each waits for the kernel before at its
-# entry, so only its launch and block scheduling overlap that kernel's drain. "attention" (the default): decode
-# attention only; "1": also the norm, activation and rotary + KV write kernels; "norm": the norms only; "0":
-# none. Correct in every form on the H200 (tests/gpu/test_pdl_chain.py, bit for bit). Measured (8B bf16
-# batch-1 engine TPOT, session 15, one call, alternating): 0 4.117 / 4.117, attention 4.071 / 4.071, norm
-# 4.321 / 4.324 ms; "1" was slower than "0" in session 14 (decode 4.58 / 4.54 against 4.31 / 4.42 ms; fp8
-# 4.08 / 4.13 against 3.23 / 3.26). Read when a step runs (and is captured).
-PDL_CHAIN = os.environ.get("KILN_PDL_CHAIN", "attention")
-_CHAINS = ("0", "1", "norm", "attention")
+# entry, so only its launch and block scheduling overlap that kernel's drain. "auto" (the default): decode attention,
+# and in a model whose every mixer is a state-space step (no attention: Mamba, Mamba-2) its norms too; "attention":
+# decode attention only; "gated": decode attention and the gated norms; "norm": the norms only; "1": also the
+# activation and rotary + KV write kernels; "0": none. Correct in every form (tests/gpu/test_pdl_chain.py, bit for
+# bit). Measured, batch-1 decode_back_to_back_ms, alternating, twice: Mamba-2 2.7B (session 32, H200) attention
+# 2.266 / 2.265, gated 2.203 / 2.214, norm 2.170 / 2.170 ms; the 8B, whose norms all follow GEMVs (session 32,
+# H100), attention 5.289 / 5.291, norm 5.529 / 5.530 ms bf16 and 3.420 / 3.418 against 4.298 / 4.293 fp8 (session 15:
+# 0 4.117, attention 4.071, norm 4.321 ms bf16 TPOT). Read when a step runs (and is captured).
+PDL_CHAIN = os.environ.get("KILN_PDL_CHAIN", "auto")
+# the step kinds each setting launches as programmatic dependents ("gated": a gated norm; "norm": any other norm);
+# "auto": _chain's choice by the model
+_CHAINS = {"0": (), "1": ("norm", "gated", "act", "rope", "attention"), "norm": ("norm", "gated"),
+           "attention": ("attention",), "gated": ("attention", "gated"), "auto": None}
 
 
-def _chain(kind: str) -> bool:
-    """Whether the `kind` step's kernels ("norm", "act", "rope", "attention") launch as programmatic dependents."""
+def _chain(kind: str, state_space: bool = False) -> bool:
+    """Whether the `kind` step's kernels ("norm", "gated", "act", "rope", "attention") launch as programmatic
+    dependents; state_space: the model's every mixer is a state-space step ("auto" chains its norms too)."""
     if PDL_CHAIN not in _CHAINS:
         raise KernelSpecError(f"KILN_PDL_CHAIN={PDL_CHAIN!r}: must be one of {', '.join(_CHAINS)}")
-    return PDL_CHAIN in ("1", kind)
+    kinds = _CHAINS[PDL_CHAIN]
+    if kinds is None:
+        kinds = ("attention", "norm", "gated") if state_space else ("attention",)
+    return kind in kinds
 
 
 def _gather_rows(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -267,6 +276,8 @@ class CudaModel:
                     self.weights.pop(name, None)
             elif op.spec is not None:
                 op.spec = canon(op.spec)
+        # every mixer a state-space step (no attention): KILN_PDL_CHAIN=auto chains the norms too (_chain)
+        self._state_space = any(op.kind is Exec.SSM for op in self.ops) and not plan.sites
         self._amax = self._amax_specs(canon)
         self._fp8_out = self._fp8_out_specs(canon)
         self._lt = self._lt_plans()
@@ -823,11 +834,11 @@ class CudaModel:
         if spec.has_residual:
             res_out = torch.empty(step.T, spec.hidden, dtype=self.dtype, device=self.device)
             K.norm(spec, _c(env[op.ins[1]]), w, out, residual=_c(env[op.ins[0]]), residual_out=res_out, bias=bias,
-                   pdl=_chain("norm"), **extra)
+                   pdl=_chain("norm", self._state_space), **extra)
             env[op.outs[1]] = res_out
         else:  # a gated norm (fuse.py's gated_norm) reads z, op.ins[1], as it is: row-strided views work
             K.norm(spec, _c(env[op.ins[0]]), w, out, bias=bias, gate=env[op.ins[1]] if spec.gate else None,
-                   pdl=_chain("norm"), **extra)
+                   pdl=_chain("gated" if spec.gate else "norm", self._state_space), **extra)
         env[op.outs[0]] = out
 
     def _attention_step(self, op: KOp, env, step: "_Run", n: int) -> None:

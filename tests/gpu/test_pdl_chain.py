@@ -19,7 +19,9 @@ from kiln.runtime.batch import SeqSlice, StepBatch  # noqa: E402
 from kiln.runtime.engine import EngineConfig  # noqa: E402
 from kiln.runtime.kv_store import KVStore  # noqa: E402
 from kiln.runtime.model import LoadedModel, make_backend, random_model  # noqa: E402
+from kiln.runtime.state_cache import StateStore  # noqa: E402
 
+from tests.configs import FAMILY_CONFIGS  # noqa: E402
 from tests.gpu.test_cuda_backend import LLAMA, greedy_through_engine  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
@@ -35,25 +37,40 @@ def _logits(ref, chain: str, monkeypatch) -> list[torch.Tensor]:
     fresh cuda twin with the chain switch set: every step's logits (fp32 copies)."""
     monkeypatch.setattr(cuda_backend, "PDL_CHAIN", chain)
     model = _twin(ref)
-    kv = KVStore(ref.plan.sites, 64, 16, ref.dtype, "cuda")  # fp8 pages where the plan's sites say so
+    # fp8 pages where the plan's sites say so; a state slot a sequence for a state-space model
+    kv = KVStore(ref.plan.sites, 64, 16, ref.dtype, "cuda", state=StateStore(2))
     gen = torch.Generator().manual_seed(1)
     tables = (tuple(range(8)), tuple(range(8, 16)))
+    vocab = ref.plan.vocab_size
     out = []
     with torch.no_grad():
-        first = StepBatch(torch.randint(0, 1000, (32,), generator=gen),
-                          [SeqSlice(0, 23, 0, tables[0]), SeqSlice(23, 9, 0, tables[1])])
+        first = StepBatch(torch.randint(0, vocab, (32,), generator=gen),
+                          [SeqSlice(0, 23, 0, tables[0], state_slot=0), SeqSlice(23, 9, 0, tables[1], state_slot=1)])
         out.append(model.model.forward(first, kv).float().clone())
         for step in range(6):
-            nxt = torch.randint(0, 1000, (2,), generator=gen)
-            batch = StepBatch(nxt, [SeqSlice(0, 1, 23 + step, tables[0]), SeqSlice(1, 1, 9 + step, tables[1])])
+            nxt = torch.randint(0, vocab, (2,), generator=gen)
+            batch = StepBatch(nxt, [SeqSlice(0, 1, 23 + step, tables[0], state_slot=0),
+                                    SeqSlice(1, 1, 9 + step, tables[1], state_slot=1)])
             out.append(model.model.forward(batch, kv).float().clone())
     return out
 
 
-@pytest.mark.parametrize("chain", ["1", "norm", "attention"])  # every kind chained; the norms alone; attention alone
+@pytest.mark.parametrize("chain", ["1", "norm", "attention", "gated"])  # every kind; the norms; attention (+ gated norms)
 @pytest.mark.parametrize("dtype,kv_cache_dtype", [("bf16", "auto"), ("fp32", "auto"), ("bf16", "fp8")])
 def test_chain_changes_no_logit(dtype, kv_cache_dtype, chain, monkeypatch):
     ref = random_model("llama", LLAMA, dtype=dtype, device="cuda", seed=0, kv_cache_dtype=kv_cache_dtype)
+    plain = _logits(ref, "0", monkeypatch)
+    chained = _logits(ref, chain, monkeypatch)
+    for step, (a, b) in enumerate(zip(plain, chained)):
+        assert torch.equal(a, b), f"step {step}: logits differ with the chain on"
+
+
+@pytest.mark.parametrize("chain", ["auto", "gated", "1"])  # the default (its norms); the gated norms; every kind
+def test_chain_changes_no_logit_of_a_state_space_model(chain, monkeypatch):
+    """Mamba-2, whose every mixer is a scan: "auto" (the default) launches its norms as programmatic dependents."""
+    monkeypatch.setattr(cuda_backend, "PDL_CHAIN", "auto")
+    assert cuda_backend._chain("norm", state_space=True) and not cuda_backend._chain("norm")
+    ref = random_model("mamba2", FAMILY_CONFIGS["mamba2"], dtype="bf16", device="cuda", seed=0)
     plain = _logits(ref, "0", monkeypatch)
     chained = _logits(ref, chain, monkeypatch)
     for step, (a, b) in enumerate(zip(plain, chained)):
