@@ -299,6 +299,7 @@ def _rope_rotated(s: RopeCacheSpec) -> KernelSource:
     rows = s.heads + 2 * s.kv_heads
     params = dict(heads=s.heads, kv_heads=s.kv_heads, head_dim=d, half=s.rotary_dim // 2, layout=s.layout,
                   lanes=lanes, per_lane=per_lane, vec=min(per_lane, 16 // RUN_DTYPES[s.dtype].itemsize),
+                  lane_stages=(per_lane - 1).bit_length(), shuffle_stages=(lanes - 1).bit_length(),
                   warps=ROTATED_WARPS, threads=32 * ROTATED_WARPS,
                   grid_y=-(-rows // ROTATED_WARPS), unrotate_grid_y=-(-s.heads // ROTATED_WARPS),
                   page_size=s.page_size, page_stride=s.kv_heads * s.page_size * d, head_stride=s.page_size * d,
