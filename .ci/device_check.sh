@@ -24,7 +24,6 @@
 #                                         the first fail
 #   bash .ci/device_check.sh s32       session 32: fp8-rotated's GPU tests (and fp8 KV's, rotary GEMV's), batch-1 fp8 / fp8-rotated
 #   bash .ci/device_check.sh s32b      session 32: fp8-rotated's batch-1 cost taken apart (latency A/B/C, profiles)
-#   bash .ci/device_check.sh s32c      session 32: the rotated write kernel's second form: tests, latency, its kernels at 512
 #   bash .ci/device_check.sh s32d      session 32's last call: tests, latency pairs, the rotated kernels at 512 (+ thru)
 #   bash .ci/device_check.sh s32e      session 32: Mamba-2 batch 1, KILN_PDL_CHAIN attention / norm / 1
 #   bash .ci/device_check.sh s32f      session 32: KILN_PDL_CHAIN=gated: chain tests, Mamba-2 batch 1 A/B/C
@@ -181,6 +180,11 @@ thru_runs() {  # $1: the THRU items (see the thru mode)
       --output-len $osl --max-batch $mb --max-tokens-per-step $budget --page-size $page 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|kv|preemptions|decode_steps|decode_steps_s|decode_step_ms_p50|mixed_steps|mixed_steps_s|mixed_step_ms_p50|ttft_p50_ms) |Error"
   done
 }
+kv_latency() {  # $@: --kv-cache-dtype values, in order: the 8B's batch-1 latency with fp8 weights and each cache
+  for kvd in "$@"; do echo "== latency fp8 weights, --kv-cache-dtype $kvd"
+    timeout 60 $KILN bench latency --config $L --quantization fp8 --kv-cache-dtype $kvd --prompt 1024 --steps 64 \
+      2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done
+}
 for mode in "$@"; do
   case $mode in
     tests)
@@ -303,9 +307,7 @@ print(b.fp8_kv_variants_table(b.copy_bandwidth(), shapes=((512, 200), (512, 1100
         tests/gpu/test_cuda_backend.py tests/gpu/test_gemv_rope.py tests/gpu/test_pdl_chain.py \
         tests/gpu/test_prefix_cache_gpu.py tests/gpu/test_decode_short.py 2>&1 | tee "$OUT/s32-tests.log" \
         | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -20
-      for kvd in fp8 fp8-rotated; do echo "== latency fp8 weights, --kv-cache-dtype $kvd"; timeout 60 $KILN bench latency \
-        --config $L --quantization fp8 --kv-cache-dtype $kvd --prompt 1024 --steps 64 2>&1 \
-        | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done ;;
+      kv_latency fp8 fp8-rotated ;;
     s32b)  # session 32 (~4 min): where fp8-rotated's batch-1 time goes: latency with fp8, fp8 without the qkv GEMV's
            # rotary epilogue (KILN_GEMV_ROPE=0), fp8-rotated; the last's step profiled as graphs at batch 1 and 512 x 200
       for run in "fp8 KILN_GEMV_ROPE=1" "fp8 KILN_GEMV_ROPE=0" "fp8-rotated KILN_GEMV_ROPE=1"; do set -- $run
@@ -315,25 +317,13 @@ print(b.fp8_kv_variants_table(b.copy_bandwidth(), shapes=((512, 200), (512, 1100
       for b in "1 1024" "512 200"; do set -- $b; echo "== profile fp8-rotated, batch $1, context $2"
         timeout 120 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8-rotated --batch $1 --ctx $2 \
           --graphs 2>&1 | tail -24; done ;;
-    s32c)  # session 32 (~4 min): the rotated write kernel with vector loads and a cos / sin table a block: its GPU
-           # tests and the fp8 KV ones, batch-1 latency fp8 / fp8-rotated, its kernels' time at 512 x 200
-      timeout 240 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_kv_rotated_gpu.py \
-        tests/gpu/test_cuda_backend.py tests/gpu/test_prefix_cache_gpu.py -k "rotated or fp8 or cached or engine" 2>&1 \
-        | tee "$OUT/s32c-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -20
-      for kvd in fp8 fp8-rotated fp8 fp8-rotated; do echo "== latency fp8 weights, --kv-cache-dtype $kvd"
-        timeout 60 $KILN bench latency --config $L --quantization fp8 --kv-cache-dtype $kvd --prompt 1024 --steps 64 \
-          2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done
-      timeout 120 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8-rotated --batch 512 --ctx 200 \
-        --graphs 2>&1 | grep -a -E "rope|unrotate|decode_attn|GPU kernel time" ;;
     s32d)  # session 32's last call (~7 min): s32's tests; latency fp8 / fp8-rotated twice; the rotated kernels at 512 x 200;
            # then run it with the thru mode: MAXB=512 THRU="fp8:128:128:3000 fp8r:128:128:3000"
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_kv_rotated_gpu.py \
         tests/gpu/test_cuda_backend.py tests/gpu/test_gemv_rope.py tests/gpu/test_pdl_chain.py \
         tests/gpu/test_prefix_cache_gpu.py tests/gpu/test_decode_short.py tests/gpu/test_mixed_split.py 2>&1 \
         | tee "$OUT/s32d-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -20
-      for kvd in fp8 fp8-rotated fp8 fp8-rotated; do echo "== latency fp8 weights, --kv-cache-dtype $kvd"
-        timeout 60 $KILN bench latency --config $L --quantization fp8 --kv-cache-dtype $kvd --prompt 1024 --steps 64 \
-          2>&1 | grep -a -E "^\| (decode_ms|roofline_ms) |Error"; done
+      kv_latency fp8 fp8-rotated fp8 fp8-rotated
       timeout 120 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8-rotated --batch 512 --ctx 200 \
         --graphs 2>&1 | grep -a -E "rope|unrotate|GPU kernel time" ;;
     s32e)  # session 32 (~4 min): Mamba-2 2.7B batch 1 with its norms as programmatic dependents too (KILN_PDL_CHAIN norm,

@@ -217,3 +217,17 @@ VERIFY_LLAMA = dict(
 )
 VERIFY_GPT2 = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=128, n_layer=3, n_head=4,
                    vocab_size=500, n_positions=128, bos_token_id=0, eos_token_id=0)
+
+# Rotary + KV write kernel cases (RopeCacheSpec fields): Llama-3's (llama3 scaling), partial rotary, interleaved with
+# dynamic NTK, none, longrope, partial with an attention factor (yarn's): every rotary path the kernels have
+ROPE_CASES = [
+    dict(heads=32, kv_heads=8, head_dim=128, rotary_dim=128, layout="half", scaling="llama3", factor=8.0,
+         original_max_position=8192, theta=500000.0),
+    dict(heads=32, kv_heads=32, head_dim=80, rotary_dim=32, layout="half", scaling="none"),
+    dict(heads=8, kv_heads=4, head_dim=256, rotary_dim=128, layout="interleaved", scaling="dynamic", factor=2.0,
+         original_max_position=4096),
+    dict(heads=12, kv_heads=12, head_dim=64, rotary_dim=0),
+    dict(heads=8, kv_heads=2, head_dim=64, rotary_dim=32, layout="interleaved", scaling="longrope", factor=8.0,
+         original_max_position=16, short_factor=(1.0,) * 16, long_factor=tuple(range(1, 17))),
+    dict(heads=4, kv_heads=2, head_dim=128, rotary_dim=96, layout="half", attention_factor=1.25),
+]

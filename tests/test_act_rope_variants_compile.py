@@ -13,21 +13,12 @@ from kiln.codegen import nvrtc  # noqa: E402
 from kiln.codegen.render import act_variant, render, rope_variant  # noqa: E402
 from kiln.codegen.specs import ACT_VARIANTS, ROPE_VARIANTS, ActSpec, KernelSpecError, RopeCacheSpec  # noqa: E402
 
+from tests.configs import ROPE_CASES  # noqa: E402
+
 DTYPES = ("bf16", "fp16", "fp32")
 # (kind, gated, features): Llama-3-8B's SwiGLU, a plain GELU, a row of 1000 (bulk: one short tile), 11 features
 # (not whole 16-byte chunks: bulk renders the flat kernel, rows_stream plain rows)
 ACT_CASES = [("silu", True, 14336), ("gelu", False, 3072), ("gelu_tanh", True, 1000), ("relu", True, 11)]
-ROPE_CASES = [
-    dict(heads=32, kv_heads=8, head_dim=128, rotary_dim=128, layout="half", scaling="llama3", factor=8.0,
-         original_max_position=8192, theta=500000.0),
-    dict(heads=32, kv_heads=32, head_dim=80, rotary_dim=32, layout="half", scaling="none"),
-    dict(heads=8, kv_heads=4, head_dim=256, rotary_dim=128, layout="interleaved", scaling="dynamic", factor=2.0,
-         original_max_position=4096),
-    dict(heads=12, kv_heads=12, head_dim=64, rotary_dim=0),
-    dict(heads=8, kv_heads=2, head_dim=64, rotary_dim=32, layout="interleaved", scaling="longrope", factor=8.0,
-         original_max_position=16, short_factor=(1.0,) * 16, long_factor=tuple(range(1, 17))),
-    dict(heads=4, kv_heads=2, head_dim=128, rotary_dim=96, layout="half", attention_factor=1.25),
-]
 
 
 pytestmark = pytest.mark.usefixtures("fresh_kernel_cache")  # compile for real, not from ~/.cache

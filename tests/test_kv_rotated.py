@@ -25,21 +25,12 @@ from kiln.runtime.kv_cache import kv_bytes_per_page
 from kiln.runtime.kv_store import KVStore, hadamard, page_sites
 from kiln.runtime.model import SingleSequence, load_model, make_backend, random_model
 
-from tests.configs import FAMILY_CONFIGS
+from tests.configs import FAMILY_CONFIGS, ROPE_CASES
 from tests.test_kv_scales import LAYERS, SEQ, err, logits, setup  # noqa: F401  (the fixture)
 
 PAGE = 16
-# Rotary cases of the rotated write kernel: Llama-3's (llama3 scaling), interleaved with dynamic NTK, none, longrope,
-# partial rotary with an attention factor (yarn's): every rotary path the kernel has
-ROTATED_CASES = [
-    dict(heads=32, kv_heads=8, head_dim=128, rotary_dim=128, layout="half", scaling="llama3", factor=8.0,
-         original_max_position=8192, theta=500000.0),
-    dict(heads=8, kv_heads=4, head_dim=256, rotary_dim=128, layout="interleaved", scaling="dynamic", factor=2.0,
-         original_max_position=4096),
-    dict(heads=12, kv_heads=12, head_dim=64, rotary_dim=0),
-    dict(heads=8, kv_heads=2, head_dim=64, rotary_dim=32, layout="interleaved", scaling="longrope", factor=8.0,
-         original_max_position=16, short_factor=(1.0,) * 16, long_factor=tuple(range(1, 17))),
-    dict(heads=4, kv_heads=2, head_dim=128, rotary_dim=96, layout="half", attention_factor=1.25),
+# The rotated write kernel's cases: the shared rotary cases with power-of-2 heads, and two of a dim or half a dim a lane
+ROTATED_CASES = [c for c in ROPE_CASES if c["head_dim"] & (c["head_dim"] - 1) == 0] + [
     dict(heads=4, kv_heads=2, head_dim=32, rotary_dim=32, layout="interleaved"),  # a dim a lane: pairs by shuffles
     dict(heads=4, kv_heads=1, head_dim=16, rotary_dim=16, layout="half"),  # half the lanes idle
 ]
