@@ -214,9 +214,10 @@ def _ssm_conv_act(p: _Program) -> None:
 def ssm_fuse_enabled() -> bool:
     """Mamba-2's conv and scan as one decode kernel (codegen/ssm_kernels.py SsmConvScanSpec): on by default
     since session 18, KILN_SSM_FUSE=0 off. On the H200 the 2.7B batch-1 step on the GPU (bench latency's
-    decode_back_to_back_ms, BENCHMARKS.md session 18) took 2.327 / 2.326 ms with it against 2.354 / 2.355 without,
-    alternating in one call. Session 8's per-step events (host jitter included) had shown it slower, 2.789 against
-    2.649 ms (benchmarks/2026-12-02-03.md); the kernel alone was 1.13x the two at batch 1, 0.98x at batch 64."""
+    decode_back_to_back_ms, benchmarks/2026-12-04-05.md session 18) took 2.327 / 2.326 ms with it against
+    2.354 / 2.355 without, alternating in one call. Session 8's per-step events (host jitter included) had shown
+    it slower, 2.789 against 2.649 ms (benchmarks/2026-12-02-03.md); the kernel alone was 1.13x the two at batch 1,
+    0.98x at batch 64."""
     v = os.environ.get("KILN_SSM_FUSE") or "1"
     if v not in ("0", "1"):
         raise ks.KernelSpecError(f"KILN_SSM_FUSE={v!r}: must be 0 or 1")

@@ -67,9 +67,9 @@ FP8_GEMV = os.environ.get("KILN_FP8_GEMV", "pdl")
 FP8_GEMV_DECODE = os.environ.get("KILN_FP8_GEMV_DECODE", "mma")
 # The gate+up fp8 GEMV at one row with the gated activation in its epilogue (QGemm.gemv_epilogue, where the
 # cuda backend's KILN_GEMV_EPILOGUE fuses it): "1", the default since session 18; "0" off. On the H200 the 8B
-# fp8 batch-1 step on the GPU (bench latency's decode_back_to_back_ms, BENCHMARKS.md session 18) took 2.831 /
-# 2.825 ms with it against 2.980 / 2.979 without, alternating in one call. Session 14's per-step events (the host's
-# jitter included) had not shown it faster. Read when a step runs (and is captured).
+# fp8 batch-1 step on the GPU (bench latency's decode_back_to_back_ms, benchmarks/2026-12-04-05.md session 18)
+# took 2.831 / 2.825 ms with it against 2.980 / 2.979 without, alternating in one call. Session 14's per-step
+# events (the host's jitter included) had not shown it faster. Read when a step runs (and is captured).
 FP8_GEMV_EPILOGUE = os.environ.get("KILN_FP8_GEMV_EPILOGUE", "1")
 # The qkv fp8 GEMV at one row with the rotary + paged KV write in its epilogue (QGemm.gemv_rope, where the
 # cuda backend's KILN_GEMV_ROPE links the qkv GEMM to its attention): "1", the default. On the H200 (session
@@ -79,15 +79,15 @@ FP8_GEMV_ROPE = os.environ.get("KILN_FP8_GEMV_ROPE", "1")
 # The int4 gate+up GEMV at up to 8 rows with the gated activation in its epilogue (QGemm.paired: the weight's
 # halves packed in (gate, up) pairs at load; Packed.gated): "1", the default since session 18; "0" off. Its GPU
 # tests pass, bit-equal (session 16). On the H200 the 8B int4-wo batch-1 step on the GPU (bench latency's
-# decode_back_to_back_ms, BENCHMARKS.md session 18) took 2.291 / 2.287 ms with it against 2.387 / 2.384 without,
-# alternating in one call (sessions 16-17's per-step events had spread too much to tell). Read when the backend
-# is built (the pairing) and when a step runs.
+# decode_back_to_back_ms, benchmarks/2026-12-04-05.md session 18) took 2.291 / 2.287 ms with it against
+# 2.387 / 2.384 without, alternating in one call (sessions 16-17's per-step events had spread too much to
+# tell). Read when the backend is built (the pairing) and when a step runs.
 INT4_GEMV_EPILOGUE = os.environ.get("KILN_INT4_GEMV_EPILOGUE", "1")
 # The int4 qkv GEMV at up to 8 rows with the rotary + paged KV write in its epilogue (QGemm.rope_paired: the weight's
 # rows packed in the rotary pairs at load; Packed.rope_gemv): "1", the default since session 19; "0" off. Its GPU
 # tests pass, bit-equal (session 19). On the H200 the 8B int4-wo+lm-head batch-1 step on the GPU (bench latency's
-# decode_back_to_back_ms, BENCHMARKS.md session 19) took 2.054 / 2.054 ms with it against 2.145 / 2.134 without,
-# alternating in one call. Read when the backend is built (the pairing) and when a step runs.
+# decode_back_to_back_ms, benchmarks/2026-12-04-05.md session 19) took 2.054 / 2.054 ms with it against
+# 2.145 / 2.134 without, alternating in one call. Read when the backend is built (the pairing) and when a step runs.
 INT4_GEMV_ROPE = os.environ.get("KILN_INT4_GEMV_ROPE", "1")
 # cuBLASLt's fp8 GEMMs (torch._scaled_mm: more than one row) with fast accumulation ("1": use_fast_accum, products
 # summed in the tensor cores' accumulator without cuBLASLt's periodic promotion to fp32, as vLLM's CUTLASS fp8
