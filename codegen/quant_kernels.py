@@ -945,7 +945,7 @@ def _env_choice(name: str, default: int, allowed: tuple[int, ...]) -> int:
 
 
 # Per-tensor fp8 activation quantization's grid: blocks per SM of its two grid-stride launches. 8 by
-# default: on the H200 (BENCHMARKS.md, session 11) it streamed a 2,048 x 14,336 activation at 78% of copy
+# default: on the H200 (benchmarks/2026-12-03-04.md, session 11) it streamed a 2,048 x 14,336 activation at 78% of copy
 # bandwidth where 2 per SM (session 10's default) reached 46%, and an fp8 mixed step's quantization took
 # 2.7 ms instead of 4.1; at 256 x 4,096 (a decode step's) 2 per SM is 0.3 us faster. The grids give the
 # same bytes (a max is order-free; tests/gpu/test_quant_kernels.py). KILN_ACT_QUANT_BLOCKS / _UNROLL

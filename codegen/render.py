@@ -82,8 +82,8 @@ def _name(prefix: str, spec) -> str:
 # griddepcontrol.launch_dependents at the start of the kernels a decode GEMV follows (norms, gated
 # activations, decode attention) and of the fp8 activation amax, so that the next kernel, launched as a
 # programmatic dependent, starts (its weight loads in flight) while they run. Measured on the H200
-# (BENCHMARKS.md, session 11, one call): batch-1 decode of the 8B attention shape 4.515 -> 4.472 ms, of the
-# 2.7B state-space shape 3.028 -> 2.926 ms. They were opt-in while a GEMV entry read wrong x with them
+# (benchmarks/2026-12-03-04.md, session 11, one call): batch-1 decode of the 8B attention shape 4.515 -> 4.472 ms,
+# of the 2.7B state-space shape 3.028 -> 2.926 ms. They were opt-in while a GEMV entry read wrong x with them
 # (session 10): ptxas had moved the 3- and 4-row entries' x loads above griddepcontrol.wait (pdl_dep.cuh.j2's
 # ld_dep; tests/test_pdl_order.py).
 # Read once: a process renders every kernel the same way (the kernel cache is keyed by spec, the NVRTC

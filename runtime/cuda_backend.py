@@ -69,7 +69,7 @@ GEMV_PROLOGUE = os.environ.get("KILN_GEMV_PROLOGUE", "0")
 # A GEMM step with a gated activation after it (fuse.py's gemv_epilogue: the gate and up projections, then
 # act(g) * u) runs as one GEMV launch whose warps compute (gate, up) row pairs and write act(g) * u where
 # the GEMV runs ("1", the default), instead of the GEMV then the activation's own kernel ("0":
-# KILN_GEMV_EPILOGUE=0). Unlike the prologue it recomputes nothing. On the H200 (BENCHMARKS.md, session
+# KILN_GEMV_EPILOGUE=0). Unlike the prologue it recomputes nothing. On the H200 (benchmarks/2026-12-04.md, session
 # 14) the 8B bf16 batch-1 TPOT went 4.316 -> 4.200 / 4.209 ms. fp8 and int4 weights take it with
 # cuda_quant.FP8_GEMV_EPILOGUE and INT4_GEMV_EPILOGUE (both on since session 18). Read when a step runs (and is
 # captured).

@@ -73,7 +73,7 @@ FP8_GEMV_DECODE = os.environ.get("KILN_FP8_GEMV_DECODE", "mma")
 FP8_GEMV_EPILOGUE = os.environ.get("KILN_FP8_GEMV_EPILOGUE", "1")
 # The qkv fp8 GEMV at one row with the rotary + paged KV write in its epilogue (QGemm.gemv_rope, where the
 # cuda backend's KILN_GEMV_ROPE links the qkv GEMM to its attention): "1", the default. On the H200 (session
-# 16, BENCHMARKS.md) the 8B fp8 decode step took 3.251 / 3.233 ms with it against 3.288 / 3.287 without,
+# 16, benchmarks/2026-12-04.md) the 8B fp8 decode step took 3.251 / 3.233 ms with it against 3.288 / 3.287 without,
 # alternating in one call, after its GPU tests passed; KILN_FP8_GEMV_ROPE=0 turns it off. Read when a step runs.
 FP8_GEMV_ROPE = os.environ.get("KILN_FP8_GEMV_ROPE", "1")
 # The int4 gate+up GEMV at up to 8 rows with the gated activation in its epilogue (QGemm.paired: the weight's

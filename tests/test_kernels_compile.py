@@ -242,7 +242,7 @@ LIVE_SPLIT_SPECS = [
     ids=lambda s: render(s).name)
 def test_decode_blocks_without_tokens_leave_at_once(spec):
     """The split grid is sized from a capacity (a CUDA graph's max_context) the context may be far below
-    (BENCHMARKS.md, session 13): a block of a split without tokens returns right after reading the
+    (benchmarks/2026-12-03-04.md, session 13): a block of a split without tokens returns right after reading the
     context length (no partials, fence or counter increment), the fused merge counts the splits with
     tokens [s0, s1) instead of gridDim.x, and the only such split normalizes and writes out itself.
     Both kernels (tensor cores, CUDA cores), both merges, windows and fp8 pages compile."""

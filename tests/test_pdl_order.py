@@ -6,7 +6,7 @@ before the wait it may read weights and nothing else, and write nothing. The CUD
 schedules: a load of x through a `const __restrict__` pointer is compiled to the non-coherent path, which
 ptxas treats as invariant, and in the 3- and 4-row GEMV entries it moved x's first loads above the wait. On
 the H200 those entries then read x before the norm before them had written it (tests/gpu/test_gemv_prologue.py's
-bf16 Mamba-2 case under load, with KILN_PDL_TRIGGER=1; BENCHMARKS.md, session 11). The templates now read
+bf16 Mamba-2 case under load, with KILN_PDL_TRIGGER=1; benchmarks/2026-12-03-04.md, session 11). The templates now read
 the kernel before's outputs through pdl_dep.cuh.j2's `ld_dep` (coherent loads, kept after the wait).
 
 What is checked in every entry of every programmatic-dependent kernel, at several shapes and dtypes:

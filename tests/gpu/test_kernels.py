@@ -357,7 +357,7 @@ CAPACITY_CASES = [(32, 8, 128, 0.0, 0.0), (32, 1, 128, 30.0, 8.0)]
 @pytest.mark.parametrize("window", [0, 37, 200])
 @pytest.mark.parametrize("case", CAPACITY_CASES)
 def test_paged_decode_attention_capacity_past_context(dtype, kv_fp8, window, case):
-    """A CUDA graph's capacity far past the contexts (BENCHMARKS.md, session 13): max_context 4,096 in
+    """A CUDA graph's capacity far past the contexts (benchmarks/2026-12-03-04.md, session 13): max_context 4,096 in
     splits of 128 tokens is a grid of 32 splits, and the contexts hold none to all of them. The blocks
     of splits without tokens (past the context, before the window) leave at once and the merge counts
     the others: against the reference, the counters back at zero after each of two calls. A context of

@@ -6,7 +6,7 @@ with the norms rendered without it and plain launches. A read before `griddepcon
 that races the kernel before, would show here as a difference.
 
 Why: with the triggers, tests/gpu/test_gemv_prologue.py's bf16 Mamba-2 case failed under pytest-xdist
-while this chain held (BENCHMARKS.md, sessions 10 and 11). The cause was not the trigger / wait pairing but
+while this chain held (benchmarks/2026-12-03-04.md, sessions 10 and 11). The cause was not the trigger / wait pairing but
 ptxas moving the 3- and 4-row GEMV entries' x loads above the wait (tests/test_pdl_order.py checks the
 machine code of every dependent kernel for that)."""
 
