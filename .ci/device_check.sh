@@ -180,6 +180,18 @@ thru_runs() {  # $1: the THRU items (see the thru mode)
       --output-len $osl --max-batch $mb --max-tokens-per-step $budget --page-size $page 2>&1 | tee -a "$OUT/thru.log" | grep -a -E "^\| (output_tok_s|seconds|kv|preemptions|decode_steps|decode_steps_s|decode_step_ms_p50|mixed_steps|mixed_steps_s|mixed_step_ms_p50|ttft_p50_ms) |Error"
   done
 }
+rotated_tests() {  # $1: the log's name, $2...: more GPU test files: fp8-rotated's GPU tests and the fp8 KV / rotary ones
+  local log=$1; shift
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_kv_rotated_gpu.py \
+    tests/gpu/test_cuda_backend.py tests/gpu/test_gemv_rope.py tests/gpu/test_pdl_chain.py \
+    tests/gpu/test_prefix_cache_gpu.py tests/gpu/test_decode_short.py "$@" 2>&1 | tee "$OUT/$log" \
+    | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -20
+}
+chain_latency() {  # $@: KILN_PDL_CHAIN values, in order, twice over: Mamba-2 2.7B's batch-1 latency under each
+  for i in 1 2; do for c in "$@"; do echo "== mamba2 batch 1, KILN_PDL_CHAIN=$c"; KILN_PDL_CHAIN=$c \
+    timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
+    | grep -a -E "^\| (decode_ms|decode_back_to_back_ms|roofline_ms) |Error"; done; done
+}
 kv_latency() {  # $@: --kv-cache-dtype values, in order: the 8B's batch-1 latency with fp8 weights and each cache
   for kvd in "$@"; do echo "== latency fp8 weights, --kv-cache-dtype $kvd"
     timeout 60 $KILN bench latency --config $L --quantization fp8 --kv-cache-dtype $kvd --prompt 1024 --steps 64 \
@@ -303,10 +315,7 @@ print(b.fp8_kv_variants_table(b.copy_bandwidth(), shapes=((512, 200), (512, 1100
 " 2>&1 | grep -v Warn | tail -12 ;;
     s32)  # session 32 (~5 min): --kv-cache-dtype fp8-rotated on the cuda backend: its GPU tests, the fp8 KV tests and
           # rotary GEMV tests beside them; batch-1 latency with fp8 weights, an fp8 and an fp8-rotated cache
-      timeout 300 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_kv_rotated_gpu.py \
-        tests/gpu/test_cuda_backend.py tests/gpu/test_gemv_rope.py tests/gpu/test_pdl_chain.py \
-        tests/gpu/test_prefix_cache_gpu.py tests/gpu/test_decode_short.py 2>&1 | tee "$OUT/s32-tests.log" \
-        | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -20
+      rotated_tests s32-tests.log
       kv_latency fp8 fp8-rotated ;;
     s32b)  # session 32 (~4 min): where fp8-rotated's batch-1 time goes: latency with fp8, fp8 without the qkv GEMV's
            # rotary epilogue (KILN_GEMV_ROPE=0), fp8-rotated; the last's step profiled as graphs at batch 1 and 512 x 200
@@ -319,33 +328,24 @@ print(b.fp8_kv_variants_table(b.copy_bandwidth(), shapes=((512, 200), (512, 1100
           --graphs 2>&1 | tail -24; done ;;
     s32d)  # session 32's last call (~7 min): s32's tests; latency fp8 / fp8-rotated twice; the rotated kernels at 512 x 200;
            # then run it with the thru mode: MAXB=512 THRU="fp8:128:128:3000 fp8r:128:128:3000"
-      timeout 300 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_kv_rotated_gpu.py \
-        tests/gpu/test_cuda_backend.py tests/gpu/test_gemv_rope.py tests/gpu/test_pdl_chain.py \
-        tests/gpu/test_prefix_cache_gpu.py tests/gpu/test_decode_short.py tests/gpu/test_mixed_split.py 2>&1 \
-        | tee "$OUT/s32d-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -20
+      rotated_tests s32d-tests.log tests/gpu/test_mixed_split.py
       kv_latency fp8 fp8-rotated fp8 fp8-rotated
       timeout 120 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8-rotated --batch 512 --ctx 200 \
         --graphs 2>&1 | grep -a -E "rope|unrotate|GPU kernel time" ;;
     s32e)  # session 32 (~4 min): Mamba-2 2.7B batch 1 with its norms as programmatic dependents too (KILN_PDL_CHAIN norm,
            # 1) against the default (attention), alternating, twice
-      for i in 1 2; do for c in attention norm 1; do echo "== mamba2 batch 1, KILN_PDL_CHAIN=$c"; KILN_PDL_CHAIN=$c \
-        timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
-        | grep -a -E "^\| (decode_ms|decode_back_to_back_ms|roofline_ms) |Error"; done; done ;;
+      chain_latency attention norm 1 ;;
     s32f)  # session 32 (~4 min): KILN_PDL_CHAIN=gated (decode attention and the gated norms): the chain tests, then
            # Mamba-2 batch 1 attention / gated / norm alternating, twice
       timeout 200 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_pdl_chain.py \
         tests/gpu/test_pdl_triggers.py 2>&1 | tee "$OUT/s32f-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
-      for i in 1 2; do for c in attention gated norm; do echo "== mamba2 batch 1, KILN_PDL_CHAIN=$c"; KILN_PDL_CHAIN=$c \
-        timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
-        | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error"; done; done ;;
+      chain_latency attention gated norm ;;
     s32g)  # session 32 (~3 min): KILN_PDL_CHAIN=auto (the default: a state-space model's norms chained too): the chain,
            # trigger and state-space GPU tests; Mamba-2 batch 1 auto / attention, twice; the 8B bf16 batch 1 (unchanged)
       timeout 240 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_pdl_chain.py \
         tests/gpu/test_pdl_triggers.py tests/gpu/test_ssm_kernels.py 2>&1 | tee "$OUT/s32g-tests.log" \
         | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
-      for i in 1 2; do for c in auto attention; do echo "== mamba2 batch 1, KILN_PDL_CHAIN=$c"; KILN_PDL_CHAIN=$c \
-        timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
-        | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error"; done; done
+      chain_latency auto attention
       for c in auto attention; do echo "== 8B bf16 batch 1, KILN_PDL_CHAIN=$c"; KILN_PDL_CHAIN=$c timeout 60 $KILN bench \
         latency --config $L --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error"; done ;;
     s29)  # next session (~6 min): session 28's GPU tests (one warm-up stream for the captures, the mixed graphs'

@@ -240,11 +240,10 @@ def _rotated_args(spec: RopeCacheSpec, rotated, k_cache, dt, dev) -> list:
     _check("shift", shift, dt, (k_cache.shape[0], spec.kv_heads, d), dev)
     _check("k_mean", k_mean, torch.float32, (spec.kv_heads, d), dev)
     _check("block_tables", block_tables, torch.int32, device=dev)
+    if block_tables.dim() != 2 or block_tables.shape[0] < 1:
+        raise KernelArgError(f"block_tables: shape {tuple(block_tables.shape)}, expected [sequences >= 1, width]")
     n = block_tables.shape[0]
-    _check("block_tables", block_tables, torch.int32, (n, block_tables.shape[1]), dev)
     _check("cu_seqlens", cu_seqlens, torch.int32, (n + 1,), dev, aligned=False)
-    if n < 1:
-        raise KernelArgError("block_tables: no sequences")
     return [ptr(shift), ptr(k_mean), ptr(cu_seqlens), ptr(block_tables), i32(n), i32(block_tables.stride(0))]
 
 
