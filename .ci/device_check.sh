@@ -22,6 +22,7 @@
 #                                         the rescale fix), the mixed graphs' memory check, an RMSNorm before a GEMV with an
 #                                         epilogue or post-scaled, KILN_SSM_PDL, KILN_DECODE_DYN_PART=1; the split probe if
 #                                         the first fail
+#   bash .ci/device_check.sh s34       next session: the Mamba-2 stack kernel's GPU tests, batch 1 KILN_SSM_STACK 0 / 1
 #   bash .ci/device_check.sh s32       session 32: fp8-rotated's GPU tests (and fp8 KV's, rotary GEMV's), batch-1 fp8 / fp8-rotated
 #   bash .ci/device_check.sh s32b      session 32: fp8-rotated's batch-1 cost taken apart (latency A/B/C, profiles)
 #   bash .ci/device_check.sh s32d      session 32's last call: tests, latency pairs, the rotated kernels at 512 (+ thru)
@@ -187,8 +188,9 @@ rotated_tests() {  # $1: the log's name, $2...: more GPU test files: fp8-rotated
     tests/gpu/test_prefix_cache_gpu.py tests/gpu/test_decode_short.py "$@" 2>&1 | tee "$OUT/$log" \
     | grep -a -E "^(FAILED|ERROR)|passed|failed|skipped" | tail -20
 }
-chain_latency() {  # $@: KILN_PDL_CHAIN values, in order, twice over: Mamba-2 2.7B's batch-1 latency under each
-  for i in 1 2; do for c in "$@"; do echo "== mamba2 batch 1, KILN_PDL_CHAIN=$c"; KILN_PDL_CHAIN=$c \
+mamba_latency() {  # $1: a variable, $2...: its values, in order, twice over: Mamba-2 2.7B's batch-1 latency under each
+  local var=$1; shift
+  for i in 1 2; do for c in "$@"; do echo "== mamba2 batch 1, $var=$c"; env $var=$c \
     timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
     | grep -a -E "^\| (decode_ms|decode_back_to_back_ms|roofline_ms) |Error"; done; done
 }
@@ -332,20 +334,30 @@ print(b.fp8_kv_variants_table(b.copy_bandwidth(), shapes=((512, 200), (512, 1100
       kv_latency fp8 fp8-rotated fp8 fp8-rotated
       timeout 120 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8-rotated --batch 512 --ctx 200 \
         --graphs 2>&1 | grep -a -E "rope|unrotate|GPU kernel time" ;;
+    s34)  # next session (~5 min): Mamba-2's layer stack as one persistent kernel (KILN_SSM_STACK, rewritten in session 34
+          # after session 33's branch was lost): its GPU tests (a hang would be a grid barrier's: the timeout ends it),
+          # then Mamba-2 2.7B batch 1 with it off / on, alternating, twice
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_ssm_stack.py \
+        tests/gpu/test_ssm_kernels.py 2>&1 | tee "$OUT/s34-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
+      mamba_latency KILN_SSM_STACK 0 1
+      # the ring: 20 KB stages with 1 (the default), 2 and 4 copies in flight (the H200's bandwidth may need more
+      # than session 33's H100 did); L2 prefetches while the ring is full, 8 chunks ahead at about an SM's share of
+      # bandwidth (20 KB in ~1,400 cycles on an H100) and at twice it
+      KILN_SSM_STACK=1 mamba_latency KILN_SSM_STACK_RING 20:1 20:2 20:4 20:1:8:1400 20:1:8:700 ;;
     s32e)  # session 32 (~4 min): Mamba-2 2.7B batch 1 with its norms as programmatic dependents too (KILN_PDL_CHAIN norm,
            # 1) against the default (attention), alternating, twice
-      chain_latency attention norm 1 ;;
+      mamba_latency KILN_PDL_CHAIN attention norm 1 ;;
     s32f)  # session 32 (~4 min): KILN_PDL_CHAIN=gated (decode attention and the gated norms): the chain tests, then
            # Mamba-2 batch 1 attention / gated / norm alternating, twice
       timeout 200 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_pdl_chain.py \
         tests/gpu/test_pdl_triggers.py 2>&1 | tee "$OUT/s32f-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
-      chain_latency attention gated norm ;;
+      mamba_latency KILN_PDL_CHAIN attention gated norm ;;
     s32g)  # session 32 (~3 min): KILN_PDL_CHAIN=auto (the default: a state-space model's norms chained too): the chain,
            # trigger and state-space GPU tests; Mamba-2 batch 1 auto / attention, twice; the 8B bf16 batch 1 (unchanged)
       timeout 240 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_pdl_chain.py \
         tests/gpu/test_pdl_triggers.py tests/gpu/test_ssm_kernels.py 2>&1 | tee "$OUT/s32g-tests.log" \
         | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -8
-      chain_latency auto attention
+      mamba_latency KILN_PDL_CHAIN auto attention
       for c in auto attention; do echo "== 8B bf16 batch 1, KILN_PDL_CHAIN=$c"; KILN_PDL_CHAIN=$c timeout 60 $KILN bench \
         latency --config $L --prompt 1024 --steps 64 2>&1 | grep -a -E "^\| (decode_back_to_back_ms|roofline_ms) |Error"; done ;;
     s29)  # next session (~6 min): session 28's GPU tests (one warm-up stream for the captures, the mixed graphs'

@@ -17,6 +17,7 @@ import torch
 from kiln.dsl.dtypes import RUN_DTYPES
 
 from . import ssm_kernels as SK
+from . import ssm_stack as SST
 from .launch import LoadedKernel, get_kernel, i32, i64, ptr
 from .render import KernelSource, render  # noqa: F401  (re-exported)
 from .specs import (  # noqa: F401  (re-exported)
@@ -756,3 +757,31 @@ def ssm_conv_scan(spec: SK.SsmConvScanSpec, xbc, conv_w, conv_b, conv_state, dt_
                 [ptr(xbc), i64(xbc.stride(0)), ptr(conv_w), ptr(conv_b if s.has_bias else None), ptr(conv_state),
                  ptr(dt_in), i64(dt_in.stride(0)), ptr(a_log), ptr(d if s.has_d else None),
                  ptr(dt_bias if s.has_dt_bias else None), ptr(state), *meta, ptr(counters), ptr(out)])
+
+
+def ssm_stack(spec: SST.SsmStackSpec, table, x0, zx, yv, out_last, x_last, bar, slots, kv_lens):
+    """spec.layers Mamba-2 layers at one token in one cooperative launch of a block an SM (templates/ssm_stack.cu.j2):
+    table [layers, len(POINTERS)] int64, each layer's weights and state slots (codegen/ssm_stack.py POINTERS); x0
+    [1, hidden] layer 0's input; zx [in_rows], yv [heads * head_dim] scratch; out_last and x_last [1, hidden]: the last
+    layer's out_proj output and input; bar [1] int32, zero before the first launch (left so); slots and kv_lens [1]
+    int32 (the sequence's state slot, its context + 1)."""
+    dt, dev, s = _torch_dtype(spec), x0.device, spec
+    _check("table", table, torch.int64, (s.layers, len(SST.POINTERS)), dev)
+    _check("x0", x0, dt, (1, s.hidden), dev)
+    _check("zx", zx, dt, (s.in_rows,), dev)
+    _check("yv", yv, dt, (s.d_inner,), dev)
+    _check("out_last", out_last, dt, (1, s.hidden), dev)
+    _check("x_last", x_last, dt, (1, s.hidden), dev)
+    _check("bar", bar, torch.int32, (1,), dev, aligned=False)
+    for name, t in (("slots", slots), ("kv_lens", kv_lens)):
+        _check(name, t, torch.int32, device=dev, aligned=False)
+        if t.dim() != 1 or t.shape[0] < 1:
+            raise KernelArgError(f"{name}: shape {tuple(t.shape)}, expected at least [1]")
+    kern = get_kernel(spec, dev)
+    sms = kern.num_sms
+    if s.heads > sms:
+        raise KernelArgError(f"spec: {s.heads} heads, a block each, but the device has {sms} SMs")
+    km = kern.source.meta
+    kern.launch_cooperative(kern.source.entries[0], (sms,), (km["threads"],),
+                            [ptr(table), ptr(x0), ptr(zx), ptr(yv), ptr(out_last), ptr(x_last), ptr(bar), ptr(slots),
+                             ptr(kv_lens)], smem=km["smem"])

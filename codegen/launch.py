@@ -160,6 +160,26 @@ class LoadedKernel:
         check((err,), f"cuLaunchKernelEx({entry}, grid={grid}, smem={smem}, programmatic serialization)")
 
 
+    def launch_cooperative(self, entry: str, grid, block, args, smem: int = 0) -> None:
+        """`launch` as a cooperative grid: every block resident at once (the driver refuses a grid that does not fit),
+        so that the kernel's blocks may wait for each other (a grid barrier). Captured in a CUDA graph like any."""
+        f = self._opt_in(entry, smem)
+        cfg = driver.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = (tuple(grid) + (1, 1))[:3]
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = (tuple(block) + (1, 1))[:3]
+        cfg.sharedMemBytes = smem
+        cfg.hStream = driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
+        attr = driver.CUlaunchAttribute()
+        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
+        attr.value.cooperative = 1
+        cfg.attrs = [attr]
+        cfg.numAttrs = 1
+        values = tuple(a[0] for a in args)
+        types = tuple(a[1] for a in args)
+        check(driver.cuLaunchKernelEx(cfg, f, (values, types), 0),
+              f"cuLaunchKernelEx({entry}, grid={grid}, smem={smem}, cooperative)")
+
+
 _pdl_refused: set = set()  # devices whose driver refused a programmatic launch
 _loaded: dict = {}
 _loaded_lock = threading.Lock()

@@ -33,7 +33,7 @@ from . import cuda_lt, cuda_quant
 from .batch import StepBatch, host_meta
 from .cuda_moe import MoeStep
 from .cuda_quant import QGemm, SplitGemm
-from .cuda_ssm import SsmSteps
+from .cuda_ssm import SsmStack, SsmSteps
 from .kv_store import KVStore
 from .lora import CudaLora, adapter_rows
 from .reference import StepContext
@@ -311,6 +311,8 @@ class CudaModel:
         # Mixed steps in graphs: only kinds whose launches are sized from the bucket, not the step.
         self.mixed_graphs = self.use_graphs and all(op.kind in _MIXED_KINDS for op in self.ops)
         self._ssm = SsmSteps(self)  # Exec.SSM steps: conv / scan kernels on the state slots (graph-capturable)
+        # Mamba-2's layer run as one persistent kernel at one token (KILN_SSM_STACK; runtime/cuda_ssm.py)
+        self._ssm_stack = SsmStack(self) if self._ssm else None
         self._graphs: dict[int, _Graph] = {}
         self._short_graphs: dict[int, _Graph] = {}  # decode buckets' steps of short sequences (KILN_DECODE_SHORT)
         # Each fp8 site's decode spec key -> its short shape, where KILN_DECODE_SHORT was on at reserve (which sizes
@@ -610,7 +612,16 @@ class CudaModel:
         step = _Run(self, tokens, meta, kv, batch, tokens.shape[0])
         step.lora = lora[0] if lora is not None else None  # (all rows, sampled rows) grouped by adapter
         step.traced = trace is not None
+        # steps [skip_from, skip_end) replaced by the state-space stack kernel, where it takes this step
+        stack = self._ssm_stack
+        skip_from, skip_end = (stack.stack.first, stack.stack.end) if stack and stack.takes(step, rows) else (-1, -1)
         for n, op in enumerate(self.ops):
+            if n == skip_from and not stack(env, step):  # (no pointer table while capturing: the steps run)
+                skip_from = skip_end = -1
+            if skip_from <= n < skip_end:
+                for v in self._dead_after[n]:  # (what the kernel read: not what it wrote, which later steps read)
+                    env.pop(v, None)
+                continue
             if n == self._rows_from and rows is not None:
                 step.lora = lora[1] if lora is not None else None
                 # Only the values later steps read (a handful, not every layer's): one gather each.

@@ -11,11 +11,13 @@ host, and a state-space model decodes through the CUDA graphs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 from kiln.codegen import kernels as K
 from kiln.codegen.fuse import Exec, KOp, ssm_fuse_enabled
+from kiln.codegen.ssm_stack import POINTERS, Stack, find_stack
 from kiln.dsl.plan import WeightArg, fetch
 
 from .batch import StepBatch
@@ -143,3 +145,114 @@ class SsmSteps:
             K.ssm_scan(op.extra["scan"], xs, dt, a_log, b, c, d, dt_bias, state, slots, meta.cu_seqlens,
                        meta.kv_lens, out, S)
         env[op.outs[0]] = out
+
+
+# Mamba-2's whole layer stack at one token as one persistent kernel (codegen/ssm_stack.py, templates/ssm_stack.cu.j2):
+# "1" runs it for every batch-1 decode step it takes (SsmStack.takes), "0" (the default until a GPU has checked it
+# against the step-by-step program: tests/gpu/test_ssm_stack.py) never. Read when a step runs (and is captured).
+def stack_enabled() -> bool:
+    v = os.environ.get("KILN_SSM_STACK", "0")
+    if v not in ("0", "1"):
+        raise K.KernelSpecError(f"KILN_SSM_STACK={v!r}: must be 0 or 1")
+    return v == "1"
+
+
+def stack_ring(spec):
+    """spec with KILN_SSM_STACK_RING="STAGE_KB:INFLIGHT[:PF_AHEAD:PF_CYCLES]" applied (a tuning switch: the ring's
+    stage size, the bulk copies a block keeps in flight, the L2 prefetches while the ring is full; unset:
+    codegen/ssm_stack.py's defaults)."""
+    v = os.environ.get("KILN_SSM_STACK_RING", "")
+    if not v:
+        return spec
+    try:
+        got = [int(x) for x in v.split(":")]
+        if len(got) not in (2, 4):
+            raise ValueError
+    except ValueError:
+        raise K.KernelSpecError(f"KILN_SSM_STACK_RING={v!r}: must be STAGE_KB:INFLIGHT[:PF_AHEAD:PF_CYCLES], e.g. "
+                                f"20:1 or 20:1:8:1500") from None
+    kb, inflight, pf_ahead, pf_cycles = got + [spec.pf_ahead, spec.pf_cycles][len(got) - 2:]
+    return dataclasses.replace(spec, stage_bytes=kb * 1024, inflight=inflight, pf_ahead=pf_ahead, pf_cycles=pf_cycles)
+
+
+class SsmStack:
+    """The run of Mamba-2 layers `find_stack` found in a model's program (or `why` there is none), run at one token
+    as one cooperative launch: the per-layer pointer table (one per state store it has run on, so that a captured
+    graph keeps its own), and the kernel's scratch vectors, whose last two hold what the step after the run reads."""
+
+    def __init__(self, model):
+        self.model = model
+        found = find_stack(model.ops, model.plan.program.output)
+        self.stack: Stack | None = found if isinstance(found, Stack) else None
+        self.why = found if isinstance(found, str) else ""
+        if self.stack is not None:
+            bad = [n for layer in self.stack.layers for n in (layer.in_proj, layer.out_proj)
+                   if not isinstance(model._gemm[n][0], torch.Tensor) or not model._gemm[n][0].is_contiguous()]
+            if bad:  # quantized (QGemm) or split weights: the kernel streams plain rows of the run dtype
+                self.stack, self.why = None, f"step {bad[0]}: its weight is not one plain tensor"
+        self._tables: dict[tuple, torch.Tensor] = {}
+        self._buffers: tuple | None = None
+
+    def takes(self, step, rows) -> bool:
+        """Whether this step runs the stack: switched on, one decode token, nothing the kernel does not do (LoRA,
+        a trace of every value, a gather of sampled rows inside the run other than of its one row), a Hopper GPU
+        with a block an SM for every head."""
+        s = self.stack
+        if s is None or not stack_enabled() or step.T != 1 or not step.meta.decode or step.lora is not None \
+                or step.traced or (rows is not None and rows.numel() != 1 and s.first < self.model._rows_from < s.end):
+            return False
+        dev = self.model.device
+        props = torch.cuda.get_device_properties(dev)
+        return props.major >= 9 and s.spec.heads <= props.multi_processor_count
+
+    def _table(self, step) -> torch.Tensor | None:
+        """The [layers, len(POINTERS)] int64 pointer table for this step's state store (None: none yet, and the
+        step is being captured, where it cannot be made)."""
+        s, m, kv = self.stack, self.model, step.kv
+        sites = self.model.plan.state_sites
+        states = []
+        for layer in s.layers:
+            op = m.ops[layer.ssm]
+            conv, scan = op.instrs[0].state, op.instrs[-1].state
+            states.append((kv.state.site(conv, sites[conv].shape, m.dtype, m.device),
+                           kv.state.site(scan, sites[scan].shape, torch.float32, m.device)))
+        key = tuple(t.data_ptr() for pair in states for t in pair)
+        table = self._tables.get(key)
+        if table is not None or torch.cuda.is_current_stream_capturing():
+            return table
+        env: dict = {}
+        rows = []
+        for layer, (conv_state, state) in zip(s.layers, states):
+            op = m.ops[layer.ssm]
+            _, conv_w, conv_b, _, a_log, d, dt_bias = (fetch(a, env, m.weights) if isinstance(a, WeightArg) else None
+                                                      for a in op.ins)
+            named = dict(in_w=m._gemm[layer.in_proj][0], norm_w=fetch(layer.norm_w, env, m.weights), conv_w=conv_w,
+                         conv_b=conv_b, a_log=a_log, d=d, dt_bias=dt_bias,
+                         gnorm_w=fetch(layer.gnorm_w, env, m.weights), out_w=m._gemm[layer.out_proj][0],
+                         conv_state=conv_state, state=state)
+            for name, t in named.items():
+                if t is not None and not t.is_contiguous():
+                    raise K.KernelArgError(f"{name} of the layer at step {layer.in_proj}: not contiguous")
+            rows.append([named[p].data_ptr() if named[p] is not None else 0 for p in POINTERS])
+        table = self._tables[key] = torch.tensor(rows, dtype=torch.int64, device=m.device)
+        return table
+
+    def __call__(self, env: dict, step) -> bool:
+        """The run's steps at this one-token step; False: nothing ran (its table cannot be made while capturing)."""
+        s, m = self.stack, self.model
+        table = self._table(step)
+        if table is None:
+            return False
+        if self._buffers is None:
+            sp = s.spec
+            self._buffers = (torch.empty(sp.in_rows, dtype=m.dtype, device=m.device),
+                             torch.empty(sp.d_inner, dtype=m.dtype, device=m.device),
+                             torch.empty(1, sp.hidden, dtype=m.dtype, device=m.device),
+                             torch.empty(1, sp.hidden, dtype=m.dtype, device=m.device),
+                             torch.zeros(1, dtype=torch.int32, device=m.device))
+        zx, yv, out_last, x_last, bar = self._buffers
+        slots, _ = m._ssm._slots(step)
+        K.ssm_stack(stack_ring(s.spec), table, env[s.x0], zx, yv, out_last, x_last, bar, slots, step.meta.kv_lens)
+        env[s.x_last] = x_last
+        env[s.out_last] = out_last
+        return True
