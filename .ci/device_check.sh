@@ -23,6 +23,7 @@
 #                                         epilogue or post-scaled, KILN_SSM_PDL, KILN_DECODE_DYN_PART=1; the split probe if
 #                                         the first fail
 #   bash .ci/device_check.sh s34       next session: the Mamba-2 stack kernel's GPU tests, batch 1 KILN_SSM_STACK 0 / 1
+#   bash .ci/device_check.sh s34b      next session: the stack's ring variants (KILN_SSM_STACK_RING), batch 1
 #   bash .ci/device_check.sh s32       session 32: fp8-rotated's GPU tests (and fp8 KV's, rotary GEMV's), batch-1 fp8 / fp8-rotated
 #   bash .ci/device_check.sh s32b      session 32: fp8-rotated's batch-1 cost taken apart (latency A/B/C, profiles)
 #   bash .ci/device_check.sh s32d      session 32's last call: tests, latency pairs, the rotated kernels at 512 (+ thru)
@@ -334,16 +335,19 @@ print(b.fp8_kv_variants_table(b.copy_bandwidth(), shapes=((512, 200), (512, 1100
       kv_latency fp8 fp8-rotated fp8 fp8-rotated
       timeout 120 python3 .ci/profile_decode.py --quantization fp8 --kv-cache-dtype fp8-rotated --batch 512 --ctx 200 \
         --graphs 2>&1 | grep -a -E "rope|unrotate|GPU kernel time" ;;
-    s34)  # next session (~5 min): Mamba-2's layer stack as one persistent kernel (KILN_SSM_STACK, rewritten in session 34
+    s34)  # next session (~6 min): Mamba-2's layer stack as one persistent kernel (KILN_SSM_STACK, rewritten in session 34
           # after session 33's branch was lost): its GPU tests (a hang would be a grid barrier's: the timeout ends it),
           # then Mamba-2 2.7B batch 1 with it off / on, alternating, twice
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_ssm_stack.py \
         tests/gpu/test_ssm_kernels.py 2>&1 | tee "$OUT/s34-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
-      mamba_latency KILN_SSM_STACK 0 1
-      # the ring: 20 KB stages with 1 (the default), 2 and 4 copies in flight (the H200's bandwidth may need more
-      # than session 33's H100 did); L2 prefetches while the ring is full, 8 chunks ahead at about an SM's share of
-      # bandwidth (20 KB in ~1,400 cycles on an H100) and at twice it
-      KILN_SSM_STACK=1 mamba_latency KILN_SSM_STACK_RING 20:1 20:2 20:4 20:1:8:1400 20:1:8:700 ;;
+      mamba_latency KILN_SSM_STACK 0 1 ;;
+    s34b)  # next session (~7 min), once s34's tests pass: where the stack's time goes (.ci/stack_probe.py: each phase of
+           # a layer) with the ring's 20 KB stages and 1 (the default), 2 and 4 copies in flight (the H200's bandwidth
+           # may need more than session 33's H100 did), and L2 prefetches while the ring is full, 8 chunks ahead at about
+           # an SM's share of bandwidth (20 KB in ~1,400 cycles on an H100) and at twice it; then batch 1 (graphs) for 3
+      timeout 200 python3 .ci/stack_probe.py "" 20:2 20:4 20:1:8:1400 20:1:8:700 2>&1 | tee "$OUT/s34b-probe.log" \
+        | grep -a -v Warning
+      KILN_SSM_STACK=1 mamba_latency KILN_SSM_STACK_RING 20:1 20:2 20:1:8:1400 ;;
     s32e)  # session 32 (~4 min): Mamba-2 2.7B batch 1 with its norms as programmatic dependents too (KILN_PDL_CHAIN norm,
            # 1) against the default (attention), alternating, twice
       mamba_latency KILN_PDL_CHAIN attention norm 1 ;;

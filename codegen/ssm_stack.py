@@ -37,6 +37,9 @@ STAGE_BYTES = 20 * 1024  # a ring stage: session 33's best (20 KB with one copy 
 INFLIGHT = 1  # bulk copies a block keeps in flight (0: no limit); more queue the barriers' and scan's accesses
 SMEM_LIMIT = 227 * 1024  # Hopper's per-block opt-in shared memory
 MAX_STAGES = 16
+# The probe's points in a layer (SsmStackSpec.probe; .ci/stack_probe.py prints the phases between them)
+PROBE_POINTS = ("start", "norm", "in_proj", "barrier 1", "conv + scan", "barrier 2", "gated norm", "out_proj",
+                "barrier 3")
 # The per-layer pointer table's columns, in this order (runtime/cuda_ssm.py SsmStack builds it)
 POINTERS = ("in_w", "norm_w", "conv_w", "conv_b", "a_log", "d", "dt_bias", "gnorm_w", "out_w", "conv_state", "state")
 
@@ -73,6 +76,7 @@ class SsmStackSpec(_Spec):
     # most (0: none; unmeasured, so off)
     pf_ahead: int = 0
     pf_cycles: int = 0
+    probe: bool = False  # consumer thread 0's clock at PROBE_POINTS of every layer into the kernel's `clocks` argument
     dtype: str = "bf16"
     origin: str = ""
 
@@ -176,7 +180,8 @@ def _render(s: SsmStackSpec) -> KernelSource:
         conv_bias=s.conv_bias, has_d=s.has_d, has_dt_bias=s.has_dt_bias, softplus=s.softplus,
         consumer_warps=CONSUMER_WARPS, consumer_threads=32 * CONSUMER_WARPS, threads=threads,
         vec=16 // isz, stage_bytes=s.stage_bytes, stages=lay["stages"], inflight=s.inflight, pf_ahead=s.pf_ahead,
-        pf_cycles=s.pf_cycles, state_chunks=math.ceil(s.head_dim / ch["state_chunk"]),
+        pf_cycles=s.pf_cycles, probe=s.probe, probe_points=len(PROBE_POINTS),
+        state_chunks=math.ceil(s.head_dim / ch["state_chunk"]),
         in_row_bytes=s.hidden * isz, out_row_bytes=s.d_inner * isz, state_row_bytes=s.d_state * 4,
         lanes=lanes, per_lane=s.d_state // lanes, rows_per_pass=32 // lanes,
         shuffles=[lanes >> i for i in range(1, int(math.log2(lanes)) + 1)],

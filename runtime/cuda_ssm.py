@@ -17,7 +17,7 @@ import os
 import torch
 from kiln.codegen import kernels as K
 from kiln.codegen.fuse import Exec, KOp, ssm_fuse_enabled
-from kiln.codegen.ssm_stack import POINTERS, Stack, find_stack
+from kiln.codegen.ssm_stack import POINTERS, PROBE_POINTS, Stack, find_stack
 from kiln.dsl.plan import WeightArg, fetch
 
 from .batch import StepBatch
@@ -192,6 +192,7 @@ class SsmStack:
                 self.stack, self.why = None, f"step {bad[0]}: its weight is not one plain tensor"
         self._tables: dict[tuple, torch.Tensor] = {}
         self._buffers: tuple | None = None
+        self.clocks: torch.Tensor | None = None  # the last probed launch's (KILN_SSM_STACK_PROBE=1)
 
     def takes(self, step, rows) -> bool:
         """Whether this step runs the stack: switched on, one decode token, nothing the kernel does not do (LoRA,
@@ -252,7 +253,12 @@ class SsmStack:
                              torch.zeros(1, dtype=torch.int32, device=m.device))
         zx, yv, out_last, x_last, bar = self._buffers
         slots, _ = m._ssm._slots(step)
-        K.ssm_stack(stack_ring(s.spec), table, env[s.x0], zx, yv, out_last, x_last, bar, slots, step.meta.kv_lens)
+        spec, clocks = stack_ring(s.spec), None
+        if os.environ.get("KILN_SSM_STACK_PROBE", "0") == "1":  # each block's clock at each probe point of each layer,
+            spec = dataclasses.replace(spec, probe=True)  # left in self.clocks (.ci/stack_probe.py; eager steps)
+            sms = torch.cuda.get_device_properties(m.device).multi_processor_count
+            clocks = self.clocks = torch.zeros(sms, spec.layers, len(PROBE_POINTS), dtype=torch.int64, device=m.device)
+        K.ssm_stack(spec, table, env[s.x0], zx, yv, out_last, x_last, bar, slots, step.meta.kv_lens, clocks)
         env[s.x_last] = x_last
         env[s.out_last] = out_last
         return True

@@ -74,11 +74,11 @@ def test_stack_kernel_compiles_for_sm90a(config):
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 def test_stack_kernel_compiles_at_odd_shapes(dtype):
     """No conv bias, D or dt_bias, no softplus, a 3-tap conv, gelu after it, 4 groups of 8 lanes, gated norm groups
-    of 64, a deeper ring and no bound on copies in flight; L2 prefetches while the ring is full."""
+    of 64, a deeper ring and no bound on copies in flight; L2 prefetches while the ring is full; the probe's clocks."""
     s = SsmStackSpec(layers=2, hidden=96, in_rows=2 * 128 + 2 * 4 * 8 + 8, xbc_off=8, dt_off=0, z_off=8 + 128 + 64,
                      heads=8, head_dim=16, d_state=8, groups=4, kernel=3, gate_group=64, eps=1e-6, gate_eps=1e-5,
                      act="gelu", conv_bias=False, has_d=False, has_dt_bias=False, softplus=False, stage_bytes=4096,
-                     inflight=0, pf_ahead=6, pf_cycles=900, dtype=dtype, origin="t.kiln:1 stack")
+                     inflight=0, pf_ahead=6, pf_cycles=900, probe=True, dtype=dtype, origin="t.kiln:1 stack")
     ks = render(s)
     assert "// origin: t.kiln:1 stack" in ks.source
     assert nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin).kind == "cubin"
