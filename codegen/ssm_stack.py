@@ -182,6 +182,7 @@ def _render(s: SsmStackSpec) -> KernelSource:
         vec=16 // isz, stage_bytes=s.stage_bytes, stages=lay["stages"], inflight=s.inflight, pf_ahead=s.pf_ahead,
         pf_cycles=s.pf_cycles, probe=s.probe, probe_points=len(PROBE_POINTS),
         state_chunks=math.ceil(s.head_dim / ch["state_chunk"]),
+        conv_per_thread=math.ceil((s.head_dim + 2 * s.d_state) / (32 * CONSUMER_WARPS)),
         in_row_bytes=s.hidden * isz, out_row_bytes=s.d_inner * isz, state_row_bytes=s.d_state * 4,
         lanes=lanes, per_lane=s.d_state // lanes, rows_per_pass=32 // lanes,
         shuffles=[lanes >> i for i in range(1, int(math.log2(lanes)) + 1)],
