@@ -37,6 +37,7 @@ STAGE_BYTES = 20 * 1024  # a ring stage: session 33's best (20 KB with one copy 
 INFLIGHT = 1  # bulk copies a block keeps in flight (0: no limit); more queue the barriers' and scan's accesses
 SMEM_LIMIT = 227 * 1024  # Hopper's per-block opt-in shared memory
 MAX_STAGES = 16
+MAX_GATE_GROUPS = 16
 # The probe's points in a layer (SsmStackSpec.probe; .ci/stack_probe.py prints the phases between them)
 PROBE_POINTS = ("start", "norm", "in_proj", "barrier 1", "conv + scan", "barrier 2", "gated norm", "out_proj",
                 "barrier 3")
@@ -101,6 +102,9 @@ class SsmStackSpec(_Spec):
             _fail(self, "d_state", f"{self.d_state} fp32 state entries a row are not whole 16-byte units")
         if self.d_inner % self.gate_group:
             _fail(self, "gate_group", f"{self.gate_group} does not divide heads * head_dim = {self.d_inner}")
+        if self.d_inner // self.gate_group > MAX_GATE_GROUPS:
+            _fail(self, "gate_group", f"{self.d_inner // self.gate_group} groups: at most {MAX_GATE_GROUPS} (a sum "
+                                      f"each held in registers)")
         if self.in_rows != self.channels + self.heads + self.d_inner:
             _fail(self, "in_rows", f"{self.in_rows} != xbc {self.channels} + dt {self.heads} + z {self.d_inner}")
         spans = sorted([(self.xbc_off, self.channels), (self.dt_off, self.heads), (self.z_off, self.d_inner)])
@@ -151,7 +155,7 @@ class SsmStackSpec(_Spec):
                  ("bc", 2 * self.d_state * 4),  # its head's group's B and C
                  ("x", self.head_dim * 4),  # its head's x
                  ("keep", 2 * self.d_state * hist * 4),  # the group's new B/C conv windows
-                 ("scratch", 32 * 4)]
+                 ("scratch", max(32, CONSUMER_WARPS * self.d_inner // self.gate_group) * 4)]
         fixed = sum(_up(n, 16) for _, n in parts)
         stages = min(MAX_STAGES, (SMEM_LIMIT - fixed - 2 * 8 * MAX_STAGES) // self.stage_bytes)
         off = {"ring": 0, "bars": stages * self.stage_bytes}
@@ -183,6 +187,9 @@ def _render(s: SsmStackSpec) -> KernelSource:
         pf_cycles=s.pf_cycles, probe=s.probe, probe_points=len(PROBE_POINTS),
         state_chunks=math.ceil(s.head_dim / ch["state_chunk"]),
         conv_per_thread=math.ceil((s.head_dim + 2 * s.d_state) / (32 * CONSUMER_WARPS)),
+        va=math.ceil(s.hidden // (16 // isz) / (32 * CONSUMER_WARPS)),  # a consumer thread's vectors of hidden
+        vc=math.ceil(s.d_inner // (16 // isz) / (32 * CONSUMER_WARPS)),  # and of heads * head_dim
+        z_vec=s.z_off % (16 // isz) == 0,
         in_row_bytes=s.hidden * isz, out_row_bytes=s.d_inner * isz, state_row_bytes=s.d_state * 4,
         lanes=lanes, per_lane=s.d_state // lanes, rows_per_pass=32 // lanes,
         shuffles=[lanes >> i for i in range(1, int(math.log2(lanes)) + 1)],
