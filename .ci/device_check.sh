@@ -193,7 +193,7 @@ mamba_latency() {  # $1: a variable, $2...: its values, in order, twice over: Ma
   local var=$1; shift
   for i in 1 2; do for c in "$@"; do echo "== mamba2 batch 1, $var=$c"; env $var=$c \
     timeout 60 $KILN bench latency --config configs/mamba2-2.7b.json --prompt 1024 --steps 64 2>&1 \
-    | grep -a -E "^\| (decode_ms|decode_back_to_back_ms|roofline_ms) |Error"; done; done
+    | grep -a -E "^\| (decode_ms|decode_back_to_back_ms|roofline_ms|ssm_stack_ran) |Error"; done; done
 }
 kv_latency() {  # $@: --kv-cache-dtype values, in order: the 8B's batch-1 latency with fp8 weights and each cache
   for kvd in "$@"; do echo "== latency fp8 weights, --kv-cache-dtype $kvd"

@@ -113,6 +113,9 @@ def latency(args) -> dict:
         "ttft_ms": ttft,
         "ttft_floor_ms": 2 * params * args.prompt / mm * 1e3,
     }
+    stack = getattr(m.model, "_ssm_stack", None)  # Mamba-2's layers as one kernel (KILN_SSM_STACK): whether it ran
+    if stack is not None and stack.stack is not None:
+        result["ssm_stack_ran"] = int(stack.ran)
     if getattr(args, "speculative", None):
         m.model = None
         torch.cuda.empty_cache()

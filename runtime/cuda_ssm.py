@@ -194,6 +194,11 @@ class SsmStack:
         self._buffers: tuple | None = None
         self.clocks: torch.Tensor | None = None  # the last probed launch's (KILN_SSM_STACK_PROBE=1)
 
+    @property
+    def ran(self) -> bool:
+        """Whether the kernel has run (eagerly, or in a graph's warm-up before its capture)."""
+        return bool(self._tables)
+
     def takes(self, step, rows) -> bool:
         """Whether this step runs the stack: switched on, one decode token, nothing the kernel does not do (LoRA,
         a trace of every value, a gather of sampled rows inside the run other than of its one row), a Hopper GPU
