@@ -159,7 +159,6 @@ class LoadedKernel:
             return
         check((err,), f"cuLaunchKernelEx({entry}, grid={grid}, smem={smem}, programmatic serialization)")
 
-
     def launch_cooperative(self, entry: str, grid, block, args, smem: int = 0) -> None:
         """`launch` as a cooperative grid: every block resident at once (the driver refuses a grid that does not fit),
         so that the kernel's blocks may wait for each other (a grid barrier). Captured in a CUDA graph like any."""
