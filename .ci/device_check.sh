@@ -24,6 +24,7 @@
 #                                         the first fail
 #   bash .ci/device_check.sh s34       next session: the Mamba-2 stack kernel's GPU tests, batch 1 KILN_SSM_STACK 0 / 1
 #   bash .ci/device_check.sh s34b      next session: the stack's ring variants (KILN_SSM_STACK_RING), batch 1
+#   bash .ci/device_check.sh s34diag   if s34's tests fail: where the stack kernel first departs, layer by layer
 #   bash .ci/device_check.sh s32       session 32: fp8-rotated's GPU tests (and fp8 KV's, rotary GEMV's), batch-1 fp8 / fp8-rotated
 #   bash .ci/device_check.sh s32b      session 32: fp8-rotated's batch-1 cost taken apart (latency A/B/C, profiles)
 #   bash .ci/device_check.sh s32d      session 32's last call: tests, latency pairs, the rotated kernels at 512 (+ thru)
@@ -341,6 +342,10 @@ print(b.fp8_kv_variants_table(b.copy_bandwidth(), shapes=((512, 200), (512, 1100
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-12} tests/gpu/test_ssm_stack.py \
         tests/gpu/test_ssm_kernels.py 2>&1 | tee "$OUT/s34-tests.log" | grep -a -E "^(FAILED|ERROR)|passed|failed" | tail -12
       mamba_latency KILN_SSM_STACK 0 1 ;;
+    s34diag)  # if s34's tests fail (~3 min): where the stack kernel first departs from the step-by-step program, layer
+              # by layer and value by value, at the GPU test's shapes, with the default ring and with no bound on
+              # copies in flight (.ci/stack_diag.py)
+      timeout 400 python3 .ci/stack_diag.py "" 20:0 2>&1 | tee "$OUT/s34diag.log" | grep -a -v Warning | tail -120 ;;
     s34b)  # next session (~7 min), once s34's tests pass: where the stack's time goes (.ci/stack_probe.py: each phase of
            # a layer) with the ring's 20 KB stages and 1 (the default), 2 and 4 copies in flight (the H200's bandwidth
            # may need more than session 33's H100 did), and L2 prefetches while the ring is full, 8 chunks ahead at about

@@ -759,13 +759,15 @@ def ssm_conv_scan(spec: SK.SsmConvScanSpec, xbc, conv_w, conv_b, conv_state, dt_
                  ptr(dt_bias if s.has_dt_bias else None), ptr(state), *meta, ptr(counters), ptr(out)])
 
 
-def ssm_stack(spec: SST.SsmStackSpec, table, x0, zx, yv, out_last, x_last, bar, slots, kv_lens, clocks=None):
+def ssm_stack(spec: SST.SsmStackSpec, table, x0, zx, yv, out_last, x_last, bar, slots, kv_lens, clocks=None,
+              dump=None):
     """spec.layers Mamba-2 layers at one token in one cooperative launch of a block an SM (templates/ssm_stack.cu.j2):
     table [layers, len(POINTERS)] int64, each layer's weights and state slots (codegen/ssm_stack.py POINTERS); x0
     [1, hidden] layer 0's input; zx [in_rows], yv [heads * head_dim] scratch; out_last and x_last [1, hidden]: the last
     layer's out_proj output and input; bar [1] int32, zero before the first launch (left so); slots and kv_lens [1]
     int32 (the sequence's state slot, its context + 1); clocks: with spec.probe, [SMs, layers, len(PROBE_POINTS)] int64,
-    each block's clock at each probe point (codegen/ssm_stack.py)."""
+    each block's clock at each probe point (codegen/ssm_stack.py); dump: with spec.dump, [layers, spec.dump_row] (run
+    dtype), each layer's in_proj output, y and out_proj output."""
     dt, dev, s = _torch_dtype(spec), x0.device, spec
     _check("table", table, torch.int64, (s.layers, len(SST.POINTERS)), dev)
     _check("x0", x0, dt, (1, s.hidden), dev)
@@ -784,7 +786,10 @@ def ssm_stack(spec: SST.SsmStackSpec, table, x0, zx, yv, out_last, x_last, bar, 
         raise KernelArgError(f"spec: {s.heads} heads, a block each, but the device has {sms} SMs")
     if s.probe:
         _check("clocks", clocks, torch.int64, (sms, s.layers, len(SST.PROBE_POINTS)), dev)
+    if s.dump:
+        _check("dump", dump, dt, (s.layers, s.dump_row), dev)
     km = kern.source.meta
     kern.launch_cooperative(kern.source.entries[0], (sms,), (km["threads"],),
                             [ptr(table), ptr(x0), ptr(zx), ptr(yv), ptr(out_last), ptr(x_last), ptr(bar), ptr(slots),
-                             ptr(kv_lens), ptr(clocks if s.probe else None)], smem=km["smem"])
+                             ptr(kv_lens), ptr(clocks if s.probe else None), ptr(dump if s.dump else None)],
+                            smem=km["smem"])

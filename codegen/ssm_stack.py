@@ -78,6 +78,12 @@ class SsmStackSpec(_Spec):
     pf_ahead: int = 0
     pf_cycles: int = 0
     probe: bool = False  # consumer thread 0's clock at PROBE_POINTS of every layer into the kernel's `clocks` argument
+    dump: bool = False  # each layer's in_proj output, y and out_proj output into the kernel's `dump` argument
+
+    @property
+    def dump_row(self) -> int:
+        """A layer's row of the dump: in_proj's output, then y, then out_proj's output."""
+        return self.in_rows + self.d_inner + self.hidden
     dtype: str = "bf16"
     origin: str = ""
 
@@ -184,7 +190,7 @@ def _render(s: SsmStackSpec) -> KernelSource:
         conv_bias=s.conv_bias, has_d=s.has_d, has_dt_bias=s.has_dt_bias, softplus=s.softplus,
         consumer_warps=CONSUMER_WARPS, consumer_threads=32 * CONSUMER_WARPS, threads=threads,
         vec=16 // isz, stage_bytes=s.stage_bytes, stages=lay["stages"], inflight=s.inflight, pf_ahead=s.pf_ahead,
-        pf_cycles=s.pf_cycles, probe=s.probe, probe_points=len(PROBE_POINTS),
+        pf_cycles=s.pf_cycles, probe=s.probe, probe_points=len(PROBE_POINTS), dump=s.dump, dump_row=s.dump_row,
         state_chunks=math.ceil(s.head_dim / ch["state_chunk"]),
         conv_per_thread=math.ceil((s.head_dim + 2 * s.d_state) / (32 * CONSUMER_WARPS)),
         va=math.ceil(s.hidden // (16 // isz) / (32 * CONSUMER_WARPS)),  # a consumer thread's vectors of hidden

@@ -193,6 +193,7 @@ class SsmStack:
         self._tables: dict[tuple, torch.Tensor] = {}
         self._buffers: tuple | None = None
         self.clocks: torch.Tensor | None = None  # the last probed launch's (KILN_SSM_STACK_PROBE=1)
+        self.dumped: torch.Tensor | None = None  # the last dumped launch's (KILN_SSM_STACK_DUMP=1)
 
     @property
     def ran(self) -> bool:
@@ -258,12 +259,15 @@ class SsmStack:
                              torch.zeros(1, dtype=torch.int32, device=m.device))
         zx, yv, out_last, x_last, bar = self._buffers
         slots, _ = m._ssm._slots(step)
-        spec, clocks = stack_ring(s.spec), None
+        spec, clocks, dump = stack_ring(s.spec), None, None
         if os.environ.get("KILN_SSM_STACK_PROBE", "0") == "1":  # each block's clock at each probe point of each layer,
             spec = dataclasses.replace(spec, probe=True)  # left in self.clocks (.ci/stack_probe.py; eager steps)
             sms = torch.cuda.get_device_properties(m.device).multi_processor_count
             clocks = self.clocks = torch.zeros(sms, spec.layers, len(PROBE_POINTS), dtype=torch.int64, device=m.device)
-        K.ssm_stack(spec, table, env[s.x0], zx, yv, out_last, x_last, bar, slots, step.meta.kv_lens, clocks)
+        if os.environ.get("KILN_SSM_STACK_DUMP", "0") == "1":  # each layer's in_proj output, y, out_proj output, left
+            spec = dataclasses.replace(spec, dump=True)  # in self.dumped (.ci/stack_diag.py; eager steps)
+            dump = self.dumped = torch.full((spec.layers, spec.dump_row), float("nan"), dtype=m.dtype, device=m.device)
+        K.ssm_stack(spec, table, env[s.x0], zx, yv, out_last, x_last, bar, slots, step.meta.kv_lens, clocks, dump)
         env[s.x_last] = x_last
         env[s.out_last] = out_last
         return True
