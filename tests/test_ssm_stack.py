@@ -23,6 +23,7 @@ from kiln.codegen.specs import KernelSpecError  # noqa: E402
 from kiln.codegen.ssm_stack import SsmStackSpec, Stack, find_stack  # noqa: E402
 
 from tests.configs import FAMILY_CONFIGS  # noqa: E402
+from tests.gpu.test_ssm_stack import SHAPES as GPU_SHAPES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"mamba2-2.7b": json.loads((ROOT / "configs" / "mamba2-2.7b.json").read_text()),
@@ -61,10 +62,14 @@ def test_find_stack_takes_every_layer(config, dtype):
     assert "selective_scan" in s.origin
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config", list(CONFIGS) + [f"gpu-test-{k}" for k in GPU_SHAPES])
 def test_stack_kernel_compiles_for_sm90a(config):
-    plan, ops = _program("mamba2", CONFIGS[config])
+    """The 2.7B shape's and the test family's kernels, and those of the GPU test's shapes (tests/gpu/test_ssm_stack.py:
+    their programs make a stack of every layer too)."""
+    cfg = GPU_SHAPES[config.removeprefix("gpu-test-")] if config.startswith("gpu-test-") else CONFIGS[config]
+    plan, ops = _program("mamba2", cfg)
     st = find_stack(ops, plan.program.output)
+    assert isinstance(st, Stack) and st.spec.layers == cfg["num_hidden_layers"], st
     ks = render(st.spec)
     assert f"// origin: {st.spec.origin}" in ks.source
     assert ks.meta["smem"] <= 227 * 1024 and ks.meta["stages"] >= 2
