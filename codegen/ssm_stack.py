@@ -6,7 +6,7 @@ gated norm, out_proj), and each kernel boundary leaves DRAM idle while one kerne
 machine: Mamba-2 2.7B took 1.40x its weight-streaming roofline on the H100 and 1.60x on the H200 (BENCHMARKS.md,
 session 32). Weights never depend on the activations, so one resident block an SM can stream them layer after
 layer through a ring of shared-memory stages while its consumer warps wait at the grid barriers that the data
-dependencies need (three a layer). Session 33 measured this design at 1.33x on the H100 (benchmarks/, session 33).
+dependencies need (three a layer). Session 33 measured this design at 1.33x on the H100 (BENCHMARKS.md, session 33).
 
 The program the fusion pass makes of models/mamba2.kiln, a layer at a time (codegen/fuse.py):
 
@@ -202,7 +202,7 @@ def _render(s: SsmStackSpec) -> KernelSource:
         in_row_bytes=s.hidden * isz, out_row_bytes=s.d_inner * isz, state_row_bytes=s.d_state * 4,
         lanes=lanes, per_lane=s.d_state // lanes, rows_per_pass=32 // lanes,
         shuffles=[lanes >> i for i in range(1, int(math.log2(lanes)) + 1)],
-        pointers=list(enumerate(POINTERS)), n_pointers=len(POINTERS), **ch,
+        pointers=list(enumerate(POINTERS)), n_pointers=len(POINTERS), col={p: i for i, p in enumerate(POINTERS)}, **ch,
         **{f"off_{k}": v for k, v in lay.items() if k not in ("stages", "smem")})
     name = _name(f"ssm_stack_l{s.layers}_h{s.hidden}_n{s.heads}x{s.head_dim}_s{s.d_state}_g{s.groups}", s)
     meta = dict(threads=threads, smem=lay["smem"], stages=lay["stages"], **ch)
