@@ -206,7 +206,7 @@ class SsmStack:
         with a block an SM for every head."""
         s = self.stack
         if s is None or not stack_enabled() or step.T != 1 or not step.meta.decode or step.lora is not None \
-                or step.traced or (rows is not None and rows.numel() != 1 and s.first < self.model._rows_from < s.end):
+                or step.traced or (rows is not None and rows.numel() != 1 and s.first <= self.model._rows_from < s.end):
             return False
         dev = self.model.device
         props = torch.cuda.get_device_properties(dev)
