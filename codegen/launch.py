@@ -139,20 +139,9 @@ class LoadedKernel:
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         if gx == 0 or gy == 0 or gz == 0:
             return
-        f = self._opt_in(entry, smem)
-        cfg = driver.CUlaunchConfig()
-        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = gx, gy, gz
-        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = (tuple(block) + (1, 1))[:3]
-        cfg.sharedMemBytes = smem
-        cfg.hStream = driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
-        attr = driver.CUlaunchAttribute()
-        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-        attr.value.programmaticStreamSerializationAllowed = 1
-        cfg.attrs = [attr]
-        cfg.numAttrs = 1
-        values = tuple(a[0] for a in args)
-        types = tuple(a[1] for a in args)
-        err = driver.cuLaunchKernelEx(cfg, f, (values, types), 0)[0]
+        err = self._launch_ex(entry, grid, block, args, smem,
+                              _ATTR.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                              "programmaticStreamSerializationAllowed")
         if err == driver.CUresult.CUDA_ERROR_NOT_SUPPORTED and not torch.cuda.is_current_stream_capturing():
             _pdl_refused.add(dev)  # an older driver: plain launches from now on
             self.launch(entry, grid, block, args, smem)
@@ -162,6 +151,12 @@ class LoadedKernel:
     def launch_cooperative(self, entry: str, grid, block, args, smem: int = 0) -> None:
         """`launch` as a cooperative grid: every block resident at once (the driver refuses a grid that does not fit),
         so that the kernel's blocks may wait for each other (a grid barrier). Captured in a CUDA graph like any."""
+        check((self._launch_ex(entry, grid, block, args, smem, _ATTR.CU_LAUNCH_ATTRIBUTE_COOPERATIVE, "cooperative"),),
+              f"cuLaunchKernelEx({entry}, grid={grid}, smem={smem}, cooperative)")
+
+    def _launch_ex(self, entry: str, grid, block, args, smem: int, attribute, field: str):
+        """cuLaunchKernelEx on torch's current stream with one launch attribute (a CUlaunchAttributeID), its value's
+        `field` (the union member that attribute reads) set to 1; the driver's result code."""
         f = self._opt_in(entry, smem)
         cfg = driver.CUlaunchConfig()
         cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = (tuple(grid) + (1, 1))[:3]
@@ -169,16 +164,15 @@ class LoadedKernel:
         cfg.sharedMemBytes = smem
         cfg.hStream = driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
         attr = driver.CUlaunchAttribute()
-        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
-        attr.value.cooperative = 1
+        attr.id = attribute
+        setattr(attr.value, field, 1)
         cfg.attrs = [attr]
         cfg.numAttrs = 1
         values = tuple(a[0] for a in args)
         types = tuple(a[1] for a in args)
-        check(driver.cuLaunchKernelEx(cfg, f, (values, types), 0),
-              f"cuLaunchKernelEx({entry}, grid={grid}, smem={smem}, cooperative)")
+        return driver.cuLaunchKernelEx(cfg, f, (values, types), 0)[0]
 
-
+_ATTR = driver.CUlaunchAttributeID
 _pdl_refused: set = set()  # devices whose driver refused a programmatic launch
 _loaded: dict = {}
 _loaded_lock = threading.Lock()
