@@ -86,6 +86,7 @@ def test_stack_starts_a_sequence_from_zero_states(monkeypatch):
     ref, on = pair("mamba2", SHAPES["4x64"], "fp32")
     off = LoadedModel(ref.plan, make_backend(ref.plan, ref.model.weights, "cuda", "cuda"), None, ref.dtype, ref.device)
     outs = {}
+    tok = torch.randint(0, ref.plan.vocab_size, (1,))  # (one token for both)
     with torch.no_grad():
         for k, m, switch in (("on", on, "1"), ("off", off, "0")):
             monkeypatch.setenv("KILN_SSM_STACK", switch)
@@ -94,7 +95,6 @@ def test_stack_starts_a_sequence_from_zero_states(monkeypatch):
                 t = kv.state.site(site.index, site.shape, torch.float32 if site.kind == "selective_scan" else ref.dtype,
                                   "cuda")
                 t.normal_()
-            tok = torch.randint(0, ref.plan.vocab_size, (1,))
             outs[k] = m.model.forward(StepBatch(tok, [SeqSlice(0, 1, 0, (0,), state_slot=1)]), kv)
     assert on.model._ssm_stack.ran, "the stack kernel never ran"
     assert rel(outs["on"], outs["off"]) <= 1e-4
