@@ -3,7 +3,8 @@ blocks (GPU; a development tool). For each of the GPU test's shapes in fp32 and 
 TRIALS times: a prompt, then one decode step both ways from the same states (the stack with KILN_SSM_STACK_DUMP=1).
 Prints, per trial, the logits' relative error and, for layer 0's in_proj output (the dump's first part), the blocks
 whose rows depart (a block's rows: [b * rows / SMs, (b + 1) * rows / SMs)). Modes: "plain"; "sync" (the device
-synchronised before each stack launch: rules in or out a race with the kernels before it). A departing row that
+synchronised before each stack launch: rules in or out a race with the kernels before it); "fence" (every writer
+fences its own writes before each grid barrier: KILN_SSM_STACK_FENCE=1). A departing row that
 holds the last trial's value was not written (or not visible) when block 0 read it.
 Usage (device): PYTHONPATH=... python3 .ci/stack_race.py [TRIALS] [SHAPE ...]
 """
@@ -57,8 +58,9 @@ for shape in shapes:
         stack = m.model._ssm_stack
         rows = stack.stack.spec.in_rows
         tol = 1e-4 if dtype == "fp32" else 3e-2
-        for sync in (False, True):
-            mode["sync"] = sync
+        for name in ("plain", "sync", "fence"):
+            mode["sync"] = name == "sync"
+            os.environ["KILN_SSM_STACK_FENCE"] = "1" if name == "fence" else "0"
             res, prev = [], None
             for t in range(trials):
                 kvs = [KVStore(m.plan.sites, 4, 16, m.dtype, "cuda", state=StateStore(2)) for _ in range(2)]
@@ -87,6 +89,6 @@ for shape in shapes:
                 prev = dumped.clone()
                 e = float((got - want).norm() / want.norm())
                 res.append(f"{e:.2g}" + (f" [{len(bad)} rows, {stale} stale; blocks {ranges(blocks)}]" if bad else ""))
-            print(f"== {shape} {dtype} {'sync' if sync else 'plain'}: " + "; ".join(res), flush=True)
+            print(f"== {shape} {dtype} {name}: " + "; ".join(res), flush=True)
         del m
         torch.cuda.empty_cache()

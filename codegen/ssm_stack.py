@@ -79,6 +79,9 @@ class SsmStackSpec(_Spec):
     pf_cycles: int = 0
     probe: bool = False  # consumer thread 0's clock at PROBE_POINTS of every layer into the kernel's `clocks` argument
     dump: bool = False  # each layer's in_proj output, y and out_proj output into the kernel's `dump` argument
+    # every consumer thread fences its own writes before a grid barrier, not thread 0 alone (a diagnosis: session 35
+    # saw reads after barrier 1 find in_proj rows not yet written, at random; KILN_SSM_STACK_FENCE=1)
+    fence: bool = False
 
     @property
     def dump_row(self) -> int:
@@ -194,6 +197,7 @@ def _render(s: SsmStackSpec) -> KernelSource:
         consumer_warps=CONSUMER_WARPS, consumer_threads=32 * CONSUMER_WARPS, threads=threads,
         vec=16 // isz, stage_bytes=s.stage_bytes, stages=lay["stages"], inflight=s.inflight, pf_ahead=s.pf_ahead,
         pf_cycles=s.pf_cycles, probe=s.probe, probe_points=len(PROBE_POINTS), dump=s.dump, dump_row=s.dump_row,
+        fence=s.fence,
         state_chunks=math.ceil(s.head_dim / ch["state_chunk"]),
         conv_per_thread=math.ceil((s.head_dim + 2 * s.d_state) / (32 * CONSUMER_WARPS)),
         va=math.ceil(s.hidden // (16 // isz) / (32 * CONSUMER_WARPS)),  # a consumer thread's vectors of hidden

@@ -264,6 +264,8 @@ class SsmStack:
             spec = dataclasses.replace(spec, probe=True)  # left in self.clocks (.ci/stack_probe.py; eager steps)
             sms = torch.cuda.get_device_properties(m.device).multi_processor_count
             clocks = self.clocks = torch.zeros(sms, spec.layers, len(PROBE_POINTS), dtype=torch.int64, device=m.device)
+        if os.environ.get("KILN_SSM_STACK_FENCE", "0") == "1":  # every writer fences before a grid barrier (a
+            spec = dataclasses.replace(spec, fence=True)  # diagnosis: .ci/stack_race.py)
         if os.environ.get("KILN_SSM_STACK_DUMP", "0") == "1":  # each layer's in_proj output, y, out_proj output, left
             spec = dataclasses.replace(spec, dump=True)  # in self.dumped (.ci/stack_diag.py; eager steps)
             dump = self.dumped = torch.full((spec.layers, spec.dump_row), float("nan"), dtype=m.dtype, device=m.device)

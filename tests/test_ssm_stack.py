@@ -80,14 +80,15 @@ def test_stack_kernel_compiles_for_sm90a(config):
 def test_stack_kernel_compiles_at_odd_shapes(dtype):
     """No conv bias, D or dt_bias, no softplus, a 3-tap conv, gelu after it, 4 groups of 8 lanes, three gated norm
     groups, in_proj ordered [dt; z; xbc] (z at an offset of 12: not whole fp16 vectors), a deeper ring and no bound on
-    copies in flight; L2 prefetches while the ring is full; the probe's clocks and the dump."""
+    copies in flight; L2 prefetches while the ring is full; the probe's clocks, the dump and the writers' fences."""
     s = SsmStackSpec(layers=2, hidden=96, in_rows=256 + 12 + 192, xbc_off=204, dt_off=0, z_off=12, heads=12,
                      head_dim=16, d_state=8, groups=4, kernel=3, gate_group=64, eps=1e-6, gate_eps=1e-5, act="gelu",
                      conv_bias=False, has_d=False, has_dt_bias=False, softplus=False, stage_bytes=4096, inflight=0,
-                     pf_ahead=6, pf_cycles=900, probe=True, dump=True, dtype=dtype,
+                     pf_ahead=6, pf_cycles=900, probe=True, dump=True, fence=True, dtype=dtype,
                      origin="t.kiln:1 stack")
     ks = render(s)
     assert "// origin: t.kiln:1 stack" in ks.source and "probe_at" in ks.source and "dump[" in ks.source
+    assert "(the fence variant)" in ks.source
     assert ("not a whole number of vectors" in ks.source) == (dtype == "fp16")
     assert nvrtc.compile_source(ks.source, ks.name, "sm_90a", ks.origin).kind == "cubin"
 
