@@ -20,11 +20,8 @@ row-group tables are read there on purpose; a 4-byte load of the kernel before's
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from kiln.codegen import gemv as G
@@ -35,23 +32,12 @@ from kiln.codegen.quant_kernels import ActQuantSpec, QGemvSpec, choose_persist, 
 from kiln.codegen.render import render
 from kiln.codegen.specs import ActSpec, DecodeAttnSpec, KernelSpecError, NormSpec
 
+from tests.sass import nvdisasm
+
 nvrtc = pytest.importorskip("kiln.codegen.nvrtc")
 
 
-def _nvdisasm() -> str | None:
-    """nvdisasm from the nvidia-cuda-nvdisasm wheel (a dev dependency), else from PATH."""
-    try:
-        import nvidia
-        for root in nvidia.__path__:
-            for p in Path(root).glob("cu*/bin/nvdisasm"):
-                if os.access(p, os.X_OK):
-                    return str(p)
-    except ImportError:
-        pass
-    return shutil.which("nvdisasm")
-
-
-NVDISASM = _nvdisasm()
+NVDISASM = nvdisasm()
 pytestmark = pytest.mark.skipif(NVDISASM is None, reason="nvdisasm (pip install nvidia-cuda-nvdisasm)")
 INSTR = re.compile(r"/\*[0-9a-f]{4}\*/\s*(.*?)\s*;")
 

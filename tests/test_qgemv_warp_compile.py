@@ -23,6 +23,8 @@ from kiln.codegen.render import render  # noqa: E402
 from kiln.codegen.specs import KernelSpecError  # noqa: E402
 from kiln.dsl.quant import QuantDesc, quantize_weight  # noqa: E402
 
+from tests.sass import nvdisasm  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("fresh_kernel_cache")  # compile for real: ptxas's log (tests/conftest.py)
 
 LLAMA3 = [(6144, 4096, 128), (4096, 4096, 128), (28672, 4096, 128), (4096, 14336, 128)]
@@ -169,14 +171,7 @@ def test_warp_falls_back_for_what_it_does_not_read(monkeypatch):
 
 
 
-def _nvdisasm():
-    import os
-    import shutil
-
-    return os.environ.get("NVDISASM") or shutil.which("nvdisasm")
-
-
-@pytest.mark.skipif(not _nvdisasm(), reason="nvdisasm not found (pip nvidia-cuda-nvdisasm; NVDISASM=path)")
+@pytest.mark.skipif(not nvdisasm(), reason="nvdisasm not found (pip nvidia-cuda-nvdisasm; NVDISASM=path)")
 @pytest.mark.parametrize("n, k, group", LLAMA3 + ODD[:2])
 def test_first_weight_loads_precede_the_dependent_launch_wait(n, k, group, tmp_path):
     """In the SASS, every load of the first batch comes before griddepcontrol.wait (ACQBULK): with the
@@ -187,7 +182,7 @@ def test_first_weight_loads_precede_the_dependent_launch_wait(n, k, group, tmp_p
     src = render(_spec(n, k, group))
     img = nvrtc.compile_source(src.source, src.name, "sm_90a", src.origin)
     (tmp_path / "k.cubin").write_bytes(img.data)
-    sass = subprocess.run([_nvdisasm(), "-c", str(tmp_path / "k.cubin")], capture_output=True, text=True,
+    sass = subprocess.run([nvdisasm(), "-c", str(tmp_path / "k.cubin")], capture_output=True, text=True,
                           check=True).stdout
     ins = [ln for ln in sass[sass.index(f".text.{src.name}:"):].splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
     wait = next(i for i, ln in enumerate(ins) if "ACQBULK" in ln)
