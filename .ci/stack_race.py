@@ -22,6 +22,7 @@ from kiln.runtime.kv_store import KVStore
 from kiln.runtime.model import random_model
 from kiln.runtime.state_cache import StateStore
 
+from tests.gpu.test_cuda_backend import rel
 from tests.gpu.test_ssm_stack import SHAPES
 
 trials = int(sys.argv[1]) if len(sys.argv) > 1 else 6
@@ -87,8 +88,8 @@ for shape in shapes:
                 # departing rows that hold the last trial's values: never written this launch, or not yet visible
                 stale = int((dumped[bad] == prev[bad]).sum()) if prev is not None and bad else 0
                 prev = dumped.clone()
-                e = float((got - want).norm() / want.norm())
-                res.append(f"{e:.2g}" + (f" [{len(bad)} rows, {stale} stale; blocks {ranges(blocks)}]" if bad else ""))
+                where = f" [{len(bad)} rows, {stale} stale; blocks {ranges(blocks)}]" if bad else ""
+                res.append(f"{rel(got, want):.2g}{where}")
             print(f"== {shape} {dtype} {name}: " + "; ".join(res), flush=True)
         del m
         torch.cuda.empty_cache()
